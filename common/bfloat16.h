@@ -1,0 +1,39 @@
+// fp32 <-> bfloat16. bf16 keeps fp32's sign, exponent and the top 7 mantissa
+// bits; rounding to it is round-to-nearest-even, NaNs stay (quiet) NaNs.
+// Thread-safe (pure functions).
+#ifndef MOE_COMMON_BFLOAT16_H_
+#define MOE_COMMON_BFLOAT16_H_
+
+#include <cstdint>
+#include <cstring>
+
+#include "absl/types/span.h"
+
+namespace moe {
+
+inline uint16_t FloatToBf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    return static_cast<uint16_t>((bits >> 16) | 0x0040u);  // quiet NaN
+  }
+  // Adding 0x7fff plus the lowest kept bit rounds half to even; a carry into
+  // the exponent is exactly the right rounding (up to Inf at the top).
+  const uint32_t rounding_bias = 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>((bits + rounding_bias) >> 16);
+}
+
+inline float Bf16ToFloat(uint16_t value) {
+  const uint32_t bits = static_cast<uint32_t>(value) << 16;
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
+}
+
+// REQUIRES: out.size() == in.size().
+void FloatsToBf16(absl::Span<const float> in, absl::Span<uint16_t> out);
+void Bf16ToFloats(absl::Span<const uint16_t> in, absl::Span<float> out);
+
+}  // namespace moe
+
+#endif  // MOE_COMMON_BFLOAT16_H_

@@ -1,0 +1,84 @@
+#include "common/deterministic_init.h"
+
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace moe {
+namespace {
+
+uint64_t Mix(uint64_t x) {
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  x ^= x >> 31;
+  return x;
+}
+
+uint64_t ExpertTensorId(int expert, int which) { return 16 + 4 * expert + which; }
+
+// Fills an [in, out] matrix whose checkpoint layout is [out, in].
+FloatTensor InitTransposed(uint64_t seed, uint64_t tensor_id, int64_t in,
+                           int64_t out, double bound) {
+  FloatTensor t({in, out});
+  absl::Span<float> values = t.mutable_values();
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t i = 0; i < in; ++i) {
+      values[i * out + o] = InitValue(seed, tensor_id, o * in + i, bound);
+    }
+  }
+  return t;
+}
+
+FloatTensor InitVector(uint64_t seed, uint64_t tensor_id, int64_t size,
+                       double bound) {
+  FloatTensor t({size});
+  absl::Span<float> values = t.mutable_values();
+  for (int64_t i = 0; i < size; ++i) {
+    values[i] = InitValue(seed, tensor_id, i, bound);
+  }
+  return t;
+}
+
+}  // namespace
+
+float InitValue(uint64_t seed, uint64_t tensor_id, uint64_t index, double bound) {
+  const uint64_t h = Mix(Mix(seed ^ Mix(tensor_id)) + index);
+  const double u = static_cast<double>(h >> 40) / static_cast<double>(1 << 24);
+  return static_cast<float>((2.0 * u - 1.0) * bound);
+}
+
+FloatTensor InitGate(const ModelConfig& model) {
+  return InitTransposed(model.seed, 0, model.d_model, model.num_experts,
+                        1.0 / std::sqrt(static_cast<double>(model.d_model)));
+}
+
+ExpertWeights InitExpert(const ModelConfig& model, int expert) {
+  const double bound1 = 1.0 / std::sqrt(static_cast<double>(model.d_model));
+  const double bound2 = 1.0 / std::sqrt(static_cast<double>(model.d_ff));
+  return {
+      InitTransposed(model.seed, ExpertTensorId(expert, 0), model.d_model,
+                     model.d_ff, bound1),
+      InitVector(model.seed, ExpertTensorId(expert, 1), model.d_ff, bound1),
+      InitTransposed(model.seed, ExpertTensorId(expert, 2), model.d_ff,
+                     model.d_model, bound2),
+      InitVector(model.seed, ExpertTensorId(expert, 3), model.d_model, bound2),
+  };
+}
+
+MoeWeights InitWeights(const ModelConfig& model, absl::Span<const int> experts,
+                       bool with_gate) {
+  MoeWeights weights;
+  if (with_gate) weights.gate = InitGate(model);
+  for (int e : experts) weights.experts.emplace(e, InitExpert(model, e));
+  return weights;
+}
+
+MoeWeights InitAllWeights(const ModelConfig& model) {
+  std::vector<int> all(model.num_experts);
+  std::iota(all.begin(), all.end(), 0);
+  return InitWeights(model, all, /*with_gate=*/true);
+}
+
+}  // namespace moe

@@ -1,0 +1,125 @@
+#include "common/gating.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "common/log.h"
+
+namespace moe {
+namespace {
+
+// logits[e] = sum_i x[i] W_g[i, e]. The loop order (i outer, e inner) keeps
+// one accumulator per expert summed in a fixed order, so the result does not
+// depend on vectorisation: the same bits in every process.
+void GateLogits(absl::Span<const float> x_row, const FloatTensor& gate,
+                absl::Span<float> logits) {
+  const int64_t num_experts = gate.dim(1);
+  std::fill(logits.begin(), logits.end(), 0.0f);
+  const float* w = gate.values().data();
+  for (size_t i = 0; i < x_row.size(); ++i) {
+    const float xi = x_row[i];
+    const float* w_row = w + i * num_experts;
+    for (int64_t e = 0; e < num_experts; ++e) logits[e] += xi * w_row[e];
+  }
+}
+
+void Softmax(absl::Span<const float> logits, absl::Span<float> probs) {
+  const float max = *std::max_element(logits.begin(), logits.end());
+  double sum = 0;
+  for (size_t e = 0; e < logits.size(); ++e) {
+    sum += std::exp(static_cast<double>(logits[e]) - max);
+  }
+  for (size_t e = 0; e < logits.size(); ++e) {
+    probs[e] = static_cast<float>(std::exp(static_cast<double>(logits[e]) - max) / sum);
+  }
+}
+
+// The k largest logits, descending; ties to the lower id.
+void TopK(absl::Span<const float> logits, int top_k, absl::Span<int32_t> out,
+          std::vector<int32_t>& scratch) {
+  scratch.resize(logits.size());
+  std::iota(scratch.begin(), scratch.end(), 0);
+  std::partial_sort(scratch.begin(), scratch.begin() + top_k, scratch.end(),
+                    [&](int32_t a, int32_t b) {
+                      return logits[a] > logits[b] ||
+                             (logits[a] == logits[b] && a < b);
+                    });
+  std::copy(scratch.begin(), scratch.begin() + top_k, out.begin());
+}
+
+void ApplyCapacity(Routing& routing) {
+  const int k = routing.top_k;
+  for (int j = 0; j < k; ++j) {
+    for (int64_t t = 0; t < routing.num_tokens; ++t) {
+      const int64_t p = t * k + j;
+      int64_t& count = routing.expert_tokens[routing.expert_ids[p]];
+      if (routing.capacity > 0 && count >= routing.capacity) {
+        routing.dropped[p] = 1;
+        ++routing.dropped_pairs;
+      } else {
+        ++count;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int64_t ExpertCapacity(const ModelConfig& model, int64_t num_tokens) {
+  if (model.overflow != OverflowPolicy::kDrop) return 0;
+  const double pairs = static_cast<double>(model.capacity_factor) *
+                       static_cast<double>(num_tokens) * model.top_k /
+                       model.num_experts;
+  return static_cast<int64_t>(std::ceil(pairs));
+}
+
+Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
+                    const FloatTensor& gate, const ModelConfig& model) {
+  MOE_CHECK(static_cast<int64_t>(x.size()) == num_tokens * model.d_model);
+  MOE_CHECK(gate.dim(0) == model.d_model && gate.dim(1) == model.num_experts);
+  const int num_experts = model.num_experts;
+  const int k = model.top_k;
+  Routing routing;
+  routing.num_tokens = num_tokens;
+  routing.num_experts = num_experts;
+  routing.top_k = k;
+  routing.probs.resize(num_tokens * num_experts);
+  routing.expert_ids.resize(num_tokens * k);
+  routing.weights.resize(num_tokens * k);
+  routing.dropped.assign(num_tokens * k, 0);
+  routing.expert_tokens.assign(num_experts, 0);
+  routing.capacity = ExpertCapacity(model, num_tokens);
+
+  std::vector<float> logits(num_experts);
+  std::vector<int32_t> scratch;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    GateLogits(x.subspan(t * model.d_model, model.d_model), gate,
+               absl::MakeSpan(logits));
+    absl::Span<float> probs =
+        absl::MakeSpan(routing.probs).subspan(t * num_experts, num_experts);
+    Softmax(logits, probs);
+    absl::Span<int32_t> chosen = absl::MakeSpan(routing.expert_ids).subspan(t * k, k);
+    TopK(logits, k, chosen, scratch);
+    double chosen_sum = 0;
+    for (int j = 0; j < k; ++j) chosen_sum += probs[chosen[j]];
+    for (int j = 0; j < k; ++j) {
+      routing.weights[t * k + j] = static_cast<float>(probs[chosen[j]] / chosen_sum);
+    }
+  }
+  ApplyCapacity(routing);
+  return routing;
+}
+
+std::vector<std::vector<int64_t>> KeptPairsByExpert(const Routing& routing) {
+  std::vector<std::vector<int64_t>> pairs(routing.num_experts);
+  for (int e = 0; e < routing.num_experts; ++e) {
+    pairs[e].reserve(routing.expert_tokens[e]);
+  }
+  for (int64_t p = 0; p < routing.num_tokens * routing.top_k; ++p) {
+    if (!routing.dropped[p]) pairs[routing.expert_ids[p]].push_back(p);
+  }
+  return pairs;
+}
+
+}  // namespace moe

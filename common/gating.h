@@ -1,0 +1,59 @@
+// The gate: the one piece of code that decides routing, used by the router
+// and by the reference layer alike, so their decisions are identical by
+// construction (a near-tie computed two ways could pick different experts).
+//
+//   logits = x W_g                 (fp32, each logit summed over d_model in order)
+//   probs  = softmax(logits)       (computed in double, stored as fp32)
+//   top-k  by logit, descending; equal logits go to the lower expert id
+//   weight = prob / sum of the k chosen probs
+//   capacity (DROP): ceil(capacity_factor * T * k / E) pairs per expert;
+//     pairs are admitted rank by rank (every token's first choice before
+//     any second choice), tokens in order within a rank; the rest dropped.
+//     A dropped pair adds nothing; the other weights are not renormalised.
+// Thread-safe (pure functions).
+#ifndef MOE_COMMON_GATING_H_
+#define MOE_COMMON_GATING_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/types/span.h"
+#include "common/model_config.h"
+#include "common/tensor.h"
+
+namespace moe {
+
+struct Routing {
+  int64_t num_tokens = 0;
+  int num_experts = 0;
+  int top_k = 0;
+  // [num_tokens, num_experts] softmax of the logits.
+  std::vector<float> probs;
+  // [num_tokens, top_k]: pair p = t * top_k + j is token t's j-th choice.
+  std::vector<int32_t> expert_ids;
+  // [num_tokens, top_k] renormalised gate weights.
+  std::vector<float> weights;
+  // [num_tokens, top_k]: 1 where the pair was dropped for capacity.
+  std::vector<uint8_t> dropped;
+  // [num_experts] pairs each expert serves (dropped ones excluded).
+  std::vector<int64_t> expert_tokens;
+  int64_t dropped_pairs = 0;
+  // Pairs per expert allowed; 0 means unlimited (DROPLESS).
+  int64_t capacity = 0;
+};
+
+// ceil(capacity_factor * num_tokens * top_k / num_experts) with DROP, else 0.
+int64_t ExpertCapacity(const ModelConfig& model, int64_t num_tokens);
+
+// Routes `num_tokens` rows of x ([num_tokens, d_model], fp32).
+// REQUIRES: x.size() == num_tokens * d_model; gate is [d_model, num_experts].
+Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
+                    const FloatTensor& gate, const ModelConfig& model);
+
+// For each expert, the kept pairs routed to it (p = t * top_k + j), in
+// increasing token order: the rows of that expert's batch.
+std::vector<std::vector<int64_t>> KeptPairsByExpert(const Routing& routing);
+
+}  // namespace moe
+
+#endif  // MOE_COMMON_GATING_H_

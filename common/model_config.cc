@@ -1,0 +1,387 @@
+#include "common/model_config.h"
+
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "google/protobuf/io/tokenizer.h"
+#include "google/protobuf/text_format.h"
+
+namespace moe {
+namespace {
+
+// Generous bounds that still keep one weight matrix addressable with int32
+// strides in every kernel library.
+constexpr int64_t kMaxDim = 1 << 16;
+constexpr int kMaxExperts = 4096;
+constexpr int64_t kDefaultMaxBatchTokens = 65536;
+
+absl::Status FieldError(absl::string_view field, absl::string_view problem) {
+  return absl::InvalidArgumentError(absl::StrCat(field, ": ", problem));
+}
+
+absl::Status CheckDim(absl::string_view field, int64_t value) {
+  if (value <= 0 || value > kMaxDim) {
+    return FieldError(field, absl::StrCat("must be in [1, ", kMaxDim, "], got ",
+                                          value));
+  }
+  return absl::OkStatus();
+}
+
+bool IsValidServerName(absl::string_view name) {
+  if (name.empty()) return false;
+  for (char c : name) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                    (c >= '0' && c <= '9') || c == '.' || c == '_' || c == '-';
+    if (!ok) return false;
+  }
+  return true;
+}
+
+absl::StatusOr<OptimizerOptions> OptimizerFromProto(
+    const v1::OptimizerConfig& proto) {
+  OptimizerOptions options;
+  switch (proto.type()) {
+    case v1::OPTIMIZER_TYPE_UNSPECIFIED:
+    case v1::OPTIMIZER_TYPE_SGD:
+      options.type = OptimizerType::kSgd;
+      break;
+    case v1::OPTIMIZER_TYPE_SGD_MOMENTUM:
+      options.type = OptimizerType::kSgdMomentum;
+      break;
+    default:
+      return FieldError("model.optimizer.type",
+                        absl::StrCat("unknown value ", proto.type()));
+  }
+  if (!std::isfinite(proto.learning_rate()) || proto.learning_rate() < 0) {
+    return FieldError("model.optimizer.learning_rate",
+                      absl::StrCat("must be finite and >= 0, got ",
+                                   proto.learning_rate()));
+  }
+  if (!(proto.momentum() >= 0 && proto.momentum() < 1)) {
+    return FieldError("model.optimizer.momentum",
+                      absl::StrCat("must be in [0, 1), got ", proto.momentum()));
+  }
+  options.learning_rate = proto.learning_rate();
+  options.momentum = proto.momentum();
+  return options;
+}
+
+absl::Status CheckServers(const v1::ClusterConfig& proto) {
+  if (proto.servers().empty()) {
+    return FieldError("cluster.servers", "at least one server is required");
+  }
+  absl::flat_hash_set<std::string> names, addresses;
+  for (int i = 0; i < proto.servers_size(); ++i) {
+    const v1::ServerSpec& server = proto.servers(i);
+    const std::string field = absl::StrCat("cluster.servers[", i, "]");
+    if (!IsValidServerName(server.name())) {
+      return FieldError(absl::StrCat(field, ".name"),
+                        absl::StrCat("\"", server.name(),
+                                     "\" is not a name ([A-Za-z0-9._-]+)"));
+    }
+    if (server.address().empty()) {
+      return FieldError(absl::StrCat(field, ".address"), "must be set");
+    }
+    if (!names.insert(server.name()).second) {
+      return FieldError(absl::StrCat(field, ".name"),
+                        absl::StrCat("duplicate server name \"", server.name(),
+                                     "\""));
+    }
+    if (!addresses.insert(server.address()).second) {
+      return FieldError(absl::StrCat(field, ".address"),
+                        absl::StrCat("duplicate address \"", server.address(),
+                                     "\""));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::vector<int>>> ExplicitPlacementFromProto(
+    const v1::ExplicitPlacement& proto, const ClusterConfig& cluster,
+    int num_experts) {
+  std::vector<std::vector<int>> placement(num_experts);
+  std::vector<bool> seen(num_experts, false);
+  for (int i = 0; i < proto.experts_size(); ++i) {
+    const v1::ExpertAssignment& assignment = proto.experts(i);
+    const std::string field =
+        absl::StrCat("cluster.explicit_placement.experts[", i, "]");
+    const int expert = assignment.expert_id();
+    if (expert < 0 || expert >= num_experts) {
+      return FieldError(absl::StrCat(field, ".expert_id"),
+                        absl::StrCat("expert ", expert, " is out of range [0, ",
+                                     num_experts, ")"));
+    }
+    if (seen[expert]) {
+      return FieldError(absl::StrCat(field, ".expert_id"),
+                        absl::StrCat("expert ", expert, " is listed twice"));
+    }
+    seen[expert] = true;
+    if (assignment.servers().empty()) {
+      return FieldError(absl::StrCat(field, ".servers"),
+                        absl::StrCat("expert ", expert, " has no server"));
+    }
+    for (const std::string& name : assignment.servers()) {
+      const int server = cluster.FindServer(name);
+      if (server < 0) {
+        return FieldError(absl::StrCat(field, ".servers"),
+                          absl::StrCat("unknown server \"", name, "\""));
+      }
+      for (int held : placement[expert]) {
+        if (held == server) {
+          return FieldError(absl::StrCat(field, ".servers"),
+                            absl::StrCat("server \"", name,
+                                         "\" is listed twice for expert ",
+                                         expert));
+        }
+      }
+      placement[expert].push_back(server);
+    }
+  }
+  for (int e = 0; e < num_experts; ++e) {
+    if (!seen[e]) {
+      return FieldError("cluster.explicit_placement",
+                        absl::StrCat("expert ", e, " is not placed"));
+    }
+  }
+  return placement;
+}
+
+absl::StatusOr<std::vector<double>> LoadProfileFromProto(
+    const v1::LoadProfile& proto, int num_experts) {
+  if (proto.expert_load_size() != num_experts) {
+    return FieldError("cluster.load_profile.expert_load",
+                      absl::StrCat("expected ", num_experts,
+                                   " values (one per expert), got ",
+                                   proto.expert_load_size()));
+  }
+  for (int e = 0; e < num_experts; ++e) {
+    const double load = proto.expert_load(e);
+    if (!std::isfinite(load) || load < 0) {
+      return FieldError(
+          absl::StrCat("cluster.load_profile.expert_load[", e, "]"),
+          absl::StrCat("must be finite and >= 0, got ", load));
+    }
+  }
+  return std::vector<double>(proto.expert_load().begin(),
+                             proto.expert_load().end());
+}
+
+class FirstErrorCollector : public google::protobuf::io::ErrorCollector {
+ public:
+  void AddError(int line, google::protobuf::io::ColumnNumber column,
+                const std::string& message) override {
+    if (error_.empty()) {
+      error_ = absl::StrCat("line ", line + 1, " column ", column + 1, ": ",
+                            message);
+    }
+  }
+  const std::string& error() const { return error_; }
+
+ private:
+  std::string error_;
+};
+
+}  // namespace
+
+absl::string_view PlacementStrategyName(PlacementStrategy strategy) {
+  switch (strategy) {
+    case PlacementStrategy::kDataParallel:
+      return "DATA_PARALLEL";
+    case PlacementStrategy::kModelParallel:
+      return "MODEL_PARALLEL";
+    case PlacementStrategy::kHybrid:
+      return "HYBRID";
+    case PlacementStrategy::kDynamic:
+      return "DYNAMIC";
+    case PlacementStrategy::kExplicit:
+      return "EXPLICIT";
+  }
+  return "UNKNOWN";
+}
+
+absl::StatusOr<PlacementStrategy> ParsePlacementStrategy(absl::string_view name) {
+  for (PlacementStrategy s :
+       {PlacementStrategy::kDataParallel, PlacementStrategy::kModelParallel,
+        PlacementStrategy::kHybrid, PlacementStrategy::kDynamic,
+        PlacementStrategy::kExplicit}) {
+    if (name == PlacementStrategyName(s)) return s;
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown placement strategy \"", name,
+      "\" (want DATA_PARALLEL, MODEL_PARALLEL, HYBRID, DYNAMIC or EXPLICIT)"));
+}
+
+int ClusterConfig::FindServer(absl::string_view name) const {
+  for (size_t i = 0; i < servers.size(); ++i) {
+    if (servers[i].name == name) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+absl::StatusOr<ModelConfig> ModelConfigFromProto(const v1::ModelConfig& proto) {
+  ModelConfig config;
+  MOE_RETURN_IF_ERROR(CheckDim("model.d_model", proto.d_model()));
+  MOE_RETURN_IF_ERROR(CheckDim("model.d_ff", proto.d_ff()));
+  config.d_model = proto.d_model();
+  config.d_ff = proto.d_ff();
+  if (proto.num_experts() <= 0 || proto.num_experts() > kMaxExperts) {
+    return FieldError("model.num_experts",
+                      absl::StrCat("must be in [1, ", kMaxExperts, "], got ",
+                                   proto.num_experts()));
+  }
+  config.num_experts = proto.num_experts();
+  if (proto.top_k() < 1 || proto.top_k() > proto.num_experts()) {
+    return FieldError("model.top_k",
+                      absl::StrCat("must be in [1, num_experts = ",
+                                   proto.num_experts(), "], got ", proto.top_k()));
+  }
+  config.top_k = proto.top_k();
+  switch (proto.overflow_policy()) {
+    case v1::OVERFLOW_POLICY_UNSPECIFIED:
+    case v1::OVERFLOW_POLICY_DROPLESS:
+      config.overflow = OverflowPolicy::kDropless;
+      break;
+    case v1::OVERFLOW_POLICY_DROP:
+      config.overflow = OverflowPolicy::kDrop;
+      if (!std::isfinite(proto.capacity_factor()) ||
+          proto.capacity_factor() <= 0) {
+        return FieldError("model.capacity_factor",
+                          absl::StrCat("must be > 0 with OVERFLOW_POLICY_DROP, "
+                                       "got ",
+                                       proto.capacity_factor()));
+      }
+      break;
+    default:
+      return FieldError("model.overflow_policy",
+                        absl::StrCat("unknown value ", proto.overflow_policy()));
+  }
+  config.capacity_factor = proto.capacity_factor();
+  config.seed = proto.seed();
+  MOE_ASSIGN_OR_RETURN(config.optimizer, OptimizerFromProto(proto.optimizer()));
+  if (proto.max_batch_tokens() < 0) {
+    return FieldError("model.max_batch_tokens",
+                      absl::StrCat("must be >= 0, got ", proto.max_batch_tokens()));
+  }
+  config.max_batch_tokens = proto.max_batch_tokens() == 0
+                                ? kDefaultMaxBatchTokens
+                                : proto.max_batch_tokens();
+  return config;
+}
+
+v1::ModelConfig ModelConfigToProto(const ModelConfig& config) {
+  v1::ModelConfig proto;
+  proto.set_d_model(config.d_model);
+  proto.set_d_ff(config.d_ff);
+  proto.set_num_experts(config.num_experts);
+  proto.set_top_k(config.top_k);
+  proto.set_capacity_factor(config.capacity_factor);
+  proto.set_overflow_policy(config.overflow == OverflowPolicy::kDrop
+                                ? v1::OVERFLOW_POLICY_DROP
+                                : v1::OVERFLOW_POLICY_DROPLESS);
+  proto.set_seed(config.seed);
+  proto.mutable_optimizer()->set_type(
+      config.optimizer.type == OptimizerType::kSgdMomentum
+          ? v1::OPTIMIZER_TYPE_SGD_MOMENTUM
+          : v1::OPTIMIZER_TYPE_SGD);
+  proto.mutable_optimizer()->set_learning_rate(config.optimizer.learning_rate);
+  proto.mutable_optimizer()->set_momentum(config.optimizer.momentum);
+  proto.set_max_batch_tokens(config.max_batch_tokens);
+  return proto;
+}
+
+absl::StatusOr<ClusterConfig> ClusterConfigFromProto(
+    const v1::ClusterConfig& proto, const ModelConfig& model) {
+  MOE_RETURN_IF_ERROR(CheckServers(proto));
+  ClusterConfig cluster;
+  for (const v1::ServerSpec& server : proto.servers()) {
+    cluster.servers.push_back({server.name(), server.address()});
+  }
+  switch (proto.strategy()) {
+    case v1::PLACEMENT_STRATEGY_DATA_PARALLEL:
+      cluster.strategy = PlacementStrategy::kDataParallel;
+      break;
+    case v1::PLACEMENT_STRATEGY_MODEL_PARALLEL:
+      cluster.strategy = PlacementStrategy::kModelParallel;
+      break;
+    case v1::PLACEMENT_STRATEGY_HYBRID:
+      cluster.strategy = PlacementStrategy::kHybrid;
+      break;
+    case v1::PLACEMENT_STRATEGY_DYNAMIC: {
+      cluster.strategy = PlacementStrategy::kDynamic;
+      MOE_ASSIGN_OR_RETURN(cluster.load_profile,
+                           LoadProfileFromProto(proto.load_profile(),
+                                                model.num_experts));
+      const int slots = proto.dynamic_options().slots_per_server();
+      const int64_t num_servers = proto.servers_size();
+      if (slots < 0 || (slots > 0 && slots * num_servers < model.num_experts)) {
+        return FieldError(
+            "cluster.dynamic_options.slots_per_server",
+            absl::StrCat(slots, " slots x ", num_servers,
+                         " servers cannot hold ", model.num_experts,
+                         " experts"));
+      }
+      cluster.slots_per_server = slots;
+      break;
+    }
+    case v1::PLACEMENT_STRATEGY_EXPLICIT: {
+      cluster.strategy = PlacementStrategy::kExplicit;
+      MOE_ASSIGN_OR_RETURN(
+          cluster.explicit_placement,
+          ExplicitPlacementFromProto(proto.explicit_placement(), cluster,
+                                     model.num_experts));
+      break;
+    }
+    default:
+      return FieldError(
+          "cluster.strategy",
+          "must be PLACEMENT_STRATEGY_DATA_PARALLEL, _MODEL_PARALLEL, _HYBRID, "
+          "_DYNAMIC or _EXPLICIT");
+  }
+  return cluster;
+}
+
+absl::StatusOr<ServingConfig> ServingConfigFromProto(
+    const v1::ServingConfig& proto) {
+  if (!proto.has_model()) return FieldError("model", "must be set");
+  if (!proto.has_cluster()) return FieldError("cluster", "must be set");
+  ServingConfig config;
+  MOE_ASSIGN_OR_RETURN(config.model, ModelConfigFromProto(proto.model()));
+  MOE_ASSIGN_OR_RETURN(config.cluster,
+                       ClusterConfigFromProto(proto.cluster(), config.model));
+  return config;
+}
+
+absl::StatusOr<ServingConfig> ParseServingConfig(absl::string_view text) {
+  v1::ServingConfig proto;
+  google::protobuf::TextFormat::Parser parser;
+  FirstErrorCollector errors;
+  parser.RecordErrorsTo(&errors);
+  if (!parser.ParseFromString(std::string(text), &proto)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("not a text-format moe.v1.ServingConfig: ", errors.error()));
+  }
+  return ServingConfigFromProto(proto);
+}
+
+absl::StatusOr<ServingConfig> LoadServingConfig(const std::string& path) {
+  std::ifstream file(path);
+  if (!file) {
+    return absl::NotFoundError(absl::StrCat("config ", path, ": cannot open"));
+  }
+  std::stringstream text;
+  text << file.rdbuf();
+  absl::StatusOr<ServingConfig> config = ParseServingConfig(text.str());
+  if (!config.ok()) {
+    return absl::Status(config.status().code(),
+                        absl::StrCat("config ", path, ": ",
+                                     config.status().message()));
+  }
+  return config;
+}
+
+}  // namespace moe

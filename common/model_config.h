@@ -1,0 +1,96 @@
+// Typed, validated configuration. The text-format ServingConfig file is
+// parsed once at start-up into these structs; nothing downstream looks at
+// the proto or compares strings. Every validation error names the field.
+// Thread-safe (pure functions).
+#ifndef MOE_COMMON_MODEL_CONFIG_H_
+#define MOE_COMMON_MODEL_CONFIG_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "proto/config.pb.h"
+
+namespace moe {
+
+enum class OverflowPolicy { kDropless, kDrop };
+enum class OptimizerType { kSgd, kSgdMomentum };
+
+struct OptimizerOptions {
+  OptimizerType type = OptimizerType::kSgd;
+  // Used when a Step request gives no learning rate.
+  float learning_rate = 0.0f;
+  // For kSgdMomentum, in [0, 1).
+  float momentum = 0.0f;
+};
+
+// The MoE layer's hyper-parameters (see proto/config.proto).
+struct ModelConfig {
+  int64_t d_model = 0;
+  int64_t d_ff = 0;
+  int num_experts = 0;
+  int top_k = 0;
+  // > 0 with kDrop; unused with kDropless.
+  float capacity_factor = 0.0f;
+  OverflowPolicy overflow = OverflowPolicy::kDropless;
+  uint64_t seed = 0;
+  OptimizerOptions optimizer;
+  // Largest batch a request may carry.
+  int64_t max_batch_tokens = 65536;
+};
+
+enum class PlacementStrategy {
+  kDataParallel,
+  kModelParallel,
+  kHybrid,
+  kDynamic,
+  kExplicit,
+};
+// "DATA_PARALLEL", "MODEL_PARALLEL", "HYBRID", "DYNAMIC", "EXPLICIT".
+absl::string_view PlacementStrategyName(PlacementStrategy strategy);
+absl::StatusOr<PlacementStrategy> ParsePlacementStrategy(absl::string_view name);
+
+struct ServerSpec {
+  std::string name;
+  std::string address;
+};
+
+struct ClusterConfig {
+  // In ring order; the index into this vector is a server's id everywhere.
+  std::vector<ServerSpec> servers;
+  PlacementStrategy strategy = PlacementStrategy::kModelParallel;
+  // kExplicit: for each expert, the ids of the servers holding it.
+  std::vector<std::vector<int>> explicit_placement;
+  // kDynamic: relative load of each expert.
+  std::vector<double> load_profile;
+  // kDynamic: replicas each server holds (0 = ceil(E / N) + 1).
+  int slots_per_server = 0;
+
+  // The id of the server called `name`, or -1.
+  int FindServer(absl::string_view name) const;
+};
+
+struct ServingConfig {
+  ModelConfig model;
+  ClusterConfig cluster;
+};
+
+absl::StatusOr<ModelConfig> ModelConfigFromProto(const v1::ModelConfig& proto);
+v1::ModelConfig ModelConfigToProto(const ModelConfig& config);
+
+// REQUIRES: `model` is valid (its num_experts sizes the placement checks).
+absl::StatusOr<ClusterConfig> ClusterConfigFromProto(
+    const v1::ClusterConfig& proto, const ModelConfig& model);
+
+absl::StatusOr<ServingConfig> ServingConfigFromProto(
+    const v1::ServingConfig& proto);
+// Parses a text-format moe.v1.ServingConfig.
+absl::StatusOr<ServingConfig> ParseServingConfig(absl::string_view text);
+// Reads and parses a text-format file; errors name the path.
+absl::StatusOr<ServingConfig> LoadServingConfig(const std::string& path);
+
+}  // namespace moe
+
+#endif  // MOE_COMMON_MODEL_CONFIG_H_

@@ -1,0 +1,47 @@
+// The parameters of the MoE layer, in the layout the math uses: inputs on
+// rows, outputs on columns (x W, as in DESIGN.md). Checkpoints store the
+// transposes, in PyTorch nn.Linear layout (docs/checkpoints.md).
+// Also used for gradients, which have the same shapes. Thread-compatible.
+#ifndef MOE_COMMON_MOE_WEIGHTS_H_
+#define MOE_COMMON_MOE_WEIGHTS_H_
+
+#include <cstdint>
+#include <map>
+#include <optional>
+
+#include "common/model_config.h"
+#include "common/tensor.h"
+
+namespace moe {
+
+// The four tensors of an expert, in checkpoint and digest order.
+enum class ExpertTensor { kW1, kB1, kW2, kB2 };
+inline constexpr ExpertTensor kAllExpertTensors[] = {
+    ExpertTensor::kW1, ExpertTensor::kB1, ExpertTensor::kW2, ExpertTensor::kB2};
+
+// Expert(x) = ReLU(x W1 + b1) W2 + b2.
+struct ExpertWeights {
+  FloatTensor w1;  // [d_model, d_ff]
+  FloatTensor b1;  // [d_ff]
+  FloatTensor w2;  // [d_ff, d_model]
+  FloatTensor b2;  // [d_model]
+
+  FloatTensor& tensor(ExpertTensor which);
+  const FloatTensor& tensor(ExpertTensor which) const;
+
+  // Zero-filled tensors of the model's shapes (for gradient accumulators).
+  static ExpertWeights Zeros(const ModelConfig& model);
+  // FNV-1a 64 over the fp32 bytes of w1, b1, w2, b2, in that order.
+  uint64_t Digest() const;
+};
+
+struct MoeWeights {
+  // W_g [d_model, num_experts]; absent when a process holds only experts.
+  std::optional<FloatTensor> gate;
+  // The experts this process holds, by id.
+  std::map<int, ExpertWeights> experts;
+};
+
+}  // namespace moe
+
+#endif  // MOE_COMMON_MOE_WEIGHTS_H_

@@ -1,0 +1,92 @@
+// Which servers hold which experts, and the replica groups that sum their
+// gradients together. The strategies are pure functions of the model, the
+// number of servers and (for DYNAMIC) a load profile; see docs/placement.md.
+// Servers are numbered by their index in ClusterConfig.servers.
+// Placement is immutable and thread-safe.
+#ifndef MOE_COMMON_PLACEMENT_H_
+#define MOE_COMMON_PLACEMENT_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "common/model_config.h"
+
+namespace moe {
+
+class Placement {
+ public:
+  // Validates: num_servers >= 1, every expert held by at least one server,
+  // server ids in range, no server listed twice for one expert. Each
+  // expert's servers are kept sorted by id.
+  static absl::StatusOr<Placement> Create(
+      int num_servers, std::vector<std::vector<int>> servers_of_expert);
+
+  int num_experts() const { return static_cast<int>(servers_of_expert_.size()); }
+  int num_servers() const { return static_cast<int>(experts_on_server_.size()); }
+  // Ascending server ids holding `expert`.
+  absl::Span<const int> ServersOf(int expert) const {
+    return servers_of_expert_.at(expert);
+  }
+  // Ascending expert ids held by `server` (possibly none).
+  absl::Span<const int> ExpertsOn(int server) const {
+    return experts_on_server_.at(server);
+  }
+  bool Holds(int server, int expert) const;
+  // Total expert replicas across servers.
+  int num_replicas() const;
+
+ private:
+  explicit Placement(std::vector<std::vector<int>> servers_of_expert,
+                     int num_servers);
+
+  std::vector<std::vector<int>> servers_of_expert_;
+  std::vector<std::vector<int>> experts_on_server_;
+};
+
+// The four strategies of DESIGN.md. Each returns a valid placement.
+// REQUIRES: num_experts >= 1, num_servers >= 1.
+Placement DataParallelPlacement(int num_experts, int num_servers);
+// Contiguous blocks; sizes differ by at most one, larger blocks first.
+Placement ModelParallelPlacement(int num_experts, int num_servers);
+// Experts [0, E/2) everywhere, the rest as ModelParallelPlacement.
+Placement HybridPlacement(int num_experts, int num_servers);
+// EPLB-like: `slots_per_server` replicas per server (0 = ceil(E/N) + 1, and
+// never more than E); extra replicas go one at a time to the expert with the
+// highest load per replica; replicas are then packed, heaviest first, onto
+// the least loaded server with a free slot that does not hold that expert.
+// REQUIRES: load.size() == num_experts, loads finite and >= 0.
+absl::StatusOr<Placement> DynamicPlacement(int num_experts, int num_servers,
+                                           absl::Span<const double> load,
+                                           int slots_per_server);
+
+// The placement a configuration asks for.
+absl::StatusOr<Placement> ComputePlacement(const ModelConfig& model,
+                                           const ClusterConfig& cluster);
+
+// Expected load per server when each expert's load is split evenly over its
+// replicas (as the router's fewest-outstanding-tokens choice does).
+std::vector<double> ServerLoads(const Placement& placement,
+                                absl::Span<const double> expert_load);
+// max / mean of `loads` (1 when all are equal or all zero).
+double Imbalance(absl::Span<const double> loads);
+
+// Servers that hold the same set of replicated experts and so sum those
+// experts' gradients in one all-reduce.
+struct ReplicaGroup {
+  // Ascending server ids, at least two: the ring order.
+  std::vector<int> servers;
+  // Ascending ids of the experts held by exactly these servers.
+  std::vector<int> experts;
+  // Stable identity for collectives: FNV-1a 64 over servers and experts.
+  uint64_t id = 0;
+};
+
+// One group per distinct server set of size >= 2, ordered by its first
+// expert. Experts held once need no all-reduce and appear in no group.
+std::vector<ReplicaGroup> ReplicaGroups(const Placement& placement);
+
+}  // namespace moe
+
+#endif  // MOE_COMMON_PLACEMENT_H_

@@ -1,0 +1,198 @@
+#include "common/reference_moe.h"
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "common/reference_expert.h"
+#include "common/status_macros.h"
+
+namespace moe {
+namespace {
+
+absl::Status CheckShape(const FloatTensor& t, const Shape& want,
+                        absl::string_view name) {
+  if (t.shape() != want) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, ": expected shape ", ShapeString(want), ", got ",
+        ShapeString(t.shape())));
+  }
+  return absl::OkStatus();
+}
+
+// Copies the rows of `pairs` (token = pair / top_k) out of x.
+FloatTensor GatherRows(const FloatTensor& x, const std::vector<int64_t>& pairs,
+                       int top_k) {
+  const int64_t d_model = x.dim(1);
+  FloatTensor rows({static_cast<int64_t>(pairs.size()), d_model});
+  for (size_t r = 0; r < pairs.size(); ++r) {
+    absl::Span<const float> src = x.row(pairs[r] / top_k);
+    std::copy(src.begin(), src.end(), rows.mutable_row(r).begin());
+  }
+  return rows;
+}
+
+}  // namespace
+
+absl::StatusOr<ReferenceMoe> ReferenceMoe::Create(ModelConfig model,
+                                                  MoeWeights weights) {
+  if (!weights.gate.has_value()) {
+    return absl::InvalidArgumentError("reference MoE: no gate weights");
+  }
+  MOE_RETURN_IF_ERROR(
+      CheckShape(*weights.gate, {model.d_model, model.num_experts}, "gate"));
+  const ExpertWeights zeros = ExpertWeights::Zeros(model);
+  for (int e = 0; e < model.num_experts; ++e) {
+    auto it = weights.experts.find(e);
+    if (it == weights.experts.end()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("reference MoE: expert ", e, " is missing"));
+    }
+    for (ExpertTensor which : kAllExpertTensors) {
+      MOE_RETURN_IF_ERROR(CheckShape(it->second.tensor(which),
+                                     zeros.tensor(which).shape(),
+                                     absl::StrCat("expert ", e)));
+    }
+  }
+  if (static_cast<int>(weights.experts.size()) != model.num_experts) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("reference MoE: expected ", model.num_experts,
+                     " experts, got ", weights.experts.size()));
+  }
+  return ReferenceMoe(std::move(model), std::move(weights));
+}
+
+absl::Status ReferenceMoe::CheckBatch(const FloatTensor& t, absl::string_view name,
+                                      int64_t num_tokens) const {
+  if (t.shape().size() != 2 || t.dim(1) != model_.d_model ||
+      (num_tokens >= 0 && t.dim(0) != num_tokens)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        name, ": expected [", num_tokens >= 0 ? absl::StrCat(num_tokens) : "tokens",
+        ", ", model_.d_model, "], got ", ShapeString(t.shape())));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ReferenceForward> ReferenceMoe::Forward(const FloatTensor& x) const {
+  MOE_RETURN_IF_ERROR(CheckBatch(x, "x", -1));
+  const int64_t num_tokens = x.dim(0);
+  const int k = model_.top_k;
+  ReferenceForward result;
+  result.routing = RouteTokens(x.values(), num_tokens, *weights_.gate, model_);
+  result.y = FloatTensor({num_tokens, model_.d_model});
+  std::vector<std::vector<int64_t>> pairs = KeptPairsByExpert(result.routing);
+  result.experts.resize(model_.num_experts);
+  for (int e = 0; e < model_.num_experts; ++e) {
+    ExpertActivations& act = result.experts[e];
+    act.pairs = std::move(pairs[e]);
+    const int64_t rows = act.pairs.size();
+    const FloatTensor input = GatherRows(x, act.pairs, k);
+    act.hidden_pre = FloatTensor({rows, model_.d_ff});
+    act.output = FloatTensor({rows, model_.d_model});
+    ReferenceExpertForward(weights_.experts.at(e), input.values(), rows,
+                           act.hidden_pre.mutable_values(),
+                           act.output.mutable_values());
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t p = act.pairs[r];
+      const float w = result.routing.weights[p];
+      absl::Span<float> y_row = result.y.mutable_row(p / k);
+      absl::Span<const float> out_row = act.output.row(r);
+      for (int64_t m = 0; m < model_.d_model; ++m) y_row[m] += w * out_row[m];
+    }
+  }
+  return result;
+}
+
+absl::StatusOr<ReferenceGradients> ReferenceMoe::Backward(
+    const FloatTensor& x, const ReferenceForward& forward,
+    const FloatTensor& dy) const {
+  MOE_RETURN_IF_ERROR(CheckBatch(x, "x", -1));
+  const int64_t num_tokens = x.dim(0);
+  MOE_RETURN_IF_ERROR(CheckBatch(dy, "grad_output", num_tokens));
+  if (forward.routing.num_tokens != num_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "backward: the forward had ", forward.routing.num_tokens,
+        " tokens, x has ", num_tokens));
+  }
+  const int k = model_.top_k;
+  const int num_experts = model_.num_experts;
+  const int64_t d_model = model_.d_model;
+  const Routing& routing = forward.routing;
+
+  ReferenceGradients grads;
+  grads.dx = FloatTensor({num_tokens, d_model});
+  grads.params.gate = FloatTensor({d_model, num_experts});
+  // dL/dweight for every pair: dy[t] . Expert_e(x[t]); 0 for dropped pairs.
+  std::vector<double> d_weight(num_tokens * k, 0.0);
+
+  // Expert path: each expert sees weight * dy for its rows.
+  for (int e = 0; e < num_experts; ++e) {
+    const ExpertActivations& act = forward.experts[e];
+    const int64_t rows = act.pairs.size();
+    FloatTensor d_out({rows, d_model});
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t p = act.pairs[r];
+      absl::Span<const float> dy_row = dy.row(p / k);
+      absl::Span<const float> out_row = act.output.row(r);
+      absl::Span<float> d_out_row = d_out.mutable_row(r);
+      double dot = 0;
+      for (int64_t m = 0; m < d_model; ++m) {
+        d_out_row[m] = routing.weights[p] * dy_row[m];
+        dot += static_cast<double>(dy_row[m]) * out_row[m];
+      }
+      d_weight[p] = dot;
+    }
+    const FloatTensor input = GatherRows(x, act.pairs, k);
+    FloatTensor dx_rows({rows, d_model});
+    ExpertWeights& expert_grads =
+        grads.params.experts.emplace(e, ExpertWeights::Zeros(model_)).first->second;
+    ReferenceExpertBackward(weights_.experts.at(e), input.values(),
+                            act.hidden_pre.values(), d_out.values(), rows,
+                            dx_rows.mutable_values(), expert_grads);
+    for (int64_t r = 0; r < rows; ++r) {
+      absl::Span<float> dx_row = grads.dx.mutable_row(act.pairs[r] / k);
+      absl::Span<const float> src = dx_rows.row(r);
+      for (int64_t m = 0; m < d_model; ++m) dx_row[m] += src[m];
+    }
+  }
+
+  // Gate path. weight_j = p_j / S over the k chosen (S = their sum), so
+  // dL/dp_i = (dL/dw_i - sum_j dL/dw_j w_j) / S for chosen i, 0 otherwise;
+  // softmax: dL/dlogit_m = p_m (dL/dp_m - sum_i dL/dp_i p_i).
+  const float* gate = weights_.gate->values().data();
+  float* d_gate = grads.params.gate->mutable_values().data();
+  std::vector<double> d_prob(num_experts);
+  std::vector<float> d_logit(num_experts);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const float* probs = routing.probs.data() + t * num_experts;
+    double chosen_sum = 0, weighted = 0;
+    for (int j = 0; j < k; ++j) {
+      chosen_sum += probs[routing.expert_ids[t * k + j]];
+      weighted += d_weight[t * k + j] * routing.weights[t * k + j];
+    }
+    std::fill(d_prob.begin(), d_prob.end(), 0.0);
+    for (int j = 0; j < k; ++j) {
+      d_prob[routing.expert_ids[t * k + j]] =
+          (d_weight[t * k + j] - weighted) / chosen_sum;
+    }
+    double dot = 0;
+    for (int m = 0; m < num_experts; ++m) dot += d_prob[m] * probs[m];
+    for (int m = 0; m < num_experts; ++m) {
+      d_logit[m] = static_cast<float>(probs[m] * (d_prob[m] - dot));
+    }
+    // logits = x W_g: dx += W_g d_logit, dW_g += x^T d_logit.
+    absl::Span<const float> x_row = x.row(t);
+    absl::Span<float> dx_row = grads.dx.mutable_row(t);
+    for (int64_t i = 0; i < d_model; ++i) {
+      const float* g_row = gate + i * num_experts;
+      float* dg_row = d_gate + i * num_experts;
+      double sum = 0;
+      for (int m = 0; m < num_experts; ++m) {
+        sum += static_cast<double>(g_row[m]) * d_logit[m];
+        dg_row[m] += x_row[i] * d_logit[m];
+      }
+      dx_row[i] += static_cast<float>(sum);
+    }
+  }
+  return grads;
+}
+
+}  // namespace moe
