@@ -1,0 +1,272 @@
+#include "common/checkpoint.h"
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "common/bfloat16.h"
+#include "common/deterministic_init.h"
+#include "common/safetensors.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace moe {
+namespace {
+
+using ::testing::HasSubstr;
+
+ModelConfig SmallModel(uint64_t seed = 1) {
+  ModelConfig model;
+  model.d_model = 6;
+  model.d_ff = 10;
+  model.num_experts = 3;
+  model.top_k = 2;
+  model.seed = seed;
+  return model;
+}
+
+std::string TempPath(absl::string_view name) {
+  return absl::StrCat(::testing::TempDir(), "/", name);
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(file), {});
+}
+
+void WriteFile(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+}
+
+// A safetensors file from a JSON header and a data section.
+std::string Safetensors(const nlohmann::json& header, const std::string& data) {
+  const std::string text = header.dump();
+  std::string out(8, '\0');
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((text.size() >> (8 * i)) & 0xff);
+  return out + text + data;
+}
+
+void ExpectSameWeights(const MoeWeights& a, const MoeWeights& b) {
+  ASSERT_EQ(a.gate.has_value(), b.gate.has_value());
+  if (a.gate) {
+    EXPECT_EQ(*a.gate, *b.gate);
+  }
+  ASSERT_EQ(a.experts.size(), b.experts.size());
+  for (const auto& [e, weights] : a.experts) {
+    for (ExpertTensor which : kAllExpertTensors) {
+      EXPECT_EQ(weights.tensor(which), b.experts.at(e).tensor(which)) << e;
+    }
+  }
+}
+
+TEST(DeterministicInitTest, SameSeedSameWeightsEverywhere) {
+  const ModelConfig model = SmallModel(42);
+  const MoeWeights all = InitAllWeights(model);
+  // A server holding only expert 2 derives the same expert 2.
+  const MoeWeights part = InitWeights(model, {2}, /*with_gate=*/false);
+  EXPECT_FALSE(part.gate.has_value());
+  EXPECT_EQ(part.experts.at(2).Digest(), all.experts.at(2).Digest());
+  EXPECT_EQ(InitAllWeights(model).experts.at(0).Digest(), all.experts.at(0).Digest());
+  EXPECT_NE(all.experts.at(0).Digest(), all.experts.at(1).Digest());
+  EXPECT_NE(InitAllWeights(SmallModel(43)).experts.at(0).Digest(),
+            all.experts.at(0).Digest());
+}
+
+TEST(DeterministicInitTest, FollowsTheDocumentedScheme) {
+  const ModelConfig model = SmallModel(42);
+  const MoeWeights all = InitAllWeights(model);
+  const double bound1 = 1 / std::sqrt(6.0), bound2 = 1 / std::sqrt(10.0);
+  // w1 is stored [d_model, d_ff]; element (i, o) is checkpoint index o * d_model + i.
+  const ExpertWeights& e1 = all.experts.at(1);
+  EXPECT_EQ(e1.w1.values()[2 * 10 + 7], InitValue(42, 16 + 4, 7 * 6 + 2, bound1));
+  EXPECT_EQ(e1.b1.values()[3], InitValue(42, 17 + 4, 3, bound1));
+  EXPECT_EQ(e1.w2.values()[4 * 6 + 5], InitValue(42, 18 + 4, 5 * 10 + 4, bound2));
+  EXPECT_EQ(e1.b2.values()[1], InitValue(42, 19 + 4, 1, bound2));
+  EXPECT_EQ(all.gate->values()[5 * 3 + 2], InitValue(42, 0, 2 * 6 + 5, bound1));
+  for (float v : e1.w2.values()) EXPECT_LE(std::abs(v), bound2);
+  // The values look uniform: mean near 0, both signs.
+  double sum = 0;
+  for (int i = 0; i < 100000; ++i) sum += InitValue(7, 3, i, 1.0);
+  EXPECT_NEAR(sum / 100000, 0.0, 0.01);
+}
+
+TEST(CheckpointTest, Fp32RoundTripIsBitExact) {
+  const ModelConfig model = SmallModel();
+  const MoeWeights weights = InitAllWeights(model);
+  const std::string path = TempPath("fp32.safetensors");
+  ASSERT_TRUE(SaveCheckpoint(path, model, weights, DType::kFloat32).ok());
+  absl::StatusOr<MoeWeights> loaded = LoadCheckpoint(path, model);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ExpectSameWeights(*loaded, weights);
+}
+
+TEST(CheckpointTest, StoresPyTorchLayout) {
+  const ModelConfig model = SmallModel();
+  const MoeWeights weights = InitAllWeights(model);
+  const std::string path = TempPath("layout.safetensors");
+  ASSERT_TRUE(SaveCheckpoint(path, model, weights, DType::kFloat32).ok());
+  absl::StatusOr<SafetensorsReader> reader = SafetensorsReader::Open(path);
+  ASSERT_TRUE(reader.ok());
+  const SafetensorsEntry* w1 = reader->Find("experts.2.w1.weight");
+  ASSERT_NE(w1, nullptr);
+  EXPECT_EQ(w1->shape, Shape({10, 6}));  // [d_ff, d_model]
+  std::vector<float> values(60);
+  ASSERT_TRUE(reader->ReadFloats(*w1, absl::MakeSpan(values)).ok());
+  // Stored[o, i] == memory[i, o].
+  EXPECT_EQ(values[7 * 6 + 2], weights.experts.at(2).w1.values()[2 * 10 + 7]);
+  EXPECT_EQ(reader->Find("gate.weight")->shape, Shape({3, 6}));
+  EXPECT_EQ(reader->Find("experts.0.w2.bias")->shape, Shape({6}));
+}
+
+TEST(CheckpointTest, Bf16RoundTripRoundsEachValueOnce) {
+  const ModelConfig model = SmallModel();
+  const MoeWeights weights = InitAllWeights(model);
+  const std::string path = TempPath("bf16.safetensors");
+  ASSERT_TRUE(SaveCheckpoint(path, model, weights, DType::kBFloat16).ok());
+  absl::StatusOr<MoeWeights> loaded = LoadCheckpoint(path, model);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const auto original = weights.experts.at(1).w2.values();
+  const auto rounded = loaded->experts.at(1).w2.values();
+  for (size_t i = 0; i < original.size(); ++i) {
+    EXPECT_EQ(rounded[i], Bf16ToFloat(FloatToBf16(original[i])));
+  }
+  // 426 values at 2 bytes instead of 4; headers are about the same size.
+  const std::string fp32_path = TempPath("bf16_vs_fp32.safetensors");
+  ASSERT_TRUE(SaveCheckpoint(fp32_path, model, weights, DType::kFloat32).ok());
+  EXPECT_NEAR(static_cast<double>(ReadFile(fp32_path).size()) - ReadFile(path).size(),
+              852.0, 40.0);
+}
+
+TEST(CheckpointTest, LoadsOnlyTheSelectedExperts) {
+  const ModelConfig model = SmallModel();
+  const std::string path = TempPath("select.safetensors");
+  ASSERT_TRUE(SaveCheckpoint(path, model, InitAllWeights(model), DType::kFloat32).ok());
+  absl::StatusOr<MoeWeights> part =
+      LoadCheckpoint(path, model, {/*gate=*/false, std::vector<int>{0, 2}});
+  ASSERT_TRUE(part.ok()) << part.status();
+  ExpectSameWeights(*part, InitWeights(model, {0, 2}, false));
+  EXPECT_THAT(LoadCheckpoint(path, model, {true, std::vector<int>{3}}).status().message(),
+              HasSubstr("expert 3 is out of range"));
+}
+
+class MalformedCheckpointTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    path_ = TempPath("good.safetensors");
+    ASSERT_TRUE(SaveCheckpoint(path_, model_, InitAllWeights(model_), DType::kFloat32).ok());
+    good_ = ReadFile(path_);
+  }
+
+  // The error of loading `bytes` as a checkpoint of model_.
+  std::string ErrorOf(const std::string& bytes) {
+    const std::string bad = TempPath("bad.safetensors");
+    WriteFile(bad, bytes);
+    absl::StatusOr<MoeWeights> loaded = LoadCheckpoint(bad, model_);
+    EXPECT_FALSE(loaded.ok());
+    return std::string(loaded.status().message());
+  }
+
+  ModelConfig model_ = SmallModel();
+  std::string path_;
+  std::string good_;
+};
+
+TEST_F(MalformedCheckpointTest, EveryTruncationIsAnError) {
+  for (size_t size = 0; size < good_.size(); size += 1 + size / 8) {
+    EXPECT_FALSE(ErrorOf(good_.substr(0, size)).empty()) << size;
+  }
+  EXPECT_THAT(ErrorOf(good_.substr(0, 5)), HasSubstr("truncated"));
+  EXPECT_THAT(ErrorOf(good_.substr(0, good_.size() - 4)), HasSubstr("out of range"));
+}
+
+TEST_F(MalformedCheckpointTest, BadJsonAndBadHeaders) {
+  std::string bad_json = good_;
+  bad_json[9] = '[';
+  EXPECT_THAT(ErrorOf(bad_json), HasSubstr("not a JSON object"));
+  std::string huge_length = good_;
+  huge_length[7] = 0x7f;
+  EXPECT_THAT(ErrorOf(huge_length), HasSubstr("exceeds the file"));
+  EXPECT_THAT(ErrorOf(Safetensors({{"gate.weight", 3}}, "")), HasSubstr("not an object"));
+  EXPECT_THAT(ErrorOf(Safetensors(
+                  {{"gate.weight", {{"dtype", "F64"}, {"shape", {3, 6}},
+                                    {"data_offsets", {0, 144}}}}},
+                  std::string(144, '\0'))),
+              HasSubstr("dtype F64 is not supported"));
+  EXPECT_THAT(ErrorOf(Safetensors(
+                  {{"gate.weight", {{"dtype", "F32"}, {"shape", {3, -6}},
+                                    {"data_offsets", {0, 72}}}}},
+                  std::string(72, '\0'))),
+              HasSubstr("non-negative integer"));
+  EXPECT_THAT(ErrorOf(Safetensors(
+                  {{"gate.weight", {{"dtype", "F32"}, {"shape", {3, 6}},
+                                    {"data_offsets", {0, 10}}}}},
+                  std::string(72, '\0'))),
+              HasSubstr("needs 72"));
+  EXPECT_THAT(ErrorOf(Safetensors(
+                  {{"gate.weight", {{"dtype", "F32"}, {"shape", {3, 6}},
+                                    {"data_offsets", {16, 88}}}}},
+                  std::string(72, '\0'))),
+              HasSubstr("out of range"));
+  EXPECT_THAT(ErrorOf(Safetensors({{"gate.weight", {{"dtype", "F32"}}}}, "")),
+              HasSubstr("no shape"));
+}
+
+TEST_F(MalformedCheckpointTest, WrongModelShapesAndNames) {
+  ModelConfig wider = model_;
+  wider.d_ff = 11;
+  absl::StatusOr<MoeWeights> loaded = LoadCheckpoint(path_, wider);
+  EXPECT_THAT(loaded.status().message(),
+              HasSubstr("\"experts.0.w1.weight\" has shape [10, 6], the model needs [11, 6]"));
+  ModelConfig more = model_;
+  more.num_experts = 4;
+  EXPECT_THAT(LoadCheckpoint(path_, more).status().message(),
+              HasSubstr("\"gate.weight\" has shape [3, 6], the model needs [4, 6]"));
+  ModelConfig fewer = model_;
+  fewer.num_experts = 2;
+  EXPECT_THAT(LoadCheckpoint(path_, fewer).status().message(),
+              HasSubstr("shape"));
+
+  // Missing and unexpected tensors.
+  MoeWeights weights = InitAllWeights(model_);
+  SafetensorsWriter writer;
+  writer.Add("gate.weight", {3, 6}, weights.gate->values());
+  const std::string partial = TempPath("partial.safetensors");
+  ASSERT_TRUE(writer.Write(partial, DType::kFloat32).ok());
+  EXPECT_THAT(LoadCheckpoint(partial, model_).status().message(),
+              HasSubstr("missing tensor \"experts.0.w1.weight\" [10, 6]"));
+  EXPECT_EQ(LoadCheckpoint(TempPath("absent.safetensors"), model_).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST_F(MalformedCheckpointTest, UnexpectedTensorIsNamed) {
+  const MoeWeights weights = InitAllWeights(model_);
+  ModelConfig bigger = model_;
+  bigger.num_experts = 4;
+  MoeWeights four = InitAllWeights(bigger);
+  const std::string path = TempPath("four.safetensors");
+  ASSERT_TRUE(SaveCheckpoint(path, bigger, four, DType::kFloat32).ok());
+  // The 4-expert gate does not fit; make the gate right and keep expert 3.
+  absl::StatusOr<SafetensorsReader> reader = SafetensorsReader::Open(path);
+  ASSERT_TRUE(reader.ok());
+  SafetensorsWriter writer;
+  std::vector<std::vector<float>> keep;
+  for (const SafetensorsEntry& entry : reader->entries()) {
+    keep.emplace_back(NumElements(entry.shape));
+    ASSERT_TRUE(reader->ReadFloats(entry, absl::MakeSpan(keep.back())).ok());
+    if (entry.name == "gate.weight") {
+      writer.Add(entry.name, {3, 6}, absl::MakeSpan(keep.back()).subspan(0, 18));
+    } else {
+      writer.Add(entry.name, entry.shape, keep.back());
+    }
+  }
+  const std::string extra = TempPath("extra.safetensors");
+  ASSERT_TRUE(writer.Write(extra, DType::kFloat32).ok());
+  EXPECT_THAT(LoadCheckpoint(extra, model_).status().message(),
+              HasSubstr("unexpected tensor \"experts.3."));
+}
+
+}  // namespace
+}  // namespace moe

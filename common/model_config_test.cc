@@ -1,0 +1,194 @@
+#include "common/model_config.h"
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace moe {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kValid[] = R"pb(
+  model {
+    d_model: 64
+    d_ff: 256
+    num_experts: 8
+    top_k: 2
+    capacity_factor: 1.25
+    overflow_policy: OVERFLOW_POLICY_DROP
+    seed: 42
+    optimizer { type: OPTIMIZER_TYPE_SGD_MOMENTUM learning_rate: 0.01 momentum: 0.9 }
+  }
+  cluster {
+    servers { name: "expert-0" address: "127.0.0.1:50061" }
+    servers { name: "expert-1" address: "127.0.0.1:50062" }
+    strategy: PLACEMENT_STRATEGY_HYBRID
+  }
+)pb";
+
+// The valid config with `from` replaced by `to`.
+std::string With(absl::string_view from, absl::string_view to) {
+  const std::string text = absl::StrReplaceAll(kValid, {{from, to}});
+  EXPECT_NE(text, kValid) << "test bug: " << from << " not found";
+  return text;
+}
+
+std::string ErrorOf(const std::string& text) {
+  absl::StatusOr<ServingConfig> config = ParseServingConfig(text);
+  EXPECT_FALSE(config.ok());
+  EXPECT_EQ(config.status().code(), absl::StatusCode::kInvalidArgument);
+  return std::string(config.status().message());
+}
+
+TEST(ModelConfigTest, ParsesAValidConfig) {
+  absl::StatusOr<ServingConfig> config = ParseServingConfig(kValid);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->model.d_model, 64);
+  EXPECT_EQ(config->model.d_ff, 256);
+  EXPECT_EQ(config->model.num_experts, 8);
+  EXPECT_EQ(config->model.top_k, 2);
+  EXPECT_FLOAT_EQ(config->model.capacity_factor, 1.25f);
+  EXPECT_EQ(config->model.overflow, OverflowPolicy::kDrop);
+  EXPECT_EQ(config->model.seed, 42u);
+  EXPECT_EQ(config->model.optimizer.type, OptimizerType::kSgdMomentum);
+  EXPECT_FLOAT_EQ(config->model.optimizer.momentum, 0.9f);
+  EXPECT_EQ(config->model.max_batch_tokens, 65536);
+  ASSERT_EQ(config->cluster.servers.size(), 2u);
+  EXPECT_EQ(config->cluster.servers[1].address, "127.0.0.1:50062");
+  EXPECT_EQ(config->cluster.strategy, PlacementStrategy::kHybrid);
+  EXPECT_EQ(config->cluster.FindServer("expert-1"), 1);
+  EXPECT_EQ(config->cluster.FindServer("nope"), -1);
+}
+
+TEST(ModelConfigTest, ModelProtoRoundTrips) {
+  absl::StatusOr<ServingConfig> config = ParseServingConfig(kValid);
+  ASSERT_TRUE(config.ok());
+  absl::StatusOr<ModelConfig> again =
+      ModelConfigFromProto(ModelConfigToProto(config->model));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->d_ff, 256);
+  EXPECT_EQ(again->overflow, OverflowPolicy::kDrop);
+  EXPECT_EQ(again->optimizer.type, OptimizerType::kSgdMomentum);
+}
+
+TEST(ModelConfigTest, ErrorsNameTheField) {
+  EXPECT_EQ(ErrorOf(With("top_k: 2", "top_k: 9")),
+            "model.top_k: must be in [1, num_experts = 8], got 9");
+  EXPECT_THAT(ErrorOf(With("d_model: 64", "d_model: 0")),
+              HasSubstr("model.d_model: must be in [1, 65536], got 0"));
+  EXPECT_THAT(ErrorOf(With("num_experts: 8", "num_experts: -1")),
+              HasSubstr("model.num_experts"));
+  EXPECT_THAT(ErrorOf(With("capacity_factor: 1.25", "capacity_factor: 0")),
+              HasSubstr("model.capacity_factor: must be > 0 with OVERFLOW_POLICY_DROP"));
+  EXPECT_THAT(ErrorOf(With("momentum: 0.9", "momentum: 1.5")),
+              HasSubstr("model.optimizer.momentum"));
+  EXPECT_THAT(ErrorOf(With("learning_rate: 0.01", "learning_rate: -1")),
+              HasSubstr("model.optimizer.learning_rate"));
+  EXPECT_THAT(ErrorOf(With("strategy: PLACEMENT_STRATEGY_HYBRID", "")),
+              HasSubstr("cluster.strategy: must be"));
+  EXPECT_THAT(ErrorOf(With("\"expert-1\"", "\"expert-0\"")),
+              HasSubstr("cluster.servers[1].name: duplicate server name \"expert-0\""));
+  EXPECT_THAT(ErrorOf(With("127.0.0.1:50062", "127.0.0.1:50061")),
+              HasSubstr("cluster.servers[1].address: duplicate address"));
+  EXPECT_THAT(ErrorOf(With("\"expert-1\"", "\"bad name!\"")),
+              HasSubstr("cluster.servers[1].name"));
+  EXPECT_THAT(ErrorOf(With("address: \"127.0.0.1:50062\"", "")),
+              HasSubstr("cluster.servers[1].address: must be set"));
+}
+
+TEST(ModelConfigTest, DroplessNeedsNoCapacity) {
+  absl::StatusOr<ServingConfig> config = ParseServingConfig(With(
+      "capacity_factor: 1.25\n    overflow_policy: OVERFLOW_POLICY_DROP", ""));
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->model.overflow, OverflowPolicy::kDropless);
+}
+
+TEST(ModelConfigTest, SyntaxErrorsGiveTheLine) {
+  EXPECT_THAT(ErrorOf(With("top_k: 2", "top_k: two")), HasSubstr("line 6"));
+  EXPECT_THAT(ErrorOf(With("d_ff", "d_fff")), HasSubstr("d_fff"));
+}
+
+TEST(ModelConfigTest, ExplicitPlacementIsResolvedAndChecked) {
+  const std::string base = With("strategy: PLACEMENT_STRATEGY_HYBRID",
+                                "strategy: PLACEMENT_STRATEGY_EXPLICIT\n"
+                                "explicit_placement { PLACEMENTS }");
+  auto with_placements = [&](absl::string_view placements) {
+    return absl::StrReplaceAll(base, {{"PLACEMENTS", placements}});
+  };
+  std::string all;
+  for (int e = 0; e < 8; ++e) {
+    absl::StrAppend(&all, "experts { expert_id: ", e, " servers: \"expert-", e % 2,
+                    "\"", e == 0 ? " servers: \"expert-1\"" : "", " } ");
+  }
+  absl::StatusOr<ServingConfig> config = ParseServingConfig(with_placements(all));
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->cluster.explicit_placement[0], (std::vector<int>{0, 1}));
+  EXPECT_EQ(config->cluster.explicit_placement[3], (std::vector<int>{1}));
+
+  EXPECT_THAT(ErrorOf(with_placements(absl::StrReplaceAll(
+                  all, {{"expert_id: 7 servers: \"expert-1\"",
+                         "expert_id: 7 servers: \"expert-9\""}}))),
+              HasSubstr("unknown server \"expert-9\""));
+  EXPECT_THAT(ErrorOf(with_placements("experts { expert_id: 0 servers: \"expert-0\" }")),
+              HasSubstr("expert 1 is not placed"));
+  EXPECT_THAT(ErrorOf(with_placements("experts { expert_id: 8 servers: \"expert-0\" }")),
+              HasSubstr("expert 8 is out of range [0, 8)"));
+  EXPECT_THAT(ErrorOf(with_placements("experts { expert_id: 0 }")),
+              HasSubstr("expert 0 has no server"));
+  EXPECT_THAT(ErrorOf(with_placements(
+                  "experts { expert_id: 0 servers: \"expert-0\" servers: \"expert-0\" }")),
+              HasSubstr("listed twice"));
+}
+
+TEST(ModelConfigTest, DynamicNeedsALoadProfile) {
+  const std::string base =
+      With("strategy: PLACEMENT_STRATEGY_HYBRID", "strategy: PLACEMENT_STRATEGY_DYNAMIC LOAD");
+  auto with_load = [&](absl::string_view load) {
+    return absl::StrReplaceAll(base, {{"LOAD", load}});
+  };
+  EXPECT_THAT(ErrorOf(with_load("")),
+              HasSubstr("cluster.load_profile.expert_load: expected 8 values"));
+  EXPECT_THAT(ErrorOf(with_load("load_profile { expert_load: [1,1,1,1,1,1,1,-1] }")),
+              HasSubstr("cluster.load_profile.expert_load[7]"));
+  EXPECT_THAT(ErrorOf(with_load("load_profile { expert_load: [1,1,1,1,1,1,1,1] } "
+                                "dynamic_options { slots_per_server: 3 }")),
+              HasSubstr("3 slots x 2 servers cannot hold 8 experts"));
+  absl::StatusOr<ServingConfig> config =
+      ParseServingConfig(with_load("load_profile { expert_load: [8,1,1,1,1,1,1,1] }"));
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->cluster.load_profile[0], 8.0);
+}
+
+TEST(ModelConfigTest, LoadsFilesAndNamesMissingOnes) {
+  const std::string path = absl::StrCat(::testing::TempDir(), "/serving.pbtxt");
+  std::ofstream(path) << kValid;
+  absl::StatusOr<ServingConfig> config = LoadServingConfig(path);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->model.num_experts, 8);
+
+  std::ofstream(path) << With("top_k: 2", "top_k: 0");
+  EXPECT_THAT(LoadServingConfig(path).status().message(),
+              HasSubstr(absl::StrCat("config ", path, ": model.top_k")));
+  const absl::Status missing = LoadServingConfig(path + ".missing").status();
+  EXPECT_EQ(missing.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing.message(), HasSubstr(".missing"));
+}
+
+TEST(ModelConfigTest, StrategyNamesRoundTrip) {
+  for (PlacementStrategy s :
+       {PlacementStrategy::kDataParallel, PlacementStrategy::kModelParallel,
+        PlacementStrategy::kHybrid, PlacementStrategy::kDynamic,
+        PlacementStrategy::kExplicit}) {
+    EXPECT_EQ(*ParsePlacementStrategy(PlacementStrategyName(s)), s);
+  }
+  EXPECT_FALSE(ParsePlacementStrategy("RANDOM").ok());
+}
+
+}  // namespace
+}  // namespace moe

@@ -1,0 +1,190 @@
+#include "common/placement.h"
+
+#include <algorithm>
+#include <random>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace moe {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+std::vector<int> Servers(const Placement& p, int expert) {
+  auto s = p.ServersOf(expert);
+  return {s.begin(), s.end()};
+}
+std::vector<int> Experts(const Placement& p, int server) {
+  auto e = p.ExpertsOn(server);
+  return {e.begin(), e.end()};
+}
+
+TEST(PlacementTest, DataParallelPutsEveryExpertEverywhere) {
+  const Placement p = DataParallelPlacement(4, 3);
+  for (int e = 0; e < 4; ++e) EXPECT_THAT(Servers(p, e), ElementsAre(0, 1, 2));
+  EXPECT_EQ(p.num_replicas(), 12);
+  const std::vector<ReplicaGroup> groups = ReplicaGroups(p);
+  ASSERT_EQ(groups.size(), 1u);
+  EXPECT_THAT(groups[0].servers, ElementsAre(0, 1, 2));
+  EXPECT_THAT(groups[0].experts, ElementsAre(0, 1, 2, 3));
+}
+
+TEST(PlacementTest, ModelParallelSplitsContiguousBlocks) {
+  const Placement p = ModelParallelPlacement(8, 3);
+  EXPECT_THAT(Experts(p, 0), ElementsAre(0, 1, 2));
+  EXPECT_THAT(Experts(p, 1), ElementsAre(3, 4, 5));
+  EXPECT_THAT(Experts(p, 2), ElementsAre(6, 7));
+  EXPECT_EQ(p.num_replicas(), 8);
+  EXPECT_TRUE(ReplicaGroups(p).empty());
+  // More servers than experts: the last servers hold nothing.
+  const Placement sparse = ModelParallelPlacement(2, 4);
+  EXPECT_THAT(Experts(sparse, 1), ElementsAre(1));
+  EXPECT_TRUE(Experts(sparse, 3).empty());
+}
+
+TEST(PlacementTest, HybridReplicatesTheFirstHalf) {
+  const Placement p = HybridPlacement(6, 2);
+  for (int e = 0; e < 3; ++e) EXPECT_THAT(Servers(p, e), ElementsAre(0, 1));
+  EXPECT_THAT(Servers(p, 3), ElementsAre(0));
+  EXPECT_THAT(Servers(p, 4), ElementsAre(0));
+  EXPECT_THAT(Servers(p, 5), ElementsAre(1));
+  const std::vector<ReplicaGroup> groups = ReplicaGroups(p);
+  ASSERT_EQ(groups.size(), 1u);
+  EXPECT_THAT(groups[0].servers, ElementsAre(0, 1));
+  EXPECT_THAT(groups[0].experts, ElementsAre(0, 1, 2));
+  // One expert: nothing to replicate.
+  EXPECT_EQ(HybridPlacement(1, 3).num_replicas(), 1);
+}
+
+TEST(PlacementTest, EveryStrategyHoldsEveryExpert) {
+  for (int experts : {1, 2, 3, 7, 8, 64}) {
+    for (int servers : {1, 2, 3, 5, 8}) {
+      std::vector<double> load(experts);
+      for (int e = 0; e < experts; ++e) load[e] = 1.0 + (e * 7919 % 13);
+      for (const Placement& p :
+           {DataParallelPlacement(experts, servers),
+            ModelParallelPlacement(experts, servers),
+            HybridPlacement(experts, servers),
+            *DynamicPlacement(experts, servers, load, 0)}) {
+        ASSERT_EQ(p.num_experts(), experts);
+        ASSERT_EQ(p.num_servers(), servers);
+        for (int e = 0; e < experts; ++e) {
+          EXPECT_FALSE(p.ServersOf(e).empty()) << e;
+          for (int s : p.ServersOf(e)) EXPECT_TRUE(p.Holds(s, e));
+        }
+      }
+    }
+  }
+}
+
+TEST(PlacementTest, DynamicGivesHotExpertsMoreReplicas) {
+  // Expert 0 carries 60% of the load.
+  const std::vector<double> load = {12, 1, 1, 1, 1, 1, 1, 2};
+  absl::StatusOr<Placement> p = DynamicPlacement(8, 4, load, 3);
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->num_replicas(), 12);
+  EXPECT_EQ(p->ServersOf(0).size(), 4u);
+  for (int s = 0; s < 4; ++s) EXPECT_LE(p->ExpertsOn(s).size(), 3u);
+  const double dynamic = Imbalance(ServerLoads(*p, load));
+  const double model_parallel = Imbalance(ServerLoads(ModelParallelPlacement(8, 4), load));
+  EXPECT_LT(dynamic, model_parallel);
+  EXPECT_LT(dynamic, 1.25);
+}
+
+TEST(PlacementTest, DynamicRespectsSlotsOnRandomProfiles) {
+  std::mt19937 rng(7);
+  std::exponential_distribution<double> dist(1.0);
+  double dynamic_sum = 0, blocks_sum = 0;
+  for (int trial = 0; trial < 200; ++trial) {
+    const int experts = 2 + trial % 30;
+    const int servers = 1 + trial % 7;
+    std::vector<double> load(experts);
+    for (double& l : load) l = dist(rng);
+    absl::StatusOr<Placement> p = DynamicPlacement(experts, servers, load, 0);
+    ASSERT_TRUE(p.ok()) << p.status();
+    const int slots = std::min(experts, (experts + servers - 1) / servers + 1);
+    for (int s = 0; s < servers; ++s) {
+      EXPECT_LE(static_cast<int>(p->ExpertsOn(s).size()), slots)
+          << "experts " << experts << " servers " << servers;
+    }
+    // A greedy heuristic: close to, and on average far better than, one
+    // copy each in contiguous blocks.
+    const double dynamic = Imbalance(ServerLoads(*p, load));
+    const double blocks =
+        Imbalance(ServerLoads(ModelParallelPlacement(experts, servers), load));
+    EXPECT_LE(dynamic, blocks + 0.05);
+    dynamic_sum += dynamic;
+    blocks_sum += blocks;
+  }
+  EXPECT_LT(dynamic_sum, 0.8 * blocks_sum);
+}
+
+TEST(PlacementTest, DynamicGroupsReplicasBySharedServers) {
+  const std::vector<double> load = {10, 10, 1, 1};
+  absl::StatusOr<Placement> p = DynamicPlacement(4, 4, load, 2);
+  ASSERT_TRUE(p.ok());
+  for (const ReplicaGroup& group : ReplicaGroups(*p)) {
+    EXPECT_GE(group.servers.size(), 2u);
+    for (int e : group.experts) {
+      EXPECT_THAT(Servers(*p, e), ::testing::ElementsAreArray(group.servers));
+    }
+  }
+}
+
+TEST(PlacementTest, DynamicRejectsBadInput) {
+  EXPECT_THAT(DynamicPlacement(4, 2, {1, 1}, 0).status().message(),
+              HasSubstr("2 values for 4 experts"));
+  EXPECT_THAT(DynamicPlacement(8, 2, std::vector<double>(8, 1.0), 3).status().message(),
+              HasSubstr("cannot hold 8 experts"));
+}
+
+TEST(PlacementTest, CreateValidates) {
+  EXPECT_THAT(Placement::Create(2, {{0}, {}}).status().message(),
+              HasSubstr("expert 1 is held by no server"));
+  EXPECT_THAT(Placement::Create(2, {{0, 2}}).status().message(),
+              HasSubstr("unknown server 2"));
+  EXPECT_THAT(Placement::Create(2, {{1, 1}}).status().message(),
+              HasSubstr("more than once"));
+  EXPECT_FALSE(Placement::Create(0, {{0}}).ok());
+  absl::StatusOr<Placement> p = Placement::Create(3, {{2, 0}, {1}});
+  ASSERT_TRUE(p.ok());
+  EXPECT_THAT(Servers(*p, 0), ElementsAre(0, 2));
+  EXPECT_THAT(Experts(*p, 0), ElementsAre(0));
+  EXPECT_TRUE(Experts(*p, 1) == std::vector<int>{1});
+}
+
+TEST(PlacementTest, ReplicaGroupIdsAreStableAndDistinct) {
+  absl::StatusOr<Placement> p = Placement::Create(3, {{0, 1}, {0, 1}, {1, 2}, {2}});
+  ASSERT_TRUE(p.ok());
+  const std::vector<ReplicaGroup> groups = ReplicaGroups(*p);
+  ASSERT_EQ(groups.size(), 2u);
+  EXPECT_THAT(groups[0].experts, ElementsAre(0, 1));
+  EXPECT_THAT(groups[1].servers, ElementsAre(1, 2));
+  EXPECT_NE(groups[0].id, groups[1].id);
+  EXPECT_EQ(ReplicaGroups(*p)[0].id, groups[0].id);
+}
+
+TEST(PlacementTest, ComputePlacementFollowsTheConfig) {
+  ModelConfig model;
+  model.num_experts = 4;
+  ClusterConfig cluster;
+  cluster.servers = {{"a", "a:1"}, {"b", "b:1"}};
+  cluster.strategy = PlacementStrategy::kExplicit;
+  cluster.explicit_placement = {{1}, {0, 1}, {0}, {1}};
+  absl::StatusOr<Placement> p = ComputePlacement(model, cluster);
+  ASSERT_TRUE(p.ok());
+  EXPECT_THAT(Experts(*p, 1), ElementsAre(0, 1, 3));
+  cluster.strategy = PlacementStrategy::kHybrid;
+  EXPECT_EQ(ComputePlacement(model, cluster)->num_replicas(), 6);
+}
+
+TEST(PlacementTest, ImbalanceIsMaxOverMean) {
+  EXPECT_DOUBLE_EQ(Imbalance({1, 1, 1, 1}), 1.0);
+  EXPECT_DOUBLE_EQ(Imbalance({4, 0, 0, 0}), 4.0);
+  EXPECT_DOUBLE_EQ(Imbalance({0, 0}), 1.0);
+}
+
+}  // namespace
+}  // namespace moe
