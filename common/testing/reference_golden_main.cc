@@ -1,0 +1,91 @@
+// Writes a deterministic checkpoint, inputs, and the reference layer's
+// forward and backward results as safetensors files, for comparison with an
+// independent implementation (common/testing/reference_moe_torch.py).
+//   <out>/model.safetensors  the checkpoint (gate.weight, experts.{e}...)
+//   <out>/io.safetensors     x, grad_output, y, grad_input, expert_ids,
+//                            weights, dropped (routing as fp32 numbers)
+//   <out>/grads.safetensors  the parameter gradients, checkpoint names
+#include <cstdint>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "common/checkpoint.h"
+#include "common/deterministic_init.h"
+#include "common/log.h"
+#include "common/reference_moe.h"
+#include "common/safetensors.h"
+#include "common/status_macros.h"
+#include "common/testing/random_tensor.h"
+
+ABSL_FLAG(std::string, out_dir, "", "Directory to write the three files to.");
+ABSL_FLAG(int, d_model, 16, "Model width.");
+ABSL_FLAG(int, d_ff, 24, "Expert hidden width.");
+ABSL_FLAG(int, num_experts, 4, "Experts.");
+ABSL_FLAG(int, top_k, 2, "Experts per token.");
+ABSL_FLAG(int, tokens, 37, "Tokens in the batch.");
+ABSL_FLAG(double, capacity_factor, 0, "With > 0, OVERFLOW_POLICY_DROP at this factor.");
+ABSL_FLAG(uint64_t, seed, 1, "Seed for weights and inputs.");
+ABSL_FLAG(bool, bf16_checkpoint, false, "Store the checkpoint in BF16.");
+
+namespace moe {
+namespace {
+
+absl::Status Run() {
+  const std::string dir = absl::GetFlag(FLAGS_out_dir);
+  ModelConfig model;
+  model.d_model = absl::GetFlag(FLAGS_d_model);
+  model.d_ff = absl::GetFlag(FLAGS_d_ff);
+  model.num_experts = absl::GetFlag(FLAGS_num_experts);
+  model.top_k = absl::GetFlag(FLAGS_top_k);
+  model.seed = absl::GetFlag(FLAGS_seed);
+  if (absl::GetFlag(FLAGS_capacity_factor) > 0) {
+    model.overflow = OverflowPolicy::kDrop;
+    model.capacity_factor = absl::GetFlag(FLAGS_capacity_factor);
+  }
+  const std::string checkpoint = absl::StrCat(dir, "/model.safetensors");
+  MOE_RETURN_IF_ERROR(SaveCheckpoint(
+      checkpoint, model, InitAllWeights(model),
+      absl::GetFlag(FLAGS_bf16_checkpoint) ? DType::kBFloat16 : DType::kFloat32));
+  // Serve what was saved (BF16 rounding included), as a server would.
+  MOE_ASSIGN_OR_RETURN(MoeWeights weights, LoadCheckpoint(checkpoint, model));
+  MOE_ASSIGN_OR_RETURN(ReferenceMoe moe, ReferenceMoe::Create(model, std::move(weights)));
+
+  const int64_t tokens = absl::GetFlag(FLAGS_tokens);
+  const FloatTensor x = testing::RandomTensor({tokens, model.d_model}, model.seed + 1, 2.0f);
+  const FloatTensor dy = testing::RandomTensor({tokens, model.d_model}, model.seed + 2);
+  MOE_ASSIGN_OR_RETURN(ReferenceForward forward, moe.Forward(x));
+  MOE_ASSIGN_OR_RETURN(ReferenceGradients grads, moe.Backward(x, forward, dy));
+
+  const Routing& routing = forward.routing;
+  std::vector<float> expert_ids(routing.expert_ids.begin(), routing.expert_ids.end());
+  std::vector<float> dropped(routing.dropped.begin(), routing.dropped.end());
+  SafetensorsWriter io;
+  io.Add("x", x.shape(), x.values());
+  io.Add("grad_output", dy.shape(), dy.values());
+  io.Add("y", forward.y.shape(), forward.y.values());
+  io.Add("grad_input", grads.dx.shape(), grads.dx.values());
+  io.Add("expert_ids", {tokens, model.top_k}, expert_ids);
+  io.Add("weights", {tokens, model.top_k}, routing.weights);
+  io.Add("dropped", {tokens, model.top_k}, dropped);
+  MOE_RETURN_IF_ERROR(io.Write(absl::StrCat(dir, "/io.safetensors"), DType::kFloat32));
+  MOE_RETURN_IF_ERROR(SaveCheckpoint(absl::StrCat(dir, "/grads.safetensors"), model,
+                                     grads.params, DType::kFloat32));
+  MOE_LOG(INFO, "wrote ", dir, ": ", tokens, " tokens, ", routing.dropped_pairs,
+          " dropped pairs");
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace moe
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  const absl::Status status = moe::Run();
+  if (!status.ok()) {
+    MOE_LOG(ERROR, status.ToString());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,122 @@
+"""Checks the reference MoE layer against PyTorch autograd.
+
+Reads what reference_golden wrote (checkpoint, inputs, the reference's
+outputs and gradients), recomputes forward and backward in float64 with
+torch.autograd from the checkpoint alone, the PyTorch way (nn.Linear layout:
+F.linear(x, W, b) = x W^T + b), and compares: routing exactly, every tensor
+to a relative error ||a - b|| / ||b|| <= 1e-5.
+
+Usage: reference_moe_torch.py DIR TOP_K CAPACITY_FACTOR
+"""
+
+import json
+import math
+import struct
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TOLERANCE = 1e-5
+
+
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    body = data[8 + header_len :]
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        raw = body[begin:end]
+        if entry["dtype"] == "F32":
+            values = np.frombuffer(raw, dtype="<f4")
+        elif entry["dtype"] == "BF16":
+            values = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        else:
+            raise ValueError(f"{name}: unexpected dtype {entry['dtype']}")
+        tensors[name] = torch.from_numpy(values.astype(np.float64).reshape(entry["shape"]))
+    return tensors
+
+
+def relative_error(actual, expected):
+    diff = torch.linalg.norm((actual - expected).flatten()).item()
+    norm = torch.linalg.norm(expected.flatten()).item()
+    # A gradient that is zero in exact arithmetic (the gate's with top_k = 1)
+    # is compared absolutely: its computed norm is rounding noise.
+    return diff / norm if norm > 1e-12 else diff
+
+
+def main():
+    directory, top_k, capacity_factor = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    params = read_safetensors(f"{directory}/model.safetensors")
+    io = read_safetensors(f"{directory}/io.safetensors")
+    ours_grads = read_safetensors(f"{directory}/grads.safetensors")
+    num_experts, d_model = params["gate.weight"].shape
+    for p in params.values():
+        p.requires_grad_(True)
+    x = io["x"].clone().requires_grad_(True)
+    tokens = x.shape[0]
+
+    logits = F.linear(x, params["gate.weight"])
+    probs = torch.softmax(logits, dim=-1)
+    # Top-k by logit; the stable sort keeps the lower expert id first on ties.
+    order = torch.sort(logits.detach(), dim=-1, descending=True, stable=True).indices
+    chosen = order[:, :top_k]
+    chosen_probs = torch.gather(probs, 1, chosen)
+    weights = chosen_probs / chosen_probs.sum(dim=-1, keepdim=True)
+
+    # Capacity: rank by rank, tokens in order within a rank.
+    dropped = torch.zeros(tokens, top_k, dtype=torch.bool)
+    if capacity_factor > 0:
+        capacity = math.ceil(capacity_factor * tokens * top_k / num_experts)
+        counts = [0] * num_experts
+        for j in range(top_k):
+            for t in range(tokens):
+                e = int(chosen[t, j])
+                if counts[e] >= capacity:
+                    dropped[t, j] = True
+                else:
+                    counts[e] += 1
+
+    failures = []
+    if not torch.equal(chosen.double(), io["expert_ids"]):
+        failures.append("routing: chosen experts differ")
+    if not torch.equal(dropped.double(), io["dropped"]):
+        failures.append("routing: dropped pairs differ")
+
+    y = torch.zeros(tokens, d_model, dtype=torch.float64)
+    for t in range(tokens):
+        for j in range(top_k):
+            if dropped[t, j]:
+                continue
+            e = int(chosen[t, j])
+            hidden = F.relu(F.linear(x[t], params[f"experts.{e}.w1.weight"],
+                                     params[f"experts.{e}.w1.bias"]))
+            out = F.linear(hidden, params[f"experts.{e}.w2.weight"], params[f"experts.{e}.w2.bias"])
+            y[t] = y[t] + weights[t, j] * out
+    y.backward(io["grad_output"])
+
+    checks = [("y", y.detach(), io["y"]), ("grad_input", x.grad, io["grad_input"]),
+              ("routing weights", weights.detach(), io["weights"])]
+    checks += [(f"grad {name}", p.grad if p.grad is not None else torch.zeros_like(p),
+                ours_grads[name]) for name, p in params.items()]
+    for name, torch_value, ours in checks:
+        error = relative_error(ours, torch_value)
+        status = "ok" if error <= TOLERANCE else "FAIL"
+        print(f"{status:4} {name:28} relative error {error:.3e}")
+        if error > TOLERANCE:
+            failures.append(f"{name}: relative error {error:.3e} > {TOLERANCE}")
+    print(f"tokens {tokens}, experts {num_experts}, top_k {top_k}, "
+          f"dropped {int(dropped.sum())}")
+    if failures:
+        print("\n".join(failures))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The reference MoE layer against PyTorch autograd (Debian's python3-torch),
+# over several routing configurations. See reference_moe_torch.py.
+set -euo pipefail
+
+golden="$1"
+script="$2"
+out="${TEST_TMPDIR:-$(mktemp -d)}"
+
+run_case() {  # name top_k capacity_factor extra-flags...
+  local name="$1" top_k="$2" capacity="$3"
+  shift 3
+  local dir="$out/$name"
+  mkdir -p "$dir"
+  echo "== $name"
+  "$golden" --out_dir="$dir" --top_k="$top_k" --capacity_factor="$capacity" "$@"
+  /usr/bin/python3 "$script" "$dir" "$top_k" "$capacity"
+}
+
+run_case top1 1 0 --num_experts=4 --tokens=33
+run_case top2 2 0 --num_experts=8 --tokens=64 --seed=3
+run_case top2_drop 2 0.75 --num_experts=4 --tokens=40 --seed=5
+run_case top3_wide 3 0 --num_experts=6 --tokens=17 --d_model=64 --d_ff=96 --seed=7
+run_case one_token 2 0 --num_experts=4 --tokens=1 --seed=9
+run_case bf16_checkpoint 2 1.0 --num_experts=4 --tokens=50 --bf16_checkpoint --seed=13
+echo "all cases agree with PyTorch"
