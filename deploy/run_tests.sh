@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The README's test command: installs what is missing, then builds and runs
+# every test offline, first optimized, then under AddressSanitizer and
+# UndefinedBehaviorSanitizer. .ci/run calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+deploy/setup_debian.sh
+
+echo "== bazel test //... (optimized)"
+bazel test //...
+
+echo "== bazel test --config=asan //... (AddressSanitizer + UBSan)"
+bazel test --config=asan //...
+
+echo "all tests passed"
