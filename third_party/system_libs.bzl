@@ -28,6 +28,8 @@ _LIBRARIES = {
     "grpc": (["grpc++", "protobuf"], []),
     "grpc_reflection": ([], ["-Wl,--no-as-needed", "-lgrpc++_reflection", "-Wl,--as-needed"]),
     "onednn": ([], ["-ldnnl"]),
+    # Debian's oneDNN runs on GNU OpenMP; omp_set_num_threads sizes its pool.
+    "openmp": ([], ["-lgomp"]),
     "prometheus": (["prometheus-cpp-pull", "prometheus-cpp-core"], []),
     "gtest": (["gmock", "gtest"], []),
     "gtest_main": (["gmock", "gtest_main"], []),
