@@ -1,0 +1,28 @@
+// The optimizer update, shared by the expert servers (expert weights) and
+// the router (the gate), and by the reference training loop in tests.
+// PyTorch's torch.optim.SGD semantics (dampening 0, no Nesterov, no weight
+// decay): with momentum, v = momentum * v + g (v starts at zero), w -= lr * v;
+// without, w -= lr * g. Thread-compatible.
+#ifndef MOE_COMMON_OPTIMIZER_H_
+#define MOE_COMMON_OPTIMIZER_H_
+
+#include "common/model_config.h"
+#include "common/moe_weights.h"
+#include "common/tensor.h"
+
+namespace moe {
+
+// Updates `weights` in place with `grads`. `velocity` (same shape) is the
+// momentum buffer, updated in place; it is ignored for plain SGD and may
+// then be null. REQUIRES: equal shapes.
+void ApplySgd(const OptimizerOptions& options, float learning_rate,
+              const FloatTensor& grads, FloatTensor& weights, FloatTensor* velocity);
+
+// The same for every tensor of an expert.
+void ApplySgd(const OptimizerOptions& options, float learning_rate,
+              const ExpertWeights& grads, ExpertWeights& weights,
+              ExpertWeights* velocity);
+
+}  // namespace moe
+
+#endif  // MOE_COMMON_OPTIMIZER_H_
