@@ -1,0 +1,244 @@
+#include "expert_service/expert_store.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/bfloat16.h"
+#include "common/status_macros.h"
+
+namespace moe::expert {
+
+struct ExpertStore::Hosted {
+  ExpertWeights master;
+  std::optional<ExpertWeights> velocity;
+  std::unique_ptr<ExpertKernel> kernel;
+  // Readers: forward and backward; writer: a weight update and its reload.
+  absl::Mutex weights_mu;
+  // Serialises accumulation into `grads`.
+  absl::Mutex grads_mu;
+  ExpertWeights grads ABSL_GUARDED_BY(grads_mu);
+};
+
+namespace {
+
+// Bytes of `view` converted to `dtype` (a copy only when they differ).
+const std::byte* InDtype(const ConstTensorView& view, DType dtype,
+                         std::vector<std::byte>& storage) {
+  if (view.dtype == dtype) return view.data;
+  storage.resize(view.num_elements() * DTypeSize(dtype));
+  if (dtype == DType::kFloat32) {
+    Bf16ToFloats(view.bf16s(), absl::MakeSpan(reinterpret_cast<float*>(storage.data()),
+                                              view.num_elements()));
+  } else {
+    FloatsToBf16(view.floats(), absl::MakeSpan(reinterpret_cast<uint16_t*>(storage.data()),
+                                               view.num_elements()));
+  }
+  return storage.data();
+}
+
+// Writes `src` (in `src_dtype`) into `dst`, converting if needed.
+void CopyConverted(const std::byte* src, DType src_dtype, const TensorView& dst) {
+  const int64_t n = dst.num_elements();
+  if (src_dtype == dst.dtype) {
+    std::memcpy(dst.data, src, dst.size_bytes());
+  } else if (dst.dtype == DType::kFloat32) {
+    Bf16ToFloats(absl::MakeConstSpan(reinterpret_cast<const uint16_t*>(src), n), dst.floats());
+  } else {
+    FloatsToBf16(absl::MakeConstSpan(reinterpret_cast<const float*>(src), n), dst.bf16s());
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(
+    Options options, std::map<int, ExpertWeights> experts, KernelFactory kernel_factory) {
+  auto store =
+      std::unique_ptr<ExpertStore>(new ExpertStore(std::move(options), std::move(kernel_factory)));
+  for (auto& [id, weights] : experts) {
+    MOE_RETURN_IF_ERROR(store->AddExpert(id, {std::move(weights), std::nullopt}));
+  }
+  return store;
+}
+
+absl::StatusOr<std::shared_ptr<ExpertStore::Hosted>> ExpertStore::MakeHosted(
+    ExpertSnapshot snapshot) const {
+  const ExpertWeights zeros = ExpertWeights::Zeros(options_.model);
+  for (ExpertTensor which : kAllExpertTensors) {
+    if (snapshot.weights.tensor(which).shape() != zeros.tensor(which).shape() ||
+        (snapshot.velocity &&
+         snapshot.velocity->tensor(which).shape() != zeros.tensor(which).shape())) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "expert weights: tensor ", static_cast<int>(which), " has shape ",
+          ShapeString(snapshot.weights.tensor(which).shape()), ", the model needs ",
+          ShapeString(zeros.tensor(which).shape())));
+    }
+  }
+  auto hosted = std::make_shared<Hosted>();
+  hosted->master = std::move(snapshot.weights);
+  hosted->velocity = std::move(snapshot.velocity);
+  if (!hosted->velocity && options_.model.optimizer.type == OptimizerType::kSgdMomentum) {
+    hosted->velocity = zeros;
+  }
+  {
+    absl::MutexLock lock(&hosted->grads_mu);
+    hosted->grads = zeros;
+  }
+  MOE_ASSIGN_OR_RETURN(hosted->kernel, kernel_factory_(hosted->master));
+  return hosted;
+}
+
+DType ExpertStore::compute_dtype() const {
+  absl::MutexLock lock(&mu_);
+  if (experts_.empty()) return DType::kFloat32;
+  return experts_.begin()->second->kernel->dtype();
+}
+
+absl::Status ExpertStore::CheckHosted(int expert) const {
+  if (expert < 0 || expert >= options_.model.num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "expert ", expert, ": out of range [0, ", options_.model.num_experts, ")"));
+  }
+  absl::MutexLock lock(&mu_);
+  if (!experts_.contains(expert)) {
+    std::vector<int> ids;
+    for (const auto& [id, hosted] : experts_) ids.push_back(id);
+    std::sort(ids.begin(), ids.end());
+    return absl::NotFoundError(absl::StrCat("expert ", expert, ": not hosted by server ",
+                                            options_.server_name, " (hosts ",
+                                            ids.empty() ? "none" : absl::StrJoin(ids, ","),
+                                            ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<ExpertStore::Hosted>> ExpertStore::Find(int expert) const {
+  MOE_RETURN_IF_ERROR(CheckHosted(expert));
+  absl::MutexLock lock(&mu_);
+  auto it = experts_.find(expert);
+  if (it == experts_.end()) {  // removed between the check and here
+    return absl::NotFoundError(absl::StrCat("expert ", expert, ": no longer hosted by ",
+                                            options_.server_name));
+  }
+  return it->second;
+}
+
+absl::Status ExpertStore::Forward(int expert, const ConstTensorView& x, const TensorView& y,
+                                  bool training, uint64_t request_id, absl::Time now) {
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
+  ExpertKernel& kernel = *hosted->kernel;
+  const DType dtype = kernel.dtype();
+  const int64_t rows = x.rows();
+  const int64_t d_model = options_.model.d_model;
+  const int64_t d_ff = options_.model.d_ff;
+
+  SavedForward saved;
+  std::vector<std::byte> x_storage, y_storage;
+  const std::byte* x_bytes = nullptr;
+  if (training) {
+    saved.dtype = dtype;
+    saved.rows = rows;
+    const std::byte* converted = InDtype(x, dtype, x_storage);
+    saved.x.assign(converted, converted + rows * d_model * DTypeSize(dtype));
+    saved.activations.resize(rows * d_ff * DTypeSize(dtype));
+    x_bytes = saved.x.data();
+  } else {
+    x_bytes = InDtype(x, dtype, x_storage);
+  }
+  std::byte* y_bytes = y.data;
+  if (y.dtype != dtype) {
+    y_storage.resize(rows * d_model * DTypeSize(dtype));
+    y_bytes = y_storage.data();
+  }
+  const ConstTensorView kernel_x{dtype, {rows, d_model}, x_bytes};
+  const TensorView kernel_y{dtype, {rows, d_model}, y_bytes};
+  const TensorView activations{dtype, {rows, d_ff}, saved.activations.data()};
+  {
+    absl::ReaderMutexLock lock(&hosted->weights_mu);
+    MOE_RETURN_IF_ERROR(kernel.Forward(kernel_x, kernel_y, training ? &activations : nullptr));
+  }
+  if (y.dtype != dtype) CopyConverted(y_bytes, dtype, y);
+  if (training) {
+    MOE_RETURN_IF_ERROR(training_.Put(request_id, expert, std::move(saved), now));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpertStore::Backward(int expert, uint64_t request_id, const ConstTensorView& dy,
+                                   const TensorView& dx, absl::Time now) {
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
+  MOE_ASSIGN_OR_RETURN(SavedForward saved, training_.Take(request_id, expert, now));
+  const int64_t d_model = options_.model.d_model;
+  if (dy.rows() != saved.rows) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "grad_output: request ", request_id, " sent ", saved.rows, " tokens to expert ",
+        expert, " in forward, backward has ", dy.rows()));
+  }
+  std::vector<std::byte> dy_storage, dx_storage;
+  const std::byte* dy32 = InDtype(dy, DType::kFloat32, dy_storage);
+  std::byte* dx32 = dx.data;
+  if (dx.dtype != DType::kFloat32) {
+    dx_storage.resize(dx.num_elements() * sizeof(float));
+    dx32 = dx_storage.data();
+  }
+  {
+    absl::ReaderMutexLock weights_lock(&hosted->weights_mu);
+    absl::MutexLock grads_lock(&hosted->grads_mu);
+    MOE_RETURN_IF_ERROR(hosted->kernel->Backward(
+        saved.x_view(d_model), saved.activations_view(options_.model.d_ff),
+        {DType::kFloat32, {saved.rows, d_model}, dy32},
+        {DType::kFloat32, {saved.rows, d_model}, dx32}, hosted->grads));
+  }
+  if (dx.dtype != DType::kFloat32) CopyConverted(dx32, DType::kFloat32, dx);
+  return absl::OkStatus();
+}
+
+std::vector<int> ExpertStore::HostedExperts() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<int> ids;
+  for (const auto& [id, hosted] : experts_) ids.push_back(id);
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+absl::StatusOr<uint64_t> ExpertStore::Digest(int expert) const {
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
+  absl::ReaderMutexLock lock(&hosted->weights_mu);
+  return hosted->master.Digest();
+}
+
+absl::StatusOr<ExpertSnapshot> ExpertStore::Snapshot(int expert) const {
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
+  absl::ReaderMutexLock lock(&hosted->weights_mu);
+  return ExpertSnapshot{hosted->master, hosted->velocity};
+}
+
+absl::StatusOr<ExpertWeights> ExpertStore::Gradients(int expert) const {
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
+  absl::MutexLock lock(&hosted->grads_mu);
+  return hosted->grads;
+}
+
+absl::Status ExpertStore::AddExpert(int expert, ExpertSnapshot snapshot) {
+  if (expert < 0 || expert >= options_.model.num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "expert ", expert, ": out of range [0, ", options_.model.num_experts, ")"));
+  }
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, MakeHosted(std::move(snapshot)));
+  absl::MutexLock lock(&mu_);
+  if (!experts_.emplace(expert, std::move(hosted)).second) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("expert ", expert, ": already hosted by ", options_.server_name));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpertStore::RemoveExpert(int expert) {
+  MOE_RETURN_IF_ERROR(CheckHosted(expert));
+  absl::MutexLock lock(&mu_);
+  experts_.erase(expert);
+  return absl::OkStatus();
+}
+
+}  // namespace moe::expert

@@ -1,0 +1,108 @@
+// The experts one server hosts: their fp32 master weights, gradient
+// accumulators, optimizer state and kernels, plus the training state that
+// forward keeps for backward. The domain core of the expert server: no gRPC
+// types. Experts can be added and removed while serving (weight transfer);
+// calls in flight keep theirs alive. Thread-safe.
+#ifndef MOE_EXPERT_SERVICE_EXPERT_STORE_H_
+#define MOE_EXPERT_SERVICE_EXPERT_STORE_H_
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/model_config.h"
+#include "common/moe_weights.h"
+#include "common/tensor.h"
+#include "expert_service/expert_kernel.h"
+#include "expert_service/training_state.h"
+
+namespace moe::expert {
+
+// Makes the kernel of one expert; `master` outlives the kernel.
+using KernelFactory = std::function<absl::StatusOr<std::unique_ptr<ExpertKernel>>(
+    const ExpertWeights& master)>;
+
+// A copy of one expert's state, for weight transfer.
+struct ExpertSnapshot {
+  ExpertWeights weights;
+  std::optional<ExpertWeights> velocity;  // SGD-with-momentum buffers
+};
+
+class ExpertStore {
+ public:
+  struct Options {
+    ModelConfig model;
+    // This server's name, for messages.
+    std::string server_name;
+    TrainingStateStore::Options training;
+  };
+
+  static absl::StatusOr<std::unique_ptr<ExpertStore>> Create(
+      Options options, std::map<int, ExpertWeights> experts, KernelFactory kernel_factory);
+
+  const ModelConfig& model() const { return options_.model; }
+  // The dtype the kernels compute in (from the factory's kernels; fp32 when
+  // nothing is hosted).
+  DType compute_dtype() const;
+
+  // y = Expert_e(x). x is a validated [rows, d_model] batch in fp32 or bf16;
+  // y has x's shape and dtype (converted if the kernel computes in the
+  // other). With `training`, keeps x and the activations under
+  // (request_id, expert) for Backward.
+  absl::Status Forward(int expert, const ConstTensorView& x, const TensorView& y,
+                       bool training, uint64_t request_id, absl::Time now);
+
+  // dx = dL/dx from dy = dL/d(output) for the rows of the training forward
+  // (request_id, expert); adds the weight gradients to the accumulators.
+  // dx has dy's shape and dtype. NOT_FOUND for an unknown or expired id.
+  absl::Status Backward(int expert, uint64_t request_id, const ConstTensorView& dy,
+                        const TensorView& dx, absl::Time now);
+
+  // Ascending ids of the hosted experts.
+  std::vector<int> HostedExperts() const ABSL_LOCKS_EXCLUDED(mu_);
+  // Digest of a hosted expert's master weights.
+  absl::StatusOr<uint64_t> Digest(int expert) const;
+  absl::StatusOr<ExpertSnapshot> Snapshot(int expert) const;
+  // A copy of the accumulated gradients (for tests and the step protocol).
+  absl::StatusOr<ExpertWeights> Gradients(int expert) const;
+  // Starts hosting `expert`; ALREADY_EXISTS if it is hosted.
+  absl::Status AddExpert(int expert, ExpertSnapshot snapshot) ABSL_LOCKS_EXCLUDED(mu_);
+  // Stops hosting `expert`; calls in flight finish first.
+  absl::Status RemoveExpert(int expert) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // INVALID_ARGUMENT out of range, NOT_FOUND when not hosted here.
+  absl::Status CheckHosted(int expert) const ABSL_LOCKS_EXCLUDED(mu_);
+
+  TrainingStateStore& training_state() { return training_; }
+
+ private:
+  struct Hosted;
+
+  ExpertStore(Options options, KernelFactory kernel_factory)
+      : options_(std::move(options)),
+        kernel_factory_(std::move(kernel_factory)),
+        training_(options_.training) {}
+
+  absl::StatusOr<std::shared_ptr<Hosted>> MakeHosted(ExpertSnapshot snapshot) const;
+  absl::StatusOr<std::shared_ptr<Hosted>> Find(int expert) const ABSL_LOCKS_EXCLUDED(mu_);
+
+  const Options options_;
+  const KernelFactory kernel_factory_;
+  TrainingStateStore training_;
+  mutable absl::Mutex mu_;
+  // shared_ptr: a call in flight keeps its expert alive across RemoveExpert.
+  absl::flat_hash_map<int, std::shared_ptr<Hosted>> experts_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace moe::expert
+
+#endif  // MOE_EXPERT_SERVICE_EXPERT_STORE_H_

@@ -1,0 +1,142 @@
+#include "expert_service/expert_store.h"
+
+#include "common/bfloat16.h"
+#include "common/deterministic_init.h"
+#include "common/reference_expert.h"
+#include "common/testing/random_tensor.h"
+#include "common/testing/tensor_matchers.h"
+#include "expert_service/onednn_expert_kernel.h"
+#include "expert_service/reference_expert_kernel.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace moe::expert {
+namespace {
+
+using ::moe::testing::RandomTensor;
+using ::moe::testing::TensorNear;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+const absl::Time kNow = absl::FromUnixSeconds(100);
+
+ModelConfig Model() {
+  ModelConfig model;
+  model.d_model = 16;
+  model.d_ff = 24;
+  model.num_experts = 4;
+  model.top_k = 2;
+  model.seed = 3;
+  return model;
+}
+
+class ExpertStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    runtime_ = *OnednnRuntime::Create(0);
+    ExpertStore::Options options{Model(), "expert-1", {1 << 20, absl::Seconds(5)}};
+    std::map<int, ExpertWeights> experts = InitWeights(Model(), {1, 3}, false).experts;
+    auto store = ExpertStore::Create(options, std::move(experts),
+                                     [this](const ExpertWeights& w) {
+                                       return OnednnExpertKernel::Create(w, DType::kFloat32,
+                                                                         *runtime_);
+                                     });
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_ = *std::move(store);
+  }
+
+  std::unique_ptr<OnednnRuntime> runtime_;
+  std::unique_ptr<ExpertStore> store_;
+};
+
+TEST_F(ExpertStoreTest, ForwardIsTheExpert) {
+  EXPECT_THAT(store_->HostedExperts(), ElementsAre(1, 3));
+  const FloatTensor x = RandomTensor({9, 16}, 1);
+  FloatTensor y({9, 16}), expected({9, 16});
+  ASSERT_TRUE(store_->Forward(3, x.view(), y.mutable_view(), false, 0, kNow).ok());
+  std::vector<float> hidden(9 * 24);
+  ReferenceExpertForward(InitExpert(Model(), 3), x.values(), 9, absl::MakeSpan(hidden),
+                         expected.mutable_values());
+  EXPECT_TRUE(TensorNear(y, expected, 1e-5));
+  EXPECT_EQ(store_->training_state().size(), 0u);
+}
+
+TEST_F(ExpertStoreTest, Bf16InputsAreConvertedBothWays) {
+  const FloatTensor x = RandomTensor({5, 16}, 2);
+  std::vector<uint16_t> x_bits(80), y_bits(80);
+  FloatsToBf16(x.values(), absl::MakeSpan(x_bits));
+  ASSERT_TRUE(store_
+                  ->Forward(1,
+                            {DType::kBFloat16, {5, 16},
+                             reinterpret_cast<const std::byte*>(x_bits.data())},
+                            {DType::kBFloat16, {5, 16}, reinterpret_cast<std::byte*>(y_bits.data())},
+                            false, 0, kNow)
+                  .ok());
+  FloatTensor y({5, 16}), expected({5, 16});
+  Bf16ToFloats(y_bits, y.mutable_values());
+  ASSERT_TRUE(store_->Forward(1, x.view(), expected.mutable_view(), false, 0, kNow).ok());
+  EXPECT_TRUE(TensorNear(y, expected, 1e-2));
+}
+
+TEST_F(ExpertStoreTest, TrainingForwardThenBackwardAccumulates) {
+  const FloatTensor x = RandomTensor({6, 16}, 3), dy = RandomTensor({6, 16}, 4);
+  FloatTensor y({6, 16}), dx({6, 16});
+  ASSERT_TRUE(store_->Forward(1, x.view(), y.mutable_view(), true, 77, kNow).ok());
+  EXPECT_GT(store_->training_state().bytes(), 0);
+  ASSERT_TRUE(store_->Backward(1, 77, dy.view(), dx.mutable_view(), kNow).ok());
+  EXPECT_EQ(store_->training_state().bytes(), 0);
+
+  const ExpertWeights weights = InitExpert(Model(), 1);
+  ExpertWeights expected = ExpertWeights::Zeros(Model());
+  std::vector<float> hidden(6 * 24), out(6 * 16);
+  ReferenceExpertForward(weights, x.values(), 6, absl::MakeSpan(hidden), absl::MakeSpan(out));
+  FloatTensor dx_ref({6, 16});
+  ReferenceExpertBackward(weights, x.values(), hidden, dy.values(), 6, dx_ref.mutable_values(),
+                          expected);
+  EXPECT_TRUE(TensorNear(dx, dx_ref, 1e-5));
+  const ExpertWeights grads = *store_->Gradients(1);
+  for (ExpertTensor which : kAllExpertTensors) {
+    EXPECT_TRUE(TensorNear(grads.tensor(which), expected.tensor(which), 1e-5));
+  }
+  // The state was consumed.
+  EXPECT_EQ(store_->Backward(1, 77, dy.view(), dx.mutable_view(), kNow).code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST_F(ExpertStoreTest, BadExpertsAndRequestsAreNamed) {
+  const FloatTensor x = RandomTensor({2, 16}, 5);
+  FloatTensor y({2, 16});
+  absl::Status s = store_->Forward(9, x.view(), y.mutable_view(), false, 0, kNow);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.message(), "expert 9: out of range [0, 4)");
+  s = store_->Forward(2, x.view(), y.mutable_view(), false, 0, kNow);
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(s.message(), "expert 2: not hosted by server expert-1 (hosts 1,3)");
+  s = store_->Backward(1, 12345, x.view(), y.mutable_view(), kNow);
+  EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(s.message(), HasSubstr("request 12345"));
+
+  ASSERT_TRUE(store_->Forward(1, x.view(), y.mutable_view(), true, 5, kNow).ok());
+  const FloatTensor dy = RandomTensor({3, 16}, 6);
+  FloatTensor dx({3, 16});
+  s = store_->Backward(1, 5, dy.view(), dx.mutable_view(), kNow);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("sent 2 tokens to expert 1 in forward, backward has 3"));
+}
+
+TEST_F(ExpertStoreTest, ExpertsMoveInAndOut) {
+  absl::StatusOr<ExpertSnapshot> snapshot = store_->Snapshot(3);
+  ASSERT_TRUE(snapshot.ok());
+  EXPECT_EQ(snapshot->weights.Digest(), InitExpert(Model(), 3).Digest());
+  EXPECT_EQ(*store_->Digest(3), snapshot->weights.Digest());
+  ASSERT_TRUE(store_->RemoveExpert(3).ok());
+  EXPECT_THAT(store_->HostedExperts(), ElementsAre(1));
+  ASSERT_TRUE(store_->AddExpert(2, *std::move(snapshot)).ok());
+  EXPECT_EQ(store_->AddExpert(2, {InitExpert(Model(), 2), std::nullopt}).code(),
+            absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(*store_->Digest(2), InitExpert(Model(), 3).Digest());
+  EXPECT_EQ(store_->RemoveExpert(0).code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace moe::expert
