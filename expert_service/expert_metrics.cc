@@ -1,0 +1,87 @@
+#include "expert_service/expert_metrics.h"
+
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+
+namespace moe::expert {
+namespace {
+
+constexpr const char* kCodeNames[] = {
+    "OK",        "CANCELLED",          "UNKNOWN",          "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",   "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",      "DATA_LOSS",
+    "UNAUTHENTICATED"};
+
+}  // namespace
+
+std::unique_ptr<ExpertMetrics> ExpertMetrics::Create(prometheus::Registry& registry,
+                                                     int num_experts) {
+  MOE_CHECK(num_experts >= 1);
+  auto m = std::make_unique<ExpertMetrics>();
+  auto& forward_tokens = prometheus::BuildCounter()
+                             .Name("moe_expert_tokens_total")
+                             .Help("Token rows run forward through each expert.")
+                             .Register(registry);
+  auto& backward_tokens = prometheus::BuildCounter()
+                              .Name("moe_expert_backward_tokens_total")
+                              .Help("Token rows run backward through each expert.")
+                              .Register(registry);
+  for (int e = 0; e < num_experts; ++e) {
+    m->forward_tokens.push_back(&forward_tokens.Add({{"expert", absl::StrCat(e)}}));
+    m->backward_tokens.push_back(&backward_tokens.Add({{"expert", absl::StrCat(e)}}));
+  }
+  auto& kernel = prometheus::BuildHistogram()
+                     .Name("moe_expert_kernel_seconds")
+                     .Help("Time in the expert kernel per request, by op.")
+                     .Register(registry);
+  const prometheus::Histogram::BucketBoundaries seconds = {
+      25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3,
+      10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5};
+  m->forward_seconds = &kernel.Add({{"op", "forward"}}, seconds);
+  m->backward_seconds = &kernel.Add({{"op", "backward"}}, seconds);
+  m->batch_rows = &prometheus::BuildHistogram()
+                       .Name("moe_expert_batch_rows")
+                       .Help("Token rows per expert kernel call.")
+                       .Register(registry)
+                       .Add({}, prometheus::Histogram::BucketBoundaries{
+                                    1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
+                                    4096, 8192, 16384});
+  m->inflight = &prometheus::BuildGauge()
+                     .Name("moe_expert_inflight_requests")
+                     .Help("Stream messages received and not yet answered.")
+                     .Register(registry)
+                     .Add({});
+  auto& errors = prometheus::BuildCounter()
+                     .Name("moe_expert_errors_total")
+                     .Help("Requests answered with an error, by gRPC status code.")
+                     .Register(registry);
+  for (size_t code = 0; code < m->errors_by_code.size(); ++code) {
+    m->errors_by_code[code] = &errors.Add({{"code", kCodeNames[code]}});
+  }
+  m->received_bytes = &prometheus::BuildCounter()
+                           .Name("moe_expert_received_bytes_total")
+                           .Help("Tensor payload bytes received.")
+                           .Register(registry)
+                           .Add({});
+  m->sent_bytes = &prometheus::BuildCounter()
+                       .Name("moe_expert_sent_bytes_total")
+                       .Help("Tensor payload bytes sent.")
+                       .Register(registry)
+                       .Add({});
+  m->training_state_bytes = &prometheus::BuildGauge()
+                                 .Name("moe_expert_training_state_bytes")
+                                 .Help("Bytes of forward state kept for backward.")
+                                 .Register(registry)
+                                 .Add({});
+  m->active_streams = &prometheus::BuildGauge()
+                           .Name("moe_expert_active_streams")
+                           .Help("Open Dispatch and BackwardDispatch streams.")
+                           .Register(registry)
+                           .Add({});
+  return m;
+}
+
+}  // namespace moe::expert

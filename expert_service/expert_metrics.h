@@ -1,0 +1,54 @@
+// The expert server's Prometheus metrics, built once against a registry and
+// passed by reference (a typed struct, not a map of names). Label values are
+// bounded: expert ids (< num_experts), gRPC code names, op and method names.
+// prometheus-cpp metrics are thread-safe.
+#ifndef MOE_EXPERT_SERVICE_EXPERT_METRICS_H_
+#define MOE_EXPERT_SERVICE_EXPERT_METRICS_H_
+
+#include <array>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "prometheus/counter.h"
+#include "prometheus/gauge.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+
+namespace moe::expert {
+
+struct ExpertMetrics {
+  // REQUIRES: num_experts >= 1.
+  static std::unique_ptr<ExpertMetrics> Create(prometheus::Registry& registry,
+                                               int num_experts);
+
+  // moe_expert_tokens_total{expert}: token rows run through each expert.
+  std::vector<prometheus::Counter*> forward_tokens;
+  // moe_expert_backward_tokens_total{expert}.
+  std::vector<prometheus::Counter*> backward_tokens;
+  // moe_expert_kernel_seconds{op="forward"|"backward"}.
+  prometheus::Histogram* forward_seconds = nullptr;
+  prometheus::Histogram* backward_seconds = nullptr;
+  // moe_expert_batch_rows: rows per kernel call.
+  prometheus::Histogram* batch_rows = nullptr;
+  // moe_expert_inflight_requests: stream messages received, not yet answered.
+  prometheus::Gauge* inflight = nullptr;
+  // moe_expert_errors_total{code}: failed requests by gRPC code name.
+  std::array<prometheus::Counter*, 17> errors_by_code{};
+  // moe_expert_received_bytes_total / moe_expert_sent_bytes_total: tensor
+  // payload bytes.
+  prometheus::Counter* received_bytes = nullptr;
+  prometheus::Counter* sent_bytes = nullptr;
+  // moe_expert_training_state_bytes: bytes kept for backward.
+  prometheus::Gauge* training_state_bytes = nullptr;
+  // moe_expert_active_streams: Dispatch and BackwardDispatch streams open.
+  prometheus::Gauge* active_streams = nullptr;
+
+  void CountError(const absl::Status& status) const {
+    errors_by_code[static_cast<int>(status.code()) % errors_by_code.size()]->Increment();
+  }
+};
+
+}  // namespace moe::expert
+
+#endif  // MOE_EXPERT_SERVICE_EXPERT_METRICS_H_

@@ -1,0 +1,222 @@
+// A bidirectional stream that answers each request once, in any order, from
+// a compute pool: the reactor only parses, enqueues and posts the next read
+// (nothing blocks a gRPC thread); compute threads push answers onto the
+// stream's write queue, one write in flight at a time. A bad request fails
+// itself in its answer, never the stream. On Drain() the stream stops
+// reading, answers everything it has accepted, then finishes UNAVAILABLE so
+// the client knows to go elsewhere: no accepted request is lost.
+// Thread-safe; deletes itself in OnDone.
+#ifndef MOE_EXPERT_SERVICE_STREAM_REACTOR_H_
+#define MOE_EXPERT_SERVICE_STREAM_REACTOR_H_
+
+#include <atomic>
+#include <deque>
+#include <functional>
+#include <memory>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/compute_pool.h"
+#include "common/grpc_status.h"
+
+namespace moe::expert {
+
+// What a service needs to track its open streams (for draining). Reference
+// counted: gRPC holds one reference until OnDone, and the registry takes one
+// while it calls Drain() outside its lock (a stream may finish, and gRPC
+// run OnDone, at any moment).
+class DrainableStream {
+ public:
+  virtual ~DrainableStream() = default;
+  virtual void Drain() = 0;
+
+  void Ref() { refs_.fetch_add(1, std::memory_order_relaxed); }
+  void Unref() {
+    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
+  }
+
+ private:
+  std::atomic<int> refs_{1};
+};
+
+// Registers and unregisters streams; implemented by the service.
+class StreamRegistry {
+ public:
+  virtual ~StreamRegistry() = default;
+  // false when the service is draining: the stream must finish at once.
+  virtual bool Register(DrainableStream* stream) = 0;
+  virtual void Unregister(DrainableStream* stream) = 0;
+};
+
+template <typename Request, typename Response>
+class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
+                            public DrainableStream {
+ public:
+  // Computes the answer to one request; runs on a pool thread.
+  using Handler = std::function<void(const Request&, Response*)>;
+  // Observes each request on arrival and each answer before it is written
+  // (metrics).
+  using OnReceive = std::function<void(const Request&)>;
+  using OnSend = std::function<void(const Response&)>;
+
+  StreamReactor(StreamRegistry& registry, ComputePool& pool, Handler handler,
+                OnReceive on_receive, OnSend on_send)
+      : registry_(registry),
+        pool_(pool),
+        handler_(std::move(handler)),
+        on_receive_(std::move(on_receive)),
+        on_send_(std::move(on_send)) {
+    if (!registry_.Register(this)) {
+      absl::MutexLock lock(&mu_);
+      draining_ = true;
+      finished_ = true;
+      registered_ = false;
+      this->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                "expert server is draining; use another replica"));
+      return;
+    }
+    this->StartRead(&request_);
+  }
+
+  void Drain() override {
+    bool finish = false;
+    {
+      absl::MutexLock lock(&mu_);
+      draining_ = true;
+      finish = ShouldFinishLocked();
+    }
+    if (finish) FinishStream();
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      bool finish = false;
+      {
+        absl::MutexLock lock(&mu_);
+        reads_done_ = true;
+        finish = ShouldFinishLocked();
+      }
+      if (finish) FinishStream();
+      return;
+    }
+    auto request = std::make_unique<Request>(std::move(request_));
+    request_.Clear();
+    on_receive_(*request);
+    {
+      absl::MutexLock lock(&mu_);
+      ++pending_;
+    }
+    const uint64_t sequence_id = request->sequence_id();
+    const bool accepted = pool_.Submit([this, request = std::move(request)]() mutable {
+      auto response = std::make_unique<Response>();
+      handler_(*request, response.get());
+      Answer(std::move(response));
+    });
+    if (!accepted) {
+      // The pool dropped the closure unrun: answer this request alone.
+      auto response = std::make_unique<Response>();
+      response->set_sequence_id(sequence_id);
+      ToProtoStatus(absl::ResourceExhaustedError(
+                        "expert server compute queue is full; retry or use another "
+                        "replica"),
+                    response->mutable_error());
+      Answer(std::move(response));
+    }
+    bool finish = false;
+    {
+      absl::MutexLock lock(&mu_);
+      if (draining_) {
+        finish = ShouldFinishLocked();
+      } else {
+        this->StartRead(&request_);
+      }
+    }
+    if (finish) FinishStream();
+  }
+
+  void OnWriteDone(bool ok) override {
+    Response* next = nullptr;
+    bool finish = false;
+    {
+      absl::MutexLock lock(&mu_);
+      queue_.pop_front();
+      if (!queue_.empty()) {
+        next = queue_.front().get();
+      } else {
+        writing_ = false;
+        finish = ShouldFinishLocked();
+      }
+    }
+    (void)ok;  // a failed write means the client is gone; reads end too
+    if (next != nullptr) this->StartWrite(next);
+    if (finish) FinishStream();
+  }
+
+  void OnDone() override {
+    if (registered_) registry_.Unregister(this);
+    Unref();
+  }
+
+ private:
+  // Queues an answer; starts writing if no write is in flight.
+  void Answer(std::unique_ptr<Response> response) {
+    on_send_(*response);
+    Response* start = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      --pending_;
+      queue_.push_back(std::move(response));
+      if (!writing_) {
+        writing_ = true;
+        start = queue_.front().get();
+      }
+    }
+    if (start != nullptr) this->StartWrite(start);
+  }
+
+  // Whether everything accepted has been answered and no more will come.
+  bool ShouldFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_ || !(reads_done_ || draining_) || pending_ > 0 || writing_ ||
+        !queue_.empty()) {
+      return false;
+    }
+    finished_ = true;
+    return true;
+  }
+
+  void FinishStream() {
+    bool draining;
+    {
+      absl::MutexLock lock(&mu_);
+      draining = draining_ && !reads_done_;
+    }
+    this->Finish(draining ? grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                                         "expert server is draining; every accepted "
+                                         "request was answered")
+                          : grpc::Status::OK);
+  }
+
+  StreamRegistry& registry_;
+  ComputePool& pool_;
+  const Handler handler_;
+  const OnReceive on_receive_;
+  const OnSend on_send_;
+  bool registered_ = true;
+  Request request_;  // the read in flight
+
+  absl::Mutex mu_;
+  int pending_ ABSL_GUARDED_BY(mu_) = 0;
+  std::deque<std::unique_ptr<Response>> queue_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace moe::expert
+
+#endif  // MOE_EXPERT_SERVICE_STREAM_REACTOR_H_

@@ -1,0 +1,137 @@
+#include "expert_service/weight_transfer.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace moe::expert {
+namespace {
+
+constexpr v1::ExpertTensorKind kWeightKinds[] = {
+    v1::EXPERT_TENSOR_KIND_W1_WEIGHT, v1::EXPERT_TENSOR_KIND_W1_BIAS,
+    v1::EXPERT_TENSOR_KIND_W2_WEIGHT, v1::EXPERT_TENSOR_KIND_W2_BIAS};
+constexpr v1::ExpertTensorKind kMomentumKinds[] = {
+    v1::EXPERT_TENSOR_KIND_W1_WEIGHT_MOMENTUM, v1::EXPERT_TENSOR_KIND_W1_BIAS_MOMENTUM,
+    v1::EXPERT_TENSOR_KIND_W2_WEIGHT_MOMENTUM, v1::EXPERT_TENSOR_KIND_W2_BIAS_MOMENTUM};
+
+// kind -> (momentum?, which tensor); false for an unknown kind.
+bool Decode(v1::ExpertTensorKind kind, bool* momentum, ExpertTensor* which) {
+  for (int i = 0; i < 4; ++i) {
+    if (kind == kWeightKinds[i] || kind == kMomentumKinds[i]) {
+      *momentum = kind == kMomentumKinds[i];
+      *which = kAllExpertTensors[i];
+      return true;
+    }
+  }
+  return false;
+}
+
+void AppendChunks(int expert, v1::ExpertTensorKind kind, const FloatTensor& tensor,
+                  size_t max_chunk_bytes, std::vector<v1::ExpertWeightsChunk>& out) {
+  const auto* bytes = reinterpret_cast<const char*>(tensor.values().data());
+  const size_t size = tensor.num_elements() * sizeof(float);
+  size_t offset = 0;
+  do {
+    const size_t n = std::min(max_chunk_bytes, size - offset);
+    v1::ExpertWeightsChunk& chunk = out.emplace_back();
+    chunk.set_expert_id(expert);
+    chunk.set_kind(kind);
+    chunk.mutable_shape()->Assign(tensor.shape().begin(), tensor.shape().end());
+    chunk.set_offset_bytes(offset);
+    chunk.set_data(bytes + offset, n);
+    offset += n;
+  } while (offset < size);
+}
+
+}  // namespace
+
+std::vector<v1::ExpertWeightsChunk> ChunkExpert(int expert, const ExpertSnapshot& snapshot,
+                                                size_t max_chunk_bytes) {
+  std::vector<v1::ExpertWeightsChunk> chunks;
+  for (int i = 0; i < 4; ++i) {
+    AppendChunks(expert, kWeightKinds[i], snapshot.weights.tensor(kAllExpertTensors[i]),
+                 max_chunk_bytes, chunks);
+  }
+  if (snapshot.velocity) {
+    for (int i = 0; i < 4; ++i) {
+      AppendChunks(expert, kMomentumKinds[i], snapshot.velocity->tensor(kAllExpertTensors[i]),
+                   max_chunk_bytes, chunks);
+    }
+  }
+  chunks.back().set_weights_digest(snapshot.weights.Digest());
+  chunks.back().set_last(true);
+  return chunks;
+}
+
+absl::Status ExpertAssembler::Add(const v1::ExpertWeightsChunk& chunk) {
+  if (last_seen_) {
+    return absl::InvalidArgumentError("weights chunk after the last one");
+  }
+  if (expert_ < 0) {
+    if (chunk.expert_id() < 0 || chunk.expert_id() >= model_.num_experts) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "expert ", chunk.expert_id(), ": out of range [0, ", model_.num_experts, ")"));
+    }
+    expert_ = chunk.expert_id();
+    snapshot_.weights = ExpertWeights::Zeros(model_);
+  } else if (chunk.expert_id() != expert_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "weights chunk for expert ", chunk.expert_id(), " in a transfer of expert ", expert_));
+  }
+  bool momentum = false;
+  ExpertTensor which;
+  if (!Decode(chunk.kind(), &momentum, &which)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("weights chunk: unknown tensor kind ", chunk.kind()));
+  }
+  if (momentum && !snapshot_.velocity) snapshot_.velocity = ExpertWeights::Zeros(model_);
+  FloatTensor& tensor =
+      momentum ? snapshot_.velocity->tensor(which) : snapshot_.weights.tensor(which);
+  const Shape shape(chunk.shape().begin(), chunk.shape().end());
+  if (shape != tensor.shape()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "weights chunk ", v1::ExpertTensorKind_Name(chunk.kind()), ": shape ",
+        ShapeString(shape), ", the model needs ", ShapeString(tensor.shape())));
+  }
+  const int64_t size = tensor.num_elements() * sizeof(float);
+  const int64_t offset = chunk.offset_bytes();
+  if (offset < 0 || offset + static_cast<int64_t>(chunk.data().size()) > size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "weights chunk ", v1::ExpertTensorKind_Name(chunk.kind()), ": bytes [", offset, ", ",
+        offset + chunk.data().size(), ") out of the tensor's ", size));
+  }
+  std::memcpy(reinterpret_cast<char*>(tensor.mutable_values().data()) + offset,
+              chunk.data().data(), chunk.data().size());
+  received_[chunk.kind()] += chunk.data().size();
+  if (chunk.last()) {
+    last_seen_ = true;
+    digest_ = chunk.weights_digest();
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<ExpertSnapshot> ExpertAssembler::Finish() {
+  if (!last_seen_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("transfer of expert ", expert_, " ended before its last chunk"));
+  }
+  for (int i = 0; i < 4; ++i) {
+    const int64_t size = snapshot_.weights.tensor(kAllExpertTensors[i]).num_elements() * 4;
+    if (received_[kWeightKinds[i]] != size ||
+        (snapshot_.velocity && received_[kMomentumKinds[i]] != size)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "transfer of expert ", expert_, ": ", v1::ExpertTensorKind_Name(kWeightKinds[i]),
+          " incomplete (", received_[kWeightKinds[i]], " of ", size, " bytes)"));
+    }
+  }
+  const uint64_t digest = snapshot_.weights.Digest();
+  if (digest != digest_) {
+    return absl::DataLossError(absl::StrCat("transfer of expert ", expert_,
+                                            ": weights digest ", digest,
+                                            " does not match the sender's ", digest_));
+  }
+  return std::move(snapshot_);
+}
+
+}  // namespace moe::expert

@@ -1,0 +1,46 @@
+// Moving an expert between servers: its weights (and momentum buffers) cut
+// into ExpertWeightsChunk messages, and put back together with every chunk
+// checked against the model's shapes and the sender's digest.
+// Thread-compatible.
+#ifndef MOE_EXPERT_SERVICE_WEIGHT_TRANSFER_H_
+#define MOE_EXPERT_SERVICE_WEIGHT_TRANSFER_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/model_config.h"
+#include "expert_service/expert_store.h"
+#include "proto/expert.pb.h"
+
+namespace moe::expert {
+
+// The chunks of one expert, data at most `max_chunk_bytes` each (> 0); the
+// last one carries the weights digest and last = true.
+std::vector<v1::ExpertWeightsChunk> ChunkExpert(int expert, const ExpertSnapshot& snapshot,
+                                                size_t max_chunk_bytes);
+
+class ExpertAssembler {
+ public:
+  explicit ExpertAssembler(const ModelConfig& model) : model_(model) {}
+
+  // Copies one chunk in; errors name the problem (another expert id, an
+  // unknown kind, a wrong shape, bytes out of range, a chunk after the last).
+  absl::Status Add(const v1::ExpertWeightsChunk& chunk);
+  // After the last chunk: every byte received and the digest matching.
+  absl::StatusOr<ExpertSnapshot> Finish();
+  int expert() const { return expert_; }
+
+ private:
+  const ModelConfig& model_;
+  int expert_ = -1;
+  bool last_seen_ = false;
+  uint64_t digest_ = 0;
+  ExpertSnapshot snapshot_;
+  // Bytes received per tensor kind (1..8).
+  int64_t received_[9] = {};
+};
+
+}  // namespace moe::expert
+
+#endif  // MOE_EXPERT_SERVICE_WEIGHT_TRANSFER_H_
