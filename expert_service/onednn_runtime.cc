@@ -51,13 +51,17 @@ absl::StatusOr<std::unique_ptr<OnednnRuntime>> OnednnRuntime::Create(int num_thr
         absl::StrCat("oneDNN threads must be >= 0, got ", num_threads));
   }
   const int threads = num_threads == 0 ? CoresAllowed() : num_threads;
-  omp_set_num_threads(threads);
+  ConfigureCallingThread(threads);
   try {
     return std::unique_ptr<OnednnRuntime>(
         new OnednnRuntime(dnnl::engine(dnnl::engine::kind::cpu, 0), threads));
   } catch (const dnnl::error& e) {
     return DnnlError(e, "engine");
   }
+}
+
+void OnednnRuntime::ConfigureCallingThread(int num_threads) {
+  omp_set_num_threads(num_threads);
 }
 
 bool OnednnRuntime::HasNativeBf16() {

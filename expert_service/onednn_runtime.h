@@ -64,6 +64,9 @@ class OnednnRuntime {
   int num_threads() const { return num_threads_; }
   // "oneDNN 2.6.3, OpenMP runtime, ISA avx512_core_bf16, 2 threads".
   std::string Description() const;
+  // Sizes the calling thread's OpenMP pool (OpenMP's thread count is per
+  // calling thread): run on every thread that calls oneDNN.
+  static void ConfigureCallingThread(int num_threads);
   // Whether this CPU computes bf16 natively (avx512_bf16 or AMX).
   static bool HasNativeBf16();
 

@@ -5,7 +5,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
-#include "absl/flags/usage.h"
+#include "common/flags_usage.h"
 #include "common/log.h"
 #include "deploy/local/reference_demo.h"
 
@@ -24,7 +24,7 @@ ABSL_FLAG(uint64_t, input_seed, 1, "Seed of the random tokens.");
 ABSL_FLAG(bool, backward, true, "Also run backward with a random dL/dy.");
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  moe::SetFlagsUsage(
       "Runs the reference MoE layer of a serving config on random tokens and "
       "prints the routing, load and speed.\nUsage: moe_reference "
       "[--config=deploy/config/local.pbtxt] [--checkpoint=model.safetensors]");

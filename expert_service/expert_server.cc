@@ -1,0 +1,145 @@
+#include "expert_service/expert_server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/checkpoint.h"
+#include "common/deterministic_init.h"
+#include "common/log.h"
+#include "common/placement.h"
+#include "common/status_macros.h"
+#include "expert_service/onednn_expert_kernel.h"
+
+namespace moe::expert {
+
+absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(Options options) {
+  if (options.compute_threads < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--compute_threads must be >= 1, got ", options.compute_threads));
+  }
+  if (options.config.cluster.FindServer(options.name) < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--name=", options.name, " is not a server of the config (--config)"));
+  }
+  if (options.compute_dtype == DType::kBFloat16 && !OnednnRuntime::HasNativeBf16()) {
+    MOE_LOG(WARNING, "this CPU has no native bf16; oneDNN will emulate it slowly");
+  }
+  auto server = std::unique_ptr<ExpertServer>(new ExpertServer(std::move(options)));
+  MOE_RETURN_IF_ERROR(server->Start());
+  return server;
+}
+
+absl::Status ExpertServer::Start() {
+  const ServingConfig& config = options_.config;
+  const ModelConfig& model = config.model;
+  MOE_ASSIGN_OR_RETURN(const Placement placement, ComputePlacement(model, config.cluster));
+  const int index = config.cluster.FindServer(options_.name);
+  const absl::Span<const int> experts = placement.ExpertsOn(index);
+
+  MoeWeights weights;
+  if (options_.checkpoint_path.empty()) {
+    weights = InitWeights(model, experts, /*with_gate=*/false);
+  } else {
+    MOE_ASSIGN_OR_RETURN(
+        weights, LoadCheckpoint(options_.checkpoint_path, model,
+                                {/*gate=*/false, std::vector<int>(experts.begin(), experts.end())}));
+  }
+  MOE_LOG(INFO, "server ", options_.name, ": ", PlacementStrategyName(config.cluster.strategy),
+          " placement gives experts [", absl::StrJoin(experts, ","), "] (",
+          options_.checkpoint_path.empty() ? absl::StrCat("init seed ", model.seed)
+                                           : options_.checkpoint_path,
+          ")");
+
+  MOE_ASSIGN_OR_RETURN(runtime_, OnednnRuntime::Create(options_.onednn_threads));
+  MOE_LOG(INFO, runtime_->Description(), "; ", options_.compute_threads,
+          " compute thread(s), ", DTypeName(options_.compute_dtype), " kernels");
+  KernelFactory kernel_factory = options_.kernel_factory;
+  if (!kernel_factory) {
+    kernel_factory = [&runtime = *runtime_, dtype = options_.compute_dtype](
+                         const ExpertWeights& master)
+        -> absl::StatusOr<std::unique_ptr<ExpertKernel>> {
+      MOE_ASSIGN_OR_RETURN(auto kernel, OnednnExpertKernel::Create(master, dtype, runtime));
+      return std::unique_ptr<ExpertKernel>(std::move(kernel));
+    };
+  }
+  MOE_ASSIGN_OR_RETURN(store_, ExpertStore::Create({model, options_.name, options_.training},
+                                                   std::move(weights.experts),
+                                                   std::move(kernel_factory)));
+
+  registry_ = std::make_shared<prometheus::Registry>();
+  metrics_ = ExpertMetrics::Create(*registry_, model.num_experts);
+  if (options_.metrics_port >= 0) {
+    try {
+      exposer_ = std::make_unique<prometheus::Exposer>(
+          absl::StrCat(options_.metrics_host, ":", options_.metrics_port));
+    } catch (const std::exception& e) {
+      return absl::UnavailableError(absl::StrCat("metrics port ", options_.metrics_port,
+                                                 ": ", e.what()));
+    }
+    exposer_->RegisterCollectable(registry_);
+    metrics_port_ = exposer_->GetListeningPorts().at(0);
+  }
+
+  const int onednn_threads = runtime_->num_threads();
+  pool_ = std::make_unique<ComputePool>(
+      options_.compute_threads, options_.max_queued_requests,
+      [onednn_threads] { OnednnRuntime::ConfigureCallingThread(onednn_threads); });
+  service_ = std::make_unique<ExpertServiceImpl>(
+      ExpertServiceImpl::Options{options_.name, options_.clock}, *store_, *pool_, *metrics_);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options_.listen_address, grpc::InsecureServerCredentials(), &port_);
+  builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
+  builder.SetMaxSendMessageSize(options_.max_message_bytes);
+  builder.RegisterService(service_.get());
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port_ == 0) {
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options_.listen_address));
+  }
+  server_->GetHealthCheckService()->SetServingStatus(true);
+  MOE_LOG(INFO, "server ", options_.name, " serving gRPC on port ", port_,
+          metrics_port_ >= 0 ? absl::StrCat(", /metrics on port ", metrics_port_)
+                             : std::string(", no metrics endpoint"));
+  return absl::OkStatus();
+}
+
+std::shared_ptr<grpc::Channel> ExpertServer::InProcessChannel() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(options_.max_message_bytes);
+  args.SetMaxSendMessageSize(options_.max_message_bytes);
+  return server_->InProcessChannel(args);
+}
+
+void ExpertServer::Shutdown() {
+  {
+    absl::MutexLock lock(&shutdown_mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+  }
+  MOE_LOG(INFO, "server ", options_.name, ": draining ", service_->open_streams(),
+          " stream(s), up to ", absl::FormatDuration(options_.drain_timeout));
+  server_->GetHealthCheckService()->SetServingStatus(false);
+  service_->BeginDrain();
+  const absl::Time deadline = absl::Now() + options_.drain_timeout;
+  if (!service_->WaitForStreams(deadline)) {
+    MOE_LOG(WARNING, "server ", options_.name, ": ", service_->open_streams(),
+            " stream(s) still open at the drain deadline; cancelling them");
+  }
+  server_->Shutdown(absl::ToChronoTime(deadline));
+  MOE_LOG(INFO, "server ", options_.name, ": stopped");
+}
+
+void ExpertServer::Wait() { server_->Wait(); }
+
+ExpertServer::~ExpertServer() {
+  Shutdown();
+  // The pool finishes queued work before the service and store go away.
+  pool_.reset();
+}
+
+}  // namespace moe::expert

@@ -1,0 +1,101 @@
+// expert_server: hosts the experts that the placement gives --name and runs
+// them for routers over gRPC. SIGTERM or SIGINT drains and exits 0.
+#include <csignal>
+#include <cstdio>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "common/flags_usage.h"
+#include "common/log.h"
+#include "common/model_config.h"
+#include "expert_service/expert_server.h"
+
+ABSL_FLAG(std::string, config, "", "Text-format moe.v1.ServingConfig (required).");
+ABSL_FLAG(std::string, name, "", "This server's name in the config (required).");
+ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on.");
+ABSL_FLAG(int, port, 50061, "gRPC port; 0 picks a free port and logs it.");
+ABSL_FLAG(int, metrics_port, 9091,
+          "Prometheus /metrics port; 0 picks a free port, -1 disables.");
+ABSL_FLAG(std::string, checkpoint, "",
+          "Safetensors checkpoint; empty: deterministic init from the config's seed.");
+ABSL_FLAG(std::string, dtype, "fp32", "Kernel dtype: fp32 or bf16.");
+ABSL_FLAG(int, onednn_threads, 0, "oneDNN threads per compute thread; 0: all cores allowed.");
+ABSL_FLAG(int, compute_threads, 1, "Threads running expert kernels.");
+ABSL_FLAG(int64_t, max_queued_requests, 4096,
+          "Requests waiting for compute beyond which new ones get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int64_t, training_state_bytes, int64_t{2} << 30,
+          "Budget for forward state kept for backward; beyond it, RESOURCE_EXHAUSTED.");
+ABSL_FLAG(absl::Duration, training_state_ttl, absl::Seconds(60),
+          "How long forward state waits for its backward.");
+ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
+          "On SIGTERM, how long open streams may take to answer what they accepted.");
+
+namespace {
+
+absl::StatusOr<moe::expert::ExpertServer::Options> OptionsFromFlags() {
+  moe::expert::ExpertServer::Options options;
+  const std::string config_path = absl::GetFlag(FLAGS_config);
+  if (config_path.empty()) return absl::InvalidArgumentError("--config is required");
+  options.name = absl::GetFlag(FLAGS_name);
+  if (options.name.empty()) return absl::InvalidArgumentError("--name is required");
+  absl::StatusOr<moe::ServingConfig> config = moe::LoadServingConfig(config_path);
+  if (!config.ok()) return config.status();
+  options.config = *std::move(config);
+  options.listen_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port));
+  options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  options.checkpoint_path = absl::GetFlag(FLAGS_checkpoint);
+  const std::string dtype = absl::GetFlag(FLAGS_dtype);
+  if (dtype == "fp32") {
+    options.compute_dtype = moe::DType::kFloat32;
+  } else if (dtype == "bf16") {
+    options.compute_dtype = moe::DType::kBFloat16;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--dtype must be fp32 or bf16, got \"", dtype, "\""));
+  }
+  options.onednn_threads = absl::GetFlag(FLAGS_onednn_threads);
+  options.compute_threads = absl::GetFlag(FLAGS_compute_threads);
+  if (absl::GetFlag(FLAGS_max_queued_requests) < 1) {
+    return absl::InvalidArgumentError("--max_queued_requests must be >= 1");
+  }
+  options.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
+  options.training.max_bytes = absl::GetFlag(FLAGS_training_state_bytes);
+  options.training.ttl = absl::GetFlag(FLAGS_training_state_ttl);
+  options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
+  return options;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  moe::SetFlagsUsage(
+      "Serves the experts of a moe-serve cluster.\n"
+      "Usage: expert_server --config=serving.pbtxt --name=expert-0 [--port=50061]");
+  absl::ParseCommandLine(argc, argv);
+  // Block the stop signals in every thread; main waits for them below.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  absl::StatusOr<moe::expert::ExpertServer::Options> options = OptionsFromFlags();
+  if (!options.ok()) {
+    MOE_LOG(ERROR, options.status().message());
+    return 2;
+  }
+  absl::StatusOr<std::unique_ptr<moe::expert::ExpertServer>> server =
+      moe::expert::ExpertServer::Create(*std::move(options));
+  if (!server.ok()) {
+    MOE_LOG(ERROR, server.status().ToString());
+    return 1;
+  }
+  int signal = 0;
+  sigwait(&stop_signals, &signal);
+  MOE_LOG(INFO, "received ", signal == SIGTERM ? "SIGTERM" : "SIGINT", "; shutting down");
+  (*server)->Shutdown();
+  return 0;
+}
