@@ -180,6 +180,7 @@ void EncodeFloats(absl::Span<const float> values, absl::Span<const int64_t> shap
 
 FloatTensor ToFloatTensor(const ConstTensorView& view) {
   FloatTensor out(view.shape);
+  if (view.size_bytes() == 0) return out;  // memcpy must not see null
   if (view.dtype == DType::kFloat32) {
     std::memcpy(out.mutable_values().data(), view.data, view.size_bytes());
   } else {

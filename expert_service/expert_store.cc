@@ -41,6 +41,7 @@ const std::byte* InDtype(const ConstTensorView& view, DType dtype,
 // Writes `src` (in `src_dtype`) into `dst`, converting if needed.
 void CopyConverted(const std::byte* src, DType src_dtype, const TensorView& dst) {
   const int64_t n = dst.num_elements();
+  if (n == 0) return;  // memcpy must not see null
   if (src_dtype == dst.dtype) {
     std::memcpy(dst.data, src, dst.size_bytes());
   } else if (dst.dtype == DType::kFloat32) {
