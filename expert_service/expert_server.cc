@@ -15,6 +15,11 @@
 namespace moe::expert {
 
 absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(Options options) {
+  if (options.batch_window < absl::ZeroDuration() || options.max_batch_rows < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--batch_window must be >= 0 and --max_batch_rows >= 1, got ",
+        absl::FormatDuration(options.batch_window), " and ", options.max_batch_rows));
+  }
   if (options.compute_threads < 1) {
     return absl::InvalidArgumentError(absl::StrCat(
         "--compute_threads must be >= 1, got ", options.compute_threads));
@@ -86,8 +91,16 @@ absl::Status ExpertServer::Start() {
   pool_ = std::make_unique<ComputePool>(
       options_.compute_threads, options_.max_queued_requests,
       [onednn_threads] { OnednnRuntime::ConfigureCallingThread(onednn_threads); });
+  if (options_.batch_window > absl::ZeroDuration()) {
+    batcher_ = std::make_unique<MicroBatcher>(
+        MicroBatcher::Options{options_.batch_window, options_.max_batch_rows}, *store_, *pool_,
+        options_.clock);
+    MOE_LOG(INFO, "micro-batching: window ", absl::FormatDuration(options_.batch_window),
+            ", up to ", options_.max_batch_rows, " rows");
+  }
   service_ = std::make_unique<ExpertServiceImpl>(
-      ExpertServiceImpl::Options{options_.name, options_.clock}, *store_, *pool_, *metrics_);
+      ExpertServiceImpl::Options{options_.name, options_.clock}, *store_, *pool_, *metrics_,
+      batcher_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -138,7 +151,9 @@ void ExpertServer::Wait() { server_->Wait(); }
 
 ExpertServer::~ExpertServer() {
   Shutdown();
-  // The pool finishes queued work before the service and store go away.
+  // Open batches go to the pool, and the pool finishes queued work, before
+  // the service and store go away.
+  batcher_.reset();
   pool_.reset();
 }
 

@@ -19,6 +19,7 @@
 #include "expert_service/expert_metrics.h"
 #include "expert_service/expert_service.h"
 #include "expert_service/expert_store.h"
+#include "expert_service/micro_batcher.h"
 #include "expert_service/onednn_runtime.h"
 #include "prometheus/exposer.h"
 #include "prometheus/registry.h"
@@ -48,6 +49,11 @@ class ExpertServer {
     // Requests queued for compute beyond which new ones are refused.
     size_t max_queued_requests = 4096;
     TrainingStateStore::Options training;
+    // Micro-batching of inference requests for the same expert: how long a
+    // request waits for others (zero: off, the default) and the largest
+    // merged batch.
+    absl::Duration batch_window = absl::ZeroDuration();
+    int64_t max_batch_rows = 4096;
     // How long SIGTERM waits for open streams to answer what they accepted.
     absl::Duration drain_timeout = absl::Seconds(10);
     // Largest gRPC message either way.
@@ -88,6 +94,7 @@ class ExpertServer {
   std::unique_ptr<ExpertMetrics> metrics_;
   std::unique_ptr<prometheus::Exposer> exposer_;
   std::unique_ptr<ComputePool> pool_;
+  std::unique_ptr<MicroBatcher> batcher_;
   std::unique_ptr<ExpertServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;

@@ -67,11 +67,21 @@ class Gate {
     absl::MutexLock lock(&mu_);
     open_ = true;
   }
+  // Rows of every Forward that passed, in order.
+  void Record(int64_t rows) {
+    absl::MutexLock lock(&mu_);
+    rows_.push_back(rows);
+  }
+  std::vector<int64_t> rows() {
+    absl::MutexLock lock(&mu_);
+    return rows_;
+  }
 
  private:
   absl::Mutex mu_;
   int entered_ ABSL_GUARDED_BY(mu_) = 0;
   bool open_ ABSL_GUARDED_BY(mu_) = false;
+  std::vector<int64_t> rows_ ABSL_GUARDED_BY(mu_);
 };
 
 class GatedKernel : public ExpertKernel {
@@ -81,7 +91,10 @@ class GatedKernel : public ExpertKernel {
   DType dtype() const override { return DType::kFloat32; }
   absl::Status Forward(const ConstTensorView& x, const TensorView& y,
                        const TensorView* activations) override {
-    if (gate_ != nullptr) gate_->Enter();
+    if (gate_ != nullptr) {
+      gate_->Enter();
+      gate_->Record(x.rows());
+    }
     return reference_.Forward(x, y, activations);
   }
   absl::Status Backward(const ConstTensorView& x, const ConstTensorView& a,
@@ -103,6 +116,8 @@ struct ServerSetup {
   FakeClock* clock = nullptr;
   // When set, expert 0's kernel waits at this gate (the others never do).
   Gate* gate = nullptr;
+  absl::Duration batch_window = absl::ZeroDuration();
+  int64_t max_batch_rows = 4096;
 };
 
 std::unique_ptr<ExpertServer> StartServer(const ServerSetup& setup) {
@@ -114,6 +129,8 @@ std::unique_ptr<ExpertServer> StartServer(const ServerSetup& setup) {
   options.compute_threads = setup.compute_threads;
   options.onednn_threads = 1;
   options.training = {setup.training_bytes, absl::Seconds(30)};
+  options.batch_window = setup.batch_window;
+  options.max_batch_rows = setup.max_batch_rows;
   if (setup.clock != nullptr) {
     options.clock = [clock = setup.clock] { return clock->Now(); };
   }
@@ -237,6 +254,43 @@ TEST(ExpertServerTest, AnswersComeOutOfOrderMatchedBySequenceId) {
   EXPECT_TRUE(TensorNear(Output(b), ReferenceOutput(0, first), 1e-5));
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST(ExpertServerTest, MicroBatchingMergesConcurrentRequestsForAnExpert) {
+  // A window far longer than the test: the batch runs when it reaches
+  // max_batch_rows (2 + 3 + 5 = 10), in one kernel call.
+  Gate gate;
+  gate.Open();
+  ServerSetup setup;
+  setup.gate = &gate;
+  setup.batch_window = absl::Hours(1);
+  setup.max_batch_rows = 10;
+  auto server = StartServer(setup);
+  std::vector<FloatTensor> inputs = {RandomTensor({2, 32}, 1), RandomTensor({3, 32}, 2),
+                                     RandomTensor({5, 32}, 3)};
+  std::vector<std::thread> clients;
+  for (int i = 0; i < 3; ++i) {
+    clients.emplace_back([&, i] {
+      auto stub = v1::ExpertServer::NewStub(server->InProcessChannel());
+      auto answers = RoundTrip(*stub, {Request(i, 0, inputs[i])});
+      ASSERT_FALSE(answers.at(i).has_error()) << answers.at(i).error().message();
+      EXPECT_TRUE(TensorNear(Output(answers.at(i)), ReferenceOutput(0, inputs[i]), 1e-5));
+    });
+  }
+  for (auto& t : clients) t.join();
+  EXPECT_THAT(gate.rows(), ElementsAre(10));
+
+  // A lone request is run when its window ends.
+  ServerSetup lone = setup;
+  Gate lone_gate;
+  lone_gate.Open();
+  lone.gate = &lone_gate;
+  lone.batch_window = absl::Milliseconds(1);
+  auto lone_server = StartServer(lone);
+  auto stub = v1::ExpertServer::NewStub(lone_server->InProcessChannel());
+  auto answers = RoundTrip(*stub, {Request(7, 0, inputs[1])});
+  EXPECT_TRUE(TensorNear(Output(answers.at(7)), ReferenceOutput(0, inputs[1]), 1e-5));
+  EXPECT_THAT(lone_gate.rows(), ElementsAre(3));
 }
 
 TEST(ExpertServerTest, EveryBadInputFailsItselfAndTheStreamGoesOn) {

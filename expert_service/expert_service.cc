@@ -26,8 +26,12 @@ TensorView AllocateLike(const ConstTensorView& view, v1::Tensor* out) {
 }  // namespace
 
 ExpertServiceImpl::ExpertServiceImpl(Options options, ExpertStore& store, ComputePool& pool,
-                                     const ExpertMetrics& metrics)
-    : options_(std::move(options)), store_(store), pool_(pool), metrics_(metrics) {}
+                                     const ExpertMetrics& metrics, MicroBatcher* batcher)
+    : options_(std::move(options)),
+      store_(store),
+      pool_(pool),
+      metrics_(metrics),
+      batcher_(batcher) {}
 
 absl::Status ExpertServiceImpl::CheckDeadline(int64_t deadline_unix_micros) const {
   if (deadline_unix_micros == 0) return absl::OkStatus();
@@ -40,31 +44,54 @@ absl::Status ExpertServiceImpl::CheckDeadline(int64_t deadline_unix_micros) cons
   return absl::OkStatus();
 }
 
-void ExpertServiceImpl::HandleDispatch(const v1::DispatchRequest& request,
-                                       v1::DispatchResponse* response) {
-  response->set_sequence_id(request.sequence_id());
+void ExpertServiceImpl::HandleDispatch(std::unique_ptr<v1::DispatchRequest> request,
+                                       std::unique_ptr<v1::DispatchResponse> response,
+                                       DispatchReply reply) {
+  response->set_sequence_id(request->sequence_id());
   const ModelConfig& model = store_.model();
-  const absl::Status status = [&]() -> absl::Status {
-    MOE_RETURN_IF_ERROR(CheckDeadline(request.deadline_unix_micros()));
-    MOE_RETURN_IF_ERROR(store_.CheckHosted(request.expert_id()));
-    MOE_ASSIGN_OR_RETURN(
-        const ConstTensorView x,
-        DecodeTensor(request.tokens(),
-                     TokenBatchSpec("tokens", model.d_model, model.max_batch_tokens)));
-    const TensorView y = AllocateLike(x, response->mutable_output());
-    const absl::Time start = absl::Now();
-    MOE_RETURN_IF_ERROR(store_.Forward(request.expert_id(), x, y, request.training(),
-                                       request.request_id(), options_.clock()));
-    const absl::Duration elapsed = absl::Now() - start;
-    response->set_compute_micros(absl::ToInt64Microseconds(elapsed));
-    metrics_.forward_seconds->Observe(absl::ToDoubleSeconds(elapsed));
-    metrics_.batch_rows->Observe(static_cast<double>(x.rows()));
-    metrics_.forward_tokens[request.expert_id()]->Increment(static_cast<double>(x.rows()));
-    return absl::OkStatus();
+  const int expert = request->expert_id();
+  absl::StatusOr<ConstTensorView> x = [&]() -> absl::StatusOr<ConstTensorView> {
+    MOE_RETURN_IF_ERROR(CheckDeadline(request->deadline_unix_micros()));
+    MOE_RETURN_IF_ERROR(store_.CheckHosted(expert));
+    return DecodeTensor(request->tokens(),
+                        TokenBatchSpec("tokens", model.d_model, model.max_batch_tokens));
   }();
-  if (!status.ok()) {
-    response->clear_output();
-    ToProtoStatus(status, response->mutable_error());
+  if (!x.ok()) {
+    CompleteDispatch(x.status(), expert, 0, absl::ZeroDuration(), *response);
+    std::move(reply)(std::move(response));
+    return;
+  }
+  const TensorView y = AllocateLike(*x, response->mutable_output());
+  const absl::Time start = absl::Now();
+  if (batcher_ != nullptr && !request->training()) {
+    // The request and answer ride along until the batch has run.
+    const int64_t rows = x->rows();
+    batcher_->Forward(expert, *x, y,
+                      [this, request = std::move(request), response = std::move(response),
+                       reply = std::move(reply), expert, rows,
+                       start](absl::Status status) mutable {
+                        CompleteDispatch(status, expert, rows, absl::Now() - start, *response);
+                        std::move(reply)(std::move(response));
+                      });
+    return;
+  }
+  const absl::Status status = store_.Forward(expert, *x, y, request->training(),
+                                             request->request_id(), options_.clock());
+  CompleteDispatch(status, expert, x->rows(), absl::Now() - start, *response);
+  std::move(reply)(std::move(response));
+}
+
+void ExpertServiceImpl::CompleteDispatch(const absl::Status& status, int expert, int64_t rows,
+                                         absl::Duration elapsed,
+                                         v1::DispatchResponse& response) const {
+  if (status.ok()) {
+    response.set_compute_micros(absl::ToInt64Microseconds(elapsed));
+    metrics_.forward_seconds->Observe(absl::ToDoubleSeconds(elapsed));
+    metrics_.batch_rows->Observe(static_cast<double>(rows));
+    metrics_.forward_tokens[expert]->Increment(static_cast<double>(rows));
+  } else {
+    response.clear_output();
+    ToProtoStatus(status, response.mutable_error());
     metrics_.CountError(status);
   }
   metrics_.training_state_bytes->Set(static_cast<double>(store_.training_state().bytes()));
@@ -103,8 +130,9 @@ grpc::ServerBidiReactor<v1::DispatchRequest, v1::DispatchResponse>*
 ExpertServiceImpl::Dispatch(grpc::CallbackServerContext* context) {
   return new StreamReactor<v1::DispatchRequest, v1::DispatchResponse>(
       *this, pool_,
-      [this](const v1::DispatchRequest& request, v1::DispatchResponse* response) {
-        HandleDispatch(request, response);
+      [this](std::unique_ptr<v1::DispatchRequest> request,
+             std::unique_ptr<v1::DispatchResponse> response, DispatchReply reply) {
+        HandleDispatch(std::move(request), std::move(response), std::move(reply));
       },
       [this](const v1::DispatchRequest& request) {
         metrics_.inflight->Increment();
@@ -120,8 +148,13 @@ grpc::ServerBidiReactor<v1::BackwardDispatchRequest, v1::BackwardDispatchRespons
 ExpertServiceImpl::BackwardDispatch(grpc::CallbackServerContext* context) {
   return new StreamReactor<v1::BackwardDispatchRequest, v1::BackwardDispatchResponse>(
       *this, pool_,
-      [this](const v1::BackwardDispatchRequest& request,
-             v1::BackwardDispatchResponse* response) { HandleBackward(request, response); },
+      [this](std::unique_ptr<v1::BackwardDispatchRequest> request,
+             std::unique_ptr<v1::BackwardDispatchResponse> response,
+             absl::AnyInvocable<void(std::unique_ptr<v1::BackwardDispatchResponse>) &&>
+                 reply) {
+        HandleBackward(*request, response.get());
+        std::move(reply)(std::move(response));
+      },
       [this](const v1::BackwardDispatchRequest& request) {
         metrics_.inflight->Increment();
         metrics_.received_bytes->Increment(

@@ -18,6 +18,7 @@
 #include "common/compute_pool.h"
 #include "expert_service/expert_metrics.h"
 #include "expert_service/expert_store.h"
+#include "expert_service/micro_batcher.h"
 #include "expert_service/stream_reactor.h"
 #include "proto/expert.grpc.pb.h"
 
@@ -32,9 +33,10 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService,
     std::function<absl::Time()> clock = [] { return absl::Now(); };
   };
 
-  // All references must outlive the service.
+  // All references must outlive the service. `batcher` may be null (no
+  // micro-batching).
   ExpertServiceImpl(Options options, ExpertStore& store, ComputePool& pool,
-                    const ExpertMetrics& metrics);
+                    const ExpertMetrics& metrics, MicroBatcher* batcher);
 
   // Stops accepting streams; open streams answer what they accepted and
   // finish with UNAVAILABLE. Returns at once; WaitForStreams() waits.
@@ -43,8 +45,11 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService,
   bool WaitForStreams(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
   int open_streams() const ABSL_LOCKS_EXCLUDED(mu_);
 
-  // The per-message work, public for tests of the validation logic.
-  void HandleDispatch(const v1::DispatchRequest& request, v1::DispatchResponse* response);
+  // The per-message work. Dispatch replies at once, or when its micro-batch
+  // has run (inference requests, when a batcher is configured).
+  using DispatchReply = absl::AnyInvocable<void(std::unique_ptr<v1::DispatchResponse>) &&>;
+  void HandleDispatch(std::unique_ptr<v1::DispatchRequest> request,
+                      std::unique_ptr<v1::DispatchResponse> response, DispatchReply reply);
   void HandleBackward(const v1::BackwardDispatchRequest& request,
                       v1::BackwardDispatchResponse* response);
 
@@ -69,11 +74,15 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService,
   bool Register(DrainableStream* stream) override ABSL_LOCKS_EXCLUDED(mu_);
   void Unregister(DrainableStream* stream) override ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status CheckDeadline(int64_t deadline_unix_micros) const;
+  // Answers a dispatch after its forward ran (or failed), with metrics.
+  void CompleteDispatch(const absl::Status& status, int expert, int64_t rows,
+                        absl::Duration elapsed, v1::DispatchResponse& response) const;
 
   const Options options_;
   ExpertStore& store_;
   ComputePool& pool_;
   const ExpertMetrics& metrics_;
+  MicroBatcher* const batcher_;
 
   mutable absl::Mutex mu_;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;

@@ -30,6 +30,10 @@ ABSL_FLAG(int64_t, training_state_bytes, int64_t{2} << 30,
           "Budget for forward state kept for backward; beyond it, RESOURCE_EXHAUSTED.");
 ABSL_FLAG(absl::Duration, training_state_ttl, absl::Seconds(60),
           "How long forward state waits for its backward.");
+ABSL_FLAG(absl::Duration, batch_window, absl::ZeroDuration(),
+          "Merge inference requests for the same expert arriving within this window "
+          "into one kernel call; 0 turns it off.");
+ABSL_FLAG(int64_t, max_batch_rows, 4096, "Largest merged batch, in rows.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
           "On SIGTERM, how long open streams may take to answer what they accepted.");
 
@@ -64,6 +68,8 @@ absl::StatusOr<moe::expert::ExpertServer::Options> OptionsFromFlags() {
   options.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
   options.training.max_bytes = absl::GetFlag(FLAGS_training_state_bytes);
   options.training.ttl = absl::GetFlag(FLAGS_training_state_ttl);
+  options.batch_window = absl::GetFlag(FLAGS_batch_window);
+  options.max_batch_rows = absl::GetFlag(FLAGS_max_batch_rows);
   options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   return options;
 }

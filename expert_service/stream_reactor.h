@@ -17,6 +17,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
@@ -56,8 +57,12 @@ template <typename Request, typename Response>
 class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
                             public DrainableStream {
  public:
-  // Computes the answer to one request; runs on a pool thread.
-  using Handler = std::function<void(const Request&, Response*)>;
+  // Delivers the answer to a request; call exactly once, from any thread.
+  using Reply = absl::AnyInvocable<void(std::unique_ptr<Response>) &&>;
+  // Computes the answer to one request; runs on a pool thread and may hand
+  // the work on (to a batcher) and reply later.
+  using Handler =
+      std::function<void(std::unique_ptr<Request>, std::unique_ptr<Response>, Reply)>;
   // Observes each request on arrival and each answer before it is written
   // (metrics).
   using OnReceive = std::function<void(const Request&)>;
@@ -112,9 +117,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
     }
     const uint64_t sequence_id = request->sequence_id();
     const bool accepted = pool_.Submit([this, request = std::move(request)]() mutable {
-      auto response = std::make_unique<Response>();
-      handler_(*request, response.get());
-      Answer(std::move(response));
+      handler_(std::move(request), std::make_unique<Response>(),
+               [this](std::unique_ptr<Response> response) { Answer(std::move(response)); });
     });
     if (!accepted) {
       // The pool dropped the closure unrun: answer this request alone.

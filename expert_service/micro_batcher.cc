@@ -1,0 +1,108 @@
+#include "expert_service/micro_batcher.h"
+
+#include <cstring>
+#include <memory>
+
+namespace moe::expert {
+
+MicroBatcher::MicroBatcher(Options options, ExpertStore& store, ComputePool& pool,
+                           std::function<absl::Time()> clock)
+    : options_(options), store_(store), pool_(pool), clock_(std::move(clock)) {
+  timer_ = std::thread([this] { TimerLoop(); });
+}
+
+MicroBatcher::~MicroBatcher() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  timer_.join();
+}
+
+void MicroBatcher::Forward(int expert, const ConstTensorView& x, const TensorView& y,
+                           Done done) {
+  Batch full;
+  {
+    absl::MutexLock lock(&mu_);
+    Batch& batch = open_[Key{expert, x.dtype}];
+    if (batch.items.empty()) batch.due = absl::Now() + options_.window;
+    batch.items.push_back({x, y, std::move(done)});
+    batch.rows += x.rows();
+    if (batch.rows < options_.max_batch_rows) return;
+    full = std::move(batch);
+    open_.erase(Key{expert, x.dtype});
+  }
+  Dispatch(expert, std::move(full));
+}
+
+void MicroBatcher::TimerLoop() {
+  while (true) {
+    std::vector<std::pair<int, Batch>> due;
+    {
+      absl::MutexLock lock(&mu_);
+      // Wake at the earliest due batch (or when a new one may open).
+      absl::Time next = absl::InfiniteFuture();
+      for (const auto& [key, batch] : open_) next = std::min(next, batch.due);
+      auto wake = [this, next]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+        if (stopping_) return true;
+        for (const auto& [key, batch] : open_) {
+          if (batch.due < next) return true;  // a new, earlier batch
+        }
+        return false;
+      };
+      mu_.AwaitWithDeadline(absl::Condition(&wake), next);
+      const absl::Time now = absl::Now();
+      for (auto it = open_.begin(); it != open_.end();) {
+        if (stopping_ || it->second.due <= now) {
+          due.emplace_back(it->first.first, std::move(it->second));
+          open_.erase(it++);
+        } else {
+          ++it;
+        }
+      }
+      if (stopping_ && due.empty()) return;
+    }
+    for (auto& [expert, batch] : due) Dispatch(expert, std::move(batch));
+  }
+}
+
+void MicroBatcher::Dispatch(int expert, Batch batch) {
+  auto shared = std::make_shared<Batch>(std::move(batch));
+  if (!pool_.Submit([this, expert, shared] { Run(expert, *shared); })) {
+    for (Item& item : shared->items) {
+      std::move(item.done)(absl::ResourceExhaustedError(
+          "expert server compute queue is full; retry or use another replica"));
+    }
+  }
+}
+
+void MicroBatcher::Run(int expert, Batch& batch) {
+  if (batch.items.size() == 1) {
+    Item& item = batch.items[0];
+    std::move(item.done)(store_.Forward(expert, item.x, item.y, false, 0, clock_()));
+    return;
+  }
+  // Copy the rows into one batch, run it once, copy the answers back.
+  const DType dtype = batch.items[0].x.dtype;
+  const int64_t d_model = batch.items[0].x.cols();
+  const size_t row_bytes = d_model * DTypeSize(dtype);
+  std::vector<std::byte> x(batch.rows * row_bytes), y(x.size());
+  size_t offset = 0;
+  for (const Item& item : batch.items) {
+    if (item.x.size_bytes() > 0) std::memcpy(x.data() + offset, item.x.data, item.x.size_bytes());
+    offset += item.x.size_bytes();
+  }
+  const absl::Status status =
+      store_.Forward(expert, {dtype, {batch.rows, d_model}, x.data()},
+                     {dtype, {batch.rows, d_model}, y.data()}, false, 0, clock_());
+  offset = 0;
+  for (Item& item : batch.items) {
+    if (status.ok() && item.y.size_bytes() > 0) {
+      std::memcpy(item.y.data, y.data() + offset, item.y.size_bytes());
+    }
+    offset += item.y.size_bytes();
+    std::move(item.done)(status);
+  }
+}
+
+}  // namespace moe::expert

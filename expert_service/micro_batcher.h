@@ -1,0 +1,79 @@
+// Merges concurrent inference requests for the same expert into one larger
+// kernel call: the first request for an expert opens a window; requests that
+// arrive within it (up to max_batch_rows) are copied into one batch, run
+// once, and their rows copied back. It pays where a kernel call costs about
+// the same for 1 row as for a few (small M is bound by reading the weights),
+// at the price of up to one window of latency (//bench:micro_batch_benchmark).
+// Thread-safe.
+#ifndef MOE_EXPERT_SERVICE_MICRO_BATCHER_H_
+#define MOE_EXPERT_SERVICE_MICRO_BATCHER_H_
+
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/functional/any_invocable.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/compute_pool.h"
+#include "common/tensor.h"
+#include "expert_service/expert_store.h"
+
+namespace moe::expert {
+
+class MicroBatcher {
+ public:
+  struct Options {
+    // How long the first request of a batch waits for company. > 0.
+    absl::Duration window = absl::Microseconds(200);
+    // A batch runs as soon as it holds this many rows.
+    int64_t max_batch_rows = 4096;
+  };
+  using Done = absl::AnyInvocable<void(absl::Status) &&>;
+
+  // `store` and `pool` must outlive the batcher.
+  MicroBatcher(Options options, ExpertStore& store, ComputePool& pool,
+               std::function<absl::Time()> clock);
+  // Runs what is queued, then stops the timer thread.
+  ~MicroBatcher();
+
+  // Queues y = Expert_e(x) (inference only). x and y must stay valid until
+  // `done` runs; it runs exactly once, on a compute pool thread (or inline
+  // with RESOURCE_EXHAUSTED when the pool refuses the batch).
+  void Forward(int expert, const ConstTensorView& x, const TensorView& y, Done done)
+      ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  struct Item {
+    ConstTensorView x;
+    TensorView y;
+    Done done;
+  };
+  struct Batch {
+    std::vector<Item> items;
+    int64_t rows = 0;
+    absl::Time due;
+  };
+  using Key = std::pair<int, DType>;
+
+  void TimerLoop();
+  // Hands a batch to the pool.
+  void Dispatch(int expert, Batch batch);
+  void Run(int expert, Batch& batch);
+
+  const Options options_;
+  ExpertStore& store_;
+  ComputePool& pool_;
+  const std::function<absl::Time()> clock_;
+  absl::Mutex mu_;
+  absl::flat_hash_map<Key, Batch> open_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread timer_;
+};
+
+}  // namespace moe::expert
+
+#endif  // MOE_EXPERT_SERVICE_MICRO_BATCHER_H_
