@@ -13,6 +13,11 @@
 #include "expert_service/onednn_expert_kernel.h"
 
 namespace moe::expert {
+namespace {
+
+constexpr absl::Duration kUnaryGrace = absl::Milliseconds(500);
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(Options options) {
   if (options.batch_window < absl::ZeroDuration() || options.max_batch_rows < 1) {
@@ -143,7 +148,10 @@ void ExpertServer::Shutdown() {
     MOE_LOG(WARNING, "server ", options_.name, ": ", service_->open_streams(),
             " stream(s) still open at the drain deadline; cancelling them");
   }
-  server_->Shutdown(absl::ToChronoTime(deadline));
+  // The streams are done; what remains is unary calls (milliseconds). A
+  // client that keeps an idle connection open would otherwise hold
+  // Shutdown() for seconds, so give them a short grace, within the deadline.
+  server_->Shutdown(absl::ToChronoTime(std::min(deadline, absl::Now() + kUnaryGrace)));
   MOE_LOG(INFO, "server ", options_.name, ": stopped");
 }
 

@@ -1,0 +1,137 @@
+#include "tests/process.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/log.h"
+
+extern char** environ;
+
+namespace moe::testing {
+
+ChildProcess::ChildProcess(const std::string& path, const std::vector<std::string>& args) {
+  int fds[2];
+  MOE_CHECK(pipe(fds) == 0);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, fds[1], STDOUT_FILENO);
+  posix_spawn_file_actions_adddup2(&actions, fds[1], STDERR_FILENO);
+  posix_spawn_file_actions_addclose(&actions, fds[0]);
+  std::vector<char*> argv;
+  argv.push_back(const_cast<char*>(path.c_str()));
+  for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  // The child starts with no signals blocked, whatever this thread has.
+  posix_spawnattr_t attr;
+  posix_spawnattr_init(&attr);
+  sigset_t none;
+  sigemptyset(&none);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+  const int rc = posix_spawn(&pid_, path.c_str(), &actions, &attr, argv.data(), environ);
+  MOE_CHECK(rc == 0, "cannot start ", path, ": ", std::strerror(rc));
+  posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attr);
+  close(fds[1]);
+  out_fd_ = fds[0];
+}
+
+ChildProcess::~ChildProcess() {
+  if (pid_ > 0) {
+    kill(pid_, SIGKILL);
+    waitpid(pid_, nullptr, 0);
+  }
+  if (out_fd_ >= 0) close(out_fd_);
+}
+
+std::optional<std::string> ChildProcess::WaitForLine(const std::string& needle,
+                                                     absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (true) {
+    // Complete lines not yet scanned.
+    size_t end;
+    while ((end = output_.find('\n', scanned_)) != std::string::npos) {
+      std::string line = output_.substr(scanned_, end - scanned_);
+      scanned_ = end + 1;
+      if (line.find(needle) != std::string::npos) return line;
+    }
+    const absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) return std::nullopt;
+    pollfd p{out_fd_, POLLIN, 0};
+    if (poll(&p, 1, static_cast<int>(absl::ToInt64Milliseconds(left)) + 1) <= 0) continue;
+    char buffer[4096];
+    const ssize_t n = read(out_fd_, buffer, sizeof(buffer));
+    if (n <= 0) return std::nullopt;  // the child closed its output: exited
+    output_.append(buffer, n);
+  }
+}
+
+std::optional<int> ChildProcess::Stop(int signal, absl::Duration timeout) {
+  if (pid_ <= 0) return std::nullopt;
+  kill(pid_, signal);
+  // Drain the output while waiting, so the child never blocks on the pipe.
+  const absl::Time deadline = absl::Now() + timeout;
+  while (absl::Now() < deadline) {
+    int status = 0;
+    const pid_t done = waitpid(pid_, &status, WNOHANG);
+    if (done == pid_) {
+      pid_ = -1;
+      if (WIFEXITED(status)) return WEXITSTATUS(status);
+      return -WTERMSIG(status);
+    }
+    WaitForLine("\x01never\x01", absl::Milliseconds(20));
+  }
+  return std::nullopt;
+}
+
+std::string RunfilePath(const std::string& workspace_relative) {
+  const char* srcdir = std::getenv("TEST_SRCDIR");
+  const char* workspace = std::getenv("TEST_WORKSPACE");
+  MOE_CHECK(srcdir != nullptr && workspace != nullptr, "not run by bazel test");
+  return absl::StrCat(srcdir, "/", workspace, "/", workspace_relative);
+}
+
+int NumberAfter(const std::string& line, const std::string& prefix) {
+  const size_t at = line.find(prefix);
+  if (at == std::string::npos) return -1;
+  return std::atoi(line.c_str() + at + prefix.size());
+}
+
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return "";
+  }
+  const std::string request =
+      absl::StrCat("GET ", path, " HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+  if (write(fd, request.data(), request.size()) != static_cast<ssize_t>(request.size())) {
+    close(fd);
+    return "";
+  }
+  std::string response;
+  char buffer[8192];
+  ssize_t n;
+  while ((n = read(fd, buffer, sizeof(buffer))) > 0) response.append(buffer, n);
+  close(fd);
+  const size_t body = response.find("\r\n\r\n");
+  return body == std::string::npos ? "" : response.substr(body + 4);
+}
+
+}  // namespace moe::testing

@@ -1,0 +1,53 @@
+// Starts a project binary as a real child process for multi-process tests,
+// with its stderr (our log) on a pipe, so a test can wait for a log line
+// such as the bound port without sleeping. Thread-compatible.
+#ifndef MOE_TESTS_PROCESS_H_
+#define MOE_TESTS_PROCESS_H_
+
+#include <sys/types.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/time/time.h"
+
+namespace moe::testing {
+
+class ChildProcess {
+ public:
+  // Runs `path` with `args`; the child's stdout and stderr go to the pipe.
+  ChildProcess(const std::string& path, const std::vector<std::string>& args);
+  // SIGKILLs the child if it still runs.
+  ~ChildProcess();
+
+  // Reads the child's output until a line contains `needle` or `timeout`
+  // passes; the line, or nullopt (the child exited or time ran out).
+  std::optional<std::string> WaitForLine(const std::string& needle, absl::Duration timeout);
+  // Everything read so far.
+  const std::string& output() const { return output_; }
+
+  // Sends `signal`; then waits for the exit. The exit code, or -signal if
+  // the child was killed by one, or nullopt after `timeout`.
+  std::optional<int> Stop(int signal, absl::Duration timeout);
+  pid_t pid() const { return pid_; }
+
+ private:
+  pid_t pid_ = -1;
+  int out_fd_ = -1;
+  std::string output_;
+  size_t scanned_ = 0;
+};
+
+// The path of a data dependency in the test's runfiles.
+std::string RunfilePath(const std::string& workspace_relative);
+
+// The first number after `prefix` in `line` ("port 1234" -> 1234), or -1.
+int NumberAfter(const std::string& line, const std::string& prefix);
+
+// GET http://127.0.0.1:port/path; the body, or "" on failure.
+std::string HttpGet(int port, const std::string& path);
+
+}  // namespace moe::testing
+
+#endif  // MOE_TESTS_PROCESS_H_
