@@ -108,13 +108,16 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
       if (finish) FinishStream();
       return;
     }
+    {
+      absl::MutexLock lock(&mu_);
+      // A read that completes after a drain finished the stream was never
+      // accepted: the client sees the stream end and re-sends it elsewhere.
+      if (finished_) return;
+      ++pending_;
+    }
     auto request = std::make_unique<Request>(std::move(request_));
     request_.Clear();
     on_receive_(*request);
-    {
-      absl::MutexLock lock(&mu_);
-      ++pending_;
-    }
     const uint64_t sequence_id = request->sequence_id();
     const bool accepted = pool_.Submit([this, request = std::move(request)]() mutable {
       handler_(std::move(request), std::make_unique<Response>(),
@@ -132,6 +135,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
     }
     bool finish = false;
     {
+      // StartRead under mu_: a concurrent Drain() must see either no read
+      // posted or the read posted, never finish in between.
       absl::MutexLock lock(&mu_);
       if (draining_) {
         finish = ShouldFinishLocked();
