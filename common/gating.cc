@@ -111,6 +111,50 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
   return routing;
 }
 
+void GateBackward(const Routing& routing, absl::Span<const float> x,
+                  const FloatTensor& gate, absl::Span<const double> d_weight,
+                  absl::Span<float> dx, FloatTensor& d_gate) {
+  const int k = routing.top_k;
+  const int num_experts = routing.num_experts;
+  const int64_t d_model = gate.dim(0);
+  MOE_CHECK(static_cast<int64_t>(d_weight.size()) == routing.num_tokens * k);
+  MOE_CHECK(static_cast<int64_t>(x.size()) == routing.num_tokens * d_model);
+  MOE_CHECK(dx.size() == x.size());
+  const float* w_g = gate.values().data();
+  float* dw_g = d_gate.mutable_values().data();
+  std::vector<double> d_prob(num_experts);
+  std::vector<float> d_logit(num_experts);
+  for (int64_t t = 0; t < routing.num_tokens; ++t) {
+    const float* probs = routing.probs.data() + t * num_experts;
+    double chosen_sum = 0, weighted = 0;
+    for (int j = 0; j < k; ++j) {
+      chosen_sum += probs[routing.expert_ids[t * k + j]];
+      weighted += d_weight[t * k + j] * routing.weights[t * k + j];
+    }
+    std::fill(d_prob.begin(), d_prob.end(), 0.0);
+    for (int j = 0; j < k; ++j) {
+      d_prob[routing.expert_ids[t * k + j]] = (d_weight[t * k + j] - weighted) / chosen_sum;
+    }
+    double dot = 0;
+    for (int m = 0; m < num_experts; ++m) dot += d_prob[m] * probs[m];
+    for (int m = 0; m < num_experts; ++m) {
+      d_logit[m] = static_cast<float>(probs[m] * (d_prob[m] - dot));
+    }
+    const float* x_row = x.data() + t * d_model;
+    float* dx_row = dx.data() + t * d_model;
+    for (int64_t i = 0; i < d_model; ++i) {
+      const float* g_row = w_g + i * num_experts;
+      float* dg_row = dw_g + i * num_experts;
+      double sum = 0;
+      for (int m = 0; m < num_experts; ++m) {
+        sum += static_cast<double>(g_row[m]) * d_logit[m];
+        dg_row[m] += x_row[i] * d_logit[m];
+      }
+      dx_row[i] += static_cast<float>(sum);
+    }
+  }
+}
+
 std::vector<std::vector<int64_t>> KeptPairsByExpert(const Routing& routing) {
   std::vector<std::vector<int64_t>> pairs(routing.num_experts);
   for (int e = 0; e < routing.num_experts; ++e) {

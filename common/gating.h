@@ -50,6 +50,17 @@ int64_t ExpertCapacity(const ModelConfig& model, int64_t num_tokens);
 Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
                     const FloatTensor& gate, const ModelConfig& model);
 
+// Backward through the gate. Given dL/dweight for every pair (d_weight
+// [num_tokens * top_k], 0 for dropped pairs), adds the gate path to `dx`
+// ([num_tokens, d_model]) and to `d_gate` ([d_model, num_experts]):
+// through the renormalisation dL/dp_i = (dL/dw_i - sum_j dL/dw_j w_j) / S for
+// the chosen i (0 otherwise; top-k is piecewise constant), through the
+// softmax dL/dlogit_m = p_m (dL/dp_m - sum_i dL/dp_i p_i), then
+// dx += dlogit W_g^T and dW_g += x^T dlogit.
+void GateBackward(const Routing& routing, absl::Span<const float> x,
+                  const FloatTensor& gate, absl::Span<const double> d_weight,
+                  absl::Span<float> dx, FloatTensor& d_gate);
+
 // For each expert, the kept pairs routed to it (p = t * top_k + j), in
 // increasing token order: the rows of that expert's batch.
 std::vector<std::vector<int64_t>> KeptPairsByExpert(const Routing& routing);

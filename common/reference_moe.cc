@@ -154,44 +154,9 @@ absl::StatusOr<ReferenceGradients> ReferenceMoe::Backward(
     }
   }
 
-  // Gate path. weight_j = p_j / S over the k chosen (S = their sum), so
-  // dL/dp_i = (dL/dw_i - sum_j dL/dw_j w_j) / S for chosen i, 0 otherwise;
-  // softmax: dL/dlogit_m = p_m (dL/dp_m - sum_i dL/dp_i p_i).
-  const float* gate = weights_.gate->values().data();
-  float* d_gate = grads.params.gate->mutable_values().data();
-  std::vector<double> d_prob(num_experts);
-  std::vector<float> d_logit(num_experts);
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const float* probs = routing.probs.data() + t * num_experts;
-    double chosen_sum = 0, weighted = 0;
-    for (int j = 0; j < k; ++j) {
-      chosen_sum += probs[routing.expert_ids[t * k + j]];
-      weighted += d_weight[t * k + j] * routing.weights[t * k + j];
-    }
-    std::fill(d_prob.begin(), d_prob.end(), 0.0);
-    for (int j = 0; j < k; ++j) {
-      d_prob[routing.expert_ids[t * k + j]] =
-          (d_weight[t * k + j] - weighted) / chosen_sum;
-    }
-    double dot = 0;
-    for (int m = 0; m < num_experts; ++m) dot += d_prob[m] * probs[m];
-    for (int m = 0; m < num_experts; ++m) {
-      d_logit[m] = static_cast<float>(probs[m] * (d_prob[m] - dot));
-    }
-    // logits = x W_g: dx += W_g d_logit, dW_g += x^T d_logit.
-    absl::Span<const float> x_row = x.row(t);
-    absl::Span<float> dx_row = grads.dx.mutable_row(t);
-    for (int64_t i = 0; i < d_model; ++i) {
-      const float* g_row = gate + i * num_experts;
-      float* dg_row = d_gate + i * num_experts;
-      double sum = 0;
-      for (int m = 0; m < num_experts; ++m) {
-        sum += static_cast<double>(g_row[m]) * d_logit[m];
-        dg_row[m] += x_row[i] * d_logit[m];
-      }
-      dx_row[i] += static_cast<float>(sum);
-    }
-  }
+  // Gate path (the same code the router runs).
+  GateBackward(routing, x.values(), *weights_.gate, d_weight, grads.dx.mutable_values(),
+               *grads.params.gate);
   return grads;
 }
 

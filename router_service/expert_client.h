@@ -1,0 +1,44 @@
+// The seam between the router and its expert servers: sends one expert's
+// share of a batch to one server and delivers the answer. Implementations:
+// GrpcExpertClient (persistent Dispatch streams, the product),
+// InProcessExpertClient (real ExpertStores in this process, for tests) and
+// FaultyExpertClient (wraps another and fails on command).
+// Thread-safe: calls may come from any thread, concurrently.
+#ifndef MOE_ROUTER_SERVICE_EXPERT_CLIENT_H_
+#define MOE_ROUTER_SERVICE_EXPERT_CLIENT_H_
+
+#include <memory>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/statusor.h"
+#include "proto/expert.pb.h"
+
+namespace moe::router {
+
+class ExpertClient {
+ public:
+  using ForwardDone =
+      absl::AnyInvocable<void(absl::StatusOr<std::unique_ptr<v1::DispatchResponse>>) &&>;
+  using BackwardDone = absl::AnyInvocable<void(
+      absl::StatusOr<std::unique_ptr<v1::BackwardDispatchResponse>>) &&>;
+
+  virtual ~ExpertClient() = default;
+
+  // Sends `request` to server `server` (its index in the cluster config).
+  // `request` must stay valid until `done` runs. `done` runs exactly once,
+  // on an unspecified thread, and must not block. A transport failure is
+  // the status (UNAVAILABLE when the server is unreachable); a per-request
+  // error from the server is in the response's `error`.
+  virtual void Forward(int server, const v1::DispatchRequest& request,
+                       ForwardDone done) = 0;
+  virtual void Backward(int server, const v1::BackwardDispatchRequest& request,
+                        BackwardDone done) = 0;
+
+  // Whether the transport to `server` is believed up (a hint for replica
+  // choice; a call may still fail).
+  [[nodiscard]] virtual bool IsHealthy(int server) const = 0;
+};
+
+}  // namespace moe::router
+
+#endif  // MOE_ROUTER_SERVICE_EXPERT_CLIENT_H_

@@ -1,0 +1,72 @@
+#include "router_service/testing/in_process_expert_client.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+
+namespace moe::router::testing {
+
+InProcessExpertClient::InProcessExpertClient(const ModelConfig& model,
+                                             const Placement& placement,
+                                             const MoeWeights& weights,
+                                             expert::KernelFactory kernel_factory) {
+  metrics_ = expert::ExpertMetrics::Create(registry_, model.num_experts);
+  pool_ = std::make_unique<ComputePool>(2, 1 << 16);
+  for (int s = 0; s < placement.num_servers(); ++s) {
+    auto server = std::make_unique<Server>();
+    std::map<int, ExpertWeights> experts;
+    for (int e : placement.ExpertsOn(s)) experts.emplace(e, weights.experts.at(e));
+    const std::string name = absl::StrCat("server-", s);
+    auto store = expert::ExpertStore::Create({model, name, {}}, std::move(experts),
+                                             kernel_factory);
+    MOE_CHECK(store.ok(), store.status().ToString());
+    server->store = *std::move(store);
+    server->service = std::make_unique<expert::ExpertServiceImpl>(
+        expert::ExpertServiceImpl::Options{name}, *server->store, *pool_, *metrics_, nullptr);
+    servers_.push_back(std::move(server));
+  }
+}
+
+InProcessExpertClient::~InProcessExpertClient() { pool_.reset(); }
+
+void InProcessExpertClient::Forward(int server, const v1::DispatchRequest& request,
+                                    ForwardDone done) {
+  Server& s = *servers_.at(server);
+  if (!s.alive) {
+    std::move(done)(absl::UnavailableError(absl::StrCat("server-", server, " is down")));
+    return;
+  }
+  ++s.calls;
+  auto copy = std::make_unique<v1::DispatchRequest>(request);
+  auto shared_done = std::make_shared<ForwardDone>(std::move(done));
+  const bool accepted = pool_->Submit([&s, copy = std::move(copy), shared_done]() mutable {
+    s.service->HandleDispatch(
+        std::move(copy), std::make_unique<v1::DispatchResponse>(),
+        [shared_done](std::unique_ptr<v1::DispatchResponse> response) {
+          std::move (*shared_done)(std::move(response));
+        });
+  });
+  MOE_CHECK(accepted);
+}
+
+void InProcessExpertClient::Backward(int server, const v1::BackwardDispatchRequest& request,
+                                     BackwardDone done) {
+  Server& s = *servers_.at(server);
+  if (!s.alive) {
+    std::move(done)(absl::UnavailableError(absl::StrCat("server-", server, " is down")));
+    return;
+  }
+  ++s.calls;
+  auto shared_done = std::make_shared<BackwardDone>(std::move(done));
+  const bool accepted = pool_->Submit([&s, request, shared_done]() mutable {
+    auto response = std::make_unique<v1::BackwardDispatchResponse>();
+    s.service->HandleBackward(request, response.get());
+    std::move(*shared_done)(std::move(response));
+  });
+  MOE_CHECK(accepted);
+}
+
+bool InProcessExpertClient::IsHealthy(int server) const { return servers_.at(server)->alive; }
+void InProcessExpertClient::Kill(int server) { servers_.at(server)->alive = false; }
+void InProcessExpertClient::Revive(int server) { servers_.at(server)->alive = true; }
+
+}  // namespace moe::router::testing

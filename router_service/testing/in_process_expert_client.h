@@ -1,0 +1,60 @@
+// ExpertClient over real expert servers' service logic in this process: per
+// server, an ExpertStore with the experts its placement gives it and the
+// ExpertServiceImpl handlers (validation, kernels, training state), called
+// on a compute pool instead of over a socket. Also fails on command
+// (Kill/Revive), like a server that died. For router tests. Thread-safe.
+#ifndef MOE_ROUTER_SERVICE_TESTING_IN_PROCESS_EXPERT_CLIENT_H_
+#define MOE_ROUTER_SERVICE_TESTING_IN_PROCESS_EXPERT_CLIENT_H_
+
+#include <atomic>
+#include <memory>
+#include <vector>
+
+#include "common/compute_pool.h"
+#include "common/moe_weights.h"
+#include "common/placement.h"
+#include "expert_service/expert_metrics.h"
+#include "expert_service/expert_service.h"
+#include "expert_service/expert_store.h"
+#include "prometheus/registry.h"
+#include "router_service/expert_client.h"
+
+namespace moe::router::testing {
+
+class InProcessExpertClient : public ExpertClient {
+ public:
+  // Each server hosts the experts `placement` gives it, with weights from
+  // `weights` (all experts) and kernels from `kernel_factory`.
+  InProcessExpertClient(const ModelConfig& model, const Placement& placement,
+                        const MoeWeights& weights, expert::KernelFactory kernel_factory);
+  ~InProcessExpertClient() override;
+
+  void Forward(int server, const v1::DispatchRequest& request, ForwardDone done) override;
+  void Backward(int server, const v1::BackwardDispatchRequest& request,
+                BackwardDone done) override;
+  bool IsHealthy(int server) const override;
+
+  // A killed server answers UNAVAILABLE until revived (its state is kept).
+  void Kill(int server);
+  void Revive(int server);
+  expert::ExpertStore& store(int server) { return *servers_.at(server)->store; }
+  // Calls that reached server `server`.
+  int calls(int server) const { return servers_.at(server)->calls.load(); }
+
+ private:
+  struct Server {
+    std::unique_ptr<expert::ExpertStore> store;
+    std::unique_ptr<expert::ExpertServiceImpl> service;
+    std::atomic<bool> alive{true};
+    std::atomic<int> calls{0};
+  };
+
+  prometheus::Registry registry_;
+  std::unique_ptr<expert::ExpertMetrics> metrics_;
+  std::unique_ptr<ComputePool> pool_;
+  std::vector<std::unique_ptr<Server>> servers_;
+};
+
+}  // namespace moe::router::testing
+
+#endif  // MOE_ROUTER_SERVICE_TESTING_IN_PROCESS_EXPERT_CLIENT_H_
