@@ -144,17 +144,17 @@ absl::Status OnednnExpertKernel::Forward(const ConstTensorView& x, const TensorV
     dnnl::stream stream(engine);
     int64_t row = 0;
     for (int64_t rows : SplitRows(x.rows())) {
-      MOE_ASSIGN_OR_RETURN(const dnnl::matmul* layer1, runtime_.Forward(layer1_, rows));
-      MOE_ASSIGN_OR_RETURN(const dnnl::matmul* layer2, runtime_.Forward(layer2_, rows));
+      MOE_ASSIGN_OR_RETURN(const CachedMatmul* layer1, runtime_.Forward(layer1_, rows));
+      MOE_ASSIGN_OR_RETURN(const CachedMatmul* layer2, runtime_.Forward(layer2_, rows));
       std::byte* h = hidden != nullptr ? hidden + row * d_ff_ * element : scratch.data();
       memory src = Wrap(engine, x_bytes + row * d_model_ * element, rows, d_model_, dtype_);
       memory mid = Wrap(engine, h, rows, d_ff_, dtype_);
       memory dst = Wrap(engine, y_bytes + row * d_model_ * element, rows, d_model_, dtype_);
-      layer1->execute(stream, {{DNNL_ARG_SRC, src},
+      layer1->Execute(stream, {{DNNL_ARG_SRC, src},
                                {DNNL_ARG_WEIGHTS, w1_},
                                {DNNL_ARG_BIAS, b1_},
                                {DNNL_ARG_DST, mid}});
-      layer2->execute(stream, {{DNNL_ARG_SRC, mid},
+      layer2->Execute(stream, {{DNNL_ARG_SRC, mid},
                                {DNNL_ARG_WEIGHTS, w2_},
                                {DNNL_ARG_BIAS, b2_},
                                {DNNL_ARG_DST, dst}});
@@ -189,13 +189,13 @@ absl::Status OnednnExpertKernel::Backward(const ConstTensorView& x,
   const absl::Span<const float> x32 = AsFloats(x, x_storage);
   const absl::Span<const float> a32 = AsFloats(activations, a_storage);
   std::vector<float> d_hidden(rows * d_ff_);
-  MOE_ASSIGN_OR_RETURN(const dnnl::matmul* times_w2t,
+  MOE_ASSIGN_OR_RETURN(const CachedMatmul* times_w2t,
                        runtime_.Backward(BackwardOp::kTimesWeightsTransposed, d_model_, d_ff_));
-  MOE_ASSIGN_OR_RETURN(const dnnl::matmul* times_w1t,
+  MOE_ASSIGN_OR_RETURN(const CachedMatmul* times_w1t,
                        runtime_.Backward(BackwardOp::kTimesWeightsTransposed, d_ff_, d_model_));
-  MOE_ASSIGN_OR_RETURN(const dnnl::matmul* grad_w2,
+  MOE_ASSIGN_OR_RETURN(const CachedMatmul* grad_w2,
                        runtime_.Backward(BackwardOp::kAccumulateWeightGrad, d_ff_, d_model_));
-  MOE_ASSIGN_OR_RETURN(const dnnl::matmul* grad_w1,
+  MOE_ASSIGN_OR_RETURN(const CachedMatmul* grad_w1,
                        runtime_.Backward(BackwardOp::kAccumulateWeightGrad, d_model_, d_ff_));
   try {
     const dnnl::engine& engine = runtime_.engine();
@@ -210,7 +210,7 @@ absl::Status OnednnExpertKernel::Backward(const ConstTensorView& x,
     memory dy_mem = plain(dy.data, rows, d_model_);
     memory dh_mem = plain(d_hidden.data(), rows, d_ff_);
     // dL/da = dy W2^T  (W2 is [d_ff, d_model]).
-    times_w2t->execute(stream, {{DNNL_ARG_SRC, dy_mem},
+    times_w2t->Execute(stream, {{DNNL_ARG_SRC, dy_mem},
                                 {DNNL_ARG_WEIGHTS, transposed(master_.w2.values().data(),
                                                               d_ff_, d_model_)},
                                 {DNNL_ARG_DST, dh_mem}});
@@ -220,16 +220,16 @@ absl::Status OnednnExpertKernel::Backward(const ConstTensorView& x,
       if (!(a32[i] > 0.0f)) d_hidden[i] = 0.0f;
     }
     // dx = dh W1^T  (W1 is [d_model, d_ff]).
-    times_w1t->execute(stream, {{DNNL_ARG_SRC, dh_mem},
+    times_w1t->Execute(stream, {{DNNL_ARG_SRC, dh_mem},
                                 {DNNL_ARG_WEIGHTS, transposed(master_.w1.values().data(),
                                                               d_model_, d_ff_)},
                                 {DNNL_ARG_DST, plain(dx.data, rows, d_model_)}});
     // dW2 += a^T dy;  dW1 += x^T dh.
-    grad_w2->execute(stream, {{DNNL_ARG_SRC, transposed(a32.data(), rows, d_ff_)},
+    grad_w2->Execute(stream, {{DNNL_ARG_SRC, transposed(a32.data(), rows, d_ff_)},
                               {DNNL_ARG_WEIGHTS, dy_mem},
                               {DNNL_ARG_DST, plain(grads.w2.mutable_values().data(),
                                                    d_ff_, d_model_)}});
-    grad_w1->execute(stream, {{DNNL_ARG_SRC, transposed(x32.data(), rows, d_model_)},
+    grad_w1->Execute(stream, {{DNNL_ARG_SRC, transposed(x32.data(), rows, d_model_)},
                               {DNNL_ARG_WEIGHTS, dh_mem},
                               {DNNL_ARG_DST, plain(grads.w1.mutable_values().data(),
                                                    d_model_, d_ff_)}});

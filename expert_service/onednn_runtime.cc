@@ -23,7 +23,23 @@ absl::Status DnnlError(const dnnl::error& e, absl::string_view what) {
   return absl::InternalError(absl::StrCat("oneDNN ", what, ": ", e.what()));
 }
 
+std::unique_ptr<CachedMatmul> MakeCached(const dnnl::matmul::primitive_desc& pd) {
+  return std::unique_ptr<CachedMatmul>(new CachedMatmul{dnnl::matmul(pd), pd.scratchpad_desc()});
+}
+
 }  // namespace
+
+void CachedMatmul::Execute(const dnnl::stream& stream,
+                           std::unordered_map<int, dnnl::memory> args) const {
+  const size_t bytes = scratchpad.get_size();
+  if (bytes > 0) {
+    thread_local std::vector<std::byte> buffer;
+    if (buffer.size() < bytes) buffer.resize(bytes);
+    args.emplace(DNNL_ARG_SCRATCHPAD,
+                 dnnl::memory(scratchpad, stream.get_engine(), buffer.data()));
+  }
+  primitive.execute(const_cast<dnnl::stream&>(stream), args);
+}
 
 std::vector<int64_t> SplitRows(int64_t rows) {
   std::vector<int64_t> pieces;
@@ -88,6 +104,7 @@ absl::StatusOr<dnnl::matmul::primitive_desc> OnednnRuntime::ForwardDesc(
     const memory::desc bias({1, layer.n}, Dt::f32, Tag::ab);
     const memory::desc dst({rows, layer.n}, dt, Tag::ab);
     dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     if (layer.relu) {
       dnnl::post_ops ops;
       ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
@@ -114,7 +131,7 @@ absl::StatusOr<memory::desc> OnednnRuntime::WeightsDesc(const ForwardLayer& laye
   return chosen;
 }
 
-absl::StatusOr<const dnnl::matmul*> OnednnRuntime::Forward(const ForwardLayer& layer,
+absl::StatusOr<const CachedMatmul*> OnednnRuntime::Forward(const ForwardLayer& layer,
                                                            int64_t rows) {
   absl::StatusOr<memory::desc> weights = WeightsDesc(layer);
   if (!weights.ok()) return weights.status();
@@ -124,7 +141,7 @@ absl::StatusOr<const dnnl::matmul*> OnednnRuntime::Forward(const ForwardLayer& l
     absl::StatusOr<dnnl::matmul::primitive_desc> pd = ForwardDesc(layer, rows, *weights);
     if (!pd.ok()) return pd.status();
     try {
-      slot = std::make_unique<dnnl::matmul>(*pd);
+      slot = MakeCached(*pd);
     } catch (const dnnl::error& e) {
       return DnnlError(e, "matmul primitive");
     }
@@ -132,7 +149,7 @@ absl::StatusOr<const dnnl::matmul*> OnednnRuntime::Forward(const ForwardLayer& l
   return slot.get();
 }
 
-absl::StatusOr<const dnnl::matmul*> OnednnRuntime::Backward(BackwardOp op, int64_t k,
+absl::StatusOr<const CachedMatmul*> OnednnRuntime::Backward(BackwardOp op, int64_t k,
                                                             int64_t n) {
   absl::MutexLock lock(&mu_);
   auto& slot = backward_[{op, k, n}];
@@ -145,7 +162,9 @@ absl::StatusOr<const dnnl::matmul*> OnednnRuntime::Backward(BackwardOp op, int64
       const memory::desc src({kRows, k}, Dt::f32, Tag::ab);
       const memory::desc weights({k, n}, Dt::f32, memory::dims{1, k});
       const memory::desc dst({kRows, n}, Dt::f32, Tag::ab);
-      pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, weights, dst), engine_);
+      dnnl::primitive_attr attr;
+      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+      pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, weights, dst), attr, engine_);
     } else {
       // src [m, k] read transposed as [k, m]; dst += src^T * other.
       const memory::desc src_t({k, kRows}, Dt::f32, memory::dims{1, k});
@@ -154,11 +173,12 @@ absl::StatusOr<const dnnl::matmul*> OnednnRuntime::Backward(BackwardOp op, int64
       dnnl::post_ops ops;
       ops.append_sum(1.0f);
       dnnl::primitive_attr attr;
+      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
       attr.set_post_ops(ops);
       pd = dnnl::matmul::primitive_desc(dnnl::matmul::desc(src_t, other, dst), attr,
                                         engine_);
     }
-    slot = std::make_unique<dnnl::matmul>(pd);
+    slot = MakeCached(pd);
   } catch (const dnnl::error& e) {
     return DnnlError(e, "backward matmul");
   }

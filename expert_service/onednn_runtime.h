@@ -10,6 +10,7 @@
 #include <memory>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -54,6 +55,19 @@ enum class BackwardOp {
   kAccumulateWeightGrad,
 };
 
+// A cached primitive and the scratchpad it needs. Primitives use
+// user-managed scratchpads: oneDNN's library-managed one is shared per
+// primitive, which races when two threads run the same primitive (seen as
+// wrong outputs under concurrent requests). Execute() supplies a per-thread
+// scratchpad.
+struct CachedMatmul {
+  dnnl::matmul primitive;
+  dnnl::memory::desc scratchpad;
+
+  // Runs the primitive on `stream` with `args` plus this thread's scratchpad.
+  void Execute(const dnnl::stream& stream, std::unordered_map<int, dnnl::memory> args) const;
+};
+
 class OnednnRuntime {
  public:
   // Sizes oneDNN's (OpenMP) thread pool to `num_threads` (0: the cores this
@@ -75,9 +89,9 @@ class OnednnRuntime {
   absl::StatusOr<dnnl::memory::desc> WeightsDesc(const ForwardLayer& layer)
       ABSL_LOCKS_EXCLUDED(mu_);
   // The primitive for exactly `rows` rows. REQUIRES: rows is a bucket.
-  absl::StatusOr<const dnnl::matmul*> Forward(const ForwardLayer& layer, int64_t rows)
+  absl::StatusOr<const CachedMatmul*> Forward(const ForwardLayer& layer, int64_t rows)
       ABSL_LOCKS_EXCLUDED(mu_);
-  absl::StatusOr<const dnnl::matmul*> Backward(BackwardOp op, int64_t k, int64_t n)
+  absl::StatusOr<const CachedMatmul*> Backward(BackwardOp op, int64_t k, int64_t n)
       ABSL_LOCKS_EXCLUDED(mu_);
 
   // Forward primitives created so far (for tests and logs).
@@ -95,10 +109,10 @@ class OnednnRuntime {
   mutable absl::Mutex mu_;
   absl::flat_hash_map<ForwardLayer, dnnl::memory::desc> weights_desc_
       ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<std::pair<ForwardLayer, int64_t>, std::unique_ptr<dnnl::matmul>>
+  absl::flat_hash_map<std::pair<ForwardLayer, int64_t>, std::unique_ptr<CachedMatmul>>
       forward_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<std::tuple<BackwardOp, int64_t, int64_t>,
-                      std::unique_ptr<dnnl::matmul>>
+                      std::unique_ptr<CachedMatmul>>
       backward_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -65,8 +65,20 @@ void InProcessExpertClient::Backward(int server, const v1::BackwardDispatchReque
   MOE_CHECK(accepted);
 }
 
-bool InProcessExpertClient::IsHealthy(int server) const { return servers_.at(server)->alive; }
-void InProcessExpertClient::Kill(int server) { servers_.at(server)->alive = false; }
-void InProcessExpertClient::Revive(int server) { servers_.at(server)->alive = true; }
+bool InProcessExpertClient::IsHealthy(int server) const {
+  return servers_.at(server)->looks_healthy;
+}
+
+void InProcessExpertClient::Kill(int server) {
+  servers_.at(server)->alive = false;
+  servers_.at(server)->looks_healthy = false;
+}
+
+void InProcessExpertClient::BreakSilently(int server) { servers_.at(server)->alive = false; }
+
+void InProcessExpertClient::Revive(int server) {
+  servers_.at(server)->alive = true;
+  servers_.at(server)->looks_healthy = true;
+}
 
 }  // namespace moe::router::testing

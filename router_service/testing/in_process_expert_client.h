@@ -34,8 +34,11 @@ class InProcessExpertClient : public ExpertClient {
                 BackwardDone done) override;
   bool IsHealthy(int server) const override;
 
-  // A killed server answers UNAVAILABLE until revived (its state is kept).
+  // A killed server answers UNAVAILABLE until revived (its state is kept)
+  // and reports unhealthy; a silently broken one answers UNAVAILABLE while
+  // still looking healthy (the router learns only from the failure).
   void Kill(int server);
+  void BreakSilently(int server);
   void Revive(int server);
   expert::ExpertStore& store(int server) { return *servers_.at(server)->store; }
   // Calls that reached server `server`.
@@ -46,6 +49,7 @@ class InProcessExpertClient : public ExpertClient {
     std::unique_ptr<expert::ExpertStore> store;
     std::unique_ptr<expert::ExpertServiceImpl> service;
     std::atomic<bool> alive{true};
+    std::atomic<bool> looks_healthy{true};
     std::atomic<int> calls{0};
   };
 

@@ -1,0 +1,82 @@
+#include "router_service/dispatch_plan.h"
+
+#include <cstring>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/tensor_codec.h"
+
+namespace moe::router {
+
+absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
+                                                      const ConstTensorView& x,
+                                                      ReplicaPicker& picker,
+                                                      const DispatchPlanOptions& options) {
+  const int k = routing.top_k;
+  const int64_t d_model = x.shape.at(1);
+  const size_t row_bytes = d_model * DTypeSize(x.dtype);
+  std::vector<std::vector<int64_t>> by_expert = KeptPairsByExpert(routing);
+  std::vector<ExpertGroup> groups;
+  std::vector<int> unavailable;
+  std::vector<std::pair<int, int64_t>> assigned;  // to undo on failure
+  for (int e = 0; e < routing.num_experts; ++e) {
+    const std::vector<int64_t>& pairs = by_expert[e];
+    if (pairs.empty()) continue;
+    const auto shares = picker.Assign(e, pairs.size(), {});
+    if (shares.empty()) {
+      unavailable.push_back(e);
+      continue;
+    }
+    size_t next = 0;
+    for (const auto& [server, count] : shares) {
+      assigned.emplace_back(server, count);
+      ExpertGroup& group = groups.emplace_back();
+      group.expert = e;
+      group.server = server;
+      group.pairs.assign(pairs.begin() + next, pairs.begin() + next + count);
+      next += count;
+      v1::DispatchRequest& request = group.request;
+      request.set_expert_id(e);
+      request.set_training(options.training);
+      request.set_request_id(options.request_id);
+      request.set_deadline_unix_micros(options.deadline_unix_micros);
+      v1::Tensor* tokens = request.mutable_tokens();
+      tokens->add_shape(count);
+      tokens->add_shape(d_model);
+      tokens->set_dtype(ToProtoDType(x.dtype));
+      std::string* bytes = tokens->mutable_data();
+      bytes->resize(count * row_bytes);
+      for (int64_t r = 0; r < count; ++r) {
+        std::memcpy(bytes->data() + r * row_bytes, x.data + (group.pairs[r] / k) * row_bytes,
+                    row_bytes);
+      }
+    }
+  }
+  if (!unavailable.empty()) {
+    for (const auto& [server, count] : assigned) picker.Release(server, count);
+    return absl::UnavailableError(absl::StrCat("expert", unavailable.size() > 1 ? "s " : " ",
+                                               absl::StrJoin(unavailable, ","),
+                                               ": no live replica"));
+  }
+  return groups;
+}
+
+void Combine(const Routing& routing, const std::vector<ExpertGroup>& groups,
+             const std::vector<absl::Span<const float>>& outputs, FloatTensor& y) {
+  const int k = routing.top_k;
+  const int64_t d_model = y.dim(1);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const ExpertGroup& group = groups[g];
+    const float* out = outputs[g].data();
+    for (size_t r = 0; r < group.pairs.size(); ++r) {
+      const int64_t p = group.pairs[r];
+      const float w = routing.weights[p];
+      float* y_row = y.mutable_row(p / k).data();
+      const float* out_row = out + r * d_model;
+      for (int64_t m = 0; m < d_model; ++m) y_row[m] += w * out_row[m];
+    }
+  }
+}
+
+}  // namespace moe::router

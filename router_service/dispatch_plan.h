@@ -1,0 +1,53 @@
+// Turns one request's routing into the calls the router makes: the kept
+// pairs of each expert, split over its replicas by the ReplicaPicker, each
+// (server, expert) group with its token rows copied once, contiguously,
+// straight into the DispatchRequest it is sent in. Thread-compatible.
+#ifndef MOE_ROUTER_SERVICE_DISPATCH_PLAN_H_
+#define MOE_ROUTER_SERVICE_DISPATCH_PLAN_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/gating.h"
+#include "common/tensor.h"
+#include "proto/expert.pb.h"
+#include "router_service/replica_picker.h"
+
+namespace moe::router {
+
+struct ExpertGroup {
+  int expert = 0;
+  // The replica it is sent to (changes on failover).
+  int server = 0;
+  // Pairs p = t * top_k + j, in token order: row r of the group is token
+  // pairs[r] / top_k.
+  std::vector<int64_t> pairs;
+  // tokens = those rows of x, in x's dtype.
+  v1::DispatchRequest request;
+};
+
+struct DispatchPlanOptions {
+  bool training = false;
+  uint64_t request_id = 0;
+  int64_t deadline_unix_micros = 0;
+};
+
+// UNAVAILABLE naming the experts with no healthy replica. On success the
+// picker holds every group's rows as outstanding (release them as answers
+// arrive).
+absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
+                                                      const ConstTensorView& x,
+                                                      ReplicaPicker& picker,
+                                                      const DispatchPlanOptions& options);
+
+// y[t] = sum over groups g, rows r of g: weight(pair) * output_g[r], added
+// in group order (groups sorted by expert), so the result does not depend on
+// the order answers arrived in. outputs[g] is group g's answer as fp32
+// [rows, d_model]. y ([num_tokens, d_model]) starts zeroed.
+void Combine(const Routing& routing, const std::vector<ExpertGroup>& groups,
+             const std::vector<absl::Span<const float>>& outputs, FloatTensor& y);
+
+}  // namespace moe::router
+
+#endif  // MOE_ROUTER_SERVICE_DISPATCH_PLAN_H_

@@ -1,0 +1,52 @@
+#include "router_service/replica_picker.h"
+
+#include <algorithm>
+
+namespace moe::router {
+
+ReplicaPicker::ReplicaPicker(const Placement& placement, const ExpertClient& health)
+    : placement_(placement),
+      health_(health),
+      outstanding_(new std::atomic<int64_t>[placement.num_servers()]) {
+  for (int s = 0; s < placement.num_servers(); ++s) outstanding_[s] = 0;
+}
+
+std::vector<std::pair<int, int64_t>> ReplicaPicker::Assign(int expert, int64_t count,
+                                                           absl::Span<const int> excluded) {
+  std::vector<int> candidates;
+  for (int s : placement_.ServersOf(expert)) {
+    if (std::find(excluded.begin(), excluded.end(), s) != excluded.end()) continue;
+    if (health_.IsHealthy(s)) candidates.push_back(s);
+  }
+  if (candidates.empty()) return {};
+  // Water-filling: each pair to the replica with the least load so far.
+  std::vector<int64_t> load(candidates.size()), given(candidates.size(), 0);
+  for (size_t i = 0; i < candidates.size(); ++i) load[i] = outstanding_[candidates[i]].load();
+  for (int64_t pair = 0; pair < count; ++pair) {
+    const size_t best = std::min_element(load.begin(), load.end()) - load.begin();
+    ++load[best];
+    ++given[best];
+  }
+  std::vector<std::pair<int, int64_t>> result;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    if (given[i] == 0) continue;
+    outstanding_[candidates[i]] += given[i];
+    result.emplace_back(candidates[i], given[i]);
+  }
+  return result;
+}
+
+int ReplicaPicker::PickOne(int expert, int64_t count, absl::Span<const int> excluded) {
+  int best = -1;
+  for (int s : placement_.ServersOf(expert)) {
+    if (std::find(excluded.begin(), excluded.end(), s) != excluded.end()) continue;
+    if (!health_.IsHealthy(s)) continue;
+    if (best < 0 || outstanding_[s].load() < outstanding_[best].load()) best = s;
+  }
+  if (best >= 0) outstanding_[best] += count;
+  return best;
+}
+
+void ReplicaPicker::Release(int server, int64_t tokens) { outstanding_[server] -= tokens; }
+
+}  // namespace moe::router

@@ -1,0 +1,402 @@
+#include "router_service/router.h"
+
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/bfloat16.h"
+#include "common/grpc_status.h"
+#include "common/log.h"
+#include "common/status_macros.h"
+#include "common/tensor_codec.h"
+#include "router_service/dispatch_plan.h"
+
+namespace moe::router {
+namespace {
+
+int64_t ToDeadlineMicros(absl::Time deadline) {
+  return deadline == absl::InfiniteFuture() ? 0 : absl::ToUnixMicros(deadline);
+}
+
+// fp32 values of a view: the view itself, or a widened copy for bf16.
+absl::Span<const float> AsFloats(const ConstTensorView& view, std::vector<float>& storage) {
+  if (view.dtype == DType::kFloat32) return view.floats();
+  storage.resize(view.num_elements());
+  Bf16ToFloats(view.bf16s(), absl::MakeSpan(storage));
+  return storage;
+}
+
+}  // namespace
+
+// What Backward needs from a training forward.
+struct Router::TrainingRecord {
+  Routing routing;
+  std::vector<ExpertGroup> groups;       // requests cleared: only ids and pairs
+  std::vector<FloatTensor> outputs;      // Expert(x) per group, fp32
+  FloatTensor x;                         // fp32 [T, d_model], for the gate path
+  absl::Time expiry;
+  int64_t bytes() const {
+    int64_t total = x.num_elements() * 4 + routing.probs.size() * 4;
+    for (const FloatTensor& o : outputs) total += o.num_elements() * 4;
+    return total;
+  }
+};
+
+struct Router::ForwardCall {
+  ForwardDone done;
+  DType dtype = DType::kFloat32;
+  int64_t num_tokens = 0;
+  bool training = false;
+  uint64_t request_id = 0;
+  Routing routing;
+  std::vector<float> x32_storage;
+  absl::Span<const float> x32;
+  std::vector<ExpertGroup> groups;
+  std::vector<std::unique_ptr<v1::DispatchResponse>> responses;
+  std::vector<std::vector<int>> tried;  // per group: servers that failed it
+  std::atomic<size_t> remaining{0};
+  absl::Mutex mu;
+  absl::Status status ABSL_GUARDED_BY(mu);
+};
+
+struct Router::BackwardCall {
+  BackwardDone done;
+  DType dtype = DType::kFloat32;
+  std::unique_ptr<TrainingRecord> record;
+  std::vector<float> dy32_storage;
+  absl::Span<const float> dy32;
+  std::vector<double> d_weight;
+  std::vector<v1::BackwardDispatchRequest> requests;
+  std::vector<std::unique_ptr<v1::BackwardDispatchResponse>> responses;
+  std::atomic<size_t> remaining{0};
+  absl::Mutex mu;
+  absl::Status status ABSL_GUARDED_BY(mu);
+};
+
+Router::Router(Options options, const Placement& placement, ExpertClient& client)
+    : options_(std::move(options)),
+      placement_(placement),
+      client_(client),
+      picker_(placement, client) {
+  MOE_CHECK(options_.gate.shape() == Shape({options_.model.d_model, options_.model.num_experts}));
+  absl::MutexLock lock(&gate_mu_);
+  gate_gradient_ = FloatTensor(options_.gate.shape());
+}
+
+Router::~Router() = default;
+
+void Router::Run(absl::AnyInvocable<void() &&> work) {
+  if (options_.pool == nullptr) {
+    std::move(work)();
+    return;
+  }
+  // A full pool must not lose the completion: run it here instead.
+  auto shared = std::make_shared<absl::AnyInvocable<void() &&>>(std::move(work));
+  if (!options_.pool->Submit([shared] { std::move(*shared)(); })) std::move(*shared)();
+}
+
+void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
+                     ForwardDone done) {
+  const ModelConfig& model = options_.model;
+  absl::StatusOr<ConstTensorView> view =
+      DecodeTensor(x, TokenBatchSpec("x", model.d_model, model.max_batch_tokens));
+  if (!view.ok()) {
+    std::move(done)(view.status());
+    return;
+  }
+  auto call = std::make_shared<ForwardCall>();
+  call->done = std::move(done);
+  call->dtype = view->dtype;
+  call->num_tokens = view->rows();
+  call->training = training;
+  call->request_id = training ? next_request_id_.fetch_add(1) : 0;
+  call->x32 = AsFloats(*view, call->x32_storage);
+  call->routing = RouteTokens(call->x32, call->num_tokens, options_.gate, model);
+  absl::StatusOr<std::vector<ExpertGroup>> groups = PlanDispatch(
+      call->routing, *view, picker_,
+      {training, call->request_id, ToDeadlineMicros(deadline)});
+  if (!groups.ok()) {
+    std::move(call->done)(groups.status());
+    return;
+  }
+  call->groups = *std::move(groups);
+  const size_t n = call->groups.size();
+  call->responses.resize(n);
+  call->tried.resize(n);
+  if (n == 0) {  // no tokens, or every pair dropped
+    FinishForward(std::move(call));
+    return;
+  }
+  call->remaining = n;
+  for (size_t g = 0; g < n; ++g) Send(call, g);
+}
+
+void Router::Send(std::shared_ptr<ForwardCall> call, size_t group) {
+  const ExpertGroup& g = call->groups[group];
+  client_.Forward(g.server, g.request,
+                  [this, call, group](absl::StatusOr<std::unique_ptr<v1::DispatchResponse>>
+                                          reply) mutable {
+                    OnForwardReply(std::move(call), group, std::move(reply));
+                  });
+}
+
+void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
+                            absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply) {
+  ExpertGroup& g = call->groups[group];
+  const int64_t rows = g.pairs.size();
+  picker_.Release(g.server, rows);
+  absl::Status status = reply.status();
+  if (status.ok() && (*reply)->has_error()) status = FromProtoStatus((*reply)->error());
+  if (absl::IsUnavailable(status)) {
+    // The server is gone (or draining): the same request to another replica.
+    call->tried[group].push_back(g.server);
+    const int next = picker_.PickOne(g.expert, rows, call->tried[group]);
+    if (next >= 0) {
+      MOE_LOG(WARNING, "expert ", g.expert, ": server ", g.server, " unavailable (",
+              status.message(), "); re-sending ", rows, " tokens to server ", next);
+      failovers_.fetch_add(1);
+      g.server = next;
+      Send(std::move(call), group);
+      return;
+    }
+    status = absl::UnavailableError(absl::StrCat(
+        "expert ", g.expert, ": no live replica (servers ",
+        absl::StrJoin(call->tried[group], ","), " unavailable: ", status.message(), ")"));
+  }
+  if (status.ok()) {
+    call->responses[group] = *std::move(reply);
+  } else {
+    absl::MutexLock lock(&call->mu);
+    if (call->status.ok()) call->status = status;
+  }
+  if (call->remaining.fetch_sub(1) == 1) {
+    Run([this, call = std::move(call)]() mutable { FinishForward(std::move(call)); });
+  }
+}
+
+void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
+  {
+    absl::MutexLock lock(&call->mu);
+    if (!call->status.ok()) {
+      std::move(call->done)(call->status);
+      return;
+    }
+  }
+  const int64_t d_model = options_.model.d_model;
+  // Answers as fp32: views of fp32 answers, widened copies of bf16 ones.
+  std::vector<FloatTensor> widened(call->groups.size());
+  std::vector<absl::Span<const float>> outputs(call->groups.size());
+  for (size_t g = 0; g < call->groups.size(); ++g) {
+    const int64_t rows = call->groups[g].pairs.size();
+    TensorSpec spec = TokenBatchSpec("expert output", d_model, 0);
+    spec.dims[0] = rows;
+    absl::StatusOr<ConstTensorView> out = DecodeTensor(call->responses[g]->output(), spec);
+    if (!out.ok()) {
+      std::move(call->done)(absl::InternalError(absl::StrCat(
+          "server ", call->groups[g].server, " answered expert ", call->groups[g].expert,
+          " badly: ", out.status().message())));
+      return;
+    }
+    if (out->dtype == DType::kFloat32 && !call->training) {
+      outputs[g] = out->floats();
+    } else {
+      widened[g] = ToFloatTensor(*out);
+      outputs[g] = widened[g].values();
+    }
+  }
+  FloatTensor y({call->num_tokens, d_model});
+  Combine(call->routing, call->groups, outputs, y);
+
+  ForwardResult result;
+  EncodeFloats(y.values(), y.shape(), call->dtype, &result.y);
+  result.request_id = call->request_id;
+  if (call->training) {
+    auto record = std::make_unique<TrainingRecord>();
+    record->routing = call->routing;
+    record->groups = std::move(call->groups);
+    for (ExpertGroup& g : record->groups) g.request.Clear();
+    record->outputs = std::move(widened);
+    record->x = FloatTensor({call->num_tokens, d_model},
+                            std::vector<float>(call->x32.begin(), call->x32.end()));
+    if (absl::Status kept = KeepTraining(call->request_id, std::move(record)); !kept.ok()) {
+      std::move(call->done)(kept);
+      return;
+    }
+  }
+  result.routing = std::move(call->routing);
+  std::move(call->done)(std::move(result));
+}
+
+absl::Status Router::KeepTraining(uint64_t request_id, std::unique_ptr<TrainingRecord> record) {
+  const absl::Time now = absl::Now();
+  absl::MutexLock lock(&training_mu_);
+  for (auto it = training_.begin(); it != training_.end();) {
+    if (it->second->expiry <= now) {
+      training_bytes_ -= it->second->bytes();
+      training_.erase(it++);
+    } else {
+      ++it;
+    }
+  }
+  const int64_t bytes = record->bytes();
+  if (training_bytes_ + bytes > options_.training_max_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "router training state: request ", request_id, " needs ", bytes, " bytes, ",
+        training_bytes_, " of ", options_.training_max_bytes, " are held"));
+  }
+  record->expiry = now + options_.training_ttl;
+  training_bytes_ += bytes;
+  training_.emplace(request_id, std::move(record));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<Router::TrainingRecord>> Router::TakeTraining(
+    uint64_t request_id) {
+  absl::MutexLock lock(&training_mu_);
+  auto it = training_.find(request_id);
+  if (it == training_.end()) {
+    return absl::NotFoundError(absl::StrCat(
+        "request ", request_id,
+        ": no training forward to run backward for (unknown id, already done, or expired)"));
+  }
+  std::unique_ptr<TrainingRecord> record = std::move(it->second);
+  training_bytes_ -= record->bytes();
+  training_.erase(it);
+  if (record->expiry <= absl::Now()) {
+    return absl::NotFoundError(absl::StrCat("request ", request_id, ": training state expired"));
+  }
+  return record;
+}
+
+size_t Router::pending_training() const {
+  absl::MutexLock lock(&training_mu_);
+  return training_.size();
+}
+
+void Router::Backward(uint64_t request_id, const v1::Tensor& grad_output,
+                      absl::Time deadline, BackwardDone done) {
+  absl::StatusOr<std::unique_ptr<TrainingRecord>> record = TakeTraining(request_id);
+  if (!record.ok()) {
+    std::move(done)(record.status());
+    return;
+  }
+  TensorSpec spec = TokenBatchSpec("grad_output", options_.model.d_model, 0);
+  spec.dims[0] = (*record)->routing.num_tokens;
+  absl::StatusOr<ConstTensorView> dy = DecodeTensor(grad_output, spec);
+  if (!dy.ok()) {
+    std::move(done)(dy.status());
+    return;
+  }
+  auto call = std::make_shared<BackwardCall>();
+  call->done = std::move(done);
+  call->dtype = dy->dtype;
+  call->record = *std::move(record);
+  call->dy32 = AsFloats(*dy, call->dy32_storage);
+  const TrainingRecord& rec = *call->record;
+  const int k = rec.routing.top_k;
+  const int64_t d_model = options_.model.d_model;
+  call->d_weight.assign(rec.routing.num_tokens * k, 0.0);
+  const size_t n = rec.groups.size();
+  call->requests.resize(n);
+  call->responses.resize(n);
+  // Each group gets weight * dy for its rows; dL/dweight = dy . Expert(x).
+  for (size_t g = 0; g < n; ++g) {
+    const ExpertGroup& group = rec.groups[g];
+    const int64_t rows = group.pairs.size();
+    std::vector<float> scaled(rows * d_model);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t p = group.pairs[r];
+      const float* dy_row = call->dy32.data() + (p / k) * d_model;
+      const float* out_row = rec.outputs[g].values().data() + r * d_model;
+      const float w = rec.routing.weights[p];
+      double dot = 0;
+      for (int64_t m = 0; m < d_model; ++m) {
+        scaled[r * d_model + m] = w * dy_row[m];
+        dot += static_cast<double>(dy_row[m]) * out_row[m];
+      }
+      call->d_weight[p] = dot;
+    }
+    v1::BackwardDispatchRequest& request = call->requests[g];
+    request.set_expert_id(group.expert);
+    request.set_request_id(request_id);
+    request.set_deadline_unix_micros(ToDeadlineMicros(deadline));
+    EncodeFloats(scaled, {rows, d_model}, DType::kFloat32, request.mutable_grad_output());
+  }
+  if (n == 0) {
+    FinishBackward(std::move(call));
+    return;
+  }
+  call->remaining = n;
+  for (size_t g = 0; g < n; ++g) {
+    const ExpertGroup& group = call->record->groups[g];
+    client_.Backward(
+        group.server, call->requests[g],
+        [this, call, g](absl::StatusOr<std::unique_ptr<v1::BackwardDispatchResponse>> reply) {
+          const ExpertGroup& group = call->record->groups[g];
+          absl::Status status = reply.status();
+          if (status.ok() && (*reply)->has_error()) status = FromProtoStatus((*reply)->error());
+          if (status.ok()) {
+            call->responses[g] = *std::move(reply);
+          } else {
+            absl::MutexLock lock(&call->mu);
+            if (call->status.ok()) {
+              call->status = absl::Status(
+                  status.code(), absl::StrCat("backward of expert ", group.expert,
+                                              " on server ", group.server, ": ",
+                                              status.message()));
+            }
+          }
+          if (call->remaining.fetch_sub(1) == 1) {
+            Run([this, call]() mutable { FinishBackward(std::move(call)); });
+          }
+        });
+  }
+}
+
+void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
+  {
+    absl::MutexLock lock(&call->mu);
+    if (!call->status.ok()) {
+      std::move(call->done)(call->status);
+      return;
+    }
+  }
+  const TrainingRecord& rec = *call->record;
+  const int k = rec.routing.top_k;
+  const int64_t d_model = options_.model.d_model;
+  FloatTensor dx({rec.routing.num_tokens, d_model});
+  for (size_t g = 0; g < rec.groups.size(); ++g) {
+    const ExpertGroup& group = rec.groups[g];
+    TensorSpec spec = TokenBatchSpec("grad_input", d_model, 0);
+    spec.dims[0] = group.pairs.size();
+    absl::StatusOr<ConstTensorView> part = DecodeTensor(call->responses[g]->grad_input(), spec);
+    if (!part.ok()) {
+      std::move(call->done)(absl::InternalError(
+          absl::StrCat("server ", group.server, " answered backward of expert ", group.expert,
+                       " badly: ", part.status().message())));
+      return;
+    }
+    std::vector<float> storage;
+    const absl::Span<const float> rows = AsFloats(*part, storage);
+    for (size_t r = 0; r < group.pairs.size(); ++r) {
+      float* dx_row = dx.mutable_row(group.pairs[r] / k).data();
+      for (int64_t m = 0; m < d_model; ++m) dx_row[m] += rows[r * d_model + m];
+    }
+  }
+  {
+    absl::MutexLock lock(&gate_mu_);
+    GateBackward(rec.routing, rec.x.values(), options_.gate, call->d_weight,
+                 dx.mutable_values(), gate_gradient_);
+  }
+  v1::Tensor out;
+  EncodeFloats(dx.values(), dx.shape(), call->dtype, &out);
+  std::move(call->done)(std::move(out));
+}
+
+FloatTensor Router::GateGradient() const {
+  absl::MutexLock lock(&gate_mu_);
+  return gate_gradient_;
+}
+
+}  // namespace moe::router

@@ -1,0 +1,111 @@
+// The router's core, without gRPC types: validates a batch, gates it (the
+// shared gate of common/gating.h), plans the expert calls, sends them
+// through the ExpertClient seam, fails over to another replica when a
+// server is unavailable, and combines the answers by token. Training
+// forwards keep what Backward needs; Backward sends each expert its share of
+// dL/dy, adds the gate path, and accumulates the gate's gradient here.
+// Thread-safe; calls are asynchronous and complete through callbacks.
+#ifndef MOE_ROUTER_SERVICE_ROUTER_H_
+#define MOE_ROUTER_SERVICE_ROUTER_H_
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/functional/any_invocable.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/compute_pool.h"
+#include "common/gating.h"
+#include "common/model_config.h"
+#include "common/placement.h"
+#include "common/tensor.h"
+#include "proto/tensor.pb.h"
+#include "router_service/expert_client.h"
+#include "router_service/replica_picker.h"
+
+namespace moe::router {
+
+class Router {
+ public:
+  struct Options {
+    ModelConfig model;
+    // W_g [d_model, num_experts].
+    FloatTensor gate;
+    // Training forwards wait this long for their Backward.
+    absl::Duration training_ttl = absl::Seconds(60);
+    // Bytes of router-side training state kept at most.
+    int64_t training_max_bytes = int64_t{1} << 30;
+    // Where combine and backward bookkeeping run; null: on the thread that
+    // delivered the last answer.
+    ComputePool* pool = nullptr;
+  };
+
+  struct ForwardResult {
+    // [num_tokens, d_model], in x's dtype.
+    v1::Tensor y;
+    // Training forwards: the id to pass to Backward.
+    uint64_t request_id = 0;
+    Routing routing;
+  };
+  using ForwardDone = absl::AnyInvocable<void(absl::StatusOr<ForwardResult>) &&>;
+  using BackwardDone = absl::AnyInvocable<void(absl::StatusOr<v1::Tensor>) &&>;
+
+  // `placement` and `client` must outlive the router.
+  Router(Options options, const Placement& placement, ExpertClient& client);
+  ~Router();
+
+  // y = MoE(x). `x` must stay valid until `done` runs; `done` runs once.
+  void Forward(const v1::Tensor& x, bool training, absl::Time deadline, ForwardDone done);
+  // dL/dx for the training forward `request_id`, from dL/dy.
+  void Backward(uint64_t request_id, const v1::Tensor& grad_output, absl::Time deadline,
+                BackwardDone done);
+
+  // The gate gradient accumulated since the last TakeGateGradient.
+  FloatTensor GateGradient() const ABSL_LOCKS_EXCLUDED(gate_mu_);
+  const FloatTensor& gate() const { return options_.gate; }
+  // Pairs re-sent to another replica after a server was unavailable.
+  int64_t failovers() const { return failovers_.load(); }
+  // Training forwards waiting for their Backward.
+  size_t pending_training() const ABSL_LOCKS_EXCLUDED(training_mu_);
+
+ private:
+  struct ForwardCall;
+  struct BackwardCall;
+  struct TrainingRecord;
+
+  void Send(std::shared_ptr<ForwardCall> call, size_t group);
+  void OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
+                      absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply);
+  void FinishForward(std::shared_ptr<ForwardCall> call);
+  void FinishBackward(std::shared_ptr<BackwardCall> call);
+  // Runs `work` on the pool if there is one, else inline.
+  void Run(absl::AnyInvocable<void() &&> work);
+
+  absl::Status KeepTraining(uint64_t request_id, std::unique_ptr<TrainingRecord> record)
+      ABSL_LOCKS_EXCLUDED(training_mu_);
+  absl::StatusOr<std::unique_ptr<TrainingRecord>> TakeTraining(uint64_t request_id)
+      ABSL_LOCKS_EXCLUDED(training_mu_);
+
+  const Options options_;
+  const Placement& placement_;
+  ExpertClient& client_;
+  ReplicaPicker picker_;
+  std::atomic<uint64_t> next_request_id_{1};
+  std::atomic<int64_t> failovers_{0};
+
+  mutable absl::Mutex gate_mu_;
+  FloatTensor gate_gradient_ ABSL_GUARDED_BY(gate_mu_);
+
+  mutable absl::Mutex training_mu_;
+  absl::flat_hash_map<uint64_t, std::unique_ptr<TrainingRecord>> training_
+      ABSL_GUARDED_BY(training_mu_);
+  int64_t training_bytes_ ABSL_GUARDED_BY(training_mu_) = 0;
+};
+
+}  // namespace moe::router
+
+#endif  // MOE_ROUTER_SERVICE_ROUTER_H_

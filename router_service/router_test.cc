@@ -1,0 +1,261 @@
+// The router core against the in-process reference layer, with real expert
+// stores and oneDNN kernels behind the in-process ExpertClient: every
+// placement strategy x top_k x batch size x overflow policy.
+#include "router_service/router.h"
+
+#include <numeric>
+#include <tuple>
+
+#include "absl/synchronization/notification.h"
+#include "common/deterministic_init.h"
+#include "common/reference_moe.h"
+#include "common/tensor_codec.h"
+#include "common/testing/random_tensor.h"
+#include "common/testing/tensor_matchers.h"
+#include "expert_service/onednn_expert_kernel.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "router_service/testing/in_process_expert_client.h"
+
+namespace moe::router {
+namespace {
+
+using ::moe::testing::RandomTensor;
+using ::moe::testing::TensorNear;
+using ::testing::HasSubstr;
+using testing::InProcessExpertClient;
+
+ModelConfig Model(int top_k, bool drop) {
+  ModelConfig model;
+  model.d_model = 32;
+  model.d_ff = 48;
+  model.num_experts = 8;
+  model.top_k = top_k;
+  model.seed = 17;
+  if (drop) {
+    model.overflow = OverflowPolicy::kDrop;
+    model.capacity_factor = 0.5f;  // small: pairs are dropped
+  }
+  return model;
+}
+
+Placement MakePlacement(PlacementStrategy strategy, int experts, int servers) {
+  switch (strategy) {
+    case PlacementStrategy::kDataParallel:
+      return DataParallelPlacement(experts, servers);
+    case PlacementStrategy::kModelParallel:
+      return ModelParallelPlacement(experts, servers);
+    case PlacementStrategy::kHybrid:
+      return HybridPlacement(experts, servers);
+    default: {
+      std::vector<double> load(experts);
+      std::iota(load.begin(), load.end(), 1.0);
+      return *DynamicPlacement(experts, servers, load, 0);
+    }
+  }
+}
+
+expert::OnednnRuntime& Runtime() {
+  static expert::OnednnRuntime* runtime = expert::OnednnRuntime::Create(1)->release();
+  return *runtime;
+}
+
+expert::KernelFactory OnednnKernels() {
+  return [](const ExpertWeights& w) -> absl::StatusOr<std::unique_ptr<expert::ExpertKernel>> {
+    auto kernel = expert::OnednnExpertKernel::Create(w, DType::kFloat32, Runtime());
+    if (!kernel.ok()) return kernel.status();
+    return std::unique_ptr<expert::ExpertKernel>(std::move(*kernel));
+  };
+}
+
+// A cluster in one process: the router over in-process expert servers.
+struct Cluster {
+  Cluster(const ModelConfig& m, PlacementStrategy strategy, int servers = 3)
+      : model(m),
+        weights(InitAllWeights(m)),
+        placement(MakePlacement(strategy, m.num_experts, servers)),
+        client(m, placement, weights, OnednnKernels()),
+        router({m, *weights.gate}, placement, client) {}
+
+  absl::StatusOr<Router::ForwardResult> Forward(const v1::Tensor& x, bool training = false) {
+    absl::Notification done;
+    absl::StatusOr<Router::ForwardResult> result;
+    router.Forward(x, training, absl::InfiniteFuture(),
+                   [&](absl::StatusOr<Router::ForwardResult> r) {
+                     result = std::move(r);
+                     done.Notify();
+                   });
+    done.WaitForNotification();
+    return result;
+  }
+
+  absl::StatusOr<v1::Tensor> Backward(uint64_t id, const v1::Tensor& dy) {
+    absl::Notification done;
+    absl::StatusOr<v1::Tensor> result;
+    router.Backward(id, dy, absl::InfiniteFuture(), [&](absl::StatusOr<v1::Tensor> r) {
+      result = std::move(r);
+      done.Notify();
+    });
+    done.WaitForNotification();
+    return result;
+  }
+
+  ModelConfig model;
+  MoeWeights weights;
+  Placement placement;
+  InProcessExpertClient client;
+  Router router;
+};
+
+v1::Tensor Wire(const FloatTensor& t, DType dtype = DType::kFloat32) {
+  v1::Tensor wire;
+  EncodeFloats(t.values(), t.shape(), dtype, &wire);
+  return wire;
+}
+
+FloatTensor Decoded(const v1::Tensor& t, int64_t d_model) {
+  return ToFloatTensor(*DecodeTensor(t, TokenBatchSpec("t", d_model, 0)));
+}
+
+using Case = std::tuple<PlacementStrategy, int, int64_t, bool>;
+
+class RouterMatrixTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(RouterMatrixTest, ForwardEqualsTheReference) {
+  const auto [strategy, top_k, tokens, drop] = GetParam();
+  Cluster cluster(Model(top_k, drop), strategy);
+  const FloatTensor x = RandomTensor({tokens, 32}, 100 + tokens);
+  absl::StatusOr<Router::ForwardResult> result = cluster.Forward(Wire(x));
+  ASSERT_TRUE(result.ok()) << result.status();
+
+  const ReferenceMoe reference = *ReferenceMoe::Create(cluster.model, cluster.weights);
+  const ReferenceForward expected = *reference.Forward(x);
+  EXPECT_EQ(result->routing.expert_ids, expected.routing.expert_ids);
+  EXPECT_EQ(result->routing.dropped, expected.routing.dropped);
+  if (drop && tokens >= 7) {
+    EXPECT_GT(expected.routing.dropped_pairs, 0);
+  }
+  EXPECT_TRUE(TensorNear(Decoded(result->y, 32), expected.y, 1e-5));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllStrategies, RouterMatrixTest,
+    ::testing::Combine(::testing::Values(PlacementStrategy::kDataParallel,
+                                         PlacementStrategy::kModelParallel,
+                                         PlacementStrategy::kHybrid,
+                                         PlacementStrategy::kDynamic),
+                       ::testing::Values(1, 2, 4), ::testing::Values(0, 1, 7, 1000),
+                       ::testing::Bool()));
+
+class RouterTrainingTest : public ::testing::TestWithParam<PlacementStrategy> {};
+
+TEST_P(RouterTrainingTest, BackwardEqualsTheReference) {
+  Cluster cluster(Model(2, false), GetParam());
+  const FloatTensor x = RandomTensor({37, 32}, 5), dy = RandomTensor({37, 32}, 6);
+  absl::StatusOr<Router::ForwardResult> forward = cluster.Forward(Wire(x), true);
+  ASSERT_TRUE(forward.ok()) << forward.status();
+  EXPECT_GT(forward->request_id, 0u);
+  absl::StatusOr<v1::Tensor> dx = cluster.Backward(forward->request_id, Wire(dy));
+  ASSERT_TRUE(dx.ok()) << dx.status();
+
+  const ReferenceMoe reference = *ReferenceMoe::Create(cluster.model, cluster.weights);
+  const ReferenceForward ref_forward = *reference.Forward(x);
+  const ReferenceGradients expected = *reference.Backward(x, ref_forward, dy);
+  EXPECT_TRUE(TensorNear(Decoded(*dx, 32), expected.dx, 1e-5));
+  EXPECT_TRUE(TensorNear(cluster.router.GateGradient(), *expected.params.gate, 1e-5));
+  // Each expert's gradient, summed over its replicas, is the reference's.
+  for (int e = 0; e < cluster.model.num_experts; ++e) {
+    ExpertWeights sum = ExpertWeights::Zeros(cluster.model);
+    for (int s : cluster.placement.ServersOf(e)) {
+      const ExpertWeights part = *cluster.client.store(s).Gradients(e);
+      for (ExpertTensor which : kAllExpertTensors) {
+        auto dst = sum.tensor(which).mutable_values();
+        auto src = part.tensor(which).values();
+        for (size_t i = 0; i < dst.size(); ++i) dst[i] += src[i];
+      }
+    }
+    for (ExpertTensor which : kAllExpertTensors) {
+      EXPECT_TRUE(TensorNear(sum.tensor(which),
+                             expected.params.experts.at(e).tensor(which), 1e-5))
+          << "expert " << e;
+    }
+  }
+  EXPECT_EQ(cluster.router.pending_training(), 0u);
+  EXPECT_EQ(cluster.Backward(forward->request_id, Wire(dy)).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+INSTANTIATE_TEST_SUITE_P(Strategies, RouterTrainingTest,
+                         ::testing::Values(PlacementStrategy::kDataParallel,
+                                           PlacementStrategy::kModelParallel,
+                                           PlacementStrategy::kHybrid));
+
+TEST(RouterTest, Bf16InBf16Out) {
+  Cluster cluster(Model(2, false), PlacementStrategy::kHybrid);
+  const FloatTensor x = RandomTensor({9, 32}, 7);
+  absl::StatusOr<Router::ForwardResult> result = cluster.Forward(Wire(x, DType::kBFloat16));
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->y.dtype(), v1::DTYPE_BF16);
+  FloatTensor x_rounded = Decoded(Wire(x, DType::kBFloat16), 32);
+  const ReferenceForward expected =
+      *ReferenceMoe::Create(cluster.model, cluster.weights)->Forward(x_rounded);
+  EXPECT_TRUE(TensorNear(Decoded(result->y, 32), expected.y, 1e-2));
+}
+
+TEST(RouterTest, FailsOverToAnotherReplica) {
+  Cluster cluster(Model(2, false), PlacementStrategy::kDataParallel);
+  const FloatTensor x = RandomTensor({64, 32}, 8);
+  const ReferenceForward expected =
+      *ReferenceMoe::Create(cluster.model, cluster.weights)->Forward(x);
+  // Server 1 fails every call while still looking healthy.
+  cluster.client.BreakSilently(1);
+  absl::StatusOr<Router::ForwardResult> result = cluster.Forward(Wire(x));
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_TRUE(TensorNear(Decoded(result->y, 32), expected.y, 1e-5));
+  EXPECT_GT(cluster.router.failovers(), 0);
+  // A server known to be down is not even tried.
+  cluster.client.Kill(1);
+  const int calls = cluster.client.calls(1);
+  ASSERT_TRUE(cluster.Forward(Wire(x)).ok());
+  EXPECT_EQ(cluster.client.calls(1), calls);
+}
+
+TEST(RouterTest, ModelParallelWithoutReplicaFailsNamingTheExperts) {
+  Cluster cluster(Model(2, false), PlacementStrategy::kModelParallel, 2);
+  const FloatTensor x = RandomTensor({64, 32}, 9);
+  cluster.client.Kill(1);  // holds experts 4-7
+  absl::StatusOr<Router::ForwardResult> down = cluster.Forward(Wire(x));
+  EXPECT_EQ(down.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(down.status().message(), HasSubstr("no live replica"));
+  EXPECT_THAT(down.status().message(), HasSubstr("4"));
+  // Silently broken: the failure is discovered per call, and named.
+  cluster.client.Revive(1);
+  cluster.client.BreakSilently(1);
+  absl::StatusOr<Router::ForwardResult> broken = cluster.Forward(Wire(x));
+  EXPECT_EQ(broken.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(broken.status().message(), HasSubstr("no live replica (servers 1 unavailable"));
+  // Back up: served again.
+  cluster.client.Revive(1);
+  EXPECT_TRUE(cluster.Forward(Wire(x)).ok());
+}
+
+TEST(RouterTest, BadInputIsNamed) {
+  Cluster cluster(Model(2, false), PlacementStrategy::kHybrid);
+  EXPECT_THAT(cluster.Forward(Wire(RandomTensor({3, 31}, 1))).status().message(),
+              HasSubstr("x: expected d_model = 32, got 31"));
+  v1::Tensor nan = Wire(RandomTensor({3, 32}, 1));
+  reinterpret_cast<float*>(nan.mutable_data()->data())[33] = std::nanf("");
+  EXPECT_THAT(cluster.Forward(nan).status().message(), HasSubstr("x: NaN at row 1, column 1"));
+  EXPECT_EQ(cluster.Backward(12345, Wire(RandomTensor({3, 32}, 1))).status().code(),
+            absl::StatusCode::kNotFound);
+  absl::StatusOr<Router::ForwardResult> forward =
+      cluster.Forward(Wire(RandomTensor({3, 32}, 2)), true);
+  ASSERT_TRUE(forward.ok());
+  EXPECT_THAT(cluster.Backward(forward->request_id, Wire(RandomTensor({4, 32}, 1)))
+                  .status()
+                  .message(),
+              HasSubstr("grad_output: expected tokens = 3, got 4"));
+}
+
+}  // namespace
+}  // namespace moe::router
