@@ -25,7 +25,8 @@ class ExpertClient {
   virtual ~ExpertClient() = default;
 
   // Sends `request` to server `server` (its index in the cluster config).
-  // `request` must stay valid until `done` runs. `done` runs exactly once,
+  // `request` must stay valid until `done` runs, and its sequence_id must be
+  // unique among the caller's requests in flight (answers are matched by it). `done` runs exactly once,
   // on an unspecified thread, and must not block. A transport failure is
   // the status (UNAVAILABLE when the server is unreachable); a per-request
   // error from the server is in the response's `error`.

@@ -121,6 +121,7 @@ void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
     return;
   }
   call->groups = *std::move(groups);
+  for (ExpertGroup& g : call->groups) g.request.set_sequence_id(next_sequence_id_.fetch_add(1));
   const size_t n = call->groups.size();
   call->responses.resize(n);
   call->tried.resize(n);
@@ -318,6 +319,7 @@ void Router::Backward(uint64_t request_id, const v1::Tensor& grad_output,
       call->d_weight[p] = dot;
     }
     v1::BackwardDispatchRequest& request = call->requests[g];
+    request.set_sequence_id(next_sequence_id_.fetch_add(1));
     request.set_expert_id(group.expert);
     request.set_request_id(request_id);
     request.set_deadline_unix_micros(ToDeadlineMicros(deadline));

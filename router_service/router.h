@@ -95,6 +95,8 @@ class Router {
   ExpertClient& client_;
   ReplicaPicker picker_;
   std::atomic<uint64_t> next_request_id_{1};
+  // Unique per router process, so transports can match answers by it.
+  std::atomic<uint64_t> next_sequence_id_{1};
   std::atomic<int64_t> failovers_{0};
 
   mutable absl::Mutex gate_mu_;

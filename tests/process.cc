@@ -109,6 +109,19 @@ int NumberAfter(const std::string& line, const std::string& prefix) {
   return std::atoi(line.c_str() + at + prefix.size());
 }
 
+int PickFreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = 0;
+  MOE_CHECK(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+  socklen_t length = sizeof(addr);
+  MOE_CHECK(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length) == 0);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
 std::string HttpGet(int port, const std::string& path) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};

@@ -45,6 +45,10 @@ std::string RunfilePath(const std::string& workspace_relative);
 // The first number after `prefix` in `line` ("port 1234" -> 1234), or -1.
 int NumberAfter(const std::string& line, const std::string& prefix);
 
+// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0 and
+// released), for configs that must name their servers' ports up front.
+int PickFreePort();
+
 // GET http://127.0.0.1:port/path; the body, or "" on failure.
 std::string HttpGet(int port, const std::string& path);
 

@@ -1,0 +1,55 @@
+// ExpertClient over gRPC: per expert server, one channel and one long-lived
+// Dispatch and one BackwardDispatch stream shared by all requests, answers
+// matched by sequence id. A stream that breaks fails its pending calls with
+// UNAVAILABLE (the router then fails over) and is reopened on demand after
+// an exponential back-off; while backing off the server reports unhealthy.
+// Thread-safe.
+#ifndef MOE_ROUTER_SERVICE_GRPC_EXPERT_CLIENT_H_
+#define MOE_ROUTER_SERVICE_GRPC_EXPERT_CLIENT_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/model_config.h"
+#include "router_service/expert_client.h"
+
+namespace moe::router {
+
+class GrpcExpertClient : public ExpertClient {
+ public:
+  struct Options {
+    std::vector<ServerSpec> servers;
+    int max_message_bytes = 512 << 20;
+    // Back-off between reconnection attempts to a failed server.
+    absl::Duration min_backoff = absl::Milliseconds(100);
+    absl::Duration max_backoff = absl::Seconds(5);
+  };
+
+  // Opens the streams to every server (a server that is down is retried
+  // later; this does not fail for it).
+  static std::unique_ptr<GrpcExpertClient> Create(Options options);
+  // Closes the streams; calls still pending fail with CANCELLED.
+  ~GrpcExpertClient() override;
+
+  void Forward(int server, const v1::DispatchRequest& request, ForwardDone done) override;
+  void Backward(int server, const v1::BackwardDispatchRequest& request,
+                BackwardDone done) override;
+  bool IsHealthy(int server) const override;
+
+  // Streams (re)opened so far, over all servers.
+  int64_t reconnects() const;
+
+ private:
+  class Connection;
+  explicit GrpcExpertClient(Options options);
+
+  const Options options_;
+  std::vector<std::unique_ptr<Connection>> connections_;
+};
+
+}  // namespace moe::router
+
+#endif  // MOE_ROUTER_SERVICE_GRPC_EXPERT_CLIENT_H_

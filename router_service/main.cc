@@ -1,0 +1,65 @@
+// router: the entry point of a moe-serve cluster. Gates token batches and
+// fans them out to the expert servers of the config. SIGTERM or SIGINT
+// drains and exits 0.
+#include <csignal>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "common/flags_usage.h"
+#include "common/log.h"
+#include "common/model_config.h"
+#include "router_service/router_server.h"
+
+ABSL_FLAG(std::string, config, "", "Text-format moe.v1.ServingConfig (required).");
+ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on.");
+ABSL_FLAG(int, port, 50051, "gRPC port; 0 picks a free port and logs it.");
+ABSL_FLAG(int, metrics_port, 9090, "Prometheus /metrics port; 0 picks one, -1 disables.");
+ABSL_FLAG(std::string, checkpoint, "",
+          "Safetensors checkpoint for the gate; empty: deterministic init from the seed.");
+ABSL_FLAG(int, compute_threads, 2, "Threads gating and combining.");
+ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
+          "On SIGTERM, how long calls in flight may take.");
+
+int main(int argc, char** argv) {
+  moe::SetFlagsUsage(
+      "Routes token batches to the expert servers of a moe-serve cluster.\n"
+      "Usage: router --config=serving.pbtxt [--port=50051]");
+  absl::ParseCommandLine(argc, argv);
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  const std::string config_path = absl::GetFlag(FLAGS_config);
+  if (config_path.empty()) {
+    MOE_LOG(ERROR, "--config is required");
+    return 2;
+  }
+  absl::StatusOr<moe::ServingConfig> config = moe::LoadServingConfig(config_path);
+  if (!config.ok()) {
+    MOE_LOG(ERROR, config.status().message());
+    return 2;
+  }
+  moe::router::RouterServer::Options options;
+  options.config = *std::move(config);
+  options.listen_address =
+      absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port));
+  options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  options.checkpoint_path = absl::GetFlag(FLAGS_checkpoint);
+  options.compute_threads = absl::GetFlag(FLAGS_compute_threads);
+  options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
+  absl::StatusOr<std::unique_ptr<moe::router::RouterServer>> server =
+      moe::router::RouterServer::Create(std::move(options));
+  if (!server.ok()) {
+    MOE_LOG(ERROR, server.status().ToString());
+    return 1;
+  }
+  int signal = 0;
+  sigwait(&stop_signals, &signal);
+  MOE_LOG(INFO, "received ", signal == SIGTERM ? "SIGTERM" : "SIGINT", "; shutting down");
+  (*server)->Shutdown();
+  return 0;
+}

@@ -1,0 +1,74 @@
+#include "router_service/router_metrics.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace moe::router {
+namespace {
+
+constexpr const char* kCodeNames[] = {
+    "OK",        "CANCELLED",          "UNKNOWN",          "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",   "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",      "DATA_LOSS",
+    "UNAUTHENTICATED"};
+constexpr const char* kMethods[] = {"Forward", "Backward"};
+
+}  // namespace
+
+std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& registry,
+                                                     int num_experts) {
+  auto m = std::make_unique<RouterMetrics>();
+  auto& requests = prometheus::BuildCounter()
+                       .Name("moe_router_requests_total")
+                       .Help("Requests answered, by method and gRPC status code.")
+                       .Register(registry);
+  auto& tokens = prometheus::BuildCounter()
+                     .Name("moe_router_tokens_total")
+                     .Help("Tokens in successful requests, by method.")
+                     .Register(registry);
+  auto& seconds = prometheus::BuildHistogram()
+                      .Name("moe_router_request_seconds")
+                      .Help("Time from receiving a request to answering it, by method.")
+                      .Register(registry);
+  const prometheus::Histogram::BucketBoundaries buckets = {
+      50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
+      25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0};
+  for (int method = 0; method < 2; ++method) {
+    for (int code = 0; code < 17; ++code) {
+      m->requests[method][code] =
+          &requests.Add({{"method", kMethods[method]}, {"code", kCodeNames[code]}});
+    }
+    m->tokens[method] = &tokens.Add({{"method", kMethods[method]}});
+    m->seconds[method] = &seconds.Add({{"method", kMethods[method]}}, buckets);
+  }
+  m->batch_tokens = &prometheus::BuildHistogram()
+                         .Name("moe_router_batch_tokens")
+                         .Help("Tokens per Forward request.")
+                         .Register(registry)
+                         .Add({}, prometheus::Histogram::BucketBoundaries{
+                                      1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
+                                      4096, 8192, 16384, 32768, 65536});
+  auto& expert_tokens = prometheus::BuildCounter()
+                            .Name("moe_router_expert_tokens_total")
+                            .Help("(token, expert) pairs routed to each expert and served.")
+                            .Register(registry);
+  for (int e = 0; e < num_experts; ++e) {
+    m->expert_tokens.push_back(&expert_tokens.Add({{"expert", absl::StrCat(e)}}));
+  }
+  m->dropped_pairs = &prometheus::BuildCounter()
+                          .Name("moe_router_dropped_pairs_total")
+                          .Help("(token, expert) pairs dropped for capacity.")
+                          .Register(registry)
+                          .Add({});
+  return m;
+}
+
+void RouterMetrics::CountRequest(RouterMethod method, const absl::Status& status,
+                                 int64_t num_tokens, double elapsed) const {
+  const int index = static_cast<int>(method);
+  requests[index][static_cast<int>(status.code()) % 17]->Increment();
+  if (status.ok()) tokens[index]->Increment(static_cast<double>(num_tokens));
+  seconds[index]->Observe(elapsed);
+}
+
+}  // namespace moe::router

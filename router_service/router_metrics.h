@@ -1,0 +1,42 @@
+// The router's Prometheus metrics, built once against a registry. Labels are
+// bounded: method names, gRPC code names, expert ids. prometheus-cpp
+// metrics are thread-safe.
+#ifndef MOE_ROUTER_SERVICE_ROUTER_METRICS_H_
+#define MOE_ROUTER_SERVICE_ROUTER_METRICS_H_
+
+#include <array>
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "prometheus/counter.h"
+#include "prometheus/histogram.h"
+#include "prometheus/registry.h"
+
+namespace moe::router {
+
+enum class RouterMethod { kForward = 0, kBackward = 1 };
+
+struct RouterMetrics {
+  static std::unique_ptr<RouterMetrics> Create(prometheus::Registry& registry, int num_experts);
+
+  // moe_router_requests_total{method, code}.
+  std::array<std::array<prometheus::Counter*, 17>, 2> requests{};
+  // moe_router_tokens_total{method}.
+  std::array<prometheus::Counter*, 2> tokens{};
+  // moe_router_request_seconds{method}: end to end, in the router.
+  std::array<prometheus::Histogram*, 2> seconds{};
+  // moe_router_batch_tokens: tokens per Forward.
+  prometheus::Histogram* batch_tokens = nullptr;
+  // moe_router_expert_tokens_total{expert}: pairs routed to each expert.
+  std::vector<prometheus::Counter*> expert_tokens;
+  // moe_router_dropped_pairs_total: pairs dropped for capacity.
+  prometheus::Counter* dropped_pairs = nullptr;
+
+  void CountRequest(RouterMethod method, const absl::Status& status, int64_t tokens,
+                    double seconds) const;
+};
+
+}  // namespace moe::router
+
+#endif  // MOE_ROUTER_SERVICE_ROUTER_METRICS_H_

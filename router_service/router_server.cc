@@ -1,0 +1,102 @@
+#include "router_service/router_server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/strings/str_cat.h"
+#include "common/checkpoint.h"
+#include "common/deterministic_init.h"
+#include "common/log.h"
+#include "common/status_macros.h"
+
+namespace moe::router {
+
+absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Create(Options options) {
+  if (options.compute_threads < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--compute_threads must be >= 1, got ", options.compute_threads));
+  }
+  auto server = std::unique_ptr<RouterServer>(new RouterServer(std::move(options)));
+  MOE_RETURN_IF_ERROR(server->Start());
+  return server;
+}
+
+absl::Status RouterServer::Start() {
+  const ServingConfig& config = options_.config;
+  const ModelConfig& model = config.model;
+  MOE_ASSIGN_OR_RETURN(placement_, ComputePlacement(model, config.cluster));
+  FloatTensor gate;
+  if (options_.checkpoint_path.empty()) {
+    gate = InitGate(model);
+  } else {
+    MOE_ASSIGN_OR_RETURN(MoeWeights weights,
+                         LoadCheckpoint(options_.checkpoint_path, model,
+                                        {/*gate=*/true, std::vector<int>{}}));
+    gate = *std::move(weights.gate);
+  }
+  client_ = GrpcExpertClient::Create({config.cluster.servers, options_.max_message_bytes});
+  pool_ = std::make_unique<ComputePool>(options_.compute_threads, options_.max_queued_requests);
+  Router::Options router_options;
+  router_options.model = model;
+  router_options.gate = std::move(gate);
+  router_options.pool = pool_.get();
+  router_ = std::make_unique<Router>(std::move(router_options), *placement_, *client_);
+
+  registry_ = std::make_shared<prometheus::Registry>();
+  metrics_ = RouterMetrics::Create(*registry_, model.num_experts);
+  if (options_.metrics_port >= 0) {
+    try {
+      exposer_ = std::make_unique<prometheus::Exposer>(
+          absl::StrCat(options_.metrics_host, ":", options_.metrics_port));
+    } catch (const std::exception& e) {
+      return absl::UnavailableError(
+          absl::StrCat("metrics port ", options_.metrics_port, ": ", e.what()));
+    }
+    exposer_->RegisterCollectable(registry_);
+    metrics_port_ = exposer_->GetListeningPorts().at(0);
+  }
+  service_ = std::make_unique<RouterServiceImpl>(*router_, *pool_, *metrics_);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options_.listen_address, grpc::InsecureServerCredentials(), &port_);
+  builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
+  builder.SetMaxSendMessageSize(options_.max_message_bytes);
+  builder.RegisterService(service_.get());
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen_address));
+  }
+  server_->GetHealthCheckService()->SetServingStatus(true);
+  MOE_LOG(INFO, "router: ", model.num_experts, " experts, top_k ", model.top_k, ", ",
+          PlacementStrategyName(config.cluster.strategy), " over ",
+          config.cluster.servers.size(), " expert servers; gate from ",
+          options_.checkpoint_path.empty() ? absl::StrCat("init seed ", model.seed)
+                                           : options_.checkpoint_path);
+  MOE_LOG(INFO, "router serving gRPC on port ", port_,
+          metrics_port_ >= 0 ? absl::StrCat(", /metrics on port ", metrics_port_)
+                             : std::string(", no metrics endpoint"));
+  return absl::OkStatus();
+}
+
+void RouterServer::Shutdown() {
+  {
+    absl::MutexLock lock(&shutdown_mu_);
+    if (shut_down_) return;
+    shut_down_ = true;
+  }
+  MOE_LOG(INFO, "router: draining, up to ", absl::FormatDuration(options_.drain_timeout));
+  server_->GetHealthCheckService()->SetServingStatus(false);
+  server_->Shutdown(absl::ToChronoTime(absl::Now() + options_.drain_timeout));
+  MOE_LOG(INFO, "router: stopped");
+}
+
+RouterServer::~RouterServer() {
+  Shutdown();
+  pool_.reset();
+  router_.reset();
+  client_.reset();
+}
+
+}  // namespace moe::router

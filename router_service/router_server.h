@@ -1,0 +1,79 @@
+// The router assembled: the gate (from a checkpoint or the deterministic
+// init), the placement, gRPC streams to every expert server, the Router
+// core and its service, health, reflection and /metrics. Thread-safe.
+#ifndef MOE_ROUTER_SERVICE_ROUTER_SERVER_H_
+#define MOE_ROUTER_SERVICE_ROUTER_SERVER_H_
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/compute_pool.h"
+#include "common/model_config.h"
+#include "common/placement.h"
+#include "prometheus/exposer.h"
+#include "prometheus/registry.h"
+#include "router_service/grpc_expert_client.h"
+#include "router_service/router.h"
+#include "router_service/router_metrics.h"
+#include "router_service/router_service.h"
+
+namespace moe::router {
+
+class RouterServer {
+ public:
+  struct Options {
+    ServingConfig config;
+    // gRPC listening address; port 0 picks a free port (see port()).
+    std::string listen_address = "0.0.0.0:50051";
+    // Prometheus /metrics port on `metrics_host`; 0 picks one, -1 disables.
+    int metrics_port = 9090;
+    std::string metrics_host = "0.0.0.0";
+    // Safetensors checkpoint for the gate; empty: deterministic init.
+    std::string checkpoint_path;
+    // Threads gating and combining.
+    int compute_threads = 2;
+    size_t max_queued_requests = 4096;
+    int max_message_bytes = 512 << 20;
+    absl::Duration drain_timeout = absl::Seconds(10);
+  };
+
+  static absl::StatusOr<std::unique_ptr<RouterServer>> Create(Options options);
+  ~RouterServer();
+
+  int port() const { return port_; }
+  int metrics_port() const { return metrics_port_; }
+  Router& router() { return *router_; }
+
+  // Health NOT_SERVING, then gRPC shutdown with in-flight calls bounded by
+  // drain_timeout. Idempotent.
+  void Shutdown();
+
+ private:
+  explicit RouterServer(Options options) : options_(std::move(options)) {}
+  absl::Status Start();
+
+  const Options options_;
+  std::optional<Placement> placement_;
+  std::unique_ptr<GrpcExpertClient> client_;
+  std::unique_ptr<ComputePool> pool_;
+  std::unique_ptr<Router> router_;
+  std::shared_ptr<prometheus::Registry> registry_;
+  std::unique_ptr<RouterMetrics> metrics_;
+  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<RouterServiceImpl> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  int metrics_port_ = -1;
+  absl::Mutex shutdown_mu_;
+  bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
+};
+
+}  // namespace moe::router
+
+#endif  // MOE_ROUTER_SERVICE_ROUTER_SERVER_H_

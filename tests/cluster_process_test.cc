@@ -1,0 +1,205 @@
+// A real cluster on loopback: expert_server processes and a router process,
+// started from one config. The router's answers must equal the in-process
+// reference layer for every strategy, top_k and overflow policy, and survive
+// or name a dead server.
+#include <csignal>
+#include <fstream>
+#include <tuple>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/strings/str_cat.h"
+#include "common/deterministic_init.h"
+#include "common/model_config.h"
+#include "common/reference_moe.h"
+#include "common/tensor_codec.h"
+#include "common/testing/random_tensor.h"
+#include "common/testing/tensor_matchers.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "proto/router.grpc.pb.h"
+#include "tests/process.h"
+
+namespace moe::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+// The processes of one cluster. Servers are started with fixed ports picked
+// up front (the config names them), the router on port 0.
+class LocalCluster {
+ public:
+  LocalCluster(const std::string& strategy, int top_k, bool drop, int num_servers = 2) {
+    for (int s = 0; s < num_servers; ++s) ports_.push_back(PickFreePort());
+    std::string text = absl::StrCat(
+        "model { d_model: 48 d_ff: 96 num_experts: 8 top_k: ", top_k, " seed: 5",
+        drop ? " overflow_policy: OVERFLOW_POLICY_DROP capacity_factor: 0.5" : "", " }\n",
+        "cluster {\n");
+    for (int s = 0; s < num_servers; ++s) {
+      absl::StrAppend(&text, "  servers { name: \"e", s, "\" address: \"127.0.0.1:", ports_[s],
+                      "\" }\n");
+    }
+    absl::StrAppend(&text, "  strategy: PLACEMENT_STRATEGY_", strategy, "\n");
+    if (strategy == "DYNAMIC") {
+      absl::StrAppend(&text, "  load_profile { expert_load: [8, 1, 1, 1, 2, 1, 1, 1] }\n");
+    }
+    absl::StrAppend(&text, "}\n");
+    config_path_ = absl::StrCat(::testing::TempDir(), "/cluster_", strategy, top_k, drop,
+                                ".pbtxt");
+    std::ofstream(config_path_) << text;
+    config_ = *ParseServingConfig(text);
+    for (int s = 0; s < num_servers; ++s) StartServer(s);
+    router_ = std::make_unique<ChildProcess>(
+        RunfilePath("router_service/router"),
+        std::vector<std::string>{"--config=" + config_path_, "--port=0", "--metrics_port=0",
+                                 "--host=127.0.0.1"});
+    const auto line = router_->WaitForLine("router serving gRPC on port", absl::Seconds(60));
+    MOE_CHECK(line.has_value(), router_->output());
+    router_port_ = NumberAfter(*line, "on port ");
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(256 << 20);
+    stub_ = v1::Router::NewStub(grpc::CreateCustomChannel(
+        absl::StrCat("127.0.0.1:", router_port_), grpc::InsecureChannelCredentials(), args));
+  }
+
+  void StartServer(int s) {
+    servers_.resize(std::max<size_t>(servers_.size(), s + 1));
+    servers_[s] = std::make_unique<ChildProcess>(
+        RunfilePath("expert_service/expert_server"),
+        std::vector<std::string>{"--config=" + config_path_, absl::StrCat("--name=e", s),
+                                 absl::StrCat("--port=", ports_[s]), "--metrics_port=-1",
+                                 "--host=127.0.0.1", "--onednn_threads=1"});
+    MOE_CHECK(servers_[s]->WaitForLine("serving gRPC on port", absl::Seconds(60)).has_value(),
+              servers_[s]->output());
+  }
+
+  void KillServer(int s) { servers_[s]->Stop(SIGKILL, absl::Seconds(10)); }
+
+  grpc::Status Forward(const FloatTensor& x, v1::ForwardResponse* response,
+                       bool training = false) {
+    v1::ForwardRequest request;
+    EncodeFloats(x.values(), x.shape(), DType::kFloat32, request.mutable_x());
+    request.set_training(training);
+    request.set_return_routing(true);
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    return stub_->Forward(&context, request, response);
+  }
+
+  grpc::Status Backward(uint64_t id, const FloatTensor& dy, v1::BackwardResponse* response) {
+    v1::BackwardRequest request;
+    request.set_request_id(id);
+    EncodeFloats(dy.values(), dy.shape(), DType::kFloat32, request.mutable_grad_output());
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    return stub_->Backward(&context, request, response);
+  }
+
+  const ServingConfig& config() const { return config_; }
+  ReferenceMoe Reference() const {
+    return *ReferenceMoe::Create(config_.model, InitAllWeights(config_.model));
+  }
+
+ private:
+  std::vector<int> ports_;
+  std::string config_path_;
+  ServingConfig config_;
+  std::vector<std::unique_ptr<ChildProcess>> servers_;
+  std::unique_ptr<ChildProcess> router_;
+  int router_port_ = 0;
+  std::unique_ptr<v1::Router::Stub> stub_;
+};
+
+FloatTensor Decoded(const v1::Tensor& t) {
+  return ToFloatTensor(*DecodeTensor(t, TokenBatchSpec("t", 48, 0)));
+}
+
+using Case = std::tuple<std::string, int, bool>;
+class ClusterMatrixTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(ClusterMatrixTest, OutputsEqualTheReference) {
+  const auto& [strategy, top_k, drop] = GetParam();
+  LocalCluster cluster(strategy, top_k, drop);
+  const ReferenceMoe reference = cluster.Reference();
+  for (int64_t tokens : {0, 1, 7, 1000}) {
+    const FloatTensor x = RandomTensor({tokens, 48}, 1000 + tokens);
+    v1::ForwardResponse response;
+    const grpc::Status status = cluster.Forward(x, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    const ReferenceForward expected = *reference.Forward(x);
+    EXPECT_TRUE(TensorNear(Decoded(response.y()), expected.y, 1e-5)) << tokens << " tokens";
+    EXPECT_TRUE(std::equal(response.routing().expert_ids().begin(),
+                           response.routing().expert_ids().end(),
+                           expected.routing.expert_ids.begin()));
+    EXPECT_EQ(response.dropped_pairs(), expected.routing.dropped_pairs);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Strategies, ClusterMatrixTest,
+    ::testing::Combine(::testing::Values("DATA_PARALLEL", "MODEL_PARALLEL", "HYBRID", "DYNAMIC"),
+                       ::testing::Values(1, 2, 4), ::testing::Bool()));
+
+TEST(ClusterTest, TrainingBackwardEqualsTheReference) {
+  LocalCluster cluster("HYBRID", 2, false);
+  const ReferenceMoe reference = cluster.Reference();
+  const FloatTensor x = RandomTensor({33, 48}, 3), dy = RandomTensor({33, 48}, 4);
+  v1::ForwardResponse forward;
+  ASSERT_TRUE(cluster.Forward(x, &forward, true).ok());
+  v1::BackwardResponse backward;
+  const grpc::Status status = cluster.Backward(forward.request_id(), dy, &backward);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  const ReferenceForward ref_forward = *reference.Forward(x);
+  const ReferenceGradients expected = *reference.Backward(x, ref_forward, dy);
+  EXPECT_TRUE(TensorNear(Decoded(backward.grad_input()), expected.dx, 1e-5));
+}
+
+TEST(ClusterTest, SurvivesAKilledReplicaAndNamesUnreplicatedExperts) {
+  {
+    LocalCluster replicated("DATA_PARALLEL", 2, false);
+    const ReferenceMoe reference = replicated.Reference();
+    const FloatTensor x = RandomTensor({200, 48}, 5);
+    v1::ForwardResponse response;
+    ASSERT_TRUE(replicated.Forward(x, &response).ok());
+    replicated.KillServer(1);
+    for (int i = 0; i < 5; ++i) {
+      v1::ForwardResponse after;
+      const grpc::Status status = replicated.Forward(x, &after);
+      ASSERT_TRUE(status.ok()) << status.error_message();
+      EXPECT_TRUE(TensorNear(Decoded(after.y()), reference.Forward(x)->y, 1e-5));
+    }
+  }
+  LocalCluster split("MODEL_PARALLEL", 2, false);
+  const FloatTensor x = RandomTensor({200, 48}, 6);
+  v1::ForwardResponse response;
+  ASSERT_TRUE(split.Forward(x, &response).ok());
+  split.KillServer(1);  // holds experts 4-7
+  const grpc::Status down = split.Forward(x, &response);
+  EXPECT_EQ(down.error_code(), grpc::StatusCode::UNAVAILABLE) << down.error_message();
+  EXPECT_THAT(down.error_message(), HasSubstr("no live replica"));
+  split.StartServer(1);
+  // Back once the router re-opens its stream (after its back-off, 100 ms
+  // doubling): poll, bounded by a deadline.
+  grpc::Status status;
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  do {
+    status = split.Forward(x, &response);
+  } while (!status.ok() && absl::Now() < deadline);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+}
+
+TEST(ClusterTest, BadInputIsNamedAndTheRouterKeepsServing) {
+  LocalCluster cluster("HYBRID", 2, false);
+  v1::ForwardResponse response;
+  grpc::Status status = cluster.Forward(RandomTensor({3, 47}, 1), &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(), HasSubstr("x: expected d_model = 48, got 47"));
+  v1::BackwardResponse backward;
+  status = cluster.Backward(424242, RandomTensor({3, 48}, 1), &backward);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::NOT_FOUND);
+  EXPECT_THAT(status.error_message(), HasSubstr("request 424242"));
+  EXPECT_TRUE(cluster.Forward(RandomTensor({3, 48}, 1), &response).ok());
+}
+
+}  // namespace
+}  // namespace moe::testing
