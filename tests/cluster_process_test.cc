@@ -18,10 +18,16 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "proto/router.grpc.pb.h"
-#include "tests/process.h"
+#include "deploy/local/child_process.h"
 
 namespace moe::testing {
 namespace {
+
+using ::moe::local::ChildProcess;
+using ::moe::local::HttpGet;
+using ::moe::local::NumberAfter;
+using ::moe::local::PickFreePort;
+using ::moe::local::RunfilePath;
 
 using ::testing::HasSubstr;
 

@@ -17,10 +17,16 @@
 #include "gtest/gtest.h"
 #include "proto/expert.grpc.pb.h"
 #include "proto/health.grpc.pb.h"
-#include "tests/process.h"
+#include "deploy/local/child_process.h"
 
 namespace moe::testing {
 namespace {
+
+using ::moe::local::ChildProcess;
+using ::moe::local::HttpGet;
+using ::moe::local::NumberAfter;
+using ::moe::local::PickFreePort;
+using ::moe::local::RunfilePath;
 
 using ::testing::HasSubstr;
 

@@ -1,8 +1,9 @@
-// Starts a project binary as a real child process for multi-process tests,
-// with its stderr (our log) on a pipe, so a test can wait for a log line
-// such as the bound port without sleeping. Thread-compatible.
-#ifndef MOE_TESTS_PROCESS_H_
-#define MOE_TESTS_PROCESS_H_
+// Runs a project binary as a child process (the local cluster launcher and
+// the multi-process tests), with its output on a pipe, so the caller can
+// wait for a log line such as the bound port without sleeping.
+// Thread-compatible.
+#ifndef MOE_DEPLOY_LOCAL_CHILD_PROCESS_H_
+#define MOE_DEPLOY_LOCAL_CHILD_PROCESS_H_
 
 #include <sys/types.h>
 
@@ -12,7 +13,7 @@
 
 #include "absl/time/time.h"
 
-namespace moe::testing {
+namespace moe::local {
 
 class ChildProcess {
  public:
@@ -39,7 +40,9 @@ class ChildProcess {
   size_t scanned_ = 0;
 };
 
-// The path of a data dependency in the test's runfiles.
+// The path of a data dependency in the runfiles of this test (bazel test)
+// or binary (bazel run, or bazel-bin/...): workspace-relative in, absolute
+// out.
 std::string RunfilePath(const std::string& workspace_relative);
 
 // The first number after `prefix` in `line` ("port 1234" -> 1234), or -1.
@@ -52,6 +55,6 @@ int PickFreePort();
 // GET http://127.0.0.1:port/path; the body, or "" on failure.
 std::string HttpGet(int port, const std::string& path);
 
-}  // namespace moe::testing
+}  // namespace moe::local
 
-#endif  // MOE_TESTS_PROCESS_H_
+#endif  // MOE_DEPLOY_LOCAL_CHILD_PROCESS_H_

@@ -1,4 +1,4 @@
-#include "tests/process.h"
+#include "deploy/local/child_process.h"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -19,7 +19,7 @@
 
 extern char** environ;
 
-namespace moe::testing {
+namespace moe::local {
 
 ChildProcess::ChildProcess(const std::string& path, const std::vector<std::string>& args) {
   int fds[2];
@@ -99,8 +99,15 @@ std::optional<int> ChildProcess::Stop(int signal, absl::Duration timeout) {
 std::string RunfilePath(const std::string& workspace_relative) {
   const char* srcdir = std::getenv("TEST_SRCDIR");
   const char* workspace = std::getenv("TEST_WORKSPACE");
-  MOE_CHECK(srcdir != nullptr && workspace != nullptr, "not run by bazel test");
-  return absl::StrCat(srcdir, "/", workspace, "/", workspace_relative);
+  if (srcdir != nullptr && workspace != nullptr) {
+    return absl::StrCat(srcdir, "/", workspace, "/", workspace_relative);
+  }
+  // A binary: <binary>.runfiles/moe_serve/...
+  char self[4096];
+  const ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+  MOE_CHECK(n > 0, "cannot find this binary's path");
+  self[n] = '\0';
+  return absl::StrCat(self, ".runfiles/moe_serve/", workspace_relative);
 }
 
 int NumberAfter(const std::string& line, const std::string& prefix) {
@@ -147,4 +154,4 @@ std::string HttpGet(int port, const std::string& path) {
   return body == std::string::npos ? "" : response.substr(body + 4);
 }
 
-}  // namespace moe::testing
+}  // namespace moe::local
