@@ -345,6 +345,52 @@ absl::StatusOr<ClusterConfig> ClusterConfigFromProto(
   return cluster;
 }
 
+v1::ClusterConfig ClusterConfigToProto(const ClusterConfig& config) {
+  v1::ClusterConfig proto;
+  for (const ServerSpec& server : config.servers) {
+    v1::ServerSpec* out = proto.add_servers();
+    out->set_name(server.name);
+    out->set_address(server.address);
+  }
+  switch (config.strategy) {
+    case PlacementStrategy::kDataParallel:
+      proto.set_strategy(v1::PLACEMENT_STRATEGY_DATA_PARALLEL);
+      break;
+    case PlacementStrategy::kModelParallel:
+      proto.set_strategy(v1::PLACEMENT_STRATEGY_MODEL_PARALLEL);
+      break;
+    case PlacementStrategy::kHybrid:
+      proto.set_strategy(v1::PLACEMENT_STRATEGY_HYBRID);
+      break;
+    case PlacementStrategy::kDynamic:
+      proto.set_strategy(v1::PLACEMENT_STRATEGY_DYNAMIC);
+      proto.mutable_load_profile()->mutable_expert_load()->Assign(config.load_profile.begin(),
+                                                                  config.load_profile.end());
+      proto.mutable_dynamic_options()->set_slots_per_server(config.slots_per_server);
+      break;
+    case PlacementStrategy::kExplicit:
+      proto.set_strategy(v1::PLACEMENT_STRATEGY_EXPLICIT);
+      for (size_t e = 0; e < config.explicit_placement.size(); ++e) {
+        v1::ExpertAssignment* assignment = proto.mutable_explicit_placement()->add_experts();
+        assignment->set_expert_id(static_cast<int>(e));
+        for (int s : config.explicit_placement[e]) {
+          assignment->add_servers(config.servers[s].name);
+        }
+      }
+      break;
+  }
+  return proto;
+}
+
+std::string ServingConfigToText(const ServingConfig& config) {
+  v1::ServingConfig proto;
+  *proto.mutable_model() = ModelConfigToProto(config.model);
+  *proto.mutable_cluster() = ClusterConfigToProto(config.cluster);
+  std::string text;
+  google::protobuf::TextFormat::PrintToString(proto, &text);
+  return text;
+}
+
 absl::StatusOr<ServingConfig> ServingConfigFromProto(
     const v1::ServingConfig& proto) {
   if (!proto.has_model()) return FieldError("model", "must be set");

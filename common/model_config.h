@@ -84,6 +84,10 @@ v1::ModelConfig ModelConfigToProto(const ModelConfig& config);
 absl::StatusOr<ClusterConfig> ClusterConfigFromProto(
     const v1::ClusterConfig& proto, const ModelConfig& model);
 
+v1::ClusterConfig ClusterConfigToProto(const ClusterConfig& config);
+// The text format a ServingConfig file holds (parses back to `config`).
+std::string ServingConfigToText(const ServingConfig& config);
+
 absl::StatusOr<ServingConfig> ServingConfigFromProto(
     const v1::ServingConfig& proto);
 // Parses a text-format moe.v1.ServingConfig.

@@ -180,6 +180,15 @@ TEST(ModelConfigTest, LoadsFilesAndNamesMissingOnes) {
   EXPECT_THAT(missing.message(), HasSubstr(".missing"));
 }
 
+TEST(ModelConfigTest, TextRoundTrips) {
+  const ServingConfig config = *ParseServingConfig(kValid);
+  absl::StatusOr<ServingConfig> again = ParseServingConfig(ServingConfigToText(config));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(ServingConfigToText(*again), ServingConfigToText(config));
+  EXPECT_EQ(again->cluster.servers[1].name, "expert-1");
+  EXPECT_EQ(again->model.top_k, 2);
+}
+
 TEST(ModelConfigTest, StrategyNamesRoundTrip) {
   for (PlacementStrategy s :
        {PlacementStrategy::kDataParallel, PlacementStrategy::kModelParallel,

@@ -1,0 +1,84 @@
+#include "clients/cpp/load_generator.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <random>
+#include <thread>
+
+#include "absl/synchronization/mutex.h"
+
+namespace moe::client {
+
+double LoadReport::Percentile(double p) const {
+  if (latencies.empty()) return 0;
+  // Nearest rank: the smallest value with at least p% of values <= it.
+  const double rank = std::ceil(p / 100.0 * latencies.size());
+  const size_t index = static_cast<size_t>(std::clamp(rank, 1.0, double(latencies.size()))) - 1;
+  return latencies[index];
+}
+
+absl::StatusOr<LoadReport> RunLoad(const std::string& router_address, const LoadOptions& options,
+                                   int num_experts) {
+  if (options.concurrency < 1 || options.batch_tokens < 0 || options.d_model < 1) {
+    return absl::InvalidArgumentError("load: need concurrency >= 1, batch >= 0, d_model >= 1");
+  }
+  LoadReport report;
+  report.expert_tokens.assign(num_experts, 0);
+  absl::Mutex mu;
+  std::atomic<int64_t> started{0};
+  const absl::Time start = absl::Now();
+  const absl::Time end = start + options.duration;
+  std::vector<std::thread> clients;
+  for (int c = 0; c < options.concurrency; ++c) {
+    clients.emplace_back([&, c] {
+      auto client = MoeClient::Connect(router_address);
+      std::mt19937_64 rng(options.seed * 1000 + c);
+      std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+      FloatTensor x({options.batch_tokens, options.d_model});
+      ForwardOptions forward;
+      forward.return_routing = true;
+      forward.wire_dtype = options.wire_dtype;
+      std::vector<double> latencies;
+      std::vector<int64_t> expert_tokens(num_experts, 0);
+      int64_t ok = 0, failed = 0, dropped = 0;
+      std::string error;
+      while (true) {
+        if (options.requests > 0 ? started.fetch_add(1) >= options.requests
+                                 : absl::Now() >= end) {
+          break;
+        }
+        for (float& v : x.mutable_values()) v = dist(rng);
+        const absl::Time sent = absl::Now();
+        absl::StatusOr<ForwardOutput> out = client->Forward(x, forward);
+        const double seconds = absl::ToDoubleSeconds(absl::Now() - sent);
+        if (!out.ok()) {
+          ++failed;
+          if (error.empty()) error = out.status().ToString();
+          continue;
+        }
+        ++ok;
+        latencies.push_back(seconds);
+        dropped += out->dropped_pairs;
+        for (size_t p = 0; p < out->expert_ids.size(); ++p) {
+          const int32_t e = out->expert_ids[p];
+          if (!out->dropped[p] && e >= 0 && e < num_experts) ++expert_tokens[e];
+        }
+      }
+      absl::MutexLock lock(&mu);
+      report.requests += ok;
+      report.failures += failed;
+      if (report.first_error.empty()) report.first_error = error;
+      report.tokens += ok * options.batch_tokens;
+      report.dropped_pairs += dropped;
+      report.latencies.insert(report.latencies.end(), latencies.begin(), latencies.end());
+      for (int e = 0; e < num_experts; ++e) report.expert_tokens[e] += expert_tokens[e];
+    });
+  }
+  for (std::thread& t : clients) t.join();
+  report.seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  std::sort(report.latencies.begin(), report.latencies.end());
+  return report;
+}
+
+}  // namespace moe::client

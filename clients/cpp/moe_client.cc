@@ -1,0 +1,96 @@
+#include "clients/cpp/moe_client.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+#include "common/status_macros.h"
+#include "common/tensor_codec.h"
+#include "proto/health.grpc.pb.h"
+
+namespace moe::client {
+namespace {
+
+std::chrono::system_clock::time_point After(absl::Duration timeout) {
+  return absl::ToChronoTime(absl::Now() + timeout);
+}
+
+absl::StatusOr<FloatTensor> DecodeBatch(const v1::Tensor& t, absl::string_view name) {
+  TensorSpec spec;
+  spec.name = name;
+  spec.dims = {-1, -1};
+  spec.dim_names = {"tokens", "d_model"};
+  MOE_ASSIGN_OR_RETURN(const ConstTensorView view, DecodeTensor(t, spec));
+  return ToFloatTensor(view);
+}
+
+}  // namespace
+
+std::unique_ptr<MoeClient> MoeClient::Connect(const std::string& address,
+                                              int max_message_bytes) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(max_message_bytes);
+  args.SetMaxSendMessageSize(max_message_bytes);
+  return std::unique_ptr<MoeClient>(new MoeClient(
+      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
+}
+
+MoeClient::MoeClient(std::shared_ptr<grpc::Channel> channel)
+    : channel_(std::move(channel)), stub_(v1::Router::NewStub(channel_)) {}
+
+absl::Status MoeClient::WaitUntilHealthy(absl::Duration timeout) {
+  auto health = grpc::health::v1::Health::NewStub(channel_);
+  const absl::Time deadline = absl::Now() + timeout;
+  while (true) {
+    grpc::ClientContext context;
+    // Waits for the connection instead of failing fast while it comes up.
+    context.set_wait_for_ready(true);
+    context.set_deadline(absl::ToChronoTime(deadline));
+    grpc::health::v1::HealthCheckResponse response;
+    const grpc::Status status = health->Check(&context, {}, &response);
+    if (status.ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
+      return absl::OkStatus();
+    }
+    if (absl::Now() >= deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "router not healthy after ", absl::FormatDuration(timeout), ": ",
+          status.ok() ? "NOT_SERVING" : status.error_message()));
+    }
+  }
+}
+
+absl::StatusOr<ForwardOutput> MoeClient::Forward(const FloatTensor& x,
+                                                 const ForwardOptions& options) {
+  v1::ForwardRequest request;
+  EncodeFloats(x.values(), x.shape(), options.wire_dtype, request.mutable_x());
+  request.set_training(options.training);
+  request.set_return_routing(options.return_routing);
+  grpc::ClientContext context;
+  context.set_deadline(After(options.timeout));
+  v1::ForwardResponse response;
+  MOE_RETURN_IF_ERROR(FromGrpcStatus(stub_->Forward(&context, request, &response)));
+  ForwardOutput out;
+  MOE_ASSIGN_OR_RETURN(out.y, DecodeBatch(response.y(), "y"));
+  out.request_id = response.request_id();
+  out.dropped_pairs = response.dropped_pairs();
+  out.top_k = response.routing().top_k();
+  out.expert_ids.assign(response.routing().expert_ids().begin(),
+                        response.routing().expert_ids().end());
+  out.weights.assign(response.routing().weights().begin(), response.routing().weights().end());
+  out.dropped.assign(response.routing().dropped().begin(), response.routing().dropped().end());
+  return out;
+}
+
+absl::StatusOr<FloatTensor> MoeClient::Backward(uint64_t request_id,
+                                                const FloatTensor& grad_output,
+                                                absl::Duration timeout) {
+  v1::BackwardRequest request;
+  request.set_request_id(request_id);
+  EncodeFloats(grad_output.values(), grad_output.shape(), DType::kFloat32,
+               request.mutable_grad_output());
+  grpc::ClientContext context;
+  context.set_deadline(After(timeout));
+  v1::BackwardResponse response;
+  MOE_RETURN_IF_ERROR(FromGrpcStatus(stub_->Backward(&context, request, &response)));
+  return DecodeBatch(response.grad_input(), "grad_input");
+}
+
+}  // namespace moe::client

@@ -1,0 +1,67 @@
+// A small C++ client of the router: Forward and Backward on fp32 tensors,
+// and waiting for the router to be healthy. Synchronous; one channel reused
+// for every call. Thread-safe.
+#ifndef MOE_CLIENTS_CPP_MOE_CLIENT_H_
+#define MOE_CLIENTS_CPP_MOE_CLIENT_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "common/tensor.h"
+#include "proto/router.grpc.pb.h"
+
+namespace moe::client {
+
+struct ForwardOptions {
+  // Keep state for Backward (the result's request_id names it).
+  bool training = false;
+  // Ask for the chosen experts and weights per token.
+  bool return_routing = false;
+  // Send x as bf16 instead of fp32 (y comes back in the same dtype).
+  DType wire_dtype = DType::kFloat32;
+  absl::Duration timeout = absl::Seconds(60);
+};
+
+struct ForwardOutput {
+  FloatTensor y;
+  uint64_t request_id = 0;
+  int64_t dropped_pairs = 0;
+  // With return_routing: [tokens * top_k] expert ids, weights, and whether
+  // the pair was dropped for capacity.
+  int top_k = 0;
+  std::vector<int32_t> expert_ids;
+  std::vector<float> weights;
+  std::vector<bool> dropped;
+};
+
+class MoeClient {
+ public:
+  // `address` is host:port of the router.
+  static std::unique_ptr<MoeClient> Connect(const std::string& address,
+                                            int max_message_bytes = 512 << 20);
+
+  // Waits (without polling) until the router's health service says
+  // SERVING, up to `timeout`.
+  absl::Status WaitUntilHealthy(absl::Duration timeout);
+
+  absl::StatusOr<ForwardOutput> Forward(const FloatTensor& x,
+                                        const ForwardOptions& options = {});
+  absl::StatusOr<FloatTensor> Backward(uint64_t request_id, const FloatTensor& grad_output,
+                                       absl::Duration timeout = absl::Seconds(60));
+
+ private:
+  explicit MoeClient(std::shared_ptr<grpc::Channel> channel);
+
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Router::Stub> stub_;
+};
+
+}  // namespace moe::client
+
+#endif  // MOE_CLIENTS_CPP_MOE_CLIENT_H_

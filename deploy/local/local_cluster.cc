@@ -1,0 +1,88 @@
+#include "deploy/local/local_cluster.h"
+
+#include <csignal>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+
+namespace moe::local {
+namespace {
+
+constexpr absl::Duration kStartTimeout = absl::Seconds(120);
+
+std::string Ended(const std::string& name, std::optional<int> code) {
+  if (!code.has_value()) return absl::StrCat(name, ": did not stop in time (killed)");
+  if (*code < 0) return absl::StrCat(name, ": killed by signal ", -*code);
+  return absl::StrCat(name, ": exit ", *code);
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOptions options) {
+  auto cluster = std::unique_ptr<LocalCluster>(new LocalCluster());
+  cluster->config_ = std::move(options.config);
+  for (ServerSpec& server : cluster->config_.cluster.servers) {
+    server.address = absl::StrCat("127.0.0.1:", PickFreePort());
+  }
+  cluster->config_path_ = absl::StrCat(options.work_dir, "/serving.pbtxt");
+  std::ofstream(cluster->config_path_) << ServingConfigToText(cluster->config_);
+  std::vector<std::string> common = {"--config=" + cluster->config_path_, "--host=127.0.0.1",
+                                     "--metrics_port=0"};
+  if (!options.checkpoint_path.empty()) common.push_back("--checkpoint=" + options.checkpoint_path);
+
+  // Start every server, then wait for each: they load in parallel.
+  for (const ServerSpec& server : cluster->config_.cluster.servers) {
+    std::vector<std::string> args = common;
+    args.push_back("--name=" + server.name);
+    args.push_back("--port=" + server.address.substr(server.address.rfind(':') + 1));
+    args.push_back("--dtype=" + options.dtype);
+    args.push_back(absl::StrCat("--onednn_threads=", options.onednn_threads));
+    cluster->servers_.push_back(
+        std::make_unique<ChildProcess>(RunfilePath("expert_service/expert_server"), args));
+  }
+  for (size_t s = 0; s < cluster->servers_.size(); ++s) {
+    const auto line = cluster->servers_[s]->WaitForLine("serving gRPC on port", kStartTimeout);
+    if (!line.has_value()) {
+      return absl::UnavailableError(absl::StrCat(
+          "expert server ", cluster->config_.cluster.servers[s].name,
+          " did not start:\n", cluster->servers_[s]->output()));
+    }
+    cluster->server_metrics_ports_.push_back(NumberAfter(*line, "/metrics on port "));
+  }
+  std::vector<std::string> router_args = common;
+  router_args.push_back("--port=0");
+  cluster->router_ =
+      std::make_unique<ChildProcess>(RunfilePath("router_service/router"), router_args);
+  const auto line = cluster->router_->WaitForLine("router serving gRPC on port", kStartTimeout);
+  if (!line.has_value()) {
+    return absl::UnavailableError(
+        absl::StrCat("the router did not start:\n", cluster->router_->output()));
+  }
+  cluster->router_port_ = NumberAfter(*line, "on port ");
+  cluster->router_metrics_port_ = NumberAfter(*line, "/metrics on port ");
+  return cluster;
+}
+
+std::string LocalCluster::router_address() const {
+  return absl::StrCat("127.0.0.1:", router_port_);
+}
+
+std::vector<std::string> LocalCluster::Stop() {
+  std::vector<std::string> lines;
+  if (router_ != nullptr) {
+    lines.push_back(Ended("router", router_->Stop(SIGTERM, absl::Seconds(30))));
+    router_.reset();
+  }
+  for (size_t s = 0; s < servers_.size(); ++s) {
+    if (servers_[s] == nullptr) continue;
+    lines.push_back(Ended(config_.cluster.servers[s].name,
+                          servers_[s]->Stop(SIGTERM, absl::Seconds(30))));
+    servers_[s].reset();
+  }
+  return lines;
+}
+
+LocalCluster::~LocalCluster() { Stop(); }
+
+}  // namespace moe::local

@@ -1,0 +1,60 @@
+// A moe-serve cluster on this machine: N expert_server processes and a
+// router process on free loopback ports, from one serving config. Starts
+// them, waits until they serve, and stops them (SIGTERM, then their exit
+// codes). Thread-compatible.
+#ifndef MOE_DEPLOY_LOCAL_LOCAL_CLUSTER_H_
+#define MOE_DEPLOY_LOCAL_LOCAL_CLUSTER_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/model_config.h"
+#include "deploy/local/child_process.h"
+
+namespace moe::local {
+
+struct LocalClusterOptions {
+  // Its server addresses are replaced by free loopback ports.
+  ServingConfig config;
+  std::string checkpoint_path;
+  // Expert kernel dtype: "fp32" or "bf16".
+  std::string dtype = "fp32";
+  // oneDNN threads per expert server (0: all cores).
+  int onednn_threads = 0;
+  // Where the generated config goes.
+  std::string work_dir;
+};
+
+class LocalCluster {
+ public:
+  static absl::StatusOr<std::unique_ptr<LocalCluster>> Start(LocalClusterOptions options);
+  // Stops whatever still runs.
+  ~LocalCluster();
+
+  const ServingConfig& config() const { return config_; }
+  const std::string& config_path() const { return config_path_; }
+  std::string router_address() const;
+  int router_metrics_port() const { return router_metrics_port_; }
+  const std::vector<int>& server_metrics_ports() const { return server_metrics_ports_; }
+
+  // SIGTERM to the router, then the servers; a line per process with how it
+  // ended ("exit 0").
+  std::vector<std::string> Stop();
+
+ private:
+  LocalCluster() = default;
+
+  ServingConfig config_;
+  std::string config_path_;
+  std::vector<std::unique_ptr<ChildProcess>> servers_;
+  std::vector<int> server_metrics_ports_;
+  std::unique_ptr<ChildProcess> router_;
+  int router_port_ = 0;
+  int router_metrics_port_ = 0;
+};
+
+}  // namespace moe::local
+
+#endif  // MOE_DEPLOY_LOCAL_LOCAL_CLUSTER_H_

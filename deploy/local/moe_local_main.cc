@@ -1,0 +1,237 @@
+// moe_local: a moe-serve cluster on this machine. Starts the router and N
+// expert servers as separate processes on free loopback ports, waits until
+// they serve, runs a load through the router, prints what happened, and
+// shuts everything down (or, with --serve, keeps it up until Ctrl-C).
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <algorithm>
+#include <map>
+#include <numeric>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_split.h"
+#include "clients/cpp/load_generator.h"
+#include "common/flags_usage.h"
+#include "common/log.h"
+#include "common/model_config.h"
+#include "common/placement.h"
+#include "deploy/local/child_process.h"
+#include "deploy/local/local_cluster.h"
+
+ABSL_FLAG(std::string, config, "",
+          "A serving config to run (its server addresses are replaced by free ports); "
+          "empty: built from the flags below.");
+ABSL_FLAG(std::string, strategy, "HYBRID",
+          "DATA_PARALLEL, MODEL_PARALLEL, HYBRID or DYNAMIC (without --config).");
+ABSL_FLAG(int, servers, 2, "Expert servers (without --config).");
+ABSL_FLAG(int, experts, 8, "Experts (without --config).");
+ABSL_FLAG(int, d_model, 256, "Model width (without --config).");
+ABSL_FLAG(int, d_ff, 1024, "Expert hidden width (without --config).");
+ABSL_FLAG(int, top_k, 2, "Experts per token (without --config).");
+ABSL_FLAG(double, capacity_factor, 1.25,
+          "Capacity factor with OVERFLOW_POLICY_DROP; 0 means DROPLESS (without --config).");
+ABSL_FLAG(std::string, checkpoint, "", "Safetensors checkpoint to serve; empty: seeded init.");
+ABSL_FLAG(std::string, dtype, "fp32", "Expert kernel dtype: fp32 or bf16.");
+ABSL_FLAG(int, onednn_threads, 1, "oneDNN threads per expert server.");
+ABSL_FLAG(int, concurrency, 4, "Clients, each with one request in flight.");
+ABSL_FLAG(int64_t, batch, 256, "Tokens per request.");
+ABSL_FLAG(absl::Duration, duration, absl::Seconds(5), "How long to run the load.");
+ABSL_FLAG(bool, serve, false, "After the load, keep the cluster up until Ctrl-C.");
+
+namespace moe::local {
+namespace {
+
+absl::StatusOr<ServingConfig> ConfigFromFlags() {
+  const std::string path = absl::GetFlag(FLAGS_config);
+  if (!path.empty()) return LoadServingConfig(path);
+  v1::ServingConfig proto;
+  v1::ModelConfig* model = proto.mutable_model();
+  model->set_d_model(absl::GetFlag(FLAGS_d_model));
+  model->set_d_ff(absl::GetFlag(FLAGS_d_ff));
+  model->set_num_experts(absl::GetFlag(FLAGS_experts));
+  model->set_top_k(absl::GetFlag(FLAGS_top_k));
+  model->set_seed(42);
+  if (absl::GetFlag(FLAGS_capacity_factor) > 0) {
+    model->set_overflow_policy(v1::OVERFLOW_POLICY_DROP);
+    model->set_capacity_factor(absl::GetFlag(FLAGS_capacity_factor));
+  }
+  v1::ClusterConfig* cluster = proto.mutable_cluster();
+  for (int s = 0; s < absl::GetFlag(FLAGS_servers); ++s) {
+    v1::ServerSpec* server = cluster->add_servers();
+    server->set_name(absl::StrCat("expert-", s));
+    server->set_address("127.0.0.1:0");  // replaced by a free port
+  }
+  const std::string strategy = absl::GetFlag(FLAGS_strategy);
+  v1::PlacementStrategy value;
+  if (!v1::PlacementStrategy_Parse("PLACEMENT_STRATEGY_" + strategy, &value) ||
+      value == v1::PLACEMENT_STRATEGY_EXPLICIT || value == v1::PLACEMENT_STRATEGY_UNSPECIFIED) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--strategy: \"", strategy, "\" (want DATA_PARALLEL, MODEL_PARALLEL, HYBRID or DYNAMIC)"));
+  }
+  cluster->set_strategy(value);
+  if (value == v1::PLACEMENT_STRATEGY_DYNAMIC) {
+    // A skewed profile: expert 0 is hot.
+    for (int e = 0; e < model->num_experts(); ++e) {
+      cluster->mutable_load_profile()->add_expert_load(e == 0 ? 4.0 : 1.0);
+    }
+  }
+  // Distinct names need distinct (placeholder) addresses to validate.
+  for (int s = 0; s < cluster->servers_size(); ++s) {
+    cluster->mutable_servers(s)->set_address(absl::StrCat("127.0.0.1:", 1 + s));
+  }
+  return ServingConfigFromProto(proto);
+}
+
+// Sum of moe_expert_tokens_total over an expert server's /metrics.
+double ServerTokens(int metrics_port) {
+  double total = 0;
+  for (absl::string_view line : absl::StrSplit(HttpGet(metrics_port, "/metrics"), '\n')) {
+    if (!absl::StartsWith(line, "moe_expert_tokens_total{")) continue;
+    double value = 0;
+    if (absl::SimpleAtod(line.substr(line.rfind(' ') + 1), &value)) total += value;
+  }
+  return total;
+}
+
+std::string Bar(double share, double max_share) {
+  return std::string(max_share > 0 ? static_cast<int>(30 * share / max_share) : 0, '#');
+}
+
+int Run() {
+  absl::StatusOr<ServingConfig> config = ConfigFromFlags();
+  if (!config.ok()) {
+    MOE_LOG(ERROR, config.status().message());
+    return 2;
+  }
+  char work_dir[] = "/tmp/moe_local.XXXXXX";
+  if (mkdtemp(work_dir) == nullptr) {
+    MOE_LOG(ERROR, "cannot create a work directory in /tmp");
+    return 1;
+  }
+  LocalClusterOptions options;
+  options.config = *config;
+  options.checkpoint_path = absl::GetFlag(FLAGS_checkpoint);
+  options.dtype = absl::GetFlag(FLAGS_dtype);
+  options.onednn_threads = absl::GetFlag(FLAGS_onednn_threads);
+  options.work_dir = work_dir;
+  const ModelConfig& model = config->model;
+  std::printf("moe-serve local cluster: %d experts (d_model %ld, d_ff %ld, top_k %d), %zu expert "
+              "servers, %s placement, %s kernels\nstarting...\n",
+              model.num_experts, static_cast<long>(model.d_model), static_cast<long>(model.d_ff),
+              model.top_k, config->cluster.servers.size(),
+              std::string(PlacementStrategyName(config->cluster.strategy)).c_str(),
+              options.dtype.c_str());
+  std::fflush(stdout);
+  absl::StatusOr<std::unique_ptr<LocalCluster>> cluster = LocalCluster::Start(options);
+  if (!cluster.ok()) {
+    MOE_LOG(ERROR, cluster.status().message());
+    return 1;
+  }
+  const ServingConfig& running = (*cluster)->config();
+  auto client = client::MoeClient::Connect((*cluster)->router_address());
+  if (absl::Status healthy = client->WaitUntilHealthy(absl::Seconds(60)); !healthy.ok()) {
+    MOE_LOG(ERROR, healthy.message());
+    return 1;
+  }
+  std::printf("\nrouter      %s   metrics http://127.0.0.1:%d/metrics\n",
+              (*cluster)->router_address().c_str(), (*cluster)->router_metrics_port());
+  const Placement placement = *ComputePlacement(running.model, running.cluster);
+  for (size_t s = 0; s < running.cluster.servers.size(); ++s) {
+    std::string experts;
+    for (int e : placement.ExpertsOn(s)) absl::StrAppend(&experts, experts.empty() ? "" : ",", e);
+    std::printf("%-11s %s   metrics http://127.0.0.1:%d/metrics   experts %s\n",
+                running.cluster.servers[s].name.c_str(), running.cluster.servers[s].address.c_str(),
+                (*cluster)->server_metrics_ports()[s], experts.c_str());
+  }
+
+  client::LoadOptions load;
+  load.concurrency = absl::GetFlag(FLAGS_concurrency);
+  load.batch_tokens = absl::GetFlag(FLAGS_batch);
+  load.d_model = running.model.d_model;
+  load.duration = absl::GetFlag(FLAGS_duration);
+  std::printf("\nload        %d clients x %ld-token requests for %s ...\n", load.concurrency,
+              static_cast<long>(load.batch_tokens), absl::FormatDuration(load.duration).c_str());
+  std::fflush(stdout);
+  std::vector<double> before(running.cluster.servers.size());
+  for (size_t s = 0; s < before.size(); ++s) before[s] = ServerTokens((*cluster)->server_metrics_ports()[s]);
+  absl::StatusOr<client::LoadReport> report =
+      client::RunLoad((*cluster)->router_address(), load, running.model.num_experts);
+  if (!report.ok()) {
+    MOE_LOG(ERROR, report.status().message());
+    return 1;
+  }
+  std::printf("requests    %ld ok, %ld failed%s%s\n", static_cast<long>(report->requests),
+              static_cast<long>(report->failures), report->first_error.empty() ? "" : ": ",
+              report->first_error.c_str());
+  std::printf("throughput  %.0f tokens/s, %.1f requests/s\n", report->tokens_per_second(),
+              report->requests_per_second());
+  std::printf("latency     p50 %.2f ms, p90 %.2f ms, p99 %.2f ms, max %.2f ms\n",
+              1e3 * report->Percentile(50), 1e3 * report->Percentile(90),
+              1e3 * report->Percentile(99), 1e3 * report->Percentile(100));
+  const int64_t pairs = report->tokens * running.model.top_k;
+  std::printf("dropped     %ld of %ld pairs (%.2f%%) for capacity\n",
+              static_cast<long>(report->dropped_pairs), static_cast<long>(pairs),
+              pairs > 0 ? 100.0 * report->dropped_pairs / pairs : 0.0);
+
+  std::printf("\nper expert (pairs served)\n");
+  std::vector<double> expert_load(report->expert_tokens.begin(), report->expert_tokens.end());
+  const double served = std::accumulate(expert_load.begin(), expert_load.end(), 0.0);
+  const double max_expert = *std::max_element(expert_load.begin(), expert_load.end());
+  for (size_t e = 0; e < expert_load.size(); ++e) {
+    std::printf("  expert %2zu %10.0f %6.1f%%  %s\n", e, expert_load[e],
+                served > 0 ? 100 * expert_load[e] / served : 0.0,
+                Bar(expert_load[e], max_expert).c_str());
+  }
+  std::printf("  expert imbalance (max/mean) %.3f\n", Imbalance(expert_load));
+  std::printf("per server (token rows run, from each server's /metrics)\n");
+  std::vector<double> server_load(before.size());
+  for (size_t s = 0; s < before.size(); ++s) {
+    server_load[s] = ServerTokens((*cluster)->server_metrics_ports()[s]) - before[s];
+  }
+  const double max_server = *std::max_element(server_load.begin(), server_load.end());
+  for (size_t s = 0; s < server_load.size(); ++s) {
+    std::printf("  %-10s %10.0f  %s\n", running.cluster.servers[s].name.c_str(), server_load[s],
+                Bar(server_load[s], max_server).c_str());
+  }
+  std::printf("  server imbalance (max/mean) %.3f\n", Imbalance(server_load));
+
+  if (absl::GetFlag(FLAGS_serve)) {
+    std::printf("\nserving at %s until Ctrl-C (config %s)\n", (*cluster)->router_address().c_str(),
+                (*cluster)->config_path().c_str());
+    std::fflush(stdout);
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGINT);
+    sigaddset(&stop, SIGTERM);
+    int signal = 0;
+    sigwait(&stop, &signal);
+  }
+  std::printf("\nshutting down\n");
+  for (const std::string& line : (*cluster)->Stop()) std::printf("  %s\n", line.c_str());
+  return report->failures == 0 ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace moe::local
+
+int main(int argc, char** argv) {
+  moe::SetFlagsUsage(
+      "Runs a moe-serve cluster (router + expert servers) on this machine, puts a load "
+      "through it and prints a summary.\nUsage: moe_local [--strategy=HYBRID] [--servers=2] "
+      "[--serve]");
+  absl::ParseCommandLine(argc, argv);
+  // Ctrl-C goes to sigwait (with --serve), not to the default handler.
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGINT);
+  sigaddset(&stop, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  return moe::local::Run();
+}
