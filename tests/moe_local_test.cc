@@ -1,10 +1,13 @@
 // The README's main job: moe_local starts a real cluster, serves a load
 // through it without a failure, prints its summary, and stops every process
 // cleanly.
+#include <fstream>
 #include <string>
 
 #include "absl/time/time.h"
+#include "common/model_config.h"
 #include "deploy/local/child_process.h"
+#include "deploy/local/local_cluster.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -28,6 +31,39 @@ TEST(MoeLocalTest, RunsALoadAndStopsCleanly) {
   EXPECT_THAT(out, HasSubstr("server imbalance"));
   EXPECT_THAT(out, HasSubstr("router: exit 0"));
   EXPECT_THAT(out, HasSubstr("expert-2: exit 0"));
+}
+
+TEST(MoeLoadgenTest, MeasuresARunningClusterAgainstTheLocalLayer) {
+  const std::string dir = ::testing::TempDir();
+  const std::string text = R"pb(
+    model { d_model: 64 d_ff: 128 num_experts: 4 top_k: 2 seed: 3 }
+    cluster {
+      servers { name: "a" address: "127.0.0.1:1" }
+      servers { name: "b" address: "127.0.0.1:2" }
+      strategy: PLACEMENT_STRATEGY_HYBRID
+    }
+  )pb";
+  local::LocalClusterOptions options;
+  options.config = *ParseServingConfig(text);
+  options.work_dir = dir;
+  options.onednn_threads = 1;
+  absl::StatusOr<std::unique_ptr<local::LocalCluster>> cluster =
+      local::LocalCluster::Start(options);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const std::string json = dir + "/loadgen.json";
+  ChildProcess loadgen(RunfilePath("clients/cpp/moe_loadgen"),
+                       {"--router=" + (*cluster)->router_address(),
+                        "--config=" + (*cluster)->config_path(), "--concurrency=1,2",
+                        "--batch=1,16", "--requests=20", "--duration=1s", "--compare_local",
+                        "--json=" + json});
+  EXPECT_EQ(loadgen.Stop(0, absl::Seconds(120)), 0) << loadgen.output();
+  EXPECT_THAT(loadgen.output(), HasSubstr("tokens/s"));
+  EXPECT_THAT(loadgen.output(), HasSubstr("ratio"));
+  std::ifstream file(json);
+  const std::string written((std::istreambuf_iterator<char>(file)), {});
+  EXPECT_THAT(written, HasSubstr("\"remote_over_local\""));
+  EXPECT_THAT(written, HasSubstr("\"failures\": 0"));
+  for (const std::string& line : (*cluster)->Stop()) EXPECT_THAT(line, HasSubstr("exit 0"));
 }
 
 TEST(MoeLocalTest, BadStrategyIsNamed) {

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The cluster against the same layer in one process, side by side in one run:
+# starts a local cluster of deploy/config/bench_1024.pbtxt (router + 2 expert
+# servers) with moe_local --serve, then runs moe_loadgen --compare_local on
+# it. Usage: bench/remote_vs_local.sh [fp32|bf16] [extra moe_loadgen flags]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dtype="${1:-fp32}"
+shift || true
+config="$PWD/deploy/config/bench_1024.pbtxt"
+
+bazel build //deploy/local:moe_local //clients/cpp:moe_loadgen
+log="$(mktemp)"
+bazel-bin/deploy/local/moe_local --config="$config" --dtype="$dtype" --onednn_threads=0 \
+    --duration=1s --concurrency=1 --batch=64 --serve >"$log" 2>&1 &
+cluster=$!
+trap 'kill -INT $cluster 2>/dev/null; wait $cluster 2>/dev/null; rm -f "$log"' EXIT
+while ! grep -q "serving at" "$log"; do
+  if ! kill -0 $cluster 2>/dev/null; then cat "$log"; exit 1; fi
+  sleep 0.2  # waiting for the cluster to start; not part of any measurement
+done
+router="$(grep -o 'serving at [0-9.:]*' "$log" | awk '{print $3}')"
+echo "cluster at $router ($dtype)"
+bazel-bin/clients/cpp/moe_loadgen --router="$router" --config="$config" --dtype="$dtype" \
+    --compare_local --concurrency=1,2 --batch=1,64,512,4096 --duration=5s "$@"

@@ -1,0 +1,204 @@
+// moe_loadgen: load against a running router, in the spirit of Triton's
+// perf_analyzer. For each concurrency x batch size, closed-loop clients send
+// Forward requests for a duration and the tool prints throughput and
+// latency percentiles; --compare_local runs the same layer in this process
+// (same gate, same oneDNN kernels, no network) on the same shapes in the
+// same run and prints remote/local.
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
+#include "clients/cpp/load_generator.h"
+#include "clients/cpp/local_moe_layer.h"
+#include "common/checkpoint.h"
+#include "common/deterministic_init.h"
+#include "common/flags_usage.h"
+#include "common/log.h"
+#include "common/model_config.h"
+#include "nlohmann/json.hpp"
+
+ABSL_FLAG(std::string, router, "127.0.0.1:50051", "The router's host:port.");
+ABSL_FLAG(std::string, config, "", "The cluster's serving config (required).");
+ABSL_FLAG(std::string, checkpoint, "", "The cluster's checkpoint (for --compare_local).");
+ABSL_FLAG(std::string, concurrency, "1,4", "Comma-separated client counts.");
+ABSL_FLAG(std::string, batch, "1,64,512", "Comma-separated tokens per request.");
+ABSL_FLAG(absl::Duration, duration, absl::Seconds(5), "Time per measurement.");
+ABSL_FLAG(int64_t, requests, 0, "With > 0: requests per measurement instead of --duration.");
+ABSL_FLAG(std::string, dtype, "fp32", "Wire dtype, and the local layer's kernels: fp32 or bf16.");
+ABSL_FLAG(bool, compare_local, false, "Also run the in-process layer and print remote/local.");
+ABSL_FLAG(int, local_threads, 0, "oneDNN threads of the local layer; 0: all cores.");
+ABSL_FLAG(std::string, json, "", "Also write the results to this JSON file.");
+ABSL_FLAG(bool, streaming, false, "Use ForwardStream (not available yet).");
+
+namespace moe::client {
+namespace {
+
+absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& text, const char* flag) {
+  std::vector<int64_t> values;
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipEmpty())) {
+    int64_t v;
+    if (!absl::SimpleAtoi(part, &v) || v < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, ": bad value \"", part, "\""));
+    }
+    values.push_back(v);
+  }
+  if (values.empty()) return absl::InvalidArgumentError(absl::StrCat("--", flag, " is empty"));
+  return values;
+}
+
+struct LocalFigures {
+  double tokens_per_second = 0;
+  double p50 = 0, p99 = 0;
+};
+
+LocalFigures MeasureLocal(const LocalMoeLayer& layer, int64_t batch, int64_t d_model,
+                          absl::Duration duration) {
+  std::mt19937_64 rng(7);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  FloatTensor x({batch, d_model});
+  for (float& v : x.mutable_values()) v = dist(rng);
+  (void)layer.Forward(x);  // warm up: primitives, caches
+  std::vector<double> latencies;
+  const absl::Time start = absl::Now();
+  while (absl::Now() - start < duration || latencies.size() < 3) {
+    const absl::Time t = absl::Now();
+    (void)layer.Forward(x);
+    latencies.push_back(absl::ToDoubleSeconds(absl::Now() - t));
+  }
+  const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  std::sort(latencies.begin(), latencies.end());
+  LoadReport as_report;
+  as_report.latencies = latencies;
+  return {latencies.size() * batch / seconds, as_report.Percentile(50), as_report.Percentile(99)};
+}
+
+int Run() {
+  if (absl::GetFlag(FLAGS_streaming)) {
+    MOE_LOG(ERROR, "--streaming: ForwardStream is not implemented by the router yet");
+    return 2;
+  }
+  absl::StatusOr<ServingConfig> config = LoadServingConfig(absl::GetFlag(FLAGS_config));
+  if (!config.ok()) {
+    MOE_LOG(ERROR, "--config: ", config.status().message());
+    return 2;
+  }
+  absl::StatusOr<std::vector<int64_t>> concurrency =
+      ParseList(absl::GetFlag(FLAGS_concurrency), "concurrency");
+  absl::StatusOr<std::vector<int64_t>> batches = ParseList(absl::GetFlag(FLAGS_batch), "batch");
+  if (!concurrency.ok() || !batches.ok()) {
+    MOE_LOG(ERROR, (concurrency.ok() ? batches.status() : concurrency.status()).message());
+    return 2;
+  }
+  const std::string dtype_name = absl::GetFlag(FLAGS_dtype);
+  if (dtype_name != "fp32" && dtype_name != "bf16") {
+    MOE_LOG(ERROR, "--dtype must be fp32 or bf16");
+    return 2;
+  }
+  const DType dtype = dtype_name == "bf16" ? DType::kBFloat16 : DType::kFloat32;
+  const ModelConfig& model = config->model;
+
+  std::unique_ptr<LocalMoeLayer> local;
+  if (absl::GetFlag(FLAGS_compare_local)) {
+    MoeWeights weights;
+    if (absl::GetFlag(FLAGS_checkpoint).empty()) {
+      weights = InitAllWeights(model);
+    } else {
+      absl::StatusOr<MoeWeights> loaded = LoadCheckpoint(absl::GetFlag(FLAGS_checkpoint), model);
+      if (!loaded.ok()) {
+        MOE_LOG(ERROR, loaded.status().message());
+        return 2;
+      }
+      weights = *std::move(loaded);
+    }
+    absl::StatusOr<std::unique_ptr<LocalMoeLayer>> layer =
+        LocalMoeLayer::Create(model, std::move(weights), dtype, absl::GetFlag(FLAGS_local_threads));
+    if (!layer.ok()) {
+      MOE_LOG(ERROR, layer.status().message());
+      return 1;
+    }
+    local = *std::move(layer);
+  }
+  auto client = MoeClient::Connect(absl::GetFlag(FLAGS_router));
+  if (absl::Status healthy = client->WaitUntilHealthy(absl::Seconds(30)); !healthy.ok()) {
+    MOE_LOG(ERROR, healthy.message());
+    return 1;
+  }
+
+  nlohmann::json results = nlohmann::json::array();
+  std::printf("%5s %6s %12s %10s %9s %9s %9s", "conc", "batch", "tokens/s", "req/s", "p50 ms",
+              "p90 ms", "p99 ms");
+  if (local) std::printf(" %12s %8s %12s %12s", "local tok/s", "ratio", "+p50 us", "+p99 us");
+  std::printf("\n");
+  bool failed = false;
+  for (int64_t batch : *batches) {
+    LocalFigures local_figures;
+    if (local) local_figures = MeasureLocal(*local, batch, model.d_model, absl::GetFlag(FLAGS_duration));
+    for (int64_t clients : *concurrency) {
+      LoadOptions load;
+      load.concurrency = static_cast<int>(clients);
+      load.batch_tokens = batch;
+      load.d_model = model.d_model;
+      load.duration = absl::GetFlag(FLAGS_duration);
+      load.requests = absl::GetFlag(FLAGS_requests);
+      load.wire_dtype = dtype;
+      absl::StatusOr<LoadReport> report = RunLoad(absl::GetFlag(FLAGS_router), load, model.num_experts);
+      if (!report.ok()) {
+        MOE_LOG(ERROR, report.status().message());
+        return 1;
+      }
+      if (report->failures > 0) {
+        failed = true;
+        MOE_LOG(WARNING, report->failures, " failed requests: ", report->first_error);
+      }
+      std::printf("%5ld %6ld %12.0f %10.1f %9.3f %9.3f %9.3f", static_cast<long>(clients),
+                  static_cast<long>(batch), report->tokens_per_second(),
+                  report->requests_per_second(), 1e3 * report->Percentile(50),
+                  1e3 * report->Percentile(90), 1e3 * report->Percentile(99));
+      nlohmann::json row = {{"concurrency", clients},
+                            {"batch", batch},
+                            {"dtype", dtype_name},
+                            {"requests", report->requests},
+                            {"failures", report->failures},
+                            {"tokens_per_second", report->tokens_per_second()},
+                            {"requests_per_second", report->requests_per_second()},
+                            {"latency_p50_s", report->Percentile(50)},
+                            {"latency_p90_s", report->Percentile(90)},
+                            {"latency_p99_s", report->Percentile(99)}};
+      if (local) {
+        const double ratio = report->tokens_per_second() / local_figures.tokens_per_second;
+        std::printf(" %12.0f %8.3f %12.0f %12.0f", local_figures.tokens_per_second, ratio,
+                    1e6 * (report->Percentile(50) - local_figures.p50),
+                    1e6 * (report->Percentile(99) - local_figures.p99));
+        row["local_tokens_per_second"] = local_figures.tokens_per_second;
+        row["remote_over_local"] = ratio;
+        row["local_latency_p50_s"] = local_figures.p50;
+        row["local_latency_p99_s"] = local_figures.p99;
+      }
+      std::printf("\n");
+      std::fflush(stdout);
+      results.push_back(row);
+    }
+  }
+  if (!absl::GetFlag(FLAGS_json).empty()) {
+    std::ofstream(absl::GetFlag(FLAGS_json)) << results.dump(2) << "\n";
+  }
+  return failed ? 1 : 0;
+}
+
+}  // namespace
+}  // namespace moe::client
+
+int main(int argc, char** argv) {
+  moe::SetFlagsUsage(
+      "Puts load on a moe-serve router and prints throughput and latency.\n"
+      "Usage: moe_loadgen --router=host:port --config=serving.pbtxt [--compare_local]");
+  absl::ParseCommandLine(argc, argv);
+  return moe::client::Run();
+}
