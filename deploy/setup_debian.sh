@@ -16,6 +16,8 @@ readonly PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev
   # The independent numerical oracle (PyTorch autograd) used by tests.
   python3 python3-numpy python3-torch
+  # The Python client of the router.
+  python3-grpcio python3-protobuf
 )
 
 missing=()

@@ -1,0 +1,92 @@
+"""A Python client of the moe-serve router.
+
+Tensors go in and out as numpy arrays ([tokens, d_model], float32; bf16 on
+the wire when asked). Stubs come from the build: `bazel build //proto:py_protos`,
+then put bazel-bin (for the `proto` package) and this directory on PYTHONPATH.
+Uses Debian's python3-grpcio and python3-protobuf (run with /usr/bin/python3).
+"""
+
+import grpc
+import numpy as np
+
+from proto import health_pb2, health_pb2_grpc, router_pb2, router_pb2_grpc, tensor_pb2
+
+_MAX_MESSAGE_BYTES = 512 << 20
+
+
+def encode(array, dtype="fp32"):
+    """A [tokens, d_model] float array as a moe.v1.Tensor."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"expected a [tokens, d_model] array, got shape {array.shape}")
+    tensor = tensor_pb2.Tensor(shape=list(array.shape))
+    if dtype == "fp32":
+        tensor.dtype = tensor_pb2.DTYPE_FP32
+        tensor.data = array.astype("<f4").tobytes()
+    elif dtype == "bf16":
+        # Round to nearest even, as the servers do.
+        bits = array.view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2")
+        tensor.dtype = tensor_pb2.DTYPE_BF16
+        tensor.data = rounded.tobytes()
+    else:
+        raise ValueError(f"dtype must be fp32 or bf16, got {dtype!r}")
+    return tensor
+
+
+def decode(tensor):
+    """A moe.v1.Tensor as a float32 numpy array."""
+    shape = tuple(tensor.shape)
+    if tensor.dtype == tensor_pb2.DTYPE_FP32:
+        return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).astype(np.float32)
+    if tensor.dtype == tensor_pb2.DTYPE_BF16:
+        bits = np.frombuffer(tensor.data, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    raise ValueError(f"unexpected dtype {tensor.dtype}")
+
+
+class ForwardResult:
+    """y, and for training the request id to pass to backward()."""
+
+    def __init__(self, response):
+        self.y = decode(response.y)
+        self.request_id = response.request_id
+        self.dropped_pairs = response.dropped_pairs
+        routing = response.routing
+        self.top_k = routing.top_k
+        tokens = self.y.shape[0]
+        if routing.top_k:
+            self.expert_ids = np.array(routing.expert_ids, dtype=np.int32).reshape(tokens, routing.top_k)
+            self.weights = np.array(routing.weights, dtype=np.float32).reshape(tokens, routing.top_k)
+            self.dropped = np.array(routing.dropped, dtype=bool).reshape(tokens, routing.top_k)
+
+
+class MoeClient:
+    """Calls a router at `address` (host:port). Raises grpc.RpcError on failure."""
+
+    def __init__(self, address, timeout=60.0):
+        options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
+        self._channel = grpc.insecure_channel(address, options=options)
+        self._router = router_pb2_grpc.RouterStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._timeout = timeout
+
+    def wait_until_healthy(self, timeout=60.0):
+        response = self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout,
+                                      wait_for_ready=True)
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            raise RuntimeError("router is not serving")
+
+    def forward(self, x, training=False, return_routing=False, dtype="fp32"):
+        request = router_pb2.ForwardRequest(x=encode(x, dtype), training=training,
+                                            return_routing=return_routing)
+        return ForwardResult(self._router.Forward(request, timeout=self._timeout))
+
+    def backward(self, request_id, grad_output):
+        request = router_pb2.BackwardRequest(request_id=request_id,
+                                             grad_output=encode(grad_output))
+        return decode(self._router.Backward(request, timeout=self._timeout).grad_input)
+
+    def close(self):
+        self._channel.close()

@@ -1,0 +1,54 @@
+// The Python client (clients/python) against a real local cluster serving a
+// checkpoint: runs clients/python/client_test.py with Debian's python3, which
+// checks outputs and gradients against a numpy layer built from the same
+// checkpoint.
+#include <cstdlib>
+
+#include "absl/strings/str_cat.h"
+#include "common/checkpoint.h"
+#include "common/deterministic_init.h"
+#include "common/model_config.h"
+#include "deploy/local/child_process.h"
+#include "deploy/local/local_cluster.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace moe::testing {
+namespace {
+
+using ::moe::local::ChildProcess;
+using ::moe::local::RunfilePath;
+
+TEST(PythonClientTest, AgreesWithANumpyLayerOnTheSameCheckpoint) {
+  const std::string dir = ::testing::TempDir();
+  const ServingConfig config = *ParseServingConfig(R"pb(
+    model { d_model: 40 d_ff: 72 num_experts: 6 top_k: 2 seed: 8 }
+    cluster {
+      servers { name: "a" address: "127.0.0.1:1" }
+      servers { name: "b" address: "127.0.0.1:2" }
+      strategy: PLACEMENT_STRATEGY_HYBRID
+    }
+  )pb");
+  const std::string checkpoint = dir + "/model.safetensors";
+  ASSERT_TRUE(
+      SaveCheckpoint(checkpoint, config.model, InitAllWeights(config.model), DType::kFloat32).ok());
+  local::LocalClusterOptions options;
+  options.config = config;
+  options.checkpoint_path = checkpoint;
+  options.work_dir = dir;
+  options.onednn_threads = 1;
+  absl::StatusOr<std::unique_ptr<local::LocalCluster>> cluster =
+      local::LocalCluster::Start(options);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+
+  const std::string root = RunfilePath("");
+  setenv("PYTHONPATH", absl::StrCat(root, ":", root, "clients/python").c_str(), 1);
+  ChildProcess python("/usr/bin/python3",
+                      {RunfilePath("clients/python/client_test.py"), (*cluster)->router_address(),
+                       checkpoint, "2"});
+  EXPECT_EQ(python.Stop(0, absl::Seconds(120)), 0) << python.output();
+  EXPECT_THAT(python.output(), ::testing::HasSubstr("python client: all checks passed"));
+}
+
+}  // namespace
+}  // namespace moe::testing
