@@ -141,6 +141,11 @@ ExpertServiceImpl::Dispatch(grpc::CallbackServerContext* context) {
       [this](const v1::DispatchResponse& response) {
         metrics_.inflight->Decrement();
         metrics_.sent_bytes->Increment(static_cast<double>(response.output().data().size()));
+      },
+      [](const v1::DispatchRequest& request, const absl::Status& status,
+         v1::DispatchResponse* response) {
+        response->set_sequence_id(request.sequence_id());
+        ToProtoStatus(status, response->mutable_error());
       });
 }
 
@@ -164,6 +169,11 @@ ExpertServiceImpl::BackwardDispatch(grpc::CallbackServerContext* context) {
         metrics_.inflight->Decrement();
         metrics_.sent_bytes->Increment(
             static_cast<double>(response.grad_input().data().size()));
+      },
+      [](const v1::BackwardDispatchRequest& request, const absl::Status& status,
+         v1::BackwardDispatchResponse* response) {
+        response->set_sequence_id(request.sequence_id());
+        ToProtoStatus(status, response->mutable_error());
       });
 }
 

@@ -19,7 +19,7 @@
 #include "expert_service/expert_metrics.h"
 #include "expert_service/expert_store.h"
 #include "expert_service/micro_batcher.h"
-#include "expert_service/stream_reactor.h"
+#include "common/stream_reactor.h"
 #include "proto/expert.grpc.pb.h"
 
 namespace moe::expert {

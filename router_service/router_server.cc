@@ -88,6 +88,7 @@ void RouterServer::Shutdown() {
   }
   MOE_LOG(INFO, "router: draining, up to ", absl::FormatDuration(options_.drain_timeout));
   server_->GetHealthCheckService()->SetServingStatus(false);
+  service_->BeginDrain();
   server_->Shutdown(absl::ToChronoTime(absl::Now() + options_.drain_timeout));
   MOE_LOG(INFO, "router: stopped");
 }

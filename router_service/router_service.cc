@@ -20,37 +20,42 @@ int64_t Rows(const v1::Tensor& t) { return t.shape_size() > 0 ? t.shape(0) : 0; 
 
 }  // namespace
 
+void RouterServiceImpl::FillForward(const v1::ForwardRequest& request,
+                                    absl::StatusOr<Router::ForwardResult>& result,
+                                    absl::Time start, v1::ForwardResponse* response) const {
+  response->set_client_id(request.client_id());
+  if (result.ok()) {
+    *response->mutable_y() = std::move(result->y);
+    response->set_request_id(result->request_id);
+    const Routing& routing = result->routing;
+    response->set_dropped_pairs(routing.dropped_pairs);
+    if (request.return_routing()) {
+      v1::Routing* out = response->mutable_routing();
+      out->set_top_k(routing.top_k);
+      out->mutable_expert_ids()->Assign(routing.expert_ids.begin(), routing.expert_ids.end());
+      out->mutable_weights()->Assign(routing.weights.begin(), routing.weights.end());
+      for (uint8_t d : routing.dropped) out->add_dropped(d != 0);
+    }
+    for (size_t e = 0; e < routing.expert_tokens.size(); ++e) {
+      metrics_.expert_tokens[e]->Increment(static_cast<double>(routing.expert_tokens[e]));
+    }
+    metrics_.dropped_pairs->Increment(static_cast<double>(routing.dropped_pairs));
+    metrics_.batch_tokens->Observe(static_cast<double>(routing.num_tokens));
+  }
+  metrics_.CountRequest(RouterMethod::kForward, result.status(), Rows(request.x()),
+                        absl::ToDoubleSeconds(absl::Now() - start));
+}
+
 grpc::ServerUnaryReactor* RouterServiceImpl::Forward(grpc::CallbackServerContext* context,
                                                      const v1::ForwardRequest* request,
                                                      v1::ForwardResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const absl::Time start = absl::Now();
   const absl::Time deadline = DeadlineOf(*context);
-  auto finish = [this, reactor, request, response, start](
-                    absl::StatusOr<Router::ForwardResult> result) {
-    response->set_client_id(request->client_id());
-    if (result.ok()) {
-      *response->mutable_y() = std::move(result->y);
-      response->set_request_id(result->request_id);
-      const Routing& routing = result->routing;
-      response->set_dropped_pairs(routing.dropped_pairs);
-      if (request->return_routing()) {
-        v1::Routing* out = response->mutable_routing();
-        out->set_top_k(routing.top_k);
-        out->mutable_expert_ids()->Assign(routing.expert_ids.begin(), routing.expert_ids.end());
-        out->mutable_weights()->Assign(routing.weights.begin(), routing.weights.end());
-        for (uint8_t d : routing.dropped) out->add_dropped(d != 0);
-      }
-      for (size_t e = 0; e < routing.expert_tokens.size(); ++e) {
-        metrics_.expert_tokens[e]->Increment(static_cast<double>(routing.expert_tokens[e]));
-      }
-      metrics_.dropped_pairs->Increment(static_cast<double>(routing.dropped_pairs));
-      metrics_.batch_tokens->Observe(static_cast<double>(routing.num_tokens));
-    }
-    const absl::Status status = result.status();
-    metrics_.CountRequest(RouterMethod::kForward, status, Rows(request->x()),
-                          absl::ToDoubleSeconds(absl::Now() - start));
-    reactor->Finish(ToGrpcStatus(status));
+  auto finish = [this, reactor, request, response,
+                 start](absl::StatusOr<Router::ForwardResult> result) {
+    FillForward(*request, result, start, response);
+    reactor->Finish(ToGrpcStatus(result.status()));
   };
   auto shared = std::make_shared<decltype(finish)>(std::move(finish));
   if (!pool_.Submit([this, request, deadline, shared] {
@@ -62,6 +67,61 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Forward(grpc::CallbackServerContext
     (*shared)(absl::ResourceExhaustedError("router is overloaded: compute queue full"));
   }
   return reactor;
+}
+
+grpc::ServerBidiReactor<v1::ForwardRequest, v1::ForwardResponse>*
+RouterServiceImpl::ForwardStream(grpc::CallbackServerContext* context) {
+  const absl::Time deadline = DeadlineOf(*context);
+  using Reply = absl::AnyInvocable<void(std::unique_ptr<v1::ForwardResponse>) &&>;
+  return new StreamReactor<v1::ForwardRequest, v1::ForwardResponse>(
+      *this, pool_,
+      [this, deadline](std::unique_ptr<v1::ForwardRequest> request,
+                       std::unique_ptr<v1::ForwardResponse> response, Reply reply) {
+        const absl::Time start = absl::Now();
+        const v1::ForwardRequest& r = *request;
+        router_.Forward(
+            r.x(), r.training(), deadline,
+            [this, request = std::move(request), response = std::move(response),
+             reply = std::move(reply), start](absl::StatusOr<Router::ForwardResult> result) mutable {
+              FillForward(*request, result, start, response.get());
+              if (!result.ok()) ToProtoStatus(result.status(), response->mutable_error());
+              std::move(reply)(std::move(response));
+            });
+      },
+      [](const v1::ForwardRequest&) {}, [](const v1::ForwardResponse&) {},
+      [](const v1::ForwardRequest& request, const absl::Status& status,
+         v1::ForwardResponse* response) {
+        response->set_client_id(request.client_id());
+        ToProtoStatus(status, response->mutable_error());
+      });
+}
+
+bool RouterServiceImpl::Register(DrainableStream* stream) {
+  absl::MutexLock lock(&mu_);
+  if (draining_) return false;
+  streams_.insert(stream);
+  return true;
+}
+
+void RouterServiceImpl::Unregister(DrainableStream* stream) {
+  absl::MutexLock lock(&mu_);
+  streams_.erase(stream);
+}
+
+void RouterServiceImpl::BeginDrain() {
+  std::vector<DrainableStream*> streams;
+  {
+    absl::MutexLock lock(&mu_);
+    draining_ = true;
+    for (DrainableStream* stream : streams_) {
+      stream->Ref();
+      streams.push_back(stream);
+    }
+  }
+  for (DrainableStream* stream : streams) {
+    stream->Drain();
+    stream->Unref();
+  }
 }
 
 grpc::ServerUnaryReactor* RouterServiceImpl::Backward(grpc::CallbackServerContext* context,

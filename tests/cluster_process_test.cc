@@ -6,6 +6,7 @@
 #include <csignal>
 #include <thread>
 #include <fstream>
+#include <map>
 #include <tuple>
 
 #include <grpcpp/grpcpp.h>
@@ -103,6 +104,7 @@ class LocalCluster {
     return stub_->Backward(&context, request, response);
   }
 
+  v1::Router::Stub& stub() { return *stub_; }
   const ServingConfig& config() const { return config_; }
   ReferenceMoe Reference() const {
     return *ReferenceMoe::Create(config_.model, InitAllWeights(config_.model));
@@ -220,6 +222,40 @@ TEST(ClusterTest, ConcurrentClientsGetTheirOwnAnswers) {
   }
   for (auto& t : clients) t.join();
   EXPECT_EQ(correct.load(), 80);
+}
+
+TEST(ClusterTest, ForwardStreamAnswersEveryRequestByClientId) {
+  LocalCluster cluster("DATA_PARALLEL", 2, false);
+  const ReferenceMoe reference = cluster.Reference();
+  grpc::ClientContext context;
+  auto stream = cluster.stub().ForwardStream(&context);
+  std::map<uint64_t, FloatTensor> inputs;
+  for (uint64_t id = 100; id < 120; ++id) {
+    const int64_t d_model = id == 107 ? 47 : 48;  // one bad request
+    inputs.emplace(id, RandomTensor({1 + static_cast<int64_t>(id % 9) * 11, d_model}, id));
+    v1::ForwardRequest request;
+    request.set_client_id(id);
+    EncodeFloats(inputs.at(id).values(), inputs.at(id).shape(), DType::kFloat32,
+                 request.mutable_x());
+    ASSERT_TRUE(stream->Write(request));
+  }
+  stream->WritesDone();
+  std::map<uint64_t, v1::ForwardResponse> answers;
+  v1::ForwardResponse response;
+  while (stream->Read(&response)) {
+    EXPECT_TRUE(answers.emplace(response.client_id(), response).second) << response.client_id();
+  }
+  EXPECT_TRUE(stream->Finish().ok());
+  ASSERT_EQ(answers.size(), 20u);
+  for (const auto& [id, answer] : answers) {
+    if (id == 107) {
+      EXPECT_EQ(answer.error().code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+      EXPECT_THAT(answer.error().message(), HasSubstr("d_model = 48, got 47"));
+      continue;
+    }
+    ASSERT_FALSE(answer.has_error()) << answer.error().message();
+    EXPECT_TRUE(TensorNear(Decoded(answer.y()), reference.Forward(inputs.at(id))->y, 1e-5)) << id;
+  }
 }
 
 TEST(ClusterTest, BadInputIsNamedAndTheRouterKeepsServing) {

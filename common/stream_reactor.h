@@ -1,13 +1,14 @@
 // A bidirectional stream that answers each request once, in any order, from
-// a compute pool: the reactor only parses, enqueues and posts the next read
+// a compute pool (the expert server's Dispatch streams, the router's
+// ForwardStream): the reactor only parses, enqueues and posts the next read
 // (nothing blocks a gRPC thread); compute threads push answers onto the
 // stream's write queue, one write in flight at a time. A bad request fails
 // itself in its answer, never the stream. On Drain() the stream stops
 // reading, answers everything it has accepted, then finishes UNAVAILABLE so
 // the client knows to go elsewhere: no accepted request is lost.
 // Thread-safe; deletes itself in OnDone.
-#ifndef MOE_EXPERT_SERVICE_STREAM_REACTOR_H_
-#define MOE_EXPERT_SERVICE_STREAM_REACTOR_H_
+#ifndef MOE_COMMON_STREAM_REACTOR_H_
+#define MOE_COMMON_STREAM_REACTOR_H_
 
 #include <atomic>
 #include <deque>
@@ -24,7 +25,7 @@
 #include "common/compute_pool.h"
 #include "common/grpc_status.h"
 
-namespace moe::expert {
+namespace moe {
 
 // What a service needs to track its open streams (for draining). Reference
 // counted: gRPC holds one reference until OnDone, and the registry takes one
@@ -67,21 +68,25 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   // (metrics).
   using OnReceive = std::function<void(const Request&)>;
   using OnSend = std::function<void(const Response&)>;
+  // Copies the request's tag (sequence_id, client_id) into an answer and
+  // sets its error: used when the pool refuses the request.
+  using Refuse = std::function<void(const Request&, const absl::Status&, Response*)>;
 
   StreamReactor(StreamRegistry& registry, ComputePool& pool, Handler handler,
-                OnReceive on_receive, OnSend on_send)
+                OnReceive on_receive, OnSend on_send, Refuse refuse)
       : registry_(registry),
         pool_(pool),
         handler_(std::move(handler)),
         on_receive_(std::move(on_receive)),
-        on_send_(std::move(on_send)) {
+        on_send_(std::move(on_send)),
+        refuse_(std::move(refuse)) {
     if (!registry_.Register(this)) {
       absl::MutexLock lock(&mu_);
       draining_ = true;
       finished_ = true;
       registered_ = false;
       this->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                "expert server is draining; use another replica"));
+                                "server is draining; use another replica"));
       return;
     }
     this->StartRead(&request_);
@@ -118,21 +123,16 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
     auto request = std::make_unique<Request>(std::move(request_));
     request_.Clear();
     on_receive_(*request);
-    const uint64_t sequence_id = request->sequence_id();
+    // Prepared now: if the pool refuses, the request goes with the closure.
+    auto refusal = std::make_unique<Response>();
+    refuse_(*request,
+            absl::ResourceExhaustedError("compute queue is full; retry, or go elsewhere"),
+            refusal.get());
     const bool accepted = pool_.Submit([this, request = std::move(request)]() mutable {
       handler_(std::move(request), std::make_unique<Response>(),
                [this](std::unique_ptr<Response> response) { Answer(std::move(response)); });
     });
-    if (!accepted) {
-      // The pool dropped the closure unrun: answer this request alone.
-      auto response = std::make_unique<Response>();
-      response->set_sequence_id(sequence_id);
-      ToProtoStatus(absl::ResourceExhaustedError(
-                        "expert server compute queue is full; retry or use another "
-                        "replica"),
-                    response->mutable_error());
-      Answer(std::move(response));
-    }
+    if (!accepted) Answer(std::move(refusal));
     bool finish = false;
     {
       // StartRead under mu_: a concurrent Drain() must see either no read
@@ -204,8 +204,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
       draining = draining_ && !reads_done_;
     }
     this->Finish(draining ? grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                         "expert server is draining; every accepted "
-                                         "request was answered")
+                                         "server is draining; every accepted request "
+                                         "was answered")
                           : grpc::Status::OK);
   }
 
@@ -214,6 +214,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   const Handler handler_;
   const OnReceive on_receive_;
   const OnSend on_send_;
+  const Refuse refuse_;
   bool registered_ = true;
   Request request_;  // the read in flight
 
@@ -226,6 +227,6 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-}  // namespace moe::expert
+}  // namespace moe
 
-#endif  // MOE_EXPERT_SERVICE_STREAM_REACTOR_H_
+#endif  // MOE_COMMON_STREAM_REACTOR_H_
