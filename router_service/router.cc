@@ -157,6 +157,7 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
       MOE_LOG(WARNING, "expert ", g.expert, ": server ", g.server, " unavailable (",
               status.message(), "); re-sending ", rows, " tokens to server ", next);
       failovers_.fetch_add(1);
+      if (options_.on_failover) options_.on_failover();
       g.server = next;
       Send(std::move(call), group);
       return;
@@ -208,6 +209,12 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
   }
   FloatTensor y({call->num_tokens, d_model});
   Combine(call->routing, call->groups, outputs, y);
+  if (options_.load_stats != nullptr) {
+    std::vector<int64_t> server_tokens(placement_.num_servers(), 0);
+    for (const ExpertGroup& g : call->groups) server_tokens[g.server] += g.pairs.size();
+    options_.load_stats->Record(call->routing.expert_tokens, server_tokens,
+                                call->routing.dropped_pairs, absl::Now());
+  }
 
   ForwardResult result;
   EncodeFloats(y.values(), y.shape(), call->dtype, &result.y);

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 
 #include "absl/base/thread_annotations.h"
@@ -25,6 +26,7 @@
 #include "common/tensor.h"
 #include "proto/tensor.pb.h"
 #include "router_service/expert_client.h"
+#include "router_service/load_stats.h"
 #include "router_service/replica_picker.h"
 
 namespace moe::router {
@@ -42,6 +44,11 @@ class Router {
     // Where combine and backward bookkeeping run; null: on the thread that
     // delivered the last answer.
     ComputePool* pool = nullptr;
+    // Where served forwards are counted (per expert, per server); may be
+    // null.
+    LoadStats* load_stats = nullptr;
+    // Called once per group re-sent to another replica (for metrics).
+    std::function<void()> on_failover;
   };
 
   struct ForwardResult {

@@ -60,6 +60,22 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
                           .Help("(token, expert) pairs dropped for capacity.")
                           .Register(registry)
                           .Add({});
+  auto& imbalance = prometheus::BuildGauge()
+                       .Name("moe_router_load_imbalance")
+                       .Help("Max over mean load in the sliding window, by what is compared.")
+                       .Register(registry);
+  m->expert_imbalance = &imbalance.Add({{"over", "experts"}});
+  m->server_imbalance = &imbalance.Add({{"over", "servers"}});
+  m->failovers = &prometheus::BuildCounter()
+                      .Name("moe_router_failovers_total")
+                      .Help("Expert calls re-sent to another replica after UNAVAILABLE.")
+                      .Register(registry)
+                      .Add({});
+  m->stream_opens = &prometheus::BuildGauge()
+                         .Name("moe_router_stream_opens")
+                         .Help("Streams to expert servers opened so far (reconnects included).")
+                         .Register(registry)
+                         .Add({});
   return m;
 }
 

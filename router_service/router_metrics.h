@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "prometheus/counter.h"
+#include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
 #include "prometheus/registry.h"
 
@@ -32,6 +33,15 @@ struct RouterMetrics {
   std::vector<prometheus::Counter*> expert_tokens;
   // moe_router_dropped_pairs_total: pairs dropped for capacity.
   prometheus::Counter* dropped_pairs = nullptr;
+  // moe_router_load_imbalance{over="experts"|"servers"}: max/mean
+  // load over the sliding window.
+  prometheus::Gauge* expert_imbalance = nullptr;
+  prometheus::Gauge* server_imbalance = nullptr;
+  // moe_router_failovers_total: groups re-sent to another replica.
+  prometheus::Counter* failovers = nullptr;
+  // moe_router_stream_opens: streams to expert servers opened so far (the
+  // first per server, then reconnects).
+  prometheus::Gauge* stream_opens = nullptr;
 
   void CountRequest(RouterMethod method, const absl::Status& status, int64_t tokens,
                     double seconds) const;

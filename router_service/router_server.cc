@@ -36,14 +36,17 @@ absl::Status RouterServer::Start() {
   }
   client_ = GrpcExpertClient::Create({config.cluster.servers, options_.max_message_bytes});
   pool_ = std::make_unique<ComputePool>(options_.compute_threads, options_.max_queued_requests);
+  load_stats_ = std::make_unique<LoadStats>(model.num_experts, placement_->num_servers());
+  registry_ = std::make_shared<prometheus::Registry>();
+  metrics_ = RouterMetrics::Create(*registry_, model.num_experts);
   Router::Options router_options;
   router_options.model = model;
   router_options.gate = std::move(gate);
   router_options.pool = pool_.get();
+  router_options.load_stats = load_stats_.get();
+  router_options.on_failover = [failovers = metrics_->failovers] { failovers->Increment(); };
   router_ = std::make_unique<Router>(std::move(router_options), *placement_, *client_);
 
-  registry_ = std::make_shared<prometheus::Registry>();
-  metrics_ = RouterMetrics::Create(*registry_, model.num_experts);
   if (options_.metrics_port >= 0) {
     try {
       exposer_ = std::make_unique<prometheus::Exposer>(
@@ -55,7 +58,11 @@ absl::Status RouterServer::Start() {
     exposer_->RegisterCollectable(registry_);
     metrics_port_ = exposer_->GetListeningPorts().at(0);
   }
-  service_ = std::make_unique<RouterServiceImpl>(*router_, *pool_, *metrics_);
+  service_ = std::make_unique<RouterServiceImpl>(
+      *router_, *pool_, *metrics_,
+      RouterServiceImpl::ClusterView{&options_.config, &*placement_, client_.get(),
+                                     load_stats_.get(),
+                                     [client = client_.get()] { return client->reconnects(); }});
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

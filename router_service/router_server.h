@@ -19,6 +19,7 @@
 #include "prometheus/exposer.h"
 #include "prometheus/registry.h"
 #include "router_service/grpc_expert_client.h"
+#include "router_service/load_stats.h"
 #include "router_service/router.h"
 #include "router_service/router_metrics.h"
 #include "router_service/router_service.h"
@@ -62,6 +63,7 @@ class RouterServer {
   std::optional<Placement> placement_;
   std::unique_ptr<GrpcExpertClient> client_;
   std::unique_ptr<ComputePool> pool_;
+  std::unique_ptr<LoadStats> load_stats_;
   std::unique_ptr<Router> router_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<RouterMetrics> metrics_;

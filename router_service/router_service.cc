@@ -44,6 +44,12 @@ void RouterServiceImpl::FillForward(const v1::ForwardRequest& request,
   }
   metrics_.CountRequest(RouterMethod::kForward, result.status(), Rows(request.x()),
                         absl::ToDoubleSeconds(absl::Now() - start));
+  if (cluster_.load_stats != nullptr) {
+    const LoadStats::Snapshot load = cluster_.load_stats->Get(absl::Now());
+    metrics_.expert_imbalance->Set(load.expert_imbalance);
+    metrics_.server_imbalance->Set(load.server_imbalance);
+  }
+  if (cluster_.stream_opens) metrics_.stream_opens->Set(static_cast<double>(cluster_.stream_opens()));
 }
 
 grpc::ServerUnaryReactor* RouterServiceImpl::Forward(grpc::CallbackServerContext* context,
@@ -94,6 +100,36 @@ RouterServiceImpl::ForwardStream(grpc::CallbackServerContext* context) {
         response->set_client_id(request.client_id());
         ToProtoStatus(status, response->mutable_error());
       });
+}
+
+grpc::ServerUnaryReactor* RouterServiceImpl::GetClusterState(
+    grpc::CallbackServerContext* context, const v1::GetClusterStateRequest* request,
+    v1::ClusterState* response) {
+  const ServingConfig& config = *cluster_.config;
+  const Placement& placement = *cluster_.placement;
+  const LoadStats::Snapshot load = cluster_.load_stats->Get(absl::Now());
+  response->set_strategy(ClusterConfigToProto(config.cluster).strategy());
+  for (int s = 0; s < placement.num_servers(); ++s) {
+    v1::ServerState* server = response->add_servers();
+    server->set_name(config.cluster.servers[s].name);
+    server->set_address(config.cluster.servers[s].address);
+    server->set_healthy(cluster_.client->IsHealthy(s));
+    for (int e : placement.ExpertsOn(s)) server->add_expert_ids(e);
+    server->set_tokens(load.server_tokens[s]);
+  }
+  for (int e = 0; e < placement.num_experts(); ++e) {
+    v1::ExpertLoad* expert = response->add_experts();
+    expert->set_expert_id(e);
+    expert->set_tokens(load.expert_tokens[e]);
+    for (int s : placement.ServersOf(e)) expert->add_servers(config.cluster.servers[s].name);
+  }
+  response->set_window_seconds(absl::ToDoubleSeconds(load.window));
+  response->set_expert_imbalance(load.expert_imbalance);
+  response->set_server_imbalance(load.server_imbalance);
+  response->set_dropped_pairs(load.dropped_pairs);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
 }
 
 bool RouterServiceImpl::Register(DrainableStream* stream) {

@@ -2,9 +2,9 @@
 // core. Handlers only validate the call and hand it to the compute pool;
 // the core answers through callbacks. ForwardStream carries many requests
 // at once, answered in completion order, each tagged with its client_id; a
-// failing request is answered with `error` and the stream goes on. Step,
-// GetClusterState and Rebalance are not overridden yet and answer
-// UNIMPLEMENTED.
+// failing request is answered with `error` and the stream goes on.
+// GetClusterState reports placement, server health and the sliding-window
+// load. Step and Rebalance are not overridden yet and answer UNIMPLEMENTED.
 // Thread-safe.
 #ifndef MOE_ROUTER_SERVICE_ROUTER_SERVICE_H_
 #define MOE_ROUTER_SERVICE_ROUTER_SERVICE_H_
@@ -14,6 +14,10 @@
 #include "common/compute_pool.h"
 #include "common/stream_reactor.h"
 #include "proto/router.grpc.pb.h"
+#include "common/model_config.h"
+#include "common/placement.h"
+#include "router_service/expert_client.h"
+#include "router_service/load_stats.h"
 #include "router_service/router.h"
 #include "router_service/router_metrics.h"
 
@@ -22,9 +26,20 @@ namespace moe::router {
 class RouterServiceImpl final : public v1::Router::CallbackService,
                                 private StreamRegistry {
  public:
+  // What GetClusterState reports on; everything must outlive the service.
+  struct ClusterView {
+    const ServingConfig* config = nullptr;
+    const Placement* placement = nullptr;
+    const ExpertClient* client = nullptr;
+    const LoadStats* load_stats = nullptr;
+    // Streams opened to expert servers so far.
+    std::function<int64_t()> stream_opens;
+  };
+
   // All references must outlive the service.
-  RouterServiceImpl(Router& router, ComputePool& pool, const RouterMetrics& metrics)
-      : router_(router), pool_(pool), metrics_(metrics) {}
+  RouterServiceImpl(Router& router, ComputePool& pool, const RouterMetrics& metrics,
+                    ClusterView cluster)
+      : router_(router), pool_(pool), metrics_(metrics), cluster_(std::move(cluster)) {}
 
   grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
                                     const v1::ForwardRequest* request,
@@ -34,6 +49,9 @@ class RouterServiceImpl final : public v1::Router::CallbackService,
                                      v1::BackwardResponse* response) override;
   grpc::ServerBidiReactor<v1::ForwardRequest, v1::ForwardResponse>* ForwardStream(
       grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* GetClusterState(grpc::CallbackServerContext* context,
+                                            const v1::GetClusterStateRequest* request,
+                                            v1::ClusterState* response) override;
 
   // New streams are refused; open ones answer what they accepted, then end
   // with UNAVAILABLE.
@@ -50,6 +68,7 @@ class RouterServiceImpl final : public v1::Router::CallbackService,
   Router& router_;
   ComputePool& pool_;
   const RouterMetrics& metrics_;
+  const ClusterView cluster_;
   absl::Mutex mu_;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   absl::flat_hash_set<DrainableStream*> streams_ ABSL_GUARDED_BY(mu_);

@@ -222,6 +222,26 @@ TEST(ClusterTest, ConcurrentClientsGetTheirOwnAnswers) {
   }
   for (auto& t : clients) t.join();
   EXPECT_EQ(correct.load(), 80);
+
+  // The router's window saw every pair: 2 per token, no drops.
+  int64_t tokens = 0;
+  for (int c = 0; c < 8; ++c) {
+    for (int i = 0; i < 10; ++i) tokens += 1 + (c * 7 + i * 13) % 50;
+  }
+  grpc::ClientContext context;
+  v1::ClusterState state;
+  ASSERT_TRUE(cluster.stub().GetClusterState(&context, {}, &state).ok());
+  int64_t pairs = 0, server_rows = 0;
+  for (const auto& expert : state.experts()) pairs += expert.tokens();
+  for (const auto& server : state.servers()) {
+    EXPECT_TRUE(server.healthy()) << server.name();
+    server_rows += server.tokens();
+  }
+  EXPECT_EQ(pairs, 2 * tokens);
+  EXPECT_EQ(server_rows, 2 * tokens);
+  EXPECT_EQ(state.strategy(), v1::PLACEMENT_STRATEGY_HYBRID);
+  EXPECT_GE(state.expert_imbalance(), 1.0);
+  EXPECT_EQ(state.servers(0).expert_ids_size(), 6);  // experts 0-3 and 4, 5
 }
 
 TEST(ClusterTest, ForwardStreamAnswersEveryRequestByClientId) {
