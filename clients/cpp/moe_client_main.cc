@@ -1,0 +1,93 @@
+// moe_client: sends one batch to a router and prints what came back: the
+// output's summary and, per token, the experts and weights that served it.
+// The batch is random tokens, or a safetensors file's tensor "x".
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "clients/cpp/moe_client.h"
+#include "common/flags_usage.h"
+#include "common/log.h"
+#include "common/safetensors.h"
+
+ABSL_FLAG(std::string, router, "127.0.0.1:50051", "The router's host:port.");
+ABSL_FLAG(std::string, input, "",
+          "A safetensors file with a tensor \"x\" [tokens, d_model]; empty: random tokens.");
+ABSL_FLAG(int64_t, tokens, 4, "Random tokens to send (without --input).");
+ABSL_FLAG(int64_t, d_model, 256, "Width of the random tokens (without --input).");
+ABSL_FLAG(uint64_t, seed, 1, "Seed of the random tokens.");
+ABSL_FLAG(std::string, dtype, "fp32", "Wire dtype: fp32 or bf16.");
+ABSL_FLAG(int64_t, show, 8, "Tokens whose routing is printed.");
+
+namespace moe::client {
+namespace {
+
+absl::StatusOr<FloatTensor> Input() {
+  const std::string path = absl::GetFlag(FLAGS_input);
+  if (path.empty()) {
+    FloatTensor x({absl::GetFlag(FLAGS_tokens), absl::GetFlag(FLAGS_d_model)});
+    std::mt19937_64 rng(absl::GetFlag(FLAGS_seed));
+    std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+    for (float& v : x.mutable_values()) v = dist(rng);
+    return x;
+  }
+  absl::StatusOr<SafetensorsReader> reader = SafetensorsReader::Open(path);
+  if (!reader.ok()) return reader.status();
+  const SafetensorsEntry* entry = reader->Find("x");
+  if (entry == nullptr || entry->shape.size() != 2) {
+    return absl::InvalidArgumentError(path + ": no 2-d tensor \"x\"");
+  }
+  FloatTensor x(entry->shape);
+  if (absl::Status s = reader->ReadFloats(*entry, x.mutable_values()); !s.ok()) return s;
+  return x;
+}
+
+int Run() {
+  absl::StatusOr<FloatTensor> x = Input();
+  if (!x.ok()) {
+    MOE_LOG(ERROR, x.status().message());
+    return 2;
+  }
+  ForwardOptions options;
+  options.return_routing = true;
+  options.wire_dtype = absl::GetFlag(FLAGS_dtype) == "bf16" ? DType::kBFloat16 : DType::kFloat32;
+  auto client = MoeClient::Connect(absl::GetFlag(FLAGS_router));
+  absl::StatusOr<ForwardOutput> out = client->Forward(*x, options);
+  if (!out.ok()) {
+    MOE_LOG(ERROR, out.status().ToString());
+    return 1;
+  }
+  double squares = 0;
+  for (float v : out->y.values()) squares += static_cast<double>(v) * v;
+  std::printf("y: [%ld, %ld], rms %.6f, dropped pairs %ld\n", static_cast<long>(out->y.dim(0)),
+              static_cast<long>(out->y.dim(1)),
+              out->y.num_elements() ? std::sqrt(squares / out->y.num_elements()) : 0.0,
+              static_cast<long>(out->dropped_pairs));
+  const int64_t show = std::min(absl::GetFlag(FLAGS_show), out->y.dim(0));
+  for (int64_t t = 0; t < show; ++t) {
+    std::printf("token %ld:", static_cast<long>(t));
+    for (int j = 0; j < out->top_k; ++j) {
+      const size_t p = t * out->top_k + j;
+      std::printf("  expert %d (%.3f)%s", out->expert_ids[p], out->weights[p],
+                  out->dropped[p] ? " dropped" : "");
+    }
+    std::printf("   y[0:3] = %.5f %.5f %.5f\n", out->y.row(t)[0], out->y.row(t)[1],
+                out->y.row(t)[2]);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace moe::client
+
+int main(int argc, char** argv) {
+  moe::SetFlagsUsage(
+      "Sends one batch of tokens to a moe-serve router and prints the output and routing.\n"
+      "Usage: moe_client --router=host:port [--tokens=4 --d_model=256 | --input=x.safetensors]");
+  absl::ParseCommandLine(argc, argv);
+  return moe::client::Run();
+}
