@@ -45,6 +45,9 @@ struct Router::TrainingRecord {
 
 struct Router::ForwardCall {
   ForwardDone done;
+  // Set by whichever ends the call first: the last answer or the deadline.
+  std::atomic<bool> finished{false};
+  uint64_t timer_id = 0;
   DType dtype = DType::kFloat32;
   int64_t num_tokens = 0;
   bool training = false;
@@ -62,6 +65,8 @@ struct Router::ForwardCall {
 
 struct Router::BackwardCall {
   BackwardDone done;
+  std::atomic<bool> finished{false};
+  uint64_t timer_id = 0;
   DType dtype = DType::kFloat32;
   std::unique_ptr<TrainingRecord> record;
   std::vector<float> dy32_storage;
@@ -130,6 +135,14 @@ void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
     return;
   }
   call->remaining = n;
+  if (options_.timer != nullptr && deadline != absl::InfiniteFuture()) {
+    call->timer_id = options_.timer->Schedule(deadline, [call, n]() {
+      if (call->finished.exchange(true)) return;
+      std::move(call->done)(absl::DeadlineExceededError(absl::StrCat(
+          "deadline passed with ", call->remaining.load(), " of ", n,
+          " expert calls unanswered")));
+    });
+  }
   for (size_t g = 0; g < n; ++g) Send(call, g);
 }
 
@@ -178,6 +191,8 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
 }
 
 void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
+  if (call->finished.exchange(true)) return;  // the deadline came first
+  if (call->timer_id != 0) options_.timer->Cancel(call->timer_id);
   {
     absl::MutexLock lock(&call->mu);
     if (!call->status.ok()) {
@@ -337,6 +352,14 @@ void Router::Backward(uint64_t request_id, const v1::Tensor& grad_output,
     return;
   }
   call->remaining = n;
+  if (options_.timer != nullptr && deadline != absl::InfiniteFuture()) {
+    call->timer_id = options_.timer->Schedule(deadline, [call, n]() {
+      if (call->finished.exchange(true)) return;
+      std::move(call->done)(absl::DeadlineExceededError(absl::StrCat(
+          "deadline passed with ", call->remaining.load(), " of ", n,
+          " expert backward calls unanswered")));
+    });
+  }
   for (size_t g = 0; g < n; ++g) {
     const ExpertGroup& group = call->record->groups[g];
     client_.Backward(
@@ -364,6 +387,8 @@ void Router::Backward(uint64_t request_id, const v1::Tensor& grad_output,
 }
 
 void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
+  if (call->finished.exchange(true)) return;  // the deadline came first
+  if (call->timer_id != 0) options_.timer->Cancel(call->timer_id);
   {
     absl::MutexLock lock(&call->mu);
     if (!call->status.ok()) {

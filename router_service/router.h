@@ -20,6 +20,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/compute_pool.h"
+#include "common/deadline_timer.h"
 #include "common/gating.h"
 #include "common/model_config.h"
 #include "common/placement.h"
@@ -49,6 +50,9 @@ class Router {
     LoadStats* load_stats = nullptr;
     // Called once per group re-sent to another replica (for metrics).
     std::function<void()> on_failover;
+    // Ends calls at their deadline (DEADLINE_EXCEEDED) even while expert
+    // answers are outstanding; null: calls wait for every answer.
+    DeadlineTimer* timer = nullptr;
   };
 
   struct ForwardResult {

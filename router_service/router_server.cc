@@ -44,6 +44,7 @@ absl::Status RouterServer::Start() {
   router_options.gate = std::move(gate);
   router_options.pool = pool_.get();
   router_options.load_stats = load_stats_.get();
+  router_options.timer = &timer_;
   router_options.on_failover = [failovers = metrics_->failovers] { failovers->Increment(); };
   router_ = std::make_unique<Router>(std::move(router_options), *placement_, *client_);
 

@@ -14,6 +14,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/compute_pool.h"
+#include "common/deadline_timer.h"
 #include "common/model_config.h"
 #include "common/placement.h"
 #include "prometheus/exposer.h"
@@ -64,6 +65,7 @@ class RouterServer {
   std::unique_ptr<GrpcExpertClient> client_;
   std::unique_ptr<ComputePool> pool_;
   std::unique_ptr<LoadStats> load_stats_;
+  DeadlineTimer timer_;
   std::unique_ptr<Router> router_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<RouterMetrics> metrics_;

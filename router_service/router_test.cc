@@ -239,6 +239,42 @@ TEST(RouterTest, ModelParallelWithoutReplicaFailsNamingTheExperts) {
   EXPECT_TRUE(cluster.Forward(Wire(x)).ok());
 }
 
+TEST(RouterTest, DeadlineEndsACallThatWaitsOnAStalledServer) {
+  const ModelConfig model = Model(2, false);
+  const MoeWeights weights = InitAllWeights(model);
+  const Placement placement = ModelParallelPlacement(8, 2);
+  InProcessExpertClient client(model, placement, weights, OnednnKernels());
+  DeadlineTimer timer;
+  Router::Options options{model, *weights.gate};
+  options.timer = &timer;
+  Router router(std::move(options), placement, client);
+  client.Stall(0);
+  client.Stall(1);
+  absl::Notification done;
+  absl::Status status;
+  int calls = 0;
+  router.Forward(Wire(RandomTensor({16, 32}, 3)), false, absl::Now() + absl::Milliseconds(20),
+                 [&](absl::StatusOr<Router::ForwardResult> r) {
+                   status = r.status();
+                   ++calls;
+                   done.Notify();
+                 });
+  done.WaitForNotification();
+  EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(status.message(), HasSubstr("expert calls unanswered"));
+  // The late answers arrive and are dropped: `done` ran exactly once.
+  client.Unstall(0);
+  client.Unstall(1);
+  absl::Notification served;
+  router.Forward(Wire(RandomTensor({4, 32}, 4)), false, absl::InfiniteFuture(),
+                 [&](absl::StatusOr<Router::ForwardResult> r) {
+                   EXPECT_TRUE(r.ok()) << r.status();
+                   served.Notify();
+                 });
+  served.WaitForNotification();
+  EXPECT_EQ(calls, 1);
+}
+
 TEST(RouterTest, BadInputIsNamed) {
   Cluster cluster(Model(2, false), PlacementStrategy::kHybrid);
   EXPECT_THAT(cluster.Forward(Wire(RandomTensor({3, 31}, 1))).status().message(),

@@ -26,7 +26,10 @@ InProcessExpertClient::InProcessExpertClient(const ModelConfig& model,
   }
 }
 
-InProcessExpertClient::~InProcessExpertClient() { pool_.reset(); }
+InProcessExpertClient::~InProcessExpertClient() {
+  for (size_t s = 0; s < servers_.size(); ++s) Unstall(s);
+  pool_.reset();
+}
 
 void InProcessExpertClient::Forward(int server, const v1::DispatchRequest& request,
                                     ForwardDone done) {
@@ -38,14 +41,38 @@ void InProcessExpertClient::Forward(int server, const v1::DispatchRequest& reque
   ++s.calls;
   auto copy = std::make_unique<v1::DispatchRequest>(request);
   auto shared_done = std::make_shared<ForwardDone>(std::move(done));
-  const bool accepted = pool_->Submit([&s, copy = std::move(copy), shared_done]() mutable {
+  absl::AnyInvocable<void() &&> work = [&s, copy = std::move(copy), shared_done]() mutable {
     s.service->HandleDispatch(
         std::move(copy), std::make_unique<v1::DispatchResponse>(),
         [shared_done](std::unique_ptr<v1::DispatchResponse> response) {
           std::move (*shared_done)(std::move(response));
         });
-  });
-  MOE_CHECK(accepted);
+  };
+  {
+    absl::MutexLock lock(&s.mu);
+    if (s.stalled) {
+      s.held.push_back(std::move(work));
+      return;
+    }
+  }
+  MOE_CHECK(pool_->Submit(std::move(work)));
+}
+
+void InProcessExpertClient::Stall(int server) {
+  Server& s = *servers_.at(server);
+  absl::MutexLock lock(&s.mu);
+  s.stalled = true;
+}
+
+void InProcessExpertClient::Unstall(int server) {
+  Server& s = *servers_.at(server);
+  std::vector<absl::AnyInvocable<void() &&>> held;
+  {
+    absl::MutexLock lock(&s.mu);
+    s.stalled = false;
+    held.swap(s.held);
+  }
+  for (auto& work : held) MOE_CHECK(pool_->Submit(std::move(work)));
 }
 
 void InProcessExpertClient::Backward(int server, const v1::BackwardDispatchRequest& request,

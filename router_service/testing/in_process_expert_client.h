@@ -7,6 +7,8 @@
 #define MOE_ROUTER_SERVICE_TESTING_IN_PROCESS_EXPERT_CLIENT_H_
 
 #include <atomic>
+
+#include "absl/synchronization/mutex.h"
 #include <memory>
 #include <vector>
 
@@ -40,6 +42,10 @@ class InProcessExpertClient : public ExpertClient {
   void Kill(int server);
   void BreakSilently(int server);
   void Revive(int server);
+  // A stalled server holds calls unanswered (like a SIGSTOPped process)
+  // until Unstall, which then serves them.
+  void Stall(int server);
+  void Unstall(int server);
   expert::ExpertStore& store(int server) { return *servers_.at(server)->store; }
   // Calls that reached server `server`.
   int calls(int server) const { return servers_.at(server)->calls.load(); }
@@ -50,6 +56,9 @@ class InProcessExpertClient : public ExpertClient {
     std::unique_ptr<expert::ExpertServiceImpl> service;
     std::atomic<bool> alive{true};
     std::atomic<bool> looks_healthy{true};
+    absl::Mutex mu;
+    bool stalled ABSL_GUARDED_BY(mu) = false;
+    std::vector<absl::AnyInvocable<void() &&>> held ABSL_GUARDED_BY(mu);
     std::atomic<int> calls{0};
   };
 
