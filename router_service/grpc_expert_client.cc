@@ -86,23 +86,23 @@ class StreamSession {
     }
 
     void Send(const Request& request, Done done) {
-      bool start = false;
-      bool dead = false;
       {
         absl::MutexLock lock(&mu_);
-        dead = dead_;
-        if (!dead) {
+        // Once the hold is released the call may finish at any moment: no
+        // new operation may start on it.
+        if (!dead_ && !hold_released_) {
           pending_.emplace(request.sequence_id(), std::move(done));
           queue_.push_back(&request);
-          if (!writing_) start = writing_ = true;
+          if (!writing_) {
+            writing_ = true;
+            // Under mu_, so ReleaseHold() cannot slip in between the check
+            // and the start (gRPC never runs a reaction inline here).
+            this->StartWrite(&request);
+          }
+          return;
         }
       }
-      if (dead) {
-        std::move(done)(
-            absl::UnavailableError(absl::StrCat(session_->name_, ": stream closed")));
-        return;
-      }
-      if (start) this->StartWrite(&request);
+      std::move(done)(absl::UnavailableError(absl::StrCat(session_->name_, ": stream closed")));
     }
 
     // Ends the stream (at shutdown).

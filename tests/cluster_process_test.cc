@@ -83,6 +83,11 @@ class LocalCluster {
   }
 
   void KillServer(int s) { servers_[s]->Stop(SIGKILL, absl::Seconds(10)); }
+  // The router's log so far (for failure messages).
+  std::string RouterLog() {
+    router_->WaitForLine("\x01never\x01", absl::Milliseconds(100));
+    return router_->output();
+  }
 
   grpc::Status Forward(const FloatTensor& x, v1::ForwardResponse* response,
                        bool training = false) {
@@ -175,7 +180,7 @@ TEST(ClusterTest, SurvivesAKilledReplicaAndNamesUnreplicatedExperts) {
     for (int i = 0; i < 5; ++i) {
       v1::ForwardResponse after;
       const grpc::Status status = replicated.Forward(x, &after);
-      ASSERT_TRUE(status.ok()) << status.error_message();
+      ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << replicated.RouterLog();
       EXPECT_TRUE(TensorNear(Decoded(after.y()), reference.Forward(x)->y, 1e-5));
     }
   }
