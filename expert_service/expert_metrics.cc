@@ -2,21 +2,11 @@
 
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
 
 namespace moe::expert {
-namespace {
-
-constexpr const char* kCodeNames[] = {
-    "OK",        "CANCELLED",          "UNKNOWN",          "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",   "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",      "DATA_LOSS",
-    "UNAUTHENTICATED"};
-
-}  // namespace
-
 std::unique_ptr<ExpertMetrics> ExpertMetrics::Create(prometheus::Registry& registry,
                                                      int num_experts) {
   MOE_CHECK(num_experts >= 1);
@@ -59,7 +49,7 @@ std::unique_ptr<ExpertMetrics> ExpertMetrics::Create(prometheus::Registry& regis
                      .Help("Requests answered with an error, by gRPC status code.")
                      .Register(registry);
   for (size_t code = 0; code < m->errors_by_code.size(); ++code) {
-    m->errors_by_code[code] = &errors.Add({{"code", kCodeNames[code]}});
+    m->errors_by_code[code] = &errors.Add({{"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(code))}});
   }
   m->received_bytes = &prometheus::BuildCounter()
                            .Name("moe_expert_received_bytes_total")

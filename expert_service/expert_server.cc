@@ -8,6 +8,7 @@
 #include "common/checkpoint.h"
 #include "common/deterministic_init.h"
 #include "common/log.h"
+#include "common/metrics_exposer.h"
 #include "common/placement.h"
 #include "common/status_macros.h"
 #include "expert_service/onednn_expert_kernel.h"
@@ -81,14 +82,8 @@ absl::Status ExpertServer::Start() {
   registry_ = std::make_shared<prometheus::Registry>();
   metrics_ = ExpertMetrics::Create(*registry_, model.num_experts);
   if (options_.metrics_port >= 0) {
-    try {
-      exposer_ = std::make_unique<prometheus::Exposer>(
-          absl::StrCat(options_.metrics_host, ":", options_.metrics_port));
-    } catch (const std::exception& e) {
-      return absl::UnavailableError(absl::StrCat("metrics port ", options_.metrics_port,
-                                                 ": ", e.what()));
-    }
-    exposer_->RegisterCollectable(registry_);
+    MOE_ASSIGN_OR_RETURN(exposer_, StartMetricsExposer(options_.metrics_host,
+                                                       options_.metrics_port, registry_));
     metrics_port_ = exposer_->GetListeningPorts().at(0);
   }
 

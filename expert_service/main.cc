@@ -1,6 +1,5 @@
 // expert_server: hosts the experts that the placement gives --name and runs
 // them for routers over gRPC. SIGTERM or SIGINT drains and exits 0.
-#include <csignal>
 #include <cstdio>
 #include <string>
 
@@ -10,6 +9,7 @@
 #include "absl/time/time.h"
 #include "common/flags_usage.h"
 #include "common/log.h"
+#include "common/stop_signals.h"
 #include "common/model_config.h"
 #include "expert_service/expert_server.h"
 
@@ -81,12 +81,8 @@ int main(int argc, char** argv) {
       "Serves the experts of a moe-serve cluster.\n"
       "Usage: expert_server --config=serving.pbtxt --name=expert-0 [--port=50061]");
   absl::ParseCommandLine(argc, argv);
-  // Block the stop signals in every thread; main waits for them below.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  // Stop signals are blocked in every thread; main waits for them below.
+  moe::BlockStopSignals();
 
   absl::StatusOr<moe::expert::ExpertServer::Options> options = OptionsFromFlags();
   if (!options.ok()) {
@@ -99,9 +95,7 @@ int main(int argc, char** argv) {
     MOE_LOG(ERROR, server.status().ToString());
     return 1;
   }
-  int signal = 0;
-  sigwait(&stop_signals, &signal);
-  MOE_LOG(INFO, "received ", signal == SIGTERM ? "SIGTERM" : "SIGINT", "; shutting down");
+  MOE_LOG(INFO, "received ", moe::WaitForStopSignal(), "; shutting down");
   (*server)->Shutdown();
   return 0;
 }

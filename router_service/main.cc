@@ -1,7 +1,6 @@
 // router: the entry point of a moe-serve cluster. Gates token batches and
 // fans them out to the expert servers of the config. SIGTERM or SIGINT
 // drains and exits 0.
-#include <csignal>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -9,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/flags_usage.h"
 #include "common/log.h"
+#include "common/stop_signals.h"
 #include "common/model_config.h"
 #include "router_service/router_server.h"
 
@@ -27,11 +27,7 @@ int main(int argc, char** argv) {
       "Routes token batches to the expert servers of a moe-serve cluster.\n"
       "Usage: router --config=serving.pbtxt [--port=50051]");
   absl::ParseCommandLine(argc, argv);
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  moe::BlockStopSignals();
 
   const std::string config_path = absl::GetFlag(FLAGS_config);
   if (config_path.empty()) {
@@ -57,9 +53,7 @@ int main(int argc, char** argv) {
     MOE_LOG(ERROR, server.status().ToString());
     return 1;
   }
-  int signal = 0;
-  sigwait(&stop_signals, &signal);
-  MOE_LOG(INFO, "received ", signal == SIGTERM ? "SIGTERM" : "SIGINT", "; shutting down");
+  MOE_LOG(INFO, "received ", moe::WaitForStopSignal(), "; shutting down");
   (*server)->Shutdown();
   return 0;
 }

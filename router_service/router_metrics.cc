@@ -1,16 +1,11 @@
 #include "router_service/router_metrics.h"
 
+#include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
 namespace moe::router {
 namespace {
 
-constexpr const char* kCodeNames[] = {
-    "OK",        "CANCELLED",          "UNKNOWN",          "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",   "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",      "DATA_LOSS",
-    "UNAUTHENTICATED"};
 constexpr const char* kMethods[] = {"Forward", "Backward"};
 
 }  // namespace
@@ -36,7 +31,7 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
   for (int method = 0; method < 2; ++method) {
     for (int code = 0; code < 17; ++code) {
       m->requests[method][code] =
-          &requests.Add({{"method", kMethods[method]}, {"code", kCodeNames[code]}});
+          &requests.Add({{"method", kMethods[method]}, {"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(code))}});
     }
     m->tokens[method] = &tokens.Add({{"method", kMethods[method]}});
     m->seconds[method] = &seconds.Add({{"method", kMethods[method]}}, buckets);

@@ -7,6 +7,7 @@
 #include "common/checkpoint.h"
 #include "common/deterministic_init.h"
 #include "common/log.h"
+#include "common/metrics_exposer.h"
 #include "common/status_macros.h"
 
 namespace moe::router {
@@ -49,14 +50,8 @@ absl::Status RouterServer::Start() {
   router_ = std::make_unique<Router>(std::move(router_options), *placement_, *client_);
 
   if (options_.metrics_port >= 0) {
-    try {
-      exposer_ = std::make_unique<prometheus::Exposer>(
-          absl::StrCat(options_.metrics_host, ":", options_.metrics_port));
-    } catch (const std::exception& e) {
-      return absl::UnavailableError(
-          absl::StrCat("metrics port ", options_.metrics_port, ": ", e.what()));
-    }
-    exposer_->RegisterCollectable(registry_);
+    MOE_ASSIGN_OR_RETURN(exposer_, StartMetricsExposer(options_.metrics_host,
+                                                       options_.metrics_port, registry_));
     metrics_port_ = exposer_->GetListeningPorts().at(0);
   }
   service_ = std::make_unique<RouterServiceImpl>(

@@ -35,7 +35,6 @@ ABSL_FLAG(std::string, dtype, "fp32", "Wire dtype, and the local layer's kernels
 ABSL_FLAG(bool, compare_local, false, "Also run the in-process layer and print remote/local.");
 ABSL_FLAG(int, local_threads, 0, "oneDNN threads of the local layer; 0: all cores.");
 ABSL_FLAG(std::string, json, "", "Also write the results to this JSON file.");
-ABSL_FLAG(bool, streaming, false, "Use ForwardStream (not available yet).");
 
 namespace moe::client {
 namespace {
@@ -80,10 +79,6 @@ LocalFigures MeasureLocal(const LocalMoeLayer& layer, int64_t batch, int64_t d_m
 }
 
 int Run() {
-  if (absl::GetFlag(FLAGS_streaming)) {
-    MOE_LOG(ERROR, "--streaming: ForwardStream is not implemented by the router yet");
-    return 2;
-  }
   absl::StatusOr<ServingConfig> config = LoadServingConfig(absl::GetFlag(FLAGS_config));
   if (!config.ok()) {
     MOE_LOG(ERROR, "--config: ", config.status().message());

@@ -20,6 +20,7 @@
 #include "clients/cpp/load_generator.h"
 #include "common/flags_usage.h"
 #include "common/log.h"
+#include "common/stop_signals.h"
 #include "common/model_config.h"
 #include "common/placement.h"
 #include "deploy/local/child_process.h"
@@ -206,12 +207,7 @@ int Run() {
     std::printf("\nserving at %s until Ctrl-C (config %s)\n", (*cluster)->router_address().c_str(),
                 (*cluster)->config_path().c_str());
     std::fflush(stdout);
-    sigset_t stop;
-    sigemptyset(&stop);
-    sigaddset(&stop, SIGINT);
-    sigaddset(&stop, SIGTERM);
-    int signal = 0;
-    sigwait(&stop, &signal);
+    WaitForStopSignal();
   }
   std::printf("\nshutting down\n");
   for (const std::string& line : (*cluster)->Stop()) std::printf("  %s\n", line.c_str());
@@ -227,11 +223,7 @@ int main(int argc, char** argv) {
       "through it and prints a summary.\nUsage: moe_local [--strategy=HYBRID] [--servers=2] "
       "[--serve]");
   absl::ParseCommandLine(argc, argv);
-  // Ctrl-C goes to sigwait (with --serve), not to the default handler.
-  sigset_t stop;
-  sigemptyset(&stop);
-  sigaddset(&stop, SIGINT);
-  sigaddset(&stop, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  // Ctrl-C goes to WaitForStopSignal (with --serve), not the default handler.
+  moe::BlockStopSignals();
   return moe::local::Run();
 }
