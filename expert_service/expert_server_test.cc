@@ -439,6 +439,9 @@ TEST_F(TrainingTest, OverBudgetIsResourceExhaustedAndNothingElseIsDisturbed) {
   ServerSetup setup;
   // One 4-token forward keeps 4 x (32 + 64) floats = 1536 bytes.
   setup.training_bytes = 2000;
+  // One compute thread: requests run in arrival order, so the first one
+  // takes the budget.
+  setup.compute_threads = 1;
   Start(setup);
   const FloatTensor x = RandomTensor({4, 32}, 10);
   auto answers = RoundTrip(*stub_, {Request(1, 0, x, true, 1), Request(2, 0, x, true, 2),
