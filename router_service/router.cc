@@ -48,6 +48,8 @@ struct Router::ForwardCall {
   // Set by whichever ends the call first: the last answer or the deadline.
   std::atomic<bool> finished{false};
   uint64_t timer_id = 0;
+  absl::Time start;    // Forward called
+  absl::Time planned;  // gate and plan done, calls going out
   DType dtype = DType::kFloat32;
   int64_t num_tokens = 0;
   bool training = false;
@@ -111,6 +113,7 @@ void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
     return;
   }
   auto call = std::make_shared<ForwardCall>();
+  call->start = absl::Now();
   call->done = std::move(done);
   call->dtype = view->dtype;
   call->num_tokens = view->rows();
@@ -127,6 +130,7 @@ void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
   }
   call->groups = *std::move(groups);
   for (ExpertGroup& g : call->groups) g.request.set_sequence_id(next_sequence_id_.fetch_add(1));
+  call->planned = absl::Now();
   const size_t n = call->groups.size();
   call->responses.resize(n);
   call->tried.resize(n);
@@ -191,6 +195,7 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
 }
 
 void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
+  const absl::Time answered = absl::Now();
   if (call->finished.exchange(true)) return;  // the deadline came first
   if (call->timer_id != 0) options_.timer->Cancel(call->timer_id);
   {
@@ -248,6 +253,10 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
     }
   }
   result.routing = std::move(call->routing);
+  if (options_.on_phases) {
+    options_.on_phases(call->planned - call->start, answered - call->planned,
+                       absl::Now() - answered);
+  }
   std::move(call->done)(std::move(result));
 }
 

@@ -50,6 +50,10 @@ class Router {
     LoadStats* load_stats = nullptr;
     // Called once per group re-sent to another replica (for metrics).
     std::function<void()> on_failover;
+    // Called after each successful forward with the time spent gating and
+    // planning, waiting for the experts, and combining (for metrics).
+    std::function<void(absl::Duration gate, absl::Duration fan_out, absl::Duration combine)>
+        on_phases;
     // Ends calls at their deadline (DEADLINE_EXCEEDED) even while expert
     // answers are outstanding; null: calls wait for every answer.
     DeadlineTimer* timer = nullptr;

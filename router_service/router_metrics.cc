@@ -36,6 +36,17 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
     m->tokens[method] = &tokens.Add({{"method", kMethods[method]}});
     m->seconds[method] = &seconds.Add({{"method", kMethods[method]}}, buckets);
   }
+  auto& phases = prometheus::BuildHistogram()
+                     .Name("moe_router_phase_seconds")
+                     .Help("Time of a successful Forward by phase: gate (gating and planning), "
+                           "fan_out (waiting for the expert servers), combine.")
+                     .Register(registry);
+  const prometheus::Histogram::BucketBoundaries phase_buckets = {
+      5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3,
+      2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0};
+  m->gate_seconds = &phases.Add({{"phase", "gate"}}, phase_buckets);
+  m->fan_out_seconds = &phases.Add({{"phase", "fan_out"}}, phase_buckets);
+  m->combine_seconds = &phases.Add({{"phase", "combine"}}, phase_buckets);
   m->batch_tokens = &prometheus::BuildHistogram()
                          .Name("moe_router_batch_tokens")
                          .Help("Tokens per Forward request.")

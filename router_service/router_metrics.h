@@ -27,6 +27,12 @@ struct RouterMetrics {
   std::array<prometheus::Counter*, 2> tokens{};
   // moe_router_request_seconds{method}: end to end, in the router.
   std::array<prometheus::Histogram*, 2> seconds{};
+  // moe_router_phase_seconds{phase="gate"|"fan_out"|"combine"}: a
+  // successful Forward's time gating and planning, waiting for the expert
+  // servers, and combining their answers.
+  prometheus::Histogram* gate_seconds = nullptr;
+  prometheus::Histogram* fan_out_seconds = nullptr;
+  prometheus::Histogram* combine_seconds = nullptr;
   // moe_router_batch_tokens: tokens per Forward.
   prometheus::Histogram* batch_tokens = nullptr;
   // moe_router_expert_tokens_total{expert}: pairs routed to each expert.

@@ -46,6 +46,12 @@ absl::Status RouterServer::Start() {
   router_options.pool = pool_.get();
   router_options.load_stats = load_stats_.get();
   router_options.timer = &timer_;
+  router_options.on_phases = [m = metrics_.get()](absl::Duration gate, absl::Duration fan_out,
+                                                  absl::Duration combine) {
+    m->gate_seconds->Observe(absl::ToDoubleSeconds(gate));
+    m->fan_out_seconds->Observe(absl::ToDoubleSeconds(fan_out));
+    m->combine_seconds->Observe(absl::ToDoubleSeconds(combine));
+  };
   router_options.on_failover = [failovers = metrics_->failovers] { failovers->Increment(); };
   router_ = std::make_unique<Router>(std::move(router_options), *placement_, *client_);
 

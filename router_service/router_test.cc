@@ -275,6 +275,34 @@ TEST(RouterTest, DeadlineEndsACallThatWaitsOnAStalledServer) {
   EXPECT_EQ(calls, 1);
 }
 
+TEST(RouterTest, ReportsItsPhases) {
+  const ModelConfig model = Model(2, false);
+  const MoeWeights weights = InitAllWeights(model);
+  const Placement placement = HybridPlacement(8, 2);
+  InProcessExpertClient client(model, placement, weights, OnednnKernels());
+  Router::Options options{model, *weights.gate};
+  int reports = 0;
+  absl::Duration total;
+  options.on_phases = [&](absl::Duration gate, absl::Duration fan_out, absl::Duration combine) {
+    ++reports;
+    EXPECT_GE(gate, absl::ZeroDuration());
+    EXPECT_GE(fan_out, absl::ZeroDuration());
+    EXPECT_GE(combine, absl::ZeroDuration());
+    total = gate + fan_out + combine;
+  };
+  Router router(std::move(options), placement, client);
+  absl::Notification done;
+  const absl::Time start = absl::Now();
+  router.Forward(Wire(RandomTensor({20, 32}, 5)), false, absl::InfiniteFuture(),
+                 [&](absl::StatusOr<Router::ForwardResult> r) {
+                   EXPECT_TRUE(r.ok());
+                   done.Notify();
+                 });
+  done.WaitForNotification();
+  EXPECT_EQ(reports, 1);
+  EXPECT_LE(total, absl::Now() - start);  // the phases are parts of the call
+}
+
 TEST(RouterTest, BadInputIsNamed) {
   Cluster cluster(Model(2, false), PlacementStrategy::kHybrid);
   EXPECT_THAT(cluster.Forward(Wire(RandomTensor({3, 31}, 1))).status().message(),
