@@ -1,12 +1,10 @@
 #include "expert_service/expert_server.h"
 
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/health_check_service_interface.h>
-
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/checkpoint.h"
 #include "common/deterministic_init.h"
+#include "common/grpc_server.h"
 #include "common/log.h"
 #include "common/metrics_exposer.h"
 #include "common/placement.h"
@@ -102,19 +100,9 @@ absl::Status ExpertServer::Start() {
       ExpertServiceImpl::Options{options_.name, options_.clock}, *store_, *pool_, *metrics_,
       batcher_.get());
 
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort(options_.listen_address, grpc::InsecureServerCredentials(), &port_);
-  builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
-  builder.SetMaxSendMessageSize(options_.max_message_bytes);
-  builder.RegisterService(service_.get());
-  server_ = builder.BuildAndStart();
-  if (server_ == nullptr || port_ == 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", options_.listen_address));
-  }
-  server_->GetHealthCheckService()->SetServingStatus(true);
+  MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address,
+                                                 options_.max_message_bytes, service_.get(),
+                                                 &port_));
   MOE_LOG(INFO, "server ", options_.name, " serving gRPC on port ", port_,
           metrics_port_ >= 0 ? absl::StrCat(", /metrics on port ", metrics_port_)
                              : std::string(", no metrics endpoint"));

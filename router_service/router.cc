@@ -27,6 +27,19 @@ absl::Span<const float> AsFloats(const ConstTensorView& view, std::vector<float>
   return storage;
 }
 
+// Ends `call` with DEADLINE_EXCEEDED at `deadline` unless an answer ends it
+// first (both race on `finished`). Returns the timer id, 0 when none.
+template <typename Call>
+uint64_t EndAtDeadline(DeadlineTimer* timer, absl::Time deadline, std::shared_ptr<Call> call,
+                       size_t calls, absl::string_view what) {
+  if (timer == nullptr || deadline == absl::InfiniteFuture()) return 0;
+  return timer->Schedule(deadline, [call, calls, what]() {
+    if (call->finished.exchange(true)) return;
+    std::move(call->done)(absl::DeadlineExceededError(absl::StrCat(
+        "deadline passed with ", call->remaining.load(), " of ", calls, " ", what)));
+  });
+}
+
 }  // namespace
 
 // What Backward needs from a training forward.
@@ -139,14 +152,7 @@ void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
     return;
   }
   call->remaining = n;
-  if (options_.timer != nullptr && deadline != absl::InfiniteFuture()) {
-    call->timer_id = options_.timer->Schedule(deadline, [call, n]() {
-      if (call->finished.exchange(true)) return;
-      std::move(call->done)(absl::DeadlineExceededError(absl::StrCat(
-          "deadline passed with ", call->remaining.load(), " of ", n,
-          " expert calls unanswered")));
-    });
-  }
+  call->timer_id = EndAtDeadline(options_.timer, deadline, call, n, "expert calls unanswered");
   for (size_t g = 0; g < n; ++g) Send(call, g);
 }
 
@@ -361,14 +367,7 @@ void Router::Backward(uint64_t request_id, const v1::Tensor& grad_output,
     return;
   }
   call->remaining = n;
-  if (options_.timer != nullptr && deadline != absl::InfiniteFuture()) {
-    call->timer_id = options_.timer->Schedule(deadline, [call, n]() {
-      if (call->finished.exchange(true)) return;
-      std::move(call->done)(absl::DeadlineExceededError(absl::StrCat(
-          "deadline passed with ", call->remaining.load(), " of ", n,
-          " expert backward calls unanswered")));
-    });
-  }
+  call->timer_id = EndAtDeadline(options_.timer, deadline, call, n, "expert backward calls unanswered");
   for (size_t g = 0; g < n; ++g) {
     const ExpertGroup& group = call->record->groups[g];
     client_.Backward(

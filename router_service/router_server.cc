@@ -1,11 +1,9 @@
 #include "router_service/router_server.h"
 
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/health_check_service_interface.h>
-
 #include "absl/strings/str_cat.h"
 #include "common/checkpoint.h"
 #include "common/deterministic_init.h"
+#include "common/grpc_server.h"
 #include "common/log.h"
 #include "common/metrics_exposer.h"
 #include "common/status_macros.h"
@@ -66,18 +64,9 @@ absl::Status RouterServer::Start() {
                                      load_stats_.get(),
                                      [client = client_.get()] { return client->reconnects(); }});
 
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort(options_.listen_address, grpc::InsecureServerCredentials(), &port_);
-  builder.SetMaxReceiveMessageSize(options_.max_message_bytes);
-  builder.SetMaxSendMessageSize(options_.max_message_bytes);
-  builder.RegisterService(service_.get());
-  server_ = builder.BuildAndStart();
-  if (server_ == nullptr || port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", options_.listen_address));
-  }
-  server_->GetHealthCheckService()->SetServingStatus(true);
+  MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address,
+                                                 options_.max_message_bytes, service_.get(),
+                                                 &port_));
   MOE_LOG(INFO, "router: ", model.num_experts, " experts, top_k ", model.top_k, ", ",
           PlacementStrategyName(config.cluster.strategy), " over ",
           config.cluster.servers.size(), " expert servers; gate from ",

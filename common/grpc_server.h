@@ -1,0 +1,40 @@
+// Starts a gRPC server the way every moe-serve binary does: one service, the
+// standard health service (SERVING once started), server reflection, and
+// message size limits large enough for token batches.
+#ifndef MOE_COMMON_GRPC_SERVER_H_
+#define MOE_COMMON_GRPC_SERVER_H_
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+
+namespace moe {
+
+// Listens on `address` (port 0 picks one; the bound port goes to `*port`).
+// `service` must outlive the server.
+inline absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
+    const std::string& address, int max_message_bytes, grpc::Service* service, int* port) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port);
+  builder.SetMaxReceiveMessageSize(max_message_bytes);
+  builder.SetMaxSendMessageSize(max_message_bytes);
+  builder.RegisterService(service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || *port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", address));
+  }
+  server->GetHealthCheckService()->SetServingStatus(true);
+  return server;
+}
+
+}  // namespace moe
+
+#endif  // MOE_COMMON_GRPC_SERVER_H_
