@@ -13,6 +13,7 @@
 #include "common/testing/random_tensor.h"
 #include "expert_service/expert_server.h"
 #include "proto/expert.grpc.pb.h"
+#include "proto/health.grpc.pb.h"
 
 namespace moe::bench {
 namespace {
@@ -68,6 +69,24 @@ void BM_DispatchRoundTrip(benchmark::State& state) {
       benchmark::Counter(static_cast<double>(compute_micros) / state.iterations());
   state.SetItemsProcessed(state.iterations() * rows);
 }
+// The floor: gRPC's own unary round trip on the same server (health Check,
+// no payload, no compute).
+void BM_HealthCheckRoundTrip(benchmark::State& state) {
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", Server().port()),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  grpc::health::v1::HealthCheckRequest request;
+  grpc::health::v1::HealthCheckResponse response;
+  for (auto _ : state) {
+    grpc::ClientContext context;
+    if (!stub->Check(&context, request, &response).ok()) {
+      state.SkipWithError("health check failed");
+      break;
+    }
+  }
+}
+BENCHMARK(BM_HealthCheckRoundTrip)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
 BENCHMARK(BM_DispatchRoundTrip)
     ->ArgsProduct({{kRows[0], kRows[1], kRows[2]}})
     ->Unit(benchmark::kMicrosecond)

@@ -3,15 +3,18 @@
 # starts a local cluster of deploy/config/bench_1024.pbtxt (router + 2 expert
 # servers) with moe_local --serve, then runs moe_loadgen --compare_local on
 # it. Usage: bench/remote_vs_local.sh [fp32|bf16] [extra moe_loadgen flags]
+# Environment: CONFIG (default deploy/config/bench_1024.pbtxt; the
+# deploy/config/bench_overhead.pbtxt one has tiny experts, so batch-1 numbers
+# are RPC and router work), ONEDNN_THREADS per server (default 0: all cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dtype="${1:-fp32}"
 shift || true
-config="$PWD/deploy/config/bench_1024.pbtxt"
+config="${CONFIG:-$PWD/deploy/config/bench_1024.pbtxt}"
 
 bazel build //deploy/local:moe_local //clients/cpp:moe_loadgen
 log="$(mktemp)"
-bazel-bin/deploy/local/moe_local --config="$config" --dtype="$dtype" --onednn_threads=0 \
+bazel-bin/deploy/local/moe_local --config="$config" --dtype="$dtype" --onednn_threads="${ONEDNN_THREADS:-0}" \
     --duration=1s --concurrency=1 --batch=64 --serve >"$log" 2>&1 &
 cluster=$!
 trap 'kill -INT $cluster 2>/dev/null; wait $cluster 2>/dev/null; rm -f "$log"' EXIT
