@@ -1,263 +1,20 @@
 #include "router_service/grpc_expert_client.h"
 
-#include <deque>
-#include <functional>
-
 #include <grpcpp/grpcpp.h>
 
-#include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
+#include "common/client_stream_session.h"
 #include "common/grpc_status.h"
 #include "common/log.h"
 #include "proto/expert.grpc.pb.h"
 
 namespace moe::router {
-namespace {
-
-// One kind of stream (Dispatch or BackwardDispatch) to one server: the live
-// stream, if any, and the back-off after failures.
-template <typename Request, typename Response>
-class StreamSession {
- public:
-  using Done = absl::AnyInvocable<void(absl::StatusOr<std::unique_ptr<Response>>) &&>;
-  using Start =
-      std::function<void(grpc::ClientContext*, grpc::ClientBidiReactor<Request, Response>*)>;
-
-  StreamSession(std::string name, Start start, absl::Duration min_backoff,
-                absl::Duration max_backoff)
-      : name_(std::move(name)),
-        start_(std::move(start)),
-        min_backoff_(min_backoff),
-        max_backoff_(max_backoff),
-        backoff_(min_backoff) {}
-
-  ~StreamSession() {
-    std::shared_ptr<Stream> live;
-    {
-      absl::MutexLock lock(&mu_);
-      closing_ = true;
-      live = std::move(live_);
-    }
-    if (live != nullptr) live->Close();
-    // Wait until every stream reported OnDone (they reference this session).
-    absl::MutexLock lock(&mu_);
-    auto none = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return open_streams_ == 0; };
-    mu_.Await(absl::Condition(&none));
-  }
-
-  void Send(const Request& request, Done done) {
-    std::shared_ptr<Stream> stream = LiveStream();
-    if (stream == nullptr) {
-      std::move(done)(absl::UnavailableError(
-          absl::StrCat(name_, ": not connected (reconnecting after a failure)")));
-      return;
-    }
-    stream->Send(request, std::move(done));
-  }
-
-  // Up, or due for another attempt.
-  bool healthy() const {
-    absl::MutexLock lock(&mu_);
-    return live_ != nullptr || absl::Now() >= retry_at_;
-  }
-
-  int64_t opened() const {
-    absl::MutexLock lock(&mu_);
-    return opened_;
-  }
-
-  // Opens the stream now (at start), instead of on the first call.
-  void Connect() { (void)LiveStream(); }
-
- private:
-  class Stream : public grpc::ClientBidiReactor<Request, Response> {
-   public:
-    explicit Stream(StreamSession* session) : session_(session) {}
-
-    void Begin(std::shared_ptr<Stream> self) {
-      self_ = std::move(self);
-      session_->start_(&context_, this);
-      this->StartRead(&response_);
-      // Held until Close(): writes start from outside reactions.
-      this->AddHold();
-      this->StartCall();
-    }
-
-    void Send(const Request& request, Done done) {
-      {
-        absl::MutexLock lock(&mu_);
-        // Once the hold is released the call may finish at any moment: no
-        // new operation may start on it.
-        if (!dead_ && !hold_released_) {
-          pending_.emplace(request.sequence_id(), std::move(done));
-          queue_.push_back(&request);
-          if (!writing_) {
-            writing_ = true;
-            // Under mu_, so ReleaseHold() cannot slip in between the check
-            // and the start (gRPC never runs a reaction inline here).
-            this->StartWrite(&request);
-          }
-          return;
-        }
-      }
-      std::move(done)(absl::UnavailableError(absl::StrCat(session_->name_, ": stream closed")));
-    }
-
-    // Ends the stream (at shutdown).
-    void Close() {
-      context_.TryCancel();
-      ReleaseHold();
-    }
-
-    void OnWriteDone(bool ok) override {
-      const Request* next = nullptr;
-      {
-        absl::MutexLock lock(&mu_);
-        queue_.pop_front();
-        if (ok && !queue_.empty()) {
-          next = queue_.front();
-        } else {
-          writing_ = false;
-          if (!ok) queue_.clear();  // the stream is failing; OnDone fails them
-        }
-      }
-      if (next != nullptr) this->StartWrite(next);
-    }
-
-    void OnReadDone(bool ok) override {
-      if (!ok) {
-        // The stream ended: let OnDone come, and fail what is pending there.
-        ReleaseHold();
-        return;
-      }
-      Done done;
-      {
-        absl::MutexLock lock(&mu_);
-        auto it = pending_.find(response_.sequence_id());
-        if (it != pending_.end()) {
-          done = std::move(it->second);
-          pending_.erase(it);
-        }
-      }
-      session_->MarkWorking();
-      if (done) {
-        std::move(done)(std::make_unique<Response>(std::move(response_)));
-      } else {
-        MOE_LOG(WARNING, session_->name_, ": answer for unknown sequence id ",
-                response_.sequence_id());
-      }
-      response_.Clear();
-      this->StartRead(&response_);
-    }
-
-    void OnDone(const grpc::Status& status) override {
-      absl::flat_hash_map<uint64_t, Done> pending;
-      {
-        absl::MutexLock lock(&mu_);
-        dead_ = true;
-        pending.swap(pending_);
-        queue_.clear();
-      }
-      const absl::Status failure = absl::UnavailableError(absl::StrCat(
-          session_->name_, ": stream ended: ",
-          status.ok() ? "closed by the server" : status.error_message()));
-      for (auto& [sequence, done] : pending) std::move(done)(failure);
-      StreamSession* session = session_;
-      std::shared_ptr<Stream> self = std::move(self_);
-      session->Detach(this, status);
-      // `self` may be the last reference: this object dies here.
-    }
-
-   private:
-    // The hold taken in Begin() keeps OnDone away while other threads may
-    // still start writes; released once, when the stream has ended or is
-    // being closed.
-    void ReleaseHold() {
-      {
-        absl::MutexLock lock(&mu_);
-        if (hold_released_) return;
-        hold_released_ = true;
-      }
-      this->RemoveHold();
-    }
-
-    StreamSession* const session_;
-    grpc::ClientContext context_;
-    Response response_;
-    std::shared_ptr<Stream> self_;  // alive until OnDone
-    absl::Mutex mu_;
-    absl::flat_hash_map<uint64_t, Done> pending_ ABSL_GUARDED_BY(mu_);
-    std::deque<const Request*> queue_ ABSL_GUARDED_BY(mu_);
-    bool writing_ ABSL_GUARDED_BY(mu_) = false;
-    bool dead_ ABSL_GUARDED_BY(mu_) = false;
-    bool hold_released_ ABSL_GUARDED_BY(mu_) = false;
-  };
-
-  std::shared_ptr<Stream> LiveStream() {
-    std::shared_ptr<Stream> stream;
-    {
-      absl::MutexLock lock(&mu_);
-      if (live_ != nullptr || closing_) return live_;
-      if (absl::Now() < retry_at_) return nullptr;
-      live_ = std::make_shared<Stream>(this);
-      stream = live_;
-      ++open_streams_;
-      ++opened_;
-    }
-    stream->Begin(stream);
-    return stream;
-  }
-
-  void MarkWorking() {
-    absl::MutexLock lock(&mu_);
-    backoff_ = min_backoff_;
-  }
-
-  void Detach(Stream* stream, const grpc::Status& status) {
-    absl::MutexLock lock(&mu_);
-    if (live_.get() == stream) live_.reset();
-    --open_streams_;
-    if (!closing_) {
-      retry_at_ = absl::Now() + backoff_;
-      MOE_LOG(WARNING, name_, ": stream failed (", status.error_message(),
-              "); next attempt in ", absl::FormatDuration(backoff_));
-      backoff_ = std::min(backoff_ * 2, max_backoff_);
-    }
-  }
-
-  const std::string name_;
-  const Start start_;
-  const absl::Duration min_backoff_;
-  const absl::Duration max_backoff_;
-  mutable absl::Mutex mu_;
-  std::shared_ptr<Stream> live_ ABSL_GUARDED_BY(mu_);
-  absl::Duration backoff_ ABSL_GUARDED_BY(mu_);
-  absl::Time retry_at_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
-  int open_streams_ ABSL_GUARDED_BY(mu_) = 0;
-  int64_t opened_ ABSL_GUARDED_BY(mu_) = 0;
-  bool closing_ ABSL_GUARDED_BY(mu_) = false;
-};
-
-}  // namespace
 
 class GrpcExpertClient::Connection {
  public:
   Connection(const ServerSpec& spec, const Options& options) {
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(options.max_message_bytes);
-    args.SetMaxSendMessageSize(options.max_message_bytes);
-    // Find a dead or stopped peer within seconds even when idle.
-    args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 2000);
-    args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 2000);
-    args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
-    args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
-    args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS,
-                static_cast<int>(absl::ToInt64Milliseconds(options.min_backoff)));
-    args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
-                static_cast<int>(absl::ToInt64Milliseconds(options.max_backoff)));
-    channel_ = grpc::CreateCustomChannel(spec.address, grpc::InsecureChannelCredentials(), args);
+    channel_ = KeepaliveChannel(spec.address, options.max_message_bytes, options.min_backoff,
+                                options.max_backoff);
     stub_ = v1::ExpertServer::NewStub(channel_);
     v1::ExpertServer::Stub* stub = stub_.get();
     dispatch_ = std::make_unique<DispatchSession>(
@@ -278,9 +35,9 @@ class GrpcExpertClient::Connection {
     dispatch_->Connect();
   }
 
-  using DispatchSession = StreamSession<v1::DispatchRequest, v1::DispatchResponse>;
+  using DispatchSession = ClientStreamSession<v1::DispatchRequest, v1::DispatchResponse>;
   using BackwardSession =
-      StreamSession<v1::BackwardDispatchRequest, v1::BackwardDispatchResponse>;
+      ClientStreamSession<v1::BackwardDispatchRequest, v1::BackwardDispatchResponse>;
 
   DispatchSession& dispatch() { return *dispatch_; }
   BackwardSession& backward() { return *backward_; }
