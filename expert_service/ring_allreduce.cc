@@ -1,0 +1,297 @@
+#include "expert_service/ring_allreduce.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+#include "common/log.h"
+
+namespace moe::expert {
+namespace {
+
+int PhaseIndex(v1::RingPhase phase) { return phase == v1::RING_PHASE_REDUCE_SCATTER ? 0 : 1; }
+
+}  // namespace
+
+std::shared_ptr<RingAllReduce> RingAllReduce::Create(Spec spec, RingOptions options,
+                                                     RingLink* successor) {
+  return std::shared_ptr<RingAllReduce>(
+      new RingAllReduce(std::move(spec), options, successor));
+}
+
+RingAllReduce::RingAllReduce(Spec spec, RingOptions options, RingLink* successor)
+    : spec_(std::move(spec)), options_(options), successor_(successor) {
+  MOE_CHECK(spec_.size >= 1 && spec_.rank >= 0 && spec_.rank < spec_.size);
+  MOE_CHECK(options_.segment_elements > 0 && options_.window_segments > 0);
+  const int n = spec_.size;
+  const int r = spec_.rank;
+  for (int s = 0; s + 1 < n; ++s) {
+    sends_expected_ += SegmentsIn(Mod(r - s)) + SegmentsIn(Mod(r + 1 - s));
+    receives_expected_ += SegmentsIn(ReceivedChunk(v1::RING_PHASE_REDUCE_SCATTER, s)) +
+                          SegmentsIn(ReceivedChunk(v1::RING_PHASE_ALL_GATHER, s));
+  }
+  next_offset_.resize(2 * std::max(n - 1, 0));
+  for (int s = 0; s + 1 < n; ++s) {
+    next_offset_[s] = ChunkBegin(ReceivedChunk(v1::RING_PHASE_REDUCE_SCATTER, s));
+    next_offset_[n - 1 + s] = ChunkBegin(ReceivedChunk(v1::RING_PHASE_ALL_GATHER, s));
+  }
+}
+
+std::string RingAllReduce::Name() const {
+  return absl::StrCat("all-reduce of step ", spec_.step, " group ", absl::Hex(spec_.group_id));
+}
+
+int64_t RingAllReduce::ChunkBegin(int chunk) const {
+  return static_cast<int64_t>(chunk) * static_cast<int64_t>(spec_.buffer.size()) / spec_.size;
+}
+
+int64_t RingAllReduce::SegmentsIn(int chunk) const {
+  const int64_t length = ChunkEnd(chunk) - ChunkBegin(chunk);
+  return (length + options_.segment_elements - 1) / options_.segment_elements;
+}
+
+int RingAllReduce::ReceivedChunk(v1::RingPhase phase, int ring_step) const {
+  return phase == v1::RING_PHASE_REDUCE_SCATTER ? Mod(spec_.rank - ring_step - 1)
+                                                : Mod(spec_.rank - ring_step);
+}
+
+void RingAllReduce::QueueChunk(v1::RingPhase phase, int ring_step, int chunk) {
+  const int64_t end = ChunkEnd(chunk);
+  for (int64_t offset = ChunkBegin(chunk); offset < end; offset += options_.segment_elements) {
+    to_send_.push_back(
+        {phase, ring_step, chunk, offset, std::min(options_.segment_elements, end - offset)});
+  }
+}
+
+void RingAllReduce::Start() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (spec_.size == 1) return;  // nothing to exchange: Wait returns at once
+    QueueChunk(v1::RING_PHASE_REDUCE_SCATTER, 0, spec_.rank);
+  }
+  Pump();
+}
+
+void RingAllReduce::Pump() {
+  {
+    absl::MutexLock lock(&mu_);
+    // One sender at a time keeps the segments of a step in order.
+    if (pumping_) return;
+    pumping_ = true;
+  }
+  while (true) {
+    auto chunk = std::make_unique<v1::RingChunk>();
+    chunk->mutable_id()->set_step(spec_.step);
+    chunk->mutable_id()->set_group_id(spec_.group_id);
+    chunk->set_sender_rank(spec_.rank);
+    chunk->set_buffer_elements(static_cast<int64_t>(spec_.buffer.size()));
+    {
+      absl::MutexLock lock(&mu_);
+      if (abort_pending_) {
+        abort_pending_ = false;
+        ToProtoStatus(status_, chunk->mutable_abort());
+        mu_.Unlock();
+        v1::RingChunk* raw = chunk.get();
+        // Best effort: the successor may be the one that is gone.
+        successor_->Send(raw, [self = shared_from_this(), chunk = std::move(chunk)](
+                                  absl::Status) {});
+        mu_.Lock();
+        continue;
+      }
+      if (!status_.ok() || to_send_.empty() || in_flight_ >= options_.window_segments) {
+        pumping_ = false;
+        return;
+      }
+      const Segment segment = to_send_.front();
+      to_send_.pop_front();
+      ++in_flight_;
+      chunk->set_phase(segment.phase);
+      chunk->set_ring_step(segment.ring_step);
+      chunk->set_chunk_index(segment.chunk);
+      chunk->set_offset_elements(segment.offset);
+      // Built now, from the buffer as it is: a segment's region changes
+      // again only after this send has gone all the way round the ring.
+      chunk->set_data(reinterpret_cast<const char*>(spec_.buffer.data() + segment.offset),
+                      segment.length * sizeof(float));
+      bytes_sent_ += segment.length * static_cast<int64_t>(sizeof(float));
+    }
+    v1::RingChunk* raw = chunk.get();
+    successor_->Send(raw, [self = shared_from_this(), chunk = std::move(chunk)](
+                              absl::Status status) { self->OnAck(std::move(status)); });
+  }
+}
+
+void RingAllReduce::OnAck(absl::Status status) {
+  {
+    absl::MutexLock lock(&mu_);
+    --in_flight_;
+    if (status.ok()) {
+      ++acked_;
+    } else {
+      FailLocked(absl::Status(status.code(), absl::StrCat(Name(), ": sending to ",
+                                                          spec_.successor, ": ",
+                                                          status.message())));
+    }
+  }
+  Pump();
+}
+
+absl::Status RingAllReduce::Validate(const v1::RingChunk& chunk) const {
+  const int n = spec_.size;
+  auto reject = [&](auto... what) {
+    return absl::InvalidArgumentError(absl::StrCat(Name(), ": rejected a segment from ",
+                                                   spec_.predecessor, ": ", what...));
+  };
+  if (chunk.id().step() != spec_.step || chunk.id().group_id() != spec_.group_id) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        Name(), ": rejected a segment of step ", chunk.id().step(), " group ",
+        absl::Hex(chunk.id().group_id())));
+  }
+  if (chunk.buffer_elements() != static_cast<int64_t>(spec_.buffer.size())) {
+    return reject("buffer of ", chunk.buffer_elements(), " elements, this rank has ",
+                  spec_.buffer.size());
+  }
+  if (chunk.sender_rank() != Mod(spec_.rank - 1)) {
+    return reject("sender rank ", chunk.sender_rank(), ", the predecessor is rank ",
+                  Mod(spec_.rank - 1));
+  }
+  if (chunk.phase() != v1::RING_PHASE_REDUCE_SCATTER &&
+      chunk.phase() != v1::RING_PHASE_ALL_GATHER) {
+    return reject("unknown phase ", static_cast<int>(chunk.phase()));
+  }
+  if (chunk.ring_step() < 0 || chunk.ring_step() >= n - 1) {
+    return reject("ring step ", chunk.ring_step(), " outside [0, ", n - 1, ")");
+  }
+  const int expected_chunk = ReceivedChunk(chunk.phase(), chunk.ring_step());
+  if (chunk.chunk_index() != expected_chunk) {
+    return reject("chunk ", chunk.chunk_index(), " at ring step ", chunk.ring_step(),
+                  ", expected chunk ", expected_chunk);
+  }
+  const int64_t expected_offset =
+      next_offset_[PhaseIndex(chunk.phase()) * (n - 1) + chunk.ring_step()];
+  const int64_t length =
+      std::min(options_.segment_elements, ChunkEnd(expected_chunk) - expected_offset);
+  if (chunk.offset_elements() != expected_offset || length <= 0) {
+    return reject("segment at element ", chunk.offset_elements(), ", expected ",
+                  length <= 0 ? std::string("none (chunk complete)")
+                              : absl::StrCat(expected_offset));
+  }
+  if (static_cast<int64_t>(chunk.data().size()) != length * static_cast<int64_t>(sizeof(float))) {
+    return reject(chunk.data().size(), " data bytes, expected ", length * sizeof(float));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RingAllReduce::OnChunk(const v1::RingChunk& chunk) {
+  bool pump = false;
+  absl::Status verdict;
+  {
+    absl::MutexLock lock(&mu_);
+    verdict = Receive(chunk, pump);
+  }
+  if (pump) Pump();
+  return verdict;
+}
+
+absl::Status RingAllReduce::Receive(const v1::RingChunk& chunk, bool& pump) {
+  if (!status_.ok()) return status_;
+  if (chunk.has_abort()) {
+    const absl::Status cause = FromProtoStatus(chunk.abort());
+    FailLocked(absl::Status(cause.code(), absl::StrCat(Name(), ": ", spec_.predecessor,
+                                                       " failed: ", cause.message())));
+    pump = true;  // passes it on
+    return status_;
+  }
+  if (absl::Status invalid = Validate(chunk); !invalid.ok()) {
+    FailLocked(invalid);
+    pump = true;
+    return invalid;
+  }
+  {
+    const int n = spec_.size;
+    const int step = chunk.ring_step();
+    const int64_t offset = chunk.offset_elements();
+    const int64_t length = static_cast<int64_t>(chunk.data().size() / sizeof(float));
+    float* dst = spec_.buffer.data() + offset;
+    if (chunk.phase() == v1::RING_PHASE_REDUCE_SCATTER) {
+      // memcpy out of the string: its bytes need not be float-aligned.
+      float incoming[256];
+      for (int64_t i = 0; i < length; i += 256) {
+        const int64_t m = std::min<int64_t>(256, length - i);
+        std::memcpy(incoming, chunk.data().data() + i * sizeof(float), m * sizeof(float));
+        for (int64_t j = 0; j < m; ++j) dst[i + j] += incoming[j];
+      }
+      // The sum so far goes on: at the next reduce-scatter step, or, once
+      // complete (the last step), as the first all-gather step.
+      if (step + 1 < n - 1) {
+        to_send_.push_back({v1::RING_PHASE_REDUCE_SCATTER, step + 1, chunk.chunk_index(), offset,
+                            length});
+      } else {
+        to_send_.push_back({v1::RING_PHASE_ALL_GATHER, 0, chunk.chunk_index(), offset, length});
+      }
+      pump = true;
+    } else {
+      std::memcpy(dst, chunk.data().data(), length * sizeof(float));
+      if (step + 1 < n - 1) {
+        to_send_.push_back({v1::RING_PHASE_ALL_GATHER, step + 1, chunk.chunk_index(), offset,
+                            length});
+        pump = true;
+      }
+    }
+    next_offset_[PhaseIndex(chunk.phase()) * (n - 1) + step] = offset + length;
+    ++received_;
+  }
+  return absl::OkStatus();
+}
+
+void RingAllReduce::Fail(absl::Status status) {
+  {
+    absl::MutexLock lock(&mu_);
+    FailLocked(std::move(status));
+  }
+  Pump();
+}
+
+void RingAllReduce::FailLocked(absl::Status status) {
+  if (!status_.ok() || Finished()) return;
+  MOE_LOG(WARNING, status.message());
+  status_ = std::move(status);
+  to_send_.clear();
+  abort_pending_ = spec_.size > 1;
+}
+
+bool RingAllReduce::Finished() const {
+  return received_ == receives_expected_ && acked_ == sends_expected_;
+}
+
+absl::Status RingAllReduce::Wait(absl::Time deadline) {
+  absl::Status status = WaitLocked(deadline);
+  Pump();  // passes a deadline failure on
+  return status;
+}
+
+absl::Status RingAllReduce::WaitLocked(absl::Time deadline) {
+  absl::MutexLock lock(&mu_);
+  auto over = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return !status_.ok() || Finished();
+  };
+  if (!mu_.AwaitWithDeadline(absl::Condition(&over), deadline)) {
+    const bool waiting_for_predecessor = received_ < receives_expected_;
+    FailLocked(absl::DeadlineExceededError(absl::StrCat(
+        Name(), ": deadline exceeded waiting for ",
+        waiting_for_predecessor
+            ? absl::StrCat("segments from ", spec_.predecessor, " (", received_, " of ",
+                           receives_expected_, " received)")
+            : absl::StrCat("acknowledgements from ", spec_.successor, " (", acked_, " of ",
+                           sends_expected_, ")"))));
+  }
+  return status_;
+}
+
+int64_t RingAllReduce::bytes_sent() const {
+  absl::MutexLock lock(&mu_);
+  return bytes_sent_;
+}
+
+}  // namespace moe::expert

@@ -1,0 +1,301 @@
+#include "expert_service/ring_allreduce.h"
+
+#include <cmath>
+#include <cstring>
+#include <deque>
+#include <random>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "expert_service/collective_registry.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace moe::expert {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr uint64_t kGroup = 0xabc;
+
+// A link into another rank's registry, in order, one segment at a time (as a
+// gRPC stream whose reader acks before reading on), on its own thread.
+class LoopbackLink : public RingLink {
+ public:
+  explicit LoopbackLink(CollectiveRegistry* target) : target_(target), thread_([this] { Loop(); }) {}
+  ~LoopbackLink() override {
+    {
+      absl::MutexLock lock(&mu_);
+      stopping_ = true;
+    }
+    thread_.join();
+  }
+
+  void Send(v1::RingChunk* chunk, AckDone done) override {
+    absl::MutexLock lock(&mu_);
+    queue_.push_back({chunk, std::move(done)});
+  }
+
+  // Every later send fails as if the peer had died.
+  void Break() {
+    absl::MutexLock lock(&mu_);
+    broken_ = true;
+  }
+  // Sends are held (never answered) as if the peer were stopped.
+  void Stall() {
+    absl::MutexLock lock(&mu_);
+    stalled_ = true;
+  }
+
+ private:
+  struct Item {
+    v1::RingChunk* chunk;
+    AckDone done;
+  };
+
+  void Loop() {
+    while (true) {
+      Item item;
+      {
+        absl::MutexLock lock(&mu_);
+        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+          return stopping_ || (!queue_.empty() && !stalled_);
+        };
+        mu_.Await(absl::Condition(&ready));
+        if (stopping_) return;
+        item = std::move(queue_.front());
+        queue_.pop_front();
+        if (broken_) {
+          mu_.Unlock();
+          std::move(item.done)(absl::UnavailableError("peer gone"));
+          mu_.Lock();
+          continue;
+        }
+      }
+      absl::Notification acked;
+      absl::Status verdict;
+      target_->Deliver(item.chunk, [&](absl::Status s) {
+        verdict = std::move(s);
+        acked.Notify();
+      });
+      acked.WaitForNotification();
+      std::move(item.done)(verdict);
+    }
+  }
+
+  CollectiveRegistry* const target_;
+  absl::Mutex mu_;
+  std::deque<Item> queue_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool broken_ ABSL_GUARDED_BY(mu_) = false;
+  bool stalled_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread thread_;
+};
+
+// N ranks in one process: registry i receives from rank i-1 over link i-1.
+class Ring {
+ public:
+  explicit Ring(int n) : n_(n) {
+    for (int i = 0; i < n; ++i) {
+      registries_.push_back(std::make_unique<CollectiveRegistry>(absl::Seconds(5)));
+      registries_.back()->AddGroup(kGroup);
+    }
+    for (int i = 0; i < n; ++i) {
+      links_.push_back(std::make_unique<LoopbackLink>(registries_[(i + 1) % n].get()));
+    }
+  }
+  ~Ring() { links_.clear(); }
+
+  std::shared_ptr<RingAllReduce> Make(int rank, uint64_t step, absl::Span<float> buffer,
+                                      RingOptions options) {
+    return RingAllReduce::Create({step, kGroup, rank, n_, absl::StrCat("rank ", (rank + n_ - 1) % n_),
+                                  absl::StrCat("rank ", (rank + 1) % n_), buffer},
+                                 options, links_[rank].get());
+  }
+
+  CollectiveRegistry& registry(int rank) { return *registries_[rank]; }
+  LoopbackLink& link(int rank) { return *links_[rank]; }
+
+ private:
+  const int n_;
+  std::vector<std::unique_ptr<CollectiveRegistry>> registries_;
+  std::vector<std::unique_ptr<LoopbackLink>> links_;
+};
+
+std::vector<std::vector<float>> Inputs(int n, int64_t length, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<std::vector<float>> inputs(n, std::vector<float>(length));
+  for (auto& v : inputs) {
+    for (float& x : v) x = dist(rng);
+  }
+  return inputs;
+}
+
+struct Case {
+  int n;
+  int64_t length;
+  int64_t segment;
+};
+
+class RingAllReduceTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(RingAllReduceTest, SumsExactlyOnceAndEveryRankHoldsTheSameBits) {
+  const auto [n, length, segment] = GetParam();
+  std::vector<std::vector<float>> buffers = Inputs(n, length, 7);
+  std::vector<double> sum(length, 0.0), sum_abs(length, 0.0);
+  for (const auto& b : buffers) {
+    for (int64_t i = 0; i < length; ++i) {
+      sum[i] += b[i];
+      sum_abs[i] += std::fabs(b[i]);
+    }
+  }
+  Ring ring(n);
+  std::vector<std::shared_ptr<RingAllReduce>> ranks;
+  for (int r = 0; r < n; ++r) {
+    ranks.push_back(ring.Make(r, 1, absl::MakeSpan(buffers[r]), {segment, 3}));
+  }
+  // Rank 0 starts before the others are registered: its first segments
+  // wait (parked) at rank 1 until rank 1 starts.
+  ring.registry(0).Register(ranks[0]);
+  ranks[0]->Start();
+  for (int r = 1; r < n; ++r) {
+    ring.registry(r).Register(ranks[r]);
+    ranks[r]->Start();
+  }
+  for (int r = 0; r < n; ++r) {
+    ASSERT_TRUE(ranks[r]->Wait(absl::Now() + absl::Seconds(60)).ok()) << "rank " << r;
+    ring.registry(r).Unregister(*ranks[r]);
+  }
+  for (int r = 1; r < n; ++r) {
+    ASSERT_EQ(0, std::memcmp(buffers[r].data(), buffers[0].data(), length * sizeof(float)))
+        << "rank " << r << " differs from rank 0";
+  }
+  // fp32 rounding of an n-term sum: at most (n-1) ulp-sized steps of the
+  // running magnitude.
+  const double eps = std::ldexp(1.0, -23);
+  for (int64_t i = 0; i < length; ++i) {
+    ASSERT_LE(std::fabs(buffers[0][i] - sum[i]), n * eps * sum_abs[i] + 1e-30) << "element " << i;
+  }
+  if (n > 1) {
+    const double expected_bytes = 2.0 * (n - 1) / n * length * sizeof(float);
+    EXPECT_NEAR(ranks[0]->bytes_sent(), expected_bytes, 2.0 * n * sizeof(float));
+  }
+}
+
+std::vector<Case> Cases() {
+  std::vector<Case> cases;
+  for (int n : {1, 2, 3, 4, 8}) {
+    for (int64_t length : {int64_t{0}, int64_t{1}, int64_t{n - 1}, int64_t{1000003}}) {
+      if (length == n - 1 && n <= 2) continue;  // already there
+      cases.push_back({n, length, 4096});
+    }
+    cases.push_back({n, 1000, 7});  // many odd-sized segments
+  }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Sizes, RingAllReduceTest, ::testing::ValuesIn(Cases()),
+                         [](const auto& info) {
+                           return absl::StrCat("n", info.param.n, "_len", info.param.length,
+                                               "_seg", info.param.segment);
+                         });
+
+TEST(RingAllReduce, ChunksOfAnotherStepOrGroupOrSizeAreRejectedNeverSummed) {
+  Ring ring(2);
+  std::vector<float> buffer(10, 1.0f);
+  auto collective = ring.Make(1, 5, absl::MakeSpan(buffer), {});
+  ring.registry(1).Register(collective);
+
+  v1::RingChunk chunk;
+  chunk.mutable_id()->set_step(4);
+  chunk.mutable_id()->set_group_id(kGroup);
+  chunk.set_sender_rank(0);
+  chunk.set_phase(v1::RING_PHASE_REDUCE_SCATTER);
+  chunk.set_chunk_index(0);
+  chunk.set_buffer_elements(10);
+  std::vector<float> ones(5, 1.0f);
+  chunk.set_data(reinterpret_cast<const char*>(ones.data()), 5 * sizeof(float));
+  auto deliver = [&](const v1::RingChunk& c) {
+    absl::Status verdict = absl::UnknownError("no ack");
+    ring.registry(1).Deliver(&c, [&](absl::Status s) { verdict = std::move(s); });
+    return verdict;
+  };
+
+  absl::Status wrong_step = deliver(chunk);
+  EXPECT_EQ(wrong_step.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(wrong_step.message(), HasSubstr("step 4"));
+  EXPECT_THAT(wrong_step.message(), HasSubstr("running step 5"));
+
+  chunk.mutable_id()->set_step(5);
+  chunk.mutable_id()->set_group_id(0x999);
+  absl::Status wrong_group = deliver(chunk);
+  EXPECT_EQ(wrong_group.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(wrong_group.message(), HasSubstr("not a replica group"));
+
+  chunk.mutable_id()->set_group_id(kGroup);
+  chunk.set_buffer_elements(11);
+  absl::Status wrong_size = deliver(chunk);
+  EXPECT_EQ(wrong_size.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(wrong_size.message(), HasSubstr("buffer of 11 elements, this rank has 10"));
+  for (float v : buffer) EXPECT_EQ(v, 1.0f);  // nothing summed
+
+  // A rejected segment of the running step fails the collective itself.
+  EXPECT_EQ(collective->Wait(absl::Now() + absl::Seconds(5)).code(),
+            absl::StatusCode::kInvalidArgument);
+  ring.registry(1).Unregister(*collective);
+  // The step is over here: its segments are stale.
+  chunk.set_buffer_elements(10);
+  absl::Status stale = deliver(chunk);
+  EXPECT_EQ(stale.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(stale.message(), HasSubstr("over"));
+}
+
+TEST(RingAllReduce, DeadPeerFailsTheCollectiveNamingIt) {
+  Ring ring(3);
+  std::vector<std::vector<float>> buffers = Inputs(3, 100000, 3);
+  ring.link(1).Break();  // rank 1's successor (rank 2) is gone
+  std::vector<std::shared_ptr<RingAllReduce>> ranks;
+  for (int r = 0; r < 3; ++r) {
+    ranks.push_back(ring.Make(r, 1, absl::MakeSpan(buffers[r]), {1000, 2}));
+    ring.registry(r).Register(ranks[r]);
+    ranks[r]->Start();
+  }
+  absl::Status status = ranks[1]->Wait(absl::Now() + absl::Seconds(10));
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(status.message(), HasSubstr("sending to rank 2"));
+  // The failure is passed on round the ring (and back through the acks):
+  // every rank ends at once, not at its deadline, naming the cause.
+  const absl::Time start = absl::Now();
+  for (int r : {0, 2}) {
+    absl::Status other = ranks[r]->Wait(absl::Now() + absl::Seconds(20));
+    EXPECT_EQ(other.code(), absl::StatusCode::kUnavailable) << other;
+    EXPECT_THAT(other.message(), HasSubstr("sending to rank 2: peer gone")) << other;
+  }
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  for (int r = 0; r < 3; ++r) ring.registry(r).Unregister(*ranks[r]);
+}
+
+TEST(RingAllReduce, StalledPeerEndsEveryRankAtTheDeadline) {
+  Ring ring(2);
+  std::vector<std::vector<float>> buffers = Inputs(2, 50000, 4);
+  ring.link(0).Stall();
+  std::vector<std::shared_ptr<RingAllReduce>> ranks;
+  for (int r = 0; r < 2; ++r) {
+    ranks.push_back(ring.Make(r, 1, absl::MakeSpan(buffers[r]), {1000, 2}));
+    ring.registry(r).Register(ranks[r]);
+    ranks[r]->Start();
+  }
+  const absl::Time start = absl::Now();
+  absl::Status status = ranks[0]->Wait(start + absl::Milliseconds(300));
+  EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(2));
+  EXPECT_EQ(ranks[1]->Wait(start + absl::Milliseconds(300)).code(),
+            absl::StatusCode::kDeadlineExceeded);
+  for (int r = 0; r < 2; ++r) ring.registry(r).Unregister(*ranks[r]);
+}
+
+}  // namespace
+}  // namespace moe::expert
