@@ -253,29 +253,55 @@ TEST(RingAllReduce, ChunksOfAnotherStepOrGroupOrSizeAreRejectedNeverSummed) {
   EXPECT_THAT(stale.message(), HasSubstr("over"));
 }
 
-TEST(RingAllReduce, DeadPeerFailsTheCollectiveNamingIt) {
+TEST(RingAllReduce, DeadPeerEndsItOnEveryLiveRankNamingThePeer) {
+  // Rank 2 of 3 dies: sends to it fail, and the stream from it ends (what
+  // the Collective service reports as a lost predecessor).
   Ring ring(3);
   std::vector<std::vector<float>> buffers = Inputs(3, 100000, 3);
-  ring.link(1).Break();  // rank 1's successor (rank 2) is gone
+  ring.link(1).Break();
   std::vector<std::shared_ptr<RingAllReduce>> ranks;
-  for (int r = 0; r < 3; ++r) {
+  for (int r = 0; r < 2; ++r) {
     ranks.push_back(ring.Make(r, 1, absl::MakeSpan(buffers[r]), {1000, 2}));
     ring.registry(r).Register(ranks[r]);
     ranks[r]->Start();
   }
-  absl::Status status = ranks[1]->Wait(absl::Now() + absl::Seconds(10));
-  EXPECT_EQ(status.code(), absl::StatusCode::kUnavailable);
-  EXPECT_THAT(status.message(), HasSubstr("sending to rank 2"));
-  // The failure is passed on round the ring (and back through the acks):
-  // every rank ends at once, not at its deadline, naming the cause.
+  ring.registry(0).PredecessorLost({kGroup}, absl::UnavailableError("stream from rank 2 ended"));
   const absl::Time start = absl::Now();
-  for (int r : {0, 2}) {
-    absl::Status other = ranks[r]->Wait(absl::Now() + absl::Seconds(20));
-    EXPECT_EQ(other.code(), absl::StatusCode::kUnavailable) << other;
-    EXPECT_THAT(other.message(), HasSubstr("sending to rank 2: peer gone")) << other;
+  absl::Status status1 = ranks[1]->Wait(start + absl::Seconds(20));
+  EXPECT_EQ(status1.code(), absl::StatusCode::kUnavailable) << status1;
+  EXPECT_THAT(status1.message(), HasSubstr("rank 2")) << status1;
+  absl::Status status0 = ranks[0]->Wait(start + absl::Seconds(20));
+  EXPECT_EQ(status0.code(), absl::StatusCode::kUnavailable) << status0;
+  // From its lost predecessor or from rank 1's acks, whichever came first.
+  EXPECT_THAT(status0.message(), HasSubstr("rank 2")) << status0;
+  // At once, not at the deadline.
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  for (int r = 0; r < 2; ++r) ring.registry(r).Unregister(*ranks[r]);
+}
+
+TEST(RingAllReduce, AFailureIsPassedOnRoundTheRing) {
+  Ring ring(4);
+  std::vector<std::vector<float>> buffers = Inputs(4, 100000, 5);
+  std::vector<std::shared_ptr<RingAllReduce>> ranks;
+  for (int r = 0; r < 4; ++r) {
+    ranks.push_back(ring.Make(r, 1, absl::MakeSpan(buffers[r]), {1000, 2}));
+  }
+  // Rank 2 fails before anyone starts (say, its gradients could not be
+  // read); the others learn it from the ring, not from their deadlines.
+  ring.registry(2).Register(ranks[2]);
+  ranks[2]->Fail(absl::InternalError("rank 2 broke"));
+  for (int r : {0, 1, 3}) {
+    ring.registry(r).Register(ranks[r]);
+    ranks[r]->Start();
+  }
+  const absl::Time start = absl::Now();
+  for (int r : {0, 1, 3}) {
+    absl::Status status = ranks[r]->Wait(start + absl::Seconds(20));
+    EXPECT_EQ(status.code(), absl::StatusCode::kInternal) << "rank " << r << ": " << status;
+    EXPECT_THAT(status.message(), HasSubstr("rank 2 broke"));
   }
   EXPECT_LT(absl::Now() - start, absl::Seconds(10));
-  for (int r = 0; r < 3; ++r) ring.registry(r).Unregister(*ranks[r]);
+  for (int r = 0; r < 4; ++r) ring.registry(r).Unregister(*ranks[r]);
 }
 
 TEST(RingAllReduce, StalledPeerEndsEveryRankAtTheDeadline) {
