@@ -1,9 +1,10 @@
-// Starts a gRPC server the way every moe-serve binary does: one service, the
+// Starts a gRPC server the way every moe-serve binary does: its services, the
 // standard health service (SERVING once started), server reflection, and
 // message size limits large enough for token batches.
 #ifndef MOE_COMMON_GRPC_SERVER_H_
 #define MOE_COMMON_GRPC_SERVER_H_
 
+#include <initializer_list>
 #include <memory>
 #include <string>
 
@@ -17,16 +18,17 @@
 namespace moe {
 
 // Listens on `address` (port 0 picks one; the bound port goes to `*port`).
-// `service` must outlive the server.
+// The services must outlive the server.
 inline absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
-    const std::string& address, int max_message_bytes, grpc::Service* service, int* port) {
+    const std::string& address, int max_message_bytes,
+    std::initializer_list<grpc::Service*> services, int* port) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port);
   builder.SetMaxReceiveMessageSize(max_message_bytes);
   builder.SetMaxSendMessageSize(max_message_bytes);
-  builder.RegisterService(service);
+  for (grpc::Service* service : services) builder.RegisterService(service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || *port == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", address));

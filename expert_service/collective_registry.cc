@@ -10,19 +10,26 @@ namespace moe::expert {
 CollectiveRegistry::CollectiveRegistry(absl::Duration park_timeout)
     : park_timeout_(park_timeout) {}
 
-CollectiveRegistry::~CollectiveRegistry() {
+CollectiveRegistry::~CollectiveRegistry() { Shutdown(); }
+
+void CollectiveRegistry::Shutdown() {
   std::vector<std::unique_ptr<Parked>> parked;
+  std::vector<std::shared_ptr<RingAllReduce>> running;
   {
     absl::MutexLock lock(&mu_);
+    shut_down_ = true;
     for (auto& [id, group] : groups_) {
       for (auto& p : group.parked) parked.push_back(std::move(p));
       group.parked.clear();
+      if (group.running != nullptr) running.push_back(group.running);
     }
   }
+  const absl::Status why = absl::UnavailableError("server shutting down");
   for (auto& p : parked) {
     timer_.Cancel(p->timer_id);
-    std::move(p->ack)(absl::UnavailableError("server shutting down"));
+    std::move(p->ack)(why);
   }
+  for (auto& c : running) c->Fail(absl::UnavailableError(absl::StrCat(c->Name(), ": ", why.message())));
 }
 
 void CollectiveRegistry::AddGroup(uint64_t group_id) {
@@ -76,22 +83,25 @@ void CollectiveRegistry::Deliver(const v1::RingChunk* chunk, Ack ack) {
   {
     absl::MutexLock lock(&mu_);
     auto it = groups_.find(group_id);
-    if (it == groups_.end()) {
+    if (shut_down_) {
+      rejected = absl::UnavailableError("server shutting down");
+    } else if (it == groups_.end()) {
       rejected = absl::InvalidArgumentError(absl::StrCat(
           "segment of group ", absl::Hex(group_id), ": not a replica group of this server"));
-    } else if (Group& group = it->second; group.running != nullptr) {
-      if (group.running->step() == step) {
-        target = group.running;
-      } else {
-        rejected = absl::FailedPreconditionError(
-            absl::StrCat("segment of step ", step, " group ", absl::Hex(group_id),
-                         ": this server is running step ", group.running->step()));
-      }
+    } else if (Group& group = it->second;
+               group.running != nullptr && group.running->step() == step) {
+      target = group.running;
+    } else if (group.running != nullptr && step < group.running->step()) {
+      rejected = absl::FailedPreconditionError(
+          absl::StrCat("segment of step ", step, " group ", absl::Hex(group_id),
+                       ": this server is running step ", group.running->step()));
     } else if (group.has_over && step <= group.over) {
       rejected = absl::FailedPreconditionError(
           absl::StrCat("segment of step ", step, " group ", absl::Hex(group_id),
                        ": that step is over on this server (last: ", group.over, ")"));
     } else {
+      // A later step than this server has started (its predecessor is
+      // ahead): wait for it.
       auto parked = std::make_unique<Parked>();
       Parked* raw = parked.get();
       raw->chunk = chunk;
@@ -133,9 +143,7 @@ void CollectiveRegistry::PredecessorLost(const std::vector<uint64_t>& groups,
       }
     }
   }
-  for (auto& c : running) {
-    c->Fail(absl::UnavailableError(absl::StrCat(c->Name(), ": ", why.message())));
-  }
+  for (auto& c : running) c->PredecessorLost(why);
 }
 
 void CollectiveRegistry::AbortStep(uint64_t step, const absl::Status& why) {

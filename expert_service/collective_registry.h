@@ -3,8 +3,8 @@
 // this server has started its side of the step (the predecessor started
 // first): it is parked, and its stream not read further, until the
 // collective starts here, the step is aborted, or `park_timeout` passes.
-// A segment of a step that is over, of another step than the one running,
-// or of a group this server is not in is rejected at once. Thread-safe.
+// A segment of a step that is over or older than the one running, or of a
+// group this server is not in, is rejected at once. Thread-safe.
 #ifndef MOE_EXPERT_SERVICE_COLLECTIVE_REGISTRY_H_
 #define MOE_EXPERT_SERVICE_COLLECTIVE_REGISTRY_H_
 
@@ -49,6 +49,10 @@ class CollectiveRegistry {
   void PredecessorLost(const std::vector<uint64_t>& groups, const absl::Status& why)
       ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Rejects parked and later segments and fails what runs (before the gRPC
+  // server shuts down: a parked segment holds its stream open).
+  void Shutdown() ABSL_LOCKS_EXCLUDED(mu_);
+
   // Fails the running collectives of `step` and rejects its parked segments.
   void AbortStep(uint64_t step, const absl::Status& why) ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -71,6 +75,7 @@ class CollectiveRegistry {
   const absl::Duration park_timeout_;
   absl::Mutex mu_;
   absl::flat_hash_map<uint64_t, Group> groups_ ABSL_GUARDED_BY(mu_);
+  bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
   // Last: its thread must stop before the state its callbacks touch goes.
   DeadlineTimer timer_;
 };

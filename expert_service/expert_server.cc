@@ -101,7 +101,7 @@ absl::Status ExpertServer::Start() {
       batcher_.get());
 
   MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address,
-                                                 options_.max_message_bytes, service_.get(),
+                                                 options_.max_message_bytes, {service_.get()},
                                                  &port_));
   MOE_LOG(INFO, "server ", options_.name, " serving gRPC on port ", port_,
           metrics_port_ >= 0 ? absl::StrCat(", /metrics on port ", metrics_port_)

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/grpc_status.h"
 #include "common/log.h"
 
@@ -261,6 +262,16 @@ void RingAllReduce::FailLocked(absl::Status status) {
   abort_pending_ = spec_.size > 1;
 }
 
+void RingAllReduce::PredecessorLost(const absl::Status& why) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (received_ == receives_expected_) return;
+    FailLocked(absl::UnavailableError(
+        absl::StrCat(Name(), ": predecessor ", spec_.predecessor, ": ", why.message())));
+  }
+  Pump();
+}
+
 bool RingAllReduce::Finished() const {
   return received_ == receives_expected_ && acked_ == sends_expected_;
 }
@@ -277,14 +288,17 @@ absl::Status RingAllReduce::WaitLocked(absl::Time deadline) {
     return !status_.ok() || Finished();
   };
   if (!mu_.AwaitWithDeadline(absl::Condition(&over), deadline)) {
-    const bool waiting_for_predecessor = received_ < receives_expected_;
+    std::vector<std::string> waits;
+    if (received_ < receives_expected_) {
+      waits.push_back(absl::StrCat("segments from ", spec_.predecessor, " (", received_, " of ",
+                                   receives_expected_, " received)"));
+    }
+    if (acked_ < sends_expected_) {
+      waits.push_back(absl::StrCat("acknowledgements from ", spec_.successor, " (", acked_,
+                                   " of ", sends_expected_, ")"));
+    }
     FailLocked(absl::DeadlineExceededError(absl::StrCat(
-        Name(), ": deadline exceeded waiting for ",
-        waiting_for_predecessor
-            ? absl::StrCat("segments from ", spec_.predecessor, " (", received_, " of ",
-                           receives_expected_, " received)")
-            : absl::StrCat("acknowledgements from ", spec_.successor, " (", acked_, " of ",
-                           sends_expected_, ")"))));
+        Name(), ": deadline exceeded waiting for ", absl::StrJoin(waits, " and "))));
   }
   return status_;
 }

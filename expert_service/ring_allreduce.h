@@ -77,6 +77,9 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
   // Ends the collective with `status` (aborted, predecessor gone); the
   // first failure wins.
   void Fail(absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);
+  // The stream from the predecessor ended: fails with `why` unless every
+  // segment from it has arrived.
+  void PredecessorLost(const absl::Status& why) ABSL_LOCKS_EXCLUDED(mu_);
   // Blocks until every segment is received and acknowledged, the collective
   // fails, or `deadline` passes (then DEADLINE_EXCEEDED saying what it was
   // waiting for). Returns the collective's status; after a failure, sends

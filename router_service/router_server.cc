@@ -65,7 +65,7 @@ absl::Status RouterServer::Start() {
                                      [client = client_.get()] { return client->reconnects(); }});
 
   MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address,
-                                                 options_.max_message_bytes, service_.get(),
+                                                 options_.max_message_bytes, {service_.get()},
                                                  &port_));
   MOE_LOG(INFO, "router: ", model.num_experts, " experts, top_k ", model.top_k, ", ",
           PlacementStrategyName(config.cluster.strategy), " over ",

@@ -1,0 +1,103 @@
+#include "expert_service/collective_service.h"
+
+#include <deque>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "common/grpc_status.h"
+
+namespace moe::expert {
+namespace {
+
+class RingReactor final : public grpc::ServerBidiReactor<v1::RingChunk, v1::RingAck> {
+ public:
+  RingReactor(CollectiveRegistry* registry, std::string peer)
+      : registry_(registry), peer_(std::move(peer)) {
+    StartRead(&chunk_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {
+      std::vector<uint64_t> groups;
+      {
+        absl::MutexLock lock(&mu_);
+        groups.assign(groups_.begin(), groups_.end());
+        reads_over_ = true;
+        if (!writing_) FinishOnce();
+      }
+      registry_->PredecessorLost(groups,
+                                 absl::UnavailableError(absl::StrCat("stream from ", peer_,
+                                                                     " ended")));
+      return;
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      groups_.insert(chunk_.id().group_id());
+    }
+    // The verdict may come later, on another thread (a parked segment).
+    registry_->Deliver(&chunk_, [this](absl::Status verdict) { OnVerdict(verdict); });
+  }
+
+  void OnWriteDone(bool ok) override {
+    absl::MutexLock lock(&mu_);
+    acks_.pop_front();
+    if (ok && !acks_.empty()) {
+      StartWrite(&acks_.front());
+      return;
+    }
+    writing_ = false;
+    if (!ok) acks_.clear();
+    if (reads_over_) FinishOnce();
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void OnVerdict(const absl::Status& verdict) {
+    v1::RingAck ack;
+    *ack.mutable_id() = chunk_.id();
+    ack.set_ring_step(chunk_.ring_step());
+    ack.set_chunk_index(chunk_.chunk_index());
+    ack.set_offset_elements(chunk_.offset_elements());
+    ack.set_sequence_id(chunk_.sequence_id());
+    if (!verdict.ok()) ToProtoStatus(verdict, ack.mutable_error());
+    absl::MutexLock lock(&mu_);
+    acks_.push_back(std::move(ack));
+    if (!writing_) {
+      writing_ = true;
+      StartWrite(&acks_.front());
+    }
+    // chunk_ is free again. No read was outstanding, so the stream cannot
+    // have finished meanwhile.
+    StartRead(&chunk_);
+  }
+
+  void FinishOnce() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(grpc::Status::OK);
+  }
+
+  CollectiveRegistry* const registry_;
+  const std::string peer_;
+  v1::RingChunk chunk_;
+  absl::Mutex mu_;
+  // std::deque: pushing does not move the ack being written.
+  std::deque<v1::RingAck> acks_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_set<uint64_t> groups_ ABSL_GUARDED_BY(mu_);
+  bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  bool reads_over_ ABSL_GUARDED_BY(mu_) = false;
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace
+
+grpc::ServerBidiReactor<v1::RingChunk, v1::RingAck>* CollectiveService::Ring(
+    grpc::CallbackServerContext* context) {
+  return new RingReactor(registry_, context->peer());
+}
+
+}  // namespace moe::expert

@@ -1,0 +1,39 @@
+// RingLink over gRPC: one persistent Ring stream to the successor, shared by
+// every collective that sends to it; acks matched by sequence id. A broken
+// stream fails the pending sends with UNAVAILABLE naming the peer and is
+// reopened on the next send after a short back-off (a restarted peer is used
+// again at the next step). Thread-safe.
+#ifndef MOE_EXPERT_SERVICE_GRPC_RING_LINK_H_
+#define MOE_EXPERT_SERVICE_GRPC_RING_LINK_H_
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "absl/time/time.h"
+#include "common/client_stream_session.h"
+#include "expert_service/ring_allreduce.h"
+#include "proto/collective.grpc.pb.h"
+
+namespace moe::expert {
+
+class GrpcRingLink : public RingLink {
+ public:
+  // `name` names the peer in errors ("server expert-1 (10.0.0.2:50051)").
+  GrpcRingLink(std::string name, const std::string& address, int max_message_bytes,
+               absl::Duration min_backoff = absl::Milliseconds(50),
+               absl::Duration max_backoff = absl::Seconds(1));
+
+  void Send(v1::RingChunk* chunk, AckDone done) override;
+
+ private:
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Collective::Stub> stub_;
+  std::atomic<uint64_t> next_sequence_{1};
+  // Last: closed (and waited for) before the stub goes.
+  std::unique_ptr<ClientStreamSession<v1::RingChunk, v1::RingAck>> session_;
+};
+
+}  // namespace moe::expert
+
+#endif  // MOE_EXPERT_SERVICE_GRPC_RING_LINK_H_
