@@ -71,6 +71,23 @@ std::unique_ptr<ExpertMetrics> ExpertMetrics::Create(prometheus::Registry& regis
                            .Help("Open Dispatch and BackwardDispatch streams.")
                            .Register(registry)
                            .Add({});
+  auto& steps = prometheus::BuildCounter()
+                    .Name("moe_expert_steps_total")
+                    .Help("Training steps on this server, by outcome.")
+                    .Register(registry);
+  m->steps_committed = &steps.Add({{"result", "committed"}});
+  m->steps_aborted = &steps.Add({{"result", "aborted"}});
+  m->steps_failed = &steps.Add({{"result", "failed"}});
+  m->allreduce_seconds = &prometheus::BuildHistogram()
+                              .Name("moe_expert_allreduce_seconds")
+                              .Help("Wall time of one step's gradient all-reduces here.")
+                              .Register(registry)
+                              .Add({}, seconds);
+  m->allreduce_sent_bytes = &prometheus::BuildCounter()
+                                 .Name("moe_expert_allreduce_sent_bytes_total")
+                                 .Help("Gradient bytes this server sent in all-reduces.")
+                                 .Register(registry)
+                                 .Add({});
   return m;
 }
 

@@ -44,6 +44,16 @@ struct ExpertMetrics {
   // moe_expert_active_streams: Dispatch and BackwardDispatch streams open.
   prometheus::Gauge* active_streams = nullptr;
 
+  // moe_expert_steps_total{result="committed"|"aborted"|"failed"}: training
+  // steps by outcome here (failed: PrepareStep answered with an error).
+  prometheus::Counter* steps_committed = nullptr;
+  prometheus::Counter* steps_aborted = nullptr;
+  prometheus::Counter* steps_failed = nullptr;
+  // moe_expert_allreduce_seconds: wall time of a step's all-reduces here.
+  prometheus::Histogram* allreduce_seconds = nullptr;
+  // moe_expert_allreduce_sent_bytes_total: gradient bytes sent to the ring.
+  prometheus::Counter* allreduce_sent_bytes = nullptr;
+
   void CountError(const absl::Status& status) const {
     errors_by_code[static_cast<int>(status.code()) % errors_by_code.size()]->Increment();
   }

@@ -1,5 +1,7 @@
 #include "expert_service/expert_server.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/checkpoint.h"
@@ -96,17 +98,55 @@ absl::Status ExpertServer::Start() {
     MOE_LOG(INFO, "micro-batching: window ", absl::FormatDuration(options_.batch_window),
             ", up to ", options_.max_batch_rows, " rows");
   }
+  collectives_ = std::make_unique<CollectiveRegistry>();
+  std::vector<StepRing> rings = BuildRings(placement, index);
+  steps_ = std::make_unique<StepExecutor>(
+      StepExecutor::Options{model.optimizer, options_.name, std::move(rings), options_.ring,
+                            options_.step_prepared_timeout},
+      *store_, *collectives_);
+  step_pool_ = std::make_unique<ComputePool>(1, 64);
+  collective_service_ = std::make_unique<CollectiveService>(collectives_.get());
   service_ = std::make_unique<ExpertServiceImpl>(
       ExpertServiceImpl::Options{options_.name, options_.clock}, *store_, *pool_, *metrics_,
-      batcher_.get());
+      batcher_.get(), steps_.get(), step_pool_.get());
 
+  const std::initializer_list<grpc::Service*> services = {service_.get(),
+                                                           collective_service_.get()};
   MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address,
-                                                 options_.max_message_bytes, {service_.get()},
-                                                 &port_));
+                                                 options_.max_message_bytes, services, &port_));
   MOE_LOG(INFO, "server ", options_.name, " serving gRPC on port ", port_,
           metrics_port_ >= 0 ? absl::StrCat(", /metrics on port ", metrics_port_)
                              : std::string(", no metrics endpoint"));
   return absl::OkStatus();
+}
+
+std::vector<StepRing> ExpertServer::BuildRings(const Placement& placement, int index) {
+  const ClusterConfig& cluster = options_.config.cluster;
+  auto label = [&](int server) {
+    return absl::StrCat("server ", cluster.servers[server].name, " (",
+                        cluster.servers[server].address, ")");
+  };
+  ring_links_.resize(cluster.servers.size());
+  std::vector<StepRing> rings;
+  for (const ReplicaGroup& group : ReplicaGroups(placement)) {
+    auto it = std::find(group.servers.begin(), group.servers.end(), index);
+    if (it == group.servers.end()) continue;
+    const int size = static_cast<int>(group.servers.size());
+    const int rank = static_cast<int>(it - group.servers.begin());
+    const int successor = group.servers[(rank + 1) % size];
+    const int predecessor = group.servers[(rank + size - 1) % size];
+    if (ring_links_[successor] == nullptr) {
+      ring_links_[successor] = std::make_unique<GrpcRingLink>(
+          label(successor), cluster.servers[successor].address, options_.max_message_bytes);
+    }
+    collectives_->AddGroup(group.id);
+    rings.push_back({group.id, group.experts, rank, size, label(predecessor), label(successor),
+                     ring_links_[successor].get()});
+    MOE_LOG(INFO, "server ", options_.name, ": rank ", rank, " of ", size,
+            " in the ring of experts [", absl::StrJoin(group.experts, ","), "] (group ",
+            absl::Hex(group.id), "), sending to ", label(successor));
+  }
+  return rings;
 }
 
 std::shared_ptr<grpc::Channel> ExpertServer::InProcessChannel() {
@@ -131,6 +171,9 @@ void ExpertServer::Shutdown() {
     MOE_LOG(WARNING, "server ", options_.name, ": ", service_->open_streams(),
             " stream(s) still open at the drain deadline; cancelling them");
   }
+  // A parked ring segment holds its stream open: refuse them, and end the
+  // collectives that run.
+  collectives_->Shutdown();
   // The streams are done; what remains is unary calls (milliseconds). A
   // client that keeps an idle connection open would otherwise hold
   // Shutdown() for seconds, so give them a short grace, within the deadline.

@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 
@@ -16,11 +17,16 @@
 #include "absl/time/time.h"
 #include "common/compute_pool.h"
 #include "common/model_config.h"
+#include "common/placement.h"
+#include "expert_service/collective_registry.h"
+#include "expert_service/collective_service.h"
 #include "expert_service/expert_metrics.h"
 #include "expert_service/expert_service.h"
 #include "expert_service/expert_store.h"
+#include "expert_service/grpc_ring_link.h"
 #include "expert_service/micro_batcher.h"
 #include "expert_service/onednn_runtime.h"
+#include "expert_service/step_executor.h"
 #include "prometheus/exposer.h"
 #include "prometheus/registry.h"
 
@@ -56,6 +62,10 @@ class ExpertServer {
     int64_t max_batch_rows = 4096;
     // How long SIGTERM waits for open streams to answer what they accepted.
     absl::Duration drain_timeout = absl::Seconds(10);
+    // The gradient all-reduce's pipeline segment and window.
+    RingOptions ring;
+    // A prepared step with no commit or abort within this aborts itself.
+    absl::Duration step_prepared_timeout = absl::Seconds(60);
     // Largest gRPC message either way.
     int max_message_bytes = 512 << 20;
     // Makes each expert's kernel; empty: OnednnExpertKernel in compute_dtype.
@@ -86,6 +96,8 @@ class ExpertServer {
  private:
   explicit ExpertServer(Options options) : options_(std::move(options)) {}
   absl::Status Start();
+  // This server's rings, from the placement's replica groups.
+  std::vector<StepRing> BuildRings(const Placement& placement, int index);
 
   const Options options_;
   std::unique_ptr<OnednnRuntime> runtime_;
@@ -95,6 +107,14 @@ class ExpertServer {
   std::unique_ptr<prometheus::Exposer> exposer_;
   std::unique_ptr<ComputePool> pool_;
   std::unique_ptr<MicroBatcher> batcher_;
+  // The training step: ring links to this server's successors (by server
+  // index; null where none), the registry of collectives, the executor and
+  // its thread.
+  std::unique_ptr<CollectiveRegistry> collectives_;
+  std::vector<std::unique_ptr<GrpcRingLink>> ring_links_;
+  std::unique_ptr<StepExecutor> steps_;
+  std::unique_ptr<ComputePool> step_pool_;
+  std::unique_ptr<CollectiveService> collective_service_;
   std::unique_ptr<ExpertServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;

@@ -26,12 +26,23 @@ TensorView AllocateLike(const ConstTensorView& view, v1::Tensor* out) {
 }  // namespace
 
 ExpertServiceImpl::ExpertServiceImpl(Options options, ExpertStore& store, ComputePool& pool,
-                                     const ExpertMetrics& metrics, MicroBatcher* batcher)
+                                     const ExpertMetrics& metrics, MicroBatcher* batcher,
+                                     StepExecutor* steps, ComputePool* step_pool)
     : options_(std::move(options)),
       store_(store),
       pool_(pool),
       metrics_(metrics),
-      batcher_(batcher) {}
+      batcher_(batcher),
+      steps_(steps),
+      step_pool_(step_pool) {}
+
+namespace {
+
+absl::Status NoSteps() {
+  return absl::FailedPreconditionError("this server was started without training steps");
+}
+
+}  // namespace
 
 absl::Status ExpertServiceImpl::CheckDeadline(int64_t deadline_unix_micros) const {
   if (deadline_unix_micros == 0) return absl::OkStatus();
@@ -285,6 +296,75 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::ReleaseExpert(
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(store_.RemoveExpert(request->expert_id())));
   return reactor;
+}
+
+grpc::ServerUnaryReactor* ExpertServiceImpl::PrepareStep(grpc::CallbackServerContext* context,
+                                                         const v1::PrepareStepRequest* request,
+                                                         v1::PrepareStepResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  absl::Time deadline = absl::FromUnixMicros(request->deadline_unix_micros());
+  if (request->deadline_unix_micros() == 0) deadline = absl::FromChrono(context->deadline());
+  RunStep(reactor, [this, reactor, request, response, deadline] {
+    absl::StatusOr<StepExecutor::PrepareResult> result =
+        steps_->Prepare(request->step(), request->learning_rate(), deadline);
+    if (result.ok()) {
+      response->set_step(request->step());
+      response->set_allreduce_bytes_sent(result->allreduce_bytes_sent);
+      response->set_allreduce_seconds(absl::ToDoubleSeconds(result->allreduce_time));
+      metrics_.allreduce_seconds->Observe(absl::ToDoubleSeconds(result->allreduce_time));
+      metrics_.allreduce_sent_bytes->Increment(
+          static_cast<double>(result->allreduce_bytes_sent));
+    } else {
+      metrics_.steps_failed->Increment();
+    }
+    reactor->Finish(ToGrpcStatus(result.status()));
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ExpertServiceImpl::CommitStep(grpc::CallbackServerContext* context,
+                                                        const v1::CommitStepRequest* request,
+                                                        v1::CommitStepResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  RunStep(reactor, [this, reactor, request, response] {
+    absl::StatusOr<std::vector<std::pair<int, uint64_t>>> digests =
+        steps_->Commit(request->step());
+    if (digests.ok()) {
+      response->set_step(request->step());
+      for (const auto& [expert, digest] : *digests) {
+        v1::ExpertDigest* entry = response->add_experts();
+        entry->set_expert_id(expert);
+        entry->set_weights_digest(digest);
+      }
+      metrics_.steps_committed->Increment();
+    }
+    reactor->Finish(ToGrpcStatus(digests.status()));
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ExpertServiceImpl::AbortStep(grpc::CallbackServerContext* context,
+                                                       const v1::AbortStepRequest* request,
+                                                       v1::AbortStepResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (steps_ == nullptr) {
+    reactor->Finish(ToGrpcStatus(NoSteps()));
+    return reactor;
+  }
+  steps_->Abort(request->step(), request->reason().empty() ? std::string("aborted by the router")
+                                                           : request->reason());
+  metrics_.steps_aborted->Increment();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+void ExpertServiceImpl::RunStep(grpc::ServerUnaryReactor* reactor,
+                                absl::AnyInvocable<void() &&> work) {
+  if (steps_ == nullptr) {
+    reactor->Finish(ToGrpcStatus(NoSteps()));
+  } else if (!step_pool_->Submit(std::move(work))) {
+    reactor->Finish(ToGrpcStatus(absl::ResourceExhaustedError("step queue full")));
+  }
 }
 
 bool ExpertServiceImpl::Register(DrainableStream* stream) {

@@ -1,9 +1,10 @@
 // The ExpertServer gRPC service: the adapter between the wire API and the
 // ExpertStore. Dispatch and BackwardDispatch are long-lived streams whose
 // messages are validated and computed on the ComputePool; Info and the
-// weight-transfer RPCs are small callback handlers. The step RPCs
-// (PrepareStep, CommitStep, AbortStep) are not overridden yet and answer
-// UNIMPLEMENTED. Statuses become grpc::Status here and only here.
+// weight-transfer RPCs are small callback handlers. The step RPCs run on
+// their own thread (PrepareStep waits for all-reduces; AbortStep, which must
+// be able to stop it, runs at once). Statuses become grpc::Status here and
+// only here.
 // Thread-safe.
 #ifndef MOE_EXPERT_SERVICE_EXPERT_SERVICE_H_
 #define MOE_EXPERT_SERVICE_EXPERT_SERVICE_H_
@@ -19,6 +20,7 @@
 #include "expert_service/expert_metrics.h"
 #include "expert_service/expert_store.h"
 #include "expert_service/micro_batcher.h"
+#include "expert_service/step_executor.h"
 #include "common/stream_reactor.h"
 #include "proto/expert.grpc.pb.h"
 
@@ -34,9 +36,12 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService,
   };
 
   // All references must outlive the service. `batcher` may be null (no
-  // micro-batching).
+  // micro-batching). `step_pool` runs PrepareStep and CommitStep; with
+  // `steps` null (a store served without a ring: router unit tests) the
+  // step RPCs answer FAILED_PRECONDITION.
   ExpertServiceImpl(Options options, ExpertStore& store, ComputePool& pool,
-                    const ExpertMetrics& metrics, MicroBatcher* batcher);
+                    const ExpertMetrics& metrics, MicroBatcher* batcher,
+                    StepExecutor* steps = nullptr, ComputePool* step_pool = nullptr);
 
   // Stops accepting streams; open streams answer what they accepted and
   // finish with UNAVAILABLE. Returns at once; WaitForStreams() waits.
@@ -69,11 +74,22 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService,
   grpc::ServerUnaryReactor* ReleaseExpert(grpc::CallbackServerContext* context,
                                           const v1::ReleaseExpertRequest* request,
                                           v1::ReleaseExpertResponse* response) override;
+  grpc::ServerUnaryReactor* PrepareStep(grpc::CallbackServerContext* context,
+                                        const v1::PrepareStepRequest* request,
+                                        v1::PrepareStepResponse* response) override;
+  grpc::ServerUnaryReactor* CommitStep(grpc::CallbackServerContext* context,
+                                       const v1::CommitStepRequest* request,
+                                       v1::CommitStepResponse* response) override;
+  grpc::ServerUnaryReactor* AbortStep(grpc::CallbackServerContext* context,
+                                      const v1::AbortStepRequest* request,
+                                      v1::AbortStepResponse* response) override;
 
  private:
   bool Register(DrainableStream* stream) override ABSL_LOCKS_EXCLUDED(mu_);
   void Unregister(DrainableStream* stream) override ABSL_LOCKS_EXCLUDED(mu_);
   absl::Status CheckDeadline(int64_t deadline_unix_micros) const;
+  // Runs `work` on the step thread, or finishes `reactor` with why not.
+  void RunStep(grpc::ServerUnaryReactor* reactor, absl::AnyInvocable<void() &&> work);
   // Answers a dispatch after its forward ran (or failed), with metrics.
   void CompleteDispatch(const absl::Status& status, int expert, int64_t rows,
                         absl::Duration elapsed, v1::DispatchResponse& response) const;
@@ -83,6 +99,8 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService,
   ComputePool& pool_;
   const ExpertMetrics& metrics_;
   MicroBatcher* const batcher_;
+  StepExecutor* const steps_;
+  ComputePool* const step_pool_;
 
   mutable absl::Mutex mu_;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;

@@ -221,6 +221,37 @@ absl::StatusOr<ExpertWeights> ExpertStore::Gradients(int expert) const {
   return hosted->grads;
 }
 
+absl::StatusOr<ExpertWeights> ExpertStore::TakeGradients(int expert) {
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
+  ExpertWeights taken = ExpertWeights::Zeros(options_.model);
+  absl::MutexLock lock(&hosted->grads_mu);
+  std::swap(taken, hosted->grads);
+  return taken;
+}
+
+absl::Status ExpertStore::RestoreGradients(int expert, const ExpertWeights& grads) {
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
+  absl::MutexLock lock(&hosted->grads_mu);
+  for (ExpertTensor which : kAllExpertTensors) {
+    absl::Span<float> dst = hosted->grads.tensor(which).mutable_values();
+    absl::Span<const float> src = grads.tensor(which).values();
+    for (size_t i = 0; i < dst.size(); ++i) dst[i] += src[i];
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpertStore::ApplyWeights(int expert, ExpertSnapshot updated) {
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
+  absl::MutexLock lock(&hosted->weights_mu);
+  // Copied into the existing buffers: the kernel may point into them.
+  for (ExpertTensor which : kAllExpertTensors) {
+    absl::Span<const float> src = updated.weights.tensor(which).values();
+    std::copy(src.begin(), src.end(), hosted->master.tensor(which).mutable_values().begin());
+  }
+  if (updated.velocity) hosted->velocity = std::move(updated.velocity);
+  return hosted->kernel->ReloadWeights();
+}
+
 absl::Status ExpertStore::AddExpert(int expert, ExpertSnapshot snapshot) {
   if (expert < 0 || expert >= options_.model.num_experts) {
     return absl::InvalidArgumentError(absl::StrCat(

@@ -74,6 +74,16 @@ class ExpertStore {
   absl::StatusOr<ExpertSnapshot> Snapshot(int expert) const;
   // A copy of the accumulated gradients (for tests and the step protocol).
   absl::StatusOr<ExpertWeights> Gradients(int expert) const;
+  // The training step's operations on one expert. TakeGradients moves the
+  // accumulated gradients out (leaving zeros: backward calls during the step
+  // count for the next one); RestoreGradients adds them back (an aborted
+  // step: exact when nothing was added meanwhile, and nothing is lost when
+  // something was); ApplyWeights installs updated weights and momentum
+  // (between kernel calls) and reloads the kernel.
+  absl::StatusOr<ExpertWeights> TakeGradients(int expert);
+  absl::Status RestoreGradients(int expert, const ExpertWeights& grads);
+  absl::Status ApplyWeights(int expert, ExpertSnapshot updated);
+
   // Starts hosting `expert`; ALREADY_EXISTS if it is hosted.
   absl::Status AddExpert(int expert, ExpertSnapshot snapshot) ABSL_LOCKS_EXCLUDED(mu_);
   // Stops hosting `expert`; calls in flight finish first.

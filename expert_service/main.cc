@@ -34,6 +34,11 @@ ABSL_FLAG(absl::Duration, batch_window, absl::ZeroDuration(),
           "Merge inference requests for the same expert arriving within this window "
           "into one kernel call; 0 turns it off.");
 ABSL_FLAG(int64_t, max_batch_rows, 4096, "Largest merged batch, in rows.");
+ABSL_FLAG(int64_t, ring_segment_elements, int64_t{1} << 18,
+          "Gradient all-reduce pipeline segment, in floats (1 MiB by default).");
+ABSL_FLAG(int, ring_window_segments, 4, "All-reduce segments in flight to the successor.");
+ABSL_FLAG(absl::Duration, step_prepared_timeout, absl::Seconds(60),
+          "A prepared training step with no commit or abort within this aborts itself.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
           "On SIGTERM, how long open streams may take to answer what they accepted.");
 
@@ -71,6 +76,13 @@ absl::StatusOr<moe::expert::ExpertServer::Options> OptionsFromFlags() {
   options.batch_window = absl::GetFlag(FLAGS_batch_window);
   options.max_batch_rows = absl::GetFlag(FLAGS_max_batch_rows);
   options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
+  options.ring = {absl::GetFlag(FLAGS_ring_segment_elements),
+                  absl::GetFlag(FLAGS_ring_window_segments)};
+  if (options.ring.segment_elements < 1 || options.ring.window_segments < 1) {
+    return absl::InvalidArgumentError(
+        "--ring_segment_elements and --ring_window_segments must be >= 1");
+  }
+  options.step_prepared_timeout = absl::GetFlag(FLAGS_step_prepared_timeout);
   return options;
 }
 

@@ -1,0 +1,226 @@
+#include "expert_service/step_executor.h"
+
+#include <algorithm>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/log.h"
+#include "common/optimizer.h"
+#include "common/status_macros.h"
+
+namespace moe::expert {
+
+StepExecutor::StepExecutor(Options options, ExpertStore& store, CollectiveRegistry& registry)
+    : options_(std::move(options)), store_(store), registry_(registry) {}
+
+StepExecutor::~StepExecutor() {
+  std::optional<uint64_t> step;
+  {
+    absl::MutexLock lock(&mu_);
+    if (prepared_) step = prepared_->step;
+  }
+  if (step) Abort(*step, "server shutting down");
+}
+
+uint64_t StepExecutor::last_committed() const {
+  absl::MutexLock lock(&mu_);
+  return last_committed_;
+}
+
+absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
+                                                                  float learning_rate,
+                                                                  absl::Time deadline) {
+  if (!(learning_rate >= 0.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("learning_rate: must be >= 0, got ", learning_rate));
+  }
+  std::optional<Prepared> superseded;
+  {
+    absl::MutexLock lock(&mu_);
+    if (step <= last_committed_ || step <= last_aborted_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "step ", step, ": server ", options_.server_name, " has already ",
+          step <= last_committed_ ? "committed" : "aborted", " step ",
+          step <= last_committed_ ? last_committed_ : last_aborted_));
+    }
+    if (preparing_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "step ", step, ": server ", options_.server_name, " is preparing step ", *preparing_));
+    }
+    // A prepared step that was never committed is superseded by a later one.
+    if (prepared_) {
+      superseded = std::move(prepared_);
+      prepared_.reset();
+      timer_.Cancel(superseded->timer_id);
+      last_aborted_ = std::max(last_aborted_, superseded->step);
+    }
+    preparing_ = step;
+  }
+  if (superseded) {
+    MOE_LOG(WARNING, "server ", options_.server_name, ": step ", superseded->step,
+            " was prepared and never committed; dropped for step ", step);
+    PutBack(superseded->local_grads);
+  }
+
+  Prepared prepared;
+  prepared.step = step;
+  PrepareResult result;
+  absl::Status status;
+  for (int expert : store_.HostedExperts()) {
+    absl::StatusOr<ExpertWeights> grads = store_.TakeGradients(expert);
+    if (grads.ok()) prepared.local_grads.emplace(expert, *std::move(grads));
+  }
+  std::map<int, ExpertWeights> summed;
+  status = AllReduce(step, prepared.local_grads, summed, deadline, result);
+  if (status.ok()) {
+    for (const auto& [expert, local] : prepared.local_grads) {
+      absl::StatusOr<ExpertSnapshot> snapshot = store_.Snapshot(expert);
+      if (!snapshot.ok()) {
+        status = snapshot.status();
+        break;
+      }
+      auto it = summed.find(expert);
+      const ExpertWeights& grads = it != summed.end() ? it->second : local;
+      ApplySgd(options_.optimizer, learning_rate, grads, snapshot->weights,
+               snapshot->velocity ? &*snapshot->velocity : nullptr);
+      prepared.updated.emplace(expert, *std::move(snapshot));
+    }
+  }
+
+  {
+    absl::MutexLock lock(&mu_);
+    preparing_.reset();
+    if (status.ok() && step <= last_aborted_) {
+      status = absl::AbortedError(absl::StrCat("step ", step, ": aborted while preparing"));
+    }
+    if (status.ok()) {
+      prepared.timer_id =
+          timer_.Schedule(absl::Now() + options_.prepared_timeout, [this, step] {
+            Abort(step, absl::StrCat("no commit or abort within ",
+                                     absl::FormatDuration(options_.prepared_timeout)));
+          });
+      prepared_ = std::move(prepared);
+      return result;
+    }
+    last_aborted_ = std::max(last_aborted_, step);
+  }
+  PutBack(prepared.local_grads);
+  return status;
+}
+
+absl::Status StepExecutor::AllReduce(uint64_t step, const std::map<int, ExpertWeights>& local,
+                                     std::map<int, ExpertWeights>& summed, absl::Time deadline,
+                                     PrepareResult& result) {
+  const absl::Time start = absl::Now();
+  std::vector<std::vector<float>> buffers(options_.rings.size());
+  std::vector<std::shared_ptr<RingAllReduce>> collectives;
+  for (size_t g = 0; g < options_.rings.size(); ++g) {
+    const StepRing& ring = options_.rings[g];
+    std::vector<float>& buffer = buffers[g];
+    for (int expert : ring.experts) {
+      auto it = local.find(expert);
+      if (it == local.end()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "server ", options_.server_name, " does not host expert ", expert, " of group ",
+            absl::Hex(ring.group_id)));
+      }
+      for (ExpertTensor which : kAllExpertTensors) {
+        absl::Span<const float> values = it->second.tensor(which).values();
+        buffer.insert(buffer.end(), values.begin(), values.end());
+      }
+    }
+    collectives.push_back(RingAllReduce::Create(
+        {step, ring.group_id, ring.rank, ring.size, ring.predecessor, ring.successor,
+         absl::MakeSpan(buffer)},
+        options_.ring, ring.link));
+  }
+  // Every group is registered before any starts: a segment for one group
+  // never waits behind another's on a shared stream.
+  for (auto& c : collectives) registry_.Register(c);
+  for (auto& c : collectives) c->Start();
+  absl::Status status;
+  for (size_t g = 0; g < collectives.size(); ++g) {
+    absl::Status s = collectives[g]->Wait(deadline);
+    if (!s.ok() && status.ok()) {
+      status = absl::Status(
+          s.code(), absl::StrCat("server ", options_.server_name, ", replica group of experts [",
+                                 absl::StrJoin(options_.rings[g].experts, ","), "]: ",
+                                 s.message()));
+    }
+    result.allreduce_bytes_sent += collectives[g]->bytes_sent();
+  }
+  for (auto& c : collectives) registry_.Unregister(*c);
+  result.allreduce_time = absl::Now() - start;
+  if (!status.ok()) return status;
+
+  for (size_t g = 0; g < options_.rings.size(); ++g) {
+    const float* next = buffers[g].data();
+    for (int expert : options_.rings[g].experts) {
+      ExpertWeights sum = local.at(expert);
+      for (ExpertTensor which : kAllExpertTensors) {
+        absl::Span<float> values = sum.tensor(which).mutable_values();
+        std::copy(next, next + values.size(), values.begin());
+        next += values.size();
+      }
+      summed.emplace(expert, std::move(sum));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<std::pair<int, uint64_t>>> StepExecutor::Commit(uint64_t step) {
+  Prepared prepared;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!prepared_ || prepared_->step != step) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "commit of step ", step, ": server ", options_.server_name, " has ",
+          prepared_ ? absl::StrCat("step ", prepared_->step, " prepared")
+                    : std::string("no step prepared"),
+          " (last committed ", last_committed_, ", last aborted ", last_aborted_, ")"));
+    }
+    prepared = std::move(*prepared_);
+    prepared_.reset();
+    timer_.Cancel(prepared.timer_id);
+    last_committed_ = step;
+  }
+  std::vector<std::pair<int, uint64_t>> digests;
+  for (auto& [expert, updated] : prepared.updated) {
+    const uint64_t digest = updated.weights.Digest();
+    MOE_RETURN_IF_ERROR(store_.ApplyWeights(expert, std::move(updated)));
+    digests.emplace_back(expert, digest);
+  }
+  return digests;
+}
+
+void StepExecutor::Abort(uint64_t step, const std::string& reason) {
+  std::optional<Prepared> dropped;
+  {
+    absl::MutexLock lock(&mu_);
+    if (step <= last_committed_) return;  // too late: it is committed
+    last_aborted_ = std::max(last_aborted_, step);
+    if (prepared_ && prepared_->step == step) {
+      dropped = std::move(prepared_);
+      prepared_.reset();
+      timer_.Cancel(dropped->timer_id);
+    }
+  }
+  MOE_LOG(WARNING, "server ", options_.server_name, ": step ", step, " aborted: ", reason);
+  // Ends its collectives here (a Prepare still running then puts its
+  // gradients back itself) and refuses their late segments.
+  registry_.AbortStep(step, absl::AbortedError(reason));
+  if (dropped) PutBack(dropped->local_grads);
+}
+
+void StepExecutor::PutBack(const std::map<int, ExpertWeights>& local_grads) {
+  for (const auto& [expert, grads] : local_grads) {
+    absl::Status status = store_.RestoreGradients(expert, grads);
+    if (!status.ok()) {
+      MOE_LOG(WARNING, "server ", options_.server_name, ": gradients of expert ", expert,
+              " not restored: ", status.message());
+    }
+  }
+}
+
+}  // namespace moe::expert

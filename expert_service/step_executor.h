@@ -1,0 +1,114 @@
+// One expert server's half of the two-phase training step.
+//
+// Prepare(step, lr): takes the accumulated gradients of every hosted expert;
+// for each replica group this server is in, fuses the gradients of the
+// group's experts into one buffer (one collective per group, as DDP's
+// buckets) and sums it over the group's ring; then computes the updated
+// weights (and momentum) with the shared optimizer and holds them aside.
+// Commit(step) installs them; Abort(step), a failure, or no word from the
+// router within `prepared_timeout` puts the gradients back and leaves every
+// weight as it was. Replicas start equal and apply the same sums with the
+// same optimizer, so they stay bit-identical. Thread-safe.
+#ifndef MOE_EXPERT_SERVICE_STEP_EXECUTOR_H_
+#define MOE_EXPERT_SERVICE_STEP_EXECUTOR_H_
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "common/deadline_timer.h"
+#include "common/model_config.h"
+#include "expert_service/collective_registry.h"
+#include "expert_service/expert_store.h"
+#include "expert_service/ring_allreduce.h"
+
+namespace moe::expert {
+
+// This server's place in one replica group's ring.
+struct StepRing {
+  uint64_t group_id = 0;
+  // Fused in this order (ascending ids), tensors as kAllExpertTensors.
+  std::vector<int> experts;
+  int rank = 0;
+  int size = 1;
+  std::string predecessor;
+  std::string successor;
+  // To the successor; outlives the executor.
+  RingLink* link = nullptr;
+};
+
+class StepExecutor {
+ public:
+  struct Options {
+    OptimizerOptions optimizer;
+    std::string server_name;
+    std::vector<StepRing> rings;
+    RingOptions ring;
+    // A prepared step with no commit or abort within this is aborted here.
+    absl::Duration prepared_timeout = absl::Seconds(60);
+  };
+
+  struct PrepareResult {
+    int64_t allreduce_bytes_sent = 0;
+    absl::Duration allreduce_time;
+  };
+
+  // `store` and `registry` must outlive the executor; the registry must know
+  // the rings' groups.
+  StepExecutor(Options options, ExpertStore& store, CollectiveRegistry& registry);
+  // Aborts a prepared step.
+  ~StepExecutor();
+
+  // Blocks for the all-reduces (up to `deadline`). FAILED_PRECONDITION for
+  // a step not after the last committed or aborted one; the all-reduce's
+  // status (naming the group and peer) when one fails.
+  absl::StatusOr<PrepareResult> Prepare(uint64_t step, float learning_rate, absl::Time deadline)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // (expert, digest of its new weights), ascending.
+  absl::StatusOr<std::vector<std::pair<int, uint64_t>>> Commit(uint64_t step)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Idempotent; also stops a Prepare of `step` that is still running.
+  void Abort(uint64_t step, const std::string& reason) ABSL_LOCKS_EXCLUDED(mu_);
+
+  uint64_t last_committed() const ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  struct Prepared {
+    uint64_t step = 0;
+    // The local gradients taken, to put back on abort.
+    std::map<int, ExpertWeights> local_grads;
+    std::map<int, ExpertSnapshot> updated;
+    uint64_t timer_id = 0;
+  };
+
+  // Sums the groups' fused gradients; `summed` gets the sums of replicated
+  // experts.
+  absl::Status AllReduce(uint64_t step, const std::map<int, ExpertWeights>& local,
+                         std::map<int, ExpertWeights>& summed, absl::Time deadline,
+                         PrepareResult& result);
+  void PutBack(const std::map<int, ExpertWeights>& local_grads);
+
+  const Options options_;
+  ExpertStore& store_;
+  CollectiveRegistry& registry_;
+
+  mutable absl::Mutex mu_;
+  uint64_t last_committed_ ABSL_GUARDED_BY(mu_) = 0;
+  // Steps <= this were aborted (or superseded) here.
+  uint64_t last_aborted_ ABSL_GUARDED_BY(mu_) = 0;
+  std::optional<uint64_t> preparing_ ABSL_GUARDED_BY(mu_);
+  std::optional<Prepared> prepared_ ABSL_GUARDED_BY(mu_);
+  // Last: stopped before the state its callbacks touch.
+  DeadlineTimer timer_;
+};
+
+}  // namespace moe::expert
+
+#endif  // MOE_EXPERT_SERVICE_STEP_EXECUTOR_H_
