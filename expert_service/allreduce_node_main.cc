@@ -146,14 +146,18 @@ int Run() {
   }
   std::vector<float> barrier(n);
   std::vector<float> buffer;
+  // Stops at the first failure: without a coordinator (the router, for the
+  // expert servers), ranks that failed at different points would no longer
+  // agree on step numbers.
   for (int64_t length : lengths) {
-    for (int repeat = 0; repeat < absl::GetFlag(FLAGS_repeats); ++repeat) {
+    if (failures > 0) break;
+    for (int repeat = 0; repeat < absl::GetFlag(FLAGS_repeats) && failures == 0; ++repeat) {
       if (absl::Status s = run_one(absl::MakeSpan(barrier)).first; !s.ok()) {
         std::printf("barrier step=%lu FAILED: %s\n", static_cast<unsigned long>(step),
                     s.ToString().c_str());
         std::fflush(stdout);
         ++failures;
-        continue;
+        break;
       }
       buffer.resize(length);
       for (int64_t i = 0; i < length; ++i) buffer[i] = Input(seed, rank, i);
@@ -165,7 +169,7 @@ int Run() {
                     static_cast<long>(length), status.ToString().c_str());
         std::fflush(stdout);
         ++failures;
-        continue;
+        break;
       }
       Fnv1a64 digest;
       digest.AddFloats(buffer);

@@ -19,18 +19,22 @@ class RingReactor final : public grpc::ServerBidiReactor<v1::RingChunk, v1::Ring
     StartRead(&chunk_);
   }
 
+  // gRPC may run a reaction inline from a Start*() call: no Start*() or
+  // Finish() is called with mu_ held.
   void OnReadDone(bool ok) override {
     if (!ok) {
       std::vector<uint64_t> groups;
+      bool finish = false;
       {
         absl::MutexLock lock(&mu_);
         groups.assign(groups_.begin(), groups_.end());
         reads_over_ = true;
-        if (!writing_) FinishOnce();
+        finish = !writing_ && TakeFinish();
       }
       registry_->PredecessorLost(groups,
                                  absl::UnavailableError(absl::StrCat("stream from ", peer_,
                                                                      " ended")));
+      if (finish) Finish(grpc::Status::OK);
       return;
     }
     {
@@ -42,15 +46,21 @@ class RingReactor final : public grpc::ServerBidiReactor<v1::RingChunk, v1::Ring
   }
 
   void OnWriteDone(bool ok) override {
-    absl::MutexLock lock(&mu_);
-    acks_.pop_front();
-    if (ok && !acks_.empty()) {
-      StartWrite(&acks_.front());
-      return;
+    const v1::RingAck* next = nullptr;
+    bool finish = false;
+    {
+      absl::MutexLock lock(&mu_);
+      acks_.pop_front();
+      if (ok && !acks_.empty()) {
+        next = &acks_.front();  // a deque keeps it in place while others are pushed
+      } else {
+        writing_ = false;
+        if (!ok) acks_.clear();
+        finish = reads_over_ && TakeFinish();
+      }
     }
-    writing_ = false;
-    if (!ok) acks_.clear();
-    if (reads_over_) FinishOnce();
+    if (next != nullptr) StartWrite(next);
+    if (finish) Finish(grpc::Status::OK);
   }
 
   void OnDone() override { delete this; }
@@ -64,21 +74,26 @@ class RingReactor final : public grpc::ServerBidiReactor<v1::RingChunk, v1::Ring
     ack.set_offset_elements(chunk_.offset_elements());
     ack.set_sequence_id(chunk_.sequence_id());
     if (!verdict.ok()) ToProtoStatus(verdict, ack.mutable_error());
-    absl::MutexLock lock(&mu_);
-    acks_.push_back(std::move(ack));
-    if (!writing_) {
-      writing_ = true;
-      StartWrite(&acks_.front());
+    const v1::RingAck* write = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      acks_.push_back(std::move(ack));
+      if (!writing_) {
+        writing_ = true;
+        write = &acks_.front();
+      }
     }
+    if (write != nullptr) StartWrite(write);
     // chunk_ is free again. No read was outstanding, so the stream cannot
     // have finished meanwhile.
     StartRead(&chunk_);
   }
 
-  void FinishOnce() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    if (finished_) return;
+  // True the first time: the caller then calls Finish().
+  bool TakeFinish() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    if (finished_) return false;
     finished_ = true;
-    Finish(grpc::Status::OK);
+    return true;
   }
 
   CollectiveRegistry* const registry_;

@@ -194,6 +194,7 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::Info(grpc::CallbackServerContext* c
   response->set_server_name(options_.server_name);
   *response->mutable_model() = ModelConfigToProto(store_.model());
   response->set_compute_dtype(ToProtoDType(store_.compute_dtype()));
+  if (steps_ != nullptr) response->set_step(steps_->last_committed());
   for (int expert : store_.HostedExperts()) {
     absl::StatusOr<uint64_t> digest = store_.Digest(expert);
     if (!digest.ok()) continue;  // released meanwhile

@@ -135,6 +135,12 @@ absl::Status StepExecutor::AllReduce(uint64_t step, const std::map<int, ExpertWe
          absl::MakeSpan(buffer)},
         options_.ring, ring.link));
   }
+  if (!collectives.empty()) {
+    int64_t floats = 0;
+    for (const auto& b : buffers) floats += static_cast<int64_t>(b.size());
+    MOE_LOG(INFO, "server ", options_.server_name, ": step ", step, ": all-reducing ", floats,
+            " gradient floats over ", collectives.size(), " ring(s)");
+  }
   // Every group is registered before any starts: a segment for one group
   // never waits behind another's on a shared stream.
   for (auto& c : collectives) registry_.Register(c);

@@ -1,8 +1,8 @@
 // The seam between the router and its expert servers: sends one expert's
 // share of a batch to one server and delivers the answer. Implementations:
-// GrpcExpertClient (persistent Dispatch streams, the product),
-// InProcessExpertClient (real ExpertStores in this process, for tests) and
-// FaultyExpertClient (wraps another and fails on command).
+// GrpcExpertClient (persistent Dispatch streams, the product) and
+// InProcessExpertClient (real ExpertStores in this process, for tests; it
+// fails on command).
 // Thread-safe: calls may come from any thread, concurrently.
 #ifndef MOE_ROUTER_SERVICE_EXPERT_CLIENT_H_
 #define MOE_ROUTER_SERVICE_EXPERT_CLIENT_H_
@@ -11,6 +11,7 @@
 
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "proto/expert.pb.h"
 
 namespace moe::router {
@@ -34,6 +35,18 @@ class ExpertClient {
                        ForwardDone done) = 0;
   virtual void Backward(int server, const v1::BackwardDispatchRequest& request,
                         BackwardDone done) = 0;
+
+  // The unary calls of the training step, and Info. `done` runs exactly
+  // once, on an unspecified thread; `deadline` bounds the call.
+  template <typename Response>
+  using UnaryDone = absl::AnyInvocable<void(absl::StatusOr<Response>) &&>;
+  virtual void PrepareStep(int server, const v1::PrepareStepRequest& request,
+                           absl::Time deadline, UnaryDone<v1::PrepareStepResponse> done) = 0;
+  virtual void CommitStep(int server, const v1::CommitStepRequest& request, absl::Time deadline,
+                          UnaryDone<v1::CommitStepResponse> done) = 0;
+  virtual void AbortStep(int server, const v1::AbortStepRequest& request, absl::Time deadline,
+                         UnaryDone<v1::AbortStepResponse> done) = 0;
+  virtual void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) = 0;
 
   // Whether the transport to `server` is believed up (a hint for replica
   // choice; a call may still fail).

@@ -12,7 +12,8 @@ namespace moe::router {
 
 class GrpcExpertClient::Connection {
  public:
-  Connection(const ServerSpec& spec, const Options& options) {
+  Connection(const ServerSpec& spec, const Options& options)
+      : label_(absl::StrCat("server ", spec.name, " (", spec.address, ")")) {
     channel_ = KeepaliveChannel(spec.address, options.max_message_bytes, options.min_backoff,
                                 options.max_backoff);
     stub_ = v1::ExpertServer::NewStub(channel_);
@@ -40,9 +41,12 @@ class GrpcExpertClient::Connection {
       ClientStreamSession<v1::BackwardDispatchRequest, v1::BackwardDispatchResponse>;
 
   DispatchSession& dispatch() { return *dispatch_; }
+  v1::ExpertServer::Stub& stub() { return *stub_; }
+  const std::string& label() const { return label_; }
   BackwardSession& backward() { return *backward_; }
 
  private:
+  const std::string label_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::ExpertServer::Stub> stub_;
   std::unique_ptr<DispatchSession> dispatch_;
@@ -69,6 +73,70 @@ void GrpcExpertClient::Forward(int server, const v1::DispatchRequest& request,
 void GrpcExpertClient::Backward(int server, const v1::BackwardDispatchRequest& request,
                                 BackwardDone done) {
   connections_.at(server)->backward().Send(request, std::move(done));
+}
+
+namespace {
+
+template <typename Request, typename Response>
+using AsyncMethod = void (v1::ExpertServer::Stub::async::*)(grpc::ClientContext*, const Request*,
+                                                            Response*,
+                                                            std::function<void(grpc::Status)>);
+
+// One unary callback call: owns its context and messages until done. The
+// error names the server and the method.
+template <typename Request, typename Response>
+void CallUnary(v1::ExpertServer::Stub& stub, AsyncMethod<Request, Response> method,
+               const std::string& label, const char* method_name, const Request& request,
+               absl::Time deadline, ExpertClient::UnaryDone<Response> done) {
+  struct Call {
+    grpc::ClientContext context;
+    Request request;
+    Response response;
+    ExpertClient::UnaryDone<Response> done;
+  };
+  auto* call = new Call{{}, request, {}, std::move(done)};
+  if (deadline != absl::InfiniteFuture()) call->context.set_deadline(absl::ToChronoTime(deadline));
+  (stub.async()->*method)(
+      &call->context, &call->request, &call->response,
+      [call, label, method_name](grpc::Status status) {
+        if (status.ok()) {
+          std::move(call->done)(std::move(call->response));
+        } else {
+          const absl::Status s = FromGrpcStatus(status);
+          std::move(call->done)(
+              absl::Status(s.code(), absl::StrCat(label, " ", method_name, ": ", s.message())));
+        }
+        delete call;
+      });
+}
+
+}  // namespace
+
+void GrpcExpertClient::PrepareStep(int server, const v1::PrepareStepRequest& request,
+                                   absl::Time deadline, UnaryDone<v1::PrepareStepResponse> done) {
+  Connection& c = *connections_.at(server);
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::PrepareStep, c.label(), "PrepareStep",
+            request, deadline, std::move(done));
+}
+
+void GrpcExpertClient::CommitStep(int server, const v1::CommitStepRequest& request,
+                                  absl::Time deadline, UnaryDone<v1::CommitStepResponse> done) {
+  Connection& c = *connections_.at(server);
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::CommitStep, c.label(), "CommitStep",
+            request, deadline, std::move(done));
+}
+
+void GrpcExpertClient::AbortStep(int server, const v1::AbortStepRequest& request,
+                                 absl::Time deadline, UnaryDone<v1::AbortStepResponse> done) {
+  Connection& c = *connections_.at(server);
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::AbortStep, c.label(), "AbortStep",
+            request, deadline, std::move(done));
+}
+
+void GrpcExpertClient::Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) {
+  Connection& c = *connections_.at(server);
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::Info, c.label(), "Info",
+            v1::InfoRequest(), deadline, std::move(done));
 }
 
 bool GrpcExpertClient::IsHealthy(int server) const {

@@ -37,6 +37,13 @@ class GrpcExpertClient : public ExpertClient {
   void Forward(int server, const v1::DispatchRequest& request, ForwardDone done) override;
   void Backward(int server, const v1::BackwardDispatchRequest& request,
                 BackwardDone done) override;
+  void PrepareStep(int server, const v1::PrepareStepRequest& request, absl::Time deadline,
+                   UnaryDone<v1::PrepareStepResponse> done) override;
+  void CommitStep(int server, const v1::CommitStepRequest& request, absl::Time deadline,
+                  UnaryDone<v1::CommitStepResponse> done) override;
+  void AbortStep(int server, const v1::AbortStepRequest& request, absl::Time deadline,
+                 UnaryDone<v1::AbortStepResponse> done) override;
+  void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) override;
   bool IsHealthy(int server) const override;
 
   // Streams (re)opened so far, over all servers.

@@ -19,6 +19,8 @@ ABSL_FLAG(int, metrics_port, 9090, "Prometheus /metrics port; 0 picks one, -1 di
 ABSL_FLAG(std::string, checkpoint, "",
           "Safetensors checkpoint for the gate; empty: deterministic init from the seed.");
 ABSL_FLAG(int, compute_threads, 2, "Threads gating and combining.");
+ABSL_FLAG(absl::Duration, step_timeout, absl::Seconds(60),
+          "Deadline of a training Step whose client sets none.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
           "On SIGTERM, how long calls in flight may take.");
 
@@ -47,6 +49,7 @@ int main(int argc, char** argv) {
   options.checkpoint_path = absl::GetFlag(FLAGS_checkpoint);
   options.compute_threads = absl::GetFlag(FLAGS_compute_threads);
   options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
+  options.step_timeout = absl::GetFlag(FLAGS_step_timeout);
   absl::StatusOr<std::unique_ptr<moe::router::RouterServer>> server =
       moe::router::RouterServer::Create(std::move(options));
   if (!server.ok()) {

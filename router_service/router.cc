@@ -8,6 +8,7 @@
 #include "common/bfloat16.h"
 #include "common/grpc_status.h"
 #include "common/log.h"
+#include "common/optimizer.h"
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
 #include "router_service/dispatch_plan.h"
@@ -48,6 +49,7 @@ struct Router::TrainingRecord {
   std::vector<ExpertGroup> groups;       // requests cleared: only ids and pairs
   std::vector<FloatTensor> outputs;      // Expert(x) per group, fp32
   FloatTensor x;                         // fp32 [T, d_model], for the gate path
+  std::shared_ptr<const FloatTensor> gate;  // the W_g forward used
   absl::Time expiry;
   int64_t bytes() const {
     int64_t total = x.num_elements() * 4 + routing.probs.size() * 4;
@@ -67,6 +69,7 @@ struct Router::ForwardCall {
   int64_t num_tokens = 0;
   bool training = false;
   uint64_t request_id = 0;
+  std::shared_ptr<const FloatTensor> gate;
   Routing routing;
   std::vector<float> x32_storage;
   absl::Span<const float> x32;
@@ -101,6 +104,8 @@ Router::Router(Options options, const Placement& placement, ExpertClient& client
       picker_(placement, client) {
   MOE_CHECK(options_.gate.shape() == Shape({options_.model.d_model, options_.model.num_experts}));
   absl::MutexLock lock(&gate_mu_);
+  gate_ = std::make_shared<const FloatTensor>(options_.gate);
+  gate_velocity_ = FloatTensor(options_.gate.shape());
   gate_gradient_ = FloatTensor(options_.gate.shape());
 }
 
@@ -133,7 +138,8 @@ void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
   call->training = training;
   call->request_id = training ? next_request_id_.fetch_add(1) : 0;
   call->x32 = AsFloats(*view, call->x32_storage);
-  call->routing = RouteTokens(call->x32, call->num_tokens, options_.gate, model);
+  call->gate = gate();
+  call->routing = RouteTokens(call->x32, call->num_tokens, *call->gate, model);
   absl::StatusOr<std::vector<ExpertGroup>> groups = PlanDispatch(
       call->routing, *view, picker_,
       {training, call->request_id, ToDeadlineMicros(deadline)});
@@ -253,6 +259,7 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
     record->outputs = std::move(widened);
     record->x = FloatTensor({call->num_tokens, d_model},
                             std::vector<float>(call->x32.begin(), call->x32.end()));
+    record->gate = call->gate;
     if (absl::Status kept = KeepTraining(call->request_id, std::move(record)); !kept.ok()) {
       std::move(call->done)(kept);
       return;
@@ -428,7 +435,7 @@ void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
   }
   {
     absl::MutexLock lock(&gate_mu_);
-    GateBackward(rec.routing, rec.x.values(), options_.gate, call->d_weight,
+    GateBackward(rec.routing, rec.x.values(), *rec.gate, call->d_weight,
                  dx.mutable_values(), gate_gradient_);
   }
   v1::Tensor out;
@@ -439,6 +446,36 @@ void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
 FloatTensor Router::GateGradient() const {
   absl::MutexLock lock(&gate_mu_);
   return gate_gradient_;
+}
+
+std::shared_ptr<const FloatTensor> Router::gate() const {
+  absl::MutexLock lock(&gate_mu_);
+  return gate_;
+}
+
+Router::GateStep Router::PrepareGateStep(float learning_rate) {
+  GateStep step;
+  absl::MutexLock lock(&gate_mu_);
+  step.gradient = FloatTensor(gate_gradient_.shape());
+  std::swap(step.gradient, gate_gradient_);
+  FloatTensor updated = *gate_;
+  step.velocity = gate_velocity_;
+  ApplySgd(options_.model.optimizer, learning_rate, step.gradient, updated, &step.velocity);
+  step.gate = std::make_shared<const FloatTensor>(std::move(updated));
+  return step;
+}
+
+void Router::CommitGateStep(GateStep step) {
+  absl::MutexLock lock(&gate_mu_);
+  gate_ = std::move(step.gate);
+  gate_velocity_ = std::move(step.velocity);
+}
+
+void Router::AbortGateStep(const GateStep& step) {
+  absl::MutexLock lock(&gate_mu_);
+  absl::Span<float> dst = gate_gradient_.mutable_values();
+  absl::Span<const float> src = step.gradient.values();
+  for (size_t i = 0; i < dst.size(); ++i) dst[i] += src[i];
 }
 
 }  // namespace moe::router

@@ -36,7 +36,7 @@ class Router {
  public:
   struct Options {
     ModelConfig model;
-    // W_g [d_model, num_experts].
+    // W_g [d_model, num_experts], as the router starts.
     FloatTensor gate;
     // Training forwards wait this long for their Backward.
     absl::Duration training_ttl = absl::Seconds(60);
@@ -79,9 +79,24 @@ class Router {
   void Backward(uint64_t request_id, const v1::Tensor& grad_output, absl::Time deadline,
                 BackwardDone done);
 
-  // The gate gradient accumulated since the last TakeGateGradient.
+  // The gate gradient accumulated since the last step.
   FloatTensor GateGradient() const ABSL_LOCKS_EXCLUDED(gate_mu_);
-  const FloatTensor& gate() const { return options_.gate; }
+  // The gate now. A step replaces it whole; a forward keeps the one it
+  // used (and its backward uses that one too).
+  std::shared_ptr<const FloatTensor> gate() const ABSL_LOCKS_EXCLUDED(gate_mu_);
+
+  // The gate's half of a training step. PrepareGateStep takes the
+  // accumulated gradient and computes the updated gate (and momentum)
+  // aside; CommitGateStep installs them; AbortGateStep puts the gradient
+  // back (gradients of backwards run meanwhile are kept either way).
+  struct GateStep {
+    FloatTensor gradient;
+    std::shared_ptr<const FloatTensor> gate;
+    FloatTensor velocity;
+  };
+  GateStep PrepareGateStep(float learning_rate) ABSL_LOCKS_EXCLUDED(gate_mu_);
+  void CommitGateStep(GateStep step) ABSL_LOCKS_EXCLUDED(gate_mu_);
+  void AbortGateStep(const GateStep& step) ABSL_LOCKS_EXCLUDED(gate_mu_);
   // Pairs re-sent to another replica after a server was unavailable.
   int64_t failovers() const { return failovers_.load(); }
   // Training forwards waiting for their Backward.
@@ -115,6 +130,8 @@ class Router {
   std::atomic<int64_t> failovers_{0};
 
   mutable absl::Mutex gate_mu_;
+  std::shared_ptr<const FloatTensor> gate_ ABSL_GUARDED_BY(gate_mu_);
+  FloatTensor gate_velocity_ ABSL_GUARDED_BY(gate_mu_);
   FloatTensor gate_gradient_ ABSL_GUARDED_BY(gate_mu_);
 
   mutable absl::Mutex training_mu_;

@@ -6,7 +6,7 @@
 namespace moe::router {
 namespace {
 
-constexpr const char* kMethods[] = {"Forward", "Backward"};
+constexpr const char* kMethods[kNumRouterMethods] = {"Forward", "Backward", "Step"};
 
 }  // namespace
 
@@ -27,13 +27,15 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
                       .Register(registry);
   const prometheus::Histogram::BucketBoundaries buckets = {
       50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
-      25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0};
-  for (int method = 0; method < 2; ++method) {
+      25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0, 10.0, 30.0};
+  for (int method = 0; method < kNumRouterMethods; ++method) {
     for (int code = 0; code < 17; ++code) {
       m->requests[method][code] =
           &requests.Add({{"method", kMethods[method]}, {"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(code))}});
     }
-    m->tokens[method] = &tokens.Add({{"method", kMethods[method]}});
+    if (static_cast<RouterMethod>(method) != RouterMethod::kStep) {
+      m->tokens[method] = &tokens.Add({{"method", kMethods[method]}});
+    }
     m->seconds[method] = &seconds.Add({{"method", kMethods[method]}}, buckets);
   }
   auto& phases = prometheus::BuildHistogram()
@@ -47,6 +49,12 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
   m->gate_seconds = &phases.Add({{"phase", "gate"}}, phase_buckets);
   m->fan_out_seconds = &phases.Add({{"phase", "fan_out"}}, phase_buckets);
   m->combine_seconds = &phases.Add({{"phase", "combine"}}, phase_buckets);
+  m->step_allreduce_seconds =
+      &prometheus::BuildHistogram()
+           .Name("moe_router_step_allreduce_seconds")
+           .Help("A committed step's gradient all-reduce time on its slowest server.")
+           .Register(registry)
+           .Add({}, buckets);
   m->batch_tokens = &prometheus::BuildHistogram()
                          .Name("moe_router_batch_tokens")
                          .Help("Tokens per Forward request.")
@@ -89,7 +97,9 @@ void RouterMetrics::CountRequest(RouterMethod method, const absl::Status& status
                                  int64_t num_tokens, double elapsed) const {
   const int index = static_cast<int>(method);
   requests[index][static_cast<int>(status.code()) % 17]->Increment();
-  if (status.ok()) tokens[index]->Increment(static_cast<double>(num_tokens));
+  if (status.ok() && tokens[index] != nullptr) {
+    tokens[index]->Increment(static_cast<double>(num_tokens));
+  }
   seconds[index]->Observe(elapsed);
 }
 

@@ -16,23 +16,27 @@
 
 namespace moe::router {
 
-enum class RouterMethod { kForward = 0, kBackward = 1 };
+enum class RouterMethod { kForward = 0, kBackward = 1, kStep = 2 };
+inline constexpr int kNumRouterMethods = 3;
 
 struct RouterMetrics {
   static std::unique_ptr<RouterMetrics> Create(prometheus::Registry& registry, int num_experts);
 
   // moe_router_requests_total{method, code}.
-  std::array<std::array<prometheus::Counter*, 17>, 2> requests{};
-  // moe_router_tokens_total{method}.
-  std::array<prometheus::Counter*, 2> tokens{};
+  std::array<std::array<prometheus::Counter*, 17>, kNumRouterMethods> requests{};
+  // moe_router_tokens_total{method} (Forward and Backward; null for Step).
+  std::array<prometheus::Counter*, kNumRouterMethods> tokens{};
   // moe_router_request_seconds{method}: end to end, in the router.
-  std::array<prometheus::Histogram*, 2> seconds{};
+  std::array<prometheus::Histogram*, kNumRouterMethods> seconds{};
   // moe_router_phase_seconds{phase="gate"|"fan_out"|"combine"}: a
   // successful Forward's time gating and planning, waiting for the expert
   // servers, and combining their answers.
   prometheus::Histogram* gate_seconds = nullptr;
   prometheus::Histogram* fan_out_seconds = nullptr;
   prometheus::Histogram* combine_seconds = nullptr;
+  // moe_router_step_allreduce_seconds: a committed step's slowest server's
+  // gradient all-reduces.
+  prometheus::Histogram* step_allreduce_seconds = nullptr;
   // moe_router_batch_tokens: tokens per Forward.
   prometheus::Histogram* batch_tokens = nullptr;
   // moe_router_expert_tokens_total{expert}: pairs routed to each expert.

@@ -58,11 +58,18 @@ absl::Status RouterServer::Start() {
                                                        options_.metrics_port, registry_));
     metrics_port_ = exposer_->GetListeningPorts().at(0);
   }
+  StepCoordinator::Options step_options;
+  step_options.num_servers = placement_->num_servers();
+  step_options.default_learning_rate = model.optimizer.learning_rate;
+  step_options.default_timeout = options_.step_timeout;
+  steps_ = std::make_unique<StepCoordinator>(step_options, *router_, *client_);
+  step_pool_ = std::make_unique<ComputePool>(1, 16);
   service_ = std::make_unique<RouterServiceImpl>(
       *router_, *pool_, *metrics_,
       RouterServiceImpl::ClusterView{&options_.config, &*placement_, client_.get(),
                                      load_stats_.get(),
-                                     [client = client_.get()] { return client->reconnects(); }});
+                                     [client = client_.get()] { return client->reconnects(); }},
+      *steps_, *step_pool_);
 
   MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address,
                                                  options_.max_message_bytes, {service_.get()},
@@ -93,6 +100,7 @@ void RouterServer::Shutdown() {
 
 RouterServer::~RouterServer() {
   Shutdown();
+  step_pool_.reset();
   pool_.reset();
   router_.reset();
   client_.reset();

@@ -24,6 +24,7 @@
 #include "router_service/router.h"
 #include "router_service/router_metrics.h"
 #include "router_service/router_service.h"
+#include "router_service/step_coordinator.h"
 
 namespace moe::router {
 
@@ -43,6 +44,8 @@ class RouterServer {
     size_t max_queued_requests = 4096;
     int max_message_bytes = 512 << 20;
     absl::Duration drain_timeout = absl::Seconds(10);
+    // Deadline of a Step whose client set none.
+    absl::Duration step_timeout = absl::Seconds(60);
   };
 
   static absl::StatusOr<std::unique_ptr<RouterServer>> Create(Options options);
@@ -67,6 +70,8 @@ class RouterServer {
   std::unique_ptr<LoadStats> load_stats_;
   DeadlineTimer timer_;
   std::unique_ptr<Router> router_;
+  std::unique_ptr<StepCoordinator> steps_;
+  std::unique_ptr<ComputePool> step_pool_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<RouterMetrics> metrics_;
   std::unique_ptr<prometheus::Exposer> exposer_;

@@ -102,6 +102,31 @@ RouterServiceImpl::ForwardStream(grpc::CallbackServerContext* context) {
       });
 }
 
+grpc::ServerUnaryReactor* RouterServiceImpl::Step(grpc::CallbackServerContext* context,
+                                                  const v1::StepRequest* request,
+                                                  v1::StepResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const absl::Time start = absl::Now();
+  const absl::Time deadline = DeadlineOf(*context);
+  const bool accepted = step_pool_.Submit([this, reactor, request, response, deadline, start] {
+    absl::StatusOr<StepCoordinator::Result> result =
+        steps_.Step(request->learning_rate(), deadline);
+    if (result.ok()) {
+      response->set_step(result->step);
+      response->set_step_seconds(absl::ToDoubleSeconds(result->step_time));
+      response->set_allreduce_seconds(absl::ToDoubleSeconds(result->allreduce_time));
+      metrics_.step_allreduce_seconds->Observe(absl::ToDoubleSeconds(result->allreduce_time));
+    }
+    metrics_.CountRequest(RouterMethod::kStep, result.status(), 0,
+                          absl::ToDoubleSeconds(absl::Now() - start));
+    reactor->Finish(ToGrpcStatus(result.status()));
+  });
+  if (!accepted) {
+    reactor->Finish(ToGrpcStatus(absl::ResourceExhaustedError("step queue full")));
+  }
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* RouterServiceImpl::GetClusterState(
     grpc::CallbackServerContext* context, const v1::GetClusterStateRequest* request,
     v1::ClusterState* response) {

@@ -4,7 +4,9 @@
 // at once, answered in completion order, each tagged with its client_id; a
 // failing request is answered with `error` and the stream goes on.
 // GetClusterState reports placement, server health and the sliding-window
-// load. Step and Rebalance are not overridden yet and answer UNIMPLEMENTED.
+// load. Step runs the two-phase training step on its own thread (it waits
+// for every server's all-reduce). Rebalance is not overridden yet and
+// answers UNIMPLEMENTED.
 // Thread-safe.
 #ifndef MOE_ROUTER_SERVICE_ROUTER_SERVICE_H_
 #define MOE_ROUTER_SERVICE_ROUTER_SERVICE_H_
@@ -20,6 +22,7 @@
 #include "router_service/load_stats.h"
 #include "router_service/router.h"
 #include "router_service/router_metrics.h"
+#include "router_service/step_coordinator.h"
 
 namespace moe::router {
 
@@ -36,10 +39,15 @@ class RouterServiceImpl final : public v1::Router::CallbackService,
     std::function<int64_t()> stream_opens;
   };
 
-  // All references must outlive the service.
+  // All references must outlive the service. `step_pool` runs Step.
   RouterServiceImpl(Router& router, ComputePool& pool, const RouterMetrics& metrics,
-                    ClusterView cluster)
-      : router_(router), pool_(pool), metrics_(metrics), cluster_(std::move(cluster)) {}
+                    ClusterView cluster, StepCoordinator& steps, ComputePool& step_pool)
+      : router_(router),
+        pool_(pool),
+        metrics_(metrics),
+        cluster_(std::move(cluster)),
+        steps_(steps),
+        step_pool_(step_pool) {}
 
   grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
                                     const v1::ForwardRequest* request,
@@ -49,6 +57,9 @@ class RouterServiceImpl final : public v1::Router::CallbackService,
                                      v1::BackwardResponse* response) override;
   grpc::ServerBidiReactor<v1::ForwardRequest, v1::ForwardResponse>* ForwardStream(
       grpc::CallbackServerContext* context) override;
+  grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* context,
+                                 const v1::StepRequest* request,
+                                 v1::StepResponse* response) override;
   grpc::ServerUnaryReactor* GetClusterState(grpc::CallbackServerContext* context,
                                             const v1::GetClusterStateRequest* request,
                                             v1::ClusterState* response) override;
@@ -69,6 +80,8 @@ class RouterServiceImpl final : public v1::Router::CallbackService,
   ComputePool& pool_;
   const RouterMetrics& metrics_;
   const ClusterView cluster_;
+  StepCoordinator& steps_;
+  ComputePool& step_pool_;
   absl::Mutex mu_;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   absl::flat_hash_set<DrainableStream*> streams_ ABSL_GUARDED_BY(mu_);

@@ -3,7 +3,8 @@
 // generated buffers; every rank checks every element against the float64
 // sum, and all ranks must end with the same bits. Then a rank is stopped
 // (SIGSTOP) in the middle of a collective: the others fail within the
-// deadline, naming it, and succeed again once it runs.
+// deadline, naming it. (That the next step works once the rank is back is
+// tested on the expert servers, whose router numbers the steps.)
 #include <csignal>
 #include <map>
 #include <thread>
@@ -108,15 +109,10 @@ TEST(AllReduceProcessFaultTest, AStoppedRankEndsTheCollectiveOnEveryOtherWithinT
     EXPECT_THAT(*failed, ::testing::AnyOf(HasSubstr("DEADLINE_EXCEEDED"), HasSubstr("UNAVAILABLE")));
     EXPECT_THAT(*failed, HasSubstr("rank 1")) << "rank " << r << " should name the stopped rank";
   }
-  // Once it runs again, the ranks get back in step and collectives succeed.
   kill(victim.pid(), SIGCONT);
-  // It finds its own collective failed (and reads no further than that).
-  ASSERT_TRUE(victim.WaitForLine("FAILED: ", absl::Seconds(30)).has_value()) << victim.output();
-  for (int r = 0; r < n; ++r) {
-    std::optional<std::string> ok =
-        ranks.processes[r]->WaitForLine("wrong=0", absl::Seconds(60));
-    EXPECT_TRUE(ok.has_value()) << "rank " << r << ":\n" << ranks.processes[r]->output();
-  }
+  // The ranks that saw the failure exit with status 1 (every collective is
+  // checked; none is left hanging).
+  for (int r : {0, 2}) EXPECT_EQ(ranks.processes[r]->Stop(0, absl::Seconds(30)), 1);
 }
 
 }  // namespace

@@ -22,6 +22,7 @@
 #include "gtest/gtest.h"
 #include "proto/router.grpc.pb.h"
 #include "deploy/local/child_process.h"
+#include "tests/process_cluster.h"
 
 namespace moe::testing {
 namespace {
@@ -34,100 +35,29 @@ using ::moe::local::RunfilePath;
 
 using ::testing::HasSubstr;
 
-// The processes of one cluster. Servers are started with fixed ports picked
-// up front (the config names them), the router on port 0.
-class LocalCluster {
+// The cluster of these tests: d_model 48, 8 experts.
+class LocalCluster : public ProcessCluster {
  public:
-  LocalCluster(const std::string& strategy, int top_k, bool drop, int num_servers = 2) {
-    for (int s = 0; s < num_servers; ++s) ports_.push_back(PickFreePort());
-    std::string text = absl::StrCat(
-        "model { d_model: 48 d_ff: 96 num_experts: 8 top_k: ", top_k, " seed: 5",
-        drop ? " overflow_policy: OVERFLOW_POLICY_DROP capacity_factor: 0.5" : "", " }\n",
-        "cluster {\n");
-    for (int s = 0; s < num_servers; ++s) {
-      absl::StrAppend(&text, "  servers { name: \"e", s, "\" address: \"127.0.0.1:", ports_[s],
-                      "\" }\n");
-    }
-    absl::StrAppend(&text, "  strategy: PLACEMENT_STRATEGY_", strategy, "\n");
-    if (strategy == "DYNAMIC") {
-      absl::StrAppend(&text, "  load_profile { expert_load: [8, 1, 1, 1, 2, 1, 1, 1] }\n");
-    }
-    absl::StrAppend(&text, "}\n");
-    config_path_ = absl::StrCat(::testing::TempDir(), "/cluster_", strategy, top_k, drop,
-                                ".pbtxt");
-    std::ofstream(config_path_) << text;
-    config_ = *ParseServingConfig(text);
-    for (int s = 0; s < num_servers; ++s) StartServer(s);
-    router_ = std::make_unique<ChildProcess>(
-        RunfilePath("router_service/router"),
-        std::vector<std::string>{"--config=" + config_path_, "--port=0", "--metrics_port=0",
-                                 "--host=127.0.0.1"});
-    const auto line = router_->WaitForLine("router serving gRPC on port", absl::Seconds(60));
-    MOE_CHECK(line.has_value(), router_->output());
-    router_port_ = NumberAfter(*line, "on port ");
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(256 << 20);
-    stub_ = v1::Router::NewStub(grpc::CreateCustomChannel(
-        absl::StrCat("127.0.0.1:", router_port_), grpc::InsecureChannelCredentials(), args));
-  }
-
-  void StartServer(int s) {
-    servers_.resize(std::max<size_t>(servers_.size(), s + 1));
-    servers_[s] = std::make_unique<ChildProcess>(
-        RunfilePath("expert_service/expert_server"),
-        std::vector<std::string>{"--config=" + config_path_, absl::StrCat("--name=e", s),
-                                 absl::StrCat("--port=", ports_[s]), "--metrics_port=-1",
-                                 "--host=127.0.0.1", "--onednn_threads=1"});
-    MOE_CHECK(servers_[s]->WaitForLine("serving gRPC on port", absl::Seconds(60)).has_value(),
-              servers_[s]->output());
-  }
-
-  void KillServer(int s) { servers_[s]->Stop(SIGKILL, absl::Seconds(10)); }
-  // The router's log so far (for failure messages).
-  std::string RouterLog() {
-    router_->WaitForLine("\x01never\x01", absl::Milliseconds(100));
-    return router_->output();
-  }
-
-  grpc::Status Forward(const FloatTensor& x, v1::ForwardResponse* response,
-                       bool training = false) {
-    v1::ForwardRequest request;
-    EncodeFloats(x.values(), x.shape(), DType::kFloat32, request.mutable_x());
-    request.set_training(training);
-    request.set_return_routing(true);
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-    return stub_->Forward(&context, request, response);
-  }
-
-  grpc::Status Backward(uint64_t id, const FloatTensor& dy, v1::BackwardResponse* response) {
-    v1::BackwardRequest request;
-    request.set_request_id(id);
-    EncodeFloats(dy.values(), dy.shape(), DType::kFloat32, request.mutable_grad_output());
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-    return stub_->Backward(&context, request, response);
-  }
-
-  v1::Router::Stub& stub() { return *stub_; }
-  const ServingConfig& config() const { return config_; }
-  ReferenceMoe Reference() const {
-    return *ReferenceMoe::Create(config_.model, InitAllWeights(config_.model));
-  }
+  LocalCluster(const std::string& strategy, int top_k, bool drop, int num_servers = 2)
+      : ProcessCluster(Options(strategy, top_k, drop, num_servers)) {}
 
  private:
-  std::vector<int> ports_;
-  std::string config_path_;
-  ServingConfig config_;
-  std::vector<std::unique_ptr<ChildProcess>> servers_;
-  std::unique_ptr<ChildProcess> router_;
-  int router_port_ = 0;
-  std::unique_ptr<v1::Router::Stub> stub_;
+  static ProcessClusterOptions Options(const std::string& strategy, int top_k, bool drop,
+                                       int num_servers) {
+    ProcessClusterOptions options;
+    options.model = absl::StrCat(
+        "d_model: 48 d_ff: 96 num_experts: 8 top_k: ", top_k, " seed: 5",
+        drop ? " overflow_policy: OVERFLOW_POLICY_DROP capacity_factor: 0.5" : "");
+    options.strategy = strategy;
+    options.num_servers = num_servers;
+    if (strategy == "DYNAMIC") {
+      options.cluster_extra = "  load_profile { expert_load: [8, 1, 1, 1, 2, 1, 1, 1] }\n";
+    }
+    return options;
+  }
 };
 
-FloatTensor Decoded(const v1::Tensor& t) {
-  return ToFloatTensor(*DecodeTensor(t, TokenBatchSpec("t", 48, 0)));
-}
+FloatTensor Decoded(const v1::Tensor& t) { return testing::Decoded(t, 48); }
 
 using Case = std::tuple<std::string, int, bool>;
 class ClusterMatrixTest : public ::testing::TestWithParam<Case> {};

@@ -92,6 +92,46 @@ void InProcessExpertClient::Backward(int server, const v1::BackwardDispatchReque
   MOE_CHECK(accepted);
 }
 
+namespace {
+
+absl::Status NoRing(int server) {
+  return absl::FailedPreconditionError(
+      absl::StrCat("server-", server, ": in-process servers run no training steps"));
+}
+
+}  // namespace
+
+void InProcessExpertClient::PrepareStep(int server, const v1::PrepareStepRequest&, absl::Time,
+                                        UnaryDone<v1::PrepareStepResponse> done) {
+  std::move(done)(NoRing(server));
+}
+
+void InProcessExpertClient::CommitStep(int server, const v1::CommitStepRequest&, absl::Time,
+                                       UnaryDone<v1::CommitStepResponse> done) {
+  std::move(done)(NoRing(server));
+}
+
+void InProcessExpertClient::AbortStep(int server, const v1::AbortStepRequest&, absl::Time,
+                                      UnaryDone<v1::AbortStepResponse> done) {
+  std::move(done)(NoRing(server));
+}
+
+void InProcessExpertClient::Info(int server, absl::Time, UnaryDone<v1::InfoResponse> done) {
+  Server& s = *servers_.at(server);
+  if (!s.alive) {
+    std::move(done)(absl::UnavailableError(absl::StrCat("server-", server, " is down")));
+    return;
+  }
+  v1::InfoResponse info;
+  info.set_server_name(absl::StrCat("server-", server));
+  for (int expert : s.store->HostedExperts()) {
+    v1::ExpertDigest* entry = info.add_experts();
+    entry->set_expert_id(expert);
+    entry->set_weights_digest(*s.store->Digest(expert));
+  }
+  std::move(done)(std::move(info));
+}
+
 bool InProcessExpertClient::IsHealthy(int server) const {
   return servers_.at(server)->looks_healthy;
 }

@@ -34,6 +34,15 @@ class InProcessExpertClient : public ExpertClient {
   void Forward(int server, const v1::DispatchRequest& request, ForwardDone done) override;
   void Backward(int server, const v1::BackwardDispatchRequest& request,
                 BackwardDone done) override;
+  // In-process servers have no ring: the step calls answer
+  // FAILED_PRECONDITION (the step runs in the multi-process tests).
+  void PrepareStep(int server, const v1::PrepareStepRequest& request, absl::Time deadline,
+                   UnaryDone<v1::PrepareStepResponse> done) override;
+  void CommitStep(int server, const v1::CommitStepRequest& request, absl::Time deadline,
+                  UnaryDone<v1::CommitStepResponse> done) override;
+  void AbortStep(int server, const v1::AbortStepRequest& request, absl::Time deadline,
+                 UnaryDone<v1::AbortStepResponse> done) override;
+  void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) override;
   bool IsHealthy(int server) const override;
 
   // A killed server answers UNAVAILABLE until revived (its state is kept)

@@ -1,0 +1,182 @@
+#include "router_service/step_coordinator.h"
+
+#include <algorithm>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/synchronization/blocking_counter.h"
+#include "common/log.h"
+
+namespace moe::router {
+namespace {
+
+// Calls `call(server, done)` for every server at once and waits for all.
+template <typename Response, typename Call>
+std::vector<absl::StatusOr<Response>> OnEveryServer(int num_servers, Call call) {
+  std::vector<absl::StatusOr<Response>> results(num_servers, absl::UnknownError("no answer"));
+  absl::BlockingCounter pending(num_servers);
+  for (int s = 0; s < num_servers; ++s) {
+    call(s, [&results, &pending, s](absl::StatusOr<Response> r) {
+      results[s] = std::move(r);
+      pending.DecrementCount();
+    });
+  }
+  pending.Wait();
+  return results;
+}
+
+// The failures, most telling first: a server that did not answer in time
+// (stopped, or partitioned) before the ring errors it caused elsewhere.
+template <typename Response>
+absl::Status Summarize(uint64_t step, absl::string_view what,
+                       const std::vector<absl::StatusOr<Response>>& results) {
+  std::vector<absl::Status> failures;
+  for (const auto& r : results) {
+    if (!r.ok()) failures.push_back(r.status());
+  }
+  if (failures.empty()) return absl::OkStatus();
+  auto rank = [](const absl::Status& s) {
+    if (absl::IsDeadlineExceeded(s) && !absl::StrContains(s.message(), "all-reduce")) return 0;
+    if (absl::IsUnavailable(s) && !absl::StrContains(s.message(), "all-reduce")) return 1;
+    return 2;
+  };
+  std::stable_sort(failures.begin(), failures.end(),
+                   [&](const auto& a, const auto& b) { return rank(a) < rank(b); });
+  std::vector<std::string> messages;
+  for (const absl::Status& s : failures) messages.emplace_back(s.message());
+  return absl::Status(failures[0].code(), absl::StrCat("step ", step, " ", what, ": ",
+                                                       absl::StrJoin(messages, "; ")));
+}
+
+}  // namespace
+
+StepCoordinator::StepCoordinator(Options options, Router& router, ExpertClient& client)
+    : options_(options), router_(router), client_(client) {}
+
+int64_t StepCoordinator::committed() const {
+  absl::MutexLock lock(&mu_);
+  return committed_;
+}
+
+absl::StatusOr<uint64_t> StepCoordinator::NextStep(absl::Time deadline) {
+  if (next_step_) return (*next_step_)++;
+  std::vector<absl::StatusOr<v1::InfoResponse>> infos =
+      OnEveryServer<v1::InfoResponse>(options_.num_servers, [&](int s, auto done) {
+        client_.Info(s, deadline, std::move(done));
+      });
+  uint64_t last = 0;
+  for (const auto& info : infos) {
+    if (!info.ok()) {
+      return absl::Status(info.status().code(),
+                          absl::StrCat("step: cannot learn the servers' last step: ",
+                                       info.status().message()));
+    }
+    last = std::max<uint64_t>(last, info->step());
+  }
+  next_step_ = last + 1;
+  return (*next_step_)++;
+}
+
+absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rate,
+                                                              absl::Time deadline) {
+  const absl::Time start = absl::Now();
+  deadline = std::min(deadline, start + options_.default_timeout);
+  const float lr = learning_rate > 0.0f ? learning_rate : options_.default_learning_rate;
+  if (!(learning_rate >= 0.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("learning_rate: must be >= 0, got ", learning_rate));
+  }
+  uint64_t step = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    if (running_) return absl::FailedPreconditionError("a step is already running");
+    absl::StatusOr<uint64_t> next = NextStep(deadline);
+    if (!next.ok()) return next.status();
+    step = *next;
+    running_ = true;
+  }
+  auto done_running = [this] {
+    absl::MutexLock lock(&mu_);
+    running_ = false;
+  };
+
+  // The router answers a little before the client's deadline, and the
+  // servers' all-reduces end a little before the router stops waiting: a
+  // ring failure comes back as itself, and a silent server is named.
+  const absl::Duration margin = std::min(absl::Milliseconds(500), (deadline - start) / 10);
+  const absl::Time router_deadline = deadline - margin;
+  const absl::Time server_deadline = router_deadline - 2 * margin;
+  Router::GateStep gate = router_.PrepareGateStep(lr);
+  v1::PrepareStepRequest prepare;
+  prepare.set_step(step);
+  prepare.set_learning_rate(lr);
+  prepare.set_deadline_unix_micros(absl::ToUnixMicros(server_deadline));
+  std::vector<absl::StatusOr<v1::PrepareStepResponse>> prepared =
+      OnEveryServer<v1::PrepareStepResponse>(options_.num_servers, [&](int s, auto done) {
+        client_.PrepareStep(s, prepare, router_deadline, std::move(done));
+      });
+  if (absl::Status failed = Summarize(step, "aborted", prepared); !failed.ok()) {
+    AbortEverywhere(step, std::string(failed.message()));
+    router_.AbortGateStep(gate);
+    done_running();
+    return failed;
+  }
+
+  v1::CommitStepRequest commit;
+  commit.set_step(step);
+  std::vector<absl::StatusOr<v1::CommitStepResponse>> committed =
+      OnEveryServer<v1::CommitStepResponse>(options_.num_servers, [&](int s, auto done) {
+        client_.CommitStep(s, commit, absl::Now() + options_.abort_timeout, std::move(done));
+      });
+  // Servers that committed have moved on: the gate moves with them.
+  router_.CommitGateStep(std::move(gate));
+  {
+    absl::MutexLock lock(&mu_);
+    ++committed_;
+  }
+  done_running();
+  if (absl::Status failed = Summarize(step, "commit failed", committed); !failed.ok()) {
+    return absl::InternalError(absl::StrCat(
+        failed.message(), " (the servers named keep their old weights until they abort)"));
+  }
+  // Replicas of an expert must hold the same bits.
+  std::map<int, uint64_t> digest_of;
+  for (const auto& r : committed) {
+    for (const v1::ExpertDigest& d : r->experts()) {
+      auto [it, first] = digest_of.emplace(d.expert_id(), d.weights_digest());
+      if (it->second != d.weights_digest()) {
+        return absl::DataLossError(absl::StrCat("step ", step, ": replicas of expert ",
+                                                d.expert_id(), " differ after the commit"));
+      }
+    }
+  }
+  Result result;
+  result.step = step;
+  result.step_time = absl::Now() - start;
+  for (const auto& r : prepared) {
+    result.allreduce_time =
+        std::max(result.allreduce_time, absl::Seconds(r->allreduce_seconds()));
+  }
+  return result;
+}
+
+void StepCoordinator::AbortEverywhere(uint64_t step, const std::string& reason) {
+  MOE_LOG(WARNING, reason, "; aborting it on every server");
+  v1::AbortStepRequest abort;
+  abort.set_step(step);
+  abort.set_reason(reason);
+  // Not waited for: a stopped server must not hold the answer. A server
+  // that never hears it aborts by itself after its timeout.
+  for (int s = 0; s < options_.num_servers; ++s) {
+    client_.AbortStep(s, abort, absl::Now() + options_.abort_timeout,
+                      [step](absl::StatusOr<v1::AbortStepResponse> r) {
+                        if (!r.ok()) MOE_LOG(WARNING, "step ", step, ": ", r.status().message());
+                      });
+  }
+}
+
+}  // namespace moe::router

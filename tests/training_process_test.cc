@@ -1,0 +1,271 @@
+// Training on a real cluster: Forward(training) / Backward / Step, 20 times,
+// against the same 20 steps of the in-process reference with the shared
+// optimizer; replicas' digests equal after every step. Then faults: a server
+// killed or stopped during the step's all-reduce makes Step fail within its
+// deadline naming it, leaves every surviving server's weights as they were,
+// and the next Step after it is back succeeds. A ring segment of a step that
+// is over is rejected.
+#include <csignal>
+#include <map>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/deterministic_init.h"
+#include "common/optimizer.h"
+#include "common/placement.h"
+#include "common/reference_moe.h"
+#include "common/testing/random_tensor.h"
+#include "common/testing/tensor_matchers.h"
+#include "expert_service/weight_transfer.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "proto/collective.grpc.pb.h"
+#include "tests/process_cluster.h"
+
+namespace moe::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr int kDModel = 32;
+constexpr int kTokens = 64;
+
+// expert id -> digest, checking that every replica reports the same one.
+std::map<int, uint64_t> ReplicaDigests(ProcessCluster& cluster, const std::vector<int>& servers) {
+  std::map<int, uint64_t> digests;
+  for (int s : servers) {
+    v1::InfoResponse info;
+    grpc::Status status = cluster.Info(s, &info);
+    EXPECT_TRUE(status.ok()) << "e" << s << ": " << status.error_message();
+    for (const v1::ExpertDigest& d : info.experts()) {
+      auto [it, first] = digests.emplace(d.expert_id(), d.weights_digest());
+      EXPECT_EQ(it->second, d.weights_digest())
+          << "replicas of expert " << d.expert_id() << " differ (server e" << s << ")";
+    }
+  }
+  return digests;
+}
+
+std::vector<int> AllServers(const ProcessCluster& cluster) {
+  std::vector<int> servers(cluster.config().cluster.servers.size());
+  for (size_t s = 0; s < servers.size(); ++s) servers[s] = static_cast<int>(s);
+  return servers;
+}
+
+ExpertWeights FetchExpert(ProcessCluster& cluster, int server, int expert) {
+  v1::GetExpertWeightsRequest request;
+  request.set_expert_id(expert);
+  grpc::ClientContext context;
+  auto reader = cluster.server_stub(server).GetExpertWeights(&context, request);
+  expert::ExpertAssembler assembler(cluster.config().model);
+  v1::ExpertWeightsChunk chunk;
+  while (reader->Read(&chunk)) MOE_CHECK(assembler.Add(chunk).ok());
+  MOE_CHECK(reader->Finish().ok());
+  return assembler.Finish()->weights;
+}
+
+struct TrainingCase {
+  std::string strategy;
+  std::string optimizer;
+  // Small enough that 20 steps stay tame: the loss (y . dy, dy random) has
+  // no minimum, and a run-away layer amplifies the last bits of summation
+  // order (momentum 0.9 at 0.05 runs away after ~12 steps, in the reference
+  // as much as in the cluster).
+  float learning_rate;
+};
+
+class TrainingTest : public ::testing::TestWithParam<TrainingCase> {};
+
+TEST_P(TrainingTest, TwentyStepsEqualTheReferenceAndReplicasStayIdentical) {
+  ProcessClusterOptions options;
+  options.model = absl::StrCat("d_model: ", kDModel,
+                               " d_ff: 64 num_experts: 6 top_k: 2 seed: 9 optimizer { ",
+                               GetParam().optimizer, " }");
+  options.strategy = GetParam().strategy;
+  options.num_servers = 3;
+  ProcessCluster cluster(options);
+  const ModelConfig& model = cluster.config().model;
+  const float lr = GetParam().learning_rate;
+
+  MoeWeights weights = InitAllWeights(model);
+  FloatTensor gate_velocity(weights.gate->shape());
+  std::map<int, ExpertWeights> velocity;
+  for (const auto& [e, w] : weights.experts) velocity.emplace(e, ExpertWeights::Zeros(model));
+
+  for (int step = 1; step <= 20; ++step) {
+    const FloatTensor x = RandomTensor({kTokens, kDModel}, 100 + step);
+    const FloatTensor dy = RandomTensor({kTokens, kDModel}, 200 + step);
+    // The reference step.
+    const ReferenceMoe reference = *ReferenceMoe::Create(model, weights);
+    const ReferenceForward forward = *reference.Forward(x);
+    ReferenceGradients grads = *reference.Backward(x, forward, dy);
+    ApplySgd(model.optimizer, lr, *grads.params.gate, *weights.gate, &gate_velocity);
+    for (auto& [e, w] : weights.experts) {
+      ApplySgd(model.optimizer, lr, grads.params.experts.at(e), w, &velocity.at(e));
+    }
+    // The cluster's.
+    v1::ForwardResponse y;
+    ASSERT_TRUE(cluster.Forward(x, &y, /*training=*/true).ok());
+    ASSERT_TRUE(TensorNear(Decoded(y.y(), kDModel), forward.y, 1e-5)) << "step " << step;
+    v1::BackwardResponse dx;
+    ASSERT_TRUE(cluster.Backward(y.request_id(), dy, &dx).ok());
+    v1::StepResponse stepped;
+    const grpc::Status status = cluster.Step(lr, absl::Seconds(30), &stepped);
+    ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+    EXPECT_EQ(stepped.step(), static_cast<uint64_t>(step));
+    ReplicaDigests(cluster, AllServers(cluster));
+  }
+
+  // The experts' weights, from every server that holds them.
+  const Placement placement = *ComputePlacement(model, cluster.config().cluster);
+  for (int e = 0; e < model.num_experts; ++e) {
+    for (int s : placement.ServersOf(e)) {
+      const ExpertWeights served = FetchExpert(cluster, s, e);
+      for (ExpertTensor which : kAllExpertTensors) {
+        EXPECT_TRUE(TensorNear(served.tensor(which), weights.experts.at(e).tensor(which), 1e-5))
+            << "expert " << e << " on e" << s << ", tensor " << static_cast<int>(which);
+      }
+    }
+  }
+  // The gate, through what it does: routing and output on fresh tokens.
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 999);
+  const ReferenceForward expected = *ReferenceMoe::Create(model, weights)->Forward(x);
+  v1::ForwardResponse y;
+  ASSERT_TRUE(cluster.Forward(x, &y).ok());
+  EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.y, 1e-5));
+  ASSERT_EQ(y.routing().expert_ids_size(), static_cast<int>(expected.routing.expert_ids.size()));
+  for (int i = 0; i < y.routing().expert_ids_size(); ++i) {
+    EXPECT_EQ(y.routing().expert_ids(i), expected.routing.expert_ids[i]) << "pair " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Strategies, TrainingTest,
+    ::testing::Values(
+        TrainingCase{"HYBRID", "type: OPTIMIZER_TYPE_SGD_MOMENTUM momentum: 0.9", 0.01f},
+        TrainingCase{"HYBRID", "type: OPTIMIZER_TYPE_SGD", 0.05f},
+        TrainingCase{"DATA_PARALLEL", "type: OPTIMIZER_TYPE_SGD_MOMENTUM momentum: 0.9", 0.01f},
+        TrainingCase{"DATA_PARALLEL", "type: OPTIMIZER_TYPE_SGD", 0.05f}),
+    [](const auto& info) {
+      return absl::StrCat(info.param.strategy, "_",
+                          absl::StrContains(info.param.optimizer, "MOMENTUM") ? "momentum" : "sgd");
+    });
+
+// A cluster whose step all-reduces take a while (small ring segments, one in
+// flight), so a fault can land in the middle of one.
+ProcessClusterOptions SlowRingCluster() {
+  ProcessClusterOptions options;
+  options.model = "d_model: 64 d_ff: 256 num_experts: 4 top_k: 2 seed: 4";
+  options.strategy = "DATA_PARALLEL";
+  options.num_servers = 3;
+  options.server_flags = {"--ring_segment_elements=256", "--ring_window_segments=1"};
+  return options;
+}
+
+void Train(ProcessCluster& cluster, int seed) {
+  const FloatTensor x = RandomTensor({kTokens, 64}, seed);
+  v1::ForwardResponse y;
+  ASSERT_TRUE(cluster.Forward(x, &y, true).ok());
+  v1::BackwardResponse dx;
+  ASSERT_TRUE(cluster.Backward(y.request_id(), RandomTensor({kTokens, 64}, seed + 1), &dx).ok());
+}
+
+// Runs Step on another thread and, once server `victim` has begun its
+// all-reduce, does `fault` to it. Returns the step's status.
+grpc::Status StepWithFault(ProcessCluster& cluster, int victim, absl::Duration timeout,
+                           const std::function<void()>& fault) {
+  grpc::Status status;
+  v1::StepResponse response;
+  std::thread step([&] { status = cluster.Step(0.1f, timeout, &response); });
+  EXPECT_TRUE(cluster.WaitForServerLine(victim, "all-reducing", absl::Seconds(30)))
+      << cluster.ServerLog(victim);
+  fault();
+  step.join();
+  return status;
+}
+
+TEST(TrainingFaultTest, AKilledPeerFailsTheStepNamingItAndTheNextStepWorks) {
+  ProcessCluster cluster(SlowRingCluster());
+  Train(cluster, 1);
+  const std::map<int, uint64_t> before = ReplicaDigests(cluster, {0, 2});
+  const absl::Time start = absl::Now();
+  const grpc::Status failed =
+      StepWithFault(cluster, 1, absl::Seconds(10), [&] { cluster.KillServer(1); });
+  EXPECT_FALSE(failed.ok());
+  EXPECT_THAT(failed.error_message(), HasSubstr("e1")) << failed.error_message();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10 + 5));
+  // Every surviving server's weights are as they were.
+  EXPECT_EQ(ReplicaDigests(cluster, {0, 2}), before);
+
+  cluster.StartServer(1);
+  // The restarted server has the initial weights, like the others (no step
+  // was committed); its ring links come back after a short back-off.
+  grpc::Status status;
+  v1::StepResponse response;
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  do {
+    status = cluster.Step(0.1f, absl::Seconds(10), &response);
+  } while (!status.ok() && absl::Now() < deadline);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  const std::map<int, uint64_t> after = ReplicaDigests(cluster, {0, 1, 2});
+  EXPECT_NE(after, before) << "the step changed nothing";
+}
+
+TEST(TrainingFaultTest, AStoppedPeerFailsTheStepWithinItsDeadlineAndRejoins) {
+  ProcessCluster cluster(SlowRingCluster());
+  Train(cluster, 3);
+  const std::map<int, uint64_t> before = ReplicaDigests(cluster, {0, 1, 2});
+  const absl::Time start = absl::Now();
+  const grpc::Status failed =
+      StepWithFault(cluster, 2, absl::Seconds(5), [&] { cluster.PauseServer(2); });
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_FALSE(failed.ok());
+  EXPECT_THAT(failed.error_message(), HasSubstr("e2")) << failed.error_message();
+  EXPECT_LT(took, absl::Seconds(5 + 6)) << "the step outlived its deadline by far";
+  EXPECT_EQ(ReplicaDigests(cluster, {0, 1}), before);
+
+  cluster.ContinueServer(2);
+  grpc::Status status;
+  v1::StepResponse response;
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  do {
+    status = cluster.Step(0.1f, absl::Seconds(10), &response);
+  } while (!status.ok() && absl::Now() < deadline);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_NE(ReplicaDigests(cluster, {0, 1, 2}), before);
+}
+
+TEST(TrainingFaultTest, ARingSegmentOfAFinishedStepIsRejected) {
+  ProcessCluster cluster(SlowRingCluster());
+  Train(cluster, 5);
+  v1::StepResponse response;
+  ASSERT_TRUE(cluster.Step(0.1f, absl::Seconds(30), &response).ok());
+  const Placement placement =
+      *ComputePlacement(cluster.config().model, cluster.config().cluster);
+  const uint64_t group = ReplicaGroups(placement).at(0).id;
+
+  auto channel = grpc::CreateChannel(cluster.config().cluster.servers[1].address,
+                                     grpc::InsecureChannelCredentials());
+  auto collective = v1::Collective::NewStub(channel);
+  grpc::ClientContext context;
+  auto stream = collective->Ring(&context);
+  v1::RingChunk chunk;
+  chunk.mutable_id()->set_step(response.step());
+  chunk.mutable_id()->set_group_id(group);
+  chunk.set_sender_rank(0);
+  chunk.set_phase(v1::RING_PHASE_REDUCE_SCATTER);
+  chunk.set_data(std::string(16, '\0'));
+  ASSERT_TRUE(stream->Write(chunk));
+  v1::RingAck ack;
+  ASSERT_TRUE(stream->Read(&ack));
+  ASSERT_TRUE(ack.has_error());
+  EXPECT_EQ(ack.error().code(), static_cast<int>(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(ack.error().message(), HasSubstr("over")) << ack.error().message();
+  // And the cluster trains on.
+  Train(cluster, 7);
+  ASSERT_TRUE(cluster.Step(0.1f, absl::Seconds(30), &response).ok());
+}
+
+}  // namespace
+}  // namespace moe::testing
