@@ -14,6 +14,8 @@ readonly PACKAGES=(
   libabsl-dev libdnnl-dev prometheus-cpp-dev nlohmann-json3-dev
   # Tests and benchmarks.
   libgtest-dev libgmock-dev libbenchmark-dev
+  # The all-reduce benchmark's baseline (Gloo's ring over TCP).
+  libgloo-dev
   # The independent numerical oracle (PyTorch autograd) used by tests.
   python3 python3-numpy python3-torch
   # The Python client of the router.

@@ -23,6 +23,7 @@
 #include "common/log.h"
 #include "expert_service/collective_registry.h"
 #include "expert_service/collective_service.h"
+#include "expert_service/allreduce_inputs.h"
 #include "expert_service/grpc_ring_link.h"
 #include "expert_service/ring_allreduce.h"
 
@@ -42,41 +43,6 @@ namespace moe::expert {
 namespace {
 
 constexpr uint64_t kGroup = 1;
-
-// Rank r's input element i: uniform in [-1, 1), from a counter-based hash,
-// so any rank can generate any other's.
-float Input(uint64_t seed, int rank, int64_t i) {
-  uint64_t z = seed * 0x9e3779b97f4a7c15ull + (static_cast<uint64_t>(rank) << 40) +
-               static_cast<uint64_t>(i);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  z ^= z >> 31;
-  return static_cast<float>(static_cast<double>(z >> 40) / static_cast<double>(1ull << 23) - 1.0);
-}
-
-struct Result {
-  int64_t wrong = 0;
-  double max_error_ratio = 0;  // |error| / bound, <= 1 when right
-};
-
-// fp32 rounding of an n-term sum is within n * 2^-23 * sum |x|.
-Result Check(absl::Span<const float> result, uint64_t seed, int n) {
-  Result out;
-  const double eps = std::ldexp(1.0, -23);
-  for (int64_t i = 0; i < static_cast<int64_t>(result.size()); ++i) {
-    double sum = 0, sum_abs = 0;
-    for (int r = 0; r < n; ++r) {
-      const double v = Input(seed, r, i);
-      sum += v;
-      sum_abs += std::fabs(v);
-    }
-    const double bound = n * eps * sum_abs + 1e-30;
-    const double ratio = std::fabs(result[i] - sum) / bound;
-    out.max_error_ratio = std::max(out.max_error_ratio, ratio);
-    if (!(ratio <= 1.0)) ++out.wrong;
-  }
-  return out;
-}
 
 int Run() {
   const int rank = absl::GetFlag(FLAGS_rank);
@@ -160,7 +126,7 @@ int Run() {
         break;
       }
       buffer.resize(length);
-      for (int64_t i = 0; i < length; ++i) buffer[i] = Input(seed, rank, i);
+      FillAllReduceInput(seed, rank, absl::MakeSpan(buffer));
       const absl::Time start = absl::Now();
       auto [status, bytes_sent] = run_one(absl::MakeSpan(buffer));
       const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
@@ -173,8 +139,8 @@ int Run() {
       }
       Fnv1a64 digest;
       digest.AddFloats(buffer);
-      Result checked;
-      if (absl::GetFlag(FLAGS_check)) checked = Check(buffer, seed, n);
+      AllReduceCheck checked;
+      if (absl::GetFlag(FLAGS_check)) checked = CheckAllReduce(buffer, seed, n);
       std::printf(
           "allreduce step=%lu length=%ld seconds=%.6f bytes_sent=%ld digest=%016lx wrong=%ld "
           "max_error_ratio=%.3f\n",

@@ -36,6 +36,8 @@ _LIBRARIES = {
     "benchmark": (["benchmark"], []),
     "benchmark_main": (["benchmark"], ["-lbenchmark_main"]),
     "nlohmann_json": (["nlohmann_json"], []),
+    # Facebook's Gloo (libgloo-dev): the all-reduce benchmark's baseline only.
+    "gloo": ([], ["-lgloo"]),
 }
 
 def _pkg_config(ctx, flag, modules):

@@ -93,4 +93,15 @@ absl::StatusOr<FloatTensor> MoeClient::Backward(uint64_t request_id,
   return DecodeBatch(response.grad_input(), "grad_input");
 }
 
+absl::StatusOr<StepOutput> MoeClient::Step(float learning_rate, absl::Duration timeout) {
+  v1::StepRequest request;
+  request.set_learning_rate(learning_rate);
+  grpc::ClientContext context;
+  context.set_deadline(After(timeout));
+  v1::StepResponse response;
+  MOE_RETURN_IF_ERROR(FromGrpcStatus(stub_->Step(&context, request, &response)));
+  return StepOutput{response.step(), absl::Seconds(response.step_seconds()),
+                    absl::Seconds(response.allreduce_seconds())};
+}
+
 }  // namespace moe::client

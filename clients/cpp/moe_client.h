@@ -40,6 +40,13 @@ struct ForwardOutput {
   std::vector<bool> dropped;
 };
 
+struct StepOutput {
+  uint64_t step = 0;
+  absl::Duration step_time;
+  // The slowest server's gradient all-reduces.
+  absl::Duration allreduce_time;
+};
+
 class MoeClient {
  public:
   // `address` is host:port of the router.
@@ -54,6 +61,9 @@ class MoeClient {
                                         const ForwardOptions& options = {});
   absl::StatusOr<FloatTensor> Backward(uint64_t request_id, const FloatTensor& grad_output,
                                        absl::Duration timeout = absl::Seconds(60));
+  // One training step (learning_rate 0: the config's).
+  absl::StatusOr<StepOutput> Step(float learning_rate,
+                                  absl::Duration timeout = absl::Seconds(60));
 
  private:
   explicit MoeClient(std::shared_ptr<grpc::Channel> channel);

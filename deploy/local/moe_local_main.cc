@@ -8,7 +8,10 @@
 #include <algorithm>
 #include <map>
 #include <numeric>
+#include <random>
 #include <string>
+
+#include <grpcpp/grpcpp.h>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -18,6 +21,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "clients/cpp/load_generator.h"
+#include "clients/cpp/moe_client.h"
 #include "common/flags_usage.h"
 #include "common/log.h"
 #include "common/stop_signals.h"
@@ -25,6 +29,7 @@
 #include "common/placement.h"
 #include "deploy/local/child_process.h"
 #include "deploy/local/local_cluster.h"
+#include "proto/expert.grpc.pb.h"
 
 ABSL_FLAG(std::string, config, "",
           "A serving config to run (its server addresses are replaced by free ports); "
@@ -44,6 +49,9 @@ ABSL_FLAG(int, onednn_threads, 1, "oneDNN threads per expert server.");
 ABSL_FLAG(int, concurrency, 4, "Clients, each with one request in flight.");
 ABSL_FLAG(int64_t, batch, 256, "Tokens per request.");
 ABSL_FLAG(absl::Duration, duration, absl::Seconds(5), "How long to run the load.");
+ABSL_FLAG(int, train_steps, 3,
+          "After the load, training steps to run (Forward, Backward, Step); 0: none.");
+ABSL_FLAG(float, learning_rate, 0.01f, "Learning rate of those steps.");
 ABSL_FLAG(bool, serve, false, "After the load, keep the cluster up until Ctrl-C.");
 
 namespace moe::local {
@@ -99,6 +107,62 @@ double ServerTokens(int metrics_port) {
     if (absl::SimpleAtod(line.substr(line.rfind(' ') + 1), &value)) total += value;
   }
   return total;
+}
+
+// Each server's expert digests (expert -> digest); false if replicas of an
+// expert differ or a server does not answer.
+bool ReplicasIdentical(const ServingConfig& running, std::map<int, uint64_t>& digests) {
+  bool identical = true;
+  for (const ServerSpec& server : running.cluster.servers) {
+    auto stub = v1::ExpertServer::NewStub(
+        grpc::CreateChannel(server.address, grpc::InsecureChannelCredentials()));
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::InfoResponse info;
+    if (!stub->Info(&context, v1::InfoRequest(), &info).ok()) return false;
+    for (const v1::ExpertDigest& d : info.experts()) {
+      auto [it, first] = digests.emplace(d.expert_id(), d.weights_digest());
+      identical = identical && it->second == d.weights_digest();
+    }
+  }
+  return identical;
+}
+
+// Training steps on random tokens: Forward(training), Backward, Step; then
+// whether every expert's replicas hold the same bits. False on a failure.
+bool Train(client::MoeClient& client, const ServingConfig& running, int steps,
+           int64_t batch_tokens, float learning_rate) {
+  std::printf("\ntraining    %d steps of %ld tokens (Forward, Backward, Step), lr %g\n", steps,
+              static_cast<long>(batch_tokens), learning_rate);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  const int64_t d_model = running.model.d_model;
+  for (int i = 0; i < steps; ++i) {
+    FloatTensor x({batch_tokens, d_model}), dy({batch_tokens, d_model});
+    for (float& v : x.mutable_values()) v = normal(rng);
+    for (float& v : dy.mutable_values()) v = normal(rng);
+    const absl::Time start = absl::Now();
+    absl::StatusOr<client::ForwardOutput> y = client.Forward(x, {/*training=*/true});
+    absl::StatusOr<FloatTensor> dx =
+        y.ok() ? client.Backward(y->request_id, dy) : absl::StatusOr<FloatTensor>(y.status());
+    const absl::Time backward_done = absl::Now();
+    absl::StatusOr<client::StepOutput> step =
+        dx.ok() ? client.Step(learning_rate) : absl::StatusOr<client::StepOutput>(dx.status());
+    if (!step.ok()) {
+      std::printf("  step failed: %s\n", std::string(step.status().message()).c_str());
+      return false;
+    }
+    std::printf("  step %3lu   forward+backward %7.2f ms   step %7.2f ms (all-reduce %.2f ms)\n",
+                static_cast<unsigned long>(step->step),
+                absl::ToDoubleMilliseconds(backward_done - start),
+                absl::ToDoubleMilliseconds(step->step_time),
+                absl::ToDoubleMilliseconds(step->allreduce_time));
+  }
+  std::map<int, uint64_t> digests;
+  const bool identical = ReplicasIdentical(running, digests);
+  std::printf("  replicas    %s (weight digests of %zu experts from every server's Info)\n",
+              identical ? "bit-identical" : "DIFFER", digests.size());
+  return identical;
 }
 
 std::string Bar(double share, double max_share) {
@@ -203,6 +267,12 @@ int Run() {
   }
   std::printf("  server imbalance (max/mean) %.3f\n", Imbalance(server_load));
 
+  bool trained = true;
+  if (absl::GetFlag(FLAGS_train_steps) > 0) {
+    trained = Train(*client, running, absl::GetFlag(FLAGS_train_steps), load.batch_tokens,
+                    absl::GetFlag(FLAGS_learning_rate));
+  }
+
   if (absl::GetFlag(FLAGS_serve)) {
     std::printf("\nserving at %s until Ctrl-C (config %s)\n", (*cluster)->router_address().c_str(),
                 (*cluster)->config_path().c_str());
@@ -211,7 +281,7 @@ int Run() {
   }
   std::printf("\nshutting down\n");
   for (const std::string& line : (*cluster)->Stop()) std::printf("  %s\n", line.c_str());
-  return report->failures == 0 ? 0 : 1;
+  return report->failures == 0 && trained ? 0 : 1;
 }
 
 }  // namespace
