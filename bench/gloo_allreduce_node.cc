@@ -4,6 +4,7 @@
 // --store_dir. Each length gets a fresh context: Gloo's TCP pairs size
 // their socket buffers from their first send, so a small first message
 // would slow every later large one (not a fair baseline).
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -52,16 +53,19 @@ int main(int argc, char** argv) {
     gloo::rendezvous::PrefixStore prefix(absl::StrCat("ctx", context_index++), store);
     auto context = std::make_shared<gloo::rendezvous::Context>(rank, size);
     context->connectFullMesh(prefix, device);
-    std::vector<float> buffer(length);
+    std::vector<float> input(length), buffer(length);
+    moe::expert::FillAllReduceInput(seed, rank, absl::MakeSpan(input));
     std::vector<float*> pointers = {buffer.data()};
     for (int repeat = 0; repeat < absl::GetFlag(FLAGS_repeats); ++repeat) {
-      moe::expert::FillAllReduceInput(seed, rank, absl::MakeSpan(buffer));
+      std::copy(input.begin(), input.end(), buffer.begin());
       gloo::AllreduceRingChunked<float> allreduce(context, pointers, static_cast<int>(length));
       gloo::BarrierAllToAll barrier(context);
       barrier.run();
       const absl::Time start = absl::Now();
       allreduce.run();
       const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
+      // No rank checks (heavy) while another is still being timed.
+      barrier.run();
       const moe::expert::AllReduceCheck checked =
           moe::expert::CheckAllReduce(buffer, seed, size);
       moe::Fnv1a64 digest;

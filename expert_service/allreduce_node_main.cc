@@ -111,13 +111,21 @@ int Run() {
     }
   }
   std::vector<float> barrier(n);
-  std::vector<float> buffer;
+  std::vector<float> input, buffer;
   // Stops at the first failure: without a coordinator (the router, for the
   // expert servers), ranks that failed at different points would no longer
   // agree on step numbers.
   for (int64_t length : lengths) {
     if (failures > 0) break;
     for (int repeat = 0; repeat < absl::GetFlag(FLAGS_repeats) && failures == 0; ++repeat) {
+      // Inputs first (generated once per length, copied per repeat), then
+      // the barrier: the timed collective starts with every rank ready, and
+      // no rank generates while others are still summing.
+      if (static_cast<int64_t>(input.size()) != length) {
+        input.resize(length);
+        FillAllReduceInput(seed, rank, absl::MakeSpan(input));
+      }
+      buffer = input;
       if (absl::Status s = run_one(absl::MakeSpan(barrier)).first; !s.ok()) {
         std::printf("barrier step=%lu FAILED: %s\n", static_cast<unsigned long>(step),
                     s.ToString().c_str());
@@ -125,14 +133,22 @@ int Run() {
         ++failures;
         break;
       }
-      buffer.resize(length);
-      FillAllReduceInput(seed, rank, absl::MakeSpan(buffer));
       const absl::Time start = absl::Now();
       auto [status, bytes_sent] = run_one(absl::MakeSpan(buffer));
       const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
       if (!status.ok()) {
         std::printf("allreduce step=%lu length=%ld FAILED: %s\n", static_cast<unsigned long>(step),
                     static_cast<long>(length), status.ToString().c_str());
+        std::fflush(stdout);
+        ++failures;
+        break;
+      }
+      const uint64_t timed_step = step;
+      // And a barrier after: no rank digests or checks (heavy) while another
+      // is still being timed.
+      if (absl::Status s = run_one(absl::MakeSpan(barrier)).first; !s.ok()) {
+        std::printf("barrier step=%lu FAILED: %s\n", static_cast<unsigned long>(step),
+                    s.ToString().c_str());
         std::fflush(stdout);
         ++failures;
         break;
@@ -144,7 +160,7 @@ int Run() {
       std::printf(
           "allreduce step=%lu length=%ld seconds=%.6f bytes_sent=%ld digest=%016lx wrong=%ld "
           "max_error_ratio=%.3f\n",
-          static_cast<unsigned long>(step), static_cast<long>(length), seconds,
+          static_cast<unsigned long>(timed_step), static_cast<long>(length), seconds,
           static_cast<long>(bytes_sent), static_cast<unsigned long>(digest.value()),
           static_cast<long>(checked.wrong), checked.max_error_ratio);
       std::fflush(stdout);

@@ -82,50 +82,62 @@ void RingAllReduce::Pump() {
     pumping_ = true;
   }
   while (true) {
-    auto chunk = std::make_unique<v1::RingChunk>();
-    chunk->mutable_id()->set_step(spec_.step);
-    chunk->mutable_id()->set_group_id(spec_.group_id);
-    chunk->set_sender_rank(spec_.rank);
-    chunk->set_buffer_elements(static_cast<int64_t>(spec_.buffer.size()));
+    std::unique_ptr<v1::RingChunk> chunk;
+    bool abort = false;
     {
       absl::MutexLock lock(&mu_);
+      if (spare_.empty()) {
+        chunk = std::make_unique<v1::RingChunk>();
+      } else {
+        chunk = std::move(spare_.back());
+        spare_.pop_back();
+      }
+      chunk->mutable_id()->set_step(spec_.step);
+      chunk->mutable_id()->set_group_id(spec_.group_id);
+      chunk->set_sender_rank(spec_.rank);
+      chunk->set_buffer_elements(static_cast<int64_t>(spec_.buffer.size()));
       if (abort_pending_) {
         abort_pending_ = false;
+        abort = true;
+        chunk->clear_data();
         ToProtoStatus(status_, chunk->mutable_abort());
-        mu_.Unlock();
-        v1::RingChunk* raw = chunk.get();
-        // Best effort: the successor may be the one that is gone.
-        successor_->Send(raw, [self = shared_from_this(), chunk = std::move(chunk)](
-                                  absl::Status) {});
-        mu_.Lock();
-        continue;
-      }
-      if (!status_.ok() || to_send_.empty() || in_flight_ >= options_.window_segments) {
+      } else if (!status_.ok() || to_send_.empty() ||
+                 in_flight_ >= options_.window_segments) {
+        spare_.push_back(std::move(chunk));
         pumping_ = false;
         return;
+      } else {
+        const Segment segment = to_send_.front();
+        to_send_.pop_front();
+        ++in_flight_;
+        chunk->set_phase(segment.phase);
+        chunk->set_ring_step(segment.ring_step);
+        chunk->set_chunk_index(segment.chunk);
+        chunk->set_offset_elements(segment.offset);
+        // Built now, from the buffer as it is: a segment's region changes
+        // again only after this send has gone all the way round the ring.
+        chunk->set_data(reinterpret_cast<const char*>(spec_.buffer.data() + segment.offset),
+                        segment.length * sizeof(float));
+        bytes_sent_ += segment.length * static_cast<int64_t>(sizeof(float));
       }
-      const Segment segment = to_send_.front();
-      to_send_.pop_front();
-      ++in_flight_;
-      chunk->set_phase(segment.phase);
-      chunk->set_ring_step(segment.ring_step);
-      chunk->set_chunk_index(segment.chunk);
-      chunk->set_offset_elements(segment.offset);
-      // Built now, from the buffer as it is: a segment's region changes
-      // again only after this send has gone all the way round the ring.
-      chunk->set_data(reinterpret_cast<const char*>(spec_.buffer.data() + segment.offset),
-                      segment.length * sizeof(float));
-      bytes_sent_ += segment.length * static_cast<int64_t>(sizeof(float));
     }
     v1::RingChunk* raw = chunk.get();
-    successor_->Send(raw, [self = shared_from_this(), chunk = std::move(chunk)](
-                              absl::Status status) { self->OnAck(std::move(status)); });
+    if (abort) {
+      // Best effort: the successor may be the one that is gone.
+      successor_->Send(raw, [self = shared_from_this(), chunk = std::move(chunk)](absl::Status) {});
+    } else {
+      successor_->Send(raw, [self = shared_from_this(), chunk = std::move(chunk)](
+                                absl::Status status) mutable {
+        self->OnAck(std::move(chunk), std::move(status));
+      });
+    }
   }
 }
 
-void RingAllReduce::OnAck(absl::Status status) {
+void RingAllReduce::OnAck(std::unique_ptr<v1::RingChunk> sent, absl::Status status) {
   {
     absl::MutexLock lock(&mu_);
+    spare_.push_back(std::move(sent));
     --in_flight_;
     if (status.ok()) {
       ++acked_;

@@ -116,7 +116,7 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
   // Starts sends while the window has room (or passes a failure on);
   // chunks are built here, from the buffer as it is now.
   void Pump() ABSL_LOCKS_EXCLUDED(mu_);
-  void OnAck(absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);
+  void OnAck(std::unique_ptr<v1::RingChunk> sent, absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);
   // OnChunk's work; `pump` says whether something is now to be sent.
   absl::Status Receive(const v1::RingChunk& chunk, bool& pump) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Validate(const v1::RingChunk& chunk) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -141,6 +141,9 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
   // in order, so this catches a lost, repeated or misplaced segment.
   std::vector<int64_t> next_offset_ ABSL_GUARDED_BY(mu_);
   bool pumping_ ABSL_GUARDED_BY(mu_) = false;
+  // Sent messages back from their acks, reused: a segment's megabyte is not
+  // allocated (and page-faulted in) again for every send.
+  std::vector<std::unique_ptr<v1::RingChunk>> spare_ ABSL_GUARDED_BY(mu_);
   // The failure still to pass on to the successor.
   bool abort_pending_ ABSL_GUARDED_BY(mu_) = false;
 };
