@@ -73,6 +73,7 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
   }
   std::map<int, ExpertWeights> summed;
   status = AllReduce(step, prepared.local_grads, summed, deadline, result);
+  const absl::Time optimizer_start = absl::Now();
   if (status.ok()) {
     for (const auto& [expert, local] : prepared.local_grads) {
       absl::StatusOr<ExpertSnapshot> snapshot = store_.Snapshot(expert);
@@ -86,6 +87,11 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
                snapshot->velocity ? &*snapshot->velocity : nullptr);
       prepared.updated.emplace(expert, *std::move(snapshot));
     }
+    result.optimizer_time = absl::Now() - optimizer_start;
+    MOE_LOG(INFO, "server ", options_.server_name, ": step ", step, " prepared: all-reduce ",
+            absl::FormatDuration(result.allreduce_time), ", optimizer ",
+            absl::FormatDuration(result.optimizer_time), " for ", prepared.updated.size(),
+            " experts");
   }
 
   {
@@ -191,12 +197,15 @@ absl::StatusOr<std::vector<std::pair<int, uint64_t>>> StepExecutor::Commit(uint6
     timer_.Cancel(prepared.timer_id);
     last_committed_ = step;
   }
+  const absl::Time start = absl::Now();
   std::vector<std::pair<int, uint64_t>> digests;
   for (auto& [expert, updated] : prepared.updated) {
     const uint64_t digest = updated.weights.Digest();
     MOE_RETURN_IF_ERROR(store_.ApplyWeights(expert, std::move(updated)));
     digests.emplace_back(expert, digest);
   }
+  MOE_LOG(INFO, "server ", options_.server_name, ": step ", step, " committed: ",
+          digests.size(), " experts installed in ", absl::FormatDuration(absl::Now() - start));
   return digests;
 }
 

@@ -58,6 +58,8 @@ class StepExecutor {
   struct PrepareResult {
     int64_t allreduce_bytes_sent = 0;
     absl::Duration allreduce_time;
+    // Computing the updated weights (and momentum) aside.
+    absl::Duration optimizer_time;
   };
 
   // `store` and `registry` must outlive the executor; the registry must know

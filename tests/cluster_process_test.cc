@@ -12,6 +12,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "common/deterministic_init.h"
 #include "common/model_config.h"
 #include "common/reference_moe.h"
@@ -131,6 +132,38 @@ TEST(ClusterTest, SurvivesAKilledReplicaAndNamesUnreplicatedExperts) {
     status = split.Forward(x, &response);
   } while (!status.ok() && absl::Now() < deadline);
   EXPECT_TRUE(status.ok()) << status.error_message();
+}
+
+TEST(ClusterTest, ClientsUnderSustainedLoadSurviveAReplicaKilledAmongThem) {
+  // Six clients keep requests in flight while a DATA_PARALLEL replica is
+  // SIGKILLed: every request, including those the dead server held, ends
+  // with the reference output (re-sent to the live replica).
+  LocalCluster cluster("DATA_PARALLEL", 2, false);
+  const ReferenceMoe reference = cluster.Reference();
+  constexpr int kClients = 6, kRequests = 40;
+  std::atomic<int> done{0}, correct{0};
+  absl::Notification quarter_done;
+  std::vector<std::thread> clients;
+  for (int c = 0; c < kClients; ++c) {
+    clients.emplace_back([&, c] {
+      for (int i = 0; i < kRequests; ++i) {
+        const FloatTensor x = RandomTensor({64 + (c * 5 + i) % 64, 48}, 5000 + c * 100 + i);
+        v1::ForwardResponse response;
+        const grpc::Status status = cluster.Forward(x, &response);
+        if (status.ok() && TensorNear(Decoded(response.y()), reference.Forward(x)->y, 1e-5)) {
+          ++correct;
+        } else {
+          ADD_FAILURE() << "client " << c << " request " << i << ": " << status.error_message();
+        }
+        if (++done == kClients * kRequests / 4) quarter_done.Notify();
+      }
+    });
+  }
+  // Kill once the load is going (a quarter of the requests answered).
+  quarter_done.WaitForNotification();
+  cluster.KillServer(1);
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(correct.load(), kClients * kRequests) << cluster.RouterLog();
 }
 
 TEST(ClusterTest, ConcurrentClientsGetTheirOwnAnswers) {

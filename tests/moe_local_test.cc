@@ -29,6 +29,9 @@ TEST(MoeLocalTest, RunsALoadAndStopsCleanly) {
   EXPECT_THAT(out, HasSubstr("tokens/s"));
   EXPECT_THAT(out, HasSubstr("latency     p50"));
   EXPECT_THAT(out, HasSubstr("server imbalance"));
+  // Then three training steps, replicas bit-identical after them.
+  EXPECT_THAT(out, HasSubstr("step   3"));
+  EXPECT_THAT(out, HasSubstr("replicas    bit-identical"));
   EXPECT_THAT(out, HasSubstr("router: exit 0"));
   EXPECT_THAT(out, HasSubstr("expert-2: exit 0"));
 }
@@ -63,6 +66,20 @@ TEST(MoeLoadgenTest, MeasuresARunningClusterAgainstTheLocalLayer) {
   const std::string written((std::istreambuf_iterator<char>(file)), {});
   EXPECT_THAT(written, HasSubstr("\"remote_over_local\""));
   EXPECT_THAT(written, HasSubstr("\"failures\": 0"));
+
+  // The same over ForwardStreams.
+  const std::string streamed_json = dir + "/loadgen_streaming.json";
+  ChildProcess streamed(RunfilePath("clients/cpp/moe_loadgen"),
+                        {"--router=" + (*cluster)->router_address(),
+                         "--config=" + (*cluster)->config_path(), "--concurrency=2",
+                         "--batch=16", "--requests=40", "--streaming",
+                         "--json=" + streamed_json});
+  EXPECT_EQ(streamed.Stop(0, absl::Seconds(120)), 0) << streamed.output();
+  std::ifstream streamed_file(streamed_json);
+  const std::string streamed_written((std::istreambuf_iterator<char>(streamed_file)), {});
+  EXPECT_THAT(streamed_written, HasSubstr("\"streaming\": true"));
+  EXPECT_THAT(streamed_written, HasSubstr("\"requests\": 40"));
+  EXPECT_THAT(streamed_written, HasSubstr("\"failures\": 0"));
   for (const std::string& line : (*cluster)->Stop()) EXPECT_THAT(line, HasSubstr("exit 0"));
 }
 

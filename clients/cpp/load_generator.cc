@@ -33,6 +33,8 @@ absl::StatusOr<LoadReport> RunLoad(const std::string& router_address, const Load
   for (int c = 0; c < options.concurrency; ++c) {
     clients.emplace_back([&, c] {
       auto client = MoeClient::Connect(router_address);
+      std::unique_ptr<ForwardStreamClient> stream;
+      if (options.streaming) stream = client->OpenForwardStream();
       std::mt19937_64 rng(options.seed * 1000 + c);
       std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
       FloatTensor x({options.batch_tokens, options.d_model});
@@ -50,7 +52,8 @@ absl::StatusOr<LoadReport> RunLoad(const std::string& router_address, const Load
         }
         for (float& v : x.mutable_values()) v = dist(rng);
         const absl::Time sent = absl::Now();
-        absl::StatusOr<ForwardOutput> out = client->Forward(x, forward);
+        absl::StatusOr<ForwardOutput> out =
+            stream != nullptr ? stream->Forward(x, forward) : client->Forward(x, forward);
         const double seconds = absl::ToDoubleSeconds(absl::Now() - sent);
         if (!out.ok()) {
           ++failed;

@@ -1,7 +1,7 @@
 // Closed-loop load against a router, in the spirit of Triton's
 // perf_analyzer: `concurrency` clients each keep one Forward of
-// `batch_tokens` random tokens in flight for `duration` (or until
-// `requests` are done). Collects latencies, token throughput and the
+// `batch_tokens` random tokens in flight (unary, or on one ForwardStream
+// each) for `duration` (or until `requests` are done). Collects latencies, token throughput and the
 // routing the router reports. Thread-compatible.
 #ifndef MOE_CLIENTS_CPP_LOAD_GENERATOR_H_
 #define MOE_CLIENTS_CPP_LOAD_GENERATOR_H_
@@ -24,6 +24,9 @@ struct LoadOptions {
   // > 0: stop after this many requests in all instead.
   int64_t requests = 0;
   DType wire_dtype = DType::kFloat32;
+  // Each client sends over one long-lived ForwardStream instead of unary
+  // Forward calls.
+  bool streaming = false;
   uint64_t seed = 1;
 };
 

@@ -57,16 +57,17 @@ absl::Status MoeClient::WaitUntilHealthy(absl::Duration timeout) {
   }
 }
 
-absl::StatusOr<ForwardOutput> MoeClient::Forward(const FloatTensor& x,
-                                                 const ForwardOptions& options) {
+namespace {
+
+v1::ForwardRequest ForwardRequestOf(const FloatTensor& x, const ForwardOptions& options) {
   v1::ForwardRequest request;
   EncodeFloats(x.values(), x.shape(), options.wire_dtype, request.mutable_x());
   request.set_training(options.training);
   request.set_return_routing(options.return_routing);
-  grpc::ClientContext context;
-  context.set_deadline(After(options.timeout));
-  v1::ForwardResponse response;
-  MOE_RETURN_IF_ERROR(FromGrpcStatus(stub_->Forward(&context, request, &response)));
+  return request;
+}
+
+absl::StatusOr<ForwardOutput> ForwardOutputOf(const v1::ForwardResponse& response) {
   ForwardOutput out;
   MOE_ASSIGN_OR_RETURN(out.y, DecodeBatch(response.y(), "y"));
   out.request_id = response.request_id();
@@ -77,6 +78,47 @@ absl::StatusOr<ForwardOutput> MoeClient::Forward(const FloatTensor& x,
   out.weights.assign(response.routing().weights().begin(), response.routing().weights().end());
   out.dropped.assign(response.routing().dropped().begin(), response.routing().dropped().end());
   return out;
+}
+
+}  // namespace
+
+absl::StatusOr<ForwardOutput> MoeClient::Forward(const FloatTensor& x,
+                                                 const ForwardOptions& options) {
+  const v1::ForwardRequest request = ForwardRequestOf(x, options);
+  grpc::ClientContext context;
+  context.set_deadline(After(options.timeout));
+  v1::ForwardResponse response;
+  MOE_RETURN_IF_ERROR(FromGrpcStatus(stub_->Forward(&context, request, &response)));
+  return ForwardOutputOf(response);
+}
+
+std::unique_ptr<ForwardStreamClient> MoeClient::OpenForwardStream() {
+  return std::unique_ptr<ForwardStreamClient>(new ForwardStreamClient(*stub_));
+}
+
+ForwardStreamClient::ForwardStreamClient(v1::Router::Stub& stub)
+    : stream_(stub.ForwardStream(&context_)) {}
+
+ForwardStreamClient::~ForwardStreamClient() {
+  stream_->WritesDone();
+  (void)stream_->Finish();
+}
+
+absl::StatusOr<ForwardOutput> ForwardStreamClient::Forward(const FloatTensor& x,
+                                                           const ForwardOptions& options) {
+  v1::ForwardRequest request = ForwardRequestOf(x, options);
+  const uint64_t id = next_client_id_++;
+  request.set_client_id(id);
+  v1::ForwardResponse response;
+  if (!stream_->Write(request) || !stream_->Read(&response)) {
+    return absl::UnavailableError("ForwardStream ended");
+  }
+  if (response.client_id() != id) {
+    return absl::InternalError(absl::StrCat("ForwardStream answered request ",
+                                            response.client_id(), ", expected ", id));
+  }
+  if (response.has_error()) return FromProtoStatus(response.error());
+  return ForwardOutputOf(response);
 }
 
 absl::StatusOr<FloatTensor> MoeClient::Backward(uint64_t request_id,

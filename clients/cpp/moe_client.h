@@ -47,6 +47,23 @@ struct StepOutput {
   absl::Duration allreduce_time;
 };
 
+// Forwards over one long-lived Router.ForwardStream, one at a time: the
+// stream (and its HTTP/2 stream) stays open between requests. Not
+// thread-safe; one per client thread.
+class ForwardStreamClient {
+ public:
+  ~ForwardStreamClient();
+  absl::StatusOr<ForwardOutput> Forward(const FloatTensor& x, const ForwardOptions& options = {});
+
+ private:
+  friend class MoeClient;
+  explicit ForwardStreamClient(v1::Router::Stub& stub);
+
+  grpc::ClientContext context_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::ForwardRequest, v1::ForwardResponse>> stream_;
+  uint64_t next_client_id_ = 1;
+};
+
 class MoeClient {
  public:
   // `address` is host:port of the router.
@@ -61,6 +78,9 @@ class MoeClient {
                                         const ForwardOptions& options = {});
   absl::StatusOr<FloatTensor> Backward(uint64_t request_id, const FloatTensor& grad_output,
                                        absl::Duration timeout = absl::Seconds(60));
+  // Opens a ForwardStream (options.timeout of each Forward does not apply:
+  // the stream has no deadline).
+  std::unique_ptr<ForwardStreamClient> OpenForwardStream();
   // One training step (learning_rate 0: the config's).
   absl::StatusOr<StepOutput> Step(float learning_rate,
                                   absl::Duration timeout = absl::Seconds(60));

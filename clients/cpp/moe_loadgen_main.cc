@@ -1,6 +1,7 @@
 // moe_loadgen: load against a running router, in the spirit of Triton's
 // perf_analyzer. For each concurrency x batch size, closed-loop clients send
-// Forward requests for a duration and the tool prints throughput and
+// Forward requests (unary, or with --streaming over one ForwardStream each)
+// for a duration and the tool prints throughput and
 // latency percentiles; --compare_local runs the same layer in this process
 // (same gate, same oneDNN kernels, no network) on the same shapes in the
 // same run and prints remote/local.
@@ -32,6 +33,8 @@ ABSL_FLAG(std::string, batch, "1,64,512", "Comma-separated tokens per request.")
 ABSL_FLAG(absl::Duration, duration, absl::Seconds(5), "Time per measurement.");
 ABSL_FLAG(int64_t, requests, 0, "With > 0: requests per measurement instead of --duration.");
 ABSL_FLAG(std::string, dtype, "fp32", "Wire dtype, and the local layer's kernels: fp32 or bf16.");
+ABSL_FLAG(bool, streaming, false,
+          "Each client sends over one long-lived ForwardStream instead of unary Forward calls.");
 ABSL_FLAG(bool, compare_local, false, "Also run the in-process layer and print remote/local.");
 ABSL_FLAG(int, local_threads, 0, "oneDNN threads of the local layer; 0: all cores.");
 ABSL_FLAG(std::string, json, "", "Also write the results to this JSON file.");
@@ -143,6 +146,7 @@ int Run() {
       load.duration = absl::GetFlag(FLAGS_duration);
       load.requests = absl::GetFlag(FLAGS_requests);
       load.wire_dtype = dtype;
+      load.streaming = absl::GetFlag(FLAGS_streaming);
       absl::StatusOr<LoadReport> report = RunLoad(absl::GetFlag(FLAGS_router), load, model.num_experts);
       if (!report.ok()) {
         MOE_LOG(ERROR, report.status().message());
@@ -159,6 +163,7 @@ int Run() {
       nlohmann::json row = {{"concurrency", clients},
                             {"batch", batch},
                             {"dtype", dtype_name},
+                            {"streaming", load.streaming},
                             {"requests", report->requests},
                             {"failures", report->failures},
                             {"tokens_per_second", report->tokens_per_second()},
