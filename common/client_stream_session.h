@@ -90,6 +90,17 @@ class ClientStreamSession {
     stream->Send(request, std::move(done));
   }
 
+  // Writes `request` with no answer expected (a cancel); dropped when the
+  // stream is down.
+  void SendOneWay(std::unique_ptr<Request> request) {
+    std::shared_ptr<Stream> stream;
+    {
+      absl::MutexLock lock(&mu_);
+      stream = live_;
+    }
+    if (stream != nullptr) stream->SendOneWay(std::move(request));
+  }
+
   // Up, or due for another attempt.
   bool healthy() const {
     absl::MutexLock lock(&mu_);
@@ -107,6 +118,11 @@ class ClientStreamSession {
  private:
   class Stream : public grpc::ClientBidiReactor<Request, Response> {
    public:
+    struct Outgoing {
+      const Request* request;
+      std::unique_ptr<Request> owned;  // one-way messages only
+    };
+
     explicit Stream(ClientStreamSession* session) : session_(session) {}
 
     void Begin(std::shared_ptr<Stream> self) {
@@ -125,17 +141,29 @@ class ClientStreamSession {
         // new operation may start on it.
         if (!dead_ && !hold_released_) {
           pending_.emplace(request.sequence_id(), std::move(done));
-          queue_.push_back(&request);
-          if (!writing_) {
-            writing_ = true;
-            // Under mu_, so ReleaseHold() cannot slip in between the check
-            // and the start (gRPC never runs a reaction inline here).
-            this->StartWrite(&request);
-          }
+          EnqueueLocked({&request, nullptr});
           return;
         }
       }
       std::move(done)(absl::UnavailableError(absl::StrCat(session_->name_, ": stream closed")));
+    }
+
+    void SendOneWay(std::unique_ptr<Request> request) {
+      absl::MutexLock lock(&mu_);
+      if (dead_ || hold_released_) return;
+      const Request* raw = request.get();
+      EnqueueLocked({raw, std::move(request)});
+    }
+
+    void EnqueueLocked(Outgoing outgoing) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      const Request* request = outgoing.request;
+      queue_.push_back(std::move(outgoing));
+      if (!writing_) {
+        writing_ = true;
+        // Under mu_, so ReleaseHold() cannot slip in between the check and
+        // the start (gRPC never runs a reaction inline here).
+        this->StartWrite(request);
+      }
     }
 
     // Ends the stream (at shutdown).
@@ -150,7 +178,7 @@ class ClientStreamSession {
         absl::MutexLock lock(&mu_);
         queue_.pop_front();
         if (ok && !queue_.empty()) {
-          next = queue_.front();
+          next = queue_.front().request;
         } else {
           writing_ = false;
           if (!ok) queue_.clear();  // the stream is failing; OnDone fails them
@@ -222,7 +250,8 @@ class ClientStreamSession {
     std::shared_ptr<Stream> self_;  // alive until OnDone
     absl::Mutex mu_;
     absl::flat_hash_map<uint64_t, Done> pending_ ABSL_GUARDED_BY(mu_);
-    std::deque<const Request*> queue_ ABSL_GUARDED_BY(mu_);
+    // Writes in order; one-way messages are owned here until written.
+    std::deque<Outgoing> queue_ ABSL_GUARDED_BY(mu_);
     bool writing_ ABSL_GUARDED_BY(mu_) = false;
     bool dead_ ABSL_GUARDED_BY(mu_) = false;
     bool hold_released_ ABSL_GUARDED_BY(mu_) = false;

@@ -5,7 +5,8 @@
 // stream's write queue, one write in flight at a time. A bad request fails
 // itself in its answer, never the stream. On Drain() the stream stops
 // reading, answers everything it has accepted, then finishes UNAVAILABLE so
-// the client knows to go elsewhere: no accepted request is lost.
+// the client knows to go elsewhere: no accepted request is lost. A request
+// may be cancelled by a later message on the stream until it starts.
 // Thread-safe; deletes itself in OnDone.
 #ifndef MOE_COMMON_STREAM_REACTOR_H_
 #define MOE_COMMON_STREAM_REACTOR_H_
@@ -14,10 +15,12 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <optional>
 
 #include <grpcpp/grpcpp.h>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -72,14 +75,23 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   // sets its error: used when the pool refuses the request.
   using Refuse = std::function<void(const Request&, const absl::Status&, Response*)>;
 
+  // Optional: a request's tag, and which tag a message cancels (nullopt:
+  // not a cancel). A cancelled request that has not started is refused with
+  // CANCELLED instead of handled; a cancel message is not answered.
+  using TagOf = std::function<uint64_t(const Request&)>;
+  using CancelTarget = std::function<std::optional<uint64_t>(const Request&)>;
+
   StreamReactor(StreamRegistry& registry, ComputePool& pool, Handler handler,
-                OnReceive on_receive, OnSend on_send, Refuse refuse)
+                OnReceive on_receive, OnSend on_send, Refuse refuse, TagOf tag_of = nullptr,
+                CancelTarget cancel_target = nullptr)
       : registry_(registry),
         pool_(pool),
         handler_(std::move(handler)),
         on_receive_(std::move(on_receive)),
         on_send_(std::move(on_send)),
-        refuse_(std::move(refuse)) {
+        refuse_(std::move(refuse)),
+        tag_of_(std::move(tag_of)),
+        cancel_target_(std::move(cancel_target)) {
     if (!registry_.Register(this)) {
       absl::MutexLock lock(&mu_);
       draining_ = true;
@@ -113,6 +125,18 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
       if (finish) FinishStream();
       return;
     }
+    if (cancel_target_ && tag_of_) {
+      if (const std::optional<uint64_t> target = cancel_target_(request_)) {
+        {
+          absl::MutexLock lock(&mu_);
+          if (finished_) return;
+          if (queued_.contains(*target)) cancelled_.insert(*target);
+        }
+        request_.Clear();
+        ReadNext();
+        return;
+      }
+    }
     {
       absl::MutexLock lock(&mu_);
       // A read that completes after a drain finished the stream was never
@@ -123,28 +147,32 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
     auto request = std::make_unique<Request>(std::move(request_));
     request_.Clear();
     on_receive_(*request);
+    const uint64_t tag = tag_of_ ? tag_of_(*request) : 0;
+    if (tag_of_) {
+      absl::MutexLock lock(&mu_);
+      queued_.insert(tag);
+    }
     // Prepared now: if the pool refuses, the request goes with the closure.
     auto refusal = std::make_unique<Response>();
     refuse_(*request,
             absl::ResourceExhaustedError("compute queue is full; retry, or go elsewhere"),
             refusal.get());
-    const bool accepted = pool_.Submit([this, request = std::move(request)]() mutable {
+    const bool accepted = pool_.Submit([this, tag, request = std::move(request)]() mutable {
+      if (TakeQueued(tag)) {
+        auto cancelled = std::make_unique<Response>();
+        refuse_(*request, absl::CancelledError("cancelled by the client before it ran"),
+                cancelled.get());
+        Answer(std::move(cancelled));
+        return;
+      }
       handler_(std::move(request), std::make_unique<Response>(),
                [this](std::unique_ptr<Response> response) { Answer(std::move(response)); });
     });
-    if (!accepted) Answer(std::move(refusal));
-    bool finish = false;
-    {
-      // StartRead under mu_: a concurrent Drain() must see either no read
-      // posted or the read posted, never finish in between.
-      absl::MutexLock lock(&mu_);
-      if (draining_) {
-        finish = ShouldFinishLocked();
-      } else {
-        this->StartRead(&request_);
-      }
+    if (!accepted) {
+      TakeQueued(tag);
+      Answer(std::move(refusal));
     }
-    if (finish) FinishStream();
+    ReadNext();
   }
 
   void OnWriteDone(bool ok) override {
@@ -171,6 +199,31 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   }
 
  private:
+  // Posts the next read, or finishes a draining stream.
+  void ReadNext() {
+    bool finish = false;
+    {
+      // StartRead under mu_: a concurrent Drain() must see either no read
+      // posted or the read posted, never finish in between.
+      absl::MutexLock lock(&mu_);
+      if (draining_) {
+        finish = ShouldFinishLocked();
+      } else {
+        this->StartRead(&request_);
+      }
+    }
+    if (finish) FinishStream();
+  }
+
+  // The request `tag` leaves the queue (it starts, or was refused); true if
+  // it was cancelled meanwhile.
+  bool TakeQueued(uint64_t tag) {
+    if (!tag_of_) return false;
+    absl::MutexLock lock(&mu_);
+    queued_.erase(tag);
+    return cancelled_.erase(tag) > 0;
+  }
+
   // Queues an answer; starts writing if no write is in flight.
   void Answer(std::unique_ptr<Response> response) {
     on_send_(*response);
@@ -215,6 +268,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   const OnReceive on_receive_;
   const OnSend on_send_;
   const Refuse refuse_;
+  const TagOf tag_of_;
+  const CancelTarget cancel_target_;
   bool registered_ = true;
   Request request_;  // the read in flight
 
@@ -225,6 +280,9 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  // Tags accepted and not yet started, and those of them cancelled.
+  absl::flat_hash_set<uint64_t> queued_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_set<uint64_t> cancelled_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace moe

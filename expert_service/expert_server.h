@@ -84,6 +84,7 @@ class ExpertServer {
   std::shared_ptr<grpc::Channel> InProcessChannel();
   ExpertStore& store() { return *store_; }
   ExpertServiceImpl& service() { return *service_; }
+  const ExpertMetrics& metrics() const { return *metrics_; }
   const OnednnRuntime& runtime() const { return *runtime_; }
 
   // Graceful stop: health NOT_SERVING, no new streams, open streams answer

@@ -3,6 +3,7 @@
 #include "expert_service/expert_server.h"
 
 #include <atomic>
+#include <map>
 #include <cmath>
 #include <thread>
 
@@ -254,6 +255,55 @@ TEST(ExpertServerTest, AnswersComeOutOfOrderMatchedBySequenceId) {
   EXPECT_TRUE(TensorNear(Output(b), ReferenceOutput(0, first), 1e-5));
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST(ExpertServerTest, ACancelledRequestThatHasNotStartedIsNeverRun) {
+  // One compute thread, held at expert 0's gate by request 10: request 11
+  // waits in the queue, is cancelled there, and is answered CANCELLED
+  // without running; the cancel of the running request 10 changes nothing.
+  Gate gate;
+  ServerSetup setup;
+  setup.gate = &gate;
+  setup.compute_threads = 1;
+  auto server = StartServer(setup);
+  auto stub = v1::ExpertServer::NewStub(server->InProcessChannel());
+  const FloatTensor x = RandomTensor({5, 32}, 3);
+  grpc::ClientContext context;
+  auto stream = stub->Dispatch(&context);
+  v1::DispatchRequest cancel_10, cancel_11;
+  cancel_10.set_sequence_id(10);
+  cancel_10.set_cancel(true);
+  cancel_11.set_sequence_id(11);
+  cancel_11.set_cancel(true);
+  ASSERT_TRUE(stream->Write(Request(10, 0, x)));
+  gate.AwaitEntered(1);
+  ASSERT_TRUE(stream->Write(Request(11, 0, x)));
+  ASSERT_TRUE(stream->Write(cancel_11));
+  ASSERT_TRUE(stream->Write(cancel_10));
+  ASSERT_TRUE(stream->Write(Request(12, 1, x)));
+  // Request 12 in flight means the server has read the cancels before it.
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (server->metrics().inflight->Value() < 3 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  ASSERT_EQ(server->metrics().inflight->Value(), 3);
+  gate.Open();
+  std::map<uint64_t, v1::DispatchResponse> answers;
+  v1::DispatchResponse response;
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(stream->Read(&response));
+    answers[response.sequence_id()] = response;
+  }
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+  ASSERT_EQ(answers.size(), 3u);
+  EXPECT_FALSE(answers[10].has_error());
+  EXPECT_TRUE(TensorNear(Output(answers[10]), ReferenceOutput(0, x), 1e-5));
+  ASSERT_TRUE(answers[11].has_error());
+  EXPECT_EQ(answers[11].error().code(), static_cast<int>(absl::StatusCode::kCancelled));
+  EXPECT_FALSE(answers[12].has_error());
+  // Expert 0's kernel ran once: request 10 only.
+  EXPECT_EQ(gate.rows(), std::vector<int64_t>({5}));
 }
 
 TEST(ExpertServerTest, MicroBatchingMergesConcurrentRequestsForAnExpert) {

@@ -1,6 +1,7 @@
 #include "expert_service/expert_service.h"
 
 #include <memory>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
@@ -157,6 +158,11 @@ ExpertServiceImpl::Dispatch(grpc::CallbackServerContext* context) {
          v1::DispatchResponse* response) {
         response->set_sequence_id(request.sequence_id());
         ToProtoStatus(status, response->mutable_error());
+      },
+      [](const v1::DispatchRequest& request) { return request.sequence_id(); },
+      [](const v1::DispatchRequest& request) -> std::optional<uint64_t> {
+        if (!request.cancel()) return std::nullopt;
+        return request.sequence_id();
       });
 }
 

@@ -36,6 +36,11 @@ class ExpertClient {
   virtual void Backward(int server, const v1::BackwardDispatchRequest& request,
                         BackwardDone done) = 0;
 
+  // Tells `server` that the Forward with `sequence_id` is no longer wanted:
+  // if it has not started there, it is answered CANCELLED without running.
+  // Best effort: the Forward's `done` still runs, with whatever comes back.
+  virtual void CancelForward(int server, uint64_t sequence_id) = 0;
+
   // The unary calls of the training step, and Info. `done` runs exactly
   // once, on an unspecified thread; `deadline` bounds the call.
   template <typename Response>

@@ -75,6 +75,13 @@ void GrpcExpertClient::Backward(int server, const v1::BackwardDispatchRequest& r
   connections_.at(server)->backward().Send(request, std::move(done));
 }
 
+void GrpcExpertClient::CancelForward(int server, uint64_t sequence_id) {
+  auto cancel = std::make_unique<v1::DispatchRequest>();
+  cancel->set_sequence_id(sequence_id);
+  cancel->set_cancel(true);
+  connections_.at(server)->dispatch().SendOneWay(std::move(cancel));
+}
+
 namespace {
 
 template <typename Request, typename Response>

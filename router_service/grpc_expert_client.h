@@ -37,6 +37,7 @@ class GrpcExpertClient : public ExpertClient {
   void Forward(int server, const v1::DispatchRequest& request, ForwardDone done) override;
   void Backward(int server, const v1::BackwardDispatchRequest& request,
                 BackwardDone done) override;
+  void CancelForward(int server, uint64_t sequence_id) override;
   void PrepareStep(int server, const v1::PrepareStepRequest& request, absl::Time deadline,
                    UnaryDone<v1::PrepareStepResponse> done) override;
   void CommitStep(int server, const v1::CommitStepRequest& request, absl::Time deadline,

@@ -43,6 +43,28 @@ uint64_t EndAtDeadline(DeadlineTimer* timer, absl::Time deadline, std::shared_pt
 
 }  // namespace
 
+void Cancellation::Cancel() {
+  absl::AnyInvocable<void() &&> hook;
+  {
+    absl::MutexLock lock(&mu_);
+    if (cancelled_) return;
+    cancelled_ = true;
+    hook = std::move(hook_);
+  }
+  if (hook) std::move(hook)();
+}
+
+void Cancellation::OnCancel(absl::AnyInvocable<void() &&> hook) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (!cancelled_) {
+      hook_ = std::move(hook);
+      return;
+    }
+  }
+  std::move(hook)();
+}
+
 // What Backward needs from a training forward.
 struct Router::TrainingRecord {
   Routing routing;
@@ -122,7 +144,7 @@ void Router::Run(absl::AnyInvocable<void() &&> work) {
 }
 
 void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
-                     ForwardDone done) {
+                     ForwardDone done, std::shared_ptr<Cancellation> cancellation) {
   const ModelConfig& model = options_.model;
   absl::StatusOr<ConstTensorView> view =
       DecodeTensor(x, TokenBatchSpec("x", model.d_model, model.max_batch_tokens));
@@ -160,6 +182,24 @@ void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
   call->remaining = n;
   call->timer_id = EndAtDeadline(options_.timer, deadline, call, n, "expert calls unanswered");
   for (size_t g = 0; g < n; ++g) Send(call, g);
+  if (cancellation != nullptr) {
+    // Weak: a finished call is not kept alive by its client's token.
+    cancellation->OnCancel([this, weak = std::weak_ptr<ForwardCall>(call)] {
+      if (std::shared_ptr<ForwardCall> live = weak.lock()) CancelForward(std::move(live));
+    });
+  }
+}
+
+void Router::CancelForward(std::shared_ptr<ForwardCall> call) {
+  if (call->finished.exchange(true)) return;
+  if (call->timer_id != 0) options_.timer->Cancel(call->timer_id);
+  std::vector<std::pair<int, uint64_t>> sent;
+  {
+    absl::MutexLock lock(&call->mu);  // a failover may be moving a group
+    for (const ExpertGroup& g : call->groups) sent.emplace_back(g.server, g.request.sequence_id());
+  }
+  for (const auto& [server, sequence_id] : sent) client_.CancelForward(server, sequence_id);
+  std::move(call->done)(absl::CancelledError("the client cancelled the request"));
 }
 
 void Router::Send(std::shared_ptr<ForwardCall> call, size_t group) {
@@ -187,7 +227,10 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
               status.message(), "); re-sending ", rows, " tokens to server ", next);
       failovers_.fetch_add(1);
       if (options_.on_failover) options_.on_failover();
-      g.server = next;
+      {
+        absl::MutexLock lock(&call->mu);
+        g.server = next;
+      }
       Send(std::move(call), group);
       return;
     }

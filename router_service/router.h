@@ -32,6 +32,24 @@
 
 namespace moe::router {
 
+// Lets the caller of Router::Forward give up on it (its client cancelled).
+// Shared by the caller and the router. Thread-safe.
+class Cancellation {
+ public:
+  // Idempotent. A call not yet answered ends with CANCELLED, and the expert
+  // servers drop its work that has not started.
+  void Cancel() ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  friend class Router;
+  // Runs `hook` at once if already cancelled, else on Cancel().
+  void OnCancel(absl::AnyInvocable<void() &&> hook) ABSL_LOCKS_EXCLUDED(mu_);
+
+  absl::Mutex mu_;
+  bool cancelled_ ABSL_GUARDED_BY(mu_) = false;
+  absl::AnyInvocable<void() &&> hook_ ABSL_GUARDED_BY(mu_);
+};
+
 class Router {
  public:
   struct Options {
@@ -74,7 +92,9 @@ class Router {
   ~Router();
 
   // y = MoE(x). `x` must stay valid until `done` runs; `done` runs once.
-  void Forward(const v1::Tensor& x, bool training, absl::Time deadline, ForwardDone done);
+  // `cancellation`, if given, can end the call early.
+  void Forward(const v1::Tensor& x, bool training, absl::Time deadline, ForwardDone done,
+               std::shared_ptr<Cancellation> cancellation = nullptr);
   // dL/dx for the training forward `request_id`, from dL/dy.
   void Backward(uint64_t request_id, const v1::Tensor& grad_output, absl::Time deadline,
                 BackwardDone done);
@@ -111,6 +131,9 @@ class Router {
   void OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
                       absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply);
   void FinishForward(std::shared_ptr<ForwardCall> call);
+  // Ends `call` with CANCELLED (unless it has ended) and cancels its expert
+  // calls.
+  void CancelForward(std::shared_ptr<ForwardCall> call);
   void FinishBackward(std::shared_ptr<BackwardCall> call);
   // Runs `work` on the pool if there is one, else inline.
   void Run(absl::AnyInvocable<void() &&> work);

@@ -52,10 +52,26 @@ void RouterServiceImpl::FillForward(const v1::ForwardRequest& request,
   if (cluster_.stream_opens) metrics_.stream_opens->Set(static_cast<double>(cluster_.stream_opens()));
 }
 
+namespace {
+
+// A unary reactor that passes the client's cancellation on to the router.
+class CancellableReactor final : public grpc::ServerUnaryReactor {
+ public:
+  CancellableReactor() : cancellation_(std::make_shared<Cancellation>()) {}
+  const std::shared_ptr<Cancellation>& cancellation() const { return cancellation_; }
+  void OnCancel() override { cancellation_->Cancel(); }
+  void OnDone() override { delete this; }
+
+ private:
+  const std::shared_ptr<Cancellation> cancellation_;
+};
+
+}  // namespace
+
 grpc::ServerUnaryReactor* RouterServiceImpl::Forward(grpc::CallbackServerContext* context,
                                                      const v1::ForwardRequest* request,
                                                      v1::ForwardResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto* reactor = new CancellableReactor();
   const absl::Time start = absl::Now();
   const absl::Time deadline = DeadlineOf(*context);
   auto finish = [this, reactor, request, response,
@@ -64,11 +80,12 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Forward(grpc::CallbackServerContext
     reactor->Finish(ToGrpcStatus(result.status()));
   };
   auto shared = std::make_shared<decltype(finish)>(std::move(finish));
-  if (!pool_.Submit([this, request, deadline, shared] {
-        router_.Forward(request->x(), request->training(), deadline,
-                        [shared](absl::StatusOr<Router::ForwardResult> r) {
-                          (*shared)(std::move(r));
-                        });
+  if (!pool_.Submit([this, request, deadline, shared,
+                     cancellation = reactor->cancellation()] {
+        router_.Forward(
+            request->x(), request->training(), deadline,
+            [shared](absl::StatusOr<Router::ForwardResult> r) { (*shared)(std::move(r)); },
+            cancellation);
       })) {
     (*shared)(absl::ResourceExhaustedError("router is overloaded: compute queue full"));
   }

@@ -275,6 +275,48 @@ TEST(RouterTest, DeadlineEndsACallThatWaitsOnAStalledServer) {
   EXPECT_EQ(calls, 1);
 }
 
+TEST(RouterTest, ACancelledCallEndsAtOnceAndKeepsNothing) {
+  const ModelConfig model = Model(2, false);
+  const MoeWeights weights = InitAllWeights(model);
+  const Placement placement = ModelParallelPlacement(8, 2);
+  InProcessExpertClient client(model, placement, weights, OnednnKernels());
+  Router router({model, *weights.gate}, placement, client);
+  client.Stall(0);
+  client.Stall(1);
+  auto cancellation = std::make_shared<Cancellation>();
+  absl::Notification done;
+  absl::Status status;
+  int calls = 0;
+  const v1::Tensor x = Wire(RandomTensor({16, 32}, 3));
+  router.Forward(x, /*training=*/true, absl::InfiniteFuture(),
+                 [&](absl::StatusOr<Router::ForwardResult> r) {
+                   status = r.status();
+                   ++calls;
+                   done.Notify();
+                 },
+                 cancellation);
+  cancellation->Cancel();
+  done.WaitForNotification();
+  EXPECT_EQ(status.code(), absl::StatusCode::kCancelled);
+  // Each expert call it had sent was cancelled at its server.
+  EXPECT_GT(client.cancels(), 0);
+  // The late answers are dropped: no second `done`, no training state kept.
+  client.Unstall(0);
+  client.Unstall(1);
+  absl::Notification served;
+  router.Forward(Wire(RandomTensor({4, 32}, 4)), false, absl::InfiniteFuture(),
+                 [&](absl::StatusOr<Router::ForwardResult> r) {
+                   EXPECT_TRUE(r.ok()) << r.status();
+                   served.Notify();
+                 });
+  served.WaitForNotification();
+  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(router.pending_training(), 0u);
+  // Cancelling after the end changes nothing.
+  cancellation->Cancel();
+  EXPECT_EQ(calls, 1);
+}
+
 TEST(RouterTest, ReportsItsPhases) {
   const ModelConfig model = Model(2, false);
   const MoeWeights weights = InitAllWeights(model);

@@ -34,6 +34,9 @@ class InProcessExpertClient : public ExpertClient {
   void Forward(int server, const v1::DispatchRequest& request, ForwardDone done) override;
   void Backward(int server, const v1::BackwardDispatchRequest& request,
                 BackwardDone done) override;
+  // Counted (cancels()), not acted on: in-process calls run to the end.
+  void CancelForward(int server, uint64_t sequence_id) override;
+  int cancels() const { return cancels_.load(); }
   // In-process servers have no ring: the step calls answer
   // FAILED_PRECONDITION (the step runs in the multi-process tests).
   void PrepareStep(int server, const v1::PrepareStepRequest& request, absl::Time deadline,
@@ -71,6 +74,7 @@ class InProcessExpertClient : public ExpertClient {
     std::atomic<int> calls{0};
   };
 
+  std::atomic<int> cancels_{0};
   prometheus::Registry registry_;
   std::unique_ptr<expert::ExpertMetrics> metrics_;
   std::unique_ptr<ComputePool> pool_;
