@@ -89,13 +89,17 @@ int Run() {
   const uint64_t seed = absl::GetFlag(FLAGS_seed);
   uint64_t step = 0;
   int failures = 0;
-  auto run_one = [&](absl::Span<float> buffer) {
-    auto collective = RingAllReduce::Create(
-        {++step, kGroup, rank, n, name(predecessor), name(successor), buffer}, options, &link);
+  // Sums `buffer` in place (it travels with the collective and comes back).
+  auto run_one = [&](std::vector<float>& buffer) {
+    auto collective =
+        RingAllReduce::Create({++step, kGroup, rank, n, name(predecessor), name(successor),
+                               std::move(buffer)},
+                              options, &link);
     registry.Register(collective);
     collective->Start();
     absl::Status status = collective->Wait(absl::Now() + absl::GetFlag(FLAGS_deadline));
     registry.Unregister(*collective);
+    if (status.ok()) buffer = collective->TakeBuffer();
     return std::make_pair(status, collective->bytes_sent());
   };
   // Waits until the successor listens (the first collective would fail
@@ -126,7 +130,7 @@ int Run() {
         FillAllReduceInput(seed, rank, absl::MakeSpan(input));
       }
       buffer = input;
-      if (absl::Status s = run_one(absl::MakeSpan(barrier)).first; !s.ok()) {
+      if (absl::Status s = run_one(barrier).first; !s.ok()) {
         std::printf("barrier step=%lu FAILED: %s\n", static_cast<unsigned long>(step),
                     s.ToString().c_str());
         std::fflush(stdout);
@@ -134,7 +138,7 @@ int Run() {
         break;
       }
       const absl::Time start = absl::Now();
-      auto [status, bytes_sent] = run_one(absl::MakeSpan(buffer));
+      auto [status, bytes_sent] = run_one(buffer);
       const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
       if (!status.ok()) {
         std::printf("allreduce step=%lu length=%ld FAILED: %s\n", static_cast<unsigned long>(step),
@@ -146,7 +150,7 @@ int Run() {
       const uint64_t timed_step = step;
       // And a barrier after: no rank digests or checks (heavy) while another
       // is still being timed.
-      if (absl::Status s = run_one(absl::MakeSpan(barrier)).first; !s.ok()) {
+      if (absl::Status s = run_one(barrier).first; !s.ok()) {
         std::printf("barrier step=%lu FAILED: %s\n", static_cast<unsigned long>(step),
                     s.ToString().c_str());
         std::fflush(stdout);

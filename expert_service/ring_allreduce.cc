@@ -82,59 +82,63 @@ void RingAllReduce::Pump() {
     pumping_ = true;
   }
   while (true) {
-    std::unique_ptr<v1::RingChunk> chunk;
+    std::unique_ptr<RingSegment> segment;
     bool abort = false;
     {
       absl::MutexLock lock(&mu_);
       if (spare_.empty()) {
-        chunk = std::make_unique<v1::RingChunk>();
+        segment = std::make_unique<RingSegment>();
       } else {
-        chunk = std::move(spare_.back());
+        segment = std::move(spare_.back());
         spare_.pop_back();
       }
-      chunk->mutable_id()->set_step(spec_.step);
-      chunk->mutable_id()->set_group_id(spec_.group_id);
-      chunk->set_sender_rank(spec_.rank);
-      chunk->set_buffer_elements(static_cast<int64_t>(spec_.buffer.size()));
+      v1::RingChunk& header = segment->header;
+      header.mutable_id()->set_step(spec_.step);
+      header.mutable_id()->set_group_id(spec_.group_id);
+      header.set_sender_rank(spec_.rank);
+      header.set_buffer_elements(static_cast<int64_t>(spec_.buffer.size()));
+      segment->data = nullptr;
+      segment->length = 0;
       if (abort_pending_) {
         abort_pending_ = false;
         abort = true;
-        chunk->clear_data();
-        ToProtoStatus(status_, chunk->mutable_abort());
+        ToProtoStatus(status_, header.mutable_abort());
       } else if (!status_.ok() || to_send_.empty() ||
                  in_flight_ >= options_.window_segments) {
-        spare_.push_back(std::move(chunk));
+        spare_.push_back(std::move(segment));
         pumping_ = false;
         return;
       } else {
-        const Segment segment = to_send_.front();
+        const Segment next = to_send_.front();
         to_send_.pop_front();
         ++in_flight_;
-        chunk->set_phase(segment.phase);
-        chunk->set_ring_step(segment.ring_step);
-        chunk->set_chunk_index(segment.chunk);
-        chunk->set_offset_elements(segment.offset);
-        // Built now, from the buffer as it is: a segment's region changes
-        // again only after this send has gone all the way round the ring.
-        chunk->set_data(reinterpret_cast<const char*>(spec_.buffer.data() + segment.offset),
-                        segment.length * sizeof(float));
-        bytes_sent_ += segment.length * static_cast<int64_t>(sizeof(float));
+        header.set_phase(next.phase);
+        header.set_ring_step(next.ring_step);
+        header.set_chunk_index(next.chunk);
+        header.set_offset_elements(next.offset);
+        // Sent from the buffer as it is, without a copy: a segment's region
+        // changes again only after this send has gone all the way round the
+        // ring (and was acknowledged here).
+        segment->data = spec_.buffer.data() + next.offset;
+        segment->length = next.length;
+        bytes_sent_ += next.length * static_cast<int64_t>(sizeof(float));
       }
     }
-    v1::RingChunk* raw = chunk.get();
+    RingSegment* raw = segment.get();
     if (abort) {
       // Best effort: the successor may be the one that is gone.
-      successor_->Send(raw, [self = shared_from_this(), chunk = std::move(chunk)](absl::Status) {});
+      successor_->Send(raw, [self = shared_from_this(), segment = std::move(segment)](
+                                absl::Status) {});
     } else {
-      successor_->Send(raw, [self = shared_from_this(), chunk = std::move(chunk)](
+      successor_->Send(raw, [self = shared_from_this(), segment = std::move(segment)](
                                 absl::Status status) mutable {
-        self->OnAck(std::move(chunk), std::move(status));
+        self->OnAck(std::move(segment), std::move(status));
       });
     }
   }
 }
 
-void RingAllReduce::OnAck(std::unique_ptr<v1::RingChunk> sent, absl::Status status) {
+void RingAllReduce::OnAck(std::unique_ptr<RingSegment> sent, absl::Status status) {
   {
     absl::MutexLock lock(&mu_);
     spare_.push_back(std::move(sent));
@@ -313,6 +317,12 @@ absl::Status RingAllReduce::WaitLocked(absl::Time deadline) {
         Name(), ": deadline exceeded waiting for ", absl::StrJoin(waits, " and "))));
   }
   return status_;
+}
+
+std::vector<float> RingAllReduce::TakeBuffer() {
+  absl::MutexLock lock(&mu_);
+  MOE_CHECK(status_.ok() && Finished());
+  return std::move(spec_.buffer);
 }
 
 int64_t RingAllReduce::bytes_sent() const {

@@ -28,6 +28,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "expert_service/ring_segment.h"
 #include "proto/collective.pb.h"
 
 namespace moe::expert {
@@ -38,9 +39,10 @@ class RingLink {
  public:
   using AckDone = absl::AnyInvocable<void(absl::Status) &&>;
   virtual ~RingLink() = default;
-  // Sends `chunk` (which stays valid until `done` runs). `done` runs once,
-  // with the receiver's verdict or the transport's failure.
-  virtual void Send(v1::RingChunk* chunk, AckDone done) = 0;
+  // Sends `segment` (which, and whose data, stay valid until `done` runs).
+  // `done` runs once, with the receiver's verdict or the transport's
+  // failure.
+  virtual void Send(RingSegment* segment, AckDone done) = 0;
 };
 
 struct RingOptions {
@@ -60,8 +62,9 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
     // For messages.
     std::string predecessor;
     std::string successor;
-    // Summed in place.
-    absl::Span<float> buffer;
+    // Summed in place; owned by the collective, so segments in flight can
+    // point into it until their acks come, even after a failure.
+    std::vector<float> buffer;
   };
 
   // `successor` must outlive the collective (unused when size is 1). Shared:
@@ -85,6 +88,9 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
   // waiting for). Returns the collective's status; after a failure, sends
   // still in flight are not waited for.
   absl::Status Wait(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // The sums. REQUIRES: Wait() returned OK.
+  std::vector<float> TakeBuffer() ABSL_LOCKS_EXCLUDED(mu_);
 
   uint64_t step() const { return spec_.step; }
   uint64_t group_id() const { return spec_.group_id; }
@@ -116,7 +122,7 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
   // Starts sends while the window has room (or passes a failure on);
   // chunks are built here, from the buffer as it is now.
   void Pump() ABSL_LOCKS_EXCLUDED(mu_);
-  void OnAck(std::unique_ptr<v1::RingChunk> sent, absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);
+  void OnAck(std::unique_ptr<RingSegment> sent, absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);
   // OnChunk's work; `pump` says whether something is now to be sent.
   absl::Status Receive(const v1::RingChunk& chunk, bool& pump) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status Validate(const v1::RingChunk& chunk) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -124,7 +130,10 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
   bool Finished() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status WaitLocked(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
 
-  const Spec spec_;
+  // spec_.buffer is written under mu_ (sums) and read by gRPC while a
+  // segment is in flight (never the same elements at the same time: a
+  // region changes again only after its segment went round the ring).
+  Spec spec_;
   const RingOptions options_;
   RingLink* const successor_;
 
@@ -143,7 +152,7 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
   bool pumping_ ABSL_GUARDED_BY(mu_) = false;
   // Sent messages back from their acks, reused: a segment's megabyte is not
   // allocated (and page-faulted in) again for every send.
-  std::vector<std::unique_ptr<v1::RingChunk>> spare_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<RingSegment>> spare_ ABSL_GUARDED_BY(mu_);
   // The failure still to pass on to the successor.
   bool abort_pending_ ABSL_GUARDED_BY(mu_) = false;
 };

@@ -119,11 +119,11 @@ absl::Status StepExecutor::AllReduce(uint64_t step, const std::map<int, ExpertWe
                                      std::map<int, ExpertWeights>& summed, absl::Time deadline,
                                      PrepareResult& result) {
   const absl::Time start = absl::Now();
-  std::vector<std::vector<float>> buffers(options_.rings.size());
   std::vector<std::shared_ptr<RingAllReduce>> collectives;
+  int64_t floats = 0;
   for (size_t g = 0; g < options_.rings.size(); ++g) {
     const StepRing& ring = options_.rings[g];
-    std::vector<float>& buffer = buffers[g];
+    std::vector<float> buffer;
     for (int expert : ring.experts) {
       auto it = local.find(expert);
       if (it == local.end()) {
@@ -136,14 +136,13 @@ absl::Status StepExecutor::AllReduce(uint64_t step, const std::map<int, ExpertWe
         buffer.insert(buffer.end(), values.begin(), values.end());
       }
     }
+    floats += static_cast<int64_t>(buffer.size());
     collectives.push_back(RingAllReduce::Create(
         {step, ring.group_id, ring.rank, ring.size, ring.predecessor, ring.successor,
-         absl::MakeSpan(buffer)},
+         std::move(buffer)},
         options_.ring, ring.link));
   }
   if (!collectives.empty()) {
-    int64_t floats = 0;
-    for (const auto& b : buffers) floats += static_cast<int64_t>(b.size());
     MOE_LOG(INFO, "server ", options_.server_name, ": step ", step, ": all-reducing ", floats,
             " gradient floats over ", collectives.size(), " ring(s)");
   }
@@ -167,7 +166,8 @@ absl::Status StepExecutor::AllReduce(uint64_t step, const std::map<int, ExpertWe
   if (!status.ok()) return status;
 
   for (size_t g = 0; g < options_.rings.size(); ++g) {
-    const float* next = buffers[g].data();
+    const std::vector<float> sums = collectives[g]->TakeBuffer();
+    const float* next = sums.data();
     for (int expert : options_.rings[g].experts) {
       ExpertWeights sum = local.at(expert);
       for (ExpertTensor which : kAllExpertTensors) {

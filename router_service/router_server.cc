@@ -101,9 +101,11 @@ void RouterServer::Shutdown() {
 RouterServer::~RouterServer() {
   Shutdown();
   step_pool_.reset();
+  // The client first: closing its streams fails what they still hold, and
+  // those callbacks run into the router and its pool, both still here.
+  client_.reset();
   pool_.reset();
   router_.reset();
-  client_.reset();
 }
 
 }  // namespace moe::router

@@ -243,7 +243,11 @@ TEST(RouterTest, DeadlineEndsACallThatWaitsOnAStalledServer) {
   const ModelConfig model = Model(2, false);
   const MoeWeights weights = InitAllWeights(model);
   const Placement placement = ModelParallelPlacement(8, 2);
-  InProcessExpertClient client(model, placement, weights, OnednnKernels());
+  // Destroyed first (below): the late answers it still runs call back into
+  // the router.
+  auto owned_client =
+      std::make_unique<InProcessExpertClient>(model, placement, weights, OnednnKernels());
+  InProcessExpertClient& client = *owned_client;
   DeadlineTimer timer;
   Router::Options options{model, *weights.gate};
   options.timer = &timer;
@@ -273,13 +277,18 @@ TEST(RouterTest, DeadlineEndsACallThatWaitsOnAStalledServer) {
                  });
   served.WaitForNotification();
   EXPECT_EQ(calls, 1);
+  owned_client.reset();
 }
 
 TEST(RouterTest, ACancelledCallEndsAtOnceAndKeepsNothing) {
   const ModelConfig model = Model(2, false);
   const MoeWeights weights = InitAllWeights(model);
   const Placement placement = ModelParallelPlacement(8, 2);
-  InProcessExpertClient client(model, placement, weights, OnednnKernels());
+  // Destroyed first (below): the late answers it still runs call back into
+  // the router.
+  auto owned_client =
+      std::make_unique<InProcessExpertClient>(model, placement, weights, OnednnKernels());
+  InProcessExpertClient& client = *owned_client;
   Router router({model, *weights.gate}, placement, client);
   client.Stall(0);
   client.Stall(1);
@@ -315,6 +324,7 @@ TEST(RouterTest, ACancelledCallEndsAtOnceAndKeepsNothing) {
   // Cancelling after the end changes nothing.
   cancellation->Cancel();
   EXPECT_EQ(calls, 1);
+  owned_client.reset();
 }
 
 TEST(RouterTest, ReportsItsPhases) {

@@ -207,7 +207,9 @@ TEST(TrainingFaultTest, AKilledPeerFailsTheStepNamingItAndTheNextStepWorks) {
   do {
     status = cluster.Step(0.1f, absl::Seconds(10), &response);
   } while (!status.ok() && absl::Now() < deadline);
-  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n--- e0\n"
+                           << cluster.ServerLog(0) << "\n--- e1\n" << cluster.ServerLog(1)
+                           << "\n--- e2\n" << cluster.ServerLog(2);
   const std::map<int, uint64_t> after = ReplicaDigests(cluster, {0, 1, 2});
   EXPECT_NE(after, before) << "the step changed nothing";
 }
@@ -232,7 +234,9 @@ TEST(TrainingFaultTest, AStoppedPeerFailsTheStepWithinItsDeadlineAndRejoins) {
   do {
     status = cluster.Step(0.1f, absl::Seconds(10), &response);
   } while (!status.ok() && absl::Now() < deadline);
-  ASSERT_TRUE(status.ok()) << status.error_message();
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n--- e0\n"
+                           << cluster.ServerLog(0) << "\n--- e1\n" << cluster.ServerLog(1)
+                           << "\n--- e2\n" << cluster.ServerLog(2);
   EXPECT_NE(ReplicaDigests(cluster, {0, 1, 2}), before);
 }
 

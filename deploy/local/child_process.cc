@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 
@@ -46,6 +47,7 @@ ChildProcess::ChildProcess(const std::string& path, const std::vector<std::strin
   posix_spawnattr_destroy(&attr);
   close(fds[1]);
   out_fd_ = fds[0];
+  drainer_ = std::thread([this] { DrainOutput(); });
 }
 
 ChildProcess::~ChildProcess() {
@@ -53,12 +55,34 @@ ChildProcess::~ChildProcess() {
     kill(pid_, SIGKILL);
     waitpid(pid_, nullptr, 0);
   }
-  if (out_fd_ >= 0) close(out_fd_);
+  // The child is gone, so its end of the pipe is closed: the drainer ends.
+  drainer_.join();
+  close(out_fd_);
+}
+
+void ChildProcess::DrainOutput() {
+  char buffer[4096];
+  while (true) {
+    const ssize_t n = read(out_fd_, buffer, sizeof(buffer));
+    if (n < 0 && errno == EINTR) continue;
+    absl::MutexLock lock(&mu_);
+    if (n <= 0) {
+      output_closed_ = true;
+      return;
+    }
+    output_.append(buffer, n);
+  }
+}
+
+std::string ChildProcess::output() const {
+  absl::MutexLock lock(&mu_);
+  return output_;
 }
 
 std::optional<std::string> ChildProcess::WaitForLine(const std::string& needle,
                                                      absl::Duration timeout) {
   const absl::Time deadline = absl::Now() + timeout;
+  absl::MutexLock lock(&mu_);
   while (true) {
     // Complete lines not yet scanned.
     size_t end;
@@ -67,33 +91,34 @@ std::optional<std::string> ChildProcess::WaitForLine(const std::string& needle,
       scanned_ = end + 1;
       if (line.find(needle) != std::string::npos) return line;
     }
-    const absl::Duration left = deadline - absl::Now();
-    if (left <= absl::ZeroDuration()) return std::nullopt;
-    pollfd p{out_fd_, POLLIN, 0};
-    if (poll(&p, 1, static_cast<int>(absl::ToInt64Milliseconds(left)) + 1) <= 0) continue;
-    char buffer[4096];
-    const ssize_t n = read(out_fd_, buffer, sizeof(buffer));
-    if (n <= 0) return std::nullopt;  // the child closed its output: exited
-    output_.append(buffer, n);
+    if (output_closed_) return std::nullopt;  // the child exited
+    const size_t seen = output_.size();
+    auto more = [this, seen]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+      return output_.size() > seen || output_closed_;
+    };
+    if (!mu_.AwaitWithDeadline(absl::Condition(&more), deadline)) return std::nullopt;
   }
 }
 
 std::optional<int> ChildProcess::Stop(int signal, absl::Duration timeout) {
   if (pid_ <= 0) return std::nullopt;
   kill(pid_, signal);
-  // Drain the output while waiting, so the child never blocks on the pipe.
   const absl::Time deadline = absl::Now() + timeout;
-  while (absl::Now() < deadline) {
+  {
+    // An exiting child closes its output first.
+    absl::MutexLock lock(&mu_);
+    mu_.AwaitWithDeadline(absl::Condition(&output_closed_), deadline);
+  }
+  while (true) {
     int status = 0;
-    const pid_t done = waitpid(pid_, &status, WNOHANG);
-    if (done == pid_) {
+    if (waitpid(pid_, &status, WNOHANG) == pid_) {
       pid_ = -1;
       if (WIFEXITED(status)) return WEXITSTATUS(status);
       return -WTERMSIG(status);
     }
-    WaitForLine("\x01never\x01", absl::Milliseconds(20));
+    if (absl::Now() >= deadline) return std::nullopt;
+    absl::SleepFor(absl::Milliseconds(1));  // output closed, exit status not yet posted
   }
-  return std::nullopt;
 }
 
 std::string RunfilePath(const std::string& workspace_relative) {

@@ -1,7 +1,9 @@
 // Runs a project binary as a child process (the local cluster launcher and
 // the multi-process tests), with its output on a pipe, so the caller can
-// wait for a log line such as the bound port without sleeping.
-// Thread-compatible.
+// wait for a log line such as the bound port without sleeping. A thread
+// drains the pipe all the time: a child that logs a lot while nobody waits
+// for its lines never blocks on a full pipe (it would freeze, holding
+// whatever locks it holds). Thread-compatible.
 #ifndef MOE_DEPLOY_LOCAL_CHILD_PROCESS_H_
 #define MOE_DEPLOY_LOCAL_CHILD_PROCESS_H_
 
@@ -9,8 +11,11 @@
 
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 
 namespace moe::local {
@@ -26,7 +31,7 @@ class ChildProcess {
   // passes; the line, or nullopt (the child exited or time ran out).
   std::optional<std::string> WaitForLine(const std::string& needle, absl::Duration timeout);
   // Everything read so far.
-  const std::string& output() const { return output_; }
+  std::string output() const ABSL_LOCKS_EXCLUDED(mu_);
 
   // Sends `signal`; then waits for the exit. The exit code, or -signal if
   // the child was killed by one, or nullopt after `timeout`.
@@ -34,10 +39,16 @@ class ChildProcess {
   pid_t pid() const { return pid_; }
 
  private:
+  void DrainOutput();
+
   pid_t pid_ = -1;
   int out_fd_ = -1;
-  std::string output_;
+  mutable absl::Mutex mu_;
+  std::string output_ ABSL_GUARDED_BY(mu_);
+  bool output_closed_ ABSL_GUARDED_BY(mu_) = false;
+  // Only WaitForLine's caller moves it.
   size_t scanned_ = 0;
+  std::thread drainer_;
 };
 
 // The path of a data dependency in the runfiles of this test (bazel test)
