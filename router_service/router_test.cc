@@ -239,6 +239,20 @@ TEST(RouterTest, ModelParallelWithoutReplicaFailsNamingTheExperts) {
   EXPECT_TRUE(cluster.Forward(Wire(x)).ok());
 }
 
+// Lets both stalled servers go (their held answers come late) and checks
+// that a fresh call is served.
+void UnstallAndServeAgain(InProcessExpertClient& client, Router& router) {
+  client.Unstall(0);
+  client.Unstall(1);
+  absl::Notification served;
+  router.Forward(Wire(RandomTensor({4, 32}, 4)), false, absl::InfiniteFuture(),
+                 [&](absl::StatusOr<Router::ForwardResult> r) {
+                   EXPECT_TRUE(r.ok()) << r.status();
+                   served.Notify();
+                 });
+  served.WaitForNotification();
+}
+
 TEST(RouterTest, DeadlineEndsACallThatWaitsOnAStalledServer) {
   const ModelConfig model = Model(2, false);
   const MoeWeights weights = InitAllWeights(model);
@@ -267,15 +281,7 @@ TEST(RouterTest, DeadlineEndsACallThatWaitsOnAStalledServer) {
   EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_THAT(status.message(), HasSubstr("expert calls unanswered"));
   // The late answers arrive and are dropped: `done` ran exactly once.
-  client.Unstall(0);
-  client.Unstall(1);
-  absl::Notification served;
-  router.Forward(Wire(RandomTensor({4, 32}, 4)), false, absl::InfiniteFuture(),
-                 [&](absl::StatusOr<Router::ForwardResult> r) {
-                   EXPECT_TRUE(r.ok()) << r.status();
-                   served.Notify();
-                 });
-  served.WaitForNotification();
+  UnstallAndServeAgain(client, router);
   EXPECT_EQ(calls, 1);
   owned_client.reset();
 }
@@ -310,15 +316,7 @@ TEST(RouterTest, ACancelledCallEndsAtOnceAndKeepsNothing) {
   // Each expert call it had sent was cancelled at its server.
   EXPECT_GT(client.cancels(), 0);
   // The late answers are dropped: no second `done`, no training state kept.
-  client.Unstall(0);
-  client.Unstall(1);
-  absl::Notification served;
-  router.Forward(Wire(RandomTensor({4, 32}, 4)), false, absl::InfiniteFuture(),
-                 [&](absl::StatusOr<Router::ForwardResult> r) {
-                   EXPECT_TRUE(r.ok()) << r.status();
-                   served.Notify();
-                 });
-  served.WaitForNotification();
+  UnstallAndServeAgain(client, router);
   EXPECT_EQ(calls, 1);
   EXPECT_EQ(router.pending_training(), 0u);
   // Cancelling after the end changes nothing.

@@ -57,11 +57,6 @@ absl::Status Summarize(uint64_t step, absl::string_view what,
 StepCoordinator::StepCoordinator(Options options, Router& router, ExpertClient& client)
     : options_(options), router_(router), client_(client) {}
 
-int64_t StepCoordinator::committed() const {
-  absl::MutexLock lock(&mu_);
-  return committed_;
-}
-
 absl::StatusOr<uint64_t> StepCoordinator::NextStep(absl::Time deadline) {
   if (next_step_) return (*next_step_)++;
   std::vector<absl::StatusOr<v1::InfoResponse>> infos =
@@ -134,10 +129,6 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
       });
   // Servers that committed have moved on: the gate moves with them.
   router_.CommitGateStep(std::move(gate));
-  {
-    absl::MutexLock lock(&mu_);
-    ++committed_;
-  }
   done_running();
   if (absl::Status failed = Summarize(step, "commit failed", committed); !failed.ok()) {
     return absl::InternalError(absl::StrCat(

@@ -49,9 +49,6 @@ class StepCoordinator {
   absl::StatusOr<Result> Step(float learning_rate, absl::Time deadline)
       ABSL_LOCKS_EXCLUDED(mu_);
 
-  // Steps committed by this router.
-  int64_t committed() const ABSL_LOCKS_EXCLUDED(mu_);
-
  private:
   // The next step number: one past the highest any server has committed
   // (asked once, so a restarted router goes on where the servers are).
@@ -65,7 +62,6 @@ class StepCoordinator {
   mutable absl::Mutex mu_;
   bool running_ ABSL_GUARDED_BY(mu_) = false;
   std::optional<uint64_t> next_step_ ABSL_GUARDED_BY(mu_);
-  int64_t committed_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace moe::router

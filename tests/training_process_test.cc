@@ -185,6 +185,21 @@ grpc::Status StepWithFault(ProcessCluster& cluster, int victim, absl::Duration t
   return status;
 }
 
+// Retries Step until one succeeds (the back-offs of the links to a peer that
+// came back run out) or `patience` passes.
+::testing::AssertionResult StepsAgainWithin(ProcessCluster& cluster, absl::Duration patience) {
+  grpc::Status status;
+  v1::StepResponse response;
+  const absl::Time deadline = absl::Now() + patience;
+  do {
+    status = cluster.Step(0.1f, absl::Seconds(10), &response);
+  } while (!status.ok() && absl::Now() < deadline);
+  if (status.ok()) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << status.error_message() << "\n--- e0\n" << cluster.ServerLog(0) << "\n--- e1\n"
+         << cluster.ServerLog(1) << "\n--- e2\n" << cluster.ServerLog(2);
+}
+
 TEST(TrainingFaultTest, AKilledPeerFailsTheStepNamingItAndTheNextStepWorks) {
   ProcessCluster cluster(SlowRingCluster());
   Train(cluster, 1);
@@ -201,15 +216,7 @@ TEST(TrainingFaultTest, AKilledPeerFailsTheStepNamingItAndTheNextStepWorks) {
   cluster.StartServer(1);
   // The restarted server has the initial weights, like the others (no step
   // was committed); its ring links come back after a short back-off.
-  grpc::Status status;
-  v1::StepResponse response;
-  const absl::Time deadline = absl::Now() + absl::Seconds(30);
-  do {
-    status = cluster.Step(0.1f, absl::Seconds(10), &response);
-  } while (!status.ok() && absl::Now() < deadline);
-  ASSERT_TRUE(status.ok()) << status.error_message() << "\n--- e0\n"
-                           << cluster.ServerLog(0) << "\n--- e1\n" << cluster.ServerLog(1)
-                           << "\n--- e2\n" << cluster.ServerLog(2);
+  ASSERT_TRUE(StepsAgainWithin(cluster, absl::Seconds(30)));
   const std::map<int, uint64_t> after = ReplicaDigests(cluster, {0, 1, 2});
   EXPECT_NE(after, before) << "the step changed nothing";
 }
@@ -228,15 +235,7 @@ TEST(TrainingFaultTest, AStoppedPeerFailsTheStepWithinItsDeadlineAndRejoins) {
   EXPECT_EQ(ReplicaDigests(cluster, {0, 1}), before);
 
   cluster.ContinueServer(2);
-  grpc::Status status;
-  v1::StepResponse response;
-  const absl::Time deadline = absl::Now() + absl::Seconds(60);
-  do {
-    status = cluster.Step(0.1f, absl::Seconds(10), &response);
-  } while (!status.ok() && absl::Now() < deadline);
-  ASSERT_TRUE(status.ok()) << status.error_message() << "\n--- e0\n"
-                           << cluster.ServerLog(0) << "\n--- e1\n" << cluster.ServerLog(1)
-                           << "\n--- e2\n" << cluster.ServerLog(2);
+  ASSERT_TRUE(StepsAgainWithin(cluster, absl::Seconds(60)));
   EXPECT_NE(ReplicaDigests(cluster, {0, 1, 2}), before);
 }
 
