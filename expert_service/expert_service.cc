@@ -318,6 +318,7 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::PrepareStep(grpc::CallbackServerCon
       response->set_step(request->step());
       response->set_allreduce_bytes_sent(result->allreduce_bytes_sent);
       response->set_allreduce_seconds(absl::ToDoubleSeconds(result->allreduce_time));
+      response->set_optimizer_seconds(absl::ToDoubleSeconds(result->optimizer_time));
       metrics_.allreduce_seconds->Observe(absl::ToDoubleSeconds(result->allreduce_time));
       metrics_.allreduce_sent_bytes->Increment(
           static_cast<double>(result->allreduce_bytes_sent));

@@ -132,6 +132,8 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Step(grpc::CallbackServerContext* c
       response->set_step(result->step);
       response->set_step_seconds(absl::ToDoubleSeconds(result->step_time));
       response->set_allreduce_seconds(absl::ToDoubleSeconds(result->allreduce_time));
+      response->set_optimizer_seconds(absl::ToDoubleSeconds(result->optimizer_time));
+      response->set_commit_seconds(absl::ToDoubleSeconds(result->commit_time));
       metrics_.step_allreduce_seconds->Observe(absl::ToDoubleSeconds(result->allreduce_time));
     }
     metrics_.CountRequest(RouterMethod::kStep, result.status(), 0,

@@ -121,6 +121,7 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
     return failed;
   }
 
+  const absl::Time commit_start = absl::Now();
   v1::CommitStepRequest commit;
   commit.set_step(step);
   std::vector<absl::StatusOr<v1::CommitStepResponse>> committed =
@@ -129,6 +130,7 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
       });
   // Servers that committed have moved on: the gate moves with them.
   router_.CommitGateStep(std::move(gate));
+  const absl::Duration commit_time = absl::Now() - commit_start;
   done_running();
   if (absl::Status failed = Summarize(step, "commit failed", committed); !failed.ok()) {
     return absl::InternalError(absl::StrCat(
@@ -148,9 +150,12 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
   Result result;
   result.step = step;
   result.step_time = absl::Now() - start;
+  result.commit_time = commit_time;
   for (const auto& r : prepared) {
     result.allreduce_time =
         std::max(result.allreduce_time, absl::Seconds(r->allreduce_seconds()));
+    result.optimizer_time =
+        std::max(result.optimizer_time, absl::Seconds(r->optimizer_seconds()));
   }
   return result;
 }

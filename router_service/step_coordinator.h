@@ -36,8 +36,11 @@ class StepCoordinator {
   struct Result {
     uint64_t step = 0;
     absl::Duration step_time;
-    // The slowest server's all-reduces.
+    // The slowest server's all-reduces and optimizer.
     absl::Duration allreduce_time;
+    absl::Duration optimizer_time;
+    // The commit phase, as seen here.
+    absl::Duration commit_time;
   };
 
   // `router` and `client` must outlive the coordinator.

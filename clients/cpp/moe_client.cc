@@ -143,7 +143,9 @@ absl::StatusOr<StepOutput> MoeClient::Step(float learning_rate, absl::Duration t
   v1::StepResponse response;
   MOE_RETURN_IF_ERROR(FromGrpcStatus(stub_->Step(&context, request, &response)));
   return StepOutput{response.step(), absl::Seconds(response.step_seconds()),
-                    absl::Seconds(response.allreduce_seconds())};
+                    absl::Seconds(response.allreduce_seconds()),
+                    absl::Seconds(response.optimizer_seconds()),
+                    absl::Seconds(response.commit_seconds())};
 }
 
 }  // namespace moe::client

@@ -43,8 +43,10 @@ struct ForwardOutput {
 struct StepOutput {
   uint64_t step = 0;
   absl::Duration step_time;
-  // The slowest server's gradient all-reduces.
+  // The slowest server's gradient all-reduces and optimizer; the commit.
   absl::Duration allreduce_time;
+  absl::Duration optimizer_time;
+  absl::Duration commit_time;
 };
 
 // Forwards over one long-lived Router.ForwardStream, one at a time: the

@@ -152,11 +152,14 @@ bool Train(client::MoeClient& client, const ServingConfig& running, int steps,
       std::printf("  step failed: %s\n", std::string(step.status().message()).c_str());
       return false;
     }
-    std::printf("  step %3lu   forward+backward %7.2f ms   step %7.2f ms (all-reduce %.2f ms)\n",
-                static_cast<unsigned long>(step->step),
-                absl::ToDoubleMilliseconds(backward_done - start),
-                absl::ToDoubleMilliseconds(step->step_time),
-                absl::ToDoubleMilliseconds(step->allreduce_time));
+    std::printf(
+        "  step %3lu   forward+backward %7.2f ms   step %7.2f ms: all-reduce %.2f, optimizer "
+        "%.2f, commit %.2f\n",
+        static_cast<unsigned long>(step->step), absl::ToDoubleMilliseconds(backward_done - start),
+        absl::ToDoubleMilliseconds(step->step_time),
+        absl::ToDoubleMilliseconds(step->allreduce_time),
+        absl::ToDoubleMilliseconds(step->optimizer_time),
+        absl::ToDoubleMilliseconds(step->commit_time));
   }
   std::map<int, uint64_t> digests;
   const bool identical = ReplicasIdentical(running, digests);
