@@ -239,90 +239,91 @@ TEST(RouterTest, ModelParallelWithoutReplicaFailsNamingTheExperts) {
   EXPECT_TRUE(cluster.Forward(Wire(x)).ok());
 }
 
-// Lets both stalled servers go (their held answers come late) and checks
-// that a fresh call is served.
-void UnstallAndServeAgain(InProcessExpertClient& client, Router& router) {
-  client.Unstall(0);
-  client.Unstall(1);
-  absl::Notification served;
-  router.Forward(Wire(RandomTensor({4, 32}, 4)), false, absl::InfiniteFuture(),
-                 [&](absl::StatusOr<Router::ForwardResult> r) {
-                   EXPECT_TRUE(r.ok()) << r.status();
-                   served.Notify();
-                 });
-  served.WaitForNotification();
-}
+// A router over two in-process servers that hold every call (stalled).
+struct StalledCluster {
+  StalledCluster() {
+    client = std::make_unique<InProcessExpertClient>(model, placement, weights, OnednnKernels());
+    Router::Options options{model, *weights.gate};
+    options.timer = &timer;
+    router = std::make_unique<Router>(std::move(options), placement, *client);
+    client->Stall(0);
+    client->Stall(1);
+  }
+  // The client first: the late answers it still runs call back into the
+  // router.
+  ~StalledCluster() {
+    client.reset();
+    router.reset();
+  }
 
-TEST(RouterTest, DeadlineEndsACallThatWaitsOnAStalledServer) {
+  // Lets both servers go (their held answers come late) and checks that a
+  // fresh call is served.
+  void UnstallAndServeAgain() {
+    client->Unstall(0);
+    client->Unstall(1);
+    absl::Notification served;
+    router->Forward(Wire(RandomTensor({4, 32}, 4)), false, absl::InfiniteFuture(),
+                    [&](absl::StatusOr<Router::ForwardResult> r) {
+                      EXPECT_TRUE(r.ok()) << r.status();
+                      served.Notify();
+                    });
+    served.WaitForNotification();
+  }
+
   const ModelConfig model = Model(2, false);
   const MoeWeights weights = InitAllWeights(model);
   const Placement placement = ModelParallelPlacement(8, 2);
-  // Destroyed first (below): the late answers it still runs call back into
-  // the router.
-  auto owned_client =
-      std::make_unique<InProcessExpertClient>(model, placement, weights, OnednnKernels());
-  InProcessExpertClient& client = *owned_client;
   DeadlineTimer timer;
-  Router::Options options{model, *weights.gate};
-  options.timer = &timer;
-  Router router(std::move(options), placement, client);
-  client.Stall(0);
-  client.Stall(1);
+  std::unique_ptr<InProcessExpertClient> client;
+  std::unique_ptr<Router> router;
+};
+
+TEST(RouterTest, DeadlineEndsACallThatWaitsOnAStalledServer) {
+  StalledCluster cluster;
   absl::Notification done;
   absl::Status status;
   int calls = 0;
-  router.Forward(Wire(RandomTensor({16, 32}, 3)), false, absl::Now() + absl::Milliseconds(20),
-                 [&](absl::StatusOr<Router::ForwardResult> r) {
-                   status = r.status();
-                   ++calls;
-                   done.Notify();
-                 });
+  cluster.router->Forward(Wire(RandomTensor({16, 32}, 3)), false,
+                          absl::Now() + absl::Milliseconds(20),
+                          [&](absl::StatusOr<Router::ForwardResult> r) {
+                            status = r.status();
+                            ++calls;
+                            done.Notify();
+                          });
   done.WaitForNotification();
   EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_THAT(status.message(), HasSubstr("expert calls unanswered"));
   // The late answers arrive and are dropped: `done` ran exactly once.
-  UnstallAndServeAgain(client, router);
+  cluster.UnstallAndServeAgain();
   EXPECT_EQ(calls, 1);
-  owned_client.reset();
 }
 
 TEST(RouterTest, ACancelledCallEndsAtOnceAndKeepsNothing) {
-  const ModelConfig model = Model(2, false);
-  const MoeWeights weights = InitAllWeights(model);
-  const Placement placement = ModelParallelPlacement(8, 2);
-  // Destroyed first (below): the late answers it still runs call back into
-  // the router.
-  auto owned_client =
-      std::make_unique<InProcessExpertClient>(model, placement, weights, OnednnKernels());
-  InProcessExpertClient& client = *owned_client;
-  Router router({model, *weights.gate}, placement, client);
-  client.Stall(0);
-  client.Stall(1);
+  StalledCluster cluster;
   auto cancellation = std::make_shared<Cancellation>();
   absl::Notification done;
   absl::Status status;
   int calls = 0;
   const v1::Tensor x = Wire(RandomTensor({16, 32}, 3));
-  router.Forward(x, /*training=*/true, absl::InfiniteFuture(),
-                 [&](absl::StatusOr<Router::ForwardResult> r) {
-                   status = r.status();
-                   ++calls;
-                   done.Notify();
-                 },
-                 cancellation);
+  cluster.router->Forward(x, /*training=*/true, absl::InfiniteFuture(),
+                          [&](absl::StatusOr<Router::ForwardResult> r) {
+                            status = r.status();
+                            ++calls;
+                            done.Notify();
+                          },
+                          cancellation);
   cancellation->Cancel();
   done.WaitForNotification();
   EXPECT_EQ(status.code(), absl::StatusCode::kCancelled);
   // Each expert call it had sent was cancelled at its server.
-  EXPECT_GT(client.cancels(), 0);
+  EXPECT_GT(cluster.client->cancels(), 0);
   // The late answers are dropped: no second `done`, no training state kept.
-  UnstallAndServeAgain(client, router);
+  cluster.UnstallAndServeAgain();
   EXPECT_EQ(calls, 1);
-  EXPECT_EQ(router.pending_training(), 0u);
+  EXPECT_EQ(cluster.router->pending_training(), 0u);
   // Cancelling after the end changes nothing.
   cancellation->Cancel();
   EXPECT_EQ(calls, 1);
-  owned_client.reset();
 }
 
 TEST(RouterTest, ReportsItsPhases) {
