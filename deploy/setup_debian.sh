@@ -20,6 +20,8 @@ readonly PACKAGES=(
   python3 python3-numpy python3-torch
   # The Python client of the router.
   python3-grpcio python3-protobuf
+  # Observability and deployment checks: Prometheus and promtool, yamllint.
+  prometheus yamllint
 )
 
 missing=()

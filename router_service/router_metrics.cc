@@ -85,8 +85,8 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
                       .Help("Expert calls re-sent to another replica after UNAVAILABLE.")
                       .Register(registry)
                       .Add({});
-  m->stream_opens = &prometheus::BuildGauge()
-                         .Name("moe_router_stream_opens")
+  m->stream_opens = &prometheus::BuildCounter()
+                         .Name("moe_router_stream_opens_total")
                          .Help("Streams to expert servers opened so far (reconnects included).")
                          .Register(registry)
                          .Add({});
@@ -101,6 +101,16 @@ void RouterMetrics::CountRequest(RouterMethod method, const absl::Status& status
     tokens[index]->Increment(static_cast<double>(num_tokens));
   }
   seconds[index]->Observe(elapsed);
+}
+
+void RouterMetrics::ReportStreamOpens(int64_t opened) const {
+  int64_t reported = reported_stream_opens.load();
+  while (opened > reported) {
+    if (reported_stream_opens.compare_exchange_weak(reported, opened)) {
+      stream_opens->Increment(static_cast<double>(opened - reported));
+      return;
+    }
+  }
 }
 
 }  // namespace moe::router

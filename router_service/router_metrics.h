@@ -5,6 +5,7 @@
 #define MOE_ROUTER_SERVICE_ROUTER_METRICS_H_
 
 #include <array>
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -49,12 +50,18 @@ struct RouterMetrics {
   prometheus::Gauge* server_imbalance = nullptr;
   // moe_router_failovers_total: groups re-sent to another replica.
   prometheus::Counter* failovers = nullptr;
-  // moe_router_stream_opens: streams to expert servers opened so far (the
-  // first per server, then reconnects).
-  prometheus::Gauge* stream_opens = nullptr;
+  // moe_router_stream_opens_total: streams to expert servers opened (the
+  // first per server, then reconnects). Counted by the client; see
+  // ReportStreamOpens.
+  prometheus::Counter* stream_opens = nullptr;
 
   void CountRequest(RouterMethod method, const absl::Status& status, int64_t tokens,
                     double seconds) const;
+  // Brings moe_router_stream_opens_total up to `opened`, the client's own
+  // running count; safe from many threads (each open is added once).
+  void ReportStreamOpens(int64_t opened) const;
+  // What moe_router_stream_opens_total holds.
+  mutable std::atomic<int64_t> reported_stream_opens{0};
 };
 
 }  // namespace moe::router

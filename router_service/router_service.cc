@@ -49,7 +49,7 @@ void RouterServiceImpl::FillForward(const v1::ForwardRequest& request,
     metrics_.expert_imbalance->Set(load.expert_imbalance);
     metrics_.server_imbalance->Set(load.server_imbalance);
   }
-  if (cluster_.stream_opens) metrics_.stream_opens->Set(static_cast<double>(cluster_.stream_opens()));
+  if (cluster_.stream_opens) metrics_.ReportStreamOpens(cluster_.stream_opens());
 }
 
 namespace {

@@ -1,6 +1,9 @@
 #include "deploy/local/local_cluster.h"
 
+#include <sys/stat.h>
+
 #include <csignal>
+#include <cstdio>
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
@@ -81,6 +84,28 @@ std::vector<std::string> LocalCluster::Stop() {
     servers_[s].reset();
   }
   return lines;
+}
+
+absl::Status LocalCluster::WritePrometheusTargets(const std::string& path) const {
+  std::string json = absl::StrCat(R"([{"targets": ["127.0.0.1:)", router_metrics_port_,
+                                  R"("], "labels": {"job": "moe-router"}})");
+  for (size_t s = 0; s < server_metrics_ports_.size(); ++s) {
+    absl::StrAppend(&json, R"(,
+ {"targets": ["127.0.0.1:)", server_metrics_ports_[s],
+                    R"("], "labels": {"job": "moe-expert", "server": ")",
+                    config_.cluster.servers[s].name, R"("}})");
+  }
+  json += "]\n";
+  if (const size_t slash = path.rfind('/'); slash != std::string::npos && slash > 0) {
+    mkdir(path.substr(0, slash).c_str(), 0755);  // Most often there already.
+  }
+  // Prometheus may read the file at any moment: write aside, then rename.
+  const std::string partial = path + ".partial";
+  std::ofstream(partial) << json;
+  if (std::rename(partial.c_str(), path.c_str()) != 0) {
+    return absl::InternalError(absl::StrCat("cannot write ", path));
+  }
+  return absl::OkStatus();
 }
 
 LocalCluster::~LocalCluster() { Stop(); }

@@ -39,6 +39,11 @@ class LocalCluster {
   int router_metrics_port() const { return router_metrics_port_; }
   const std::vector<int>& server_metrics_ports() const { return server_metrics_ports_; }
 
+  // Writes a Prometheus file_sd_configs target file naming every process's
+  // /metrics (job "moe-router" or "moe-expert", and the server's name), for
+  // deploy/prometheus/prometheus.yml.
+  absl::Status WritePrometheusTargets(const std::string& path) const;
+
   // SIGTERM to the router, then the servers; a line per process with how it
   // ended ("exit 0").
   std::vector<std::string> Stop();

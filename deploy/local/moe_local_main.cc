@@ -53,6 +53,9 @@ ABSL_FLAG(int, train_steps, 3,
           "After the load, training steps to run (Forward, Backward, Step); 0: none.");
 ABSL_FLAG(float, learning_rate, 0.01f, "Learning rate of those steps.");
 ABSL_FLAG(bool, serve, false, "After the load, keep the cluster up until Ctrl-C.");
+ABSL_FLAG(std::string, prometheus_targets, "",
+          "Also write the processes' /metrics addresses to this Prometheus file_sd "
+          "file (deploy/prometheus/prometheus.yml reads /tmp/moe-serve/targets.json).");
 
 namespace moe::local {
 namespace {
@@ -217,6 +220,14 @@ int Run() {
     std::printf("%-11s %s   metrics http://127.0.0.1:%d/metrics   experts %s\n",
                 running.cluster.servers[s].name.c_str(), running.cluster.servers[s].address.c_str(),
                 (*cluster)->server_metrics_ports()[s], experts.c_str());
+  }
+
+  if (const std::string targets = absl::GetFlag(FLAGS_prometheus_targets); !targets.empty()) {
+    if (absl::Status written = (*cluster)->WritePrometheusTargets(targets); !written.ok()) {
+      MOE_LOG(ERROR, written.message());
+      return 1;
+    }
+    std::printf("prometheus  scrape targets in %s\n", targets.c_str());
   }
 
   client::LoadOptions load;
