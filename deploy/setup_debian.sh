@@ -5,17 +5,27 @@
 # Kubernetes manifests are fetched, from deploy/k8s/tools/package-lock.json;
 # nothing is downloaded at build or run time (docs/building.md). The
 # README's commands and the Dockerfile both call this script first.
+#
+# Usage: setup_debian.sh [--build-only]
+#   --build-only: only what `bazel build` of the binaries needs (the
+#   Dockerfile's build stage); no test tools.
 set -euo pipefail
 
-readonly PACKAGES=(
+PACKAGES=(
   # Toolchain and build.
   g++ pkg-config bazel-bootstrap
   # Wire API.
   protobuf-compiler libprotobuf-dev protobuf-compiler-grpc libgrpc++-dev
   # Libraries.
   libabsl-dev libdnnl-dev prometheus-cpp-dev nlohmann-json3-dev
-  # Tests and benchmarks.
+  # Tests and benchmarks (//third_party's repository asks pkg-config for
+  # every library, so a build needs their headers too).
   libgtest-dev libgmock-dev libbenchmark-dev
+)
+build_only=false
+if [ "${1:-}" = "--build-only" ]; then build_only=true; fi
+
+if ! $build_only; then PACKAGES+=(
   # The all-reduce benchmark's baseline (Gloo's ring over TCP).
   libgloo-dev
   # The independent numerical oracle (PyTorch autograd) used by tests.
@@ -24,11 +34,11 @@ readonly PACKAGES=(
   python3-grpcio python3-protobuf
   # Observability and deployment checks: Prometheus and promtool, yamllint.
   prometheus yamllint
-)
+); fi
 
 # Node.js runs the Kubernetes manifest checks (deploy/k8s/tools). A machine
 # may have it from elsewhere; otherwise Debian's.
-if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+if ! $build_only && { ! command -v node >/dev/null || ! command -v npm >/dev/null; }; then
   PACKAGES+=(nodejs npm)
 fi
 
@@ -54,7 +64,9 @@ fi
 # TypeScript), exactly as locked, from the npm registry: test tools only,
 # never part of a build or an image. Reinstalled when the lock changes.
 tools="$(cd "$(dirname "$0")" && pwd)/k8s/tools"
-if ! cmp -s "$tools/package-lock.json" "$tools/node_modules/.package-lock.json.installed"; then
+if $build_only; then
+  exit 0
+elif ! cmp -s "$tools/package-lock.json" "$tools/node_modules/.package-lock.json.installed"; then
   echo "setup: npm ci in deploy/k8s/tools"
   (cd "$tools" && npm ci --no-audit --no-fund --loglevel=error)
   cp "$tools/package-lock.json" "$tools/node_modules/.package-lock.json.installed"
