@@ -23,6 +23,35 @@ echo "== kustomize build + schema validation"
 node "${tools}/validate.js" "${out}/render" \
   base="${k8s}/base" dev="${k8s}/overlays/dev" production="${k8s}/overlays/production"
 
+# Where kubectl is installed, its own kustomize (whatever version) must
+# render the same objects: the manifests do not depend on kustomize 4.5.4.
+if command -v kubectl > /dev/null && kubectl kustomize --help > /dev/null 2>&1; then
+  echo "== kubectl kustomize renders the same objects ($(kubectl version --client 2>/dev/null | tr '\n' ' '))"
+  for overlay in base overlays/dev overlays/production; do
+    name="$(basename "${overlay}")"
+    kubectl kustomize "${k8s}/${overlay}" > "${out}/kubectl-${name}.yaml"
+    NODE_PATH="${tools}/node_modules" node -e '
+      const fs = require("fs");
+      const YAML = require("yaml");
+      const canonical = (value) => Array.isArray(value) ? value.map(canonical)
+        : value && typeof value === "object"
+          ? Object.fromEntries(Object.keys(value).sort().map((k) => [k, canonical(value[k])]))
+          : value;
+      const theirs = YAML.parseAllDocuments(fs.readFileSync(process.argv[1], "utf8"))
+        .map((d) => d.toJS()).filter((o) => o !== null).map((o) => JSON.stringify(canonical(o))).sort();
+      const ours = JSON.parse(fs.readFileSync(process.argv[2], "utf8"))
+        .map((o) => JSON.stringify(canonical(o))).sort();
+      if (JSON.stringify(theirs) !== JSON.stringify(ours)) {
+        console.error(`kubectl kustomize and kustomize 4.5.4 differ on ${process.argv[3]}`);
+        process.exit(1);
+      }
+      console.log(`${process.argv[3]}: ${ours.length} objects, identical`);
+    ' "${out}/kubectl-${name}.yaml" "${out}/render/${name}.json" "${overlay}"
+  done
+else
+  echo "== kubectl not installed: kustomize 4.5.4 only"
+fi
+
 echo "== the validator rejects known-bad objects"
 if node "${tools}/validate.js" "${out}/invalid" invalid="${tools}/testdata/invalid" \
      2> "${out}/invalid.err"; then
