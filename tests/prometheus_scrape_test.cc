@@ -109,7 +109,10 @@ class PrometheusScrapeTest : public ::testing::Test {
     ASSERT_EQ(Eventually(R"(count(up{job=~"moe-router|moe-expert"} == 1))", 3), 3)
         << prometheus_->output();
     SendKnownLoad();
+    ready_ = !HasFatalFailure();
   }
+
+  void SetUp() override { ASSERT_TRUE(ready_) << "the cluster, Prometheus or the load failed"; }
 
   static void TearDownTestSuite() {
     delete prometheus_;
@@ -214,6 +217,7 @@ class PrometheusScrapeTest : public ::testing::Test {
   static int prometheus_port_;
   static int64_t sent_dropped_pairs_;
   static std::vector<int64_t> sent_expert_pairs_;
+  static bool ready_;
 };
 
 LocalCluster* PrometheusScrapeTest::cluster_ = nullptr;
@@ -221,6 +225,7 @@ ChildProcess* PrometheusScrapeTest::prometheus_ = nullptr;
 int PrometheusScrapeTest::prometheus_port_ = 0;
 int64_t PrometheusScrapeTest::sent_dropped_pairs_ = 0;
 std::vector<int64_t> PrometheusScrapeTest::sent_expert_pairs_(kNumExperts);
+bool PrometheusScrapeTest::ready_ = false;
 
 TEST_F(PrometheusScrapeTest, CountersEqualTheLoadSent) {
   const int forwards = kForwards + kTrainSteps;

@@ -20,7 +20,7 @@ const YAML = require("yaml");
 
 const KUBERNETES_VERSION = "1.33";
 
-// apiVersion -> [module prefix, interface module prefix] of its models.
+// The npm module holding the model (class and interface) of apiVersion/kind.
 function modelModule(apiVersion, kind) {
   if (apiVersion === "monitoring.coreos.com/v1") {
     return `@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/${kind}`;
