@@ -21,9 +21,10 @@
 #include "common/flags_usage.h"
 #include "common/grpc_server.h"
 #include "common/log.h"
+#include "common/malloc_tuning.h"
+#include "expert_service/allreduce_inputs.h"
 #include "expert_service/collective_registry.h"
 #include "expert_service/collective_service.h"
-#include "expert_service/allreduce_inputs.h"
 #include "expert_service/grpc_ring_link.h"
 #include "expert_service/ring_allreduce.h"
 
@@ -183,6 +184,7 @@ int Run() {
 }  // namespace moe::expert
 
 int main(int argc, char** argv) {
+  moe::KeepFreedMessageMemory();
   moe::SetFlagsUsage(
       "One rank of a gRPC ring all-reduce on generated data, checked element by element.\n"
       "Usage: allreduce_node --rank=R --peers=host:port,host:port,... [--lengths=...]");

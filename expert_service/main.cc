@@ -9,8 +9,9 @@
 #include "absl/time/time.h"
 #include "common/flags_usage.h"
 #include "common/log.h"
-#include "common/stop_signals.h"
+#include "common/malloc_tuning.h"
 #include "common/model_config.h"
+#include "common/stop_signals.h"
 #include "expert_service/expert_server.h"
 
 ABSL_FLAG(std::string, config, "", "Text-format moe.v1.ServingConfig (required).");
@@ -89,6 +90,7 @@ absl::StatusOr<moe::expert::ExpertServer::Options> OptionsFromFlags() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  moe::KeepFreedMessageMemory();
   moe::SetFlagsUsage(
       "Serves the experts of a moe-serve cluster.\n"
       "Usage: expert_server --config=serving.pbtxt --name=expert-0 [--port=50061]");

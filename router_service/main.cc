@@ -8,8 +8,9 @@
 #include "absl/strings/str_cat.h"
 #include "common/flags_usage.h"
 #include "common/log.h"
-#include "common/stop_signals.h"
+#include "common/malloc_tuning.h"
 #include "common/model_config.h"
+#include "common/stop_signals.h"
 #include "router_service/router_server.h"
 
 ABSL_FLAG(std::string, config, "", "Text-format moe.v1.ServingConfig (required).");
@@ -25,6 +26,7 @@ ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
           "On SIGTERM, how long calls in flight may take.");
 
 int main(int argc, char** argv) {
+  moe::KeepFreedMessageMemory();
   moe::SetFlagsUsage(
       "Routes token batches to the expert servers of a moe-serve cluster.\n"
       "Usage: router --config=serving.pbtxt [--port=50051]");
