@@ -45,25 +45,25 @@ void CollectiveRegistry::Register(std::shared_ptr<RingAllReduce> collective) {
     Group& group = groups_[collective->group_id()];
     group.running = collective;
     for (auto& p : group.parked) {
-      (p->chunk->id().step() == collective->step() ? ready : stale).push_back(std::move(p));
+      (p->segment->header().id().step() == collective->step() ? ready : stale).push_back(std::move(p));
     }
     group.parked.clear();
     // Segments of a later step (cannot happen while steps run in order)
     // stay parked.
     for (auto& p : stale) {
-      if (p->chunk->id().step() > collective->step()) group.parked.push_back(std::move(p));
+      if (p->segment->header().id().step() > collective->step()) group.parked.push_back(std::move(p));
     }
     stale.erase(std::remove(stale.begin(), stale.end(), nullptr), stale.end());
   }
   for (auto& p : stale) {
     timer_.Cancel(p->timer_id);
     std::move(p->ack)(absl::FailedPreconditionError(
-        absl::StrCat("segment of step ", p->chunk->id().step(), ": this server is at step ",
+        absl::StrCat("segment of step ", p->segment->header().id().step(), ": this server is at step ",
                      collective->step(), " of group ", absl::Hex(collective->group_id()))));
   }
   for (auto& p : ready) {
     timer_.Cancel(p->timer_id);
-    std::move(p->ack)(collective->OnChunk(*p->chunk));
+    std::move(p->ack)(collective->OnChunk(*p->segment));
   }
 }
 
@@ -75,9 +75,9 @@ void CollectiveRegistry::Unregister(const RingAllReduce& collective) {
   group.has_over = true;
 }
 
-void CollectiveRegistry::Deliver(const v1::RingChunk* chunk, Ack ack) {
-  const uint64_t step = chunk->id().step();
-  const uint64_t group_id = chunk->id().group_id();
+void CollectiveRegistry::Deliver(const ReceivedSegment* segment, Ack ack) {
+  const uint64_t step = segment->header().id().step();
+  const uint64_t group_id = segment->header().id().group_id();
   std::shared_ptr<RingAllReduce> target;
   absl::Status rejected;
   {
@@ -104,7 +104,7 @@ void CollectiveRegistry::Deliver(const v1::RingChunk* chunk, Ack ack) {
       // ahead): wait for it.
       auto parked = std::make_unique<Parked>();
       Parked* raw = parked.get();
-      raw->chunk = chunk;
+      raw->segment = segment;
       raw->ack = std::move(ack);
       group.parked.push_back(std::move(parked));
       raw->timer_id = timer_.Schedule(absl::Now() + park_timeout_,
@@ -112,7 +112,7 @@ void CollectiveRegistry::Deliver(const v1::RingChunk* chunk, Ack ack) {
       return;
     }
   }
-  std::move(ack)(target != nullptr ? target->OnChunk(*chunk) : rejected);
+  std::move(ack)(target != nullptr ? target->OnChunk(*segment) : rejected);
 }
 
 void CollectiveRegistry::Expire(uint64_t group_id, Parked* parked) {
@@ -127,7 +127,7 @@ void CollectiveRegistry::Expire(uint64_t group_id, Parked* parked) {
     list.erase(it);
   }
   std::move(mine->ack)(absl::DeadlineExceededError(absl::StrCat(
-      "segment of step ", mine->chunk->id().step(), " group ", absl::Hex(group_id),
+      "segment of step ", mine->segment->header().id().step(), " group ", absl::Hex(group_id),
       ": this server did not start that step within ", absl::FormatDuration(park_timeout_))));
 }
 
@@ -156,7 +156,7 @@ void CollectiveRegistry::AbortStep(uint64_t step, const absl::Status& why) {
         running.push_back(group.running);
       }
       for (auto& p : group.parked) {
-        if (p->chunk->id().step() == step) rejected.push_back(std::move(p));
+        if (p->segment->header().id().step() == step) rejected.push_back(std::move(p));
       }
       group.parked.erase(std::remove(group.parked.begin(), group.parked.end(), nullptr),
                          group.parked.end());

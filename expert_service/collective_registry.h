@@ -40,9 +40,9 @@ class CollectiveRegistry {
   // Stops routing to it; later segments of its step are rejected.
   void Unregister(const RingAllReduce& collective) ABSL_LOCKS_EXCLUDED(mu_);
 
-  // A segment from a stream. `chunk` stays valid until `ack` runs; `ack`
+  // A segment from a stream. `segment` stays valid until `ack` runs; `ack`
   // runs once, with the verdict to send back.
-  void Deliver(const v1::RingChunk* chunk, Ack ack) ABSL_LOCKS_EXCLUDED(mu_);
+  void Deliver(const ReceivedSegment* segment, Ack ack) ABSL_LOCKS_EXCLUDED(mu_);
 
   // The stream that brought segments of `groups` ended: their running
   // collectives fail with UNAVAILABLE (`why` names the peer).
@@ -58,7 +58,7 @@ class CollectiveRegistry {
 
  private:
   struct Parked {
-    const v1::RingChunk* chunk;
+    const ReceivedSegment* segment;
     Ack ack;
     uint64_t timer_id;
   };

@@ -3,6 +3,11 @@
 #include <deque>
 #include <vector>
 
+#include <grpcpp/impl/codegen/proto_utils.h>
+#include <grpcpp/impl/codegen/server_callback_handlers.h>
+#include <grpcpp/impl/rpc_service_method.h>
+#include <grpcpp/support/server_callback.h>
+
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
@@ -12,11 +17,11 @@
 namespace moe::expert {
 namespace {
 
-class RingReactor final : public grpc::ServerBidiReactor<v1::RingChunk, v1::RingAck> {
+class RingReactor final : public grpc::ServerBidiReactor<ReceivedSegment, v1::RingAck> {
  public:
   RingReactor(CollectiveRegistry* registry, std::string peer)
       : registry_(registry), peer_(std::move(peer)) {
-    StartRead(&chunk_);
+    StartRead(&segment_);
   }
 
   // gRPC may run a reaction inline from a Start*() call: no Start*() or
@@ -39,10 +44,10 @@ class RingReactor final : public grpc::ServerBidiReactor<v1::RingChunk, v1::Ring
     }
     {
       absl::MutexLock lock(&mu_);
-      groups_.insert(chunk_.id().group_id());
+      groups_.insert(segment_.header().id().group_id());
     }
     // The verdict may come later, on another thread (a parked segment).
-    registry_->Deliver(&chunk_, [this](absl::Status verdict) { OnVerdict(verdict); });
+    registry_->Deliver(&segment_, [this](absl::Status verdict) { OnVerdict(verdict); });
   }
 
   void OnWriteDone(bool ok) override {
@@ -67,12 +72,13 @@ class RingReactor final : public grpc::ServerBidiReactor<v1::RingChunk, v1::Ring
 
  private:
   void OnVerdict(const absl::Status& verdict) {
+    const v1::RingChunk& chunk = segment_.header();
     v1::RingAck ack;
-    *ack.mutable_id() = chunk_.id();
-    ack.set_ring_step(chunk_.ring_step());
-    ack.set_chunk_index(chunk_.chunk_index());
-    ack.set_offset_elements(chunk_.offset_elements());
-    ack.set_sequence_id(chunk_.sequence_id());
+    *ack.mutable_id() = chunk.id();
+    ack.set_ring_step(chunk.ring_step());
+    ack.set_chunk_index(chunk.chunk_index());
+    ack.set_offset_elements(chunk.offset_elements());
+    ack.set_sequence_id(chunk.sequence_id());
     if (!verdict.ok()) ToProtoStatus(verdict, ack.mutable_error());
     const v1::RingAck* write = nullptr;
     {
@@ -84,9 +90,9 @@ class RingReactor final : public grpc::ServerBidiReactor<v1::RingChunk, v1::Ring
       }
     }
     if (write != nullptr) StartWrite(write);
-    // chunk_ is free again. No read was outstanding, so the stream cannot
+    // segment_ is free again. No read was outstanding, so the stream cannot
     // have finished meanwhile.
-    StartRead(&chunk_);
+    StartRead(&segment_);
   }
 
   // True the first time: the caller then calls Finish().
@@ -98,7 +104,7 @@ class RingReactor final : public grpc::ServerBidiReactor<v1::RingChunk, v1::Ring
 
   CollectiveRegistry* const registry_;
   const std::string peer_;
-  v1::RingChunk chunk_;
+  ReceivedSegment segment_;
   absl::Mutex mu_;
   // std::deque: pushing does not move the ack being written.
   std::deque<v1::RingAck> acks_ ABSL_GUARDED_BY(mu_);
@@ -110,9 +116,13 @@ class RingReactor final : public grpc::ServerBidiReactor<v1::RingChunk, v1::Ring
 
 }  // namespace
 
-grpc::ServerBidiReactor<v1::RingChunk, v1::RingAck>* CollectiveService::Ring(
-    grpc::CallbackServerContext* context) {
-  return new RingReactor(registry_, context->peer());
+CollectiveService::CollectiveService(CollectiveRegistry* registry) : registry_(registry) {
+  AddMethod(new grpc::internal::RpcServiceMethod(
+      kRingMethod, grpc::internal::RpcMethod::BIDI_STREAMING, /*handler=*/nullptr));
+  MarkMethodCallback(0, new grpc::internal::CallbackBidiHandler<ReceivedSegment, v1::RingAck>(
+                            [this](grpc::CallbackServerContext* context) {
+                              return new RingReactor(registry_, context->peer());
+                            }));
 }
 
 }  // namespace moe::expert

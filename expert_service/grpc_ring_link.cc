@@ -3,13 +3,6 @@
 #include "common/grpc_status.h"
 
 namespace moe::expert {
-namespace {
-
-// The Collective service's Ring method; the generic stub keeps a pointer to
-// this name for the life of each call.
-const char kRingMethod[] = "/moe.v1.Collective/Ring";
-
-}  // namespace
 
 GrpcRingLink::GrpcRingLink(std::string name, const std::string& address,
                            int max_message_bytes, absl::Duration min_backoff,

@@ -154,7 +154,8 @@ void RingAllReduce::OnAck(std::unique_ptr<RingSegment> sent, absl::Status status
   Pump();
 }
 
-absl::Status RingAllReduce::Validate(const v1::RingChunk& chunk) const {
+absl::Status RingAllReduce::Validate(const ReceivedSegment& segment) const {
+  const v1::RingChunk& chunk = segment.header();
   const int n = spec_.size;
   auto reject = [&](auto... what) {
     return absl::InvalidArgumentError(absl::StrCat(Name(), ": rejected a segment from ",
@@ -194,24 +195,26 @@ absl::Status RingAllReduce::Validate(const v1::RingChunk& chunk) const {
                   length <= 0 ? std::string("none (chunk complete)")
                               : absl::StrCat(expected_offset));
   }
-  if (static_cast<int64_t>(chunk.data().size()) != length * static_cast<int64_t>(sizeof(float))) {
-    return reject(chunk.data().size(), " data bytes, expected ", length * sizeof(float));
+  if (static_cast<int64_t>(segment.payload_bytes()) !=
+      length * static_cast<int64_t>(sizeof(float))) {
+    return reject(segment.payload_bytes(), " data bytes, expected ", length * sizeof(float));
   }
   return absl::OkStatus();
 }
 
-absl::Status RingAllReduce::OnChunk(const v1::RingChunk& chunk) {
+absl::Status RingAllReduce::OnChunk(const ReceivedSegment& segment) {
   bool pump = false;
   absl::Status verdict;
   {
     absl::MutexLock lock(&mu_);
-    verdict = Receive(chunk, pump);
+    verdict = Receive(segment, pump);
   }
   if (pump) Pump();
   return verdict;
 }
 
-absl::Status RingAllReduce::Receive(const v1::RingChunk& chunk, bool& pump) {
+absl::Status RingAllReduce::Receive(const ReceivedSegment& segment, bool& pump) {
+  const v1::RingChunk& chunk = segment.header();
   if (!status_.ok()) return status_;
   if (chunk.has_abort()) {
     const absl::Status cause = FromProtoStatus(chunk.abort());
@@ -220,7 +223,7 @@ absl::Status RingAllReduce::Receive(const v1::RingChunk& chunk, bool& pump) {
     pump = true;  // passes it on
     return status_;
   }
-  if (absl::Status invalid = Validate(chunk); !invalid.ok()) {
+  if (absl::Status invalid = Validate(segment); !invalid.ok()) {
     FailLocked(invalid);
     pump = true;
     return invalid;
@@ -229,16 +232,10 @@ absl::Status RingAllReduce::Receive(const v1::RingChunk& chunk, bool& pump) {
     const int n = spec_.size;
     const int step = chunk.ring_step();
     const int64_t offset = chunk.offset_elements();
-    const int64_t length = static_cast<int64_t>(chunk.data().size() / sizeof(float));
+    const int64_t length = static_cast<int64_t>(segment.payload_bytes() / sizeof(float));
     float* dst = spec_.buffer.data() + offset;
     if (chunk.phase() == v1::RING_PHASE_REDUCE_SCATTER) {
-      // memcpy out of the string: its bytes need not be float-aligned.
-      float incoming[256];
-      for (int64_t i = 0; i < length; i += 256) {
-        const int64_t m = std::min<int64_t>(256, length - i);
-        std::memcpy(incoming, chunk.data().data() + i * sizeof(float), m * sizeof(float));
-        for (int64_t j = 0; j < m; ++j) dst[i + j] += incoming[j];
-      }
+      segment.AddPayloadTo(dst);
       // The sum so far goes on: at the next reduce-scatter step, or, once
       // complete (the last step), as the first all-gather step.
       if (step + 1 < n - 1) {
@@ -249,7 +246,7 @@ absl::Status RingAllReduce::Receive(const v1::RingChunk& chunk, bool& pump) {
       }
       pump = true;
     } else {
-      std::memcpy(dst, chunk.data().data(), length * sizeof(float));
+      segment.CopyPayloadTo(dst);
       if (step + 1 < n - 1) {
         to_send_.push_back({v1::RING_PHASE_ALL_GATHER, step + 1, chunk.chunk_index(), offset,
                             length});

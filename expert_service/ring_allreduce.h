@@ -76,7 +76,7 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
   void Start() ABSL_LOCKS_EXCLUDED(mu_);
   // A segment from the predecessor. The status goes back to the sender in
   // its ack; a rejected segment also fails this collective.
-  absl::Status OnChunk(const v1::RingChunk& chunk) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status OnChunk(const ReceivedSegment& segment) ABSL_LOCKS_EXCLUDED(mu_);
   // Ends the collective with `status` (aborted, predecessor gone); the
   // first failure wins.
   void Fail(absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);
@@ -124,8 +124,10 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
   void Pump() ABSL_LOCKS_EXCLUDED(mu_);
   void OnAck(std::unique_ptr<RingSegment> sent, absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);
   // OnChunk's work; `pump` says whether something is now to be sent.
-  absl::Status Receive(const v1::RingChunk& chunk, bool& pump) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status Validate(const v1::RingChunk& chunk) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Receive(const ReceivedSegment& segment, bool& pump)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::Status Validate(const ReceivedSegment& segment) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FailLocked(absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool Finished() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status WaitLocked(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);

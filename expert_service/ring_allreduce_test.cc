@@ -20,6 +20,25 @@ using ::testing::HasSubstr;
 
 constexpr uint64_t kGroup = 0xabc;
 
+// `segment` serialized for the wire, then re-cut into slices of
+// `slice_bytes` (the last one shorter).
+grpc::ByteBuffer CutIntoSlices(const RingSegment& segment, size_t slice_bytes) {
+  grpc::ByteBuffer serialized;
+  bool own = false;
+  EXPECT_TRUE(grpc::SerializationTraits<RingSegment>::Serialize(segment, &serialized, &own).ok());
+  std::vector<grpc::Slice> slices;
+  EXPECT_TRUE(serialized.Dump(&slices).ok());
+  std::string bytes;
+  for (const grpc::Slice& slice : slices) {
+    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  }
+  std::vector<grpc::Slice> cut;
+  for (size_t i = 0; i < bytes.size(); i += slice_bytes) {
+    cut.emplace_back(bytes.data() + i, std::min(slice_bytes, bytes.size() - i));
+  }
+  return grpc::ByteBuffer(cut.data(), cut.size());
+}
+
 // A link into another rank's registry, in order, one segment at a time (as a
 // gRPC stream whose reader acks before reading on), on its own thread.
 class LoopbackLink : public RingLink {
@@ -33,13 +52,16 @@ class LoopbackLink : public RingLink {
     thread_.join();
   }
 
-  // The segment as the receiver would parse it off the wire.
+  // The segment through the real wire format: serialized as the gRPC link
+  // sends it, cut into odd-sized slices as a socket may deliver it (floats
+  // straddle slices), and parsed as the Collective service reads it.
   void Send(RingSegment* segment, AckDone done) override {
-    auto chunk = std::make_unique<v1::RingChunk>(segment->header);
-    chunk->set_data(reinterpret_cast<const char*>(segment->data),
-                    segment->length * sizeof(float));
+    auto received = std::make_unique<ReceivedSegment>();
+    grpc::ByteBuffer wire = CutIntoSlices(*segment, /*slice_bytes=*/1021);
+    const grpc::Status parsed = ReceivedSegment::FromByteBuffer(wire, *received);
+    EXPECT_TRUE(parsed.ok()) << parsed.error_message();
     absl::MutexLock lock(&mu_);
-    queue_.push_back({std::move(chunk), std::move(done)});
+    queue_.push_back({std::move(received), std::move(done)});
   }
 
   // Every later send fails as if the peer had died.
@@ -55,7 +77,7 @@ class LoopbackLink : public RingLink {
 
  private:
   struct Item {
-    std::unique_ptr<v1::RingChunk> chunk;
+    std::unique_ptr<ReceivedSegment> segment;
     AckDone done;
   };
 
@@ -80,7 +102,7 @@ class LoopbackLink : public RingLink {
       }
       absl::Notification acked;
       absl::Status verdict;
-      target_->Deliver(item.chunk.get(), [&](absl::Status s) {
+      target_->Deliver(item.segment.get(), [&](absl::Status s) {
         verdict = std::move(s);
         acked.Notify();
       });
@@ -224,7 +246,8 @@ TEST(RingAllReduce, ChunksOfAnotherStepOrGroupOrSizeAreRejectedNeverSummed) {
   chunk.set_data(reinterpret_cast<const char*>(ones.data()), 5 * sizeof(float));
   auto deliver = [&](const v1::RingChunk& c) {
     absl::Status verdict = absl::UnknownError("no ack");
-    ring.registry(1).Deliver(&c, [&](absl::Status s) { verdict = std::move(s); });
+    const ReceivedSegment segment = ReceivedSegment::FromChunk(c);
+    ring.registry(1).Deliver(&segment, [&](absl::Status s) { verdict = std::move(s); });
     return verdict;
   };
 

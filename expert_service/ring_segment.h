@@ -1,13 +1,21 @@
-// A ring segment as it goes on the wire, without copying its data: the
-// RingChunk header fields (everything but `data`) serialized by protobuf,
-// then the `data` field's tag and length, then the floats themselves as a
-// gRPC slice over the collective's own buffer. The receiver parses it as an
-// ordinary RingChunk (protobuf accepts fields in any order).
+// Ring segments on the wire, without copying their data.
+//
+// Sending (RingSegment): the RingChunk header fields (everything but
+// `data`) serialized by protobuf, then the `data` field's tag and length,
+// then the floats themselves as a gRPC slice over the collective's own
+// buffer.
+//
+// Receiving (ReceivedSegment): any RingChunk encoding is accepted; its
+// `data` bytes stay in the gRPC slices they arrived in, and the collective
+// adds or copies them from there into its buffer (a protobuf parse would
+// first copy them into a string).
 #ifndef MOE_EXPERT_SERVICE_RING_SEGMENT_H_
 #define MOE_EXPERT_SERVICE_RING_SEGMENT_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include <grpcpp/support/byte_buffer.h>
 #include <grpcpp/impl/serialization_traits.h>
@@ -18,6 +26,10 @@
 
 namespace moe::expert {
 
+// The Collective service's one method (proto/collective.proto). A constant:
+// a generic stub keeps a pointer to the name for the life of each call.
+inline constexpr char kRingMethod[] = "/moe.v1.Collective/Ring";
+
 struct RingSegment {
   // Every field but `data`.
   v1::RingChunk header;
@@ -27,6 +39,41 @@ struct RingSegment {
   int64_t length = 0;
 
   uint64_t sequence_id() const { return header.sequence_id(); }
+};
+
+// A segment as the Collective service reads it: the header fields parsed,
+// the `data` bytes left in the slices they arrived in (a float may straddle
+// two slices).
+class ReceivedSegment {
+ public:
+  // From a parsed RingChunk (tests and in-process links): copies its data.
+  static ReceivedSegment FromChunk(const v1::RingChunk& chunk);
+  // From the wire: the slices of `buffer` are kept, not copied. Any valid
+  // RingChunk encoding; a malformed one is INVALID_ARGUMENT.
+  static grpc::Status FromByteBuffer(grpc::ByteBuffer& buffer, ReceivedSegment& segment);
+
+  // Every field but `data`.
+  const v1::RingChunk& header() const { return header_; }
+  size_t payload_bytes() const { return payload_bytes_; }
+  // dst[i] += the i-th float of the payload, for payload_bytes() / 4 floats.
+  void AddPayloadTo(float* dst) const;
+  // dst[i] = the i-th float.
+  void CopyPayloadTo(float* dst) const;
+
+ private:
+  // Bytes [offset, offset + length) of slices_[slice].
+  struct Piece {
+    size_t slice;
+    size_t offset;
+    size_t length;
+  };
+  template <typename Apply>
+  void ForEachRun(float* dst, Apply apply) const;
+
+  v1::RingChunk header_;
+  std::vector<grpc::Slice> slices_;
+  std::vector<Piece> payload_;
+  size_t payload_bytes_ = 0;
 };
 
 }  // namespace moe::expert
@@ -60,6 +107,21 @@ class SerializationTraits<moe::expert::RingSegment, void> {
   // Segments are only sent from here.
   static Status Deserialize(ByteBuffer*, moe::expert::RingSegment*) {
     return Status(StatusCode::UNIMPLEMENTED, "ring segments are not read as RingSegment");
+  }
+};
+
+template <>
+class SerializationTraits<moe::expert::ReceivedSegment, void> {
+ public:
+  // Segments are only received as ReceivedSegment.
+  static Status Serialize(const moe::expert::ReceivedSegment&, ByteBuffer*, bool*) {
+    return Status(StatusCode::UNIMPLEMENTED, "received segments are not sent");
+  }
+
+  static Status Deserialize(ByteBuffer* buffer, moe::expert::ReceivedSegment* segment) {
+    Status status = moe::expert::ReceivedSegment::FromByteBuffer(*buffer, *segment);
+    buffer->Clear();
+    return status;
   }
 };
 

@@ -1,0 +1,198 @@
+#include "expert_service/ring_segment.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace moe::expert {
+namespace {
+
+constexpr int kDataField = 8;
+
+// Reads a message that spans slices, byte by byte where it must, in runs
+// where it can.
+class SliceReader {
+ public:
+  explicit SliceReader(const std::vector<grpc::Slice>& slices) : slices_(slices) {}
+
+  bool AtEnd() {
+    SkipEmpty();
+    return slice_ == slices_.size();
+  }
+
+  bool ReadByte(uint8_t& byte) {
+    SkipEmpty();
+    if (slice_ == slices_.size()) return false;
+    byte = slices_[slice_].begin()[offset_++];
+    return true;
+  }
+
+  bool ReadVarint(uint64_t& value) {
+    value = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      uint8_t byte;
+      if (!ReadByte(byte)) return false;
+      value |= static_cast<uint64_t>(byte & 0x7f) << shift;
+      if ((byte & 0x80) == 0) return true;
+    }
+    return false;
+  }
+
+  // The next `n` bytes as pieces of the slices (nothing copied).
+  template <typename Piece>
+  bool Take(size_t n, std::vector<Piece>& pieces) {
+    while (n > 0) {
+      SkipEmpty();
+      if (slice_ == slices_.size()) return false;
+      const size_t run = std::min(n, slices_[slice_].size() - offset_);
+      pieces.push_back({slice_, offset_, run});
+      offset_ += run;
+      n -= run;
+    }
+    return true;
+  }
+
+  // The next `n` bytes appended to `out`.
+  bool Copy(size_t n, std::string& out) {
+    while (n > 0) {
+      SkipEmpty();
+      if (slice_ == slices_.size()) return false;
+      const size_t run = std::min(n, slices_[slice_].size() - offset_);
+      out.append(reinterpret_cast<const char*>(slices_[slice_].begin()) + offset_, run);
+      offset_ += run;
+      n -= run;
+    }
+    return true;
+  }
+
+ private:
+  void SkipEmpty() {
+    while (slice_ < slices_.size() && offset_ == slices_[slice_].size()) {
+      ++slice_;
+      offset_ = 0;
+    }
+  }
+
+  const std::vector<grpc::Slice>& slices_;
+  size_t slice_ = 0;
+  size_t offset_ = 0;
+};
+
+void AppendVarint(uint64_t value, std::string& out) {
+  while (value >= 0x80) {
+    out.push_back(static_cast<char>((value & 0x7f) | 0x80));
+    value >>= 7;
+  }
+  out.push_back(static_cast<char>(value));
+}
+
+grpc::Status Malformed(const char* what) {
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                      std::string("malformed ring segment: ") + what);
+}
+
+}  // namespace
+
+ReceivedSegment ReceivedSegment::FromChunk(const v1::RingChunk& chunk) {
+  ReceivedSegment segment;
+  segment.header_ = chunk;
+  segment.header_.clear_data();
+  segment.slices_.emplace_back(chunk.data());
+  segment.payload_.push_back({0, 0, chunk.data().size()});
+  segment.payload_bytes_ = chunk.data().size();
+  return segment;
+}
+
+grpc::Status ReceivedSegment::FromByteBuffer(grpc::ByteBuffer& buffer,
+                                             ReceivedSegment& segment) {
+  segment.slices_.clear();
+  segment.payload_.clear();
+  segment.payload_bytes_ = 0;
+  if (grpc::Status dumped = buffer.Dump(&segment.slices_); !dumped.ok()) return dumped;
+  // The header fields are re-encoded into `header` and parsed by protobuf;
+  // `data` is only located.
+  std::string header;
+  SliceReader reader(segment.slices_);
+  while (!reader.AtEnd()) {
+    uint64_t tag;
+    if (!reader.ReadVarint(tag)) return Malformed("truncated tag");
+    const uint64_t field = tag >> 3;
+    const int wire_type = static_cast<int>(tag & 7);
+    if (field == kDataField && wire_type == 2) {
+      uint64_t length;
+      if (!reader.ReadVarint(length)) return Malformed("truncated data length");
+      segment.payload_.clear();  // A repeated field: the last one counts.
+      if (!reader.Take(length, segment.payload_)) return Malformed("truncated data");
+      segment.payload_bytes_ = length;
+      continue;
+    }
+    AppendVarint(tag, header);
+    uint64_t value;
+    switch (wire_type) {
+      case 0:
+        if (!reader.ReadVarint(value)) return Malformed("truncated varint");
+        AppendVarint(value, header);
+        break;
+      case 1:
+        if (!reader.Copy(8, header)) return Malformed("truncated fixed64");
+        break;
+      case 2:
+        if (!reader.ReadVarint(value)) return Malformed("truncated length");
+        AppendVarint(value, header);
+        if (!reader.Copy(value, header)) return Malformed("truncated field");
+        break;
+      case 5:
+        if (!reader.Copy(4, header)) return Malformed("truncated fixed32");
+        break;
+      default:
+        return Malformed("unknown wire type");
+    }
+  }
+  if (!segment.header_.ParseFromString(header)) return Malformed("bad header fields");
+  return grpc::Status::OK;
+}
+
+// Runs apply(dst, src, n) over the payload's floats; `src` may be
+// unaligned, and a float split between two slices is put together first.
+template <typename Apply>
+void ReceivedSegment::ForEachRun(float* dst, Apply apply) const {
+  char split[sizeof(float)];
+  size_t split_bytes = 0;
+  for (const Piece& piece : payload_) {
+    const char* src = reinterpret_cast<const char*>(slices_[piece.slice].begin()) + piece.offset;
+    size_t left = piece.length;
+    if (split_bytes > 0) {
+      const size_t take = std::min(sizeof(float) - split_bytes, left);
+      std::memcpy(split + split_bytes, src, take);
+      split_bytes += take;
+      src += take;
+      left -= take;
+      if (split_bytes < sizeof(float)) continue;
+      apply(dst, split, 1);
+      ++dst;
+      split_bytes = 0;
+    }
+    const size_t floats = left / sizeof(float);
+    apply(dst, src, floats);
+    dst += floats;
+    split_bytes = left - floats * sizeof(float);
+    std::memcpy(split, src + floats * sizeof(float), split_bytes);
+  }
+}
+
+void ReceivedSegment::AddPayloadTo(float* dst) const {
+  ForEachRun(dst, [](float* out, const char* src, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+      float value;
+      std::memcpy(&value, src + i * sizeof(float), sizeof(float));  // unaligned load
+      out[i] += value;
+    }
+  });
+}
+
+void ReceivedSegment::CopyPayloadTo(float* dst) const {
+  ForEachRun(dst, [](float* out, const char* src, size_t n) {
+    std::memcpy(out, src, n * sizeof(float));
+  });
+}
+
+}  // namespace moe::expert
