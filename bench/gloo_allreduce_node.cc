@@ -68,7 +68,7 @@ int main(int argc, char** argv) {
       barrier.run();
       const moe::expert::AllReduceCheck checked =
           moe::expert::CheckAllReduce(buffer, seed, size);
-      moe::Fnv1a64 digest;
+      moe::ArrayDigest64 digest;
       digest.AddFloats(buffer);
       std::printf(
           "allreduce step=%d length=%ld seconds=%.6f bytes_sent=0 digest=%016lx wrong=%ld "

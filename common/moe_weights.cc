@@ -28,7 +28,7 @@ const FloatTensor& ExpertWeights::tensor(ExpertTensor which) const {
 }
 
 uint64_t ExpertWeights::Digest() const {
-  Fnv1a64 digest;
+  ArrayDigest64 digest;
   for (ExpertTensor which : kAllExpertTensors) digest.AddFloats(tensor(which).values());
   return digest.value();
 }

@@ -158,7 +158,7 @@ int Run() {
         ++failures;
         break;
       }
-      Fnv1a64 digest;
+      ArrayDigest64 digest;
       digest.AddFloats(buffer);
       AllReduceCheck checked;
       if (absl::GetFlag(FLAGS_check)) checked = CheckAllReduce(buffer, seed, n);
