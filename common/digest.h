@@ -51,7 +51,7 @@ class ArrayDigest64 {
     }
     for (; i + 8 <= size; i += 8) Mix(lane_[0], Load(bytes + i));
     uint64_t tail = 0;
-    std::memcpy(&tail, bytes + i, size - i);
+    if (size > i) std::memcpy(&tail, bytes + i, size - i);  // `data` may be null if size is 0
     Mix(lane_[1], tail ^ (static_cast<uint64_t>(size - i) << 56));
     length_ += size;
   }

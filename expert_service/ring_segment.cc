@@ -97,7 +97,7 @@ ReceivedSegment ReceivedSegment::FromChunk(const v1::RingChunk& chunk) {
   segment.header_ = chunk;
   segment.header_.clear_data();
   segment.slices_.emplace_back(chunk.data());
-  segment.payload_.push_back({0, 0, chunk.data().size()});
+  if (!chunk.data().empty()) segment.payload_.push_back({0, 0, chunk.data().size()});
   segment.payload_bytes_ = chunk.data().size();
   return segment;
 }
@@ -175,7 +175,7 @@ void ReceivedSegment::ForEachRun(float* dst, Apply apply) const {
     apply(dst, src, floats);
     dst += floats;
     split_bytes = left - floats * sizeof(float);
-    std::memcpy(split, src + floats * sizeof(float), split_bytes);
+    if (split_bytes > 0) std::memcpy(split, src + floats * sizeof(float), split_bytes);
   }
 }
 
@@ -191,7 +191,7 @@ void ReceivedSegment::AddPayloadTo(float* dst) const {
 
 void ReceivedSegment::CopyPayloadTo(float* dst) const {
   ForEachRun(dst, [](float* out, const char* src, size_t n) {
-    std::memcpy(out, src, n * sizeof(float));
+    if (n > 0) std::memcpy(out, src, n * sizeof(float));
   });
 }
 
