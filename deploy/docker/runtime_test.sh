@@ -137,13 +137,15 @@ for index in $(seq $(( ${#pids[@]} - 1 )) -1 0); do
   name="${names[index]}"
   grace="${grace_expert}"
   [ "${name}" = "router" ] && grace="${grace_router}"
-  start_time="$(date +%s.%N)"
+  start_ns="$(date +%s%N)"
   kill -TERM "${pid}"
   code=0
   timeout "${grace}" tail --pid="${pid}" --sleep-interval=0.05 -f /dev/null || fail "${name} still runs ${grace} s after SIGTERM"
   wait "${pid}" || code=$?
   [ "${code}" = 0 ] || fail "${name} exited ${code} after SIGTERM"
-  printf '%s: exit 0, %.2f s after SIGTERM (grace %s s)\n' "${name}" "$(echo "$(date +%s.%N) - ${start_time}" | bc)" "${grace}"
+  elapsed_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
+  printf '%s: exit 0, %d.%03d s after SIGTERM (grace %s s)\n' "${name}" \
+    $((elapsed_ms / 1000)) $((elapsed_ms % 1000)) "${grace}"
 done
 pids=()
 echo "the runtime file set serves as the manifests run it"
