@@ -7,6 +7,7 @@ namespace moe::expert {
 namespace {
 
 constexpr int kDataField = 8;
+constexpr int kLengthDelimited = 2;
 
 // Reads a message that spans slices, byte by byte where it must, in runs
 // where it can.
@@ -40,31 +41,34 @@ class SliceReader {
   // The next `n` bytes as pieces of the slices (nothing copied).
   template <typename Piece>
   bool Take(size_t n, std::vector<Piece>& pieces) {
-    while (n > 0) {
-      SkipEmpty();
-      if (slice_ == slices_.size()) return false;
-      const size_t run = std::min(n, slices_[slice_].size() - offset_);
-      pieces.push_back({slice_, offset_, run});
-      offset_ += run;
-      n -= run;
-    }
-    return true;
+    return ForEachRun(n, [&](size_t slice, size_t offset, size_t run) {
+      pieces.push_back({slice, offset, run});
+    });
   }
 
   // The next `n` bytes appended to `out`.
   bool Copy(size_t n, std::string& out) {
+    return ForEachRun(n, [&](size_t slice, size_t offset, size_t run) {
+      out.append(reinterpret_cast<const char*>(slices_[slice].begin()) + offset, run);
+    });
+  }
+
+ private:
+  // Consumes the next `n` bytes, calling visit(slice, offset, length) for
+  // each stretch within one slice; false if the message ends first.
+  template <typename Visit>
+  bool ForEachRun(size_t n, Visit visit) {
     while (n > 0) {
       SkipEmpty();
       if (slice_ == slices_.size()) return false;
       const size_t run = std::min(n, slices_[slice_].size() - offset_);
-      out.append(reinterpret_cast<const char*>(slices_[slice_].begin()) + offset_, run);
+      visit(slice_, offset_, run);
       offset_ += run;
       n -= run;
     }
     return true;
   }
 
- private:
   void SkipEmpty() {
     while (slice_ < slices_.size() && offset_ == slices_[slice_].size()) {
       ++slice_;
@@ -117,7 +121,7 @@ grpc::Status ReceivedSegment::FromByteBuffer(grpc::ByteBuffer& buffer,
     if (!reader.ReadVarint(tag)) return Malformed("truncated tag");
     const uint64_t field = tag >> 3;
     const int wire_type = static_cast<int>(tag & 7);
-    if (field == kDataField && wire_type == 2) {
+    if (field == kDataField && wire_type == kLengthDelimited) {
       uint64_t length;
       if (!reader.ReadVarint(length)) return Malformed("truncated data length");
       segment.payload_.clear();  // A repeated field: the last one counts.
@@ -196,3 +200,22 @@ void ReceivedSegment::CopyPayloadTo(float* dst) const {
 }
 
 }  // namespace moe::expert
+
+namespace grpc {
+
+Status SerializationTraits<moe::expert::RingSegment, void>::Serialize(
+    const moe::expert::RingSegment& segment, ByteBuffer* buffer, bool* own_buffer) {
+  std::string head = segment.header.SerializeAsString();
+  if (segment.length > 0) {
+    moe::expert::AppendVarint((moe::expert::kDataField << 3) | moe::expert::kLengthDelimited,
+                              head);
+    moe::expert::AppendVarint(static_cast<uint64_t>(segment.length) * sizeof(float), head);
+  }
+  Slice slices[2] = {Slice(head), Slice(segment.data, segment.length * sizeof(float),
+                                        Slice::STATIC_SLICE)};
+  *buffer = ByteBuffer(slices, segment.length > 0 ? 2 : 1);
+  *own_buffer = true;
+  return Status::OK;
+}
+
+}  // namespace grpc

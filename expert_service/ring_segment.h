@@ -83,26 +83,10 @@ namespace grpc {
 template <>
 class SerializationTraits<moe::expert::RingSegment, void> {
  public:
+  // The header, then the `data` field's tag and length, then the floats as
+  // a slice over the sender's buffer.
   static Status Serialize(const moe::expert::RingSegment& segment, ByteBuffer* buffer,
-                          bool* own_buffer) {
-    std::string head = segment.header.SerializeAsString();
-    if (segment.length > 0) {
-      // Field 8 (`data`), wire type 2: tag 0x42, then the byte length as a
-      // varint.
-      head.push_back(static_cast<char>(0x42));
-      uint64_t bytes = static_cast<uint64_t>(segment.length) * sizeof(float);
-      while (bytes >= 0x80) {
-        head.push_back(static_cast<char>((bytes & 0x7f) | 0x80));
-        bytes >>= 7;
-      }
-      head.push_back(static_cast<char>(bytes));
-    }
-    Slice slices[2] = {Slice(head), Slice(segment.data, segment.length * sizeof(float),
-                                          Slice::STATIC_SLICE)};
-    *buffer = ByteBuffer(slices, segment.length > 0 ? 2 : 1);
-    *own_buffer = true;
-    return Status::OK;
-  }
+                          bool* own_buffer);
 
   // Segments are only sent from here.
   static Status Deserialize(ByteBuffer*, moe::expert::RingSegment*) {
