@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <string>
@@ -128,7 +129,7 @@ Timing RunGloo(int n, int64_t floats, int repeats) {
                                  absl::StrCat("--repeats=", repeats), "--seed=3"}));
   }
   Timing timing = Collect(ranks, repeats);
-  std::system(("rm -rf " + dir).c_str());
+  std::filesystem::remove_all(dir);
   return timing;
 }
 

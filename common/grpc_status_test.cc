@@ -27,14 +27,5 @@ TEST(GrpcStatusTest, TruncatesHugeMessages) {
   EXPECT_LT(ToGrpcStatus(absl::InternalError(huge)).error_message().size(), 4096u);
 }
 
-TEST(GrpcStatusTest, ProtoStatusRoundTrips) {
-  v1::Status proto;
-  ToProtoStatus(absl::NotFoundError("request 42: unknown"), &proto);
-  EXPECT_EQ(proto.code(), 5);
-  EXPECT_EQ(FromProtoStatus(proto), absl::NotFoundError("request 42: unknown"));
-  proto.set_code(999);
-  EXPECT_EQ(FromProtoStatus(proto).code(), absl::StatusCode::kUnknown);
-}
-
 }  // namespace
 }  // namespace moe

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
+#include "common/proto_status.h"
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
 #include "expert_service/weight_transfer.h"

@@ -1,6 +1,6 @@
 #include "expert_service/grpc_ring_link.h"
 
-#include "common/grpc_status.h"
+#include "common/proto_status.h"
 
 namespace moe::expert {
 

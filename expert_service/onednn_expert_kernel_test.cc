@@ -41,12 +41,6 @@ std::unique_ptr<OnednnRuntime> Runtime() {
   return *std::move(runtime);
 }
 
-FloatTensor ToBf16Rounded(const FloatTensor& t) {
-  FloatTensor out = t;
-  for (float& v : out.mutable_values()) v = Bf16ToFloat(FloatToBf16(v));
-  return out;
-}
-
 std::vector<uint16_t> Bf16Bits(const FloatTensor& t) {
   std::vector<uint16_t> bits(t.num_elements());
   FloatsToBf16(t.values(), absl::MakeSpan(bits));

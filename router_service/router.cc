@@ -6,7 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/bfloat16.h"
-#include "common/grpc_status.h"
+#include "common/proto_status.h"
 #include "common/log.h"
 #include "common/optimizer.h"
 #include "common/status_macros.h"

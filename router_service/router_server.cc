@@ -9,6 +9,22 @@
 #include "common/status_macros.h"
 
 namespace moe::router {
+namespace {
+
+// W_g as the router starts: from the checkpoint, or the deterministic init.
+absl::StatusOr<FloatTensor> StartingGate(const ModelConfig& model,
+                                         const std::string& checkpoint_path) {
+  if (checkpoint_path.empty()) return InitGate(model);
+  absl::StatusOr<MoeWeights> weights =
+      LoadCheckpoint(checkpoint_path, model, {/*gate=*/true, std::vector<int>{}});
+  if (!weights.ok()) return weights.status();
+  if (!weights->gate.has_value()) {
+    return absl::NotFoundError(absl::StrCat(checkpoint_path, ": no gate tensor"));
+  }
+  return std::move(*weights->gate);
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Create(Options options) {
   if (options.compute_threads < 1) {
@@ -24,15 +40,7 @@ absl::Status RouterServer::Start() {
   const ServingConfig& config = options_.config;
   const ModelConfig& model = config.model;
   MOE_ASSIGN_OR_RETURN(placement_, ComputePlacement(model, config.cluster));
-  FloatTensor gate;
-  if (options_.checkpoint_path.empty()) {
-    gate = InitGate(model);
-  } else {
-    MOE_ASSIGN_OR_RETURN(MoeWeights weights,
-                         LoadCheckpoint(options_.checkpoint_path, model,
-                                        {/*gate=*/true, std::vector<int>{}}));
-    gate = *std::move(weights.gate);
-  }
+  MOE_ASSIGN_OR_RETURN(FloatTensor gate, StartingGate(model, options_.checkpoint_path));
   client_ = GrpcExpertClient::Create({config.cluster.servers, options_.max_message_bytes});
   pool_ = std::make_unique<ComputePool>(options_.compute_threads, options_.max_queued_requests);
   load_stats_ = std::make_unique<LoadStats>(model.num_experts, placement_->num_servers());

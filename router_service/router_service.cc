@@ -3,6 +3,7 @@
 #include <memory>
 
 #include "common/grpc_status.h"
+#include "common/proto_status.h"
 
 namespace moe::router {
 namespace {
