@@ -109,7 +109,7 @@ Timing RunOurs(int n, int64_t floats, int repeats) {
   std::vector<std::unique_ptr<ChildProcess>> ranks;
   for (int r = 0; r < n; ++r) {
     ranks.push_back(std::make_unique<ChildProcess>(
-        RunfilePath("expert_service/allreduce_node"),
+        RunfilePath("expert_service/allreduce/allreduce_node"),
         std::vector<std::string>{absl::StrCat("--rank=", r), "--peers=" + absl::StrJoin(peers, ","),
                                  absl::StrCat("--lengths=", floats),
                                  absl::StrCat("--repeats=", repeats), "--seed=3"}));

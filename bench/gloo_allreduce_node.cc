@@ -17,7 +17,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "common/digest.h"
-#include "expert_service/allreduce_inputs.h"
+#include "expert_service/allreduce/allreduce_inputs.h"
 #include "gloo/allreduce_ring_chunked.h"
 #include "gloo/barrier_all_to_all.h"
 #include "gloo/rendezvous/context.h"
@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
     auto context = std::make_shared<gloo::rendezvous::Context>(rank, size);
     context->connectFullMesh(prefix, device);
     std::vector<float> input(length), buffer(length);
-    moe::expert::FillAllReduceInput(seed, rank, absl::MakeSpan(input));
+    moe::allreduce::FillAllReduceInput(seed, rank, absl::MakeSpan(input));
     std::vector<float*> pointers = {buffer.data()};
     for (int repeat = 0; repeat < absl::GetFlag(FLAGS_repeats); ++repeat) {
       std::copy(input.begin(), input.end(), buffer.begin());
@@ -66,8 +66,8 @@ int main(int argc, char** argv) {
       const double seconds = absl::ToDoubleSeconds(absl::Now() - start);
       // No rank checks (heavy) while another is still being timed.
       barrier.run();
-      const moe::expert::AllReduceCheck checked =
-          moe::expert::CheckAllReduce(buffer, seed, size);
+      const moe::allreduce::AllReduceCheck checked =
+          moe::allreduce::CheckAllReduce(buffer, seed, size);
       moe::ArrayDigest64 digest;
       digest.AddFloats(buffer);
       std::printf(

@@ -98,14 +98,14 @@ absl::Status ExpertServer::Start() {
     MOE_LOG(INFO, "micro-batching: window ", absl::FormatDuration(options_.batch_window),
             ", up to ", options_.max_batch_rows, " rows");
   }
-  collectives_ = std::make_unique<CollectiveRegistry>();
+  collectives_ = std::make_unique<allreduce::CollectiveRegistry>();
   std::vector<StepRing> rings = BuildRings(placement, index);
   steps_ = std::make_unique<StepExecutor>(
       StepExecutor::Options{model.optimizer, options_.name, std::move(rings), options_.ring,
                             options_.step_prepared_timeout},
       *store_, *collectives_);
   step_pool_ = std::make_unique<ComputePool>(1, 64);
-  collective_service_ = std::make_unique<CollectiveService>(collectives_.get());
+  collective_service_ = std::make_unique<allreduce::CollectiveService>(collectives_.get());
   service_ = std::make_unique<ExpertServiceImpl>(
       ExpertServiceImpl::Options{options_.name, options_.clock}, *store_, *pool_, *metrics_,
       batcher_.get(), steps_.get(), step_pool_.get());
@@ -136,7 +136,7 @@ std::vector<StepRing> ExpertServer::BuildRings(const Placement& placement, int i
     const int successor = group.servers[(rank + 1) % size];
     const int predecessor = group.servers[(rank + size - 1) % size];
     if (ring_links_[successor] == nullptr) {
-      ring_links_[successor] = std::make_unique<GrpcRingLink>(
+      ring_links_[successor] = std::make_unique<allreduce::GrpcRingLink>(
           label(successor), cluster.servers[successor].address, options_.max_message_bytes);
     }
     collectives_->AddGroup(group.id);

@@ -18,12 +18,12 @@
 #include "common/compute_pool.h"
 #include "common/model_config.h"
 #include "common/placement.h"
-#include "expert_service/collective_registry.h"
-#include "expert_service/collective_service.h"
+#include "expert_service/allreduce/collective_registry.h"
+#include "expert_service/allreduce/collective_service.h"
 #include "expert_service/expert_metrics.h"
 #include "expert_service/expert_service.h"
 #include "expert_service/expert_store.h"
-#include "expert_service/grpc_ring_link.h"
+#include "expert_service/allreduce/grpc_ring_link.h"
 #include "expert_service/micro_batcher.h"
 #include "expert_service/onednn_runtime.h"
 #include "expert_service/step_executor.h"
@@ -63,7 +63,7 @@ class ExpertServer {
     // How long SIGTERM waits for open streams to answer what they accepted.
     absl::Duration drain_timeout = absl::Seconds(10);
     // The gradient all-reduce's pipeline segment and window.
-    RingOptions ring;
+    allreduce::RingOptions ring;
     // A prepared step with no commit or abort within this aborts itself.
     absl::Duration step_prepared_timeout = absl::Seconds(60);
     // Largest gRPC message either way.
@@ -111,11 +111,11 @@ class ExpertServer {
   // The training step: ring links to this server's successors (by server
   // index; null where none), the registry of collectives, the executor and
   // its thread.
-  std::unique_ptr<CollectiveRegistry> collectives_;
-  std::vector<std::unique_ptr<GrpcRingLink>> ring_links_;
+  std::unique_ptr<allreduce::CollectiveRegistry> collectives_;
+  std::vector<std::unique_ptr<allreduce::GrpcRingLink>> ring_links_;
   std::unique_ptr<StepExecutor> steps_;
   std::unique_ptr<ComputePool> step_pool_;
-  std::unique_ptr<CollectiveService> collective_service_;
+  std::unique_ptr<allreduce::CollectiveService> collective_service_;
   std::unique_ptr<ExpertServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;

@@ -11,7 +11,7 @@
 
 namespace moe::expert {
 
-StepExecutor::StepExecutor(Options options, ExpertStore& store, CollectiveRegistry& registry)
+StepExecutor::StepExecutor(Options options, ExpertStore& store, allreduce::CollectiveRegistry& registry)
     : options_(std::move(options)), store_(store), registry_(registry) {}
 
 StepExecutor::~StepExecutor() {
@@ -119,7 +119,7 @@ absl::Status StepExecutor::AllReduce(uint64_t step, const std::map<int, ExpertWe
                                      std::map<int, ExpertWeights>& summed, absl::Time deadline,
                                      PrepareResult& result) {
   const absl::Time start = absl::Now();
-  std::vector<std::shared_ptr<RingAllReduce>> collectives;
+  std::vector<std::shared_ptr<allreduce::RingAllReduce>> collectives;
   int64_t floats = 0;
   for (size_t g = 0; g < options_.rings.size(); ++g) {
     const StepRing& ring = options_.rings[g];
@@ -137,7 +137,7 @@ absl::Status StepExecutor::AllReduce(uint64_t step, const std::map<int, ExpertWe
       }
     }
     floats += static_cast<int64_t>(buffer.size());
-    collectives.push_back(RingAllReduce::Create(
+    collectives.push_back(allreduce::RingAllReduce::Create(
         {step, ring.group_id, ring.rank, ring.size, ring.predecessor, ring.successor,
          std::move(buffer)},
         options_.ring, ring.link));

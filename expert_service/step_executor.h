@@ -25,9 +25,9 @@
 #include "absl/time/time.h"
 #include "common/deadline_timer.h"
 #include "common/model_config.h"
-#include "expert_service/collective_registry.h"
+#include "expert_service/allreduce/collective_registry.h"
 #include "expert_service/expert_store.h"
-#include "expert_service/ring_allreduce.h"
+#include "expert_service/allreduce/ring_allreduce.h"
 
 namespace moe::expert {
 
@@ -41,7 +41,7 @@ struct StepRing {
   std::string predecessor;
   std::string successor;
   // To the successor; outlives the executor.
-  RingLink* link = nullptr;
+  allreduce::RingLink* link = nullptr;
 };
 
 class StepExecutor {
@@ -50,7 +50,7 @@ class StepExecutor {
     OptimizerOptions optimizer;
     std::string server_name;
     std::vector<StepRing> rings;
-    RingOptions ring;
+    allreduce::RingOptions ring;
     // A prepared step with no commit or abort within this is aborted here.
     absl::Duration prepared_timeout = absl::Seconds(60);
   };
@@ -64,7 +64,7 @@ class StepExecutor {
 
   // `store` and `registry` must outlive the executor; the registry must know
   // the rings' groups.
-  StepExecutor(Options options, ExpertStore& store, CollectiveRegistry& registry);
+  StepExecutor(Options options, ExpertStore& store, allreduce::CollectiveRegistry& registry);
   // Aborts a prepared step.
   ~StepExecutor();
 
@@ -99,7 +99,7 @@ class StepExecutor {
 
   const Options options_;
   ExpertStore& store_;
-  CollectiveRegistry& registry_;
+  allreduce::CollectiveRegistry& registry_;
 
   mutable absl::Mutex mu_;
   uint64_t last_committed_ ABSL_GUARDED_BY(mu_) = 0;

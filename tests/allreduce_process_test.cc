@@ -38,7 +38,7 @@ Ranks StartRanks(int n, const std::vector<std::string>& extra_flags) {
                                      "--peers=" + absl::StrJoin(peers, ",")};
     args.insert(args.end(), extra_flags.begin(), extra_flags.end());
     ranks.processes.push_back(
-        std::make_unique<ChildProcess>(RunfilePath("expert_service/allreduce_node"), args));
+        std::make_unique<ChildProcess>(RunfilePath("expert_service/allreduce/allreduce_node"), args));
   }
   return ranks;
 }

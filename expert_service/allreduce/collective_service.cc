@@ -1,4 +1,4 @@
-#include "expert_service/collective_service.h"
+#include "expert_service/allreduce/collective_service.h"
 
 #include <deque>
 #include <vector>
@@ -14,7 +14,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/proto_status.h"
 
-namespace moe::expert {
+namespace moe::allreduce {
 namespace {
 
 class RingReactor final : public grpc::ServerBidiReactor<ReceivedSegment, v1::RingAck> {
@@ -44,7 +44,7 @@ class RingReactor final : public grpc::ServerBidiReactor<ReceivedSegment, v1::Ri
     }
     {
       absl::MutexLock lock(&mu_);
-      groups_.insert(segment_.header().id().group_id());
+      groups_.insert(segment_.header().group_id);
     }
     // The verdict may come later, on another thread (a parked segment).
     registry_->Deliver(&segment_, [this](absl::Status verdict) { OnVerdict(verdict); });
@@ -72,7 +72,7 @@ class RingReactor final : public grpc::ServerBidiReactor<ReceivedSegment, v1::Ri
 
  private:
   void OnVerdict(const absl::Status& verdict) {
-    const v1::RingChunk& chunk = segment_.header();
+    const v1::RingChunk& chunk = segment_.wire_header();
     v1::RingAck ack;
     *ack.mutable_id() = chunk.id();
     ack.set_ring_step(chunk.ring_step());
@@ -125,4 +125,4 @@ CollectiveService::CollectiveService(CollectiveRegistry* registry) : registry_(r
                             }));
 }
 
-}  // namespace moe::expert
+}  // namespace moe::allreduce

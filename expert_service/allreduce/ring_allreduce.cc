@@ -1,17 +1,16 @@
-#include "expert_service/ring_allreduce.h"
+#include "expert_service/allreduce/ring_allreduce.h"
 
 #include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "common/proto_status.h"
 #include "common/log.h"
 
-namespace moe::expert {
+namespace moe::allreduce {
 namespace {
 
-int PhaseIndex(v1::RingPhase phase) { return phase == v1::RING_PHASE_REDUCE_SCATTER ? 0 : 1; }
+int PhaseIndex(RingPhase phase) { return phase == RingPhase::kReduceScatter ? 0 : 1; }
 
 }  // namespace
 
@@ -29,13 +28,13 @@ RingAllReduce::RingAllReduce(Spec spec, RingOptions options, RingLink* successor
   const int r = spec_.rank;
   for (int s = 0; s + 1 < n; ++s) {
     sends_expected_ += SegmentsIn(Mod(r - s)) + SegmentsIn(Mod(r + 1 - s));
-    receives_expected_ += SegmentsIn(ReceivedChunk(v1::RING_PHASE_REDUCE_SCATTER, s)) +
-                          SegmentsIn(ReceivedChunk(v1::RING_PHASE_ALL_GATHER, s));
+    receives_expected_ += SegmentsIn(ReceivedChunk(RingPhase::kReduceScatter, s)) +
+                          SegmentsIn(ReceivedChunk(RingPhase::kAllGather, s));
   }
   next_offset_.resize(2 * std::max(n - 1, 0));
   for (int s = 0; s + 1 < n; ++s) {
-    next_offset_[s] = ChunkBegin(ReceivedChunk(v1::RING_PHASE_REDUCE_SCATTER, s));
-    next_offset_[n - 1 + s] = ChunkBegin(ReceivedChunk(v1::RING_PHASE_ALL_GATHER, s));
+    next_offset_[s] = ChunkBegin(ReceivedChunk(RingPhase::kReduceScatter, s));
+    next_offset_[n - 1 + s] = ChunkBegin(ReceivedChunk(RingPhase::kAllGather, s));
   }
 }
 
@@ -52,12 +51,12 @@ int64_t RingAllReduce::SegmentsIn(int chunk) const {
   return (length + options_.segment_elements - 1) / options_.segment_elements;
 }
 
-int RingAllReduce::ReceivedChunk(v1::RingPhase phase, int ring_step) const {
-  return phase == v1::RING_PHASE_REDUCE_SCATTER ? Mod(spec_.rank - ring_step - 1)
+int RingAllReduce::ReceivedChunk(RingPhase phase, int ring_step) const {
+  return phase == RingPhase::kReduceScatter ? Mod(spec_.rank - ring_step - 1)
                                                 : Mod(spec_.rank - ring_step);
 }
 
-void RingAllReduce::QueueChunk(v1::RingPhase phase, int ring_step, int chunk) {
+void RingAllReduce::QueueChunk(RingPhase phase, int ring_step, int chunk) {
   const int64_t end = ChunkEnd(chunk);
   for (int64_t offset = ChunkBegin(chunk); offset < end; offset += options_.segment_elements) {
     to_send_.push_back(
@@ -69,7 +68,7 @@ void RingAllReduce::Start() {
   {
     absl::MutexLock lock(&mu_);
     if (spec_.size == 1) return;  // nothing to exchange: Wait returns at once
-    QueueChunk(v1::RING_PHASE_REDUCE_SCATTER, 0, spec_.rank);
+    QueueChunk(RingPhase::kReduceScatter, 0, spec_.rank);
   }
   Pump();
 }
@@ -82,66 +81,53 @@ void RingAllReduce::Pump() {
     pumping_ = true;
   }
   while (true) {
-    std::unique_ptr<RingSegment> segment;
+    RingHeader header;
+    absl::Span<const float> data;
     bool abort = false;
     {
       absl::MutexLock lock(&mu_);
-      if (spare_.empty()) {
-        segment = std::make_unique<RingSegment>();
-      } else {
-        segment = std::move(spare_.back());
-        spare_.pop_back();
-      }
-      v1::RingChunk& header = segment->header;
-      header.mutable_id()->set_step(spec_.step);
-      header.mutable_id()->set_group_id(spec_.group_id);
-      header.set_sender_rank(spec_.rank);
-      header.set_buffer_elements(static_cast<int64_t>(spec_.buffer.size()));
-      segment->data = nullptr;
-      segment->length = 0;
+      header.step = spec_.step;
+      header.group_id = spec_.group_id;
+      header.sender_rank = spec_.rank;
+      header.buffer_elements = static_cast<int64_t>(spec_.buffer.size());
       if (abort_pending_) {
         abort_pending_ = false;
         abort = true;
-        ToProtoStatus(status_, header.mutable_abort());
+        header.abort = status_;
       } else if (!status_.ok() || to_send_.empty() ||
                  in_flight_ >= options_.window_segments) {
-        spare_.push_back(std::move(segment));
         pumping_ = false;
         return;
       } else {
         const Segment next = to_send_.front();
         to_send_.pop_front();
         ++in_flight_;
-        header.set_phase(next.phase);
-        header.set_ring_step(next.ring_step);
-        header.set_chunk_index(next.chunk);
-        header.set_offset_elements(next.offset);
+        header.phase = next.phase;
+        header.ring_step = next.ring_step;
+        header.chunk_index = next.chunk;
+        header.offset_elements = next.offset;
         // Sent from the buffer as it is, without a copy: a segment's region
         // changes again only after this send has gone all the way round the
         // ring (and was acknowledged here).
-        segment->data = spec_.buffer.data() + next.offset;
-        segment->length = next.length;
+        data = absl::MakeConstSpan(spec_.buffer.data() + next.offset,
+                                   static_cast<size_t>(next.length));
         bytes_sent_ += next.length * static_cast<int64_t>(sizeof(float));
       }
     }
-    RingSegment* raw = segment.get();
     if (abort) {
       // Best effort: the successor may be the one that is gone.
-      successor_->Send(raw, [self = shared_from_this(), segment = std::move(segment)](
-                                absl::Status) {});
+      successor_->Send(header, {}, [self = shared_from_this()](absl::Status) {});
     } else {
-      successor_->Send(raw, [self = shared_from_this(), segment = std::move(segment)](
-                                absl::Status status) mutable {
-        self->OnAck(std::move(segment), std::move(status));
+      successor_->Send(header, data, [self = shared_from_this()](absl::Status status) {
+        self->OnAck(std::move(status));
       });
     }
   }
 }
 
-void RingAllReduce::OnAck(std::unique_ptr<RingSegment> sent, absl::Status status) {
+void RingAllReduce::OnAck(absl::Status status) {
   {
     absl::MutexLock lock(&mu_);
-    spare_.push_back(std::move(sent));
     --in_flight_;
     if (status.ok()) {
       ++acked_;
@@ -154,44 +140,43 @@ void RingAllReduce::OnAck(std::unique_ptr<RingSegment> sent, absl::Status status
   Pump();
 }
 
-absl::Status RingAllReduce::Validate(const ReceivedSegment& segment) const {
-  const v1::RingChunk& chunk = segment.header();
+absl::Status RingAllReduce::Validate(const ReceivedRingSegment& segment) const {
+  const RingHeader& chunk = segment.header();
   const int n = spec_.size;
   auto reject = [&](auto... what) {
     return absl::InvalidArgumentError(absl::StrCat(Name(), ": rejected a segment from ",
                                                    spec_.predecessor, ": ", what...));
   };
-  if (chunk.id().step() != spec_.step || chunk.id().group_id() != spec_.group_id) {
+  if (chunk.step != spec_.step || chunk.group_id != spec_.group_id) {
     return absl::FailedPreconditionError(absl::StrCat(
-        Name(), ": rejected a segment of step ", chunk.id().step(), " group ",
-        absl::Hex(chunk.id().group_id())));
+        Name(), ": rejected a segment of step ", chunk.step, " group ",
+        absl::Hex(chunk.group_id)));
   }
-  if (chunk.buffer_elements() != static_cast<int64_t>(spec_.buffer.size())) {
-    return reject("buffer of ", chunk.buffer_elements(), " elements, this rank has ",
+  if (chunk.buffer_elements != static_cast<int64_t>(spec_.buffer.size())) {
+    return reject("buffer of ", chunk.buffer_elements, " elements, this rank has ",
                   spec_.buffer.size());
   }
-  if (chunk.sender_rank() != Mod(spec_.rank - 1)) {
-    return reject("sender rank ", chunk.sender_rank(), ", the predecessor is rank ",
+  if (chunk.sender_rank != Mod(spec_.rank - 1)) {
+    return reject("sender rank ", chunk.sender_rank, ", the predecessor is rank ",
                   Mod(spec_.rank - 1));
   }
-  if (chunk.phase() != v1::RING_PHASE_REDUCE_SCATTER &&
-      chunk.phase() != v1::RING_PHASE_ALL_GATHER) {
-    return reject("unknown phase ", static_cast<int>(chunk.phase()));
+  if (chunk.phase != RingPhase::kReduceScatter && chunk.phase != RingPhase::kAllGather) {
+    return reject("unknown phase ", static_cast<int>(chunk.phase));
   }
-  if (chunk.ring_step() < 0 || chunk.ring_step() >= n - 1) {
-    return reject("ring step ", chunk.ring_step(), " outside [0, ", n - 1, ")");
+  if (chunk.ring_step < 0 || chunk.ring_step >= n - 1) {
+    return reject("ring step ", chunk.ring_step, " outside [0, ", n - 1, ")");
   }
-  const int expected_chunk = ReceivedChunk(chunk.phase(), chunk.ring_step());
-  if (chunk.chunk_index() != expected_chunk) {
-    return reject("chunk ", chunk.chunk_index(), " at ring step ", chunk.ring_step(),
+  const int expected_chunk = ReceivedChunk(chunk.phase, chunk.ring_step);
+  if (chunk.chunk_index != expected_chunk) {
+    return reject("chunk ", chunk.chunk_index, " at ring step ", chunk.ring_step,
                   ", expected chunk ", expected_chunk);
   }
   const int64_t expected_offset =
-      next_offset_[PhaseIndex(chunk.phase()) * (n - 1) + chunk.ring_step()];
+      next_offset_[PhaseIndex(chunk.phase) * (n - 1) + chunk.ring_step];
   const int64_t length =
       std::min(options_.segment_elements, ChunkEnd(expected_chunk) - expected_offset);
-  if (chunk.offset_elements() != expected_offset || length <= 0) {
-    return reject("segment at element ", chunk.offset_elements(), ", expected ",
+  if (chunk.offset_elements != expected_offset || length <= 0) {
+    return reject("segment at element ", chunk.offset_elements, ", expected ",
                   length <= 0 ? std::string("none (chunk complete)")
                               : absl::StrCat(expected_offset));
   }
@@ -202,7 +187,7 @@ absl::Status RingAllReduce::Validate(const ReceivedSegment& segment) const {
   return absl::OkStatus();
 }
 
-absl::Status RingAllReduce::OnChunk(const ReceivedSegment& segment) {
+absl::Status RingAllReduce::OnChunk(const ReceivedRingSegment& segment) {
   bool pump = false;
   absl::Status verdict;
   {
@@ -213,11 +198,11 @@ absl::Status RingAllReduce::OnChunk(const ReceivedSegment& segment) {
   return verdict;
 }
 
-absl::Status RingAllReduce::Receive(const ReceivedSegment& segment, bool& pump) {
-  const v1::RingChunk& chunk = segment.header();
+absl::Status RingAllReduce::Receive(const ReceivedRingSegment& segment, bool& pump) {
+  const RingHeader& chunk = segment.header();
   if (!status_.ok()) return status_;
-  if (chunk.has_abort()) {
-    const absl::Status cause = FromProtoStatus(chunk.abort());
+  if (!chunk.abort.ok()) {
+    const absl::Status& cause = chunk.abort;
     FailLocked(absl::Status(cause.code(), absl::StrCat(Name(), ": ", spec_.predecessor,
                                                        " failed: ", cause.message())));
     pump = true;  // passes it on
@@ -230,30 +215,30 @@ absl::Status RingAllReduce::Receive(const ReceivedSegment& segment, bool& pump) 
   }
   {
     const int n = spec_.size;
-    const int step = chunk.ring_step();
-    const int64_t offset = chunk.offset_elements();
+    const int step = chunk.ring_step;
+    const int64_t offset = chunk.offset_elements;
     const int64_t length = static_cast<int64_t>(segment.payload_bytes() / sizeof(float));
     float* dst = spec_.buffer.data() + offset;
-    if (chunk.phase() == v1::RING_PHASE_REDUCE_SCATTER) {
+    if (chunk.phase == RingPhase::kReduceScatter) {
       segment.AddPayloadTo(dst);
       // The sum so far goes on: at the next reduce-scatter step, or, once
       // complete (the last step), as the first all-gather step.
       if (step + 1 < n - 1) {
-        to_send_.push_back({v1::RING_PHASE_REDUCE_SCATTER, step + 1, chunk.chunk_index(), offset,
+        to_send_.push_back({RingPhase::kReduceScatter, step + 1, chunk.chunk_index, offset,
                             length});
       } else {
-        to_send_.push_back({v1::RING_PHASE_ALL_GATHER, 0, chunk.chunk_index(), offset, length});
+        to_send_.push_back({RingPhase::kAllGather, 0, chunk.chunk_index, offset, length});
       }
       pump = true;
     } else {
       segment.CopyPayloadTo(dst);
       if (step + 1 < n - 1) {
-        to_send_.push_back({v1::RING_PHASE_ALL_GATHER, step + 1, chunk.chunk_index(), offset,
+        to_send_.push_back({RingPhase::kAllGather, step + 1, chunk.chunk_index, offset,
                             length});
         pump = true;
       }
     }
-    next_offset_[PhaseIndex(chunk.phase()) * (n - 1) + step] = offset + length;
+    next_offset_[PhaseIndex(chunk.phase) * (n - 1) + step] = offset + length;
     ++received_;
   }
   return absl::OkStatus();
@@ -327,4 +312,4 @@ int64_t RingAllReduce::bytes_sent() const {
   return bytes_sent_;
 }
 
-}  // namespace moe::expert
+}  // namespace moe::allreduce

@@ -1,11 +1,11 @@
-#include "expert_service/collective_registry.h"
+#include "expert_service/allreduce/collective_registry.h"
 
 #include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 
-namespace moe::expert {
+namespace moe::allreduce {
 
 CollectiveRegistry::CollectiveRegistry(absl::Duration park_timeout)
     : park_timeout_(park_timeout) {}
@@ -37,6 +37,29 @@ void CollectiveRegistry::AddGroup(uint64_t group_id) {
   groups_[group_id];
 }
 
+void CollectiveRegistry::RemoveGroup(uint64_t group_id) {
+  Group removed;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = groups_.find(group_id);
+    if (it == groups_.end()) return;
+    removed = std::move(it->second);
+    groups_.erase(it);
+  }
+  const absl::Status why = absl::FailedPreconditionError(
+      absl::StrCat("group ", absl::Hex(group_id), " was removed from this server"));
+  for (auto& p : removed.parked) {
+    timer_.Cancel(p->timer_id);
+    std::move(p->ack)(why);
+  }
+  if (removed.running != nullptr) removed.running->Fail(why);
+}
+
+bool CollectiveRegistry::HasGroup(uint64_t group_id) const {
+  absl::MutexLock lock(&mu_);
+  return groups_.contains(group_id);
+}
+
 void CollectiveRegistry::Register(std::shared_ptr<RingAllReduce> collective) {
   std::vector<std::unique_ptr<Parked>> ready;
   std::vector<std::unique_ptr<Parked>> stale;
@@ -45,20 +68,20 @@ void CollectiveRegistry::Register(std::shared_ptr<RingAllReduce> collective) {
     Group& group = groups_[collective->group_id()];
     group.running = collective;
     for (auto& p : group.parked) {
-      (p->segment->header().id().step() == collective->step() ? ready : stale).push_back(std::move(p));
+      (p->segment->header().step == collective->step() ? ready : stale).push_back(std::move(p));
     }
     group.parked.clear();
     // Segments of a later step (cannot happen while steps run in order)
     // stay parked.
     for (auto& p : stale) {
-      if (p->segment->header().id().step() > collective->step()) group.parked.push_back(std::move(p));
+      if (p->segment->header().step > collective->step()) group.parked.push_back(std::move(p));
     }
     stale.erase(std::remove(stale.begin(), stale.end(), nullptr), stale.end());
   }
   for (auto& p : stale) {
     timer_.Cancel(p->timer_id);
     std::move(p->ack)(absl::FailedPreconditionError(
-        absl::StrCat("segment of step ", p->segment->header().id().step(), ": this server is at step ",
+        absl::StrCat("segment of step ", p->segment->header().step, ": this server is at step ",
                      collective->step(), " of group ", absl::Hex(collective->group_id()))));
   }
   for (auto& p : ready) {
@@ -69,15 +92,17 @@ void CollectiveRegistry::Register(std::shared_ptr<RingAllReduce> collective) {
 
 void CollectiveRegistry::Unregister(const RingAllReduce& collective) {
   absl::MutexLock lock(&mu_);
-  Group& group = groups_[collective.group_id()];
+  auto it = groups_.find(collective.group_id());
+  if (it == groups_.end()) return;  // removed meanwhile
+  Group& group = it->second;
   if (group.running.get() == &collective) group.running.reset();
   group.over = group.has_over ? std::max(group.over, collective.step()) : collective.step();
   group.has_over = true;
 }
 
-void CollectiveRegistry::Deliver(const ReceivedSegment* segment, Ack ack) {
-  const uint64_t step = segment->header().id().step();
-  const uint64_t group_id = segment->header().id().group_id();
+void CollectiveRegistry::Deliver(const ReceivedRingSegment* segment, Ack ack) {
+  const uint64_t step = segment->header().step;
+  const uint64_t group_id = segment->header().group_id;
   std::shared_ptr<RingAllReduce> target;
   absl::Status rejected;
   {
@@ -127,7 +152,7 @@ void CollectiveRegistry::Expire(uint64_t group_id, Parked* parked) {
     list.erase(it);
   }
   std::move(mine->ack)(absl::DeadlineExceededError(absl::StrCat(
-      "segment of step ", mine->segment->header().id().step(), " group ", absl::Hex(group_id),
+      "segment of step ", mine->segment->header().step, " group ", absl::Hex(group_id),
       ": this server did not start that step within ", absl::FormatDuration(park_timeout_))));
 }
 
@@ -156,7 +181,7 @@ void CollectiveRegistry::AbortStep(uint64_t step, const absl::Status& why) {
         running.push_back(group.running);
       }
       for (auto& p : group.parked) {
-        if (p->segment->header().id().step() == step) rejected.push_back(std::move(p));
+        if (p->segment->header().step == step) rejected.push_back(std::move(p));
       }
       group.parked.erase(std::remove(group.parked.begin(), group.parked.end(), nullptr),
                          group.parked.end());
@@ -171,4 +196,4 @@ void CollectiveRegistry::AbortStep(uint64_t step, const absl::Status& why) {
   }
 }
 
-}  // namespace moe::expert
+}  // namespace moe::allreduce

@@ -1,8 +1,8 @@
-#include "expert_service/grpc_ring_link.h"
+#include "expert_service/allreduce/grpc_ring_link.h"
 
 #include "common/proto_status.h"
 
-namespace moe::expert {
+namespace moe::allreduce {
 
 GrpcRingLink::GrpcRingLink(std::string name, const std::string& address,
                            int max_message_bytes, absl::Duration min_backoff,
@@ -19,10 +19,17 @@ GrpcRingLink::GrpcRingLink(std::string name, const std::string& address,
       min_backoff, max_backoff);
 }
 
-void GrpcRingLink::Send(RingSegment* segment, AckDone done) {
+void GrpcRingLink::Send(const RingHeader& header, absl::Span<const float> data,
+                        AckDone done) {
+  // The message lives until its ack; its data is a slice over `data`.
+  auto segment = std::make_unique<RingSegment>();
+  RingHeaderToChunk(header, &segment->header);
   segment->header.set_sequence_id(next_sequence_.fetch_add(1));
-  session_->Send(*segment, [done = std::move(done)](
-                               absl::StatusOr<std::unique_ptr<v1::RingAck>> ack) mutable {
+  segment->data = data.data();
+  segment->length = static_cast<int64_t>(data.size());
+  const RingSegment& message = *segment;
+  session_->Send(message, [segment = std::move(segment), done = std::move(done)](
+                              absl::StatusOr<std::unique_ptr<v1::RingAck>> ack) mutable {
     if (!ack.ok()) {
       std::move(done)(ack.status());
     } else if ((*ack)->has_error()) {
@@ -33,4 +40,4 @@ void GrpcRingLink::Send(RingSegment* segment, AckDone done) {
   });
 }
 
-}  // namespace moe::expert
+}  // namespace moe::allreduce

@@ -1,4 +1,4 @@
-#include "expert_service/ring_segment.h"
+#include "expert_service/allreduce/ring_segment.h"
 
 #include <string>
 #include <vector>
@@ -6,7 +6,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
-namespace moe::expert {
+namespace moe::allreduce {
 namespace {
 
 using ::testing::HasSubstr;
@@ -65,7 +65,7 @@ TEST(ReceivedSegmentTest, ParsesWhatTheLinkSendsCutAnywhere) {
     grpc::ByteBuffer wire = Cut(bytes, slice_bytes);
     ReceivedSegment segment;
     ASSERT_TRUE(ReceivedSegment::FromByteBuffer(wire, segment).ok()) << slice_bytes;
-    EXPECT_EQ(segment.header().SerializeAsString(), Header().SerializeAsString()) << slice_bytes;
+    EXPECT_EQ(segment.wire_header().SerializeAsString(), Header().SerializeAsString()) << slice_bytes;
     ASSERT_EQ(segment.payload_bytes(), values.size() * sizeof(float));
     std::vector<float> copied(values.size(), -1.0f);
     segment.CopyPayloadTo(copied.data());
@@ -95,7 +95,7 @@ TEST(ReceivedSegmentTest, ParsesAnyProtobufEncoding) {
   ASSERT_TRUE(ReceivedSegment::FromByteBuffer(wire, segment).ok());
   v1::RingChunk expected = Header();
   expected.mutable_abort()->set_message("from the predecessor");
-  EXPECT_EQ(segment.header().SerializeAsString(), expected.SerializeAsString());
+  EXPECT_EQ(segment.wire_header().SerializeAsString(), expected.SerializeAsString());
   ASSERT_EQ(segment.payload_bytes(), last.size() * sizeof(float));
   std::vector<float> copied(last.size());
   segment.CopyPayloadTo(copied.data());
@@ -107,11 +107,38 @@ TEST(ReceivedSegmentTest, FromChunkKeepsHeaderAndData) {
   v1::RingChunk chunk = Header();
   chunk.set_data(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float));
   const ReceivedSegment segment = ReceivedSegment::FromChunk(chunk);
-  EXPECT_FALSE(segment.header().has_abort());
-  EXPECT_TRUE(segment.header().data().empty());
+  EXPECT_FALSE(segment.wire_header().has_abort());
+  EXPECT_TRUE(segment.wire_header().data().empty());
   std::vector<float> copied(values.size());
   segment.CopyPayloadTo(copied.data());
   EXPECT_EQ(copied, values);
+}
+
+TEST(ReceivedSegmentTest, HeaderFieldsMapBothWays) {
+  const ReceivedSegment segment = ReceivedSegment::FromChunk(Header());
+  const RingHeader& header = segment.header();
+  EXPECT_EQ(header.step, 12u);
+  EXPECT_EQ(header.group_id, 0xfeedbeefcafeULL);
+  EXPECT_EQ(header.sender_rank, 3);
+  EXPECT_EQ(header.phase, RingPhase::kAllGather);
+  EXPECT_EQ(header.ring_step, 2);
+  EXPECT_EQ(header.chunk_index, 1);
+  EXPECT_EQ(header.offset_elements, 1234567);
+  EXPECT_EQ(header.buffer_elements, 9999999);
+  EXPECT_TRUE(header.abort.ok());
+  v1::RingChunk back;
+  RingHeaderToChunk(header, &back);
+  back.set_sequence_id(77);
+  EXPECT_EQ(back.SerializeAsString(), Header().SerializeAsString());
+}
+
+TEST(ReceivedSegmentTest, AnAbortIsNeverOkAndAnUnknownPhaseIsKept) {
+  v1::RingChunk chunk = Header();
+  chunk.mutable_abort()->set_message("code 0");
+  chunk.set_phase(static_cast<v1::RingPhase>(77));
+  const ReceivedSegment segment = ReceivedSegment::FromChunk(chunk);
+  EXPECT_EQ(segment.header().abort.code(), absl::StatusCode::kUnknown);
+  EXPECT_EQ(static_cast<int>(segment.header().phase), 77);  // the collective rejects it
 }
 
 // Every truncation of a valid message is rejected with a status, and so is
@@ -143,4 +170,4 @@ TEST(ReceivedSegmentTest, RejectsTruncatedAndMalformedMessages) {
 }
 
 }  // namespace
-}  // namespace moe::expert
+}  // namespace moe::allreduce

@@ -2,8 +2,8 @@
 // all-reduce node (our ring) and the Gloo node of the benchmark: rank r's
 // element i comes from a counter-based hash, so any rank can generate every
 // rank's input and check every element of the sum.
-#ifndef MOE_EXPERT_SERVICE_ALLREDUCE_INPUTS_H_
-#define MOE_EXPERT_SERVICE_ALLREDUCE_INPUTS_H_
+#ifndef MOE_EXPERT_SERVICE_ALLREDUCE_ALLREDUCE_INPUTS_H_
+#define MOE_EXPERT_SERVICE_ALLREDUCE_ALLREDUCE_INPUTS_H_
 
 #include <algorithm>
 #include <cmath>
@@ -11,7 +11,7 @@
 
 #include "absl/types/span.h"
 
-namespace moe::expert {
+namespace moe::allreduce {
 
 // Rank r's element i: uniform in [-1, 1).
 inline float AllReduceInput(uint64_t seed, int rank, int64_t i) {
@@ -54,6 +54,6 @@ inline AllReduceCheck CheckAllReduce(absl::Span<const float> result, uint64_t se
   return out;
 }
 
-}  // namespace moe::expert
+}  // namespace moe::allreduce
 
-#endif  // MOE_EXPERT_SERVICE_ALLREDUCE_INPUTS_H_
+#endif  // MOE_EXPERT_SERVICE_ALLREDUCE_ALLREDUCE_INPUTS_H_

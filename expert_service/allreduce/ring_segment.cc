@@ -1,9 +1,11 @@
-#include "expert_service/ring_segment.h"
+#include "expert_service/allreduce/ring_segment.h"
 
 #include <algorithm>
 #include <cstring>
 
-namespace moe::expert {
+#include "common/proto_status.h"
+
+namespace moe::allreduce {
 namespace {
 
 constexpr int kDataField = 8;
@@ -96,10 +98,44 @@ grpc::Status Malformed(const char* what) {
 
 }  // namespace
 
+void RingHeaderToChunk(const RingHeader& header, v1::RingChunk* chunk) {
+  chunk->mutable_id()->set_step(header.step);
+  chunk->mutable_id()->set_group_id(header.group_id);
+  chunk->set_sender_rank(header.sender_rank);
+  chunk->set_phase(static_cast<v1::RingPhase>(header.phase));
+  chunk->set_ring_step(header.ring_step);
+  chunk->set_chunk_index(header.chunk_index);
+  chunk->set_offset_elements(header.offset_elements);
+  chunk->set_buffer_elements(header.buffer_elements);
+  if (header.abort.ok()) {
+    chunk->clear_abort();
+  } else {
+    ToProtoStatus(header.abort, chunk->mutable_abort());
+  }
+}
+
+RingHeader RingHeaderFromChunk(const v1::RingChunk& chunk) {
+  RingHeader header;
+  header.step = chunk.id().step();
+  header.group_id = chunk.id().group_id();
+  header.sender_rank = chunk.sender_rank();
+  header.phase = static_cast<RingPhase>(chunk.phase());
+  header.ring_step = chunk.ring_step();
+  header.chunk_index = chunk.chunk_index();
+  header.offset_elements = chunk.offset_elements();
+  header.buffer_elements = chunk.buffer_elements();
+  if (chunk.has_abort()) {
+    header.abort = FromProtoStatus(chunk.abort());
+    if (header.abort.ok()) header.abort = absl::UnknownError(chunk.abort().message());
+  }
+  return header;
+}
+
 ReceivedSegment ReceivedSegment::FromChunk(const v1::RingChunk& chunk) {
   ReceivedSegment segment;
-  segment.header_ = chunk;
-  segment.header_.clear_data();
+  segment.wire_header_ = chunk;
+  segment.wire_header_.clear_data();
+  segment.header_ = RingHeaderFromChunk(segment.wire_header_);
   segment.slices_.emplace_back(chunk.data());
   if (!chunk.data().empty()) segment.payload_.push_back({0, 0, chunk.data().size()});
   segment.payload_bytes_ = chunk.data().size();
@@ -151,7 +187,8 @@ grpc::Status ReceivedSegment::FromByteBuffer(grpc::ByteBuffer& buffer,
         return Malformed("unknown wire type");
     }
   }
-  if (!segment.header_.ParseFromString(header)) return Malformed("bad header fields");
+  if (!segment.wire_header_.ParseFromString(header)) return Malformed("bad header fields");
+  segment.header_ = RingHeaderFromChunk(segment.wire_header_);
   return grpc::Status::OK;
 }
 
@@ -199,17 +236,17 @@ void ReceivedSegment::CopyPayloadTo(float* dst) const {
   });
 }
 
-}  // namespace moe::expert
+}  // namespace moe::allreduce
 
 namespace grpc {
 
-Status SerializationTraits<moe::expert::RingSegment, void>::Serialize(
-    const moe::expert::RingSegment& segment, ByteBuffer* buffer, bool* own_buffer) {
+Status SerializationTraits<moe::allreduce::RingSegment, void>::Serialize(
+    const moe::allreduce::RingSegment& segment, ByteBuffer* buffer, bool* own_buffer) {
   std::string head = segment.header.SerializeAsString();
   if (segment.length > 0) {
-    moe::expert::AppendVarint((moe::expert::kDataField << 3) | moe::expert::kLengthDelimited,
+    moe::allreduce::AppendVarint((moe::allreduce::kDataField << 3) | moe::allreduce::kLengthDelimited,
                               head);
-    moe::expert::AppendVarint(static_cast<uint64_t>(segment.length) * sizeof(float), head);
+    moe::allreduce::AppendVarint(static_cast<uint64_t>(segment.length) * sizeof(float), head);
   }
   Slice slices[2] = {Slice(head), Slice(segment.data, segment.length * sizeof(float),
                                         Slice::STATIC_SLICE)};

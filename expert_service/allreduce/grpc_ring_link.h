@@ -6,8 +6,8 @@
 // pending sends with UNAVAILABLE naming the peer and is reopened on the next
 // send after a short back-off (a restarted peer is used again at the next
 // step). Thread-safe.
-#ifndef MOE_EXPERT_SERVICE_GRPC_RING_LINK_H_
-#define MOE_EXPERT_SERVICE_GRPC_RING_LINK_H_
+#ifndef MOE_EXPERT_SERVICE_ALLREDUCE_GRPC_RING_LINK_H_
+#define MOE_EXPERT_SERVICE_ALLREDUCE_GRPC_RING_LINK_H_
 
 #include <atomic>
 #include <memory>
@@ -17,11 +17,11 @@
 
 #include "absl/time/time.h"
 #include "common/client_stream_session.h"
-#include "expert_service/ring_allreduce.h"
-#include "expert_service/ring_segment.h"
+#include "expert_service/allreduce/ring_link.h"
+#include "expert_service/allreduce/ring_segment.h"
 #include "proto/collective.grpc.pb.h"  // protobuf serialization of RingAck
 
-namespace moe::expert {
+namespace moe::allreduce {
 
 class GrpcRingLink : public RingLink {
  public:
@@ -30,7 +30,7 @@ class GrpcRingLink : public RingLink {
                absl::Duration min_backoff = absl::Milliseconds(50),
                absl::Duration max_backoff = absl::Seconds(1));
 
-  void Send(RingSegment* segment, AckDone done) override;
+  void Send(const RingHeader& header, absl::Span<const float> data, AckDone done) override;
 
  private:
   using Stub = grpc::TemplatedGenericStub<RingSegment, v1::RingAck>;
@@ -42,6 +42,6 @@ class GrpcRingLink : public RingLink {
   std::unique_ptr<ClientStreamSession<RingSegment, v1::RingAck>> session_;
 };
 
-}  // namespace moe::expert
+}  // namespace moe::allreduce
 
-#endif  // MOE_EXPERT_SERVICE_GRPC_RING_LINK_H_
+#endif  // MOE_EXPERT_SERVICE_ALLREDUCE_GRPC_RING_LINK_H_

@@ -10,11 +10,11 @@
 // sum is made once, in ring order, and then copied: every rank ends with the
 // same bits. Each rank sends 2(N-1)/N of the buffer.
 //
-// Transport-agnostic: segments leave through a RingLink to the successor and
-// arrive through OnChunk (the Collective service's registry calls it).
+// Transport-free: segments leave through a RingLink to the successor and
+// arrive through OnChunk (the registry calls it).
 // Thread-safe.
-#ifndef MOE_EXPERT_SERVICE_RING_ALLREDUCE_H_
-#define MOE_EXPERT_SERVICE_RING_ALLREDUCE_H_
+#ifndef MOE_EXPERT_SERVICE_ALLREDUCE_RING_ALLREDUCE_H_
+#define MOE_EXPERT_SERVICE_ALLREDUCE_RING_ALLREDUCE_H_
 
 #include <cstdint>
 #include <deque>
@@ -28,22 +28,9 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
-#include "expert_service/ring_segment.h"
-#include "proto/collective.pb.h"
+#include "expert_service/allreduce/ring_link.h"
 
-namespace moe::expert {
-
-// The stream to a rank's successor. Shared by every collective that sends to
-// that peer; assigns each chunk its sequence_id.
-class RingLink {
- public:
-  using AckDone = absl::AnyInvocable<void(absl::Status) &&>;
-  virtual ~RingLink() = default;
-  // Sends `segment` (which, and whose data, stay valid until `done` runs).
-  // `done` runs once, with the receiver's verdict or the transport's
-  // failure.
-  virtual void Send(RingSegment* segment, AckDone done) = 0;
-};
+namespace moe::allreduce {
 
 struct RingOptions {
   // Pipeline segment: 256 Ki floats = 1 MiB.
@@ -76,7 +63,7 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
   void Start() ABSL_LOCKS_EXCLUDED(mu_);
   // A segment from the predecessor. The status goes back to the sender in
   // its ack; a rejected segment also fails this collective.
-  absl::Status OnChunk(const ReceivedSegment& segment) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status OnChunk(const ReceivedRingSegment& segment) ABSL_LOCKS_EXCLUDED(mu_);
   // Ends the collective with `status` (aborted, predecessor gone); the
   // first failure wins.
   void Fail(absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);
@@ -101,7 +88,7 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
 
  private:
   struct Segment {
-    v1::RingPhase phase;
+    RingPhase phase;
     int ring_step;
     int chunk;
     int64_t offset;
@@ -115,18 +102,18 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
   int64_t SegmentsIn(int chunk) const;
   int Mod(int v) const { return ((v % spec_.size) + spec_.size) % spec_.size; }
   // The chunk rank r receives at (phase, ring_step).
-  int ReceivedChunk(v1::RingPhase phase, int ring_step) const;
+  int ReceivedChunk(RingPhase phase, int ring_step) const;
   // Queues every segment of `chunk` to send at (phase, ring_step).
-  void QueueChunk(v1::RingPhase phase, int ring_step, int chunk)
+  void QueueChunk(RingPhase phase, int ring_step, int chunk)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Starts sends while the window has room (or passes a failure on);
   // chunks are built here, from the buffer as it is now.
   void Pump() ABSL_LOCKS_EXCLUDED(mu_);
-  void OnAck(std::unique_ptr<RingSegment> sent, absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);
+  void OnAck(absl::Status status) ABSL_LOCKS_EXCLUDED(mu_);
   // OnChunk's work; `pump` says whether something is now to be sent.
-  absl::Status Receive(const ReceivedSegment& segment, bool& pump)
+  absl::Status Receive(const ReceivedRingSegment& segment, bool& pump)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::Status Validate(const ReceivedSegment& segment) const
+  absl::Status Validate(const ReceivedRingSegment& segment) const
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void FailLocked(absl::Status status) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool Finished() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -152,13 +139,10 @@ class RingAllReduce : public std::enable_shared_from_this<RingAllReduce> {
   // in order, so this catches a lost, repeated or misplaced segment.
   std::vector<int64_t> next_offset_ ABSL_GUARDED_BY(mu_);
   bool pumping_ ABSL_GUARDED_BY(mu_) = false;
-  // Sent messages back from their acks, reused: a segment's megabyte is not
-  // allocated (and page-faulted in) again for every send.
-  std::vector<std::unique_ptr<RingSegment>> spare_ ABSL_GUARDED_BY(mu_);
   // The failure still to pass on to the successor.
   bool abort_pending_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-}  // namespace moe::expert
+}  // namespace moe::allreduce
 
-#endif  // MOE_EXPERT_SERVICE_RING_ALLREDUCE_H_
+#endif  // MOE_EXPERT_SERVICE_ALLREDUCE_RING_ALLREDUCE_H_

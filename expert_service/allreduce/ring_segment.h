@@ -1,4 +1,5 @@
-// Ring segments on the wire, without copying their data.
+// Ring segments on the wire (the gRPC side of RingLink), without copying
+// their data.
 //
 // Sending (RingSegment): the RingChunk header fields (everything but
 // `data`) serialized by protobuf, then the `data` field's tag and length,
@@ -9,8 +10,8 @@
 // `data` bytes stay in the gRPC slices they arrived in, and the collective
 // adds or copies them from there into its buffer (a protobuf parse would
 // first copy them into a string).
-#ifndef MOE_EXPERT_SERVICE_RING_SEGMENT_H_
-#define MOE_EXPERT_SERVICE_RING_SEGMENT_H_
+#ifndef MOE_EXPERT_SERVICE_ALLREDUCE_RING_SEGMENT_H_
+#define MOE_EXPERT_SERVICE_ALLREDUCE_RING_SEGMENT_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -22,13 +23,19 @@
 #include <grpcpp/support/slice.h>
 #include <grpcpp/support/status.h>
 
+#include "expert_service/allreduce/ring_link.h"
 #include "proto/collective.pb.h"
 
-namespace moe::expert {
+namespace moe::allreduce {
 
 // The Collective service's one method (proto/collective.proto). A constant:
 // a generic stub keeps a pointer to the name for the life of each call.
 inline constexpr char kRingMethod[] = "/moe.v1.Collective/Ring";
+
+// The header fields of the wire message, and back. An abort without a code
+// (code 0) becomes UNKNOWN: a segment that says "abort" is never OK.
+void RingHeaderToChunk(const RingHeader& header, v1::RingChunk* chunk);
+RingHeader RingHeaderFromChunk(const v1::RingChunk& chunk);
 
 struct RingSegment {
   // Every field but `data`.
@@ -44,7 +51,7 @@ struct RingSegment {
 // A segment as the Collective service reads it: the header fields parsed,
 // the `data` bytes left in the slices they arrived in (a float may straddle
 // two slices).
-class ReceivedSegment {
+class ReceivedSegment final : public ReceivedRingSegment {
  public:
   // From a parsed RingChunk (tests and in-process links): copies its data.
   static ReceivedSegment FromChunk(const v1::RingChunk& chunk);
@@ -52,13 +59,12 @@ class ReceivedSegment {
   // RingChunk encoding; a malformed one is INVALID_ARGUMENT.
   static grpc::Status FromByteBuffer(grpc::ByteBuffer& buffer, ReceivedSegment& segment);
 
-  // Every field but `data`.
-  const v1::RingChunk& header() const { return header_; }
-  size_t payload_bytes() const { return payload_bytes_; }
-  // dst[i] += the i-th float of the payload, for payload_bytes() / 4 floats.
-  void AddPayloadTo(float* dst) const;
-  // dst[i] = the i-th float.
-  void CopyPayloadTo(float* dst) const;
+  const RingHeader& header() const override { return header_; }
+  // Every field of the message but `data` (the ack echoes some).
+  const v1::RingChunk& wire_header() const { return wire_header_; }
+  size_t payload_bytes() const override { return payload_bytes_; }
+  void AddPayloadTo(float* dst) const override;
+  void CopyPayloadTo(float* dst) const override;
 
  private:
   // Bytes [offset, offset + length) of slices_[slice].
@@ -70,40 +76,41 @@ class ReceivedSegment {
   template <typename Apply>
   void ForEachRun(float* dst, Apply apply) const;
 
-  v1::RingChunk header_;
+  v1::RingChunk wire_header_;
+  RingHeader header_;
   std::vector<grpc::Slice> slices_;
   std::vector<Piece> payload_;
   size_t payload_bytes_ = 0;
 };
 
-}  // namespace moe::expert
+}  // namespace moe::allreduce
 
 namespace grpc {
 
 template <>
-class SerializationTraits<moe::expert::RingSegment, void> {
+class SerializationTraits<moe::allreduce::RingSegment, void> {
  public:
   // The header, then the `data` field's tag and length, then the floats as
   // a slice over the sender's buffer.
-  static Status Serialize(const moe::expert::RingSegment& segment, ByteBuffer* buffer,
+  static Status Serialize(const moe::allreduce::RingSegment& segment, ByteBuffer* buffer,
                           bool* own_buffer);
 
   // Segments are only sent from here.
-  static Status Deserialize(ByteBuffer*, moe::expert::RingSegment*) {
+  static Status Deserialize(ByteBuffer*, moe::allreduce::RingSegment*) {
     return Status(StatusCode::UNIMPLEMENTED, "ring segments are not read as RingSegment");
   }
 };
 
 template <>
-class SerializationTraits<moe::expert::ReceivedSegment, void> {
+class SerializationTraits<moe::allreduce::ReceivedSegment, void> {
  public:
   // Segments are only received as ReceivedSegment.
-  static Status Serialize(const moe::expert::ReceivedSegment&, ByteBuffer*, bool*) {
+  static Status Serialize(const moe::allreduce::ReceivedSegment&, ByteBuffer*, bool*) {
     return Status(StatusCode::UNIMPLEMENTED, "received segments are not sent");
   }
 
-  static Status Deserialize(ByteBuffer* buffer, moe::expert::ReceivedSegment* segment) {
-    Status status = moe::expert::ReceivedSegment::FromByteBuffer(*buffer, *segment);
+  static Status Deserialize(ByteBuffer* buffer, moe::allreduce::ReceivedSegment* segment) {
+    Status status = moe::allreduce::ReceivedSegment::FromByteBuffer(*buffer, *segment);
     buffer->Clear();
     return status;
   }
@@ -111,4 +118,4 @@ class SerializationTraits<moe::expert::ReceivedSegment, void> {
 
 }  // namespace grpc
 
-#endif  // MOE_EXPERT_SERVICE_RING_SEGMENT_H_
+#endif  // MOE_EXPERT_SERVICE_ALLREDUCE_RING_SEGMENT_H_

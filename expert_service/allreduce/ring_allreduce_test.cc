@@ -1,19 +1,17 @@
-#include "expert_service/ring_allreduce.h"
+#include "expert_service/allreduce/ring_allreduce.h"
 
 #include <cmath>
 #include <cstring>
-#include <deque>
 #include <random>
-#include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
-#include "absl/synchronization/notification.h"
-#include "expert_service/collective_registry.h"
+#include "expert_service/allreduce/collective_registry.h"
+#include "expert_service/allreduce/loopback_ring_link.h"
+#include "expert_service/allreduce/ring_segment.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
-namespace moe::expert {
+namespace moe::allreduce {
 namespace {
 
 using ::testing::HasSubstr;
@@ -39,86 +37,21 @@ grpc::ByteBuffer CutIntoSlices(const RingSegment& segment, size_t slice_bytes) {
   return grpc::ByteBuffer(cut.data(), cut.size());
 }
 
-// A link into another rank's registry, in order, one segment at a time (as a
-// gRPC stream whose reader acks before reading on), on its own thread.
-class LoopbackLink : public RingLink {
- public:
-  explicit LoopbackLink(CollectiveRegistry* target) : target_(target), thread_([this] { Loop(); }) {}
-  ~LoopbackLink() override {
-    {
-      absl::MutexLock lock(&mu_);
-      stopping_ = true;
-    }
-    thread_.join();
-  }
-
-  // The segment through the real wire format: serialized as the gRPC link
-  // sends it, cut into odd-sized slices as a socket may deliver it (floats
-  // straddle slices), and parsed as the Collective service reads it.
-  void Send(RingSegment* segment, AckDone done) override {
-    auto received = std::make_unique<ReceivedSegment>();
-    grpc::ByteBuffer wire = CutIntoSlices(*segment, /*slice_bytes=*/1021);
-    const grpc::Status parsed = ReceivedSegment::FromByteBuffer(wire, *received);
-    EXPECT_TRUE(parsed.ok()) << parsed.error_message();
-    absl::MutexLock lock(&mu_);
-    queue_.push_back({std::move(received), std::move(done)});
-  }
-
-  // Every later send fails as if the peer had died.
-  void Break() {
-    absl::MutexLock lock(&mu_);
-    broken_ = true;
-  }
-  // Sends are held (never answered) as if the peer were stopped.
-  void Stall() {
-    absl::MutexLock lock(&mu_);
-    stalled_ = true;
-  }
-
- private:
-  struct Item {
-    std::unique_ptr<ReceivedSegment> segment;
-    AckDone done;
-  };
-
-  void Loop() {
-    while (true) {
-      Item item;
-      {
-        absl::MutexLock lock(&mu_);
-        auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-          return stopping_ || (!queue_.empty() && !stalled_);
-        };
-        mu_.Await(absl::Condition(&ready));
-        if (stopping_) return;
-        item = std::move(queue_.front());
-        queue_.pop_front();
-        if (broken_) {
-          mu_.Unlock();
-          std::move(item.done)(absl::UnavailableError("peer gone"));
-          mu_.Lock();
-          continue;
-        }
-      }
-      absl::Notification acked;
-      absl::Status verdict;
-      target_->Deliver(item.segment.get(), [&](absl::Status s) {
-        verdict = std::move(s);
-        acked.Notify();
-      });
-      acked.WaitForNotification();
-      std::move(item.done)(verdict);
-    }
-  }
-
-  CollectiveRegistry* const target_;
-  absl::Mutex mu_;
-  std::deque<Item> queue_ ABSL_GUARDED_BY(mu_);
-  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
-  bool broken_ ABSL_GUARDED_BY(mu_) = false;
-  bool stalled_ ABSL_GUARDED_BY(mu_) = false;
-  std::thread thread_;
-};
+// Through the real wire format: serialized as GrpcRingLink sends it, cut
+// into odd-sized slices as a socket may deliver it (floats straddle slices),
+// and parsed as the Collective service reads it.
+std::unique_ptr<ReceivedRingSegment> ThroughTheWire(const RingHeader& header,
+                                                    absl::Span<const float> data) {
+  RingSegment segment;
+  RingHeaderToChunk(header, &segment.header);
+  segment.data = data.data();
+  segment.length = static_cast<int64_t>(data.size());
+  auto received = std::make_unique<ReceivedSegment>();
+  grpc::ByteBuffer wire = CutIntoSlices(segment, /*slice_bytes=*/1021);
+  const grpc::Status parsed = ReceivedSegment::FromByteBuffer(wire, *received);
+  EXPECT_TRUE(parsed.ok()) << parsed.error_message();
+  return received;
+}
 
 // N ranks in one process: registry i receives from rank i-1 over link i-1.
 class Ring {
@@ -129,7 +62,8 @@ class Ring {
       registries_.back()->AddGroup(kGroup);
     }
     for (int i = 0; i < n; ++i) {
-      links_.push_back(std::make_unique<LoopbackLink>(registries_[(i + 1) % n].get()));
+      links_.push_back(
+          std::make_unique<LoopbackRingLink>(registries_[(i + 1) % n].get(), ThroughTheWire));
     }
   }
   ~Ring() { links_.clear(); }
@@ -142,12 +76,12 @@ class Ring {
   }
 
   CollectiveRegistry& registry(int rank) { return *registries_[rank]; }
-  LoopbackLink& link(int rank) { return *links_[rank]; }
+  LoopbackRingLink& link(int rank) { return *links_[rank]; }
 
  private:
   const int n_;
   std::vector<std::unique_ptr<CollectiveRegistry>> registries_;
-  std::vector<std::unique_ptr<LoopbackLink>> links_;
+  std::vector<std::unique_ptr<LoopbackRingLink>> links_;
 };
 
 std::vector<std::vector<float>> Inputs(int n, int64_t length, uint32_t seed) {
@@ -350,4 +284,4 @@ TEST(RingAllReduce, StalledPeerEndsEveryRankAtTheDeadline) {
 }
 
 }  // namespace
-}  // namespace moe::expert
+}  // namespace moe::allreduce

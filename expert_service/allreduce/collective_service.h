@@ -8,16 +8,16 @@
 // rather than through the generated base class, so that segments are read
 // as ReceivedSegment: their data is added to the collective's buffer
 // straight from the slices it arrived in.
-#ifndef MOE_EXPERT_SERVICE_COLLECTIVE_SERVICE_H_
-#define MOE_EXPERT_SERVICE_COLLECTIVE_SERVICE_H_
+#ifndef MOE_EXPERT_SERVICE_ALLREDUCE_COLLECTIVE_SERVICE_H_
+#define MOE_EXPERT_SERVICE_ALLREDUCE_COLLECTIVE_SERVICE_H_
 
 #include <grpcpp/impl/service_type.h>
 
-#include "expert_service/collective_registry.h"
-#include "expert_service/ring_segment.h"
+#include "expert_service/allreduce/collective_registry.h"
+#include "expert_service/allreduce/ring_segment.h"
 #include "proto/collective.pb.h"
 
-namespace moe::expert {
+namespace moe::allreduce {
 
 class CollectiveService final : public grpc::Service {
  public:
@@ -28,6 +28,6 @@ class CollectiveService final : public grpc::Service {
   CollectiveRegistry* const registry_;
 };
 
-}  // namespace moe::expert
+}  // namespace moe::allreduce
 
-#endif  // MOE_EXPERT_SERVICE_COLLECTIVE_SERVICE_H_
+#endif  // MOE_EXPERT_SERVICE_ALLREDUCE_COLLECTIVE_SERVICE_H_

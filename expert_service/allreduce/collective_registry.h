@@ -5,8 +5,8 @@
 // collective starts here, the step is aborted, or `park_timeout` passes.
 // A segment of a step that is over or older than the one running, or of a
 // group this server is not in, is rejected at once. Thread-safe.
-#ifndef MOE_EXPERT_SERVICE_COLLECTIVE_REGISTRY_H_
-#define MOE_EXPERT_SERVICE_COLLECTIVE_REGISTRY_H_
+#ifndef MOE_EXPERT_SERVICE_ALLREDUCE_COLLECTIVE_REGISTRY_H_
+#define MOE_EXPERT_SERVICE_ALLREDUCE_COLLECTIVE_REGISTRY_H_
 
 #include <cstdint>
 #include <memory>
@@ -19,10 +19,9 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/deadline_timer.h"
-#include "expert_service/ring_allreduce.h"
-#include "proto/collective.pb.h"
+#include "expert_service/allreduce/ring_allreduce.h"
 
-namespace moe::expert {
+namespace moe::allreduce {
 
 class CollectiveRegistry {
  public:
@@ -32,7 +31,11 @@ class CollectiveRegistry {
   ~CollectiveRegistry();
 
   // Groups this server belongs to; segments of others are rejected.
+  // Placement changes add and remove groups at run time; removing one fails
+  // its running collective and rejects its parked segments.
   void AddGroup(uint64_t group_id) ABSL_LOCKS_EXCLUDED(mu_);
+  void RemoveGroup(uint64_t group_id) ABSL_LOCKS_EXCLUDED(mu_);
+  bool HasGroup(uint64_t group_id) const ABSL_LOCKS_EXCLUDED(mu_);
 
   // Makes `collective` receive its segments (those parked first, in order).
   // At most one collective per group at a time.
@@ -42,7 +45,7 @@ class CollectiveRegistry {
 
   // A segment from a stream. `segment` stays valid until `ack` runs; `ack`
   // runs once, with the verdict to send back.
-  void Deliver(const ReceivedSegment* segment, Ack ack) ABSL_LOCKS_EXCLUDED(mu_);
+  void Deliver(const ReceivedRingSegment* segment, Ack ack) ABSL_LOCKS_EXCLUDED(mu_);
 
   // The stream that brought segments of `groups` ended: their running
   // collectives fail with UNAVAILABLE (`why` names the peer).
@@ -58,7 +61,7 @@ class CollectiveRegistry {
 
  private:
   struct Parked {
-    const ReceivedSegment* segment;
+    const ReceivedRingSegment* segment;
     Ack ack;
     uint64_t timer_id;
   };
@@ -73,13 +76,13 @@ class CollectiveRegistry {
   void Expire(uint64_t group_id, Parked* parked) ABSL_LOCKS_EXCLUDED(mu_);
 
   const absl::Duration park_timeout_;
-  absl::Mutex mu_;
+  mutable absl::Mutex mu_;
   absl::flat_hash_map<uint64_t, Group> groups_ ABSL_GUARDED_BY(mu_);
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
   // Last: its thread must stop before the state its callbacks touch goes.
   DeadlineTimer timer_;
 };
 
-}  // namespace moe::expert
+}  // namespace moe::allreduce
 
-#endif  // MOE_EXPERT_SERVICE_COLLECTIVE_REGISTRY_H_
+#endif  // MOE_EXPERT_SERVICE_ALLREDUCE_COLLECTIVE_REGISTRY_H_

@@ -22,11 +22,11 @@
 #include "common/grpc_server.h"
 #include "common/log.h"
 #include "common/malloc_tuning.h"
-#include "expert_service/allreduce_inputs.h"
-#include "expert_service/collective_registry.h"
-#include "expert_service/collective_service.h"
-#include "expert_service/grpc_ring_link.h"
-#include "expert_service/ring_allreduce.h"
+#include "expert_service/allreduce/allreduce_inputs.h"
+#include "expert_service/allreduce/collective_registry.h"
+#include "expert_service/allreduce/collective_service.h"
+#include "expert_service/allreduce/grpc_ring_link.h"
+#include "expert_service/allreduce/ring_allreduce.h"
 
 ABSL_FLAG(int, rank, 0, "This node's rank: its index in --peers.");
 ABSL_FLAG(std::string, peers, "", "Comma-separated host:port of every rank, in ring order.");
@@ -40,7 +40,7 @@ ABSL_FLAG(absl::Duration, connect_timeout, absl::Seconds(30),
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the generated inputs.");
 ABSL_FLAG(bool, check, true, "Check every element against the float64 sum.");
 
-namespace moe::expert {
+namespace moe::allreduce {
 namespace {
 
 constexpr uint64_t kGroup = 1;
@@ -181,7 +181,7 @@ int Run() {
 }
 
 }  // namespace
-}  // namespace moe::expert
+}  // namespace moe::allreduce
 
 int main(int argc, char** argv) {
   moe::KeepFreedMessageMemory();
@@ -189,5 +189,5 @@ int main(int argc, char** argv) {
       "One rank of a gRPC ring all-reduce on generated data, checked element by element.\n"
       "Usage: allreduce_node --rank=R --peers=host:port,host:port,... [--lengths=...]");
   absl::ParseCommandLine(argc, argv);
-  return moe::expert::Run();
+  return moe::allreduce::Run();
 }
