@@ -106,9 +106,10 @@ absl::Status ExpertServer::Start() {
       *store_, *collectives_);
   step_pool_ = std::make_unique<ComputePool>(1, 64);
   collective_service_ = std::make_unique<allreduce::CollectiveService>(collectives_.get());
-  service_ = std::make_unique<ExpertServiceImpl>(
-      ExpertServiceImpl::Options{options_.name, options_.clock}, *store_, *pool_, *metrics_,
-      batcher_.get(), steps_.get(), step_pool_.get());
+  dispatcher_ = std::make_unique<ExpertDispatcher>(
+      ExpertDispatcher::Options{options_.name, options_.clock}, *store_, *metrics_,
+      batcher_.get(), steps_.get());
+  service_ = std::make_unique<ExpertServiceImpl>(*dispatcher_, *pool_, step_pool_.get());
 
   const std::initializer_list<grpc::Service*> services = {service_.get(),
                                                            collective_service_.get()};
@@ -127,24 +128,19 @@ std::vector<StepRing> ExpertServer::BuildRings(const Placement& placement, int i
                         cluster.servers[server].address, ")");
   };
   ring_links_.resize(cluster.servers.size());
-  std::vector<StepRing> rings;
-  for (const ReplicaGroup& group : ReplicaGroups(placement)) {
-    auto it = std::find(group.servers.begin(), group.servers.end(), index);
-    if (it == group.servers.end()) continue;
-    const int size = static_cast<int>(group.servers.size());
-    const int rank = static_cast<int>(it - group.servers.begin());
-    const int successor = group.servers[(rank + 1) % size];
-    const int predecessor = group.servers[(rank + size - 1) % size];
-    if (ring_links_[successor] == nullptr) {
-      ring_links_[successor] = std::make_unique<allreduce::GrpcRingLink>(
-          label(successor), cluster.servers[successor].address, options_.max_message_bytes);
-    }
-    collectives_->AddGroup(group.id);
-    rings.push_back({group.id, group.experts, rank, size, label(predecessor), label(successor),
-                     ring_links_[successor].get()});
-    MOE_LOG(INFO, "server ", options_.name, ": rank ", rank, " of ", size,
-            " in the ring of experts [", absl::StrJoin(group.experts, ","), "] (group ",
-            absl::Hex(group.id), "), sending to ", label(successor));
+  std::vector<StepRing> rings =
+      StepRingsOf(placement, index, label, [&](int successor) -> allreduce::RingLink* {
+        if (ring_links_[successor] == nullptr) {
+          ring_links_[successor] = std::make_unique<allreduce::GrpcRingLink>(
+              label(successor), cluster.servers[successor].address, options_.max_message_bytes);
+        }
+        return ring_links_[successor].get();
+      });
+  for (const StepRing& ring : rings) {
+    collectives_->AddGroup(ring.group_id);
+    MOE_LOG(INFO, "server ", options_.name, ": rank ", ring.rank, " of ", ring.size,
+            " in the ring of experts [", absl::StrJoin(ring.experts, ","), "] (group ",
+            absl::Hex(ring.group_id), "), sending to ", ring.successor);
   }
   return rings;
 }

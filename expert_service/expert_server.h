@@ -20,6 +20,7 @@
 #include "common/placement.h"
 #include "expert_service/allreduce/collective_registry.h"
 #include "expert_service/allreduce/collective_service.h"
+#include "expert_service/expert_dispatcher.h"
 #include "expert_service/expert_metrics.h"
 #include "expert_service/expert_service.h"
 #include "expert_service/expert_store.h"
@@ -116,6 +117,7 @@ class ExpertServer {
   std::unique_ptr<StepExecutor> steps_;
   std::unique_ptr<ComputePool> step_pool_;
   std::unique_ptr<allreduce::CollectiveService> collective_service_;
+  std::unique_ptr<ExpertDispatcher> dispatcher_;
   std::unique_ptr<ExpertServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;

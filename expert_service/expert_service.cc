@@ -3,140 +3,21 @@
 #include <memory>
 #include <optional>
 
-#include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
+#include "common/log.h"
 #include "common/proto_status.h"
-#include "common/status_macros.h"
-#include "common/tensor_codec.h"
 #include "expert_service/weight_transfer.h"
 
 namespace moe::expert {
-namespace {
 
-constexpr size_t kDefaultChunkBytes = 1 << 20;
-
-// An empty output tensor of `view`'s shape and dtype in `out`, and a view of
-// its bytes to compute into (the answer's bytes, so nothing is copied later).
-TensorView AllocateLike(const ConstTensorView& view, v1::Tensor* out) {
-  out->mutable_shape()->Assign(view.shape.begin(), view.shape.end());
-  out->set_dtype(ToProtoDType(view.dtype));
-  std::string* data = out->mutable_data();
-  data->resize(view.size_bytes());
-  return {view.dtype, view.shape, reinterpret_cast<std::byte*>(data->data())};
-}
-
-}  // namespace
-
-ExpertServiceImpl::ExpertServiceImpl(Options options, ExpertStore& store, ComputePool& pool,
-                                     const ExpertMetrics& metrics, MicroBatcher* batcher,
-                                     StepExecutor* steps, ComputePool* step_pool)
-    : options_(std::move(options)),
-      store_(store),
+ExpertServiceImpl::ExpertServiceImpl(ExpertDispatcher& dispatcher, ComputePool& pool,
+                                     ComputePool* step_pool)
+    : dispatcher_(dispatcher),
+      metrics_(dispatcher.metrics()),
       pool_(pool),
-      metrics_(metrics),
-      batcher_(batcher),
-      steps_(steps),
-      step_pool_(step_pool) {}
-
-namespace {
-
-absl::Status NoSteps() {
-  return absl::FailedPreconditionError("this server was started without training steps");
-}
-
-}  // namespace
-
-absl::Status ExpertServiceImpl::CheckDeadline(int64_t deadline_unix_micros) const {
-  if (deadline_unix_micros == 0) return absl::OkStatus();
-  const absl::Time deadline = absl::FromUnixMicros(deadline_unix_micros);
-  const absl::Time now = options_.clock();
-  if (now >= deadline) {
-    return absl::DeadlineExceededError(absl::StrCat(
-        "deadline passed ", absl::FormatDuration(now - deadline), " before the expert ran"));
-  }
-  return absl::OkStatus();
-}
-
-void ExpertServiceImpl::HandleDispatch(std::unique_ptr<v1::DispatchRequest> request,
-                                       std::unique_ptr<v1::DispatchResponse> response,
-                                       DispatchReply reply) {
-  response->set_sequence_id(request->sequence_id());
-  const ModelConfig& model = store_.model();
-  const int expert = request->expert_id();
-  absl::StatusOr<ConstTensorView> x = [&]() -> absl::StatusOr<ConstTensorView> {
-    MOE_RETURN_IF_ERROR(CheckDeadline(request->deadline_unix_micros()));
-    MOE_RETURN_IF_ERROR(store_.CheckHosted(expert));
-    return DecodeTensor(request->tokens(),
-                        TokenBatchSpec("tokens", model.d_model, model.max_batch_tokens));
-  }();
-  if (!x.ok()) {
-    CompleteDispatch(x.status(), expert, 0, absl::ZeroDuration(), *response);
-    std::move(reply)(std::move(response));
-    return;
-  }
-  const TensorView y = AllocateLike(*x, response->mutable_output());
-  const absl::Time start = absl::Now();
-  if (batcher_ != nullptr && !request->training()) {
-    // The request and answer ride along until the batch has run.
-    const int64_t rows = x->rows();
-    batcher_->Forward(expert, *x, y,
-                      [this, request = std::move(request), response = std::move(response),
-                       reply = std::move(reply), expert, rows,
-                       start](absl::Status status) mutable {
-                        CompleteDispatch(status, expert, rows, absl::Now() - start, *response);
-                        std::move(reply)(std::move(response));
-                      });
-    return;
-  }
-  const absl::Status status = store_.Forward(expert, *x, y, request->training(),
-                                             request->request_id(), options_.clock());
-  CompleteDispatch(status, expert, x->rows(), absl::Now() - start, *response);
-  std::move(reply)(std::move(response));
-}
-
-void ExpertServiceImpl::CompleteDispatch(const absl::Status& status, int expert, int64_t rows,
-                                         absl::Duration elapsed,
-                                         v1::DispatchResponse& response) const {
-  if (status.ok()) {
-    response.set_compute_micros(absl::ToInt64Microseconds(elapsed));
-    metrics_.forward_seconds->Observe(absl::ToDoubleSeconds(elapsed));
-    metrics_.batch_rows->Observe(static_cast<double>(rows));
-    metrics_.forward_tokens[expert]->Increment(static_cast<double>(rows));
-  } else {
-    response.clear_output();
-    ToProtoStatus(status, response.mutable_error());
-    metrics_.CountError(status);
-  }
-  metrics_.training_state_bytes->Set(static_cast<double>(store_.training_state().bytes()));
-}
-
-void ExpertServiceImpl::HandleBackward(const v1::BackwardDispatchRequest& request,
-                                       v1::BackwardDispatchResponse* response) {
-  response->set_sequence_id(request.sequence_id());
-  const ModelConfig& model = store_.model();
-  const absl::Status status = [&]() -> absl::Status {
-    MOE_RETURN_IF_ERROR(CheckDeadline(request.deadline_unix_micros()));
-    MOE_RETURN_IF_ERROR(store_.CheckHosted(request.expert_id()));
-    MOE_ASSIGN_OR_RETURN(
-        const ConstTensorView dy,
-        DecodeTensor(request.grad_output(),
-                     TokenBatchSpec("grad_output", model.d_model, model.max_batch_tokens)));
-    const TensorView dx = AllocateLike(dy, response->mutable_grad_input());
-    const absl::Time start = absl::Now();
-    MOE_RETURN_IF_ERROR(store_.Backward(request.expert_id(), request.request_id(), dy, dx,
-                                        options_.clock()));
-    const absl::Duration elapsed = absl::Now() - start;
-    response->set_compute_micros(absl::ToInt64Microseconds(elapsed));
-    metrics_.backward_seconds->Observe(absl::ToDoubleSeconds(elapsed));
-    metrics_.backward_tokens[request.expert_id()]->Increment(static_cast<double>(dy.rows()));
-    return absl::OkStatus();
-  }();
-  if (!status.ok()) {
-    response->clear_grad_input();
-    ToProtoStatus(status, response->mutable_error());
-    metrics_.CountError(status);
-  }
-  metrics_.training_state_bytes->Set(static_cast<double>(store_.training_state().bytes()));
+      step_pool_(step_pool) {
+  MOE_CHECK(step_pool != nullptr || !dispatcher.runs_steps(),
+            "PrepareStep blocks: it needs a step pool");
 }
 
 grpc::ServerBidiReactor<v1::DispatchRequest, v1::DispatchResponse>*
@@ -144,8 +25,9 @@ ExpertServiceImpl::Dispatch(grpc::CallbackServerContext* context) {
   return new StreamReactor<v1::DispatchRequest, v1::DispatchResponse>(
       *this, pool_,
       [this](std::unique_ptr<v1::DispatchRequest> request,
-             std::unique_ptr<v1::DispatchResponse> response, DispatchReply reply) {
-        HandleDispatch(std::move(request), std::move(response), std::move(reply));
+             std::unique_ptr<v1::DispatchResponse> response,
+             ExpertDispatcher::DispatchReply reply) {
+        dispatcher_.Dispatch(std::move(request), std::move(response), std::move(reply));
       },
       [this](const v1::DispatchRequest& request) {
         metrics_.inflight->Increment();
@@ -175,7 +57,7 @@ ExpertServiceImpl::BackwardDispatch(grpc::CallbackServerContext* context) {
              std::unique_ptr<v1::BackwardDispatchResponse> response,
              absl::AnyInvocable<void(std::unique_ptr<v1::BackwardDispatchResponse>) &&>
                  reply) {
-        HandleBackward(*request, response.get());
+        dispatcher_.Backward(*request, response.get());
         std::move(reply)(std::move(response));
       },
       [this](const v1::BackwardDispatchRequest& request) {
@@ -198,17 +80,7 @@ ExpertServiceImpl::BackwardDispatch(grpc::CallbackServerContext* context) {
 grpc::ServerUnaryReactor* ExpertServiceImpl::Info(grpc::CallbackServerContext* context,
                                                   const v1::InfoRequest* request,
                                                   v1::InfoResponse* response) {
-  response->set_server_name(options_.server_name);
-  *response->mutable_model() = ModelConfigToProto(store_.model());
-  response->set_compute_dtype(ToProtoDType(store_.compute_dtype()));
-  if (steps_ != nullptr) response->set_step(steps_->last_committed());
-  for (int expert : store_.HostedExperts()) {
-    absl::StatusOr<uint64_t> digest = store_.Digest(expert);
-    if (!digest.ok()) continue;  // released meanwhile
-    v1::ExpertDigest* entry = response->add_experts();
-    entry->set_expert_id(expert);
-    entry->set_weights_digest(*digest);
-  }
+  dispatcher_.Info(response);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -243,17 +115,7 @@ grpc::ServerWriteReactor<v1::ExpertWeightsChunk>* ExpertServiceImpl::GetExpertWe
     size_t next_ = 0;
   };
 
-  absl::StatusOr<std::vector<v1::ExpertWeightsChunk>> chunks =
-      [&]() -> absl::StatusOr<std::vector<v1::ExpertWeightsChunk>> {
-    if (request->max_chunk_bytes() < 0) {
-      return absl::InvalidArgumentError("max_chunk_bytes must be >= 0");
-    }
-    MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, store_.Snapshot(request->expert_id()));
-    const size_t chunk_bytes =
-        request->max_chunk_bytes() == 0 ? kDefaultChunkBytes : request->max_chunk_bytes();
-    return ChunkExpert(request->expert_id(), snapshot, chunk_bytes);
-  }();
-  return new Writer(std::move(chunks));
+  return new Writer(dispatcher_.ExpertChunks(*request));
 }
 
 grpc::ServerReadReactor<v1::ExpertWeightsChunk>* ExpertServiceImpl::LoadExpertWeights(
@@ -261,8 +123,8 @@ grpc::ServerReadReactor<v1::ExpertWeightsChunk>* ExpertServiceImpl::LoadExpertWe
   // Reads every chunk, then installs the expert.
   class Reader : public grpc::ServerReadReactor<v1::ExpertWeightsChunk> {
    public:
-    Reader(ExpertStore& store, v1::LoadExpertWeightsResponse* response)
-        : store_(store), response_(response), assembler_(store.model()) {
+    Reader(ExpertDispatcher& dispatcher, v1::LoadExpertWeightsResponse* response)
+        : dispatcher_(dispatcher), response_(response), assembler_(dispatcher.model()) {
       StartRead(&chunk_);
     }
     void OnReadDone(bool ok) override {
@@ -273,36 +135,27 @@ grpc::ServerReadReactor<v1::ExpertWeightsChunk>* ExpertServiceImpl::LoadExpertWe
           return;
         }
       } else {
-        status_ = Install();
+        status_ = dispatcher_.InstallExpert(assembler_, response_);
       }
       Finish(ToGrpcStatus(status_));
     }
     void OnDone() override { delete this; }
 
    private:
-    absl::Status Install() {
-      MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, assembler_.Finish());
-      const uint64_t digest = snapshot.weights.Digest();
-      MOE_RETURN_IF_ERROR(store_.AddExpert(assembler_.expert(), std::move(snapshot)));
-      response_->mutable_expert()->set_expert_id(assembler_.expert());
-      response_->mutable_expert()->set_weights_digest(digest);
-      return absl::OkStatus();
-    }
-
-    ExpertStore& store_;
+    ExpertDispatcher& dispatcher_;
     v1::LoadExpertWeightsResponse* response_;
     ExpertAssembler assembler_;
     v1::ExpertWeightsChunk chunk_;
     absl::Status status_;
   };
-  return new Reader(store_, response);
+  return new Reader(dispatcher_, response);
 }
 
 grpc::ServerUnaryReactor* ExpertServiceImpl::ReleaseExpert(
     grpc::CallbackServerContext* context, const v1::ReleaseExpertRequest* request,
     v1::ReleaseExpertResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(ToGrpcStatus(store_.RemoveExpert(request->expert_id())));
+  reactor->Finish(ToGrpcStatus(dispatcher_.ReleaseExpert(*request)));
   return reactor;
 }
 
@@ -310,23 +163,9 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::PrepareStep(grpc::CallbackServerCon
                                                          const v1::PrepareStepRequest* request,
                                                          v1::PrepareStepResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  absl::Time deadline = absl::FromUnixMicros(request->deadline_unix_micros());
-  if (request->deadline_unix_micros() == 0) deadline = absl::FromChrono(context->deadline());
+  const absl::Time deadline = absl::FromChrono(context->deadline());
   RunStep(reactor, [this, reactor, request, response, deadline] {
-    absl::StatusOr<StepExecutor::PrepareResult> result =
-        steps_->Prepare(request->step(), request->learning_rate(), deadline);
-    if (result.ok()) {
-      response->set_step(request->step());
-      response->set_allreduce_bytes_sent(result->allreduce_bytes_sent);
-      response->set_allreduce_seconds(absl::ToDoubleSeconds(result->allreduce_time));
-      response->set_optimizer_seconds(absl::ToDoubleSeconds(result->optimizer_time));
-      metrics_.allreduce_seconds->Observe(absl::ToDoubleSeconds(result->allreduce_time));
-      metrics_.allreduce_sent_bytes->Increment(
-          static_cast<double>(result->allreduce_bytes_sent));
-    } else {
-      metrics_.steps_failed->Increment();
-    }
-    reactor->Finish(ToGrpcStatus(result.status()));
+    reactor->Finish(ToGrpcStatus(dispatcher_.PrepareStep(*request, deadline, response)));
   });
   return reactor;
 }
@@ -336,18 +175,7 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::CommitStep(grpc::CallbackServerCont
                                                         v1::CommitStepResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   RunStep(reactor, [this, reactor, request, response] {
-    absl::StatusOr<std::vector<std::pair<int, uint64_t>>> digests =
-        steps_->Commit(request->step());
-    if (digests.ok()) {
-      response->set_step(request->step());
-      for (const auto& [expert, digest] : *digests) {
-        v1::ExpertDigest* entry = response->add_experts();
-        entry->set_expert_id(expert);
-        entry->set_weights_digest(digest);
-      }
-      metrics_.steps_committed->Increment();
-    }
-    reactor->Finish(ToGrpcStatus(digests.status()));
+    reactor->Finish(ToGrpcStatus(dispatcher_.CommitStep(*request, response)));
   });
   return reactor;
 }
@@ -356,21 +184,14 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::AbortStep(grpc::CallbackServerConte
                                                        const v1::AbortStepRequest* request,
                                                        v1::AbortStepResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (steps_ == nullptr) {
-    reactor->Finish(ToGrpcStatus(NoSteps()));
-    return reactor;
-  }
-  steps_->Abort(request->step(), request->reason().empty() ? std::string("aborted by the router")
-                                                           : request->reason());
-  metrics_.steps_aborted->Increment();
-  reactor->Finish(grpc::Status::OK);
+  reactor->Finish(ToGrpcStatus(dispatcher_.AbortStep(*request)));
   return reactor;
 }
 
 void ExpertServiceImpl::RunStep(grpc::ServerUnaryReactor* reactor,
                                 absl::AnyInvocable<void() &&> work) {
-  if (steps_ == nullptr) {
-    reactor->Finish(ToGrpcStatus(NoSteps()));
+  if (step_pool_ == nullptr) {
+    std::move(work)();  // no steps here: the dispatcher refuses at once
   } else if (!step_pool_->Submit(std::move(work))) {
     reactor->Finish(ToGrpcStatus(absl::ResourceExhaustedError("step queue full")));
   }

@@ -11,6 +11,23 @@
 
 namespace moe::expert {
 
+std::vector<StepRing> StepRingsOf(const Placement& placement, int server,
+                                  absl::FunctionRef<std::string(int)> label,
+                                  absl::FunctionRef<allreduce::RingLink*(int)> link_to) {
+  std::vector<StepRing> rings;
+  for (const ReplicaGroup& group : ReplicaGroups(placement)) {
+    auto it = std::find(group.servers.begin(), group.servers.end(), server);
+    if (it == group.servers.end()) continue;
+    const int size = static_cast<int>(group.servers.size());
+    const int rank = static_cast<int>(it - group.servers.begin());
+    const int successor = group.servers[(rank + 1) % size];
+    const int predecessor = group.servers[(rank + size - 1) % size];
+    rings.push_back({group.id, group.experts, rank, size, label(predecessor), label(successor),
+                     link_to(successor)});
+  }
+  return rings;
+}
+
 StepExecutor::StepExecutor(Options options, ExpertStore& store, allreduce::CollectiveRegistry& registry)
     : options_(std::move(options)), store_(store), registry_(registry) {}
 

@@ -20,11 +20,13 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/deadline_timer.h"
 #include "common/model_config.h"
+#include "common/placement.h"
 #include "expert_service/allreduce/collective_registry.h"
 #include "expert_service/expert_store.h"
 #include "expert_service/allreduce/ring_allreduce.h"
@@ -43,6 +45,14 @@ struct StepRing {
   // To the successor; outlives the executor.
   allreduce::RingLink* link = nullptr;
 };
+
+// Server `server`'s rings: one per replica group of `placement` it is in
+// (ascending group order). `label(s)` names server s in messages;
+// `link_to(s)` is the link to server s (called once per ring, for its
+// successor).
+std::vector<StepRing> StepRingsOf(const Placement& placement, int server,
+                                  absl::FunctionRef<std::string(int)> label,
+                                  absl::FunctionRef<allreduce::RingLink*(int)> link_to);
 
 class StepExecutor {
  public:

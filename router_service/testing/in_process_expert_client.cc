@@ -4,6 +4,11 @@
 #include "common/log.h"
 
 namespace moe::router::testing {
+namespace {
+
+std::string ServerName(int server) { return absl::StrCat("server-", server); }
+
+}  // namespace
 
 InProcessExpertClient::InProcessExpertClient(const ModelConfig& model,
                                              const Placement& placement,
@@ -11,38 +16,67 @@ InProcessExpertClient::InProcessExpertClient(const ModelConfig& model,
                                              expert::KernelFactory kernel_factory) {
   metrics_ = expert::ExpertMetrics::Create(registry_, model.num_experts);
   pool_ = std::make_unique<ComputePool>(2, 1 << 16);
-  for (int s = 0; s < placement.num_servers(); ++s) {
+  const int num_servers = placement.num_servers();
+  for (int s = 0; s < num_servers; ++s) {
     auto server = std::make_unique<Server>();
     std::map<int, ExpertWeights> experts;
     for (int e : placement.ExpertsOn(s)) experts.emplace(e, weights.experts.at(e));
-    const std::string name = absl::StrCat("server-", s);
-    auto store = expert::ExpertStore::Create({model, name, {}}, std::move(experts),
+    auto store = expert::ExpertStore::Create({model, ServerName(s), {}}, std::move(experts),
                                              kernel_factory);
     MOE_CHECK(store.ok(), store.status().ToString());
     server->store = *std::move(store);
-    server->service = std::make_unique<expert::ExpertServiceImpl>(
-        expert::ExpertServiceImpl::Options{name}, *server->store, *pool_, *metrics_, nullptr);
+    server->collectives = std::make_unique<allreduce::CollectiveRegistry>();
     servers_.push_back(std::move(server));
+  }
+  // Rings need every server's registry.
+  for (int s = 0; s < num_servers; ++s) {
+    Server& server = *servers_[s];
+    server.ring_links.resize(num_servers);
+    std::vector<expert::StepRing> rings =
+        expert::StepRingsOf(placement, s, ServerName, [&](int successor) {
+          auto& link = server.ring_links[successor];
+          if (link == nullptr) {
+            link = std::make_unique<allreduce::LoopbackRingLink>(
+                servers_[successor]->collectives.get());
+          }
+          return static_cast<allreduce::RingLink*>(link.get());
+        });
+    for (const expert::StepRing& ring : rings) server.collectives->AddGroup(ring.group_id);
+    server.steps = std::make_unique<expert::StepExecutor>(
+        expert::StepExecutor::Options{model.optimizer, ServerName(s), std::move(rings)},
+        *server.store, *server.collectives);
+    server.step_pool = std::make_unique<ComputePool>(1, 64);
+    server.dispatcher = std::make_unique<expert::ExpertDispatcher>(
+        expert::ExpertDispatcher::Options{ServerName(s)}, *server.store, *metrics_, nullptr,
+        server.steps.get());
   }
 }
 
 InProcessExpertClient::~InProcessExpertClient() {
   for (size_t s = 0; s < servers_.size(); ++s) Unstall(s);
   pool_.reset();
+  // Steps in flight end (their rings still up), then the rings go.
+  for (auto& server : servers_) server->step_pool.reset();
+  for (auto& server : servers_) server->collectives->Shutdown();
+  for (auto& server : servers_) {
+    server->dispatcher.reset();
+    server->steps.reset();
+  }
+  for (auto& server : servers_) server->ring_links.clear();
 }
 
 void InProcessExpertClient::Forward(int server, const v1::DispatchRequest& request,
                                     ForwardDone done) {
   Server& s = *servers_.at(server);
   if (!s.alive) {
-    std::move(done)(absl::UnavailableError(absl::StrCat("server-", server, " is down")));
+    std::move(done)(absl::UnavailableError(absl::StrCat(ServerName(server), " is down")));
     return;
   }
   ++s.calls;
   auto copy = std::make_unique<v1::DispatchRequest>(request);
   auto shared_done = std::make_shared<ForwardDone>(std::move(done));
   absl::AnyInvocable<void() &&> work = [&s, copy = std::move(copy), shared_done]() mutable {
-    s.service->HandleDispatch(
+    s.dispatcher->Dispatch(
         std::move(copy), std::make_unique<v1::DispatchResponse>(),
         [shared_done](std::unique_ptr<v1::DispatchResponse> response) {
           std::move (*shared_done)(std::move(response));
@@ -79,58 +113,90 @@ void InProcessExpertClient::Backward(int server, const v1::BackwardDispatchReque
                                      BackwardDone done) {
   Server& s = *servers_.at(server);
   if (!s.alive) {
-    std::move(done)(absl::UnavailableError(absl::StrCat("server-", server, " is down")));
+    std::move(done)(absl::UnavailableError(absl::StrCat(ServerName(server), " is down")));
     return;
   }
   ++s.calls;
   auto shared_done = std::make_shared<BackwardDone>(std::move(done));
   const bool accepted = pool_->Submit([&s, request, shared_done]() mutable {
     auto response = std::make_unique<v1::BackwardDispatchResponse>();
-    s.service->HandleBackward(request, response.get());
+    s.dispatcher->Backward(request, response.get());
     std::move(*shared_done)(std::move(response));
   });
   MOE_CHECK(accepted);
 }
 
-namespace {
-
-absl::Status NoRing(int server) {
-  return absl::FailedPreconditionError(
-      absl::StrCat("server-", server, ": in-process servers run no training steps"));
-}
-
-}  // namespace
-
 void InProcessExpertClient::CancelForward(int, uint64_t) { ++cancels_; }
 
-void InProcessExpertClient::PrepareStep(int server, const v1::PrepareStepRequest&, absl::Time,
+template <typename Response, typename Call>
+void InProcessExpertClient::RunStepCall(int server, Call call, UnaryDone<Response> done) {
+  Server& s = *servers_.at(server);
+  if (!s.alive) {
+    std::move(done)(absl::UnavailableError(absl::StrCat(ServerName(server), " is down")));
+    return;
+  }
+  ++s.calls;
+  auto shared_done = std::make_shared<UnaryDone<Response>>(std::move(done));
+  const bool accepted = s.step_pool->Submit([&s, call = std::move(call), shared_done]() mutable {
+    Response response;
+    const absl::Status status = call(*s.dispatcher, response);
+    if (status.ok()) {
+      std::move(*shared_done)(std::move(response));
+    } else {
+      std::move(*shared_done)(status);
+    }
+  });
+  if (!accepted) {
+    std::move(*shared_done)(absl::ResourceExhaustedError("step queue full"));
+  }
+}
+
+void InProcessExpertClient::PrepareStep(int server, const v1::PrepareStepRequest& request,
+                                        absl::Time deadline,
                                         UnaryDone<v1::PrepareStepResponse> done) {
-  std::move(done)(NoRing(server));
+  RunStepCall<v1::PrepareStepResponse>(
+      server,
+      [request, deadline](expert::ExpertDispatcher& d, v1::PrepareStepResponse& response) {
+        return d.PrepareStep(request, deadline, &response);
+      },
+      std::move(done));
 }
 
-void InProcessExpertClient::CommitStep(int server, const v1::CommitStepRequest&, absl::Time,
-                                       UnaryDone<v1::CommitStepResponse> done) {
-  std::move(done)(NoRing(server));
+void InProcessExpertClient::CommitStep(int server, const v1::CommitStepRequest& request,
+                                       absl::Time, UnaryDone<v1::CommitStepResponse> done) {
+  RunStepCall<v1::CommitStepResponse>(
+      server,
+      [request](expert::ExpertDispatcher& d, v1::CommitStepResponse& response) {
+        return d.CommitStep(request, &response);
+      },
+      std::move(done));
 }
 
-void InProcessExpertClient::AbortStep(int server, const v1::AbortStepRequest&, absl::Time,
-                                      UnaryDone<v1::AbortStepResponse> done) {
-  std::move(done)(NoRing(server));
+void InProcessExpertClient::AbortStep(int server, const v1::AbortStepRequest& request,
+                                      absl::Time, UnaryDone<v1::AbortStepResponse> done) {
+  // At once, not behind a Prepare on the step thread: it must be able to
+  // stop one (as the gRPC service does).
+  Server& s = *servers_.at(server);
+  if (!s.alive) {
+    std::move(done)(absl::UnavailableError(absl::StrCat(ServerName(server), " is down")));
+    return;
+  }
+  const absl::Status status = s.dispatcher->AbortStep(request);
+  if (status.ok()) {
+    std::move(done)(v1::AbortStepResponse());
+  } else {
+    std::move(done)(status);
+  }
 }
 
 void InProcessExpertClient::Info(int server, absl::Time, UnaryDone<v1::InfoResponse> done) {
   Server& s = *servers_.at(server);
   if (!s.alive) {
-    std::move(done)(absl::UnavailableError(absl::StrCat("server-", server, " is down")));
+    std::move(done)(absl::UnavailableError(absl::StrCat(ServerName(server), " is down")));
     return;
   }
   v1::InfoResponse info;
-  info.set_server_name(absl::StrCat("server-", server));
-  for (int expert : s.store->HostedExperts()) {
-    v1::ExpertDigest* entry = info.add_experts();
-    entry->set_expert_id(expert);
-    entry->set_weights_digest(*s.store->Digest(expert));
-  }
+  s.dispatcher->Info(&info);
   std::move(done)(std::move(info));
 }
 

@@ -1,23 +1,27 @@
-// ExpertClient over real expert servers' service logic in this process: per
-// server, an ExpertStore with the experts its placement gives it and the
-// ExpertServiceImpl handlers (validation, kernels, training state), called
-// on a compute pool instead of over a socket. Also fails on command
-// (Kill/Revive), like a server that died. For router tests. Thread-safe.
+// ExpertClient over real expert servers' logic in this process: per server,
+// an ExpertStore with the experts its placement gives it and the
+// ExpertDispatcher (validation, kernels, training state, the two-phase
+// step), called on a compute pool instead of over a socket; replica groups
+// sum their gradients through ring all-reduces over LoopbackRingLinks. Also
+// fails on command (Kill/Revive), like a server that died. For router
+// tests. Thread-safe.
 #ifndef MOE_ROUTER_SERVICE_TESTING_IN_PROCESS_EXPERT_CLIENT_H_
 #define MOE_ROUTER_SERVICE_TESTING_IN_PROCESS_EXPERT_CLIENT_H_
 
 #include <atomic>
-
-#include "absl/synchronization/mutex.h"
 #include <memory>
 #include <vector>
 
+#include "absl/synchronization/mutex.h"
 #include "common/compute_pool.h"
 #include "common/moe_weights.h"
 #include "common/placement.h"
+#include "expert_service/allreduce/collective_registry.h"
+#include "expert_service/allreduce/loopback_ring_link.h"
+#include "expert_service/expert_dispatcher.h"
 #include "expert_service/expert_metrics.h"
-#include "expert_service/expert_service.h"
 #include "expert_service/expert_store.h"
+#include "expert_service/step_executor.h"
 #include "prometheus/registry.h"
 #include "router_service/expert_client.h"
 
@@ -37,8 +41,7 @@ class InProcessExpertClient : public ExpertClient {
   // Counted (cancels()), not acted on: in-process calls run to the end.
   void CancelForward(int server, uint64_t sequence_id) override;
   int cancels() const { return cancels_.load(); }
-  // In-process servers have no ring: the step calls answer
-  // FAILED_PRECONDITION (the step runs in the multi-process tests).
+  // The step calls run on the server's own step thread, as over gRPC.
   void PrepareStep(int server, const v1::PrepareStepRequest& request, absl::Time deadline,
                    UnaryDone<v1::PrepareStepResponse> done) override;
   void CommitStep(int server, const v1::CommitStepRequest& request, absl::Time deadline,
@@ -59,13 +62,23 @@ class InProcessExpertClient : public ExpertClient {
   void Stall(int server);
   void Unstall(int server);
   expert::ExpertStore& store(int server) { return *servers_.at(server)->store; }
+  // The link server `server` sends its ring segments to `successor` on
+  // (break or stall it to fail a step's all-reduce).
+  allreduce::LoopbackRingLink& ring_link(int server, int successor) {
+    return *servers_.at(server)->ring_links.at(successor);
+  }
   // Calls that reached server `server`.
   int calls(int server) const { return servers_.at(server)->calls.load(); }
 
  private:
   struct Server {
     std::unique_ptr<expert::ExpertStore> store;
-    std::unique_ptr<expert::ExpertServiceImpl> service;
+    std::unique_ptr<allreduce::CollectiveRegistry> collectives;
+    // To each successor, by server index (null where none).
+    std::vector<std::unique_ptr<allreduce::LoopbackRingLink>> ring_links;
+    std::unique_ptr<expert::StepExecutor> steps;
+    std::unique_ptr<ComputePool> step_pool;
+    std::unique_ptr<expert::ExpertDispatcher> dispatcher;
     std::atomic<bool> alive{true};
     std::atomic<bool> looks_healthy{true};
     absl::Mutex mu;
@@ -73,6 +86,11 @@ class InProcessExpertClient : public ExpertClient {
     std::vector<absl::AnyInvocable<void() &&>> held ABSL_GUARDED_BY(mu);
     std::atomic<int> calls{0};
   };
+
+  // Runs `call` on server `server`'s step thread, or answers UNAVAILABLE
+  // when it is down.
+  template <typename Response, typename Call>
+  void RunStepCall(int server, Call call, UnaryDone<Response> done);
 
   std::atomic<int> cancels_{0};
   prometheus::Registry registry_;

@@ -1,0 +1,216 @@
+#include "expert_service/expert_dispatcher.h"
+
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/proto_status.h"
+#include "common/status_macros.h"
+#include "common/tensor_codec.h"
+
+namespace moe::expert {
+namespace {
+
+constexpr size_t kDefaultChunkBytes = 1 << 20;
+
+// An empty output tensor of `view`'s shape and dtype in `out`, and a view of
+// its bytes to compute into (the answer's bytes, so nothing is copied later).
+TensorView AllocateLike(const ConstTensorView& view, v1::Tensor* out) {
+  out->mutable_shape()->Assign(view.shape.begin(), view.shape.end());
+  out->set_dtype(ToProtoDType(view.dtype));
+  std::string* data = out->mutable_data();
+  data->resize(view.size_bytes());
+  return {view.dtype, view.shape, reinterpret_cast<std::byte*>(data->data())};
+}
+
+absl::Status NoSteps() {
+  return absl::FailedPreconditionError("this server was started without training steps");
+}
+
+}  // namespace
+
+ExpertDispatcher::ExpertDispatcher(Options options, ExpertStore& store,
+                                   const ExpertMetrics& metrics, MicroBatcher* batcher,
+                                   StepExecutor* steps)
+    : options_(std::move(options)),
+      store_(store),
+      metrics_(metrics),
+      batcher_(batcher),
+      steps_(steps) {}
+
+absl::Status ExpertDispatcher::CheckDeadline(int64_t deadline_unix_micros) const {
+  if (deadline_unix_micros == 0) return absl::OkStatus();
+  const absl::Time deadline = absl::FromUnixMicros(deadline_unix_micros);
+  const absl::Time now = options_.clock();
+  if (now >= deadline) {
+    return absl::DeadlineExceededError(absl::StrCat(
+        "deadline passed ", absl::FormatDuration(now - deadline), " before the expert ran"));
+  }
+  return absl::OkStatus();
+}
+
+void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
+                                std::unique_ptr<v1::DispatchResponse> response,
+                                DispatchReply reply) {
+  response->set_sequence_id(request->sequence_id());
+  const ModelConfig& model = store_.model();
+  const int expert = request->expert_id();
+  absl::StatusOr<ConstTensorView> x = [&]() -> absl::StatusOr<ConstTensorView> {
+    MOE_RETURN_IF_ERROR(CheckDeadline(request->deadline_unix_micros()));
+    MOE_RETURN_IF_ERROR(store_.CheckHosted(expert));
+    return DecodeTensor(request->tokens(),
+                        TokenBatchSpec("tokens", model.d_model, model.max_batch_tokens));
+  }();
+  if (!x.ok()) {
+    CompleteDispatch(x.status(), expert, 0, absl::ZeroDuration(), *response);
+    std::move(reply)(std::move(response));
+    return;
+  }
+  const TensorView y = AllocateLike(*x, response->mutable_output());
+  const absl::Time start = absl::Now();
+  if (batcher_ != nullptr && !request->training()) {
+    // The request and answer ride along until the batch has run.
+    const int64_t rows = x->rows();
+    batcher_->Forward(expert, *x, y,
+                      [this, request = std::move(request), response = std::move(response),
+                       reply = std::move(reply), expert, rows,
+                       start](absl::Status status) mutable {
+                        CompleteDispatch(status, expert, rows, absl::Now() - start, *response);
+                        std::move(reply)(std::move(response));
+                      });
+    return;
+  }
+  const absl::Status status = store_.Forward(expert, *x, y, request->training(),
+                                             request->request_id(), options_.clock());
+  CompleteDispatch(status, expert, x->rows(), absl::Now() - start, *response);
+  std::move(reply)(std::move(response));
+}
+
+void ExpertDispatcher::CompleteDispatch(const absl::Status& status, int expert, int64_t rows,
+                                        absl::Duration elapsed,
+                                        v1::DispatchResponse& response) const {
+  if (status.ok()) {
+    response.set_compute_micros(absl::ToInt64Microseconds(elapsed));
+    metrics_.forward_seconds->Observe(absl::ToDoubleSeconds(elapsed));
+    metrics_.batch_rows->Observe(static_cast<double>(rows));
+    metrics_.forward_tokens[expert]->Increment(static_cast<double>(rows));
+  } else {
+    response.clear_output();
+    ToProtoStatus(status, response.mutable_error());
+    metrics_.CountError(status);
+  }
+  metrics_.training_state_bytes->Set(static_cast<double>(store_.training_state().bytes()));
+}
+
+void ExpertDispatcher::Backward(const v1::BackwardDispatchRequest& request,
+                                v1::BackwardDispatchResponse* response) {
+  response->set_sequence_id(request.sequence_id());
+  const ModelConfig& model = store_.model();
+  const absl::Status status = [&]() -> absl::Status {
+    MOE_RETURN_IF_ERROR(CheckDeadline(request.deadline_unix_micros()));
+    MOE_RETURN_IF_ERROR(store_.CheckHosted(request.expert_id()));
+    MOE_ASSIGN_OR_RETURN(
+        const ConstTensorView dy,
+        DecodeTensor(request.grad_output(),
+                     TokenBatchSpec("grad_output", model.d_model, model.max_batch_tokens)));
+    const TensorView dx = AllocateLike(dy, response->mutable_grad_input());
+    const absl::Time start = absl::Now();
+    MOE_RETURN_IF_ERROR(store_.Backward(request.expert_id(), request.request_id(), dy, dx,
+                                        options_.clock()));
+    const absl::Duration elapsed = absl::Now() - start;
+    response->set_compute_micros(absl::ToInt64Microseconds(elapsed));
+    metrics_.backward_seconds->Observe(absl::ToDoubleSeconds(elapsed));
+    metrics_.backward_tokens[request.expert_id()]->Increment(static_cast<double>(dy.rows()));
+    return absl::OkStatus();
+  }();
+  if (!status.ok()) {
+    response->clear_grad_input();
+    ToProtoStatus(status, response->mutable_error());
+    metrics_.CountError(status);
+  }
+  metrics_.training_state_bytes->Set(static_cast<double>(store_.training_state().bytes()));
+}
+
+void ExpertDispatcher::Info(v1::InfoResponse* response) const {
+  response->set_server_name(options_.server_name);
+  *response->mutable_model() = ModelConfigToProto(store_.model());
+  response->set_compute_dtype(ToProtoDType(store_.compute_dtype()));
+  if (steps_ != nullptr) response->set_step(steps_->last_committed());
+  for (int expert : store_.HostedExperts()) {
+    absl::StatusOr<uint64_t> digest = store_.Digest(expert);
+    if (!digest.ok()) continue;  // released meanwhile
+    v1::ExpertDigest* entry = response->add_experts();
+    entry->set_expert_id(expert);
+    entry->set_weights_digest(*digest);
+  }
+}
+
+absl::StatusOr<std::vector<v1::ExpertWeightsChunk>> ExpertDispatcher::ExpertChunks(
+    const v1::GetExpertWeightsRequest& request) const {
+  if (request.max_chunk_bytes() < 0) {
+    return absl::InvalidArgumentError("max_chunk_bytes must be >= 0");
+  }
+  MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, store_.Snapshot(request.expert_id()));
+  const size_t chunk_bytes =
+      request.max_chunk_bytes() == 0 ? kDefaultChunkBytes : request.max_chunk_bytes();
+  return ChunkExpert(request.expert_id(), snapshot, chunk_bytes);
+}
+
+absl::Status ExpertDispatcher::InstallExpert(ExpertAssembler& assembler,
+                                             v1::LoadExpertWeightsResponse* response) {
+  MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, assembler.Finish());
+  const uint64_t digest = snapshot.weights.Digest();
+  MOE_RETURN_IF_ERROR(store_.AddExpert(assembler.expert(), std::move(snapshot)));
+  response->mutable_expert()->set_expert_id(assembler.expert());
+  response->mutable_expert()->set_weights_digest(digest);
+  return absl::OkStatus();
+}
+
+absl::Status ExpertDispatcher::ReleaseExpert(const v1::ReleaseExpertRequest& request) {
+  return store_.RemoveExpert(request.expert_id());
+}
+
+absl::Status ExpertDispatcher::PrepareStep(const v1::PrepareStepRequest& request,
+                                           absl::Time deadline,
+                                           v1::PrepareStepResponse* response) {
+  if (steps_ == nullptr) return NoSteps();
+  if (request.deadline_unix_micros() != 0) {
+    deadline = absl::FromUnixMicros(request.deadline_unix_micros());
+  }
+  absl::StatusOr<StepExecutor::PrepareResult> result =
+      steps_->Prepare(request.step(), request.learning_rate(), deadline);
+  if (!result.ok()) {
+    metrics_.steps_failed->Increment();
+    return result.status();
+  }
+  response->set_step(request.step());
+  response->set_allreduce_bytes_sent(result->allreduce_bytes_sent);
+  response->set_allreduce_seconds(absl::ToDoubleSeconds(result->allreduce_time));
+  response->set_optimizer_seconds(absl::ToDoubleSeconds(result->optimizer_time));
+  metrics_.allreduce_seconds->Observe(absl::ToDoubleSeconds(result->allreduce_time));
+  metrics_.allreduce_sent_bytes->Increment(static_cast<double>(result->allreduce_bytes_sent));
+  return absl::OkStatus();
+}
+
+absl::Status ExpertDispatcher::CommitStep(const v1::CommitStepRequest& request,
+                                          v1::CommitStepResponse* response) {
+  if (steps_ == nullptr) return NoSteps();
+  MOE_ASSIGN_OR_RETURN(const auto digests, steps_->Commit(request.step()));
+  response->set_step(request.step());
+  for (const auto& [expert, digest] : digests) {
+    v1::ExpertDigest* entry = response->add_experts();
+    entry->set_expert_id(expert);
+    entry->set_weights_digest(digest);
+  }
+  metrics_.steps_committed->Increment();
+  return absl::OkStatus();
+}
+
+absl::Status ExpertDispatcher::AbortStep(const v1::AbortStepRequest& request) {
+  if (steps_ == nullptr) return NoSteps();
+  steps_->Abort(request.step(), request.reason().empty() ? std::string("aborted by the router")
+                                                         : request.reason());
+  metrics_.steps_aborted->Increment();
+  return absl::OkStatus();
+}
+
+}  // namespace moe::expert

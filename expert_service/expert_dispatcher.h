@@ -1,0 +1,87 @@
+// The expert server's per-request logic, without a transport: every RPC of
+// proto/expert.proto as a call on messages. Checks the deadline and that the
+// expert is hosted, decodes and validates tensors, allocates each answer's
+// tensor and computes into it, batches inference requests (when a
+// MicroBatcher is given), counts metrics, and runs the training step's
+// phases. Per-request errors go into the answer's `error`; whole-call
+// errors are the returned status. The gRPC adapter (expert_service.h) and
+// the router's in-process test client both call this.
+// Thread-safe.
+#ifndef MOE_EXPERT_SERVICE_EXPERT_DISPATCHER_H_
+#define MOE_EXPERT_SERVICE_EXPERT_DISPATCHER_H_
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/functional/any_invocable.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "expert_service/expert_metrics.h"
+#include "expert_service/expert_store.h"
+#include "expert_service/micro_batcher.h"
+#include "expert_service/step_executor.h"
+#include "expert_service/weight_transfer.h"
+#include "proto/expert.pb.h"
+
+namespace moe::expert {
+
+class ExpertDispatcher {
+ public:
+  struct Options {
+    std::string server_name;
+    // The clock for deadlines and training-state expiry (tests inject one).
+    std::function<absl::Time()> clock = [] { return absl::Now(); };
+  };
+
+  // All references must outlive the dispatcher. `batcher` may be null (no
+  // micro-batching); with `steps` null (a store served without a ring) the
+  // step calls answer FAILED_PRECONDITION.
+  ExpertDispatcher(Options options, ExpertStore& store, const ExpertMetrics& metrics,
+                   MicroBatcher* batcher, StepExecutor* steps);
+
+  // Runs one expert on the request's tokens. `reply` runs once with the
+  // answer: at once, or when its micro-batch has run.
+  using DispatchReply = absl::AnyInvocable<void(std::unique_ptr<v1::DispatchResponse>) &&>;
+  void Dispatch(std::unique_ptr<v1::DispatchRequest> request,
+                std::unique_ptr<v1::DispatchResponse> response, DispatchReply reply);
+  void Backward(const v1::BackwardDispatchRequest& request,
+                v1::BackwardDispatchResponse* response);
+
+  void Info(v1::InfoResponse* response) const;
+  // The expert's chunks, for GetExpertWeights.
+  absl::StatusOr<std::vector<v1::ExpertWeightsChunk>> ExpertChunks(
+      const v1::GetExpertWeightsRequest& request) const;
+  // Installs what `assembler` received (LoadExpertWeights).
+  absl::Status InstallExpert(ExpertAssembler& assembler, v1::LoadExpertWeightsResponse* response);
+  absl::Status ReleaseExpert(const v1::ReleaseExpertRequest& request);
+
+  // The training step's phases. PrepareStep blocks for the all-reduces (up
+  // to `deadline`, or the request's own when it has one): call it off the
+  // transport's threads. AbortStep returns at once.
+  absl::Status PrepareStep(const v1::PrepareStepRequest& request, absl::Time deadline,
+                           v1::PrepareStepResponse* response);
+  absl::Status CommitStep(const v1::CommitStepRequest& request, v1::CommitStepResponse* response);
+  absl::Status AbortStep(const v1::AbortStepRequest& request);
+  bool runs_steps() const { return steps_ != nullptr; }
+
+  const ModelConfig& model() const { return store_.model(); }
+  const ExpertMetrics& metrics() const { return metrics_; }
+
+ private:
+  absl::Status CheckDeadline(int64_t deadline_unix_micros) const;
+  // Finishes a dispatch after its forward ran (or failed), with metrics.
+  void CompleteDispatch(const absl::Status& status, int expert, int64_t rows,
+                        absl::Duration elapsed, v1::DispatchResponse& response) const;
+
+  const Options options_;
+  ExpertStore& store_;
+  const ExpertMetrics& metrics_;
+  MicroBatcher* const batcher_;
+  StepExecutor* const steps_;
+};
+
+}  // namespace moe::expert
+
+#endif  // MOE_EXPERT_SERVICE_EXPERT_DISPATCHER_H_
