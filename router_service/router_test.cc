@@ -15,6 +15,7 @@
 #include "expert_service/onednn_expert_kernel.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "router_service/testing/in_process_cluster.h"
 #include "router_service/testing/in_process_expert_client.h"
 
 namespace moe::router {
@@ -39,83 +40,10 @@ ModelConfig Model(int top_k, bool drop) {
   return model;
 }
 
-Placement MakePlacement(PlacementStrategy strategy, int experts, int servers) {
-  switch (strategy) {
-    case PlacementStrategy::kDataParallel:
-      return DataParallelPlacement(experts, servers);
-    case PlacementStrategy::kModelParallel:
-      return ModelParallelPlacement(experts, servers);
-    case PlacementStrategy::kHybrid:
-      return HybridPlacement(experts, servers);
-    default: {
-      std::vector<double> load(experts);
-      std::iota(load.begin(), load.end(), 1.0);
-      return *DynamicPlacement(experts, servers, load, 0);
-    }
-  }
-}
-
-expert::OnednnRuntime& Runtime() {
-  static expert::OnednnRuntime* runtime = expert::OnednnRuntime::Create(1)->release();
-  return *runtime;
-}
-
-expert::KernelFactory OnednnKernels() {
-  return [](const ExpertWeights& w) -> absl::StatusOr<std::unique_ptr<expert::ExpertKernel>> {
-    auto kernel = expert::OnednnExpertKernel::Create(w, DType::kFloat32, Runtime());
-    if (!kernel.ok()) return kernel.status();
-    return std::unique_ptr<expert::ExpertKernel>(std::move(*kernel));
-  };
-}
-
-// A cluster in one process: the router over in-process expert servers.
-struct Cluster {
-  Cluster(const ModelConfig& m, PlacementStrategy strategy, int servers = 3)
-      : model(m),
-        weights(InitAllWeights(m)),
-        placement(MakePlacement(strategy, m.num_experts, servers)),
-        client(m, placement, weights, OnednnKernels()),
-        router({m, *weights.gate}, placement, client) {}
-
-  absl::StatusOr<Router::ForwardResult> Forward(const v1::Tensor& x, bool training = false) {
-    absl::Notification done;
-    absl::StatusOr<Router::ForwardResult> result;
-    router.Forward(x, training, absl::InfiniteFuture(),
-                   [&](absl::StatusOr<Router::ForwardResult> r) {
-                     result = std::move(r);
-                     done.Notify();
-                   });
-    done.WaitForNotification();
-    return result;
-  }
-
-  absl::StatusOr<v1::Tensor> Backward(uint64_t id, const v1::Tensor& dy) {
-    absl::Notification done;
-    absl::StatusOr<v1::Tensor> result;
-    router.Backward(id, dy, absl::InfiniteFuture(), [&](absl::StatusOr<v1::Tensor> r) {
-      result = std::move(r);
-      done.Notify();
-    });
-    done.WaitForNotification();
-    return result;
-  }
-
-  ModelConfig model;
-  MoeWeights weights;
-  Placement placement;
-  InProcessExpertClient client;
-  Router router;
-};
-
-v1::Tensor Wire(const FloatTensor& t, DType dtype = DType::kFloat32) {
-  v1::Tensor wire;
-  EncodeFloats(t.values(), t.shape(), dtype, &wire);
-  return wire;
-}
-
-FloatTensor Decoded(const v1::Tensor& t, int64_t d_model) {
-  return ToFloatTensor(*DecodeTensor(t, TokenBatchSpec("t", d_model, 0)));
-}
+using Cluster = testing::InProcessCluster;
+using testing::Decoded;
+using testing::OnednnKernels;
+using testing::Wire;
 
 using Case = std::tuple<PlacementStrategy, int, int64_t, bool>;
 

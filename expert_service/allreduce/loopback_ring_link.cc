@@ -63,7 +63,11 @@ void LoopbackRingLink::Loop() {
       broken = broken_;
     }
     if (broken) {
-      std::move(item.done)(absl::UnavailableError("peer gone"));
+      // Both ends see a dead connection: the sender's send fails, and the
+      // receiver loses its predecessor (as when a gRPC stream breaks).
+      const absl::Status gone = absl::UnavailableError("ring link broken");
+      target_->PredecessorLost({item.segment->header().group_id}, gone);
+      std::move(item.done)(gone);
       continue;
     }
     // The receiver may answer later (a parked segment); the next segment

@@ -3,8 +3,9 @@
 // Segments are delivered in order, one at a time, on the link's own thread
 // (as a gRPC stream whose reader acks before reading on); by default the
 // receiver reads the sender's floats in place. Fails on command: Break()
-// fails every later send as a dead peer would, Stall() holds them as a
-// stopped one would. Thread-safe.
+// fails every later send and ends the receiver's collective of its group,
+// as a dead connection would; Stall() holds sends as a stopped peer would.
+// Thread-safe.
 #ifndef MOE_EXPERT_SERVICE_ALLREDUCE_LOOPBACK_RING_LINK_H_
 #define MOE_EXPERT_SERVICE_ALLREDUCE_LOOPBACK_RING_LINK_H_
 

@@ -1,0 +1,97 @@
+#include "router_service/testing/in_process_cluster.h"
+
+#include <numeric>
+#include <utility>
+#include <vector>
+
+#include "absl/synchronization/notification.h"
+#include "common/deterministic_init.h"
+#include "common/log.h"
+#include "common/tensor_codec.h"
+#include "expert_service/onednn_expert_kernel.h"
+
+namespace moe::router::testing {
+namespace {
+
+expert::OnednnRuntime& Runtime() {
+  static expert::OnednnRuntime* runtime = expert::OnednnRuntime::Create(1)->release();
+  return *runtime;
+}
+
+}  // namespace
+
+Placement MakePlacement(PlacementStrategy strategy, int experts, int servers) {
+  switch (strategy) {
+    case PlacementStrategy::kDataParallel:
+      return DataParallelPlacement(experts, servers);
+    case PlacementStrategy::kModelParallel:
+      return ModelParallelPlacement(experts, servers);
+    case PlacementStrategy::kHybrid:
+      return HybridPlacement(experts, servers);
+    default: {
+      std::vector<double> load(experts);
+      std::iota(load.begin(), load.end(), 1.0);
+      return *DynamicPlacement(experts, servers, load, 0);
+    }
+  }
+}
+
+expert::KernelFactory OnednnKernels() {
+  return [](const ExpertWeights& w) -> absl::StatusOr<std::unique_ptr<expert::ExpertKernel>> {
+    auto kernel = expert::OnednnExpertKernel::Create(w, DType::kFloat32, Runtime());
+    if (!kernel.ok()) return kernel.status();
+    return std::unique_ptr<expert::ExpertKernel>(std::move(*kernel));
+  };
+}
+
+v1::Tensor Wire(const FloatTensor& t, DType dtype) {
+  v1::Tensor wire;
+  EncodeFloats(t.values(), t.shape(), dtype, &wire);
+  return wire;
+}
+
+FloatTensor Decoded(const v1::Tensor& t, int64_t d_model) {
+  absl::StatusOr<ConstTensorView> view = DecodeTensor(t, TokenBatchSpec("t", d_model, 0));
+  MOE_CHECK(view.ok(), view.status().ToString());
+  return ToFloatTensor(*view);
+}
+
+InProcessCluster::InProcessCluster(const ModelConfig& m, PlacementStrategy strategy,
+                                   int servers)
+    : model(m),
+      weights(InitAllWeights(m)),
+      placement(MakePlacement(strategy, m.num_experts, servers)),
+      client(m, placement, weights, OnednnKernels()),
+      router({m, *weights.gate}, placement, client),
+      steps({servers}, router, client) {}
+
+absl::StatusOr<Router::ForwardResult> InProcessCluster::Forward(const v1::Tensor& x,
+                                                                bool training) {
+  absl::Notification done;
+  absl::StatusOr<Router::ForwardResult> result;
+  router.Forward(x, training, absl::InfiniteFuture(),
+                 [&](absl::StatusOr<Router::ForwardResult> r) {
+                   result = std::move(r);
+                   done.Notify();
+                 });
+  done.WaitForNotification();
+  return result;
+}
+
+absl::StatusOr<v1::Tensor> InProcessCluster::Backward(uint64_t id, const v1::Tensor& dy) {
+  absl::Notification done;
+  absl::StatusOr<v1::Tensor> result;
+  router.Backward(id, dy, absl::InfiniteFuture(), [&](absl::StatusOr<v1::Tensor> r) {
+    result = std::move(r);
+    done.Notify();
+  });
+  done.WaitForNotification();
+  return result;
+}
+
+absl::StatusOr<StepCoordinator::Result> InProcessCluster::Step(float learning_rate,
+                                                               absl::Duration timeout) {
+  return steps.Step(learning_rate, absl::Now() + timeout);
+}
+
+}  // namespace moe::router::testing

@@ -1,0 +1,51 @@
+// A cluster in one process for tests: the router core, its step
+// coordinator, and in-process expert servers (real stores, oneDNN kernels,
+// rings over loopback links) behind the InProcessExpertClient. Calls block
+// until answered.
+#ifndef MOE_ROUTER_SERVICE_TESTING_IN_PROCESS_CLUSTER_H_
+#define MOE_ROUTER_SERVICE_TESTING_IN_PROCESS_CLUSTER_H_
+
+#include <cstdint>
+
+#include "absl/status/statusor.h"
+#include "common/model_config.h"
+#include "common/moe_weights.h"
+#include "common/placement.h"
+#include "common/tensor.h"
+#include "expert_service/expert_store.h"
+#include "proto/tensor.pb.h"
+#include "router_service/router.h"
+#include "router_service/step_coordinator.h"
+#include "router_service/testing/in_process_expert_client.h"
+
+namespace moe::router::testing {
+
+// A strategy's placement; DYNAMIC from a load rising with the expert id.
+Placement MakePlacement(PlacementStrategy strategy, int experts, int servers);
+// fp32 oneDNN kernels on one shared runtime.
+expert::KernelFactory OnednnKernels();
+
+// `t` on the wire, and back.
+v1::Tensor Wire(const FloatTensor& t, DType dtype = DType::kFloat32);
+FloatTensor Decoded(const v1::Tensor& t, int64_t d_model);
+
+struct InProcessCluster {
+  // Weights from the model's deterministic init.
+  InProcessCluster(const ModelConfig& m, PlacementStrategy strategy, int servers = 3);
+
+  absl::StatusOr<Router::ForwardResult> Forward(const v1::Tensor& x, bool training = false);
+  absl::StatusOr<v1::Tensor> Backward(uint64_t id, const v1::Tensor& dy);
+  absl::StatusOr<StepCoordinator::Result> Step(float learning_rate,
+                                               absl::Duration timeout = absl::Seconds(30));
+
+  ModelConfig model;
+  MoeWeights weights;
+  Placement placement;
+  InProcessExpertClient client;
+  Router router;
+  StepCoordinator steps;
+};
+
+}  // namespace moe::router::testing
+
+#endif  // MOE_ROUTER_SERVICE_TESTING_IN_PROCESS_CLUSTER_H_
