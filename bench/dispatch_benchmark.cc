@@ -6,6 +6,7 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
+#include "common/transport_credentials.h"
 #include "bench/ratio_reporter.h"
 #include "benchmark/benchmark.h"
 #include "common/model_config.h"
@@ -44,7 +45,7 @@ void BM_DispatchRoundTrip(benchmark::State& state) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(512 << 20);
   auto channel = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", Server().port()),
-                                           grpc::InsecureChannelCredentials(), args);
+                                           TransportCredentials::Plaintext().ForChannel(), args);
   auto stub = v1::ExpertServer::NewStub(channel);
   grpc::ClientContext context;
   auto stream = stub->Dispatch(&context);
@@ -73,7 +74,7 @@ void BM_DispatchRoundTrip(benchmark::State& state) {
 // no payload, no compute).
 void BM_HealthCheckRoundTrip(benchmark::State& state) {
   auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", Server().port()),
-                                     grpc::InsecureChannelCredentials());
+                                     TransportCredentials::Plaintext().ForChannel());
   auto stub = grpc::health::v1::Health::NewStub(channel);
   grpc::health::v1::HealthCheckRequest request;
   grpc::health::v1::HealthCheckResponse response;

@@ -21,6 +21,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/log.h"
+#include "common/transport_credentials.h"
 
 namespace moe {
 
@@ -28,6 +29,7 @@ namespace moe {
 // when idle (keepalive pings every 2 s), and reconnects with the given
 // back-off.
 inline std::shared_ptr<grpc::Channel> KeepaliveChannel(const std::string& address,
+                                                       const TransportCredentials& credentials,
                                                        int max_message_bytes,
                                                        absl::Duration min_backoff,
                                                        absl::Duration max_backoff) {
@@ -42,7 +44,7 @@ inline std::shared_ptr<grpc::Channel> KeepaliveChannel(const std::string& addres
               static_cast<int>(absl::ToInt64Milliseconds(min_backoff)));
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS,
               static_cast<int>(absl::ToInt64Milliseconds(max_backoff)));
-  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+  return grpc::CreateCustomChannel(address, credentials.ForChannel(), args);
 }
 
 // One persistent client bidi stream to one server, shared by many calls:

@@ -14,18 +14,19 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "common/transport_credentials.h"
 
 namespace moe {
 
-// Listens on `address` (port 0 picks one; the bound port goes to `*port`).
-// The services must outlive the server.
+// Listens on `address` (port 0 picks one; the bound port goes to `*port`)
+// with `credentials`. The services must outlive the server.
 inline absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
-    const std::string& address, int max_message_bytes,
-    std::initializer_list<grpc::Service*> services, int* port) {
+    const std::string& address, const TransportCredentials& credentials,
+    int max_message_bytes, std::initializer_list<grpc::Service*> services, int* port) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), port);
+  builder.AddListeningPort(address, credentials.ForServer(), port);
   builder.SetMaxReceiveMessageSize(max_message_bytes);
   builder.SetMaxSendMessageSize(max_message_bytes);
   // Our peers ping every 2 s, with or without calls (KeepaliveChannel in

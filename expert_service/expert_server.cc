@@ -113,7 +113,7 @@ absl::Status ExpertServer::Start() {
 
   const std::initializer_list<grpc::Service*> services = {service_.get(),
                                                            collective_service_.get()};
-  MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address,
+  MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address, options_.credentials,
                                                  options_.max_message_bytes, services, &port_));
   MOE_LOG(INFO, "server ", options_.name, " serving gRPC on port ", port_,
           metrics_port_ >= 0 ? absl::StrCat(", /metrics on port ", metrics_port_)
@@ -132,7 +132,8 @@ std::vector<StepRing> ExpertServer::BuildRings(const Placement& placement, int i
       StepRingsOf(placement, index, label, [&](int successor) -> allreduce::RingLink* {
         if (ring_links_[successor] == nullptr) {
           ring_links_[successor] = std::make_unique<allreduce::GrpcRingLink>(
-              label(successor), cluster.servers[successor].address, options_.max_message_bytes);
+              label(successor), cluster.servers[successor].address, options_.credentials,
+              options_.max_message_bytes);
         }
         return ring_links_[successor].get();
       });

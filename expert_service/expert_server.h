@@ -18,6 +18,7 @@
 #include "common/compute_pool.h"
 #include "common/model_config.h"
 #include "common/placement.h"
+#include "common/transport_credentials.h"
 #include "expert_service/allreduce/collective_registry.h"
 #include "expert_service/allreduce/collective_service.h"
 #include "expert_service/expert_dispatcher.h"
@@ -69,6 +70,8 @@ class ExpertServer {
     absl::Duration step_prepared_timeout = absl::Seconds(60);
     // Largest gRPC message either way.
     int max_message_bytes = 512 << 20;
+    // Of the server's port and of its ring links to its peers.
+    TransportCredentials credentials = TransportCredentials::Plaintext();
     // Makes each expert's kernel; empty: OnednnExpertKernel in compute_dtype.
     // Tests substitute kernels here.
     KernelFactory kernel_factory;

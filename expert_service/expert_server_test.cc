@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "absl/container/flat_hash_map.h"
+#include "common/transport_credentials.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "common/deterministic_init.h"
@@ -153,7 +154,7 @@ std::shared_ptr<grpc::Channel> TcpChannel(int port) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(512 << 20);
   return grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", port),
-                                   grpc::InsecureChannelCredentials(), args);
+                                   TransportCredentials::Plaintext().ForChannel(), args);
 }
 
 v1::DispatchRequest Request(uint64_t seq, int expert, const FloatTensor& x,

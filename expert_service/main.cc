@@ -12,6 +12,7 @@
 #include "common/malloc_tuning.h"
 #include "common/model_config.h"
 #include "common/stop_signals.h"
+#include "common/transport_credentials.h"
 #include "expert_service/expert_server.h"
 
 ABSL_FLAG(std::string, config, "", "Text-format moe.v1.ServingConfig (required).");
@@ -57,6 +58,9 @@ absl::StatusOr<moe::expert::ExpertServer::Options> OptionsFromFlags() {
   options.listen_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port));
   options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   options.checkpoint_path = absl::GetFlag(FLAGS_checkpoint);
+  absl::StatusOr<moe::TransportCredentials> credentials = moe::TransportCredentials::FromFlags();
+  if (!credentials.ok()) return credentials.status();
+  options.credentials = *credentials;
   const std::string dtype = absl::GetFlag(FLAGS_dtype);
   if (dtype == "fp32") {
     options.compute_dtype = moe::DType::kFloat32;

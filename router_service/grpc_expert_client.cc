@@ -14,8 +14,8 @@ class GrpcExpertClient::Connection {
  public:
   Connection(const ServerSpec& spec, const Options& options)
       : label_(absl::StrCat("server ", spec.name, " (", spec.address, ")")) {
-    channel_ = KeepaliveChannel(spec.address, options.max_message_bytes, options.min_backoff,
-                                options.max_backoff);
+    channel_ = KeepaliveChannel(spec.address, options.credentials, options.max_message_bytes,
+                                options.min_backoff, options.max_backoff);
     stub_ = v1::ExpertServer::NewStub(channel_);
     v1::ExpertServer::Stub* stub = stub_.get();
     dispatch_ = std::make_unique<DispatchSession>(

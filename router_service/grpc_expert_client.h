@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/model_config.h"
+#include "common/transport_credentials.h"
 #include "router_service/expert_client.h"
 
 namespace moe::router {
@@ -22,6 +23,7 @@ class GrpcExpertClient : public ExpertClient {
  public:
   struct Options {
     std::vector<ServerSpec> servers;
+    TransportCredentials credentials = TransportCredentials::Plaintext();
     int max_message_bytes = 512 << 20;
     // Back-off between reconnection attempts to a failed server.
     absl::Duration min_backoff = absl::Milliseconds(100);

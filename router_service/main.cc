@@ -11,6 +11,7 @@
 #include "common/malloc_tuning.h"
 #include "common/model_config.h"
 #include "common/stop_signals.h"
+#include "common/transport_credentials.h"
 #include "router_service/router_server.h"
 
 ABSL_FLAG(std::string, config, "", "Text-format moe.v1.ServingConfig (required).");
@@ -52,6 +53,12 @@ int main(int argc, char** argv) {
   options.compute_threads = absl::GetFlag(FLAGS_compute_threads);
   options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   options.step_timeout = absl::GetFlag(FLAGS_step_timeout);
+  absl::StatusOr<moe::TransportCredentials> credentials = moe::TransportCredentials::FromFlags();
+  if (!credentials.ok()) {
+    MOE_LOG(ERROR, credentials.status().message());
+    return 2;
+  }
+  options.credentials = *credentials;
   absl::StatusOr<std::unique_ptr<moe::router::RouterServer>> server =
       moe::router::RouterServer::Create(std::move(options));
   if (!server.ok()) {

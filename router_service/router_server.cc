@@ -41,7 +41,8 @@ absl::Status RouterServer::Start() {
   const ModelConfig& model = config.model;
   MOE_ASSIGN_OR_RETURN(placement_, ComputePlacement(model, config.cluster));
   MOE_ASSIGN_OR_RETURN(FloatTensor gate, StartingGate(model, options_.checkpoint_path));
-  client_ = GrpcExpertClient::Create({config.cluster.servers, options_.max_message_bytes});
+  client_ = GrpcExpertClient::Create(
+      {config.cluster.servers, options_.credentials, options_.max_message_bytes});
   pool_ = std::make_unique<ComputePool>(options_.compute_threads, options_.max_queued_requests);
   load_stats_ = std::make_unique<LoadStats>(model.num_experts, placement_->num_servers());
   registry_ = std::make_shared<prometheus::Registry>();
@@ -79,7 +80,7 @@ absl::Status RouterServer::Start() {
                                      [client = client_.get()] { return client->reconnects(); }},
       *steps_, *step_pool_);
 
-  MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address,
+  MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address, options_.credentials,
                                                  options_.max_message_bytes, {service_.get()},
                                                  &port_));
   MOE_LOG(INFO, "router: ", model.num_experts, " experts, top_k ", model.top_k, ", ",

@@ -17,6 +17,7 @@
 #include "common/deadline_timer.h"
 #include "common/model_config.h"
 #include "common/placement.h"
+#include "common/transport_credentials.h"
 #include "prometheus/exposer.h"
 #include "prometheus/registry.h"
 #include "router_service/grpc_expert_client.h"
@@ -43,6 +44,8 @@ class RouterServer {
     int compute_threads = 2;
     size_t max_queued_requests = 4096;
     int max_message_bytes = 512 << 20;
+    // Of the router's port and of its channels to the expert servers.
+    TransportCredentials credentials = TransportCredentials::Plaintext();
     absl::Duration drain_timeout = absl::Seconds(10);
     // Deadline of a Step whose client set none.
     absl::Duration step_timeout = absl::Seconds(60);

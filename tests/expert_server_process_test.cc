@@ -7,6 +7,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/transport_credentials.h"
 #include "common/deterministic_init.h"
 #include "common/model_config.h"
 #include "common/reference_expert.h"
@@ -60,7 +61,7 @@ TEST(ExpertServerProcessTest, ServesThenDrainsOnSigterm) {
   EXPECT_THAT(server.output(), HasSubstr("HYBRID placement gives experts [0,1,2,5]"));
 
   auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
-                                     grpc::InsecureChannelCredentials());
+                                     TransportCredentials::Plaintext().ForChannel());
   {
     grpc::ClientContext context;
     grpc::health::v1::HealthCheckResponse health;

@@ -4,6 +4,7 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "common/transport_credentials.h"
 #include "common/deterministic_init.h"
 #include "common/log.h"
 #include "common/tensor_codec.h"
@@ -36,7 +37,7 @@ ProcessCluster::ProcessCluster(ProcessClusterOptions options) : options_(std::mo
   for (int s = 0; s < options_.num_servers; ++s) {
     StartServer(s);
     server_stubs_.push_back(v1::ExpertServer::NewStub(grpc::CreateChannel(
-        absl::StrCat("127.0.0.1:", ports_[s]), grpc::InsecureChannelCredentials())));
+        absl::StrCat("127.0.0.1:", ports_[s]), TransportCredentials::Plaintext().ForChannel())));
   }
   std::vector<std::string> args = {"--config=" + config_path_, "--port=0", "--metrics_port=0",
                                    "--host=127.0.0.1"};
@@ -48,7 +49,7 @@ ProcessCluster::ProcessCluster(ProcessClusterOptions options) : options_(std::mo
   channel_args.SetMaxReceiveMessageSize(256 << 20);
   stub_ = v1::Router::NewStub(
       grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", NumberAfter(*line, "on port ")),
-                                grpc::InsecureChannelCredentials(), channel_args));
+                                TransportCredentials::Plaintext().ForChannel(), channel_args));
 }
 
 ProcessCluster::~ProcessCluster() {

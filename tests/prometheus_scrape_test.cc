@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
+#include "common/transport_credentials.h"
 #include "absl/strings/str_replace.h"
 #include "absl/time/clock.h"
 #include "common/model_config.h"
@@ -121,7 +122,7 @@ class PrometheusScrapeTest : public ::testing::Test {
 
   static void SendKnownLoad() {
     auto router = v1::Router::NewStub(
-        grpc::CreateChannel(cluster_->router_address(), grpc::InsecureChannelCredentials()));
+        grpc::CreateChannel(cluster_->router_address(), TransportCredentials::Plaintext().ForChannel()));
     auto call = [](auto method) {
       grpc::ClientContext context;
       context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));

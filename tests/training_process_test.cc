@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "absl/strings/match.h"
+#include "common/transport_credentials.h"
 #include "absl/strings/str_cat.h"
 #include "common/deterministic_init.h"
 #include "common/optimizer.h"
@@ -249,7 +250,7 @@ TEST(TrainingFaultTest, ARingSegmentOfAFinishedStepIsRejected) {
   const uint64_t group = ReplicaGroups(placement).at(0).id;
 
   auto channel = grpc::CreateChannel(cluster.config().cluster.servers[1].address,
-                                     grpc::InsecureChannelCredentials());
+                                     TransportCredentials::Plaintext().ForChannel());
   auto collective = v1::Collective::NewStub(channel);
   grpc::ClientContext context;
   auto stream = collective->Ring(&context);

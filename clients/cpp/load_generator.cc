@@ -32,7 +32,7 @@ absl::StatusOr<LoadReport> RunLoad(const std::string& router_address, const Load
   std::vector<std::thread> clients;
   for (int c = 0; c < options.concurrency; ++c) {
     clients.emplace_back([&, c] {
-      auto client = MoeClient::Connect(router_address);
+      auto client = MoeClient::Connect(router_address, options.credentials);
       std::unique_ptr<ForwardStreamClient> stream;
       if (options.streaming) stream = client->OpenForwardStream();
       std::mt19937_64 rng(options.seed * 1000 + c);

@@ -28,6 +28,7 @@ struct LoadOptions {
   // Forward calls.
   bool streaming = false;
   uint64_t seed = 1;
+  TransportCredentials credentials = TransportCredentials::Plaintext();
 };
 
 struct LoadReport {

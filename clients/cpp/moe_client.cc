@@ -26,12 +26,10 @@ absl::StatusOr<FloatTensor> DecodeBatch(const v1::Tensor& t, absl::string_view n
 }  // namespace
 
 std::unique_ptr<MoeClient> MoeClient::Connect(const std::string& address,
+                                              const TransportCredentials& credentials,
                                               int max_message_bytes) {
-  grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(max_message_bytes);
-  args.SetMaxSendMessageSize(max_message_bytes);
-  return std::unique_ptr<MoeClient>(new MoeClient(
-      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args)));
+  return std::unique_ptr<MoeClient>(
+      new MoeClient(NewChannel(address, credentials, max_message_bytes)));
 }
 
 MoeClient::MoeClient(std::shared_ptr<grpc::Channel> channel)

@@ -14,6 +14,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/tensor.h"
+#include "common/transport_credentials.h"
 #include "proto/router.grpc.pb.h"
 
 namespace moe::client {
@@ -69,8 +70,10 @@ class ForwardStreamClient {
 class MoeClient {
  public:
   // `address` is host:port of the router.
-  static std::unique_ptr<MoeClient> Connect(const std::string& address,
-                                            int max_message_bytes = 512 << 20);
+  static std::unique_ptr<MoeClient> Connect(
+      const std::string& address,
+      const TransportCredentials& credentials = TransportCredentials::Plaintext(),
+      int max_message_bytes = 512 << 20);
 
   // Waits (without polling) until the router's health service says
   // SERVING, up to `timeout`.

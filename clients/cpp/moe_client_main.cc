@@ -55,7 +55,12 @@ int Run() {
   ForwardOptions options;
   options.return_routing = true;
   options.wire_dtype = absl::GetFlag(FLAGS_dtype) == "bf16" ? DType::kBFloat16 : DType::kFloat32;
-  auto client = MoeClient::Connect(absl::GetFlag(FLAGS_router));
+  absl::StatusOr<TransportCredentials> credentials = TransportCredentials::FromFlags();
+  if (!credentials.ok()) {
+    MOE_LOG(ERROR, credentials.status().message());
+    return 2;
+  }
+  auto client = MoeClient::Connect(absl::GetFlag(FLAGS_router), *credentials);
   absl::StatusOr<ForwardOutput> out = client->Forward(*x, options);
   if (!out.ok()) {
     MOE_LOG(ERROR, out.status().ToString());

@@ -123,7 +123,12 @@ int Run() {
     }
     local = *std::move(layer);
   }
-  auto client = MoeClient::Connect(absl::GetFlag(FLAGS_router));
+  absl::StatusOr<TransportCredentials> credentials = TransportCredentials::FromFlags();
+  if (!credentials.ok()) {
+    MOE_LOG(ERROR, credentials.status().message());
+    return 2;
+  }
+  auto client = MoeClient::Connect(absl::GetFlag(FLAGS_router), *credentials);
   if (absl::Status healthy = client->WaitUntilHealthy(absl::Seconds(30)); !healthy.ok()) {
     MOE_LOG(ERROR, healthy.message());
     return 1;

@@ -62,12 +62,20 @@ class ForwardResult:
 
 
 class MoeClient:
-    """Calls a router at `address` (host:port). Raises grpc.RpcError on failure."""
+    """Calls a router at `address` (host:port). Raises grpc.RpcError on failure.
 
-    def __init__(self, address, timeout=60.0):
+    `credentials`: grpc.ChannelCredentials (e.g. grpc.ssl_channel_credentials)
+    for a router that serves TLS; None is plaintext, what the router serves
+    with --transport_security=plaintext (the default).
+    """
+
+    def __init__(self, address, timeout=60.0, credentials=None):
         options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
-        self._channel = grpc.insecure_channel(address, options=options)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=options)
         self._router = router_pb2_grpc.RouterStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout

@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/model_config.h"
+#include "common/transport_credentials.h"
 #include "deploy/local/child_process.h"
 
 namespace moe::local {
@@ -25,6 +26,8 @@ struct LocalClusterOptions {
   int onednn_threads = 0;
   // Where the generated config goes.
   std::string work_dir;
+  // Given to every process (--transport_security).
+  TransportCredentials credentials = TransportCredentials::Plaintext();
 };
 
 class LocalCluster {

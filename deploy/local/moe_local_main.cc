@@ -114,11 +114,11 @@ double ServerTokens(int metrics_port) {
 
 // Each server's expert digests (expert -> digest); false if replicas of an
 // expert differ or a server does not answer.
-bool ReplicasIdentical(const ServingConfig& running, std::map<int, uint64_t>& digests) {
+bool ReplicasIdentical(const ServingConfig& running, const TransportCredentials& credentials,
+                       std::map<int, uint64_t>& digests) {
   bool identical = true;
   for (const ServerSpec& server : running.cluster.servers) {
-    auto stub = v1::ExpertServer::NewStub(
-        grpc::CreateChannel(server.address, grpc::InsecureChannelCredentials()));
+    auto stub = v1::ExpertServer::NewStub(NewChannel(server.address, credentials, 4 << 20));
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
     v1::InfoResponse info;
@@ -133,8 +133,9 @@ bool ReplicasIdentical(const ServingConfig& running, std::map<int, uint64_t>& di
 
 // Training steps on random tokens: Forward(training), Backward, Step; then
 // whether every expert's replicas hold the same bits. False on a failure.
-bool Train(client::MoeClient& client, const ServingConfig& running, int steps,
-           int64_t batch_tokens, float learning_rate) {
+bool Train(client::MoeClient& client, const ServingConfig& running,
+           const TransportCredentials& credentials, int steps, int64_t batch_tokens,
+           float learning_rate) {
   std::printf("\ntraining    %d steps of %ld tokens (Forward, Backward, Step), lr %g\n", steps,
               static_cast<long>(batch_tokens), learning_rate);
   std::mt19937 rng(7);
@@ -165,7 +166,7 @@ bool Train(client::MoeClient& client, const ServingConfig& running, int steps,
         absl::ToDoubleMilliseconds(step->commit_time));
   }
   std::map<int, uint64_t> digests;
-  const bool identical = ReplicasIdentical(running, digests);
+  const bool identical = ReplicasIdentical(running, credentials, digests);
   std::printf("  replicas    %s (weight digests of %zu experts from every server's Info)\n",
               identical ? "bit-identical" : "DIFFER", digests.size());
   return identical;
@@ -192,6 +193,12 @@ int Run() {
   options.dtype = absl::GetFlag(FLAGS_dtype);
   options.onednn_threads = absl::GetFlag(FLAGS_onednn_threads);
   options.work_dir = work_dir;
+  absl::StatusOr<TransportCredentials> credentials = TransportCredentials::FromFlags();
+  if (!credentials.ok()) {
+    MOE_LOG(ERROR, credentials.status().message());
+    return 2;
+  }
+  options.credentials = *credentials;
   const ModelConfig& model = config->model;
   std::printf("moe-serve local cluster: %d experts (d_model %ld, d_ff %ld, top_k %d), %zu expert "
               "servers, %s placement, %s kernels\nstarting...\n",
@@ -206,7 +213,7 @@ int Run() {
     return 1;
   }
   const ServingConfig& running = (*cluster)->config();
-  auto client = client::MoeClient::Connect((*cluster)->router_address());
+  auto client = client::MoeClient::Connect((*cluster)->router_address(), *credentials);
   if (absl::Status healthy = client->WaitUntilHealthy(absl::Seconds(60)); !healthy.ok()) {
     MOE_LOG(ERROR, healthy.message());
     return 1;
@@ -231,6 +238,7 @@ int Run() {
   }
 
   client::LoadOptions load;
+  load.credentials = *credentials;
   load.concurrency = absl::GetFlag(FLAGS_concurrency);
   load.batch_tokens = absl::GetFlag(FLAGS_batch);
   load.d_model = running.model.d_model;
@@ -283,7 +291,7 @@ int Run() {
 
   bool trained = true;
   if (absl::GetFlag(FLAGS_train_steps) > 0) {
-    trained = Train(*client, running, absl::GetFlag(FLAGS_train_steps), load.batch_tokens,
+    trained = Train(*client, running, *credentials, absl::GetFlag(FLAGS_train_steps), load.batch_tokens,
                     absl::GetFlag(FLAGS_learning_rate));
   }
 

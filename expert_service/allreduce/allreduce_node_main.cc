@@ -22,6 +22,7 @@
 #include "common/grpc_server.h"
 #include "common/log.h"
 #include "common/malloc_tuning.h"
+#include "common/transport_credentials.h"
 #include "expert_service/allreduce/allreduce_inputs.h"
 #include "expert_service/allreduce/collective_registry.h"
 #include "expert_service/allreduce/collective_service.h"
@@ -70,12 +71,17 @@ int Run() {
     return 2;
   }
 
+  const absl::StatusOr<TransportCredentials> credentials = TransportCredentials::FromFlags();
+  if (!credentials.ok()) {
+    std::fprintf(stderr, "%s\n", credentials.status().ToString().c_str());
+    return 2;
+  }
   CollectiveRegistry registry;
   registry.AddGroup(kGroup);
   CollectiveService service(&registry);
   int port = 0;
   absl::StatusOr<std::unique_ptr<grpc::Server>> server =
-      StartGrpcServer(peers[rank], 1 << 30, {&service}, &port);
+      StartGrpcServer(peers[rank], *credentials, 1 << 30, {&service}, &port);
   if (!server.ok()) {
     std::fprintf(stderr, "%s\n", server.status().ToString().c_str());
     return 1;
@@ -83,7 +89,7 @@ int Run() {
   const int successor = (rank + 1) % n;
   const int predecessor = (rank + n - 1) % n;
   auto name = [&](int r) { return absl::StrCat("rank ", r, " (", peers[r], ")"); };
-  GrpcRingLink link(name(successor), peers[successor], 1 << 30);
+  GrpcRingLink link(name(successor), peers[successor], *credentials, 1 << 30);
   std::printf("rank %d of %d listening on %s\n", rank, n, peers[rank].c_str());
   std::fflush(stdout);
 
@@ -107,7 +113,8 @@ int Run() {
   // otherwise), then a small collective as a barrier, so every timed one
   // starts with all ranks ready.
   if (n > 1) {
-    auto channel = KeepaliveChannel(peers[successor], 1 << 20, absl::Milliseconds(50),
+    auto channel = KeepaliveChannel(peers[successor], *credentials, 1 << 20,
+                                    absl::Milliseconds(50),
                                     absl::Milliseconds(200));
     if (!channel->WaitForConnected(absl::ToChronoTime(absl::Now() +
                                                       absl::GetFlag(FLAGS_connect_timeout)))) {

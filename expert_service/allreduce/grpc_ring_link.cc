@@ -5,9 +5,10 @@
 namespace moe::allreduce {
 
 GrpcRingLink::GrpcRingLink(std::string name, const std::string& address,
-                           int max_message_bytes, absl::Duration min_backoff,
-                           absl::Duration max_backoff)
-    : channel_(KeepaliveChannel(address, max_message_bytes, min_backoff, max_backoff)),
+                           const TransportCredentials& credentials, int max_message_bytes,
+                           absl::Duration min_backoff, absl::Duration max_backoff)
+    : channel_(KeepaliveChannel(address, credentials, max_message_bytes, min_backoff,
+                                max_backoff)),
       stub_(std::make_unique<Stub>(channel_)) {
   Stub* stub = stub_.get();
   session_ = std::make_unique<ClientStreamSession<RingSegment, v1::RingAck>>(

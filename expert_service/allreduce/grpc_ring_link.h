@@ -17,6 +17,7 @@
 
 #include "absl/time/time.h"
 #include "common/client_stream_session.h"
+#include "common/transport_credentials.h"
 #include "expert_service/allreduce/ring_link.h"
 #include "expert_service/allreduce/ring_segment.h"
 #include "proto/collective.grpc.pb.h"  // protobuf serialization of RingAck
@@ -26,7 +27,8 @@ namespace moe::allreduce {
 class GrpcRingLink : public RingLink {
  public:
   // `name` names the peer in errors ("server expert-1 (10.0.0.2:50051)").
-  GrpcRingLink(std::string name, const std::string& address, int max_message_bytes,
+  GrpcRingLink(std::string name, const std::string& address,
+               const TransportCredentials& credentials, int max_message_bytes,
                absl::Duration min_backoff = absl::Milliseconds(50),
                absl::Duration max_backoff = absl::Seconds(1));
 
