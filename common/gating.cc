@@ -50,9 +50,10 @@ void TopK(absl::Span<const float> logits, int top_k, absl::Span<int32_t> out,
 
 void ApplyCapacity(Routing& routing) {
   const int k = routing.top_k;
+  const PairIndex pairs(k);
   for (int j = 0; j < k; ++j) {
     for (int64_t t = 0; t < routing.num_tokens; ++t) {
-      const int64_t p = t * k + j;
+      const int64_t p = pairs.Pair(t, j);
       int64_t& count = routing.expert_tokens[routing.expert_ids[p]];
       if (routing.capacity > 0 && count >= routing.capacity) {
         routing.dropped[p] = 1;
@@ -80,14 +81,15 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
   MOE_CHECK(gate.dim(0) == model.d_model && gate.dim(1) == model.num_experts);
   const int num_experts = model.num_experts;
   const int k = model.top_k;
+  const PairIndex pairs(k);
   Routing routing;
   routing.num_tokens = num_tokens;
   routing.num_experts = num_experts;
   routing.top_k = k;
   routing.probs.resize(num_tokens * num_experts);
-  routing.expert_ids.resize(num_tokens * k);
-  routing.weights.resize(num_tokens * k);
-  routing.dropped.assign(num_tokens * k, 0);
+  routing.expert_ids.resize(pairs.Count(num_tokens));
+  routing.weights.resize(pairs.Count(num_tokens));
+  routing.dropped.assign(pairs.Count(num_tokens), 0);
   routing.expert_tokens.assign(num_experts, 0);
   routing.capacity = ExpertCapacity(model, num_tokens);
 
@@ -99,12 +101,13 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
     absl::Span<float> probs =
         absl::MakeSpan(routing.probs).subspan(t * num_experts, num_experts);
     Softmax(logits, probs);
-    absl::Span<int32_t> chosen = absl::MakeSpan(routing.expert_ids).subspan(t * k, k);
+    absl::Span<int32_t> chosen =
+        absl::MakeSpan(routing.expert_ids).subspan(pairs.Pair(t, 0), k);
     TopK(logits, k, chosen, scratch);
     double chosen_sum = 0;
     for (int j = 0; j < k; ++j) chosen_sum += probs[chosen[j]];
     for (int j = 0; j < k; ++j) {
-      routing.weights[t * k + j] = static_cast<float>(probs[chosen[j]] / chosen_sum);
+      routing.weights[pairs.Pair(t, j)] = static_cast<float>(probs[chosen[j]] / chosen_sum);
     }
   }
   ApplyCapacity(routing);
@@ -115,9 +118,10 @@ void GateBackward(const Routing& routing, absl::Span<const float> x,
                   const FloatTensor& gate, absl::Span<const double> d_weight,
                   absl::Span<float> dx, FloatTensor& d_gate) {
   const int k = routing.top_k;
+  const PairIndex pairs(k);
   const int num_experts = routing.num_experts;
   const int64_t d_model = gate.dim(0);
-  MOE_CHECK(static_cast<int64_t>(d_weight.size()) == routing.num_tokens * k);
+  MOE_CHECK(static_cast<int64_t>(d_weight.size()) == pairs.Count(routing.num_tokens));
   MOE_CHECK(static_cast<int64_t>(x.size()) == routing.num_tokens * d_model);
   MOE_CHECK(dx.size() == x.size());
   const float* w_g = gate.values().data();
@@ -128,12 +132,14 @@ void GateBackward(const Routing& routing, absl::Span<const float> x,
     const float* probs = routing.probs.data() + t * num_experts;
     double chosen_sum = 0, weighted = 0;
     for (int j = 0; j < k; ++j) {
-      chosen_sum += probs[routing.expert_ids[t * k + j]];
-      weighted += d_weight[t * k + j] * routing.weights[t * k + j];
+      const int64_t p = pairs.Pair(t, j);
+      chosen_sum += probs[routing.expert_ids[p]];
+      weighted += d_weight[p] * routing.weights[p];
     }
     std::fill(d_prob.begin(), d_prob.end(), 0.0);
     for (int j = 0; j < k; ++j) {
-      d_prob[routing.expert_ids[t * k + j]] = (d_weight[t * k + j] - weighted) / chosen_sum;
+      const int64_t p = pairs.Pair(t, j);
+      d_prob[routing.expert_ids[p]] = (d_weight[p] - weighted) / chosen_sum;
     }
     double dot = 0;
     for (int m = 0; m < num_experts; ++m) dot += d_prob[m] * probs[m];
@@ -160,7 +166,7 @@ std::vector<std::vector<int64_t>> KeptPairsByExpert(const Routing& routing) {
   for (int e = 0; e < routing.num_experts; ++e) {
     pairs[e].reserve(routing.expert_tokens[e]);
   }
-  for (int64_t p = 0; p < routing.num_tokens * routing.top_k; ++p) {
+  for (int64_t p = 0; p < PairIndex(routing.top_k).Count(routing.num_tokens); ++p) {
     if (!routing.dropped[p]) pairs[routing.expert_ids[p]].push_back(p);
   }
   return pairs;

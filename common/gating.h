@@ -19,6 +19,7 @@
 
 #include "absl/types/span.h"
 #include "common/model_config.h"
+#include "common/pair_index.h"
 #include "common/tensor.h"
 
 namespace moe {
@@ -29,7 +30,7 @@ struct Routing {
   int top_k = 0;
   // [num_tokens, num_experts] softmax of the logits.
   std::vector<float> probs;
-  // [num_tokens, top_k]: pair p = t * top_k + j is token t's j-th choice.
+  // [num_tokens, top_k], indexed by pair (common/pair_index.h).
   std::vector<int32_t> expert_ids;
   // [num_tokens, top_k] renormalised gate weights.
   std::vector<float> weights;
@@ -40,6 +41,8 @@ struct Routing {
   int64_t dropped_pairs = 0;
   // Pairs per expert allowed; 0 means unlimited (DROPLESS).
   int64_t capacity = 0;
+
+  PairIndex pairs() const { return PairIndex(top_k); }
 };
 
 // ceil(capacity_factor * num_tokens * top_k / num_experts) with DROP, else 0.

@@ -18,13 +18,13 @@ absl::Status CheckShape(const FloatTensor& t, const Shape& want,
   return absl::OkStatus();
 }
 
-// Copies the rows of `pairs` (token = pair / top_k) out of x.
+// Copies the tokens of `pairs` out of x, one row per pair.
 FloatTensor GatherRows(const FloatTensor& x, const std::vector<int64_t>& pairs,
-                       int top_k) {
+                       const PairIndex& index) {
   const int64_t d_model = x.dim(1);
   FloatTensor rows({static_cast<int64_t>(pairs.size()), d_model});
   for (size_t r = 0; r < pairs.size(); ++r) {
-    absl::Span<const float> src = x.row(pairs[r] / top_k);
+    absl::Span<const float> src = x.row(index.TokenOf(pairs[r]));
     std::copy(src.begin(), src.end(), rows.mutable_row(r).begin());
   }
   return rows;
@@ -74,7 +74,7 @@ absl::Status ReferenceMoe::CheckBatch(const FloatTensor& t, absl::string_view na
 absl::StatusOr<ReferenceForward> ReferenceMoe::Forward(const FloatTensor& x) const {
   MOE_RETURN_IF_ERROR(CheckBatch(x, "x", -1));
   const int64_t num_tokens = x.dim(0);
-  const int k = model_.top_k;
+  const PairIndex index(model_.top_k);
   ReferenceForward result;
   result.routing = RouteTokens(x.values(), num_tokens, *weights_.gate, model_);
   result.y = FloatTensor({num_tokens, model_.d_model});
@@ -84,7 +84,7 @@ absl::StatusOr<ReferenceForward> ReferenceMoe::Forward(const FloatTensor& x) con
     ExpertActivations& act = result.experts[e];
     act.pairs = std::move(pairs[e]);
     const int64_t rows = act.pairs.size();
-    const FloatTensor input = GatherRows(x, act.pairs, k);
+    const FloatTensor input = GatherRows(x, act.pairs, index);
     act.hidden_pre = FloatTensor({rows, model_.d_ff});
     act.output = FloatTensor({rows, model_.d_model});
     ReferenceExpertForward(weights_.experts.at(e), input.values(), rows,
@@ -93,7 +93,7 @@ absl::StatusOr<ReferenceForward> ReferenceMoe::Forward(const FloatTensor& x) con
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t p = act.pairs[r];
       const float w = result.routing.weights[p];
-      absl::Span<float> y_row = result.y.mutable_row(p / k);
+      absl::Span<float> y_row = result.y.mutable_row(index.TokenOf(p));
       absl::Span<const float> out_row = act.output.row(r);
       for (int64_t m = 0; m < model_.d_model; ++m) y_row[m] += w * out_row[m];
     }
@@ -112,7 +112,7 @@ absl::StatusOr<ReferenceGradients> ReferenceMoe::Backward(
         "backward: the forward had ", forward.routing.num_tokens,
         " tokens, x has ", num_tokens));
   }
-  const int k = model_.top_k;
+  const PairIndex index(model_.top_k);
   const int num_experts = model_.num_experts;
   const int64_t d_model = model_.d_model;
   const Routing& routing = forward.routing;
@@ -121,7 +121,7 @@ absl::StatusOr<ReferenceGradients> ReferenceMoe::Backward(
   grads.dx = FloatTensor({num_tokens, d_model});
   grads.params.gate = FloatTensor({d_model, num_experts});
   // dL/dweight for every pair: dy[t] . Expert_e(x[t]); 0 for dropped pairs.
-  std::vector<double> d_weight(num_tokens * k, 0.0);
+  std::vector<double> d_weight(index.Count(num_tokens), 0.0);
 
   // Expert path: each expert sees weight * dy for its rows.
   for (int e = 0; e < num_experts; ++e) {
@@ -130,7 +130,7 @@ absl::StatusOr<ReferenceGradients> ReferenceMoe::Backward(
     FloatTensor d_out({rows, d_model});
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t p = act.pairs[r];
-      absl::Span<const float> dy_row = dy.row(p / k);
+      absl::Span<const float> dy_row = dy.row(index.TokenOf(p));
       absl::Span<const float> out_row = act.output.row(r);
       absl::Span<float> d_out_row = d_out.mutable_row(r);
       double dot = 0;
@@ -140,7 +140,7 @@ absl::StatusOr<ReferenceGradients> ReferenceMoe::Backward(
       }
       d_weight[p] = dot;
     }
-    const FloatTensor input = GatherRows(x, act.pairs, k);
+    const FloatTensor input = GatherRows(x, act.pairs, index);
     FloatTensor dx_rows({rows, d_model});
     ExpertWeights& expert_grads =
         grads.params.experts.emplace(e, ExpertWeights::Zeros(model_)).first->second;
@@ -148,7 +148,7 @@ absl::StatusOr<ReferenceGradients> ReferenceMoe::Backward(
                             act.hidden_pre.values(), d_out.values(), rows,
                             dx_rows.mutable_values(), expert_grads);
     for (int64_t r = 0; r < rows; ++r) {
-      absl::Span<float> dx_row = grads.dx.mutable_row(act.pairs[r] / k);
+      absl::Span<float> dx_row = grads.dx.mutable_row(index.TokenOf(act.pairs[r]));
       absl::Span<const float> src = dx_rows.row(r);
       for (int64_t m = 0; m < d_model; ++m) dx_row[m] += src[m];
     }

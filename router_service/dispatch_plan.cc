@@ -13,7 +13,7 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
                                                       const ConstTensorView& x,
                                                       ReplicaPicker& picker,
                                                       const DispatchPlanOptions& options) {
-  const int k = routing.top_k;
+  const PairIndex index = routing.pairs();
   const int64_t d_model = x.shape.at(1);
   const size_t row_bytes = d_model * DTypeSize(x.dtype);
   std::vector<std::vector<int64_t>> by_expert = KeptPairsByExpert(routing);
@@ -48,7 +48,7 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
       std::string* bytes = tokens->mutable_data();
       bytes->resize(count * row_bytes);
       for (int64_t r = 0; r < count; ++r) {
-        std::memcpy(bytes->data() + r * row_bytes, x.data + (group.pairs[r] / k) * row_bytes,
+        std::memcpy(bytes->data() + r * row_bytes, x.data + index.TokenOf(group.pairs[r]) * row_bytes,
                     row_bytes);
       }
     }
@@ -64,7 +64,7 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
 
 void Combine(const Routing& routing, const std::vector<ExpertGroup>& groups,
              const std::vector<absl::Span<const float>>& outputs, FloatTensor& y) {
-  const int k = routing.top_k;
+  const PairIndex index = routing.pairs();
   const int64_t d_model = y.dim(1);
   for (size_t g = 0; g < groups.size(); ++g) {
     const ExpertGroup& group = groups[g];
@@ -72,7 +72,7 @@ void Combine(const Routing& routing, const std::vector<ExpertGroup>& groups,
     for (size_t r = 0; r < group.pairs.size(); ++r) {
       const int64_t p = group.pairs[r];
       const float w = routing.weights[p];
-      float* y_row = y.mutable_row(p / k).data();
+      float* y_row = y.mutable_row(index.TokenOf(p)).data();
       const float* out_row = out + r * d_model;
       for (int64_t m = 0; m < d_model; ++m) y_row[m] += w * out_row[m];
     }

@@ -382,9 +382,9 @@ void Router::Backward(uint64_t request_id, const v1::Tensor& grad_output,
   call->record = *std::move(record);
   call->dy32 = AsFloats(*dy, call->dy32_storage);
   const TrainingRecord& rec = *call->record;
-  const int k = rec.routing.top_k;
+  const PairIndex index = rec.routing.pairs();
   const int64_t d_model = options_.model.d_model;
-  call->d_weight.assign(rec.routing.num_tokens * k, 0.0);
+  call->d_weight.assign(index.Count(rec.routing.num_tokens), 0.0);
   const size_t n = rec.groups.size();
   call->requests.resize(n);
   call->responses.resize(n);
@@ -395,7 +395,7 @@ void Router::Backward(uint64_t request_id, const v1::Tensor& grad_output,
     std::vector<float> scaled(rows * d_model);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t p = group.pairs[r];
-      const float* dy_row = call->dy32.data() + (p / k) * d_model;
+      const float* dy_row = call->dy32.data() + index.TokenOf(p) * d_model;
       const float* out_row = rec.outputs[g].values().data() + r * d_model;
       const float w = rec.routing.weights[p];
       double dot = 0;
@@ -455,7 +455,7 @@ void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
     }
   }
   const TrainingRecord& rec = *call->record;
-  const int k = rec.routing.top_k;
+  const PairIndex index = rec.routing.pairs();
   const int64_t d_model = options_.model.d_model;
   FloatTensor dx({rec.routing.num_tokens, d_model});
   for (size_t g = 0; g < rec.groups.size(); ++g) {
@@ -472,7 +472,7 @@ void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
     std::vector<float> storage;
     const absl::Span<const float> rows = AsFloats(*part, storage);
     for (size_t r = 0; r < group.pairs.size(); ++r) {
-      float* dx_row = dx.mutable_row(group.pairs[r] / k).data();
+      float* dx_row = dx.mutable_row(index.TokenOf(group.pairs[r])).data();
       for (int64_t m = 0; m < d_model; ++m) dx_row[m] += rows[r * d_model + m];
     }
   }

@@ -29,8 +29,8 @@ absl::StatusOr<std::unique_ptr<LocalMoeLayer>> LocalMoeLayer::Create(const Model
 absl::StatusOr<FloatTensor> LocalMoeLayer::Forward(const FloatTensor& x) const {
   const int64_t tokens = x.dim(0);
   const int64_t d_model = model_.d_model;
-  const int k = model_.top_k;
   const Routing routing = RouteTokens(x.values(), tokens, *weights_.gate, model_);
+  const PairIndex index = routing.pairs();
   const std::vector<std::vector<int64_t>> pairs = KeptPairsByExpert(routing);
   FloatTensor y({tokens, d_model});
   const size_t element = DTypeSize(dtype_);
@@ -42,7 +42,7 @@ absl::StatusOr<FloatTensor> LocalMoeLayer::Forward(const FloatTensor& x) const {
     in.resize(rows * d_model * element);
     out.resize(in.size());
     for (int64_t r = 0; r < rows; ++r) {
-      const float* src = x.row(pairs[e][r] / k).data();
+      const float* src = x.row(index.TokenOf(pairs[e][r])).data();
       if (dtype_ == DType::kFloat32) {
         std::memcpy(in.data() + r * d_model * 4, src, d_model * 4);
       } else {
@@ -55,7 +55,7 @@ absl::StatusOr<FloatTensor> LocalMoeLayer::Forward(const FloatTensor& x) const {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t p = pairs[e][r];
       const float w = routing.weights[p];
-      float* y_row = y.mutable_row(p / k).data();
+      float* y_row = y.mutable_row(index.TokenOf(p)).data();
       if (dtype_ == DType::kFloat32) {
         const float* o = reinterpret_cast<const float*>(out.data()) + r * d_model;
         for (int64_t m = 0; m < d_model; ++m) y_row[m] += w * o[m];

@@ -12,6 +12,7 @@
 #include "clients/cpp/moe_client.h"
 #include "common/flags_usage.h"
 #include "common/log.h"
+#include "common/pair_index.h"
 #include "common/safetensors.h"
 
 ABSL_FLAG(std::string, router, "127.0.0.1:50051", "The router's host:port.");
@@ -76,7 +77,7 @@ int Run() {
   for (int64_t t = 0; t < show; ++t) {
     std::printf("token %ld:", static_cast<long>(t));
     for (int j = 0; j < out->top_k; ++j) {
-      const size_t p = t * out->top_k + j;
+      const int64_t p = PairIndex(out->top_k).Pair(t, j);
       std::printf("  expert %d (%.3f)%s", out->expert_ids[p], out->weights[p],
                   out->dropped[p] ? " dropped" : "");
     }
