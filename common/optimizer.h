@@ -6,11 +6,21 @@
 #ifndef MOE_COMMON_OPTIMIZER_H_
 #define MOE_COMMON_OPTIMIZER_H_
 
+#include "absl/types/span.h"
 #include "common/model_config.h"
 #include "common/moe_weights.h"
 #include "common/tensor.h"
 
 namespace moe {
+
+// The update out of place: `new_weights` (and `new_velocity`) from
+// `weights`, `velocity` and `grads`, with the same arithmetic as in place
+// (outputs may alias their inputs). `velocity` and `new_velocity` are
+// unused, and may be empty, for plain SGD. REQUIRES: equal sizes.
+void SgdUpdate(const OptimizerOptions& options, float learning_rate,
+               absl::Span<const float> grads, absl::Span<const float> weights,
+               absl::Span<const float> velocity, absl::Span<float> new_weights,
+               absl::Span<float> new_velocity);
 
 // Updates `weights` in place with `grads`. `velocity` (same shape) is the
 // momentum buffer, updated in place; it is ignored for plain SGD and may

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/bfloat16.h"
+#include "common/optimizer.h"
 #include "common/status_macros.h"
 
 namespace moe::expert {
@@ -221,9 +222,22 @@ absl::StatusOr<ExpertWeights> ExpertStore::Gradients(int expert) const {
   return hosted->grads;
 }
 
-absl::StatusOr<ExpertWeights> ExpertStore::TakeGradients(int expert) {
+absl::StatusOr<ExpertWeights> ExpertStore::TakeGradients(int expert, ExpertWeights fresh) {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
-  ExpertWeights taken = ExpertWeights::Zeros(options_.model);
+  ExpertWeights taken = std::move(fresh);
+  const ExpertWeights& like = hosted->master;
+  bool reusable = true;
+  for (ExpertTensor which : kAllExpertTensors) {
+    reusable = reusable && taken.tensor(which).shape() == like.tensor(which).shape();
+  }
+  if (reusable) {
+    for (ExpertTensor which : kAllExpertTensors) {
+      absl::Span<float> values = taken.tensor(which).mutable_values();
+      std::fill(values.begin(), values.end(), 0.0f);
+    }
+  } else {
+    taken = ExpertWeights::Zeros(options_.model);
+  }
   absl::MutexLock lock(&hosted->grads_mu);
   std::swap(taken, hosted->grads);
   return taken;
@@ -240,15 +254,57 @@ absl::Status ExpertStore::RestoreGradients(int expert, const ExpertWeights& grad
   return absl::OkStatus();
 }
 
-absl::Status ExpertStore::ApplyWeights(int expert, ExpertSnapshot updated) {
+absl::Status ExpertStore::ComputeUpdate(int expert, const OptimizerOptions& optimizer,
+                                        float learning_rate, const ExpertTensorSpans& grads,
+                                        ExpertSnapshot& updated) const {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
-  absl::MutexLock lock(&hosted->weights_mu);
-  // Copied into the existing buffers: the kernel may point into them.
-  for (ExpertTensor which : kAllExpertTensors) {
-    absl::Span<const float> src = updated.weights.tensor(which).values();
-    std::copy(src.begin(), src.end(), hosted->master.tensor(which).mutable_values().begin());
+  const bool momentum = optimizer.type == OptimizerType::kSgdMomentum;
+  absl::ReaderMutexLock lock(&hosted->weights_mu);
+  if (momentum && !hosted->velocity) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("expert ", expert, ": momentum optimizer without momentum buffers"));
   }
-  if (updated.velocity) hosted->velocity = std::move(updated.velocity);
+  auto shaped = [](FloatTensor& out, const FloatTensor& like) {
+    if (out.shape() != like.shape()) out = FloatTensor(like.shape());
+  };
+  if (momentum && !updated.velocity) updated.velocity.emplace();
+  if (!momentum) updated.velocity.reset();
+  for (size_t i = 0; i < std::size(kAllExpertTensors); ++i) {
+    const ExpertTensor which = kAllExpertTensors[i];
+    const FloatTensor& w = hosted->master.tensor(which);
+    if (grads[i].size() != w.values().size()) {
+      return absl::InvalidArgumentError(absl::StrCat("expert ", expert, ": ", grads[i].size(),
+                                                     " gradient values for a tensor of ",
+                                                     w.values().size()));
+    }
+    FloatTensor& new_w = updated.weights.tensor(which);
+    shaped(new_w, w);
+    absl::Span<const float> v;
+    absl::Span<float> new_v;
+    if (momentum) {
+      v = hosted->velocity->tensor(which).values();
+      FloatTensor& out = updated.velocity->tensor(which);
+      shaped(out, w);
+      new_v = out.mutable_values();
+    }
+    SgdUpdate(optimizer, learning_rate, grads[i], w.values(), v, new_w.mutable_values(), new_v);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ExpertStore::SwapInWeights(int expert, ExpertSnapshot& updated) {
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
+  for (ExpertTensor which : kAllExpertTensors) {
+    if (updated.weights.tensor(which).shape() != hosted->master.tensor(which).shape()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("expert ", expert, ": updated weights of another shape"));
+    }
+  }
+  absl::MutexLock lock(&hosted->weights_mu);
+  // The kernel reads the master weights through `hosted->master` (the same
+  // object, new buffers) and re-reads them in ReloadWeights.
+  std::swap(hosted->master, updated.weights);
+  if (updated.velocity) std::swap(hosted->velocity, updated.velocity);
   return hosted->kernel->ReloadWeights();
 }
 

@@ -6,7 +6,9 @@
 #ifndef MOE_EXPERT_SERVICE_EXPERT_STORE_H_
 #define MOE_EXPERT_SERVICE_EXPERT_STORE_H_
 
+#include <array>
 #include <cstdint>
+#include <iterator>
 #include <functional>
 #include <map>
 #include <memory>
@@ -19,6 +21,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "common/model_config.h"
 #include "common/moe_weights.h"
 #include "common/tensor.h"
@@ -36,6 +39,10 @@ struct ExpertSnapshot {
   ExpertWeights weights;
   std::optional<ExpertWeights> velocity;  // SGD-with-momentum buffers
 };
+
+// Read-only spans over an expert's four tensors, in kAllExpertTensors order
+// (gradients summed in a fused all-reduce buffer, say).
+using ExpertTensorSpans = std::array<absl::Span<const float>, std::size(kAllExpertTensors)>;
 
 class ExpertStore {
  public:
@@ -76,13 +83,23 @@ class ExpertStore {
   absl::StatusOr<ExpertWeights> Gradients(int expert) const;
   // The training step's operations on one expert. TakeGradients moves the
   // accumulated gradients out (leaving zeros: backward calls during the step
-  // count for the next one); RestoreGradients adds them back (an aborted
+  // count for the next one), swapping in `fresh` zero-filled when it has the
+  // model's shapes (buffers of an earlier step, already mapped), else new
+  // zeros; RestoreGradients adds them back (an aborted
   // step: exact when nothing was added meanwhile, and nothing is lost when
-  // something was); ApplyWeights installs updated weights and momentum
-  // (between kernel calls) and reloads the kernel.
-  absl::StatusOr<ExpertWeights> TakeGradients(int expert);
+  // something was).
+  absl::StatusOr<ExpertWeights> TakeGradients(int expert, ExpertWeights fresh = {});
   absl::Status RestoreGradients(int expert, const ExpertWeights& grads);
-  absl::Status ApplyWeights(int expert, ExpertSnapshot updated);
+  // Writes the optimizer's update of the hosted weights (and momentum) with
+  // `grads` into `updated`, whose buffers are reused when they have the
+  // model's shapes; the hosted expert is unchanged. One pass: nothing is
+  // copied first.
+  absl::Status ComputeUpdate(int expert, const OptimizerOptions& optimizer, float learning_rate,
+                             const ExpertTensorSpans& grads, ExpertSnapshot& updated) const;
+  // Installs `updated` by swapping buffers with the hosted expert (between
+  // kernel calls; no copy) and reloads the kernel; `updated` gets the old
+  // weights (reusable by the next ComputeUpdate).
+  absl::Status SwapInWeights(int expert, ExpertSnapshot& updated);
 
   // Starts hosting `expert`; ALREADY_EXISTS if it is hosted.
   absl::Status AddExpert(int expert, ExpertSnapshot snapshot) ABSL_LOCKS_EXCLUDED(mu_);

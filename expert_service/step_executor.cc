@@ -85,26 +85,37 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
   PrepareResult result;
   absl::Status status;
   for (int expert : store_.HostedExperts()) {
-    absl::StatusOr<ExpertWeights> grads = store_.TakeGradients(expert);
+    ExpertWeights fresh;
+    if (auto spare = TakeSpareGradients(expert); !spare.empty()) fresh = std::move(spare.mapped());
+    absl::StatusOr<ExpertWeights> grads = store_.TakeGradients(expert, std::move(fresh));
     if (grads.ok()) prepared.local_grads.emplace(expert, *std::move(grads));
   }
-  std::map<int, ExpertWeights> summed;
-  status = AllReduce(step, prepared.local_grads, summed, deadline, result);
+  // Each expert's gradients: its sums in a fused buffer when replicated,
+  // else its own.
+  std::map<int, ExpertTensorSpans> grads;
+  absl::StatusOr<std::vector<std::vector<float>>> sums =
+      AllReduce(step, prepared.local_grads, deadline, grads, result);
+  status = sums.status();
   const absl::Time optimizer_start = absl::Now();
   if (status.ok()) {
     for (const auto& [expert, local] : prepared.local_grads) {
-      absl::StatusOr<ExpertSnapshot> snapshot = store_.Snapshot(expert);
-      if (!snapshot.ok()) {
-        status = snapshot.status();
-        break;
+      auto it = grads.find(expert);
+      ExpertTensorSpans own;
+      if (it == grads.end()) {
+        for (size_t i = 0; i < own.size(); ++i) {
+          own[i] = local.tensor(kAllExpertTensors[i]).values();
+        }
       }
-      auto it = summed.find(expert);
-      const ExpertWeights& grads = it != summed.end() ? it->second : local;
-      ApplySgd(options_.optimizer, learning_rate, grads, snapshot->weights,
-               snapshot->velocity ? &*snapshot->velocity : nullptr);
-      prepared.updated.emplace(expert, *std::move(snapshot));
+      // Into last step's buffers where there are some (a map node moves
+      // whole), else new ones.
+      if (auto spare = TakeSpare(expert); !spare.empty()) prepared.updated.insert(std::move(spare));
+      status = store_.ComputeUpdate(expert, options_.optimizer, learning_rate,
+                                    it != grads.end() ? it->second : own,
+                                    prepared.updated[expert]);
+      if (!status.ok()) break;
     }
     result.optimizer_time = absl::Now() - optimizer_start;
+    KeepSpareBuffers(*std::move(sums));
     MOE_LOG(INFO, "server ", options_.server_name, ": step ", step, " prepared: all-reduce ",
             absl::FormatDuration(result.allreduce_time), ", optimizer ",
             absl::FormatDuration(result.optimizer_time), " for ", prepared.updated.size(),
@@ -132,15 +143,15 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
   return status;
 }
 
-absl::Status StepExecutor::AllReduce(uint64_t step, const std::map<int, ExpertWeights>& local,
-                                     std::map<int, ExpertWeights>& summed, absl::Time deadline,
-                                     PrepareResult& result) {
+absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
+    uint64_t step, const std::map<int, ExpertWeights>& local, absl::Time deadline,
+    std::map<int, ExpertTensorSpans>& grads, PrepareResult& result) {
   const absl::Time start = absl::Now();
   std::vector<std::shared_ptr<allreduce::RingAllReduce>> collectives;
   int64_t floats = 0;
   for (size_t g = 0; g < options_.rings.size(); ++g) {
     const StepRing& ring = options_.rings[g];
-    std::vector<float> buffer;
+    size_t length = 0;
     for (int expert : ring.experts) {
       auto it = local.find(expert);
       if (it == local.end()) {
@@ -148,8 +159,16 @@ absl::Status StepExecutor::AllReduce(uint64_t step, const std::map<int, ExpertWe
             "server ", options_.server_name, " does not host expert ", expert, " of group ",
             absl::Hex(ring.group_id)));
       }
+      for (ExpertTensor which : kAllExpertTensors) length += it->second.tensor(which).values().size();
+    }
+    // The one copy of the gradients: into the fused buffer (last step's,
+    // whose pages are already mapped, when there is one).
+    std::vector<float> buffer = TakeSpareBuffer(g);
+    buffer.clear();
+    buffer.reserve(length);
+    for (int expert : ring.experts) {
       for (ExpertTensor which : kAllExpertTensors) {
-        absl::Span<const float> values = it->second.tensor(which).values();
+        absl::Span<const float> values = local.at(expert).tensor(which).values();
         buffer.insert(buffer.end(), values.begin(), values.end());
       }
     }
@@ -182,20 +201,22 @@ absl::Status StepExecutor::AllReduce(uint64_t step, const std::map<int, ExpertWe
   result.allreduce_time = absl::Now() - start;
   if (!status.ok()) return status;
 
-  for (size_t g = 0; g < options_.rings.size(); ++g) {
-    const std::vector<float> sums = collectives[g]->TakeBuffer();
-    const float* next = sums.data();
+  // The sums stay in the fused buffers; each expert's tensors are spans.
+  std::vector<std::vector<float>> sums;
+  sums.reserve(collectives.size());
+  for (size_t g = 0; g < collectives.size(); ++g) {
+    sums.push_back(collectives[g]->TakeBuffer());
+    const float* next = sums.back().data();
     for (int expert : options_.rings[g].experts) {
-      ExpertWeights sum = local.at(expert);
-      for (ExpertTensor which : kAllExpertTensors) {
-        absl::Span<float> values = sum.tensor(which).mutable_values();
-        std::copy(next, next + values.size(), values.begin());
-        next += values.size();
+      ExpertTensorSpans& spans = grads[expert];
+      for (size_t i = 0; i < spans.size(); ++i) {
+        const size_t n = local.at(expert).tensor(kAllExpertTensors[i]).values().size();
+        spans[i] = absl::MakeConstSpan(next, n);
+        next += n;
       }
-      summed.emplace(expert, std::move(sum));
     }
   }
-  return absl::OkStatus();
+  return sums;
 }
 
 absl::StatusOr<std::vector<std::pair<int, uint64_t>>> StepExecutor::Commit(uint64_t step) {
@@ -218,9 +239,12 @@ absl::StatusOr<std::vector<std::pair<int, uint64_t>>> StepExecutor::Commit(uint6
   std::vector<std::pair<int, uint64_t>> digests;
   for (auto& [expert, updated] : prepared.updated) {
     const uint64_t digest = updated.weights.Digest();
-    MOE_RETURN_IF_ERROR(store_.ApplyWeights(expert, std::move(updated)));
+    MOE_RETURN_IF_ERROR(store_.SwapInWeights(expert, updated));
     digests.emplace_back(expert, digest);
   }
+  // `updated` now holds the weights before this step, and the gradients
+  // taken are summed in: buffers for the next step.
+  KeepSpare(std::move(prepared.updated), std::move(prepared.local_grads));
   MOE_LOG(INFO, "server ", options_.server_name, ": step ", step, " committed: ",
           digests.size(), " experts installed in ", absl::FormatDuration(absl::Now() - start));
   return digests;
@@ -243,6 +267,34 @@ void StepExecutor::Abort(uint64_t step, const std::string& reason) {
   // gradients back itself) and refuses their late segments.
   registry_.AbortStep(step, absl::AbortedError(reason));
   if (dropped) PutBack(dropped->local_grads);
+}
+
+std::map<int, ExpertSnapshot>::node_type StepExecutor::TakeSpare(int expert) {
+  absl::MutexLock lock(&mu_);
+  return spare_.extract(expert);
+}
+
+std::map<int, ExpertWeights>::node_type StepExecutor::TakeSpareGradients(int expert) {
+  absl::MutexLock lock(&mu_);
+  return spare_grads_.extract(expert);
+}
+
+std::vector<float> StepExecutor::TakeSpareBuffer(size_t ring) {
+  absl::MutexLock lock(&mu_);
+  if (ring >= spare_buffers_.size()) return {};
+  return std::move(spare_buffers_[ring]);
+}
+
+void StepExecutor::KeepSpareBuffers(std::vector<std::vector<float>> buffers) {
+  absl::MutexLock lock(&mu_);
+  spare_buffers_ = std::move(buffers);
+}
+
+void StepExecutor::KeepSpare(std::map<int, ExpertSnapshot> updated,
+                             std::map<int, ExpertWeights> grads) {
+  absl::MutexLock lock(&mu_);
+  spare_ = std::move(updated);
+  spare_grads_ = std::move(grads);
 }
 
 void StepExecutor::PutBack(const std::map<int, ExpertWeights>& local_grads) {

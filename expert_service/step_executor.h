@@ -3,12 +3,15 @@
 // Prepare(step, lr): takes the accumulated gradients of every hosted expert;
 // for each replica group this server is in, fuses the gradients of the
 // group's experts into one buffer (one collective per group, as DDP's
-// buckets) and sums it over the group's ring; then computes the updated
-// weights (and momentum) with the shared optimizer and holds them aside.
-// Commit(step) installs them; Abort(step), a failure, or no word from the
-// router within `prepared_timeout` puts the gradients back and leaves every
+// buckets) and sums it over the group's ring; then the shared optimizer
+// reads the sums where they are (in the fused buffer) and writes the updated
+// weights (and momentum) aside, in one pass. Commit(step) swaps them in (no
+// copy). Abort(step), a failure, or no word from the router within
+// `prepared_timeout` puts each replica's own gradients back and leaves every
 // weight as it was. Replicas start equal and apply the same sums with the
-// same optimizer, so they stay bit-identical. Thread-safe.
+// same optimizer, so they stay bit-identical. Per step, a gradient is copied
+// once (into the fused buffer) and a weight written once (by the
+// optimizer). Thread-safe.
 #ifndef MOE_EXPERT_SERVICE_STEP_EXECUTOR_H_
 #define MOE_EXPERT_SERVICE_STEP_EXECUTOR_H_
 
@@ -100,12 +103,23 @@ class StepExecutor {
     uint64_t timer_id = 0;
   };
 
-  // Sums the groups' fused gradients; `summed` gets the sums of replicated
-  // experts.
-  absl::Status AllReduce(uint64_t step, const std::map<int, ExpertWeights>& local,
-                         std::map<int, ExpertWeights>& summed, absl::Time deadline,
-                         PrepareResult& result);
+  // Sums the groups' fused gradients: one buffer per ring, in ring order;
+  // `grads` gets spans over each replicated expert's sums in them.
+  absl::StatusOr<std::vector<std::vector<float>>> AllReduce(
+      uint64_t step, const std::map<int, ExpertWeights>& local, absl::Time deadline,
+      std::map<int, ExpertTensorSpans>& grads, PrepareResult& result);
   void PutBack(const std::map<int, ExpertWeights>& local_grads);
+  // Buffers of the last commit, reused so that a step writes into memory
+  // already mapped: the weights it swapped out (for the next updates) and
+  // the gradients it took (the next accumulators). Empty nodes when none.
+  std::map<int, ExpertSnapshot>::node_type TakeSpare(int expert) ABSL_LOCKS_EXCLUDED(mu_);
+  std::map<int, ExpertWeights>::node_type TakeSpareGradients(int expert)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  void KeepSpare(std::map<int, ExpertSnapshot> updated, std::map<int, ExpertWeights> grads)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Ring `ring`'s fused buffer of the last step, to fill again.
+  std::vector<float> TakeSpareBuffer(size_t ring) ABSL_LOCKS_EXCLUDED(mu_);
+  void KeepSpareBuffers(std::vector<std::vector<float>> buffers) ABSL_LOCKS_EXCLUDED(mu_);
 
   const Options options_;
   ExpertStore& store_;
@@ -117,6 +131,9 @@ class StepExecutor {
   uint64_t last_aborted_ ABSL_GUARDED_BY(mu_) = 0;
   std::optional<uint64_t> preparing_ ABSL_GUARDED_BY(mu_);
   std::optional<Prepared> prepared_ ABSL_GUARDED_BY(mu_);
+  std::map<int, ExpertSnapshot> spare_ ABSL_GUARDED_BY(mu_);
+  std::map<int, ExpertWeights> spare_grads_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::vector<float>> spare_buffers_ ABSL_GUARDED_BY(mu_);
   // Last: stopped before the state its callbacks touch.
   DeadlineTimer timer_;
 };
