@@ -28,8 +28,26 @@ std::vector<StepRing> StepRingsOf(const Placement& placement, int server,
   return rings;
 }
 
-StepExecutor::StepExecutor(Options options, ExpertStore& store, allreduce::CollectiveRegistry& registry)
-    : options_(std::move(options)), store_(store), registry_(registry) {}
+StepExecutor::StepExecutor(Options options, ExpertStore& store,
+                           allreduce::CollectiveRegistry& registry)
+    : options_(std::move(options)), store_(store), registry_(registry) {
+  absl::MutexLock lock(&mu_);
+  rings_ = options_.rings;
+}
+
+absl::Status StepExecutor::SetRings(std::vector<StepRing> rings) {
+  absl::MutexLock lock(&mu_);
+  if (preparing_ || prepared_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "server ", options_.server_name, ": rings change only between steps (step ",
+        preparing_ ? *preparing_ : prepared_->step, " is ", preparing_ ? "preparing" : "prepared",
+        ")"));
+  }
+  rings_ = std::move(rings);
+  // Another set of rings fuses other buffers.
+  spare_buffers_.clear();
+  return absl::OkStatus();
+}
 
 StepExecutor::~StepExecutor() {
   std::optional<uint64_t> step;
@@ -53,6 +71,7 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
         absl::StrCat("learning_rate: must be >= 0, got ", learning_rate));
   }
   std::optional<Prepared> superseded;
+  std::vector<StepRing> rings;
   {
     absl::MutexLock lock(&mu_);
     if (step <= last_committed_ || step <= last_aborted_) {
@@ -73,6 +92,7 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
       last_aborted_ = std::max(last_aborted_, superseded->step);
     }
     preparing_ = step;
+    rings = rings_;
   }
   if (superseded) {
     MOE_LOG(WARNING, "server ", options_.server_name, ": step ", superseded->step,
@@ -94,7 +114,7 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
   // else its own.
   std::map<int, ExpertTensorSpans> grads;
   absl::StatusOr<std::vector<std::vector<float>>> sums =
-      AllReduce(step, prepared.local_grads, deadline, grads, result);
+      AllReduce(step, rings, prepared.local_grads, deadline, grads, result);
   status = sums.status();
   const absl::Time optimizer_start = absl::Now();
   if (status.ok()) {
@@ -144,13 +164,14 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
 }
 
 absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
-    uint64_t step, const std::map<int, ExpertWeights>& local, absl::Time deadline,
+    uint64_t step, const std::vector<StepRing>& rings, const std::map<int, ExpertWeights>& local,
+    absl::Time deadline,
     std::map<int, ExpertTensorSpans>& grads, PrepareResult& result) {
   const absl::Time start = absl::Now();
   std::vector<std::shared_ptr<allreduce::RingAllReduce>> collectives;
   int64_t floats = 0;
-  for (size_t g = 0; g < options_.rings.size(); ++g) {
-    const StepRing& ring = options_.rings[g];
+  for (size_t g = 0; g < rings.size(); ++g) {
+    const StepRing& ring = rings[g];
     size_t length = 0;
     for (int expert : ring.experts) {
       auto it = local.find(expert);
@@ -192,7 +213,7 @@ absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
     if (!s.ok() && status.ok()) {
       status = absl::Status(
           s.code(), absl::StrCat("server ", options_.server_name, ", replica group of experts [",
-                                 absl::StrJoin(options_.rings[g].experts, ","), "]: ",
+                                 absl::StrJoin(rings[g].experts, ","), "]: ",
                                  s.message()));
     }
     result.allreduce_bytes_sent += collectives[g]->bytes_sent();
@@ -207,7 +228,7 @@ absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
   for (size_t g = 0; g < collectives.size(); ++g) {
     sums.push_back(collectives[g]->TakeBuffer());
     const float* next = sums.back().data();
-    for (int expert : options_.rings[g].experts) {
+    for (int expert : rings[g].experts) {
       ExpertTensorSpans& spans = grads[expert];
       for (size_t i = 0; i < spans.size(); ++i) {
         const size_t n = local.at(expert).tensor(kAllExpertTensors[i]).values().size();

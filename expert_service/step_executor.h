@@ -62,6 +62,7 @@ class StepExecutor {
   struct Options {
     OptimizerOptions optimizer;
     std::string server_name;
+    // The rings it starts with (SetRings changes them).
     std::vector<StepRing> rings;
     allreduce::RingOptions ring;
     // A prepared step with no commit or abort within this is aborted here.
@@ -94,6 +95,11 @@ class StepExecutor {
 
   uint64_t last_committed() const ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Replaces this server's rings (a placement change; the registry's groups
+  // change with them, by the caller). FAILED_PRECONDITION while a step is
+  // preparing or prepared: a step runs on the rings it started with.
+  absl::Status SetRings(std::vector<StepRing> rings) ABSL_LOCKS_EXCLUDED(mu_);
+
  private:
   struct Prepared {
     uint64_t step = 0;
@@ -106,7 +112,8 @@ class StepExecutor {
   // Sums the groups' fused gradients: one buffer per ring, in ring order;
   // `grads` gets spans over each replicated expert's sums in them.
   absl::StatusOr<std::vector<std::vector<float>>> AllReduce(
-      uint64_t step, const std::map<int, ExpertWeights>& local, absl::Time deadline,
+      uint64_t step, const std::vector<StepRing>& rings, const std::map<int, ExpertWeights>& local,
+      absl::Time deadline,
       std::map<int, ExpertTensorSpans>& grads, PrepareResult& result);
   void PutBack(const std::map<int, ExpertWeights>& local_grads);
   // Buffers of the last commit, reused so that a step writes into memory
@@ -131,6 +138,7 @@ class StepExecutor {
   uint64_t last_aborted_ ABSL_GUARDED_BY(mu_) = 0;
   std::optional<uint64_t> preparing_ ABSL_GUARDED_BY(mu_);
   std::optional<Prepared> prepared_ ABSL_GUARDED_BY(mu_);
+  std::vector<StepRing> rings_ ABSL_GUARDED_BY(mu_);
   std::map<int, ExpertSnapshot> spare_ ABSL_GUARDED_BY(mu_);
   std::map<int, ExpertWeights> spare_grads_ ABSL_GUARDED_BY(mu_);
   std::vector<std::vector<float>> spare_buffers_ ABSL_GUARDED_BY(mu_);

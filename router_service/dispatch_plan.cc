@@ -11,6 +11,7 @@ namespace moe::router {
 
 absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
                                                       const ConstTensorView& x,
+                                                      const Placement& placement,
                                                       ReplicaPicker& picker,
                                                       const DispatchPlanOptions& options) {
   const PairIndex index = routing.pairs();
@@ -23,7 +24,7 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
   for (int e = 0; e < routing.num_experts; ++e) {
     const std::vector<int64_t>& pairs = by_expert[e];
     if (pairs.empty()) continue;
-    const auto shares = picker.Assign(e, pairs.size(), {});
+    const auto shares = picker.Assign(placement, e, pairs.size(), {});
     if (shares.empty()) {
       unavailable.push_back(e);
       continue;

@@ -38,6 +38,7 @@ struct DispatchPlanOptions {
 // arrive).
 absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
                                                       const ConstTensorView& x,
+                                                      const Placement& placement,
                                                       ReplicaPicker& picker,
                                                       const DispatchPlanOptions& options);
 

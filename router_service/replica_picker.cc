@@ -2,19 +2,23 @@
 
 #include <algorithm>
 
+#include "common/log.h"
+
 namespace moe::router {
 
-ReplicaPicker::ReplicaPicker(const Placement& placement, const ExpertClient& health)
-    : placement_(placement),
+ReplicaPicker::ReplicaPicker(int num_servers, const ExpertClient& health)
+    : num_servers_(num_servers),
       health_(health),
-      outstanding_(new std::atomic<int64_t>[placement.num_servers()]) {
-  for (int s = 0; s < placement.num_servers(); ++s) outstanding_[s] = 0;
+      outstanding_(new std::atomic<int64_t>[num_servers]) {
+  for (int s = 0; s < num_servers; ++s) outstanding_[s] = 0;
 }
 
-std::vector<std::pair<int, int64_t>> ReplicaPicker::Assign(int expert, int64_t count,
+std::vector<std::pair<int, int64_t>> ReplicaPicker::Assign(const Placement& placement,
+                                                           int expert, int64_t count,
                                                            absl::Span<const int> excluded) {
+  MOE_CHECK(placement.num_servers() == num_servers_);
   std::vector<int> candidates;
-  for (int s : placement_.ServersOf(expert)) {
+  for (int s : placement.ServersOf(expert)) {
     if (std::find(excluded.begin(), excluded.end(), s) != excluded.end()) continue;
     if (health_.IsHealthy(s)) candidates.push_back(s);
   }
@@ -36,9 +40,11 @@ std::vector<std::pair<int, int64_t>> ReplicaPicker::Assign(int expert, int64_t c
   return result;
 }
 
-int ReplicaPicker::PickOne(int expert, int64_t count, absl::Span<const int> excluded) {
+int ReplicaPicker::PickOne(const Placement& placement, int expert, int64_t count,
+                           absl::Span<const int> excluded) {
+  MOE_CHECK(placement.num_servers() == num_servers_);
   int best = -1;
-  for (int s : placement_.ServersOf(expert)) {
+  for (int s : placement.ServersOf(expert)) {
     if (std::find(excluded.begin(), excluded.end(), s) != excluded.end()) continue;
     if (!health_.IsHealthy(s)) continue;
     if (best < 0 || outstanding_[s].load() < outstanding_[best].load()) best = s;

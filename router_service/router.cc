@@ -71,7 +71,7 @@ struct Router::TrainingRecord {
   std::vector<ExpertGroup> groups;       // requests cleared: only ids and pairs
   std::vector<FloatTensor> outputs;      // Expert(x) per group, fp32
   FloatTensor x;                         // fp32 [T, d_model], for the gate path
-  std::shared_ptr<const FloatTensor> gate;  // the W_g forward used
+  GateSnapshot gate;                     // the W_g forward used
   absl::Time expiry;
   int64_t bytes() const {
     int64_t total = x.num_elements() * 4 + routing.probs.size() * 4;
@@ -91,7 +91,8 @@ struct Router::ForwardCall {
   int64_t num_tokens = 0;
   bool training = false;
   uint64_t request_id = 0;
-  std::shared_ptr<const FloatTensor> gate;
+  GateSnapshot gate;
+  PlacementSnapshot placement;
   Routing routing;
   std::vector<float> x32_storage;
   absl::Span<const float> x32;
@@ -119,14 +120,14 @@ struct Router::BackwardCall {
   absl::Status status ABSL_GUARDED_BY(mu);
 };
 
-Router::Router(Options options, const Placement& placement, ExpertClient& client)
+Router::Router(Options options, Placement placement, ExpertClient& client)
     : options_(std::move(options)),
-      placement_(placement),
+      placement_(std::move(placement), /*version=*/1),
       client_(client),
-      picker_(placement, client) {
+      picker_(placement_.Get()->value.num_servers(), client),
+      gate_(options_.gate, /*version=*/0) {
   MOE_CHECK(options_.gate.shape() == Shape({options_.model.d_model, options_.model.num_experts}));
   absl::MutexLock lock(&gate_mu_);
-  gate_ = std::make_shared<const FloatTensor>(options_.gate);
   gate_velocity_ = FloatTensor(options_.gate.shape());
   gate_gradient_ = FloatTensor(options_.gate.shape());
 }
@@ -161,9 +162,10 @@ void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
   call->request_id = training ? next_request_id_.fetch_add(1) : 0;
   call->x32 = AsFloats(*view, call->x32_storage);
   call->gate = gate();
-  call->routing = RouteTokens(call->x32, call->num_tokens, *call->gate, model);
+  call->placement = placement();
+  call->routing = RouteTokens(call->x32, call->num_tokens, call->gate->value, model);
   absl::StatusOr<std::vector<ExpertGroup>> groups = PlanDispatch(
-      call->routing, *view, picker_,
+      call->routing, *view, call->placement->value, picker_,
       {training, call->request_id, ToDeadlineMicros(deadline)});
   if (!groups.ok()) {
     std::move(call->done)(groups.status());
@@ -221,7 +223,7 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
   if (absl::IsUnavailable(status)) {
     // The server is gone (or draining): the same request to another replica.
     call->tried[group].push_back(g.server);
-    const int next = picker_.PickOne(g.expert, rows, call->tried[group]);
+    const int next = picker_.PickOne(call->placement->value, g.expert, rows, call->tried[group]);
     if (next >= 0) {
       MOE_LOG(WARNING, "expert ", g.expert, ": server ", g.server, " unavailable (",
               status.message(), "); re-sending ", rows, " tokens to server ", next);
@@ -285,7 +287,7 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
   FloatTensor y({call->num_tokens, d_model});
   Combine(call->routing, call->groups, outputs, y);
   if (options_.load_stats != nullptr) {
-    std::vector<int64_t> server_tokens(placement_.num_servers(), 0);
+    std::vector<int64_t> server_tokens(call->placement->value.num_servers(), 0);
     for (const ExpertGroup& g : call->groups) server_tokens[g.server] += g.pairs.size();
     options_.load_stats->Record(call->routing.expert_tokens, server_tokens,
                                 call->routing.dropped_pairs, absl::Now());
@@ -294,6 +296,8 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
   ForwardResult result;
   EncodeFloats(y.values(), y.shape(), call->dtype, &result.y);
   result.request_id = call->request_id;
+  result.placement_epoch = call->placement->version;
+  result.gate_version = call->gate->version;
   if (call->training) {
     auto record = std::make_unique<TrainingRecord>();
     record->routing = call->routing;
@@ -478,7 +482,7 @@ void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
   }
   {
     absl::MutexLock lock(&gate_mu_);
-    GateBackward(rec.routing, rec.x.values(), *rec.gate, call->d_weight,
+    GateBackward(rec.routing, rec.x.values(), rec.gate->value, call->d_weight,
                  dx.mutable_values(), gate_gradient_);
   }
   v1::Tensor out;
@@ -491,26 +495,38 @@ FloatTensor Router::GateGradient() const {
   return gate_gradient_;
 }
 
-std::shared_ptr<const FloatTensor> Router::gate() const {
-  absl::MutexLock lock(&gate_mu_);
-  return gate_;
+absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement next) {
+  const Placement& now = placement_.Get()->value;
+  if (next.num_servers() != now.num_servers() || next.num_experts() != now.num_experts()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "placement of ", next.num_experts(), " experts on ", next.num_servers(),
+        " servers; this cluster has ", now.num_experts(), " on ", now.num_servers()));
+  }
+  PlacementSnapshot installed = placement_.Install(std::move(next));
+  MOE_LOG(INFO, "placement epoch ", installed->version, " installed");
+  return installed;
 }
 
-Router::GateStep Router::PrepareGateStep(float learning_rate) {
+Router::GateStep Router::PrepareGateStep(uint64_t step_number, float learning_rate) {
   GateStep step;
+  step.step = step_number;
+  const GateSnapshot current = gate_.Get();
+  step.base_version = current->version;
+  step.gate = current->value;
   absl::MutexLock lock(&gate_mu_);
   step.gradient = FloatTensor(gate_gradient_.shape());
   std::swap(step.gradient, gate_gradient_);
-  FloatTensor updated = *gate_;
   step.velocity = gate_velocity_;
-  ApplySgd(options_.model.optimizer, learning_rate, step.gradient, updated, &step.velocity);
-  step.gate = std::make_shared<const FloatTensor>(std::move(updated));
+  ApplySgd(options_.model.optimizer, learning_rate, step.gradient, step.gate, &step.velocity);
   return step;
 }
 
 void Router::CommitGateStep(GateStep step) {
   absl::MutexLock lock(&gate_mu_);
-  gate_ = std::move(step.gate);
+  // Steps run one at a time (StepCoordinator): nothing else changed the gate.
+  absl::StatusOr<GateSnapshot> installed =
+      gate_.InstallIf(step.base_version, std::move(step.gate), step.step);
+  MOE_CHECK(installed.ok(), installed.status().ToString());
   gate_velocity_ = std::move(step.velocity);
 }
 

@@ -25,6 +25,7 @@
 #include "common/model_config.h"
 #include "common/placement.h"
 #include "common/tensor.h"
+#include "common/versioned.h"
 #include "proto/tensor.pb.h"
 #include "router_service/expert_client.h"
 #include "router_service/load_stats.h"
@@ -77,9 +78,15 @@ class Router {
     DeadlineTimer* timer = nullptr;
   };
 
+  using PlacementSnapshot = Versioned<Placement>::Snapshot;
+  using GateSnapshot = Versioned<FloatTensor>::Snapshot;
+
   struct ForwardResult {
     // [num_tokens, d_model], in x's dtype.
     v1::Tensor y;
+    // The placement epoch and gate version the call used, whole.
+    uint64_t placement_epoch = 0;
+    uint64_t gate_version = 0;
     // Training forwards: the id to pass to Backward.
     uint64_t request_id = 0;
     Routing routing;
@@ -87,8 +94,9 @@ class Router {
   using ForwardDone = absl::AnyInvocable<void(absl::StatusOr<ForwardResult>) &&>;
   using BackwardDone = absl::AnyInvocable<void(absl::StatusOr<v1::Tensor>) &&>;
 
-  // `placement` and `client` must outlive the router.
-  Router(Options options, const Placement& placement, ExpertClient& client);
+  // `client` must outlive the router. `placement` is epoch 1; the gate
+  // (options.gate) is version 0 until a step commits.
+  Router(Options options, Placement placement, ExpertClient& client);
   ~Router();
 
   // y = MoE(x). `x` must stay valid until `done` runs; `done` runs once.
@@ -101,20 +109,31 @@ class Router {
 
   // The gate gradient accumulated since the last step.
   FloatTensor GateGradient() const ABSL_LOCKS_EXCLUDED(gate_mu_);
-  // The gate now. A step replaces it whole; a forward keeps the one it
-  // used (and its backward uses that one too).
-  std::shared_ptr<const FloatTensor> gate() const ABSL_LOCKS_EXCLUDED(gate_mu_);
+  // The gate now, with the step it was committed at (0: as loaded). A step
+  // replaces it whole; a forward keeps the one it used (and its backward
+  // uses that one too).
+  GateSnapshot gate() const { return gate_.Get(); }
+
+  // The placement now. Each request plans with the snapshot it started
+  // with, failover included; InstallPlacement swaps in a new one (the next
+  // epoch) for requests that start later. INVALID_ARGUMENT for a placement
+  // of another cluster size or expert count.
+  PlacementSnapshot placement() const { return placement_.Get(); }
+  absl::StatusOr<PlacementSnapshot> InstallPlacement(Placement next);
 
   // The gate's half of a training step. PrepareGateStep takes the
   // accumulated gradient and computes the updated gate (and momentum)
   // aside; CommitGateStep installs them; AbortGateStep puts the gradient
   // back (gradients of backwards run meanwhile are kept either way).
   struct GateStep {
+    uint64_t step = 0;
+    // The gate version it updates.
+    uint64_t base_version = 0;
     FloatTensor gradient;
-    std::shared_ptr<const FloatTensor> gate;
+    FloatTensor gate;
     FloatTensor velocity;
   };
-  GateStep PrepareGateStep(float learning_rate) ABSL_LOCKS_EXCLUDED(gate_mu_);
+  GateStep PrepareGateStep(uint64_t step, float learning_rate) ABSL_LOCKS_EXCLUDED(gate_mu_);
   void CommitGateStep(GateStep step) ABSL_LOCKS_EXCLUDED(gate_mu_);
   void AbortGateStep(const GateStep& step) ABSL_LOCKS_EXCLUDED(gate_mu_);
   // Pairs re-sent to another replica after a server was unavailable.
@@ -144,7 +163,7 @@ class Router {
       ABSL_LOCKS_EXCLUDED(training_mu_);
 
   const Options options_;
-  const Placement& placement_;
+  Versioned<Placement> placement_;
   ExpertClient& client_;
   ReplicaPicker picker_;
   std::atomic<uint64_t> next_request_id_{1};
@@ -152,8 +171,9 @@ class Router {
   std::atomic<uint64_t> next_sequence_id_{1};
   std::atomic<int64_t> failovers_{0};
 
+  Versioned<FloatTensor> gate_;
+  // The gate's optimizer state, changed with the gate (under gate_mu_).
   mutable absl::Mutex gate_mu_;
-  std::shared_ptr<const FloatTensor> gate_ ABSL_GUARDED_BY(gate_mu_);
   FloatTensor gate_velocity_ ABSL_GUARDED_BY(gate_mu_);
   FloatTensor gate_gradient_ ABSL_GUARDED_BY(gate_mu_);
 

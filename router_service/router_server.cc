@@ -39,12 +39,12 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Create(Options optio
 absl::Status RouterServer::Start() {
   const ServingConfig& config = options_.config;
   const ModelConfig& model = config.model;
-  MOE_ASSIGN_OR_RETURN(placement_, ComputePlacement(model, config.cluster));
+  MOE_ASSIGN_OR_RETURN(Placement placement, ComputePlacement(model, config.cluster));
   MOE_ASSIGN_OR_RETURN(FloatTensor gate, StartingGate(model, options_.checkpoint_path));
   client_ = GrpcExpertClient::Create(
       {config.cluster.servers, options_.credentials, options_.max_message_bytes});
   pool_ = std::make_unique<ComputePool>(options_.compute_threads, options_.max_queued_requests);
-  load_stats_ = std::make_unique<LoadStats>(model.num_experts, placement_->num_servers());
+  load_stats_ = std::make_unique<LoadStats>(model.num_experts, placement.num_servers());
   registry_ = std::make_shared<prometheus::Registry>();
   metrics_ = RouterMetrics::Create(*registry_, model.num_experts);
   Router::Options router_options;
@@ -60,7 +60,7 @@ absl::Status RouterServer::Start() {
     m->combine_seconds->Observe(absl::ToDoubleSeconds(combine));
   };
   router_options.on_failover = [failovers = metrics_->failovers] { failovers->Increment(); };
-  router_ = std::make_unique<Router>(std::move(router_options), *placement_, *client_);
+  router_ = std::make_unique<Router>(std::move(router_options), std::move(placement), *client_);
 
   if (options_.metrics_port >= 0) {
     MOE_ASSIGN_OR_RETURN(exposer_, StartMetricsExposer(options_.metrics_host,
@@ -68,14 +68,13 @@ absl::Status RouterServer::Start() {
     metrics_port_ = exposer_->GetListeningPorts().at(0);
   }
   StepCoordinator::Options step_options;
-  step_options.num_servers = placement_->num_servers();
   step_options.default_learning_rate = model.optimizer.learning_rate;
   step_options.default_timeout = options_.step_timeout;
   steps_ = std::make_unique<StepCoordinator>(step_options, *router_, *client_);
   step_pool_ = std::make_unique<ComputePool>(1, 16);
   service_ = std::make_unique<RouterServiceImpl>(
       *router_, *pool_, *metrics_,
-      RouterServiceImpl::ClusterView{&options_.config, &*placement_, client_.get(),
+      RouterServiceImpl::ClusterView{&options_.config, client_.get(),
                                      load_stats_.get(),
                                      [client = client_.get()] { return client->reconnects(); }},
       *steps_, *step_pool_);

@@ -67,7 +67,6 @@ class RouterServer {
   absl::Status Start();
 
   const Options options_;
-  std::optional<Placement> placement_;
   std::unique_ptr<GrpcExpertClient> client_;
   std::unique_ptr<ComputePool> pool_;
   std::unique_ptr<LoadStats> load_stats_;

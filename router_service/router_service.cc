@@ -151,9 +151,13 @@ grpc::ServerUnaryReactor* RouterServiceImpl::GetClusterState(
     grpc::CallbackServerContext* context, const v1::GetClusterStateRequest* request,
     v1::ClusterState* response) {
   const ServingConfig& config = *cluster_.config;
-  const Placement& placement = *cluster_.placement;
+  // One snapshot: servers and experts from the same placement.
+  const Router::PlacementSnapshot snapshot = router_.placement();
+  const Placement& placement = snapshot->value;
   const LoadStats::Snapshot load = cluster_.load_stats->Get(absl::Now());
   response->set_strategy(ClusterConfigToProto(config.cluster).strategy());
+  response->set_placement_epoch(snapshot->version);
+  response->set_step(router_.gate()->version);
   for (int s = 0; s < placement.num_servers(); ++s) {
     v1::ServerState* server = response->add_servers();
     server->set_name(config.cluster.servers[s].name);

@@ -32,7 +32,6 @@ class RouterServiceImpl final : public v1::Router::CallbackService,
   // What GetClusterState reports on; everything must outlive the service.
   struct ClusterView {
     const ServingConfig* config = nullptr;
-    const Placement* placement = nullptr;
     const ExpertClient* client = nullptr;
     const LoadStats* load_stats = nullptr;
     // Streams opened to expert servers so far.

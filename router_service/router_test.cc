@@ -3,7 +3,11 @@
 // placement strategy x top_k x batch size x overflow policy.
 #include "router_service/router.h"
 
+#include <atomic>
+#include <map>
 #include <numeric>
+#include <set>
+#include <thread>
 #include <tuple>
 
 #include "absl/synchronization/notification.h"
@@ -42,6 +46,7 @@ ModelConfig Model(int top_k, bool drop) {
 
 using Cluster = testing::InProcessCluster;
 using testing::Decoded;
+using testing::MakePlacement;
 using testing::OnednnKernels;
 using testing::Wire;
 
@@ -298,6 +303,69 @@ TEST(RouterTest, BadInputIsNamed) {
                   .status()
                   .message(),
               HasSubstr("grad_output: expected tokens = 3, got 4"));
+}
+
+// The placement seam: Forwards run while the placement is swapped back and
+// forth between two that put every expert on different servers. Each call
+// plans (and would fail over) with one whole placement: every expert call
+// of a request goes where the epoch it reports says, and every answer is
+// the reference's.
+TEST(RouterTest, APlacementSwapUnderLoadGivesEachRequestOneWholePlacement) {
+  // Every server hosts every expert, so either placement can serve.
+  Cluster cluster(Model(2, false), PlacementStrategy::kDataParallel);
+  std::vector<std::vector<int>> shifted_a(8), shifted_b(8);
+  for (int e = 0; e < 8; ++e) {
+    shifted_a[e] = {e % 3};
+    shifted_b[e] = {(e + 1) % 3};
+  }
+  const Placement a = *Placement::Create(3, shifted_a);
+  const Placement b = *Placement::Create(3, shifted_b);
+  ASSERT_EQ(cluster.router.InstallPlacement(a).value()->version, 2u);
+  EXPECT_EQ(cluster.router.InstallPlacement(MakePlacement(PlacementStrategy::kHybrid, 8, 2))
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+
+  std::atomic<bool> stop{false};
+  std::thread swapper([&] {
+    for (int i = 0; !stop; ++i) ASSERT_TRUE(cluster.router.InstallPlacement(i % 2 ? a : b).ok());
+  });
+  const FloatTensor x = RandomTensor({16, 32}, 21);
+  const ReferenceForward expected = *ReferenceMoe::Create(cluster.model, cluster.weights)->Forward(x);
+  std::map<uint64_t, uint64_t> epoch_of_request;
+  std::vector<std::thread> clients;
+  absl::Mutex mu;
+  for (int c = 0; c < 2; ++c) {
+    clients.emplace_back([&] {
+      for (int i = 0; i < 60; ++i) {
+        absl::StatusOr<Router::ForwardResult> y = cluster.Forward(Wire(x), /*training=*/true);
+        ASSERT_TRUE(y.ok()) << y.status();
+        ASSERT_TRUE(TensorNear(Decoded(y->y, 32), expected.y, 1e-5));
+        absl::MutexLock lock(&mu);
+        epoch_of_request[y->request_id] = y->placement_epoch;
+      }
+    });
+  }
+  for (auto& t : clients) t.join();
+  stop = true;
+  swapper.join();
+
+  std::set<uint64_t> epochs;
+  int checked = 0;
+  for (const auto& d : cluster.client.dispatched()) {
+    auto it = epoch_of_request.find(d.request_id);
+    if (it == epoch_of_request.end()) continue;
+    // Epoch 2 is a, then b, a, b, ...: even epochs are a.
+    const Placement& used = it->second % 2 == 0 ? a : b;
+    EXPECT_TRUE(used.Holds(d.server, d.expert))
+        << "request " << d.request_id << " (epoch " << it->second << ") sent expert "
+        << d.expert << " to server " << d.server;
+    epochs.insert(it->second);
+    ++checked;
+  }
+  EXPECT_EQ(epoch_of_request.size(), 120u);
+  EXPECT_GT(checked, 120);
+  EXPECT_GT(epochs.size(), 1u) << "the swaps never met a request";
 }
 
 }  // namespace

@@ -57,10 +57,16 @@ absl::Status Summarize(uint64_t step, absl::string_view what,
 StepCoordinator::StepCoordinator(Options options, Router& router, ExpertClient& client)
     : options_(options), router_(router), client_(client) {}
 
+int StepCoordinator::NumServers() const {
+  // Every server of the cluster takes part (also those that host nothing
+  // now); the placement snapshot knows how many there are.
+  return router_.placement()->value.num_servers();
+}
+
 absl::StatusOr<uint64_t> StepCoordinator::NextStep(absl::Time deadline) {
   if (next_step_) return (*next_step_)++;
   std::vector<absl::StatusOr<v1::InfoResponse>> infos =
-      OnEveryServer<v1::InfoResponse>(options_.num_servers, [&](int s, auto done) {
+      OnEveryServer<v1::InfoResponse>(NumServers(), [&](int s, auto done) {
         client_.Info(s, deadline, std::move(done));
       });
   uint64_t last = 0;
@@ -105,13 +111,13 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
   const absl::Duration margin = std::min(absl::Milliseconds(500), (deadline - start) / 10);
   const absl::Time router_deadline = deadline - margin;
   const absl::Time server_deadline = router_deadline - 2 * margin;
-  Router::GateStep gate = router_.PrepareGateStep(lr);
+  Router::GateStep gate = router_.PrepareGateStep(step, lr);
   v1::PrepareStepRequest prepare;
   prepare.set_step(step);
   prepare.set_learning_rate(lr);
   prepare.set_deadline_unix_micros(absl::ToUnixMicros(server_deadline));
   std::vector<absl::StatusOr<v1::PrepareStepResponse>> prepared =
-      OnEveryServer<v1::PrepareStepResponse>(options_.num_servers, [&](int s, auto done) {
+      OnEveryServer<v1::PrepareStepResponse>(NumServers(), [&](int s, auto done) {
         client_.PrepareStep(s, prepare, router_deadline, std::move(done));
       });
   if (absl::Status failed = Summarize(step, "aborted", prepared); !failed.ok()) {
@@ -125,7 +131,7 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
   v1::CommitStepRequest commit;
   commit.set_step(step);
   std::vector<absl::StatusOr<v1::CommitStepResponse>> committed =
-      OnEveryServer<v1::CommitStepResponse>(options_.num_servers, [&](int s, auto done) {
+      OnEveryServer<v1::CommitStepResponse>(NumServers(), [&](int s, auto done) {
         client_.CommitStep(s, commit, absl::Now() + options_.abort_timeout, std::move(done));
       });
   // Servers that committed have moved on: the gate moves with them.
@@ -167,7 +173,7 @@ void StepCoordinator::AbortEverywhere(uint64_t step, const std::string& reason) 
   abort.set_reason(reason);
   // Not waited for: a stopped server must not hold the answer. A server
   // that never hears it aborts by itself after its timeout.
-  for (int s = 0; s < options_.num_servers; ++s) {
+  for (int s = 0; s < NumServers(); ++s) {
     client_.AbortStep(s, abort, absl::Now() + options_.abort_timeout,
                       [step](absl::StatusOr<v1::AbortStepResponse> r) {
                         if (!r.ok()) MOE_LOG(WARNING, "step ", step, ": ", r.status().message());

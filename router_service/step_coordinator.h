@@ -24,7 +24,6 @@ namespace moe::router {
 class StepCoordinator {
  public:
   struct Options {
-    int num_servers = 0;
     // Used when a Step gives none (0).
     float default_learning_rate = 0.0f;
     // A Step without a deadline gets this one.
@@ -57,6 +56,7 @@ class StepCoordinator {
   // (asked once, so a restarted router goes on where the servers are).
   absl::StatusOr<uint64_t> NextStep(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void AbortEverywhere(uint64_t step, const std::string& reason);
+  int NumServers() const;
 
   const Options options_;
   Router& router_;

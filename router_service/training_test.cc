@@ -112,7 +112,8 @@ TEST_P(InProcessTrainingTest, TwentyStepsEqualTheReferenceAndReplicasStayIdentic
       }
     }
   }
-  EXPECT_TRUE(TensorNear(*cluster.router.gate(), *weights.gate, 1e-5));
+  EXPECT_TRUE(TensorNear(cluster.router.gate()->value, *weights.gate, 1e-5));
+  EXPECT_EQ(cluster.router.gate()->version, 20u);  // committed at step 20
   // Routing on fresh tokens is the reference's, token for token.
   const FloatTensor x = RandomTensor({kTokens, kDModel}, 999);
   const ReferenceForward expected = *ReferenceMoe::Create(model, weights)->Forward(x);
@@ -169,6 +170,28 @@ TEST(InProcessTrainingFaultTest, ABrokenRingFailsTheStepAndLeavesEveryReplicaAsI
   absl::StatusOr<StepCoordinator::Result> stepped = cluster.Step(0.1f);
   ASSERT_TRUE(stepped.ok()) << stepped.status();
   EXPECT_NE(ReplicaDigests(cluster), before);
+}
+
+// The ring seam of a placement change: a server's rings are replaced only
+// between steps, and the cluster trains on with them.
+TEST(InProcessTrainingFaultTest, RingsChangeOnlyBetweenSteps) {
+  InProcessCluster cluster(Model({}), PlacementStrategy::kModelParallel);
+  absl::StatusOr<Router::ForwardResult> y =
+      cluster.Forward(Wire(RandomTensor({kTokens, kDModel}, 1)), true);
+  ASSERT_TRUE(y.ok()) << y.status();
+  ASSERT_TRUE(cluster.Backward(y->request_id, Wire(RandomTensor({kTokens, kDModel}, 2))).ok());
+  // No replicas, no rings: server 2 prepares step 1 alone.
+  expert::StepExecutor& steps = cluster.client.steps(2);
+  ASSERT_TRUE(steps.Prepare(1, 0.1f, absl::Now() + absl::Seconds(5)).ok());
+  const absl::Status while_prepared = steps.SetRings({});
+  EXPECT_EQ(while_prepared.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(while_prepared.message(), HasSubstr("only between steps"));
+  ASSERT_TRUE(steps.Commit(1).ok());
+  EXPECT_TRUE(steps.SetRings({}).ok());
+  // The cluster goes on past the step server 2 committed.
+  absl::StatusOr<StepCoordinator::Result> stepped = cluster.Step(0.1f);
+  ASSERT_TRUE(stepped.ok()) << stepped.status();
+  EXPECT_EQ(stepped->step, 2u);
 }
 
 }  // namespace

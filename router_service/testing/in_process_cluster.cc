@@ -63,7 +63,7 @@ InProcessCluster::InProcessCluster(const ModelConfig& m, PlacementStrategy strat
       placement(MakePlacement(strategy, m.num_experts, servers)),
       client(m, placement, weights, OnednnKernels()),
       router({m, *weights.gate}, placement, client),
-      steps({servers}, router, client) {}
+      steps({}, router, client) {}
 
 absl::StatusOr<Router::ForwardResult> InProcessCluster::Forward(const v1::Tensor& x,
                                                                 bool training) {

@@ -73,6 +73,10 @@ void InProcessExpertClient::Forward(int server, const v1::DispatchRequest& reque
     return;
   }
   ++s.calls;
+  {
+    absl::MutexLock lock(&dispatched_mu_);
+    dispatched_.push_back({request.request_id(), server, request.expert_id()});
+  }
   auto copy = std::make_unique<v1::DispatchRequest>(request);
   auto shared_done = std::make_shared<ForwardDone>(std::move(done));
   absl::AnyInvocable<void() &&> work = [&s, copy = std::move(copy), shared_done]() mutable {
@@ -90,6 +94,11 @@ void InProcessExpertClient::Forward(int server, const v1::DispatchRequest& reque
     }
   }
   MOE_CHECK(pool_->Submit(std::move(work)));
+}
+
+std::vector<InProcessExpertClient::Dispatched> InProcessExpertClient::dispatched() const {
+  absl::MutexLock lock(&dispatched_mu_);
+  return dispatched_;
 }
 
 void InProcessExpertClient::Stall(int server) {

@@ -62,6 +62,7 @@ class InProcessExpertClient : public ExpertClient {
   void Stall(int server);
   void Unstall(int server);
   expert::ExpertStore& store(int server) { return *servers_.at(server)->store; }
+  expert::StepExecutor& steps(int server) { return *servers_.at(server)->steps; }
   // The link server `server` sends its ring segments to `successor` on
   // (break or stall it to fail a step's all-reduce).
   allreduce::LoopbackRingLink& ring_link(int server, int successor) {
@@ -69,6 +70,13 @@ class InProcessExpertClient : public ExpertClient {
   }
   // Calls that reached server `server`.
   int calls(int server) const { return servers_.at(server)->calls.load(); }
+  // Every Forward that reached a server, in arrival order.
+  struct Dispatched {
+    uint64_t request_id;
+    int server;
+    int expert;
+  };
+  std::vector<Dispatched> dispatched() const ABSL_LOCKS_EXCLUDED(dispatched_mu_);
 
  private:
   struct Server {
@@ -93,6 +101,8 @@ class InProcessExpertClient : public ExpertClient {
   void RunStepCall(int server, Call call, UnaryDone<Response> done);
 
   std::atomic<int> cancels_{0};
+  mutable absl::Mutex dispatched_mu_;
+  std::vector<Dispatched> dispatched_ ABSL_GUARDED_BY(dispatched_mu_);
   prometheus::Registry registry_;
   std::unique_ptr<expert::ExpertMetrics> metrics_;
   std::unique_ptr<ComputePool> pool_;
