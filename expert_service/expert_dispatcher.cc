@@ -48,6 +48,44 @@ absl::Status ExpertDispatcher::CheckDeadline(int64_t deadline_unix_micros) const
   return absl::OkStatus();
 }
 
+void ExpertDispatcher::SetPlacementEpochs(uint64_t oldest, uint64_t newest) {
+  absl::MutexLock lock(&epoch_mu_);
+  oldest_epoch_ = oldest;
+  newest_epoch_ = newest;
+}
+
+uint64_t ExpertDispatcher::placement_epoch() const {
+  absl::MutexLock lock(&epoch_mu_);
+  return newest_epoch_;
+}
+
+absl::Status ExpertDispatcher::CheckEpoch(bool has_version,
+                                          const v1::StateVersion& version) const {
+  if (!has_version) return absl::OkStatus();
+  absl::MutexLock lock(&epoch_mu_);
+  const uint64_t epoch = version.placement_epoch();
+  if (epoch >= oldest_epoch_ && epoch <= newest_epoch_) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(
+      "server ", options_.server_name, " serves placement epoch ",
+      oldest_epoch_ == newest_epoch_ ? absl::StrCat(newest_epoch_)
+                                     : absl::StrCat(oldest_epoch_, "-", newest_epoch_),
+      ", the call is for epoch ", epoch));
+}
+
+void ExpertDispatcher::ServerVersion(int expert, v1::StateVersion* out) const {
+  out->set_placement_epoch(placement_epoch());
+  absl::StatusOr<uint64_t> step = store_.Step(expert);
+  out->set_weights_step(step.ok() ? *step : 0);
+}
+
+namespace {
+
+uint64_t ExpectedStep(bool has_version, const v1::StateVersion& version) {
+  return has_version ? version.weights_step() : ExpertStore::kAnyStep;
+}
+
+}  // namespace
+
 void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
                                 std::unique_ptr<v1::DispatchResponse> response,
                                 DispatchReply reply) {
@@ -57,36 +95,41 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
   absl::StatusOr<ConstTensorView> x = [&]() -> absl::StatusOr<ConstTensorView> {
     MOE_RETURN_IF_ERROR(CheckDeadline(request->deadline_unix_micros()));
     MOE_RETURN_IF_ERROR(store_.CheckHosted(expert));
+    MOE_RETURN_IF_ERROR(CheckEpoch(request->has_version(), request->version()));
     return DecodeTensor(request->tokens(),
                         TokenBatchSpec("tokens", model.d_model, model.max_batch_tokens));
   }();
+  const bool versioned = request->has_version();
   if (!x.ok()) {
-    CompleteDispatch(x.status(), expert, 0, absl::ZeroDuration(), *response);
+    CompleteDispatch(x.status(), expert, 0, absl::ZeroDuration(), versioned, *response);
     std::move(reply)(std::move(response));
     return;
   }
+  const uint64_t expected_step = ExpectedStep(versioned, request->version());
   const TensorView y = AllocateLike(*x, response->mutable_output());
   const absl::Time start = absl::Now();
   if (batcher_ != nullptr && !request->training()) {
     // The request and answer ride along until the batch has run.
     const int64_t rows = x->rows();
-    batcher_->Forward(expert, *x, y,
+    batcher_->Forward(expert, *x, y, expected_step,
                       [this, request = std::move(request), response = std::move(response),
-                       reply = std::move(reply), expert, rows,
-                       start](absl::Status status) mutable {
-                        CompleteDispatch(status, expert, rows, absl::Now() - start, *response);
+                       reply = std::move(reply), expert, rows, start,
+                       versioned](absl::Status status) mutable {
+                        CompleteDispatch(status, expert, rows, absl::Now() - start, versioned,
+                                         *response);
                         std::move(reply)(std::move(response));
                       });
     return;
   }
-  const absl::Status status = store_.Forward(expert, *x, y, request->training(),
-                                             request->request_id(), options_.clock());
-  CompleteDispatch(status, expert, x->rows(), absl::Now() - start, *response);
+  const absl::Status status =
+      store_.Forward(expert, *x, y, request->training(), request->request_id(),
+                     options_.clock(), expected_step);
+  CompleteDispatch(status, expert, x->rows(), absl::Now() - start, versioned, *response);
   std::move(reply)(std::move(response));
 }
 
 void ExpertDispatcher::CompleteDispatch(const absl::Status& status, int expert, int64_t rows,
-                                        absl::Duration elapsed,
+                                        absl::Duration elapsed, bool versioned,
                                         v1::DispatchResponse& response) const {
   if (status.ok()) {
     response.set_compute_micros(absl::ToInt64Microseconds(elapsed));
@@ -96,6 +139,7 @@ void ExpertDispatcher::CompleteDispatch(const absl::Status& status, int expert, 
   } else {
     response.clear_output();
     ToProtoStatus(status, response.mutable_error());
+    if (versioned) ServerVersion(expert, response.mutable_server_version());
     metrics_.CountError(status);
   }
   metrics_.training_state_bytes->Set(static_cast<double>(store_.training_state().bytes()));
@@ -108,6 +152,7 @@ void ExpertDispatcher::Backward(const v1::BackwardDispatchRequest& request,
   const absl::Status status = [&]() -> absl::Status {
     MOE_RETURN_IF_ERROR(CheckDeadline(request.deadline_unix_micros()));
     MOE_RETURN_IF_ERROR(store_.CheckHosted(request.expert_id()));
+    MOE_RETURN_IF_ERROR(CheckEpoch(request.has_version(), request.version()));
     MOE_ASSIGN_OR_RETURN(
         const ConstTensorView dy,
         DecodeTensor(request.grad_output(),
@@ -115,7 +160,8 @@ void ExpertDispatcher::Backward(const v1::BackwardDispatchRequest& request,
     const TensorView dx = AllocateLike(dy, response->mutable_grad_input());
     const absl::Time start = absl::Now();
     MOE_RETURN_IF_ERROR(store_.Backward(request.expert_id(), request.request_id(), dy, dx,
-                                        options_.clock()));
+                                        options_.clock(),
+                                        ExpectedStep(request.has_version(), request.version())));
     const absl::Duration elapsed = absl::Now() - start;
     response->set_compute_micros(absl::ToInt64Microseconds(elapsed));
     metrics_.backward_seconds->Observe(absl::ToDoubleSeconds(elapsed));
@@ -125,6 +171,9 @@ void ExpertDispatcher::Backward(const v1::BackwardDispatchRequest& request,
   if (!status.ok()) {
     response->clear_grad_input();
     ToProtoStatus(status, response->mutable_error());
+    if (request.has_version()) {
+      ServerVersion(request.expert_id(), response->mutable_server_version());
+    }
     metrics_.CountError(status);
   }
   metrics_.training_state_bytes->Set(static_cast<double>(store_.training_state().bytes()));
@@ -135,12 +184,15 @@ void ExpertDispatcher::Info(v1::InfoResponse* response) const {
   *response->mutable_model() = ModelConfigToProto(store_.model());
   response->set_compute_dtype(ToProtoDType(store_.compute_dtype()));
   if (steps_ != nullptr) response->set_step(steps_->last_committed());
+  response->set_placement_epoch(placement_epoch());
   for (int expert : store_.HostedExperts()) {
     absl::StatusOr<uint64_t> digest = store_.Digest(expert);
-    if (!digest.ok()) continue;  // released meanwhile
+    absl::StatusOr<uint64_t> step = store_.Step(expert);
+    if (!digest.ok() || !step.ok()) continue;  // released meanwhile
     v1::ExpertDigest* entry = response->add_experts();
     entry->set_expert_id(expert);
     entry->set_weights_digest(*digest);
+    entry->set_step(*step);
   }
 }
 
@@ -200,6 +252,7 @@ absl::Status ExpertDispatcher::CommitStep(const v1::CommitStepRequest& request,
     v1::ExpertDigest* entry = response->add_experts();
     entry->set_expert_id(expert);
     entry->set_weights_digest(digest);
+    entry->set_step(request.step());
   }
   metrics_.steps_committed->Increment();
   return absl::OkStatus();

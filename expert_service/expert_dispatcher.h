@@ -15,8 +15,10 @@
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "expert_service/expert_metrics.h"
 #include "expert_service/expert_store.h"
@@ -66,20 +68,35 @@ class ExpertDispatcher {
   absl::Status AbortStep(const v1::AbortStepRequest& request);
   bool runs_steps() const { return steps_ != nullptr; }
 
+  // The placement epochs this server serves calls of: [oldest, newest]
+  // (both 1 at start: the config's). While a placement change moves experts
+  // (add before remove) a server serves the old epoch and the new one.
+  void SetPlacementEpochs(uint64_t oldest, uint64_t newest) ABSL_LOCKS_EXCLUDED(epoch_mu_);
+  uint64_t placement_epoch() const ABSL_LOCKS_EXCLUDED(epoch_mu_);
+
   const ModelConfig& model() const { return store_.model(); }
   const ExpertMetrics& metrics() const { return metrics_; }
 
  private:
   absl::Status CheckDeadline(int64_t deadline_unix_micros) const;
+  // For a versioned call (`has_version`): FAILED_PRECONDITION unless it is
+  // for this server's placement epoch; the step is checked by the store.
+  absl::Status CheckEpoch(bool has_version, const v1::StateVersion& version) const;
+  // This server's version of `expert`, for an answer to a versioned call.
+  void ServerVersion(int expert, v1::StateVersion* out) const;
   // Finishes a dispatch after its forward ran (or failed), with metrics.
   void CompleteDispatch(const absl::Status& status, int expert, int64_t rows,
-                        absl::Duration elapsed, v1::DispatchResponse& response) const;
+                        absl::Duration elapsed, bool versioned,
+                        v1::DispatchResponse& response) const;
 
   const Options options_;
   ExpertStore& store_;
   const ExpertMetrics& metrics_;
   MicroBatcher* const batcher_;
   StepExecutor* const steps_;
+  mutable absl::Mutex epoch_mu_;
+  uint64_t oldest_epoch_ ABSL_GUARDED_BY(epoch_mu_) = 1;
+  uint64_t newest_epoch_ ABSL_GUARDED_BY(epoch_mu_) = 1;
 };
 
 }  // namespace moe::expert

@@ -396,6 +396,36 @@ TEST(ExpertServerTest, EveryBadInputFailsItselfAndTheStreamGoesOn) {
   EXPECT_TRUE(TensorNear(Output(answers.at(8)), ReferenceOutput(1, good), 1e-5));
 }
 
+TEST(ExpertServerTest, AVersionedRequestRunsOnlyAtItsVersionAndIsToldTheServers) {
+  auto server = StartServer({});
+  auto stub = v1::ExpertServer::NewStub(server->InProcessChannel());
+  const FloatTensor x = RandomTensor({3, 32}, 8);
+  auto versioned = [&](uint64_t seq, uint64_t epoch, uint64_t step) {
+    v1::DispatchRequest r = Request(seq, 1, x);
+    r.mutable_version()->set_placement_epoch(epoch);
+    r.mutable_version()->set_weights_step(step);
+    return r;
+  };
+  // The server starts at placement epoch 1 with the weights as loaded
+  // (step 0); an unversioned request is not checked.
+  auto answers = RoundTrip(*stub, {versioned(1, 1, 0), versioned(2, 2, 0), versioned(3, 1, 4),
+                                   Request(4, 1, x)});
+  ASSERT_FALSE(answers.at(1).has_error()) << answers.at(1).error().message();
+  EXPECT_TRUE(TensorNear(Output(answers.at(1)), ReferenceOutput(1, x), 1e-5));
+  EXPECT_FALSE(answers.at(1).has_server_version());
+  const int kFailedPrecondition = 9;
+  EXPECT_EQ(answers.at(2).error().code(), kFailedPrecondition);
+  EXPECT_THAT(answers.at(2).error().message(),
+              HasSubstr("serves placement epoch 1, the call is for epoch 2"));
+  EXPECT_EQ(answers.at(2).server_version().placement_epoch(), 1u);
+  EXPECT_EQ(answers.at(2).server_version().weights_step(), 0u);
+  EXPECT_EQ(answers.at(3).error().code(), kFailedPrecondition);
+  EXPECT_THAT(answers.at(3).error().message(),
+              HasSubstr("expert 1 here has the weights of step 0, the call is for step 4"));
+  EXPECT_TRUE(answers.at(3).has_server_version());
+  EXPECT_FALSE(answers.at(4).has_error());
+}
+
 TEST(ExpertServerTest, Bf16RequestsGetBf16Answers) {
   auto server = StartServer({});
   auto stub = v1::ExpertServer::NewStub(server->InProcessChannel());

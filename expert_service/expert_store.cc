@@ -14,6 +14,8 @@ namespace moe::expert {
 struct ExpertStore::Hosted {
   ExpertWeights master;
   std::optional<ExpertWeights> velocity;
+  // The step `master` was committed at; changes with it, under weights_mu.
+  uint64_t step = 0;
   std::unique_ptr<ExpertKernel> kernel;
   // Readers: forward and backward; writer: a weight update and its reload.
   absl::Mutex weights_mu;
@@ -126,8 +128,22 @@ absl::StatusOr<std::shared_ptr<ExpertStore::Hosted>> ExpertStore::Find(int exper
   return it->second;
 }
 
+namespace {
+
+absl::Status CheckStep(int expert, uint64_t hosted_step, uint64_t expected_step) {
+  if (expected_step == ExpertStore::kAnyStep || expected_step == hosted_step) {
+    return absl::OkStatus();
+  }
+  return absl::FailedPreconditionError(absl::StrCat(
+      "expert ", expert, " here has the weights of step ", hosted_step,
+      ", the call is for step ", expected_step));
+}
+
+}  // namespace
+
 absl::Status ExpertStore::Forward(int expert, const ConstTensorView& x, const TensorView& y,
-                                  bool training, uint64_t request_id, absl::Time now) {
+                                  bool training, uint64_t request_id, absl::Time now,
+                                  uint64_t expected_step) {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   ExpertKernel& kernel = *hosted->kernel;
   const DType dtype = kernel.dtype();
@@ -158,6 +174,7 @@ absl::Status ExpertStore::Forward(int expert, const ConstTensorView& x, const Te
   const TensorView activations{dtype, {rows, d_ff}, saved.activations.data()};
   {
     absl::ReaderMutexLock lock(&hosted->weights_mu);
+    MOE_RETURN_IF_ERROR(CheckStep(expert, hosted->step, expected_step));
     MOE_RETURN_IF_ERROR(kernel.Forward(kernel_x, kernel_y, training ? &activations : nullptr));
   }
   if (y.dtype != dtype) CopyConverted(y_bytes, dtype, y);
@@ -168,7 +185,8 @@ absl::Status ExpertStore::Forward(int expert, const ConstTensorView& x, const Te
 }
 
 absl::Status ExpertStore::Backward(int expert, uint64_t request_id, const ConstTensorView& dy,
-                                   const TensorView& dx, absl::Time now) {
+                                   const TensorView& dx, absl::Time now,
+                                   uint64_t expected_step) {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   MOE_ASSIGN_OR_RETURN(SavedForward saved, training_.Take(request_id, expert, now));
   const int64_t d_model = options_.model.d_model;
@@ -186,6 +204,8 @@ absl::Status ExpertStore::Backward(int expert, uint64_t request_id, const ConstT
   }
   {
     absl::ReaderMutexLock weights_lock(&hosted->weights_mu);
+    // Gradients of other weights than these would be summed wrongly.
+    MOE_RETURN_IF_ERROR(CheckStep(expert, hosted->step, expected_step));
     absl::MutexLock grads_lock(&hosted->grads_mu);
     MOE_RETURN_IF_ERROR(hosted->kernel->Backward(
         saved.x_view(d_model), saved.activations_view(options_.model.d_ff),
@@ -292,7 +312,13 @@ absl::Status ExpertStore::ComputeUpdate(int expert, const OptimizerOptions& opti
   return absl::OkStatus();
 }
 
-absl::Status ExpertStore::SwapInWeights(int expert, ExpertSnapshot& updated) {
+absl::StatusOr<uint64_t> ExpertStore::Step(int expert) const {
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
+  absl::ReaderMutexLock lock(&hosted->weights_mu);
+  return hosted->step;
+}
+
+absl::Status ExpertStore::SwapInWeights(int expert, ExpertSnapshot& updated, uint64_t step) {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   for (ExpertTensor which : kAllExpertTensors) {
     if (updated.weights.tensor(which).shape() != hosted->master.tensor(which).shape()) {
@@ -305,6 +331,7 @@ absl::Status ExpertStore::SwapInWeights(int expert, ExpertSnapshot& updated) {
   // object, new buffers) and re-reads them in ReloadWeights.
   std::swap(hosted->master, updated.weights);
   if (updated.velocity) std::swap(hosted->velocity, updated.velocity);
+  hosted->step = step;
   return hosted->kernel->ReloadWeights();
 }
 

@@ -46,6 +46,9 @@ using ExpertTensorSpans = std::array<absl::Span<const float>, std::size(kAllExpe
 
 class ExpertStore {
  public:
+  // An unversioned call: runs on whatever weights are there.
+  static constexpr uint64_t kAnyStep = ~uint64_t{0};
+
   struct Options {
     ModelConfig model;
     // This server's name, for messages.
@@ -65,19 +68,25 @@ class ExpertStore {
   // y has x's shape and dtype (converted if the kernel computes in the
   // other). With `training`, keeps x and the activations under
   // (request_id, expert) for Backward.
+  // With `expected_step` (not kAnyStep), FAILED_PRECONDITION unless the
+  // expert's weights are those committed at that step: checked under the
+  // same lock as the kernel runs, so a commit never slips in between.
   absl::Status Forward(int expert, const ConstTensorView& x, const TensorView& y,
-                       bool training, uint64_t request_id, absl::Time now);
+                       bool training, uint64_t request_id, absl::Time now,
+                       uint64_t expected_step = kAnyStep);
 
   // dx = dL/dx from dy = dL/d(output) for the rows of the training forward
   // (request_id, expert); adds the weight gradients to the accumulators.
   // dx has dy's shape and dtype. NOT_FOUND for an unknown or expired id.
   absl::Status Backward(int expert, uint64_t request_id, const ConstTensorView& dy,
-                        const TensorView& dx, absl::Time now);
+                        const TensorView& dx, absl::Time now, uint64_t expected_step = kAnyStep);
 
   // Ascending ids of the hosted experts.
   std::vector<int> HostedExperts() const ABSL_LOCKS_EXCLUDED(mu_);
   // Digest of a hosted expert's master weights.
   absl::StatusOr<uint64_t> Digest(int expert) const;
+  // The step its weights were committed at (0: as loaded).
+  absl::StatusOr<uint64_t> Step(int expert) const;
   absl::StatusOr<ExpertSnapshot> Snapshot(int expert) const;
   // A copy of the accumulated gradients (for tests and the step protocol).
   absl::StatusOr<ExpertWeights> Gradients(int expert) const;
@@ -96,10 +105,11 @@ class ExpertStore {
   // copied first.
   absl::Status ComputeUpdate(int expert, const OptimizerOptions& optimizer, float learning_rate,
                              const ExpertTensorSpans& grads, ExpertSnapshot& updated) const;
-  // Installs `updated` by swapping buffers with the hosted expert (between
-  // kernel calls; no copy) and reloads the kernel; `updated` gets the old
-  // weights (reusable by the next ComputeUpdate).
-  absl::Status SwapInWeights(int expert, ExpertSnapshot& updated);
+  // Installs `updated` as the weights committed at `step` by swapping
+  // buffers with the hosted expert (between kernel calls; no copy) and
+  // reloads the kernel; `updated` gets the old weights (reusable by the next
+  // ComputeUpdate).
+  absl::Status SwapInWeights(int expert, ExpertSnapshot& updated, uint64_t step);
 
   // Starts hosting `expert`; ALREADY_EXISTS if it is hosted.
   absl::Status AddExpert(int expert, ExpertSnapshot snapshot) ABSL_LOCKS_EXCLUDED(mu_);

@@ -20,24 +20,25 @@ MicroBatcher::~MicroBatcher() {
 }
 
 void MicroBatcher::Forward(int expert, const ConstTensorView& x, const TensorView& y,
-                           Done done) {
+                           uint64_t expected_step, Done done) {
   Batch full;
+  const Key key{expert, x.dtype, expected_step};
   {
     absl::MutexLock lock(&mu_);
-    Batch& batch = open_[Key{expert, x.dtype}];
+    Batch& batch = open_[key];
     if (batch.items.empty()) batch.due = absl::Now() + options_.window;
     batch.items.push_back({x, y, std::move(done)});
     batch.rows += x.rows();
     if (batch.rows < options_.max_batch_rows) return;
     full = std::move(batch);
-    open_.erase(Key{expert, x.dtype});
+    open_.erase(key);
   }
-  Dispatch(expert, std::move(full));
+  Dispatch(key, std::move(full));
 }
 
 void MicroBatcher::TimerLoop() {
   while (true) {
-    std::vector<std::pair<int, Batch>> due;
+    std::vector<std::pair<Key, Batch>> due;
     {
       absl::MutexLock lock(&mu_);
       // Wake at the earliest due batch (or when a new one may open).
@@ -54,7 +55,7 @@ void MicroBatcher::TimerLoop() {
       const absl::Time now = absl::Now();
       for (auto it = open_.begin(); it != open_.end();) {
         if (stopping_ || it->second.due <= now) {
-          due.emplace_back(it->first.first, std::move(it->second));
+          due.emplace_back(it->first, std::move(it->second));
           open_.erase(it++);
         } else {
           ++it;
@@ -62,13 +63,13 @@ void MicroBatcher::TimerLoop() {
       }
       if (stopping_ && due.empty()) return;
     }
-    for (auto& [expert, batch] : due) Dispatch(expert, std::move(batch));
+    for (auto& [key, batch] : due) Dispatch(key, std::move(batch));
   }
 }
 
-void MicroBatcher::Dispatch(int expert, Batch batch) {
+void MicroBatcher::Dispatch(const Key& key, Batch batch) {
   auto shared = std::make_shared<Batch>(std::move(batch));
-  if (!pool_.Submit([this, expert, shared] { Run(expert, *shared); })) {
+  if (!pool_.Submit([this, key, shared] { Run(key, *shared); })) {
     for (Item& item : shared->items) {
       std::move(item.done)(absl::ResourceExhaustedError(
           "expert server compute queue is full; retry or use another replica"));
@@ -76,10 +77,12 @@ void MicroBatcher::Dispatch(int expert, Batch batch) {
   }
 }
 
-void MicroBatcher::Run(int expert, Batch& batch) {
+void MicroBatcher::Run(const Key& key, Batch& batch) {
+  const int expert = key.expert;
   if (batch.items.size() == 1) {
     Item& item = batch.items[0];
-    std::move(item.done)(store_.Forward(expert, item.x, item.y, false, 0, clock_()));
+    std::move(item.done)(
+        store_.Forward(expert, item.x, item.y, false, 0, clock_(), key.expected_step));
     return;
   }
   // Copy the rows into one batch, run it once, copy the answers back.
@@ -94,7 +97,8 @@ void MicroBatcher::Run(int expert, Batch& batch) {
   }
   const absl::Status status =
       store_.Forward(expert, {dtype, {batch.rows, d_model}, x.data()},
-                     {dtype, {batch.rows, d_model}, y.data()}, false, 0, clock_());
+                     {dtype, {batch.rows, d_model}, y.data()}, false, 0, clock_(),
+                     key.expected_step);
   offset = 0;
   for (Item& item : batch.items) {
     if (status.ok() && item.y.size_bytes() > 0) {

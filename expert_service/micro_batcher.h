@@ -43,8 +43,10 @@ class MicroBatcher {
   // Queues y = Expert_e(x) (inference only). x and y must stay valid until
   // `done` runs; it runs exactly once, on a compute pool thread (or inline
   // with RESOURCE_EXHAUSTED when the pool refuses the batch).
-  void Forward(int expert, const ConstTensorView& x, const TensorView& y, Done done)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  // Only requests for the same step (ExpertStore::Forward's expected_step)
+  // are merged.
+  void Forward(int expert, const ConstTensorView& x, const TensorView& y, uint64_t expected_step,
+               Done done) ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   struct Item {
@@ -57,12 +59,23 @@ class MicroBatcher {
     int64_t rows = 0;
     absl::Time due;
   };
-  using Key = std::pair<int, DType>;
+  struct Key {
+    int expert;
+    DType dtype;
+    uint64_t expected_step;
+    template <typename H>
+    friend H AbslHashValue(H h, const Key& k) {
+      return H::combine(std::move(h), k.expert, k.dtype, k.expected_step);
+    }
+    bool operator==(const Key& o) const {
+      return expert == o.expert && dtype == o.dtype && expected_step == o.expected_step;
+    }
+  };
 
   void TimerLoop();
   // Hands a batch to the pool.
-  void Dispatch(int expert, Batch batch);
-  void Run(int expert, Batch& batch);
+  void Dispatch(const Key& key, Batch batch);
+  void Run(const Key& key, Batch& batch);
 
   const Options options_;
   ExpertStore& store_;

@@ -260,7 +260,7 @@ absl::StatusOr<std::vector<std::pair<int, uint64_t>>> StepExecutor::Commit(uint6
   std::vector<std::pair<int, uint64_t>> digests;
   for (auto& [expert, updated] : prepared.updated) {
     const uint64_t digest = updated.weights.Digest();
-    MOE_RETURN_IF_ERROR(store_.SwapInWeights(expert, updated));
+    MOE_RETURN_IF_ERROR(store_.SwapInWeights(expert, updated, step));
     digests.emplace_back(expert, digest);
   }
   // `updated` now holds the weights before this step, and the gradients

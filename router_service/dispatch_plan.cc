@@ -42,6 +42,8 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
       request.set_training(options.training);
       request.set_request_id(options.request_id);
       request.set_deadline_unix_micros(options.deadline_unix_micros);
+      request.mutable_version()->set_placement_epoch(options.placement_epoch);
+      request.mutable_version()->set_weights_step(options.weights_step);
       v1::Tensor* tokens = request.mutable_tokens();
       tokens->add_shape(count);
       tokens->add_shape(d_model);

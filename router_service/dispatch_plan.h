@@ -31,6 +31,10 @@ struct DispatchPlanOptions {
   bool training = false;
   uint64_t request_id = 0;
   int64_t deadline_unix_micros = 0;
+  // The state the call is computed against (placement epoch, weights step):
+  // a server at another version refuses it.
+  uint64_t placement_epoch = 0;
+  uint64_t weights_step = 0;
 };
 
 // UNAVAILABLE naming the experts with no healthy replica. On success the

@@ -68,6 +68,8 @@ void Cancellation::OnCancel(absl::AnyInvocable<void() &&> hook) {
 // What Backward needs from a training forward.
 struct Router::TrainingRecord {
   Routing routing;
+  uint64_t placement_epoch = 0;  // the versions forward ran at, for backward
+  uint64_t weights_step = 0;
   std::vector<ExpertGroup> groups;       // requests cleared: only ids and pairs
   std::vector<FloatTensor> outputs;      // Expert(x) per group, fp32
   FloatTensor x;                         // fp32 [T, d_model], for the gate path
@@ -82,6 +84,13 @@ struct Router::TrainingRecord {
 
 struct Router::ForwardCall {
   ForwardDone done;
+  // What a restart needs (x stays valid until `done` runs).
+  const v1::Tensor* x = nullptr;
+  absl::Time deadline;
+  std::shared_ptr<Cancellation> cancellation;
+  int restarts = 0;
+  // A server refused a group for its version and no other replica took it.
+  bool stale = false;
   // Set by whichever ends the call first: the last answer or the deadline.
   std::atomic<bool> finished{false};
   uint64_t timer_id = 0;
@@ -146,6 +155,11 @@ void Router::Run(absl::AnyInvocable<void() &&> work) {
 
 void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
                      ForwardDone done, std::shared_ptr<Cancellation> cancellation) {
+  Start(x, training, deadline, std::move(done), std::move(cancellation), /*restarts=*/0);
+}
+
+void Router::Start(const v1::Tensor& x, bool training, absl::Time deadline, ForwardDone done,
+                   std::shared_ptr<Cancellation> cancellation, int restarts) {
   const ModelConfig& model = options_.model;
   absl::StatusOr<ConstTensorView> view =
       DecodeTensor(x, TokenBatchSpec("x", model.d_model, model.max_batch_tokens));
@@ -156,6 +170,10 @@ void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
   auto call = std::make_shared<ForwardCall>();
   call->start = absl::Now();
   call->done = std::move(done);
+  call->x = &x;
+  call->deadline = deadline;
+  call->cancellation = cancellation;
+  call->restarts = restarts;
   call->dtype = view->dtype;
   call->num_tokens = view->rows();
   call->training = training;
@@ -166,7 +184,8 @@ void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
   call->routing = RouteTokens(call->x32, call->num_tokens, call->gate->value, model);
   absl::StatusOr<std::vector<ExpertGroup>> groups = PlanDispatch(
       call->routing, *view, call->placement->value, picker_,
-      {training, call->request_id, ToDeadlineMicros(deadline)});
+      {training, call->request_id, ToDeadlineMicros(deadline), call->placement->version,
+       call->gate->version});
   if (!groups.ok()) {
     std::move(call->done)(groups.status());
     return;
@@ -220,8 +239,18 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
   picker_.Release(g.server, rows);
   absl::Status status = reply.status();
   if (status.ok() && (*reply)->has_error()) status = FromProtoStatus((*reply)->error());
-  if (absl::IsUnavailable(status)) {
-    // The server is gone (or draining): the same request to another replica.
+  // The server is at another version of the state than this call.
+  const bool stale = absl::IsFailedPrecondition(status) && reply.ok() &&
+                     (*reply)->has_server_version();
+  if (stale) {
+    const v1::StateVersion& theirs = (*reply)->server_version();
+    MOE_LOG(WARNING, "expert ", g.expert, ": server ", g.server, " is at placement epoch ",
+            theirs.placement_epoch(), ", step ", theirs.weights_step(), "; this call at epoch ",
+            call->placement->version, ", step ", call->gate->version);
+  }
+  if (absl::IsUnavailable(status) || stale) {
+    // The server is gone (or draining), or has other weights: the same
+    // request to another replica.
     call->tried[group].push_back(g.server);
     const int next = picker_.PickOne(call->placement->value, g.expert, rows, call->tried[group]);
     if (next >= 0) {
@@ -236,9 +265,18 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
       Send(std::move(call), group);
       return;
     }
-    status = absl::UnavailableError(absl::StrCat(
-        "expert ", g.expert, ": no live replica (servers ",
-        absl::StrJoin(call->tried[group], ","), " unavailable: ", status.message(), ")"));
+    if (stale) {
+      status = absl::FailedPreconditionError(absl::StrCat(
+          "expert ", g.expert, ": no replica at placement epoch ", call->placement->version,
+          ", step ", call->gate->version, " (servers ", absl::StrJoin(call->tried[group], ","),
+          "; last: ", status.message(), ")"));
+      absl::MutexLock lock(&call->mu);
+      call->stale = true;
+    } else {
+      status = absl::UnavailableError(absl::StrCat(
+          "expert ", g.expert, ": no live replica (servers ",
+          absl::StrJoin(call->tried[group], ","), " unavailable: ", status.message(), ")"));
+    }
   }
   if (status.ok()) {
     call->responses[group] = *std::move(reply);
@@ -258,6 +296,19 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
   {
     absl::MutexLock lock(&call->mu);
     if (!call->status.ok()) {
+      // This router is behind the servers (a step or placement change
+      // committed meanwhile): once it has caught up, the whole call again,
+      // gated and planned with the new state. Never a mix of the two.
+      if (call->stale && call->restarts < kMaxRestarts &&
+          (placement()->version != call->placement->version ||
+           gate()->version != call->gate->version)) {
+        MOE_LOG(INFO, "forward at epoch ", call->placement->version, ", step ",
+                call->gate->version, " met newer servers; again at epoch ",
+                placement()->version, ", step ", gate()->version);
+        Start(*call->x, call->training, call->deadline, std::move(call->done),
+              call->cancellation, call->restarts + 1);
+        return;
+      }
       std::move(call->done)(call->status);
       return;
     }
@@ -301,6 +352,8 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
   if (call->training) {
     auto record = std::make_unique<TrainingRecord>();
     record->routing = call->routing;
+    record->placement_epoch = call->placement->version;
+    record->weights_step = call->gate->version;
     record->groups = std::move(call->groups);
     for (ExpertGroup& g : record->groups) g.request.Clear();
     record->outputs = std::move(widened);
@@ -414,6 +467,8 @@ void Router::Backward(uint64_t request_id, const v1::Tensor& grad_output,
     request.set_expert_id(group.expert);
     request.set_request_id(request_id);
     request.set_deadline_unix_micros(ToDeadlineMicros(deadline));
+    request.mutable_version()->set_placement_epoch(rec.placement_epoch);
+    request.mutable_version()->set_weights_step(rec.weights_step);
     EncodeFloats(scaled, {rows, d_model}, DType::kFloat32, request.mutable_grad_output());
   }
   if (n == 0) {

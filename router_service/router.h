@@ -146,6 +146,11 @@ class Router {
   struct BackwardCall;
   struct TrainingRecord;
 
+  // Forward, the `restarts`-th time (a restart re-runs a call that met
+  // servers newer than this router was when it started).
+  void Start(const v1::Tensor& x, bool training, absl::Time deadline, ForwardDone done,
+             std::shared_ptr<Cancellation> cancellation, int restarts);
+  static constexpr int kMaxRestarts = 2;
   void Send(std::shared_ptr<ForwardCall> call, size_t group);
   void OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
                       absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply);

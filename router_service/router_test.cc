@@ -311,8 +311,10 @@ TEST(RouterTest, BadInputIsNamed) {
 // of a request goes where the epoch it reports says, and every answer is
 // the reference's.
 TEST(RouterTest, APlacementSwapUnderLoadGivesEachRequestOneWholePlacement) {
-  // Every server hosts every expert, so either placement can serve.
+  // Every server hosts every expert, so either placement can serve, and
+  // serves every epoch the test installs.
   Cluster cluster(Model(2, false), PlacementStrategy::kDataParallel);
+  for (int s = 0; s < 3; ++s) cluster.client.dispatcher(s).SetPlacementEpochs(1, 1 << 20);
   std::vector<std::vector<int>> shifted_a(8), shifted_b(8);
   for (int e = 0; e < 8; ++e) {
     shifted_a[e] = {e % 3};

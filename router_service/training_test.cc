@@ -9,6 +9,7 @@
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
 #include "common/deterministic_init.h"
 #include "common/optimizer.h"
 #include "common/reference_moe.h"
@@ -192,6 +193,71 @@ TEST(InProcessTrainingFaultTest, RingsChangeOnlyBetweenSteps) {
   absl::StatusOr<StepCoordinator::Result> stepped = cluster.Step(0.1f);
   ASSERT_TRUE(stepped.ok()) << stepped.status();
   EXPECT_EQ(stepped->step, 2u);
+}
+
+// Versions on the wire. A router whose gate is behind the servers' weights
+// (another router stepped) is refused by every replica and says so, rather
+// than mixing its old gate with new experts.
+TEST(InProcessVersionTest, ARouterBehindTheServersFailsNamingTheVersions) {
+  InProcessCluster cluster(Model({}), PlacementStrategy::kHybrid);
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 5);
+  absl::StatusOr<Router::ForwardResult> y = cluster.Forward(Wire(x), true);
+  ASSERT_TRUE(y.ok()) << y.status();
+  ASSERT_TRUE(cluster.Backward(y->request_id, Wire(RandomTensor({kTokens, kDModel}, 6))).ok());
+  ASSERT_TRUE(cluster.Step(0.1f).ok());
+
+  // A second router over the same servers, still at step 0.
+  Router behind({cluster.model, *cluster.weights.gate}, cluster.placement, cluster.client);
+  const v1::Tensor wire = Wire(x);
+  absl::Notification done;
+  absl::StatusOr<Router::ForwardResult> stale;
+  behind.Forward(wire, false, absl::InfiniteFuture(), [&](auto r) {
+    stale = std::move(r);
+    done.Notify();
+  });
+  done.WaitForNotification();
+  EXPECT_EQ(stale.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(stale.status().message(), HasSubstr("no replica at placement epoch 1, step 0"));
+  EXPECT_THAT(stale.status().message(), HasSubstr("has the weights of step 1"));
+}
+
+// A Forward planned before a step committed meets servers that moved on:
+// the router has caught up by then, so it runs the call again with the new
+// gate and weights; the answer is the new model's, never a mix.
+TEST(InProcessVersionTest, AForwardOverlappingACommitIsRunAgainAtTheNewStep) {
+  InProcessCluster cluster(Model({}), PlacementStrategy::kModelParallel);
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 7);
+  const FloatTensor dy = RandomTensor({kTokens, kDModel}, 8);
+  absl::StatusOr<Router::ForwardResult> y = cluster.Forward(Wire(x), true);
+  ASSERT_TRUE(y.ok()) << y.status();
+  ASSERT_TRUE(cluster.Backward(y->request_id, Wire(dy)).ok());
+  // The reference after the step.
+  MoeWeights stepped = cluster.weights;
+  const ReferenceMoe before = *ReferenceMoe::Create(cluster.model, stepped);
+  const ReferenceForward forward = *before.Forward(x);
+  ReferenceGradients grads = *before.Backward(x, forward, dy);
+  ApplySgd(cluster.model.optimizer, 0.1f, *grads.params.gate, *stepped.gate, nullptr);
+  for (auto& [e, w] : stepped.experts) {
+    ApplySgd(cluster.model.optimizer, 0.1f, grads.params.experts.at(e), w, nullptr);
+  }
+  const ReferenceForward expected = *ReferenceMoe::Create(cluster.model, stepped)->Forward(x);
+
+  // Server 0 holds its Forward calls; the other servers answer at step 0.
+  cluster.client.Stall(0);
+  const v1::Tensor wire = Wire(x);  // valid until the call ends, restarts too
+  absl::Notification done;
+  absl::StatusOr<Router::ForwardResult> result;
+  cluster.router.Forward(wire, false, absl::InfiniteFuture(), [&](auto r) {
+    result = std::move(r);
+    done.Notify();
+  });
+  ASSERT_TRUE(cluster.Step(0.1f).ok());  // the step's calls are not held
+  cluster.client.Unstall(0);
+  done.WaitForNotification();
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->gate_version, 1u);
+  EXPECT_TRUE(TensorNear(Decoded(result->y, kDModel), expected.y, 1e-5));
+  EXPECT_EQ(result->routing.expert_ids, expected.routing.expert_ids);
 }
 
 }  // namespace

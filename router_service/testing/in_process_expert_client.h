@@ -63,6 +63,7 @@ class InProcessExpertClient : public ExpertClient {
   void Unstall(int server);
   expert::ExpertStore& store(int server) { return *servers_.at(server)->store; }
   expert::StepExecutor& steps(int server) { return *servers_.at(server)->steps; }
+  expert::ExpertDispatcher& dispatcher(int server) { return *servers_.at(server)->dispatcher; }
   // The link server `server` sends its ring segments to `successor` on
   // (break or stall it to fail a step's all-reduce).
   allreduce::LoopbackRingLink& ring_link(int server, int successor) {
