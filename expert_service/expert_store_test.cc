@@ -2,6 +2,7 @@
 
 #include "common/bfloat16.h"
 #include "common/deterministic_init.h"
+#include "common/optimizer.h"
 #include "common/reference_expert.h"
 #include "common/testing/random_tensor.h"
 #include "common/testing/tensor_matchers.h"
@@ -136,6 +137,55 @@ TEST_F(ExpertStoreTest, ExpertsMoveInAndOut) {
             absl::StatusCode::kAlreadyExists);
   EXPECT_EQ(*store_->Digest(2), InitExpert(Model(), 3).Digest());
   EXPECT_EQ(store_->RemoveExpert(0).code(), absl::StatusCode::kNotFound);
+}
+
+// The step's update: computed aside in one pass (the hosted expert and its
+// answers unchanged), then swapped in with its step; a call for another
+// step is refused under the kernel's lock.
+TEST_F(ExpertStoreTest, AnUpdateIsComputedAsideAndSwappedInWithItsStep) {
+  const ExpertWeights before = store_->Snapshot(1)->weights;
+  const ExpertWeights grads = InitExpert(Model(), 2);  // any values of the right shapes
+  ExpertTensorSpans spans;
+  for (size_t i = 0; i < spans.size(); ++i) spans[i] = grads.tensor(kAllExpertTensors[i]).values();
+  OptimizerOptions sgd;
+  ExpertSnapshot updated;
+  ASSERT_TRUE(store_->ComputeUpdate(1, sgd, 0.5f, spans, updated).ok());
+  EXPECT_EQ(*store_->Digest(1), before.Digest());  // not yet
+  ExpertWeights expected = before;
+  ApplySgd(sgd, 0.5f, grads, expected, nullptr);
+  EXPECT_EQ(updated.weights.Digest(), expected.Digest());  // the same bits as in place
+
+  const FloatTensor x = RandomTensor({4, 16}, 9);
+  FloatTensor y({4, 16});
+  EXPECT_EQ(*store_->Step(1), 0u);
+  ASSERT_TRUE(store_->Forward(1, x.view(), y.mutable_view(), false, 0, kNow, 0).ok());
+  ASSERT_TRUE(store_->SwapInWeights(1, updated, 7).ok());
+  EXPECT_EQ(*store_->Digest(1), expected.Digest());
+  EXPECT_EQ(*store_->Step(1), 7u);
+  EXPECT_EQ(updated.weights.Digest(), before.Digest());  // the old buffers, for reuse
+  const absl::Status old = store_->Forward(1, x.view(), y.mutable_view(), false, 0, kNow, 0);
+  EXPECT_EQ(old.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(old.message(), "expert 1 here has the weights of step 7, the call is for step 0");
+  EXPECT_TRUE(store_->Forward(1, x.view(), y.mutable_view(), false, 0, kNow, 7).ok());
+  EXPECT_TRUE(store_->Forward(1, x.view(), y.mutable_view(), false, 0, kNow).ok());
+
+  // Gradients of another shape are refused, naming the sizes.
+  spans[0] = spans[0].subspan(1);
+  EXPECT_EQ(store_->ComputeUpdate(1, sgd, 0.5f, spans, updated).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST_F(ExpertStoreTest, TakenGradientsLeaveZerosInTheBuffersGiven) {
+  const FloatTensor x = RandomTensor({3, 16}, 1);
+  FloatTensor y({3, 16}), dx({3, 16});
+  ASSERT_TRUE(store_->Forward(3, x.view(), y.mutable_view(), true, 8, kNow).ok());
+  ASSERT_TRUE(store_->Backward(3, 8, x.view(), dx.mutable_view(), kNow).ok());
+  const ExpertWeights accumulated = *store_->Gradients(3);
+  ExpertWeights reused = InitExpert(Model(), 0);  // stale values, right shapes
+  absl::StatusOr<ExpertWeights> taken = store_->TakeGradients(3, std::move(reused));
+  ASSERT_TRUE(taken.ok());
+  EXPECT_EQ(taken->Digest(), accumulated.Digest());
+  EXPECT_EQ(store_->Gradients(3)->Digest(), ExpertWeights::Zeros(Model()).Digest());
 }
 
 }  // namespace

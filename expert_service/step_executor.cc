@@ -165,8 +165,7 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
 
 absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
     uint64_t step, const std::vector<StepRing>& rings, const std::map<int, ExpertWeights>& local,
-    absl::Time deadline,
-    std::map<int, ExpertTensorSpans>& grads, PrepareResult& result) {
+    absl::Time deadline, std::map<int, ExpertTensorSpans>& grads, PrepareResult& result) {
   const absl::Time start = absl::Now();
   std::vector<std::shared_ptr<allreduce::RingAllReduce>> collectives;
   int64_t floats = 0;
@@ -180,7 +179,9 @@ absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
             "server ", options_.server_name, " does not host expert ", expert, " of group ",
             absl::Hex(ring.group_id)));
       }
-      for (ExpertTensor which : kAllExpertTensors) length += it->second.tensor(which).values().size();
+      for (ExpertTensor which : kAllExpertTensors) {
+        length += it->second.tensor(which).values().size();
+      }
     }
     // The one copy of the gradients: into the fused buffer (last step's,
     // whose pages are already mapped, when there is one).
@@ -264,7 +265,7 @@ absl::StatusOr<std::vector<std::pair<int, uint64_t>>> StepExecutor::Commit(uint6
     digests.emplace_back(expert, digest);
   }
   // `updated` now holds the weights before this step, and the gradients
-  // taken are summed in: buffers for the next step.
+  // taken are used up: buffers for the next step.
   KeepSpare(std::move(prepared.updated), std::move(prepared.local_grads));
   MOE_LOG(INFO, "server ", options_.server_name, ": step ", step, " committed: ",
           digests.size(), " experts installed in ", absl::FormatDuration(absl::Now() - start));

@@ -254,8 +254,9 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
     call->tried[group].push_back(g.server);
     const int next = picker_.PickOne(call->placement->value, g.expert, rows, call->tried[group]);
     if (next >= 0) {
-      MOE_LOG(WARNING, "expert ", g.expert, ": server ", g.server, " unavailable (",
-              status.message(), "); re-sending ", rows, " tokens to server ", next);
+      MOE_LOG(WARNING, "expert ", g.expert, ": server ", g.server,
+              stale ? " is at another version (" : " unavailable (", status.message(),
+              "); re-sending ", rows, " tokens to server ", next);
       failovers_.fetch_add(1);
       if (options_.on_failover) options_.on_failover();
       {

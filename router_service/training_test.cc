@@ -11,9 +11,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "common/deterministic_init.h"
-#include "common/optimizer.h"
 #include "common/reference_moe.h"
 #include "common/testing/random_tensor.h"
+#include "common/testing/reference_training.h"
 #include "common/testing/tensor_matchers.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -23,6 +23,7 @@ namespace moe::router {
 namespace {
 
 using ::moe::testing::RandomTensor;
+using ::moe::testing::ReferenceTraining;
 using ::moe::testing::TensorNear;
 using ::testing::HasSubstr;
 using testing::Decoded;
@@ -75,28 +76,19 @@ TEST_P(InProcessTrainingTest, TwentyStepsEqualTheReferenceAndReplicasStayIdentic
   InProcessCluster cluster(model, GetParam().strategy);
   const float lr = GetParam().learning_rate;
 
-  MoeWeights weights = InitAllWeights(model);
-  FloatTensor gate_velocity(weights.gate->shape());
-  std::map<int, ExpertWeights> velocity;
-  for (const auto& [e, w] : weights.experts) velocity.emplace(e, ExpertWeights::Zeros(model));
+  ReferenceTraining reference(model, InitAllWeights(model));
 
   for (int step = 1; step <= 20; ++step) {
     const FloatTensor x = RandomTensor({kTokens, kDModel}, 100 + step);
     const FloatTensor dy = RandomTensor({kTokens, kDModel}, 200 + step);
-    const ReferenceMoe reference = *ReferenceMoe::Create(model, weights);
-    const ReferenceForward forward = *reference.Forward(x);
-    ReferenceGradients grads = *reference.Backward(x, forward, dy);
-    ApplySgd(model.optimizer, lr, *grads.params.gate, *weights.gate, &gate_velocity);
-    for (auto& [e, w] : weights.experts) {
-      ApplySgd(model.optimizer, lr, grads.params.experts.at(e), w, &velocity.at(e));
-    }
+    const ReferenceTraining::Step expected = reference.Train(x, dy, lr);
 
     absl::StatusOr<Router::ForwardResult> y = cluster.Forward(Wire(x), /*training=*/true);
     ASSERT_TRUE(y.ok()) << y.status();
-    ASSERT_TRUE(TensorNear(Decoded(y->y, kDModel), forward.y, 1e-5)) << "step " << step;
+    ASSERT_TRUE(TensorNear(Decoded(y->y, kDModel), expected.forward.y, 1e-5)) << "step " << step;
     absl::StatusOr<v1::Tensor> dx = cluster.Backward(y->request_id, Wire(dy));
     ASSERT_TRUE(dx.ok()) << dx.status();
-    ASSERT_TRUE(TensorNear(Decoded(*dx, kDModel), grads.dx, 1e-5)) << "step " << step;
+    ASSERT_TRUE(TensorNear(Decoded(*dx, kDModel), expected.grads.dx, 1e-5)) << "step " << step;
     absl::StatusOr<StepCoordinator::Result> stepped = cluster.Step(lr);
     ASSERT_TRUE(stepped.ok()) << stepped.status();
     EXPECT_EQ(stepped->step, static_cast<uint64_t>(step));
@@ -108,16 +100,16 @@ TEST_P(InProcessTrainingTest, TwentyStepsEqualTheReferenceAndReplicasStayIdentic
       const expert::ExpertSnapshot served = *cluster.client.store(s).Snapshot(e);
       for (ExpertTensor which : kAllExpertTensors) {
         EXPECT_TRUE(TensorNear(served.weights.tensor(which),
-                               weights.experts.at(e).tensor(which), 1e-5))
+                               reference.weights().experts.at(e).tensor(which), 1e-5))
             << "expert " << e << " on server " << s << ", tensor " << static_cast<int>(which);
       }
     }
   }
-  EXPECT_TRUE(TensorNear(cluster.router.gate()->value, *weights.gate, 1e-5));
+  EXPECT_TRUE(TensorNear(cluster.router.gate()->value, *reference.weights().gate, 1e-5));
   EXPECT_EQ(cluster.router.gate()->version, 20u);  // committed at step 20
   // Routing on fresh tokens is the reference's, token for token.
   const FloatTensor x = RandomTensor({kTokens, kDModel}, 999);
-  const ReferenceForward expected = *ReferenceMoe::Create(model, weights)->Forward(x);
+  const ReferenceForward expected = *reference.Layer().Forward(x);
   absl::StatusOr<Router::ForwardResult> y = cluster.Forward(Wire(x));
   ASSERT_TRUE(y.ok()) << y.status();
   EXPECT_TRUE(TensorNear(Decoded(y->y, kDModel), expected.y, 1e-5));
@@ -232,15 +224,9 @@ TEST(InProcessVersionTest, AForwardOverlappingACommitIsRunAgainAtTheNewStep) {
   ASSERT_TRUE(y.ok()) << y.status();
   ASSERT_TRUE(cluster.Backward(y->request_id, Wire(dy)).ok());
   // The reference after the step.
-  MoeWeights stepped = cluster.weights;
-  const ReferenceMoe before = *ReferenceMoe::Create(cluster.model, stepped);
-  const ReferenceForward forward = *before.Forward(x);
-  ReferenceGradients grads = *before.Backward(x, forward, dy);
-  ApplySgd(cluster.model.optimizer, 0.1f, *grads.params.gate, *stepped.gate, nullptr);
-  for (auto& [e, w] : stepped.experts) {
-    ApplySgd(cluster.model.optimizer, 0.1f, grads.params.experts.at(e), w, nullptr);
-  }
-  const ReferenceForward expected = *ReferenceMoe::Create(cluster.model, stepped)->Forward(x);
+  ReferenceTraining reference(cluster.model, cluster.weights);
+  reference.Train(x, dy, 0.1f);
+  const ReferenceForward expected = *reference.Layer().Forward(x);
 
   // Server 0 holds its Forward calls; the other servers answer at step 0.
   cluster.client.Stall(0);

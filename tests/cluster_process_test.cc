@@ -210,6 +210,8 @@ TEST(ClusterTest, ConcurrentClientsGetTheirOwnAnswers) {
   EXPECT_EQ(state.strategy(), v1::PLACEMENT_STRATEGY_HYBRID);
   EXPECT_GE(state.expert_imbalance(), 1.0);
   EXPECT_EQ(state.servers(0).expert_ids_size(), 6);  // experts 0-3 and 4, 5
+  EXPECT_EQ(state.placement_epoch(), 1u);  // the config's placement
+  EXPECT_EQ(state.step(), 0u);             // no training step yet
 }
 
 TEST(ClusterTest, ForwardStreamAnswersEveryRequestByClientId) {

@@ -13,10 +13,10 @@
 #include "common/transport_credentials.h"
 #include "absl/strings/str_cat.h"
 #include "common/deterministic_init.h"
-#include "common/optimizer.h"
 #include "common/placement.h"
 #include "common/reference_moe.h"
 #include "common/testing/random_tensor.h"
+#include "common/testing/reference_training.h"
 #include "common/testing/tensor_matchers.h"
 #include "expert_service/weight_transfer.h"
 #include "gmock/gmock.h"
@@ -89,26 +89,17 @@ TEST_P(TrainingTest, TwentyStepsEqualTheReferenceAndReplicasStayIdentical) {
   const ModelConfig& model = cluster.config().model;
   const float lr = GetParam().learning_rate;
 
-  MoeWeights weights = InitAllWeights(model);
-  FloatTensor gate_velocity(weights.gate->shape());
-  std::map<int, ExpertWeights> velocity;
-  for (const auto& [e, w] : weights.experts) velocity.emplace(e, ExpertWeights::Zeros(model));
+  ReferenceTraining reference(model, InitAllWeights(model));
 
   for (int step = 1; step <= 20; ++step) {
     const FloatTensor x = RandomTensor({kTokens, kDModel}, 100 + step);
     const FloatTensor dy = RandomTensor({kTokens, kDModel}, 200 + step);
-    // The reference step.
-    const ReferenceMoe reference = *ReferenceMoe::Create(model, weights);
-    const ReferenceForward forward = *reference.Forward(x);
-    ReferenceGradients grads = *reference.Backward(x, forward, dy);
-    ApplySgd(model.optimizer, lr, *grads.params.gate, *weights.gate, &gate_velocity);
-    for (auto& [e, w] : weights.experts) {
-      ApplySgd(model.optimizer, lr, grads.params.experts.at(e), w, &velocity.at(e));
-    }
+    const ReferenceTraining::Step expected = reference.Train(x, dy, lr);
     // The cluster's.
     v1::ForwardResponse y;
     ASSERT_TRUE(cluster.Forward(x, &y, /*training=*/true).ok());
-    ASSERT_TRUE(TensorNear(Decoded(y.y(), kDModel), forward.y, 1e-5)) << "step " << step;
+    ASSERT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.forward.y, 1e-5))
+        << "step " << step;
     v1::BackwardResponse dx;
     ASSERT_TRUE(cluster.Backward(y.request_id(), dy, &dx).ok());
     v1::StepResponse stepped;
@@ -124,14 +115,15 @@ TEST_P(TrainingTest, TwentyStepsEqualTheReferenceAndReplicasStayIdentical) {
     for (int s : placement.ServersOf(e)) {
       const ExpertWeights served = FetchExpert(cluster, s, e);
       for (ExpertTensor which : kAllExpertTensors) {
-        EXPECT_TRUE(TensorNear(served.tensor(which), weights.experts.at(e).tensor(which), 1e-5))
+        EXPECT_TRUE(TensorNear(served.tensor(which),
+                               reference.weights().experts.at(e).tensor(which), 1e-5))
             << "expert " << e << " on e" << s << ", tensor " << static_cast<int>(which);
       }
     }
   }
   // The gate, through what it does: routing and output on fresh tokens.
   const FloatTensor x = RandomTensor({kTokens, kDModel}, 999);
-  const ReferenceForward expected = *ReferenceMoe::Create(model, weights)->Forward(x);
+  const ReferenceForward expected = *reference.Layer().Forward(x);
   v1::ForwardResponse y;
   ASSERT_TRUE(cluster.Forward(x, &y).ok());
   EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.y, 1e-5));

@@ -283,5 +283,32 @@ TEST(RingAllReduce, StalledPeerEndsEveryRankAtTheDeadline) {
   for (int r = 0; r < 2; ++r) ring.registry(r).Unregister(*ranks[r]);
 }
 
+TEST(RingAllReduce, ARemovedGroupEndsItsCollectiveAndRefusesItsSegments) {
+  Ring ring(2);
+  auto collective = ring.Make(1, 5, std::vector<float>(10, 1.0f), {});
+  ring.registry(1).Register(collective);
+  EXPECT_TRUE(ring.registry(1).HasGroup(kGroup));
+  ring.registry(1).RemoveGroup(kGroup);
+  EXPECT_FALSE(ring.registry(1).HasGroup(kGroup));
+  const absl::Status ended = collective->Wait(absl::Now() + absl::Seconds(5));
+  EXPECT_EQ(ended.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(ended.message(), HasSubstr("was removed from this server"));
+  ring.registry(1).Unregister(*collective);  // no group: nothing to do
+
+  v1::RingChunk chunk;
+  chunk.mutable_id()->set_step(5);
+  chunk.mutable_id()->set_group_id(kGroup);
+  chunk.set_phase(v1::RING_PHASE_REDUCE_SCATTER);
+  chunk.set_buffer_elements(10);
+  const ReceivedSegment segment = ReceivedSegment::FromChunk(chunk);
+  absl::Status verdict = absl::UnknownError("no ack");
+  ring.registry(1).Deliver(&segment, [&](absl::Status s) { verdict = std::move(s); });
+  EXPECT_EQ(verdict.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(verdict.message(), HasSubstr("not a replica group"));
+  // And it can come back (a placement change back).
+  ring.registry(1).AddGroup(kGroup);
+  EXPECT_TRUE(ring.registry(1).HasGroup(kGroup));
+}
+
 }  // namespace
 }  // namespace moe::allreduce

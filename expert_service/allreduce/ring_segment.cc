@@ -244,9 +244,9 @@ Status SerializationTraits<moe::allreduce::RingSegment, void>::Serialize(
     const moe::allreduce::RingSegment& segment, ByteBuffer* buffer, bool* own_buffer) {
   std::string head = segment.header.SerializeAsString();
   if (segment.length > 0) {
-    moe::allreduce::AppendVarint((moe::allreduce::kDataField << 3) | moe::allreduce::kLengthDelimited,
-                              head);
-    moe::allreduce::AppendVarint(static_cast<uint64_t>(segment.length) * sizeof(float), head);
+    using moe::allreduce::AppendVarint;
+    AppendVarint((moe::allreduce::kDataField << 3) | moe::allreduce::kLengthDelimited, head);
+    AppendVarint(static_cast<uint64_t>(segment.length) * sizeof(float), head);
   }
   Slice slices[2] = {Slice(head), Slice(segment.data, segment.length * sizeof(float),
                                         Slice::STATIC_SLICE)};

@@ -65,7 +65,8 @@ TEST(ReceivedSegmentTest, ParsesWhatTheLinkSendsCutAnywhere) {
     grpc::ByteBuffer wire = Cut(bytes, slice_bytes);
     ReceivedSegment segment;
     ASSERT_TRUE(ReceivedSegment::FromByteBuffer(wire, segment).ok()) << slice_bytes;
-    EXPECT_EQ(segment.wire_header().SerializeAsString(), Header().SerializeAsString()) << slice_bytes;
+    EXPECT_EQ(segment.wire_header().SerializeAsString(), Header().SerializeAsString())
+        << slice_bytes;
     ASSERT_EQ(segment.payload_bytes(), values.size() * sizeof(float));
     std::vector<float> copied(values.size(), -1.0f);
     segment.CopyPayloadTo(copied.data());
