@@ -6,12 +6,12 @@
 #include <cstdio>
 
 #include "absl/strings/str_cat.h"
-#include "common/transport_credentials.h"
 #include "bench/ratio_reporter.h"
 #include "benchmark/benchmark.h"
 #include "common/model_config.h"
 #include "common/tensor_codec.h"
 #include "common/testing/random_tensor.h"
+#include "common/transport_credentials.h"
 #include "expert_service/expert_server.h"
 #include "proto/expert.grpc.pb.h"
 #include "proto/health.grpc.pb.h"

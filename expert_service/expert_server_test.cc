@@ -8,10 +8,10 @@
 #include <thread>
 
 #include "absl/container/flat_hash_map.h"
-#include "common/transport_credentials.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "common/deterministic_init.h"
+#include "common/transport_credentials.h"
 #include "expert_service/reference_expert_kernel.h"
 #include "common/reference_expert.h"
 #include "common/tensor_codec.h"

@@ -7,13 +7,13 @@
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
-#include "common/transport_credentials.h"
 #include "common/deterministic_init.h"
 #include "common/model_config.h"
 #include "common/reference_expert.h"
 #include "common/tensor_codec.h"
 #include "common/testing/random_tensor.h"
 #include "common/testing/tensor_matchers.h"
+#include "common/transport_credentials.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "proto/expert.grpc.pb.h"

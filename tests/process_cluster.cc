@@ -4,10 +4,10 @@
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
-#include "common/transport_credentials.h"
 #include "common/deterministic_init.h"
 #include "common/log.h"
 #include "common/tensor_codec.h"
+#include "common/transport_credentials.h"
 #include "gtest/gtest.h"
 
 namespace moe::testing {

@@ -17,12 +17,12 @@
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/str_cat.h"
-#include "common/transport_credentials.h"
 #include "absl/strings/str_replace.h"
 #include "absl/time/clock.h"
 #include "common/model_config.h"
 #include "common/tensor_codec.h"
 #include "common/testing/random_tensor.h"
+#include "common/transport_credentials.h"
 #include "deploy/local/child_process.h"
 #include "deploy/local/local_cluster.h"
 #include "proto/router.grpc.pb.h"

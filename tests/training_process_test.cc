@@ -10,7 +10,6 @@
 #include <thread>
 
 #include "absl/strings/match.h"
-#include "common/transport_credentials.h"
 #include "absl/strings/str_cat.h"
 #include "common/deterministic_init.h"
 #include "common/placement.h"
@@ -18,6 +17,7 @@
 #include "common/testing/random_tensor.h"
 #include "common/testing/reference_training.h"
 #include "common/testing/tensor_matchers.h"
+#include "common/transport_credentials.h"
 #include "expert_service/weight_transfer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
