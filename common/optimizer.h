@@ -16,20 +16,23 @@ namespace moe {
 // The update out of place: `new_weights` (and `new_velocity`) from
 // `weights`, `velocity` and `grads`, with the same arithmetic as in place
 // (outputs may alias their inputs). `velocity` and `new_velocity` are
-// unused, and may be empty, for plain SGD. REQUIRES: equal sizes.
-void SgdUpdate(const OptimizerOptions& options, float learning_rate,
+// unused, and may be empty, for plain SGD. Returns whether every output is
+// finite (an overflowing gradient or learning rate makes some not).
+// REQUIRES: equal sizes.
+[[nodiscard]] bool SgdUpdate(const OptimizerOptions& options, float learning_rate,
                absl::Span<const float> grads, absl::Span<const float> weights,
                absl::Span<const float> velocity, absl::Span<float> new_weights,
                absl::Span<float> new_velocity);
 
 // Updates `weights` in place with `grads`. `velocity` (same shape) is the
 // momentum buffer, updated in place; it is ignored for plain SGD and may
-// then be null. REQUIRES: equal shapes.
-void ApplySgd(const OptimizerOptions& options, float learning_rate,
+// then be null. Returns whether the results are all finite.
+// REQUIRES: equal shapes.
+bool ApplySgd(const OptimizerOptions& options, float learning_rate,
               const FloatTensor& grads, FloatTensor& weights, FloatTensor* velocity);
 
 // The same for every tensor of an expert.
-void ApplySgd(const OptimizerOptions& options, float learning_rate,
+bool ApplySgd(const OptimizerOptions& options, float learning_rate,
               const ExpertWeights& grads, ExpertWeights& weights,
               ExpertWeights* velocity);
 

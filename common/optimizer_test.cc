@@ -1,5 +1,8 @@
 #include "common/optimizer.h"
 
+#include <cmath>
+#include <vector>
+
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -28,5 +31,19 @@ TEST(OptimizerTest, MomentumFollowsPyTorch) {
   EXPECT_THAT(w.values(), ElementsAre(FloatEq(0.61f)));
 }
 
+
+TEST(OptimizerTest, ReportsNonFiniteResults) {
+  OptimizerOptions sgd;
+  std::vector<float> w = {1.0f, 2.0f}, out(2);
+  EXPECT_TRUE(SgdUpdate(sgd, 0.5f, std::vector<float>{1.0f, 1.0f}, w, {}, absl::MakeSpan(out), {}));
+  EXPECT_FALSE(SgdUpdate(sgd, 1e10f, std::vector<float>{1e30f, 0.0f}, w, {}, absl::MakeSpan(out),
+                         {}));
+  EXPECT_FALSE(SgdUpdate(sgd, 0.5f, std::vector<float>{std::nanf(""), 0.0f}, w, {},
+                         absl::MakeSpan(out), {}));
+  OptimizerOptions momentum{OptimizerType::kSgdMomentum, 0.1f, 0.9f};
+  std::vector<float> v = {0.0f, 3e38f}, new_v(2);
+  EXPECT_FALSE(SgdUpdate(momentum, 0.1f, std::vector<float>{0.0f, 3e38f}, w, v,
+                         absl::MakeSpan(out), absl::MakeSpan(new_v)));
+}
 }  // namespace
 }  // namespace moe

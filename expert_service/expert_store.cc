@@ -284,6 +284,7 @@ absl::Status ExpertStore::ComputeUpdate(int expert, const OptimizerOptions& opti
     return absl::FailedPreconditionError(
         absl::StrCat("expert ", expert, ": momentum optimizer without momentum buffers"));
   }
+  bool finite = true;
   auto shaped = [](FloatTensor& out, const FloatTensor& like) {
     if (out.shape() != like.shape()) out = FloatTensor(like.shape());
   };
@@ -307,7 +308,14 @@ absl::Status ExpertStore::ComputeUpdate(int expert, const OptimizerOptions& opti
       shaped(out, w);
       new_v = out.mutable_values();
     }
-    SgdUpdate(optimizer, learning_rate, grads[i], w.values(), v, new_w.mutable_values(), new_v);
+    finite &= SgdUpdate(optimizer, learning_rate, grads[i], w.values(), v, new_w.mutable_values(),
+                        new_v);
+  }
+  if (!finite) {
+    // Never installed: a NaN or Inf weight would poison every answer.
+    return absl::OutOfRangeError(absl::StrCat(
+        "expert ", expert, ": the update has a non-finite value (the summed gradient or the ",
+        "learning rate ", learning_rate, " overflowed)"));
   }
   return absl::OkStatus();
 }

@@ -102,7 +102,7 @@ class ExpertStore {
   // Writes the optimizer's update of the hosted weights (and momentum) with
   // `grads` into `updated`, whose buffers are reused when they have the
   // model's shapes; the hosted expert is unchanged. One pass: nothing is
-  // copied first.
+  // copied first. OUT_OF_RANGE when a result is not finite.
   absl::Status ComputeUpdate(int expert, const OptimizerOptions& optimizer, float learning_rate,
                              const ExpertTensorSpans& grads, ExpertSnapshot& updated) const;
   // Installs `updated` as the weights committed at `step` by swapping

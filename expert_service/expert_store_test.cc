@@ -169,6 +169,16 @@ TEST_F(ExpertStoreTest, AnUpdateIsComputedAsideAndSwappedInWithItsStep) {
   EXPECT_TRUE(store_->Forward(1, x.view(), y.mutable_view(), false, 0, kNow, 7).ok());
   EXPECT_TRUE(store_->Forward(1, x.view(), y.mutable_view(), false, 0, kNow).ok());
 
+  // An update that overflows is refused; nothing is installed.
+  ExpertSnapshot overflowed;
+  const std::vector<float> huge(spans[0].size(), 1e30f);
+  ExpertTensorSpans huge_spans = spans;
+  huge_spans[0] = huge;
+  const absl::Status too_big = store_->ComputeUpdate(1, sgd, 1e10f, huge_spans, overflowed);
+  EXPECT_EQ(too_big.code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(too_big.message(), HasSubstr("expert 1: the update has a non-finite value"));
+  EXPECT_EQ(*store_->Digest(1), expected.Digest());
+
   // Gradients of another shape are refused, naming the sizes.
   spans[0] = spans[0].subspan(1);
   EXPECT_EQ(store_->ComputeUpdate(1, sgd, 0.5f, spans, updated).code(),

@@ -1,6 +1,7 @@
 #include "expert_service/step_executor.h"
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 
 #include "absl/strings/str_cat.h"
@@ -66,9 +67,9 @@ uint64_t StepExecutor::last_committed() const {
 absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
                                                                   float learning_rate,
                                                                   absl::Time deadline) {
-  if (!(learning_rate >= 0.0f)) {
+  if (!(learning_rate >= 0.0f) || !std::isfinite(learning_rate)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("learning_rate: must be >= 0, got ", learning_rate));
+        absl::StrCat("learning_rate: must be finite and >= 0, got ", learning_rate));
   }
   std::optional<Prepared> superseded;
   std::vector<StepRing> rings;

@@ -563,7 +563,8 @@ absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement nex
   return installed;
 }
 
-Router::GateStep Router::PrepareGateStep(uint64_t step_number, float learning_rate) {
+absl::StatusOr<Router::GateStep> Router::PrepareGateStep(uint64_t step_number,
+                                                         float learning_rate) {
   GateStep step;
   step.step = step_number;
   const GateSnapshot current = gate_.Get();
@@ -573,7 +574,13 @@ Router::GateStep Router::PrepareGateStep(uint64_t step_number, float learning_ra
   step.gradient = FloatTensor(gate_gradient_.shape());
   std::swap(step.gradient, gate_gradient_);
   step.velocity = gate_velocity_;
-  ApplySgd(options_.model.optimizer, learning_rate, step.gradient, step.gate, &step.velocity);
+  if (!ApplySgd(options_.model.optimizer, learning_rate, step.gradient, step.gate,
+                &step.velocity)) {
+    std::swap(step.gradient, gate_gradient_);  // nothing happened
+    return absl::OutOfRangeError(absl::StrCat(
+        "step ", step_number, ": the gate's update has a non-finite value (its gradient or ",
+        "the learning rate ", learning_rate, " overflowed); nothing changed"));
+  }
   return step;
 }
 

@@ -133,7 +133,9 @@ class Router {
     FloatTensor gate;
     FloatTensor velocity;
   };
-  GateStep PrepareGateStep(uint64_t step, float learning_rate) ABSL_LOCKS_EXCLUDED(gate_mu_);
+  // OUT_OF_RANGE, with the gradient kept, when the update is not finite.
+  absl::StatusOr<GateStep> PrepareGateStep(uint64_t step, float learning_rate)
+      ABSL_LOCKS_EXCLUDED(gate_mu_);
   void CommitGateStep(GateStep step) ABSL_LOCKS_EXCLUDED(gate_mu_);
   void AbortGateStep(const GateStep& step) ABSL_LOCKS_EXCLUDED(gate_mu_);
   // Pairs re-sent to another replica after a server was unavailable.

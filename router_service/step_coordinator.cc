@@ -1,6 +1,7 @@
 #include "router_service/step_coordinator.h"
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <string>
 #include <vector>
@@ -87,9 +88,9 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
   const absl::Time start = absl::Now();
   deadline = std::min(deadline, start + options_.default_timeout);
   const float lr = learning_rate > 0.0f ? learning_rate : options_.default_learning_rate;
-  if (!(learning_rate >= 0.0f)) {
+  if (!(learning_rate >= 0.0f) || !std::isfinite(learning_rate)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("learning_rate: must be >= 0, got ", learning_rate));
+        absl::StrCat("learning_rate: must be finite and >= 0, got ", learning_rate));
   }
   uint64_t step = 0;
   {
@@ -111,7 +112,12 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
   const absl::Duration margin = std::min(absl::Milliseconds(500), (deadline - start) / 10);
   const absl::Time router_deadline = deadline - margin;
   const absl::Time server_deadline = router_deadline - 2 * margin;
-  Router::GateStep gate = router_.PrepareGateStep(step, lr);
+  absl::StatusOr<Router::GateStep> prepared_gate = router_.PrepareGateStep(step, lr);
+  if (!prepared_gate.ok()) {
+    done_running();
+    return prepared_gate.status();
+  }
+  Router::GateStep& gate = *prepared_gate;
   v1::PrepareStepRequest prepare;
   prepare.set_step(step);
   prepare.set_learning_rate(lr);

@@ -5,6 +5,7 @@
 // a ring that breaks mid-step fails the step naming the server, leaves every
 // weight and every accumulator as it was, and the next step works. The same
 // training equivalence runs across processes in tests/training_process_test.
+#include <limits>
 #include <map>
 
 #include "absl/strings/match.h"
@@ -185,6 +186,34 @@ TEST(InProcessTrainingFaultTest, RingsChangeOnlyBetweenSteps) {
   absl::StatusOr<StepCoordinator::Result> stepped = cluster.Step(0.1f);
   ASSERT_TRUE(stepped.ok()) << stepped.status();
   EXPECT_EQ(stepped->step, 2u);
+}
+
+// Non-finite values never reach a weight: an infinite learning rate is
+// refused at once, and an update that overflows fails the step with every
+// replica, the gate and the gradients as they were; a sane step then works.
+TEST(InProcessTrainingFaultTest, NonFiniteUpdatesNeverReachAWeight) {
+  InProcessCluster cluster(Model({}), PlacementStrategy::kHybrid);
+  absl::StatusOr<Router::ForwardResult> y =
+      cluster.Forward(Wire(RandomTensor({kTokens, kDModel}, 11)), true);
+  ASSERT_TRUE(y.ok()) << y.status();
+  ASSERT_TRUE(cluster.Backward(y->request_id, Wire(RandomTensor({kTokens, kDModel}, 12))).ok());
+  const std::map<int, uint64_t> before = ReplicaDigests(cluster);
+
+  absl::StatusOr<StepCoordinator::Result> infinite =
+      cluster.Step(std::numeric_limits<float>::infinity());
+  EXPECT_EQ(infinite.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(infinite.status().message(), HasSubstr("must be finite"));
+
+  absl::StatusOr<StepCoordinator::Result> overflow = cluster.Step(3e38f);
+  EXPECT_EQ(overflow.status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_THAT(overflow.status().message(), HasSubstr("non-finite"));
+  EXPECT_EQ(ReplicaDigests(cluster), before);
+  EXPECT_EQ(cluster.router.gate()->version, 0u);
+
+  absl::StatusOr<StepCoordinator::Result> sane = cluster.Step(0.01f);
+  ASSERT_TRUE(sane.ok()) << sane.status();
+  EXPECT_NE(ReplicaDigests(cluster), before);
+  EXPECT_EQ(cluster.router.gate()->version, sane->step);
 }
 
 // Versions on the wire. A router whose gate is behind the servers' weights
