@@ -48,6 +48,7 @@ void AppendChunks(int expert, v1::ExpertTensorKind kind, const FloatTensor& tens
 
 std::vector<v1::ExpertWeightsChunk> ChunkExpert(int expert, const ExpertSnapshot& snapshot,
                                                 size_t max_chunk_bytes) {
+  max_chunk_bytes = std::max(max_chunk_bytes, kMinChunkBytes);
   std::vector<v1::ExpertWeightsChunk> chunks;
   for (int i = 0; i < 4; ++i) {
     AppendChunks(expert, kWeightKinds[i], snapshot.weights.tensor(kAllExpertTensors[i]),
@@ -94,12 +95,19 @@ absl::Status ExpertAssembler::Add(const v1::ExpertWeightsChunk& chunk) {
         "weights chunk ", v1::ExpertTensorKind_Name(chunk.kind()), ": shape ",
         ShapeString(shape), ", the model needs ", ShapeString(tensor.shape())));
   }
-  const int64_t size = tensor.num_elements() * sizeof(float);
+  const int64_t size = tensor.num_elements() * static_cast<int64_t>(sizeof(float));
   const int64_t offset = chunk.offset_bytes();
-  if (offset < 0 || offset + static_cast<int64_t>(chunk.data().size()) > size) {
+  const int64_t length = static_cast<int64_t>(chunk.data().size());
+  // Without overflow: offset and length are each checked against size.
+  if (offset < 0 || offset > size || length > size - offset) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "weights chunk ", v1::ExpertTensorKind_Name(chunk.kind()), ": bytes [", offset, ", ",
-        offset + chunk.data().size(), ") out of the tensor's ", size));
+        "weights chunk ", v1::ExpertTensorKind_Name(chunk.kind()), ": ", length,
+        " bytes at offset ", offset, ", outside the tensor's ", size));
+  }
+  if (offset != received_[chunk.kind()]) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "weights chunk ", v1::ExpertTensorKind_Name(chunk.kind()), ": bytes at offset ", offset,
+        ", expected the next at ", received_[chunk.kind()]));
   }
   std::memcpy(reinterpret_cast<char*>(tensor.mutable_values().data()) + offset,
               chunk.data().data(), chunk.data().size());

@@ -15,8 +15,13 @@
 
 namespace moe::expert {
 
-// The chunks of one expert, data at most `max_chunk_bytes` each (> 0); the
-// last one carries the weights digest and last = true.
+// Chunks are at least this large (but for a tensor's last): a request for
+// smaller ones would build a message per few bytes.
+inline constexpr size_t kMinChunkBytes = 1024;
+
+// The chunks of one expert, data at most max(`max_chunk_bytes`,
+// kMinChunkBytes) each; the last one carries the weights digest and
+// last = true.
 std::vector<v1::ExpertWeightsChunk> ChunkExpert(int expert, const ExpertSnapshot& snapshot,
                                                 size_t max_chunk_bytes);
 
@@ -25,7 +30,9 @@ class ExpertAssembler {
   explicit ExpertAssembler(const ModelConfig& model) : model_(model) {}
 
   // Copies one chunk in; errors name the problem (another expert id, an
-  // unknown kind, a wrong shape, bytes out of range, a chunk after the last).
+  // unknown kind, a wrong shape, bytes out of range or out of order, a chunk
+  // after the last). A tensor's chunks come in order, each starting where
+  // the one before ended, so no byte is written twice or left out.
   absl::Status Add(const v1::ExpertWeightsChunk& chunk);
   // After the last chunk: every byte received and the digest matching.
   absl::StatusOr<ExpertSnapshot> Finish();

@@ -1,0 +1,73 @@
+#include "expert_service/weight_transfer.h"
+
+#include <cstdint>
+#include <limits>
+
+#include "common/deterministic_init.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace moe::expert {
+namespace {
+
+using ::testing::HasSubstr;
+
+const ModelConfig& Model() {
+  static const ModelConfig model = [] {
+    ModelConfig m;
+    m.d_model = 32;
+    m.d_ff = 64;
+    m.num_experts = 4;
+    m.top_k = 2;
+    m.seed = 5;
+    return m;
+  }();
+  return model;  // outlives the assemblers, which keep a reference
+}
+
+std::vector<v1::ExpertWeightsChunk> Chunks(size_t max_chunk_bytes) {
+  return ChunkExpert(1, {InitExpert(Model(), 1), std::nullopt}, max_chunk_bytes);
+}
+
+TEST(WeightTransferTest, ChunksGoBackTogether) {
+  const std::vector<v1::ExpertWeightsChunk> chunks = Chunks(1024);
+  ExpertAssembler assembler(Model());
+  for (const auto& chunk : chunks) ASSERT_TRUE(assembler.Add(chunk).ok());
+  absl::StatusOr<ExpertSnapshot> snapshot = assembler.Finish();
+  ASSERT_TRUE(snapshot.ok()) << snapshot.status();
+  EXPECT_EQ(snapshot->weights.Digest(), InitExpert(Model(), 1).Digest());
+}
+
+// One byte per chunk would be a message per byte: chunks stay >= 1 KiB.
+TEST(WeightTransferTest, TinyChunksAreRaisedToTheMinimum) {
+  const std::vector<v1::ExpertWeightsChunk> chunks = Chunks(1);
+  // w1 and w2 are 8 KiB each (8 chunks), the biases one chunk each.
+  EXPECT_EQ(chunks.size(), 18u);
+  for (const auto& chunk : chunks) EXPECT_LE(chunk.data().size(), kMinChunkBytes);
+  EXPECT_EQ(chunks[0].data().size(), kMinChunkBytes);
+}
+
+// Hostile offsets and lengths: out of range without overflow, never
+// written; chunks out of order or repeated are refused.
+TEST(WeightTransferTest, HostileOffsetsAreRefusedWithoutOverflow) {
+  const std::vector<v1::ExpertWeightsChunk> chunks = Chunks(1024);
+  for (int64_t offset : {std::numeric_limits<int64_t>::max() - 10, int64_t{1} << 62,
+                         int64_t{-1}, std::numeric_limits<int64_t>::min(), int64_t{8192}}) {
+    ExpertAssembler assembler(Model());
+    v1::ExpertWeightsChunk chunk = chunks[0];
+    chunk.set_offset_bytes(offset);
+    const absl::Status status = assembler.Add(chunk);
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << offset;
+    EXPECT_THAT(status.message(), HasSubstr("outside the tensor's 8192")) << offset;
+  }
+  ExpertAssembler assembler(Model());
+  ASSERT_TRUE(assembler.Add(chunks[0]).ok());
+  const absl::Status repeated = assembler.Add(chunks[0]);
+  EXPECT_EQ(repeated.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(repeated.message(), HasSubstr("bytes at offset 0, expected the next at 1024"));
+  const absl::Status skipped = assembler.Add(chunks[2]);
+  EXPECT_THAT(skipped.message(), HasSubstr("bytes at offset 2048, expected the next at 1024"));
+}
+
+}  // namespace
+}  // namespace moe::expert
