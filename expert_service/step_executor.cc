@@ -75,11 +75,12 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
   std::vector<StepRing> rings;
   {
     absl::MutexLock lock(&mu_);
-    if (step <= last_committed_ || step <= last_aborted_) {
+    if (step <= last_committed_ || step <= last_aborted_ || aborted_ahead_.contains(step)) {
       return absl::FailedPreconditionError(absl::StrCat(
           "step ", step, ": server ", options_.server_name, " has already ",
           step <= last_committed_ ? "committed" : "aborted", " step ",
-          step <= last_committed_ ? last_committed_ : last_aborted_));
+          step <= last_committed_ ? last_committed_
+                                  : (step <= last_aborted_ ? last_aborted_ : step)));
     }
     if (preparing_) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -278,7 +279,15 @@ void StepExecutor::Abort(uint64_t step, const std::string& reason) {
   {
     absl::MutexLock lock(&mu_);
     if (step <= last_committed_) return;  // too late: it is committed
-    last_aborted_ = std::max(last_aborted_, step);
+    if ((preparing_ && *preparing_ == step) || (prepared_ && prepared_->step == step)) {
+      last_aborted_ = std::max(last_aborted_, step);
+    } else {
+      // A step not started here (its Prepare may still be on the way): only
+      // that step is refused later. Bounded, and not a watermark: an abort
+      // of step 2^64-1 must not refuse every step to come.
+      aborted_ahead_.insert(step);
+      if (aborted_ahead_.size() > kMaxAbortedAhead) aborted_ahead_.erase(--aborted_ahead_.end());
+    }
     if (prepared_ && prepared_->step == step) {
       dropped = std::move(prepared_);
       prepared_.reset();

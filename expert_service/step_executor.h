@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/btree_set.h"
 #include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -134,8 +135,12 @@ class StepExecutor {
 
   mutable absl::Mutex mu_;
   uint64_t last_committed_ ABSL_GUARDED_BY(mu_) = 0;
-  // Steps <= this were aborted (or superseded) here.
+  // Steps <= this were aborted (or superseded) here while preparing or
+  // prepared.
   uint64_t last_aborted_ ABSL_GUARDED_BY(mu_) = 0;
+  // Steps aborted before they started here; the largest go first.
+  static constexpr size_t kMaxAbortedAhead = 64;
+  absl::btree_set<uint64_t> aborted_ahead_ ABSL_GUARDED_BY(mu_);
   std::optional<uint64_t> preparing_ ABSL_GUARDED_BY(mu_);
   std::optional<Prepared> prepared_ ABSL_GUARDED_BY(mu_);
   std::vector<StepRing> rings_ ABSL_GUARDED_BY(mu_);

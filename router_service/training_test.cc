@@ -216,6 +216,28 @@ TEST(InProcessTrainingFaultTest, NonFiniteUpdatesNeverReachAWeight) {
   EXPECT_EQ(cluster.router.gate()->version, sane->step);
 }
 
+// An AbortStep of a step that never started here (2^64-1, say, from a
+// stray caller) refuses only that step: training goes on.
+TEST(InProcessTrainingFaultTest, AnAbortOfAFarStepRefusesOnlyThatStep) {
+  InProcessCluster cluster(Model({}), PlacementStrategy::kDataParallel);
+  absl::StatusOr<Router::ForwardResult> y =
+      cluster.Forward(Wire(RandomTensor({kTokens, kDModel}, 21)), true);
+  ASSERT_TRUE(y.ok()) << y.status();
+  ASSERT_TRUE(cluster.Backward(y->request_id, Wire(RandomTensor({kTokens, kDModel}, 22))).ok());
+  v1::AbortStepRequest abort;
+  abort.set_step(std::numeric_limits<uint64_t>::max());
+  abort.set_reason("stray");
+  for (int s = 0; s < 3; ++s) ASSERT_TRUE(cluster.client.dispatcher(s).AbortStep(abort).ok());
+  absl::StatusOr<StepCoordinator::Result> stepped = cluster.Step(0.01f);
+  ASSERT_TRUE(stepped.ok()) << stepped.status();
+  EXPECT_EQ(stepped->step, 1u);
+  ReplicaDigests(cluster);
+  // The aborted step itself stays refused.
+  const absl::StatusOr<expert::StepExecutor::PrepareResult> late =
+      cluster.client.steps(0).Prepare(abort.step(), 0.01f, absl::Now() + absl::Seconds(1));
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kFailedPrecondition);
+}
+
 // Versions on the wire. A router whose gate is behind the servers' weights
 // (another router stepped) is refused by every replica and says so, rather
 // than mixing its old gate with new experts.

@@ -120,6 +120,10 @@ void CollectiveRegistry::Deliver(const ReceivedRingSegment* segment, Ack ack) {
       rejected = absl::FailedPreconditionError(
           absl::StrCat("segment of step ", step, " group ", absl::Hex(group_id),
                        ": this server is running step ", group.running->step()));
+    } else if (aborted_.contains(step)) {
+      rejected = absl::AbortedError(absl::StrCat("segment of step ", step, " group ",
+                                                 absl::Hex(group_id),
+                                                 ": that step was aborted on this server"));
     } else if (group.has_over && step <= group.over) {
       rejected = absl::FailedPreconditionError(
           absl::StrCat("segment of step ", step, " group ", absl::Hex(group_id),
@@ -185,9 +189,11 @@ void CollectiveRegistry::AbortStep(uint64_t step, const absl::Status& why) {
       }
       group.parked.erase(std::remove(group.parked.begin(), group.parked.end(), nullptr),
                          group.parked.end());
-      group.over = group.has_over ? std::max(group.over, step) : step;
-      group.has_over = true;
     }
+    // Its late segments are refused. Only this step: an abort of step
+    // 2^64-1 must not make every later step "over".
+    aborted_.insert(step);
+    if (aborted_.size() > kMaxAborted) aborted_.erase(--aborted_.end());
   }
   for (auto& c : running) c->Fail(absl::AbortedError(absl::StrCat(c->Name(), ": ", why.message())));
   for (auto& p : rejected) {

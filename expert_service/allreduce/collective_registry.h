@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
+#include "absl/container/btree_set.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/functional/any_invocable.h"
 #include "absl/status/status.h"
@@ -79,6 +80,9 @@ class CollectiveRegistry {
   mutable absl::Mutex mu_;
   absl::flat_hash_map<uint64_t, Group> groups_ ABSL_GUARDED_BY(mu_);
   bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+  // Steps aborted here, whose segments are refused; the largest go first.
+  static constexpr size_t kMaxAborted = 64;
+  absl::btree_set<uint64_t> aborted_ ABSL_GUARDED_BY(mu_);
   // Last: its thread must stop before the state its callbacks touch goes.
   DeadlineTimer timer_;
 };

@@ -1,6 +1,7 @@
 #include "expert_service/allreduce/ring_allreduce.h"
 
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <random>
 
@@ -308,6 +309,24 @@ TEST(RingAllReduce, ARemovedGroupEndsItsCollectiveAndRefusesItsSegments) {
   // And it can come back (a placement change back).
   ring.registry(1).AddGroup(kGroup);
   EXPECT_TRUE(ring.registry(1).HasGroup(kGroup));
+}
+
+TEST(RingAllReduce, AnAbortOfAFarStepRefusesOnlyThatStep) {
+  Ring ring(2);
+  for (int r = 0; r < 2; ++r) {
+    ring.registry(r).AbortStep(std::numeric_limits<uint64_t>::max(), absl::AbortedError("stray"));
+  }
+  std::vector<std::shared_ptr<RingAllReduce>> ranks;
+  for (int r = 0; r < 2; ++r) {
+    ranks.push_back(ring.Make(r, 1, std::vector<float>(100, 1.0f + r), {}));
+    ring.registry(r).Register(ranks[r]);
+    ranks[r]->Start();
+  }
+  for (int r = 0; r < 2; ++r) {
+    ASSERT_TRUE(ranks[r]->Wait(absl::Now() + absl::Seconds(10)).ok()) << r;
+    ring.registry(r).Unregister(*ranks[r]);
+    EXPECT_EQ(ranks[r]->TakeBuffer(), std::vector<float>(100, 3.0f));
+  }
 }
 
 }  // namespace
