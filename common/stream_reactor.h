@@ -30,6 +30,9 @@
 
 namespace moe {
 
+// Requests a stream accepts and has not yet answered, at most, by default.
+inline constexpr int kDefaultMaxStreamOutstanding = 1024;
+
 // What a service needs to track its open streams (for draining). Reference
 // counted: gRPC holds one reference until OnDone, and the registry takes one
 // while it calls Drain() outside its lock (a stream may finish, and gRPC
@@ -81,11 +84,16 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   using TagOf = std::function<uint64_t(const Request&)>;
   using CancelTarget = std::function<std::optional<uint64_t>(const Request&)>;
 
-  StreamReactor(StreamRegistry& registry, ComputePool& pool, Handler handler,
-                OnReceive on_receive, OnSend on_send, Refuse refuse, TagOf tag_of = nullptr,
-                CancelTarget cancel_target = nullptr)
+  // At most `max_outstanding` requests are accepted and not yet written
+  // back: beyond it the stream reads no more until answers have gone out
+  // (flow control; a client that sends and never reads holds that many
+  // answers here, not an unbounded queue).
+  StreamReactor(StreamRegistry& registry, ComputePool& pool, int max_outstanding,
+                Handler handler, OnReceive on_receive, OnSend on_send, Refuse refuse,
+                TagOf tag_of = nullptr, CancelTarget cancel_target = nullptr)
       : registry_(registry),
         pool_(pool),
+        max_outstanding_(max_outstanding),
         handler_(std::move(handler)),
         on_receive_(std::move(on_receive)),
         on_send_(std::move(on_send)),
@@ -181,6 +189,11 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
     {
       absl::MutexLock lock(&mu_);
       queue_.pop_front();
+      if (read_paused_ && !draining_ && !finished_ && OutstandingLocked() < max_outstanding_) {
+        // Room again: read on (under mu_, as in ReadNext).
+        read_paused_ = false;
+        this->StartRead(&request_);
+      }
       if (!queue_.empty()) {
         next = queue_.front().get();
       } else {
@@ -208,6 +221,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
       absl::MutexLock lock(&mu_);
       if (draining_) {
         finish = ShouldFinishLocked();
+      } else if (OutstandingLocked() >= max_outstanding_) {
+        read_paused_ = true;  // OnWriteDone reads on
       } else {
         this->StartRead(&request_);
       }
@@ -240,6 +255,11 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
     if (start != nullptr) this->StartWrite(start);
   }
 
+  // Accepted and not yet written back.
+  int OutstandingLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return pending_ + static_cast<int>(queue_.size());
+  }
+
   // Whether everything accepted has been answered and no more will come.
   bool ShouldFinishLocked() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (finished_ || !(reads_done_ || draining_) || pending_ > 0 || writing_ ||
@@ -264,6 +284,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
 
   StreamRegistry& registry_;
   ComputePool& pool_;
+  const int max_outstanding_;
   const Handler handler_;
   const OnReceive on_receive_;
   const OnSend on_send_;
@@ -277,6 +298,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   int pending_ ABSL_GUARDED_BY(mu_) = 0;
   std::deque<std::unique_ptr<Response>> queue_ ABSL_GUARDED_BY(mu_);
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
+  // No read is posted: max_outstanding_ reached.
+  bool read_paused_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;

@@ -109,7 +109,8 @@ absl::Status ExpertServer::Start() {
   dispatcher_ = std::make_unique<ExpertDispatcher>(
       ExpertDispatcher::Options{options_.name, options_.clock}, *store_, *metrics_,
       batcher_.get(), steps_.get());
-  service_ = std::make_unique<ExpertServiceImpl>(*dispatcher_, *pool_, step_pool_.get());
+  service_ = std::make_unique<ExpertServiceImpl>(*dispatcher_, *pool_, step_pool_.get(),
+                                                 options_.max_stream_outstanding);
 
   const std::initializer_list<grpc::Service*> services = {service_.get(),
                                                            collective_service_.get()};

@@ -18,6 +18,7 @@
 #include "common/compute_pool.h"
 #include "common/model_config.h"
 #include "common/placement.h"
+#include "common/stream_reactor.h"
 #include "common/transport_credentials.h"
 #include "expert_service/allreduce/collective_registry.h"
 #include "expert_service/allreduce/collective_service.h"
@@ -56,6 +57,9 @@ class ExpertServer {
     int compute_threads = 1;
     // Requests queued for compute beyond which new ones are refused.
     size_t max_queued_requests = 4096;
+    // Requests one Dispatch stream accepts and has not answered, at most:
+    // beyond it the stream is not read (flow control).
+    int max_stream_outstanding = kDefaultMaxStreamOutstanding;
     TrainingStateStore::Options training;
     // Micro-batching of inference requests for the same expert: how long a
     // request waits for others (zero: off, the default) and the largest

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <map>
+#include <set>
 #include <cmath>
 #include <thread>
 
@@ -120,6 +121,7 @@ struct ServerSetup {
   Gate* gate = nullptr;
   absl::Duration batch_window = absl::ZeroDuration();
   int64_t max_batch_rows = 4096;
+  int max_stream_outstanding = kDefaultMaxStreamOutstanding;
 };
 
 std::unique_ptr<ExpertServer> StartServer(const ServerSetup& setup) {
@@ -133,6 +135,7 @@ std::unique_ptr<ExpertServer> StartServer(const ServerSetup& setup) {
   options.training = {setup.training_bytes, absl::Seconds(30)};
   options.batch_window = setup.batch_window;
   options.max_batch_rows = setup.max_batch_rows;
+  options.max_stream_outstanding = setup.max_stream_outstanding;
   if (setup.clock != nullptr) {
     options.clock = [clock = setup.clock] { return clock->Now(); };
   }
@@ -305,6 +308,45 @@ TEST(ExpertServerTest, ACancelledRequestThatHasNotStartedIsNeverRun) {
   EXPECT_FALSE(answers[12].has_error());
   // Expert 0's kernel ran once: request 10 only.
   EXPECT_EQ(gate.rows(), std::vector<int64_t>({5}));
+}
+
+// Flow control: a stream holds at most max_stream_outstanding requests
+// not yet answered; it reads no more until answers have gone out, and then
+// answers every request.
+TEST(ExpertServerTest, AStreamAcceptsAtMostItsOutstandingLimit) {
+  Gate gate;
+  ServerSetup setup;
+  setup.gate = &gate;
+  setup.max_stream_outstanding = 3;
+  auto server = StartServer(setup);
+  // Over TCP: the client's writes wait in HTTP/2's window while the server
+  // reads no more (the in-process transport has none).
+  auto stub = v1::ExpertServer::NewStub(TcpChannel(server->port()));
+  const FloatTensor x = RandomTensor({2, 32}, 4);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto stream = stub->Dispatch(&context);
+  // Expert 0 is held at the gate: nothing is answered yet.
+  for (uint64_t seq = 1; seq <= 10; ++seq) ASSERT_TRUE(stream->Write(Request(seq, 0, x)));
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (server->metrics().inflight->Value() < 3 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(1));
+  }
+  ASSERT_EQ(server->metrics().inflight->Value(), 3);
+  // Given time, it still has read no fourth one.
+  absl::SleepFor(absl::Milliseconds(200));
+  EXPECT_EQ(server->metrics().inflight->Value(), 3);
+  gate.Open();
+  std::set<uint64_t> answered;
+  v1::DispatchResponse response;
+  for (int i = 0; i < 10; ++i) {
+    ASSERT_TRUE(stream->Read(&response));
+    EXPECT_FALSE(response.has_error()) << response.error().message();
+    answered.insert(response.sequence_id());
+  }
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(answered.size(), 10u);
 }
 
 TEST(ExpertServerTest, MicroBatchingMergesConcurrentRequestsForAnExpert) {

@@ -11,11 +11,12 @@
 namespace moe::expert {
 
 ExpertServiceImpl::ExpertServiceImpl(ExpertDispatcher& dispatcher, ComputePool& pool,
-                                     ComputePool* step_pool)
+                                     ComputePool* step_pool, int max_stream_outstanding)
     : dispatcher_(dispatcher),
       metrics_(dispatcher.metrics()),
       pool_(pool),
-      step_pool_(step_pool) {
+      step_pool_(step_pool),
+      max_stream_outstanding_(max_stream_outstanding) {
   MOE_CHECK(step_pool != nullptr || !dispatcher.runs_steps(),
             "PrepareStep blocks: it needs a step pool");
 }
@@ -23,7 +24,7 @@ ExpertServiceImpl::ExpertServiceImpl(ExpertDispatcher& dispatcher, ComputePool& 
 grpc::ServerBidiReactor<v1::DispatchRequest, v1::DispatchResponse>*
 ExpertServiceImpl::Dispatch(grpc::CallbackServerContext* context) {
   return new StreamReactor<v1::DispatchRequest, v1::DispatchResponse>(
-      *this, pool_,
+      *this, pool_, max_stream_outstanding_,
       [this](std::unique_ptr<v1::DispatchRequest> request,
              std::unique_ptr<v1::DispatchResponse> response,
              ExpertDispatcher::DispatchReply reply) {
@@ -52,7 +53,7 @@ ExpertServiceImpl::Dispatch(grpc::CallbackServerContext* context) {
 grpc::ServerBidiReactor<v1::BackwardDispatchRequest, v1::BackwardDispatchResponse>*
 ExpertServiceImpl::BackwardDispatch(grpc::CallbackServerContext* context) {
   return new StreamReactor<v1::BackwardDispatchRequest, v1::BackwardDispatchResponse>(
-      *this, pool_,
+      *this, pool_, max_stream_outstanding_,
       [this](std::unique_ptr<v1::BackwardDispatchRequest> request,
              std::unique_ptr<v1::BackwardDispatchResponse> response,
              absl::AnyInvocable<void(std::unique_ptr<v1::BackwardDispatchResponse>) &&>

@@ -26,9 +26,11 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService,
  public:
   // `dispatcher` and `pool` must outlive the service. `step_pool` runs
   // PrepareStep and CommitStep (may be null when the dispatcher runs no
-  // steps).
+  // steps). Each stream accepts at most `max_stream_outstanding` requests
+  // not yet answered (then reads no more until answers have gone out).
   ExpertServiceImpl(ExpertDispatcher& dispatcher, ComputePool& pool,
-                    ComputePool* step_pool = nullptr);
+                    ComputePool* step_pool = nullptr,
+                    int max_stream_outstanding = kDefaultMaxStreamOutstanding);
 
   // Stops accepting streams; open streams answer what they accepted and
   // finish with UNAVAILABLE. Returns at once; WaitForStreams() waits.
@@ -73,6 +75,7 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService,
   const ExpertMetrics& metrics_;
   ComputePool& pool_;
   ComputePool* const step_pool_;
+  const int max_stream_outstanding_;
 
   mutable absl::Mutex mu_;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;

@@ -98,7 +98,7 @@ RouterServiceImpl::ForwardStream(grpc::CallbackServerContext* context) {
   const absl::Time deadline = DeadlineOf(*context);
   using Reply = absl::AnyInvocable<void(std::unique_ptr<v1::ForwardResponse>) &&>;
   return new StreamReactor<v1::ForwardRequest, v1::ForwardResponse>(
-      *this, pool_,
+      *this, pool_, kDefaultMaxStreamOutstanding,
       [this, deadline](std::unique_ptr<v1::ForwardRequest> request,
                        std::unique_ptr<v1::ForwardResponse> response, Reply reply) {
         const absl::Time start = absl::Now();
