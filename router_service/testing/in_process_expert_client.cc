@@ -8,6 +8,11 @@ namespace {
 
 std::string ServerName(int server) { return absl::StrCat("server-", server); }
 
+// What a killed server answers.
+absl::Status Down(int server) {
+  return absl::UnavailableError(absl::StrCat(ServerName(server), " is down"));
+}
+
 }  // namespace
 
 InProcessExpertClient::InProcessExpertClient(const ModelConfig& model,
@@ -69,7 +74,7 @@ void InProcessExpertClient::Forward(int server, const v1::DispatchRequest& reque
                                     ForwardDone done) {
   Server& s = *servers_.at(server);
   if (!s.alive) {
-    std::move(done)(absl::UnavailableError(absl::StrCat(ServerName(server), " is down")));
+    std::move(done)(Down(server));
     return;
   }
   ++s.calls;
@@ -122,7 +127,7 @@ void InProcessExpertClient::Backward(int server, const v1::BackwardDispatchReque
                                      BackwardDone done) {
   Server& s = *servers_.at(server);
   if (!s.alive) {
-    std::move(done)(absl::UnavailableError(absl::StrCat(ServerName(server), " is down")));
+    std::move(done)(Down(server));
     return;
   }
   ++s.calls;
@@ -141,7 +146,7 @@ template <typename Response, typename Call>
 void InProcessExpertClient::RunStepCall(int server, Call call, UnaryDone<Response> done) {
   Server& s = *servers_.at(server);
   if (!s.alive) {
-    std::move(done)(absl::UnavailableError(absl::StrCat(ServerName(server), " is down")));
+    std::move(done)(Down(server));
     return;
   }
   ++s.calls;
@@ -187,7 +192,7 @@ void InProcessExpertClient::AbortStep(int server, const v1::AbortStepRequest& re
   // stop one (as the gRPC service does).
   Server& s = *servers_.at(server);
   if (!s.alive) {
-    std::move(done)(absl::UnavailableError(absl::StrCat(ServerName(server), " is down")));
+    std::move(done)(Down(server));
     return;
   }
   const absl::Status status = s.dispatcher->AbortStep(request);
@@ -201,7 +206,7 @@ void InProcessExpertClient::AbortStep(int server, const v1::AbortStepRequest& re
 void InProcessExpertClient::Info(int server, absl::Time, UnaryDone<v1::InfoResponse> done) {
   Server& s = *servers_.at(server);
   if (!s.alive) {
-    std::move(done)(absl::UnavailableError(absl::StrCat(ServerName(server), " is down")));
+    std::move(done)(Down(server));
     return;
   }
   v1::InfoResponse info;
