@@ -46,7 +46,7 @@ OnednnRuntime& Runtime() {
 }
 
 const ExpertWeights& Weights() {
-  static const ExpertWeights* weights = new ExpertWeights(InitExpert(Model(), 0));
+  static const ExpertWeights* weights = new ExpertWeights(InitExpert(Model(), ExpertKey(0, 0)));
   return *weights;
 }
 

@@ -17,17 +17,27 @@ struct TensorSlot {
   ExpertTensor which = ExpertTensor::kW1;
 };
 
+std::string LayerPrefix(int layer) {
+  return layer == 0 ? std::string() : absl::StrCat("layers.", layer, ".");
+}
+
+// The tensors of the one MoE layer a checkpoint file holds (layer 0).
 std::vector<TensorSlot> ModelSlots(const ModelConfig& model) {
+  constexpr int kLayer = 0;
   std::vector<TensorSlot> slots;
-  slots.push_back({"gate.weight", {model.num_experts, model.d_model}});
+  slots.push_back({GateTensorName(kLayer), {model.num_experts, model.d_model}});
   for (int e = 0; e < model.num_experts; ++e) {
-    const std::string prefix = absl::StrCat("experts.", e, ".");
-    slots.push_back(
-        {prefix + "w1.weight", {model.d_ff, model.d_model}, e, ExpertTensor::kW1});
-    slots.push_back({prefix + "w1.bias", {model.d_ff}, e, ExpertTensor::kB1});
-    slots.push_back(
-        {prefix + "w2.weight", {model.d_model, model.d_ff}, e, ExpertTensor::kW2});
-    slots.push_back({prefix + "w2.bias", {model.d_model}, e, ExpertTensor::kB2});
+    const ExpertKey key(kLayer, e);
+    for (ExpertTensor which : kAllExpertTensors) {
+      Shape shape;
+      switch (which) {
+        case ExpertTensor::kW1: shape = {model.d_ff, model.d_model}; break;
+        case ExpertTensor::kB1: shape = {model.d_ff}; break;
+        case ExpertTensor::kW2: shape = {model.d_model, model.d_ff}; break;
+        case ExpertTensor::kB2: shape = {model.d_model}; break;
+      }
+      slots.push_back({ExpertTensorName(key, which), shape, e, which});
+    }
   }
   return slots;
 }
@@ -43,6 +53,19 @@ FloatTensor Transposed(absl::Span<const float> values, int64_t rows, int64_t col
 }
 
 }  // namespace
+
+std::string GateTensorName(int layer) { return LayerPrefix(layer) + "gate.weight"; }
+
+std::string ExpertTensorName(ExpertKey expert, ExpertTensor which) {
+  const char* suffix = "";
+  switch (which) {
+    case ExpertTensor::kW1: suffix = "w1.weight"; break;
+    case ExpertTensor::kB1: suffix = "w1.bias"; break;
+    case ExpertTensor::kW2: suffix = "w2.weight"; break;
+    case ExpertTensor::kB2: suffix = "w2.bias"; break;
+  }
+  return absl::StrCat(LayerPrefix(expert.layer), "experts.", expert.expert, ".", suffix);
+}
 
 absl::StatusOr<MoeWeights> LoadCheckpoint(const std::string& path,
                                           const ModelConfig& model,

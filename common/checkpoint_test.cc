@@ -87,10 +87,23 @@ TEST(DeterministicInitTest, FollowsTheDocumentedScheme) {
   EXPECT_EQ(e1.b2.values()[1], InitValue(42, 19 + 4, 1, bound2));
   EXPECT_EQ(all.gate->values()[5 * 3 + 2], InitValue(42, 0, 2 * 6 + 5, bound1));
   for (float v : e1.w2.values()) EXPECT_LE(std::abs(v), bound2);
+  // Other layers: the same scheme offset by 2^32 per layer.
+  const uint64_t layer2 = uint64_t{2} << 32;
+  EXPECT_EQ(InitExpert(model, ExpertKey(2, 1)).b1.values()[3],
+            InitValue(42, layer2 + 17 + 4, 3, bound1));
+  EXPECT_EQ(InitGate(model, 2).values()[5 * 3 + 2], InitValue(42, layer2, 2 * 6 + 5, bound1));
   // The values look uniform: mean near 0, both signs.
   double sum = 0;
   for (int i = 0; i < 100000; ++i) sum += InitValue(7, 3, i, 1.0);
   EXPECT_NEAR(sum / 100000, 0.0, 0.01);
+}
+
+TEST(CheckpointTest, NamesCarryTheLayerBeyondLayerZero) {
+  EXPECT_EQ(GateTensorName(0), "gate.weight");
+  EXPECT_EQ(ExpertTensorName(ExpertKey(0, 3), ExpertTensor::kW1), "experts.3.w1.weight");
+  EXPECT_EQ(ExpertTensorName(ExpertKey(0, 3), ExpertTensor::kB2), "experts.3.w2.bias");
+  EXPECT_EQ(GateTensorName(5), "layers.5.gate.weight");
+  EXPECT_EQ(ExpertTensorName(ExpertKey(5, 0), ExpertTensor::kB1), "layers.5.experts.0.w1.bias");
 }
 
 TEST(CheckpointTest, Fp32RoundTripIsBitExact) {

@@ -16,7 +16,11 @@ uint64_t Mix(uint64_t x) {
   return x;
 }
 
-uint64_t ExpertTensorId(int expert, int which) { return 16 + 4 * expert + which; }
+uint64_t LayerBase(int layer) { return static_cast<uint64_t>(layer) << 32; }
+
+uint64_t ExpertTensorId(ExpertKey expert, int which) {
+  return LayerBase(expert.layer) + 16 + 4 * static_cast<uint64_t>(expert.expert) + which;
+}
 
 // Fills an [in, out] matrix whose checkpoint layout is [out, in].
 FloatTensor InitTransposed(uint64_t seed, uint64_t tensor_id, int64_t in,
@@ -49,12 +53,12 @@ float InitValue(uint64_t seed, uint64_t tensor_id, uint64_t index, double bound)
   return static_cast<float>((2.0 * u - 1.0) * bound);
 }
 
-FloatTensor InitGate(const ModelConfig& model) {
-  return InitTransposed(model.seed, 0, model.d_model, model.num_experts,
+FloatTensor InitGate(const ModelConfig& model, int layer) {
+  return InitTransposed(model.seed, LayerBase(layer), model.d_model, model.num_experts,
                         1.0 / std::sqrt(static_cast<double>(model.d_model)));
 }
 
-ExpertWeights InitExpert(const ModelConfig& model, int expert) {
+ExpertWeights InitExpert(const ModelConfig& model, ExpertKey expert) {
   const double bound1 = 1.0 / std::sqrt(static_cast<double>(model.d_model));
   const double bound2 = 1.0 / std::sqrt(static_cast<double>(model.d_ff));
   return {
@@ -71,7 +75,7 @@ MoeWeights InitWeights(const ModelConfig& model, absl::Span<const int> experts,
                        bool with_gate) {
   MoeWeights weights;
   if (with_gate) weights.gate = InitGate(model);
-  for (int e : experts) weights.experts.emplace(e, InitExpert(model, e));
+  for (int e : experts) weights.experts.emplace(e, InitExpert(model, ExpertKey(0, e)));
   return weights;
 }
 

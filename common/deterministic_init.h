@@ -2,9 +2,9 @@
 // gate and expert weights in every process, whichever experts it holds, so a
 // router and its servers agree without sharing a checkpoint.
 //
-// Scheme (docs/checkpoints.md): tensor t gets id
-//   gate.weight = 0, experts.{e}.w1.weight = 16 + 4e, .w1.bias = 17 + 4e,
-//   .w2.weight = 18 + 4e, .w2.bias = 19 + 4e;
+// Scheme (docs/checkpoints.md): tensor t of MoE layer l gets id
+//   2^32 l + (gate.weight = 0, experts.{e}.w1.weight = 16 + 4e,
+//   .w1.bias = 17 + 4e, .w2.weight = 18 + 4e, .w2.bias = 19 + 4e);
 // element i, counted in the checkpoint's (nn.Linear) layout, is
 //   h = mix(mix(seed ^ mix(t)) + i),   mix = the SplitMix64 finaliser,
 //   u = (h >> 40) / 2^24 in [0, 1),
@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "absl/types/span.h"
+#include "common/expert_key.h"
 #include "common/model_config.h"
 #include "common/moe_weights.h"
 
@@ -26,13 +27,13 @@ namespace moe {
 // The value of element `index` of tensor `tensor_id`, in [-bound, bound).
 float InitValue(uint64_t seed, uint64_t tensor_id, uint64_t index, double bound);
 
-FloatTensor InitGate(const ModelConfig& model);
-ExpertWeights InitExpert(const ModelConfig& model, int expert);
+FloatTensor InitGate(const ModelConfig& model, int layer = 0);
+ExpertWeights InitExpert(const ModelConfig& model, ExpertKey expert);
 
-// The gate (when `with_gate`) and the listed experts.
+// Layer 0's gate (when `with_gate`) and the listed experts of layer 0.
 MoeWeights InitWeights(const ModelConfig& model, absl::Span<const int> experts,
                        bool with_gate);
-// The gate and every expert.
+// Layer 0's gate and every expert.
 MoeWeights InitAllWeights(const ModelConfig& model);
 
 }  // namespace moe

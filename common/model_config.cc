@@ -188,6 +188,18 @@ class FirstErrorCollector : public google::protobuf::io::ErrorCollector {
 
 }  // namespace
 
+absl::Status CheckExpertKey(const ModelConfig& model, ExpertKey expert) {
+  if (expert.layer < 0 || expert.layer >= kNumMoeLayers) {
+    return absl::InvalidArgumentError(absl::StrCat(expert.ToString(), ": layer ", expert.layer,
+                                                   " is out of range [0, ", kNumMoeLayers, ")"));
+  }
+  if (expert.expert < 0 || expert.expert >= model.num_experts) {
+    return absl::InvalidArgumentError(absl::StrCat(expert.ToString(), ": out of range [0, ",
+                                                   model.num_experts, ")"));
+  }
+  return absl::OkStatus();
+}
+
 absl::string_view PlacementStrategyName(PlacementStrategy strategy) {
   switch (strategy) {
     case PlacementStrategy::kDataParallel:

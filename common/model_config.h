@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "common/expert_key.h"
 #include "proto/config.pb.h"
 
 namespace moe {
@@ -40,6 +41,13 @@ struct ModelConfig {
   // Largest batch a request may carry.
   int64_t max_batch_tokens = 65536;
 };
+
+// A ModelConfig describes one MoE layer, served as layer 0.
+inline constexpr int kNumMoeLayers = 1;
+
+// INVALID_ARGUMENT naming `expert` unless it is an expert of `model`: layer
+// in [0, kNumMoeLayers), expert in [0, num_experts).
+absl::Status CheckExpertKey(const ModelConfig& model, ExpertKey expert);
 
 enum class PlacementStrategy {
   kDataParallel,

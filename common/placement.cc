@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <map>
 #include <numeric>
+#include <string>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -11,56 +12,84 @@
 
 namespace moe {
 
-Placement::Placement(std::vector<std::vector<int>> servers_of_expert,
+Placement::Placement(std::vector<std::vector<std::vector<int>>> servers_of_expert,
                      int num_servers)
     : servers_of_expert_(std::move(servers_of_expert)),
       experts_on_server_(num_servers) {
-  for (int e = 0; e < num_experts(); ++e) {
-    std::sort(servers_of_expert_[e].begin(), servers_of_expert_[e].end());
-    for (int s : servers_of_expert_[e]) experts_on_server_[s].push_back(e);
+  for (int l = 0; l < num_layers(); ++l) {
+    for (int e = 0; e < num_experts(l); ++e) {
+      std::vector<int>& servers = servers_of_expert_[l][e];
+      std::sort(servers.begin(), servers.end());
+      for (int s : servers) experts_on_server_[s].push_back(ExpertKey(l, e));
+    }
   }
 }
 
-absl::StatusOr<Placement> Placement::Create(
-    int num_servers, std::vector<std::vector<int>> servers_of_expert) {
+absl::StatusOr<Placement> Placement::CreateLayers(
+    int num_servers, std::vector<std::vector<std::vector<int>>> servers_of_expert) {
   if (num_servers < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("placement: needs at least one server, got ", num_servers));
   }
   if (servers_of_expert.empty()) {
-    return absl::InvalidArgumentError("placement: no experts");
+    return absl::InvalidArgumentError("placement: no layers");
   }
-  for (size_t e = 0; e < servers_of_expert.size(); ++e) {
-    std::vector<int>& servers = servers_of_expert[e];
-    if (servers.empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("placement: expert ", e, " is held by no server"));
+  for (size_t l = 0; l < servers_of_expert.size(); ++l) {
+    if (servers_of_expert[l].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("placement: layer ", l, " has no experts"));
     }
-    for (int s : servers) {
-      if (s < 0 || s >= num_servers) {
+    for (size_t e = 0; e < servers_of_expert[l].size(); ++e) {
+      const std::string expert =
+          ExpertKey(static_cast<int32_t>(l), static_cast<int32_t>(e)).ToString();
+      std::vector<int>& servers = servers_of_expert[l][e];
+      if (servers.empty()) {
         return absl::InvalidArgumentError(
-            absl::StrCat("placement: expert ", e, " names unknown server ", s,
-                         " (have ", num_servers, ")"));
+            absl::StrCat("placement: ", expert, " is held by no server"));
       }
-    }
-    std::vector<int> sorted = servers;
-    std::sort(sorted.begin(), sorted.end());
-    if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "placement: expert ", e, " lists a server more than once"));
+      for (int s : servers) {
+        if (s < 0 || s >= num_servers) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "placement: ", expert, " names unknown server ", s, " (have ", num_servers, ")"));
+        }
+      }
+      std::vector<int> sorted = servers;
+      std::sort(sorted.begin(), sorted.end());
+      if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("placement: ", expert, " lists a server more than once"));
+      }
     }
   }
   return Placement(std::move(servers_of_expert), num_servers);
 }
 
-bool Placement::Holds(int server, int expert) const {
-  const auto& servers = servers_of_expert_.at(expert);
+absl::StatusOr<Placement> Placement::Create(
+    int num_servers, std::vector<std::vector<int>> servers_of_expert) {
+  std::vector<std::vector<std::vector<int>>> layers;
+  layers.push_back(std::move(servers_of_expert));
+  return CreateLayers(num_servers, std::move(layers));
+}
+
+int Placement::num_experts(int layer) const {
+  if (layer < 0 || layer >= num_layers()) return 0;
+  return static_cast<int>(servers_of_expert_[layer].size());
+}
+
+bool Placement::Contains(ExpertKey expert) const {
+  return expert.expert >= 0 && expert.expert < num_experts(expert.layer);
+}
+
+bool Placement::Holds(int server, ExpertKey expert) const {
+  if (!Contains(expert)) return false;
+  const absl::Span<const int> servers = ServersOf(expert);
   return std::binary_search(servers.begin(), servers.end(), server);
 }
 
 int Placement::num_replicas() const {
   int total = 0;
-  for (const auto& servers : servers_of_expert_) total += servers.size();
+  for (const auto& layer : servers_of_expert_) {
+    for (const auto& servers : layer) total += servers.size();
+  }
   return total;
 }
 
@@ -212,12 +241,12 @@ absl::StatusOr<Placement> ComputePlacement(const ModelConfig& model,
   return absl::InvalidArgumentError("placement: unknown strategy");
 }
 
-std::vector<double> ServerLoads(const Placement& placement,
+std::vector<double> ServerLoads(const Placement& placement, int layer,
                                 absl::Span<const double> expert_load) {
-  MOE_CHECK(static_cast<int>(expert_load.size()) == placement.num_experts());
+  MOE_CHECK(static_cast<int>(expert_load.size()) == placement.num_experts(layer));
   std::vector<double> loads(placement.num_servers(), 0.0);
-  for (int e = 0; e < placement.num_experts(); ++e) {
-    const auto servers = placement.ServersOf(e);
+  for (int e = 0; e < placement.num_experts(layer); ++e) {
+    const auto servers = placement.ServersOf(ExpertKey(layer, e));
     for (int s : servers) loads[s] += expert_load[e] / servers.size();
   }
   return loads;
@@ -234,26 +263,27 @@ double Imbalance(absl::Span<const double> loads) {
 std::vector<ReplicaGroup> ReplicaGroups(const Placement& placement) {
   // std::map keyed by the server set keeps groups in a deterministic order;
   // they are re-sorted by first expert below.
-  std::map<std::vector<int>, std::vector<int>> experts_by_servers;
-  for (int e = 0; e < placement.num_experts(); ++e) {
-    const auto servers = placement.ServersOf(e);
-    if (servers.size() < 2) continue;
-    experts_by_servers[std::vector<int>(servers.begin(), servers.end())]
-        .push_back(e);
+  std::map<std::vector<int>, std::vector<ExpertKey>> experts_by_servers;
+  for (int l = 0; l < placement.num_layers(); ++l) {
+    for (int e = 0; e < placement.num_experts(l); ++e) {
+      const ExpertKey expert(l, e);
+      const auto servers = placement.ServersOf(expert);
+      if (servers.size() < 2) continue;
+      experts_by_servers[std::vector<int>(servers.begin(), servers.end())].push_back(expert);
+    }
   }
   std::vector<ReplicaGroup> groups;
   for (auto& [servers, experts] : experts_by_servers) {
     ReplicaGroup group{servers, experts, 0};
     Fnv1a64 digest;
     digest.AddInts(group.servers);
-    digest.AddInts(group.experts);
+    for (ExpertKey expert : group.experts) digest.AddInts({expert.layer, expert.expert});
     group.id = digest.value();
     groups.push_back(std::move(group));
   }
-  std::sort(groups.begin(), groups.end(),
-            [](const ReplicaGroup& a, const ReplicaGroup& b) {
-              return a.experts.front() < b.experts.front();
-            });
+  std::sort(groups.begin(), groups.end(), [](const ReplicaGroup& a, const ReplicaGroup& b) {
+    return a.experts.front() < b.experts.front();
+  });
   return groups;
 }
 

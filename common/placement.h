@@ -1,7 +1,9 @@
 // Which servers hold which experts, and the replica groups that sum their
 // gradients together. The strategies are pure functions of the model, the
 // number of servers and (for DYNAMIC) a load profile; see docs/placement.md.
-// Servers are numbered by their index in ClusterConfig.servers.
+// Servers are numbered by their index in ClusterConfig.servers; experts are
+// ExpertKeys, so one placement can cover several MoE layers (the strategies
+// place layer 0, the only one served today).
 // Placement is immutable and thread-safe.
 #ifndef MOE_COMMON_PLACEMENT_H_
 #define MOE_COMMON_PLACEMENT_H_
@@ -11,38 +13,46 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "common/expert_key.h"
 #include "common/model_config.h"
 
 namespace moe {
 
 class Placement {
  public:
-  // Validates: num_servers >= 1, every expert held by at least one server,
-  // server ids in range, no server listed twice for one expert. Each
+  // Validates: num_servers >= 1, every layer has at least one expert, every
+  // expert held by at least one server, server ids in range, no server
+  // listed twice for one expert. servers_of_expert[layer][expert]; each
   // expert's servers are kept sorted by id.
+  static absl::StatusOr<Placement> CreateLayers(
+      int num_servers, std::vector<std::vector<std::vector<int>>> servers_of_expert);
+  // One MoE layer, layer 0: servers_of_expert[expert].
   static absl::StatusOr<Placement> Create(
       int num_servers, std::vector<std::vector<int>> servers_of_expert);
 
-  int num_experts() const { return static_cast<int>(servers_of_expert_.size()); }
   int num_servers() const { return static_cast<int>(experts_on_server_.size()); }
-  // Ascending server ids holding `expert`.
-  absl::Span<const int> ServersOf(int expert) const {
-    return servers_of_expert_.at(expert);
+  int num_layers() const { return static_cast<int>(servers_of_expert_.size()); }
+  // Experts of `layer`, 0 for a layer this placement does not have.
+  int num_experts(int layer) const;
+  // Whether `expert` is an expert of this placement's layers.
+  bool Contains(ExpertKey expert) const;
+  // Ascending server ids holding `expert`. REQUIRES: Contains(expert).
+  absl::Span<const int> ServersOf(ExpertKey expert) const {
+    return servers_of_expert_.at(expert.layer).at(expert.expert);
   }
-  // Ascending expert ids held by `server` (possibly none).
-  absl::Span<const int> ExpertsOn(int server) const {
+  // Ascending experts held by `server` (possibly none).
+  absl::Span<const ExpertKey> ExpertsOn(int server) const {
     return experts_on_server_.at(server);
   }
-  bool Holds(int server, int expert) const;
+  bool Holds(int server, ExpertKey expert) const;
   // Total expert replicas across servers.
   int num_replicas() const;
 
  private:
-  explicit Placement(std::vector<std::vector<int>> servers_of_expert,
-                     int num_servers);
+  Placement(std::vector<std::vector<std::vector<int>>> servers_of_expert, int num_servers);
 
-  std::vector<std::vector<int>> servers_of_expert_;
-  std::vector<std::vector<int>> experts_on_server_;
+  std::vector<std::vector<std::vector<int>>> servers_of_expert_;
+  std::vector<std::vector<ExpertKey>> experts_on_server_;
 };
 
 // The four strategies of DESIGN.md. Each returns a valid placement.
@@ -66,8 +76,9 @@ absl::StatusOr<Placement> ComputePlacement(const ModelConfig& model,
                                            const ClusterConfig& cluster);
 
 // Expected load per server when each expert's load is split evenly over its
-// replicas (as the router's fewest-outstanding-tokens choice does).
-std::vector<double> ServerLoads(const Placement& placement,
+// replicas (as the router's fewest-outstanding-tokens choice does), from
+// the load of each expert of `layer`.
+std::vector<double> ServerLoads(const Placement& placement, int layer,
                                 absl::Span<const double> expert_load);
 // max / mean of `loads` (1 when all are equal or all zero).
 double Imbalance(absl::Span<const double> loads);
@@ -77,9 +88,10 @@ double Imbalance(absl::Span<const double> loads);
 struct ReplicaGroup {
   // Ascending server ids, at least two: the ring order.
   std::vector<int> servers;
-  // Ascending ids of the experts held by exactly these servers.
-  std::vector<int> experts;
-  // Stable identity for collectives: FNV-1a 64 over servers and experts.
+  // Ascending experts held by exactly these servers.
+  std::vector<ExpertKey> experts;
+  // Stable identity for collectives: FNV-1a 64 over servers and experts
+  // (layer, expert).
   uint64_t id = 0;
 };
 

@@ -13,13 +13,19 @@ using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 
 std::vector<int> Servers(const Placement& p, int expert) {
-  auto s = p.ServersOf(expert);
+  auto s = p.ServersOf(ExpertKey(0, expert));
   return {s.begin(), s.end()};
 }
-std::vector<int> Experts(const Placement& p, int server) {
-  auto e = p.ExpertsOn(server);
-  return {e.begin(), e.end()};
+// Expert indices of layer-0 keys (the strategies place layer 0).
+std::vector<int> Layer0(absl::Span<const ExpertKey> keys) {
+  std::vector<int> ids;
+  for (ExpertKey key : keys) {
+    EXPECT_EQ(key.layer, 0) << key;
+    ids.push_back(key.expert);
+  }
+  return ids;
 }
+std::vector<int> Experts(const Placement& p, int server) { return Layer0(p.ExpertsOn(server)); }
 
 TEST(PlacementTest, DataParallelPutsEveryExpertEverywhere) {
   const Placement p = DataParallelPlacement(4, 3);
@@ -28,7 +34,7 @@ TEST(PlacementTest, DataParallelPutsEveryExpertEverywhere) {
   const std::vector<ReplicaGroup> groups = ReplicaGroups(p);
   ASSERT_EQ(groups.size(), 1u);
   EXPECT_THAT(groups[0].servers, ElementsAre(0, 1, 2));
-  EXPECT_THAT(groups[0].experts, ElementsAre(0, 1, 2, 3));
+  EXPECT_THAT(Layer0(groups[0].experts), ElementsAre(0, 1, 2, 3));
 }
 
 TEST(PlacementTest, ModelParallelSplitsContiguousBlocks) {
@@ -53,7 +59,7 @@ TEST(PlacementTest, HybridReplicatesTheFirstHalf) {
   const std::vector<ReplicaGroup> groups = ReplicaGroups(p);
   ASSERT_EQ(groups.size(), 1u);
   EXPECT_THAT(groups[0].servers, ElementsAre(0, 1));
-  EXPECT_THAT(groups[0].experts, ElementsAre(0, 1, 2));
+  EXPECT_THAT(Layer0(groups[0].experts), ElementsAre(0, 1, 2));
   // One expert: nothing to replicate.
   EXPECT_EQ(HybridPlacement(1, 3).num_replicas(), 1);
 }
@@ -68,11 +74,12 @@ TEST(PlacementTest, EveryStrategyHoldsEveryExpert) {
             ModelParallelPlacement(experts, servers),
             HybridPlacement(experts, servers),
             *DynamicPlacement(experts, servers, load, 0)}) {
-        ASSERT_EQ(p.num_experts(), experts);
+        ASSERT_EQ(p.num_layers(), 1);
+        ASSERT_EQ(p.num_experts(0), experts);
         ASSERT_EQ(p.num_servers(), servers);
         for (int e = 0; e < experts; ++e) {
-          EXPECT_FALSE(p.ServersOf(e).empty()) << e;
-          for (int s : p.ServersOf(e)) EXPECT_TRUE(p.Holds(s, e));
+          EXPECT_FALSE(Servers(p, e).empty()) << e;
+          for (int s : Servers(p, e)) EXPECT_TRUE(p.Holds(s, ExpertKey(0, e)));
         }
       }
     }
@@ -85,10 +92,10 @@ TEST(PlacementTest, DynamicGivesHotExpertsMoreReplicas) {
   absl::StatusOr<Placement> p = DynamicPlacement(8, 4, load, 3);
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_EQ(p->num_replicas(), 12);
-  EXPECT_EQ(p->ServersOf(0).size(), 4u);
+  EXPECT_EQ(Servers(*p, 0).size(), 4u);
   for (int s = 0; s < 4; ++s) EXPECT_LE(p->ExpertsOn(s).size(), 3u);
-  const double dynamic = Imbalance(ServerLoads(*p, load));
-  const double model_parallel = Imbalance(ServerLoads(ModelParallelPlacement(8, 4), load));
+  const double dynamic = Imbalance(ServerLoads(*p, 0, load));
+  const double model_parallel = Imbalance(ServerLoads(ModelParallelPlacement(8, 4), 0, load));
   EXPECT_LT(dynamic, model_parallel);
   EXPECT_LT(dynamic, 1.25);
 }
@@ -111,9 +118,9 @@ TEST(PlacementTest, DynamicRespectsSlotsOnRandomProfiles) {
     }
     // A greedy heuristic: close to, and on average far better than, one
     // copy each in contiguous blocks.
-    const double dynamic = Imbalance(ServerLoads(*p, load));
+    const double dynamic = Imbalance(ServerLoads(*p, 0, load));
     const double blocks =
-        Imbalance(ServerLoads(ModelParallelPlacement(experts, servers), load));
+        Imbalance(ServerLoads(ModelParallelPlacement(experts, servers), 0, load));
     EXPECT_LE(dynamic, blocks + 0.05);
     dynamic_sum += dynamic;
     blocks_sum += blocks;
@@ -127,7 +134,7 @@ TEST(PlacementTest, DynamicGroupsReplicasBySharedServers) {
   ASSERT_TRUE(p.ok());
   for (const ReplicaGroup& group : ReplicaGroups(*p)) {
     EXPECT_GE(group.servers.size(), 2u);
-    for (int e : group.experts) {
+    for (int e : Layer0(group.experts)) {
       EXPECT_THAT(Servers(*p, e), ::testing::ElementsAreArray(group.servers));
     }
   }
@@ -160,10 +167,41 @@ TEST(PlacementTest, ReplicaGroupIdsAreStableAndDistinct) {
   ASSERT_TRUE(p.ok());
   const std::vector<ReplicaGroup> groups = ReplicaGroups(*p);
   ASSERT_EQ(groups.size(), 2u);
-  EXPECT_THAT(groups[0].experts, ElementsAre(0, 1));
+  EXPECT_THAT(Layer0(groups[0].experts), ElementsAre(0, 1));
   EXPECT_THAT(groups[1].servers, ElementsAre(1, 2));
   EXPECT_NE(groups[0].id, groups[1].id);
   EXPECT_EQ(ReplicaGroups(*p)[0].id, groups[0].id);
+}
+
+TEST(PlacementTest, LayersAreKeptApart) {
+  // Layer 0: two experts on both servers; layer 1: three experts, one each
+  // on server 1 and the third on both.
+  absl::StatusOr<Placement> p =
+      Placement::CreateLayers(2, {{{0, 1}, {0, 1}}, {{1}, {0}, {1, 0}}});
+  ASSERT_TRUE(p.ok()) << p.status();
+  EXPECT_EQ(p->num_layers(), 2);
+  EXPECT_EQ(p->num_experts(1), 3);
+  EXPECT_EQ(p->num_experts(2), 0);
+  EXPECT_EQ(p->num_replicas(), 8);
+  EXPECT_THAT(p->ExpertsOn(0), ElementsAre(ExpertKey(0, 0), ExpertKey(0, 1), ExpertKey(1, 1),
+                                           ExpertKey(1, 2)));
+  EXPECT_TRUE(p->Holds(1, ExpertKey(1, 0)));
+  EXPECT_FALSE(p->Holds(0, ExpertKey(1, 0)));
+  EXPECT_FALSE(p->Holds(0, ExpertKey(1, 3)));
+  EXPECT_FALSE(p->Contains(ExpertKey(-1, 0)));
+  // One group for servers {0, 1}: both layers' replicated experts, one sum.
+  const std::vector<ReplicaGroup> groups = ReplicaGroups(*p);
+  ASSERT_EQ(groups.size(), 1u);
+  EXPECT_THAT(groups[0].experts, ElementsAre(ExpertKey(0, 0), ExpertKey(0, 1), ExpertKey(1, 2)));
+  // The layer is part of the group's identity.
+  absl::StatusOr<Placement> shifted = Placement::CreateLayers(2, {{{0}}, {{0, 1}, {0, 1}}});
+  ASSERT_TRUE(shifted.ok());
+  absl::StatusOr<Placement> flat = Placement::Create(2, {{0, 1}, {0, 1}});
+  EXPECT_NE(ReplicaGroups(*shifted)[0].id, ReplicaGroups(*flat)[0].id);
+  EXPECT_THAT(Placement::CreateLayers(2, {{{0}}, {}}).status().message(),
+              HasSubstr("layer 1 has no experts"));
+  EXPECT_THAT(Placement::CreateLayers(2, {{{0}}, {{0}, {}}}).status().message(),
+              HasSubstr("layer 1 expert 1 is held by no server"));
 }
 
 TEST(PlacementTest, ComputePlacementFollowsTheConfig) {

@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/expert_key.h"
 #include "common/proto_status.h"
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
@@ -72,7 +73,7 @@ absl::Status ExpertDispatcher::CheckEpoch(bool has_version,
       ", the call is for epoch ", epoch));
 }
 
-void ExpertDispatcher::ServerVersion(int expert, v1::StateVersion* out) const {
+void ExpertDispatcher::ServerVersion(ExpertKey expert, v1::StateVersion* out) const {
   out->set_placement_epoch(placement_epoch());
   absl::StatusOr<uint64_t> step = store_.Step(expert);
   out->set_weights_step(step.ok() ? *step : 0);
@@ -91,7 +92,7 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
                                 DispatchReply reply) {
   response->set_sequence_id(request->sequence_id());
   const ModelConfig& model = store_.model();
-  const int expert = request->expert_id();
+  const ExpertKey expert = ExpertKeyOf(*request);
   absl::StatusOr<ConstTensorView> x = [&]() -> absl::StatusOr<ConstTensorView> {
     MOE_RETURN_IF_ERROR(CheckDeadline(request->deadline_unix_micros()));
     MOE_RETURN_IF_ERROR(store_.CheckHosted(expert));
@@ -128,14 +129,14 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
   std::move(reply)(std::move(response));
 }
 
-void ExpertDispatcher::CompleteDispatch(const absl::Status& status, int expert, int64_t rows,
+void ExpertDispatcher::CompleteDispatch(const absl::Status& status, ExpertKey expert, int64_t rows,
                                         absl::Duration elapsed, bool versioned,
                                         v1::DispatchResponse& response) const {
   if (status.ok()) {
     response.set_compute_micros(absl::ToInt64Microseconds(elapsed));
     metrics_.forward_seconds->Observe(absl::ToDoubleSeconds(elapsed));
     metrics_.batch_rows->Observe(static_cast<double>(rows));
-    metrics_.forward_tokens[expert]->Increment(static_cast<double>(rows));
+    metrics_.ForwardTokens(expert).Increment(static_cast<double>(rows));
   } else {
     response.clear_output();
     ToProtoStatus(status, response.mutable_error());
@@ -149,9 +150,10 @@ void ExpertDispatcher::Backward(const v1::BackwardDispatchRequest& request,
                                 v1::BackwardDispatchResponse* response) {
   response->set_sequence_id(request.sequence_id());
   const ModelConfig& model = store_.model();
+  const ExpertKey expert = ExpertKeyOf(request);
   const absl::Status status = [&]() -> absl::Status {
     MOE_RETURN_IF_ERROR(CheckDeadline(request.deadline_unix_micros()));
-    MOE_RETURN_IF_ERROR(store_.CheckHosted(request.expert_id()));
+    MOE_RETURN_IF_ERROR(store_.CheckHosted(expert));
     MOE_RETURN_IF_ERROR(CheckEpoch(request.has_version(), request.version()));
     MOE_ASSIGN_OR_RETURN(
         const ConstTensorView dy,
@@ -159,20 +161,20 @@ void ExpertDispatcher::Backward(const v1::BackwardDispatchRequest& request,
                      TokenBatchSpec("grad_output", model.d_model, model.max_batch_tokens)));
     const TensorView dx = AllocateLike(dy, response->mutable_grad_input());
     const absl::Time start = absl::Now();
-    MOE_RETURN_IF_ERROR(store_.Backward(request.expert_id(), request.request_id(), dy, dx,
+    MOE_RETURN_IF_ERROR(store_.Backward(expert, request.request_id(), dy, dx,
                                         options_.clock(),
                                         ExpectedStep(request.has_version(), request.version())));
     const absl::Duration elapsed = absl::Now() - start;
     response->set_compute_micros(absl::ToInt64Microseconds(elapsed));
     metrics_.backward_seconds->Observe(absl::ToDoubleSeconds(elapsed));
-    metrics_.backward_tokens[request.expert_id()]->Increment(static_cast<double>(dy.rows()));
+    metrics_.BackwardTokens(expert).Increment(static_cast<double>(dy.rows()));
     return absl::OkStatus();
   }();
   if (!status.ok()) {
     response->clear_grad_input();
     ToProtoStatus(status, response->mutable_error());
     if (request.has_version()) {
-      ServerVersion(request.expert_id(), response->mutable_server_version());
+      ServerVersion(expert, response->mutable_server_version());
     }
     metrics_.CountError(status);
   }
@@ -185,12 +187,12 @@ void ExpertDispatcher::Info(v1::InfoResponse* response) const {
   response->set_compute_dtype(ToProtoDType(store_.compute_dtype()));
   if (steps_ != nullptr) response->set_step(steps_->last_committed());
   response->set_placement_epoch(placement_epoch());
-  for (int expert : store_.HostedExperts()) {
+  for (ExpertKey expert : store_.HostedExperts()) {
     absl::StatusOr<uint64_t> digest = store_.Digest(expert);
     absl::StatusOr<uint64_t> step = store_.Step(expert);
     if (!digest.ok() || !step.ok()) continue;  // released meanwhile
     v1::ExpertDigest* entry = response->add_experts();
-    entry->set_expert_id(expert);
+    SetExpertKey(expert, entry);
     entry->set_weights_digest(*digest);
     entry->set_step(*step);
   }
@@ -201,24 +203,26 @@ absl::StatusOr<std::vector<v1::ExpertWeightsChunk>> ExpertDispatcher::ExpertChun
   if (request.max_chunk_bytes() < 0) {
     return absl::InvalidArgumentError("max_chunk_bytes must be >= 0");
   }
-  MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, store_.Snapshot(request.expert_id()));
+  const ExpertKey expert = ExpertKeyOf(request);
+  MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, store_.Snapshot(expert));
   const size_t chunk_bytes =
       request.max_chunk_bytes() == 0 ? kDefaultChunkBytes : request.max_chunk_bytes();
-  return ChunkExpert(request.expert_id(), snapshot, chunk_bytes);
+  return ChunkExpert(expert, snapshot, chunk_bytes);
 }
 
 absl::Status ExpertDispatcher::InstallExpert(ExpertAssembler& assembler,
                                              v1::LoadExpertWeightsResponse* response) {
   MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, assembler.Finish());
   const uint64_t digest = snapshot.weights.Digest();
-  MOE_RETURN_IF_ERROR(store_.AddExpert(assembler.expert(), std::move(snapshot)));
-  response->mutable_expert()->set_expert_id(assembler.expert());
+  const ExpertKey expert = *assembler.expert();  // Finish() saw the last chunk
+  MOE_RETURN_IF_ERROR(store_.AddExpert(expert, std::move(snapshot)));
+  SetExpertKey(expert, response->mutable_expert());
   response->mutable_expert()->set_weights_digest(digest);
   return absl::OkStatus();
 }
 
 absl::Status ExpertDispatcher::ReleaseExpert(const v1::ReleaseExpertRequest& request) {
-  return store_.RemoveExpert(request.expert_id());
+  return store_.RemoveExpert(ExpertKeyOf(request));
 }
 
 absl::Status ExpertDispatcher::PrepareStep(const v1::PrepareStepRequest& request,
@@ -250,7 +254,7 @@ absl::Status ExpertDispatcher::CommitStep(const v1::CommitStepRequest& request,
   response->set_step(request.step());
   for (const auto& [expert, digest] : digests) {
     v1::ExpertDigest* entry = response->add_experts();
-    entry->set_expert_id(expert);
+    SetExpertKey(expert, entry);
     entry->set_weights_digest(digest);
     entry->set_step(request.step());
   }

@@ -83,9 +83,9 @@ class ExpertDispatcher {
   // for this server's placement epoch; the step is checked by the store.
   absl::Status CheckEpoch(bool has_version, const v1::StateVersion& version) const;
   // This server's version of `expert`, for an answer to a versioned call.
-  void ServerVersion(int expert, v1::StateVersion* out) const;
+  void ServerVersion(ExpertKey expert, v1::StateVersion* out) const;
   // Finishes a dispatch after its forward ran (or failed), with metrics.
-  void CompleteDispatch(const absl::Status& status, int expert, int64_t rows,
+  void CompleteDispatch(const absl::Status& status, ExpertKey expert, int64_t rows,
                         absl::Duration elapsed, bool versioned,
                         v1::DispatchResponse& response) const;
 

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/expert_key.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
@@ -23,8 +24,16 @@ struct ExpertMetrics {
                                                int num_experts);
 
   // moe_expert_tokens_total{expert}: token rows run through each expert.
-  std::vector<prometheus::Counter*> forward_tokens;
+  // REQUIRES of the accessors: CheckExpertKey(model, expert) is OK (so layer
+  // 0, the one layer served today; a layer label comes with more layers).
+  prometheus::Counter& ForwardTokens(ExpertKey expert) const {
+    return *forward_tokens.at(expert.expert);
+  }
   // moe_expert_backward_tokens_total{expert}.
+  prometheus::Counter& BackwardTokens(ExpertKey expert) const {
+    return *backward_tokens.at(expert.expert);
+  }
+  std::vector<prometheus::Counter*> forward_tokens;
   std::vector<prometheus::Counter*> backward_tokens;
   // moe_expert_kernel_seconds{op="forward"|"backward"}.
   prometheus::Histogram* forward_seconds = nullptr;

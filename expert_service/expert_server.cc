@@ -42,23 +42,38 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(Options optio
   return server;
 }
 
+absl::StatusOr<std::map<ExpertKey, ExpertWeights>> ExpertServer::LoadHostedWeights(
+    absl::Span<const ExpertKey> experts) const {
+  const ModelConfig& model = options_.config.model;
+  // A checkpoint file and the seed's init hold one MoE layer: layer 0.
+  std::vector<int> indices;
+  for (ExpertKey expert : experts) {
+    MOE_RETURN_IF_ERROR(CheckExpertKey(model, expert));
+    indices.push_back(expert.expert);
+  }
+  MoeWeights weights;
+  if (options_.checkpoint_path.empty()) {
+    weights = InitWeights(model, indices, /*with_gate=*/false);
+  } else {
+    MOE_ASSIGN_OR_RETURN(weights, LoadCheckpoint(options_.checkpoint_path, model,
+                                                 {/*gate=*/false, std::move(indices)}));
+  }
+  std::map<ExpertKey, ExpertWeights> hosted;
+  for (auto& [index, tensors] : weights.experts) {
+    hosted.emplace(ExpertKey(0, index), std::move(tensors));
+  }
+  return hosted;
+}
+
 absl::Status ExpertServer::Start() {
   const ServingConfig& config = options_.config;
   const ModelConfig& model = config.model;
   MOE_ASSIGN_OR_RETURN(const Placement placement, ComputePlacement(model, config.cluster));
   const int index = config.cluster.FindServer(options_.name);
-  const absl::Span<const int> experts = placement.ExpertsOn(index);
-
-  MoeWeights weights;
-  if (options_.checkpoint_path.empty()) {
-    weights = InitWeights(model, experts, /*with_gate=*/false);
-  } else {
-    MOE_ASSIGN_OR_RETURN(
-        weights, LoadCheckpoint(options_.checkpoint_path, model,
-                                {/*gate=*/false, std::vector<int>(experts.begin(), experts.end())}));
-  }
+  const absl::Span<const ExpertKey> experts = placement.ExpertsOn(index);
+  MOE_ASSIGN_OR_RETURN(auto hosted, LoadHostedWeights(experts));
   MOE_LOG(INFO, "server ", options_.name, ": ", PlacementStrategyName(config.cluster.strategy),
-          " placement gives experts [", absl::StrJoin(experts, ","), "] (",
+          " placement gives experts [", JoinExpertKeys(experts), "] (",
           options_.checkpoint_path.empty() ? absl::StrCat("init seed ", model.seed)
                                            : options_.checkpoint_path,
           ")");
@@ -76,7 +91,7 @@ absl::Status ExpertServer::Start() {
     };
   }
   MOE_ASSIGN_OR_RETURN(store_, ExpertStore::Create({model, options_.name, options_.training},
-                                                   std::move(weights.experts),
+                                                   std::move(hosted),
                                                    std::move(kernel_factory)));
 
   registry_ = std::make_shared<prometheus::Registry>();
@@ -141,7 +156,7 @@ std::vector<StepRing> ExpertServer::BuildRings(const Placement& placement, int i
   for (const StepRing& ring : rings) {
     collectives_->AddGroup(ring.group_id);
     MOE_LOG(INFO, "server ", options_.name, ": rank ", ring.rank, " of ", ring.size,
-            " in the ring of experts [", absl::StrJoin(ring.experts, ","), "] (group ",
+            " in the ring of experts [", JoinExpertKeys(ring.experts), "] (group ",
             absl::Hex(ring.group_id), "), sending to ", ring.successor);
   }
   return rings;

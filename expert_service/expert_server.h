@@ -7,6 +7,7 @@
 #define MOE_EXPERT_SERVICE_EXPERT_SERVER_H_
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/compute_pool.h"
+#include "common/expert_key.h"
 #include "common/model_config.h"
 #include "common/placement.h"
 #include "common/stream_reactor.h"
@@ -105,6 +107,9 @@ class ExpertServer {
  private:
   explicit ExpertServer(Options options) : options_(std::move(options)) {}
   absl::Status Start();
+  // The weights of `experts` from the checkpoint or the seed's init.
+  absl::StatusOr<std::map<ExpertKey, ExpertWeights>> LoadHostedWeights(
+      absl::Span<const ExpertKey> experts) const;
   // This server's rings, from the placement's replica groups.
   std::vector<StepRing> BuildRings(const Placement& placement, int index);
 

@@ -174,7 +174,7 @@ v1::DispatchRequest Request(uint64_t seq, int expert, const FloatTensor& x,
 FloatTensor ReferenceOutput(int expert, const FloatTensor& x) {
   FloatTensor y(x.shape());
   std::vector<float> hidden(x.dim(0) * 64);
-  ReferenceExpertForward(InitExpert(Model(), expert), x.values(), x.dim(0),
+  ReferenceExpertForward(InitExpert(Model(), ExpertKey(0, expert)), x.values(), x.dim(0),
                          absl::MakeSpan(hidden), y.mutable_values());
   return y;
 }
@@ -208,7 +208,7 @@ absl::flat_hash_map<uint64_t, v1::DispatchResponse> RoundTrip(
 
 TEST(ExpertServerTest, DispatchMatchesTheReferenceOnConcurrentStreams) {
   auto server = StartServer({});
-  EXPECT_THAT(server->store().HostedExperts(), ElementsAre(0, 1));
+  EXPECT_THAT(server->store().HostedExperts(), ElementsAre(ExpertKey(0, 0), ExpertKey(0, 1)));
   std::vector<std::thread> clients;
   std::atomic<int> checked{0};
   for (int c = 0; c < 4; ++c) {
@@ -530,7 +530,7 @@ TEST_F(TrainingTest, BackwardMatchesTheReference) {
   const v1::BackwardDispatchResponse response = Backward(42, 1, dy);
   ASSERT_FALSE(response.has_error()) << response.error().message();
 
-  const ExpertWeights weights = InitExpert(Model(), 1);
+  const ExpertWeights weights = InitExpert(Model(), ExpertKey(0, 1));
   ExpertWeights grads = ExpertWeights::Zeros(Model());
   std::vector<float> hidden(9 * 64), y(9 * 32);
   ReferenceExpertForward(weights, x.values(), 9, absl::MakeSpan(hidden), absl::MakeSpan(y));
@@ -539,7 +539,7 @@ TEST_F(TrainingTest, BackwardMatchesTheReference) {
   EXPECT_TRUE(TensorNear(ToFloatTensor(*DecodeTensor(response.grad_input(),
                                                      TokenBatchSpec("dx", 32, 0))),
                          dx, 1e-5));
-  const ExpertWeights server_grads = *server_->store().Gradients(1);
+  const ExpertWeights server_grads = *server_->store().Gradients(ExpertKey(0, 1));
   EXPECT_TRUE(TensorNear(server_grads.w1, grads.w1, 1e-5));
   EXPECT_TRUE(TensorNear(server_grads.b2, grads.b2, 1e-5));
 }
@@ -587,8 +587,8 @@ TEST(ExpertServerTest, InfoReportsExpertsAndDigests) {
   EXPECT_EQ(info.compute_dtype(), v1::DTYPE_FP32);
   ASSERT_EQ(info.experts_size(), 2);
   EXPECT_EQ(info.experts(0).expert_id(), 2);
-  EXPECT_EQ(info.experts(0).weights_digest(), InitExpert(Model(), 2).Digest());
-  EXPECT_EQ(info.experts(1).weights_digest(), InitExpert(Model(), 3).Digest());
+  EXPECT_EQ(info.experts(0).weights_digest(), InitExpert(Model(), ExpertKey(0, 2)).Digest());
+  EXPECT_EQ(info.experts(1).weights_digest(), InitExpert(Model(), ExpertKey(0, 3)).Digest());
 }
 
 TEST(ExpertServerTest, ExpertWeightsMoveBetweenServers) {
@@ -626,12 +626,12 @@ TEST(ExpertServerTest, ExpertWeightsMoveBetweenServers) {
   (*corrupt[3].mutable_data())[0] ^= 1;
   auto [bad_status, unused] = load(corrupt);
   EXPECT_EQ(bad_status.error_code(), grpc::StatusCode::DATA_LOSS);
-  EXPECT_THAT(b->store().HostedExperts(), ElementsAre(2, 3));
+  EXPECT_THAT(b->store().HostedExperts(), ElementsAre(ExpertKey(0, 2), ExpertKey(0, 3)));
 
   auto [status, response] = load(chunks);
   ASSERT_TRUE(status.ok()) << status.error_message();
-  EXPECT_EQ(response.expert().weights_digest(), InitExpert(Model(), 1).Digest());
-  EXPECT_THAT(b->store().HostedExperts(), ElementsAre(1, 2, 3));
+  EXPECT_EQ(response.expert().weights_digest(), InitExpert(Model(), ExpertKey(0, 1)).Digest());
+  EXPECT_THAT(b->store().HostedExperts(), ElementsAre(ExpertKey(0, 1), ExpertKey(0, 2), ExpertKey(0, 3)));
   const FloatTensor x = RandomTensor({6, 32}, 11);
   EXPECT_EQ(Output(RoundTrip(*stub_b, {Request(1, 1, x)}).at(1)),
             Output(RoundTrip(*stub_a, {Request(1, 1, x)}).at(1)));
@@ -641,7 +641,7 @@ TEST(ExpertServerTest, ExpertWeightsMoveBetweenServers) {
   release.set_expert_id(1);
   v1::ReleaseExpertResponse released;
   ASSERT_TRUE(stub_a->ReleaseExpert(&context, release, &released).ok());
-  EXPECT_THAT(a->store().HostedExperts(), ElementsAre(0));
+  EXPECT_THAT(a->store().HostedExperts(), ElementsAre(ExpertKey(0, 0)));
 }
 
 TEST(ExpertServerTest, HealthIsServingUntilShutdown) {

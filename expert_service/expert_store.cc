@@ -57,7 +57,7 @@ void CopyConverted(const std::byte* src, DType src_dtype, const TensorView& dst)
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(
-    Options options, std::map<int, ExpertWeights> experts, KernelFactory kernel_factory) {
+    Options options, std::map<ExpertKey, ExpertWeights> experts, KernelFactory kernel_factory) {
   auto store =
       std::unique_ptr<ExpertStore>(new ExpertStore(std::move(options), std::move(kernel_factory)));
   for (auto& [id, weights] : experts) {
@@ -99,30 +99,26 @@ DType ExpertStore::compute_dtype() const {
   return experts_.begin()->second->kernel->dtype();
 }
 
-absl::Status ExpertStore::CheckHosted(int expert) const {
-  if (expert < 0 || expert >= options_.model.num_experts) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "expert ", expert, ": out of range [0, ", options_.model.num_experts, ")"));
-  }
+absl::Status ExpertStore::CheckHosted(ExpertKey expert) const {
+  MOE_RETURN_IF_ERROR(CheckExpertKey(options_.model, expert));
   absl::MutexLock lock(&mu_);
   if (!experts_.contains(expert)) {
-    std::vector<int> ids;
+    std::vector<ExpertKey> ids;
     for (const auto& [id, hosted] : experts_) ids.push_back(id);
     std::sort(ids.begin(), ids.end());
-    return absl::NotFoundError(absl::StrCat("expert ", expert, ": not hosted by server ",
+    return absl::NotFoundError(absl::StrCat(expert.ToString(), ": not hosted by server ",
                                             options_.server_name, " (hosts ",
-                                            ids.empty() ? "none" : absl::StrJoin(ids, ","),
-                                            ")"));
+                                            ids.empty() ? "none" : JoinExpertKeys(ids), ")"));
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::shared_ptr<ExpertStore::Hosted>> ExpertStore::Find(int expert) const {
+absl::StatusOr<std::shared_ptr<ExpertStore::Hosted>> ExpertStore::Find(ExpertKey expert) const {
   MOE_RETURN_IF_ERROR(CheckHosted(expert));
   absl::MutexLock lock(&mu_);
   auto it = experts_.find(expert);
   if (it == experts_.end()) {  // removed between the check and here
-    return absl::NotFoundError(absl::StrCat("expert ", expert, ": no longer hosted by ",
+    return absl::NotFoundError(absl::StrCat(expert.ToString(), ": no longer hosted by ",
                                             options_.server_name));
   }
   return it->second;
@@ -130,18 +126,18 @@ absl::StatusOr<std::shared_ptr<ExpertStore::Hosted>> ExpertStore::Find(int exper
 
 namespace {
 
-absl::Status CheckStep(int expert, uint64_t hosted_step, uint64_t expected_step) {
+absl::Status CheckStep(ExpertKey expert, uint64_t hosted_step, uint64_t expected_step) {
   if (expected_step == ExpertStore::kAnyStep || expected_step == hosted_step) {
     return absl::OkStatus();
   }
   return absl::FailedPreconditionError(absl::StrCat(
-      "expert ", expert, " here has the weights of step ", hosted_step,
+      expert.ToString(), " here has the weights of step ", hosted_step,
       ", the call is for step ", expected_step));
 }
 
 }  // namespace
 
-absl::Status ExpertStore::Forward(int expert, const ConstTensorView& x, const TensorView& y,
+absl::Status ExpertStore::Forward(ExpertKey expert, const ConstTensorView& x, const TensorView& y,
                                   bool training, uint64_t request_id, absl::Time now,
                                   uint64_t expected_step) {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
@@ -184,7 +180,7 @@ absl::Status ExpertStore::Forward(int expert, const ConstTensorView& x, const Te
   return absl::OkStatus();
 }
 
-absl::Status ExpertStore::Backward(int expert, uint64_t request_id, const ConstTensorView& dy,
+absl::Status ExpertStore::Backward(ExpertKey expert, uint64_t request_id, const ConstTensorView& dy,
                                    const TensorView& dx, absl::Time now,
                                    uint64_t expected_step) {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
@@ -192,8 +188,8 @@ absl::Status ExpertStore::Backward(int expert, uint64_t request_id, const ConstT
   const int64_t d_model = options_.model.d_model;
   if (dy.rows() != saved.rows) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "grad_output: request ", request_id, " sent ", saved.rows, " tokens to expert ",
-        expert, " in forward, backward has ", dy.rows()));
+        "grad_output: request ", request_id, " sent ", saved.rows, " tokens to ",
+        expert.ToString(), " in forward, backward has ", dy.rows()));
   }
   std::vector<std::byte> dy_storage, dx_storage;
   const std::byte* dy32 = InDtype(dy, DType::kFloat32, dy_storage);
@@ -216,33 +212,33 @@ absl::Status ExpertStore::Backward(int expert, uint64_t request_id, const ConstT
   return absl::OkStatus();
 }
 
-std::vector<int> ExpertStore::HostedExperts() const {
+std::vector<ExpertKey> ExpertStore::HostedExperts() const {
   absl::MutexLock lock(&mu_);
-  std::vector<int> ids;
+  std::vector<ExpertKey> ids;
   for (const auto& [id, hosted] : experts_) ids.push_back(id);
   std::sort(ids.begin(), ids.end());
   return ids;
 }
 
-absl::StatusOr<uint64_t> ExpertStore::Digest(int expert) const {
+absl::StatusOr<uint64_t> ExpertStore::Digest(ExpertKey expert) const {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   absl::ReaderMutexLock lock(&hosted->weights_mu);
   return hosted->master.Digest();
 }
 
-absl::StatusOr<ExpertSnapshot> ExpertStore::Snapshot(int expert) const {
+absl::StatusOr<ExpertSnapshot> ExpertStore::Snapshot(ExpertKey expert) const {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   absl::ReaderMutexLock lock(&hosted->weights_mu);
   return ExpertSnapshot{hosted->master, hosted->velocity};
 }
 
-absl::StatusOr<ExpertWeights> ExpertStore::Gradients(int expert) const {
+absl::StatusOr<ExpertWeights> ExpertStore::Gradients(ExpertKey expert) const {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   absl::MutexLock lock(&hosted->grads_mu);
   return hosted->grads;
 }
 
-absl::StatusOr<ExpertWeights> ExpertStore::TakeGradients(int expert, ExpertWeights fresh) {
+absl::StatusOr<ExpertWeights> ExpertStore::TakeGradients(ExpertKey expert, ExpertWeights fresh) {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   ExpertWeights taken = std::move(fresh);
   const ExpertWeights& like = hosted->master;
@@ -263,7 +259,7 @@ absl::StatusOr<ExpertWeights> ExpertStore::TakeGradients(int expert, ExpertWeigh
   return taken;
 }
 
-absl::Status ExpertStore::RestoreGradients(int expert, const ExpertWeights& grads) {
+absl::Status ExpertStore::RestoreGradients(ExpertKey expert, const ExpertWeights& grads) {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   absl::MutexLock lock(&hosted->grads_mu);
   for (ExpertTensor which : kAllExpertTensors) {
@@ -274,7 +270,7 @@ absl::Status ExpertStore::RestoreGradients(int expert, const ExpertWeights& grad
   return absl::OkStatus();
 }
 
-absl::Status ExpertStore::ComputeUpdate(int expert, const OptimizerOptions& optimizer,
+absl::Status ExpertStore::ComputeUpdate(ExpertKey expert, const OptimizerOptions& optimizer,
                                         float learning_rate, const ExpertTensorSpans& grads,
                                         ExpertSnapshot& updated) const {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
@@ -282,7 +278,7 @@ absl::Status ExpertStore::ComputeUpdate(int expert, const OptimizerOptions& opti
   absl::ReaderMutexLock lock(&hosted->weights_mu);
   if (momentum && !hosted->velocity) {
     return absl::FailedPreconditionError(
-        absl::StrCat("expert ", expert, ": momentum optimizer without momentum buffers"));
+        absl::StrCat(expert.ToString(), ": momentum optimizer without momentum buffers"));
   }
   bool finite = true;
   auto shaped = [](FloatTensor& out, const FloatTensor& like) {
@@ -294,7 +290,7 @@ absl::Status ExpertStore::ComputeUpdate(int expert, const OptimizerOptions& opti
     const ExpertTensor which = kAllExpertTensors[i];
     const FloatTensor& w = hosted->master.tensor(which);
     if (grads[i].size() != w.values().size()) {
-      return absl::InvalidArgumentError(absl::StrCat("expert ", expert, ": ", grads[i].size(),
+      return absl::InvalidArgumentError(absl::StrCat(expert.ToString(), ": ", grads[i].size(),
                                                      " gradient values for a tensor of ",
                                                      w.values().size()));
     }
@@ -314,24 +310,24 @@ absl::Status ExpertStore::ComputeUpdate(int expert, const OptimizerOptions& opti
   if (!finite) {
     // Never installed: a NaN or Inf weight would poison every answer.
     return absl::OutOfRangeError(absl::StrCat(
-        "expert ", expert, ": the update has a non-finite value (the summed gradient or the ",
+        expert.ToString(), ": the update has a non-finite value (the summed gradient or the ",
         "learning rate ", learning_rate, " overflowed)"));
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<uint64_t> ExpertStore::Step(int expert) const {
+absl::StatusOr<uint64_t> ExpertStore::Step(ExpertKey expert) const {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   absl::ReaderMutexLock lock(&hosted->weights_mu);
   return hosted->step;
 }
 
-absl::Status ExpertStore::SwapInWeights(int expert, ExpertSnapshot& updated, uint64_t step) {
+absl::Status ExpertStore::SwapInWeights(ExpertKey expert, ExpertSnapshot& updated, uint64_t step) {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   for (ExpertTensor which : kAllExpertTensors) {
     if (updated.weights.tensor(which).shape() != hosted->master.tensor(which).shape()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("expert ", expert, ": updated weights of another shape"));
+          absl::StrCat(expert.ToString(), ": updated weights of another shape"));
     }
   }
   absl::MutexLock lock(&hosted->weights_mu);
@@ -343,21 +339,18 @@ absl::Status ExpertStore::SwapInWeights(int expert, ExpertSnapshot& updated, uin
   return hosted->kernel->ReloadWeights();
 }
 
-absl::Status ExpertStore::AddExpert(int expert, ExpertSnapshot snapshot) {
-  if (expert < 0 || expert >= options_.model.num_experts) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "expert ", expert, ": out of range [0, ", options_.model.num_experts, ")"));
-  }
+absl::Status ExpertStore::AddExpert(ExpertKey expert, ExpertSnapshot snapshot) {
+  MOE_RETURN_IF_ERROR(CheckExpertKey(options_.model, expert));
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, MakeHosted(std::move(snapshot)));
   absl::MutexLock lock(&mu_);
   if (!experts_.emplace(expert, std::move(hosted)).second) {
     return absl::AlreadyExistsError(
-        absl::StrCat("expert ", expert, ": already hosted by ", options_.server_name));
+        absl::StrCat(expert.ToString(), ": already hosted by ", options_.server_name));
   }
   return absl::OkStatus();
 }
 
-absl::Status ExpertStore::RemoveExpert(int expert) {
+absl::Status ExpertStore::RemoveExpert(ExpertKey expert) {
   MOE_RETURN_IF_ERROR(CheckHosted(expert));
   absl::MutexLock lock(&mu_);
   experts_.erase(expert);

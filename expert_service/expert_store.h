@@ -22,6 +22,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "absl/types/span.h"
+#include "common/expert_key.h"
 #include "common/model_config.h"
 #include "common/moe_weights.h"
 #include "common/tensor.h"
@@ -57,7 +58,7 @@ class ExpertStore {
   };
 
   static absl::StatusOr<std::unique_ptr<ExpertStore>> Create(
-      Options options, std::map<int, ExpertWeights> experts, KernelFactory kernel_factory);
+      Options options, std::map<ExpertKey, ExpertWeights> experts, KernelFactory kernel_factory);
 
   const ModelConfig& model() const { return options_.model; }
   // The dtype the kernels compute in (from the factory's kernels; fp32 when
@@ -71,25 +72,25 @@ class ExpertStore {
   // With `expected_step` (not kAnyStep), FAILED_PRECONDITION unless the
   // expert's weights are those committed at that step: checked under the
   // same lock as the kernel runs, so a commit never slips in between.
-  absl::Status Forward(int expert, const ConstTensorView& x, const TensorView& y,
+  absl::Status Forward(ExpertKey expert, const ConstTensorView& x, const TensorView& y,
                        bool training, uint64_t request_id, absl::Time now,
                        uint64_t expected_step = kAnyStep);
 
   // dx = dL/dx from dy = dL/d(output) for the rows of the training forward
   // (request_id, expert); adds the weight gradients to the accumulators.
   // dx has dy's shape and dtype. NOT_FOUND for an unknown or expired id.
-  absl::Status Backward(int expert, uint64_t request_id, const ConstTensorView& dy,
+  absl::Status Backward(ExpertKey expert, uint64_t request_id, const ConstTensorView& dy,
                         const TensorView& dx, absl::Time now, uint64_t expected_step = kAnyStep);
 
   // Ascending ids of the hosted experts.
-  std::vector<int> HostedExperts() const ABSL_LOCKS_EXCLUDED(mu_);
+  std::vector<ExpertKey> HostedExperts() const ABSL_LOCKS_EXCLUDED(mu_);
   // Digest of a hosted expert's master weights.
-  absl::StatusOr<uint64_t> Digest(int expert) const;
+  absl::StatusOr<uint64_t> Digest(ExpertKey expert) const;
   // The step its weights were committed at (0: as loaded).
-  absl::StatusOr<uint64_t> Step(int expert) const;
-  absl::StatusOr<ExpertSnapshot> Snapshot(int expert) const;
+  absl::StatusOr<uint64_t> Step(ExpertKey expert) const;
+  absl::StatusOr<ExpertSnapshot> Snapshot(ExpertKey expert) const;
   // A copy of the accumulated gradients (for tests and the step protocol).
-  absl::StatusOr<ExpertWeights> Gradients(int expert) const;
+  absl::StatusOr<ExpertWeights> Gradients(ExpertKey expert) const;
   // The training step's operations on one expert. TakeGradients moves the
   // accumulated gradients out (leaving zeros: backward calls during the step
   // count for the next one), swapping in `fresh` zero-filled when it has the
@@ -97,27 +98,27 @@ class ExpertStore {
   // zeros; RestoreGradients adds them back (an aborted
   // step: exact when nothing was added meanwhile, and nothing is lost when
   // something was).
-  absl::StatusOr<ExpertWeights> TakeGradients(int expert, ExpertWeights fresh = {});
-  absl::Status RestoreGradients(int expert, const ExpertWeights& grads);
+  absl::StatusOr<ExpertWeights> TakeGradients(ExpertKey expert, ExpertWeights fresh = {});
+  absl::Status RestoreGradients(ExpertKey expert, const ExpertWeights& grads);
   // Writes the optimizer's update of the hosted weights (and momentum) with
   // `grads` into `updated`, whose buffers are reused when they have the
   // model's shapes; the hosted expert is unchanged. One pass: nothing is
   // copied first. OUT_OF_RANGE when a result is not finite.
-  absl::Status ComputeUpdate(int expert, const OptimizerOptions& optimizer, float learning_rate,
+  absl::Status ComputeUpdate(ExpertKey expert, const OptimizerOptions& optimizer, float learning_rate,
                              const ExpertTensorSpans& grads, ExpertSnapshot& updated) const;
   // Installs `updated` as the weights committed at `step` by swapping
   // buffers with the hosted expert (between kernel calls; no copy) and
   // reloads the kernel; `updated` gets the old weights (reusable by the next
   // ComputeUpdate).
-  absl::Status SwapInWeights(int expert, ExpertSnapshot& updated, uint64_t step);
+  absl::Status SwapInWeights(ExpertKey expert, ExpertSnapshot& updated, uint64_t step);
 
   // Starts hosting `expert`; ALREADY_EXISTS if it is hosted.
-  absl::Status AddExpert(int expert, ExpertSnapshot snapshot) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status AddExpert(ExpertKey expert, ExpertSnapshot snapshot) ABSL_LOCKS_EXCLUDED(mu_);
   // Stops hosting `expert`; calls in flight finish first.
-  absl::Status RemoveExpert(int expert) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status RemoveExpert(ExpertKey expert) ABSL_LOCKS_EXCLUDED(mu_);
 
   // INVALID_ARGUMENT out of range, NOT_FOUND when not hosted here.
-  absl::Status CheckHosted(int expert) const ABSL_LOCKS_EXCLUDED(mu_);
+  absl::Status CheckHosted(ExpertKey expert) const ABSL_LOCKS_EXCLUDED(mu_);
 
   TrainingStateStore& training_state() { return training_; }
 
@@ -130,14 +131,14 @@ class ExpertStore {
         training_(options_.training) {}
 
   absl::StatusOr<std::shared_ptr<Hosted>> MakeHosted(ExpertSnapshot snapshot) const;
-  absl::StatusOr<std::shared_ptr<Hosted>> Find(int expert) const ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<std::shared_ptr<Hosted>> Find(ExpertKey expert) const ABSL_LOCKS_EXCLUDED(mu_);
 
   const Options options_;
   const KernelFactory kernel_factory_;
   TrainingStateStore training_;
   mutable absl::Mutex mu_;
   // shared_ptr: a call in flight keeps its expert alive across RemoveExpert.
-  absl::flat_hash_map<int, std::shared_ptr<Hosted>> experts_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<ExpertKey, std::shared_ptr<Hosted>> experts_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace moe::expert

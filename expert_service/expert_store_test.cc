@@ -36,7 +36,8 @@ class ExpertStoreTest : public ::testing::Test {
   void SetUp() override {
     runtime_ = *OnednnRuntime::Create(0);
     ExpertStore::Options options{Model(), "expert-1", {1 << 20, absl::Seconds(5)}};
-    std::map<int, ExpertWeights> experts = InitWeights(Model(), {1, 3}, false).experts;
+    std::map<ExpertKey, ExpertWeights> experts;
+    for (int e : {1, 3}) experts.emplace(ExpertKey(0, e), InitExpert(Model(), ExpertKey(0, e)));
     auto store = ExpertStore::Create(options, std::move(experts),
                                      [this](const ExpertWeights& w) {
                                        return OnednnExpertKernel::Create(w, DType::kFloat32,
@@ -51,12 +52,12 @@ class ExpertStoreTest : public ::testing::Test {
 };
 
 TEST_F(ExpertStoreTest, ForwardIsTheExpert) {
-  EXPECT_THAT(store_->HostedExperts(), ElementsAre(1, 3));
+  EXPECT_THAT(store_->HostedExperts(), ElementsAre(ExpertKey(0, 1), ExpertKey(0, 3)));
   const FloatTensor x = RandomTensor({9, 16}, 1);
   FloatTensor y({9, 16}), expected({9, 16});
-  ASSERT_TRUE(store_->Forward(3, x.view(), y.mutable_view(), false, 0, kNow).ok());
+  ASSERT_TRUE(store_->Forward(ExpertKey(0, 3), x.view(), y.mutable_view(), false, 0, kNow).ok());
   std::vector<float> hidden(9 * 24);
-  ReferenceExpertForward(InitExpert(Model(), 3), x.values(), 9, absl::MakeSpan(hidden),
+  ReferenceExpertForward(InitExpert(Model(), ExpertKey(0, 3)), x.values(), 9, absl::MakeSpan(hidden),
                          expected.mutable_values());
   EXPECT_TRUE(TensorNear(y, expected, 1e-5));
   EXPECT_EQ(store_->training_state().size(), 0u);
@@ -67,7 +68,7 @@ TEST_F(ExpertStoreTest, Bf16InputsAreConvertedBothWays) {
   std::vector<uint16_t> x_bits(80), y_bits(80);
   FloatsToBf16(x.values(), absl::MakeSpan(x_bits));
   ASSERT_TRUE(store_
-                  ->Forward(1,
+                  ->Forward(ExpertKey(0, 1),
                             {DType::kBFloat16, {5, 16},
                              reinterpret_cast<const std::byte*>(x_bits.data())},
                             {DType::kBFloat16, {5, 16}, reinterpret_cast<std::byte*>(y_bits.data())},
@@ -75,19 +76,19 @@ TEST_F(ExpertStoreTest, Bf16InputsAreConvertedBothWays) {
                   .ok());
   FloatTensor y({5, 16}), expected({5, 16});
   Bf16ToFloats(y_bits, y.mutable_values());
-  ASSERT_TRUE(store_->Forward(1, x.view(), expected.mutable_view(), false, 0, kNow).ok());
+  ASSERT_TRUE(store_->Forward(ExpertKey(0, 1), x.view(), expected.mutable_view(), false, 0, kNow).ok());
   EXPECT_TRUE(TensorNear(y, expected, 1e-2));
 }
 
 TEST_F(ExpertStoreTest, TrainingForwardThenBackwardAccumulates) {
   const FloatTensor x = RandomTensor({6, 16}, 3), dy = RandomTensor({6, 16}, 4);
   FloatTensor y({6, 16}), dx({6, 16});
-  ASSERT_TRUE(store_->Forward(1, x.view(), y.mutable_view(), true, 77, kNow).ok());
+  ASSERT_TRUE(store_->Forward(ExpertKey(0, 1), x.view(), y.mutable_view(), true, 77, kNow).ok());
   EXPECT_GT(store_->training_state().bytes(), 0);
-  ASSERT_TRUE(store_->Backward(1, 77, dy.view(), dx.mutable_view(), kNow).ok());
+  ASSERT_TRUE(store_->Backward(ExpertKey(0, 1), 77, dy.view(), dx.mutable_view(), kNow).ok());
   EXPECT_EQ(store_->training_state().bytes(), 0);
 
-  const ExpertWeights weights = InitExpert(Model(), 1);
+  const ExpertWeights weights = InitExpert(Model(), ExpertKey(0, 1));
   ExpertWeights expected = ExpertWeights::Zeros(Model());
   std::vector<float> hidden(6 * 24), out(6 * 16);
   ReferenceExpertForward(weights, x.values(), 6, absl::MakeSpan(hidden), absl::MakeSpan(out));
@@ -95,107 +96,110 @@ TEST_F(ExpertStoreTest, TrainingForwardThenBackwardAccumulates) {
   ReferenceExpertBackward(weights, x.values(), hidden, dy.values(), 6, dx_ref.mutable_values(),
                           expected);
   EXPECT_TRUE(TensorNear(dx, dx_ref, 1e-5));
-  const ExpertWeights grads = *store_->Gradients(1);
+  const ExpertWeights grads = *store_->Gradients(ExpertKey(0, 1));
   for (ExpertTensor which : kAllExpertTensors) {
     EXPECT_TRUE(TensorNear(grads.tensor(which), expected.tensor(which), 1e-5));
   }
   // The state was consumed.
-  EXPECT_EQ(store_->Backward(1, 77, dy.view(), dx.mutable_view(), kNow).code(),
+  EXPECT_EQ(store_->Backward(ExpertKey(0, 1), 77, dy.view(), dx.mutable_view(), kNow).code(),
             absl::StatusCode::kNotFound);
 }
 
 TEST_F(ExpertStoreTest, BadExpertsAndRequestsAreNamed) {
   const FloatTensor x = RandomTensor({2, 16}, 5);
   FloatTensor y({2, 16});
-  absl::Status s = store_->Forward(9, x.view(), y.mutable_view(), false, 0, kNow);
+  absl::Status s = store_->Forward(ExpertKey(0, 9), x.view(), y.mutable_view(), false, 0, kNow);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(s.message(), "expert 9: out of range [0, 4)");
-  s = store_->Forward(2, x.view(), y.mutable_view(), false, 0, kNow);
+  s = store_->Forward(ExpertKey(0, 2), x.view(), y.mutable_view(), false, 0, kNow);
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
   EXPECT_EQ(s.message(), "expert 2: not hosted by server expert-1 (hosts 1,3)");
-  s = store_->Backward(1, 12345, x.view(), y.mutable_view(), kNow);
+  // Expert 1 of a layer this model does not have is not expert 1.
+  s = store_->Forward(ExpertKey(1, 1), x.view(), y.mutable_view(), false, 0, kNow);
+  EXPECT_EQ(s.message(), "layer 1 expert 1: layer 1 is out of range [0, 1)");
+  s = store_->Backward(ExpertKey(0, 1), 12345, x.view(), y.mutable_view(), kNow);
   EXPECT_EQ(s.code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(s.message(), HasSubstr("request 12345"));
 
-  ASSERT_TRUE(store_->Forward(1, x.view(), y.mutable_view(), true, 5, kNow).ok());
+  ASSERT_TRUE(store_->Forward(ExpertKey(0, 1), x.view(), y.mutable_view(), true, 5, kNow).ok());
   const FloatTensor dy = RandomTensor({3, 16}, 6);
   FloatTensor dx({3, 16});
-  s = store_->Backward(1, 5, dy.view(), dx.mutable_view(), kNow);
+  s = store_->Backward(ExpertKey(0, 1), 5, dy.view(), dx.mutable_view(), kNow);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(s.message(), HasSubstr("sent 2 tokens to expert 1 in forward, backward has 3"));
 }
 
 TEST_F(ExpertStoreTest, ExpertsMoveInAndOut) {
-  absl::StatusOr<ExpertSnapshot> snapshot = store_->Snapshot(3);
+  absl::StatusOr<ExpertSnapshot> snapshot = store_->Snapshot(ExpertKey(0, 3));
   ASSERT_TRUE(snapshot.ok());
-  EXPECT_EQ(snapshot->weights.Digest(), InitExpert(Model(), 3).Digest());
-  EXPECT_EQ(*store_->Digest(3), snapshot->weights.Digest());
-  ASSERT_TRUE(store_->RemoveExpert(3).ok());
-  EXPECT_THAT(store_->HostedExperts(), ElementsAre(1));
-  ASSERT_TRUE(store_->AddExpert(2, *std::move(snapshot)).ok());
-  EXPECT_EQ(store_->AddExpert(2, {InitExpert(Model(), 2), std::nullopt}).code(),
+  EXPECT_EQ(snapshot->weights.Digest(), InitExpert(Model(), ExpertKey(0, 3)).Digest());
+  EXPECT_EQ(*store_->Digest(ExpertKey(0, 3)), snapshot->weights.Digest());
+  ASSERT_TRUE(store_->RemoveExpert(ExpertKey(0, 3)).ok());
+  EXPECT_THAT(store_->HostedExperts(), ElementsAre(ExpertKey(0, 1)));
+  ASSERT_TRUE(store_->AddExpert(ExpertKey(0, 2), *std::move(snapshot)).ok());
+  EXPECT_EQ(store_->AddExpert(ExpertKey(0, 2), {InitExpert(Model(), ExpertKey(0, 2)), std::nullopt}).code(),
             absl::StatusCode::kAlreadyExists);
-  EXPECT_EQ(*store_->Digest(2), InitExpert(Model(), 3).Digest());
-  EXPECT_EQ(store_->RemoveExpert(0).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(*store_->Digest(ExpertKey(0, 2)), InitExpert(Model(), ExpertKey(0, 3)).Digest());
+  EXPECT_EQ(store_->RemoveExpert(ExpertKey(0, 0)).code(), absl::StatusCode::kNotFound);
 }
 
 // The step's update: computed aside in one pass (the hosted expert and its
 // answers unchanged), then swapped in with its step; a call for another
 // step is refused under the kernel's lock.
 TEST_F(ExpertStoreTest, AnUpdateIsComputedAsideAndSwappedInWithItsStep) {
-  const ExpertWeights before = store_->Snapshot(1)->weights;
-  const ExpertWeights grads = InitExpert(Model(), 2);  // any values of the right shapes
+  const ExpertWeights before = store_->Snapshot(ExpertKey(0, 1))->weights;
+  const ExpertWeights grads = InitExpert(Model(), ExpertKey(0, 2));  // any values of the right shapes
   ExpertTensorSpans spans;
   for (size_t i = 0; i < spans.size(); ++i) spans[i] = grads.tensor(kAllExpertTensors[i]).values();
   OptimizerOptions sgd;
   ExpertSnapshot updated;
-  ASSERT_TRUE(store_->ComputeUpdate(1, sgd, 0.5f, spans, updated).ok());
-  EXPECT_EQ(*store_->Digest(1), before.Digest());  // not yet
+  ASSERT_TRUE(store_->ComputeUpdate(ExpertKey(0, 1), sgd, 0.5f, spans, updated).ok());
+  EXPECT_EQ(*store_->Digest(ExpertKey(0, 1)), before.Digest());  // not yet
   ExpertWeights expected = before;
   ApplySgd(sgd, 0.5f, grads, expected, nullptr);
   EXPECT_EQ(updated.weights.Digest(), expected.Digest());  // the same bits as in place
 
   const FloatTensor x = RandomTensor({4, 16}, 9);
   FloatTensor y({4, 16});
-  EXPECT_EQ(*store_->Step(1), 0u);
-  ASSERT_TRUE(store_->Forward(1, x.view(), y.mutable_view(), false, 0, kNow, 0).ok());
-  ASSERT_TRUE(store_->SwapInWeights(1, updated, 7).ok());
-  EXPECT_EQ(*store_->Digest(1), expected.Digest());
-  EXPECT_EQ(*store_->Step(1), 7u);
+  EXPECT_EQ(*store_->Step(ExpertKey(0, 1)), 0u);
+  ASSERT_TRUE(store_->Forward(ExpertKey(0, 1), x.view(), y.mutable_view(), false, 0, kNow, 0).ok());
+  ASSERT_TRUE(store_->SwapInWeights(ExpertKey(0, 1), updated, 7).ok());
+  EXPECT_EQ(*store_->Digest(ExpertKey(0, 1)), expected.Digest());
+  EXPECT_EQ(*store_->Step(ExpertKey(0, 1)), 7u);
   EXPECT_EQ(updated.weights.Digest(), before.Digest());  // the old buffers, for reuse
-  const absl::Status old = store_->Forward(1, x.view(), y.mutable_view(), false, 0, kNow, 0);
+  const absl::Status old = store_->Forward(ExpertKey(0, 1), x.view(), y.mutable_view(), false, 0, kNow, 0);
   EXPECT_EQ(old.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(old.message(), "expert 1 here has the weights of step 7, the call is for step 0");
-  EXPECT_TRUE(store_->Forward(1, x.view(), y.mutable_view(), false, 0, kNow, 7).ok());
-  EXPECT_TRUE(store_->Forward(1, x.view(), y.mutable_view(), false, 0, kNow).ok());
+  EXPECT_TRUE(store_->Forward(ExpertKey(0, 1), x.view(), y.mutable_view(), false, 0, kNow, 7).ok());
+  EXPECT_TRUE(store_->Forward(ExpertKey(0, 1), x.view(), y.mutable_view(), false, 0, kNow).ok());
 
   // An update that overflows is refused; nothing is installed.
   ExpertSnapshot overflowed;
   const std::vector<float> huge(spans[0].size(), 1e30f);
   ExpertTensorSpans huge_spans = spans;
   huge_spans[0] = huge;
-  const absl::Status too_big = store_->ComputeUpdate(1, sgd, 1e10f, huge_spans, overflowed);
+  const absl::Status too_big = store_->ComputeUpdate(ExpertKey(0, 1), sgd, 1e10f, huge_spans, overflowed);
   EXPECT_EQ(too_big.code(), absl::StatusCode::kOutOfRange);
   EXPECT_THAT(too_big.message(), HasSubstr("expert 1: the update has a non-finite value"));
-  EXPECT_EQ(*store_->Digest(1), expected.Digest());
+  EXPECT_EQ(*store_->Digest(ExpertKey(0, 1)), expected.Digest());
 
   // Gradients of another shape are refused, naming the sizes.
   spans[0] = spans[0].subspan(1);
-  EXPECT_EQ(store_->ComputeUpdate(1, sgd, 0.5f, spans, updated).code(),
+  EXPECT_EQ(store_->ComputeUpdate(ExpertKey(0, 1), sgd, 0.5f, spans, updated).code(),
             absl::StatusCode::kInvalidArgument);
 }
 
 TEST_F(ExpertStoreTest, TakenGradientsLeaveZerosInTheBuffersGiven) {
   const FloatTensor x = RandomTensor({3, 16}, 1);
   FloatTensor y({3, 16}), dx({3, 16});
-  ASSERT_TRUE(store_->Forward(3, x.view(), y.mutable_view(), true, 8, kNow).ok());
-  ASSERT_TRUE(store_->Backward(3, 8, x.view(), dx.mutable_view(), kNow).ok());
-  const ExpertWeights accumulated = *store_->Gradients(3);
-  ExpertWeights reused = InitExpert(Model(), 0);  // stale values, right shapes
-  absl::StatusOr<ExpertWeights> taken = store_->TakeGradients(3, std::move(reused));
+  ASSERT_TRUE(store_->Forward(ExpertKey(0, 3), x.view(), y.mutable_view(), true, 8, kNow).ok());
+  ASSERT_TRUE(store_->Backward(ExpertKey(0, 3), 8, x.view(), dx.mutable_view(), kNow).ok());
+  const ExpertWeights accumulated = *store_->Gradients(ExpertKey(0, 3));
+  ExpertWeights reused = InitExpert(Model(), ExpertKey(0, 0));  // stale values, right shapes
+  absl::StatusOr<ExpertWeights> taken = store_->TakeGradients(ExpertKey(0, 3), std::move(reused));
   ASSERT_TRUE(taken.ok());
   EXPECT_EQ(taken->Digest(), accumulated.Digest());
-  EXPECT_EQ(store_->Gradients(3)->Digest(), ExpertWeights::Zeros(Model()).Digest());
+  EXPECT_EQ(store_->Gradients(ExpertKey(0, 3))->Digest(), ExpertWeights::Zeros(Model()).Digest());
 }
 
 }  // namespace

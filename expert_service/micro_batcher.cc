@@ -19,7 +19,7 @@ MicroBatcher::~MicroBatcher() {
   timer_.join();
 }
 
-void MicroBatcher::Forward(int expert, const ConstTensorView& x, const TensorView& y,
+void MicroBatcher::Forward(ExpertKey expert, const ConstTensorView& x, const TensorView& y,
                            uint64_t expected_step, Done done) {
   Batch full;
   const Key key{expert, x.dtype, expected_step};
@@ -78,7 +78,7 @@ void MicroBatcher::Dispatch(const Key& key, Batch batch) {
 }
 
 void MicroBatcher::Run(const Key& key, Batch& batch) {
-  const int expert = key.expert;
+  const ExpertKey expert = key.expert;
   if (batch.items.size() == 1) {
     Item& item = batch.items[0];
     std::move(item.done)(

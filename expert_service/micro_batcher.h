@@ -19,6 +19,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/compute_pool.h"
+#include "common/expert_key.h"
 #include "common/tensor.h"
 #include "expert_service/expert_store.h"
 
@@ -45,7 +46,7 @@ class MicroBatcher {
   // with RESOURCE_EXHAUSTED when the pool refuses the batch).
   // Only requests for the same step (ExpertStore::Forward's expected_step)
   // are merged.
-  void Forward(int expert, const ConstTensorView& x, const TensorView& y, uint64_t expected_step,
+  void Forward(ExpertKey expert, const ConstTensorView& x, const TensorView& y, uint64_t expected_step,
                Done done) ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
@@ -60,7 +61,7 @@ class MicroBatcher {
     absl::Time due;
   };
   struct Key {
-    int expert;
+    ExpertKey expert;
     DType dtype;
     uint64_t expected_step;
     template <typename H>

@@ -66,7 +66,7 @@ class KernelForwardTest : public ::testing::TestWithParam<int64_t> {};
 TEST_P(KernelForwardTest, Fp32MatchesTheReference) {
   const int64_t rows = GetParam();
   const ModelConfig model = Model(64, 160);
-  const ExpertWeights weights = InitExpert(model, 0);
+  const ExpertWeights weights = InitExpert(model, ExpertKey(0, 0));
   auto runtime = Runtime();
   absl::StatusOr<std::unique_ptr<OnednnExpertKernel>> kernel =
       OnednnExpertKernel::Create(weights, DType::kFloat32, *runtime);
@@ -92,7 +92,7 @@ TEST_P(KernelForwardTest, Bf16IsWithinTheDocumentedBound) {
   if (!OnednnRuntime::HasNativeBf16()) GTEST_SKIP() << "no native bf16 on this CPU";
   const int64_t rows = GetParam();
   const ModelConfig model = Model(64, 160);
-  const ExpertWeights weights = InitExpert(model, 0);
+  const ExpertWeights weights = InitExpert(model, ExpertKey(0, 0));
   auto runtime = Runtime();
   absl::StatusOr<std::unique_ptr<OnednnExpertKernel>> kernel =
       OnednnExpertKernel::Create(weights, DType::kBFloat16, *runtime);
@@ -121,7 +121,7 @@ INSTANTIATE_TEST_SUITE_P(Rows, KernelForwardTest,
 
 TEST(OnednnExpertKernelTest, RealShapesAt4096Rows) {
   const ModelConfig model = Model(256, 1024);
-  const ExpertWeights weights = InitExpert(model, 3);
+  const ExpertWeights weights = InitExpert(model, ExpertKey(0, 3));
   auto runtime = Runtime();
   absl::StatusOr<std::unique_ptr<OnednnExpertKernel>> kernel =
       OnednnExpertKernel::Create(weights, DType::kFloat32, *runtime);
@@ -135,7 +135,7 @@ TEST(OnednnExpertKernelTest, RealShapesAt4096Rows) {
 
 TEST(OnednnExpertKernelTest, PrimitivesAreCreatedOncePerBucket) {
   const ModelConfig model = Model(32, 48);
-  const ExpertWeights a = InitExpert(model, 0), b = InitExpert(model, 1);
+  const ExpertWeights a = InitExpert(model, ExpertKey(0, 0)), b = InitExpert(model, ExpertKey(0, 1));
   auto runtime = Runtime();
   auto ka = OnednnExpertKernel::Create(a, DType::kFloat32, *runtime);
   auto kb = OnednnExpertKernel::Create(b, DType::kFloat32, *runtime);
@@ -153,7 +153,7 @@ TEST(OnednnExpertKernelTest, PrimitivesAreCreatedOncePerBucket) {
 TEST(OnednnExpertKernelTest, BackwardMatchesTheReference) {
   for (int64_t rows : {1, 7, 300}) {
     const ModelConfig model = Model(48, 96);
-    const ExpertWeights weights = InitExpert(model, 2);
+    const ExpertWeights weights = InitExpert(model, ExpertKey(0, 2));
     auto runtime = Runtime();
     auto kernel = OnednnExpertKernel::Create(weights, DType::kFloat32, *runtime);
     ASSERT_TRUE(kernel.ok());
@@ -165,7 +165,7 @@ TEST(OnednnExpertKernelTest, BackwardMatchesTheReference) {
     ASSERT_TRUE((*kernel)->Forward(x.view(), y.mutable_view(), &act_view).ok());
 
     // Accumulators start non-zero: backward must add, not overwrite.
-    ExpertWeights grads = InitExpert(model, 7), grads_ref = InitExpert(model, 7);
+    ExpertWeights grads = InitExpert(model, ExpertKey(0, 7)), grads_ref = InitExpert(model, ExpertKey(0, 7));
     FloatTensor dx({rows, 48}), dx_ref({rows, 48});
     ASSERT_TRUE((*kernel)->Backward(x.view(), act.view(), dy.view(), dx.mutable_view(), grads).ok());
     ASSERT_TRUE(reference.Backward(x.view(), act.view(), dy.view(), dx_ref.mutable_view(), grads_ref).ok());
@@ -181,7 +181,7 @@ TEST(OnednnExpertKernelTest, ConcurrentCallsOnOnePrimitiveAreIndependent) {
   // The same primitives run from four threads at once (this once gave wrong
   // outputs, with oneDNN's per-primitive library scratchpad).
   const ModelConfig model = Model(64, 160);
-  const ExpertWeights weights = InitExpert(model, 4);
+  const ExpertWeights weights = InitExpert(model, ExpertKey(0, 4));
   auto runtime = Runtime();
   auto kernel = OnednnExpertKernel::Create(weights, DType::kFloat32, *runtime);
   ASSERT_TRUE(kernel.ok());
@@ -214,7 +214,7 @@ TEST(OnednnExpertKernelTest, ConcurrentCallsOnOnePrimitiveAreIndependent) {
 
 TEST(OnednnExpertKernelTest, ReloadPicksUpNewWeights) {
   const ModelConfig model = Model(16, 32);
-  ExpertWeights weights = InitExpert(model, 0);
+  ExpertWeights weights = InitExpert(model, ExpertKey(0, 0));
   auto runtime = Runtime();
   auto kernel = OnednnExpertKernel::Create(weights, DType::kFloat32, *runtime);
   ASSERT_TRUE(kernel.ok());
@@ -232,7 +232,7 @@ TEST(OnednnExpertKernelTest, ReloadPicksUpNewWeights) {
 
 TEST(OnednnExpertKernelTest, WrongShapesAreErrors) {
   const ModelConfig model = Model(16, 32);
-  const ExpertWeights weights = InitExpert(model, 0);
+  const ExpertWeights weights = InitExpert(model, ExpertKey(0, 0));
   auto runtime = Runtime();
   auto kernel = OnednnExpertKernel::Create(weights, DType::kFloat32, *runtime);
   ASSERT_TRUE(kernel.ok());

@@ -106,7 +106,7 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
   prepared.step = step;
   PrepareResult result;
   absl::Status status;
-  for (int expert : store_.HostedExperts()) {
+  for (ExpertKey expert : store_.HostedExperts()) {
     ExpertWeights fresh;
     if (auto spare = TakeSpareGradients(expert); !spare.empty()) fresh = std::move(spare.mapped());
     absl::StatusOr<ExpertWeights> grads = store_.TakeGradients(expert, std::move(fresh));
@@ -114,7 +114,7 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
   }
   // Each expert's gradients: its sums in a fused buffer when replicated,
   // else its own.
-  std::map<int, ExpertTensorSpans> grads;
+  std::map<ExpertKey, ExpertTensorSpans> grads;
   absl::StatusOr<std::vector<std::vector<float>>> sums =
       AllReduce(step, rings, prepared.local_grads, deadline, grads, result);
   status = sums.status();
@@ -166,19 +166,19 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
 }
 
 absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
-    uint64_t step, const std::vector<StepRing>& rings, const std::map<int, ExpertWeights>& local,
-    absl::Time deadline, std::map<int, ExpertTensorSpans>& grads, PrepareResult& result) {
+    uint64_t step, const std::vector<StepRing>& rings, const std::map<ExpertKey, ExpertWeights>& local,
+    absl::Time deadline, std::map<ExpertKey, ExpertTensorSpans>& grads, PrepareResult& result) {
   const absl::Time start = absl::Now();
   std::vector<std::shared_ptr<allreduce::RingAllReduce>> collectives;
   int64_t floats = 0;
   for (size_t g = 0; g < rings.size(); ++g) {
     const StepRing& ring = rings[g];
     size_t length = 0;
-    for (int expert : ring.experts) {
+    for (ExpertKey expert : ring.experts) {
       auto it = local.find(expert);
       if (it == local.end()) {
         return absl::FailedPreconditionError(absl::StrCat(
-            "server ", options_.server_name, " does not host expert ", expert, " of group ",
+            "server ", options_.server_name, " does not host ", expert.ToString(), " of group ",
             absl::Hex(ring.group_id)));
       }
       for (ExpertTensor which : kAllExpertTensors) {
@@ -190,7 +190,7 @@ absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
     std::vector<float> buffer = TakeSpareBuffer(g);
     buffer.clear();
     buffer.reserve(length);
-    for (int expert : ring.experts) {
+    for (ExpertKey expert : ring.experts) {
       for (ExpertTensor which : kAllExpertTensors) {
         absl::Span<const float> values = local.at(expert).tensor(which).values();
         buffer.insert(buffer.end(), values.begin(), values.end());
@@ -216,7 +216,7 @@ absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
     if (!s.ok() && status.ok()) {
       status = absl::Status(
           s.code(), absl::StrCat("server ", options_.server_name, ", replica group of experts [",
-                                 absl::StrJoin(rings[g].experts, ","), "]: ",
+                                 JoinExpertKeys(rings[g].experts), "]: ",
                                  s.message()));
     }
     result.allreduce_bytes_sent += collectives[g]->bytes_sent();
@@ -231,7 +231,7 @@ absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
   for (size_t g = 0; g < collectives.size(); ++g) {
     sums.push_back(collectives[g]->TakeBuffer());
     const float* next = sums.back().data();
-    for (int expert : rings[g].experts) {
+    for (ExpertKey expert : rings[g].experts) {
       ExpertTensorSpans& spans = grads[expert];
       for (size_t i = 0; i < spans.size(); ++i) {
         const size_t n = local.at(expert).tensor(kAllExpertTensors[i]).values().size();
@@ -243,7 +243,7 @@ absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
   return sums;
 }
 
-absl::StatusOr<std::vector<std::pair<int, uint64_t>>> StepExecutor::Commit(uint64_t step) {
+absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> StepExecutor::Commit(uint64_t step) {
   Prepared prepared;
   {
     absl::MutexLock lock(&mu_);
@@ -260,7 +260,7 @@ absl::StatusOr<std::vector<std::pair<int, uint64_t>>> StepExecutor::Commit(uint6
     last_committed_ = step;
   }
   const absl::Time start = absl::Now();
-  std::vector<std::pair<int, uint64_t>> digests;
+  std::vector<std::pair<ExpertKey, uint64_t>> digests;
   for (auto& [expert, updated] : prepared.updated) {
     const uint64_t digest = updated.weights.Digest();
     MOE_RETURN_IF_ERROR(store_.SwapInWeights(expert, updated, step));
@@ -301,12 +301,12 @@ void StepExecutor::Abort(uint64_t step, const std::string& reason) {
   if (dropped) PutBack(dropped->local_grads);
 }
 
-std::map<int, ExpertSnapshot>::node_type StepExecutor::TakeSpare(int expert) {
+std::map<ExpertKey, ExpertSnapshot>::node_type StepExecutor::TakeSpare(ExpertKey expert) {
   absl::MutexLock lock(&mu_);
   return spare_.extract(expert);
 }
 
-std::map<int, ExpertWeights>::node_type StepExecutor::TakeSpareGradients(int expert) {
+std::map<ExpertKey, ExpertWeights>::node_type StepExecutor::TakeSpareGradients(ExpertKey expert) {
   absl::MutexLock lock(&mu_);
   return spare_grads_.extract(expert);
 }
@@ -322,18 +322,18 @@ void StepExecutor::KeepSpareBuffers(std::vector<std::vector<float>> buffers) {
   spare_buffers_ = std::move(buffers);
 }
 
-void StepExecutor::KeepSpare(std::map<int, ExpertSnapshot> updated,
-                             std::map<int, ExpertWeights> grads) {
+void StepExecutor::KeepSpare(std::map<ExpertKey, ExpertSnapshot> updated,
+                             std::map<ExpertKey, ExpertWeights> grads) {
   absl::MutexLock lock(&mu_);
   spare_ = std::move(updated);
   spare_grads_ = std::move(grads);
 }
 
-void StepExecutor::PutBack(const std::map<int, ExpertWeights>& local_grads) {
+void StepExecutor::PutBack(const std::map<ExpertKey, ExpertWeights>& local_grads) {
   for (const auto& [expert, grads] : local_grads) {
     absl::Status status = store_.RestoreGradients(expert, grads);
     if (!status.ok()) {
-      MOE_LOG(WARNING, "server ", options_.server_name, ": gradients of expert ", expert,
+      MOE_LOG(WARNING, "server ", options_.server_name, ": gradients of ", expert.ToString(),
               " not restored: ", status.message());
     }
   }

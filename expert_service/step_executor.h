@@ -29,6 +29,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/deadline_timer.h"
+#include "common/expert_key.h"
 #include "common/model_config.h"
 #include "common/placement.h"
 #include "expert_service/allreduce/collective_registry.h"
@@ -40,8 +41,8 @@ namespace moe::expert {
 // This server's place in one replica group's ring.
 struct StepRing {
   uint64_t group_id = 0;
-  // Fused in this order (ascending ids), tensors as kAllExpertTensors.
-  std::vector<int> experts;
+  // Fused in this order (ascending keys), tensors as kAllExpertTensors.
+  std::vector<ExpertKey> experts;
   int rank = 0;
   int size = 1;
   std::string predecessor;
@@ -89,7 +90,7 @@ class StepExecutor {
   absl::StatusOr<PrepareResult> Prepare(uint64_t step, float learning_rate, absl::Time deadline)
       ABSL_LOCKS_EXCLUDED(mu_);
   // (expert, digest of its new weights), ascending.
-  absl::StatusOr<std::vector<std::pair<int, uint64_t>>> Commit(uint64_t step)
+  absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> Commit(uint64_t step)
       ABSL_LOCKS_EXCLUDED(mu_);
   // Idempotent; also stops a Prepare of `step` that is still running.
   void Abort(uint64_t step, const std::string& reason) ABSL_LOCKS_EXCLUDED(mu_);
@@ -105,25 +106,25 @@ class StepExecutor {
   struct Prepared {
     uint64_t step = 0;
     // The local gradients taken, to put back on abort.
-    std::map<int, ExpertWeights> local_grads;
-    std::map<int, ExpertSnapshot> updated;
+    std::map<ExpertKey, ExpertWeights> local_grads;
+    std::map<ExpertKey, ExpertSnapshot> updated;
     uint64_t timer_id = 0;
   };
 
   // Sums the groups' fused gradients: one buffer per ring, in ring order;
   // `grads` gets spans over each replicated expert's sums in them.
   absl::StatusOr<std::vector<std::vector<float>>> AllReduce(
-      uint64_t step, const std::vector<StepRing>& rings, const std::map<int, ExpertWeights>& local,
+      uint64_t step, const std::vector<StepRing>& rings, const std::map<ExpertKey, ExpertWeights>& local,
       absl::Time deadline,
-      std::map<int, ExpertTensorSpans>& grads, PrepareResult& result);
-  void PutBack(const std::map<int, ExpertWeights>& local_grads);
+      std::map<ExpertKey, ExpertTensorSpans>& grads, PrepareResult& result);
+  void PutBack(const std::map<ExpertKey, ExpertWeights>& local_grads);
   // Buffers of the last commit, reused so that a step writes into memory
   // already mapped: the weights it swapped out (for the next updates) and
   // the gradients it took (the next accumulators). Empty nodes when none.
-  std::map<int, ExpertSnapshot>::node_type TakeSpare(int expert) ABSL_LOCKS_EXCLUDED(mu_);
-  std::map<int, ExpertWeights>::node_type TakeSpareGradients(int expert)
+  std::map<ExpertKey, ExpertSnapshot>::node_type TakeSpare(ExpertKey expert) ABSL_LOCKS_EXCLUDED(mu_);
+  std::map<ExpertKey, ExpertWeights>::node_type TakeSpareGradients(ExpertKey expert)
       ABSL_LOCKS_EXCLUDED(mu_);
-  void KeepSpare(std::map<int, ExpertSnapshot> updated, std::map<int, ExpertWeights> grads)
+  void KeepSpare(std::map<ExpertKey, ExpertSnapshot> updated, std::map<ExpertKey, ExpertWeights> grads)
       ABSL_LOCKS_EXCLUDED(mu_);
   // Ring `ring`'s fused buffer of the last step, to fill again.
   std::vector<float> TakeSpareBuffer(size_t ring) ABSL_LOCKS_EXCLUDED(mu_);
@@ -144,8 +145,8 @@ class StepExecutor {
   std::optional<uint64_t> preparing_ ABSL_GUARDED_BY(mu_);
   std::optional<Prepared> prepared_ ABSL_GUARDED_BY(mu_);
   std::vector<StepRing> rings_ ABSL_GUARDED_BY(mu_);
-  std::map<int, ExpertSnapshot> spare_ ABSL_GUARDED_BY(mu_);
-  std::map<int, ExpertWeights> spare_grads_ ABSL_GUARDED_BY(mu_);
+  std::map<ExpertKey, ExpertSnapshot> spare_ ABSL_GUARDED_BY(mu_);
+  std::map<ExpertKey, ExpertWeights> spare_grads_ ABSL_GUARDED_BY(mu_);
   std::vector<std::vector<float>> spare_buffers_ ABSL_GUARDED_BY(mu_);
   // Last: stopped before the state its callbacks touch.
   DeadlineTimer timer_;

@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/expert_key.h"
 #include "common/tensor.h"
 
 namespace moe::expert {
@@ -46,11 +47,11 @@ class TrainingStateStore {
 
   // Keeps `saved` for (request_id, expert) until `now + ttl`. Expired
   // entries are dropped first. ALREADY_EXISTS if the key is held.
-  absl::Status Put(uint64_t request_id, int expert, SavedForward saved, absl::Time now)
+  absl::Status Put(uint64_t request_id, ExpertKey expert, SavedForward saved, absl::Time now)
       ABSL_LOCKS_EXCLUDED(mu_);
   // Removes and returns the entry; NOT_FOUND (naming the id) when unknown or
   // expired.
-  absl::StatusOr<SavedForward> Take(uint64_t request_id, int expert, absl::Time now)
+  absl::StatusOr<SavedForward> Take(uint64_t request_id, ExpertKey expert, absl::Time now)
       ABSL_LOCKS_EXCLUDED(mu_);
   // Drops expired entries; returns how many.
   int Expire(absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
@@ -63,7 +64,7 @@ class TrainingStateStore {
     SavedForward saved;
     absl::Time expiry;
   };
-  using Key = std::pair<uint64_t, int>;
+  using Key = std::pair<uint64_t, ExpertKey>;
 
   int ExpireLocked(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace moe::expert {
 namespace {
@@ -27,7 +28,7 @@ bool Decode(v1::ExpertTensorKind kind, bool* momentum, ExpertTensor* which) {
   return false;
 }
 
-void AppendChunks(int expert, v1::ExpertTensorKind kind, const FloatTensor& tensor,
+void AppendChunks(ExpertKey expert, v1::ExpertTensorKind kind, const FloatTensor& tensor,
                   size_t max_chunk_bytes, std::vector<v1::ExpertWeightsChunk>& out) {
   const auto* bytes = reinterpret_cast<const char*>(tensor.values().data());
   const size_t size = tensor.num_elements() * sizeof(float);
@@ -35,7 +36,8 @@ void AppendChunks(int expert, v1::ExpertTensorKind kind, const FloatTensor& tens
   do {
     const size_t n = std::min(max_chunk_bytes, size - offset);
     v1::ExpertWeightsChunk& chunk = out.emplace_back();
-    chunk.set_expert_id(expert);
+    chunk.set_layer(expert.layer);
+    chunk.set_expert_id(expert.expert);
     chunk.set_kind(kind);
     chunk.mutable_shape()->Assign(tensor.shape().begin(), tensor.shape().end());
     chunk.set_offset_bytes(offset);
@@ -46,7 +48,7 @@ void AppendChunks(int expert, v1::ExpertTensorKind kind, const FloatTensor& tens
 
 }  // namespace
 
-std::vector<v1::ExpertWeightsChunk> ChunkExpert(int expert, const ExpertSnapshot& snapshot,
+std::vector<v1::ExpertWeightsChunk> ChunkExpert(ExpertKey expert, const ExpertSnapshot& snapshot,
                                                 size_t max_chunk_bytes) {
   max_chunk_bytes = std::max(max_chunk_bytes, kMinChunkBytes);
   std::vector<v1::ExpertWeightsChunk> chunks;
@@ -69,16 +71,14 @@ absl::Status ExpertAssembler::Add(const v1::ExpertWeightsChunk& chunk) {
   if (last_seen_) {
     return absl::InvalidArgumentError("weights chunk after the last one");
   }
-  if (expert_ < 0) {
-    if (chunk.expert_id() < 0 || chunk.expert_id() >= model_.num_experts) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "expert ", chunk.expert_id(), ": out of range [0, ", model_.num_experts, ")"));
-    }
-    expert_ = chunk.expert_id();
+  const ExpertKey expert(chunk.layer(), chunk.expert_id());
+  if (!expert_) {
+    MOE_RETURN_IF_ERROR(CheckExpertKey(model_, expert));
+    expert_ = expert;
     snapshot_.weights = ExpertWeights::Zeros(model_);
-  } else if (chunk.expert_id() != expert_) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "weights chunk for expert ", chunk.expert_id(), " in a transfer of expert ", expert_));
+  } else if (expert != *expert_) {
+    return absl::InvalidArgumentError(absl::StrCat("weights chunk for ", expert.ToString(),
+                                                   " in a transfer of ", expert_->ToString()));
   }
   bool momentum = false;
   ExpertTensor which;
@@ -119,23 +119,27 @@ absl::Status ExpertAssembler::Add(const v1::ExpertWeightsChunk& chunk) {
   return absl::OkStatus();
 }
 
+std::string ExpertAssembler::Name() const {
+  return expert_ ? expert_->ToString() : "an expert (no chunk received)";
+}
+
 absl::StatusOr<ExpertSnapshot> ExpertAssembler::Finish() {
   if (!last_seen_) {
     return absl::InvalidArgumentError(
-        absl::StrCat("transfer of expert ", expert_, " ended before its last chunk"));
+        absl::StrCat("transfer of ", Name(), " ended before its last chunk"));
   }
   for (int i = 0; i < 4; ++i) {
     const int64_t size = snapshot_.weights.tensor(kAllExpertTensors[i]).num_elements() * 4;
     if (received_[kWeightKinds[i]] != size ||
         (snapshot_.velocity && received_[kMomentumKinds[i]] != size)) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "transfer of expert ", expert_, ": ", v1::ExpertTensorKind_Name(kWeightKinds[i]),
+          "transfer of ", Name(), ": ", v1::ExpertTensorKind_Name(kWeightKinds[i]),
           " incomplete (", received_[kWeightKinds[i]], " of ", size, " bytes)"));
     }
   }
   const uint64_t digest = snapshot_.weights.Digest();
   if (digest != digest_) {
-    return absl::DataLossError(absl::StrCat("transfer of expert ", expert_,
+    return absl::DataLossError(absl::StrCat("transfer of ", Name(),
                                             ": weights digest ", digest,
                                             " does not match the sender's ", digest_));
   }

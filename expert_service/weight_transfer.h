@@ -6,9 +6,12 @@
 #define MOE_EXPERT_SERVICE_WEIGHT_TRANSFER_H_
 
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/expert_key.h"
 #include "common/model_config.h"
 #include "expert_service/expert_store.h"
 #include "proto/expert.pb.h"
@@ -22,25 +25,29 @@ inline constexpr size_t kMinChunkBytes = 1024;
 // The chunks of one expert, data at most max(`max_chunk_bytes`,
 // kMinChunkBytes) each; the last one carries the weights digest and
 // last = true.
-std::vector<v1::ExpertWeightsChunk> ChunkExpert(int expert, const ExpertSnapshot& snapshot,
+std::vector<v1::ExpertWeightsChunk> ChunkExpert(ExpertKey expert, const ExpertSnapshot& snapshot,
                                                 size_t max_chunk_bytes);
 
 class ExpertAssembler {
  public:
-  explicit ExpertAssembler(const ModelConfig& model) : model_(model) {}
+  // Keeps a copy of `model` (a few numbers).
+  explicit ExpertAssembler(ModelConfig model) : model_(std::move(model)) {}
 
-  // Copies one chunk in; errors name the problem (another expert id, an
+  // Copies one chunk in; errors name the problem (another expert, an
   // unknown kind, a wrong shape, bytes out of range or out of order, a chunk
   // after the last). A tensor's chunks come in order, each starting where
   // the one before ended, so no byte is written twice or left out.
   absl::Status Add(const v1::ExpertWeightsChunk& chunk);
   // After the last chunk: every byte received and the digest matching.
   absl::StatusOr<ExpertSnapshot> Finish();
-  int expert() const { return expert_; }
+  // The expert of the first chunk; nullopt before it.
+  std::optional<ExpertKey> expert() const { return expert_; }
 
  private:
-  const ModelConfig& model_;
-  int expert_ = -1;
+  std::string Name() const;
+
+  const ModelConfig model_;
+  std::optional<ExpertKey> expert_;
   bool last_seen_ = false;
   uint64_t digest_ = 0;
   ExpertSnapshot snapshot_;

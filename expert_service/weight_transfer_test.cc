@@ -22,11 +22,11 @@ const ModelConfig& Model() {
     m.seed = 5;
     return m;
   }();
-  return model;  // outlives the assemblers, which keep a reference
+  return model;
 }
 
 std::vector<v1::ExpertWeightsChunk> Chunks(size_t max_chunk_bytes) {
-  return ChunkExpert(1, {InitExpert(Model(), 1), std::nullopt}, max_chunk_bytes);
+  return ChunkExpert(ExpertKey(0, 1), {InitExpert(Model(), ExpertKey(0, 1)), std::nullopt}, max_chunk_bytes);
 }
 
 TEST(WeightTransferTest, ChunksGoBackTogether) {
@@ -35,7 +35,27 @@ TEST(WeightTransferTest, ChunksGoBackTogether) {
   for (const auto& chunk : chunks) ASSERT_TRUE(assembler.Add(chunk).ok());
   absl::StatusOr<ExpertSnapshot> snapshot = assembler.Finish();
   ASSERT_TRUE(snapshot.ok()) << snapshot.status();
-  EXPECT_EQ(snapshot->weights.Digest(), InitExpert(Model(), 1).Digest());
+  EXPECT_EQ(snapshot->weights.Digest(), InitExpert(Model(), ExpertKey(0, 1)).Digest());
+  EXPECT_EQ(assembler.expert(), ExpertKey(0, 1));
+}
+
+// Every chunk names one expert, layer included; a layer the model does not
+// have is refused by name.
+TEST(WeightTransferTest, ChunksOfAnotherExpertOrLayerAreRefused) {
+  const std::vector<v1::ExpertWeightsChunk> chunks = Chunks(1024);
+  EXPECT_EQ(chunks[0].layer(), 0);
+  EXPECT_EQ(chunks[0].expert_id(), 1);
+  ExpertAssembler assembler(Model());
+  ASSERT_TRUE(assembler.Add(chunks[0]).ok());
+  v1::ExpertWeightsChunk other = chunks[1];
+  other.set_layer(1);
+  EXPECT_THAT(assembler.Add(other).message(),
+              HasSubstr("weights chunk for layer 1 expert 1 in a transfer of expert 1"));
+  ExpertAssembler fresh(Model());
+  v1::ExpertWeightsChunk far = chunks[0];
+  far.set_layer(3);
+  EXPECT_THAT(fresh.Add(far).message(), HasSubstr("layer 3 is out of range [0, 1)"));
+  EXPECT_THAT(fresh.Finish().status().message(), HasSubstr("no chunk received"));
 }
 
 // One byte per chunk would be a message per byte: chunks stay >= 1 KiB.

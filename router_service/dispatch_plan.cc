@@ -5,6 +5,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/expert_key.h"
 #include "common/tensor_codec.h"
 
 namespace moe::router {
@@ -19,26 +20,27 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
   const size_t row_bytes = d_model * DTypeSize(x.dtype);
   std::vector<std::vector<int64_t>> by_expert = KeptPairsByExpert(routing);
   std::vector<ExpertGroup> groups;
-  std::vector<int> unavailable;
+  std::vector<ExpertKey> unavailable;
   std::vector<std::pair<int, int64_t>> assigned;  // to undo on failure
   for (int e = 0; e < routing.num_experts; ++e) {
     const std::vector<int64_t>& pairs = by_expert[e];
     if (pairs.empty()) continue;
-    const auto shares = picker.Assign(placement, e, pairs.size(), {});
+    const ExpertKey expert(options.layer, e);
+    const auto shares = picker.Assign(placement, expert, pairs.size(), {});
     if (shares.empty()) {
-      unavailable.push_back(e);
+      unavailable.push_back(expert);
       continue;
     }
     size_t next = 0;
     for (const auto& [server, count] : shares) {
       assigned.emplace_back(server, count);
       ExpertGroup& group = groups.emplace_back();
-      group.expert = e;
+      group.expert = expert;
       group.server = server;
       group.pairs.assign(pairs.begin() + next, pairs.begin() + next + count);
       next += count;
       v1::DispatchRequest& request = group.request;
-      request.set_expert_id(e);
+      SetExpertKey(expert, &request);
       request.set_training(options.training);
       request.set_request_id(options.request_id);
       request.set_deadline_unix_micros(options.deadline_unix_micros);
@@ -59,7 +61,7 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
   if (!unavailable.empty()) {
     for (const auto& [server, count] : assigned) picker.Release(server, count);
     return absl::UnavailableError(absl::StrCat("expert", unavailable.size() > 1 ? "s " : " ",
-                                               absl::StrJoin(unavailable, ","),
+                                               JoinExpertKeys(unavailable),
                                                ": no live replica"));
   }
   return groups;

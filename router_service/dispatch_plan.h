@@ -17,7 +17,7 @@
 namespace moe::router {
 
 struct ExpertGroup {
-  int expert = 0;
+  ExpertKey expert;
   // The replica it is sent to (changes on failover).
   int server = 0;
   // Pairs p = t * top_k + j, in token order: row r of the group is token
@@ -28,6 +28,8 @@ struct ExpertGroup {
 };
 
 struct DispatchPlanOptions {
+  // The MoE layer whose gate made the routing.
+  int layer = 0;
   bool training = false;
   uint64_t request_id = 0;
   int64_t deadline_unix_micros = 0;

@@ -14,7 +14,7 @@ ReplicaPicker::ReplicaPicker(int num_servers, const ExpertClient& health)
 }
 
 std::vector<std::pair<int, int64_t>> ReplicaPicker::Assign(const Placement& placement,
-                                                           int expert, int64_t count,
+                                                           ExpertKey expert, int64_t count,
                                                            absl::Span<const int> excluded) {
   MOE_CHECK(placement.num_servers() == num_servers_);
   std::vector<int> candidates;
@@ -40,7 +40,7 @@ std::vector<std::pair<int, int64_t>> ReplicaPicker::Assign(const Placement& plac
   return result;
 }
 
-int ReplicaPicker::PickOne(const Placement& placement, int expert, int64_t count,
+int ReplicaPicker::PickOne(const Placement& placement, ExpertKey expert, int64_t count,
                            absl::Span<const int> excluded) {
   MOE_CHECK(placement.num_servers() == num_servers_);
   int best = -1;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/types/span.h"
+#include "common/expert_key.h"
 #include "common/placement.h"
 #include "router_service/expert_client.h"
 
@@ -27,11 +28,11 @@ class ReplicaPicker {
   // `excluded`, one pair at a time to the least loaded (ties: lower server
   // id), and adds them to the outstanding counts. Returns (server, pairs)
   // for servers given at least one; empty when no replica is available.
-  std::vector<std::pair<int, int64_t>> Assign(const Placement& placement, int expert,
+  std::vector<std::pair<int, int64_t>> Assign(const Placement& placement, ExpertKey expert,
                                               int64_t count, absl::Span<const int> excluded);
   // All `count` pairs to the single least loaded healthy replica not in
   // `excluded` (failover re-sends a whole group); -1 when there is none.
-  int PickOne(const Placement& placement, int expert, int64_t count,
+  int PickOne(const Placement& placement, ExpertKey expert, int64_t count,
               absl::Span<const int> excluded);
   void Release(int server, int64_t tokens);
   int64_t outstanding(int server) const { return outstanding_[server].load(); }

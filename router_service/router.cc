@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/bfloat16.h"
+#include "common/expert_key.h"
 #include "common/log.h"
 #include "common/optimizer.h"
 #include "common/proto_status.h"
@@ -15,6 +16,10 @@
 
 namespace moe::router {
 namespace {
+
+// The layer this router's gate is of: the one MoE layer a ModelConfig
+// describes (model_config.h).
+constexpr int kServedLayer = 0;
 
 int64_t ToDeadlineMicros(absl::Time deadline) {
   return deadline == absl::InfiniteFuture() ? 0 : absl::ToUnixMicros(deadline);
@@ -184,8 +189,8 @@ void Router::Start(const v1::Tensor& x, bool training, absl::Time deadline, Forw
   call->routing = RouteTokens(call->x32, call->num_tokens, call->gate->value, model);
   absl::StatusOr<std::vector<ExpertGroup>> groups = PlanDispatch(
       call->routing, *view, call->placement->value, picker_,
-      {training, call->request_id, ToDeadlineMicros(deadline), call->placement->version,
-       call->gate->version});
+      {kServedLayer, training, call->request_id, ToDeadlineMicros(deadline),
+       call->placement->version, call->gate->version});
   if (!groups.ok()) {
     std::move(call->done)(groups.status());
     return;
@@ -244,7 +249,7 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
                      (*reply)->has_server_version();
   if (stale) {
     const v1::StateVersion& theirs = (*reply)->server_version();
-    MOE_LOG(WARNING, "expert ", g.expert, ": server ", g.server, " is at placement epoch ",
+    MOE_LOG(WARNING, g.expert.ToString(), ": server ", g.server, " is at placement epoch ",
             theirs.placement_epoch(), ", step ", theirs.weights_step(), "; this call at epoch ",
             call->placement->version, ", step ", call->gate->version);
   }
@@ -254,7 +259,7 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
     call->tried[group].push_back(g.server);
     const int next = picker_.PickOne(call->placement->value, g.expert, rows, call->tried[group]);
     if (next >= 0) {
-      MOE_LOG(WARNING, "expert ", g.expert, ": server ", g.server,
+      MOE_LOG(WARNING, g.expert.ToString(), ": server ", g.server,
               stale ? " is at another version (" : " unavailable (", status.message(),
               "); re-sending ", rows, " tokens to server ", next);
       failovers_.fetch_add(1);
@@ -268,14 +273,14 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
     }
     if (stale) {
       status = absl::FailedPreconditionError(absl::StrCat(
-          "expert ", g.expert, ": no replica at placement epoch ", call->placement->version,
+          g.expert.ToString(), ": no replica at placement epoch ", call->placement->version,
           ", step ", call->gate->version, " (servers ", absl::StrJoin(call->tried[group], ","),
           "; last: ", status.message(), ")"));
       absl::MutexLock lock(&call->mu);
       call->stale = true;
     } else {
       status = absl::UnavailableError(absl::StrCat(
-          "expert ", g.expert, ": no live replica (servers ",
+          g.expert.ToString(), ": no live replica (servers ",
           absl::StrJoin(call->tried[group], ","), " unavailable: ", status.message(), ")"));
     }
   }
@@ -325,7 +330,7 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
     absl::StatusOr<ConstTensorView> out = DecodeTensor(call->responses[g]->output(), spec);
     if (!out.ok()) {
       std::move(call->done)(absl::InternalError(absl::StrCat(
-          "server ", call->groups[g].server, " answered expert ", call->groups[g].expert,
+          "server ", call->groups[g].server, " answered ", call->groups[g].expert.ToString(),
           " badly: ", out.status().message())));
       return;
     }
@@ -465,7 +470,7 @@ void Router::Backward(uint64_t request_id, const v1::Tensor& grad_output,
     }
     v1::BackwardDispatchRequest& request = call->requests[g];
     request.set_sequence_id(next_sequence_id_.fetch_add(1));
-    request.set_expert_id(group.expert);
+    SetExpertKey(group.expert, &request);
     request.set_request_id(request_id);
     request.set_deadline_unix_micros(ToDeadlineMicros(deadline));
     request.mutable_version()->set_placement_epoch(rec.placement_epoch);
@@ -492,7 +497,7 @@ void Router::Backward(uint64_t request_id, const v1::Tensor& grad_output,
             absl::MutexLock lock(&call->mu);
             if (call->status.ok()) {
               call->status = absl::Status(
-                  status.code(), absl::StrCat("backward of expert ", group.expert,
+                  status.code(), absl::StrCat("backward of ", group.expert.ToString(),
                                               " on server ", group.server, ": ",
                                               status.message()));
             }
@@ -525,7 +530,7 @@ void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
     absl::StatusOr<ConstTensorView> part = DecodeTensor(call->responses[g]->grad_input(), spec);
     if (!part.ok()) {
       std::move(call->done)(absl::InternalError(
-          absl::StrCat("server ", group.server, " answered backward of expert ", group.expert,
+          absl::StrCat("server ", group.server, " answered backward of ", group.expert.ToString(),
                        " badly: ", part.status().message())));
       return;
     }
@@ -553,10 +558,17 @@ FloatTensor Router::GateGradient() const {
 
 absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement next) {
   const Placement& now = placement_.Get()->value;
-  if (next.num_servers() != now.num_servers() || next.num_experts() != now.num_experts()) {
+  bool same_shape =
+      next.num_servers() == now.num_servers() && next.num_layers() == now.num_layers();
+  for (int l = 0; same_shape && l < now.num_layers(); ++l) {
+    same_shape = next.num_experts(l) == now.num_experts(l);
+  }
+  if (!same_shape) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "placement of ", next.num_experts(), " experts on ", next.num_servers(),
-        " servers; this cluster has ", now.num_experts(), " on ", now.num_servers()));
+        "placement of ", next.num_layers(), " layer(s), ", next.num_experts(kServedLayer),
+        " experts in layer ", kServedLayer, ", on ", next.num_servers(),
+        " servers; this cluster has ", now.num_layers(), ", ", now.num_experts(kServedLayer),
+        ", on ", now.num_servers()));
   }
   PlacementSnapshot installed = placement_.Install(std::move(next));
   MOE_LOG(INFO, "placement epoch ", installed->version, " installed");

@@ -2,6 +2,7 @@
 
 #include <memory>
 
+#include "common/expert_key.h"
 #include "common/grpc_status.h"
 #include "common/proto_status.h"
 
@@ -158,19 +159,24 @@ grpc::ServerUnaryReactor* RouterServiceImpl::GetClusterState(
   response->set_strategy(ClusterConfigToProto(config.cluster).strategy());
   response->set_placement_epoch(snapshot->version);
   response->set_step(router_.gate()->version);
+  // One MoE layer (model_config.h): every key is of layer 0, and the
+  // response names experts by their index in it.
+  constexpr int kLayer = 0;
   for (int s = 0; s < placement.num_servers(); ++s) {
     v1::ServerState* server = response->add_servers();
     server->set_name(config.cluster.servers[s].name);
     server->set_address(config.cluster.servers[s].address);
     server->set_healthy(cluster_.client->IsHealthy(s));
-    for (int e : placement.ExpertsOn(s)) server->add_expert_ids(e);
+    for (ExpertKey e : placement.ExpertsOn(s)) server->add_expert_ids(e.expert);
     server->set_tokens(load.server_tokens[s]);
   }
-  for (int e = 0; e < placement.num_experts(); ++e) {
+  for (int e = 0; e < placement.num_experts(kLayer); ++e) {
     v1::ExpertLoad* expert = response->add_experts();
     expert->set_expert_id(e);
     expert->set_tokens(load.expert_tokens[e]);
-    for (int s : placement.ServersOf(e)) expert->add_servers(config.cluster.servers[s].name);
+    for (int s : placement.ServersOf(ExpertKey(kLayer, e))) {
+      expert->add_servers(config.cluster.servers[s].name);
+    }
   }
   response->set_window_seconds(absl::ToDoubleSeconds(load.window));
   response->set_expert_imbalance(load.expert_imbalance);

@@ -99,8 +99,8 @@ TEST_P(RouterTrainingTest, BackwardEqualsTheReference) {
   // Each expert's gradient, summed over its replicas, is the reference's.
   for (int e = 0; e < cluster.model.num_experts; ++e) {
     ExpertWeights sum = ExpertWeights::Zeros(cluster.model);
-    for (int s : cluster.placement.ServersOf(e)) {
-      const ExpertWeights part = *cluster.client.store(s).Gradients(e);
+    for (int s : cluster.placement.ServersOf(ExpertKey(0, e))) {
+      const ExpertWeights part = *cluster.client.store(s).Gradients(ExpertKey(0, e));
       for (ExpertTensor which : kAllExpertTensors) {
         auto dst = sum.tensor(which).mutable_values();
         auto src = part.tensor(which).values();

@@ -10,6 +10,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/blocking_counter.h"
+#include "common/expert_key.h"
 #include "common/log.h"
 
 namespace moe::router {
@@ -149,13 +150,14 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
         failed.message(), " (the servers named keep their old weights until they abort)"));
   }
   // Replicas of an expert must hold the same bits.
-  std::map<int, uint64_t> digest_of;
+  std::map<ExpertKey, uint64_t> digest_of;
   for (const auto& r : committed) {
     for (const v1::ExpertDigest& d : r->experts()) {
-      auto [it, first] = digest_of.emplace(d.expert_id(), d.weights_digest());
+      auto [it, first] = digest_of.emplace(ExpertKeyOf(d), d.weights_digest());
       if (it->second != d.weights_digest()) {
-        return absl::DataLossError(absl::StrCat("step ", step, ": replicas of expert ",
-                                                d.expert_id(), " differ after the commit"));
+        return absl::DataLossError(absl::StrCat("step ", step, ": replicas of ",
+                                                ExpertKeyOf(d).ToString(),
+                                                " differ after the commit"));
       }
     }
   }

@@ -46,11 +46,11 @@ ModelConfig Model(const OptimizerOptions& optimizer) {
 }
 
 // expert -> digest, checking that every replica has the same one.
-std::map<int, uint64_t> ReplicaDigests(InProcessCluster& cluster) {
-  std::map<int, uint64_t> digests;
+std::map<ExpertKey, uint64_t> ReplicaDigests(InProcessCluster& cluster) {
+  std::map<ExpertKey, uint64_t> digests;
   for (int s = 0; s < cluster.placement.num_servers(); ++s) {
     expert::ExpertStore& store = cluster.client.store(s);
-    for (int e : store.HostedExperts()) {
+    for (ExpertKey e : store.HostedExperts()) {
       const uint64_t digest = *store.Digest(e);
       auto [it, first] = digests.emplace(e, digest);
       EXPECT_EQ(it->second, digest) << "replicas of expert " << e << " differ (server " << s
@@ -97,8 +97,8 @@ TEST_P(InProcessTrainingTest, TwentyStepsEqualTheReferenceAndReplicasStayIdentic
   }
 
   for (int e = 0; e < model.num_experts; ++e) {
-    for (int s : cluster.placement.ServersOf(e)) {
-      const expert::ExpertSnapshot served = *cluster.client.store(s).Snapshot(e);
+    for (int s : cluster.placement.ServersOf(ExpertKey(0, e))) {
+      const expert::ExpertSnapshot served = *cluster.client.store(s).Snapshot(ExpertKey(0, e));
       for (ExpertTensor which : kAllExpertTensors) {
         EXPECT_TRUE(TensorNear(served.weights.tensor(which),
                                reference.weights().experts.at(e).tensor(which), 1e-5))
@@ -136,10 +136,10 @@ TEST(InProcessTrainingFaultTest, ABrokenRingFailsTheStepAndLeavesEveryReplicaAsI
       cluster.Forward(Wire(RandomTensor({kTokens, kDModel}, 1)), true);
   ASSERT_TRUE(y.ok()) << y.status();
   ASSERT_TRUE(cluster.Backward(y->request_id, Wire(RandomTensor({kTokens, kDModel}, 2))).ok());
-  const std::map<int, uint64_t> before = ReplicaDigests(cluster);
-  std::map<std::pair<int, int>, ExpertWeights> grads_before;
+  const std::map<ExpertKey, uint64_t> before = ReplicaDigests(cluster);
+  std::map<std::pair<int, ExpertKey>, ExpertWeights> grads_before;
   for (int s = 0; s < 3; ++s) {
-    for (int e : cluster.client.store(s).HostedExperts()) {
+    for (ExpertKey e : cluster.client.store(s).HostedExperts()) {
       grads_before.emplace(std::make_pair(s, e), *cluster.client.store(s).Gradients(e));
     }
   }
@@ -197,7 +197,7 @@ TEST(InProcessTrainingFaultTest, NonFiniteUpdatesNeverReachAWeight) {
       cluster.Forward(Wire(RandomTensor({kTokens, kDModel}, 11)), true);
   ASSERT_TRUE(y.ok()) << y.status();
   ASSERT_TRUE(cluster.Backward(y->request_id, Wire(RandomTensor({kTokens, kDModel}, 12))).ok());
-  const std::map<int, uint64_t> before = ReplicaDigests(cluster);
+  const std::map<ExpertKey, uint64_t> before = ReplicaDigests(cluster);
 
   absl::StatusOr<StepCoordinator::Result> infinite =
       cluster.Step(std::numeric_limits<float>::infinity());

@@ -112,7 +112,7 @@ TEST_P(TrainingTest, TwentyStepsEqualTheReferenceAndReplicasStayIdentical) {
   // The experts' weights, from every server that holds them.
   const Placement placement = *ComputePlacement(model, cluster.config().cluster);
   for (int e = 0; e < model.num_experts; ++e) {
-    for (int s : placement.ServersOf(e)) {
+    for (int s : placement.ServersOf(ExpertKey(0, e))) {
       const ExpertWeights served = FetchExpert(cluster, s, e);
       for (ExpertTensor which : kAllExpertTensors) {
         EXPECT_TRUE(TensorNear(served.tensor(which),

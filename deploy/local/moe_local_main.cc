@@ -22,6 +22,7 @@
 #include "absl/strings/str_split.h"
 #include "clients/cpp/load_generator.h"
 #include "clients/cpp/moe_client.h"
+#include "common/expert_key.h"
 #include "common/flags_usage.h"
 #include "common/log.h"
 #include "common/stop_signals.h"
@@ -222,8 +223,7 @@ int Run() {
               (*cluster)->router_address().c_str(), (*cluster)->router_metrics_port());
   const Placement placement = *ComputePlacement(running.model, running.cluster);
   for (size_t s = 0; s < running.cluster.servers.size(); ++s) {
-    std::string experts;
-    for (int e : placement.ExpertsOn(s)) absl::StrAppend(&experts, experts.empty() ? "" : ",", e);
+    const std::string experts = JoinExpertKeys(placement.ExpertsOn(s));
     std::printf("%-11s %s   metrics http://127.0.0.1:%d/metrics   experts %s\n",
                 running.cluster.servers[s].name.c_str(), running.cluster.servers[s].address.c_str(),
                 (*cluster)->server_metrics_ports()[s], experts.c_str());

@@ -9,6 +9,7 @@
 #include "absl/time/clock.h"
 #include "common/checkpoint.h"
 #include "common/deterministic_init.h"
+#include "common/expert_key.h"
 #include "common/log.h"
 #include "common/placement.h"
 #include "common/reference_moe.h"
@@ -31,6 +32,13 @@ double SumOfSquares(absl::Span<const float> values) {
 }
 
 // "0-3 5 7" for a sorted id list.
+// Expert indices of layer-0 keys (the strategies place one layer).
+std::vector<int> Layer0Indices(absl::Span<const ExpertKey> keys) {
+  std::vector<int> ids;
+  for (ExpertKey key : keys) ids.push_back(key.expert);
+  return ids;
+}
+
 std::string IdRanges(absl::Span<const int> ids) {
   std::vector<std::string> parts;
   for (size_t i = 0; i < ids.size();) {
@@ -127,11 +135,11 @@ std::string FormatReferenceDemoReport(const ReferenceDemoReport& r) {
     for (int s = 0; s < placement->num_servers(); ++s) {
       absl::StrAppendFormat(&out, "            %-12s %-22s experts %s\n",
                             cluster.servers[s].name, cluster.servers[s].address,
-                            IdRanges(placement->ExpertsOn(s)));
+                            IdRanges(Layer0Indices(placement->ExpertsOn(s))));
     }
     for (const ReplicaGroup& group : ReplicaGroups(*placement)) {
       absl::StrAppendFormat(&out, "            replica group: servers %s share experts %s\n",
-                            IdRanges(group.servers), IdRanges(group.experts));
+                            IdRanges(group.servers), IdRanges(Layer0Indices(group.experts)));
     }
   } else {
     absl::StrAppend(&out, "            ", placement.status().message(), "\n");
@@ -177,14 +185,14 @@ std::string FormatReferenceDemoReport(const ReferenceDemoReport& r) {
   };
   for (const auto& [strategy, p] : strategies) {
     absl::StrAppendFormat(&out, "  %-15s %.3f  (%d replicas)\n",
-                          PlacementStrategyName(strategy), Imbalance(ServerLoads(p, load)),
+                          PlacementStrategyName(strategy), Imbalance(ServerLoads(p, 0, load)),
                           p.num_replicas());
   }
   absl::StatusOr<Placement> dynamic =
       DynamicPlacement(model.num_experts, num_servers, load, cluster.slots_per_server);
   if (dynamic.ok()) {
     absl::StrAppendFormat(&out, "  %-15s %.3f  (%d replicas, from this load)\n", "DYNAMIC",
-                          Imbalance(ServerLoads(*dynamic, load)), dynamic->num_replicas());
+                          Imbalance(ServerLoads(*dynamic, 0, load)), dynamic->num_replicas());
   }
   return out;
 }

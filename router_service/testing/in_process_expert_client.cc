@@ -1,6 +1,7 @@
 #include "router_service/testing/in_process_expert_client.h"
 
 #include "absl/strings/str_cat.h"
+#include "common/expert_key.h"
 #include "common/log.h"
 
 namespace moe::router::testing {
@@ -24,8 +25,9 @@ InProcessExpertClient::InProcessExpertClient(const ModelConfig& model,
   const int num_servers = placement.num_servers();
   for (int s = 0; s < num_servers; ++s) {
     auto server = std::make_unique<Server>();
-    std::map<int, ExpertWeights> experts;
-    for (int e : placement.ExpertsOn(s)) experts.emplace(e, weights.experts.at(e));
+    // `weights` is one layer's: the placement's keys are of layer 0.
+    std::map<ExpertKey, ExpertWeights> experts;
+    for (ExpertKey e : placement.ExpertsOn(s)) experts.emplace(e, weights.experts.at(e.expert));
     auto store = expert::ExpertStore::Create({model, ServerName(s), {}}, std::move(experts),
                                              kernel_factory);
     MOE_CHECK(store.ok(), store.status().ToString());
@@ -80,7 +82,7 @@ void InProcessExpertClient::Forward(int server, const v1::DispatchRequest& reque
   ++s.calls;
   {
     absl::MutexLock lock(&dispatched_mu_);
-    dispatched_.push_back({request.request_id(), server, request.expert_id()});
+    dispatched_.push_back({request.request_id(), server, ExpertKeyOf(request)});
   }
   auto copy = std::make_unique<v1::DispatchRequest>(request);
   auto shared_done = std::make_shared<ForwardDone>(std::move(done));

@@ -75,7 +75,7 @@ class InProcessExpertClient : public ExpertClient {
   struct Dispatched {
     uint64_t request_id;
     int server;
-    int expert;
+    ExpertKey expert;
   };
   std::vector<Dispatched> dispatched() const ABSL_LOCKS_EXCLUDED(dispatched_mu_);
 

@@ -1,0 +1,117 @@
+// The dispatcher without a transport: every message names its expert by
+// (layer, expert_id), and a layer the model does not have is refused by
+// name, never served by the same index of layer 0.
+#include "expert_service/expert_dispatcher.h"
+
+#include <map>
+#include <memory>
+
+#include "common/deterministic_init.h"
+#include "common/tensor_codec.h"
+#include "expert_service/reference_expert_kernel.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "prometheus/registry.h"
+
+namespace moe::expert {
+namespace {
+
+using ::testing::HasSubstr;
+
+ModelConfig Model() {
+  ModelConfig model;
+  model.d_model = 8;
+  model.d_ff = 16;
+  model.num_experts = 4;
+  model.top_k = 2;
+  model.seed = 11;
+  return model;
+}
+
+class ExpertDispatcherTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    std::map<ExpertKey, ExpertWeights> experts;
+    for (int e : {1, 2}) experts.emplace(ExpertKey(0, e), InitExpert(Model(), ExpertKey(0, e)));
+    auto store = ExpertStore::Create(
+        {Model(), "expert-0", {}}, std::move(experts),
+        [](const ExpertWeights& w) -> absl::StatusOr<std::unique_ptr<ExpertKernel>> {
+          return std::make_unique<ReferenceExpertKernel>(w);
+        });
+    ASSERT_TRUE(store.ok()) << store.status();
+    store_ = *std::move(store);
+    metrics_ = ExpertMetrics::Create(registry_, Model().num_experts);
+    dispatcher_ = std::make_unique<ExpertDispatcher>(ExpertDispatcher::Options{"expert-0"},
+                                                     *store_, *metrics_, nullptr, nullptr);
+  }
+
+  // Runs one Dispatch of 3 tokens; returns the answer.
+  v1::DispatchResponse Dispatch(int layer, int expert) {
+    auto request = std::make_unique<v1::DispatchRequest>();
+    request->set_sequence_id(7);
+    request->set_layer(layer);
+    request->set_expert_id(expert);
+    const FloatTensor x({3, Model().d_model}, std::vector<float>(3 * Model().d_model, 0.5f));
+    EncodeTensor(x.view(), request->mutable_tokens());
+    v1::DispatchResponse answer;
+    dispatcher_->Dispatch(std::move(request), std::make_unique<v1::DispatchResponse>(),
+                          [&](std::unique_ptr<v1::DispatchResponse> response) {
+                            answer = std::move(*response);
+                          });
+    return answer;
+  }
+
+  prometheus::Registry registry_;
+  std::unique_ptr<ExpertStore> store_;
+  std::unique_ptr<ExpertMetrics> metrics_;
+  std::unique_ptr<ExpertDispatcher> dispatcher_;
+};
+
+TEST_F(ExpertDispatcherTest, DispatchNamesTheLayer) {
+  const v1::DispatchResponse served = Dispatch(0, 1);
+  ASSERT_TRUE(served.has_output()) << served.error().message();
+  EXPECT_EQ(served.sequence_id(), 7u);
+  const v1::DispatchResponse other_layer = Dispatch(1, 1);
+  ASSERT_TRUE(other_layer.has_error());
+  EXPECT_EQ(other_layer.error().code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(other_layer.error().message(), HasSubstr("layer 1 expert 1: layer 1 is out of range"));
+  const v1::DispatchResponse not_hosted = Dispatch(0, 3);
+  EXPECT_EQ(not_hosted.error().code(), static_cast<int>(absl::StatusCode::kNotFound));
+}
+
+TEST_F(ExpertDispatcherTest, InfoAndWeightTransferCarryTheLayer) {
+  v1::InfoResponse info;
+  dispatcher_->Info(&info);
+  ASSERT_EQ(info.experts_size(), 2);
+  EXPECT_EQ(info.experts(1).layer(), 0);
+  EXPECT_EQ(info.experts(1).expert_id(), 2);
+
+  v1::GetExpertWeightsRequest get;
+  get.set_expert_id(2);
+  absl::StatusOr<std::vector<v1::ExpertWeightsChunk>> chunks = dispatcher_->ExpertChunks(get);
+  ASSERT_TRUE(chunks.ok()) << chunks.status();
+  EXPECT_EQ(chunks->back().expert_id(), 2);
+  get.set_layer(2);
+  EXPECT_THAT(dispatcher_->ExpertChunks(get).status().message(),
+              HasSubstr("layer 2 expert 2: layer 2 is out of range"));
+
+  // Release expert 2, then install it back from its own chunks.
+  v1::ReleaseExpertRequest release;
+  release.set_expert_id(2);
+  release.set_layer(1);
+  EXPECT_EQ(dispatcher_->ReleaseExpert(release).code(), absl::StatusCode::kInvalidArgument);
+  release.set_layer(0);
+  ASSERT_TRUE(dispatcher_->ReleaseExpert(release).ok());
+  EXPECT_EQ(Dispatch(0, 2).error().code(), static_cast<int>(absl::StatusCode::kNotFound));
+  ExpertAssembler assembler(Model());
+  for (const auto& chunk : *chunks) ASSERT_TRUE(assembler.Add(chunk).ok());
+  v1::LoadExpertWeightsResponse loaded;
+  ASSERT_TRUE(dispatcher_->InstallExpert(assembler, &loaded).ok());
+  EXPECT_EQ(loaded.expert().layer(), 0);
+  EXPECT_EQ(loaded.expert().expert_id(), 2);
+  EXPECT_EQ(loaded.expert().weights_digest(), InitExpert(Model(), ExpertKey(0, 2)).Digest());
+  EXPECT_TRUE(Dispatch(0, 2).has_output());
+}
+
+}  // namespace
+}  // namespace moe::expert
