@@ -31,10 +31,18 @@ std::vector<TensorSlot> ModelSlots(const ModelConfig& model) {
     for (ExpertTensor which : kAllExpertTensors) {
       Shape shape;
       switch (which) {
-        case ExpertTensor::kW1: shape = {model.d_ff, model.d_model}; break;
-        case ExpertTensor::kB1: shape = {model.d_ff}; break;
-        case ExpertTensor::kW2: shape = {model.d_model, model.d_ff}; break;
-        case ExpertTensor::kB2: shape = {model.d_model}; break;
+        case ExpertTensor::kW1:
+          shape = {model.d_ff, model.d_model};
+          break;
+        case ExpertTensor::kB1:
+          shape = {model.d_ff};
+          break;
+        case ExpertTensor::kW2:
+          shape = {model.d_model, model.d_ff};
+          break;
+        case ExpertTensor::kB2:
+          shape = {model.d_model};
+          break;
       }
       slots.push_back({ExpertTensorName(key, which), shape, e, which});
     }
@@ -59,10 +67,18 @@ std::string GateTensorName(int layer) { return LayerPrefix(layer) + "gate.weight
 std::string ExpertTensorName(ExpertKey expert, ExpertTensor which) {
   const char* suffix = "";
   switch (which) {
-    case ExpertTensor::kW1: suffix = "w1.weight"; break;
-    case ExpertTensor::kB1: suffix = "w1.bias"; break;
-    case ExpertTensor::kW2: suffix = "w2.weight"; break;
-    case ExpertTensor::kB2: suffix = "w2.bias"; break;
+    case ExpertTensor::kW1:
+      suffix = "w1.weight";
+      break;
+    case ExpertTensor::kB1:
+      suffix = "w1.bias";
+      break;
+    case ExpertTensor::kW2:
+      suffix = "w2.weight";
+      break;
+    case ExpertTensor::kB2:
+      suffix = "w2.bias";
+      break;
   }
   return absl::StrCat(LayerPrefix(expert.layer), "experts.", expert.expert, ".", suffix);
 }

@@ -48,9 +48,7 @@ struct ExpertKey {
   friend H AbslHashValue(H h, ExpertKey key) {
     return H::combine(std::move(h), key.layer, key.expert);
   }
-  friend std::ostream& operator<<(std::ostream& os, ExpertKey key) {
-    return os << key.ToString();
-  }
+  friend std::ostream& operator<<(std::ostream& os, ExpertKey key) { return os << key.ToString(); }
 };
 
 // Wire messages name an expert with two fields, `layer` and `expert_id`.

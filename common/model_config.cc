@@ -194,8 +194,8 @@ absl::Status CheckExpertKey(const ModelConfig& model, ExpertKey expert) {
                                                    " is out of range [0, ", kNumMoeLayers, ")"));
   }
   if (expert.expert < 0 || expert.expert >= model.num_experts) {
-    return absl::InvalidArgumentError(absl::StrCat(expert.ToString(), ": out of range [0, ",
-                                                   model.num_experts, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(expert.ToString(), ": out of range [0, ", model.num_experts, ")"));
   }
   return absl::OkStatus();
 }

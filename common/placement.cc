@@ -12,10 +12,8 @@
 
 namespace moe {
 
-Placement::Placement(std::vector<std::vector<std::vector<int>>> servers_of_expert,
-                     int num_servers)
-    : servers_of_expert_(std::move(servers_of_expert)),
-      experts_on_server_(num_servers) {
+Placement::Placement(std::vector<std::vector<std::vector<int>>> servers_of_expert, int num_servers)
+    : servers_of_expert_(std::move(servers_of_expert)), experts_on_server_(num_servers) {
   for (int l = 0; l < num_layers(); ++l) {
     for (int e = 0; e < num_experts(l); ++e) {
       std::vector<int>& servers = servers_of_expert_[l][e];
@@ -63,8 +61,8 @@ absl::StatusOr<Placement> Placement::CreateLayers(
   return Placement(std::move(servers_of_expert), num_servers);
 }
 
-absl::StatusOr<Placement> Placement::Create(
-    int num_servers, std::vector<std::vector<int>> servers_of_expert) {
+absl::StatusOr<Placement> Placement::Create(int num_servers,
+                                            std::vector<std::vector<int>> servers_of_expert) {
   std::vector<std::vector<std::vector<int>>> layers;
   layers.push_back(std::move(servers_of_expert));
   return CreateLayers(num_servers, std::move(layers));

@@ -41,9 +41,7 @@ class Placement {
     return servers_of_expert_.at(expert.layer).at(expert.expert);
   }
   // Ascending experts held by `server` (possibly none).
-  absl::Span<const ExpertKey> ExpertsOn(int server) const {
-    return experts_on_server_.at(server);
-  }
+  absl::Span<const ExpertKey> ExpertsOn(int server) const { return experts_on_server_.at(server); }
   bool Holds(int server, ExpertKey expert) const;
   // Total expert replicas across servers.
   int num_replicas() const;

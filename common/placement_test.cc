@@ -119,8 +119,7 @@ TEST(PlacementTest, DynamicRespectsSlotsOnRandomProfiles) {
     // A greedy heuristic: close to, and on average far better than, one
     // copy each in contiguous blocks.
     const double dynamic = Imbalance(ServerLoads(*p, 0, load));
-    const double blocks =
-        Imbalance(ServerLoads(ModelParallelPlacement(experts, servers), 0, load));
+    const double blocks = Imbalance(ServerLoads(ModelParallelPlacement(experts, servers), 0, load));
     EXPECT_LE(dynamic, blocks + 0.05);
     dynamic_sum += dynamic;
     blocks_sum += blocks;
@@ -176,15 +175,14 @@ TEST(PlacementTest, ReplicaGroupIdsAreStableAndDistinct) {
 TEST(PlacementTest, LayersAreKeptApart) {
   // Layer 0: two experts on both servers; layer 1: three experts, one each
   // on server 1 and the third on both.
-  absl::StatusOr<Placement> p =
-      Placement::CreateLayers(2, {{{0, 1}, {0, 1}}, {{1}, {0}, {1, 0}}});
+  absl::StatusOr<Placement> p = Placement::CreateLayers(2, {{{0, 1}, {0, 1}}, {{1}, {0}, {1, 0}}});
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_EQ(p->num_layers(), 2);
   EXPECT_EQ(p->num_experts(1), 3);
   EXPECT_EQ(p->num_experts(2), 0);
   EXPECT_EQ(p->num_replicas(), 8);
-  EXPECT_THAT(p->ExpertsOn(0), ElementsAre(ExpertKey(0, 0), ExpertKey(0, 1), ExpertKey(1, 1),
-                                           ExpertKey(1, 2)));
+  EXPECT_THAT(p->ExpertsOn(0),
+              ElementsAre(ExpertKey(0, 0), ExpertKey(0, 1), ExpertKey(1, 1), ExpertKey(1, 2)));
   EXPECT_TRUE(p->Holds(1, ExpertKey(1, 0)));
   EXPECT_FALSE(p->Holds(0, ExpertKey(1, 0)));
   EXPECT_FALSE(p->Holds(0, ExpertKey(1, 3)));

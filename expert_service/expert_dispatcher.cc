@@ -161,8 +161,7 @@ void ExpertDispatcher::Backward(const v1::BackwardDispatchRequest& request,
                      TokenBatchSpec("grad_output", model.d_model, model.max_batch_tokens)));
     const TensorView dx = AllocateLike(dy, response->mutable_grad_input());
     const absl::Time start = absl::Now();
-    MOE_RETURN_IF_ERROR(store_.Backward(expert, request.request_id(), dy, dx,
-                                        options_.clock(),
+    MOE_RETURN_IF_ERROR(store_.Backward(expert, request.request_id(), dy, dx, options_.clock(),
                                         ExpectedStep(request.has_version(), request.version())));
     const absl::Duration elapsed = absl::Now() - start;
     response->set_compute_micros(absl::ToInt64Microseconds(elapsed));

@@ -41,8 +41,8 @@ class ExpertDispatcherTest : public ::testing::Test {
     ASSERT_TRUE(store.ok()) << store.status();
     store_ = *std::move(store);
     metrics_ = ExpertMetrics::Create(registry_, Model().num_experts);
-    dispatcher_ = std::make_unique<ExpertDispatcher>(ExpertDispatcher::Options{"expert-0"},
-                                                     *store_, *metrics_, nullptr, nullptr);
+    dispatcher_ = std::make_unique<ExpertDispatcher>(ExpertDispatcher::Options{"expert-0"}, *store_,
+                                                     *metrics_, nullptr, nullptr);
   }
 
   // Runs one Dispatch of 3 tokens; returns the answer.
@@ -54,10 +54,9 @@ class ExpertDispatcherTest : public ::testing::Test {
     const FloatTensor x({3, Model().d_model}, std::vector<float>(3 * Model().d_model, 0.5f));
     EncodeTensor(x.view(), request->mutable_tokens());
     v1::DispatchResponse answer;
-    dispatcher_->Dispatch(std::move(request), std::make_unique<v1::DispatchResponse>(),
-                          [&](std::unique_ptr<v1::DispatchResponse> response) {
-                            answer = std::move(*response);
-                          });
+    dispatcher_->Dispatch(
+        std::move(request), std::make_unique<v1::DispatchResponse>(),
+        [&](std::unique_ptr<v1::DispatchResponse> response) { answer = std::move(*response); });
     return answer;
   }
 
@@ -74,7 +73,8 @@ TEST_F(ExpertDispatcherTest, DispatchNamesTheLayer) {
   const v1::DispatchResponse other_layer = Dispatch(1, 1);
   ASSERT_TRUE(other_layer.has_error());
   EXPECT_EQ(other_layer.error().code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
-  EXPECT_THAT(other_layer.error().message(), HasSubstr("layer 1 expert 1: layer 1 is out of range"));
+  EXPECT_THAT(other_layer.error().message(),
+              HasSubstr("layer 1 expert 1: layer 1 is out of range"));
   const v1::DispatchResponse not_hosted = Dispatch(0, 3);
   EXPECT_EQ(not_hosted.error().code(), static_cast<int>(absl::StatusCode::kNotFound));
 }

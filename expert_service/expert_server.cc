@@ -91,8 +91,7 @@ absl::Status ExpertServer::Start() {
     };
   }
   MOE_ASSIGN_OR_RETURN(store_, ExpertStore::Create({model, options_.name, options_.training},
-                                                   std::move(hosted),
-                                                   std::move(kernel_factory)));
+                                                   std::move(hosted), std::move(kernel_factory)));
 
   registry_ = std::make_shared<prometheus::Registry>();
   metrics_ = ExpertMetrics::Create(*registry_, model.num_experts);

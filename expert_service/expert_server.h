@@ -6,13 +6,13 @@
 #ifndef MOE_EXPERT_SERVICE_EXPERT_SERVER_H_
 #define MOE_EXPERT_SERVICE_EXPERT_SERVER_H_
 
+#include <grpcpp/grpcpp.h>
+
 #include <functional>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -24,11 +24,11 @@
 #include "common/transport_credentials.h"
 #include "expert_service/allreduce/collective_registry.h"
 #include "expert_service/allreduce/collective_service.h"
+#include "expert_service/allreduce/grpc_ring_link.h"
 #include "expert_service/expert_dispatcher.h"
 #include "expert_service/expert_metrics.h"
 #include "expert_service/expert_service.h"
 #include "expert_service/expert_store.h"
-#include "expert_service/allreduce/grpc_ring_link.h"
 #include "expert_service/micro_batcher.h"
 #include "expert_service/onednn_runtime.h"
 #include "expert_service/step_executor.h"

@@ -631,7 +631,8 @@ TEST(ExpertServerTest, ExpertWeightsMoveBetweenServers) {
   auto [status, response] = load(chunks);
   ASSERT_TRUE(status.ok()) << status.error_message();
   EXPECT_EQ(response.expert().weights_digest(), InitExpert(Model(), ExpertKey(0, 1)).Digest());
-  EXPECT_THAT(b->store().HostedExperts(), ElementsAre(ExpertKey(0, 1), ExpertKey(0, 2), ExpertKey(0, 3)));
+  EXPECT_THAT(b->store().HostedExperts(),
+              ElementsAre(ExpertKey(0, 1), ExpertKey(0, 2), ExpertKey(0, 3)));
   const FloatTensor x = RandomTensor({6, 32}, 11);
   EXPECT_EQ(Output(RoundTrip(*stub_b, {Request(1, 1, x)}).at(1)),
             Output(RoundTrip(*stub_a, {Request(1, 1, x)}).at(1)));

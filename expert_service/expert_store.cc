@@ -118,8 +118,8 @@ absl::StatusOr<std::shared_ptr<ExpertStore::Hosted>> ExpertStore::Find(ExpertKey
   absl::MutexLock lock(&mu_);
   auto it = experts_.find(expert);
   if (it == experts_.end()) {  // removed between the check and here
-    return absl::NotFoundError(absl::StrCat(expert.ToString(), ": no longer hosted by ",
-                                            options_.server_name));
+    return absl::NotFoundError(
+        absl::StrCat(expert.ToString(), ": no longer hosted by ", options_.server_name));
   }
   return it->second;
 }
@@ -130,9 +130,9 @@ absl::Status CheckStep(ExpertKey expert, uint64_t hosted_step, uint64_t expected
   if (expected_step == ExpertStore::kAnyStep || expected_step == hosted_step) {
     return absl::OkStatus();
   }
-  return absl::FailedPreconditionError(absl::StrCat(
-      expert.ToString(), " here has the weights of step ", hosted_step,
-      ", the call is for step ", expected_step));
+  return absl::FailedPreconditionError(absl::StrCat(expert.ToString(),
+                                                    " here has the weights of step ", hosted_step,
+                                                    ", the call is for step ", expected_step));
 }
 
 }  // namespace
@@ -181,15 +181,14 @@ absl::Status ExpertStore::Forward(ExpertKey expert, const ConstTensorView& x, co
 }
 
 absl::Status ExpertStore::Backward(ExpertKey expert, uint64_t request_id, const ConstTensorView& dy,
-                                   const TensorView& dx, absl::Time now,
-                                   uint64_t expected_step) {
+                                   const TensorView& dx, absl::Time now, uint64_t expected_step) {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   MOE_ASSIGN_OR_RETURN(SavedForward saved, training_.Take(request_id, expert, now));
   const int64_t d_model = options_.model.d_model;
   if (dy.rows() != saved.rows) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "grad_output: request ", request_id, " sent ", saved.rows, " tokens to ",
-        expert.ToString(), " in forward, backward has ", dy.rows()));
+    return absl::InvalidArgumentError(absl::StrCat("grad_output: request ", request_id, " sent ",
+                                                   saved.rows, " tokens to ", expert.ToString(),
+                                                   " in forward, backward has ", dy.rows()));
   }
   std::vector<std::byte> dy_storage, dx_storage;
   const std::byte* dy32 = InDtype(dy, DType::kFloat32, dy_storage);

@@ -8,8 +8,8 @@
 
 #include <array>
 #include <cstdint>
-#include <iterator>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <optional>
@@ -104,8 +104,9 @@ class ExpertStore {
   // `grads` into `updated`, whose buffers are reused when they have the
   // model's shapes; the hosted expert is unchanged. One pass: nothing is
   // copied first. OUT_OF_RANGE when a result is not finite.
-  absl::Status ComputeUpdate(ExpertKey expert, const OptimizerOptions& optimizer, float learning_rate,
-                             const ExpertTensorSpans& grads, ExpertSnapshot& updated) const;
+  absl::Status ComputeUpdate(ExpertKey expert, const OptimizerOptions& optimizer,
+                             float learning_rate, const ExpertTensorSpans& grads,
+                             ExpertSnapshot& updated) const;
   // Installs `updated` as the weights committed at `step` by swapping
   // buffers with the hosted expert (between kernel calls; no copy) and
   // reloads the kernel; `updated` gets the old weights (reusable by the next

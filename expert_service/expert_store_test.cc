@@ -57,8 +57,8 @@ TEST_F(ExpertStoreTest, ForwardIsTheExpert) {
   FloatTensor y({9, 16}), expected({9, 16});
   ASSERT_TRUE(store_->Forward(ExpertKey(0, 3), x.view(), y.mutable_view(), false, 0, kNow).ok());
   std::vector<float> hidden(9 * 24);
-  ReferenceExpertForward(InitExpert(Model(), ExpertKey(0, 3)), x.values(), 9, absl::MakeSpan(hidden),
-                         expected.mutable_values());
+  ReferenceExpertForward(InitExpert(Model(), ExpertKey(0, 3)), x.values(), 9,
+                         absl::MakeSpan(hidden), expected.mutable_values());
   EXPECT_TRUE(TensorNear(y, expected, 1e-5));
   EXPECT_EQ(store_->training_state().size(), 0u);
 }
@@ -67,16 +67,17 @@ TEST_F(ExpertStoreTest, Bf16InputsAreConvertedBothWays) {
   const FloatTensor x = RandomTensor({5, 16}, 2);
   std::vector<uint16_t> x_bits(80), y_bits(80);
   FloatsToBf16(x.values(), absl::MakeSpan(x_bits));
-  ASSERT_TRUE(store_
-                  ->Forward(ExpertKey(0, 1),
-                            {DType::kBFloat16, {5, 16},
-                             reinterpret_cast<const std::byte*>(x_bits.data())},
-                            {DType::kBFloat16, {5, 16}, reinterpret_cast<std::byte*>(y_bits.data())},
-                            false, 0, kNow)
-                  .ok());
+  ASSERT_TRUE(
+      store_
+          ->Forward(ExpertKey(0, 1),
+                    {DType::kBFloat16, {5, 16}, reinterpret_cast<const std::byte*>(x_bits.data())},
+                    {DType::kBFloat16, {5, 16}, reinterpret_cast<std::byte*>(y_bits.data())}, false,
+                    0, kNow)
+          .ok());
   FloatTensor y({5, 16}), expected({5, 16});
   Bf16ToFloats(y_bits, y.mutable_values());
-  ASSERT_TRUE(store_->Forward(ExpertKey(0, 1), x.view(), expected.mutable_view(), false, 0, kNow).ok());
+  ASSERT_TRUE(
+      store_->Forward(ExpertKey(0, 1), x.view(), expected.mutable_view(), false, 0, kNow).ok());
   EXPECT_TRUE(TensorNear(y, expected, 1e-2));
 }
 
@@ -137,7 +138,8 @@ TEST_F(ExpertStoreTest, ExpertsMoveInAndOut) {
   ASSERT_TRUE(store_->RemoveExpert(ExpertKey(0, 3)).ok());
   EXPECT_THAT(store_->HostedExperts(), ElementsAre(ExpertKey(0, 1)));
   ASSERT_TRUE(store_->AddExpert(ExpertKey(0, 2), *std::move(snapshot)).ok());
-  EXPECT_EQ(store_->AddExpert(ExpertKey(0, 2), {InitExpert(Model(), ExpertKey(0, 2)), std::nullopt}).code(),
+  EXPECT_EQ(store_->AddExpert(ExpertKey(0, 2), {InitExpert(Model(), ExpertKey(0, 2)), std::nullopt})
+                .code(),
             absl::StatusCode::kAlreadyExists);
   EXPECT_EQ(*store_->Digest(ExpertKey(0, 2)), InitExpert(Model(), ExpertKey(0, 3)).Digest());
   EXPECT_EQ(store_->RemoveExpert(ExpertKey(0, 0)).code(), absl::StatusCode::kNotFound);
@@ -148,7 +150,8 @@ TEST_F(ExpertStoreTest, ExpertsMoveInAndOut) {
 // step is refused under the kernel's lock.
 TEST_F(ExpertStoreTest, AnUpdateIsComputedAsideAndSwappedInWithItsStep) {
   const ExpertWeights before = store_->Snapshot(ExpertKey(0, 1))->weights;
-  const ExpertWeights grads = InitExpert(Model(), ExpertKey(0, 2));  // any values of the right shapes
+  const ExpertWeights grads =
+      InitExpert(Model(), ExpertKey(0, 2));  // any values of the right shapes
   ExpertTensorSpans spans;
   for (size_t i = 0; i < spans.size(); ++i) spans[i] = grads.tensor(kAllExpertTensors[i]).values();
   OptimizerOptions sgd;
@@ -167,7 +170,8 @@ TEST_F(ExpertStoreTest, AnUpdateIsComputedAsideAndSwappedInWithItsStep) {
   EXPECT_EQ(*store_->Digest(ExpertKey(0, 1)), expected.Digest());
   EXPECT_EQ(*store_->Step(ExpertKey(0, 1)), 7u);
   EXPECT_EQ(updated.weights.Digest(), before.Digest());  // the old buffers, for reuse
-  const absl::Status old = store_->Forward(ExpertKey(0, 1), x.view(), y.mutable_view(), false, 0, kNow, 0);
+  const absl::Status old =
+      store_->Forward(ExpertKey(0, 1), x.view(), y.mutable_view(), false, 0, kNow, 0);
   EXPECT_EQ(old.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(old.message(), "expert 1 here has the weights of step 7, the call is for step 0");
   EXPECT_TRUE(store_->Forward(ExpertKey(0, 1), x.view(), y.mutable_view(), false, 0, kNow, 7).ok());
@@ -178,7 +182,8 @@ TEST_F(ExpertStoreTest, AnUpdateIsComputedAsideAndSwappedInWithItsStep) {
   const std::vector<float> huge(spans[0].size(), 1e30f);
   ExpertTensorSpans huge_spans = spans;
   huge_spans[0] = huge;
-  const absl::Status too_big = store_->ComputeUpdate(ExpertKey(0, 1), sgd, 1e10f, huge_spans, overflowed);
+  const absl::Status too_big =
+      store_->ComputeUpdate(ExpertKey(0, 1), sgd, 1e10f, huge_spans, overflowed);
   EXPECT_EQ(too_big.code(), absl::StatusCode::kOutOfRange);
   EXPECT_THAT(too_big.message(), HasSubstr("expert 1: the update has a non-finite value"));
   EXPECT_EQ(*store_->Digest(ExpertKey(0, 1)), expected.Digest());

@@ -46,8 +46,8 @@ class MicroBatcher {
   // with RESOURCE_EXHAUSTED when the pool refuses the batch).
   // Only requests for the same step (ExpertStore::Forward's expected_step)
   // are merged.
-  void Forward(ExpertKey expert, const ConstTensorView& x, const TensorView& y, uint64_t expected_step,
-               Done done) ABSL_LOCKS_EXCLUDED(mu_);
+  void Forward(ExpertKey expert, const ConstTensorView& x, const TensorView& y,
+               uint64_t expected_step, Done done) ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   struct Item {

@@ -135,7 +135,8 @@ TEST(OnednnExpertKernelTest, RealShapesAt4096Rows) {
 
 TEST(OnednnExpertKernelTest, PrimitivesAreCreatedOncePerBucket) {
   const ModelConfig model = Model(32, 48);
-  const ExpertWeights a = InitExpert(model, ExpertKey(0, 0)), b = InitExpert(model, ExpertKey(0, 1));
+  const ExpertWeights a = InitExpert(model, ExpertKey(0, 0)),
+                      b = InitExpert(model, ExpertKey(0, 1));
   auto runtime = Runtime();
   auto ka = OnednnExpertKernel::Create(a, DType::kFloat32, *runtime);
   auto kb = OnednnExpertKernel::Create(b, DType::kFloat32, *runtime);
@@ -165,7 +166,8 @@ TEST(OnednnExpertKernelTest, BackwardMatchesTheReference) {
     ASSERT_TRUE((*kernel)->Forward(x.view(), y.mutable_view(), &act_view).ok());
 
     // Accumulators start non-zero: backward must add, not overwrite.
-    ExpertWeights grads = InitExpert(model, ExpertKey(0, 7)), grads_ref = InitExpert(model, ExpertKey(0, 7));
+    ExpertWeights grads = InitExpert(model, ExpertKey(0, 7)),
+                  grads_ref = InitExpert(model, ExpertKey(0, 7));
     FloatTensor dx({rows, 48}), dx_ref({rows, 48});
     ASSERT_TRUE((*kernel)->Backward(x.view(), act.view(), dy.view(), dx.mutable_view(), grads).ok());
     ASSERT_TRUE(reference.Backward(x.view(), act.view(), dy.view(), dx_ref.mutable_view(), grads_ref).ok());

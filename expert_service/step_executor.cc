@@ -166,8 +166,9 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
 }
 
 absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
-    uint64_t step, const std::vector<StepRing>& rings, const std::map<ExpertKey, ExpertWeights>& local,
-    absl::Time deadline, std::map<ExpertKey, ExpertTensorSpans>& grads, PrepareResult& result) {
+    uint64_t step, const std::vector<StepRing>& rings,
+    const std::map<ExpertKey, ExpertWeights>& local, absl::Time deadline,
+    std::map<ExpertKey, ExpertTensorSpans>& grads, PrepareResult& result) {
   const absl::Time start = absl::Now();
   std::vector<std::shared_ptr<allreduce::RingAllReduce>> collectives;
   int64_t floats = 0;
@@ -177,9 +178,9 @@ absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
     for (ExpertKey expert : ring.experts) {
       auto it = local.find(expert);
       if (it == local.end()) {
-        return absl::FailedPreconditionError(absl::StrCat(
-            "server ", options_.server_name, " does not host ", expert.ToString(), " of group ",
-            absl::Hex(ring.group_id)));
+        return absl::FailedPreconditionError(absl::StrCat("server ", options_.server_name,
+                                                          " does not host ", expert.ToString(),
+                                                          " of group ", absl::Hex(ring.group_id)));
       }
       for (ExpertTensor which : kAllExpertTensors) {
         length += it->second.tensor(which).values().size();
@@ -216,8 +217,7 @@ absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
     if (!s.ok() && status.ok()) {
       status = absl::Status(
           s.code(), absl::StrCat("server ", options_.server_name, ", replica group of experts [",
-                                 JoinExpertKeys(rings[g].experts), "]: ",
-                                 s.message()));
+                                 JoinExpertKeys(rings[g].experts), "]: ", s.message()));
     }
     result.allreduce_bytes_sent += collectives[g]->bytes_sent();
   }

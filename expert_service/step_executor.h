@@ -33,8 +33,8 @@
 #include "common/model_config.h"
 #include "common/placement.h"
 #include "expert_service/allreduce/collective_registry.h"
-#include "expert_service/expert_store.h"
 #include "expert_service/allreduce/ring_allreduce.h"
+#include "expert_service/expert_store.h"
 
 namespace moe::expert {
 
@@ -114,18 +114,19 @@ class StepExecutor {
   // Sums the groups' fused gradients: one buffer per ring, in ring order;
   // `grads` gets spans over each replicated expert's sums in them.
   absl::StatusOr<std::vector<std::vector<float>>> AllReduce(
-      uint64_t step, const std::vector<StepRing>& rings, const std::map<ExpertKey, ExpertWeights>& local,
-      absl::Time deadline,
+      uint64_t step, const std::vector<StepRing>& rings,
+      const std::map<ExpertKey, ExpertWeights>& local, absl::Time deadline,
       std::map<ExpertKey, ExpertTensorSpans>& grads, PrepareResult& result);
   void PutBack(const std::map<ExpertKey, ExpertWeights>& local_grads);
   // Buffers of the last commit, reused so that a step writes into memory
   // already mapped: the weights it swapped out (for the next updates) and
   // the gradients it took (the next accumulators). Empty nodes when none.
-  std::map<ExpertKey, ExpertSnapshot>::node_type TakeSpare(ExpertKey expert) ABSL_LOCKS_EXCLUDED(mu_);
+  std::map<ExpertKey, ExpertSnapshot>::node_type TakeSpare(ExpertKey expert)
+      ABSL_LOCKS_EXCLUDED(mu_);
   std::map<ExpertKey, ExpertWeights>::node_type TakeSpareGradients(ExpertKey expert)
       ABSL_LOCKS_EXCLUDED(mu_);
-  void KeepSpare(std::map<ExpertKey, ExpertSnapshot> updated, std::map<ExpertKey, ExpertWeights> grads)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  void KeepSpare(std::map<ExpertKey, ExpertSnapshot> updated,
+                 std::map<ExpertKey, ExpertWeights> grads) ABSL_LOCKS_EXCLUDED(mu_);
   // Ring `ring`'s fused buffer of the last step, to fill again.
   std::vector<float> TakeSpareBuffer(size_t ring) ABSL_LOCKS_EXCLUDED(mu_);
   void KeepSpareBuffers(std::vector<std::vector<float>> buffers) ABSL_LOCKS_EXCLUDED(mu_);

@@ -18,16 +18,16 @@ int TrainingStateStore::ExpireLocked(absl::Time now) {
   return dropped;
 }
 
-absl::Status TrainingStateStore::Put(uint64_t request_id, ExpertKey expert,
-                                     SavedForward saved, absl::Time now) {
+absl::Status TrainingStateStore::Put(uint64_t request_id, ExpertKey expert, SavedForward saved,
+                                     absl::Time now) {
   absl::MutexLock lock(&mu_);
   ExpireLocked(now);
   const int64_t size = saved.bytes();
   if (bytes_ + size > options_.max_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "training state for request ", request_id, ", ", expert.ToString(), " needs ", size,
-        " bytes; ", bytes_, " of the ", options_.max_bytes,
-        "-byte budget are held (run Backward or let them expire)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("training state for request ", request_id, ", ", expert.ToString(), " needs ",
+                     size, " bytes; ", bytes_, " of the ", options_.max_bytes,
+                     "-byte budget are held (run Backward or let them expire)"));
   }
   auto [it, inserted] =
       entries_.try_emplace(Key{request_id, expert}, Entry{std::move(saved), now + options_.ttl});
@@ -44,16 +44,16 @@ absl::StatusOr<SavedForward> TrainingStateStore::Take(uint64_t request_id, Exper
   absl::MutexLock lock(&mu_);
   auto it = entries_.find(Key{request_id, expert});
   if (it == entries_.end()) {
-    return absl::NotFoundError(absl::StrCat(
-        "request ", request_id, ": no training state for ", expert.ToString(),
-        " (unknown request id, backward already done, or not a training forward)"));
+    return absl::NotFoundError(
+        absl::StrCat("request ", request_id, ": no training state for ", expert.ToString(),
+                     " (unknown request id, backward already done, or not a training forward)"));
   }
   if (it->second.expiry <= now) {
     bytes_ -= it->second.saved.bytes();
     entries_.erase(it);
-    return absl::NotFoundError(absl::StrCat(
-        "request ", request_id, ": training state for ", expert.ToString(),
-        " expired (kept for ", absl::FormatDuration(options_.ttl), ")"));
+    return absl::NotFoundError(absl::StrCat("request ", request_id, ": training state for ",
+                                            expert.ToString(), " expired (kept for ",
+                                            absl::FormatDuration(options_.ttl), ")"));
   }
   SavedForward saved = std::move(it->second.saved);
   bytes_ -= saved.bytes();

@@ -132,15 +132,14 @@ absl::StatusOr<ExpertSnapshot> ExpertAssembler::Finish() {
     const int64_t size = snapshot_.weights.tensor(kAllExpertTensors[i]).num_elements() * 4;
     if (received_[kWeightKinds[i]] != size ||
         (snapshot_.velocity && received_[kMomentumKinds[i]] != size)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "transfer of ", Name(), ": ", v1::ExpertTensorKind_Name(kWeightKinds[i]),
-          " incomplete (", received_[kWeightKinds[i]], " of ", size, " bytes)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("transfer of ", Name(), ": ", v1::ExpertTensorKind_Name(kWeightKinds[i]),
+                       " incomplete (", received_[kWeightKinds[i]], " of ", size, " bytes)"));
     }
   }
   const uint64_t digest = snapshot_.weights.Digest();
   if (digest != digest_) {
-    return absl::DataLossError(absl::StrCat("transfer of ", Name(),
-                                            ": weights digest ", digest,
+    return absl::DataLossError(absl::StrCat("transfer of ", Name(), ": weights digest ", digest,
                                             " does not match the sender's ", digest_));
   }
   return std::move(snapshot_);

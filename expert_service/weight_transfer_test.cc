@@ -26,7 +26,8 @@ const ModelConfig& Model() {
 }
 
 std::vector<v1::ExpertWeightsChunk> Chunks(size_t max_chunk_bytes) {
-  return ChunkExpert(ExpertKey(0, 1), {InitExpert(Model(), ExpertKey(0, 1)), std::nullopt}, max_chunk_bytes);
+  return ChunkExpert(ExpertKey(0, 1), {InitExpert(Model(), ExpertKey(0, 1)), std::nullopt},
+                     max_chunk_bytes);
 }
 
 TEST(WeightTransferTest, ChunksGoBackTogether) {

@@ -61,8 +61,7 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
   if (!unavailable.empty()) {
     for (const auto& [server, count] : assigned) picker.Release(server, count);
     return absl::UnavailableError(absl::StrCat("expert", unavailable.size() > 1 ? "s " : " ",
-                                               JoinExpertKeys(unavailable),
-                                               ": no live replica"));
+                                               JoinExpertKeys(unavailable), ": no live replica"));
   }
   return groups;
 }

@@ -187,10 +187,10 @@ void Router::Start(const v1::Tensor& x, bool training, absl::Time deadline, Forw
   call->gate = gate();
   call->placement = placement();
   call->routing = RouteTokens(call->x32, call->num_tokens, call->gate->value, model);
-  absl::StatusOr<std::vector<ExpertGroup>> groups = PlanDispatch(
-      call->routing, *view, call->placement->value, picker_,
-      {kServedLayer, training, call->request_id, ToDeadlineMicros(deadline),
-       call->placement->version, call->gate->version});
+  absl::StatusOr<std::vector<ExpertGroup>> groups =
+      PlanDispatch(call->routing, *view, call->placement->value, picker_,
+                   {kServedLayer, training, call->request_id, ToDeadlineMicros(deadline),
+                    call->placement->version, call->gate->version});
   if (!groups.ok()) {
     std::move(call->done)(groups.status());
     return;
@@ -272,10 +272,10 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
       return;
     }
     if (stale) {
-      status = absl::FailedPreconditionError(absl::StrCat(
-          g.expert.ToString(), ": no replica at placement epoch ", call->placement->version,
-          ", step ", call->gate->version, " (servers ", absl::StrJoin(call->tried[group], ","),
-          "; last: ", status.message(), ")"));
+      status = absl::FailedPreconditionError(
+          absl::StrCat(g.expert.ToString(), ": no replica at placement epoch ",
+                       call->placement->version, ", step ", call->gate->version, " (servers ",
+                       absl::StrJoin(call->tried[group], ","), "; last: ", status.message(), ")"));
       absl::MutexLock lock(&call->mu);
       call->stale = true;
     } else {
@@ -329,9 +329,9 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
     spec.dims[0] = rows;
     absl::StatusOr<ConstTensorView> out = DecodeTensor(call->responses[g]->output(), spec);
     if (!out.ok()) {
-      std::move(call->done)(absl::InternalError(absl::StrCat(
-          "server ", call->groups[g].server, " answered ", call->groups[g].expert.ToString(),
-          " badly: ", out.status().message())));
+      std::move(call->done)(absl::InternalError(
+          absl::StrCat("server ", call->groups[g].server, " answered ",
+                       call->groups[g].expert.ToString(), " badly: ", out.status().message())));
       return;
     }
     if (out->dtype == DType::kFloat32 && !call->training) {
@@ -498,8 +498,7 @@ void Router::Backward(uint64_t request_id, const v1::Tensor& grad_output,
             if (call->status.ok()) {
               call->status = absl::Status(
                   status.code(), absl::StrCat("backward of ", group.expert.ToString(),
-                                              " on server ", group.server, ": ",
-                                              status.message()));
+                                              " on server ", group.server, ": ", status.message()));
             }
           }
           if (call->remaining.fetch_sub(1) == 1) {
@@ -564,11 +563,11 @@ absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement nex
     same_shape = next.num_experts(l) == now.num_experts(l);
   }
   if (!same_shape) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "placement of ", next.num_layers(), " layer(s), ", next.num_experts(kServedLayer),
-        " experts in layer ", kServedLayer, ", on ", next.num_servers(),
-        " servers; this cluster has ", now.num_layers(), ", ", now.num_experts(kServedLayer),
-        ", on ", now.num_servers()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("placement of ", next.num_layers(), " layer(s), ",
+                     next.num_experts(kServedLayer), " experts in layer ", kServedLayer, ", on ",
+                     next.num_servers(), " servers; this cluster has ", now.num_layers(), ", ",
+                     now.num_experts(kServedLayer), ", on ", now.num_servers()));
   }
   PlacementSnapshot installed = placement_.Install(std::move(next));
   MOE_LOG(INFO, "placement epoch ", installed->version, " installed");

@@ -84,8 +84,8 @@ TEST(ExpertServerProcessTest, ServesThenDrainsOnSigterm) {
     ASSERT_FALSE(response.has_error()) << response.error().message();
     FloatTensor expected({3, 64});
     std::vector<float> hidden(3 * 128);
-    ReferenceExpertForward(InitExpert(model, ExpertKey(0, 5)), x.values(), 3, absl::MakeSpan(hidden),
-                           expected.mutable_values());
+    ReferenceExpertForward(InitExpert(model, ExpertKey(0, 5)), x.values(), 3,
+                           absl::MakeSpan(hidden), expected.mutable_values());
     EXPECT_TRUE(TensorNear(
         ToFloatTensor(*DecodeTensor(response.output(), TokenBatchSpec("y", 64, 0))), expected,
         1e-5));

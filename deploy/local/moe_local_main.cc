@@ -2,32 +2,32 @@
 // expert servers as separate processes on free loopback ports, waits until
 // they serve, runs a load through the router, prints what happened, and
 // shuts everything down (or, with --serve, keeps it up until Ctrl-C).
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
-#include <algorithm>
 #include <map>
 #include <numeric>
 #include <random>
 #include <string>
 
-#include <grpcpp/grpcpp.h>
-
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "clients/cpp/load_generator.h"
 #include "clients/cpp/moe_client.h"
 #include "common/expert_key.h"
 #include "common/flags_usage.h"
 #include "common/log.h"
-#include "common/stop_signals.h"
 #include "common/model_config.h"
 #include "common/placement.h"
+#include "common/stop_signals.h"
 #include "deploy/local/child_process.h"
 #include "deploy/local/local_cluster.h"
 #include "proto/expert.grpc.pb.h"

@@ -133,8 +133,8 @@ std::string FormatReferenceDemoReport(const ReferenceDemoReport& r) {
                         cluster.servers.size());
   if (placement.ok()) {
     for (int s = 0; s < placement->num_servers(); ++s) {
-      absl::StrAppendFormat(&out, "            %-12s %-22s experts %s\n",
-                            cluster.servers[s].name, cluster.servers[s].address,
+      absl::StrAppendFormat(&out, "            %-12s %-22s experts %s\n", cluster.servers[s].name,
+                            cluster.servers[s].address,
                             IdRanges(Layer0Indices(placement->ExpertsOn(s))));
     }
     for (const ReplicaGroup& group : ReplicaGroups(*placement)) {
@@ -184,9 +184,8 @@ std::string FormatReferenceDemoReport(const ReferenceDemoReport& r) {
       {PlacementStrategy::kHybrid, HybridPlacement(model.num_experts, num_servers)},
   };
   for (const auto& [strategy, p] : strategies) {
-    absl::StrAppendFormat(&out, "  %-15s %.3f  (%d replicas)\n",
-                          PlacementStrategyName(strategy), Imbalance(ServerLoads(p, 0, load)),
-                          p.num_replicas());
+    absl::StrAppendFormat(&out, "  %-15s %.3f  (%d replicas)\n", PlacementStrategyName(strategy),
+                          Imbalance(ServerLoads(p, 0, load)), p.num_replicas());
   }
   absl::StatusOr<Placement> dynamic =
       DynamicPlacement(model.num_experts, num_servers, load, cluster.slots_per_server);
