@@ -11,6 +11,7 @@
 #include "common/metrics_exposer.h"
 #include "common/placement.h"
 #include "common/status_macros.h"
+#include "expert_service/grpc_sync_peers.h"
 #include "expert_service/onednn_expert_kernel.h"
 
 namespace moe::expert {
@@ -118,6 +119,7 @@ absl::Status ExpertServer::Start() {
       StepExecutor::Options{model.optimizer, options_.name, std::move(rings), options_.ring,
                             options_.step_prepared_timeout},
       *store_, *collectives_);
+  if (options_.sync_on_start) MOE_RETURN_IF_ERROR(SyncFromPeersOnStart());
   step_pool_ = std::make_unique<ComputePool>(1, 64);
   collective_service_ = std::make_unique<allreduce::CollectiveService>(collectives_.get());
   dispatcher_ = std::make_unique<ExpertDispatcher>(
@@ -133,6 +135,24 @@ absl::Status ExpertServer::Start() {
   MOE_LOG(INFO, "server ", options_.name, " serving gRPC on port ", port_,
           metrics_port_ >= 0 ? absl::StrCat(", /metrics on port ", metrics_port_)
                              : std::string(", no metrics endpoint"));
+  return absl::OkStatus();
+}
+
+absl::Status ExpertServer::SyncFromPeersOnStart() {
+  GrpcSyncPeers peers(options_.config.cluster, options_.name, options_.credentials,
+                      options_.max_message_bytes);
+  if (peers.num_peers() == 0) return absl::OkStatus();
+  const absl::Time now = absl::Now();
+  MOE_ASSIGN_OR_RETURN(const SyncResult sync,
+                       SyncFromPeers(*store_, peers, now + options_.sync_info_timeout,
+                                     now + options_.sync_timeout));
+  MOE_RETURN_IF_ERROR(steps_->AdoptCommitted(sync.cluster_step));
+  MOE_LOG(INFO, "server ", options_.name, ": ", sync.peers_answered, " of ", peers.num_peers(),
+          " peer(s) answered; cluster at step ", sync.cluster_step, "; synced ",
+          sync.synced.size(), " expert(s) [", JoinExpertKeys(sync.synced), "], ",
+          sync.bytes >> 20, " MiB in ", absl::FormatDuration(sync.elapsed),
+          sync.behind.empty() ? std::string()
+                              : absl::StrCat("; behind: [", JoinExpertKeys(sync.behind), "]"));
   return absl::OkStatus();
 }
 

@@ -78,6 +78,12 @@ class ExpertServer {
     int max_message_bytes = 512 << 20;
     // Of the server's port and of its ring links to its peers.
     TransportCredentials credentials = TransportCredentials::Plaintext();
+    // Rejoin by sync (weight_sync.h): before listening, ask the peers'
+    // committed step (each within sync_info_timeout) and pull the hosted
+    // experts that are behind it (all within sync_timeout).
+    bool sync_on_start = true;
+    absl::Duration sync_info_timeout = absl::Seconds(3);
+    absl::Duration sync_timeout = absl::Minutes(10);
     // Makes each expert's kernel; empty: OnednnExpertKernel in compute_dtype.
     // Tests substitute kernels here.
     KernelFactory kernel_factory;
@@ -107,6 +113,8 @@ class ExpertServer {
  private:
   explicit ExpertServer(Options options) : options_(std::move(options)) {}
   absl::Status Start();
+  // Rejoin by sync (Options::sync_on_start), before the server listens.
+  absl::Status SyncFromPeersOnStart();
   // The weights of `experts` from the checkpoint or the seed's init.
   absl::StatusOr<std::map<ExpertKey, ExpertWeights>> LoadHostedWeights(
       absl::Span<const ExpertKey> experts) const;

@@ -41,6 +41,11 @@ ABSL_FLAG(int64_t, ring_segment_elements, int64_t{1} << 18,
 ABSL_FLAG(int, ring_window_segments, 4, "All-reduce segments in flight to the successor.");
 ABSL_FLAG(absl::Duration, step_prepared_timeout, absl::Seconds(60),
           "A prepared training step with no commit or abort within this aborts itself.");
+ABSL_FLAG(bool, sync_on_start, true,
+          "Before serving, pull the hosted experts that are behind the committed step its "
+          "peers report (rejoin by sync); false: serve what was loaded.");
+ABSL_FLAG(absl::Duration, sync_timeout, absl::Minutes(10),
+          "Longest the start-up sync may take (each peer's Info gets 3s).");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
           "On SIGTERM, how long open streams may take to answer what they accepted.");
 
@@ -88,6 +93,8 @@ absl::StatusOr<moe::expert::ExpertServer::Options> OptionsFromFlags() {
         "--ring_segment_elements and --ring_window_segments must be >= 1");
   }
   options.step_prepared_timeout = absl::GetFlag(FLAGS_step_prepared_timeout);
+  options.sync_on_start = absl::GetFlag(FLAGS_sync_on_start);
+  options.sync_timeout = absl::GetFlag(FLAGS_sync_timeout);
   return options;
 }
 

@@ -64,6 +64,22 @@ uint64_t StepExecutor::last_committed() const {
   return last_committed_;
 }
 
+absl::Status StepExecutor::AdoptCommitted(uint64_t step) {
+  absl::MutexLock lock(&mu_);
+  if (preparing_ || prepared_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("server ", options_.server_name, ": cannot adopt step ", step,
+                     " while step ", preparing_ ? *preparing_ : prepared_->step, " runs"));
+  }
+  if (step < last_committed_) {
+    return absl::FailedPreconditionError(absl::StrCat("server ", options_.server_name,
+                                                      ": cannot adopt step ", step,
+                                                      " after committing step ", last_committed_));
+  }
+  last_committed_ = step;
+  return absl::OkStatus();
+}
+
 absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
                                                                   float learning_rate,
                                                                   absl::Time deadline) {
@@ -85,6 +101,18 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
     if (preparing_) {
       return absl::FailedPreconditionError(absl::StrCat(
           "step ", step, ": server ", options_.server_name, " is preparing step ", *preparing_));
+    }
+    // A step updates weights of the last committed step only: an expert
+    // left behind (no replica to sync from) would get a later step's label
+    // on older weights.
+    for (ExpertKey expert : store_.HostedExperts()) {
+      absl::StatusOr<uint64_t> at = store_.Step(expert);
+      if (at.ok() && *at != last_committed_) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "step ", step, ": server ", options_.server_name, " holds ", expert.ToString(),
+            " at step ", *at, ", not the committed step ", last_committed_,
+            " (it could not be synced); load or sync it before training"));
+      }
     }
     // A prepared step that was never committed is superseded by a later one.
     if (prepared_) {

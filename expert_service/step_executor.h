@@ -96,6 +96,10 @@ class StepExecutor {
   void Abort(uint64_t step, const std::string& reason) ABSL_LOCKS_EXCLUDED(mu_);
 
   uint64_t last_committed() const ABSL_LOCKS_EXCLUDED(mu_);
+  // The hosted weights were synced from peers at committed step `step`
+  // (weight_sync.h): the next step follows it. FAILED_PRECONDITION while a
+  // step is preparing or prepared, or for a step before the last committed.
+  absl::Status AdoptCommitted(uint64_t step) ABSL_LOCKS_EXCLUDED(mu_);
 
   // Replaces this server's rings (a placement change; the registry's groups
   // change with them, by the caller). FAILED_PRECONDITION while a step is

@@ -1,0 +1,51 @@
+#include "expert_service/grpc_sync_peers.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+
+namespace moe::expert {
+
+GrpcSyncPeers::GrpcSyncPeers(const ClusterConfig& cluster, const std::string& self,
+                             const TransportCredentials& credentials, int max_message_bytes) {
+  for (const ServerSpec& spec : cluster.servers) {
+    if (spec.name == self) continue;
+    peers_.push_back(
+        {spec, v1::ExpertServer::NewStub(NewChannel(spec.address, credentials, max_message_bytes))});
+  }
+}
+
+std::string GrpcSyncPeers::name(int peer) const {
+  const ServerSpec& spec = peers_.at(peer).spec;
+  return absl::StrCat(spec.name, " (", spec.address, ")");
+}
+
+absl::StatusOr<v1::InfoResponse> GrpcSyncPeers::Info(int peer, absl::Time deadline) {
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(deadline));
+  v1::InfoResponse response;
+  const grpc::Status status = peers_.at(peer).stub->Info(&context, v1::InfoRequest(), &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
+absl::Status GrpcSyncPeers::FetchExpert(
+    int peer, ExpertKey expert, absl::Time deadline,
+    absl::FunctionRef<absl::Status(const v1::ExpertWeightsChunk&)> sink) {
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(deadline));
+  v1::GetExpertWeightsRequest request;
+  SetExpertKey(expert, &request);
+  std::unique_ptr<grpc::ClientReader<v1::ExpertWeightsChunk>> reader =
+      peers_.at(peer).stub->GetExpertWeights(&context, request);
+  v1::ExpertWeightsChunk chunk;
+  absl::Status sunk;
+  while (sunk.ok() && reader->Read(&chunk)) sunk = sink(chunk);
+  if (!sunk.ok()) {
+    context.TryCancel();
+    reader->Finish();  // cancelled: its status says only that
+    return sunk;
+  }
+  return FromGrpcStatus(reader->Finish());
+}
+
+}  // namespace moe::expert

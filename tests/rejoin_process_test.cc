@@ -1,0 +1,151 @@
+// Rejoin by sync on a real cluster: train, SIGKILL an expert server, start
+// it again with the same flags. Before it listens it pulls the committed
+// weights (and momentum) of every expert a live replica holds; the cluster
+// then equals the reference at the committed step, and training goes on
+// equal to the reference. An expert with no replica to sync from is never
+// served stale: calls for it fail naming it and both steps, and Step
+// refuses to stamp a new step on its old weights.
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "common/deterministic_init.h"
+#include "common/testing/random_tensor.h"
+#include "common/testing/reference_training.h"
+#include "common/testing/tensor_matchers.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/process_cluster.h"
+
+namespace moe::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr int kDModel = 32;
+constexpr int kTokens = 64;
+constexpr float kLearningRate = 0.01f;
+
+ProcessClusterOptions Cluster(const std::string& strategy) {
+  ProcessClusterOptions options;
+  options.model = absl::StrCat("d_model: ", kDModel,
+                               " d_ff: 64 num_experts: 4 top_k: 2 seed: 13 optimizer { "
+                               "type: OPTIMIZER_TYPE_SGD_MOMENTUM momentum: 0.9 }");
+  options.strategy = strategy;
+  options.num_servers = 2;
+  return options;
+}
+
+// One training step on the cluster and on the reference; the forward must
+// agree. Step is retried while a restarted peer's ring link backs off (a
+// failed step aborts everywhere and restores every accumulator).
+void TrainStep(ProcessCluster& cluster, ReferenceTraining& reference, int seed) {
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, seed);
+  const FloatTensor dy = RandomTensor({kTokens, kDModel}, seed + 1);
+  const ReferenceTraining::Step expected = reference.Train(x, dy, kLearningRate);
+  v1::ForwardResponse y;
+  const grpc::Status forward = cluster.Forward(x, &y, /*training=*/true);
+  ASSERT_TRUE(forward.ok()) << forward.error_message();
+  ASSERT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.forward.y, 1e-5)) << "seed " << seed;
+  v1::BackwardResponse dx;
+  ASSERT_TRUE(cluster.Backward(y.request_id(), dy, &dx).ok());
+  v1::StepResponse stepped;
+  grpc::Status status;
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  do {
+    status = cluster.Step(kLearningRate, absl::Seconds(10), &stepped);
+  } while (!status.ok() && absl::Now() < deadline);
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+}
+
+// expert id -> (step, digest) as server `s` reports them.
+std::map<int, std::pair<uint64_t, uint64_t>> Experts(ProcessCluster& cluster, int s) {
+  v1::InfoResponse info;
+  EXPECT_TRUE(cluster.Info(s, &info).ok());
+  std::map<int, std::pair<uint64_t, uint64_t>> experts;
+  for (const v1::ExpertDigest& d : info.experts()) {
+    experts[d.expert_id()] = {d.step(), d.weights_digest()};
+  }
+  return experts;
+}
+
+TEST(RejoinTest, ARestartedDataParallelReplicaSyncsAndTrainingGoesOn) {
+  ProcessCluster cluster(Cluster("DATA_PARALLEL"));
+  ReferenceTraining reference(cluster.config().model, InitAllWeights(cluster.config().model));
+  for (int step = 1; step <= 2; ++step) {
+    ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 10 * step));
+  }
+
+  cluster.KillServer(1);
+  cluster.StartServer(1);
+  EXPECT_THAT(cluster.ServerLog(1),
+              HasSubstr("1 of 1 peer(s) answered; cluster at step 2; synced 4 expert(s)"));
+  v1::InfoResponse info;
+  ASSERT_TRUE(cluster.Info(1, &info).ok());
+  EXPECT_EQ(info.step(), 2u);
+  // Every expert at step 2, bit-identical to the live replica.
+  EXPECT_EQ(Experts(cluster, 1), Experts(cluster, 0));
+  for (const auto& [expert, version] : Experts(cluster, 1)) {
+    EXPECT_EQ(version.first, 2u) << "expert " << expert;
+  }
+
+  // Inference equals the reference at step 2, whichever replica serves.
+  for (int i = 0; i < 6; ++i) {
+    const FloatTensor x = RandomTensor({kTokens, kDModel}, 500 + i);
+    v1::ForwardResponse y;
+    const grpc::Status status = cluster.Forward(x, &y);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), reference.Layer().Forward(x)->y, 1e-5));
+  }
+  // Training goes on, equal to the reference (momentum included: it was
+  // synced with the weights), replicas identical.
+  for (int step = 3; step <= 5; ++step) {
+    ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 10 * step));
+  }
+  EXPECT_EQ(Experts(cluster, 1), Experts(cluster, 0));
+}
+
+TEST(RejoinTest, AnExpertWithNoReplicaToSyncFromIsNamedNeverServedStale) {
+  // HYBRID on 2 servers, 4 experts: 0 and 1 on both, 2 on e0, 3 on e1.
+  ProcessCluster cluster(Cluster("HYBRID"));
+  ReferenceTraining reference(cluster.config().model, InitAllWeights(cluster.config().model));
+  for (int step = 1; step <= 2; ++step) {
+    ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 10 * step));
+  }
+  cluster.KillServer(1);
+  cluster.StartServer(1);
+  EXPECT_THAT(cluster.ServerLog(1), HasSubstr("synced 2 expert(s) [0,1]"));
+  EXPECT_THAT(cluster.ServerLog(1), HasSubstr("behind: [3]"));
+  std::map<int, std::pair<uint64_t, uint64_t>> experts = Experts(cluster, 1);
+  EXPECT_EQ(experts[0].first, 2u);
+  EXPECT_EQ(experts[1].first, 2u);
+  EXPECT_EQ(experts[3].first, 0u);
+
+  // Tokens routed to expert 3 cannot be served at step 2: the call fails
+  // naming it, rather than mixing in its initial weights.
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 77);
+  const ReferenceForward expected = *reference.Layer().Forward(x);
+  bool uses_expert_3 = false;
+  for (int e : expected.routing.expert_ids) uses_expert_3 |= e == 3;
+  ASSERT_TRUE(uses_expert_3);
+  // Until the router's stream to e1 is back (its back-off), expert 3 has no
+  // live replica at all.
+  v1::ForwardResponse y;
+  grpc::Status status;
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  do {
+    status = cluster.Forward(x, &y);
+  } while (status.error_code() == grpc::StatusCode::UNAVAILABLE && absl::Now() < deadline);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("expert 3"));
+  EXPECT_THAT(status.error_message(), HasSubstr("expert 3 here has the weights of step 0"));
+
+  // Step refuses to label expert 3's old weights with step 3.
+  v1::StepResponse stepped;
+  const grpc::Status step = cluster.Step(kLearningRate, absl::Seconds(10), &stepped);
+  EXPECT_FALSE(step.ok());
+  EXPECT_THAT(step.error_message(), HasSubstr("holds expert 3 at step 0, not the committed step 2"));
+  EXPECT_EQ(Experts(cluster, 1)[3].first, 0u);
+}
+
+}  // namespace
+}  // namespace moe::testing
