@@ -1,13 +1,24 @@
 #include "common/checkpoint.h"
 
+#include <sys/stat.h>
+
+#include <fstream>
+#include <map>
+
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/atomic_file.h"
 #include "common/safetensors.h"
 #include "common/status_macros.h"
+#include "nlohmann/json.hpp"
 
 namespace moe {
 namespace {
+
+using json = nlohmann::json;
 
 // One tensor of the model: its checkpoint name and nn.Linear shape.
 struct TensorSlot {
@@ -83,66 +94,293 @@ std::string ExpertTensorName(ExpertKey expert, ExpertTensor which) {
   return absl::StrCat(LayerPrefix(expert.layer), "experts.", expert.expert, ".", suffix);
 }
 
-absl::StatusOr<MoeWeights> LoadCheckpoint(const std::string& path,
-                                          const ModelConfig& model,
-                                          const CheckpointSelection& selection) {
-  MOE_ASSIGN_OR_RETURN(SafetensorsReader reader, SafetensorsReader::Open(path));
-  const std::vector<TensorSlot> slots = ModelSlots(model);
+namespace {
 
-  absl::flat_hash_set<std::string> known;
-  for (const TensorSlot& slot : slots) {
-    known.insert(slot.name);
-    const SafetensorsEntry* entry = reader.Find(slot.name);
-    if (entry == nullptr) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "checkpoint ", path, ": missing tensor \"", slot.name, "\" ",
-          ShapeString(slot.shape)));
-    }
-    if (entry->shape != slot.shape) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "checkpoint ", path, ": tensor \"", slot.name, "\" has shape ",
-          ShapeString(entry->shape), ", the model needs ",
-          ShapeString(slot.shape)));
-    }
-  }
-  for (const SafetensorsEntry& entry : reader.entries()) {
-    if (!known.contains(entry.name)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "checkpoint ", path, ": unexpected tensor \"", entry.name,
-          "\" (the model has ", model.num_experts, " experts; names are "
-          "gate.weight and experts.{e}.{w1,w2}.{weight,bias})"));
-    }
-  }
-
+// Which experts `selection` asks for, validated.
+absl::StatusOr<std::vector<bool>> WantedExperts(const std::string& path, const ModelConfig& model,
+                                                const CheckpointSelection& selection) {
   std::vector<bool> wanted(model.num_experts, !selection.experts.has_value());
   if (selection.experts.has_value()) {
     for (int e : *selection.experts) {
       if (e < 0 || e >= model.num_experts) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "checkpoint ", path, ": expert ", e, " is out of range [0, ",
-            model.num_experts, ")"));
+        return absl::InvalidArgumentError(absl::StrCat("checkpoint ", path, ": expert ", e,
+                                                       " is out of range [0, ",
+                                                       model.num_experts, ")"));
       }
       wanted[e] = true;
     }
   }
+  return wanted;
+}
 
+absl::Status UnexpectedTensor(const std::string& path, const ModelConfig& model,
+                              const std::string& name) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      "checkpoint ", path, ": unexpected tensor \"", name, "\" (the model has ",
+      model.num_experts, " experts; names are gate.weight and experts.{e}.{w1,w2}.{weight,bias})"));
+}
+
+absl::Status CheckEntry(const std::string& path, const TensorSlot& slot,
+                        const SafetensorsEntry* entry) {
+  if (entry == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint ", path, ": missing tensor \"",
+                                                   slot.name, "\" ", ShapeString(slot.shape)));
+  }
+  if (entry->shape != slot.shape) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "checkpoint ", path, ": tensor \"", slot.name, "\" has shape ",
+        ShapeString(entry->shape), ", the model needs ", ShapeString(slot.shape)));
+  }
+  return absl::OkStatus();
+}
+
+// Reads `slot` into `weights` (transposed to the x W layout).
+absl::Status ReadSlot(const SafetensorsReader& reader, const TensorSlot& slot,
+                      std::vector<float>& buffer, MoeWeights& weights) {
+  buffer.resize(NumElements(slot.shape));
+  MOE_RETURN_IF_ERROR(reader.ReadFloats(*reader.Find(slot.name), absl::MakeSpan(buffer)));
+  FloatTensor tensor = slot.shape.size() == 2 ? Transposed(buffer, slot.shape[0], slot.shape[1])
+                                              : FloatTensor(slot.shape, buffer);
+  if (slot.expert < 0) {
+    weights.gate = std::move(tensor);
+  } else {
+    weights.experts[slot.expert].tensor(slot.which) = std::move(tensor);
+  }
+  return absl::OkStatus();
+}
+
+bool Wanted(const TensorSlot& slot, const CheckpointSelection& selection,
+            const std::vector<bool>& wanted) {
+  return slot.expert < 0 ? selection.gate : wanted[slot.expert];
+}
+
+absl::StatusOr<MoeWeights> LoadSingleFile(const std::string& path, const ModelConfig& model,
+                                          const CheckpointSelection& selection) {
+  MOE_ASSIGN_OR_RETURN(SafetensorsReader reader, SafetensorsReader::Open(path));
+  const std::vector<TensorSlot> slots = ModelSlots(model);
+  absl::flat_hash_set<std::string> known;
+  for (const TensorSlot& slot : slots) {
+    known.insert(slot.name);
+    MOE_RETURN_IF_ERROR(CheckEntry(path, slot, reader.Find(slot.name)));
+  }
+  for (const SafetensorsEntry& entry : reader.entries()) {
+    if (!known.contains(entry.name)) return UnexpectedTensor(path, model, entry.name);
+  }
+  MOE_ASSIGN_OR_RETURN(const std::vector<bool> wanted, WantedExperts(path, model, selection));
   MoeWeights weights;
   std::vector<float> buffer;
   for (const TensorSlot& slot : slots) {
-    if (slot.expert < 0 ? !selection.gate : !wanted[slot.expert]) continue;
-    const SafetensorsEntry& entry = *reader.Find(slot.name);
-    buffer.resize(NumElements(slot.shape));
-    MOE_RETURN_IF_ERROR(reader.ReadFloats(entry, absl::MakeSpan(buffer)));
-    FloatTensor tensor = slot.shape.size() == 2
-                             ? Transposed(buffer, slot.shape[0], slot.shape[1])
-                             : FloatTensor(slot.shape, buffer);
-    if (slot.expert < 0) {
-      weights.gate = std::move(tensor);
-    } else {
-      weights.experts[slot.expert].tensor(slot.which) = std::move(tensor);
+    if (Wanted(slot, selection, wanted)) {
+      MOE_RETURN_IF_ERROR(ReadSlot(reader, slot, buffer, weights));
     }
   }
   return weights;
+}
+
+// A parsed model.safetensors.index.json.
+struct ShardIndex {
+  std::string directory;
+  CheckpointMetadata metadata;
+  // tensor name -> shard file name (a plain name in `directory`).
+  std::map<std::string, std::string> weight_map;
+};
+
+bool EndsWith(const std::string& s, absl::string_view suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(),
+                                                suffix.data(), suffix.size()) == 0;
+}
+
+// The index `path` names (a directory holding one, or the index file), or
+// nullopt for a single-file checkpoint.
+absl::StatusOr<std::optional<ShardIndex>> ReadIndex(const std::string& path) {
+  std::string index_path;
+  std::string directory;
+  struct stat info;
+  if (stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode)) {
+    directory = path;
+    index_path = absl::StrCat(path, "/", kCheckpointIndexName);
+  } else if (EndsWith(path, ".index.json")) {
+    index_path = path;
+    const size_t slash = path.rfind('/');
+    directory = slash == std::string::npos ? "." : path.substr(0, slash);
+  } else {
+    return std::nullopt;
+  }
+  // An index is kilobytes; a hostile one is not read whole into memory.
+  constexpr int64_t kMaxIndexBytes = 64 << 20;
+  std::ifstream file(index_path, std::ios::binary);
+  if (!file) {
+    return absl::NotFoundError(absl::StrCat("checkpoint ", path, ": no ", index_path,
+                                            " (a checkpoint directory is complete only once "
+                                            "its index is written)"));
+  }
+  file.seekg(0, std::ios::end);
+  const int64_t size = file.tellg();
+  if (size < 0 || size > kMaxIndexBytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("checkpoint ", index_path, ": index of ", size, " bytes (at most ",
+                     kMaxIndexBytes, ")"));
+  }
+  file.seekg(0);
+  std::string text(size, '\0');
+  file.read(text.data(), size);
+  const json index = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  auto bad = [&](absl::string_view what) {
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint ", index_path, ": ", what));
+  };
+  if (!index.is_object()) return bad("not a JSON object");
+  const auto map = index.find("weight_map");
+  if (map == index.end() || !map->is_object()) return bad("no \"weight_map\" object");
+  ShardIndex result;
+  result.directory = directory;
+  for (const auto& [name, shard] : map->items()) {
+    if (!shard.is_string()) return bad(absl::StrCat("shard of \"", name, "\" is not a string"));
+    const std::string file_name = shard.get<std::string>();
+    if (file_name.empty() || file_name.find('/') != std::string::npos || file_name == "." ||
+        file_name == ".." || !EndsWith(file_name, ".safetensors")) {
+      return bad(absl::StrCat("shard \"", file_name, "\" of \"", name,
+                              "\" is not a .safetensors file name in the checkpoint directory"));
+    }
+    result.weight_map[name] = file_name;
+  }
+  const auto metadata = index.find("metadata");
+  if (metadata != index.end() && metadata->is_object()) {
+    const auto step = metadata->find("step");
+    if (step != metadata->end()) {
+      if (!step->is_string() ||
+          !absl::SimpleAtoi(step->get<std::string>(), &result.metadata.step)) {
+        return bad("metadata.step is not a decimal string");
+      }
+    }
+    const auto lineage = metadata->find("lineage");
+    if (lineage != metadata->end() && lineage->is_string()) {
+      result.metadata.lineage = lineage->get<std::string>();
+    }
+  }
+  return result;
+}
+
+absl::StatusOr<MoeWeights> LoadSharded(const ShardIndex& index, const ModelConfig& model,
+                                       const CheckpointSelection& selection) {
+  const std::string& path = index.directory;
+  const std::vector<TensorSlot> slots = ModelSlots(model);
+  absl::flat_hash_set<std::string> known;
+  for (const TensorSlot& slot : slots) {
+    known.insert(slot.name);
+    if (index.weight_map.count(slot.name) == 0) {
+      return absl::InvalidArgumentError(absl::StrCat("checkpoint ", path,
+                                                     ": the index has no tensor \"", slot.name,
+                                                     "\" ", ShapeString(slot.shape)));
+    }
+  }
+  for (const auto& [name, shard] : index.weight_map) {
+    if (!known.contains(name)) return UnexpectedTensor(path, model, name);
+  }
+  MOE_ASSIGN_OR_RETURN(const std::vector<bool> wanted, WantedExperts(path, model, selection));
+  // Only the shards holding wanted tensors are opened.
+  std::map<std::string, std::vector<const TensorSlot*>> by_shard;
+  for (const TensorSlot& slot : slots) {
+    if (Wanted(slot, selection, wanted)) {
+      by_shard[index.weight_map.at(slot.name)].push_back(&slot);
+    }
+  }
+  MoeWeights weights;
+  std::vector<float> buffer;
+  for (const auto& [shard, shard_slots] : by_shard) {
+    const std::string shard_path = absl::StrCat(index.directory, "/", shard);
+    MOE_ASSIGN_OR_RETURN(SafetensorsReader reader, SafetensorsReader::Open(shard_path));
+    for (const TensorSlot* slot : shard_slots) {
+      MOE_RETURN_IF_ERROR(CheckEntry(shard_path, *slot, reader.Find(slot->name)));
+      MOE_RETURN_IF_ERROR(ReadSlot(reader, *slot, buffer, weights));
+    }
+  }
+  return weights;
+}
+
+}  // namespace
+
+absl::StatusOr<MoeWeights> LoadCheckpoint(const std::string& path, const ModelConfig& model,
+                                          const CheckpointSelection& selection) {
+  MOE_ASSIGN_OR_RETURN(std::optional<ShardIndex> index, ReadIndex(path));
+  if (!index) return LoadSingleFile(path, model, selection);
+  return LoadSharded(*index, model, selection);
+}
+
+absl::StatusOr<CheckpointMetadata> ReadCheckpointMetadata(const std::string& path) {
+  MOE_ASSIGN_OR_RETURN(std::optional<ShardIndex> index, ReadIndex(path));
+  if (!index) return CheckpointMetadata{};
+  return index->metadata;
+}
+
+std::string ShardFileName(int shard, int num_shards) {
+  return absl::StrFormat("model-%05d-of-%05d.safetensors", shard, num_shards);
+}
+
+absl::StatusOr<int64_t> SaveCheckpointShard(const std::string& path, const ModelConfig& model,
+                                            const MoeWeights& part, DType dtype,
+                                            std::vector<std::string>* tensor_names) {
+  std::vector<FloatTensor> transposed;  // must outlive the writer's Write()
+  transposed.reserve(1 + 2 * part.experts.size());
+  SafetensorsWriter writer;
+  int64_t bytes = 0;
+  for (const TensorSlot& slot : ModelSlots(model)) {
+    const FloatTensor* source = nullptr;
+    if (slot.expert < 0) {
+      if (!part.gate) continue;
+      source = &*part.gate;
+    } else {
+      auto it = part.experts.find(slot.expert);
+      if (it == part.experts.end()) continue;
+      source = &it->second.tensor(slot.which);
+    }
+    const Shape memory_shape =
+        slot.shape.size() == 2 ? Shape{slot.shape[1], slot.shape[0]} : slot.shape;
+    if (source->shape() != memory_shape) {
+      return absl::InvalidArgumentError(absl::StrCat("save checkpoint: ", slot.name,
+                                                     " has shape ", ShapeString(source->shape()),
+                                                     ", expected ", ShapeString(memory_shape)));
+    }
+    if (slot.shape.size() == 2) {
+      transposed.push_back(Transposed(source->values(), memory_shape[0], memory_shape[1]));
+      writer.Add(slot.name, slot.shape, transposed.back().values());
+    } else {
+      writer.Add(slot.name, slot.shape, source->values());
+    }
+    bytes += NumElements(slot.shape) * DTypeSize(dtype);
+    if (tensor_names != nullptr) tensor_names->push_back(slot.name);
+  }
+  MOE_RETURN_IF_ERROR(writer.Write(path, dtype));
+  return bytes;
+}
+
+absl::Status WriteCheckpointIndex(const std::string& directory, const ModelConfig& model,
+                                  const std::map<std::string, std::string>& weight_map,
+                                  int64_t total_size, const CheckpointMetadata& metadata) {
+  // Every tensor of the model exactly once, nothing else: an index that
+  // loads is a whole checkpoint.
+  size_t found = 0;
+  for (const TensorSlot& slot : ModelSlots(model)) {
+    if (weight_map.count(slot.name) == 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("checkpoint index: no shard holds \"", slot.name, "\""));
+    }
+    ++found;
+  }
+  if (found != weight_map.size()) {
+    return absl::InvalidArgumentError("checkpoint index: tensors the model does not have");
+  }
+  json index = {{"metadata",
+                 {{"total_size", total_size},
+                  {"step", absl::StrCat(metadata.step)},
+                  {"lineage", metadata.lineage},
+                  {"producer", "moe-serve"}}},
+                {"weight_map", json::object()}};
+  for (const auto& [name, shard] : weight_map) index["weight_map"][name] = shard;
+  const std::string text = index.dump(2) + "\n";
+  MOE_ASSIGN_OR_RETURN(AtomicFileWriter file,
+                       AtomicFileWriter::Create(absl::StrCat(directory, "/", kCheckpointIndexName)));
+  MOE_RETURN_IF_ERROR(file.Append(text.data(), text.size()));
+  return file.Commit();
 }
 
 absl::Status SaveCheckpoint(const std::string& path, const ModelConfig& model,
@@ -150,41 +388,12 @@ absl::Status SaveCheckpoint(const std::string& path, const ModelConfig& model,
   if (!weights.gate.has_value()) {
     return absl::InvalidArgumentError("save checkpoint: no gate weights");
   }
-  const std::vector<TensorSlot> slots = ModelSlots(model);
-  // Matrices are transposed back to nn.Linear layout; they must outlive
-  // the writer's Write().
-  std::vector<FloatTensor> transposed;
-  transposed.reserve(slots.size());
-  SafetensorsWriter writer;
-  for (const TensorSlot& slot : slots) {
-    const FloatTensor* source = nullptr;
-    if (slot.expert < 0) {
-      source = &*weights.gate;
-    } else {
-      auto it = weights.experts.find(slot.expert);
-      if (it == weights.experts.end()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("save checkpoint: expert ", slot.expert, " is missing"));
-      }
-      source = &it->second.tensor(slot.which);
-    }
-    const Shape memory_shape = slot.shape.size() == 2
-                                   ? Shape{slot.shape[1], slot.shape[0]}
-                                   : slot.shape;
-    if (source->shape() != memory_shape) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "save checkpoint: ", slot.name, " has shape ",
-          ShapeString(source->shape()), ", expected ", ShapeString(memory_shape)));
-    }
-    if (slot.shape.size() == 2) {
-      transposed.push_back(
-          Transposed(source->values(), memory_shape[0], memory_shape[1]));
-      writer.Add(slot.name, slot.shape, transposed.back().values());
-    } else {
-      writer.Add(slot.name, slot.shape, source->values());
+  for (int e = 0; e < model.num_experts; ++e) {
+    if (weights.experts.count(e) == 0) {
+      return absl::InvalidArgumentError(absl::StrCat("save checkpoint: expert ", e, " is missing"));
     }
   }
-  return writer.Write(path, dtype);
+  return SaveCheckpointShard(path, model, weights, dtype, nullptr).status();
 }
 
 }  // namespace moe

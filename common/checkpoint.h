@@ -11,6 +11,8 @@
 #ifndef MOE_COMMON_CHECKPOINT_H_
 #define MOE_COMMON_CHECKPOINT_H_
 
+#include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -36,9 +38,47 @@ struct CheckpointSelection {
   std::optional<std::vector<int>> experts;
 };
 
+// `path` is a single safetensors file, or a sharded checkpoint: a directory
+// holding model.safetensors.index.json (or that file's path). A sharded
+// load opens only the shards holding selected tensors.
 absl::StatusOr<MoeWeights> LoadCheckpoint(const std::string& path,
                                           const ModelConfig& model,
                                           const CheckpointSelection& selection = {});
+
+// Sharded checkpoints, the Hugging Face layout: a directory of shards
+// (ShardFileName) and the index, written last, mapping each tensor to its
+// shard, with metadata naming the training step the weights were committed
+// at and the training run (lineage).
+inline constexpr char kCheckpointIndexName[] = "model.safetensors.index.json";
+
+struct CheckpointMetadata {
+  // The committed step (0 for a single file: as initialised or trained
+  // elsewhere).
+  uint64_t step = 0;
+  // Identifies the training run; empty when unknown.
+  std::string lineage;
+};
+
+// The index's metadata; {0, ""} for a single file. NOT_FOUND for a
+// directory without an index (a checkpoint not completely written).
+absl::StatusOr<CheckpointMetadata> ReadCheckpointMetadata(const std::string& path);
+
+// "model-00002-of-00003.safetensors" (1-based).
+std::string ShardFileName(int shard, int num_shards);
+
+// Writes one shard: the gate (when `part` has it) and `part`'s experts, in
+// `dtype`. Appends the tensor names to `tensor_names`; returns the bytes of
+// tensor data.
+absl::StatusOr<int64_t> SaveCheckpointShard(const std::string& path, const ModelConfig& model,
+                                            const MoeWeights& part, DType dtype,
+                                            std::vector<std::string>* tensor_names);
+
+// Writes `directory`/model.safetensors.index.json, durably and atomically.
+// INVALID_ARGUMENT unless `weight_map` names every tensor of the model and
+// nothing else.
+absl::Status WriteCheckpointIndex(const std::string& directory, const ModelConfig& model,
+                                  const std::map<std::string, std::string>& weight_map,
+                                  int64_t total_size, const CheckpointMetadata& metadata);
 
 // Writes the gate and every expert of `weights` (all must be present) in
 // `dtype`.

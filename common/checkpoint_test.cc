@@ -3,9 +3,11 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "common/atomic_file.h"
 #include "common/bfloat16.h"
 #include "common/deterministic_init.h"
 #include "common/safetensors.h"
@@ -96,6 +98,118 @@ TEST(DeterministicInitTest, FollowsTheDocumentedScheme) {
   double sum = 0;
   for (int i = 0; i < 100000; ++i) sum += InitValue(7, 3, i, 1.0);
   EXPECT_NEAR(sum / 100000, 0.0, 0.01);
+}
+
+// A sharded checkpoint of SmallModel in `dir`: the gate in shard 3, experts
+// {0, 1} in shard 1 and {2} in shard 2, as the cluster writes one (a shard
+// per server, the gate by the router), at `step`.
+void WriteSharded(const std::string& dir, const ModelConfig& model, uint64_t step) {
+  ASSERT_TRUE(MakeDirectories(dir).ok());
+  const MoeWeights all = InitAllWeights(model);
+  std::map<std::string, std::string> weight_map;
+  int64_t total = 0;
+  const std::vector<std::vector<int>> experts_of_shard = {{0, 1}, {2}};
+  for (int shard = 1; shard <= 3; ++shard) {
+    MoeWeights part;
+    if (shard == 3) {
+      part.gate = all.gate;
+    } else {
+      for (int e : experts_of_shard[shard - 1]) part.experts.emplace(e, all.experts.at(e));
+    }
+    std::vector<std::string> names;
+    absl::StatusOr<int64_t> bytes = SaveCheckpointShard(
+        absl::StrCat(dir, "/", ShardFileName(shard, 3)), model, part, DType::kFloat32, &names);
+    ASSERT_TRUE(bytes.ok()) << bytes.status();
+    total += *bytes;
+    for (const std::string& name : names) weight_map[name] = ShardFileName(shard, 3);
+  }
+  ASSERT_TRUE(WriteCheckpointIndex(dir, model, weight_map, total, {step, "run-a"}).ok());
+}
+
+TEST(ShardedCheckpointTest, RoundTripsInTheHuggingFaceLayout) {
+  const ModelConfig model = SmallModel();
+  const std::string dir = TempPath("sharded/step-7");
+  WriteSharded(dir, model, 7);
+  EXPECT_EQ(ShardFileName(2, 3), "model-00002-of-00003.safetensors");
+  // The index is what transformers' sharded loading reads.
+  const nlohmann::json index = nlohmann::json::parse(ReadFile(dir + "/" + kCheckpointIndexName));
+  EXPECT_EQ(index["weight_map"]["gate.weight"], "model-00003-of-00003.safetensors");
+  EXPECT_EQ(index["weight_map"]["experts.2.w1.bias"], "model-00002-of-00003.safetensors");
+  EXPECT_EQ(index["metadata"]["total_size"], (3 * 6 + 3 * (2 * 6 * 10 + 10 + 6)) * 4);
+  // Loads from the directory or the index file, with its step and lineage.
+  for (const std::string& path : {dir, dir + "/" + kCheckpointIndexName}) {
+    absl::StatusOr<MoeWeights> loaded = LoadCheckpoint(path, model);
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    ExpectSameWeights(*loaded, InitAllWeights(model));
+    absl::StatusOr<CheckpointMetadata> metadata = ReadCheckpointMetadata(path);
+    ASSERT_TRUE(metadata.ok());
+    EXPECT_EQ(metadata->step, 7u);
+    EXPECT_EQ(metadata->lineage, "run-a");
+  }
+  // A single file has no step.
+  const std::string single = TempPath("single.safetensors");
+  ASSERT_TRUE(SaveCheckpoint(single, model, InitAllWeights(model), DType::kFloat32).ok());
+  EXPECT_EQ(ReadCheckpointMetadata(single)->step, 0u);
+}
+
+TEST(ShardedCheckpointTest, ReadsOnlyTheShardsOfTheSelectedTensors) {
+  const ModelConfig model = SmallModel();
+  const std::string dir = TempPath("sharded/partial");
+  WriteSharded(dir, model, 1);
+  // Without shard 1, expert 2 and the gate still load; expert 0 cannot.
+  ASSERT_EQ(std::remove((dir + "/" + ShardFileName(1, 3)).c_str()), 0);
+  absl::StatusOr<MoeWeights> part = LoadCheckpoint(dir, model, {true, std::vector<int>{2}});
+  ASSERT_TRUE(part.ok()) << part.status();
+  EXPECT_EQ(*part->gate, *InitAllWeights(model).gate);
+  EXPECT_EQ(part->experts.size(), 1u);
+  EXPECT_FALSE(LoadCheckpoint(dir, model, {false, std::vector<int>{0}}).ok());
+}
+
+TEST(ShardedCheckpointTest, AnIncompleteOrHostileIndexIsANamedError) {
+  const ModelConfig model = SmallModel();
+  const std::string dir = TempPath("sharded/hostile");
+  WriteSharded(dir, model, 3);
+  const std::string index_path = dir + "/" + kCheckpointIndexName;
+  const nlohmann::json good = nlohmann::json::parse(ReadFile(index_path));
+  auto load_with = [&](const nlohmann::json& index) {
+    WriteFile(index_path, index.dump());
+    return LoadCheckpoint(dir, model).status();
+  };
+  nlohmann::json escape = good;
+  escape["weight_map"]["gate.weight"] = "../model-00003-of-00003.safetensors";
+  EXPECT_THAT(load_with(escape).message(), HasSubstr("is not a .safetensors file name"));
+  nlohmann::json absolute = good;
+  absolute["weight_map"]["gate.weight"] = "/etc/passwd";
+  EXPECT_THAT(load_with(absolute).message(), HasSubstr("is not a .safetensors file name"));
+  nlohmann::json missing = good;
+  missing["weight_map"].erase("experts.1.w2.bias");
+  EXPECT_THAT(load_with(missing).message(), HasSubstr("no tensor \"experts.1.w2.bias\""));
+  nlohmann::json extra = good;
+  extra["weight_map"]["experts.9.w1.bias"] = "model-00001-of-00003.safetensors";
+  EXPECT_THAT(load_with(extra).message(), HasSubstr("unexpected tensor \"experts.9.w1.bias\""));
+  nlohmann::json bad_step = good;
+  bad_step["metadata"]["step"] = "-1";
+  EXPECT_THAT(ReadCheckpointMetadata((WriteFile(index_path, bad_step.dump()), dir)).status().message(),
+              HasSubstr("metadata.step"));
+  EXPECT_THAT(load_with(nlohmann::json::array()).message(), HasSubstr("not a JSON object"));
+  WriteFile(index_path, "{\"weight_map\": ");
+  EXPECT_THAT(LoadCheckpoint(dir, model).status().message(), HasSubstr("not a JSON object"));
+  // A shard whose tensors have other shapes than the model's.
+  WriteFile(index_path, good.dump());
+  ASSERT_TRUE(LoadCheckpoint(dir, model).ok());
+  ModelConfig wider = model;
+  wider.d_ff = 12;
+  EXPECT_THAT(LoadCheckpoint(dir, wider).status().message(),
+              HasSubstr("has shape [10, 6], the model needs [12, 6]"));
+  // No index: the directory was never completely written.
+  ASSERT_EQ(std::remove(index_path.c_str()), 0);
+  const absl::Status torn = LoadCheckpoint(dir, model).status();
+  EXPECT_EQ(torn.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(torn.message(), HasSubstr("complete only once its index is written"));
+  // The writer refuses an index that is not the whole model.
+  std::map<std::string, std::string> partial = {{"gate.weight", ShardFileName(3, 3)}};
+  EXPECT_THAT(WriteCheckpointIndex(dir, model, partial, 0, {}).message(),
+              HasSubstr("no shard holds"));
 }
 
 TEST(CheckpointTest, NamesCarryTheLayerBeyondLayerZero) {

@@ -5,6 +5,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/atomic_file.h"
 #include "common/bfloat16.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
@@ -179,38 +180,23 @@ absl::Status SafetensorsWriter::Write(const std::string& path, DType dtype) cons
   // reference implementation does.
   header_text.append((8 - header_text.size() % 8) % 8, ' ');
 
-  const std::string temp_path = path + ".tmp";
-  std::ofstream file(temp_path, std::ios::binary | std::ios::trunc);
-  if (!file) {
-    return absl::PermissionDeniedError(
-        absl::StrCat("safetensors ", path, ": cannot create ", temp_path));
-  }
+  MOE_ASSIGN_OR_RETURN(AtomicFileWriter file, AtomicFileWriter::Create(path));
   unsigned char length_bytes[8];
   uint64_t length = header_text.size();
   for (int i = 0; i < 8; ++i) length_bytes[i] = (length >> (8 * i)) & 0xff;
-  file.write(reinterpret_cast<const char*>(length_bytes), 8);
-  file.write(header_text.data(), header_text.size());
+  MOE_RETURN_IF_ERROR(file.Append(length_bytes, 8));
+  MOE_RETURN_IF_ERROR(file.Append(header_text.data(), header_text.size()));
+  std::vector<uint16_t> bits;
   for (const Pending& t : tensors_) {
     if (dtype == DType::kFloat32) {
-      file.write(reinterpret_cast<const char*>(t.values.data()),
-                 t.values.size() * sizeof(float));
+      MOE_RETURN_IF_ERROR(file.Append(t.values.data(), t.values.size() * sizeof(float)));
     } else {
-      std::vector<uint16_t> bits(t.values.size());
+      bits.resize(t.values.size());
       FloatsToBf16(t.values, absl::MakeSpan(bits));
-      file.write(reinterpret_cast<const char*>(bits.data()),
-                 bits.size() * sizeof(uint16_t));
+      MOE_RETURN_IF_ERROR(file.Append(bits.data(), bits.size() * sizeof(uint16_t)));
     }
   }
-  file.close();
-  if (!file) {
-    std::remove(temp_path.c_str());
-    return absl::DataLossError(absl::StrCat("safetensors ", path, ": write failed"));
-  }
-  if (std::rename(temp_path.c_str(), path.c_str()) != 0) {
-    std::remove(temp_path.c_str());
-    return absl::DataLossError(
-        absl::StrCat("safetensors ", path, ": cannot rename ", temp_path));
-  }
+  MOE_RETURN_IF_ERROR(file.Commit());
   return absl::OkStatus();
 }
 

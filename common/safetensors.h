@@ -55,7 +55,7 @@ class SafetensorsWriter {
   // `values` is not copied: it must stay alive until Write().
   // REQUIRES: values.size() == NumElements(shape); names unique.
   void Add(std::string name, Shape shape, absl::Span<const float> values);
-  // Writes `path` atomically (a temporary file renamed into place).
+  // Writes `path` durably and atomically (atomic_file.h).
   absl::Status Write(const std::string& path, DType dtype) const;
 
  private:
