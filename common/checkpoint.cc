@@ -7,9 +7,11 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "common/atomic_file.h"
 #include "common/safetensors.h"
 #include "common/status_macros.h"
@@ -310,6 +312,28 @@ absl::StatusOr<CheckpointMetadata> ReadCheckpointMetadata(const std::string& pat
   MOE_ASSIGN_OR_RETURN(std::optional<ShardIndex> index, ReadIndex(path));
   if (!index) return CheckpointMetadata{};
   return index->metadata;
+}
+
+absl::StatusOr<std::string> ResolveCheckpointPath(const std::string& root,
+                                                  const std::string& relative) {
+  auto bad = [&](absl::string_view why) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("checkpoint path \"", relative, "\": ", why));
+  };
+  if (root.empty()) return absl::FailedPreconditionError("no checkpoint directory configured");
+  if (relative.empty() || relative.size() > 1024) return bad("empty or longer than 1024");
+  for (absl::string_view part : absl::StrSplit(relative, '/')) {
+    if (part.empty() || part == "." || part == "..") {
+      return bad("each '/'-separated part must be a plain name");
+    }
+    for (char c : part) {
+      if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' &&
+          c != '-') {
+        return bad("only [A-Za-z0-9._-] and '/' are allowed");
+      }
+    }
+  }
+  return absl::StrCat(root, "/", relative);
 }
 
 std::string ShardFileName(int shard, int num_shards) {

@@ -63,6 +63,12 @@ struct CheckpointMetadata {
 // directory without an index (a checkpoint not completely written).
 absl::StatusOr<CheckpointMetadata> ReadCheckpointMetadata(const std::string& path);
 
+// `root`/`relative` when `relative` is a safe relative path: plain names
+// ([A-Za-z0-9._-]+, not "." or "..") joined by '/'. A checkpoint path from
+// a request is hostile input: it must not leave the checkpoint directory.
+absl::StatusOr<std::string> ResolveCheckpointPath(const std::string& root,
+                                                  const std::string& relative);
+
 // "model-00002-of-00003.safetensors" (1-based).
 std::string ShardFileName(int shard, int num_shards);
 

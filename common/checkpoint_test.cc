@@ -152,6 +152,19 @@ TEST(ShardedCheckpointTest, RoundTripsInTheHuggingFaceLayout) {
   EXPECT_EQ(ReadCheckpointMetadata(single)->step, 0u);
 }
 
+TEST(ShardedCheckpointTest, RequestedPathsStayInTheCheckpointDirectory) {
+  EXPECT_EQ(*ResolveCheckpointPath("/ckpt", "step-3/model-00001-of-00002.safetensors"),
+            "/ckpt/step-3/model-00001-of-00002.safetensors");
+  for (const char* hostile : {"", "../etc/passwd", "/etc/passwd", "step-3/../../x", "a//b",
+                              "step-3/./x", "a/b\\c", "step 3/x", "a/b\n"}) {
+    EXPECT_EQ(ResolveCheckpointPath("/ckpt", hostile).status().code(),
+              absl::StatusCode::kInvalidArgument)
+        << hostile;
+  }
+  EXPECT_EQ(ResolveCheckpointPath("", "a").status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
 TEST(ShardedCheckpointTest, ReadsOnlyTheShardsOfTheSelectedTensors) {
   const ModelConfig model = SmallModel();
   const std::string dir = TempPath("sharded/partial");

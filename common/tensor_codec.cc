@@ -15,19 +15,6 @@ static_assert(ABSL_IS_LITTLE_ENDIAN, "the wire format is little-endian");
 namespace moe {
 namespace {
 
-absl::StatusOr<DType> FromProtoDType(v1::DType dtype, absl::string_view name) {
-  switch (dtype) {
-    case v1::DTYPE_FP32:
-      return DType::kFloat32;
-    case v1::DTYPE_BF16:
-      return DType::kBFloat16;
-    default:
-      return absl::InvalidArgumentError(
-          absl::StrCat(name, ": dtype ", v1::DType_Name(dtype),
-                       " is not supported (want DTYPE_FP32 or DTYPE_BF16)"));
-  }
-}
-
 std::string DimName(const TensorSpec& spec, size_t i) {
   if (i < spec.dim_names.size()) return std::string(spec.dim_names[i]);
   return absl::StrCat("dim ", i);
@@ -106,6 +93,19 @@ absl::Status CheckFinite(absl::Span<const T> values, int64_t row_width,
 }
 
 }  // namespace
+
+absl::StatusOr<DType> FromProtoDType(v1::DType dtype, absl::string_view name) {
+  switch (dtype) {
+    case v1::DTYPE_FP32:
+      return DType::kFloat32;
+    case v1::DTYPE_BF16:
+      return DType::kBFloat16;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, ": dtype ", v1::DType_Name(dtype),
+                       " is not supported (want DTYPE_FP32 or DTYPE_BF16)"));
+  }
+}
 
 TensorSpec TokenBatchSpec(absl::string_view name, int64_t d_model,
                           int64_t max_tokens) {

@@ -48,6 +48,8 @@ void EncodeFloats(absl::Span<const float> values, absl::Span<const int64_t> shap
 FloatTensor ToFloatTensor(const ConstTensorView& view);
 
 v1::DType ToProtoDType(DType dtype);
+// INVALID_ARGUMENT naming `name` for anything but FP32 and BF16.
+absl::StatusOr<DType> FromProtoDType(v1::DType dtype, absl::string_view name);
 
 }  // namespace moe
 

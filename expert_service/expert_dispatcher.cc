@@ -3,7 +3,10 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/atomic_file.h"
+#include "common/checkpoint.h"
 #include "common/expert_key.h"
+#include "common/log.h"
 #include "common/proto_status.h"
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
@@ -222,6 +225,37 @@ absl::Status ExpertDispatcher::InstallExpert(ExpertAssembler& assembler,
 
 absl::Status ExpertDispatcher::ReleaseExpert(const v1::ReleaseExpertRequest& request) {
   return store_.RemoveExpert(ExpertKeyOf(request));
+}
+
+absl::Status ExpertDispatcher::SaveExperts(const v1::SaveExpertsRequest& request,
+                                           v1::SaveExpertsResponse* response) const {
+  if (options_.checkpoint_dir.empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "server ", options_.server_name, " has no --checkpoint_dir to save checkpoints in"));
+  }
+  MOE_ASSIGN_OR_RETURN(const std::string path,
+                       ResolveCheckpointPath(options_.checkpoint_dir, request.path()));
+  MOE_ASSIGN_OR_RETURN(
+      const DType dtype,
+      FromProtoDType(request.dtype() == v1::DTYPE_UNSPECIFIED ? v1::DTYPE_FP32 : request.dtype(),
+                     "dtype"));
+  // A checkpoint file holds one MoE layer (checkpoint.h): layer 0.
+  MoeWeights part;
+  for (const v1::ExpertRef& ref : request.experts()) {
+    const ExpertKey expert = ExpertKeyOf(ref);
+    MOE_RETURN_IF_ERROR(store_.CheckHosted(expert));
+    MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, store_.Snapshot(expert, request.step()));
+    part.experts.emplace(expert.expert, std::move(snapshot.weights));
+  }
+  MOE_RETURN_IF_ERROR(MakeDirectories(path.substr(0, path.rfind('/'))));
+  std::vector<std::string> names;
+  MOE_ASSIGN_OR_RETURN(const int64_t bytes,
+                       SaveCheckpointShard(path, store_.model(), part, dtype, &names));
+  for (std::string& name : names) response->add_tensor_names(std::move(name));
+  response->set_bytes(bytes);
+  MOE_LOG(INFO, "server ", options_.server_name, ": saved ", part.experts.size(),
+          " expert(s) of step ", request.step(), " to ", path, " (", bytes >> 20, " MiB)");
+  return absl::OkStatus();
 }
 
 absl::Status ExpertDispatcher::PrepareStep(const v1::PrepareStepRequest& request,

@@ -35,6 +35,8 @@ class ExpertDispatcher {
     std::string server_name;
     // The clock for deadlines and training-state expiry (tests inject one).
     std::function<absl::Time()> clock = [] { return absl::Now(); };
+    // Root of the checkpoint shards SaveExperts writes; empty: refused.
+    std::string checkpoint_dir;
   };
 
   // All references must outlive the dispatcher. `batcher` may be null (no
@@ -58,6 +60,11 @@ class ExpertDispatcher {
   // Installs what `assembler` received (LoadExpertWeights).
   absl::Status InstallExpert(ExpertAssembler& assembler, v1::LoadExpertWeightsResponse* response);
   absl::Status ReleaseExpert(const v1::ReleaseExpertRequest& request);
+  // Writes the experts, each at the request's step, as one checkpoint
+  // shard under Options::checkpoint_dir. Blocks on the disk: call it off
+  // the transport's threads.
+  absl::Status SaveExperts(const v1::SaveExpertsRequest& request,
+                           v1::SaveExpertsResponse* response) const;
 
   // The training step's phases. PrepareStep blocks for the all-reduces (up
   // to `deadline`, or the request's own when it has one): call it off the

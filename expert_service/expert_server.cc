@@ -73,10 +73,16 @@ absl::Status ExpertServer::Start() {
   const int index = config.cluster.FindServer(options_.name);
   const absl::Span<const ExpertKey> experts = placement.ExpertsOn(index);
   MOE_ASSIGN_OR_RETURN(auto hosted, LoadHostedWeights(experts));
+  // A sharded checkpoint says which committed step its weights are of.
+  CheckpointMetadata loaded;
+  if (!options_.checkpoint_path.empty()) {
+    MOE_ASSIGN_OR_RETURN(loaded, ReadCheckpointMetadata(options_.checkpoint_path));
+  }
   MOE_LOG(INFO, "server ", options_.name, ": ", PlacementStrategyName(config.cluster.strategy),
           " placement gives experts [", JoinExpertKeys(experts), "] (",
-          options_.checkpoint_path.empty() ? absl::StrCat("init seed ", model.seed)
-                                           : options_.checkpoint_path,
+          options_.checkpoint_path.empty()
+              ? absl::StrCat("init seed ", model.seed)
+              : absl::StrCat(options_.checkpoint_path, ", step ", loaded.step),
           ")");
 
   MOE_ASSIGN_OR_RETURN(runtime_, OnednnRuntime::Create(options_.onednn_threads));
@@ -91,7 +97,8 @@ absl::Status ExpertServer::Start() {
       return std::unique_ptr<ExpertKernel>(std::move(kernel));
     };
   }
-  MOE_ASSIGN_OR_RETURN(store_, ExpertStore::Create({model, options_.name, options_.training},
+  MOE_ASSIGN_OR_RETURN(store_, ExpertStore::Create({model, options_.name, options_.training,
+                                                    loaded.step},
                                                    std::move(hosted), std::move(kernel_factory)));
 
   registry_ = std::make_shared<prometheus::Registry>();
@@ -119,11 +126,13 @@ absl::Status ExpertServer::Start() {
       StepExecutor::Options{model.optimizer, options_.name, std::move(rings), options_.ring,
                             options_.step_prepared_timeout},
       *store_, *collectives_);
+  MOE_RETURN_IF_ERROR(steps_->AdoptCommitted(loaded.step));
   if (options_.sync_on_start) MOE_RETURN_IF_ERROR(SyncFromPeersOnStart());
   step_pool_ = std::make_unique<ComputePool>(1, 64);
   collective_service_ = std::make_unique<allreduce::CollectiveService>(collectives_.get());
   dispatcher_ = std::make_unique<ExpertDispatcher>(
-      ExpertDispatcher::Options{options_.name, options_.clock}, *store_, *metrics_,
+      ExpertDispatcher::Options{options_.name, options_.clock, options_.checkpoint_dir}, *store_,
+      *metrics_,
       batcher_.get(), steps_.get());
   service_ = std::make_unique<ExpertServiceImpl>(*dispatcher_, *pool_, step_pool_.get(),
                                                  options_.max_stream_outstanding);
@@ -146,7 +155,10 @@ absl::Status ExpertServer::SyncFromPeersOnStart() {
   MOE_ASSIGN_OR_RETURN(const SyncResult sync,
                        SyncFromPeers(*store_, peers, now + options_.sync_info_timeout,
                                      now + options_.sync_timeout));
-  MOE_RETURN_IF_ERROR(steps_->AdoptCommitted(sync.cluster_step));
+  // Peers behind this server (it loaded a later checkpoint) change nothing.
+  if (sync.cluster_step > steps_->last_committed()) {
+    MOE_RETURN_IF_ERROR(steps_->AdoptCommitted(sync.cluster_step));
+  }
   MOE_LOG(INFO, "server ", options_.name, ": ", sync.peers_answered, " of ", peers.num_peers(),
           " peer(s) answered; cluster at step ", sync.cluster_step, "; synced ",
           sync.synced.size(), " expert(s) [", JoinExpertKeys(sync.synced), "], ",

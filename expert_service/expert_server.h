@@ -50,8 +50,12 @@ class ExpertServer {
     // port, -1 disables.
     int metrics_port = 9091;
     std::string metrics_host = "0.0.0.0";
-    // Safetensors checkpoint; empty: deterministic init from the seed.
+    // Checkpoint to load: a safetensors file, or a sharded checkpoint
+    // directory (whose step the experts start at); empty: deterministic
+    // init from the seed.
     std::string checkpoint_path;
+    // Where SaveExperts writes checkpoint shards; empty: saving refused.
+    std::string checkpoint_dir;
     DType compute_dtype = DType::kFloat32;
     // oneDNN (OpenMP) threads per compute thread; 0: the cores allowed.
     int onednn_threads = 0;

@@ -160,6 +160,18 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::ReleaseExpert(
   return reactor;
 }
 
+grpc::ServerUnaryReactor* ExpertServiceImpl::SaveExperts(grpc::CallbackServerContext* context,
+                                                         const v1::SaveExpertsRequest* request,
+                                                         v1::SaveExpertsResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // Disk writes, off the gRPC threads; on the step thread, so a save never
+  // overlaps this server's step.
+  RunStep(reactor, [this, reactor, request, response] {
+    reactor->Finish(ToGrpcStatus(dispatcher_.SaveExperts(*request, response)));
+  });
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* ExpertServiceImpl::PrepareStep(grpc::CallbackServerContext* context,
                                                          const v1::PrepareStepRequest* request,
                                                          v1::PrepareStepResponse* response) {

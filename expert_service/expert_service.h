@@ -55,6 +55,9 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService,
   grpc::ServerUnaryReactor* ReleaseExpert(grpc::CallbackServerContext* context,
                                           const v1::ReleaseExpertRequest* request,
                                           v1::ReleaseExpertResponse* response) override;
+  grpc::ServerUnaryReactor* SaveExperts(grpc::CallbackServerContext* context,
+                                        const v1::SaveExpertsRequest* request,
+                                        v1::SaveExpertsResponse* response) override;
   grpc::ServerUnaryReactor* PrepareStep(grpc::CallbackServerContext* context,
                                         const v1::PrepareStepRequest* request,
                                         v1::PrepareStepResponse* response) override;

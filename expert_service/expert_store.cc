@@ -61,7 +61,8 @@ absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(
   auto store =
       std::unique_ptr<ExpertStore>(new ExpertStore(std::move(options), std::move(kernel_factory)));
   for (auto& [id, weights] : experts) {
-    MOE_RETURN_IF_ERROR(store->AddExpert(id, {std::move(weights), std::nullopt}));
+    MOE_RETURN_IF_ERROR(
+        store->AddExpertAt(id, {std::move(weights), std::nullopt}, store->options_.loaded_step));
   }
   return store;
 }
@@ -225,9 +226,11 @@ absl::StatusOr<uint64_t> ExpertStore::Digest(ExpertKey expert) const {
   return hosted->master.Digest();
 }
 
-absl::StatusOr<ExpertSnapshot> ExpertStore::Snapshot(ExpertKey expert) const {
+absl::StatusOr<ExpertSnapshot> ExpertStore::Snapshot(ExpertKey expert,
+                                                     uint64_t expected_step) const {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   absl::ReaderMutexLock lock(&hosted->weights_mu);
+  MOE_RETURN_IF_ERROR(CheckStep(expert, hosted->step, expected_step));
   return ExpertSnapshot{hosted->master, hosted->velocity};
 }
 
@@ -339,8 +342,13 @@ absl::Status ExpertStore::SwapInWeights(ExpertKey expert, ExpertSnapshot& update
 }
 
 absl::Status ExpertStore::AddExpert(ExpertKey expert, ExpertSnapshot snapshot) {
+  return AddExpertAt(expert, std::move(snapshot), 0);
+}
+
+absl::Status ExpertStore::AddExpertAt(ExpertKey expert, ExpertSnapshot snapshot, uint64_t step) {
   MOE_RETURN_IF_ERROR(CheckExpertKey(options_.model, expert));
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, MakeHosted(std::move(snapshot)));
+  hosted->step = step;
   absl::MutexLock lock(&mu_);
   if (!experts_.emplace(expert, std::move(hosted)).second) {
     return absl::AlreadyExistsError(

@@ -55,6 +55,9 @@ class ExpertStore {
     // This server's name, for messages.
     std::string server_name;
     TrainingStateStore::Options training;
+    // The step the experts it starts with were committed at (a sharded
+    // checkpoint's; 0: initial weights).
+    uint64_t loaded_step = 0;
   };
 
   static absl::StatusOr<std::unique_ptr<ExpertStore>> Create(
@@ -88,7 +91,11 @@ class ExpertStore {
   absl::StatusOr<uint64_t> Digest(ExpertKey expert) const;
   // The step its weights were committed at (0: as loaded).
   absl::StatusOr<uint64_t> Step(ExpertKey expert) const;
-  absl::StatusOr<ExpertSnapshot> Snapshot(ExpertKey expert) const;
+  // With `expected_step` (not kAnyStep): FAILED_PRECONDITION unless the
+  // weights are those committed at that step, checked under the lock the
+  // copy is made under.
+  absl::StatusOr<ExpertSnapshot> Snapshot(ExpertKey expert,
+                                          uint64_t expected_step = kAnyStep) const;
   // A copy of the accumulated gradients (for tests and the step protocol).
   absl::StatusOr<ExpertWeights> Gradients(ExpertKey expert) const;
   // The training step's operations on one expert. TakeGradients moves the
@@ -132,6 +139,8 @@ class ExpertStore {
         training_(options_.training) {}
 
   absl::StatusOr<std::shared_ptr<Hosted>> MakeHosted(ExpertSnapshot snapshot) const;
+  absl::Status AddExpertAt(ExpertKey expert, ExpertSnapshot snapshot, uint64_t step)
+      ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<std::shared_ptr<Hosted>> Find(ExpertKey expert) const ABSL_LOCKS_EXCLUDED(mu_);
 
   const Options options_;

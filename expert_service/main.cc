@@ -22,7 +22,11 @@ ABSL_FLAG(int, port, 50061, "gRPC port; 0 picks a free port and logs it.");
 ABSL_FLAG(int, metrics_port, 9091,
           "Prometheus /metrics port; 0 picks a free port, -1 disables.");
 ABSL_FLAG(std::string, checkpoint, "",
-          "Safetensors checkpoint; empty: deterministic init from the config's seed.");
+          "Checkpoint: a safetensors file or a sharded checkpoint directory (step-N, with "
+          "model.safetensors.index.json); empty: deterministic init from the config's seed.");
+ABSL_FLAG(std::string, checkpoint_dir, "",
+          "Directory the router's SaveCheckpoint writes this server's shards under (the same "
+          "shared volume as the router's --checkpoint_dir); empty: saving refused.");
 ABSL_FLAG(std::string, dtype, "fp32", "Kernel dtype: fp32 or bf16.");
 ABSL_FLAG(int, onednn_threads, 0, "oneDNN threads per compute thread; 0: all cores allowed.");
 ABSL_FLAG(int, compute_threads, 1, "Threads running expert kernels.");
@@ -63,6 +67,7 @@ absl::StatusOr<moe::expert::ExpertServer::Options> OptionsFromFlags() {
   options.listen_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port));
   options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   options.checkpoint_path = absl::GetFlag(FLAGS_checkpoint);
+  options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   absl::StatusOr<moe::TransportCredentials> credentials = moe::TransportCredentials::FromFlags();
   if (!credentials.ok()) return credentials.status();
   options.credentials = *credentials;

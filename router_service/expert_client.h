@@ -52,6 +52,9 @@ class ExpertClient {
   virtual void AbortStep(int server, const v1::AbortStepRequest& request, absl::Time deadline,
                          UnaryDone<v1::AbortStepResponse> done) = 0;
   virtual void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) = 0;
+  // One shard of a checkpoint (SaveCheckpoint).
+  virtual void SaveExperts(int server, const v1::SaveExpertsRequest& request, absl::Time deadline,
+                           UnaryDone<v1::SaveExpertsResponse> done) = 0;
 
   // Whether the transport to `server` is believed up (a hint for replica
   // choice; a call may still fail).

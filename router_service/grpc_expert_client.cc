@@ -133,6 +133,13 @@ void GrpcExpertClient::CommitStep(int server, const v1::CommitStepRequest& reque
             request, deadline, std::move(done));
 }
 
+void GrpcExpertClient::SaveExperts(int server, const v1::SaveExpertsRequest& request,
+                                   absl::Time deadline, UnaryDone<v1::SaveExpertsResponse> done) {
+  Connection& c = *connections_.at(server);
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::SaveExperts, c.label(), "SaveExperts",
+            request, deadline, std::move(done));
+}
+
 void GrpcExpertClient::AbortStep(int server, const v1::AbortStepRequest& request,
                                  absl::Time deadline, UnaryDone<v1::AbortStepResponse> done) {
   Connection& c = *connections_.at(server);

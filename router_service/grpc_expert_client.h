@@ -44,6 +44,8 @@ class GrpcExpertClient : public ExpertClient {
                    UnaryDone<v1::PrepareStepResponse> done) override;
   void CommitStep(int server, const v1::CommitStepRequest& request, absl::Time deadline,
                   UnaryDone<v1::CommitStepResponse> done) override;
+  void SaveExperts(int server, const v1::SaveExpertsRequest& request, absl::Time deadline,
+                   UnaryDone<v1::SaveExpertsResponse> done) override;
   void AbortStep(int server, const v1::AbortStepRequest& request, absl::Time deadline,
                  UnaryDone<v1::AbortStepResponse> done) override;
   void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) override;

@@ -19,7 +19,14 @@ ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on.");
 ABSL_FLAG(int, port, 50051, "gRPC port; 0 picks a free port and logs it.");
 ABSL_FLAG(int, metrics_port, 9090, "Prometheus /metrics port; 0 picks one, -1 disables.");
 ABSL_FLAG(std::string, checkpoint, "",
-          "Safetensors checkpoint for the gate; empty: deterministic init from the seed.");
+          "Checkpoint for the gate: a safetensors file or a sharded checkpoint directory "
+          "(step-N; training resumes after its step); empty: deterministic init from the seed.");
+ABSL_FLAG(std::string, checkpoint_dir, "",
+          "Where SaveCheckpoint writes step-N/ (a volume every expert server mounts as its "
+          "--checkpoint_dir); empty: SaveCheckpoint is refused.");
+ABSL_FLAG(int, checkpoint_every_steps, 0,
+          "Save a checkpoint after every committed step that is a multiple of this; 0: only "
+          "when SaveCheckpoint is called.");
 ABSL_FLAG(int, compute_threads, 2, "Threads gating and combining.");
 ABSL_FLAG(absl::Duration, step_timeout, absl::Seconds(60),
           "Deadline of a training Step whose client sets none.");
@@ -50,6 +57,8 @@ int main(int argc, char** argv) {
       absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port));
   options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
   options.checkpoint_path = absl::GetFlag(FLAGS_checkpoint);
+  options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
+  options.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
   options.compute_threads = absl::GetFlag(FLAGS_compute_threads);
   options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   options.step_timeout = absl::GetFlag(FLAGS_step_timeout);

@@ -139,7 +139,7 @@ Router::Router(Options options, Placement placement, ExpertClient& client)
       placement_(std::move(placement), /*version=*/1),
       client_(client),
       picker_(placement_.Get()->value.num_servers(), client),
-      gate_(options_.gate, /*version=*/0) {
+      gate_(options_.gate, options_.gate_step) {
   MOE_CHECK(options_.gate.shape() == Shape({options_.model.d_model, options_.model.num_experts}));
   absl::MutexLock lock(&gate_mu_);
   gate_velocity_ = FloatTensor(options_.gate.shape());

@@ -55,8 +55,10 @@ class Router {
  public:
   struct Options {
     ModelConfig model;
-    // W_g [d_model, num_experts], as the router starts.
+    // W_g [d_model, num_experts], as the router starts, and the committed
+    // step it is of (a sharded checkpoint's; 0: initial).
     FloatTensor gate;
+    uint64_t gate_step = 0;
     // Training forwards wait this long for their Backward.
     absl::Duration training_ttl = absl::Seconds(60);
     // Bytes of router-side training state kept at most.
@@ -113,6 +115,7 @@ class Router {
   // replaces it whole; a forward keeps the one it used (and its backward
   // uses that one too).
   GateSnapshot gate() const { return gate_.Get(); }
+  const ModelConfig& model() const { return options_.model; }
 
   // The placement now. Each request plans with the snapshot it started
   // with, failover included; InstallPlacement swaps in a new one (the next

@@ -6,7 +6,8 @@
 namespace moe::router {
 namespace {
 
-constexpr const char* kMethods[kNumRouterMethods] = {"Forward", "Backward", "Step"};
+constexpr const char* kMethods[kNumRouterMethods] = {"Forward", "Backward", "Step",
+                                                              "SaveCheckpoint"};
 
 }  // namespace
 
@@ -33,7 +34,8 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
       m->requests[method][code] =
           &requests.Add({{"method", kMethods[method]}, {"code", absl::StatusCodeToString(static_cast<absl::StatusCode>(code))}});
     }
-    if (static_cast<RouterMethod>(method) != RouterMethod::kStep) {
+    if (static_cast<RouterMethod>(method) == RouterMethod::kForward ||
+        static_cast<RouterMethod>(method) == RouterMethod::kBackward) {
       m->tokens[method] = &tokens.Add({{"method", kMethods[method]}});
     }
     m->seconds[method] = &seconds.Add({{"method", kMethods[method]}}, buckets);

@@ -17,8 +17,8 @@
 
 namespace moe::router {
 
-enum class RouterMethod { kForward = 0, kBackward = 1, kStep = 2 };
-inline constexpr int kNumRouterMethods = 3;
+enum class RouterMethod { kForward = 0, kBackward = 1, kStep = 2, kSaveCheckpoint = 3 };
+inline constexpr int kNumRouterMethods = 4;
 
 struct RouterMetrics {
   static std::unique_ptr<RouterMetrics> Create(prometheus::Registry& registry, int num_experts);

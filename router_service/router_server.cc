@@ -1,6 +1,8 @@
 #include "router_service/router_server.h"
 
+#include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/checkpoint.h"
 #include "common/deterministic_init.h"
 #include "common/grpc_server.h"
@@ -24,6 +26,13 @@ absl::StatusOr<FloatTensor> StartingGate(const ModelConfig& model,
   return std::move(*weights->gate);
 }
 
+// 128 random bits, hex: the id of a training run.
+std::string NewLineage() {
+  absl::BitGen bits;
+  return absl::StrFormat("%016x%016x", absl::Uniform<uint64_t>(bits),
+                         absl::Uniform<uint64_t>(bits));
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Create(Options options) {
@@ -41,6 +50,17 @@ absl::Status RouterServer::Start() {
   const ModelConfig& model = config.model;
   MOE_ASSIGN_OR_RETURN(Placement placement, ComputePlacement(model, config.cluster));
   MOE_ASSIGN_OR_RETURN(FloatTensor gate, StartingGate(model, options_.checkpoint_path));
+  CheckpointMetadata loaded;
+  if (!options_.checkpoint_path.empty()) {
+    MOE_ASSIGN_OR_RETURN(loaded, ReadCheckpointMetadata(options_.checkpoint_path));
+  }
+  // A run resumed from a checkpoint keeps its lineage; anything else is a
+  // new run.
+  const std::string lineage = loaded.lineage.empty() ? NewLineage() : loaded.lineage;
+  MOE_LOG(INFO, "gate from ",
+          options_.checkpoint_path.empty() ? absl::StrCat("init seed ", model.seed)
+                                           : options_.checkpoint_path,
+          " at step ", loaded.step, "; lineage ", lineage);
   client_ = GrpcExpertClient::Create(
       {config.cluster.servers, options_.credentials, options_.max_message_bytes});
   pool_ = std::make_unique<ComputePool>(options_.compute_threads, options_.max_queued_requests);
@@ -50,6 +70,7 @@ absl::Status RouterServer::Start() {
   Router::Options router_options;
   router_options.model = model;
   router_options.gate = std::move(gate);
+  router_options.gate_step = loaded.step;
   router_options.pool = pool_.get();
   router_options.load_stats = load_stats_.get();
   router_options.timer = &timer_;
@@ -70,6 +91,9 @@ absl::Status RouterServer::Start() {
   StepCoordinator::Options step_options;
   step_options.default_learning_rate = model.optimizer.learning_rate;
   step_options.default_timeout = options_.step_timeout;
+  step_options.checkpoint_dir = options_.checkpoint_dir;
+  step_options.checkpoint_every_steps = options_.checkpoint_every_steps;
+  step_options.lineage = lineage;
   steps_ = std::make_unique<StepCoordinator>(step_options, *router_, *client_);
   step_pool_ = std::make_unique<ComputePool>(1, 16);
   service_ = std::make_unique<RouterServiceImpl>(

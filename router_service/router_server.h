@@ -38,8 +38,12 @@ class RouterServer {
     // Prometheus /metrics port on `metrics_host`; 0 picks one, -1 disables.
     int metrics_port = 9090;
     std::string metrics_host = "0.0.0.0";
-    // Safetensors checkpoint for the gate; empty: deterministic init.
+    // Checkpoint for the gate: a safetensors file or a sharded checkpoint
+    // directory (its step is the gate's); empty: deterministic init.
     std::string checkpoint_path;
+    // Where SaveCheckpoint writes (StepCoordinator::Options); empty: off.
+    std::string checkpoint_dir;
+    int checkpoint_every_steps = 0;
     // Threads gating and combining.
     int compute_threads = 2;
     size_t max_queued_requests = 4096;

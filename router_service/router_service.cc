@@ -5,6 +5,8 @@
 #include "common/expert_key.h"
 #include "common/grpc_status.h"
 #include "common/proto_status.h"
+#include "common/status_macros.h"
+#include "common/tensor_codec.h"
 
 namespace moe::router {
 namespace {
@@ -141,6 +143,40 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Step(grpc::CallbackServerContext* c
     metrics_.CountRequest(RouterMethod::kStep, result.status(), 0,
                           absl::ToDoubleSeconds(absl::Now() - start));
     reactor->Finish(ToGrpcStatus(result.status()));
+  });
+  if (!accepted) {
+    reactor->Finish(ToGrpcStatus(absl::ResourceExhaustedError("step queue full")));
+  }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* RouterServiceImpl::SaveCheckpoint(
+    grpc::CallbackServerContext* context, const v1::SaveCheckpointRequest* request,
+    v1::SaveCheckpointResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  const absl::Time start = absl::Now();
+  const absl::Time deadline = DeadlineOf(*context);
+  // Disk and server round trips: on the step thread, never a gRPC one.
+  const bool accepted = step_pool_.Submit([this, reactor, request, response, deadline, start] {
+    absl::StatusOr<StepCoordinator::Saved> saved = [&]() -> absl::StatusOr<StepCoordinator::Saved> {
+      MOE_ASSIGN_OR_RETURN(
+          const DType dtype,
+          FromProtoDType(request->dtype() == v1::DTYPE_UNSPECIFIED ? v1::DTYPE_FP32
+                                                                   : request->dtype(),
+                         "dtype"));
+      return steps_.SaveCheckpoint(dtype, deadline);
+    }();
+    if (saved.ok()) {
+      response->set_step(saved->step);
+      response->set_directory(saved->directory);
+      for (const std::string& file : saved->files) response->add_files(file);
+      response->set_bytes(saved->bytes);
+      response->set_seconds(absl::ToDoubleSeconds(saved->time));
+      response->set_lineage(steps_.lineage());
+    }
+    metrics_.CountRequest(RouterMethod::kSaveCheckpoint, saved.status(), 0,
+                          absl::ToDoubleSeconds(absl::Now() - start));
+    reactor->Finish(ToGrpcStatus(saved.status()));
   });
   if (!accepted) {
     reactor->Finish(ToGrpcStatus(absl::ResourceExhaustedError("step queue full")));

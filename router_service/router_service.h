@@ -59,6 +59,9 @@ class RouterServiceImpl final : public v1::Router::CallbackService,
   grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* context,
                                  const v1::StepRequest* request,
                                  v1::StepResponse* response) override;
+  grpc::ServerUnaryReactor* SaveCheckpoint(grpc::CallbackServerContext* context,
+                                           const v1::SaveCheckpointRequest* request,
+                                           v1::SaveCheckpointResponse* response) override;
   grpc::ServerUnaryReactor* GetClusterState(grpc::CallbackServerContext* context,
                                             const v1::GetClusterStateRequest* request,
                                             v1::ClusterState* response) override;

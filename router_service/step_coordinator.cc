@@ -10,8 +10,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/blocking_counter.h"
+#include "common/atomic_file.h"
+#include "common/checkpoint.h"
 #include "common/expert_key.h"
 #include "common/log.h"
+#include "common/status_macros.h"
+#include "common/tensor_codec.h"
 
 namespace moe::router {
 namespace {
@@ -84,8 +88,38 @@ absl::StatusOr<uint64_t> StepCoordinator::NextStep(absl::Time deadline) {
   return (*next_step_)++;
 }
 
+absl::Status StepCoordinator::StartRunning(const char* what) {
+  absl::MutexLock lock(&mu_);
+  if (running_ != nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(running_, " is already running"));
+  }
+  running_ = what;
+  return absl::OkStatus();
+}
+
+void StepCoordinator::DoneRunning() {
+  absl::MutexLock lock(&mu_);
+  running_ = nullptr;
+}
+
 absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rate,
                                                               absl::Time deadline) {
+  absl::StatusOr<Result> result = RunStep(learning_rate, deadline);
+  const int every = options_.checkpoint_every_steps;
+  if (result.ok() && every > 0 && result->step % every == 0) {
+    // The step is committed whatever the save does: a failed save is
+    // logged (and counted by SaveCheckpoint's caller when asked directly).
+    absl::StatusOr<Saved> saved = SaveCheckpoint(DType::kFloat32, absl::InfiniteFuture());
+    if (!saved.ok()) {
+      MOE_LOG(ERROR, "step ", result->step, ": periodic checkpoint failed: ",
+              saved.status().message());
+    }
+  }
+  return result;
+}
+
+absl::StatusOr<StepCoordinator::Result> StepCoordinator::RunStep(float learning_rate,
+                                                                 absl::Time deadline) {
   const absl::Time start = absl::Now();
   deadline = std::min(deadline, start + options_.default_timeout);
   const float lr = learning_rate > 0.0f ? learning_rate : options_.default_learning_rate;
@@ -96,16 +130,15 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
   uint64_t step = 0;
   {
     absl::MutexLock lock(&mu_);
-    if (running_) return absl::FailedPreconditionError("a step is already running");
+    if (running_ != nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(running_, " is already running"));
+    }
     absl::StatusOr<uint64_t> next = NextStep(deadline);
     if (!next.ok()) return next.status();
     step = *next;
-    running_ = true;
+    running_ = "a step";
   }
-  auto done_running = [this] {
-    absl::MutexLock lock(&mu_);
-    running_ = false;
-  };
+  auto done_running = [this] { DoneRunning(); };
 
   // The router answers a little before the client's deadline, and the
   // servers' all-reduces end a little before the router stops waiting: a
@@ -172,6 +205,104 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
         std::max(result.optimizer_time, absl::Seconds(r->optimizer_seconds()));
   }
   return result;
+}
+
+absl::StatusOr<StepCoordinator::Saved> StepCoordinator::SaveCheckpoint(DType dtype,
+                                                                       absl::Time deadline) {
+  MOE_RETURN_IF_ERROR(StartRunning("a checkpoint save"));
+  absl::StatusOr<Saved> saved = Save(dtype, deadline);
+  DoneRunning();
+  if (saved.ok()) {
+    MOE_LOG(INFO, "checkpoint of step ", saved->step, " saved to ", saved->directory, ": ",
+            saved->files.size(), " shard(s), ", saved->bytes >> 20, " MiB in ",
+            absl::FormatDuration(saved->time));
+  }
+  return saved;
+}
+
+absl::StatusOr<StepCoordinator::Saved> StepCoordinator::Save(DType dtype, absl::Time deadline) {
+  const absl::Time start = absl::Now();
+  if (options_.checkpoint_dir.empty()) {
+    return absl::FailedPreconditionError("this router has no --checkpoint_dir to save into");
+  }
+  // No step runs here meanwhile: the gate and every expert are at `step`
+  // (each server checks its experts are).
+  const Router::GateSnapshot gate = router_.gate();
+  const Router::PlacementSnapshot placement = router_.placement();
+  const ModelConfig& model = router_.model();
+  const uint64_t step = gate->version;
+  Saved saved;
+  saved.step = step;
+  const std::string relative = absl::StrCat("step-", step);
+  saved.directory = absl::StrCat(options_.checkpoint_dir, "/", relative);
+
+  // Each expert once, from its first healthy replica; a shard per server
+  // that writes any, then the gate's.
+  constexpr int kLayer = 0;  // the one MoE layer a ModelConfig describes
+  std::map<int, std::vector<ExpertKey>> experts_of_writer;
+  for (int e = 0; e < model.num_experts; ++e) {
+    const ExpertKey expert(kLayer, e);
+    int writer = -1;
+    for (int s : placement->value.ServersOf(expert)) {
+      if (client_.IsHealthy(s)) {
+        writer = s;
+        break;
+      }
+    }
+    if (writer < 0) {
+      return absl::UnavailableError(absl::StrCat("checkpoint of step ", step, ": ",
+                                                 expert.ToString(), " has no live replica"));
+    }
+    experts_of_writer[writer].push_back(expert);
+  }
+  const int num_shards = static_cast<int>(experts_of_writer.size()) + 1;
+  std::vector<int> writers;
+  std::vector<v1::SaveExpertsRequest> requests;
+  for (const auto& [server, experts] : experts_of_writer) {
+    v1::SaveExpertsRequest& request = requests.emplace_back();
+    writers.push_back(server);
+    request.set_path(absl::StrCat(relative, "/", ShardFileName(writers.size(), num_shards)));
+    request.set_step(step);
+    request.set_dtype(ToProtoDType(dtype));
+    for (ExpertKey expert : experts) SetExpertKey(expert, request.add_experts());
+  }
+  MOE_RETURN_IF_ERROR(MakeDirectories(saved.directory));
+  std::vector<absl::StatusOr<v1::SaveExpertsResponse>> written =
+      OnEveryServer<v1::SaveExpertsResponse>(static_cast<int>(writers.size()),
+                                             [&](int w, auto done) {
+                                               client_.SaveExperts(writers[w], requests[w],
+                                                                   deadline, std::move(done));
+                                             });
+  std::map<std::string, std::string> weight_map;
+  for (size_t w = 0; w < writers.size(); ++w) {
+    if (!written[w].ok()) {
+      return absl::Status(written[w].status().code(),
+                          absl::StrCat("checkpoint of step ", step, ": server ", writers[w],
+                                       ": ", written[w].status().message()));
+    }
+    const std::string file = ShardFileName(w + 1, num_shards);
+    for (const std::string& name : written[w]->tensor_names()) weight_map[name] = file;
+    saved.bytes += written[w]->bytes();
+    saved.files.push_back(file);
+  }
+  MoeWeights gate_only;
+  gate_only.gate = gate->value;
+  const std::string gate_file = ShardFileName(num_shards, num_shards);
+  std::vector<std::string> gate_names;
+  MOE_ASSIGN_OR_RETURN(const int64_t gate_bytes,
+                       SaveCheckpointShard(absl::StrCat(saved.directory, "/", gate_file), model,
+                                           gate_only, dtype, &gate_names));
+  for (const std::string& name : gate_names) weight_map[name] = gate_file;
+  saved.bytes += gate_bytes;
+  saved.files.push_back(gate_file);
+  if (router_.gate()->version != step) {
+    return absl::AbortedError(absl::StrCat("checkpoint of step ", step,
+                                           ": a step was committed meanwhile (another router?)"));
+  }
+  MOE_RETURN_IF_ERROR(
+      WriteCheckpointIndex(saved.directory, model, weight_map, saved.bytes, {step, options_.lineage}));
+  saved.time = absl::Now() - start;
+  return saved;
 }
 
 void StepCoordinator::AbortEverywhere(uint64_t step, const std::string& reason) {

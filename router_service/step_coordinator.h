@@ -5,17 +5,22 @@
 // new gate installed; if any fails or misses the deadline, AbortStep
 // everywhere, the gate's gradient put back, and the error names the servers.
 // After a commit, the replicas' digests are compared: replicas of an expert
-// must be bit-identical. One step at a time. Thread-safe; Step blocks.
+// must be bit-identical. SaveCheckpoint writes a consistent checkpoint of
+// the last committed step. One step or save at a time. Thread-safe; Step
+// and SaveCheckpoint block.
 #ifndef MOE_ROUTER_SERVICE_STEP_COORDINATOR_H_
 #define MOE_ROUTER_SERVICE_STEP_COORDINATOR_H_
 
 #include <cstdint>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/tensor.h"
 #include "router_service/expert_client.h"
 #include "router_service/router.h"
 
@@ -30,6 +35,15 @@ class StepCoordinator {
     absl::Duration default_timeout = absl::Seconds(60);
     // How long a commit, or an abort, may take.
     absl::Duration abort_timeout = absl::Seconds(5);
+    // Where checkpoints go (step-N/ below it, on a volume every expert
+    // server mounts at its own --checkpoint_dir); empty: SaveCheckpoint is
+    // refused.
+    std::string checkpoint_dir;
+    // A checkpoint after every committed step that is a multiple of this;
+    // 0: only when asked.
+    int checkpoint_every_steps = 0;
+    // The training run's id, written into every checkpoint's metadata.
+    std::string lineage;
   };
 
   struct Result {
@@ -42,6 +56,15 @@ class StepCoordinator {
     absl::Duration commit_time;
   };
 
+  struct Saved {
+    uint64_t step = 0;
+    // checkpoint_dir/step-N, and its shards (the gate's last).
+    std::string directory;
+    std::vector<std::string> files;
+    int64_t bytes = 0;
+    absl::Duration time;
+  };
+
   // `router` and `client` must outlive the coordinator.
   StepCoordinator(Options options, Router& router, ExpertClient& client);
 
@@ -51,10 +74,26 @@ class StepCoordinator {
   absl::StatusOr<Result> Step(float learning_rate, absl::Time deadline)
       ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Writes checkpoint_dir/step-N for the last committed step N: each
+  // expert once, from a healthy replica, as a shard written by its server,
+  // the gate as the last shard, then model.safetensors.index.json (durably,
+  // last: a directory without it is not a checkpoint). No step runs
+  // meanwhile (FAILED_PRECONDITION while one does); Forwards go on.
+  absl::StatusOr<Saved> SaveCheckpoint(DType dtype, absl::Time deadline)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  const std::string& lineage() const { return options_.lineage; }
+
  private:
   // The next step number: one past the highest any server has committed
   // (asked once, so a restarted router goes on where the servers are).
   absl::StatusOr<uint64_t> NextStep(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  absl::StatusOr<Result> RunStep(float learning_rate, absl::Time deadline)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // Marks a step or a save as running; FAILED_PRECONDITION naming the one
+  // that runs.
+  absl::Status StartRunning(const char* what) ABSL_LOCKS_EXCLUDED(mu_);
+  void DoneRunning() ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<Saved> Save(DType dtype, absl::Time deadline);
   void AbortEverywhere(uint64_t step, const std::string& reason);
   int NumServers() const;
 
@@ -63,7 +102,8 @@ class StepCoordinator {
   ExpertClient& client_;
 
   mutable absl::Mutex mu_;
-  bool running_ ABSL_GUARDED_BY(mu_) = false;
+  // "a step" or "a checkpoint save" while one runs.
+  const char* running_ ABSL_GUARDED_BY(mu_) = nullptr;
   std::optional<uint64_t> next_step_ ABSL_GUARDED_BY(mu_);
 };
 

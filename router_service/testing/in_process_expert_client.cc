@@ -188,6 +188,16 @@ void InProcessExpertClient::CommitStep(int server, const v1::CommitStepRequest& 
       std::move(done));
 }
 
+void InProcessExpertClient::SaveExperts(int server, const v1::SaveExpertsRequest& request,
+                                        absl::Time, UnaryDone<v1::SaveExpertsResponse> done) {
+  RunStepCall<v1::SaveExpertsResponse>(
+      server,
+      [request](expert::ExpertDispatcher& d, v1::SaveExpertsResponse& response) {
+        return d.SaveExperts(request, &response);
+      },
+      std::move(done));
+}
+
 void InProcessExpertClient::AbortStep(int server, const v1::AbortStepRequest& request,
                                       absl::Time, UnaryDone<v1::AbortStepResponse> done) {
   // At once, not behind a Prepare on the step thread: it must be able to

@@ -1,0 +1,140 @@
+// Durable checkpoints on a real cluster: train, SaveCheckpoint while
+// Forwards run, and a fresh cluster started from the checkpoint serves the
+// same outputs and goes on training from the next step, equal to the
+// reference.
+#include <sys/stat.h>
+
+#include <atomic>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/checkpoint.h"
+#include "common/deterministic_init.h"
+#include "common/testing/random_tensor.h"
+#include "common/testing/reference_training.h"
+#include "common/testing/tensor_matchers.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/process_cluster.h"
+
+namespace moe::testing {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+constexpr int kDModel = 32;
+constexpr int kTokens = 64;
+constexpr float kLearningRate = 0.05f;
+
+ProcessClusterOptions Cluster(const std::string& checkpoint_dir, const std::string& load) {
+  ProcessClusterOptions options;
+  // Plain SGD: momentum buffers are not in checkpoints (docs/checkpoints.md).
+  options.model = absl::StrCat("d_model: ", kDModel,
+                               " d_ff: 64 num_experts: 4 top_k: 2 seed: 17 optimizer { "
+                               "type: OPTIMIZER_TYPE_SGD }");
+  options.strategy = "HYBRID";
+  options.num_servers = 2;
+  for (auto* flags : {&options.server_flags, &options.router_flags}) {
+    if (!checkpoint_dir.empty()) flags->push_back("--checkpoint_dir=" + checkpoint_dir);
+    if (!load.empty()) flags->push_back("--checkpoint=" + load);
+  }
+  return options;
+}
+
+void TrainStep(ProcessCluster& cluster, ReferenceTraining& reference, int seed) {
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, seed);
+  const FloatTensor dy = RandomTensor({kTokens, kDModel}, seed + 1);
+  const ReferenceTraining::Step expected = reference.Train(x, dy, kLearningRate);
+  v1::ForwardResponse y;
+  ASSERT_TRUE(cluster.Forward(x, &y, /*training=*/true).ok());
+  ASSERT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.forward.y, 1e-5)) << "seed " << seed;
+  v1::BackwardResponse dx;
+  ASSERT_TRUE(cluster.Backward(y.request_id(), dy, &dx).ok());
+  v1::StepResponse stepped;
+  const grpc::Status status = cluster.Step(kLearningRate, absl::Seconds(30), &stepped);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+}
+
+grpc::Status Save(ProcessCluster& cluster, v1::SaveCheckpointResponse* response) {
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
+  return cluster.stub().SaveCheckpoint(&context, v1::SaveCheckpointRequest(), response);
+}
+
+TEST(CheckpointTest, AFreshClusterFromACheckpointServesAndTrainsOnWhereTheOldOneWas) {
+  const std::string dir = absl::StrCat(::testing::TempDir(), "/checkpoints");
+  ProcessCluster cluster(Cluster(dir, ""));
+  const ModelConfig& model = cluster.config().model;
+  ReferenceTraining reference(model, InitAllWeights(model));
+  for (int step = 1; step <= 2; ++step) {
+    ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 10 * step));
+  }
+
+  // Save while a client keeps sending Forwards: none fails.
+  std::atomic<bool> saving{true};
+  std::atomic<int> forwards{0}, failures{0};
+  std::thread load([&] {
+    while (saving.load()) {
+      v1::ForwardResponse y;
+      if (!cluster.Forward(RandomTensor({kTokens, kDModel}, 3), &y).ok()) ++failures;
+      ++forwards;
+    }
+  });
+  v1::SaveCheckpointResponse saved;
+  const grpc::Status status = Save(cluster, &saved);
+  saving = false;
+  load.join();
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+  EXPECT_EQ(failures.load(), 0) << "of " << forwards.load();
+  EXPECT_EQ(saved.step(), 2u);
+  EXPECT_EQ(saved.directory(), dir + "/step-2");
+  // A shard per server (each expert once), then the gate's.
+  EXPECT_THAT(saved.files(), ElementsAre("model-00001-of-00003.safetensors",
+                                         "model-00002-of-00003.safetensors",
+                                         "model-00003-of-00003.safetensors"));
+  EXPECT_EQ(saved.bytes(), (kDModel * 4 + 4 * (2 * kDModel * 64 + 64 + kDModel)) * 4);
+  EXPECT_EQ(saved.lineage().size(), 32u);
+  std::ifstream index_file(saved.directory() + "/" + kCheckpointIndexName);
+  const nlohmann::json index = nlohmann::json::parse(index_file);
+  EXPECT_EQ(index["metadata"]["step"], "2");
+  EXPECT_EQ(index["metadata"]["lineage"], saved.lineage());
+  EXPECT_EQ(index["weight_map"]["gate.weight"], "model-00003-of-00003.safetensors");
+  EXPECT_EQ(index["weight_map"].size(), 1u + 4 * 4);
+
+  // The checkpoint holds the reference's weights at step 2.
+  absl::StatusOr<MoeWeights> loaded = LoadCheckpoint(saved.directory(), model);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_TRUE(TensorNear(*loaded->gate, *reference.weights().gate, 1e-5));
+  for (int e = 0; e < 4; ++e) {
+    EXPECT_TRUE(TensorNear(loaded->experts.at(e).w1, reference.weights().experts.at(e).w1, 1e-5));
+  }
+
+  // A fresh cluster from it: the same outputs as the running one, at step 2.
+  ProcessCluster resumed(Cluster("", saved.directory()));
+  v1::InfoResponse info;
+  ASSERT_TRUE(resumed.Info(1, &info).ok());
+  EXPECT_EQ(info.step(), 2u);
+  for (int i = 0; i < 3; ++i) {
+    const FloatTensor x = RandomTensor({kTokens, kDModel}, 700 + i);
+    v1::ForwardResponse before, after;
+    ASSERT_TRUE(cluster.Forward(x, &before).ok());
+    const grpc::Status served = resumed.Forward(x, &after);
+    ASSERT_TRUE(served.ok()) << served.error_message() << "\n" << resumed.RouterLog();
+    EXPECT_TRUE(TensorNear(Decoded(after.y(), kDModel), Decoded(before.y(), kDModel), 1e-6));
+  }
+  // Training goes on at step 3, equal to the reference.
+  ASSERT_NO_FATAL_FAILURE(TrainStep(resumed, reference, 30));
+  ASSERT_TRUE(resumed.Info(0, &info).ok());
+  EXPECT_EQ(info.step(), 3u);
+  // This cluster has no --checkpoint_dir: saving is refused by name.
+  v1::SaveCheckpointResponse refused;
+  const grpc::Status no_dir = Save(resumed, &refused);
+  EXPECT_EQ(no_dir.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(no_dir.error_message(), HasSubstr("--checkpoint_dir"));
+}
+
+}  // namespace
+}  // namespace moe::testing
