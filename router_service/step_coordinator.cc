@@ -236,24 +236,24 @@ absl::StatusOr<StepCoordinator::Saved> StepCoordinator::Save(DType dtype, absl::
   const std::string relative = absl::StrCat("step-", step);
   saved.directory = absl::StrCat(options_.checkpoint_dir, "/", relative);
 
-  // Each expert once, from its first healthy replica; a shard per server
-  // that writes any, then the gate's.
+  // Each expert once, from the healthy replica with the fewest experts to
+  // write so far (the servers write in parallel); a shard per server that
+  // writes any, then the gate's.
   constexpr int kLayer = 0;  // the one MoE layer a ModelConfig describes
   std::map<int, std::vector<ExpertKey>> experts_of_writer;
+  std::vector<int> assigned(placement->value.num_servers(), 0);
   for (int e = 0; e < model.num_experts; ++e) {
     const ExpertKey expert(kLayer, e);
     int writer = -1;
     for (int s : placement->value.ServersOf(expert)) {
-      if (client_.IsHealthy(s)) {
-        writer = s;
-        break;
-      }
+      if (client_.IsHealthy(s) && (writer < 0 || assigned[s] < assigned[writer])) writer = s;
     }
     if (writer < 0) {
       return absl::UnavailableError(absl::StrCat("checkpoint of step ", step, ": ",
                                                  expert.ToString(), " has no live replica"));
     }
     experts_of_writer[writer].push_back(expert);
+    ++assigned[writer];
   }
   const int num_shards = static_cast<int>(experts_of_writer.size()) + 1;
   std::vector<int> writers;

@@ -36,6 +36,7 @@ TEST(PythonClientTest, AgreesWithANumpyLayerOnTheSameCheckpoint) {
   options.config = config;
   options.checkpoint_path = checkpoint;
   options.work_dir = dir;
+  options.checkpoint_dir = dir + "/saved";
   options.onednn_threads = 1;
   absl::StatusOr<std::unique_ptr<local::LocalCluster>> cluster =
       local::LocalCluster::Start(options);
@@ -45,9 +46,10 @@ TEST(PythonClientTest, AgreesWithANumpyLayerOnTheSameCheckpoint) {
   setenv("PYTHONPATH", absl::StrCat(root, ":", root, "clients/python").c_str(), 1);
   ChildProcess python("/usr/bin/python3",
                       {RunfilePath("clients/python/client_test.py"), (*cluster)->router_address(),
-                       checkpoint, "2"});
+                       checkpoint, "2", "save"});
   EXPECT_EQ(python.Stop(0, absl::Seconds(120)), 0) << python.output();
   EXPECT_THAT(python.output(), ::testing::HasSubstr("python client: all checks passed"));
+  EXPECT_THAT(python.output(), ::testing::HasSubstr("checkpoint of step 1: " + dir + "/saved/step-1"));
 }
 
 }  // namespace

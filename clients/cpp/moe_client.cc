@@ -147,4 +147,19 @@ absl::StatusOr<StepOutput> MoeClient::Step(float learning_rate, absl::Duration t
                     absl::Seconds(response.commit_seconds())};
 }
 
+absl::StatusOr<SavedCheckpoint> MoeClient::SaveCheckpoint(DType dtype, absl::Duration timeout) {
+  v1::SaveCheckpointRequest request;
+  request.set_dtype(ToProtoDType(dtype));
+  grpc::ClientContext context;
+  context.set_deadline(After(timeout));
+  v1::SaveCheckpointResponse response;
+  MOE_RETURN_IF_ERROR(FromGrpcStatus(stub_->SaveCheckpoint(&context, request, &response)));
+  return SavedCheckpoint{response.step(),
+                         response.directory(),
+                         {response.files().begin(), response.files().end()},
+                         response.bytes(),
+                         absl::Seconds(response.seconds()),
+                         response.lineage()};
+}
+
 }  // namespace moe::client

@@ -50,6 +50,16 @@ struct StepOutput {
   absl::Duration commit_time;
 };
 
+struct SavedCheckpoint {
+  uint64_t step = 0;
+  // As the router sees it: pass it to --checkpoint to serve it.
+  std::string directory;
+  std::vector<std::string> files;
+  int64_t bytes = 0;
+  absl::Duration time;
+  std::string lineage;
+};
+
 // Forwards over one long-lived Router.ForwardStream, one at a time: the
 // stream (and its HTTP/2 stream) stays open between requests. Not
 // thread-safe; one per client thread.
@@ -89,6 +99,9 @@ class MoeClient {
   // One training step (learning_rate 0: the config's).
   absl::StatusOr<StepOutput> Step(float learning_rate,
                                   absl::Duration timeout = absl::Seconds(60));
+  // A checkpoint of the last committed step (Router.SaveCheckpoint).
+  absl::StatusOr<SavedCheckpoint> SaveCheckpoint(DType dtype = DType::kFloat32,
+                                                 absl::Duration timeout = absl::Minutes(10));
 
  private:
   explicit MoeClient(std::shared_ptr<grpc::Channel> channel);

@@ -1,12 +1,14 @@
 """The Python client against a running cluster (started by
 tests/python_client_test.cc): outputs equal a float64 numpy MoE layer built
 from the cluster's checkpoint to 1e-5, training backward equals it too, and
-bad input raises INVALID_ARGUMENT naming the problem.
+bad input raises INVALID_ARGUMENT naming the problem; with SAVE (the
+cluster has a --checkpoint_dir), a Step and a SaveCheckpoint of it.
 
-Usage: client_test.py ROUTER CHECKPOINT TOP_K
+Usage: client_test.py ROUTER CHECKPOINT TOP_K [SAVE]
 """
 
 import json
+import os
 import struct
 import sys
 
@@ -108,6 +110,30 @@ def main():
         print(f"backward dx[{t},{i}] = {dx[t, i]:.6f}, numeric {numeric:.6f}")
         if abs(dx[t, i] - numeric) > 1e-3 * max(1.0, abs(numeric)):
             failures.append(f"dx[{t},{i}] = {dx[t, i]} vs numeric {numeric}")
+
+    # A training step, then a checkpoint of it (when the cluster has a
+    # checkpoint directory): a Hugging Face sharded checkpoint of step 1
+    # holding every tensor once, the gate moved by the step.
+    if len(sys.argv) > 4:
+        stepped = client.step(0.05)
+        print(f"step {stepped.step}")
+        if stepped.step != 1:
+            failures.append(f"step answered {stepped.step}, expected 1")
+        saved = client.save_checkpoint()
+        print(f"checkpoint of step {saved.step}: {saved.directory} {list(saved.files)}")
+        with open(os.path.join(saved.directory, "model.safetensors.index.json")) as f:
+            index = json.load(f)
+        if saved.step != 1 or index["metadata"]["step"] != "1":
+            failures.append(f"checkpoint of step {saved.step} / {index['metadata']['step']}")
+        if set(index["weight_map"]) != set(params):
+            failures.append("the checkpoint's tensors differ from the model's")
+        saved_params = {}
+        for shard in saved.files:
+            saved_params.update(read_safetensors(os.path.join(saved.directory, shard)))
+        if set(saved_params) != set(params):
+            failures.append("the shards do not hold every tensor once")
+        elif np.array_equal(saved_params["gate.weight"], params["gate.weight"]):
+            failures.append("the saved gate is the initial one")
     client.close()
     if failures:
         print("\n".join(failures))

@@ -96,5 +96,18 @@ class MoeClient:
                                              grad_output=encode(grad_output))
         return decode(self._router.Backward(request, timeout=self._timeout).grad_input)
 
+    def step(self, learning_rate=0.0, timeout=None):
+        """One training step (0: the config's learning rate). Returns the StepResponse."""
+        return self._router.Step(router_pb2.StepRequest(learning_rate=learning_rate),
+                                 timeout=timeout or self._timeout)
+
+    def save_checkpoint(self, dtype="fp32", timeout=600.0):
+        """Writes a checkpoint of the last committed step under the router's
+        --checkpoint_dir; returns the SaveCheckpointResponse (step, directory, files,
+        bytes, seconds, lineage). The directory is a Hugging Face sharded checkpoint."""
+        request = router_pb2.SaveCheckpointRequest(
+            dtype=tensor_pb2.DTYPE_BF16 if dtype == "bf16" else tensor_pb2.DTYPE_FP32)
+        return self._router.SaveCheckpoint(request, timeout=timeout)
+
     def close(self):
         self._channel.close()

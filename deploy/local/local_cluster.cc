@@ -33,6 +33,9 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
   std::vector<std::string> common = {"--config=" + cluster->config_path_, "--host=127.0.0.1",
                                      "--metrics_port=0"};
   if (!options.checkpoint_path.empty()) common.push_back("--checkpoint=" + options.checkpoint_path);
+  if (!options.checkpoint_dir.empty()) {
+    common.push_back("--checkpoint_dir=" + options.checkpoint_dir);
+  }
   common.push_back(options.credentials.AsFlag());
 
   // Start every server, then wait for each: they load in parallel.

@@ -26,6 +26,9 @@ struct LocalClusterOptions {
   int onednn_threads = 0;
   // Where the generated config goes.
   std::string work_dir;
+  // --checkpoint_dir of the router and every server (SaveCheckpoint); empty:
+  // none.
+  std::string checkpoint_dir;
   // Given to every process (--transport_security).
   TransportCredentials credentials = TransportCredentials::Plaintext();
 };

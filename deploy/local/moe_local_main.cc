@@ -44,7 +44,12 @@ ABSL_FLAG(int, d_ff, 1024, "Expert hidden width (without --config).");
 ABSL_FLAG(int, top_k, 2, "Experts per token (without --config).");
 ABSL_FLAG(double, capacity_factor, 1.25,
           "Capacity factor with OVERFLOW_POLICY_DROP; 0 means DROPLESS (without --config).");
-ABSL_FLAG(std::string, checkpoint, "", "Safetensors checkpoint to serve; empty: seeded init.");
+ABSL_FLAG(std::string, checkpoint, "",
+          "Checkpoint to serve: a safetensors file or a sharded step-N directory; empty: "
+          "seeded init.");
+ABSL_FLAG(std::string, checkpoint_dir, "",
+          "If set, the processes save checkpoints here (Router.SaveCheckpoint), and one is "
+          "saved after the training steps.");
 ABSL_FLAG(std::string, dtype, "fp32", "Expert kernel dtype: fp32 or bf16.");
 ABSL_FLAG(int, onednn_threads, 1, "oneDNN threads per expert server.");
 ABSL_FLAG(int, concurrency, 4, "Clients, each with one request in flight.");
@@ -191,6 +196,7 @@ int Run() {
   LocalClusterOptions options;
   options.config = *config;
   options.checkpoint_path = absl::GetFlag(FLAGS_checkpoint);
+  options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.dtype = absl::GetFlag(FLAGS_dtype);
   options.onednn_threads = absl::GetFlag(FLAGS_onednn_threads);
   options.work_dir = work_dir;
@@ -293,6 +299,18 @@ int Run() {
   if (absl::GetFlag(FLAGS_train_steps) > 0) {
     trained = Train(*client, running, *credentials, absl::GetFlag(FLAGS_train_steps), load.batch_tokens,
                     absl::GetFlag(FLAGS_learning_rate));
+  }
+  if (trained && !absl::GetFlag(FLAGS_checkpoint_dir).empty()) {
+    absl::StatusOr<client::SavedCheckpoint> saved = client->SaveCheckpoint();
+    if (saved.ok()) {
+      std::printf("\ncheckpoint  step %llu saved to %s: %zu shards, %.1f MiB in %.0f ms\n",
+                  static_cast<unsigned long long>(saved->step), saved->directory.c_str(),
+                  saved->files.size(), saved->bytes / 1048576.0,
+                  absl::ToDoubleMilliseconds(saved->time));
+    } else {
+      std::printf("\ncheckpoint  FAILED: %s\n", std::string(saved.status().message()).c_str());
+      trained = false;
+    }
   }
 
   if (absl::GetFlag(FLAGS_serve)) {
