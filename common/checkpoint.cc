@@ -1,5 +1,6 @@
 #include "common/checkpoint.h"
 
+#include <dirent.h>
 #include <sys/stat.h>
 
 #include <fstream>
@@ -12,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "common/atomic_file.h"
 #include "common/safetensors.h"
 #include "common/status_macros.h"
@@ -334,6 +336,42 @@ absl::StatusOr<std::string> ResolveCheckpointPath(const std::string& root,
     }
   }
   return absl::StrCat(root, "/", relative);
+}
+
+absl::StatusOr<std::optional<LatestCheckpoint>> FindLatestCheckpoint(
+    const std::string& directory) {
+  std::optional<LatestCheckpoint> latest;
+  DIR* dir = opendir(directory.c_str());
+  if (dir == nullptr) return latest;
+  while (const dirent* entry = readdir(dir)) {
+    uint64_t step = 0;
+    absl::string_view name = entry->d_name;
+    if (!absl::ConsumePrefix(&name, "step-")) continue;
+    if (!absl::SimpleAtoi(name, &step)) continue;
+    const std::string path = absl::StrCat(directory, "/", entry->d_name);
+    // Torn (no index) or inconsistent directories are skipped, not fatal.
+    absl::StatusOr<CheckpointMetadata> metadata = ReadCheckpointMetadata(path);
+    if (!metadata.ok() || metadata->step != step) continue;
+    if (!latest || step > latest->step) latest = LatestCheckpoint{path, step};
+  }
+  closedir(dir);
+  return latest;
+}
+
+absl::StatusOr<StartingCheckpoint> ChooseStartingCheckpoint(const std::string& checkpoint_path,
+                                                            const std::string& checkpoint_dir) {
+  StartingCheckpoint start{checkpoint_path, {}};
+  if (!checkpoint_path.empty()) {
+    MOE_ASSIGN_OR_RETURN(start.metadata, ReadCheckpointMetadata(checkpoint_path));
+  }
+  if (checkpoint_dir.empty()) return start;
+  MOE_ASSIGN_OR_RETURN(const std::optional<LatestCheckpoint> latest,
+                       FindLatestCheckpoint(checkpoint_dir));
+  if (latest && latest->step > start.metadata.step) {
+    start.path = latest->path;
+    MOE_ASSIGN_OR_RETURN(start.metadata, ReadCheckpointMetadata(latest->path));
+  }
+  return start;
 }
 
 std::string ShardFileName(int shard, int num_shards) {

@@ -69,6 +69,27 @@ absl::StatusOr<CheckpointMetadata> ReadCheckpointMetadata(const std::string& pat
 absl::StatusOr<std::string> ResolveCheckpointPath(const std::string& root,
                                                   const std::string& relative);
 
+// The complete checkpoint (index present) with the highest step among
+// `directory`/step-N, or nullopt when there is none (or no such directory).
+// A process started with --checkpoint_dir resumes from it when it is newer
+// than what --checkpoint names.
+struct LatestCheckpoint {
+  std::string path;
+  uint64_t step = 0;
+};
+absl::StatusOr<std::optional<LatestCheckpoint>> FindLatestCheckpoint(const std::string& directory);
+
+// What a process starts from: `checkpoint_path` (empty: the seed's init),
+// or the latest complete checkpoint under `checkpoint_dir` when it holds a
+// later step (a process restarted mid-training resumes where the last
+// checkpoint left off). `path` empty means the seed's init.
+struct StartingCheckpoint {
+  std::string path;
+  CheckpointMetadata metadata;
+};
+absl::StatusOr<StartingCheckpoint> ChooseStartingCheckpoint(const std::string& checkpoint_path,
+                                                            const std::string& checkpoint_dir);
+
 // "model-00002-of-00003.safetensors" (1-based).
 std::string ShardFileName(int shard, int num_shards);
 

@@ -165,6 +165,35 @@ TEST(ShardedCheckpointTest, RequestedPathsStayInTheCheckpointDirectory) {
             absl::StatusCode::kFailedPrecondition);
 }
 
+TEST(ShardedCheckpointTest, TheLatestCompleteCheckpointIsFound) {
+  const ModelConfig model = SmallModel();
+  const std::string root = TempPath("latest");
+  EXPECT_FALSE(FindLatestCheckpoint(root)->has_value());  // no directory yet
+  WriteSharded(root + "/step-3", model, 3);
+  WriteSharded(root + "/step-12", model, 12);
+  // Torn (no index), mislabelled, and unrelated directories are skipped.
+  WriteSharded(root + "/step-20", model, 20);
+  ASSERT_EQ(std::remove((root + "/step-20/" + kCheckpointIndexName).c_str()), 0);
+  WriteSharded(root + "/step-30", model, 29);
+  ASSERT_TRUE(MakeDirectories(root + "/step-x").ok());
+  ASSERT_TRUE(MakeDirectories(root + "/other").ok());
+  absl::StatusOr<std::optional<LatestCheckpoint>> latest = FindLatestCheckpoint(root);
+  ASSERT_TRUE(latest.ok() && latest->has_value());
+  EXPECT_EQ((*latest)->step, 12u);
+  EXPECT_EQ((*latest)->path, root + "/step-12");
+  // A restarted process resumes from it unless --checkpoint is later.
+  absl::StatusOr<StartingCheckpoint> start = ChooseStartingCheckpoint("", root);
+  ASSERT_TRUE(start.ok());
+  EXPECT_EQ(start->path, root + "/step-12");
+  EXPECT_EQ(start->metadata.step, 12u);
+  EXPECT_EQ(start->metadata.lineage, "run-a");
+  start = ChooseStartingCheckpoint(root + "/step-30", root);
+  EXPECT_EQ(start->path, root + "/step-30");
+  start = ChooseStartingCheckpoint(root + "/step-3", root);
+  EXPECT_EQ(start->path, root + "/step-12");
+  EXPECT_EQ(ChooseStartingCheckpoint("", "")->path, "");
+}
+
 TEST(ShardedCheckpointTest, ReadsOnlyTheShardsOfTheSelectedTensors) {
   const ModelConfig model = SmallModel();
   const std::string dir = TempPath("sharded/partial");

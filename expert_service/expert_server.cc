@@ -44,7 +44,7 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(Options optio
 }
 
 absl::StatusOr<std::map<ExpertKey, ExpertWeights>> ExpertServer::LoadHostedWeights(
-    absl::Span<const ExpertKey> experts) const {
+    absl::Span<const ExpertKey> experts, const std::string& checkpoint_path) const {
   const ModelConfig& model = options_.config.model;
   // A checkpoint file and the seed's init hold one MoE layer: layer 0.
   std::vector<int> indices;
@@ -53,10 +53,10 @@ absl::StatusOr<std::map<ExpertKey, ExpertWeights>> ExpertServer::LoadHostedWeigh
     indices.push_back(expert.expert);
   }
   MoeWeights weights;
-  if (options_.checkpoint_path.empty()) {
+  if (checkpoint_path.empty()) {
     weights = InitWeights(model, indices, /*with_gate=*/false);
   } else {
-    MOE_ASSIGN_OR_RETURN(weights, LoadCheckpoint(options_.checkpoint_path, model,
+    MOE_ASSIGN_OR_RETURN(weights, LoadCheckpoint(checkpoint_path, model,
                                                  {/*gate=*/false, std::move(indices)}));
   }
   std::map<ExpertKey, ExpertWeights> hosted;
@@ -72,17 +72,16 @@ absl::Status ExpertServer::Start() {
   MOE_ASSIGN_OR_RETURN(const Placement placement, ComputePlacement(model, config.cluster));
   const int index = config.cluster.FindServer(options_.name);
   const absl::Span<const ExpertKey> experts = placement.ExpertsOn(index);
-  MOE_ASSIGN_OR_RETURN(auto hosted, LoadHostedWeights(experts));
-  // A sharded checkpoint says which committed step its weights are of.
-  CheckpointMetadata loaded;
-  if (!options_.checkpoint_path.empty()) {
-    MOE_ASSIGN_OR_RETURN(loaded, ReadCheckpointMetadata(options_.checkpoint_path));
-  }
+  // --checkpoint, or the latest under --checkpoint_dir when later; a
+  // sharded checkpoint says which committed step its weights are of.
+  MOE_ASSIGN_OR_RETURN(const StartingCheckpoint start,
+                       ChooseStartingCheckpoint(options_.checkpoint_path, options_.checkpoint_dir));
+  const CheckpointMetadata& loaded = start.metadata;
+  MOE_ASSIGN_OR_RETURN(auto hosted, LoadHostedWeights(experts, start.path));
   MOE_LOG(INFO, "server ", options_.name, ": ", PlacementStrategyName(config.cluster.strategy),
           " placement gives experts [", JoinExpertKeys(experts), "] (",
-          options_.checkpoint_path.empty()
-              ? absl::StrCat("init seed ", model.seed)
-              : absl::StrCat(options_.checkpoint_path, ", step ", loaded.step),
+          start.path.empty() ? absl::StrCat("init seed ", model.seed)
+                             : absl::StrCat(start.path, ", step ", loaded.step),
           ")");
 
   MOE_ASSIGN_OR_RETURN(runtime_, OnednnRuntime::Create(options_.onednn_threads));

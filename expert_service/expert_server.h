@@ -55,6 +55,8 @@ class ExpertServer {
     // init from the seed.
     std::string checkpoint_path;
     // Where SaveExperts writes checkpoint shards; empty: saving refused.
+    // At start, the latest complete checkpoint there is loaded instead of
+    // checkpoint_path when it is of a later step.
     std::string checkpoint_dir;
     DType compute_dtype = DType::kFloat32;
     // oneDNN (OpenMP) threads per compute thread; 0: the cores allowed.
@@ -121,7 +123,7 @@ class ExpertServer {
   absl::Status SyncFromPeersOnStart();
   // The weights of `experts` from the checkpoint or the seed's init.
   absl::StatusOr<std::map<ExpertKey, ExpertWeights>> LoadHostedWeights(
-      absl::Span<const ExpertKey> experts) const;
+      absl::Span<const ExpertKey> experts, const std::string& checkpoint_path) const;
   // This server's rings, from the placement's replica groups.
   std::vector<StepRing> BuildRings(const Placement& placement, int index);
 

@@ -49,17 +49,17 @@ absl::Status RouterServer::Start() {
   const ServingConfig& config = options_.config;
   const ModelConfig& model = config.model;
   MOE_ASSIGN_OR_RETURN(Placement placement, ComputePlacement(model, config.cluster));
-  MOE_ASSIGN_OR_RETURN(FloatTensor gate, StartingGate(model, options_.checkpoint_path));
-  CheckpointMetadata loaded;
-  if (!options_.checkpoint_path.empty()) {
-    MOE_ASSIGN_OR_RETURN(loaded, ReadCheckpointMetadata(options_.checkpoint_path));
-  }
+  // --checkpoint, or the latest under --checkpoint_dir when later (a
+  // router restarted mid-training serves the last saved gate).
+  MOE_ASSIGN_OR_RETURN(const StartingCheckpoint start,
+                       ChooseStartingCheckpoint(options_.checkpoint_path, options_.checkpoint_dir));
+  const CheckpointMetadata& loaded = start.metadata;
+  MOE_ASSIGN_OR_RETURN(FloatTensor gate, StartingGate(model, start.path));
   // A run resumed from a checkpoint keeps its lineage; anything else is a
   // new run.
   const std::string lineage = loaded.lineage.empty() ? NewLineage() : loaded.lineage;
   MOE_LOG(INFO, "gate from ",
-          options_.checkpoint_path.empty() ? absl::StrCat("init seed ", model.seed)
-                                           : options_.checkpoint_path,
+          start.path.empty() ? absl::StrCat("init seed ", model.seed) : start.path,
           " at step ", loaded.step, "; lineage ", lineage);
   client_ = GrpcExpertClient::Create(
       {config.cluster.servers, options_.credentials, options_.max_message_bytes});

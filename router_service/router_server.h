@@ -42,6 +42,8 @@ class RouterServer {
     // directory (its step is the gate's); empty: deterministic init.
     std::string checkpoint_path;
     // Where SaveCheckpoint writes (StepCoordinator::Options); empty: off.
+    // At start, the latest complete checkpoint there is loaded instead of
+    // checkpoint_path when it is of a later step.
     std::string checkpoint_dir;
     int checkpoint_every_steps = 0;
     // Threads gating and combining.

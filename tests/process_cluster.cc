@@ -39,6 +39,12 @@ ProcessCluster::ProcessCluster(ProcessClusterOptions options) : options_(std::mo
     server_stubs_.push_back(v1::ExpertServer::NewStub(grpc::CreateChannel(
         absl::StrCat("127.0.0.1:", ports_[s]), TransportCredentials::Plaintext().ForChannel())));
   }
+  StartRouter();
+}
+
+void ProcessCluster::KillRouter() { router_->Stop(SIGKILL, absl::Seconds(10)); }
+
+void ProcessCluster::StartRouter() {
   std::vector<std::string> args = {"--config=" + config_path_, "--port=0", "--metrics_port=0",
                                    "--host=127.0.0.1"};
   args.insert(args.end(), options_.router_flags.begin(), options_.router_flags.end());

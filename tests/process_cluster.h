@@ -41,6 +41,9 @@ class ProcessCluster {
 
   void StartServer(int s);
   void KillServer(int s);
+  // The router restarts on a new port; stub() follows it.
+  void KillRouter();
+  void StartRouter();
   // SIGSTOP / SIGCONT.
   void PauseServer(int s);
   void ContinueServer(int s);

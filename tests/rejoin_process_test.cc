@@ -4,7 +4,8 @@
 // then equals the reference at the committed step, and training goes on
 // equal to the reference. An expert with no replica to sync from is never
 // served stale: calls for it fail naming it and both steps, and Step
-// refuses to stamp a new step on its old weights.
+// refuses to stamp a new step on its old weights; with a checkpoint of the
+// latest step, a restarted server (and router) resume from it.
 #include <map>
 
 #include "absl/strings/str_cat.h"
@@ -145,6 +146,46 @@ TEST(RejoinTest, AnExpertWithNoReplicaToSyncFromIsNamedNeverServedStale) {
   EXPECT_FALSE(step.ok());
   EXPECT_THAT(step.error_message(), HasSubstr("holds expert 3 at step 0, not the committed step 2"));
   EXPECT_EQ(Experts(cluster, 1)[3].first, 0u);
+}
+
+// MODEL_PARALLEL: no replica to sync from, but a checkpoint after every
+// step (--checkpoint_every_steps=1): a restarted server, and a restarted
+// router, resume from the latest one, and the cluster equals the reference.
+TEST(RejoinTest, ModelParallelServerAndRouterResumeFromTheLatestCheckpoint) {
+  const std::string dir = absl::StrCat(::testing::TempDir(), "/rejoin_checkpoints");
+  ProcessClusterOptions options = Cluster("MODEL_PARALLEL");
+  // Plain SGD: checkpoints hold no momentum (docs/checkpoints.md).
+  options.model = absl::StrCat("d_model: ", kDModel,
+                               " d_ff: 64 num_experts: 4 top_k: 2 seed: 13 optimizer { "
+                               "type: OPTIMIZER_TYPE_SGD }");
+  options.server_flags = {"--checkpoint_dir=" + dir};
+  options.router_flags = {"--checkpoint_dir=" + dir, "--checkpoint_every_steps=1"};
+  ProcessCluster cluster(options);
+  ReferenceTraining reference(cluster.config().model, InitAllWeights(cluster.config().model));
+  for (int step = 1; step <= 2; ++step) {
+    ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 10 * step));
+  }
+  EXPECT_TRUE(cluster.WaitForServerLine(1, "of step 2 to", absl::Seconds(10)));
+
+  cluster.KillServer(1);
+  cluster.KillRouter();
+  cluster.StartServer(1);
+  cluster.StartRouter();
+  EXPECT_THAT(cluster.ServerLog(1), HasSubstr(dir + "/step-2, step 2"));
+  EXPECT_THAT(cluster.RouterLog(), HasSubstr("gate from " + dir + "/step-2 at step 2"));
+  for (const auto& [expert, version] : Experts(cluster, 1)) {
+    EXPECT_EQ(version.first, 2u) << "expert " << expert;
+  }
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 91);
+  v1::ForwardResponse y;
+  grpc::Status status;
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  do {
+    status = cluster.Forward(x, &y);
+  } while (status.error_code() == grpc::StatusCode::UNAVAILABLE && absl::Now() < deadline);
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+  EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), reference.Layer().Forward(x)->y, 1e-5));
+  ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 30));
 }
 
 }  // namespace
