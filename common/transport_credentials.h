@@ -1,44 +1,73 @@
 // The one place that decides how moe-serve's gRPC connections are secured:
 // every server port and every channel (router to servers, server to server,
-// clients to the router) takes its credentials from here. Plaintext is the
-// only mode today; TLS and per-identity authorization plug in here, behind
-// the same calls, with flags of their own.
+// clients to the router) takes its credentials from here.
+//   plaintext: no encryption (loopback, or behind the Kubernetes
+//              NetworkPolicy).
+//   tls:       TLS with this process's certificate (--tls_cert, --tls_key),
+//              peers verified against --tls_ca. With --require_client_cert
+//              a server accepts only clients with a certificate from that CA
+//              (mutual TLS); channels always present the certificate, so
+//              router-to-server and server-to-server calls are mutual.
+//              Certificates are re-read from disk (gRPC's file-watcher
+//              provider, every --tls_refresh_interval): rotating them needs
+//              no restart.
 // Thread-safe (immutable).
 #ifndef MOE_COMMON_TRANSPORT_CREDENTIALS_H_
 #define MOE_COMMON_TRANSPORT_CREDENTIALS_H_
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 
 #include "absl/flags/declare.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 
-// --transport_security: "plaintext" (the default, and the only mode yet).
 ABSL_DECLARE_FLAG(std::string, transport_security);
+ABSL_DECLARE_FLAG(std::string, tls_cert);
+ABSL_DECLARE_FLAG(std::string, tls_key);
+ABSL_DECLARE_FLAG(std::string, tls_ca);
+ABSL_DECLARE_FLAG(bool, require_client_cert);
+ABSL_DECLARE_FLAG(absl::Duration, tls_refresh_interval);
 
 namespace moe {
+
+// PEM files of one process's TLS identity and the CA it trusts.
+struct TlsFiles {
+  std::string cert;  // certificate chain
+  std::string key;   // private key
+  std::string ca;    // CA bundle peers must chain to
+};
 
 class TransportCredentials {
  public:
   static TransportCredentials Plaintext();
-  // From --transport_security; INVALID_ARGUMENT naming the flag otherwise.
+  // INVALID_ARGUMENT naming the file when one is missing or unreadable.
+  static absl::StatusOr<TransportCredentials> Tls(
+      TlsFiles files, bool require_client_cert,
+      absl::Duration refresh_interval = absl::Seconds(60));
+  // From --transport_security and the --tls_* flags; INVALID_ARGUMENT
+  // naming the flag otherwise.
   static absl::StatusOr<TransportCredentials> FromFlags();
 
   std::shared_ptr<grpc::ServerCredentials> ForServer() const;
   std::shared_ptr<grpc::ChannelCredentials> ForChannel() const;
-  // For logs and for passing on to child processes: the flag's value.
-  absl::string_view name() const;
-  // The flag that gives a child process the same credentials.
-  std::string AsFlag() const;
+  // For logs: "plaintext", "tls" or "mutual tls".
+  std::string name() const;
+  // The flags that give a child process the same credentials.
+  std::vector<std::string> AsFlags() const;
 
  private:
-  enum class Mode { kPlaintext };
+  enum class Mode { kPlaintext, kTls };
   explicit TransportCredentials(Mode mode) : mode_(mode) {}
 
   Mode mode_;
+  TlsFiles files_;
+  bool require_client_cert_ = false;
+  absl::Duration refresh_interval_ = absl::Seconds(60);
 };
 
 // A channel to `address` with `credentials` and both message limits set to

@@ -36,6 +36,21 @@ TEST(MoeLocalTest, RunsALoadAndStopsCleanly) {
   EXPECT_THAT(out, HasSubstr("expert-2: exit 0"));
 }
 
+// --tls: mutual TLS everywhere (clients to the router, router to servers,
+// the servers' ring all-reduce), with a CA made at run time.
+TEST(MoeLocalTest, RunsOverMutualTls) {
+  ChildProcess run(RunfilePath("deploy/local/moe_local"),
+                   {"--tls", "--servers=2", "--strategy=HYBRID", "--d_model=64", "--d_ff=128",
+                    "--duration=1s", "--concurrency=2", "--batch=32", "--train_steps=2"});
+  EXPECT_EQ(run.Stop(0, absl::Seconds(120)), 0) << run.output();
+  const std::string& out = run.output();
+  EXPECT_THAT(out, HasSubstr("HYBRID placement, fp32 kernels, mutual tls"));
+  EXPECT_THAT(out, HasSubstr(" 0 failed"));
+  EXPECT_THAT(out, HasSubstr("step   2"));
+  EXPECT_THAT(out, HasSubstr("replicas    bit-identical"));
+  EXPECT_THAT(out, HasSubstr("router: exit 0"));
+}
+
 TEST(MoeLoadgenTest, MeasuresARunningClusterAgainstTheLocalLayer) {
   const std::string dir = ::testing::TempDir();
   const std::string text = R"pb(

@@ -36,7 +36,7 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
   if (!options.checkpoint_dir.empty()) {
     common.push_back("--checkpoint_dir=" + options.checkpoint_dir);
   }
-  common.push_back(options.credentials.AsFlag());
+  for (std::string& flag : options.credentials.AsFlags()) common.push_back(std::move(flag));
 
   // Start every server, then wait for each: they load in parallel.
   for (const ServerSpec& server : cluster->config_.cluster.servers) {

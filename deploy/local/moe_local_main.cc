@@ -28,6 +28,7 @@
 #include "common/model_config.h"
 #include "common/placement.h"
 #include "common/stop_signals.h"
+#include "common/test_ca.h"
 #include "deploy/local/child_process.h"
 #include "deploy/local/local_cluster.h"
 #include "proto/expert.grpc.pb.h"
@@ -47,6 +48,9 @@ ABSL_FLAG(double, capacity_factor, 1.25,
 ABSL_FLAG(std::string, checkpoint, "",
           "Checkpoint to serve: a safetensors file or a sharded step-N directory; empty: "
           "seeded init.");
+ABSL_FLAG(bool, tls, false,
+          "Mutual TLS between every process and the load's clients, with a throwaway CA made "
+          "at run time in the work directory (openssl); overrides --transport_security.");
 ABSL_FLAG(std::string, checkpoint_dir, "",
           "If set, the processes save checkpoints here (Router.SaveCheckpoint), and one is "
           "saved after the training steps.");
@@ -120,6 +124,16 @@ double ServerTokens(int metrics_port) {
 
 // Each server's expert digests (expert -> digest); false if replicas of an
 // expert differ or a server does not answer.
+// One certificate for every process (one identity per role would do as
+// well here: everything is local), from a CA made now.
+absl::StatusOr<TransportCredentials> TestCaCredentials(const std::string& work_dir) {
+  absl::StatusOr<TestCertificateAuthority> ca = TestCertificateAuthority::Create(work_dir);
+  if (!ca.ok()) return ca.status();
+  absl::StatusOr<TlsFiles> files = ca->Issue("moe-serve");
+  if (!files.ok()) return files.status();
+  return TransportCredentials::Tls(*files, /*require_client_cert=*/true);
+}
+
 bool ReplicasIdentical(const ServingConfig& running, const TransportCredentials& credentials,
                        std::map<int, uint64_t>& digests) {
   bool identical = true;
@@ -200,7 +214,8 @@ int Run() {
   options.dtype = absl::GetFlag(FLAGS_dtype);
   options.onednn_threads = absl::GetFlag(FLAGS_onednn_threads);
   options.work_dir = work_dir;
-  absl::StatusOr<TransportCredentials> credentials = TransportCredentials::FromFlags();
+  absl::StatusOr<TransportCredentials> credentials =
+      absl::GetFlag(FLAGS_tls) ? TestCaCredentials(work_dir) : TransportCredentials::FromFlags();
   if (!credentials.ok()) {
     MOE_LOG(ERROR, credentials.status().message());
     return 2;
@@ -208,11 +223,11 @@ int Run() {
   options.credentials = *credentials;
   const ModelConfig& model = config->model;
   std::printf("moe-serve local cluster: %d experts (d_model %ld, d_ff %ld, top_k %d), %zu expert "
-              "servers, %s placement, %s kernels\nstarting...\n",
+              "servers, %s placement, %s kernels, %s\nstarting...\n",
               model.num_experts, static_cast<long>(model.d_model), static_cast<long>(model.d_ff),
               model.top_k, config->cluster.servers.size(),
               std::string(PlacementStrategyName(config->cluster.strategy)).c_str(),
-              options.dtype.c_str());
+              options.dtype.c_str(), credentials->name().c_str());
   std::fflush(stdout);
   absl::StatusOr<std::unique_ptr<LocalCluster>> cluster = LocalCluster::Start(options);
   if (!cluster.ok()) {
