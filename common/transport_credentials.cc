@@ -20,6 +20,9 @@ ABSL_FLAG(bool, require_client_cert, false,
           "(mutual TLS; set it on expert servers).");
 ABSL_FLAG(absl::Duration, tls_refresh_interval, absl::Seconds(60),
           "tls: how often the certificate files are re-read (rotation without a restart).");
+ABSL_FLAG(std::string, authz_policy, "",
+          "tls: JSON authorization policy (roles of certificate identities, roles per "
+          "method; default deny) checked on every call this process serves; empty: none.");
 
 namespace moe {
 namespace {
@@ -60,14 +63,43 @@ absl::StatusOr<TransportCredentials> TransportCredentials::Tls(TlsFiles files,
 absl::StatusOr<TransportCredentials> TransportCredentials::FromFlags() {
   const std::string mode = absl::GetFlag(FLAGS_transport_security);
   if (mode == "plaintext") return Plaintext();
+  const std::string policy = absl::GetFlag(FLAGS_authz_policy);
   if (mode == "tls") {
-    return Tls({absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
-                absl::GetFlag(FLAGS_tls_ca)},
-               absl::GetFlag(FLAGS_require_client_cert),
-               absl::GetFlag(FLAGS_tls_refresh_interval));
+    absl::StatusOr<TransportCredentials> tls =
+        Tls({absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+             absl::GetFlag(FLAGS_tls_ca)},
+            absl::GetFlag(FLAGS_require_client_cert), absl::GetFlag(FLAGS_tls_refresh_interval));
+    if (!tls.ok() || policy.empty()) return tls;
+    return tls->WithPolicy(policy);
+  }
+  if (mode == "plaintext" && !policy.empty()) {
+    return absl::InvalidArgumentError(
+        "--authz_policy needs --transport_security=tls: identities come from certificates");
   }
   return absl::InvalidArgumentError(
       absl::StrCat("--transport_security=", mode, ": unknown mode (plaintext or tls)"));
+}
+
+absl::StatusOr<TransportCredentials> TransportCredentials::WithPolicy(
+    const std::string& path) const {
+  if (mode_ != Mode::kTls) {
+    return absl::InvalidArgumentError(
+        "--authz_policy needs --transport_security=tls: identities come from certificates");
+  }
+  absl::StatusOr<AuthorizationPolicy> policy = AuthorizationPolicy::Load(path);
+  if (!policy.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--authz_policy=", policy.status().message()));
+  }
+  TransportCredentials with = *this;
+  with.policy_path_ = path;
+  with.policy_ = std::make_shared<const AuthorizationPolicy>(*std::move(policy));
+  return with;
+}
+
+TransportCredentials TransportCredentials::WithDeniedCallback(OnDenied on_denied) const {
+  TransportCredentials with = *this;
+  with.on_denied_ = std::move(on_denied);
+  return with;
 }
 
 std::shared_ptr<grpc::ServerCredentials> TransportCredentials::ForServer() const {
@@ -82,7 +114,13 @@ std::shared_ptr<grpc::ServerCredentials> TransportCredentials::ForServer() const
   options.set_cert_request_type(require_client_cert_
                                     ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
                                     : GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY);
-  return grpc::experimental::TlsServerCredentials(options);
+  std::shared_ptr<grpc::ServerCredentials> credentials =
+      grpc::experimental::TlsServerCredentials(options);
+  if (policy_ != nullptr) {
+    credentials->SetAuthMetadataProcessor(
+        std::make_shared<PolicyAuthProcessor>(policy_, on_denied_));
+  }
+  return credentials;
 }
 
 std::shared_ptr<grpc::ChannelCredentials> TransportCredentials::ForChannel() const {
@@ -100,17 +138,21 @@ std::shared_ptr<grpc::ChannelCredentials> TransportCredentials::ForChannel() con
 
 std::string TransportCredentials::name() const {
   if (mode_ == Mode::kPlaintext) return "plaintext";
-  return require_client_cert_ ? "mutual tls" : "tls";
+  return absl::StrCat(require_client_cert_ ? "mutual tls" : "tls",
+                      policy_ != nullptr ? ", authorization policy" : "");
 }
 
 std::vector<std::string> TransportCredentials::AsFlags() const {
   if (mode_ == Mode::kPlaintext) return {"--transport_security=plaintext"};
-  return {"--transport_security=tls",
-          "--tls_cert=" + files_.cert,
-          "--tls_key=" + files_.key,
-          "--tls_ca=" + files_.ca,
-          absl::StrCat("--require_client_cert=", require_client_cert_ ? "true" : "false"),
-          absl::StrCat("--tls_refresh_interval=", absl::FormatDuration(refresh_interval_))};
+  std::vector<std::string> flags = {
+      "--transport_security=tls",
+      "--tls_cert=" + files_.cert,
+      "--tls_key=" + files_.key,
+      "--tls_ca=" + files_.ca,
+      absl::StrCat("--require_client_cert=", require_client_cert_ ? "true" : "false"),
+      absl::StrCat("--tls_refresh_interval=", absl::FormatDuration(refresh_interval_))};
+  if (!policy_path_.empty()) flags.push_back("--authz_policy=" + policy_path_);
+  return flags;
 }
 
 std::shared_ptr<grpc::Channel> NewChannel(const std::string& address,

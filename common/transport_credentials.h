@@ -10,7 +10,9 @@
 //              router-to-server and server-to-server calls are mutual.
 //              Certificates are re-read from disk (gRPC's file-watcher
 //              provider, every --tls_refresh_interval): rotating them needs
-//              no restart.
+//              no restart. With --authz_policy every server port checks each
+//              call against the policy (authorization.h) by the peer's
+//              certificate identity, before any handler runs.
 // Thread-safe (immutable).
 #ifndef MOE_COMMON_TRANSPORT_CREDENTIALS_H_
 #define MOE_COMMON_TRANSPORT_CREDENTIALS_H_
@@ -25,6 +27,8 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "common/authorization.h"
+#include "common/grpc_authorization.h"
 
 ABSL_DECLARE_FLAG(std::string, transport_security);
 ABSL_DECLARE_FLAG(std::string, tls_cert);
@@ -32,6 +36,7 @@ ABSL_DECLARE_FLAG(std::string, tls_key);
 ABSL_DECLARE_FLAG(std::string, tls_ca);
 ABSL_DECLARE_FLAG(bool, require_client_cert);
 ABSL_DECLARE_FLAG(absl::Duration, tls_refresh_interval);
+ABSL_DECLARE_FLAG(std::string, authz_policy);
 
 namespace moe {
 
@@ -49,9 +54,17 @@ class TransportCredentials {
   static absl::StatusOr<TransportCredentials> Tls(
       TlsFiles files, bool require_client_cert,
       absl::Duration refresh_interval = absl::Seconds(60));
-  // From --transport_security and the --tls_* flags; INVALID_ARGUMENT
-  // naming the flag otherwise.
+  // From --transport_security, the --tls_* flags and --authz_policy;
+  // INVALID_ARGUMENT naming the flag otherwise.
   static absl::StatusOr<TransportCredentials> FromFlags();
+
+  // The same credentials whose server ports check calls against the policy
+  // in `path` (TLS only: identities come from certificates).
+  absl::StatusOr<TransportCredentials> WithPolicy(const std::string& path) const;
+  // The same credentials, telling `on_denied` of each refused call (for a
+  // metric).
+  TransportCredentials WithDeniedCallback(OnDenied on_denied) const;
+  bool has_policy() const { return policy_ != nullptr; }
 
   std::shared_ptr<grpc::ServerCredentials> ForServer() const;
   std::shared_ptr<grpc::ChannelCredentials> ForChannel() const;
@@ -66,6 +79,9 @@ class TransportCredentials {
 
   Mode mode_;
   TlsFiles files_;
+  std::string policy_path_;
+  std::shared_ptr<const AuthorizationPolicy> policy_;
+  OnDenied on_denied_;
   bool require_client_cert_ = false;
   absl::Duration refresh_interval_ = absl::Seconds(60);
 };

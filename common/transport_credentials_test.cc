@@ -2,9 +2,12 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/grpc_server.h"
 #include "common/test_ca.h"
 #include "gmock/gmock.h"
@@ -82,6 +85,7 @@ class TlsTest : public ::testing::Test {
     ASSERT_TRUE(ca2.ok()) << ca2.status();
     server_ = *ca1->Issue("server");
     client_ = *ca1->Issue("client");
+    other_ = *ca1->Issue("other");
     stranger_ = *ca2->Issue("stranger");
   }
 
@@ -90,7 +94,7 @@ class TlsTest : public ::testing::Test {
   }
 
   std::string dir_;
-  TlsFiles server_, client_, stranger_;
+  TlsFiles server_, client_, other_, stranger_;
 };
 
 TEST_F(TlsTest, MutualTlsAdmitsOnlyCertificatesOfTheCa) {
@@ -113,6 +117,38 @@ TEST_F(TlsTest, TheClientChecksTheServersCertificate) {
   EXPECT_EQ(Check(running.port, Tls(client_, false)).error_code(),
             grpc::StatusCode::UNAVAILABLE);
   running.server->Shutdown();
+}
+
+TEST_F(TlsTest, APolicyDecidesByCertificateIdentityBeforeAnyHandler) {
+  const std::string policy = dir_ + "/policy.json";
+  std::ofstream(policy) << R"({"roles": {"probe": ["client"]},
+                              "methods": {"/grpc.health.v1.Health/Check": ["probe"]}})";
+  absl::StatusOr<TransportCredentials> with_policy = Tls(server_, false).WithPolicy(policy);
+  ASSERT_TRUE(with_policy.ok()) << with_policy.status();
+  EXPECT_EQ(with_policy->name(), "tls, authorization policy");
+  EXPECT_THAT(with_policy->AsFlags(), ::testing::Contains("--authz_policy=" + policy));
+  std::vector<std::string> denied;
+  absl::Mutex mu;
+  Running running = Serve(with_policy->WithDeniedCallback([&](absl::string_view method) {
+    absl::MutexLock lock(&mu);
+    denied.emplace_back(method);
+  }));
+  const grpc::Status ok = Check(running.port, Tls(client_, false));
+  EXPECT_TRUE(ok.ok()) << ok.error_message();
+  // Same CA, another identity: refused by name, counted.
+  const grpc::Status refused = Check(running.port, Tls(other_, false));
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  EXPECT_EQ(refused.error_message(),
+            "permission denied: /grpc.health.v1.Health/Check for identity "
+            "[other, localhost, 127.0.0.1] (allowed: probe)");
+  {
+    absl::MutexLock lock(&mu);
+    EXPECT_THAT(denied, ::testing::ElementsAre("/grpc.health.v1.Health/Check"));
+  }
+  running.server->Shutdown();
+  // A policy needs identities, so TLS.
+  EXPECT_THAT(TransportCredentials::Plaintext().WithPolicy(policy).status().message(),
+              HasSubstr("needs --transport_security=tls"));
 }
 
 TEST_F(TlsTest, RotatedCertificatesAreReadWithoutARestart) {

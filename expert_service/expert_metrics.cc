@@ -19,6 +19,10 @@ std::unique_ptr<ExpertMetrics> ExpertMetrics::Create(prometheus::Registry& regis
                               .Name("moe_expert_backward_tokens_total")
                               .Help("Token rows run backward through each expert.")
                               .Register(registry);
+  m->authz_denied = &prometheus::BuildCounter()
+                         .Name("moe_expert_authz_denied_total")
+                         .Help("Calls refused by the authorization policy, by method.")
+                         .Register(registry);
   for (int e = 0; e < num_experts; ++e) {
     m->forward_tokens.push_back(&forward_tokens.Add({{"expert", absl::StrCat(e)}}));
     m->backward_tokens.push_back(&backward_tokens.Add({{"expert", absl::StrCat(e)}}));

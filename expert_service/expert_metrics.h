@@ -7,9 +7,11 @@
 
 #include <array>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "common/expert_key.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
@@ -62,6 +64,13 @@ struct ExpertMetrics {
   prometheus::Histogram* allreduce_seconds = nullptr;
   // moe_expert_allreduce_sent_bytes_total: gradient bytes sent to the ring.
   prometheus::Counter* allreduce_sent_bytes = nullptr;
+
+  // moe_expert_authz_denied_total{method}: calls the authorization policy
+  // refused (method: one the policy names, else "other").
+  prometheus::Family<prometheus::Counter>* authz_denied = nullptr;
+  void CountDenied(absl::string_view method) const {
+    authz_denied->Add({{"method", std::string(method)}}).Increment();
+  }
 
   void CountError(const absl::Status& status) const {
     errors_by_code[static_cast<int>(status.code()) % errors_by_code.size()]->Increment();

@@ -138,7 +138,10 @@ absl::Status ExpertServer::Start() {
 
   const std::initializer_list<grpc::Service*> services = {service_.get(),
                                                            collective_service_.get()};
-  MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address, options_.credentials,
+  // Calls the authorization policy refuses are counted here.
+  const TransportCredentials port_credentials = options_.credentials.WithDeniedCallback(
+      [metrics = metrics_.get()](absl::string_view method) { metrics->CountDenied(method); });
+  MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address, port_credentials,
                                                  options_.max_message_bytes, services, &port_));
   MOE_LOG(INFO, "server ", options_.name, " serving gRPC on port ", port_,
           metrics_port_ >= 0 ? absl::StrCat(", /metrics on port ", metrics_port_)

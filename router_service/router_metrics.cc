@@ -14,6 +14,10 @@ constexpr const char* kMethods[kNumRouterMethods] = {"Forward", "Backward", "Ste
 std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& registry,
                                                      int num_experts) {
   auto m = std::make_unique<RouterMetrics>();
+  m->authz_denied = &prometheus::BuildCounter()
+                         .Name("moe_router_authz_denied_total")
+                         .Help("Calls refused by the authorization policy, by method.")
+                         .Register(registry);
   auto& requests = prometheus::BuildCounter()
                        .Name("moe_router_requests_total")
                        .Help("Requests answered, by method and gRPC status code.")

@@ -7,9 +7,11 @@
 #include <array>
 #include <atomic>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
@@ -54,6 +56,13 @@ struct RouterMetrics {
   // first per server, then reconnects). Counted by the client; see
   // ReportStreamOpens.
   prometheus::Counter* stream_opens = nullptr;
+
+  // moe_router_authz_denied_total{method}: calls the authorization policy
+  // refused (method: one the policy names, else "other").
+  prometheus::Family<prometheus::Counter>* authz_denied = nullptr;
+  void CountDenied(absl::string_view method) const {
+    authz_denied->Add({{"method", std::string(method)}}).Increment();
+  }
 
   void CountRequest(RouterMethod method, const absl::Status& status, int64_t tokens,
                     double seconds) const;

@@ -103,7 +103,10 @@ absl::Status RouterServer::Start() {
                                      [client = client_.get()] { return client->reconnects(); }},
       *steps_, *step_pool_);
 
-  MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address, options_.credentials,
+  // Calls the authorization policy refuses are counted here.
+  const TransportCredentials port_credentials = options_.credentials.WithDeniedCallback(
+      [metrics = metrics_.get()](absl::string_view method) { metrics->CountDenied(method); });
+  MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address, port_credentials,
                                                  options_.max_message_bytes, {service_.get()},
                                                  &port_));
   MOE_LOG(INFO, "router: ", model.num_experts, " experts, top_k ", model.top_k, ", ",

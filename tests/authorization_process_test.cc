@@ -1,0 +1,135 @@
+// Authorization by certificate identity on a real cluster: every process
+// serves mutual TLS with a policy (default deny), and each caller gets what
+// its role allows: an inference client can Forward but not Step, and
+// cannot reach the expert servers' step, weight or ring RPCs at all; a
+// training identity can Step. Denials are PERMISSION_DENIED naming the
+// method and the identity, counted per method, and the cluster keeps
+// serving.
+#include <fstream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "clients/cpp/moe_client.h"
+#include "common/test_ca.h"
+#include "common/testing/random_tensor.h"
+#include "common/transport_credentials.h"
+#include "deploy/local/child_process.h"
+#include "deploy/local/local_cluster.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "proto/collective.grpc.pb.h"
+#include "proto/expert.grpc.pb.h"
+
+namespace moe::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kPolicy[] = R"json({
+  "roles": {
+    "anyone": ["*"],
+    "cluster": ["moe-node"],
+    "inference": ["inference-client", "trainer"],
+    "training": ["trainer"]
+  },
+  "methods": {
+    "/grpc.health.v1.Health/*": ["anyone"],
+    "/moe.v1.Router/Forward": ["inference"],
+    "/moe.v1.Router/ForwardStream": ["inference"],
+    "/moe.v1.Router/GetClusterState": ["inference"],
+    "/moe.v1.Router/Backward": ["training"],
+    "/moe.v1.Router/Step": ["training"],
+    "/moe.v1.ExpertServer/*": ["cluster"],
+    "/moe.v1.Collective/*": ["cluster"]
+  }
+})json";
+
+TEST(AuthorizationTest, EachIdentityGetsWhatItsRoleAllows) {
+  const std::string dir = ::testing::TempDir();
+  absl::StatusOr<TestCertificateAuthority> ca = TestCertificateAuthority::Create(dir);
+  ASSERT_TRUE(ca.ok()) << ca.status();
+  const std::string policy = dir + "/policy.json";
+  std::ofstream(policy) << kPolicy;
+  auto credentials = [&](const std::string& name) {
+    return *TransportCredentials::Tls(*ca->Issue(name), /*require_client_cert=*/true);
+  };
+  local::LocalClusterOptions options;
+  options.config = *ParseServingConfig(R"pb(
+    model { d_model: 32 d_ff: 64 num_experts: 4 top_k: 2 seed: 5 }
+    cluster {
+      servers { name: "a" address: "127.0.0.1:1" }
+      servers { name: "b" address: "127.0.0.1:2" }
+      strategy: PLACEMENT_STRATEGY_DATA_PARALLEL
+    }
+  )pb");
+  options.work_dir = dir;
+  options.onednn_threads = 1;
+  options.credentials = *credentials("moe-node").WithPolicy(policy);
+  absl::StatusOr<std::unique_ptr<local::LocalCluster>> cluster =
+      local::LocalCluster::Start(options);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const FloatTensor x = RandomTensor({16, 32}, 1);
+
+  // An inference client: Forward, but not Step.
+  const TransportCredentials inference = credentials("inference-client");
+  auto client = client::MoeClient::Connect((*cluster)->router_address(), inference);
+  ASSERT_TRUE(client->WaitUntilHealthy(absl::Seconds(30)).ok());
+  ASSERT_TRUE(client->Forward(x).ok());
+  const absl::Status step = client->Step(0.1f).status();
+  EXPECT_EQ(step.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(step.message(),
+            "permission denied: /moe.v1.Router/Step for identity "
+            "[inference-client, localhost, 127.0.0.1] (allowed: training)");
+
+  // Nor can it reach an expert server's state-changing RPCs or its ring.
+  auto server = v1::ExpertServer::NewStub(
+      NewChannel((*cluster)->config().cluster.servers[0].address, inference, 1 << 20));
+  {
+    grpc::ClientContext context;
+    v1::ReleaseExpertRequest release;
+    v1::ReleaseExpertResponse released;
+    const grpc::Status status = server->ReleaseExpert(&context, release, &released);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    EXPECT_THAT(status.error_message(), HasSubstr("/moe.v1.ExpertServer/ReleaseExpert"));
+  }
+  {
+    grpc::ClientContext context;
+    v1::AbortStepRequest abort;
+    abort.set_step(~uint64_t{0});
+    v1::AbortStepResponse aborted;
+    EXPECT_EQ(server->AbortStep(&context, abort, &aborted).error_code(),
+              grpc::StatusCode::PERMISSION_DENIED);
+  }
+  {
+    auto ring = v1::Collective::NewStub(
+        NewChannel((*cluster)->config().cluster.servers[1].address, inference, 1 << 20));
+    grpc::ClientContext context;
+    auto stream = ring->Ring(&context);
+    stream->WritesDone();
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::PERMISSION_DENIED);
+  }
+
+  // A training identity trains: the cluster's own calls (router to
+  // servers, the servers' ring) pass the policy.
+  auto trainer = client::MoeClient::Connect((*cluster)->router_address(), credentials("trainer"));
+  absl::StatusOr<client::ForwardOutput> y = trainer->Forward(x, {/*training=*/true});
+  ASSERT_TRUE(y.ok()) << y.status();
+  ASSERT_TRUE(trainer->Backward(y->request_id, RandomTensor({16, 32}, 2)).ok());
+  absl::StatusOr<client::StepOutput> stepped = trainer->Step(0.1f);
+  ASSERT_TRUE(stepped.ok()) << stepped.status();
+  EXPECT_EQ(stepped->step, 1u);
+  EXPECT_TRUE(client->Forward(x).ok());
+
+  // Denials are counted per method.
+  EXPECT_THAT(local::HttpGet((*cluster)->router_metrics_port(), "/metrics"),
+              HasSubstr("moe_router_authz_denied_total{method=\"/moe.v1.Router/Step\"} 1"));
+  const std::string expert_metrics =
+      local::HttpGet((*cluster)->server_metrics_ports()[0], "/metrics");
+  EXPECT_THAT(expert_metrics, HasSubstr("moe_expert_authz_denied_total{method=\"/moe.v1."
+                                        "ExpertServer/ReleaseExpert\"} 1"));
+  EXPECT_THAT(expert_metrics, HasSubstr("moe_expert_authz_denied_total{method=\"/moe.v1."
+                                        "ExpertServer/AbortStep\"} 1"));
+}
+
+}  // namespace
+}  // namespace moe::testing
