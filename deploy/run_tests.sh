@@ -13,4 +13,9 @@ bazel test //...
 echo "== bazel test --config=asan //... (AddressSanitizer + UBSan)"
 bazel test --config=asan //...
 
+# Every parser of hostile input under libFuzzer (clang, its own output
+# base), 30 s per target here; tests/fuzz/run_fuzzers.sh 600 fuzzes longer.
+echo "== libFuzzer: tests/fuzz/run_fuzzers.sh 30"
+tests/fuzz/run_fuzzers.sh 30
+
 echo "all tests passed"

@@ -36,6 +36,8 @@ if ! $build_only; then PACKAGES+=(
   python3-grpcio python3-protobuf
   # Observability and deployment checks: Prometheus and promtool, yamllint.
   prometheus yamllint
+  # The libFuzzer targets (tests/fuzz): clang and its sanitizer runtimes.
+  clang libclang-rt-14-dev
 ); fi
 
 # Node.js runs the Kubernetes manifest checks (deploy/k8s/tools). A machine

@@ -29,9 +29,10 @@ class SliceReader {
     return true;
   }
 
-  bool ReadVarint(uint64_t& value) {
+  // At most `max_bytes` bytes (protobuf: 5 for a tag, 10 otherwise).
+  bool ReadVarint(uint64_t& value, int max_bytes = 10) {
     value = 0;
-    for (int shift = 0; shift < 64; shift += 7) {
+    for (int shift = 0; shift < 7 * max_bytes && shift < 64; shift += 7) {
       uint8_t byte;
       if (!ReadByte(byte)) return false;
       value |= static_cast<uint64_t>(byte & 0x7f) << shift;
@@ -90,6 +91,8 @@ void AppendVarint(uint64_t value, std::string& out) {
   }
   out.push_back(static_cast<char>(value));
 }
+
+constexpr uint64_t kMaxFieldNumber = (uint64_t{1} << 29) - 1;
 
 grpc::Status Malformed(const char* what) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
@@ -154,9 +157,12 @@ grpc::Status ReceivedSegment::FromByteBuffer(grpc::ByteBuffer& buffer,
   SliceReader reader(segment.slices_);
   while (!reader.AtEnd()) {
     uint64_t tag;
-    if (!reader.ReadVarint(tag)) return Malformed("truncated tag");
+    if (!reader.ReadVarint(tag, /*max_bytes=*/5)) return Malformed("truncated or overlong tag");
     const uint64_t field = tag >> 3;
     const int wire_type = static_cast<int>(tag & 7);
+    // Protobuf's field numbers are 1 .. 2^29 - 1; its parser would stop at
+    // any other tag and drop the fields after it (found by fuzzing).
+    if (field == 0 || field > kMaxFieldNumber) return Malformed("bad field number");
     if (field == kDataField && wire_type == kLengthDelimited) {
       uint64_t length;
       if (!reader.ReadVarint(length)) return Malformed("truncated data length");

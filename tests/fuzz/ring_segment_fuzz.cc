@@ -1,0 +1,48 @@
+// Ring segments from the wire: ReceivedSegment's own parser (it locates
+// `data` in the slices instead of copying it) against protobuf's. Whatever
+// it accepts, protobuf accepts too, with the same header fields and the
+// same payload bytes; a split into up to three slices changes nothing.
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "expert_service/allreduce/ring_segment.h"
+#include "proto/collective.pb.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  if (size < 2) return 0;
+  // The first two bytes choose where the rest is cut into slices.
+  const size_t body = size - 2;
+  size_t cut1 = body == 0 ? 0 : data[0] % (body + 1);
+  size_t cut2 = body == 0 ? 0 : data[1] % (body + 1);
+  if (cut1 > cut2) std::swap(cut1, cut2);
+  const char* bytes = reinterpret_cast<const char*>(data + 2);
+  std::vector<grpc::Slice> slices;
+  for (auto [begin, end] : {std::pair{size_t{0}, cut1}, {cut1, cut2}, {cut2, body}}) {
+    if (end > begin) slices.emplace_back(bytes + begin, end - begin);
+  }
+  grpc::ByteBuffer buffer(slices.data(), slices.size());
+  moe::allreduce::ReceivedSegment segment;
+  const grpc::Status status = moe::allreduce::ReceivedSegment::FromByteBuffer(buffer, segment);
+  if (!status.ok()) {
+    if (status.error_code() != grpc::StatusCode::INVALID_ARGUMENT) __builtin_trap();
+    return 0;
+  }
+  moe::v1::RingChunk parsed;
+  if (!parsed.ParseFromArray(bytes, static_cast<int>(body))) __builtin_trap();
+  if (parsed.data().size() != segment.payload_bytes()) __builtin_trap();
+  moe::v1::RingChunk header = parsed;
+  header.clear_data();
+  if (header.SerializeAsString() != segment.wire_header().SerializeAsString()) __builtin_trap();
+  // The payload as floats (a trailing partial float is not read).
+  std::vector<float> copied(segment.payload_bytes() / sizeof(float) + 1, 0.0f);
+  segment.CopyPayloadTo(copied.data());
+  if (std::memcmp(copied.data(), parsed.data().data(),
+                  (segment.payload_bytes() / sizeof(float)) * sizeof(float)) != 0) {
+    __builtin_trap();
+  }
+  std::vector<float> added(copied.size(), 0.0f);
+  segment.AddPayloadTo(added.data());
+  return 0;
+}
