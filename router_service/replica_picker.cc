@@ -13,15 +13,25 @@ ReplicaPicker::ReplicaPicker(int num_servers, const ExpertClient& health)
   for (int s = 0; s < num_servers; ++s) outstanding_[s] = 0;
 }
 
+std::vector<int> ReplicaPicker::Candidates(const Placement& placement, ExpertKey expert,
+                                           absl::Span<const int> excluded) const {
+  MOE_CHECK(placement.num_servers() == num_servers_);
+  std::vector<int> fresh, stale;
+  const absl::Time now = absl::Now();
+  absl::MutexLock lock(&stale_mu_);
+  for (int s : placement.ServersOf(expert)) {
+    if (std::find(excluded.begin(), excluded.end(), s) != excluded.end()) continue;
+    if (!health_.IsHealthy(s)) continue;
+    auto it = stale_until_.find(std::make_pair(s, expert));
+    (it != stale_until_.end() && it->second > now ? stale : fresh).push_back(s);
+  }
+  return fresh.empty() ? stale : fresh;
+}
+
 std::vector<std::pair<int, int64_t>> ReplicaPicker::Assign(const Placement& placement,
                                                            ExpertKey expert, int64_t count,
                                                            absl::Span<const int> excluded) {
-  MOE_CHECK(placement.num_servers() == num_servers_);
-  std::vector<int> candidates;
-  for (int s : placement.ServersOf(expert)) {
-    if (std::find(excluded.begin(), excluded.end(), s) != excluded.end()) continue;
-    if (health_.IsHealthy(s)) candidates.push_back(s);
-  }
+  const std::vector<int> candidates = Candidates(placement, expert, excluded);
   if (candidates.empty()) return {};
   // Water-filling: each pair to the replica with the least load so far.
   std::vector<int64_t> load(candidates.size()), given(candidates.size(), 0);
@@ -42,11 +52,8 @@ std::vector<std::pair<int, int64_t>> ReplicaPicker::Assign(const Placement& plac
 
 int ReplicaPicker::PickOne(const Placement& placement, ExpertKey expert, int64_t count,
                            absl::Span<const int> excluded) {
-  MOE_CHECK(placement.num_servers() == num_servers_);
   int best = -1;
-  for (int s : placement.ServersOf(expert)) {
-    if (std::find(excluded.begin(), excluded.end(), s) != excluded.end()) continue;
-    if (!health_.IsHealthy(s)) continue;
+  for (int s : Candidates(placement, expert, excluded)) {
     if (best < 0 || outstanding_[s].load() < outstanding_[best].load()) best = s;
   }
   if (best >= 0) outstanding_[best] += count;
@@ -54,5 +61,20 @@ int ReplicaPicker::PickOne(const Placement& placement, ExpertKey expert, int64_t
 }
 
 void ReplicaPicker::Release(int server, int64_t tokens) { outstanding_[server] -= tokens; }
+
+void ReplicaPicker::MarkStale(int server, ExpertKey expert, absl::Time until) {
+  absl::MutexLock lock(&stale_mu_);
+  stale_until_[std::make_pair(server, expert)] = until;
+}
+
+std::vector<ExpertKey> ReplicaPicker::StaleExperts(int server, absl::Time now) const {
+  std::vector<ExpertKey> stale;
+  absl::MutexLock lock(&stale_mu_);
+  for (const auto& [key, until] : stale_until_) {
+    if (key.first == server && until > now) stale.push_back(key.second);
+  }
+  std::sort(stale.begin(), stale.end());
+  return stale;
+}
 
 }  // namespace moe::router

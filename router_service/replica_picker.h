@@ -2,7 +2,10 @@
 // with the fewest tokens outstanding, counting the pairs assigned so far in
 // the same request. Outstanding counts are released as answers come back.
 // The placement is the caller's (the snapshot its request started with);
-// the counts are per server, across placements. Thread-safe.
+// the counts are per server, across placements. A replica that answered
+// from older weights than the call's (a restarted server that could not
+// sync) is marked stale for a while: replicas that are not stale are
+// preferred, so requests stop paying a refused round trip to it. Thread-safe.
 #ifndef MOE_ROUTER_SERVICE_REPLICA_PICKER_H_
 #define MOE_ROUTER_SERVICE_REPLICA_PICKER_H_
 
@@ -12,6 +15,10 @@
 #include <utility>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "common/expert_key.h"
 #include "common/placement.h"
@@ -35,12 +42,28 @@ class ReplicaPicker {
   int PickOne(const Placement& placement, ExpertKey expert, int64_t count,
               absl::Span<const int> excluded);
   void Release(int server, int64_t tokens);
+
+  // `server`'s copy of `expert` is behind the cluster's step: avoided
+  // until `until` (then tried again by real traffic), unless every healthy
+  // replica is stale (the call then fails naming the versions).
+  void MarkStale(int server, ExpertKey expert, absl::Time until) ABSL_LOCKS_EXCLUDED(stale_mu_);
+  // The experts marked stale on `server` at `now`, ascending.
+  std::vector<ExpertKey> StaleExperts(int server, absl::Time now) const
+      ABSL_LOCKS_EXCLUDED(stale_mu_);
   int64_t outstanding(int server) const { return outstanding_[server].load(); }
 
  private:
+  // Healthy replicas of `expert` not in `excluded`; the stale ones only
+  // when there is nothing else.
+  std::vector<int> Candidates(const Placement& placement, ExpertKey expert,
+                              absl::Span<const int> excluded) const ABSL_LOCKS_EXCLUDED(stale_mu_);
+
   const int num_servers_;
   const ExpertClient& health_;
   std::unique_ptr<std::atomic<int64_t>[]> outstanding_;
+  mutable absl::Mutex stale_mu_;
+  absl::flat_hash_map<std::pair<int, ExpertKey>, absl::Time> stale_until_
+      ABSL_GUARDED_BY(stale_mu_);
 };
 
 }  // namespace moe::router

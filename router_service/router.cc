@@ -252,6 +252,12 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
     MOE_LOG(WARNING, g.expert.ToString(), ": server ", g.server, " is at placement epoch ",
             theirs.placement_epoch(), ", step ", theirs.weights_step(), "; this call at epoch ",
             call->placement->version, ", step ", call->gate->version);
+    // Behind the cluster (restarted without a replica to sync from): avoid
+    // it for a while rather than paying a refused round trip per request.
+    if (theirs.weights_step() < call->gate->version) {
+      picker_.MarkStale(g.server, g.expert, absl::Now() + options_.stale_ttl);
+    }
+    if (options_.on_stale) options_.on_stale();
   }
   if (absl::IsUnavailable(status) || stale) {
     // The server is gone (or draining), or has other weights: the same

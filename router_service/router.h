@@ -71,6 +71,10 @@ class Router {
     LoadStats* load_stats = nullptr;
     // Called once per group re-sent to another replica (for metrics).
     std::function<void()> on_failover;
+    // Called once per answer refused for another version (for metrics).
+    std::function<void()> on_stale;
+    // How long a replica that answered from older weights is avoided.
+    absl::Duration stale_ttl = absl::Seconds(5);
     // Called after each successful forward with the time spent gating and
     // planning, waiting for the experts, and combining (for metrics).
     std::function<void(absl::Duration gate, absl::Duration fan_out, absl::Duration combine)>
@@ -116,6 +120,11 @@ class Router {
   // uses that one too).
   GateSnapshot gate() const { return gate_.Get(); }
   const ModelConfig& model() const { return options_.model; }
+  // The experts `server` holds at an older step than the cluster's, as the
+  // router last saw (avoided for Options::stale_ttl after each sighting).
+  std::vector<ExpertKey> StaleExperts(int server) const {
+    return picker_.StaleExperts(server, absl::Now());
+  }
 
   // The placement now. Each request plans with the snapshot it started
   // with, failover included; InstallPlacement swaps in a new one (the next

@@ -91,6 +91,13 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
                       .Help("Expert calls re-sent to another replica after UNAVAILABLE.")
                       .Register(registry)
                       .Add({});
+  m->stale_answers =
+      &prometheus::BuildCounter()
+           .Name("moe_router_stale_answers_total")
+           .Help("Expert answers refused because the server was at another placement epoch or "
+                 "weights step (the request went to another replica or was re-planned).")
+           .Register(registry)
+           .Add({});
   m->stream_opens = &prometheus::BuildCounter()
                          .Name("moe_router_stream_opens_total")
                          .Help("Streams to expert servers opened so far (reconnects included).")

@@ -52,6 +52,9 @@ struct RouterMetrics {
   prometheus::Gauge* server_imbalance = nullptr;
   // moe_router_failovers_total: groups re-sent to another replica.
   prometheus::Counter* failovers = nullptr;
+  // moe_router_stale_answers_total: expert answers refused because the
+  // server was at another placement epoch or weights step.
+  prometheus::Counter* stale_answers = nullptr;
   // moe_router_stream_opens_total: streams to expert servers opened (the
   // first per server, then reconnects). Counted by the client; see
   // ReportStreamOpens.

@@ -81,6 +81,7 @@ absl::Status RouterServer::Start() {
     m->combine_seconds->Observe(absl::ToDoubleSeconds(combine));
   };
   router_options.on_failover = [failovers = metrics_->failovers] { failovers->Increment(); };
+  router_options.on_stale = [stale = metrics_->stale_answers] { stale->Increment(); };
   router_ = std::make_unique<Router>(std::move(router_options), std::move(placement), *client_);
 
   if (options_.metrics_port >= 0) {

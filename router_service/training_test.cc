@@ -26,6 +26,7 @@ namespace {
 using ::moe::testing::RandomTensor;
 using ::moe::testing::ReferenceTraining;
 using ::moe::testing::TensorNear;
+using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using testing::Decoded;
 using testing::InProcessCluster;
@@ -262,6 +263,37 @@ TEST(InProcessVersionTest, ARouterBehindTheServersFailsNamingTheVersions) {
   EXPECT_EQ(stale.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(stale.status().message(), HasSubstr("no replica at placement epoch 1, step 0"));
   EXPECT_THAT(stale.status().message(), HasSubstr("has the weights of step 1"));
+}
+
+// A replica behind the cluster's step (restarted with no replica to sync
+// from) answers FAILED_PRECONDITION once; the router then avoids it for
+// that expert (a stale mark, shown per server) and serves from the others.
+TEST(InProcessVersionTest, AReplicaBehindIsAvoidedAfterItsFirstRefusal) {
+  InProcessCluster cluster(Model({}), PlacementStrategy::kDataParallel, 2);
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 11);
+  absl::StatusOr<Router::ForwardResult> y = cluster.Forward(Wire(x), true);
+  ASSERT_TRUE(y.ok()) << y.status();
+  ASSERT_TRUE(cluster.Backward(y->request_id, Wire(RandomTensor({kTokens, kDModel}, 12))).ok());
+  ASSERT_TRUE(cluster.Step(0.1f).ok());
+  // Server 1's expert 0 goes back to the initial weights at step 0.
+  const ExpertKey expert(0, 0);
+  expert::ExpertSnapshot old{cluster.weights.experts.at(0), std::nullopt};
+  ASSERT_TRUE(cluster.client.store(1).SwapInWeights(expert, old, 0).ok());
+
+  const size_t before = cluster.client.dispatched().size();
+  for (int i = 0; i < 4; ++i) {
+    absl::StatusOr<Router::ForwardResult> served = cluster.Forward(Wire(x));
+    ASSERT_TRUE(served.ok()) << served.status();
+  }
+  EXPECT_THAT(cluster.router.StaleExperts(1), ElementsAre(expert));
+  EXPECT_TRUE(cluster.router.StaleExperts(0).empty());
+  // Expert 0 reached server 1 at most once (the refusal that marked it).
+  int to_stale = 0;
+  const auto dispatched = cluster.client.dispatched();
+  for (size_t i = before; i < dispatched.size(); ++i) {
+    if (dispatched[i].server == 1 && dispatched[i].expert == expert) ++to_stale;
+  }
+  EXPECT_LE(to_stale, 1);
 }
 
 // A Forward planned before a step committed meets servers that moved on:
