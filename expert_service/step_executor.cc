@@ -91,6 +91,14 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
   std::vector<StepRing> rings;
   {
     absl::MutexLock lock(&mu_);
+    // A legitimate step is one past the cluster's last commit, which this
+    // server is at most a few steps behind; a step far ahead would, once
+    // aborted, refuse every step before it.
+    if (step > last_committed_ + kMaxStepsAhead) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "step ", step, ": server ", options_.server_name, " has committed step ",
+          last_committed_, "; a step more than ", kMaxStepsAhead, " ahead is refused"));
+    }
     if (step <= last_committed_ || step <= last_aborted_ || aborted_ahead_.contains(step)) {
       return absl::FailedPreconditionError(absl::StrCat(
           "step ", step, ": server ", options_.server_name, " has already ",

@@ -144,6 +144,8 @@ class StepExecutor {
   // Steps <= this were aborted (or superseded) here while preparing or
   // prepared.
   uint64_t last_aborted_ ABSL_GUARDED_BY(mu_) = 0;
+  // Prepare refuses steps further than this past the last committed one.
+  static constexpr uint64_t kMaxStepsAhead = 1 << 16;
   // Steps aborted before they started here; the largest go first.
   static constexpr size_t kMaxAbortedAhead = 64;
   absl::btree_set<uint64_t> aborted_ahead_ ABSL_GUARDED_BY(mu_);

@@ -236,7 +236,11 @@ TEST(InProcessTrainingFaultTest, AnAbortOfAFarStepRefusesOnlyThatStep) {
   // The aborted step itself stays refused.
   const absl::StatusOr<expert::StepExecutor::PrepareResult> late =
       cluster.client.steps(0).Prepare(abort.step(), 0.01f, absl::Now() + absl::Seconds(1));
-  EXPECT_EQ(late.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(late.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(late.status().message(), HasSubstr("more than 65536 ahead is refused"));
+  // Nor does a far PrepareStep that was refused stop the next real step.
+  ASSERT_TRUE(cluster.Forward(Wire(RandomTensor({kTokens, kDModel}, 23)), true).ok());
+  EXPECT_EQ(cluster.Step(0.01f)->step, 2u);
 }
 
 // Versions on the wire. A router whose gate is behind the servers' weights
