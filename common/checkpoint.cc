@@ -319,8 +319,9 @@ absl::StatusOr<CheckpointMetadata> ReadCheckpointMetadata(const std::string& pat
 absl::StatusOr<std::string> ResolveCheckpointPath(const std::string& root,
                                                   const std::string& relative) {
   auto bad = [&](absl::string_view why) {
+    // The path comes from a request: shown, but not at any length.
     return absl::InvalidArgumentError(
-        absl::StrCat("checkpoint path \"", relative, "\": ", why));
+        absl::StrCat("checkpoint path \"", absl::string_view(relative).substr(0, 100), "\": ", why));
   };
   if (root.empty()) return absl::FailedPreconditionError("no checkpoint directory configured");
   if (relative.empty() || relative.size() > 1024) return bad("empty or longer than 1024");

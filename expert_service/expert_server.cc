@@ -131,8 +131,7 @@ absl::Status ExpertServer::Start() {
   collective_service_ = std::make_unique<allreduce::CollectiveService>(collectives_.get());
   dispatcher_ = std::make_unique<ExpertDispatcher>(
       ExpertDispatcher::Options{options_.name, options_.clock, options_.checkpoint_dir}, *store_,
-      *metrics_,
-      batcher_.get(), steps_.get());
+      *metrics_, batcher_.get(), steps_.get());
   service_ = std::make_unique<ExpertServiceImpl>(*dispatcher_, *pool_, step_pool_.get(),
                                                  options_.max_stream_outstanding);
 

@@ -109,7 +109,8 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
   if (result.ok() && every > 0 && result->step % every == 0) {
     // The step is committed whatever the save does: a failed save is
     // logged (and counted by SaveCheckpoint's caller when asked directly).
-    absl::StatusOr<Saved> saved = SaveCheckpoint(DType::kFloat32, absl::InfiniteFuture());
+    absl::StatusOr<Saved> saved =
+        SaveCheckpoint(DType::kFloat32, absl::Now() + options_.checkpoint_timeout);
     if (!saved.ok()) {
       MOE_LOG(ERROR, "step ", result->step, ": periodic checkpoint failed: ",
               saved.status().message());

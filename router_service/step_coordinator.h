@@ -42,6 +42,8 @@ class StepCoordinator {
     // A checkpoint after every committed step that is a multiple of this;
     // 0: only when asked.
     int checkpoint_every_steps = 0;
+    // How long a periodic checkpoint may take.
+    absl::Duration checkpoint_timeout = absl::Minutes(10);
     // The training run's id, written into every checkpoint's metadata.
     std::string lineage;
   };
