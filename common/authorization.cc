@@ -23,14 +23,14 @@ bool Matches(absl::string_view pattern, absl::string_view identity) {
 
 absl::StatusOr<std::vector<std::string>> StringList(const json& value, absl::string_view where) {
   if (!value.is_array()) {
-    return absl::InvalidArgumentError(absl::StrCat("authorization policy: ", where,
-                                                   " must be a list of strings"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("authorization policy: ", where, " must be a list of strings"));
   }
   std::vector<std::string> out;
   for (const json& item : value) {
     if (!item.is_string() || item.get<std::string>().empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("authorization policy: ", where,
-                                                     " must be a list of non-empty strings"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("authorization policy: ", where, " must be a list of non-empty strings"));
     }
     out.push_back(item.get<std::string>());
   }
@@ -60,8 +60,8 @@ absl::StatusOr<AuthorizationPolicy> AuthorizationPolicy::Parse(absl::string_view
   }
   for (const auto& [method, allowed] : methods->items()) {
     if (!absl::StartsWith(method, "/") || std::count(method.begin(), method.end(), '/') != 2) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "authorization policy: method \"", method, "\" is not /package.Service/Method"));
+      return absl::InvalidArgumentError(absl::StrCat("authorization policy: method \"", method,
+                                                     "\" is not /package.Service/Method"));
     }
     absl::StatusOr<std::vector<std::string>> list =
         StringList(allowed, absl::StrCat("methods.", method));
@@ -81,7 +81,8 @@ absl::StatusOr<AuthorizationPolicy> AuthorizationPolicy::Load(const std::string&
   constexpr std::streamsize kMaxBytes = 1 << 20;
   std::ifstream file(path);
   if (!file) {
-    return absl::InvalidArgumentError(absl::StrCat("authorization policy ", path, ": cannot read it"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("authorization policy ", path, ": cannot read it"));
   }
   std::string text(kMaxBytes + 1, '\0');
   file.read(text.data(), text.size());
@@ -102,8 +103,7 @@ const std::vector<std::string>* AuthorizationPolicy::RolesOf(absl::string_view m
   if (auto it = methods_.find(method); it != methods_.end()) return &it->second;
   const size_t slash = method.rfind('/');
   if (slash == absl::string_view::npos || slash == 0) return nullptr;
-  if (auto it = methods_.find(absl::StrCat(method.substr(0, slash), "/*"));
-      it != methods_.end()) {
+  if (auto it = methods_.find(absl::StrCat(method.substr(0, slash), "/*")); it != methods_.end()) {
     return &it->second;
   }
   return nullptr;

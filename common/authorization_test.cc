@@ -70,8 +70,7 @@ TEST(AuthorizationPolicyTest, AMalformedPolicyIsANamedError) {
            {R"({"roles": {"a": [""]}, "methods": {}})", "non-empty strings"},
            {R"({"roles": {"a": ["x"]}, "methods": {"Forward": ["a"]}})",
             "is not /package.Service/Method"},
-           {R"({"roles": {"a": ["x"]}, "methods": {"/s.S/M": ["b"]}})",
-            "names unknown role \"b\""},
+           {R"({"roles": {"a": ["x"]}, "methods": {"/s.S/M": ["b"]}})", "names unknown role \"b\""},
            {"{\"roles\": ", "not a JSON object"}}) {
     const absl::StatusOr<AuthorizationPolicy> policy = AuthorizationPolicy::Parse(text);
     EXPECT_EQ(policy.status().code(), absl::StatusCode::kInvalidArgument) << text;

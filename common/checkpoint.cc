@@ -107,9 +107,8 @@ absl::StatusOr<std::vector<bool>> WantedExperts(const std::string& path, const M
   if (selection.experts.has_value()) {
     for (int e : *selection.experts) {
       if (e < 0 || e >= model.num_experts) {
-        return absl::InvalidArgumentError(absl::StrCat("checkpoint ", path, ": expert ", e,
-                                                       " is out of range [0, ",
-                                                       model.num_experts, ")"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "checkpoint ", path, ": expert ", e, " is out of range [0, ", model.num_experts, ")"));
       }
       wanted[e] = true;
     }
@@ -120,8 +119,8 @@ absl::StatusOr<std::vector<bool>> WantedExperts(const std::string& path, const M
 absl::Status UnexpectedTensor(const std::string& path, const ModelConfig& model,
                               const std::string& name) {
   return absl::InvalidArgumentError(absl::StrCat(
-      "checkpoint ", path, ": unexpected tensor \"", name, "\" (the model has ",
-      model.num_experts, " experts; names are gate.weight and experts.{e}.{w1,w2}.{weight,bias})"));
+      "checkpoint ", path, ": unexpected tensor \"", name, "\" (the model has ", model.num_experts,
+      " experts; names are gate.weight and experts.{e}.{w1,w2}.{weight,bias})"));
 }
 
 absl::Status CheckEntry(const std::string& path, const TensorSlot& slot,
@@ -131,9 +130,9 @@ absl::Status CheckEntry(const std::string& path, const TensorSlot& slot,
                                                    slot.name, "\" ", ShapeString(slot.shape)));
   }
   if (entry->shape != slot.shape) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "checkpoint ", path, ": tensor \"", slot.name, "\" has shape ",
-        ShapeString(entry->shape), ", the model needs ", ShapeString(slot.shape)));
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint ", path, ": tensor \"", slot.name,
+                                                   "\" has shape ", ShapeString(entry->shape),
+                                                   ", the model needs ", ShapeString(slot.shape)));
   }
   return absl::OkStatus();
 }
@@ -190,8 +189,8 @@ struct ShardIndex {
 };
 
 bool EndsWith(const std::string& s, absl::string_view suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(),
-                                                suffix.data(), suffix.size()) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix.data(), suffix.size()) == 0;
 }
 
 // The index `path` names (a directory holding one, or the index file), or
@@ -221,9 +220,8 @@ absl::StatusOr<std::optional<ShardIndex>> ReadIndex(const std::string& path) {
   file.seekg(0, std::ios::end);
   const int64_t size = file.tellg();
   if (size < 0 || size > kMaxIndexBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("checkpoint ", index_path, ": index of ", size, " bytes (at most ",
-                     kMaxIndexBytes, ")"));
+    return absl::InvalidArgumentError(absl::StrCat("checkpoint ", index_path, ": index of ", size,
+                                                   " bytes (at most ", kMaxIndexBytes, ")"));
   }
   file.seekg(0);
   std::string text(size, '\0');
@@ -320,8 +318,8 @@ absl::StatusOr<std::string> ResolveCheckpointPath(const std::string& root,
                                                   const std::string& relative) {
   auto bad = [&](absl::string_view why) {
     // The path comes from a request: shown, but not at any length.
-    return absl::InvalidArgumentError(
-        absl::StrCat("checkpoint path \"", absl::string_view(relative).substr(0, 100), "\": ", why));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "checkpoint path \"", absl::string_view(relative).substr(0, 100), "\": ", why));
   };
   if (root.empty()) return absl::FailedPreconditionError("no checkpoint directory configured");
   if (relative.empty() || relative.size() > 1024) return bad("empty or longer than 1024");
@@ -330,8 +328,7 @@ absl::StatusOr<std::string> ResolveCheckpointPath(const std::string& root,
       return bad("each '/'-separated part must be a plain name");
     }
     for (char c : part) {
-      if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' &&
-          c != '-') {
+      if (!absl::ascii_isalnum(static_cast<unsigned char>(c)) && c != '.' && c != '_' && c != '-') {
         return bad("only [A-Za-z0-9._-] and '/' are allowed");
       }
     }
@@ -339,8 +336,7 @@ absl::StatusOr<std::string> ResolveCheckpointPath(const std::string& root,
   return absl::StrCat(root, "/", relative);
 }
 
-absl::StatusOr<std::optional<LatestCheckpoint>> FindLatestCheckpoint(
-    const std::string& directory) {
+absl::StatusOr<std::optional<LatestCheckpoint>> FindLatestCheckpoint(const std::string& directory) {
   std::optional<LatestCheckpoint> latest;
   DIR* dir = opendir(directory.c_str());
   if (dir == nullptr) return latest;
@@ -399,9 +395,9 @@ absl::StatusOr<int64_t> SaveCheckpointShard(const std::string& path, const Model
     const Shape memory_shape =
         slot.shape.size() == 2 ? Shape{slot.shape[1], slot.shape[0]} : slot.shape;
     if (source->shape() != memory_shape) {
-      return absl::InvalidArgumentError(absl::StrCat("save checkpoint: ", slot.name,
-                                                     " has shape ", ShapeString(source->shape()),
-                                                     ", expected ", ShapeString(memory_shape)));
+      return absl::InvalidArgumentError(absl::StrCat("save checkpoint: ", slot.name, " has shape ",
+                                                     ShapeString(source->shape()), ", expected ",
+                                                     ShapeString(memory_shape)));
     }
     if (slot.shape.size() == 2) {
       transposed.push_back(Transposed(source->values(), memory_shape[0], memory_shape[1]));
@@ -440,8 +436,8 @@ absl::Status WriteCheckpointIndex(const std::string& directory, const ModelConfi
                 {"weight_map", json::object()}};
   for (const auto& [name, shard] : weight_map) index["weight_map"][name] = shard;
   const std::string text = index.dump(2) + "\n";
-  MOE_ASSIGN_OR_RETURN(AtomicFileWriter file,
-                       AtomicFileWriter::Create(absl::StrCat(directory, "/", kCheckpointIndexName)));
+  MOE_ASSIGN_OR_RETURN(AtomicFileWriter file, AtomicFileWriter::Create(absl::StrCat(
+                                                  directory, "/", kCheckpointIndexName)));
   MOE_RETURN_IF_ERROR(file.Append(text.data(), text.size()));
   return file.Commit();
 }

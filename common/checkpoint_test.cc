@@ -161,8 +161,7 @@ TEST(ShardedCheckpointTest, RequestedPathsStayInTheCheckpointDirectory) {
               absl::StatusCode::kInvalidArgument)
         << hostile;
   }
-  EXPECT_EQ(ResolveCheckpointPath("", "a").status().code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(ResolveCheckpointPath("", "a").status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 TEST(ShardedCheckpointTest, TheLatestCompleteCheckpointIsFound) {
@@ -231,8 +230,9 @@ TEST(ShardedCheckpointTest, AnIncompleteOrHostileIndexIsANamedError) {
   EXPECT_THAT(load_with(extra).message(), HasSubstr("unexpected tensor \"experts.9.w1.bias\""));
   nlohmann::json bad_step = good;
   bad_step["metadata"]["step"] = "-1";
-  EXPECT_THAT(ReadCheckpointMetadata((WriteFile(index_path, bad_step.dump()), dir)).status().message(),
-              HasSubstr("metadata.step"));
+  EXPECT_THAT(
+      ReadCheckpointMetadata((WriteFile(index_path, bad_step.dump()), dir)).status().message(),
+      HasSubstr("metadata.step"));
   EXPECT_THAT(load_with(nlohmann::json::array()).message(), HasSubstr("not a JSON object"));
   WriteFile(index_path, "{\"weight_map\": ");
   EXPECT_THAT(LoadCheckpoint(dir, model).status().message(), HasSubstr("not a JSON object"));

@@ -6,11 +6,11 @@
 #ifndef MOE_COMMON_GRPC_AUTHORIZATION_H_
 #define MOE_COMMON_GRPC_AUTHORIZATION_H_
 
+#include <grpcpp/security/auth_metadata_processor.h>
+
 #include <functional>
 #include <memory>
 #include <string>
-
-#include <grpcpp/security/auth_metadata_processor.h>
 
 #include "absl/strings/string_view.h"
 #include "common/authorization.h"

@@ -59,9 +59,8 @@ absl::StatusOr<TlsFiles> TestCertificateAuthority::Issue(const std::string& name
     return s;
   }
   if (absl::Status s = Run(absl::StrCat("openssl x509 -req -days 7 -in '", base, ".csr' -CA '",
-                                        ca_path_, "' -CAkey '", ca_key_,
-                                        "' -CAcreateserial -out '", base, ".pem' -extfile '",
-                                        extensions, "'"));
+                                        ca_path_, "' -CAkey '", ca_key_, "' -CAcreateserial -out '",
+                                        base, ".pem' -extfile '", extensions, "'"));
       !s.ok()) {
     return s;
   }

@@ -17,8 +17,8 @@ namespace moe {
 class TestCertificateAuthority {
  public:
   // Creates the CA's key and certificate in `directory` (which must exist).
-  static absl::StatusOr<TestCertificateAuthority> Create(const std::string& directory,
-                                                         const std::string& name = "moe-serve test CA");
+  static absl::StatusOr<TestCertificateAuthority> Create(
+      const std::string& directory, const std::string& name = "moe-serve test CA");
 
   const std::string& ca_path() const { return ca_path_; }
   // Issues `name`.pem / `name`.key, signed by this CA; the files name the
@@ -27,7 +27,9 @@ class TestCertificateAuthority {
 
  private:
   TestCertificateAuthority(std::string directory, std::string ca_path, std::string ca_key)
-      : directory_(std::move(directory)), ca_path_(std::move(ca_path)), ca_key_(std::move(ca_key)) {}
+      : directory_(std::move(directory)),
+        ca_path_(std::move(ca_path)),
+        ca_key_(std::move(ca_key)) {}
 
   std::string directory_;
   std::string ca_path_;

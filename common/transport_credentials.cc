@@ -1,9 +1,9 @@
 #include "common/transport_credentials.h"
 
-#include <fstream>
-
 #include <grpcpp/security/tls_certificate_provider.h>
 #include <grpcpp/security/tls_credentials_options.h>
+
+#include <fstream>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
@@ -13,8 +13,7 @@ ABSL_FLAG(std::string, transport_security, "plaintext",
           "behind the Kubernetes NetworkPolicy) or tls (needs --tls_cert, --tls_key, --tls_ca).");
 ABSL_FLAG(std::string, tls_cert, "", "tls: PEM certificate chain of this process.");
 ABSL_FLAG(std::string, tls_key, "", "tls: PEM private key of --tls_cert.");
-ABSL_FLAG(std::string, tls_ca, "",
-          "tls: PEM CA bundle that peers' certificates must chain to.");
+ABSL_FLAG(std::string, tls_ca, "", "tls: PEM CA bundle that peers' certificates must chain to.");
 ABSL_FLAG(bool, require_client_cert, false,
           "tls: this process's server accepts only clients with a certificate from --tls_ca "
           "(mutual TLS; set it on expert servers).");
@@ -65,10 +64,9 @@ absl::StatusOr<TransportCredentials> TransportCredentials::FromFlags() {
   if (mode == "plaintext") return Plaintext();
   const std::string policy = absl::GetFlag(FLAGS_authz_policy);
   if (mode == "tls") {
-    absl::StatusOr<TransportCredentials> tls =
-        Tls({absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
-             absl::GetFlag(FLAGS_tls_ca)},
-            absl::GetFlag(FLAGS_require_client_cert), absl::GetFlag(FLAGS_tls_refresh_interval));
+    absl::StatusOr<TransportCredentials> tls = Tls(
+        {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key), absl::GetFlag(FLAGS_tls_ca)},
+        absl::GetFlag(FLAGS_require_client_cert), absl::GetFlag(FLAGS_tls_refresh_interval));
     if (!tls.ok() || policy.empty()) return tls;
     return tls->WithPolicy(policy);
   }

@@ -17,11 +17,11 @@
 #ifndef MOE_COMMON_TRANSPORT_CREDENTIALS_H_
 #define MOE_COMMON_TRANSPORT_CREDENTIALS_H_
 
+#include <grpcpp/grpcpp.h>
+
 #include <memory>
 #include <string>
 #include <vector>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/flags/declare.h"
 #include "absl/status/statusor.h"

@@ -73,9 +73,8 @@ TEST(TransportCredentialsTest, AServerAndAChannelFromThemConnect) {
 class TlsTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    dir_ = absl::StrCat(::testing::TempDir(), "/tls_", ::testing::UnitTest::GetInstance()
-                                                           ->current_test_info()
-                                                           ->name());
+    dir_ = absl::StrCat(::testing::TempDir(), "/tls_",
+                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
     std::filesystem::create_directories(dir_ + "/ca1");
     std::filesystem::create_directories(dir_ + "/ca2");
     absl::StatusOr<TestCertificateAuthority> ca1 = TestCertificateAuthority::Create(dir_ + "/ca1");
@@ -106,16 +105,14 @@ TEST_F(TlsTest, MutualTlsAdmitsOnlyCertificatesOfTheCa) {
   // Plaintext, and a certificate from another CA, do not get through.
   EXPECT_EQ(Check(running.port, TransportCredentials::Plaintext()).error_code(),
             grpc::StatusCode::UNAVAILABLE);
-  EXPECT_EQ(Check(running.port, Tls(stranger_, false)).error_code(),
-            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(Check(running.port, Tls(stranger_, false)).error_code(), grpc::StatusCode::UNAVAILABLE);
   running.server->Shutdown();
 }
 
 TEST_F(TlsTest, TheClientChecksTheServersCertificate) {
   // A server whose certificate is from another CA is refused by the client.
   Running running = Serve(Tls(stranger_, false));
-  EXPECT_EQ(Check(running.port, Tls(client_, false)).error_code(),
-            grpc::StatusCode::UNAVAILABLE);
+  EXPECT_EQ(Check(running.port, Tls(client_, false)).error_code(), grpc::StatusCode::UNAVAILABLE);
   running.server->Shutdown();
 }
 
@@ -161,7 +158,8 @@ TEST_F(TlsTest, RotatedCertificatesAreReadWithoutARestart) {
   const TransportCredentials trusts_ca2 = Tls({stranger_.cert, stranger_.key, stranger_.ca}, false);
   EXPECT_EQ(Check(running.port, trusts_ca2).error_code(), grpc::StatusCode::UNAVAILABLE);
   // ...then its files are replaced by one from ca2 (and ca2 as its root).
-  std::filesystem::copy_file(stranger_.cert, cert, std::filesystem::copy_options::overwrite_existing);
+  std::filesystem::copy_file(stranger_.cert, cert,
+                             std::filesystem::copy_options::overwrite_existing);
   std::filesystem::copy_file(stranger_.key, key, std::filesystem::copy_options::overwrite_existing);
   std::filesystem::copy_file(stranger_.ca, ca, std::filesystem::copy_options::overwrite_existing);
   // The watcher reads them within its refresh interval (1 s here).

@@ -56,8 +56,8 @@ absl::StatusOr<std::map<ExpertKey, ExpertWeights>> ExpertServer::LoadHostedWeigh
   if (checkpoint_path.empty()) {
     weights = InitWeights(model, indices, /*with_gate=*/false);
   } else {
-    MOE_ASSIGN_OR_RETURN(weights, LoadCheckpoint(checkpoint_path, model,
-                                                 {/*gate=*/false, std::move(indices)}));
+    MOE_ASSIGN_OR_RETURN(
+        weights, LoadCheckpoint(checkpoint_path, model, {/*gate=*/false, std::move(indices)}));
   }
   std::map<ExpertKey, ExpertWeights> hosted;
   for (auto& [index, tensors] : weights.experts) {
@@ -96,9 +96,9 @@ absl::Status ExpertServer::Start() {
       return std::unique_ptr<ExpertKernel>(std::move(kernel));
     };
   }
-  MOE_ASSIGN_OR_RETURN(store_, ExpertStore::Create({model, options_.name, options_.training,
-                                                    loaded.step},
-                                                   std::move(hosted), std::move(kernel_factory)));
+  MOE_ASSIGN_OR_RETURN(store_,
+                       ExpertStore::Create({model, options_.name, options_.training, loaded.step},
+                                           std::move(hosted), std::move(kernel_factory)));
 
   registry_ = std::make_shared<prometheus::Registry>();
   metrics_ = ExpertMetrics::Create(*registry_, model.num_experts);
@@ -141,7 +141,7 @@ absl::Status ExpertServer::Start() {
   const TransportCredentials port_credentials = options_.credentials.WithDeniedCallback(
       [metrics = metrics_.get()](absl::string_view method) { metrics->CountDenied(method); });
   MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address, port_credentials,
-                                                 options_.max_message_bytes, services, &port_));
+                                                options_.max_message_bytes, services, &port_));
   MOE_LOG(INFO, "server ", options_.name, " serving gRPC on port ", port_,
           metrics_port_ >= 0 ? absl::StrCat(", /metrics on port ", metrics_port_)
                              : std::string(", no metrics endpoint"));
@@ -153,17 +153,17 @@ absl::Status ExpertServer::SyncFromPeersOnStart() {
                       options_.max_message_bytes);
   if (peers.num_peers() == 0) return absl::OkStatus();
   const absl::Time now = absl::Now();
-  MOE_ASSIGN_OR_RETURN(const SyncResult sync,
-                       SyncFromPeers(*store_, peers, now + options_.sync_info_timeout,
-                                     now + options_.sync_timeout));
+  MOE_ASSIGN_OR_RETURN(
+      const SyncResult sync,
+      SyncFromPeers(*store_, peers, now + options_.sync_info_timeout, now + options_.sync_timeout));
   // Peers behind this server (it loaded a later checkpoint) change nothing.
   if (sync.cluster_step > steps_->last_committed()) {
     MOE_RETURN_IF_ERROR(steps_->AdoptCommitted(sync.cluster_step));
   }
   MOE_LOG(INFO, "server ", options_.name, ": ", sync.peers_answered, " of ", peers.num_peers(),
-          " peer(s) answered; cluster at step ", sync.cluster_step, "; synced ",
-          sync.synced.size(), " expert(s) [", JoinExpertKeys(sync.synced), "], ",
-          sync.bytes >> 20, " MiB in ", absl::FormatDuration(sync.elapsed),
+          " peer(s) answered; cluster at step ", sync.cluster_step, "; synced ", sync.synced.size(),
+          " expert(s) [", JoinExpertKeys(sync.synced), "], ", sync.bytes >> 20, " MiB in ",
+          absl::FormatDuration(sync.elapsed),
           sync.behind.empty() ? std::string()
                               : absl::StrCat("; behind: [", JoinExpertKeys(sync.behind), "]"));
   return absl::OkStatus();

@@ -9,8 +9,8 @@ GrpcSyncPeers::GrpcSyncPeers(const ClusterConfig& cluster, const std::string& se
                              const TransportCredentials& credentials, int max_message_bytes) {
   for (const ServerSpec& spec : cluster.servers) {
     if (spec.name == self) continue;
-    peers_.push_back(
-        {spec, v1::ExpertServer::NewStub(NewChannel(spec.address, credentials, max_message_bytes))});
+    peers_.push_back({spec, v1::ExpertServer::NewStub(
+                                NewChannel(spec.address, credentials, max_message_bytes))});
   }
 }
 

@@ -68,8 +68,8 @@ absl::Status StepExecutor::AdoptCommitted(uint64_t step) {
   absl::MutexLock lock(&mu_);
   if (preparing_ || prepared_) {
     return absl::FailedPreconditionError(
-        absl::StrCat("server ", options_.server_name, ": cannot adopt step ", step,
-                     " while step ", preparing_ ? *preparing_ : prepared_->step, " runs"));
+        absl::StrCat("server ", options_.server_name, ": cannot adopt step ", step, " while step ",
+                     preparing_ ? *preparing_ : prepared_->step, " runs"));
   }
   if (step < last_committed_) {
     return absl::FailedPreconditionError(absl::StrCat("server ", options_.server_name,
@@ -96,8 +96,8 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
     // aborted, refuse every step before it.
     if (step > last_committed_ + kMaxStepsAhead) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "step ", step, ": server ", options_.server_name, " has committed step ",
-          last_committed_, "; a step more than ", kMaxStepsAhead, " ahead is refused"));
+          "step ", step, ": server ", options_.server_name, " has committed step ", last_committed_,
+          "; a step more than ", kMaxStepsAhead, " ahead is refused"));
     }
     if (step <= last_committed_ || step <= last_aborted_ || aborted_ahead_.contains(step)) {
       return absl::FailedPreconditionError(absl::StrCat(

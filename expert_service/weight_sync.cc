@@ -21,15 +21,15 @@ struct Holder {
 absl::StatusOr<ExpertSnapshot> Fetch(SyncPeers& peers, const ModelConfig& model, ExpertKey expert,
                                      const Holder& holder, absl::Time deadline, int64_t& bytes) {
   ExpertAssembler assembler(model);
-  MOE_RETURN_IF_ERROR(peers.FetchExpert(holder.peer, expert, deadline,
-                                        [&](const v1::ExpertWeightsChunk& chunk) {
-                                          bytes += static_cast<int64_t>(chunk.data().size());
-                                          return assembler.Add(chunk);
-                                        }));
+  MOE_RETURN_IF_ERROR(
+      peers.FetchExpert(holder.peer, expert, deadline, [&](const v1::ExpertWeightsChunk& chunk) {
+        bytes += static_cast<int64_t>(chunk.data().size());
+        return assembler.Add(chunk);
+      }));
   if (assembler.expert() != expert) {
-    return absl::DataLossError(absl::StrCat("asked for ", expert.ToString(), ", got ",
-                                            assembler.expert() ? assembler.expert()->ToString()
-                                                               : std::string("no chunk")));
+    return absl::DataLossError(absl::StrCat(
+        "asked for ", expert.ToString(), ", got ",
+        assembler.expert() ? assembler.expert()->ToString() : std::string("no chunk")));
   }
   MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, assembler.Finish());
   if (snapshot.weights.Digest() != holder.digest) {
@@ -74,7 +74,8 @@ absl::StatusOr<SyncResult> SyncFromPeers(ExpertStore& store, SyncPeers& peers,
     for (int p = 0; p < peers.num_peers(); ++p) {
       if (!infos[p].ok()) continue;
       for (const v1::ExpertDigest& d : infos[p]->experts()) {
-        if (ExpertKeyOf(d) == expert && d.step() == target) holders.push_back({p, d.weights_digest()});
+        if (ExpertKeyOf(d) == expert && d.step() == target)
+          holders.push_back({p, d.weights_digest()});
       }
     }
     bool installed = false;

@@ -7,7 +7,7 @@ namespace moe::router {
 namespace {
 
 constexpr const char* kMethods[kNumRouterMethods] = {"Forward", "Backward", "Step",
-                                                              "SaveCheckpoint"};
+                                                     "SaveCheckpoint"};
 
 }  // namespace
 
@@ -94,8 +94,9 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
   m->stale_answers =
       &prometheus::BuildCounter()
            .Name("moe_router_stale_answers_total")
-           .Help("Expert answers refused because the server was at another placement epoch or "
-                 "weights step (the request went to another replica or was re-planned).")
+           .Help(
+               "Expert answers refused because the server was at another placement epoch or "
+               "weights step (the request went to another replica or was re-planned).")
            .Register(registry)
            .Add({});
   m->stream_opens = &prometheus::BuildCounter()

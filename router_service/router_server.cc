@@ -59,8 +59,8 @@ absl::Status RouterServer::Start() {
   // new run.
   const std::string lineage = loaded.lineage.empty() ? NewLineage() : loaded.lineage;
   MOE_LOG(INFO, "gate from ",
-          start.path.empty() ? absl::StrCat("init seed ", model.seed) : start.path,
-          " at step ", loaded.step, "; lineage ", lineage);
+          start.path.empty() ? absl::StrCat("init seed ", model.seed) : start.path, " at step ",
+          loaded.step, "; lineage ", lineage);
   client_ = GrpcExpertClient::Create(
       {config.cluster.servers, options_.credentials, options_.max_message_bytes});
   pool_ = std::make_unique<ComputePool>(options_.compute_threads, options_.max_queued_requests);
@@ -107,9 +107,9 @@ absl::Status RouterServer::Start() {
   // Calls the authorization policy refuses are counted here.
   const TransportCredentials port_credentials = options_.credentials.WithDeniedCallback(
       [metrics = metrics_.get()](absl::string_view method) { metrics->CountDenied(method); });
-  MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address, port_credentials,
-                                                 options_.max_message_bytes, {service_.get()},
-                                                 &port_));
+  MOE_ASSIGN_OR_RETURN(server_,
+                       StartGrpcServer(options_.listen_address, port_credentials,
+                                       options_.max_message_bytes, {service_.get()}, &port_));
   MOE_LOG(INFO, "router: ", model.num_experts, " experts, top_k ", model.top_k, ", ",
           PlacementStrategyName(config.cluster.strategy), " over ",
           config.cluster.servers.size(), " expert servers; gate from ",

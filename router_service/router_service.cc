@@ -161,9 +161,9 @@ grpc::ServerUnaryReactor* RouterServiceImpl::SaveCheckpoint(
     absl::StatusOr<StepCoordinator::Saved> saved = [&]() -> absl::StatusOr<StepCoordinator::Saved> {
       MOE_ASSIGN_OR_RETURN(
           const DType dtype,
-          FromProtoDType(request->dtype() == v1::DTYPE_UNSPECIFIED ? v1::DTYPE_FP32
-                                                                   : request->dtype(),
-                         "dtype"));
+          FromProtoDType(
+              request->dtype() == v1::DTYPE_UNSPECIFIED ? v1::DTYPE_FP32 : request->dtype(),
+              "dtype"));
       return steps_.SaveCheckpoint(dtype, deadline);
     }();
     if (saved.ok()) {

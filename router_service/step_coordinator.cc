@@ -112,8 +112,8 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
     absl::StatusOr<Saved> saved =
         SaveCheckpoint(DType::kFloat32, absl::Now() + options_.checkpoint_timeout);
     if (!saved.ok()) {
-      MOE_LOG(ERROR, "step ", result->step, ": periodic checkpoint failed: ",
-              saved.status().message());
+      MOE_LOG(ERROR, "step ", result->step,
+              ": periodic checkpoint failed: ", saved.status().message());
     }
   }
   return result;
@@ -269,17 +269,16 @@ absl::StatusOr<StepCoordinator::Saved> StepCoordinator::Save(DType dtype, absl::
   }
   MOE_RETURN_IF_ERROR(MakeDirectories(saved.directory));
   std::vector<absl::StatusOr<v1::SaveExpertsResponse>> written =
-      OnEveryServer<v1::SaveExpertsResponse>(static_cast<int>(writers.size()),
-                                             [&](int w, auto done) {
-                                               client_.SaveExperts(writers[w], requests[w],
-                                                                   deadline, std::move(done));
-                                             });
+      OnEveryServer<v1::SaveExpertsResponse>(
+          static_cast<int>(writers.size()), [&](int w, auto done) {
+            client_.SaveExperts(writers[w], requests[w], deadline, std::move(done));
+          });
   std::map<std::string, std::string> weight_map;
   for (size_t w = 0; w < writers.size(); ++w) {
     if (!written[w].ok()) {
       return absl::Status(written[w].status().code(),
-                          absl::StrCat("checkpoint of step ", step, ": server ", writers[w],
-                                       ": ", written[w].status().message()));
+                          absl::StrCat("checkpoint of step ", step, ": server ", writers[w], ": ",
+                                       written[w].status().message()));
     }
     const std::string file = ShardFileName(w + 1, num_shards);
     for (const std::string& name : written[w]->tensor_names()) weight_map[name] = file;
@@ -300,8 +299,8 @@ absl::StatusOr<StepCoordinator::Saved> StepCoordinator::Save(DType dtype, absl::
     return absl::AbortedError(absl::StrCat("checkpoint of step ", step,
                                            ": a step was committed meanwhile (another router?)"));
   }
-  MOE_RETURN_IF_ERROR(
-      WriteCheckpointIndex(saved.directory, model, weight_map, saved.bytes, {step, options_.lineage}));
+  MOE_RETURN_IF_ERROR(WriteCheckpointIndex(saved.directory, model, weight_map, saved.bytes,
+                                           {step, options_.lineage}));
   saved.time = absl::Now() - start;
   return saved;
 }

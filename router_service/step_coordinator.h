@@ -81,16 +81,14 @@ class StepCoordinator {
   // the gate as the last shard, then model.safetensors.index.json (durably,
   // last: a directory without it is not a checkpoint). No step runs
   // meanwhile (FAILED_PRECONDITION while one does); Forwards go on.
-  absl::StatusOr<Saved> SaveCheckpoint(DType dtype, absl::Time deadline)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<Saved> SaveCheckpoint(DType dtype, absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
   const std::string& lineage() const { return options_.lineage; }
 
  private:
   // The next step number: one past the highest any server has committed
   // (asked once, so a restarted router goes on where the servers are).
   absl::StatusOr<uint64_t> NextStep(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  absl::StatusOr<Result> RunStep(float learning_rate, absl::Time deadline)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<Result> RunStep(float learning_rate, absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
   // Marks a step or a save as running; FAILED_PRECONDITION naming the one
   // that runs.
   absl::Status StartRunning(const char* what) ABSL_LOCKS_EXCLUDED(mu_);

@@ -26,9 +26,9 @@ namespace {
 using ::moe::testing::RandomTensor;
 using ::moe::testing::ReferenceTraining;
 using ::moe::testing::TensorNear;
+using testing::Decoded;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
-using testing::Decoded;
 using testing::InProcessCluster;
 using testing::Wire;
 

@@ -92,9 +92,9 @@ TEST(CheckpointTest, AFreshClusterFromACheckpointServesAndTrainsOnWhereTheOldOne
   EXPECT_EQ(saved.step(), 2u);
   EXPECT_EQ(saved.directory(), dir + "/step-2");
   // A shard per server (each expert once), then the gate's.
-  EXPECT_THAT(saved.files(), ElementsAre("model-00001-of-00003.safetensors",
-                                         "model-00002-of-00003.safetensors",
-                                         "model-00003-of-00003.safetensors"));
+  EXPECT_THAT(saved.files(),
+              ElementsAre("model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                          "model-00003-of-00003.safetensors"));
   EXPECT_EQ(saved.bytes(), (kDModel * 4 + 4 * (2 * kDModel * 64 + 64 + kDModel)) * 4);
   EXPECT_EQ(saved.lineage().size(), 32u);
   std::ifstream index_file(saved.directory() + "/" + kCheckpointIndexName);

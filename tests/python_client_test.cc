@@ -44,12 +44,12 @@ TEST(PythonClientTest, AgreesWithANumpyLayerOnTheSameCheckpoint) {
 
   const std::string root = RunfilePath("");
   setenv("PYTHONPATH", absl::StrCat(root, ":", root, "clients/python").c_str(), 1);
-  ChildProcess python("/usr/bin/python3",
-                      {RunfilePath("clients/python/client_test.py"), (*cluster)->router_address(),
-                       checkpoint, "2", "save"});
+  ChildProcess python("/usr/bin/python3", {RunfilePath("clients/python/client_test.py"),
+                                           (*cluster)->router_address(), checkpoint, "2", "save"});
   EXPECT_EQ(python.Stop(0, absl::Seconds(120)), 0) << python.output();
   EXPECT_THAT(python.output(), ::testing::HasSubstr("python client: all checks passed"));
-  EXPECT_THAT(python.output(), ::testing::HasSubstr("checkpoint of step 1: " + dir + "/saved/step-1"));
+  EXPECT_THAT(python.output(),
+              ::testing::HasSubstr("checkpoint of step 1: " + dir + "/saved/step-1"));
 }
 
 }  // namespace

@@ -144,7 +144,8 @@ TEST(RejoinTest, AnExpertWithNoReplicaToSyncFromIsNamedNeverServedStale) {
   v1::StepResponse stepped;
   const grpc::Status step = cluster.Step(kLearningRate, absl::Seconds(10), &stepped);
   EXPECT_FALSE(step.ok());
-  EXPECT_THAT(step.error_message(), HasSubstr("holds expert 3 at step 0, not the committed step 2"));
+  EXPECT_THAT(step.error_message(),
+              HasSubstr("holds expert 3 at step 0, not the committed step 2"));
   EXPECT_EQ(Experts(cluster, 1)[3].first, 0u);
 }
 

@@ -222,12 +222,13 @@ int Run() {
   }
   options.credentials = *credentials;
   const ModelConfig& model = config->model;
-  std::printf("moe-serve local cluster: %d experts (d_model %ld, d_ff %ld, top_k %d), %zu expert "
-              "servers, %s placement, %s kernels, %s\nstarting...\n",
-              model.num_experts, static_cast<long>(model.d_model), static_cast<long>(model.d_ff),
-              model.top_k, config->cluster.servers.size(),
-              std::string(PlacementStrategyName(config->cluster.strategy)).c_str(),
-              options.dtype.c_str(), credentials->name().c_str());
+  std::printf(
+      "moe-serve local cluster: %d experts (d_model %ld, d_ff %ld, top_k %d), %zu expert "
+      "servers, %s placement, %s kernels, %s\nstarting...\n",
+      model.num_experts, static_cast<long>(model.d_model), static_cast<long>(model.d_ff),
+      model.top_k, config->cluster.servers.size(),
+      std::string(PlacementStrategyName(config->cluster.strategy)).c_str(), options.dtype.c_str(),
+      credentials->name().c_str());
   std::fflush(stdout);
   absl::StatusOr<std::unique_ptr<LocalCluster>> cluster = LocalCluster::Start(options);
   if (!cluster.ok()) {

@@ -13,8 +13,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!config.ok()) return 0;
   // Placement of huge configs would be slow, not wrong: bound the work.
   if (config->model.num_experts > 4096 || config->cluster.servers.size() > 256) return 0;
-  absl::StatusOr<moe::Placement> placement =
-      moe::ComputePlacement(config->model, config->cluster);
+  absl::StatusOr<moe::Placement> placement = moe::ComputePlacement(config->model, config->cluster);
   (void)placement;
   return 0;
 }
