@@ -292,6 +292,7 @@ absl::Status ExpertDispatcher::CommitStep(const v1::CommitStepRequest& request,
     entry->set_step(request.step());
   }
   metrics_.steps_committed->Increment();
+  metrics_.committed_step->Set(static_cast<double>(request.step()));
   return absl::OkStatus();
 }
 

@@ -70,6 +70,17 @@ std::unique_ptr<ExpertMetrics> ExpertMetrics::Create(prometheus::Registry& regis
                                  .Help("Bytes of forward state kept for backward.")
                                  .Register(registry)
                                  .Add({});
+  m->committed_step = &prometheus::BuildGauge()
+                           .Name("moe_expert_committed_step")
+                           .Help("The last training step committed (or adopted) here.")
+                           .Register(registry)
+                           .Add({});
+  m->behind_experts =
+      &prometheus::BuildGauge()
+           .Name("moe_expert_behind_experts")
+           .Help("Hosted experts the start-up sync left behind the cluster's step.")
+           .Register(registry)
+           .Add({});
   m->active_streams = &prometheus::BuildGauge()
                            .Name("moe_expert_active_streams")
                            .Help("Open Dispatch and BackwardDispatch streams.")

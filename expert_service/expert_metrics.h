@@ -60,6 +60,13 @@ struct ExpertMetrics {
   prometheus::Counter* steps_committed = nullptr;
   prometheus::Counter* steps_aborted = nullptr;
   prometheus::Counter* steps_failed = nullptr;
+  // moe_expert_committed_step: the last training step committed (or
+  // adopted by sync or a checkpoint) here; servers of one cluster agree.
+  prometheus::Gauge* committed_step = nullptr;
+  // moe_expert_behind_experts: hosted experts left at an older step than
+  // the cluster's by the start-up sync (no replica to sync from): calls for
+  // them are refused until they are loaded.
+  prometheus::Gauge* behind_experts = nullptr;
   // moe_expert_allreduce_seconds: wall time of a step's all-reduces here.
   prometheus::Histogram* allreduce_seconds = nullptr;
   // moe_expert_allreduce_sent_bytes_total: gradient bytes sent to the ring.

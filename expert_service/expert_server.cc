@@ -127,6 +127,7 @@ absl::Status ExpertServer::Start() {
       *store_, *collectives_);
   MOE_RETURN_IF_ERROR(steps_->AdoptCommitted(loaded.step));
   if (options_.sync_on_start) MOE_RETURN_IF_ERROR(SyncFromPeersOnStart());
+  metrics_->committed_step->Set(static_cast<double>(steps_->last_committed()));
   step_pool_ = std::make_unique<ComputePool>(1, 64);
   collective_service_ = std::make_unique<allreduce::CollectiveService>(collectives_.get());
   dispatcher_ = std::make_unique<ExpertDispatcher>(
@@ -160,6 +161,7 @@ absl::Status ExpertServer::SyncFromPeersOnStart() {
   if (sync.cluster_step > steps_->last_committed()) {
     MOE_RETURN_IF_ERROR(steps_->AdoptCommitted(sync.cluster_step));
   }
+  metrics_->behind_experts->Set(static_cast<double>(sync.behind.size()));
   MOE_LOG(INFO, "server ", options_.name, ": ", sync.peers_answered, " of ", peers.num_peers(),
           " peer(s) answered; cluster at step ", sync.cluster_step, "; synced ", sync.synced.size(),
           " expert(s) [", JoinExpertKeys(sync.synced), "], ", sync.bytes >> 20, " MiB in ",

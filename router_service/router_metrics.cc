@@ -99,6 +99,17 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
                "weights step (the request went to another replica or was re-planned).")
            .Register(registry)
            .Add({});
+  m->last_checkpoint_timestamp =
+      &prometheus::BuildGauge()
+           .Name("moe_router_last_checkpoint_timestamp_seconds")
+           .Help("Unix time of the last checkpoint this router saved (0: none yet).")
+           .Register(registry)
+           .Add({});
+  m->last_checkpoint_step = &prometheus::BuildGauge()
+                                 .Name("moe_router_last_checkpoint_step")
+                                 .Help("The training step of the last checkpoint saved here.")
+                                 .Register(registry)
+                                 .Add({});
   m->stream_opens = &prometheus::BuildCounter()
                          .Name("moe_router_stream_opens_total")
                          .Help("Streams to expert servers opened so far (reconnects included).")

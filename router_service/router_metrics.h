@@ -55,6 +55,10 @@ struct RouterMetrics {
   // moe_router_stale_answers_total: expert answers refused because the
   // server was at another placement epoch or weights step.
   prometheus::Counter* stale_answers = nullptr;
+  // moe_router_last_checkpoint_timestamp_seconds / _step: the last
+  // checkpoint this router saved (0 before any).
+  prometheus::Gauge* last_checkpoint_timestamp = nullptr;
+  prometheus::Gauge* last_checkpoint_step = nullptr;
   // moe_router_stream_opens_total: streams to expert servers opened (the
   // first per server, then reconnects). Counted by the client; see
   // ReportStreamOpens.

@@ -95,6 +95,10 @@ absl::Status RouterServer::Start() {
   step_options.checkpoint_dir = options_.checkpoint_dir;
   step_options.checkpoint_every_steps = options_.checkpoint_every_steps;
   step_options.lineage = lineage;
+  step_options.on_saved = [m = metrics_.get()](uint64_t step) {
+    m->last_checkpoint_timestamp->Set(absl::ToDoubleSeconds(absl::Now() - absl::UnixEpoch()));
+    m->last_checkpoint_step->Set(static_cast<double>(step));
+  };
   steps_ = std::make_unique<StepCoordinator>(step_options, *router_, *client_);
   step_pool_ = std::make_unique<ComputePool>(1, 16);
   service_ = std::make_unique<RouterServiceImpl>(

@@ -214,6 +214,7 @@ absl::StatusOr<StepCoordinator::Saved> StepCoordinator::SaveCheckpoint(DType dty
   absl::StatusOr<Saved> saved = Save(dtype, deadline);
   DoneRunning();
   if (saved.ok()) {
+    if (options_.on_saved) options_.on_saved(saved->step);
     MOE_LOG(INFO, "checkpoint of step ", saved->step, " saved to ", saved->directory, ": ",
             saved->files.size(), " shard(s), ", saved->bytes >> 20, " MiB in ",
             absl::FormatDuration(saved->time));

@@ -12,6 +12,7 @@
 #define MOE_ROUTER_SERVICE_STEP_COORDINATOR_H_
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -46,6 +47,8 @@ class StepCoordinator {
     absl::Duration checkpoint_timeout = absl::Minutes(10);
     // The training run's id, written into every checkpoint's metadata.
     std::string lineage;
+    // Called after each checkpoint saved (for metrics).
+    std::function<void(uint64_t step)> on_saved;
   };
 
   struct Result {
