@@ -58,6 +58,18 @@ void TrainStep(ProcessCluster& cluster, ReferenceTraining& reference, int seed) 
   ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
 }
 
+// A Forward once the router's stream to a restarted server is back (after
+// its back-off, UNAVAILABLE means "no live replica" still).
+grpc::Status ForwardOnceReconnected(ProcessCluster& cluster, const FloatTensor& x,
+                                    v1::ForwardResponse* y) {
+  grpc::Status status;
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  do {
+    status = cluster.Forward(x, y);
+  } while (status.error_code() == grpc::StatusCode::UNAVAILABLE && absl::Now() < deadline);
+  return status;
+}
+
 // expert id -> (step, digest) as server `s` reports them.
 std::map<int, std::pair<uint64_t, uint64_t>> Experts(ProcessCluster& cluster, int s) {
   v1::InfoResponse info;
@@ -128,14 +140,8 @@ TEST(RejoinTest, AnExpertWithNoReplicaToSyncFromIsNamedNeverServedStale) {
   bool uses_expert_3 = false;
   for (int e : expected.routing.expert_ids) uses_expert_3 |= e == 3;
   ASSERT_TRUE(uses_expert_3);
-  // Until the router's stream to e1 is back (its back-off), expert 3 has no
-  // live replica at all.
   v1::ForwardResponse y;
-  grpc::Status status;
-  const absl::Time deadline = absl::Now() + absl::Seconds(30);
-  do {
-    status = cluster.Forward(x, &y);
-  } while (status.error_code() == grpc::StatusCode::UNAVAILABLE && absl::Now() < deadline);
+  const grpc::Status status = ForwardOnceReconnected(cluster, x, &y);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << status.error_message();
   EXPECT_THAT(status.error_message(), HasSubstr("expert 3"));
   EXPECT_THAT(status.error_message(), HasSubstr("expert 3 here has the weights of step 0"));
@@ -179,11 +185,7 @@ TEST(RejoinTest, ModelParallelServerAndRouterResumeFromTheLatestCheckpoint) {
   }
   const FloatTensor x = RandomTensor({kTokens, kDModel}, 91);
   v1::ForwardResponse y;
-  grpc::Status status;
-  const absl::Time deadline = absl::Now() + absl::Seconds(30);
-  do {
-    status = cluster.Forward(x, &y);
-  } while (status.error_code() == grpc::StatusCode::UNAVAILABLE && absl::Now() < deadline);
+  const grpc::Status status = ForwardOnceReconnected(cluster, x, &y);
   ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
   EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), reference.Layer().Forward(x)->y, 1e-5));
   ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 30));
