@@ -94,6 +94,14 @@ void AppendVarint(uint64_t value, std::string& out) {
 
 constexpr uint64_t kMaxFieldNumber = (uint64_t{1} << 29) - 1;
 
+// A length-delimited field's length, as protobuf reads one: at most 5
+// bytes and at most 2^31 - 1 (a longer encoding of 0 is refused there too;
+// found by fuzzing).
+template <typename Reader>
+bool ReadLength(Reader& reader, uint64_t& length) {
+  return reader.ReadVarint(length, /*max_bytes=*/5) && length <= 0x7fffffff;
+}
+
 grpc::Status Malformed(const char* what) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
                       std::string("malformed ring segment: ") + what);
@@ -165,7 +173,7 @@ grpc::Status ReceivedSegment::FromByteBuffer(grpc::ByteBuffer& buffer,
     if (field == 0 || field > kMaxFieldNumber) return Malformed("bad field number");
     if (field == kDataField && wire_type == kLengthDelimited) {
       uint64_t length;
-      if (!reader.ReadVarint(length)) return Malformed("truncated data length");
+      if (!ReadLength(reader, length)) return Malformed("truncated or bad data length");
       segment.payload_.clear();  // A repeated field: the last one counts.
       if (!reader.Take(length, segment.payload_)) return Malformed("truncated data");
       segment.payload_bytes_ = length;
@@ -182,7 +190,7 @@ grpc::Status ReceivedSegment::FromByteBuffer(grpc::ByteBuffer& buffer,
         if (!reader.Copy(8, header)) return Malformed("truncated fixed64");
         break;
       case 2:
-        if (!reader.ReadVarint(value)) return Malformed("truncated length");
+        if (!ReadLength(reader, value)) return Malformed("truncated or bad length");
         AppendVarint(value, header);
         if (!reader.Copy(value, header)) return Malformed("truncated field");
         break;
