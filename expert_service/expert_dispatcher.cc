@@ -243,7 +243,7 @@ absl::Status ExpertDispatcher::SaveExperts(const v1::SaveExpertsRequest& request
   MoeWeights part;
   for (const v1::ExpertRef& ref : request.experts()) {
     const ExpertKey expert = ExpertKeyOf(ref);
-    MOE_RETURN_IF_ERROR(store_.CheckHosted(expert));
+    // Snapshot checks that `expert` is hosted and at the step.
     MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, store_.Snapshot(expert, request.step()));
     part.experts.emplace(expert.expert, std::move(snapshot.weights));
   }

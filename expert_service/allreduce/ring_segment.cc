@@ -97,8 +97,7 @@ constexpr uint64_t kMaxFieldNumber = (uint64_t{1} << 29) - 1;
 // A length-delimited field's length, as protobuf reads one: at most 5
 // bytes and at most 2^31 - 1 (a longer encoding of 0 is refused there too;
 // found by fuzzing).
-template <typename Reader>
-bool ReadLength(Reader& reader, uint64_t& length) {
+bool ReadLength(SliceReader& reader, uint64_t& length) {
   return reader.ReadVarint(length, /*max_bytes=*/5) && length <= 0x7fffffff;
 }
 
