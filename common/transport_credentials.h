@@ -65,6 +65,8 @@ class TransportCredentials {
   // metric).
   TransportCredentials WithDeniedCallback(OnDenied on_denied) const;
   bool has_policy() const { return policy_ != nullptr; }
+  // The certificate files of TLS credentials; null for plaintext.
+  const TlsFiles* tls_files() const { return mode_ == Mode::kTls ? &files_ : nullptr; }
 
   std::shared_ptr<grpc::ServerCredentials> ForServer() const;
   std::shared_ptr<grpc::ChannelCredentials> ForChannel() const;

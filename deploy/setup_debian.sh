@@ -18,6 +18,8 @@ PACKAGES=(
   protobuf-compiler libprotobuf-dev protobuf-compiler-grpc libgrpc++-dev
   # Libraries.
   libabsl-dev libdnnl-dev prometheus-cpp-dev nlohmann-json3-dev
+  # Certificate expiry metric (libcrypto; gRPC's TLS library too).
+  libssl-dev
   # moe_local --tls and the TLS tests make a throwaway CA with the CLI.
   openssl
   # Tests and benchmarks (//third_party's repository asks pkg-config for

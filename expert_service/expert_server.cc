@@ -8,6 +8,7 @@
 #include "common/deterministic_init.h"
 #include "common/grpc_server.h"
 #include "common/log.h"
+#include "common/health_endpoint.h"
 #include "common/metrics_exposer.h"
 #include "common/placement.h"
 #include "common/status_macros.h"
@@ -67,6 +68,11 @@ absl::StatusOr<std::map<ExpertKey, ExpertWeights>> ExpertServer::LoadHostedWeigh
 }
 
 absl::Status ExpertServer::Start() {
+  // Live (not ready) while it loads and syncs, which may take minutes.
+  if (options_.health_port >= 0) {
+    MOE_ASSIGN_OR_RETURN(health_, HealthEndpoint::Start(absl::StrCat(options_.metrics_host, ":",
+                                                                     options_.health_port)));
+  }
   const ServingConfig& config = options_.config;
   const ModelConfig& model = config.model;
   MOE_ASSIGN_OR_RETURN(const Placement placement, ComputePlacement(model, config.cluster));
@@ -103,9 +109,10 @@ absl::Status ExpertServer::Start() {
   registry_ = std::make_shared<prometheus::Registry>();
   metrics_ = ExpertMetrics::Create(*registry_, model.num_experts);
   if (options_.metrics_port >= 0) {
-    MOE_ASSIGN_OR_RETURN(exposer_, StartMetricsExposer(options_.metrics_host,
-                                                       options_.metrics_port, registry_));
-    metrics_port_ = exposer_->GetListeningPorts().at(0);
+    MOE_ASSIGN_OR_RETURN(metrics_endpoint_,
+                         MetricsEndpoint::Start(options_.metrics_host, options_.metrics_port,
+                                                registry_, options_.credentials));
+    metrics_port_ = metrics_endpoint_->port();
   }
 
   const int onednn_threads = runtime_->num_threads();
@@ -143,9 +150,13 @@ absl::Status ExpertServer::Start() {
       [metrics = metrics_.get()](absl::string_view method) { metrics->CountDenied(method); });
   MOE_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.listen_address, port_credentials,
                                                 options_.max_message_bytes, services, &port_));
-  MOE_LOG(INFO, "server ", options_.name, " serving gRPC on port ", port_,
+  SetReadiness(*server_, health_.get(), true);
+  MOE_LOG(INFO, "server ", options_.name, " serving gRPC on port ", port_, " (",
+          options_.credentials.name(), ")",
           metrics_port_ >= 0 ? absl::StrCat(", /metrics on port ", metrics_port_)
-                             : std::string(", no metrics endpoint"));
+                             : std::string(", no metrics endpoint"),
+          health_ != nullptr ? absl::StrCat(", plaintext health on port ", health_->port())
+                             : std::string());
   return absl::OkStatus();
 }
 
@@ -212,6 +223,7 @@ void ExpertServer::Shutdown() {
   MOE_LOG(INFO, "server ", options_.name, ": draining ", service_->open_streams(),
           " stream(s), up to ", absl::FormatDuration(options_.drain_timeout));
   server_->GetHealthCheckService()->SetServingStatus(false);
+  SetReadiness(*server_, health_.get(), false);
   service_->BeginDrain();
   const absl::Time deadline = absl::Now() + options_.drain_timeout;
   if (!service_->WaitForStreams(deadline)) {

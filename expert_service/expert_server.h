@@ -18,6 +18,8 @@
 #include "absl/time/time.h"
 #include "common/compute_pool.h"
 #include "common/expert_key.h"
+#include "common/health_endpoint.h"
+#include "common/metrics_exposer.h"
 #include "common/model_config.h"
 #include "common/placement.h"
 #include "common/stream_reactor.h"
@@ -50,6 +52,10 @@ class ExpertServer {
     // port, -1 disables.
     int metrics_port = 9091;
     std::string metrics_host = "0.0.0.0";
+    // Plaintext health for probes (health_endpoint.h) on `metrics_host`,
+    // live from the start, ready once loaded, synced and listening; 0 picks
+    // a port, -1 (the default) serves health on the gRPC port only.
+    int health_port = -1;
     // Checkpoint to load: a safetensors file, or a sharded checkpoint
     // directory (whose step the experts start at); empty: deterministic
     // init from the seed.
@@ -103,6 +109,7 @@ class ExpertServer {
   // The bound gRPC and metrics ports.
   int port() const { return port_; }
   int metrics_port() const { return metrics_port_; }
+  int health_port() const { return health_ != nullptr ? health_->port() : -1; }
   std::shared_ptr<grpc::Channel> InProcessChannel();
   ExpertStore& store() { return *store_; }
   ExpertServiceImpl& service() { return *service_; }
@@ -132,7 +139,8 @@ class ExpertServer {
   std::unique_ptr<ExpertStore> store_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<ExpertMetrics> metrics_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<MetricsEndpoint> metrics_endpoint_;
+  std::unique_ptr<HealthEndpoint> health_;
   std::unique_ptr<ComputePool> pool_;
   std::unique_ptr<MicroBatcher> batcher_;
   // The training step: ring links to this server's successors (by server

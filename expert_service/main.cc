@@ -21,6 +21,12 @@ ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on.");
 ABSL_FLAG(int, port, 50061, "gRPC port; 0 picks a free port and logs it.");
 ABSL_FLAG(int, metrics_port, 9091,
           "Prometheus /metrics port; 0 picks a free port, -1 disables.");
+ABSL_FLAG(std::string, metrics_host, "0.0.0.0",
+          "Address /metrics and the health port listen on (plaintext both).");
+ABSL_FLAG(int, health_port, -1,
+          "Plaintext port serving only gRPC health, for probes without a client certificate: "
+          "service \"\" is liveness, \"moe.ready\" readiness; 0 picks one, -1: health on the "
+          "gRPC port only.");
 ABSL_FLAG(std::string, checkpoint, "",
           "Checkpoint: a safetensors file or a sharded checkpoint directory (step-N, with "
           "model.safetensors.index.json); empty: deterministic init from the config's seed.");
@@ -66,6 +72,8 @@ absl::StatusOr<moe::expert::ExpertServer::Options> OptionsFromFlags() {
   options.config = *std::move(config);
   options.listen_address = absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port));
   options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  options.metrics_host = absl::GetFlag(FLAGS_metrics_host);
+  options.health_port = absl::GetFlag(FLAGS_health_port);
   options.checkpoint_path = absl::GetFlag(FLAGS_checkpoint);
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   absl::StatusOr<moe::TransportCredentials> credentials = moe::TransportCredentials::FromFlags();

@@ -18,6 +18,12 @@ ABSL_FLAG(std::string, config, "", "Text-format moe.v1.ServingConfig (required).
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on.");
 ABSL_FLAG(int, port, 50051, "gRPC port; 0 picks a free port and logs it.");
 ABSL_FLAG(int, metrics_port, 9090, "Prometheus /metrics port; 0 picks one, -1 disables.");
+ABSL_FLAG(std::string, metrics_host, "0.0.0.0",
+          "Address /metrics and the health port listen on (plaintext both).");
+ABSL_FLAG(int, health_port, -1,
+          "Plaintext port serving only gRPC health, for probes without a client certificate: "
+          "service \"\" is liveness, \"moe.ready\" readiness; 0 picks one, -1: health on the "
+          "gRPC port only.");
 ABSL_FLAG(std::string, checkpoint, "",
           "Checkpoint for the gate: a safetensors file or a sharded checkpoint directory "
           "(step-N; training resumes after its step); empty: deterministic init from the seed.");
@@ -56,6 +62,8 @@ int main(int argc, char** argv) {
   options.listen_address =
       absl::StrCat(absl::GetFlag(FLAGS_host), ":", absl::GetFlag(FLAGS_port));
   options.metrics_port = absl::GetFlag(FLAGS_metrics_port);
+  options.metrics_host = absl::GetFlag(FLAGS_metrics_host);
+  options.health_port = absl::GetFlag(FLAGS_health_port);
   options.checkpoint_path = absl::GetFlag(FLAGS_checkpoint);
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);

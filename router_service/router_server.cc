@@ -7,6 +7,7 @@
 #include "common/deterministic_init.h"
 #include "common/grpc_server.h"
 #include "common/log.h"
+#include "common/health_endpoint.h"
 #include "common/metrics_exposer.h"
 #include "common/status_macros.h"
 
@@ -46,6 +47,10 @@ absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Create(Options optio
 }
 
 absl::Status RouterServer::Start() {
+  if (options_.health_port >= 0) {
+    MOE_ASSIGN_OR_RETURN(health_, HealthEndpoint::Start(absl::StrCat(options_.metrics_host, ":",
+                                                                     options_.health_port)));
+  }
   const ServingConfig& config = options_.config;
   const ModelConfig& model = config.model;
   MOE_ASSIGN_OR_RETURN(Placement placement, ComputePlacement(model, config.cluster));
@@ -85,9 +90,10 @@ absl::Status RouterServer::Start() {
   router_ = std::make_unique<Router>(std::move(router_options), std::move(placement), *client_);
 
   if (options_.metrics_port >= 0) {
-    MOE_ASSIGN_OR_RETURN(exposer_, StartMetricsExposer(options_.metrics_host,
-                                                       options_.metrics_port, registry_));
-    metrics_port_ = exposer_->GetListeningPorts().at(0);
+    MOE_ASSIGN_OR_RETURN(metrics_endpoint_,
+                         MetricsEndpoint::Start(options_.metrics_host, options_.metrics_port,
+                                                registry_, options_.credentials));
+    metrics_port_ = metrics_endpoint_->port();
   }
   StepCoordinator::Options step_options;
   step_options.default_learning_rate = model.optimizer.learning_rate;
@@ -119,9 +125,12 @@ absl::Status RouterServer::Start() {
           config.cluster.servers.size(), " expert servers; gate from ",
           options_.checkpoint_path.empty() ? absl::StrCat("init seed ", model.seed)
                                            : options_.checkpoint_path);
-  MOE_LOG(INFO, "router serving gRPC on port ", port_,
+  SetReadiness(*server_, health_.get(), true);
+  MOE_LOG(INFO, "router serving gRPC on port ", port_, " (", options_.credentials.name(), ")",
           metrics_port_ >= 0 ? absl::StrCat(", /metrics on port ", metrics_port_)
-                             : std::string(", no metrics endpoint"));
+                             : std::string(", no metrics endpoint"),
+          health_ != nullptr ? absl::StrCat(", plaintext health on port ", health_->port())
+                             : std::string());
   return absl::OkStatus();
 }
 
@@ -133,6 +142,7 @@ void RouterServer::Shutdown() {
   }
   MOE_LOG(INFO, "router: draining, up to ", absl::FormatDuration(options_.drain_timeout));
   server_->GetHealthCheckService()->SetServingStatus(false);
+  SetReadiness(*server_, health_.get(), false);
   service_->BeginDrain();
   server_->Shutdown(absl::ToChronoTime(absl::Now() + options_.drain_timeout));
   MOE_LOG(INFO, "router: stopped");

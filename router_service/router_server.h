@@ -17,6 +17,8 @@
 #include "common/deadline_timer.h"
 #include "common/model_config.h"
 #include "common/placement.h"
+#include "common/health_endpoint.h"
+#include "common/metrics_exposer.h"
 #include "common/transport_credentials.h"
 #include "prometheus/exposer.h"
 #include "prometheus/registry.h"
@@ -38,6 +40,9 @@ class RouterServer {
     // Prometheus /metrics port on `metrics_host`; 0 picks one, -1 disables.
     int metrics_port = 9090;
     std::string metrics_host = "0.0.0.0";
+    // Plaintext health for probes (health_endpoint.h) on `metrics_host`;
+    // 0 picks a port, -1 (the default) serves health on the gRPC port only.
+    int health_port = -1;
     // Checkpoint for the gate: a safetensors file or a sharded checkpoint
     // directory (its step is the gate's); empty: deterministic init.
     std::string checkpoint_path;
@@ -62,6 +67,7 @@ class RouterServer {
 
   int port() const { return port_; }
   int metrics_port() const { return metrics_port_; }
+  int health_port() const { return health_ != nullptr ? health_->port() : -1; }
   Router& router() { return *router_; }
 
   // Health NOT_SERVING, then gRPC shutdown with in-flight calls bounded by
@@ -82,7 +88,8 @@ class RouterServer {
   std::unique_ptr<ComputePool> step_pool_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<RouterMetrics> metrics_;
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::unique_ptr<MetricsEndpoint> metrics_endpoint_;
+  std::unique_ptr<HealthEndpoint> health_;
   std::unique_ptr<RouterServiceImpl> service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;

@@ -5,11 +5,14 @@
 // training identity can Step. Denials are PERMISSION_DENIED naming the
 // method and the identity, counted per method, and the cluster keeps
 // serving.
+#include <csignal>
+#include <filesystem>
 #include <fstream>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "clients/cpp/moe_client.h"
+#include "common/certificate_expiry.h"
 #include "common/test_ca.h"
 #include "common/testing/random_tensor.h"
 #include "common/transport_credentials.h"
@@ -19,6 +22,7 @@
 #include "gtest/gtest.h"
 #include "proto/collective.grpc.pb.h"
 #include "proto/expert.grpc.pb.h"
+#include "proto/health.grpc.pb.h"
 
 namespace moe::testing {
 namespace {
@@ -129,6 +133,82 @@ TEST(AuthorizationTest, EachIdentityGetsWhatItsRoleAllows) {
                                         "ExpertServer/ReleaseExpert\"} 1"));
   EXPECT_THAT(expert_metrics, HasSubstr("moe_expert_authz_denied_total{method=\"/moe.v1."
                                         "ExpertServer/AbortStep\"} 1"));
+}
+
+grpc::health::v1::HealthCheckResponse::ServingStatus CheckHealth(
+    int port, const TransportCredentials& credentials, const std::string& service,
+    grpc::Status* status) {
+  auto health = grpc::health::v1::Health::NewStub(
+      NewChannel(absl::StrCat("127.0.0.1:", port), credentials, 1 << 20));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(service);
+  grpc::health::v1::HealthCheckResponse response;
+  *status = health->Check(&context, request, &response);
+  return response.status();
+}
+
+// The kubelet's probes present no certificate: a server whose gRPC port
+// requires mutual TLS answers them on its plaintext health port, which
+// serves nothing else; its /metrics tells when its certificates expire.
+TEST(AuthorizationTest, ProbesUseThePlaintextHealthPortAndMetricsShowCertificateExpiry) {
+  const std::string dir = ::testing::TempDir() + "/health";
+  std::filesystem::create_directories(dir);
+  absl::StatusOr<TestCertificateAuthority> ca = TestCertificateAuthority::Create(dir);
+  ASSERT_TRUE(ca.ok()) << ca.status();
+  absl::StatusOr<TlsFiles> files = ca->Issue("moe-node");
+  ASSERT_TRUE(files.ok()) << files.status();
+  const std::string config = dir + "/serving.pbtxt";
+  std::ofstream(config) << R"pb(
+    model { d_model: 16 d_ff: 32 num_experts: 2 top_k: 1 seed: 5 }
+    cluster {
+      servers { name: "a" address: "127.0.0.1:1" }
+      strategy: PLACEMENT_STRATEGY_DATA_PARALLEL
+    }
+  )pb";
+  local::ChildProcess server(
+      local::RunfilePath("expert_service/expert_server"),
+      {"--config=" + config, "--name=a", "--host=127.0.0.1", "--port=0", "--metrics_port=0",
+       "--metrics_host=127.0.0.1", "--health_port=0", "--transport_security=tls",
+       "--tls_cert=" + files->cert, "--tls_key=" + files->key, "--tls_ca=" + files->ca,
+       "--require_client_cert"});
+  const std::optional<std::string> line =
+      server.WaitForLine("serving gRPC on port", absl::Seconds(60));
+  ASSERT_TRUE(line.has_value()) << server.output();
+  EXPECT_THAT(*line, HasSubstr("(mutual tls)"));
+  const int port = local::NumberAfter(*line, "serving gRPC on port ");
+  const int health_port = local::NumberAfter(*line, "plaintext health on port ");
+  const int metrics_port = local::NumberAfter(*line, "/metrics on port ");
+  ASSERT_GT(health_port, 0) << *line;
+
+  const TransportCredentials plaintext = TransportCredentials::Plaintext();
+  grpc::Status status;
+  EXPECT_EQ(CheckHealth(health_port, plaintext, "", &status),
+            grpc::health::v1::HealthCheckResponse::SERVING);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(CheckHealth(health_port, plaintext, "moe.ready", &status),
+            grpc::health::v1::HealthCheckResponse::SERVING);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  // The gRPC port itself refuses a plaintext caller.
+  CheckHealth(port, plaintext, "", &status);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  // Nothing but health on the plaintext port.
+  {
+    auto stub = v1::ExpertServer::NewStub(
+        NewChannel(absl::StrCat("127.0.0.1:", health_port), plaintext, 1 << 20));
+    grpc::ClientContext context;
+    v1::ReleaseExpertResponse response;
+    EXPECT_EQ(stub->ReleaseExpert(&context, {}, &response).error_code(),
+              grpc::StatusCode::UNIMPLEMENTED);
+  }
+
+  const absl::Time not_after = *CertificateNotAfter(files->cert);
+  EXPECT_THAT(local::HttpGet(metrics_port, "/metrics"),
+              HasSubstr(absl::StrCat(
+                  "moe_tls_certificate_expiry_timestamp_seconds{certificate=\"own\"} ",
+                  absl::ToInt64Seconds(not_after - absl::UnixEpoch()))));
+  EXPECT_EQ(server.Stop(SIGTERM, absl::Seconds(30)), 0);
 }
 
 }  // namespace

@@ -36,6 +36,8 @@ _LIBRARIES = {
     "benchmark": (["benchmark"], []),
     "benchmark_main": (["benchmark"], ["-lbenchmark_main"]),
     "nlohmann_json": (["nlohmann_json"], []),
+    # OpenSSL's libcrypto (gRPC's TLS library too): certificate expiry.
+    "openssl": (["libcrypto"], []),
     # Facebook's Gloo (libgloo-dev): the all-reduce benchmark's baseline only.
     "gloo": ([], ["-lgloo"]),
 }
