@@ -91,6 +91,7 @@ local_args() {  # NAME GRPC_PORT [POD_NAME]
   sed -e "s|^--config=.*|--config=${work}/etc/serving_config.pbtxt|" \
       -e "s|^--port=.*|--port=$2|" \
       -e "s|^--metrics_port=.*|--metrics_port=0|" \
+      -e "s|^--health_port=.*|--health_port=0|" \
       -e "s|\$(POD_NAME)|${3:-}|" "${work}/$1.args"
 }
 start() {  # NAME LOG GRPC_PORT [POD_NAME]

@@ -9,8 +9,11 @@
 //   - the headless Service is headless, publishes not-ready pods, selects
 //     the StatefulSet's pods and serves the gRPC port the servers listen on;
 //   - both containers read the config from where the ConfigMap is mounted,
-//     a --checkpoint from a mounted volume, probe their own gRPC port, and
-//     are scraped (annotation) on their own --metrics_port;
+//     a --checkpoint from a mounted volume, probe their --health_port (or
+//     their gRPC port), readiness as "moe.ready", and are scraped
+//     (annotation) on their own --metrics_port;
+//   - with TLS, both do, reading certificates from a mounted Secret and
+//     the --authz_policy from a mounted ConfigMap;
 //   - the expert server's --name is its pod's name.
 // Prints one line per overlay; exits 1 naming every disagreement.
 //
@@ -128,15 +131,45 @@ void CheckContainer(Checker& check, const Json& workload, const std::string& con
     }
     if (!under_volume) check.Fail(absl::StrCat(who, ": --checkpoint=", *checkpoint, " is on no volume"));
   }
-  const int port = IntFlag(check, container, "port");
+  // Probes on the plaintext health port when there is one (the gRPC port
+  // may require client certificates), readiness as "moe.ready" there.
+  const bool health_port = FlagValue(container, "health_port").has_value();
+  const int probed = IntFlag(check, container, health_port ? "health_port" : "port");
   for (const char* probe : {"readinessProbe", "livenessProbe", "startupProbe"}) {
     if (!container.contains(probe)) continue;
-    if (container[probe].value(Json::json_pointer("/grpc/port"), -1) != port) {
-      check.Fail(absl::StrCat(who, ": ", probe, " does not probe gRPC port ", port));
+    if (container[probe].value(Json::json_pointer("/grpc/port"), -1) != probed) {
+      check.Fail(absl::StrCat(who, ": ", probe, " does not probe ",
+                              health_port ? "--health_port " : "gRPC port ", probed));
     }
   }
   if (!container.contains("readinessProbe") || !container.contains("livenessProbe")) {
     check.Fail(absl::StrCat(who, ": needs readiness and liveness probes"));
+  } else if (health_port &&
+             container["readinessProbe"].value(Json::json_pointer("/grpc/service"), "") !=
+                 "moe.ready") {
+    check.Fail(absl::StrCat(who, ": the readinessProbe must ask service \"moe.ready\""));
+  }
+  if (FlagValue(container, "transport_security") == "tls") {
+    // Certificates from a Secret, the policy from a ConfigMap, as mounted.
+    auto mounted_from = [&](const std::string& path, const char* source) {
+      for (const std::string& mount :
+           MountsOf(spec, container, [&](const Json& v) { return v.contains(source); })) {
+        if (absl::StartsWith(path, mount + "/")) return true;
+      }
+      return false;
+    };
+    for (const char* flag : {"tls_cert", "tls_key", "tls_ca"}) {
+      const std::string path = FlagValue(container, flag).value_or("(none)");
+      if (!mounted_from(path, "secret")) {
+        check.Fail(absl::StrCat(who, ": --", flag, "=", path, " is on no mounted Secret"));
+      }
+    }
+    if (const std::optional<std::string> policy = FlagValue(container, "authz_policy")) {
+      if (!mounted_from(*policy, "configMap")) {
+        check.Fail(absl::StrCat(who, ": --authz_policy=", *policy,
+                                " is on no mounted ConfigMap"));
+      }
+    }
   }
   const int metrics_port = IntFlag(check, container, "metrics_port");
   const std::string annotated =
@@ -163,6 +196,15 @@ void CheckRender(Checker& check, const Json& objects) {
   const std::string config_map_name = (*config_map)["metadata"]["name"];
   CheckContainer(check, *experts, config_map_name);
   CheckContainer(check, *router, config_map_name);
+  // The router dials the servers with its own credentials.
+  const auto security = [](const Json& workload) {
+    return FlagValue(workload["spec"]["template"]["spec"]["containers"][0], "transport_security")
+        .value_or("plaintext");
+  };
+  if (security(*experts) != security(*router)) {
+    check.Fail(absl::StrCat("the router runs --transport_security=", security(*router),
+                            ", the expert servers ", security(*experts)));
+  }
 
   // Server i is pod i, reached through the headless Service.
   const std::string statefulset = (*experts)["metadata"]["name"];

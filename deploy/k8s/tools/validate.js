@@ -2,8 +2,8 @@
 // Renders kustomize directories and validates every object they produce,
 // offline:
 //   - against the Kubernetes 1.33 OpenAPI schema (kubernetes-models 4.5.1)
-//     or the prometheus-operator CRD schema: types, required fields, enums,
-//     formats;
+//     or the prometheus-operator or cert-manager CRD schema: types, required
+//     fields, enums, formats;
 //   - strictly: an unknown field anywhere (a typo such as `readinesProbe`)
 //     is an error, found by type-checking the objects as TypeScript object
 //     literals against the same models' interfaces.
@@ -24,6 +24,9 @@ const KUBERNETES_VERSION = "1.33";
 function modelModule(apiVersion, kind) {
   if (apiVersion === "monitoring.coreos.com/v1") {
     return `@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/${kind}`;
+  }
+  if (apiVersion === "cert-manager.io/v1") {
+    return `@kubernetes-models/cert-manager/cert-manager.io/v1/${kind}`;
   }
   // Core group "v1", or "<group>/<version>".
   return `kubernetes-models/${apiVersion}/${kind}`;
@@ -154,7 +157,7 @@ function main() {
     process.exit(1);
   }
   console.log(`all objects valid against Kubernetes ${KUBERNETES_VERSION} ` +
-              "(kubernetes-models 4.5.1) and prometheus-operator schemas, no unknown fields");
+              "(kubernetes-models 4.5.1) and prometheus-operator and cert-manager schemas, no unknown fields");
 }
 
 main();

@@ -18,7 +18,7 @@ namespace {
 
 AuthorizationPolicy Shipped() {
   absl::StatusOr<AuthorizationPolicy> policy =
-      AuthorizationPolicy::Load(local::RunfilePath("deploy/authz/policy.json"));
+      AuthorizationPolicy::Load(local::RunfilePath("deploy/k8s/components/mtls/policy.json"));
   EXPECT_TRUE(policy.ok()) << policy.status();
   return *std::move(policy);
 }
@@ -36,7 +36,7 @@ TEST(ShippedPolicyTest, EveryMethodHasItsRow) {
     ASSERT_NE(service, nullptr) << name;
     for (int m = 0; m < service->method_count(); ++m) {
       const std::string method = "/" + service->full_name() + "/" + service->method(m)->name();
-      EXPECT_TRUE(policy.Names(method)) << method << " has no row in deploy/authz/policy.json";
+      EXPECT_TRUE(policy.Names(method)) << method << " has no row in deploy/k8s/components/mtls/policy.json";
       ++methods;
     }
   }
