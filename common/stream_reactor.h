@@ -7,11 +7,13 @@
 // reading, answers everything it has accepted, then finishes UNAVAILABLE so
 // the client knows to go elsewhere: no accepted request is lost. A request
 // may be cancelled by a later message on the stream until it starts.
+// Bounds (stream_set.h): requests and bytes held per stream (then it reads
+// no more until answers have gone out), bytes held by every stream of the
+// service (then requests are refused with RESOURCE_EXHAUSTED).
 // Thread-safe; deletes itself in OnDone.
 #ifndef MOE_COMMON_STREAM_REACTOR_H_
 #define MOE_COMMON_STREAM_REACTOR_H_
 
-#include <atomic>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -27,38 +29,9 @@
 #include "absl/synchronization/mutex.h"
 #include "common/compute_pool.h"
 #include "common/grpc_status.h"
+#include "common/stream_set.h"
 
 namespace moe {
-
-// Requests a stream accepts and has not yet answered, at most, by default.
-inline constexpr int kDefaultMaxStreamOutstanding = 1024;
-
-// What a service needs to track its open streams (for draining). Reference
-// counted: gRPC holds one reference until OnDone, and the registry takes one
-// while it calls Drain() outside its lock (a stream may finish, and gRPC
-// run OnDone, at any moment).
-class DrainableStream {
- public:
-  virtual ~DrainableStream() = default;
-  virtual void Drain() = 0;
-
-  void Ref() { refs_.fetch_add(1, std::memory_order_relaxed); }
-  void Unref() {
-    if (refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete this;
-  }
-
- private:
-  std::atomic<int> refs_{1};
-};
-
-// Registers and unregisters streams; implemented by the service.
-class StreamRegistry {
- public:
-  virtual ~StreamRegistry() = default;
-  // false when the service is draining: the stream must finish at once.
-  virtual bool Register(DrainableStream* stream) = 0;
-  virtual void Unregister(DrainableStream* stream) = 0;
-};
 
 template <typename Request, typename Response>
 class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
@@ -84,29 +57,27 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   using TagOf = std::function<uint64_t(const Request&)>;
   using CancelTarget = std::function<std::optional<uint64_t>(const Request&)>;
 
-  // At most `max_outstanding` requests are accepted and not yet written
-  // back: beyond it the stream reads no more until answers have gone out
-  // (flow control; a client that sends and never reads holds that many
-  // answers here, not an unbounded queue).
-  StreamReactor(StreamRegistry& registry, ComputePool& pool, int max_outstanding,
-                Handler handler, OnReceive on_receive, OnSend on_send, Refuse refuse,
-                TagOf tag_of = nullptr, CancelTarget cancel_target = nullptr)
-      : registry_(registry),
+  // `streams` registers the stream and bounds it (a client that sends and
+  // never reads holds at most its stream's bounds here, not an unbounded
+  // queue); it must outlive the stream.
+  StreamReactor(StreamSet& streams, ComputePool& pool, Handler handler, OnReceive on_receive,
+                OnSend on_send, Refuse refuse, TagOf tag_of = nullptr,
+                CancelTarget cancel_target = nullptr)
+      : streams_(streams),
         pool_(pool),
-        max_outstanding_(max_outstanding),
+        bounds_(streams.bounds()),
         handler_(std::move(handler)),
         on_receive_(std::move(on_receive)),
         on_send_(std::move(on_send)),
         refuse_(std::move(refuse)),
         tag_of_(std::move(tag_of)),
         cancel_target_(std::move(cancel_target)) {
-    if (!registry_.Register(this)) {
+    if (absl::Status registered = streams_.Register(this); !registered.ok()) {
       absl::MutexLock lock(&mu_);
       draining_ = true;
       finished_ = true;
       registered_ = false;
-      this->Finish(grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                                "server is draining; use another replica"));
+      this->Finish(ToGrpcStatus(registered));
       return;
     }
     this->StartRead(&request_);
@@ -155,6 +126,22 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
     auto request = std::make_unique<Request>(std::move(request_));
     request_.Clear();
     on_receive_(*request);
+    const int64_t bytes = static_cast<int64_t>(request->ByteSizeLong());
+    if (!streams_.TryReserve(bytes)) {
+      auto refusal = std::make_unique<Response>();
+      refuse_(*request,
+              absl::ResourceExhaustedError(absl::StrCat(
+                  "server holds ", streams_.buffered_bytes() >> 20,
+                  " MiB of requests, its limit; retry, or go elsewhere")),
+              refusal.get());
+      Answer(std::move(refusal), 0);
+      ReadNext();
+      return;
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      held_bytes_ += bytes;
+    }
     const uint64_t tag = tag_of_ ? tag_of_(*request) : 0;
     if (tag_of_) {
       absl::MutexLock lock(&mu_);
@@ -165,20 +152,22 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
     refuse_(*request,
             absl::ResourceExhaustedError("compute queue is full; retry, or go elsewhere"),
             refusal.get());
-    const bool accepted = pool_.Submit([this, tag, request = std::move(request)]() mutable {
+    const bool accepted = pool_.Submit([this, tag, bytes, request = std::move(request)]() mutable {
       if (TakeQueued(tag)) {
         auto cancelled = std::make_unique<Response>();
         refuse_(*request, absl::CancelledError("cancelled by the client before it ran"),
                 cancelled.get());
-        Answer(std::move(cancelled));
+        Answer(std::move(cancelled), bytes);
         return;
       }
       handler_(std::move(request), std::make_unique<Response>(),
-               [this](std::unique_ptr<Response> response) { Answer(std::move(response)); });
+               [this, bytes](std::unique_ptr<Response> response) {
+                 Answer(std::move(response), bytes);
+               });
     });
     if (!accepted) {
       TakeQueued(tag);
-      Answer(std::move(refusal));
+      Answer(std::move(refusal), bytes);
     }
     ReadNext();
   }
@@ -188,14 +177,15 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
     bool finish = false;
     {
       absl::MutexLock lock(&mu_);
+      ReleaseLocked(queue_.front().bytes);
       queue_.pop_front();
-      if (read_paused_ && !draining_ && !finished_ && OutstandingLocked() < max_outstanding_) {
+      if (read_paused_ && !draining_ && !finished_ && HasRoomLocked()) {
         // Room again: read on (under mu_, as in ReadNext).
         read_paused_ = false;
         this->StartRead(&request_);
       }
       if (!queue_.empty()) {
-        next = queue_.front().get();
+        next = queue_.front().response.get();
       } else {
         writing_ = false;
         finish = ShouldFinishLocked();
@@ -207,7 +197,13 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   }
 
   void OnDone() override {
-    if (registered_) registry_.Unregister(this);
+    {
+      // Answers never written (the client went away) give their bytes back.
+      absl::MutexLock lock(&mu_);
+      for (const Answered& answer : queue_) ReleaseLocked(answer.bytes);
+      queue_.clear();
+    }
+    if (registered_) streams_.Unregister(this);
     Unref();
   }
 
@@ -221,7 +217,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
       absl::MutexLock lock(&mu_);
       if (draining_) {
         finish = ShouldFinishLocked();
-      } else if (OutstandingLocked() >= max_outstanding_) {
+      } else if (!HasRoomLocked()) {
         read_paused_ = true;  // OnWriteDone reads on
       } else {
         this->StartRead(&request_);
@@ -239,25 +235,33 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
     return cancelled_.erase(tag) > 0;
   }
 
-  // Queues an answer; starts writing if no write is in flight.
-  void Answer(std::unique_ptr<Response> response) {
+  // Queues an answer to a request that held `bytes`; starts writing if no
+  // write is in flight.
+  void Answer(std::unique_ptr<Response> response, int64_t bytes) {
     on_send_(*response);
     Response* start = nullptr;
     {
       absl::MutexLock lock(&mu_);
       --pending_;
-      queue_.push_back(std::move(response));
+      queue_.push_back({std::move(response), bytes});
       if (!writing_) {
         writing_ = true;
-        start = queue_.front().get();
+        start = queue_.front().response.get();
       }
     }
     if (start != nullptr) this->StartWrite(start);
   }
 
-  // Accepted and not yet written back.
-  int OutstandingLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-    return pending_ + static_cast<int>(queue_.size());
+  // Whether the stream may accept another request: fewer than the bounds
+  // accepted and not yet written back.
+  bool HasRoomLocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    return pending_ + static_cast<int>(queue_.size()) < bounds_.max_outstanding &&
+           held_bytes_ < bounds_.max_stream_bytes;
+  }
+
+  void ReleaseLocked(int64_t bytes) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
+    held_bytes_ -= bytes;
+    streams_.Release(bytes);
   }
 
   // Whether everything accepted has been answered and no more will come.
@@ -282,9 +286,14 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
                           : grpc::Status::OK);
   }
 
-  StreamRegistry& registry_;
+  struct Answered {
+    std::unique_ptr<Response> response;
+    int64_t bytes;  // of its request, held until written
+  };
+
+  StreamSet& streams_;
   ComputePool& pool_;
-  const int max_outstanding_;
+  const StreamBounds bounds_;
   const Handler handler_;
   const OnReceive on_receive_;
   const OnSend on_send_;
@@ -296,9 +305,10 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
 
   absl::Mutex mu_;
   int pending_ ABSL_GUARDED_BY(mu_) = 0;
-  std::deque<std::unique_ptr<Response>> queue_ ABSL_GUARDED_BY(mu_);
+  std::deque<Answered> queue_ ABSL_GUARDED_BY(mu_);
+  int64_t held_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
-  // No read is posted: max_outstanding_ reached.
+  // No read is posted: a bound was reached.
   bool read_paused_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;

@@ -141,7 +141,7 @@ absl::Status ExpertServer::Start() {
       ExpertDispatcher::Options{options_.name, options_.clock, options_.checkpoint_dir}, *store_,
       *metrics_, batcher_.get(), steps_.get());
   service_ = std::make_unique<ExpertServiceImpl>(*dispatcher_, *pool_, step_pool_.get(),
-                                                 options_.max_stream_outstanding);
+                                                 options_.streams);
 
   const std::initializer_list<grpc::Service*> services = {service_.get(),
                                                            collective_service_.get()};

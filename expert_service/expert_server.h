@@ -22,7 +22,7 @@
 #include "common/metrics_exposer.h"
 #include "common/model_config.h"
 #include "common/placement.h"
-#include "common/stream_reactor.h"
+#include "common/stream_set.h"
 #include "common/transport_credentials.h"
 #include "expert_service/allreduce/collective_registry.h"
 #include "expert_service/allreduce/collective_service.h"
@@ -71,9 +71,8 @@ class ExpertServer {
     int compute_threads = 1;
     // Requests queued for compute beyond which new ones are refused.
     size_t max_queued_requests = 4096;
-    // Requests one Dispatch stream accepts and has not answered, at most:
-    // beyond it the stream is not read (flow control).
-    int max_stream_outstanding = kDefaultMaxStreamOutstanding;
+    // Bounds of the Dispatch and BackwardDispatch streams (stream_set.h).
+    StreamBounds streams;
     TrainingStateStore::Options training;
     // Micro-batching of inference requests for the same expert: how long a
     // request waits for others (zero: off, the default) and the largest

@@ -121,7 +121,7 @@ struct ServerSetup {
   Gate* gate = nullptr;
   absl::Duration batch_window = absl::ZeroDuration();
   int64_t max_batch_rows = 4096;
-  int max_stream_outstanding = kDefaultMaxStreamOutstanding;
+  int max_stream_outstanding = StreamBounds().max_outstanding;
 };
 
 std::unique_ptr<ExpertServer> StartServer(const ServerSetup& setup) {
@@ -135,7 +135,7 @@ std::unique_ptr<ExpertServer> StartServer(const ServerSetup& setup) {
   options.training = {setup.training_bytes, absl::Seconds(30)};
   options.batch_window = setup.batch_window;
   options.max_batch_rows = setup.max_batch_rows;
-  options.max_stream_outstanding = setup.max_stream_outstanding;
+  options.streams.max_outstanding = setup.max_stream_outstanding;
   if (setup.clock != nullptr) {
     options.clock = [clock = setup.clock] { return clock->Now(); };
   }

@@ -6,17 +6,20 @@
 #include "common/grpc_status.h"
 #include "common/log.h"
 #include "common/proto_status.h"
+#include "common/stream_reactor.h"
 #include "expert_service/weight_transfer.h"
 
 namespace moe::expert {
 
 ExpertServiceImpl::ExpertServiceImpl(ExpertDispatcher& dispatcher, ComputePool& pool,
-                                     ComputePool* step_pool, int max_stream_outstanding)
+                                     ComputePool* step_pool, StreamBounds bounds)
     : dispatcher_(dispatcher),
       metrics_(dispatcher.metrics()),
       pool_(pool),
       step_pool_(step_pool),
-      max_stream_outstanding_(max_stream_outstanding) {
+      streams_(bounds, [gauge = metrics_.active_streams](int open) {
+        gauge->Set(static_cast<double>(open));
+      }) {
   MOE_CHECK(step_pool != nullptr || !dispatcher.runs_steps(),
             "PrepareStep blocks: it needs a step pool");
 }
@@ -24,7 +27,7 @@ ExpertServiceImpl::ExpertServiceImpl(ExpertDispatcher& dispatcher, ComputePool& 
 grpc::ServerBidiReactor<v1::DispatchRequest, v1::DispatchResponse>*
 ExpertServiceImpl::Dispatch(grpc::CallbackServerContext* context) {
   return new StreamReactor<v1::DispatchRequest, v1::DispatchResponse>(
-      *this, pool_, max_stream_outstanding_,
+      streams_, pool_,
       [this](std::unique_ptr<v1::DispatchRequest> request,
              std::unique_ptr<v1::DispatchResponse> response,
              ExpertDispatcher::DispatchReply reply) {
@@ -53,7 +56,7 @@ ExpertServiceImpl::Dispatch(grpc::CallbackServerContext* context) {
 grpc::ServerBidiReactor<v1::BackwardDispatchRequest, v1::BackwardDispatchResponse>*
 ExpertServiceImpl::BackwardDispatch(grpc::CallbackServerContext* context) {
   return new StreamReactor<v1::BackwardDispatchRequest, v1::BackwardDispatchResponse>(
-      *this, pool_, max_stream_outstanding_,
+      streams_, pool_,
       [this](std::unique_ptr<v1::BackwardDispatchRequest> request,
              std::unique_ptr<v1::BackwardDispatchResponse> response,
              absl::AnyInvocable<void(std::unique_ptr<v1::BackwardDispatchResponse>) &&>
@@ -208,48 +211,6 @@ void ExpertServiceImpl::RunStep(grpc::ServerUnaryReactor* reactor,
   } else if (!step_pool_->Submit(std::move(work))) {
     reactor->Finish(ToGrpcStatus(absl::ResourceExhaustedError("step queue full")));
   }
-}
-
-bool ExpertServiceImpl::Register(DrainableStream* stream) {
-  absl::MutexLock lock(&mu_);
-  if (draining_) return false;
-  streams_.insert(stream);
-  metrics_.active_streams->Set(static_cast<double>(streams_.size()));
-  return true;
-}
-
-void ExpertServiceImpl::Unregister(DrainableStream* stream) {
-  absl::MutexLock lock(&mu_);
-  streams_.erase(stream);
-  metrics_.active_streams->Set(static_cast<double>(streams_.size()));
-}
-
-void ExpertServiceImpl::BeginDrain() {
-  std::vector<DrainableStream*> streams;
-  {
-    absl::MutexLock lock(&mu_);
-    draining_ = true;
-    for (DrainableStream* stream : streams_) {
-      stream->Ref();  // keeps it alive if it finishes before Drain() returns
-      streams.push_back(stream);
-    }
-  }
-  // Outside mu_: Drain() may finish the stream, and its OnDone unregisters.
-  for (DrainableStream* stream : streams) {
-    stream->Drain();
-    stream->Unref();
-  }
-}
-
-bool ExpertServiceImpl::WaitForStreams(absl::Time deadline) {
-  absl::MutexLock lock(&mu_);
-  auto none = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return streams_.empty(); };
-  return mu_.AwaitWithDeadline(absl::Condition(&none), deadline);
-}
-
-int ExpertServiceImpl::open_streams() const {
-  absl::MutexLock lock(&mu_);
-  return static_cast<int>(streams_.size());
 }
 
 }  // namespace moe::expert

@@ -10,34 +10,28 @@
 #define MOE_EXPERT_SERVICE_EXPERT_SERVICE_H_
 
 
-#include "absl/base/thread_annotations.h"
-#include "absl/container/flat_hash_set.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/compute_pool.h"
-#include "common/stream_reactor.h"
+#include "common/stream_set.h"
 #include "expert_service/expert_dispatcher.h"
 #include "proto/expert.grpc.pb.h"
 
 namespace moe::expert {
 
-class ExpertServiceImpl final : public v1::ExpertServer::CallbackService,
-                                private StreamRegistry {
+class ExpertServiceImpl final : public v1::ExpertServer::CallbackService {
  public:
   // `dispatcher` and `pool` must outlive the service. `step_pool` runs
   // PrepareStep and CommitStep (may be null when the dispatcher runs no
-  // steps). Each stream accepts at most `max_stream_outstanding` requests
-  // not yet answered (then reads no more until answers have gone out).
+  // steps). The Dispatch and BackwardDispatch streams share `bounds`.
   ExpertServiceImpl(ExpertDispatcher& dispatcher, ComputePool& pool,
-                    ComputePool* step_pool = nullptr,
-                    int max_stream_outstanding = kDefaultMaxStreamOutstanding);
+                    ComputePool* step_pool = nullptr, StreamBounds bounds = {});
 
   // Stops accepting streams; open streams answer what they accepted and
   // finish with UNAVAILABLE. Returns at once; WaitForStreams() waits.
-  void BeginDrain() ABSL_LOCKS_EXCLUDED(mu_);
+  void BeginDrain() { streams_.BeginDrain(); }
   // Waits until no stream is open or `deadline` passes; true if none is.
-  bool WaitForStreams(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
-  int open_streams() const ABSL_LOCKS_EXCLUDED(mu_);
+  bool WaitForStreams(absl::Time deadline) { return streams_.WaitForStreams(deadline); }
+  int open_streams() const { return streams_.open_streams(); }
 
   grpc::ServerBidiReactor<v1::DispatchRequest, v1::DispatchResponse>* Dispatch(
       grpc::CallbackServerContext* context) override;
@@ -69,8 +63,6 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService,
                                       v1::AbortStepResponse* response) override;
 
  private:
-  bool Register(DrainableStream* stream) override ABSL_LOCKS_EXCLUDED(mu_);
-  void Unregister(DrainableStream* stream) override ABSL_LOCKS_EXCLUDED(mu_);
   // Runs `work` on the step thread, or finishes `reactor` with why not.
   void RunStep(grpc::ServerUnaryReactor* reactor, absl::AnyInvocable<void() &&> work);
 
@@ -78,11 +70,7 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService,
   const ExpertMetrics& metrics_;
   ComputePool& pool_;
   ComputePool* const step_pool_;
-  const int max_stream_outstanding_;
-
-  mutable absl::Mutex mu_;
-  bool draining_ ABSL_GUARDED_BY(mu_) = false;
-  absl::flat_hash_set<DrainableStream*> streams_ ABSL_GUARDED_BY(mu_);
+  StreamSet streams_;
 };
 
 }  // namespace moe::expert

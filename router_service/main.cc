@@ -11,6 +11,7 @@
 #include "common/malloc_tuning.h"
 #include "common/model_config.h"
 #include "common/stop_signals.h"
+#include "common/stream_set.h"
 #include "common/transport_credentials.h"
 #include "router_service/router_server.h"
 
@@ -34,6 +35,16 @@ ABSL_FLAG(int, checkpoint_every_steps, 0,
           "Save a checkpoint after every committed step that is a multiple of this; 0: only "
           "when SaveCheckpoint is called.");
 ABSL_FLAG(int, compute_threads, 2, "Threads gating and combining.");
+ABSL_FLAG(int64_t, training_state_bytes, int64_t{1} << 30,
+          "Bytes of forward state kept for Backward (gate probabilities, expert outputs); a "
+          "training Forward beyond it is refused (RESOURCE_EXHAUSTED).");
+ABSL_FLAG(int, max_streams, moe::StreamBounds().max_streams,
+          "Streams open at once; more are refused (RESOURCE_EXHAUSTED).");
+ABSL_FLAG(int64_t, max_stream_bytes, moe::StreamBounds().max_stream_bytes,
+          "Request bytes one stream holds (accepted, not yet answered) before it reads no more.");
+ABSL_FLAG(int64_t, max_buffered_bytes, moe::StreamBounds().max_buffered_bytes,
+          "Request bytes all streams together hold before new requests are refused "
+          "(RESOURCE_EXHAUSTED).");
 ABSL_FLAG(absl::Duration, step_timeout, absl::Seconds(60),
           "Deadline of a training Step whose client sets none.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
@@ -68,6 +79,10 @@ int main(int argc, char** argv) {
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
   options.compute_threads = absl::GetFlag(FLAGS_compute_threads);
+  options.training_state_bytes = absl::GetFlag(FLAGS_training_state_bytes);
+  options.streams.max_streams = absl::GetFlag(FLAGS_max_streams);
+  options.streams.max_stream_bytes = absl::GetFlag(FLAGS_max_stream_bytes);
+  options.streams.max_buffered_bytes = absl::GetFlag(FLAGS_max_buffered_bytes);
   options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   options.step_timeout = absl::GetFlag(FLAGS_step_timeout);
   absl::StatusOr<moe::TransportCredentials> credentials = moe::TransportCredentials::FromFlags();

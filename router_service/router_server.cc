@@ -76,6 +76,7 @@ absl::Status RouterServer::Start() {
   router_options.model = model;
   router_options.gate = std::move(gate);
   router_options.gate_step = loaded.step;
+  router_options.training_max_bytes = options_.training_state_bytes;
   router_options.pool = pool_.get();
   router_options.load_stats = load_stats_.get();
   router_options.timer = &timer_;
@@ -112,7 +113,7 @@ absl::Status RouterServer::Start() {
       RouterServiceImpl::ClusterView{&options_.config, client_.get(),
                                      load_stats_.get(),
                                      [client = client_.get()] { return client->reconnects(); }},
-      *steps_, *step_pool_);
+      *steps_, *step_pool_, options_.streams);
 
   // Calls the authorization policy refuses are counted here.
   const TransportCredentials port_credentials = options_.credentials.WithDeniedCallback(

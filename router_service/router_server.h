@@ -19,6 +19,7 @@
 #include "common/placement.h"
 #include "common/health_endpoint.h"
 #include "common/metrics_exposer.h"
+#include "common/stream_set.h"
 #include "common/transport_credentials.h"
 #include "prometheus/exposer.h"
 #include "prometheus/registry.h"
@@ -55,6 +56,10 @@ class RouterServer {
     int compute_threads = 2;
     size_t max_queued_requests = 4096;
     int max_message_bytes = 512 << 20;
+    // Bounds of the ForwardStreams (stream_set.h).
+    StreamBounds streams;
+    // Forward state kept for Backward, at most (Router::Options).
+    int64_t training_state_bytes = int64_t{1} << 30;
     // Of the router's port and of its channels to the expert servers.
     TransportCredentials credentials = TransportCredentials::Plaintext();
     absl::Duration drain_timeout = absl::Seconds(10);

@@ -5,6 +5,7 @@
 #include "common/expert_key.h"
 #include "common/grpc_status.h"
 #include "common/proto_status.h"
+#include "common/stream_reactor.h"
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
 
@@ -101,7 +102,7 @@ RouterServiceImpl::ForwardStream(grpc::CallbackServerContext* context) {
   const absl::Time deadline = DeadlineOf(*context);
   using Reply = absl::AnyInvocable<void(std::unique_ptr<v1::ForwardResponse>) &&>;
   return new StreamReactor<v1::ForwardRequest, v1::ForwardResponse>(
-      *this, pool_, kDefaultMaxStreamOutstanding,
+      streams_, pool_,
       [this, deadline](std::unique_ptr<v1::ForwardRequest> request,
                        std::unique_ptr<v1::ForwardResponse> response, Reply reply) {
         const absl::Time start = absl::Now();
@@ -222,34 +223,6 @@ grpc::ServerUnaryReactor* RouterServiceImpl::GetClusterState(
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
-}
-
-bool RouterServiceImpl::Register(DrainableStream* stream) {
-  absl::MutexLock lock(&mu_);
-  if (draining_) return false;
-  streams_.insert(stream);
-  return true;
-}
-
-void RouterServiceImpl::Unregister(DrainableStream* stream) {
-  absl::MutexLock lock(&mu_);
-  streams_.erase(stream);
-}
-
-void RouterServiceImpl::BeginDrain() {
-  std::vector<DrainableStream*> streams;
-  {
-    absl::MutexLock lock(&mu_);
-    draining_ = true;
-    for (DrainableStream* stream : streams_) {
-      stream->Ref();
-      streams.push_back(stream);
-    }
-  }
-  for (DrainableStream* stream : streams) {
-    stream->Drain();
-    stream->Unref();
-  }
 }
 
 grpc::ServerUnaryReactor* RouterServiceImpl::Backward(grpc::CallbackServerContext* context,

@@ -11,13 +11,11 @@
 #ifndef MOE_ROUTER_SERVICE_ROUTER_SERVICE_H_
 #define MOE_ROUTER_SERVICE_ROUTER_SERVICE_H_
 
-#include "absl/container/flat_hash_set.h"
-#include "absl/synchronization/mutex.h"
 #include "common/compute_pool.h"
-#include "common/stream_reactor.h"
-#include "proto/router.grpc.pb.h"
 #include "common/model_config.h"
 #include "common/placement.h"
+#include "common/stream_set.h"
+#include "proto/router.grpc.pb.h"
 #include "router_service/expert_client.h"
 #include "router_service/load_stats.h"
 #include "router_service/router.h"
@@ -26,8 +24,7 @@
 
 namespace moe::router {
 
-class RouterServiceImpl final : public v1::Router::CallbackService,
-                                private StreamRegistry {
+class RouterServiceImpl final : public v1::Router::CallbackService {
  public:
   // What GetClusterState reports on; everything must outlive the service.
   struct ClusterView {
@@ -39,14 +36,17 @@ class RouterServiceImpl final : public v1::Router::CallbackService,
   };
 
   // All references must outlive the service. `step_pool` runs Step.
+  // ForwardStreams share `bounds`.
   RouterServiceImpl(Router& router, ComputePool& pool, const RouterMetrics& metrics,
-                    ClusterView cluster, StepCoordinator& steps, ComputePool& step_pool)
+                    ClusterView cluster, StepCoordinator& steps, ComputePool& step_pool,
+                    StreamBounds bounds = {})
       : router_(router),
         pool_(pool),
         metrics_(metrics),
         cluster_(std::move(cluster)),
         steps_(steps),
-        step_pool_(step_pool) {}
+        step_pool_(step_pool),
+        streams_(bounds) {}
 
   grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
                                     const v1::ForwardRequest* request,
@@ -68,11 +68,9 @@ class RouterServiceImpl final : public v1::Router::CallbackService,
 
   // New streams are refused; open ones answer what they accepted, then end
   // with UNAVAILABLE.
-  void BeginDrain() ABSL_LOCKS_EXCLUDED(mu_);
+  void BeginDrain() { streams_.BeginDrain(); }
 
  private:
-  bool Register(DrainableStream* stream) override ABSL_LOCKS_EXCLUDED(mu_);
-  void Unregister(DrainableStream* stream) override ABSL_LOCKS_EXCLUDED(mu_);
   // Fills `response` from a forward's outcome, with metrics.
   void FillForward(const v1::ForwardRequest& request,
                    absl::StatusOr<Router::ForwardResult>& result, absl::Time start,
@@ -84,9 +82,7 @@ class RouterServiceImpl final : public v1::Router::CallbackService,
   const ClusterView cluster_;
   StepCoordinator& steps_;
   ComputePool& step_pool_;
-  absl::Mutex mu_;
-  bool draining_ ABSL_GUARDED_BY(mu_) = false;
-  absl::flat_hash_set<DrainableStream*> streams_ ABSL_GUARDED_BY(mu_);
+  StreamSet streams_;
 };
 
 }  // namespace moe::router

@@ -47,6 +47,7 @@ class ProcessCluster {
   // SIGSTOP / SIGCONT.
   void PauseServer(int s);
   void ContinueServer(int s);
+  pid_t router_pid() const { return router_->pid(); }
   // The router's log so far (for failure messages).
   std::string RouterLog();
   std::string ServerLog(int s);
