@@ -39,10 +39,13 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
  public:
   // Delivers the answer to a request; call exactly once, from any thread.
   using Reply = absl::AnyInvocable<void(std::unique_ptr<Response>) &&>;
+  // True once the client has cancelled the request (a cancel message on the
+  // stream), for work that can stop part-way; callable until the reply.
+  using Cancelled = std::function<bool()>;
   // Computes the answer to one request; runs on a pool thread and may hand
   // the work on (to a batcher) and reply later.
-  using Handler =
-      std::function<void(std::unique_ptr<Request>, std::unique_ptr<Response>, Reply)>;
+  using Handler = std::function<void(std::unique_ptr<Request>, std::unique_ptr<Response>, Reply,
+                                     Cancelled)>;
   // Observes each request on arrival and each answer before it is written
   // (metrics).
   using OnReceive = std::function<void(const Request&)>;
@@ -53,7 +56,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
 
   // Optional: a request's tag, and which tag a message cancels (nullopt:
   // not a cancel). A cancelled request that has not started is refused with
-  // CANCELLED instead of handled; a cancel message is not answered.
+  // CANCELLED instead of handled; one that has started sees Cancelled()
+  // turn true. A cancel message is not answered.
   using TagOf = std::function<uint64_t(const Request&)>;
   using CancelTarget = std::function<std::optional<uint64_t>(const Request&)>;
 
@@ -109,7 +113,9 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
         {
           absl::MutexLock lock(&mu_);
           if (finished_) return;
-          if (queued_.contains(*target)) cancelled_.insert(*target);
+          if (queued_.contains(*target) || started_.contains(*target)) {
+            cancelled_.insert(*target);
+          }
         }
         request_.Clear();
         ReadNext();
@@ -160,13 +166,21 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
         Answer(std::move(cancelled), bytes);
         return;
       }
-      handler_(std::move(request), std::make_unique<Response>(),
-               [this, bytes](std::unique_ptr<Response> response) {
-                 Answer(std::move(response), bytes);
-               });
+      handler_(
+          std::move(request), std::make_unique<Response>(),
+          [this, bytes, tag](std::unique_ptr<Response> response) {
+            Forget(tag);
+            Answer(std::move(response), bytes);
+          },
+          [this, tag] {
+            if (!tag_of_) return false;
+            absl::MutexLock lock(&mu_);
+            return cancelled_.contains(tag);
+          });
     });
     if (!accepted) {
       TakeQueued(tag);
+      Forget(tag);
       Answer(std::move(refusal), bytes);
     }
     ReadNext();
@@ -227,12 +241,22 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   }
 
   // The request `tag` leaves the queue (it starts, or was refused); true if
-  // it was cancelled meanwhile.
+  // it was cancelled meanwhile (then it does not start).
   bool TakeQueued(uint64_t tag) {
     if (!tag_of_) return false;
     absl::MutexLock lock(&mu_);
     queued_.erase(tag);
-    return cancelled_.erase(tag) > 0;
+    if (cancelled_.erase(tag) > 0) return true;
+    started_.insert(tag);
+    return false;
+  }
+
+  // The started request `tag` has its answer.
+  void Forget(uint64_t tag) {
+    if (!tag_of_) return;
+    absl::MutexLock lock(&mu_);
+    started_.erase(tag);
+    cancelled_.erase(tag);
   }
 
   // Queues an answer to a request that held `bytes`; starts writing if no
@@ -313,8 +337,10 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  // Tags accepted and not yet started, and those of them cancelled.
+  // Tags accepted and not yet started, started and not yet answered, and
+  // those of either cancelled.
   absl::flat_hash_set<uint64_t> queued_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_set<uint64_t> started_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_set<uint64_t> cancelled_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -92,7 +92,7 @@ uint64_t ExpectedStep(bool has_version, const v1::StateVersion& version) {
 
 void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
                                 std::unique_ptr<v1::DispatchResponse> response,
-                                DispatchReply reply) {
+                                DispatchReply reply, std::function<bool()> cancelled) {
   response->set_sequence_id(request->sequence_id());
   const ModelConfig& model = store_.model();
   const ExpertKey expert = ExpertKeyOf(*request);
@@ -125,9 +125,20 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
                       });
     return;
   }
+  // Between blocks of a large batch: is anyone still waiting for it?
+  const int64_t deadline_micros = request->deadline_unix_micros();
+  auto keep_going = [this, deadline_micros, &cancelled]() -> absl::Status {
+    if (cancelled && cancelled()) {
+      return absl::CancelledError("cancelled by the client while the expert ran");
+    }
+    if (deadline_micros != 0 && options_.clock() >= absl::FromUnixMicros(deadline_micros)) {
+      return absl::DeadlineExceededError("deadline passed while the expert ran; stopped");
+    }
+    return absl::OkStatus();
+  };
   const absl::Status status =
       store_.Forward(expert, *x, y, request->training(), request->request_id(),
-                     options_.clock(), expected_step);
+                     options_.clock(), expected_step, keep_going);
   CompleteDispatch(status, expert, x->rows(), absl::Now() - start, versioned, *response);
   std::move(reply)(std::move(response));
 }

@@ -46,10 +46,13 @@ class ExpertDispatcher {
                    MicroBatcher* batcher, StepExecutor* steps);
 
   // Runs one expert on the request's tokens. `reply` runs once with the
-  // answer: at once, or when its micro-batch has run.
+  // answer: at once, or when its micro-batch has run. A large batch stops
+  // between blocks of rows once its deadline has passed or `cancelled`
+  // (if set) turns true, answering DEADLINE_EXCEEDED or CANCELLED.
   using DispatchReply = absl::AnyInvocable<void(std::unique_ptr<v1::DispatchResponse>) &&>;
   void Dispatch(std::unique_ptr<v1::DispatchRequest> request,
-                std::unique_ptr<v1::DispatchResponse> response, DispatchReply reply);
+                std::unique_ptr<v1::DispatchResponse> response, DispatchReply reply,
+                std::function<bool()> cancelled = nullptr);
   void Backward(const v1::BackwardDispatchRequest& request,
                 v1::BackwardDispatchResponse* response);
 

@@ -29,9 +29,10 @@ ExpertServiceImpl::Dispatch(grpc::CallbackServerContext* context) {
   return new StreamReactor<v1::DispatchRequest, v1::DispatchResponse>(
       streams_, pool_,
       [this](std::unique_ptr<v1::DispatchRequest> request,
-             std::unique_ptr<v1::DispatchResponse> response,
-             ExpertDispatcher::DispatchReply reply) {
-        dispatcher_.Dispatch(std::move(request), std::move(response), std::move(reply));
+             std::unique_ptr<v1::DispatchResponse> response, ExpertDispatcher::DispatchReply reply,
+             std::function<bool()> cancelled) {
+        dispatcher_.Dispatch(std::move(request), std::move(response), std::move(reply),
+                             std::move(cancelled));
       },
       [this](const v1::DispatchRequest& request) {
         metrics_.inflight->Increment();
@@ -59,8 +60,8 @@ ExpertServiceImpl::BackwardDispatch(grpc::CallbackServerContext* context) {
       streams_, pool_,
       [this](std::unique_ptr<v1::BackwardDispatchRequest> request,
              std::unique_ptr<v1::BackwardDispatchResponse> response,
-             absl::AnyInvocable<void(std::unique_ptr<v1::BackwardDispatchResponse>) &&>
-                 reply) {
+             absl::AnyInvocable<void(std::unique_ptr<v1::BackwardDispatchResponse>) &&> reply,
+             std::function<bool()>) {
         dispatcher_.Backward(*request, response.get());
         std::move(reply)(std::move(response));
       },

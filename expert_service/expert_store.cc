@@ -140,7 +140,8 @@ absl::Status CheckStep(ExpertKey expert, uint64_t hosted_step, uint64_t expected
 
 absl::Status ExpertStore::Forward(ExpertKey expert, const ConstTensorView& x, const TensorView& y,
                                   bool training, uint64_t request_id, absl::Time now,
-                                  uint64_t expected_step) {
+                                  uint64_t expected_step,
+                                  const std::function<absl::Status()>& keep_going) {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   ExpertKernel& kernel = *hosted->kernel;
   const DType dtype = kernel.dtype();
@@ -166,13 +167,25 @@ absl::Status ExpertStore::Forward(ExpertKey expert, const ConstTensorView& x, co
     y_storage.resize(rows * d_model * DTypeSize(dtype));
     y_bytes = y_storage.data();
   }
-  const ConstTensorView kernel_x{dtype, {rows, d_model}, x_bytes};
-  const TensorView kernel_y{dtype, {rows, d_model}, y_bytes};
-  const TensorView activations{dtype, {rows, d_ff}, saved.activations.data()};
   {
     absl::ReaderMutexLock lock(&hosted->weights_mu);
     MOE_RETURN_IF_ERROR(CheckStep(expert, hosted->step, expected_step));
-    MOE_RETURN_IF_ERROR(kernel.Forward(kernel_x, kernel_y, training ? &activations : nullptr));
+    // Rows are independent: a block is the same arithmetic on fewer rows.
+    const size_t row_bytes = d_model * DTypeSize(dtype);
+    const size_t activation_bytes = d_ff * DTypeSize(dtype);
+    int64_t first = 0;
+    do {  // once for 0 rows
+      if (first > 0 && keep_going) MOE_RETURN_IF_ERROR(keep_going());
+      const int64_t n = std::min(kRowsPerBlock, rows - first);
+      const ConstTensorView kernel_x{dtype, {n, d_model}, x_bytes + first * row_bytes};
+      const TensorView kernel_y{dtype, {n, d_model}, y_bytes + first * row_bytes};
+      const TensorView activations{
+          dtype, {n, d_ff},
+          training ? saved.activations.data() + first * activation_bytes : nullptr};
+      MOE_RETURN_IF_ERROR(
+          kernel.Forward(kernel_x, kernel_y, training ? &activations : nullptr));
+      first += n;
+    } while (first < rows);
   }
   if (y.dtype != dtype) CopyConverted(y_bytes, dtype, y);
   if (training) {

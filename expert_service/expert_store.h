@@ -75,9 +75,14 @@ class ExpertStore {
   // With `expected_step` (not kAnyStep), FAILED_PRECONDITION unless the
   // expert's weights are those committed at that step: checked under the
   // same lock as the kernel runs, so a commit never slips in between.
+  // A batch of more than kRowsPerBlock rows runs in blocks of that many;
+  // before each block after the first, `keep_going` (if set) may stop the
+  // work: its error is returned and nothing is kept.
+  static constexpr int64_t kRowsPerBlock = 1024;
   absl::Status Forward(ExpertKey expert, const ConstTensorView& x, const TensorView& y,
                        bool training, uint64_t request_id, absl::Time now,
-                       uint64_t expected_step = kAnyStep);
+                       uint64_t expected_step = kAnyStep,
+                       const std::function<absl::Status()>& keep_going = nullptr);
 
   // dx = dL/dx from dy = dL/d(output) for the rows of the training forward
   // (request_id, expert); adds the weight gradients to the accumulators.

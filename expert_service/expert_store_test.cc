@@ -106,6 +106,48 @@ TEST_F(ExpertStoreTest, TrainingForwardThenBackwardAccumulates) {
             absl::StatusCode::kNotFound);
 }
 
+// A batch larger than a block runs block by block (the same rows, the same
+// values, activations kept for Backward across blocks); between blocks the
+// caller may stop it.
+TEST_F(ExpertStoreTest, LargeBatchesRunInBlocksThatCanBeStopped) {
+  constexpr int64_t kRows = 2 * ExpertStore::kRowsPerBlock + 452;
+  const FloatTensor x = RandomTensor({kRows, 16}, 11), dy = RandomTensor({kRows, 16}, 12);
+  FloatTensor y({kRows, 16}), dx({kRows, 16});
+  int checks = 0;
+  auto count = [&checks]() -> absl::Status {
+    ++checks;
+    return absl::OkStatus();
+  };
+  ASSERT_TRUE(store_
+                  ->Forward(ExpertKey(0, 3), x.view(), y.mutable_view(), true, 8, kNow,
+                            ExpertStore::kAnyStep, count)
+                  .ok());
+  EXPECT_EQ(checks, 2);  // before the second and the third block
+  ASSERT_TRUE(store_->Backward(ExpertKey(0, 3), 8, dy.view(), dx.mutable_view(), kNow).ok());
+  const ExpertWeights weights = InitExpert(Model(), ExpertKey(0, 3));
+  std::vector<float> hidden(kRows * 24);
+  FloatTensor expected({kRows, 16}), dx_ref({kRows, 16});
+  ReferenceExpertForward(weights, x.values(), kRows, absl::MakeSpan(hidden),
+                         expected.mutable_values());
+  EXPECT_TRUE(TensorNear(y, expected, 1e-5));
+  ExpertWeights grads = ExpertWeights::Zeros(Model());
+  ReferenceExpertBackward(weights, x.values(), hidden, dy.values(), kRows, dx_ref.mutable_values(),
+                          grads);
+  EXPECT_TRUE(TensorNear(dx, dx_ref, 1e-5));
+
+  // Stopped after the first block: the caller's error, nothing kept.
+  checks = 0;
+  const absl::Status stopped = store_->Forward(
+      ExpertKey(0, 3), x.view(), y.mutable_view(), true, 9, kNow, ExpertStore::kAnyStep,
+      [&checks]() -> absl::Status {
+        ++checks;
+        return absl::DeadlineExceededError("deadline passed");
+      });
+  EXPECT_EQ(stopped.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(checks, 1);
+  EXPECT_EQ(store_->training_state().bytes(), 0);
+}
+
 TEST_F(ExpertStoreTest, BadExpertsAndRequestsAreNamed) {
   const FloatTensor x = RandomTensor({2, 16}, 5);
   FloatTensor y({2, 16});

@@ -38,6 +38,9 @@ ABSL_FLAG(int, compute_threads, 2, "Threads gating and combining.");
 ABSL_FLAG(int64_t, training_state_bytes, int64_t{1} << 30,
           "Bytes of forward state kept for Backward (gate probabilities, expert outputs); a "
           "training Forward beyond it is refused (RESOURCE_EXHAUSTED).");
+ABSL_FLAG(absl::Duration, stream_request_timeout, absl::Seconds(30),
+          "Deadline of a ForwardStream request that sets no timeout_ms (never later than the "
+          "stream's own).");
 ABSL_FLAG(int, max_streams, moe::StreamBounds().max_streams,
           "Streams open at once; more are refused (RESOURCE_EXHAUSTED).");
 ABSL_FLAG(int64_t, max_stream_bytes, moe::StreamBounds().max_stream_bytes,
@@ -80,6 +83,7 @@ int main(int argc, char** argv) {
   options.checkpoint_every_steps = absl::GetFlag(FLAGS_checkpoint_every_steps);
   options.compute_threads = absl::GetFlag(FLAGS_compute_threads);
   options.training_state_bytes = absl::GetFlag(FLAGS_training_state_bytes);
+  options.stream_request_timeout = absl::GetFlag(FLAGS_stream_request_timeout);
   options.streams.max_streams = absl::GetFlag(FLAGS_max_streams);
   options.streams.max_stream_bytes = absl::GetFlag(FLAGS_max_stream_bytes);
   options.streams.max_buffered_bytes = absl::GetFlag(FLAGS_max_buffered_bytes);

@@ -113,7 +113,7 @@ absl::Status RouterServer::Start() {
       RouterServiceImpl::ClusterView{&options_.config, client_.get(),
                                      load_stats_.get(),
                                      [client = client_.get()] { return client->reconnects(); }},
-      *steps_, *step_pool_, options_.streams);
+      *steps_, *step_pool_, options_.streams, options_.stream_request_timeout);
 
   // Calls the authorization policy refuses are counted here.
   const TransportCredentials port_credentials = options_.credentials.WithDeniedCallback(

@@ -56,8 +56,10 @@ class RouterServer {
     int compute_threads = 2;
     size_t max_queued_requests = 4096;
     int max_message_bytes = 512 << 20;
-    // Bounds of the ForwardStreams (stream_set.h).
+    // Bounds of the ForwardStreams (stream_set.h), and the deadline of a
+    // stream's request that sets no timeout_ms.
     StreamBounds streams;
+    absl::Duration stream_request_timeout = absl::Seconds(30);
     // Forward state kept for Backward, at most (Router::Options).
     int64_t training_state_bytes = int64_t{1} << 30;
     // Of the router's port and of its channels to the expert servers.

@@ -1,5 +1,6 @@
 #include "router_service/router_service.h"
 
+#include <algorithm>
 #include <memory>
 
 #include "common/expert_key.h"
@@ -99,16 +100,19 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Forward(grpc::CallbackServerContext
 
 grpc::ServerBidiReactor<v1::ForwardRequest, v1::ForwardResponse>*
 RouterServiceImpl::ForwardStream(grpc::CallbackServerContext* context) {
-  const absl::Time deadline = DeadlineOf(*context);
+  const absl::Time stream_deadline = DeadlineOf(*context);
   using Reply = absl::AnyInvocable<void(std::unique_ptr<v1::ForwardResponse>) &&>;
   return new StreamReactor<v1::ForwardRequest, v1::ForwardResponse>(
       streams_, pool_,
-      [this, deadline](std::unique_ptr<v1::ForwardRequest> request,
-                       std::unique_ptr<v1::ForwardResponse> response, Reply reply) {
+      [this, stream_deadline](std::unique_ptr<v1::ForwardRequest> request,
+                              std::unique_ptr<v1::ForwardResponse> response, Reply reply,
+                              std::function<bool()>) {
         const absl::Time start = absl::Now();
         const v1::ForwardRequest& r = *request;
+        const absl::Duration timeout = r.timeout_ms() > 0 ? absl::Milliseconds(r.timeout_ms())
+                                                          : stream_request_timeout_;
         router_.Forward(
-            r.x(), r.training(), deadline,
+            r.x(), r.training(), std::min(stream_deadline, start + timeout),
             [this, request = std::move(request), response = std::move(response),
              reply = std::move(reply), start](absl::StatusOr<Router::ForwardResult> result) mutable {
               FillForward(*request, result, start, response.get());

@@ -36,17 +36,20 @@ class RouterServiceImpl final : public v1::Router::CallbackService {
   };
 
   // All references must outlive the service. `step_pool` runs Step.
-  // ForwardStreams share `bounds`.
+  // ForwardStreams share `bounds`; a stream's request without its own
+  // timeout_ms gets `stream_request_timeout`.
   RouterServiceImpl(Router& router, ComputePool& pool, const RouterMetrics& metrics,
                     ClusterView cluster, StepCoordinator& steps, ComputePool& step_pool,
-                    StreamBounds bounds = {})
+                    StreamBounds bounds = {},
+                    absl::Duration stream_request_timeout = absl::Seconds(30))
       : router_(router),
         pool_(pool),
         metrics_(metrics),
         cluster_(std::move(cluster)),
         steps_(steps),
         step_pool_(step_pool),
-        streams_(bounds) {}
+        streams_(bounds),
+        stream_request_timeout_(stream_request_timeout) {}
 
   grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
                                     const v1::ForwardRequest* request,
@@ -83,6 +86,7 @@ class RouterServiceImpl final : public v1::Router::CallbackService {
   StepCoordinator& steps_;
   ComputePool& step_pool_;
   StreamSet streams_;
+  const absl::Duration stream_request_timeout_;
 };
 
 }  // namespace moe::router

@@ -169,7 +169,7 @@ TEST(StreamBoundsTest, BufferedBytesAndOpenStreamsAreBounded) {
     });
   }
   const absl::Time deadline = absl::Now() + absl::Seconds(20);
-  while (refused.load() < 6 * 5 - 16 - kStreams && absl::Now() < deadline) {
+  while (refused.load() < 5 * kStreams - 16 - kStreams && absl::Now() < deadline) {
     absl::SleepFor(absl::Milliseconds(10));
   }
   cluster.ContinueServer(0);
@@ -178,8 +178,10 @@ TEST(StreamBoundsTest, BufferedBytesAndOpenStreamsAreBounded) {
   for (auto& t : readers) t.join();
   for (auto& stream : streams) EXPECT_TRUE(stream->Finish().ok());
 
-  // Held: at most 4 MiB (16 requests) plus one more, so 13 or more of the
-  // 30 were refused; everything else equals the reference.
+  // While the servers were stopped the router held at most 4 MiB (16
+  // requests) and read no fifth request of a stream holding 1 MiB, so at
+  // least 30 - 16 - 6 = 8 were refused (more came in once they ran on);
+  // everything else equals the reference.
   int answered = 0;
   for (const auto& stream_answers : answers) {
     for (const v1::ForwardResponse& answer : stream_answers) {
@@ -194,9 +196,42 @@ TEST(StreamBoundsTest, BufferedBytesAndOpenStreamsAreBounded) {
     }
   }
   EXPECT_EQ(answered, kStreams * 5);
-  EXPECT_GE(refused.load(), 13);
+  EXPECT_GE(refused.load(), 8);
   std::cout << refused.load() << " of " << answered << " requests refused at the byte bound\n";
   ServeOthers(cluster, reference, 5, "after");
+}
+
+// A stream's request ends at its own deadline (timeout_ms) while the
+// stream goes on; one without takes the router's default.
+TEST(StreamBoundsTest, AStreamRequestEndsAtItsOwnDeadline) {
+  ProcessCluster cluster(Options());
+  const ReferenceMoe reference = cluster.Reference();
+  const FloatTensor x = RandomTensor({8, kDModel}, 5);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto stream = cluster.stub().ForwardStream(&context);
+  cluster.PauseServer(0);
+  cluster.PauseServer(1);
+  v1::ForwardRequest request = Request(1, x);
+  request.set_timeout_ms(300);
+  const absl::Time start = absl::Now();
+  ASSERT_TRUE(stream->Write(request));
+  v1::ForwardResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  const absl::Duration waited = absl::Now() - start;
+  cluster.ContinueServer(0);
+  cluster.ContinueServer(1);
+  EXPECT_EQ(response.client_id(), 1u);
+  EXPECT_EQ(response.error().code(), static_cast<int>(grpc::StatusCode::DEADLINE_EXCEEDED))
+      << response.error().message();
+  EXPECT_LT(waited, absl::Seconds(10)) << "the stream's 60 s deadline, not the request's";
+
+  ASSERT_TRUE(stream->Write(Request(2, x)));
+  ASSERT_TRUE(stream->Read(&response));
+  ASSERT_FALSE(response.has_error()) << response.error().message();
+  EXPECT_TRUE(TensorNear(Decoded(response.y(), kDModel), reference.Forward(x)->y, 1e-5));
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
 }
 
 }  // namespace
