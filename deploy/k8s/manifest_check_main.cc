@@ -14,7 +14,10 @@
 //     (annotation) on their own --metrics_port;
 //   - with TLS, both do, reading certificates from a mounted Secret and
 //     the --authz_policy from a mounted ConfigMap;
-//   - the expert server's --name is its pod's name.
+//   - the expert server's --name is its pod's name;
+//   - each container's memory budgets (--training_state_bytes,
+//     --max_buffered_bytes, set explicitly) plus its weights fit within its
+//     memory limit.
 // Prints one line per overlay; exits 1 naming every disagreement.
 //
 // Runs on renders validate.js accepted, so the fields the schema requires
@@ -24,6 +27,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -37,6 +41,7 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/string_view.h"
 #include "common/model_config.h"
+#include "common/placement.h"
 
 namespace moe::k8s {
 namespace {
@@ -180,6 +185,53 @@ void CheckContainer(Checker& check, const Json& workload, const std::string& con
   }
 }
 
+// A Kubernetes memory quantity ("512Mi", "4Gi", "1000000"); -1 if not one.
+int64_t MemoryBytes(const std::string& quantity) {
+  for (const auto& [suffix, shift] : {std::pair<const char*, int>{"Ki", 10}, {"Mi", 20}, {"Gi", 30}}) {
+    int64_t value = 0;
+    if (absl::EndsWith(quantity, suffix) &&
+        absl::SimpleAtoi(absl::string_view(quantity).substr(0, quantity.size() - 2), &value)) {
+      return value << shift;
+    }
+  }
+  int64_t value = 0;
+  return absl::SimpleAtoi(quantity, &value) ? value : -1;
+}
+
+// The memory a container's budgets allow it, within its memory limit: the
+// bounded state (--training_state_bytes, --max_buffered_bytes, which the
+// manifests must set: the binaries' defaults are sized for a large machine)
+// plus `fixed_bytes` (weights) plus 128 MiB for the process itself.
+void CheckMemory(Checker& check, const Json& workload, int64_t fixed_bytes) {
+  const Json& container = workload["spec"]["template"]["spec"]["containers"][0];
+  const std::string who = workload["metadata"].value("name", "?");
+  std::map<std::string, std::string> env;
+  for (const Json& e : container.value("env", Json::array())) {
+    if (e.contains("value")) env[e.value("name", "")] = e.value("value", "");
+  }
+  int64_t total = fixed_bytes + (int64_t{128} << 20);
+  for (const char* flag : {"training_state_bytes", "max_buffered_bytes"}) {
+    std::string text = FlagValue(container, flag).value_or("");
+    if (absl::StartsWith(text, "$(") && absl::EndsWith(text, ")")) {
+      text = env[text.substr(2, text.size() - 3)];
+    }
+    int64_t value = 0;
+    if (!absl::SimpleAtoi(text, &value)) {
+      check.Fail(absl::StrCat(who, ": --", flag, " must be set to bytes, got \"", text, "\""));
+      return;
+    }
+    total += value;
+  }
+  const int64_t limit = MemoryBytes(
+      container.value(Json::json_pointer("/resources/limits/memory"), std::string("?")));
+  if (limit < 0) {
+    check.Fail(absl::StrCat(who, ": no memory limit"));
+  } else if (total > limit) {
+    check.Fail(absl::StrCat(who, ": budgets and weights need ", total >> 20,
+                            " MiB, over the memory limit of ", limit >> 20, " MiB"));
+  }
+}
+
 void CheckRender(Checker& check, const Json& objects) {
   const Json* config_map = check.Find(objects, "ConfigMap", "moe-serving-config");
   const Json* experts = check.Find(objects, "StatefulSet", "moe-expert");
@@ -196,6 +248,19 @@ void CheckRender(Checker& check, const Json& objects) {
   const std::string config_map_name = (*config_map)["metadata"]["name"];
   CheckContainer(check, *experts, config_map_name);
   CheckContainer(check, *router, config_map_name);
+  // Weights: a server's experts twice (fp32 master and the kernel's copy);
+  // the router's gate.
+  const ModelConfig& model = config->model;
+  absl::StatusOr<Placement> placement = ComputePlacement(model, config->cluster);
+  if (placement.ok()) {
+    size_t most = 0;
+    for (int s = 0; s < placement->num_servers(); ++s) {
+      most = std::max(most, placement->ExpertsOn(s).size());
+    }
+    const int64_t expert_bytes = (2 * model.d_model * model.d_ff + model.d_model + model.d_ff) * 4;
+    CheckMemory(check, *experts, static_cast<int64_t>(most) * expert_bytes * 2);
+  }
+  CheckMemory(check, *router, int64_t{model.d_model} * model.num_experts * 4);
   // The router dials the servers with its own credentials.
   const auto security = [](const Json& workload) {
     return FlagValue(workload["spec"]["template"]["spec"]["containers"][0], "transport_security")

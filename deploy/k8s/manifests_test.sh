@@ -87,4 +87,19 @@ if "${manifest_check}" "${out}/dev-3-replicas.json" 2> "${out}/mismatch.err"; th
   exit 1
 fi
 grep -F "the config lists 2 servers, the StatefulSet runs 3" "${out}/mismatch.err"
+
+echo "== manifest_check finds budgets over the memory limit"
+node -e '
+  const fs = require("fs");
+  const objects = JSON.parse(fs.readFileSync(process.argv[1]));
+  const router = objects.find((o) => o.kind === "Deployment").spec.template.spec.containers[0];
+  router.env.find((e) => e.name === "TRAINING_STATE_BYTES").value = String(1 << 30);
+  fs.writeFileSync(process.argv[2], JSON.stringify(objects));
+' "${out}/render/dev.json" "${out}/dev-over-budget.json"
+if "${manifest_check}" "${out}/dev-over-budget.json" 2> "${out}/budget.err"; then
+  echo "manifest_check accepted a 1 GiB training budget in a 512 MiB router" >&2
+  exit 1
+fi
+grep -F "moe-router: budgets and weights need 1280 MiB, over the memory limit of 512 MiB" \
+  "${out}/budget.err"
 echo "all manifest checks passed"
