@@ -36,12 +36,13 @@ std::vector<prometheus::MetricFamily> CertificateExpiryCollector::Collect() cons
       "When this process's TLS certificate (own) and CA (ca) expire, in seconds since the "
       "epoch; 0: unreadable";
   family.type = prometheus::MetricType::Gauge;
-  for (const auto& [label, path] : {std::pair<const char*, const std::string&>{"own", files_.cert},
-                                    {"ca", files_.ca}}) {
+  for (const auto& [label, path] :
+       {std::pair<const char*, const std::string&>{"own", files_.cert}, {"ca", files_.ca}}) {
     prometheus::ClientMetric metric;
     metric.label.push_back({"certificate", label});
     const absl::StatusOr<absl::Time> not_after = CertificateNotAfter(path);
-    metric.gauge.value = not_after.ok() ? absl::ToDoubleSeconds(*not_after - absl::UnixEpoch()) : 0.0;
+    metric.gauge.value =
+        not_after.ok() ? absl::ToDoubleSeconds(*not_after - absl::UnixEpoch()) : 0.0;
     family.metric.push_back(std::move(metric));
   }
   return {std::move(family)};

@@ -40,7 +40,8 @@ TEST(CertificateExpiryTest, ReadsNotAfterAndReportsZeroForAnUnreadableFile) {
   EXPECT_EQ(families[0].name, "moe_tls_certificate_expiry_timestamp_seconds");
   ASSERT_EQ(families[0].metric.size(), 2u);
   EXPECT_EQ(families[0].metric[0].label[0].value, "own");
-  EXPECT_DOUBLE_EQ(families[0].metric[0].gauge.value, absl::ToDoubleSeconds(*not_after - absl::UnixEpoch()));
+  EXPECT_DOUBLE_EQ(families[0].metric[0].gauge.value,
+                   absl::ToDoubleSeconds(*not_after - absl::UnixEpoch()));
   EXPECT_EQ(families[0].metric[1].label[0].value, "ca");
   EXPECT_EQ(families[0].metric[1].gauge.value, 0.0);
 }

@@ -42,9 +42,9 @@ class HealthEndpoint::Service final : public grpc::health::v1::Health::CallbackS
       absl::MutexLock lock(&mu_);
       response->set_status(ready_ ? Response::SERVING : Response::NOT_SERVING);
     } else {
-      reactor->Finish(grpc::Status(grpc::StatusCode::NOT_FOUND,
-                                   absl::StrCat("unknown health service \"",
-                                                request->service().substr(0, 100), "\"")));
+      reactor->Finish(grpc::Status(
+          grpc::StatusCode::NOT_FOUND,
+          absl::StrCat("unknown health service \"", request->service().substr(0, 100), "\"")));
       return reactor;
     }
     reactor->Finish(grpc::Status::OK);
@@ -78,9 +78,7 @@ HealthEndpoint::~HealthEndpoint() {
   if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now());
 }
 
-void HealthEndpoint::SetReady(bool ready) {
-  service_->SetReady(ready);
-}
+void HealthEndpoint::SetReady(bool ready) { service_->SetReady(ready); }
 
 void SetReadiness(grpc::Server& server, HealthEndpoint* endpoint, bool ready) {
   server.GetHealthCheckService()->SetServingStatus(kReadinessService, ready);

@@ -10,10 +10,10 @@
 #ifndef MOE_COMMON_HEALTH_ENDPOINT_H_
 #define MOE_COMMON_HEALTH_ENDPOINT_H_
 
+#include <grpcpp/grpcpp.h>
+
 #include <memory>
 #include <string>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
 

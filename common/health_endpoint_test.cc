@@ -15,8 +15,8 @@ namespace {
 using ::grpc::health::v1::HealthCheckResponse;
 
 HealthCheckResponse::ServingStatus Check(int port, const std::string& service) {
-  auto health = grpc::health::v1::Health::NewStub(grpc::CreateChannel(
-      absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
+  auto health = grpc::health::v1::Health::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   grpc::health::v1::HealthCheckRequest request;
@@ -29,8 +29,8 @@ HealthCheckResponse::ServingStatus Check(int port, const std::string& service) {
 
 // One empty message to the reflection method, as a unary call.
 grpc::StatusCode CallReflection(int port) {
-  grpc::GenericStub stub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
-                                             grpc::InsecureChannelCredentials()));
+  grpc::GenericStub stub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials()));
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
   grpc::Slice empty("");
@@ -61,8 +61,8 @@ TEST(HealthEndpointTest, LiveAtOnceReadyWhenToldAndNothingElseServed) {
 
 TEST(HealthEndpointTest, ReadinessIsSetOnTheMainPortAndTheEndpointAlike) {
   int main_port = 0;
-  absl::StatusOr<std::unique_ptr<grpc::Server>> server = StartGrpcServer(
-      "127.0.0.1:0", TransportCredentials::Plaintext(), 1 << 20, {}, &main_port);
+  absl::StatusOr<std::unique_ptr<grpc::Server>> server =
+      StartGrpcServer("127.0.0.1:0", TransportCredentials::Plaintext(), 1 << 20, {}, &main_port);
   ASSERT_TRUE(server.ok()) << server.status();
   absl::StatusOr<std::unique_ptr<HealthEndpoint>> endpoint = HealthEndpoint::Start("127.0.0.1:0");
   ASSERT_TRUE(endpoint.ok()) << endpoint.status();

@@ -14,12 +14,12 @@
 #ifndef MOE_COMMON_STREAM_REACTOR_H_
 #define MOE_COMMON_STREAM_REACTOR_H_
 
+#include <grpcpp/grpcpp.h>
+
 #include <deque>
 #include <functional>
 #include <memory>
 #include <optional>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
@@ -44,8 +44,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   using Cancelled = std::function<bool()>;
   // Computes the answer to one request; runs on a pool thread and may hand
   // the work on (to a batcher) and reply later.
-  using Handler = std::function<void(std::unique_ptr<Request>, std::unique_ptr<Response>, Reply,
-                                     Cancelled)>;
+  using Handler =
+      std::function<void(std::unique_ptr<Request>, std::unique_ptr<Response>, Reply, Cancelled)>;
   // Observes each request on arrival and each answer before it is written
   // (metrics).
   using OnReceive = std::function<void(const Request&)>;
@@ -136,9 +136,9 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
     if (!streams_.TryReserve(bytes)) {
       auto refusal = std::make_unique<Response>();
       refuse_(*request,
-              absl::ResourceExhaustedError(absl::StrCat(
-                  "server holds ", streams_.buffered_bytes() >> 20,
-                  " MiB of requests, its limit; retry, or go elsewhere")),
+              absl::ResourceExhaustedError(
+                  absl::StrCat("server holds ", streams_.buffered_bytes() >> 20,
+                               " MiB of requests, its limit; retry, or go elsewhere")),
               refusal.get());
       Answer(std::move(refusal), 0);
       ReadNext();

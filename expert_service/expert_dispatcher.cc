@@ -91,8 +91,8 @@ uint64_t ExpectedStep(bool has_version, const v1::StateVersion& version) {
 }  // namespace
 
 void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
-                                std::unique_ptr<v1::DispatchResponse> response,
-                                DispatchReply reply, std::function<bool()> cancelled) {
+                                std::unique_ptr<v1::DispatchResponse> response, DispatchReply reply,
+                                std::function<bool()> cancelled) {
   response->set_sequence_id(request->sequence_id());
   const ModelConfig& model = store_.model();
   const ExpertKey expert = ExpertKeyOf(*request);
@@ -137,8 +137,8 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
     return absl::OkStatus();
   };
   const absl::Status status =
-      store_.Forward(expert, *x, y, request->training(), request->request_id(),
-                     options_.clock(), expected_step, keep_going);
+      store_.Forward(expert, *x, y, request->training(), request->request_id(), options_.clock(),
+                     expected_step, keep_going);
   CompleteDispatch(status, expert, x->rows(), absl::Now() - start, versioned, *response);
   std::move(reply)(std::move(response));
 }

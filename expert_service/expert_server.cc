@@ -7,8 +7,8 @@
 #include "common/checkpoint.h"
 #include "common/deterministic_init.h"
 #include "common/grpc_server.h"
-#include "common/log.h"
 #include "common/health_endpoint.h"
+#include "common/log.h"
 #include "common/metrics_exposer.h"
 #include "common/placement.h"
 #include "common/status_macros.h"
@@ -140,8 +140,8 @@ absl::Status ExpertServer::Start() {
   dispatcher_ = std::make_unique<ExpertDispatcher>(
       ExpertDispatcher::Options{options_.name, options_.clock, options_.checkpoint_dir}, *store_,
       *metrics_, batcher_.get(), steps_.get());
-  service_ = std::make_unique<ExpertServiceImpl>(*dispatcher_, *pool_, step_pool_.get(),
-                                                 options_.streams);
+  service_ =
+      std::make_unique<ExpertServiceImpl>(*dispatcher_, *pool_, step_pool_.get(), options_.streams);
 
   const std::initializer_list<grpc::Service*> services = {service_.get(),
                                                            collective_service_.get()};

@@ -9,7 +9,6 @@
 #ifndef MOE_EXPERT_SERVICE_EXPERT_SERVICE_H_
 #define MOE_EXPERT_SERVICE_EXPERT_SERVICE_H_
 
-
 #include "absl/time/time.h"
 #include "common/compute_pool.h"
 #include "common/stream_set.h"

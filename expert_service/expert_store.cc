@@ -180,10 +180,10 @@ absl::Status ExpertStore::Forward(ExpertKey expert, const ConstTensorView& x, co
       const ConstTensorView kernel_x{dtype, {n, d_model}, x_bytes + first * row_bytes};
       const TensorView kernel_y{dtype, {n, d_model}, y_bytes + first * row_bytes};
       const TensorView activations{
-          dtype, {n, d_ff},
+          dtype,
+          {n, d_ff},
           training ? saved.activations.data() + first * activation_bytes : nullptr};
-      MOE_RETURN_IF_ERROR(
-          kernel.Forward(kernel_x, kernel_y, training ? &activations : nullptr));
+      MOE_RETURN_IF_ERROR(kernel.Forward(kernel_x, kernel_y, training ? &activations : nullptr));
       first += n;
     } while (first < rows);
   }

@@ -137,12 +137,12 @@ TEST_F(ExpertStoreTest, LargeBatchesRunInBlocksThatCanBeStopped) {
 
   // Stopped after the first block: the caller's error, nothing kept.
   checks = 0;
-  const absl::Status stopped = store_->Forward(
-      ExpertKey(0, 3), x.view(), y.mutable_view(), true, 9, kNow, ExpertStore::kAnyStep,
-      [&checks]() -> absl::Status {
-        ++checks;
-        return absl::DeadlineExceededError("deadline passed");
-      });
+  const absl::Status stopped =
+      store_->Forward(ExpertKey(0, 3), x.view(), y.mutable_view(), true, 9, kNow,
+                      ExpertStore::kAnyStep, [&checks]() -> absl::Status {
+                        ++checks;
+                        return absl::DeadlineExceededError("deadline passed");
+                      });
   EXPECT_EQ(stopped.code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_EQ(checks, 1);
   EXPECT_EQ(store_->training_state().bytes(), 0);

@@ -6,8 +6,8 @@
 #include "common/checkpoint.h"
 #include "common/deterministic_init.h"
 #include "common/grpc_server.h"
-#include "common/log.h"
 #include "common/health_endpoint.h"
+#include "common/log.h"
 #include "common/metrics_exposer.h"
 #include "common/status_macros.h"
 
@@ -110,8 +110,7 @@ absl::Status RouterServer::Start() {
   step_pool_ = std::make_unique<ComputePool>(1, 16);
   service_ = std::make_unique<RouterServiceImpl>(
       *router_, *pool_, *metrics_,
-      RouterServiceImpl::ClusterView{&options_.config, client_.get(),
-                                     load_stats_.get(),
+      RouterServiceImpl::ClusterView{&options_.config, client_.get(), load_stats_.get(),
                                      [client = client_.get()] { return client->reconnects(); }},
       *steps_, *step_pool_, options_.streams, options_.stream_request_timeout);
 

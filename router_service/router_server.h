@@ -4,21 +4,21 @@
 #ifndef MOE_ROUTER_SERVICE_ROUTER_SERVER_H_
 #define MOE_ROUTER_SERVICE_ROUTER_SERVER_H_
 
+#include <grpcpp/grpcpp.h>
+
 #include <memory>
 #include <optional>
 #include <string>
-
-#include <grpcpp/grpcpp.h>
 
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/compute_pool.h"
 #include "common/deadline_timer.h"
-#include "common/model_config.h"
-#include "common/placement.h"
 #include "common/health_endpoint.h"
 #include "common/metrics_exposer.h"
+#include "common/model_config.h"
+#include "common/placement.h"
 #include "common/stream_set.h"
 #include "common/transport_credentials.h"
 #include "prometheus/exposer.h"

@@ -6,8 +6,8 @@
 #include "common/expert_key.h"
 #include "common/grpc_status.h"
 #include "common/proto_status.h"
-#include "common/stream_reactor.h"
 #include "common/status_macros.h"
+#include "common/stream_reactor.h"
 #include "common/tensor_codec.h"
 
 namespace moe::router {
@@ -109,16 +109,17 @@ RouterServiceImpl::ForwardStream(grpc::CallbackServerContext* context) {
                               std::function<bool()>) {
         const absl::Time start = absl::Now();
         const v1::ForwardRequest& r = *request;
-        const absl::Duration timeout = r.timeout_ms() > 0 ? absl::Milliseconds(r.timeout_ms())
-                                                          : stream_request_timeout_;
-        router_.Forward(
-            r.x(), r.training(), std::min(stream_deadline, start + timeout),
-            [this, request = std::move(request), response = std::move(response),
-             reply = std::move(reply), start](absl::StatusOr<Router::ForwardResult> result) mutable {
-              FillForward(*request, result, start, response.get());
-              if (!result.ok()) ToProtoStatus(result.status(), response->mutable_error());
-              std::move(reply)(std::move(response));
-            });
+        const absl::Duration timeout =
+            r.timeout_ms() > 0 ? absl::Milliseconds(r.timeout_ms()) : stream_request_timeout_;
+        router_.Forward(r.x(), r.training(), std::min(stream_deadline, start + timeout),
+                        [this, request = std::move(request), response = std::move(response),
+                         reply = std::move(reply),
+                         start](absl::StatusOr<Router::ForwardResult> result) mutable {
+                          FillForward(*request, result, start, response.get());
+                          if (!result.ok())
+                            ToProtoStatus(result.status(), response->mutable_error());
+                          std::move(reply)(std::move(response));
+                        });
       },
       [](const v1::ForwardRequest&) {}, [](const v1::ForwardResponse&) {},
       [](const v1::ForwardRequest& request, const absl::Status& status,

@@ -204,10 +204,10 @@ TEST(AuthorizationTest, ProbesUseThePlaintextHealthPortAndMetricsShowCertificate
   }
 
   const absl::Time not_after = *CertificateNotAfter(files->cert);
-  EXPECT_THAT(local::HttpGet(metrics_port, "/metrics"),
-              HasSubstr(absl::StrCat(
-                  "moe_tls_certificate_expiry_timestamp_seconds{certificate=\"own\"} ",
-                  absl::ToInt64Seconds(not_after - absl::UnixEpoch()))));
+  EXPECT_THAT(
+      local::HttpGet(metrics_port, "/metrics"),
+      HasSubstr(absl::StrCat("moe_tls_certificate_expiry_timestamp_seconds{certificate=\"own\"} ",
+                             absl::ToInt64Seconds(not_after - absl::UnixEpoch()))));
   EXPECT_EQ(server.Stop(SIGTERM, absl::Seconds(30)), 0);
 }
 

@@ -28,12 +28,11 @@
 #include <cstdio>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -149,9 +148,8 @@ void CheckContainer(Checker& check, const Json& workload, const std::string& con
   }
   if (!container.contains("readinessProbe") || !container.contains("livenessProbe")) {
     check.Fail(absl::StrCat(who, ": needs readiness and liveness probes"));
-  } else if (health_port &&
-             container["readinessProbe"].value(Json::json_pointer("/grpc/service"), "") !=
-                 "moe.ready") {
+  } else if (health_port && container["readinessProbe"].value(Json::json_pointer("/grpc/service"),
+                                                              "") != "moe.ready") {
     check.Fail(absl::StrCat(who, ": the readinessProbe must ask service \"moe.ready\""));
   }
   if (FlagValue(container, "transport_security") == "tls") {
@@ -171,8 +169,7 @@ void CheckContainer(Checker& check, const Json& workload, const std::string& con
     }
     if (const std::optional<std::string> policy = FlagValue(container, "authz_policy")) {
       if (!mounted_from(*policy, "configMap")) {
-        check.Fail(absl::StrCat(who, ": --authz_policy=", *policy,
-                                " is on no mounted ConfigMap"));
+        check.Fail(absl::StrCat(who, ": --authz_policy=", *policy, " is on no mounted ConfigMap"));
       }
     }
   }
@@ -187,7 +184,8 @@ void CheckContainer(Checker& check, const Json& workload, const std::string& con
 
 // A Kubernetes memory quantity ("512Mi", "4Gi", "1000000"); -1 if not one.
 int64_t MemoryBytes(const std::string& quantity) {
-  for (const auto& [suffix, shift] : {std::pair<const char*, int>{"Ki", 10}, {"Mi", 20}, {"Gi", 30}}) {
+  for (const auto& [suffix, shift] :
+       {std::pair<const char*, int>{"Ki", 10}, {"Mi", 20}, {"Gi", 30}}) {
     int64_t value = 0;
     if (absl::EndsWith(quantity, suffix) &&
         absl::SimpleAtoi(absl::string_view(quantity).substr(0, quantity.size() - 2), &value)) {

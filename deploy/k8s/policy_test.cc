@@ -36,7 +36,8 @@ TEST(ShippedPolicyTest, EveryMethodHasItsRow) {
     ASSERT_NE(service, nullptr) << name;
     for (int m = 0; m < service->method_count(); ++m) {
       const std::string method = "/" + service->full_name() + "/" + service->method(m)->name();
-      EXPECT_TRUE(policy.Names(method)) << method << " has no row in deploy/k8s/components/mtls/policy.json";
+      EXPECT_TRUE(policy.Names(method))
+          << method << " has no row in deploy/k8s/components/mtls/policy.json";
       ++methods;
     }
   }
