@@ -18,6 +18,8 @@
 
 namespace moe {
 
+inline constexpr int kMaxStreamsPerConnection = 256;
+
 // Listens on `address` (port 0 picks one; the bound port goes to `*port`)
 // with `credentials`. The services must outlive the server.
 inline absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
@@ -35,6 +37,9 @@ inline absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 1000);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PING_STRIKES, 0);
+  // Calls open at once per connection (HTTP/2 SETTINGS: a client queues
+  // the rest); StreamSet bounds the streams of all connections together.
+  builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, kMaxStreamsPerConnection);
   for (grpc::Service* service : services) builder.RegisterService(service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || *port == 0) {

@@ -5,16 +5,23 @@
 // training identity can Step. Denials are PERMISSION_DENIED naming the
 // method and the identity, counted per method, and the cluster keeps
 // serving.
+#include <atomic>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
+#include <iterator>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "clients/cpp/moe_client.h"
 #include "common/certificate_expiry.h"
 #include "common/test_ca.h"
 #include "common/testing/random_tensor.h"
+#include "common/testing/tensor_matchers.h"
 #include "common/transport_credentials.h"
 #include "deploy/local/child_process.h"
 #include "deploy/local/local_cluster.h"
@@ -133,6 +140,139 @@ TEST(AuthorizationTest, EachIdentityGetsWhatItsRoleAllows) {
                                         "ExpertServer/ReleaseExpert\"} 1"));
   EXPECT_THAT(expert_metrics, HasSubstr("moe_expert_authz_denied_total{method=\"/moe.v1."
                                         "ExpertServer/AbortStep\"} 1"));
+}
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// A Secret volume as the kubelet writes it: the files are symlinks through
+// "..data", which is swapped atomically to a new directory on an update.
+class SecretVolume {
+ public:
+  explicit SecretVolume(std::string dir) : dir_(std::move(dir)) {
+    std::filesystem::create_directories(dir_);
+    for (const char* name : {"tls.crt", "tls.key", "ca.crt"}) {
+      std::filesystem::create_symlink(std::string("..data/") + name, dir_ + "/" + name);
+    }
+  }
+  void Write(const TlsFiles& files, const std::string& ca_bundle) {
+    const std::string version = absl::StrCat("..v", ++versions_);
+    std::filesystem::create_directories(dir_ + "/" + version);
+    std::filesystem::copy_file(files.cert, dir_ + "/" + version + "/tls.crt");
+    std::filesystem::copy_file(files.key, dir_ + "/" + version + "/tls.key");
+    std::ofstream(dir_ + "/" + version + "/ca.crt") << ca_bundle;
+    std::filesystem::create_symlink(version, dir_ + "/..data_tmp");
+    std::filesystem::rename(dir_ + "/..data_tmp", dir_ + "/..data");
+  }
+  TlsFiles files() const { return {dir_ + "/tls.crt", dir_ + "/tls.key", dir_ + "/ca.crt"}; }
+
+ private:
+  const std::string dir_;
+  int versions_ = 0;
+};
+
+// A CA rotation under load, as cert-manager and the kubelet do it: the
+// processes trust both CAs, their certificates are swapped from the old
+// CA's to the new one's while clients keep calling. No call fails, and a
+// client that trusts only the new CA then reaches the router.
+TEST(AuthorizationTest, CertificatesRotateUnderLoadWithoutAFailedRequest) {
+  const std::string dir = ::testing::TempDir() + "/rotation";
+  std::filesystem::create_directories(dir + "/old");
+  std::filesystem::create_directories(dir + "/new");
+  absl::StatusOr<TestCertificateAuthority> old_ca =
+      TestCertificateAuthority::Create(dir + "/old", "old CA");
+  absl::StatusOr<TestCertificateAuthority> new_ca =
+      TestCertificateAuthority::Create(dir + "/new", "new CA");
+  ASSERT_TRUE(old_ca.ok() && new_ca.ok());
+  const std::string bundle = ReadFile(old_ca->ca_path()) + ReadFile(new_ca->ca_path());
+  std::ofstream(dir + "/bundle.pem") << bundle;
+  SecretVolume secret(dir + "/secret");
+  secret.Write(*old_ca->Issue("moe-node"), bundle);
+
+  local::LocalClusterOptions options;
+  options.config = *ParseServingConfig(R"pb(
+    model { d_model: 32 d_ff: 64 num_experts: 4 top_k: 2 seed: 5 }
+    cluster {
+      servers { name: "a" address: "127.0.0.1:1" }
+      servers { name: "b" address: "127.0.0.1:2" }
+      strategy: PLACEMENT_STRATEGY_DATA_PARALLEL
+    }
+  )pb");
+  options.work_dir = dir;
+  options.onednn_threads = 1;
+  options.credentials = *TransportCredentials::Tls(secret.files(), /*require_client_cert=*/true,
+                                                   absl::Seconds(1));
+  absl::StatusOr<std::unique_ptr<local::LocalCluster>> cluster =
+      local::LocalCluster::Start(options);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+
+  TlsFiles client_files = *old_ca->Issue("client");
+  client_files.ca = dir + "/bundle.pem";
+  const TransportCredentials client_credentials = *TransportCredentials::Tls(client_files, true);
+  const FloatTensor x = RandomTensor({8, 32}, 3);
+  const client::ForwardOutput expected = *[&] {
+    auto client = client::MoeClient::Connect((*cluster)->router_address(), client_credentials);
+    EXPECT_TRUE(client->WaitUntilHealthy(absl::Seconds(30)).ok());
+    return client->Forward(x);
+  }();
+
+  // Load: two clients on their connections, one that connects anew for
+  // every call (a new handshake each time).
+  std::atomic<bool> stop{false};
+  std::atomic<int> ok{0}, failed{0};
+  std::string first_failure;
+  absl::Mutex failure_mu;
+  std::vector<std::thread> load;
+  for (int c = 0; c < 3; ++c) {
+    load.emplace_back([&, c] {
+      auto client = client::MoeClient::Connect((*cluster)->router_address(), client_credentials);
+      while (!stop.load()) {
+        if (c == 2) {
+          client = client::MoeClient::Connect((*cluster)->router_address(), client_credentials);
+        }
+        absl::StatusOr<client::ForwardOutput> y = client->Forward(x);
+        if (y.ok() && TensorNear(y->y, expected.y, 1e-6)) {
+          ok.fetch_add(1);
+          continue;
+        }
+        failed.fetch_add(1);
+        absl::MutexLock lock(&failure_mu);
+        if (first_failure.empty()) first_failure = y.status().ToString();
+      }
+    });
+  }
+  auto wait_for_calls = [&](int calls) {
+    const int target = ok.load() + calls;
+    const absl::Time deadline = absl::Now() + absl::Seconds(30);
+    while (ok.load() < target && failed.load() == 0 && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(10));
+    }
+  };
+  wait_for_calls(50);
+  secret.Write(*new_ca->Issue("moe-node"), bundle);
+  // Every process re-reads its files within the refresh interval (1 s); a
+  // client of the new CA alone gets through once the router presents the
+  // new certificate.
+  TlsFiles new_client = *new_ca->Issue("client");
+  const TransportCredentials trusts_new_ca_only = *TransportCredentials::Tls(new_client, true);
+  absl::Status reached;
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  do {
+    auto client = client::MoeClient::Connect((*cluster)->router_address(), trusts_new_ca_only);
+    reached = client->Forward(x).status();
+  } while (!reached.ok() && absl::Now() < deadline);
+  EXPECT_TRUE(reached.ok()) << reached;
+  // The servers too: new connections to them (a restarted router would
+  // open them) need the new certificates; calls through the router still
+  // work throughout.
+  wait_for_calls(50);
+  stop.store(true);
+  for (auto& t : load) t.join();
+  EXPECT_EQ(failed.load(), 0) << first_failure;
+  EXPECT_GE(ok.load(), 100);
+  std::cout << ok.load() << " Forwards, " << failed.load() << " failed, across the rotation\n";
 }
 
 grpc::health::v1::HealthCheckResponse::ServingStatus CheckHealth(

@@ -36,8 +36,9 @@ ProcessCluster::ProcessCluster(ProcessClusterOptions options) : options_(std::mo
   servers_.resize(options_.num_servers);
   for (int s = 0; s < options_.num_servers; ++s) {
     StartServer(s);
-    server_stubs_.push_back(v1::ExpertServer::NewStub(grpc::CreateChannel(
-        absl::StrCat("127.0.0.1:", ports_[s]), TransportCredentials::Plaintext().ForChannel())));
+    server_channels_.push_back(grpc::CreateChannel(absl::StrCat("127.0.0.1:", ports_[s]),
+                                                   TransportCredentials::Plaintext().ForChannel()));
+    server_stubs_.push_back(v1::ExpertServer::NewStub(server_channels_.back()));
   }
   StartRouter();
 }
@@ -53,9 +54,10 @@ void ProcessCluster::StartRouter() {
   MOE_CHECK(line.has_value(), router_->output());
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(256 << 20);
-  stub_ = v1::Router::NewStub(
+  router_channel_ =
       grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", NumberAfter(*line, "on port ")),
-                                TransportCredentials::Plaintext().ForChannel(), channel_args));
+                                TransportCredentials::Plaintext().ForChannel(), channel_args);
+  stub_ = v1::Router::NewStub(router_channel_);
 }
 
 ProcessCluster::~ProcessCluster() {

@@ -63,6 +63,8 @@ class ProcessCluster {
 
   v1::Router::Stub& stub() { return *stub_; }
   v1::ExpertServer::Stub& server_stub(int s) { return *server_stubs_.at(s); }
+  std::shared_ptr<grpc::Channel> router_channel() const { return router_channel_; }
+  std::shared_ptr<grpc::Channel> server_channel(int s) const { return server_channels_.at(s); }
   const ServingConfig& config() const { return config_; }
   // The in-process reference layer on the cluster's (deterministic) weights.
   ReferenceMoe Reference() const;
@@ -73,8 +75,10 @@ class ProcessCluster {
   std::string config_path_;
   ServingConfig config_;
   std::vector<std::unique_ptr<local::ChildProcess>> servers_;
+  std::vector<std::shared_ptr<grpc::Channel>> server_channels_;
   std::vector<std::unique_ptr<v1::ExpertServer::Stub>> server_stubs_;
   std::unique_ptr<local::ChildProcess> router_;
+  std::shared_ptr<grpc::Channel> router_channel_;
   std::unique_ptr<v1::Router::Stub> stub_;
 };
 

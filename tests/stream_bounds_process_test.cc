@@ -107,7 +107,11 @@ TEST(StreamBoundsTest, ANeverReadingClientHoldsItsBoundAndOthersAreServed) {
             << written.load() / 4 << " MiB); router RSS " << (rss_before >> 20) << " -> "
             << (rss_during >> 20) << " MiB\n";
   EXPECT_LT(written.load(), 200) << "the router kept reading a client that never reads";
+#ifndef __SANITIZE_ADDRESS__
+  // (Under ASan the quarantine keeps freed memory, 256 MiB by default: RSS
+  // says nothing about what the router holds there.)
   EXPECT_LT(rss_during - rss_before, int64_t{64} << 20);
+#endif
   context.TryCancel();
   attacker.join();
   ServeOthers(cluster, reference, 5, "after");

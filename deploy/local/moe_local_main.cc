@@ -19,6 +19,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "clients/cpp/load_generator.h"
 #include "clients/cpp/moe_client.h"
@@ -332,6 +333,10 @@ int Run() {
   if (absl::GetFlag(FLAGS_serve)) {
     std::printf("\nserving at %s until Ctrl-C (config %s)\n", (*cluster)->router_address().c_str(),
                 (*cluster)->config_path().c_str());
+    if (options.credentials.tls_files() != nullptr) {
+      // What a client (moe_client, moe_loadgen) needs to connect.
+      std::printf("client flags %s\n", absl::StrJoin(options.credentials.AsFlags(), " ").c_str());
+    }
     std::fflush(stdout);
     WaitForStopSignal();
   }

@@ -42,6 +42,25 @@ class RingReactor final : public grpc::ServerBidiReactor<ReceivedSegment, v1::Ri
       if (finish) Finish(grpc::Status::OK);
       return;
     }
+    if (!segment_.wire_status().ok()) {
+      // Not a segment: the stream ends with why, and the collectives it fed
+      // fail now rather than at their deadline.
+      const grpc::Status refused(segment_.wire_status().error_code(),
+                                 absl::StrCat("ring segment from ", peer_, ": ",
+                                              segment_.wire_status().error_message()));
+      std::vector<uint64_t> groups;
+      bool finish = false;
+      {
+        absl::MutexLock lock(&mu_);
+        groups.assign(groups_.begin(), groups_.end());
+        reads_over_ = true;
+        end_status_ = refused;
+        finish = !writing_ && TakeFinish();
+      }
+      registry_->PredecessorLost(groups, absl::InvalidArgumentError(refused.error_message()));
+      if (finish) Finish(refused);
+      return;
+    }
     {
       absl::MutexLock lock(&mu_);
       groups_.insert(segment_.header().group_id);
@@ -65,7 +84,7 @@ class RingReactor final : public grpc::ServerBidiReactor<ReceivedSegment, v1::Ri
       }
     }
     if (next != nullptr) StartWrite(next);
-    if (finish) Finish(grpc::Status::OK);
+    if (finish) Finish(end_status());
   }
 
   void OnDone() override { delete this; }
@@ -95,6 +114,11 @@ class RingReactor final : public grpc::ServerBidiReactor<ReceivedSegment, v1::Ri
     StartRead(&segment_);
   }
 
+  grpc::Status end_status() {
+    absl::MutexLock lock(&mu_);
+    return end_status_;
+  }
+
   // True the first time: the caller then calls Finish().
   bool TakeFinish() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
     if (finished_) return false;
@@ -112,6 +136,8 @@ class RingReactor final : public grpc::ServerBidiReactor<ReceivedSegment, v1::Ri
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_over_ ABSL_GUARDED_BY(mu_) = false;
   bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  // OK, or why a message was refused.
+  grpc::Status end_status_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace

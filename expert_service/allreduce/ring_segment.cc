@@ -152,7 +152,12 @@ ReceivedSegment ReceivedSegment::FromChunk(const v1::RingChunk& chunk) {
   return segment;
 }
 
-grpc::Status ReceivedSegment::FromByteBuffer(grpc::ByteBuffer& buffer,
+grpc::Status ReceivedSegment::FromByteBuffer(grpc::ByteBuffer& buffer, ReceivedSegment& segment) {
+  segment.wire_status_ = Parse(buffer, segment);
+  return segment.wire_status_;
+}
+
+grpc::Status ReceivedSegment::Parse(grpc::ByteBuffer& buffer,
                                              ReceivedSegment& segment) {
   segment.slices_.clear();
   segment.payload_.clear();

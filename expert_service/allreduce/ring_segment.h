@@ -56,8 +56,14 @@ class ReceivedSegment final : public ReceivedRingSegment {
   // From a parsed RingChunk (tests and in-process links): copies its data.
   static ReceivedSegment FromChunk(const v1::RingChunk& chunk);
   // From the wire: the slices of `buffer` are kept, not copied. Any valid
-  // RingChunk encoding; a malformed one is INVALID_ARGUMENT.
+  // RingChunk encoding; a malformed one is INVALID_ARGUMENT (also kept as
+  // the segment's wire_status()).
   static grpc::Status FromByteBuffer(grpc::ByteBuffer& buffer, ReceivedSegment& segment);
+
+  // Why the last message read from the wire is not a segment (OK: it is).
+  // gRPC would end the stream as if the peer had closed it; the service
+  // answers this instead.
+  const grpc::Status& wire_status() const { return wire_status_; }
 
   const RingHeader& header() const override { return header_; }
   // Every field of the message but `data` (the ack echoes some).
@@ -73,9 +79,11 @@ class ReceivedSegment final : public ReceivedRingSegment {
     size_t offset;
     size_t length;
   };
+  static grpc::Status Parse(grpc::ByteBuffer& buffer, ReceivedSegment& segment);
   template <typename Apply>
   void ForEachRun(float* dst, Apply apply) const;
 
+  grpc::Status wire_status_;
   v1::RingChunk wire_header_;
   RingHeader header_;
   std::vector<grpc::Slice> slices_;
@@ -109,10 +117,12 @@ class SerializationTraits<moe::allreduce::ReceivedSegment, void> {
     return Status(StatusCode::UNIMPLEMENTED, "received segments are not sent");
   }
 
+  // Always OK to gRPC: a malformed message is kept as the segment's
+  // wire_status(), for the service to refuse by name.
   static Status Deserialize(ByteBuffer* buffer, moe::allreduce::ReceivedSegment* segment) {
-    Status status = moe::allreduce::ReceivedSegment::FromByteBuffer(*buffer, *segment);
+    moe::allreduce::ReceivedSegment::FromByteBuffer(*buffer, *segment);
     buffer->Clear();
-    return status;
+    return Status::OK;
   }
 };
 
