@@ -152,6 +152,7 @@ int Run() {
       load.requests = absl::GetFlag(FLAGS_requests);
       load.wire_dtype = dtype;
       load.streaming = absl::GetFlag(FLAGS_streaming);
+      load.credentials = *credentials;
       absl::StatusOr<LoadReport> report = RunLoad(absl::GetFlag(FLAGS_router), load, model.num_experts);
       if (!report.ok()) {
         MOE_LOG(ERROR, report.status().message());
