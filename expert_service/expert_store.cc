@@ -197,13 +197,9 @@ absl::Status ExpertStore::Forward(ExpertKey expert, const ConstTensorView& x, co
 absl::Status ExpertStore::Backward(ExpertKey expert, uint64_t request_id, const ConstTensorView& dy,
                                    const TensorView& dx, absl::Time now, uint64_t expected_step) {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
-  MOE_ASSIGN_OR_RETURN(SavedForward saved, training_.Take(request_id, expert, now));
+  // The rows are checked before the state is taken: a bad call can be retried.
+  MOE_ASSIGN_OR_RETURN(SavedForward saved, training_.Take(request_id, expert, now, dy.rows()));
   const int64_t d_model = options_.model.d_model;
-  if (dy.rows() != saved.rows) {
-    return absl::InvalidArgumentError(absl::StrCat("grad_output: request ", request_id, " sent ",
-                                                   saved.rows, " tokens to ", expert.ToString(),
-                                                   " in forward, backward has ", dy.rows()));
-  }
   std::vector<std::byte> dy_storage, dx_storage;
   const std::byte* dy32 = InDtype(dy, DType::kFloat32, dy_storage);
   std::byte* dx32 = dx.data;

@@ -40,7 +40,7 @@ absl::Status TrainingStateStore::Put(uint64_t request_id, ExpertKey expert, Save
 }
 
 absl::StatusOr<SavedForward> TrainingStateStore::Take(uint64_t request_id, ExpertKey expert,
-                                                      absl::Time now) {
+                                                      absl::Time now, std::optional<int64_t> rows) {
   absl::MutexLock lock(&mu_);
   auto it = entries_.find(Key{request_id, expert});
   if (it == entries_.end()) {
@@ -54,6 +54,11 @@ absl::StatusOr<SavedForward> TrainingStateStore::Take(uint64_t request_id, Exper
     return absl::NotFoundError(absl::StrCat("request ", request_id, ": training state for ",
                                             expert.ToString(), " expired (kept for ",
                                             absl::FormatDuration(options_.ttl), ")"));
+  }
+  if (rows.has_value() && *rows != it->second.saved.rows) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("grad_output: request ", request_id, " sent ", it->second.saved.rows,
+                     " tokens to ", expert.ToString(), " in forward, backward has ", *rows));
   }
   SavedForward saved = std::move(it->second.saved);
   bytes_ -= saved.bytes();

@@ -6,6 +6,7 @@
 #define MOE_EXPERT_SERVICE_TRAINING_STATE_H_
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -50,8 +51,10 @@ class TrainingStateStore {
   absl::Status Put(uint64_t request_id, ExpertKey expert, SavedForward saved, absl::Time now)
       ABSL_LOCKS_EXCLUDED(mu_);
   // Removes and returns the entry; NOT_FOUND (naming the id) when unknown or
-  // expired.
-  absl::StatusOr<SavedForward> Take(uint64_t request_id, ExpertKey expert, absl::Time now)
+  // expired. With `rows` (the backward's), INVALID_ARGUMENT, the entry
+  // kept, when the forward had another number: a bad call can be retried.
+  absl::StatusOr<SavedForward> Take(uint64_t request_id, ExpertKey expert, absl::Time now,
+                                    std::optional<int64_t> rows = std::nullopt)
       ABSL_LOCKS_EXCLUDED(mu_);
   // Drops expired entries; returns how many.
   int Expire(absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);

@@ -30,6 +30,18 @@ TEST(TrainingStateTest, PutThenTakeOnce) {
   EXPECT_THAT(again.message(), HasSubstr("request 7"));
 }
 
+TEST(TrainingStateTest, AWrongRowCountLeavesTheStateForARetry) {
+  TrainingStateStore store({1000, absl::Seconds(10)});
+  SavedForward saved = Saved(100);
+  saved.rows = 4;
+  ASSERT_TRUE(store.Put(7, ExpertKey(0, 2), std::move(saved), kT0).ok());
+  const absl::Status wrong = store.Take(7, ExpertKey(0, 2), kT0, 5).status();
+  EXPECT_EQ(wrong.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(wrong.message(), HasSubstr("sent 4 tokens to expert 2 in forward, backward has 5"));
+  EXPECT_EQ(store.bytes(), 100);
+  EXPECT_TRUE(store.Take(7, ExpertKey(0, 2), kT0, 4).ok());
+}
+
 TEST(TrainingStateTest, KeysAreRequestAndExpert) {
   TrainingStateStore store({1000, absl::Seconds(10)});
   ASSERT_TRUE(store.Put(7, ExpertKey(0, 1), Saved(10), kT0).ok());

@@ -355,6 +355,7 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
     options_.load_stats->Record(call->routing.expert_tokens, server_tokens,
                                 call->routing.dropped_pairs, absl::Now());
   }
+  if (options_.routing_sample != nullptr) options_.routing_sample->Record(call->routing);
 
   ForwardResult result;
   EncodeFloats(y.values(), y.shape(), call->dtype, &result.y);
@@ -408,15 +409,28 @@ absl::Status Router::KeepTraining(uint64_t request_id, std::unique_ptr<TrainingR
   return absl::OkStatus();
 }
 
+namespace {
+
+absl::Status UnknownTrainingRequest(uint64_t request_id) {
+  return absl::NotFoundError(absl::StrCat(
+      "request ", request_id,
+      ": no training forward to run backward for (unknown id, already done, or expired)"));
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> Router::TrainingTokens(uint64_t request_id) const {
+  absl::MutexLock lock(&training_mu_);
+  auto it = training_.find(request_id);
+  if (it == training_.end()) return UnknownTrainingRequest(request_id);
+  return it->second->routing.num_tokens;
+}
+
 absl::StatusOr<std::unique_ptr<Router::TrainingRecord>> Router::TakeTraining(
     uint64_t request_id) {
   absl::MutexLock lock(&training_mu_);
   auto it = training_.find(request_id);
-  if (it == training_.end()) {
-    return absl::NotFoundError(absl::StrCat(
-        "request ", request_id,
-        ": no training forward to run backward for (unknown id, already done, or expired)"));
-  }
+  if (it == training_.end()) return UnknownTrainingRequest(request_id);
   std::unique_ptr<TrainingRecord> record = std::move(it->second);
   training_bytes_ -= record->bytes();
   training_.erase(it);
@@ -433,16 +447,23 @@ size_t Router::pending_training() const {
 
 void Router::Backward(uint64_t request_id, const v1::Tensor& grad_output,
                       absl::Time deadline, BackwardDone done) {
-  absl::StatusOr<std::unique_ptr<TrainingRecord>> record = TakeTraining(request_id);
-  if (!record.ok()) {
-    std::move(done)(record.status());
+  // dL/dy is validated (shape, dtype, finite values) before the forward's
+  // state is taken, so a bad call leaves it for a retry.
+  const absl::StatusOr<int64_t> tokens = TrainingTokens(request_id);
+  if (!tokens.ok()) {
+    std::move(done)(tokens.status());
     return;
   }
   TensorSpec spec = TokenBatchSpec("grad_output", options_.model.d_model, 0);
-  spec.dims[0] = (*record)->routing.num_tokens;
+  spec.dims[0] = *tokens;
   absl::StatusOr<ConstTensorView> dy = DecodeTensor(grad_output, spec);
   if (!dy.ok()) {
     std::move(done)(dy.status());
+    return;
+  }
+  absl::StatusOr<std::unique_ptr<TrainingRecord>> record = TakeTraining(request_id);
+  if (!record.ok()) {
+    std::move(done)(record.status());
     return;
   }
   auto call = std::make_shared<BackwardCall>();

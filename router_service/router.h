@@ -30,6 +30,7 @@
 #include "router_service/expert_client.h"
 #include "router_service/load_stats.h"
 #include "router_service/replica_picker.h"
+#include "router_service/routing_sample.h"
 
 namespace moe::router {
 
@@ -69,6 +70,9 @@ class Router {
     // Where served forwards are counted (per expert, per server); may be
     // null.
     LoadStats* load_stats = nullptr;
+    // Where served forwards' routing is sampled (co-activation for
+    // Rebalance); may be null.
+    RoutingSample* routing_sample = nullptr;
     // Called once per group re-sent to another replica (for metrics).
     std::function<void()> on_failover;
     // Called once per answer refused for another version (for metrics).
@@ -177,6 +181,9 @@ class Router {
   void Run(absl::AnyInvocable<void() &&> work);
 
   absl::Status KeepTraining(uint64_t request_id, std::unique_ptr<TrainingRecord> record)
+      ABSL_LOCKS_EXCLUDED(training_mu_);
+  // The tokens of the training forward `request_id` (NOT_FOUND as below).
+  absl::StatusOr<int64_t> TrainingTokens(uint64_t request_id) const
       ABSL_LOCKS_EXCLUDED(training_mu_);
   absl::StatusOr<std::unique_ptr<TrainingRecord>> TakeTraining(uint64_t request_id)
       ABSL_LOCKS_EXCLUDED(training_mu_);

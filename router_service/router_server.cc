@@ -79,6 +79,7 @@ absl::Status RouterServer::Start() {
   router_options.training_max_bytes = options_.training_state_bytes;
   router_options.pool = pool_.get();
   router_options.load_stats = load_stats_.get();
+  router_options.routing_sample = &routing_sample_;
   router_options.timer = &timer_;
   router_options.on_phases = [m = metrics_.get()](absl::Duration gate, absl::Duration fan_out,
                                                   absl::Duration combine) {
@@ -111,6 +112,7 @@ absl::Status RouterServer::Start() {
   service_ = std::make_unique<RouterServiceImpl>(
       *router_, *pool_, *metrics_,
       RouterServiceImpl::ClusterView{&options_.config, client_.get(), load_stats_.get(),
+                                     &routing_sample_,
                                      [client = client_.get()] { return client->reconnects(); }},
       *steps_, *step_pool_, options_.streams, options_.stream_request_timeout);
 

@@ -89,6 +89,7 @@ class RouterServer {
   std::unique_ptr<GrpcExpertClient> client_;
   std::unique_ptr<ComputePool> pool_;
   std::unique_ptr<LoadStats> load_stats_;
+  RoutingSample routing_sample_;
   DeadlineTimer timer_;
   std::unique_ptr<Router> router_;
   std::unique_ptr<StepCoordinator> steps_;

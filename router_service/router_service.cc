@@ -9,6 +9,7 @@
 #include "common/status_macros.h"
 #include "common/stream_reactor.h"
 #include "common/tensor_codec.h"
+#include "router_service/rebalance.h"
 
 namespace moe::router {
 namespace {
@@ -187,6 +188,52 @@ grpc::ServerUnaryReactor* RouterServiceImpl::SaveCheckpoint(
   if (!accepted) {
     reactor->Finish(ToGrpcStatus(absl::ResourceExhaustedError("step queue full")));
   }
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* RouterServiceImpl::Rebalance(grpc::CallbackServerContext* context,
+                                                       const v1::RebalanceRequest* request,
+                                                       v1::RebalanceResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (!request->dry_run()) {
+    reactor->Finish(ToGrpcStatus(absl::UnimplementedError(
+        "Rebalance moves no experts yet (migration while serving is still to come); call it "
+        "with dry_run to see the plan")));
+    return reactor;
+  }
+  const ServingConfig& config = *cluster_.config;
+  const Router::PlacementSnapshot snapshot = router_.placement();
+  RebalanceInputs inputs;
+  inputs.model = &config.model;
+  inputs.cluster = &config.cluster;
+  inputs.current = &snapshot->value;
+  inputs.load = cluster_.load_stats->Get(absl::Now());
+  if (cluster_.routing_sample != nullptr) inputs.tokens = cluster_.routing_sample->Tokens();
+  const absl::StatusOr<PlacementPlan> plan = PlanRebalance(inputs);
+  if (!plan.ok()) {
+    reactor->Finish(ToGrpcStatus(plan.status()));
+    return reactor;
+  }
+  constexpr int kLayer = 0;  // one MoE layer (model_config.h)
+  for (int e = 0; e < plan->placement.num_experts(kLayer); ++e) {
+    v1::ExpertAssignment* expert = response->mutable_placement()->add_experts();
+    expert->set_expert_id(e);
+    for (int s : plan->placement.ServersOf(ExpertKey(kLayer, e))) {
+      expert->add_servers(config.cluster.servers[s].name);
+    }
+  }
+  response->set_experts_moved(plan->replicas_added);
+  response->set_replicas_removed(plan->replicas_removed);
+  response->set_bytes_moved(plan->bytes_moved);
+  response->set_imbalance_before(plan->imbalance_before);
+  response->set_imbalance_after(plan->imbalance_after);
+  response->set_servers_per_token_before(plan->servers_per_token_before);
+  response->set_servers_per_token_after(plan->servers_per_token_after);
+  response->set_placement_epoch(snapshot->version);
+  response->set_window_seconds(absl::ToDoubleSeconds(inputs.load.window));
+  for (double load : plan->server_load_before) response->add_server_load_before(load);
+  for (double load : plan->server_load_after) response->add_server_load_after(load);
+  reactor->Finish(grpc::Status::OK);
   return reactor;
 }
 

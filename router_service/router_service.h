@@ -5,8 +5,8 @@
 // failing request is answered with `error` and the stream goes on.
 // GetClusterState reports placement, server health and the sliding-window
 // load. Step runs the two-phase training step on its own thread (it waits
-// for every server's all-reduce). Rebalance is not overridden yet and
-// answers UNIMPLEMENTED.
+// for every server's all-reduce). Rebalance plans (dry_run) from the
+// measured load; moving experts answers UNIMPLEMENTED for now.
 // Thread-safe.
 #ifndef MOE_ROUTER_SERVICE_ROUTER_SERVICE_H_
 #define MOE_ROUTER_SERVICE_ROUTER_SERVICE_H_
@@ -20,6 +20,7 @@
 #include "router_service/load_stats.h"
 #include "router_service/router.h"
 #include "router_service/router_metrics.h"
+#include "router_service/routing_sample.h"
 #include "router_service/step_coordinator.h"
 
 namespace moe::router {
@@ -31,6 +32,8 @@ class RouterServiceImpl final : public v1::Router::CallbackService {
     const ServingConfig* config = nullptr;
     const ExpertClient* client = nullptr;
     const LoadStats* load_stats = nullptr;
+    // Sampled routing (co-activation) for Rebalance; may be null.
+    const RoutingSample* routing_sample = nullptr;
     // Streams opened to expert servers so far.
     std::function<int64_t()> stream_opens;
   };
@@ -68,6 +71,9 @@ class RouterServiceImpl final : public v1::Router::CallbackService {
   grpc::ServerUnaryReactor* GetClusterState(grpc::CallbackServerContext* context,
                                             const v1::GetClusterStateRequest* request,
                                             v1::ClusterState* response) override;
+  grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* context,
+                                      const v1::RebalanceRequest* request,
+                                      v1::RebalanceResponse* response) override;
 
   // New streams are refused; open ones answer what they accepted, then end
   // with UNAVAILABLE.

@@ -217,6 +217,26 @@ TEST(InProcessTrainingFaultTest, NonFiniteUpdatesNeverReachAWeight) {
   EXPECT_EQ(cluster.router.gate()->version, sane->step);
 }
 
+// dL/dy is checked before the forward's state is used: a NaN or a wrong
+// shape is INVALID_ARGUMENT, and the same Backward with a good dL/dy then
+// works (router and servers kept their state).
+TEST(InProcessTrainingFaultTest, ABadGradientCanBeRetried) {
+  InProcessCluster cluster(Model({}), PlacementStrategy::kHybrid);
+  absl::StatusOr<Router::ForwardResult> y =
+      cluster.Forward(Wire(RandomTensor({kTokens, kDModel}, 31)), true);
+  ASSERT_TRUE(y.ok()) << y.status();
+  FloatTensor nan = RandomTensor({kTokens, kDModel}, 32);
+  nan.mutable_values()[5] = std::numeric_limits<float>::quiet_NaN();
+  absl::StatusOr<v1::Tensor> bad = cluster.Backward(y->request_id, Wire(nan));
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  bad = cluster.Backward(y->request_id, Wire(RandomTensor({kTokens + 1, kDModel}, 33)));
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  absl::StatusOr<v1::Tensor> good =
+      cluster.Backward(y->request_id, Wire(RandomTensor({kTokens, kDModel}, 34)));
+  EXPECT_TRUE(good.ok()) << good.status();
+  EXPECT_TRUE(cluster.Step(0.01f).ok());
+}
+
 // An AbortStep of a step that never started here (2^64-1, say, from a
 // stray caller) refuses only that step: training goes on.
 TEST(InProcessTrainingFaultTest, AnAbortOfAFarStepRefusesOnlyThatStep) {

@@ -162,4 +162,14 @@ absl::StatusOr<SavedCheckpoint> MoeClient::SaveCheckpoint(DType dtype, absl::Dur
                          response.lineage()};
 }
 
+absl::StatusOr<v1::RebalanceResponse> MoeClient::PlanRebalance(absl::Duration timeout) {
+  v1::RebalanceRequest request;
+  request.set_dry_run(true);
+  grpc::ClientContext context;
+  context.set_deadline(After(timeout));
+  v1::RebalanceResponse response;
+  MOE_RETURN_IF_ERROR(FromGrpcStatus(stub_->Rebalance(&context, request, &response)));
+  return response;
+}
+
 }  // namespace moe::client

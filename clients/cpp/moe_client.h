@@ -99,6 +99,9 @@ class MoeClient {
   // One training step (learning_rate 0: the config's).
   absl::StatusOr<StepOutput> Step(float learning_rate,
                                   absl::Duration timeout = absl::Seconds(60));
+  // The placement the router would move to for the load it measured, and
+  // what it would cost (Router.Rebalance with dry_run; an admin call).
+  absl::StatusOr<v1::RebalanceResponse> PlanRebalance(absl::Duration timeout = absl::Seconds(30));
   // A checkpoint of the last committed step (Router.SaveCheckpoint).
   absl::StatusOr<SavedCheckpoint> SaveCheckpoint(DType dtype = DType::kFloat32,
                                                  absl::Duration timeout = absl::Minutes(10));

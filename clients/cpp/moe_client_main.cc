@@ -9,6 +9,8 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "clients/cpp/moe_client.h"
 #include "common/flags_usage.h"
 #include "common/log.h"
@@ -23,6 +25,9 @@ ABSL_FLAG(int64_t, d_model, 256, "Width of the random tokens (without --input)."
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the random tokens.");
 ABSL_FLAG(std::string, dtype, "fp32", "Wire dtype: fp32 or bf16.");
 ABSL_FLAG(int64_t, show, 8, "Tokens whose routing is printed.");
+ABSL_FLAG(bool, rebalance_plan, false,
+          "Instead of a forward, print the placement the router would rebalance to for the load "
+          "it measured (Rebalance with dry_run), and what it would move.");
 
 namespace moe::client {
 namespace {
@@ -47,6 +52,35 @@ absl::StatusOr<FloatTensor> Input() {
   return x;
 }
 
+int PrintRebalancePlan(MoeClient& client) {
+  absl::StatusOr<v1::RebalanceResponse> plan = client.PlanRebalance();
+  if (!plan.ok()) {
+    MOE_LOG(ERROR, plan.status().ToString());
+    return 1;
+  }
+  std::printf("rebalance plan from placement epoch %lu, load over the last %.0f s\n",
+              static_cast<unsigned long>(plan->placement_epoch()), plan->window_seconds());
+  for (const v1::ExpertAssignment& expert : plan->placement().experts()) {
+    std::printf("  expert %3d on %s\n", expert.expert_id(),
+                absl::StrJoin(expert.servers(), ", ").c_str());
+  }
+  std::printf("server load (tokens) before: %s\n",
+              absl::StrJoin(plan->server_load_before(), " ", [](std::string* out, double v) {
+                absl::StrAppend(out, std::lround(v));
+              }).c_str());
+  std::printf("server load (tokens) after:  %s\n",
+              absl::StrJoin(plan->server_load_after(), " ", [](std::string* out, double v) {
+                absl::StrAppend(out, std::lround(v));
+              }).c_str());
+  std::printf(
+      "imbalance (max/mean) %.3f -> %.3f; %d replicas copied (%.1f MiB), %d dropped; "
+      "servers per token %.2f -> %.2f\n",
+      plan->imbalance_before(), plan->imbalance_after(), plan->experts_moved(),
+      plan->bytes_moved() / 1048576.0, plan->replicas_removed(), plan->servers_per_token_before(),
+      plan->servers_per_token_after());
+  return 0;
+}
+
 int Run() {
   absl::StatusOr<FloatTensor> x = Input();
   if (!x.ok()) {
@@ -62,6 +96,7 @@ int Run() {
     return 2;
   }
   auto client = MoeClient::Connect(absl::GetFlag(FLAGS_router), *credentials);
+  if (absl::GetFlag(FLAGS_rebalance_plan)) return PrintRebalancePlan(*client);
   absl::StatusOr<ForwardOutput> out = client->Forward(*x, options);
   if (!out.ok()) {
     MOE_LOG(ERROR, out.status().ToString());

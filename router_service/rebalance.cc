@@ -1,0 +1,46 @@
+#include "router_service/rebalance.h"
+
+#include <algorithm>
+#include <numeric>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+
+namespace moe::router {
+
+std::vector<int> ServerSlots(const ModelConfig& model, const ClusterConfig& cluster,
+                             const Placement& current) {
+  const int n = current.num_servers();
+  int slots = cluster.slots_per_server > 0
+                  ? cluster.slots_per_server
+                  : std::min(model.num_experts, (model.num_experts + n - 1) / n + 1);
+  for (int s = 0; s < n; ++s) {
+    slots = std::max(slots, static_cast<int>(current.ExpertsOn(s).size()));
+  }
+  return std::vector<int>(n, slots);
+}
+
+int64_t ReplicaBytes(const ModelConfig& model) {
+  const int64_t weights =
+      (2 * model.d_model * model.d_ff + model.d_model + model.d_ff) * static_cast<int64_t>(4);
+  return model.optimizer.type == OptimizerType::kSgdMomentum ? 2 * weights : weights;
+}
+
+absl::StatusOr<PlacementPlan> PlanRebalance(const RebalanceInputs& inputs) {
+  const LoadStats::Snapshot& load = inputs.load;
+  if (std::accumulate(load.expert_tokens.begin(), load.expert_tokens.end(), int64_t{0}) == 0) {
+    return absl::FailedPreconditionError(absl::StrCat("no tokens were served in the last ",
+                                                      absl::FormatDuration(load.window),
+                                                      ": there is no load to balance"));
+  }
+  PlacementProblem problem;
+  problem.num_servers = inputs.current->num_servers();
+  problem.load = {std::vector<double>(load.expert_tokens.begin(), load.expert_tokens.end())};
+  problem.server_slots = ServerSlots(*inputs.model, *inputs.cluster, *inputs.current);
+  problem.replica_bytes = ReplicaBytes(*inputs.model);
+  problem.current = *inputs.current;
+  problem.token_experts = inputs.tokens;
+  return SolvePlacement(problem);
+}
+
+}  // namespace moe::router

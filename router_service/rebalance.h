@@ -1,0 +1,41 @@
+// The router's view of a rebalance: the placement problem from what it
+// measured (each expert's load over the window, sampled co-activation), the
+// placement serving now and the configured slot budget, solved by
+// common/placement_solver.h. Domain code: no transport.
+#ifndef MOE_ROUTER_SERVICE_REBALANCE_H_
+#define MOE_ROUTER_SERVICE_REBALANCE_H_
+
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/model_config.h"
+#include "common/placement.h"
+#include "common/placement_solver.h"
+#include "router_service/load_stats.h"
+
+namespace moe::router {
+
+struct RebalanceInputs {
+  const ModelConfig* model = nullptr;
+  const ClusterConfig* cluster = nullptr;
+  const Placement* current = nullptr;
+  LoadStats::Snapshot load;
+  std::vector<std::vector<ExpertKey>> tokens;
+};
+
+// Replicas per server: the config's slots_per_server, else ceil(E/N) + 1,
+// and never fewer than a server holds now (it has the memory for them).
+std::vector<int> ServerSlots(const ModelConfig& model, const ClusterConfig& cluster,
+                             const Placement& current);
+
+// Bytes one new replica copies: its fp32 weights, and momentum when the
+// optimizer keeps it.
+int64_t ReplicaBytes(const ModelConfig& model);
+
+// FAILED_PRECONDITION when nothing was served in the window (no load to
+// balance).
+absl::StatusOr<PlacementPlan> PlanRebalance(const RebalanceInputs& inputs);
+
+}  // namespace moe::router
+
+#endif  // MOE_ROUTER_SERVICE_REBALANCE_H_
