@@ -259,15 +259,22 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
     }
     if (options_.on_stale) options_.on_stale();
   }
-  if (absl::IsUnavailable(status) || stale) {
-    // The server is gone (or draining), or has other weights: the same
-    // request to another replica.
+  // The server answered that it does not host the expert (released, or a
+  // placement change under way): it ran nothing and kept nothing, and other
+  // replicas may still host it; avoided for a while, like a stale one.
+  const bool not_hosted = absl::IsNotFound(status) && reply.ok() && (*reply)->has_error();
+  if (not_hosted) picker_.MarkStale(g.server, g.expert, absl::Now() + options_.stale_ttl);
+  if (absl::IsUnavailable(status) || stale || not_hosted) {
+    // The server is gone (or draining), has other weights or lacks the
+    // expert: the same request to another replica.
     call->tried[group].push_back(g.server);
     const int next = picker_.PickOne(call->placement->value, g.expert, rows, call->tried[group]);
     if (next >= 0) {
       MOE_LOG(WARNING, g.expert.ToString(), ": server ", g.server,
-              stale ? " is at another version (" : " unavailable (", status.message(),
-              "); re-sending ", rows, " tokens to server ", next);
+              stale        ? " is at another version ("
+              : not_hosted ? " does not host it ("
+                           : " unavailable (",
+              status.message(), "); re-sending ", rows, " tokens to server ", next);
       failovers_.fetch_add(1);
       if (options_.on_failover) options_.on_failover();
       {
@@ -277,7 +284,11 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
       Send(std::move(call), group);
       return;
     }
-    if (stale) {
+    if (not_hosted) {
+      status = absl::NotFoundError(
+          absl::StrCat(g.expert.ToString(), ": no replica hosts it (servers ",
+                       absl::StrJoin(call->tried[group], ","), "; last: ", status.message(), ")"));
+    } else if (stale) {
       status = absl::FailedPreconditionError(
           absl::StrCat(g.expert.ToString(), ": no replica at placement epoch ",
                        call->placement->version, ", step ", call->gate->version, " (servers ",

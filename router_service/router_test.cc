@@ -153,6 +153,28 @@ TEST(RouterTest, FailsOverToAnotherReplica) {
   EXPECT_EQ(cluster.client.calls(1), calls);
 }
 
+// A replica that released an expert answers NOT_FOUND: the router serves
+// from another replica (and avoids that one for a while); only when no
+// replica hosts it is the call NOT_FOUND, naming the expert.
+TEST(RouterTest, AReleasedReplicaIsFailedOverAndAvoided) {
+  Cluster cluster(Model(2, false), PlacementStrategy::kDataParallel, 2);
+  const FloatTensor x = RandomTensor({64, 32}, 10);
+  const ReferenceForward expected =
+      *ReferenceMoe::Create(cluster.model, cluster.weights)->Forward(x);
+  ASSERT_TRUE(cluster.client.store(0).RemoveExpert(ExpertKey(0, 0)).ok());
+  for (int i = 0; i < 20; ++i) {
+    absl::StatusOr<Router::ForwardResult> result = cluster.Forward(Wire(x));
+    ASSERT_TRUE(result.ok()) << result.status();
+    EXPECT_TRUE(TensorNear(Decoded(result->y, 32), expected.y, 1e-5));
+  }
+  EXPECT_THAT(cluster.router.StaleExperts(0), ::testing::ElementsAre(ExpertKey(0, 0)));
+
+  ASSERT_TRUE(cluster.client.store(1).RemoveExpert(ExpertKey(0, 0)).ok());
+  absl::StatusOr<Router::ForwardResult> none = cluster.Forward(Wire(x));
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(none.status().message(), HasSubstr("expert 0: no replica hosts it"));
+}
+
 TEST(RouterTest, ModelParallelWithoutReplicaFailsNamingTheExperts) {
   Cluster cluster(Model(2, false), PlacementStrategy::kModelParallel, 2);
   const FloatTensor x = RandomTensor({64, 32}, 9);

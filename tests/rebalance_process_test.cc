@@ -1,9 +1,12 @@
-// Router.Rebalance on a real cluster, as far as it goes today: with
-// dry_run it plans from the load the router measured (the placement, what
-// it would copy, the imbalance and servers per token before and after) and
-// changes nothing; moving is refused by name.
+// Placement on a real cluster, as far as it goes today: Rebalance with
+// dry_run plans from the load the router measured (the placement, what it
+// would copy, the imbalance and servers per token before and after) and
+// changes nothing, moving is refused by name; a replica that releases an
+// expert costs no request.
 #include "absl/strings/str_cat.h"
+#include "common/reference_moe.h"
 #include "common/testing/random_tensor.h"
+#include "common/testing/tensor_matchers.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/process_cluster.h"
@@ -62,6 +65,36 @@ TEST(RebalanceTest, ADryRunPlansFromTheMeasuredLoadAndMovesNothing) {
   status = rebalance(false, &plan);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
   EXPECT_THAT(status.error_message(), HasSubstr("dry_run"));
+}
+
+// ReleaseExpert on one of two replicas: the router fails over on the
+// NOT_FOUND answer and avoids that replica; no request fails.
+TEST(RebalanceTest, ReleasingOneReplicaFailsNoRequest) {
+  ProcessClusterOptions options;
+  options.model = "d_model: 32 d_ff: 64 num_experts: 4 top_k: 2 seed: 6";
+  options.strategy = "DATA_PARALLEL";
+  ProcessCluster cluster(options);
+  const ReferenceMoe reference = cluster.Reference();
+  {
+    grpc::ClientContext context;
+    v1::ReleaseExpertRequest request;
+    request.set_expert_id(0);
+    v1::ReleaseExpertResponse response;
+    const grpc::Status status = cluster.server_stub(0).ReleaseExpert(&context, request, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+  }
+  for (int i = 0; i < 20; ++i) {
+    const FloatTensor x = RandomTensor({16, 32}, 100 + i);
+    v1::ForwardResponse response;
+    const grpc::Status status = cluster.Forward(x, &response);
+    ASSERT_TRUE(status.ok()) << "request " << i << ": " << status.error_message();
+    EXPECT_TRUE(TensorNear(Decoded(response.y(), 32), reference.Forward(x)->y, 1e-5));
+  }
+  v1::ClusterState state;
+  grpc::ClientContext context;
+  ASSERT_TRUE(cluster.stub().GetClusterState(&context, {}, &state).ok());
+  ASSERT_EQ(state.servers(0).stale_expert_ids_size(), 1);
+  EXPECT_EQ(state.servers(0).stale_expert_ids(0), 0);
 }
 
 }  // namespace
