@@ -7,7 +7,7 @@ namespace moe::router {
 namespace {
 
 constexpr const char* kMethods[kNumRouterMethods] = {"Forward", "Backward", "Step",
-                                                     "SaveCheckpoint"};
+                                                     "SaveCheckpoint", "Rebalance"};
 
 }  // namespace
 
@@ -68,6 +68,24 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
                          .Add({}, prometheus::Histogram::BucketBoundaries{
                                       1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
                                       4096, 8192, 16384, 32768, 65536});
+  m->placement_epoch = &prometheus::BuildGauge()
+                            .Name("moe_router_placement_epoch")
+                            .Help("The placement epoch this router routes with.")
+                            .Register(registry)
+                            .Add({});
+  auto& plan_imbalance = prometheus::BuildGauge()
+                             .Name("moe_router_rebalance_plan_imbalance")
+                             .Help(
+                                 "The last Rebalance plan's server load max/mean, before and "
+                                 "after.")
+                             .Register(registry);
+  m->plan_imbalance_before = &plan_imbalance.Add({{"when", "before"}});
+  m->plan_imbalance_after = &plan_imbalance.Add({{"when", "after"}});
+  m->plan_bytes = &prometheus::BuildGauge()
+                       .Name("moe_router_rebalance_plan_bytes")
+                       .Help("Bytes of expert replicas the last Rebalance plan would copy.")
+                       .Register(registry)
+                       .Add({});
   auto& expert_tokens = prometheus::BuildCounter()
                             .Name("moe_router_expert_tokens_total")
                             .Help("(token, expert) pairs routed to each expert and served.")

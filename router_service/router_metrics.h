@@ -19,8 +19,14 @@
 
 namespace moe::router {
 
-enum class RouterMethod { kForward = 0, kBackward = 1, kStep = 2, kSaveCheckpoint = 3 };
-inline constexpr int kNumRouterMethods = 4;
+enum class RouterMethod {
+  kForward = 0,
+  kBackward = 1,
+  kStep = 2,
+  kSaveCheckpoint = 3,
+  kRebalance = 4
+};
+inline constexpr int kNumRouterMethods = 5;
 
 struct RouterMetrics {
   static std::unique_ptr<RouterMetrics> Create(prometheus::Registry& registry, int num_experts);
@@ -50,6 +56,14 @@ struct RouterMetrics {
   // load over the sliding window.
   prometheus::Gauge* expert_imbalance = nullptr;
   prometheus::Gauge* server_imbalance = nullptr;
+  // moe_router_placement_epoch: the placement this router routes with.
+  prometheus::Gauge* placement_epoch = nullptr;
+  // moe_router_rebalance_plan_imbalance{when="before"|"after"} and
+  // moe_router_rebalance_plan_bytes: the last Rebalance plan's server
+  // imbalance and the bytes it would copy.
+  prometheus::Gauge* plan_imbalance_before = nullptr;
+  prometheus::Gauge* plan_imbalance_after = nullptr;
+  prometheus::Gauge* plan_bytes = nullptr;
   // moe_router_failovers_total: groups re-sent to another replica.
   prometheus::Counter* failovers = nullptr;
   // moe_router_stale_answers_total: expert answers refused because the

@@ -90,6 +90,7 @@ absl::Status RouterServer::Start() {
   router_options.on_failover = [failovers = metrics_->failovers] { failovers->Increment(); };
   router_options.on_stale = [stale = metrics_->stale_answers] { stale->Increment(); };
   router_ = std::make_unique<Router>(std::move(router_options), std::move(placement), *client_);
+  metrics_->placement_epoch->Set(static_cast<double>(router_->placement()->version));
 
   if (options_.metrics_port >= 0) {
     MOE_ASSIGN_OR_RETURN(metrics_endpoint_,

@@ -195,14 +195,21 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Rebalance(grpc::CallbackServerConte
                                                        const v1::RebalanceRequest* request,
                                                        v1::RebalanceResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  if (!request->dry_run()) {
-    reactor->Finish(ToGrpcStatus(absl::UnimplementedError(
-        "Rebalance moves no experts yet (migration while serving is still to come); call it "
-        "with dry_run to see the plan")));
+  const absl::Time start = absl::Now();
+  auto finish = [&](const absl::Status& status) {
+    metrics_.CountRequest(RouterMethod::kRebalance, status, 0,
+                          absl::ToDoubleSeconds(absl::Now() - start));
+    reactor->Finish(ToGrpcStatus(status));
     return reactor;
+  };
+  if (!request->dry_run()) {
+    return finish(absl::UnimplementedError(
+        "Rebalance moves no experts yet (migration while serving is still to come); call it "
+        "with dry_run to see the plan"));
   }
   const ServingConfig& config = *cluster_.config;
   const Router::PlacementSnapshot snapshot = router_.placement();
+  metrics_.placement_epoch->Set(static_cast<double>(snapshot->version));
   RebalanceInputs inputs;
   inputs.model = &config.model;
   inputs.cluster = &config.cluster;
@@ -210,10 +217,10 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Rebalance(grpc::CallbackServerConte
   inputs.load = cluster_.load_stats->Get(absl::Now());
   if (cluster_.routing_sample != nullptr) inputs.tokens = cluster_.routing_sample->Tokens();
   const absl::StatusOr<PlacementPlan> plan = PlanRebalance(inputs);
-  if (!plan.ok()) {
-    reactor->Finish(ToGrpcStatus(plan.status()));
-    return reactor;
-  }
+  if (!plan.ok()) return finish(plan.status());
+  metrics_.plan_imbalance_before->Set(plan->imbalance_before);
+  metrics_.plan_imbalance_after->Set(plan->imbalance_after);
+  metrics_.plan_bytes->Set(static_cast<double>(plan->bytes_moved));
   constexpr int kLayer = 0;  // one MoE layer (model_config.h)
   for (int e = 0; e < plan->placement.num_experts(kLayer); ++e) {
     v1::ExpertAssignment* expert = response->mutable_placement()->add_experts();
@@ -233,8 +240,7 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Rebalance(grpc::CallbackServerConte
   response->set_window_seconds(absl::ToDoubleSeconds(inputs.load.window));
   for (double load : plan->server_load_before) response->add_server_load_before(load);
   for (double load : plan->server_load_after) response->add_server_load_after(load);
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  return finish(absl::OkStatus());
 }
 
 grpc::ServerUnaryReactor* RouterServiceImpl::GetClusterState(

@@ -54,6 +54,7 @@ void ProcessCluster::StartRouter() {
   MOE_CHECK(line.has_value(), router_->output());
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(256 << 20);
+  router_metrics_port_ = NumberAfter(*line, "/metrics on port ");
   router_channel_ =
       grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", NumberAfter(*line, "on port ")),
                                 TransportCredentials::Plaintext().ForChannel(), channel_args);

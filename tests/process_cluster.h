@@ -48,6 +48,7 @@ class ProcessCluster {
   void PauseServer(int s);
   void ContinueServer(int s);
   pid_t router_pid() const { return router_->pid(); }
+  int router_metrics_port() const { return router_metrics_port_; }
   // The router's log so far (for failure messages).
   std::string RouterLog();
   std::string ServerLog(int s);
@@ -79,6 +80,7 @@ class ProcessCluster {
   std::vector<std::unique_ptr<v1::ExpertServer::Stub>> server_stubs_;
   std::unique_ptr<local::ChildProcess> router_;
   std::shared_ptr<grpc::Channel> router_channel_;
+  int router_metrics_port_ = -1;
   std::unique_ptr<v1::Router::Stub> stub_;
 };
 

@@ -7,6 +7,7 @@
 #include "common/reference_moe.h"
 #include "common/testing/random_tensor.h"
 #include "common/testing/tensor_matchers.h"
+#include "deploy/local/child_process.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/process_cluster.h"
@@ -65,6 +66,12 @@ TEST(RebalanceTest, ADryRunPlansFromTheMeasuredLoadAndMovesNothing) {
   status = rebalance(false, &plan);
   EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
   EXPECT_THAT(status.error_message(), HasSubstr("dry_run"));
+  const std::string metrics = local::HttpGet(cluster.router_metrics_port(), "/metrics");
+  EXPECT_THAT(metrics, HasSubstr("moe_router_placement_epoch 1"));
+  EXPECT_THAT(metrics, HasSubstr("moe_router_rebalance_plan_imbalance{when=\"after\"}"));
+  EXPECT_THAT(
+      metrics,
+      HasSubstr("moe_router_requests_total{code=\"UNIMPLEMENTED\",method=\"Rebalance\"} 1"));
 }
 
 // ReleaseExpert on one of two replicas: the router fails over on the
