@@ -41,6 +41,12 @@ ABSL_FLAG(int64_t, training_state_bytes, int64_t{1} << 30,
 ABSL_FLAG(absl::Duration, stream_request_timeout, absl::Seconds(30),
           "Deadline of a ForwardStream request that sets no timeout_ms (never later than the "
           "stream's own).");
+ABSL_FLAG(absl::Duration, hedge_max_delay, absl::Milliseconds(200),
+          "An inference forward's expert call that a replica has not answered within three "
+          "times its recent answer time (at least --hedge_min_delay, at most this) is also sent "
+          "to another replica; 0 disables hedging.");
+ABSL_FLAG(absl::Duration, hedge_min_delay, absl::Milliseconds(10),
+          "The shortest wait before an expert call is hedged.");
 ABSL_FLAG(int, max_streams, moe::StreamBounds().max_streams,
           "Streams open at once; more are refused (RESOURCE_EXHAUSTED).");
 ABSL_FLAG(int64_t, max_stream_bytes, moe::StreamBounds().max_stream_bytes,
@@ -84,6 +90,8 @@ int main(int argc, char** argv) {
   options.compute_threads = absl::GetFlag(FLAGS_compute_threads);
   options.training_state_bytes = absl::GetFlag(FLAGS_training_state_bytes);
   options.stream_request_timeout = absl::GetFlag(FLAGS_stream_request_timeout);
+  options.hedge_min_delay = absl::GetFlag(FLAGS_hedge_min_delay);
+  options.hedge_max_delay = absl::GetFlag(FLAGS_hedge_max_delay);
   options.streams.max_streams = absl::GetFlag(FLAGS_max_streams);
   options.streams.max_stream_bytes = absl::GetFlag(FLAGS_max_stream_bytes);
   options.streams.max_buffered_bytes = absl::GetFlag(FLAGS_max_buffered_bytes);

@@ -116,6 +116,10 @@ struct Router::ForwardCall {
   std::atomic<size_t> remaining{0};
   absl::Mutex mu;
   absl::Status status ABSL_GUARDED_BY(mu);
+  // Per group (hedging, inference only): servers sent to and not yet
+  // answered, and whether the group has its answer (later ones are dropped).
+  std::vector<std::vector<int>> in_flight ABSL_GUARDED_BY(mu);
+  std::vector<bool> answered ABSL_GUARDED_BY(mu);
 };
 
 struct Router::BackwardCall {
@@ -141,6 +145,9 @@ Router::Router(Options options, Placement placement, ExpertClient& client)
       picker_(placement_.Get()->value.num_servers(), client),
       gate_(options_.gate, options_.gate_step) {
   MOE_CHECK(options_.gate.shape() == Shape({options_.model.d_model, options_.model.num_experts}));
+  const int servers = placement_.Get()->value.num_servers();
+  answer_micros_.reset(new std::atomic<double>[servers]);
+  for (int s = 0; s < servers; ++s) answer_micros_[s].store(0);
   absl::MutexLock lock(&gate_mu_);
   gate_velocity_ = FloatTensor(options_.gate.shape());
   gate_gradient_ = FloatTensor(options_.gate.shape());
@@ -201,13 +208,22 @@ void Router::Start(const v1::Tensor& x, bool training, absl::Time deadline, Forw
   const size_t n = call->groups.size();
   call->responses.resize(n);
   call->tried.resize(n);
+  {
+    absl::MutexLock lock(&call->mu);
+    call->in_flight.resize(n);
+    call->answered.assign(n, false);
+  }
   if (n == 0) {  // no tokens, or every pair dropped
     FinishForward(std::move(call));
     return;
   }
   call->remaining = n;
   call->timer_id = EndAtDeadline(options_.timer, deadline, call, n, "expert calls unanswered");
-  for (size_t g = 0; g < n; ++g) Send(call, g);
+  for (size_t g = 0; g < n; ++g) {
+    const int server = call->groups[g].server;
+    Send(call, g, server);
+    if (!training) ScheduleHedge(call, g, server);
+  }
   if (cancellation != nullptr) {
     // Weak: a finished call is not kept alive by its client's token.
     cancellation->OnCancel([this, weak = std::weak_ptr<ForwardCall>(call)] {
@@ -221,41 +237,119 @@ void Router::CancelForward(std::shared_ptr<ForwardCall> call) {
   if (call->timer_id != 0) options_.timer->Cancel(call->timer_id);
   std::vector<std::pair<int, uint64_t>> sent;
   {
-    absl::MutexLock lock(&call->mu);  // a failover may be moving a group
-    for (const ExpertGroup& g : call->groups) sent.emplace_back(g.server, g.request.sequence_id());
+    absl::MutexLock lock(&call->mu);  // a failover or hedge may be sending a group
+    for (size_t i = 0; i < call->groups.size(); ++i) {
+      for (int server : call->in_flight[i]) {
+        sent.emplace_back(server, call->groups[i].request.sequence_id());
+      }
+    }
   }
   for (const auto& [server, sequence_id] : sent) client_.CancelForward(server, sequence_id);
   std::move(call->done)(absl::CancelledError("the client cancelled the request"));
 }
 
-void Router::Send(std::shared_ptr<ForwardCall> call, size_t group) {
-  const ExpertGroup& g = call->groups[group];
-  client_.Forward(g.server, g.request,
-                  [this, call, group](absl::StatusOr<std::unique_ptr<v1::DispatchResponse>>
-                                          reply) mutable {
-                    OnForwardReply(std::move(call), group, std::move(reply));
+void Router::Send(std::shared_ptr<ForwardCall> call, size_t group, int server) {
+  {
+    absl::MutexLock lock(&call->mu);
+    call->in_flight[group].push_back(server);
+  }
+  const absl::Time sent = absl::Now();
+  client_.Forward(server, call->groups[group].request,
+                  [this, call, group, server,
+                   sent](absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply) mutable {
+                    OnForwardReply(std::move(call), group, server, sent, std::move(reply));
                   });
 }
 
-void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
+absl::Duration Router::HedgeDelay(int server) const {
+  const double micros = answer_micros_[server].load(std::memory_order_relaxed);
+  // Unknown yet: the longest wait.
+  if (micros <= 0) return options_.hedge_max_delay;
+  return std::clamp(absl::Microseconds(3 * micros) + absl::Milliseconds(2),
+                    options_.hedge_min_delay, options_.hedge_max_delay);
+}
+
+void Router::ScheduleHedge(const std::shared_ptr<ForwardCall>& call, size_t group, int server) {
+  if (options_.timer == nullptr || options_.hedge_max_delay <= absl::ZeroDuration()) return;
+  if (call->placement->value.ServersOf(call->groups[group].expert).size() < 2) return;
+  options_.timer->Schedule(
+      absl::Now() + HedgeDelay(server),
+      [this, weak = std::weak_ptr<ForwardCall>(call), group, server] {
+        std::shared_ptr<ForwardCall> call = weak.lock();
+        if (call == nullptr || call->finished.load()) return;
+        const ExpertGroup& g = call->groups[group];
+        int next;
+        {
+          absl::MutexLock lock(&call->mu);
+          // Answered, or no longer waiting on the server this hedge is for.
+          if (call->answered[group] ||
+              std::find(call->in_flight[group].begin(), call->in_flight[group].end(), server) ==
+                  call->in_flight[group].end()) {
+            return;
+          }
+          std::vector<int> exclude = call->tried[group];
+          exclude.insert(exclude.end(), call->in_flight[group].begin(),
+                         call->in_flight[group].end());
+          next = picker_.PickOne(call->placement->value, g.expert,
+                                 static_cast<int64_t>(g.pairs.size()), exclude);
+        }
+        if (next < 0) return;
+        MOE_LOG(WARNING, g.expert.ToString(), ": server ", server, " has not answered in ",
+                absl::FormatDuration(HedgeDelay(server)), "; also sending to server ", next);
+        hedges_.fetch_add(1);
+        if (options_.on_hedge) options_.on_hedge();
+        Send(call, group, next);
+      });
+}
+
+void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int server,
+                            absl::Time sent,
                             absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply) {
   ExpertGroup& g = call->groups[group];
   const int64_t rows = g.pairs.size();
-  picker_.Release(g.server, rows);
+  picker_.Release(server, rows);
   absl::Status status = reply.status();
   if (status.ok() && (*reply)->has_error()) status = FromProtoStatus((*reply)->error());
+  if (status.ok()) {
+    // What a hedge waits for: this server's recent answer time (EWMA).
+    std::atomic<double>& ewma = answer_micros_[server];
+    const double micros = absl::ToDoubleMicroseconds(absl::Now() - sent);
+    const double old = ewma.load(std::memory_order_relaxed);
+    ewma.store(old <= 0 ? micros : old + (micros - old) / 8, std::memory_order_relaxed);
+  }
+  std::vector<int> slower;  // servers a hedge answered before
+  {
+    absl::MutexLock lock(&call->mu);
+    std::vector<int>& flying = call->in_flight[group];
+    flying.erase(std::find(flying.begin(), flying.end(), server));
+    if (call->answered[group]) return;  // a hedge's twin answered first
+    if (status.ok()) {
+      call->answered[group] = true;
+      g.server = server;  // the replica that served it (load statistics)
+      slower = flying;
+    } else if (!flying.empty()) {
+      // Another replica is still working on it: its answer decides.
+      call->tried[group].push_back(server);
+      return;
+    }
+  }
+  for (int s : slower) {
+    // It did not answer in time while another replica did: avoided for a
+    // while (outlier), tried again by traffic after that.
+    picker_.MarkStale(s, g.expert, absl::Now() + options_.stale_ttl);
+  }
   // The server is at another version of the state than this call.
   const bool stale = absl::IsFailedPrecondition(status) && reply.ok() &&
                      (*reply)->has_server_version();
   if (stale) {
     const v1::StateVersion& theirs = (*reply)->server_version();
-    MOE_LOG(WARNING, g.expert.ToString(), ": server ", g.server, " is at placement epoch ",
+    MOE_LOG(WARNING, g.expert.ToString(), ": server ", server, " is at placement epoch ",
             theirs.placement_epoch(), ", step ", theirs.weights_step(), "; this call at epoch ",
             call->placement->version, ", step ", call->gate->version);
     // Behind the cluster (restarted without a replica to sync from): avoid
     // it for a while rather than paying a refused round trip per request.
     if (theirs.weights_step() < call->gate->version) {
-      picker_.MarkStale(g.server, g.expert, absl::Now() + options_.stale_ttl);
+      picker_.MarkStale(server, g.expert, absl::Now() + options_.stale_ttl);
     }
     if (options_.on_stale) options_.on_stale();
   }
@@ -263,14 +357,18 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
   // placement change under way): it ran nothing and kept nothing, and other
   // replicas may still host it; avoided for a while, like a stale one.
   const bool not_hosted = absl::IsNotFound(status) && reply.ok() && (*reply)->has_error();
-  if (not_hosted) picker_.MarkStale(g.server, g.expert, absl::Now() + options_.stale_ttl);
+  if (not_hosted) picker_.MarkStale(server, g.expert, absl::Now() + options_.stale_ttl);
   if (absl::IsUnavailable(status) || stale || not_hosted) {
     // The server is gone (or draining), has other weights or lacks the
     // expert: the same request to another replica.
-    call->tried[group].push_back(g.server);
-    const int next = picker_.PickOne(call->placement->value, g.expert, rows, call->tried[group]);
+    int next;
+    {
+      absl::MutexLock lock(&call->mu);
+      call->tried[group].push_back(server);
+      next = picker_.PickOne(call->placement->value, g.expert, rows, call->tried[group]);
+    }
     if (next >= 0) {
-      MOE_LOG(WARNING, g.expert.ToString(), ": server ", g.server,
+      MOE_LOG(WARNING, g.expert.ToString(), ": server ", server,
               stale        ? " is at another version ("
               : not_hosted ? " does not host it ("
                            : " unavailable (",
@@ -281,7 +379,7 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
         absl::MutexLock lock(&call->mu);
         g.server = next;
       }
-      Send(std::move(call), group);
+      Send(std::move(call), group, next);
       return;
     }
     if (not_hosted) {
@@ -305,6 +403,7 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
     call->responses[group] = *std::move(reply);
   } else {
     absl::MutexLock lock(&call->mu);
+    call->answered[group] = true;
     if (call->status.ok()) call->status = status;
   }
   if (call->remaining.fetch_sub(1) == 1) {

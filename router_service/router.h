@@ -77,8 +77,17 @@ class Router {
     std::function<void()> on_failover;
     // Called once per answer refused for another version (for metrics).
     std::function<void()> on_stale;
-    // How long a replica that answered from older weights is avoided.
+    // How long a replica that answered from older weights, lacks the
+    // expert, or lost to a hedge is avoided.
     absl::Duration stale_ttl = absl::Seconds(5);
+    // Hedging (inference forwards only, with `timer`): a group a replica has
+    // not answered within three times that server's recent answer time
+    // (plus 2 ms, within [hedge_min_delay, hedge_max_delay]) is also sent to
+    // another replica; the first answer is taken. A zero max disables it.
+    absl::Duration hedge_min_delay = absl::Milliseconds(10);
+    absl::Duration hedge_max_delay = absl::Milliseconds(200);
+    // Called once per hedge sent (for metrics).
+    std::function<void()> on_hedge;
     // Called after each successful forward with the time spent gating and
     // planning, waiting for the experts, and combining (for metrics).
     std::function<void(absl::Duration gate, absl::Duration fan_out, absl::Duration combine)>
@@ -156,6 +165,8 @@ class Router {
   void AbortGateStep(const GateStep& step) ABSL_LOCKS_EXCLUDED(gate_mu_);
   // Pairs re-sent to another replica after a server was unavailable.
   int64_t failovers() const { return failovers_.load(); }
+  // Groups also sent to a second replica because the first was slow.
+  int64_t hedges() const { return hedges_.load(); }
   // Training forwards waiting for their Backward.
   size_t pending_training() const ABSL_LOCKS_EXCLUDED(training_mu_);
 
@@ -169,8 +180,15 @@ class Router {
   void Start(const v1::Tensor& x, bool training, absl::Time deadline, ForwardDone done,
              std::shared_ptr<Cancellation> cancellation, int restarts);
   static constexpr int kMaxRestarts = 2;
-  void Send(std::shared_ptr<ForwardCall> call, size_t group);
-  void OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group,
+  // Sends group `group` of `call` to `server` (a first try, a failover or
+  // a hedge).
+  void Send(std::shared_ptr<ForwardCall> call, size_t group, int server);
+  // After HedgeDelay(server), sends the group to another replica too if
+  // `server` has not answered it.
+  void ScheduleHedge(const std::shared_ptr<ForwardCall>& call, size_t group, int server);
+  absl::Duration HedgeDelay(int server) const;
+  // `server`'s answer to `group`, sent at `sent`.
+  void OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int server, absl::Time sent,
                       absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply);
   void FinishForward(std::shared_ptr<ForwardCall> call);
   // Ends `call` with CANCELLED (unless it has ended) and cancels its expert
@@ -196,6 +214,10 @@ class Router {
   // Unique per router process, so transports can match answers by it.
   std::atomic<uint64_t> next_sequence_id_{1};
   std::atomic<int64_t> failovers_{0};
+  std::atomic<int64_t> hedges_{0};
+  // Per server: its recent Dispatch answer time in microseconds (EWMA; 0:
+  // none yet), for hedging.
+  std::unique_ptr<std::atomic<double>[]> answer_micros_;
 
   Versioned<FloatTensor> gate_;
   // The gate's optimizer state, changed with the gate (under gate_mu_).

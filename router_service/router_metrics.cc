@@ -68,6 +68,13 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
                          .Add({}, prometheus::Histogram::BucketBoundaries{
                                       1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
                                       4096, 8192, 16384, 32768, 65536});
+  m->hedges = &prometheus::BuildCounter()
+                   .Name("moe_router_hedges_total")
+                   .Help(
+                       "Expert calls also sent to a second replica because the first had not "
+                       "answered in time.")
+                   .Register(registry)
+                   .Add({});
   m->placement_epoch = &prometheus::BuildGauge()
                             .Name("moe_router_placement_epoch")
                             .Help("The placement epoch this router routes with.")

@@ -64,6 +64,9 @@ struct RouterMetrics {
   prometheus::Gauge* plan_imbalance_before = nullptr;
   prometheus::Gauge* plan_imbalance_after = nullptr;
   prometheus::Gauge* plan_bytes = nullptr;
+  // moe_router_hedges_total: groups also sent to a second replica because
+  // the first had not answered in time.
+  prometheus::Counter* hedges = nullptr;
   // moe_router_failovers_total: groups re-sent to another replica.
   prometheus::Counter* failovers = nullptr;
   // moe_router_stale_answers_total: expert answers refused because the

@@ -89,6 +89,9 @@ absl::Status RouterServer::Start() {
   };
   router_options.on_failover = [failovers = metrics_->failovers] { failovers->Increment(); };
   router_options.on_stale = [stale = metrics_->stale_answers] { stale->Increment(); };
+  router_options.on_hedge = [hedges = metrics_->hedges] { hedges->Increment(); };
+  router_options.hedge_min_delay = options_.hedge_min_delay;
+  router_options.hedge_max_delay = options_.hedge_max_delay;
   router_ = std::make_unique<Router>(std::move(router_options), std::move(placement), *client_);
   metrics_->placement_epoch->Set(static_cast<double>(router_->placement()->version));
 

@@ -233,6 +233,47 @@ struct StalledCluster {
   std::unique_ptr<Router> router;
 };
 
+// A replica that is alive but does not answer (stalled: SIGSTOPped,
+// overloaded): an inference forward's group is also sent to another replica
+// after a delay adapted to that server's answer time, the first answer is
+// taken, and the slow replica is avoided for a while.
+TEST(RouterTest, ASilentReplicaIsHedgedAndAvoided) {
+  const ModelConfig model = Model(2, false);
+  const MoeWeights weights = InitAllWeights(model);
+  const Placement placement = DataParallelPlacement(8, 2);
+  DeadlineTimer timer;
+  auto client = std::make_unique<InProcessExpertClient>(model, placement, weights, OnednnKernels());
+  Router::Options options{model, *weights.gate};
+  options.timer = &timer;
+  auto router = std::make_unique<Router>(std::move(options), placement, *client);
+  const ReferenceMoe reference = *ReferenceMoe::Create(model, weights);
+  auto forward = [&](const FloatTensor& x) {
+    absl::Notification done;
+    absl::StatusOr<Router::ForwardResult> result;
+    router->Forward(Wire(x), false, absl::InfiniteFuture(),
+                    [&](absl::StatusOr<Router::ForwardResult> r) {
+                      result = std::move(r);
+                      done.Notify();
+                    });
+    done.WaitForNotification();
+    return result;
+  };
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(forward(RandomTensor({16, 32}, i)).ok());
+  client->Stall(1);
+  for (int i = 0; i < 10; ++i) {
+    const FloatTensor x = RandomTensor({16, 32}, 10 + i);
+    absl::StatusOr<Router::ForwardResult> result = forward(x);
+    ASSERT_TRUE(result.ok()) << result.status();
+    EXPECT_TRUE(TensorNear(Decoded(result->y, 32), reference.Forward(x)->y, 1e-5));
+  }
+  EXPECT_GT(router->hedges(), 0);
+  EXPECT_FALSE(router->StaleExperts(1).empty());
+  EXPECT_TRUE(router->StaleExperts(0).empty());
+  client->Unstall(1);
+  client.reset();  // its late answers call back into the router
+  router.reset();
+}
+
 TEST(RouterTest, DeadlineEndsACallThatWaitsOnAStalledServer) {
   StalledCluster cluster;
   absl::Notification done;

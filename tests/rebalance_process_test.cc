@@ -3,6 +3,12 @@
 // would copy, the imbalance and servers per token before and after) and
 // changes nothing, moving is refused by name; a replica that releases an
 // expert costs no request.
+#include <algorithm>
+#include <atomic>
+#include <iostream>
+#include <thread>
+#include <vector>
+
 #include "absl/strings/str_cat.h"
 #include "common/reference_moe.h"
 #include "common/testing/random_tensor.h"
@@ -102,6 +108,62 @@ TEST(RebalanceTest, ReleasingOneReplicaFailsNoRequest) {
   ASSERT_TRUE(cluster.stub().GetClusterState(&context, {}, &state).ok());
   ASSERT_EQ(state.servers(0).stale_expert_ids_size(), 1);
   EXPECT_EQ(state.servers(0).stale_expert_ids(0), 0);
+}
+
+// One of two replicas SIGSTOPped under load from 4 clients: the router
+// hedges the calls it does not answer and then avoids it; no request fails.
+// The longest delay is reported (a stopped server is otherwise noticed by
+// keepalive after about 4 s).
+TEST(RebalanceTest, AStoppedReplicaUnderLoadFailsNoRequest) {
+  ProcessClusterOptions options;
+  options.model = "d_model: 32 d_ff: 64 num_experts: 4 top_k: 2 seed: 6";
+  options.strategy = "DATA_PARALLEL";
+  ProcessCluster cluster(options);
+  const ReferenceMoe reference = cluster.Reference();
+  std::atomic<bool> stop{false};
+  std::atomic<int> ok{0}, failed{0};
+  std::vector<double> longest(4, 0), typical(4, 0);
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 4; ++c) {
+    clients.emplace_back([&, c] {
+      std::vector<double> ms;
+      for (int i = 0; !stop.load(); ++i) {
+        const FloatTensor x = RandomTensor({16, 32}, 1000 * c + i % 50);
+        v1::ForwardResponse response;
+        const absl::Time start = absl::Now();
+        const grpc::Status status = cluster.Forward(x, &response);
+        ms.push_back(absl::ToDoubleMilliseconds(absl::Now() - start));
+        if (status.ok() && TensorNear(Decoded(response.y(), 32), reference.Forward(x)->y, 1e-5)) {
+          ok.fetch_add(1);
+        } else {
+          failed.fetch_add(1);
+        }
+      }
+      std::sort(ms.begin(), ms.end());
+      typical[c] = ms[ms.size() / 2];
+      longest[c] = ms.back();
+    });
+  }
+  auto wait_for = [&](int calls) {
+    const int target = ok.load() + calls;
+    while (ok.load() < target && failed.load() == 0) absl::SleepFor(absl::Milliseconds(5));
+  };
+  wait_for(100);
+  cluster.PauseServer(1);
+  wait_for(300);
+  cluster.ContinueServer(1);
+  stop.store(true);
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(failed.load(), 0);
+  const double worst = *std::max_element(longest.begin(), longest.end());
+  std::cout << ok.load() << " Forwards with server 1 stopped for part of them: p50 " << typical[0]
+            << " ms, longest " << worst << " ms\n";
+  // Hedging answers well before keepalive (about 4 s) would.
+  EXPECT_LT(worst, 2000);
+  const std::string metrics = local::HttpGet(cluster.router_metrics_port(), "/metrics");
+  const size_t at = metrics.find("\nmoe_router_hedges_total ");
+  ASSERT_NE(at, std::string::npos);
+  EXPECT_GT(std::stod(metrics.substr(at + 25)), 0) << "no call was hedged";
 }
 
 }  // namespace
