@@ -11,8 +11,8 @@
 #include "common/log.h"
 #include "common/malloc_tuning.h"
 #include "common/model_config.h"
+#include "common/server_flags.h"
 #include "common/stop_signals.h"
-#include "common/stream_set.h"
 #include "common/transport_credentials.h"
 #include "expert_service/expert_server.h"
 
@@ -20,14 +20,7 @@ ABSL_FLAG(std::string, config, "", "Text-format moe.v1.ServingConfig (required).
 ABSL_FLAG(std::string, name, "", "This server's name in the config (required).");
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on.");
 ABSL_FLAG(int, port, 50061, "gRPC port; 0 picks a free port and logs it.");
-ABSL_FLAG(int, metrics_port, 9091,
-          "Prometheus /metrics port; 0 picks a free port, -1 disables.");
-ABSL_FLAG(std::string, metrics_host, "0.0.0.0",
-          "Address /metrics and the health port listen on (plaintext both).");
-ABSL_FLAG(int, health_port, -1,
-          "Plaintext port serving only gRPC health, for probes without a client certificate: "
-          "service \"\" is liveness, \"moe.ready\" readiness; 0 picks one, -1: health on the "
-          "gRPC port only.");
+ABSL_FLAG(int, metrics_port, 9091, "Prometheus /metrics port; 0 picks a free port, -1 disables.");
 ABSL_FLAG(std::string, checkpoint, "",
           "Checkpoint: a safetensors file or a sharded checkpoint directory (step-N, with "
           "model.safetensors.index.json); empty: deterministic init from the config's seed.");
@@ -47,13 +40,6 @@ ABSL_FLAG(absl::Duration, batch_window, absl::ZeroDuration(),
           "Merge inference requests for the same expert arriving within this window "
           "into one kernel call; 0 turns it off.");
 ABSL_FLAG(int64_t, max_batch_rows, 4096, "Largest merged batch, in rows.");
-ABSL_FLAG(int, max_streams, moe::StreamBounds().max_streams,
-          "Streams open at once; more are refused (RESOURCE_EXHAUSTED).");
-ABSL_FLAG(int64_t, max_stream_bytes, moe::StreamBounds().max_stream_bytes,
-          "Request bytes one stream holds (accepted, not yet answered) before it reads no more.");
-ABSL_FLAG(int64_t, max_buffered_bytes, moe::StreamBounds().max_buffered_bytes,
-          "Request bytes all streams together hold before new requests are refused "
-          "(RESOURCE_EXHAUSTED).");
 ABSL_FLAG(int64_t, ring_segment_elements, int64_t{1} << 18,
           "Gradient all-reduce pipeline segment, in floats (1 MiB by default).");
 ABSL_FLAG(int, ring_window_segments, 4, "All-reduce segments in flight to the successor.");
@@ -106,14 +92,9 @@ absl::StatusOr<moe::expert::ExpertServer::Options> OptionsFromFlags() {
   options.training.ttl = absl::GetFlag(FLAGS_training_state_ttl);
   options.batch_window = absl::GetFlag(FLAGS_batch_window);
   options.max_batch_rows = absl::GetFlag(FLAGS_max_batch_rows);
-  options.streams.max_streams = absl::GetFlag(FLAGS_max_streams);
-  options.streams.max_stream_bytes = absl::GetFlag(FLAGS_max_stream_bytes);
-  options.streams.max_buffered_bytes = absl::GetFlag(FLAGS_max_buffered_bytes);
-  if (options.streams.max_streams < 1 || options.streams.max_stream_bytes < 1 ||
-      options.streams.max_buffered_bytes < 1) {
-    return absl::InvalidArgumentError(
-        "--max_streams, --max_stream_bytes and --max_buffered_bytes must be >= 1");
-  }
+  absl::StatusOr<moe::StreamBounds> streams = moe::StreamBoundsFromFlags();
+  if (!streams.ok()) return streams.status();
+  options.streams = *streams;
   options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   options.ring = {absl::GetFlag(FLAGS_ring_segment_elements),
                   absl::GetFlag(FLAGS_ring_window_segments)};

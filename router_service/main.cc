@@ -10,8 +10,8 @@
 #include "common/log.h"
 #include "common/malloc_tuning.h"
 #include "common/model_config.h"
+#include "common/server_flags.h"
 #include "common/stop_signals.h"
-#include "common/stream_set.h"
 #include "common/transport_credentials.h"
 #include "router_service/router_server.h"
 
@@ -19,12 +19,6 @@ ABSL_FLAG(std::string, config, "", "Text-format moe.v1.ServingConfig (required).
 ABSL_FLAG(std::string, host, "0.0.0.0", "Address to listen on.");
 ABSL_FLAG(int, port, 50051, "gRPC port; 0 picks a free port and logs it.");
 ABSL_FLAG(int, metrics_port, 9090, "Prometheus /metrics port; 0 picks one, -1 disables.");
-ABSL_FLAG(std::string, metrics_host, "0.0.0.0",
-          "Address /metrics and the health port listen on (plaintext both).");
-ABSL_FLAG(int, health_port, -1,
-          "Plaintext port serving only gRPC health, for probes without a client certificate: "
-          "service \"\" is liveness, \"moe.ready\" readiness; 0 picks one, -1: health on the "
-          "gRPC port only.");
 ABSL_FLAG(std::string, checkpoint, "",
           "Checkpoint for the gate: a safetensors file or a sharded checkpoint directory "
           "(step-N; training resumes after its step); empty: deterministic init from the seed.");
@@ -47,13 +41,6 @@ ABSL_FLAG(absl::Duration, hedge_max_delay, absl::Milliseconds(200),
           "to another replica; 0 disables hedging.");
 ABSL_FLAG(absl::Duration, hedge_min_delay, absl::Milliseconds(10),
           "The shortest wait before an expert call is hedged.");
-ABSL_FLAG(int, max_streams, moe::StreamBounds().max_streams,
-          "Streams open at once; more are refused (RESOURCE_EXHAUSTED).");
-ABSL_FLAG(int64_t, max_stream_bytes, moe::StreamBounds().max_stream_bytes,
-          "Request bytes one stream holds (accepted, not yet answered) before it reads no more.");
-ABSL_FLAG(int64_t, max_buffered_bytes, moe::StreamBounds().max_buffered_bytes,
-          "Request bytes all streams together hold before new requests are refused "
-          "(RESOURCE_EXHAUSTED).");
 ABSL_FLAG(absl::Duration, step_timeout, absl::Seconds(60),
           "Deadline of a training Step whose client sets none.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
@@ -92,9 +79,12 @@ int main(int argc, char** argv) {
   options.stream_request_timeout = absl::GetFlag(FLAGS_stream_request_timeout);
   options.hedge_min_delay = absl::GetFlag(FLAGS_hedge_min_delay);
   options.hedge_max_delay = absl::GetFlag(FLAGS_hedge_max_delay);
-  options.streams.max_streams = absl::GetFlag(FLAGS_max_streams);
-  options.streams.max_stream_bytes = absl::GetFlag(FLAGS_max_stream_bytes);
-  options.streams.max_buffered_bytes = absl::GetFlag(FLAGS_max_buffered_bytes);
+  absl::StatusOr<moe::StreamBounds> streams = moe::StreamBoundsFromFlags();
+  if (!streams.ok()) {
+    MOE_LOG(ERROR, streams.status().message());
+    return 2;
+  }
+  options.streams = *streams;
   options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   options.step_timeout = absl::GetFlag(FLAGS_step_timeout);
   absl::StatusOr<moe::TransportCredentials> credentials = moe::TransportCredentials::FromFlags();
