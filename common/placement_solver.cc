@@ -219,7 +219,7 @@ void Improve(Assignment& a, const std::vector<double>& load, const std::vector<i
   }
   auto holds = [&](int s, int i) { return std::find(a[i].begin(), a[i].end(), s) != a[i].end(); };
   std::vector<double> loads = LoadsOf(a, load, n);
-  // The max load after adding `delta[k]` to server `changed[k]`.
+  // The max load after adding each change's delta to its server.
   std::vector<double> after(n);
   auto max_after = [&](const std::vector<std::pair<int, double>>& changes) {
     after = loads;
