@@ -55,15 +55,8 @@ constexpr char kPolicy[] = R"json({
   }
 })json";
 
-TEST(AuthorizationTest, EachIdentityGetsWhatItsRoleAllows) {
-  const std::string dir = ::testing::TempDir();
-  absl::StatusOr<TestCertificateAuthority> ca = TestCertificateAuthority::Create(dir);
-  ASSERT_TRUE(ca.ok()) << ca.status();
-  const std::string policy = dir + "/policy.json";
-  std::ofstream(policy) << kPolicy;
-  auto credentials = [&](const std::string& name) {
-    return *TransportCredentials::Tls(*ca->Issue(name), /*require_client_cert=*/true);
-  };
+// A local cluster of two DATA_PARALLEL servers working in `dir`.
+local::LocalClusterOptions TwoServers(const std::string& dir) {
   local::LocalClusterOptions options;
   options.config = *ParseServingConfig(R"pb(
     model { d_model: 32 d_ff: 64 num_experts: 4 top_k: 2 seed: 5 }
@@ -75,6 +68,19 @@ TEST(AuthorizationTest, EachIdentityGetsWhatItsRoleAllows) {
   )pb");
   options.work_dir = dir;
   options.onednn_threads = 1;
+  return options;
+}
+
+TEST(AuthorizationTest, EachIdentityGetsWhatItsRoleAllows) {
+  const std::string dir = ::testing::TempDir();
+  absl::StatusOr<TestCertificateAuthority> ca = TestCertificateAuthority::Create(dir);
+  ASSERT_TRUE(ca.ok()) << ca.status();
+  const std::string policy = dir + "/policy.json";
+  std::ofstream(policy) << kPolicy;
+  auto credentials = [&](const std::string& name) {
+    return *TransportCredentials::Tls(*ca->Issue(name), /*require_client_cert=*/true);
+  };
+  local::LocalClusterOptions options = TwoServers(dir);
   options.credentials = *credentials("moe-node").WithPolicy(policy);
   absl::StatusOr<std::unique_ptr<local::LocalCluster>> cluster =
       local::LocalCluster::Start(options);
@@ -191,17 +197,7 @@ TEST(AuthorizationTest, CertificatesRotateUnderLoadWithoutAFailedRequest) {
   SecretVolume secret(dir + "/secret");
   secret.Write(*old_ca->Issue("moe-node"), bundle);
 
-  local::LocalClusterOptions options;
-  options.config = *ParseServingConfig(R"pb(
-    model { d_model: 32 d_ff: 64 num_experts: 4 top_k: 2 seed: 5 }
-    cluster {
-      servers { name: "a" address: "127.0.0.1:1" }
-      servers { name: "b" address: "127.0.0.1:2" }
-      strategy: PLACEMENT_STRATEGY_DATA_PARALLEL
-    }
-  )pb");
-  options.work_dir = dir;
-  options.onednn_threads = 1;
+  local::LocalClusterOptions options = TwoServers(dir);
   options.credentials = *TransportCredentials::Tls(secret.files(), /*require_client_cert=*/true,
                                                    absl::Seconds(1));
   absl::StatusOr<std::unique_ptr<local::LocalCluster>> cluster =
