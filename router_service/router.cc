@@ -20,6 +20,8 @@ namespace {
 // The layer this router's gate is of: the one MoE layer a ModelConfig
 // describes (model_config.h).
 constexpr int kServedLayer = 0;
+// A training request id: the router's tag, then a counter of this many bits.
+constexpr int kRequestCounterBits = 40;
 
 int64_t ToDeadlineMicros(absl::Time deadline) {
   return deadline == absl::InfiniteFuture() ? 0 : absl::ToUnixMicros(deadline);
@@ -143,6 +145,7 @@ Router::Router(Options options, Placement placement, ExpertClient& client)
       placement_(std::move(placement), /*version=*/1),
       client_(client),
       picker_(placement_.Get()->value.num_servers(), client),
+      identity_(absl::StrCat(options_.name, "/", absl::Hex(options_.tag, absl::kZeroPad6))),
       gate_(options_.gate, options_.gate_step) {
   MOE_CHECK(options_.gate.shape() == Shape({options_.model.d_model, options_.model.num_experts}));
   const int servers = placement_.Get()->value.num_servers();
@@ -189,7 +192,9 @@ void Router::Start(const v1::Tensor& x, bool training, absl::Time deadline, Forw
   call->dtype = view->dtype;
   call->num_tokens = view->rows();
   call->training = training;
-  call->request_id = training ? next_request_id_.fetch_add(1) : 0;
+  call->request_id =
+      training ? (uint64_t{options_.tag} << kRequestCounterBits) | next_request_id_.fetch_add(1)
+               : 0;
   call->x32 = AsFloats(*view, call->x32_storage);
   call->gate = gate();
   call->placement = placement();
@@ -530,6 +535,13 @@ absl::Status UnknownTrainingRequest(uint64_t request_id) {
 }  // namespace
 
 absl::StatusOr<int64_t> Router::TrainingTokens(uint64_t request_id) const {
+  const uint64_t tag = request_id >> kRequestCounterBits;
+  if (tag != options_.tag) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("request ", request_id, " was made by router tag ",
+                     absl::Hex(tag, absl::kZeroPad6), ", not by this one (", identity(),
+                     "): send Backward to the router named in its ForwardResponse.router"));
+  }
   absl::MutexLock lock(&training_mu_);
   auto it = training_.find(request_id);
   if (it == training_.end()) return UnknownTrainingRequest(request_id);

@@ -77,6 +77,12 @@ class Router {
     std::function<void()> on_failover;
     // Called once per answer refused for another version (for metrics).
     std::function<void()> on_stale;
+    // This router among several: training request ids carry `tag` (24
+    // bits, in their top bits) so they are unique across routers (the expert
+    // servers key training state by them) and a Backward sent to another
+    // router is refused naming the one it belongs to. `name` is for people.
+    uint32_t tag = 0;
+    std::string name;
     // How long a replica that answered from older weights, lacks the
     // expert, or lost to a hedge is avoided.
     absl::Duration stale_ttl = absl::Seconds(5);
@@ -133,6 +139,8 @@ class Router {
   // uses that one too).
   GateSnapshot gate() const { return gate_.Get(); }
   const ModelConfig& model() const { return options_.model; }
+  // "<name>/<tag in hex>": how answers and errors name this router.
+  const std::string& identity() const { return identity_; }
   // The experts `server` holds at an older step than the cluster's, as the
   // router last saw (avoided for Options::stale_ttl after each sighting).
   std::vector<ExpertKey> StaleExperts(int server) const {
@@ -210,6 +218,8 @@ class Router {
   Versioned<Placement> placement_;
   ExpertClient& client_;
   ReplicaPicker picker_;
+  const std::string identity_;
+  // The low 40 bits of the next training request id (the tag above them).
   std::atomic<uint64_t> next_request_id_{1};
   // Unique per router process, so transports can match answers by it.
   std::atomic<uint64_t> next_sequence_id_{1};

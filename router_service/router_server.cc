@@ -1,5 +1,7 @@
 #include "router_service/router_server.h"
 
+#include <unistd.h>
+
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -25,6 +27,13 @@ absl::StatusOr<FloatTensor> StartingGate(const ModelConfig& model,
     return absl::NotFoundError(absl::StrCat(checkpoint_path, ": no gate tensor"));
   }
   return std::move(*weights->gate);
+}
+
+// This machine's name (a pod's name on Kubernetes).
+std::string HostName() {
+  char name[256] = {};
+  if (gethostname(name, sizeof(name) - 1) != 0 || name[0] == '\0') return "router";
+  return name;
 }
 
 // 128 random bits, hex: the id of a training run.
@@ -76,6 +85,10 @@ absl::Status RouterServer::Start() {
   router_options.model = model;
   router_options.gate = std::move(gate);
   router_options.gate_step = loaded.step;
+  // Random, so routers started alike still differ; never 0 (the tag of
+  // in-process routers and tests).
+  router_options.tag = absl::Uniform<uint32_t>(absl::BitGen(), 1, 1u << 24);
+  router_options.name = HostName();
   router_options.training_max_bytes = options_.training_state_bytes;
   router_options.pool = pool_.get();
   router_options.load_stats = load_stats_.get();
@@ -132,7 +145,8 @@ absl::Status RouterServer::Start() {
           options_.checkpoint_path.empty() ? absl::StrCat("init seed ", model.seed)
                                            : options_.checkpoint_path);
   SetReadiness(*server_, health_.get(), true);
-  MOE_LOG(INFO, "router serving gRPC on port ", port_, " (", options_.credentials.name(), ")",
+  MOE_LOG(INFO, "router serving gRPC on port ", port_, " (", options_.credentials.name(), ", ",
+          router_->identity(), ")",
           metrics_port_ >= 0 ? absl::StrCat(", /metrics on port ", metrics_port_)
                              : std::string(", no metrics endpoint"),
           health_ != nullptr ? absl::StrCat(", plaintext health on port ", health_->port())

@@ -34,6 +34,7 @@ void RouterServiceImpl::FillForward(const v1::ForwardRequest& request,
   if (result.ok()) {
     *response->mutable_y() = std::move(result->y);
     response->set_request_id(result->request_id);
+    if (result->request_id != 0) response->set_router(router_.identity());
     const Routing& routing = result->routing;
     response->set_dropped_pairs(routing.dropped_pairs);
     if (request.return_routing()) {
@@ -254,6 +255,7 @@ grpc::ServerUnaryReactor* RouterServiceImpl::GetClusterState(
   response->set_strategy(ClusterConfigToProto(config.cluster).strategy());
   response->set_placement_epoch(snapshot->version);
   response->set_step(router_.gate()->version);
+  response->set_router(router_.identity());
   // One MoE layer (model_config.h): every key is of layer 0, and the
   // response names experts by their index in it.
   constexpr int kLayer = 0;

@@ -237,6 +237,45 @@ TEST(InProcessTrainingFaultTest, ABadGradientCanBeRetried) {
   EXPECT_TRUE(cluster.Step(0.01f).ok());
 }
 
+// Training request ids carry the router's tag: two routers over the same
+// servers never share one (the servers key training state by it), and a
+// Backward sent to the other router is refused naming the right one.
+TEST(InProcessTrainingFaultTest, ABackwardGoesToTheRouterOfItsForward) {
+  InProcessCluster cluster(Model({}), PlacementStrategy::kHybrid);
+  Router::Options options{cluster.model, *cluster.weights.gate};
+  options.tag = 0xabcdef;
+  options.name = "router-b";
+  Router other(std::move(options), cluster.placement, cluster.client);
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 41);
+  absl::StatusOr<Router::ForwardResult> a = cluster.Forward(Wire(x), true);
+  ASSERT_TRUE(a.ok()) << a.status();
+  absl::Notification done;
+  absl::StatusOr<Router::ForwardResult> b;
+  other.Forward(Wire(x), true, absl::InfiniteFuture(), [&](auto r) {
+    b = std::move(r);
+    done.Notify();
+  });
+  done.WaitForNotification();
+  ASSERT_TRUE(b.ok()) << b.status();
+  EXPECT_NE(a->request_id, b->request_id);
+  EXPECT_EQ(b->request_id >> 40, 0xabcdefu);
+
+  absl::Notification refused;
+  absl::StatusOr<v1::Tensor> wrong;
+  other.Backward(a->request_id, Wire(RandomTensor({kTokens, kDModel}, 42)), absl::InfiniteFuture(),
+                 [&](auto r) {
+                   wrong = std::move(r);
+                   refused.Notify();
+                 });
+  refused.WaitForNotification();
+  EXPECT_EQ(wrong.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(wrong.status().message(), HasSubstr("was made by router tag 000000"));
+  EXPECT_THAT(wrong.status().message(), HasSubstr("not by this one (router-b/abcdef)"));
+  // Its own router still has it.
+  EXPECT_TRUE(cluster.Backward(a->request_id, Wire(RandomTensor({kTokens, kDModel}, 43))).ok());
+  EXPECT_EQ(other.pending_training(), 1u);
+}
+
 // An AbortStep of a step that never started here (2^64-1, say, from a
 // stray caller) refuses only that step: training goes on.
 TEST(InProcessTrainingFaultTest, AnAbortOfAFarStepRefusesOnlyThatStep) {
