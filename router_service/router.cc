@@ -535,8 +535,9 @@ absl::Status UnknownTrainingRequest(uint64_t request_id) {
 }  // namespace
 
 absl::StatusOr<int64_t> Router::TrainingTokens(uint64_t request_id) const {
+  // Tag 0 is no router's in a deployment (tags start at 1): just unknown.
   const uint64_t tag = request_id >> kRequestCounterBits;
-  if (tag != options_.tag) {
+  if (tag != options_.tag && tag != 0) {
     return absl::FailedPreconditionError(
         absl::StrCat("request ", request_id, " was made by router tag ",
                      absl::Hex(tag, absl::kZeroPad6), ", not by this one (", identity(),

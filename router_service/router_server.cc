@@ -85,8 +85,8 @@ absl::Status RouterServer::Start() {
   router_options.model = model;
   router_options.gate = std::move(gate);
   router_options.gate_step = loaded.step;
-  // Random, so routers started alike still differ; never 0 (the tag of
-  // in-process routers and tests).
+  // Random, so routers started alike still differ; never 0 (in-process
+  // routers and tests use 0, and an id with tag 0 is simply unknown here).
   router_options.tag = absl::Uniform<uint32_t>(absl::BitGen(), 1, 1u << 24);
   router_options.name = HostName();
   router_options.training_max_bytes = options_.training_state_bytes;

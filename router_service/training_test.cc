@@ -260,20 +260,27 @@ TEST(InProcessTrainingFaultTest, ABackwardGoesToTheRouterOfItsForward) {
   EXPECT_NE(a->request_id, b->request_id);
   EXPECT_EQ(b->request_id >> 40, 0xabcdefu);
 
-  absl::Notification refused;
-  absl::StatusOr<v1::Tensor> wrong;
-  other.Backward(a->request_id, Wire(RandomTensor({kTokens, kDModel}, 42)), absl::InfiniteFuture(),
-                 [&](auto r) {
-                   wrong = std::move(r);
-                   refused.Notify();
-                 });
-  refused.WaitForNotification();
-  EXPECT_EQ(wrong.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(wrong.status().message(), HasSubstr("was made by router tag 000000"));
-  EXPECT_THAT(wrong.status().message(), HasSubstr("not by this one (router-b/abcdef)"));
-  // Its own router still has it.
-  EXPECT_TRUE(cluster.Backward(a->request_id, Wire(RandomTensor({kTokens, kDModel}, 43))).ok());
-  EXPECT_EQ(other.pending_training(), 1u);
+  auto backward = [&](Router& router, uint64_t request_id, uint64_t seed) {
+    absl::Notification done;
+    absl::StatusOr<v1::Tensor> dx;
+    router.Backward(request_id, Wire(RandomTensor({kTokens, kDModel}, seed)),
+                    absl::InfiniteFuture(), [&](auto r) {
+                      dx = std::move(r);
+                      done.Notify();
+                    });
+    done.WaitForNotification();
+    return dx;
+  };
+  const absl::Status wrong = backward(cluster.router, b->request_id, 42).status();
+  EXPECT_EQ(wrong.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(wrong.message(), HasSubstr("was made by router tag abcdef"));
+  EXPECT_THAT(wrong.message(), HasSubstr("not by this one (/000000)"));
+  // An id of tag 0 is no deployed router's: unknown, not misdirected.
+  EXPECT_EQ(backward(other, a->request_id, 43).status().code(), absl::StatusCode::kNotFound);
+  // Each router still has its own.
+  EXPECT_TRUE(backward(other, b->request_id, 44).ok());
+  EXPECT_TRUE(backward(cluster.router, a->request_id, 45).ok());
+  EXPECT_EQ(other.pending_training(), 0u);
 }
 
 // An AbortStep of a step that never started here (2^64-1, say, from a
