@@ -250,7 +250,8 @@ TEST(RouterTest, ASilentReplicaIsHedgedAndAvoided) {
   auto forward = [&](const FloatTensor& x) {
     absl::Notification done;
     absl::StatusOr<Router::ForwardResult> result;
-    router->Forward(Wire(x), false, absl::InfiniteFuture(),
+    const v1::Tensor wire = Wire(x);  // valid until the call is done
+    router->Forward(wire, false, absl::InfiniteFuture(),
                     [&](absl::StatusOr<Router::ForwardResult> r) {
                       result = std::move(r);
                       done.Notify();

@@ -251,7 +251,8 @@ TEST(InProcessTrainingFaultTest, ABackwardGoesToTheRouterOfItsForward) {
   ASSERT_TRUE(a.ok()) << a.status();
   absl::Notification done;
   absl::StatusOr<Router::ForwardResult> b;
-  other.Forward(Wire(x), true, absl::InfiniteFuture(), [&](auto r) {
+  const v1::Tensor wire = Wire(x);  // valid until the call is done
+  other.Forward(wire, true, absl::InfiniteFuture(), [&](auto r) {
     b = std::move(r);
     done.Notify();
   });
@@ -263,11 +264,11 @@ TEST(InProcessTrainingFaultTest, ABackwardGoesToTheRouterOfItsForward) {
   auto backward = [&](Router& router, uint64_t request_id, uint64_t seed) {
     absl::Notification done;
     absl::StatusOr<v1::Tensor> dx;
-    router.Backward(request_id, Wire(RandomTensor({kTokens, kDModel}, seed)),
-                    absl::InfiniteFuture(), [&](auto r) {
-                      dx = std::move(r);
-                      done.Notify();
-                    });
+    const v1::Tensor dy = Wire(RandomTensor({kTokens, kDModel}, seed));  // valid until done
+    router.Backward(request_id, dy, absl::InfiniteFuture(), [&](auto r) {
+      dx = std::move(r);
+      done.Notify();
+    });
     done.WaitForNotification();
     return dx;
   };
