@@ -77,6 +77,9 @@ class PrometheusScrapeTest : public ::testing::Test {
                 strategy: PLACEMENT_STRATEGY_HYBRID })"));
     options.onednn_threads = 1;
     options.work_dir = tmp;
+    // Exact accounting across router and servers: a hedged call runs on two
+    // replicas, and both count it (slow sanitizer builds do hedge).
+    options.router_flags = {"--hedge_max_delay=0"};
     auto cluster = LocalCluster::Start(options);
     ASSERT_TRUE(cluster.ok()) << cluster.status();
     cluster_ = cluster->release();

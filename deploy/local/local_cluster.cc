@@ -59,6 +59,7 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
   }
   std::vector<std::string> router_args = common;
   router_args.push_back("--port=0");
+  router_args.insert(router_args.end(), options.router_flags.begin(), options.router_flags.end());
   cluster->router_ =
       std::make_unique<ChildProcess>(RunfilePath("router_service/router"), router_args);
   const auto line = cluster->router_->WaitForLine("router serving gRPC on port", kStartTimeout);

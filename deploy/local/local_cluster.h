@@ -31,6 +31,8 @@ struct LocalClusterOptions {
   std::string checkpoint_dir;
   // Given to every process (--transport_security).
   TransportCredentials credentials = TransportCredentials::Plaintext();
+  // More flags for the router.
+  std::vector<std::string> router_flags;
 };
 
 class LocalCluster {
