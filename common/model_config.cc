@@ -101,56 +101,6 @@ absl::Status CheckServers(const v1::ClusterConfig& proto) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<std::vector<int>>> ExplicitPlacementFromProto(
-    const v1::ExplicitPlacement& proto, const ClusterConfig& cluster,
-    int num_experts) {
-  std::vector<std::vector<int>> placement(num_experts);
-  std::vector<bool> seen(num_experts, false);
-  for (int i = 0; i < proto.experts_size(); ++i) {
-    const v1::ExpertAssignment& assignment = proto.experts(i);
-    const std::string field =
-        absl::StrCat("cluster.explicit_placement.experts[", i, "]");
-    const int expert = assignment.expert_id();
-    if (expert < 0 || expert >= num_experts) {
-      return FieldError(absl::StrCat(field, ".expert_id"),
-                        absl::StrCat("expert ", expert, " is out of range [0, ",
-                                     num_experts, ")"));
-    }
-    if (seen[expert]) {
-      return FieldError(absl::StrCat(field, ".expert_id"),
-                        absl::StrCat("expert ", expert, " is listed twice"));
-    }
-    seen[expert] = true;
-    if (assignment.servers().empty()) {
-      return FieldError(absl::StrCat(field, ".servers"),
-                        absl::StrCat("expert ", expert, " has no server"));
-    }
-    for (const std::string& name : assignment.servers()) {
-      const int server = cluster.FindServer(name);
-      if (server < 0) {
-        return FieldError(absl::StrCat(field, ".servers"),
-                          absl::StrCat("unknown server \"", name, "\""));
-      }
-      for (int held : placement[expert]) {
-        if (held == server) {
-          return FieldError(absl::StrCat(field, ".servers"),
-                            absl::StrCat("server \"", name,
-                                         "\" is listed twice for expert ",
-                                         expert));
-        }
-      }
-      placement[expert].push_back(server);
-    }
-  }
-  for (int e = 0; e < num_experts; ++e) {
-    if (!seen[e]) {
-      return FieldError("cluster.explicit_placement",
-                        absl::StrCat("expert ", e, " is not placed"));
-    }
-  }
-  return placement;
-}
-
 absl::StatusOr<std::vector<double>> LoadProfileFromProto(
     const v1::LoadProfile& proto, int num_experts) {
   if (proto.expert_load_size() != num_experts) {
@@ -187,6 +137,56 @@ class FirstErrorCollector : public google::protobuf::io::ErrorCollector {
 };
 
 }  // namespace
+
+absl::StatusOr<std::vector<std::vector<int>>> ExplicitPlacementFromProto(
+    const v1::ExplicitPlacement& proto, const ClusterConfig& cluster, int num_experts,
+    absl::string_view field_name) {
+  std::vector<std::vector<int>> placement(num_experts);
+  std::vector<bool> seen(num_experts, false);
+  for (int i = 0; i < proto.experts_size(); ++i) {
+    const v1::ExpertAssignment& assignment = proto.experts(i);
+    const std::string field =
+        absl::StrCat(field_name, ".experts[", i, "]");
+    const int expert = assignment.expert_id();
+    if (expert < 0 || expert >= num_experts) {
+      return FieldError(absl::StrCat(field, ".expert_id"),
+                        absl::StrCat("expert ", expert, " is out of range [0, ",
+                                     num_experts, ")"));
+    }
+    if (seen[expert]) {
+      return FieldError(absl::StrCat(field, ".expert_id"),
+                        absl::StrCat("expert ", expert, " is listed twice"));
+    }
+    seen[expert] = true;
+    if (assignment.servers().empty()) {
+      return FieldError(absl::StrCat(field, ".servers"),
+                        absl::StrCat("expert ", expert, " has no server"));
+    }
+    for (const std::string& name : assignment.servers()) {
+      const int server = cluster.FindServer(name);
+      if (server < 0) {
+        return FieldError(absl::StrCat(field, ".servers"),
+                          absl::StrCat("unknown server \"", name, "\""));
+      }
+      for (int held : placement[expert]) {
+        if (held == server) {
+          return FieldError(absl::StrCat(field, ".servers"),
+                            absl::StrCat("server \"", name,
+                                         "\" is listed twice for expert ",
+                                         expert));
+        }
+      }
+      placement[expert].push_back(server);
+    }
+  }
+  for (int e = 0; e < num_experts; ++e) {
+    if (!seen[e]) {
+      return FieldError(std::string(field_name),
+                        absl::StrCat("expert ", e, " is not placed"));
+    }
+  }
+  return placement;
+}
 
 absl::Status CheckExpertKey(const ModelConfig& model, ExpertKey expert) {
   if (expert.layer < 0 || expert.layer >= kNumMoeLayers) {

@@ -93,6 +93,11 @@ absl::StatusOr<ClusterConfig> ClusterConfigFromProto(
     const v1::ClusterConfig& proto, const ModelConfig& model);
 
 v1::ClusterConfig ClusterConfigToProto(const ClusterConfig& config);
+// servers_of_expert[expert] of `proto`, by server index in `cluster`; errors
+// name the field as `field_name`.experts[i].
+absl::StatusOr<std::vector<std::vector<int>>> ExplicitPlacementFromProto(
+    const v1::ExplicitPlacement& proto, const ClusterConfig& cluster, int num_experts,
+    absl::string_view field_name = "cluster.explicit_placement");
 // The text format a ServingConfig file holds (parses back to `config`).
 std::string ServingConfigToText(const ServingConfig& config);
 

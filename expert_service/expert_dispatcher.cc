@@ -1,5 +1,6 @@
 #include "expert_service/expert_dispatcher.h"
 
+#include <algorithm>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -52,10 +53,22 @@ absl::Status ExpertDispatcher::CheckDeadline(int64_t deadline_unix_micros) const
   return absl::OkStatus();
 }
 
-void ExpertDispatcher::SetPlacementEpochs(uint64_t oldest, uint64_t newest) {
+void ExpertDispatcher::SetPlacementEpochs(uint64_t oldest, uint64_t newest,
+                                          std::vector<ExpertKey> leaving) {
   absl::MutexLock lock(&epoch_mu_);
   oldest_epoch_ = oldest;
   newest_epoch_ = newest;
+  leaving_ = std::move(leaving);
+}
+
+absl::Status ExpertDispatcher::CheckNotLeaving(ExpertKey expert) const {
+  absl::MutexLock lock(&epoch_mu_);
+  if (std::find(leaving_.begin(), leaving_.end(), expert) == leaving_.end()) {
+    return absl::OkStatus();
+  }
+  return absl::FailedPreconditionError(
+      absl::StrCat(expert.ToString(), " leaves server ", options_.server_name,
+                   " with placement epoch ", newest_epoch_, ": no training forwards for it here"));
 }
 
 uint64_t ExpertDispatcher::placement_epoch() const {
@@ -100,6 +113,7 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
     MOE_RETURN_IF_ERROR(CheckDeadline(request->deadline_unix_micros()));
     MOE_RETURN_IF_ERROR(store_.CheckHosted(expert));
     MOE_RETURN_IF_ERROR(CheckEpoch(request->has_version(), request->version()));
+    if (request->training()) MOE_RETURN_IF_ERROR(CheckNotLeaving(expert));
     return DecodeTensor(request->tokens(),
                         TokenBatchSpec("tokens", model.d_model, model.max_batch_tokens));
   }();
@@ -168,7 +182,9 @@ void ExpertDispatcher::Backward(const v1::BackwardDispatchRequest& request,
   const absl::Status status = [&]() -> absl::Status {
     MOE_RETURN_IF_ERROR(CheckDeadline(request.deadline_unix_micros()));
     MOE_RETURN_IF_ERROR(store_.CheckHosted(expert));
-    MOE_RETURN_IF_ERROR(CheckEpoch(request.has_version(), request.version()));
+    // No placement epoch check: the forward's training state (kept here
+    // only for its replica) ties the call to this server, and a placement
+    // change never moves an expert that holds some.
     MOE_ASSIGN_OR_RETURN(
         const ConstTensorView dy,
         DecodeTensor(request.grad_output(),
@@ -217,10 +233,15 @@ absl::StatusOr<std::vector<v1::ExpertWeightsChunk>> ExpertDispatcher::ExpertChun
     return absl::InvalidArgumentError("max_chunk_bytes must be >= 0");
   }
   const ExpertKey expert = ExpertKeyOf(request);
-  MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, store_.Snapshot(expert));
+  // The step, then the weights checked to be of it: a commit in between
+  // fails the call rather than labelling new weights with the old step.
+  MOE_ASSIGN_OR_RETURN(const uint64_t step, store_.Step(expert));
+  MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, store_.Snapshot(expert, step));
   const size_t chunk_bytes =
       request.max_chunk_bytes() == 0 ? kDefaultChunkBytes : request.max_chunk_bytes();
-  return ChunkExpert(expert, snapshot, chunk_bytes);
+  std::vector<v1::ExpertWeightsChunk> chunks = ChunkExpert(expert, snapshot, chunk_bytes);
+  chunks.back().set_step(step);
+  return chunks;
 }
 
 absl::Status ExpertDispatcher::InstallExpert(ExpertAssembler& assembler,
@@ -228,9 +249,10 @@ absl::Status ExpertDispatcher::InstallExpert(ExpertAssembler& assembler,
   MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, assembler.Finish());
   const uint64_t digest = snapshot.weights.Digest();
   const ExpertKey expert = *assembler.expert();  // Finish() saw the last chunk
-  MOE_RETURN_IF_ERROR(store_.AddExpert(expert, std::move(snapshot)));
+  MOE_RETURN_IF_ERROR(store_.AddExpert(expert, std::move(snapshot), assembler.step()));
   SetExpertKey(expert, response->mutable_expert());
   response->mutable_expert()->set_weights_digest(digest);
+  response->mutable_expert()->set_step(assembler.step());
   return absl::OkStatus();
 }
 

@@ -80,8 +80,11 @@ class ExpertDispatcher {
 
   // The placement epochs this server serves calls of: [oldest, newest]
   // (both 1 at start: the config's). While a placement change moves experts
-  // (add before remove) a server serves the old epoch and the new one.
-  void SetPlacementEpochs(uint64_t oldest, uint64_t newest) ABSL_LOCKS_EXCLUDED(epoch_mu_);
+  // (add before remove) a server serves the old epoch and the new one, and
+  // refuses training forwards for the experts `leaving` it (their state
+  // would be released with them).
+  void SetPlacementEpochs(uint64_t oldest, uint64_t newest, std::vector<ExpertKey> leaving = {})
+      ABSL_LOCKS_EXCLUDED(epoch_mu_);
   uint64_t placement_epoch() const ABSL_LOCKS_EXCLUDED(epoch_mu_);
 
   const ModelConfig& model() const { return store_.model(); }
@@ -92,6 +95,8 @@ class ExpertDispatcher {
   // For a versioned call (`has_version`): FAILED_PRECONDITION unless it is
   // for this server's placement epoch; the step is checked by the store.
   absl::Status CheckEpoch(bool has_version, const v1::StateVersion& version) const;
+  // FAILED_PRECONDITION for a training forward of an expert leaving.
+  absl::Status CheckNotLeaving(ExpertKey expert) const;
   // This server's version of `expert`, for an answer to a versioned call.
   void ServerVersion(ExpertKey expert, v1::StateVersion* out) const;
   // Finishes a dispatch after its forward ran (or failed), with metrics.
@@ -107,6 +112,7 @@ class ExpertDispatcher {
   mutable absl::Mutex epoch_mu_;
   uint64_t oldest_epoch_ ABSL_GUARDED_BY(epoch_mu_) = 1;
   uint64_t newest_epoch_ ABSL_GUARDED_BY(epoch_mu_) = 1;
+  std::vector<ExpertKey> leaving_ ABSL_GUARDED_BY(epoch_mu_);
 };
 
 }  // namespace moe::expert

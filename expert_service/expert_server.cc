@@ -133,6 +133,8 @@ absl::Status ExpertServer::Start() {
                             options_.step_prepared_timeout},
       *store_, *collectives_);
   MOE_RETURN_IF_ERROR(steps_->AdoptCommitted(loaded.step));
+  peers_ = std::make_unique<GrpcSyncPeers>(config.cluster, options_.name, options_.credentials,
+                                           options_.max_message_bytes);
   if (options_.sync_on_start) MOE_RETURN_IF_ERROR(SyncFromPeersOnStart());
   metrics_->committed_step->Set(static_cast<double>(steps_->last_committed()));
   step_pool_ = std::make_unique<ComputePool>(1, 64);
@@ -140,8 +142,19 @@ absl::Status ExpertServer::Start() {
   dispatcher_ = std::make_unique<ExpertDispatcher>(
       ExpertDispatcher::Options{options_.name, options_.clock, options_.checkpoint_dir}, *store_,
       *metrics_, batcher_.get(), steps_.get());
-  service_ =
-      std::make_unique<ExpertServiceImpl>(*dispatcher_, *pool_, step_pool_.get(), options_.streams);
+  PlacementKeeper::Options keeper;
+  keeper.model = model;
+  keeper.cluster = config.cluster;
+  keeper.server = index;
+  // GrpcSyncPeers numbers every server but this one, in order.
+  keeper.peer_of = [index](int server) { return server < index ? server : server - 1; };
+  keeper.set_rings = [this, index](const Placement& next) {
+    return steps_->SetRings(BuildRings(next, index));
+  };
+  placement_ = std::make_unique<PlacementKeeper>(std::move(keeper), placement, /*epoch=*/1,
+                                                 *store_, *dispatcher_, *steps_, *peers_);
+  service_ = std::make_unique<ExpertServiceImpl>(*dispatcher_, *pool_, step_pool_.get(),
+                                                 options_.streams, placement_.get());
 
   const std::initializer_list<grpc::Service*> services = {service_.get(),
                                                            collective_service_.get()};
@@ -161,8 +174,7 @@ absl::Status ExpertServer::Start() {
 }
 
 absl::Status ExpertServer::SyncFromPeersOnStart() {
-  GrpcSyncPeers peers(options_.config.cluster, options_.name, options_.credentials,
-                      options_.max_message_bytes);
+  GrpcSyncPeers& peers = *peers_;
   if (peers.num_peers() == 0) return absl::OkStatus();
   const absl::Time now = absl::Now();
   MOE_ASSIGN_OR_RETURN(
@@ -198,8 +210,11 @@ std::vector<StepRing> ExpertServer::BuildRings(const Placement& placement, int i
         }
         return ring_links_[successor].get();
       });
+  for (uint64_t group : ring_groups_) collectives_->RemoveGroup(group);
+  ring_groups_.clear();
   for (const StepRing& ring : rings) {
     collectives_->AddGroup(ring.group_id);
+    ring_groups_.push_back(ring.group_id);
     MOE_LOG(INFO, "server ", options_.name, ": rank ", ring.rank, " of ", ring.size,
             " in the ring of experts [", JoinExpertKeys(ring.experts), "] (group ",
             absl::Hex(ring.group_id), "), sending to ", ring.successor);

@@ -31,8 +31,10 @@
 #include "expert_service/expert_metrics.h"
 #include "expert_service/expert_service.h"
 #include "expert_service/expert_store.h"
+#include "expert_service/grpc_sync_peers.h"
 #include "expert_service/micro_batcher.h"
 #include "expert_service/onednn_runtime.h"
+#include "expert_service/placement_keeper.h"
 #include "expert_service/step_executor.h"
 #include "prometheus/exposer.h"
 #include "prometheus/registry.h"
@@ -130,7 +132,8 @@ class ExpertServer {
   // The weights of `experts` from the checkpoint or the seed's init.
   absl::StatusOr<std::map<ExpertKey, ExpertWeights>> LoadHostedWeights(
       absl::Span<const ExpertKey> experts, const std::string& checkpoint_path) const;
-  // This server's rings, from the placement's replica groups.
+  // This server's rings, from the placement's replica groups (their groups
+  // registered, those of the rings before dropped).
   std::vector<StepRing> BuildRings(const Placement& placement, int index);
 
   const Options options_;
@@ -148,7 +151,13 @@ class ExpertServer {
   std::unique_ptr<allreduce::CollectiveRegistry> collectives_;
   std::vector<std::unique_ptr<allreduce::GrpcRingLink>> ring_links_;
   std::unique_ptr<StepExecutor> steps_;
+  // The registry groups of the rings in force.
+  std::vector<uint64_t> ring_groups_;
   std::unique_ptr<ComputePool> step_pool_;
+  // The other servers (rejoin by sync, placement changes) and this
+  // server's placement.
+  std::unique_ptr<GrpcSyncPeers> peers_;
+  std::unique_ptr<PlacementKeeper> placement_;
   std::unique_ptr<allreduce::CollectiveService> collective_service_;
   std::unique_ptr<ExpertDispatcher> dispatcher_;
   std::unique_ptr<ExpertServiceImpl> service_;

@@ -12,11 +12,13 @@
 namespace moe::expert {
 
 ExpertServiceImpl::ExpertServiceImpl(ExpertDispatcher& dispatcher, ComputePool& pool,
-                                     ComputePool* step_pool, StreamBounds bounds)
+                                     ComputePool* step_pool, StreamBounds bounds,
+                                     PlacementKeeper* placement)
     : dispatcher_(dispatcher),
       metrics_(dispatcher.metrics()),
       pool_(pool),
       step_pool_(step_pool),
+      placement_(placement),
       streams_(bounds, [gauge = metrics_.active_streams](int open) {
         gauge->Set(static_cast<double>(open));
       }) {
@@ -86,6 +88,7 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::Info(grpc::CallbackServerContext* c
                                                   const v1::InfoRequest* request,
                                                   v1::InfoResponse* response) {
   dispatcher_.Info(response);
+  if (placement_ != nullptr) placement_->FillInfo(response);
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(grpc::Status::OK);
   return reactor;
@@ -202,6 +205,53 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::AbortStep(grpc::CallbackServerConte
                                                        v1::AbortStepResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   reactor->Finish(ToGrpcStatus(dispatcher_.AbortStep(*request)));
+  return reactor;
+}
+
+absl::Status ExpertServiceImpl::CheckPlacementKeeper() const {
+  if (placement_ != nullptr && step_pool_ != nullptr) return absl::OkStatus();
+  return absl::FailedPreconditionError("this server changes no placement");
+}
+
+grpc::ServerUnaryReactor* ExpertServiceImpl::PreparePlacement(
+    grpc::CallbackServerContext* context, const v1::PreparePlacementRequest* request,
+    v1::PreparePlacementResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (absl::Status ok = CheckPlacementKeeper(); !ok.ok()) {
+    reactor->Finish(ToGrpcStatus(ok));
+    return reactor;
+  }
+  // Pulls weights for seconds: on the step thread, which also orders it
+  // with this server's steps.
+  RunStep(reactor, [this, reactor, request, response] {
+    reactor->Finish(ToGrpcStatus(placement_->Prepare(*request, response)));
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ExpertServiceImpl::CommitPlacement(
+    grpc::CallbackServerContext* context, const v1::CommitPlacementRequest* request,
+    v1::CommitPlacementResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (absl::Status ok = CheckPlacementKeeper(); !ok.ok()) {
+    reactor->Finish(ToGrpcStatus(ok));
+    return reactor;
+  }
+  // Releasing an expert waits for its calls in flight.
+  RunStep(reactor, [this, reactor, request, response] {
+    reactor->Finish(ToGrpcStatus(placement_->Commit(*request, response)));
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ExpertServiceImpl::AbortPlacement(
+    grpc::CallbackServerContext* context, const v1::AbortPlacementRequest* request,
+    v1::AbortPlacementResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  // At once, not behind a Prepare that pulls (it marks that one aborted).
+  absl::Status status = CheckPlacementKeeper();
+  if (status.ok()) status = placement_->Abort(*request);
+  reactor->Finish(ToGrpcStatus(status));
   return reactor;
 }
 

@@ -13,6 +13,7 @@
 #include "common/compute_pool.h"
 #include "common/stream_set.h"
 #include "expert_service/expert_dispatcher.h"
+#include "expert_service/placement_keeper.h"
 #include "proto/expert.grpc.pb.h"
 
 namespace moe::expert {
@@ -22,8 +23,11 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService {
   // `dispatcher` and `pool` must outlive the service. `step_pool` runs
   // PrepareStep and CommitStep (may be null when the dispatcher runs no
   // steps). The Dispatch and BackwardDispatch streams share `bounds`.
+  // `placement` (may be null: placement changes are refused) serves the
+  // placement RPCs, also on `step_pool`.
   ExpertServiceImpl(ExpertDispatcher& dispatcher, ComputePool& pool,
-                    ComputePool* step_pool = nullptr, StreamBounds bounds = {});
+                    ComputePool* step_pool = nullptr, StreamBounds bounds = {},
+                    PlacementKeeper* placement = nullptr);
 
   // Stops accepting streams; open streams answer what they accepted and
   // finish with UNAVAILABLE. Returns at once; WaitForStreams() waits.
@@ -60,8 +64,20 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService {
   grpc::ServerUnaryReactor* AbortStep(grpc::CallbackServerContext* context,
                                       const v1::AbortStepRequest* request,
                                       v1::AbortStepResponse* response) override;
+  grpc::ServerUnaryReactor* PreparePlacement(grpc::CallbackServerContext* context,
+                                             const v1::PreparePlacementRequest* request,
+                                             v1::PreparePlacementResponse* response) override;
+  grpc::ServerUnaryReactor* CommitPlacement(grpc::CallbackServerContext* context,
+                                            const v1::CommitPlacementRequest* request,
+                                            v1::CommitPlacementResponse* response) override;
+  grpc::ServerUnaryReactor* AbortPlacement(grpc::CallbackServerContext* context,
+                                           const v1::AbortPlacementRequest* request,
+                                           v1::AbortPlacementResponse* response) override;
 
  private:
+  // FAILED_PRECONDITION when this server changes no placement.
+  absl::Status CheckPlacementKeeper() const;
+
   // Runs `work` on the step thread, or finishes `reactor` with why not.
   void RunStep(grpc::ServerUnaryReactor* reactor, absl::AnyInvocable<void() &&> work);
 
@@ -69,6 +85,7 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService {
   const ExpertMetrics& metrics_;
   ComputePool& pool_;
   ComputePool* const step_pool_;
+  PlacementKeeper* const placement_;
   StreamSet streams_;
 };
 

@@ -249,6 +249,17 @@ absl::StatusOr<ExpertWeights> ExpertStore::Gradients(ExpertKey expert) const {
   return hosted->grads;
 }
 
+absl::StatusOr<bool> ExpertStore::HasGradients(ExpertKey expert) const {
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
+  absl::MutexLock lock(&hosted->grads_mu);
+  for (ExpertTensor which : kAllExpertTensors) {
+    for (float g : hosted->grads.tensor(which).values()) {
+      if (g != 0.0f) return true;
+    }
+  }
+  return false;
+}
+
 absl::StatusOr<ExpertWeights> ExpertStore::TakeGradients(ExpertKey expert, ExpertWeights fresh) {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   ExpertWeights taken = std::move(fresh);
@@ -350,8 +361,8 @@ absl::Status ExpertStore::SwapInWeights(ExpertKey expert, ExpertSnapshot& update
   return hosted->kernel->ReloadWeights();
 }
 
-absl::Status ExpertStore::AddExpert(ExpertKey expert, ExpertSnapshot snapshot) {
-  return AddExpertAt(expert, std::move(snapshot), 0);
+absl::Status ExpertStore::AddExpert(ExpertKey expert, ExpertSnapshot snapshot, uint64_t step) {
+  return AddExpertAt(expert, std::move(snapshot), step);
 }
 
 absl::Status ExpertStore::AddExpertAt(ExpertKey expert, ExpertSnapshot snapshot, uint64_t step) {

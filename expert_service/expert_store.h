@@ -103,6 +103,9 @@ class ExpertStore {
                                           uint64_t expected_step = kAnyStep) const;
   // A copy of the accumulated gradients (for tests and the step protocol).
   absl::StatusOr<ExpertWeights> Gradients(ExpertKey expert) const;
+  // Whether any accumulated gradient is non-zero (a backward ran since the
+  // last step took them).
+  absl::StatusOr<bool> HasGradients(ExpertKey expert) const;
   // The training step's operations on one expert. TakeGradients moves the
   // accumulated gradients out (leaving zeros: backward calls during the step
   // count for the next one), swapping in `fresh` zero-filled when it has the
@@ -125,8 +128,10 @@ class ExpertStore {
   // ComputeUpdate).
   absl::Status SwapInWeights(ExpertKey expert, ExpertSnapshot& updated, uint64_t step);
 
-  // Starts hosting `expert`; ALREADY_EXISTS if it is hosted.
-  absl::Status AddExpert(ExpertKey expert, ExpertSnapshot snapshot) ABSL_LOCKS_EXCLUDED(mu_);
+  // Starts hosting `expert`, as committed at `step`; ALREADY_EXISTS if it
+  // is hosted.
+  absl::Status AddExpert(ExpertKey expert, ExpertSnapshot snapshot, uint64_t step = 0)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // Stops hosting `expert`; calls in flight finish first.
   absl::Status RemoveExpert(ExpertKey expert) ABSL_LOCKS_EXCLUDED(mu_);
 

@@ -50,6 +50,26 @@ absl::Status StepExecutor::SetRings(std::vector<StepRing> rings) {
   return absl::OkStatus();
 }
 
+absl::Status StepExecutor::Hold(std::string why) {
+  absl::MutexLock lock(&mu_);
+  if (preparing_ || prepared_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "server ", options_.server_name, ": step ", preparing_ ? *preparing_ : prepared_->step,
+        " is ", preparing_ ? "preparing" : "prepared", "; ", why, " waits for it"));
+  }
+  if (held_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("server ", options_.server_name, ": ", *held_, " is under way"));
+  }
+  held_ = std::move(why);
+  return absl::OkStatus();
+}
+
+void StepExecutor::Unhold() {
+  absl::MutexLock lock(&mu_);
+  held_.reset();
+}
+
 StepExecutor::~StepExecutor() {
   std::optional<uint64_t> step;
   {
@@ -109,6 +129,11 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
     if (preparing_) {
       return absl::FailedPreconditionError(absl::StrCat(
           "step ", step, ": server ", options_.server_name, " is preparing step ", *preparing_));
+    }
+    if (held_) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "step ", step, ": server ", options_.server_name, " is in ", *held_,
+          "; steps wait for it to commit or abort"));
     }
     // A step updates weights of the last committed step only: an expert
     // left behind (no replica to sync from) would get a later step's label

@@ -106,6 +106,12 @@ class StepExecutor {
   // preparing or prepared: a step runs on the rings it started with.
   absl::Status SetRings(std::vector<StepRing> rings) ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Keeps steps out while `why` (a placement change) runs: Prepare answers
+  // FAILED_PRECONDITION naming it until Unhold. FAILED_PRECONDITION while a
+  // step is preparing or prepared, or another hold is on.
+  absl::Status Hold(std::string why) ABSL_LOCKS_EXCLUDED(mu_);
+  void Unhold() ABSL_LOCKS_EXCLUDED(mu_);
+
  private:
   struct Prepared {
     uint64_t step = 0;
@@ -152,6 +158,8 @@ class StepExecutor {
   std::optional<uint64_t> preparing_ ABSL_GUARDED_BY(mu_);
   std::optional<Prepared> prepared_ ABSL_GUARDED_BY(mu_);
   std::vector<StepRing> rings_ ABSL_GUARDED_BY(mu_);
+  // Why steps are held (Hold); nullopt: they are not.
+  std::optional<std::string> held_ ABSL_GUARDED_BY(mu_);
   std::map<ExpertKey, ExpertSnapshot> spare_ ABSL_GUARDED_BY(mu_);
   std::map<ExpertKey, ExpertWeights> spare_grads_ ABSL_GUARDED_BY(mu_);
   std::vector<std::vector<float>> spare_buffers_ ABSL_GUARDED_BY(mu_);

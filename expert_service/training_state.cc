@@ -81,4 +81,13 @@ size_t TrainingStateStore::size() const {
   return entries_.size();
 }
 
+size_t TrainingStateStore::CountFor(ExpertKey expert, absl::Time now) const {
+  absl::MutexLock lock(&mu_);
+  size_t count = 0;
+  for (const auto& [key, entry] : entries_) {
+    if (key.second == expert && entry.expiry > now) ++count;
+  }
+  return count;
+}
+
 }  // namespace moe::expert

@@ -61,6 +61,8 @@ class TrainingStateStore {
 
   int64_t bytes() const ABSL_LOCKS_EXCLUDED(mu_);
   size_t size() const ABSL_LOCKS_EXCLUDED(mu_);
+  // Entries of `expert` not expired at `now`.
+  size_t CountFor(ExpertKey expert, absl::Time now) const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
   struct Entry {

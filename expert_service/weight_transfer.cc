@@ -115,6 +115,7 @@ absl::Status ExpertAssembler::Add(const v1::ExpertWeightsChunk& chunk) {
   if (chunk.last()) {
     last_seen_ = true;
     digest_ = chunk.weights_digest();
+    step_ = chunk.step();
   }
   return absl::OkStatus();
 }

@@ -42,6 +42,8 @@ class ExpertAssembler {
   absl::StatusOr<ExpertSnapshot> Finish();
   // The expert of the first chunk; nullopt before it.
   std::optional<ExpertKey> expert() const { return expert_; }
+  // The step the weights were committed at, as the last chunk says.
+  uint64_t step() const { return step_; }
 
  private:
   std::string Name() const;
@@ -50,6 +52,7 @@ class ExpertAssembler {
   std::optional<ExpertKey> expert_;
   bool last_seen_ = false;
   uint64_t digest_ = 0;
+  uint64_t step_ = 0;
   ExpertSnapshot snapshot_;
   // Bytes received per tensor kind (1..8).
   int64_t received_[9] = {};

@@ -55,6 +55,15 @@ class ExpertClient {
   // One shard of a checkpoint (SaveCheckpoint).
   virtual void SaveExperts(int server, const v1::SaveExpertsRequest& request, absl::Time deadline,
                            UnaryDone<v1::SaveExpertsResponse> done) = 0;
+  // A placement change's phases (Rebalance).
+  virtual void PreparePlacement(int server, const v1::PreparePlacementRequest& request,
+                                absl::Time deadline,
+                                UnaryDone<v1::PreparePlacementResponse> done) = 0;
+  virtual void CommitPlacement(int server, const v1::CommitPlacementRequest& request,
+                               absl::Time deadline,
+                               UnaryDone<v1::CommitPlacementResponse> done) = 0;
+  virtual void AbortPlacement(int server, const v1::AbortPlacementRequest& request,
+                              absl::Time deadline, UnaryDone<v1::AbortPlacementResponse> done) = 0;
 
   // Whether the transport to `server` is believed up (a hint for replica
   // choice; a call may still fail).

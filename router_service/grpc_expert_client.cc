@@ -140,6 +140,30 @@ void GrpcExpertClient::SaveExperts(int server, const v1::SaveExpertsRequest& req
             request, deadline, std::move(done));
 }
 
+void GrpcExpertClient::PreparePlacement(int server, const v1::PreparePlacementRequest& request,
+                                        absl::Time deadline,
+                                        UnaryDone<v1::PreparePlacementResponse> done) {
+  Connection& c = *connections_.at(server);
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::PreparePlacement, c.label(),
+            "PreparePlacement", request, deadline, std::move(done));
+}
+
+void GrpcExpertClient::CommitPlacement(int server, const v1::CommitPlacementRequest& request,
+                                       absl::Time deadline,
+                                       UnaryDone<v1::CommitPlacementResponse> done) {
+  Connection& c = *connections_.at(server);
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::CommitPlacement, c.label(),
+            "CommitPlacement", request, deadline, std::move(done));
+}
+
+void GrpcExpertClient::AbortPlacement(int server, const v1::AbortPlacementRequest& request,
+                                      absl::Time deadline,
+                                      UnaryDone<v1::AbortPlacementResponse> done) {
+  Connection& c = *connections_.at(server);
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::AbortPlacement, c.label(),
+            "AbortPlacement", request, deadline, std::move(done));
+}
+
 void GrpcExpertClient::AbortStep(int server, const v1::AbortStepRequest& request,
                                  absl::Time deadline, UnaryDone<v1::AbortStepResponse> done) {
   Connection& c = *connections_.at(server);

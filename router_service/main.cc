@@ -43,6 +43,12 @@ ABSL_FLAG(absl::Duration, hedge_min_delay, absl::Milliseconds(10),
           "The shortest wait before an expert call is hedged.");
 ABSL_FLAG(absl::Duration, step_timeout, absl::Seconds(60),
           "Deadline of a training Step whose client sets none.");
+ABSL_FLAG(int64_t, migration_bytes_per_second, int64_t{256} << 20,
+          "Pace of each expert server's weight pulls in a placement change (Rebalance), so that "
+          "serving keeps its latency; 0: unpaced.");
+ABSL_FLAG(absl::Duration, rebalance_drain_timeout, absl::Seconds(10),
+          "How long a placement change waits for calls planned with the old placement before "
+          "the servers drop the replicas it removes (later ones run again on the new one).");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
           "On SIGTERM, how long calls in flight may take.");
 
@@ -87,6 +93,8 @@ int main(int argc, char** argv) {
   options.streams = *streams;
   options.drain_timeout = absl::GetFlag(FLAGS_drain_timeout);
   options.step_timeout = absl::GetFlag(FLAGS_step_timeout);
+  options.migration_bytes_per_second = absl::GetFlag(FLAGS_migration_bytes_per_second);
+  options.rebalance_drain_timeout = absl::GetFlag(FLAGS_rebalance_drain_timeout);
   absl::StatusOr<moe::TransportCredentials> credentials = moe::TransportCredentials::FromFlags();
   if (!credentials.ok()) {
     MOE_LOG(ERROR, credentials.status().message());

@@ -43,4 +43,25 @@ absl::StatusOr<PlacementPlan> PlanRebalance(const RebalanceInputs& inputs) {
   return SolvePlacement(problem);
 }
 
+PlacementPlan PlanMoveTo(const RebalanceInputs& inputs, Placement target) {
+  constexpr int kLayer = 0;  // one MoE layer (model_config.h)
+  const Placement& current = *inputs.current;
+  const std::vector<double> load(inputs.load.expert_tokens.begin(),
+                                 inputs.load.expert_tokens.end());
+  PlacementPlan plan{std::move(target)};
+  plan.server_load_before = ServerLoads(current, kLayer, load);
+  plan.server_load_after = ServerLoads(plan.placement, kLayer, load);
+  plan.imbalance_before = Imbalance(plan.server_load_before);
+  plan.imbalance_after = Imbalance(plan.server_load_after);
+  for (int e = 0; e < plan.placement.num_experts(kLayer); ++e) {
+    plan.replicas.push_back(static_cast<int>(plan.placement.ServersOf(ExpertKey(kLayer, e)).size()));
+  }
+  for (int s = 0; s < current.num_servers(); ++s) {
+    for (ExpertKey e : plan.placement.ExpertsOn(s)) plan.replicas_added += !current.Holds(s, e);
+    for (ExpertKey e : current.ExpertsOn(s)) plan.replicas_removed += !plan.placement.Holds(s, e);
+  }
+  plan.bytes_moved = plan.replicas_added * ReplicaBytes(*inputs.model);
+  return plan;
+}
+
 }  // namespace moe::router

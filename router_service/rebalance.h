@@ -36,6 +36,11 @@ int64_t ReplicaBytes(const ModelConfig& model);
 // balance).
 absl::StatusOr<PlacementPlan> PlanRebalance(const RebalanceInputs& inputs);
 
+// The plan of moving to `target`, a placement an operator chose (of the
+// current one's servers and experts): the window's load per server before
+// and after, the replicas added and removed and the bytes they copy.
+PlacementPlan PlanMoveTo(const RebalanceInputs& inputs, Placement target);
+
 }  // namespace moe::router
 
 #endif  // MOE_ROUTER_SERVICE_REBALANCE_H_

@@ -9,6 +9,7 @@
 #include "common/expert_key.h"
 #include "common/log.h"
 #include "common/optimizer.h"
+#include "common/placement_proto.h"
 #include "common/proto_status.h"
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
@@ -91,6 +92,9 @@ struct Router::TrainingRecord {
 
 struct Router::ForwardCall {
   ForwardDone done;
+  // A server that refused a group for a newer placement epoch than the
+  // call's (-1: none): where to learn it.
+  std::atomic<int> newer_server{-1};
   // What a restart needs (x stays valid until `done` runs).
   const v1::Tensor* x = nullptr;
   absl::Time deadline;
@@ -156,7 +160,12 @@ Router::Router(Options options, Placement placement, ExpertClient& client)
   gate_gradient_ = FloatTensor(options_.gate.shape());
 }
 
-Router::~Router() = default;
+Router::~Router() {
+  // A refresh's Info answer touches this router.
+  absl::MutexLock lock(&refresh_mu_);
+  refresh_mu_.Await(absl::Condition(
+      +[](bool* refreshing) { return !*refreshing; }, &refreshing_));
+}
 
 void Router::Run(absl::AnyInvocable<void() &&> work) {
   if (options_.pool == nullptr) {
@@ -356,6 +365,7 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
     if (theirs.weights_step() < call->gate->version) {
       picker_.MarkStale(server, g.expert, absl::Now() + options_.stale_ttl);
     }
+    if (theirs.placement_epoch() > call->placement->version) call->newer_server.store(server);
     if (options_.on_stale) options_.on_stale();
   }
   // The server answered that it does not host the expert (released, or a
@@ -423,22 +433,21 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
   {
     absl::MutexLock lock(&call->mu);
     if (!call->status.ok()) {
-      // This router is behind the servers (a step or placement change
-      // committed meanwhile): once it has caught up, the whole call again,
-      // gated and planned with the new state. Never a mix of the two.
-      if (call->stale && call->restarts < kMaxRestarts &&
-          (placement()->version != call->placement->version ||
-           gate()->version != call->gate->version)) {
-        MOE_LOG(INFO, "forward at epoch ", call->placement->version, ", step ",
-                call->gate->version, " met newer servers; again at epoch ",
-                placement()->version, ", step ", gate()->version);
-        Start(*call->x, call->training, call->deadline, std::move(call->done),
-              call->cancellation, call->restarts + 1);
+      if (!call->stale) {
+        std::move(call->done)(call->status);
         return;
       }
-      std::move(call->done)(call->status);
-      return;
     }
+  }
+  if (call->stale) {
+    // Servers at a newer placement epoch than this router: learn it first.
+    const int newer = call->newer_server.load();
+    if (newer >= 0 && call->placement->version == placement()->version) {
+      RefreshPlacement(newer, [this, call]() mutable { RetryStale(std::move(call)); });
+    } else {
+      RetryStale(std::move(call));
+    }
+    return;
   }
   const int64_t d_model = options_.model.d_model;
   // Answers as fp32: views of fp32 answers, widened copies of bf16 ones.
@@ -700,12 +709,81 @@ void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
   std::move(call->done)(std::move(out));
 }
 
+void Router::RetryStale(std::shared_ptr<ForwardCall> call) {
+  // This router is behind the servers (a step or placement change
+  // committed meanwhile): once it has caught up, the whole call again,
+  // gated and planned with the new state. Never a mix of the two.
+  if (call->restarts < kMaxRestarts && (placement()->version != call->placement->version ||
+                                        gate()->version != call->gate->version)) {
+    MOE_LOG(INFO, "forward at epoch ", call->placement->version, ", step ", call->gate->version,
+            " met newer servers; again at epoch ", placement()->version, ", step ",
+            gate()->version);
+    Start(*call->x, call->training, call->deadline, std::move(call->done), call->cancellation,
+          call->restarts + 1);
+    return;
+  }
+  absl::Status status;
+  {
+    absl::MutexLock lock(&call->mu);
+    status = call->status;
+  }
+  std::move(call->done)(status);
+}
+
+void Router::RefreshPlacement(int server, absl::AnyInvocable<void() &&> then) {
+  {
+    absl::MutexLock lock(&refresh_mu_);
+    after_refresh_.push_back(std::move(then));
+    if (refreshing_) return;
+    refreshing_ = true;
+  }
+  client_.Info(server, absl::Now() + absl::Seconds(2),
+               [this, server](absl::StatusOr<v1::InfoResponse> info) {
+                 const absl::Status adopted = info.ok() ? AdoptReported(*info) : info.status();
+                 if (!adopted.ok()) {
+                   MOE_LOG(WARNING, "learning the placement from server ", server, ": ",
+                           adopted.message());
+                 }
+                 std::vector<absl::AnyInvocable<void() &&>> waiting;
+                 {
+                   absl::MutexLock lock(&refresh_mu_);
+                   waiting.swap(after_refresh_);
+                 }
+                 for (auto& w : waiting) Run(std::move(w));
+                 // Last: the destructor waits for this.
+                 absl::MutexLock lock(&refresh_mu_);
+                 refreshing_ = false;
+               });
+}
+
+absl::Status Router::AdoptReported(const v1::InfoResponse& info) {
+  const PlacementSnapshot now = placement();
+  if (info.placement_epoch() <= now->version) return absl::OkStatus();
+  if (options_.cluster.servers.empty()) {
+    return absl::FailedPreconditionError("this router knows no server names");
+  }
+  MOE_ASSIGN_OR_RETURN(Placement next, PlacementFromProto(info.placement(), options_.model,
+                                                          options_.cluster, "placement"));
+  MOE_ASSIGN_OR_RETURN(PlacementSnapshot installed,
+                       InstallPlacement(std::move(next), now->version, info.placement_epoch()));
+  MOE_LOG(INFO, "learnt placement epoch ", installed->version, " from server ",
+          info.server_name());
+  return absl::OkStatus();
+}
+
 FloatTensor Router::GateGradient() const {
   absl::MutexLock lock(&gate_mu_);
   return gate_gradient_;
 }
 
 absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement next) {
+  const PlacementSnapshot now = placement_.Get();
+  return InstallPlacement(std::move(next), now->version, now->version + 1);
+}
+
+absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement next,
+                                                                   uint64_t expected,
+                                                                   uint64_t epoch) {
   const Placement& now = placement_.Get()->value;
   bool same_shape =
       next.num_servers() == now.num_servers() && next.num_layers() == now.num_layers();
@@ -719,7 +797,8 @@ absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement nex
                      next.num_servers(), " servers; this cluster has ", now.num_layers(), ", ",
                      now.num_experts(kServedLayer), ", on ", now.num_servers()));
   }
-  PlacementSnapshot installed = placement_.Install(std::move(next));
+  MOE_ASSIGN_OR_RETURN(PlacementSnapshot installed,
+                       placement_.InstallIf(expected, std::move(next), epoch));
   MOE_LOG(INFO, "placement epoch ", installed->version, " installed");
   return installed;
 }

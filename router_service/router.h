@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <vector>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
@@ -60,6 +61,10 @@ class Router {
     // step it is of (a sharded checkpoint's; 0: initial).
     FloatTensor gate;
     uint64_t gate_step = 0;
+    // The servers by name, to read the placements they report (a router
+    // that meets servers at a newer placement epoch learns it from them);
+    // no servers: never learnt.
+    ClusterConfig cluster;
     // Training forwards wait this long for their Backward.
     absl::Duration training_ttl = absl::Seconds(60);
     // Bytes of router-side training state kept at most.
@@ -153,6 +158,18 @@ class Router {
   // of another cluster size or expert count.
   PlacementSnapshot placement() const { return placement_.Get(); }
   absl::StatusOr<PlacementSnapshot> InstallPlacement(Placement next);
+  // The same as `epoch`, only over `expected` (FAILED_PRECONDITION naming
+  // both otherwise): a placement change agreed with the servers.
+  absl::StatusOr<PlacementSnapshot> InstallPlacement(Placement next, uint64_t expected,
+                                                     uint64_t epoch);
+  // Asks `server` (Info) for its committed placement and installs it when
+  // newer than this router's; then runs `then` (also when nothing changed
+  // or the server did not answer). Concurrent refreshes share one Info.
+  void RefreshPlacement(int server, absl::AnyInvocable<void() &&> then)
+      ABSL_LOCKS_EXCLUDED(refresh_mu_);
+  // Installs the placement a server's Info reports when it is newer than
+  // this router's; INVALID_ARGUMENT when it does not fit this cluster.
+  absl::Status AdoptReported(const v1::InfoResponse& info);
 
   // The gate's half of a training step. PrepareGateStep takes the
   // accumulated gradient and computes the updated gate (and momentum)
@@ -199,6 +216,11 @@ class Router {
   void OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int server, absl::Time sent,
                       absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply);
   void FinishForward(std::shared_ptr<ForwardCall> call);
+  // A call that met servers at another version: the whole call again when
+  // this router has caught up (once it knows the newer placement), else
+  // its error.
+  void RetryStale(std::shared_ptr<ForwardCall> call);
+
   // Ends `call` with CANCELLED (unless it has ended) and cancels its expert
   // calls.
   void CancelForward(std::shared_ptr<ForwardCall> call);
@@ -228,6 +250,11 @@ class Router {
   // Per server: its recent Dispatch answer time in microseconds (EWMA; 0:
   // none yet), for hedging.
   std::unique_ptr<std::atomic<double>[]> answer_micros_;
+
+  // One RefreshPlacement at a time; the continuations waiting for it.
+  absl::Mutex refresh_mu_;
+  bool refreshing_ ABSL_GUARDED_BY(refresh_mu_) = false;
+  std::vector<absl::AnyInvocable<void() &&>> after_refresh_ ABSL_GUARDED_BY(refresh_mu_);
 
   Versioned<FloatTensor> gate_;
   // The gate's optimizer state, changed with the gate (under gate_mu_).

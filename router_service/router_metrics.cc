@@ -93,6 +93,27 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
                        .Help("Bytes of expert replicas the last Rebalance plan would copy.")
                        .Register(registry)
                        .Add({});
+  auto& rebalances = prometheus::BuildCounter()
+                         .Name("moe_router_rebalances_total")
+                         .Help(
+                             "Placement changes this router ran, by outcome (aborted: nothing "
+                             "moved; failed: in force, but a server did not commit).")
+                         .Register(registry);
+  m->rebalances_committed = &rebalances.Add({{"outcome", "committed"}});
+  m->rebalances_aborted = &rebalances.Add({{"outcome", "aborted"}});
+  m->rebalances_failed = &rebalances.Add({{"outcome", "failed"}});
+  m->migration_bytes = &prometheus::BuildCounter()
+                            .Name("moe_router_migration_bytes_total")
+                            .Help("Expert weight bytes new replicas pulled in placement changes.")
+                            .Register(registry)
+                            .Add({});
+  m->migration_seconds = &prometheus::BuildHistogram()
+                              .Name("moe_router_migration_seconds")
+                              .Help("A placement change's time: pulls, drain and commit.")
+                              .Register(registry)
+                              .Add({}, prometheus::Histogram::BucketBoundaries{
+                                           0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+                                           120, 300});
   auto& expert_tokens = prometheus::BuildCounter()
                             .Name("moe_router_expert_tokens_total")
                             .Help("(token, expert) pairs routed to each expert and served.")

@@ -64,6 +64,16 @@ struct RouterMetrics {
   prometheus::Gauge* plan_imbalance_before = nullptr;
   prometheus::Gauge* plan_imbalance_after = nullptr;
   prometheus::Gauge* plan_bytes = nullptr;
+  // moe_router_rebalances_total{outcome="committed"|"aborted"|"failed"}:
+  // placement changes this router ran (aborted: nothing moved; failed: the
+  // new epoch is in force but a server did not commit).
+  prometheus::Counter* rebalances_committed = nullptr;
+  prometheus::Counter* rebalances_aborted = nullptr;
+  prometheus::Counter* rebalances_failed = nullptr;
+  // moe_router_migration_bytes_total and moe_router_migration_seconds:
+  // expert weights new replicas pulled, and each change's whole time.
+  prometheus::Counter* migration_bytes = nullptr;
+  prometheus::Histogram* migration_seconds = nullptr;
   // moe_router_hedges_total: groups also sent to a second replica because
   // the first had not answered in time.
   prometheus::Counter* hedges = nullptr;

@@ -83,6 +83,7 @@ absl::Status RouterServer::Start() {
   metrics_ = RouterMetrics::Create(*registry_, model.num_experts);
   Router::Options router_options;
   router_options.model = model;
+  router_options.cluster = config.cluster;
   router_options.gate = std::move(gate);
   router_options.gate_step = loaded.step;
   // Random, so routers started alike still differ; never 0 (in-process
@@ -106,7 +107,6 @@ absl::Status RouterServer::Start() {
   router_options.hedge_min_delay = options_.hedge_min_delay;
   router_options.hedge_max_delay = options_.hedge_max_delay;
   router_ = std::make_unique<Router>(std::move(router_options), std::move(placement), *client_);
-  metrics_->placement_epoch->Set(static_cast<double>(router_->placement()->version));
 
   if (options_.metrics_port >= 0) {
     MOE_ASSIGN_OR_RETURN(metrics_endpoint_,
@@ -125,13 +125,24 @@ absl::Status RouterServer::Start() {
     m->last_checkpoint_step->Set(static_cast<double>(step));
   };
   steps_ = std::make_unique<StepCoordinator>(step_options, *router_, *client_);
+  placements_ = std::make_unique<PlacementCoordinator>(
+      PlacementCoordinator::Options{config.cluster, options_.migration_bytes_per_second,
+                                    options_.rebalance_drain_timeout},
+      *router_, *client_, *steps_);
+  // The servers are the source of truth: a router that starts after a
+  // placement change serves the servers' placement, not the config's.
+  if (absl::Status adopted = placements_->AdoptServersPlacement(absl::Now() + absl::Seconds(2));
+      !adopted.ok()) {
+    MOE_LOG(WARNING, "router: the servers' placement: ", adopted.message());
+  }
+  metrics_->placement_epoch->Set(static_cast<double>(router_->placement()->version));
   step_pool_ = std::make_unique<ComputePool>(1, 16);
   service_ = std::make_unique<RouterServiceImpl>(
       *router_, *pool_, *metrics_,
       RouterServiceImpl::ClusterView{&options_.config, client_.get(), load_stats_.get(),
                                      &routing_sample_,
                                      [client = client_.get()] { return client->reconnects(); }},
-      *steps_, *step_pool_, options_.streams, options_.stream_request_timeout);
+      *steps_, *placements_, *step_pool_, options_.streams, options_.stream_request_timeout);
 
   // Calls the authorization policy refuses are counted here.
   const TransportCredentials port_credentials = options_.credentials.WithDeniedCallback(

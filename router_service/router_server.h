@@ -28,6 +28,7 @@
 #include "router_service/router.h"
 #include "router_service/router_metrics.h"
 #include "router_service/router_service.h"
+#include "router_service/placement_coordinator.h"
 #include "router_service/step_coordinator.h"
 
 namespace moe::router {
@@ -70,6 +71,11 @@ class RouterServer {
     absl::Duration drain_timeout = absl::Seconds(10);
     // Deadline of a Step whose client set none.
     absl::Duration step_timeout = absl::Seconds(60);
+    // Placement changes (PlacementCoordinator::Options): the pace of each
+    // server's weight pulls (0: unpaced), and how long calls planned with
+    // the old placement may take to finish.
+    int64_t migration_bytes_per_second = int64_t{256} << 20;
+    absl::Duration rebalance_drain_timeout = absl::Seconds(10);
   };
 
   static absl::StatusOr<std::unique_ptr<RouterServer>> Create(Options options);
@@ -96,6 +102,7 @@ class RouterServer {
   DeadlineTimer timer_;
   std::unique_ptr<Router> router_;
   std::unique_ptr<StepCoordinator> steps_;
+  std::unique_ptr<PlacementCoordinator> placements_;
   std::unique_ptr<ComputePool> step_pool_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<RouterMetrics> metrics_;

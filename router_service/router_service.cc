@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 
 #include "common/expert_key.h"
+#include "common/placement_proto.h"
 #include "common/grpc_status.h"
 #include "common/proto_status.h"
 #include "common/status_macros.h"
@@ -197,39 +199,51 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Rebalance(grpc::CallbackServerConte
                                                        v1::RebalanceResponse* response) {
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   const absl::Time start = absl::Now();
-  auto finish = [&](const absl::Status& status) {
+  // Weights move for seconds: bounded even for a caller without a deadline.
+  const absl::Time deadline = std::min(DeadlineOf(*context), start + absl::Minutes(10));
+  // On the step thread: ordered with Steps and checkpoint saves.
+  const bool accepted = step_pool_.Submit([this, reactor, request, response, deadline, start] {
+    const absl::Status status = RunRebalance(*request, deadline, response);
     metrics_.CountRequest(RouterMethod::kRebalance, status, 0,
                           absl::ToDoubleSeconds(absl::Now() - start));
     reactor->Finish(ToGrpcStatus(status));
-    return reactor;
-  };
-  if (!request->dry_run()) {
-    return finish(absl::UnimplementedError(
-        "Rebalance moves no experts yet (migration while serving is still to come); call it "
-        "with dry_run to see the plan"));
+  });
+  if (!accepted) {
+    reactor->Finish(ToGrpcStatus(absl::ResourceExhaustedError("step queue full")));
   }
+  return reactor;
+}
+
+absl::Status RouterServiceImpl::RunRebalance(const v1::RebalanceRequest& request,
+                                             absl::Time deadline,
+                                             v1::RebalanceResponse* response) {
   const ServingConfig& config = *cluster_.config;
-  const Router::PlacementSnapshot snapshot = router_.placement();
-  metrics_.placement_epoch->Set(static_cast<double>(snapshot->version));
-  RebalanceInputs inputs;
-  inputs.model = &config.model;
-  inputs.cluster = &config.cluster;
-  inputs.current = &snapshot->value;
-  inputs.load = cluster_.load_stats->Get(absl::Now());
-  if (cluster_.routing_sample != nullptr) inputs.tokens = cluster_.routing_sample->Tokens();
-  const absl::StatusOr<PlacementPlan> plan = PlanRebalance(inputs);
-  if (!plan.ok()) return finish(plan.status());
+  std::optional<PlacementPlan> plan;
+  {
+    // Released before the change: its drain waits for every holder of the
+    // old placement.
+    const Router::PlacementSnapshot snapshot = router_.placement();
+    metrics_.placement_epoch->Set(static_cast<double>(snapshot->version));
+    RebalanceInputs inputs;
+    inputs.model = &config.model;
+    inputs.cluster = &config.cluster;
+    inputs.current = &snapshot->value;
+    inputs.load = cluster_.load_stats->Get(absl::Now());
+    if (cluster_.routing_sample != nullptr) inputs.tokens = cluster_.routing_sample->Tokens();
+    if (request.has_placement()) {
+      MOE_ASSIGN_OR_RETURN(Placement target, PlacementFromProto(request.placement(), config.model,
+                                                                config.cluster, "placement"));
+      plan = PlanMoveTo(inputs, std::move(target));
+    } else {
+      MOE_ASSIGN_OR_RETURN(plan, PlanRebalance(inputs));
+    }
+    response->set_placement_epoch(snapshot->version);
+    response->set_window_seconds(absl::ToDoubleSeconds(inputs.load.window));
+  }
   metrics_.plan_imbalance_before->Set(plan->imbalance_before);
   metrics_.plan_imbalance_after->Set(plan->imbalance_after);
   metrics_.plan_bytes->Set(static_cast<double>(plan->bytes_moved));
-  constexpr int kLayer = 0;  // one MoE layer (model_config.h)
-  for (int e = 0; e < plan->placement.num_experts(kLayer); ++e) {
-    v1::ExpertAssignment* expert = response->mutable_placement()->add_experts();
-    expert->set_expert_id(e);
-    for (int s : plan->placement.ServersOf(ExpertKey(kLayer, e))) {
-      expert->add_servers(config.cluster.servers[s].name);
-    }
-  }
+  *response->mutable_placement() = PlacementToProto(plan->placement, config.cluster);
   response->set_experts_moved(plan->replicas_added);
   response->set_replicas_removed(plan->replicas_removed);
   response->set_bytes_moved(plan->bytes_moved);
@@ -237,11 +251,31 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Rebalance(grpc::CallbackServerConte
   response->set_imbalance_after(plan->imbalance_after);
   response->set_servers_per_token_before(plan->servers_per_token_before);
   response->set_servers_per_token_after(plan->servers_per_token_after);
-  response->set_placement_epoch(snapshot->version);
-  response->set_window_seconds(absl::ToDoubleSeconds(inputs.load.window));
   for (double load : plan->server_load_before) response->add_server_load_before(load);
   for (double load : plan->server_load_after) response->add_server_load_after(load);
-  return finish(absl::OkStatus());
+  if (request.dry_run()) return absl::OkStatus();
+
+  const absl::StatusOr<PlacementCoordinator::Result> changed =
+      placements_.Change(std::move(plan->placement), deadline);
+  if (!changed.ok()) {
+    // FAILED_PRECONDITION before any server prepared (a step runs) moves
+    // nothing either.
+    (absl::IsInternal(changed.status()) ? metrics_.rebalances_failed
+                                        : metrics_.rebalances_aborted)
+        ->Increment();
+    metrics_.placement_epoch->Set(static_cast<double>(router_.placement()->version));
+    return changed.status();
+  }
+  metrics_.rebalances_committed->Increment();
+  metrics_.migration_bytes->Increment(static_cast<double>(changed->bytes));
+  metrics_.migration_seconds->Observe(absl::ToDoubleSeconds(changed->time));
+  metrics_.placement_epoch->Set(static_cast<double>(changed->epoch));
+  response->set_placement_epoch(changed->epoch);
+  response->set_bytes_moved(changed->bytes);
+  response->set_pull_seconds(absl::ToDoubleSeconds(changed->pull_time));
+  response->set_drain_seconds(absl::ToDoubleSeconds(changed->drain_time));
+  response->set_seconds(absl::ToDoubleSeconds(changed->time));
+  return absl::OkStatus();
 }
 
 grpc::ServerUnaryReactor* RouterServiceImpl::GetClusterState(

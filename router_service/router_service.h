@@ -5,8 +5,9 @@
 // failing request is answered with `error` and the stream goes on.
 // GetClusterState reports placement, server health and the sliding-window
 // load. Step runs the two-phase training step on its own thread (it waits
-// for every server's all-reduce). Rebalance plans (dry_run) from the
-// measured load; moving experts answers UNIMPLEMENTED for now.
+// for every server's all-reduce). Rebalance plans from the measured load
+// (or takes the placement it is given) and, unless dry_run, moves the
+// cluster to it while serving (PlacementCoordinator), on the step thread.
 // Thread-safe.
 #ifndef MOE_ROUTER_SERVICE_ROUTER_SERVICE_H_
 #define MOE_ROUTER_SERVICE_ROUTER_SERVICE_H_
@@ -21,6 +22,7 @@
 #include "router_service/router.h"
 #include "router_service/router_metrics.h"
 #include "router_service/routing_sample.h"
+#include "router_service/placement_coordinator.h"
 #include "router_service/step_coordinator.h"
 
 namespace moe::router {
@@ -42,14 +44,15 @@ class RouterServiceImpl final : public v1::Router::CallbackService {
   // ForwardStreams share `bounds`; a stream's request without its own
   // timeout_ms gets `stream_request_timeout`.
   RouterServiceImpl(Router& router, ComputePool& pool, const RouterMetrics& metrics,
-                    ClusterView cluster, StepCoordinator& steps, ComputePool& step_pool,
-                    StreamBounds bounds = {},
+                    ClusterView cluster, StepCoordinator& steps, PlacementCoordinator& placements,
+                    ComputePool& step_pool, StreamBounds bounds = {},
                     absl::Duration stream_request_timeout = absl::Seconds(30))
       : router_(router),
         pool_(pool),
         metrics_(metrics),
         cluster_(std::move(cluster)),
         steps_(steps),
+        placements_(placements),
         step_pool_(step_pool),
         streams_(bounds),
         stream_request_timeout_(stream_request_timeout) {}
@@ -84,12 +87,17 @@ class RouterServiceImpl final : public v1::Router::CallbackService {
   void FillForward(const v1::ForwardRequest& request,
                    absl::StatusOr<Router::ForwardResult>& result, absl::Time start,
                    v1::ForwardResponse* response) const;
+  // Rebalance's work: the plan into `response`, then (unless dry_run) the
+  // change.
+  absl::Status RunRebalance(const v1::RebalanceRequest& request, absl::Time deadline,
+                            v1::RebalanceResponse* response);
 
   Router& router_;
   ComputePool& pool_;
   const RouterMetrics& metrics_;
   const ClusterView cluster_;
   StepCoordinator& steps_;
+  PlacementCoordinator& placements_;
   ComputePool& step_pool_;
   StreamSet streams_;
   const absl::Duration stream_request_timeout_;

@@ -9,31 +9,16 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "absl/synchronization/blocking_counter.h"
 #include "common/atomic_file.h"
 #include "common/checkpoint.h"
 #include "common/expert_key.h"
 #include "common/log.h"
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
+#include "router_service/on_every_server.h"
 
 namespace moe::router {
 namespace {
-
-// Calls `call(server, done)` for every server at once and waits for all.
-template <typename Response, typename Call>
-std::vector<absl::StatusOr<Response>> OnEveryServer(int num_servers, Call call) {
-  std::vector<absl::StatusOr<Response>> results(num_servers, absl::UnknownError("no answer"));
-  absl::BlockingCounter pending(num_servers);
-  for (int s = 0; s < num_servers; ++s) {
-    call(s, [&results, &pending, s](absl::StatusOr<Response> r) {
-      results[s] = std::move(r);
-      pending.DecrementCount();
-    });
-  }
-  pending.Wait();
-  return results;
-}
 
 // The failures, most telling first: a server that did not answer in time
 // (stopped, or partitioned) before the ring errors it caused elsewhere.

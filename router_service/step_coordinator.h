@@ -87,15 +87,16 @@ class StepCoordinator {
   absl::StatusOr<Saved> SaveCheckpoint(DType dtype, absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
   const std::string& lineage() const { return options_.lineage; }
 
+  // Marks a step, a save or another state change (a placement change) as
+  // running: one at a time. FAILED_PRECONDITION naming the one that runs.
+  absl::Status StartRunning(const char* what) ABSL_LOCKS_EXCLUDED(mu_);
+  void DoneRunning() ABSL_LOCKS_EXCLUDED(mu_);
+
  private:
   // The next step number: one past the highest any server has committed
   // (asked once, so a restarted router goes on where the servers are).
   absl::StatusOr<uint64_t> NextStep(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Result> RunStep(float learning_rate, absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
-  // Marks a step or a save as running; FAILED_PRECONDITION naming the one
-  // that runs.
-  absl::Status StartRunning(const char* what) ABSL_LOCKS_EXCLUDED(mu_);
-  void DoneRunning() ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<Saved> Save(DType dtype, absl::Time deadline);
   void AbortEverywhere(uint64_t step, const std::string& reason);
   int NumServers() const;
@@ -105,7 +106,7 @@ class StepCoordinator {
   ExpertClient& client_;
 
   mutable absl::Mutex mu_;
-  // "a step" or "a checkpoint save" while one runs.
+  // "a step", "a checkpoint save" or "a placement change" while one runs.
   const char* running_ ABSL_GUARDED_BY(mu_) = nullptr;
   std::optional<uint64_t> next_step_ ABSL_GUARDED_BY(mu_);
 };

@@ -198,6 +198,30 @@ void InProcessExpertClient::SaveExperts(int server, const v1::SaveExpertsRequest
       std::move(done));
 }
 
+namespace {
+
+absl::Status NoPlacementChanges() {
+  return absl::FailedPreconditionError(
+      "the in-process cluster changes no placement (tests of placement changes run processes)");
+}
+
+}  // namespace
+
+void InProcessExpertClient::PreparePlacement(int, const v1::PreparePlacementRequest&, absl::Time,
+                                             UnaryDone<v1::PreparePlacementResponse> done) {
+  std::move(done)(NoPlacementChanges());
+}
+
+void InProcessExpertClient::CommitPlacement(int, const v1::CommitPlacementRequest&, absl::Time,
+                                            UnaryDone<v1::CommitPlacementResponse> done) {
+  std::move(done)(NoPlacementChanges());
+}
+
+void InProcessExpertClient::AbortPlacement(int, const v1::AbortPlacementRequest&, absl::Time,
+                                           UnaryDone<v1::AbortPlacementResponse> done) {
+  std::move(done)(NoPlacementChanges());
+}
+
 void InProcessExpertClient::AbortStep(int server, const v1::AbortStepRequest& request,
                                       absl::Time, UnaryDone<v1::AbortStepResponse> done) {
   // At once, not behind a Prepare on the step thread: it must be able to

@@ -48,6 +48,14 @@ class InProcessExpertClient : public ExpertClient {
                   UnaryDone<v1::CommitStepResponse> done) override;
   void SaveExperts(int server, const v1::SaveExpertsRequest& request, absl::Time deadline,
                    UnaryDone<v1::SaveExpertsResponse> done) override;
+  // The in-process cluster keeps its placement: refused.
+  void PreparePlacement(int server, const v1::PreparePlacementRequest& request,
+                        absl::Time deadline,
+                        UnaryDone<v1::PreparePlacementResponse> done) override;
+  void CommitPlacement(int server, const v1::CommitPlacementRequest& request, absl::Time deadline,
+                       UnaryDone<v1::CommitPlacementResponse> done) override;
+  void AbortPlacement(int server, const v1::AbortPlacementRequest& request, absl::Time deadline,
+                      UnaryDone<v1::AbortPlacementResponse> done) override;
   void AbortStep(int server, const v1::AbortStepRequest& request, absl::Time deadline,
                  UnaryDone<v1::AbortStepResponse> done) override;
   void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) override;
