@@ -1,5 +1,7 @@
 #include "expert_service/grpc_sync_peers.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 
@@ -9,8 +11,9 @@ GrpcSyncPeers::GrpcSyncPeers(const ClusterConfig& cluster, const std::string& se
                              const TransportCredentials& credentials, int max_message_bytes) {
   for (const ServerSpec& spec : cluster.servers) {
     if (spec.name == self) continue;
-    peers_.push_back({spec, v1::ExpertServer::NewStub(
-                                NewChannel(spec.address, credentials, max_message_bytes))});
+    std::shared_ptr<grpc::Channel> channel =
+        NewChannel(spec.address, credentials, max_message_bytes);
+    peers_.push_back({spec, channel, v1::ExpertServer::NewStub(channel)});
   }
 }
 
@@ -31,6 +34,16 @@ absl::StatusOr<v1::InfoResponse> GrpcSyncPeers::Info(int peer, absl::Time deadli
 absl::Status GrpcSyncPeers::FetchExpert(
     int peer, ExpertKey expert, absl::Time deadline,
     absl::FunctionRef<absl::Status(const v1::ExpertWeightsChunk&)> sink) {
+  // A peer that was down when this server started may be up now, behind
+  // the channel's reconnect back-off: connect first (briefly), rather than
+  // fail at once.
+  const Peer& p = peers_.at(peer);
+  const auto connect_by =
+      absl::ToChronoTime(std::min(deadline, absl::Now() + absl::Seconds(5)));
+  for (grpc_connectivity_state state = p.channel->GetState(/*try_to_connect=*/true);
+       state != GRPC_CHANNEL_READY && p.channel->WaitForStateChange(state, connect_by);
+       state = p.channel->GetState(true)) {
+  }
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(deadline));
   v1::GetExpertWeightsRequest request;

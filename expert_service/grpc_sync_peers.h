@@ -31,6 +31,7 @@ class GrpcSyncPeers : public SyncPeers {
  private:
   struct Peer {
     ServerSpec spec;
+    std::shared_ptr<grpc::Channel> channel;
     std::unique_ptr<v1::ExpertServer::Stub> stub;
   };
   std::vector<Peer> peers_;

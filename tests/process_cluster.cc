@@ -45,20 +45,43 @@ ProcessCluster::ProcessCluster(ProcessClusterOptions options) : options_(std::mo
 
 void ProcessCluster::KillRouter() { router_->Stop(SIGKILL, absl::Seconds(10)); }
 
-void ProcessCluster::StartRouter() {
-  std::vector<std::string> args = {"--config=" + config_path_, "--port=0", "--metrics_port=0",
+namespace {
+
+// A router process of the cluster's config, its channel and metrics port.
+std::unique_ptr<ChildProcess> LaunchRouter(const std::string& config_path,
+                                           const std::vector<std::string>& flags,
+                                           std::shared_ptr<grpc::Channel>* channel,
+                                           int* metrics_port) {
+  std::vector<std::string> args = {"--config=" + config_path, "--port=0", "--metrics_port=0",
                                    "--host=127.0.0.1"};
-  args.insert(args.end(), options_.router_flags.begin(), options_.router_flags.end());
-  router_ = std::make_unique<ChildProcess>(RunfilePath("router_service/router"), args);
-  const auto line = router_->WaitForLine("router serving gRPC on port", absl::Seconds(60));
-  MOE_CHECK(line.has_value(), router_->output());
+  args.insert(args.end(), flags.begin(), flags.end());
+  auto router = std::make_unique<ChildProcess>(RunfilePath("router_service/router"), args);
+  const auto line = router->WaitForLine("router serving gRPC on port", absl::Seconds(60));
+  MOE_CHECK(line.has_value(), router->output());
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(256 << 20);
-  router_metrics_port_ = NumberAfter(*line, "/metrics on port ");
-  router_channel_ =
+  *metrics_port = NumberAfter(*line, "/metrics on port ");
+  *channel =
       grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", NumberAfter(*line, "on port ")),
                                 TransportCredentials::Plaintext().ForChannel(), channel_args);
+  return router;
+}
+
+}  // namespace
+
+void ProcessCluster::StartRouter() {
+  router_ =
+      LaunchRouter(config_path_, options_.router_flags, &router_channel_, &router_metrics_port_);
   stub_ = v1::Router::NewStub(router_channel_);
+}
+
+ProcessCluster::OtherRouter ProcessCluster::StartAnotherRouter() {
+  std::shared_ptr<grpc::Channel> channel;
+  int metrics_port;
+  OtherRouter other;
+  other.process = LaunchRouter(config_path_, options_.router_flags, &channel, &metrics_port);
+  other.stub = v1::Router::NewStub(channel);
+  return other;
 }
 
 ProcessCluster::~ProcessCluster() {

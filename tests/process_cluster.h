@@ -44,6 +44,13 @@ class ProcessCluster {
   // The router restarts on a new port; stub() follows it.
   void KillRouter();
   void StartRouter();
+  // Another router of the same cluster (several routers serve one fleet);
+  // it runs as long as `process` lives.
+  struct OtherRouter {
+    std::unique_ptr<local::ChildProcess> process;
+    std::unique_ptr<v1::Router::Stub> stub;
+  };
+  OtherRouter StartAnotherRouter();
   // SIGSTOP / SIGCONT.
   void PauseServer(int s);
   void ContinueServer(int s);

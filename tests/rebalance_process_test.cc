@@ -1,8 +1,9 @@
-// Placement on a real cluster, as far as it goes today: Rebalance with
-// dry_run plans from the load the router measured (the placement, what it
-// would copy, the imbalance and servers per token before and after) and
-// changes nothing, moving is refused by name; a replica that releases an
-// expert costs no request.
+// Placement on a real cluster: Rebalance with dry_run plans from the load
+// the router measured (the placement, what it would copy, the imbalance and
+// servers per token before and after) and changes nothing; without it the
+// plan is carried out (migration_process_test.cc has the moves under load);
+// a replica that releases an expert costs no request; a stopped replica
+// costs none either.
 #include <algorithm>
 #include <atomic>
 #include <iostream>
@@ -69,15 +70,41 @@ TEST(RebalanceTest, ADryRunPlansFromTheMeasuredLoadAndMovesNothing) {
     ASSERT_TRUE(cluster.stub().GetClusterState(&context, {}, &state).ok());
   }
   EXPECT_EQ(state.placement_epoch(), 1u);
-  status = rebalance(false, &plan);
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNIMPLEMENTED);
-  EXPECT_THAT(status.error_message(), HasSubstr("dry_run"));
-  const std::string metrics = local::HttpGet(cluster.router_metrics_port(), "/metrics");
+  std::string metrics = local::HttpGet(cluster.router_metrics_port(), "/metrics");
   EXPECT_THAT(metrics, HasSubstr("moe_router_placement_epoch 1"));
   EXPECT_THAT(metrics, HasSubstr("moe_router_rebalance_plan_imbalance{when=\"after\"}"));
+
+  // Carried out: the servers host what the plan says, at epoch 2, and the
+  // cluster still equals the reference.
+  v1::RebalanceResponse done;
+  status = rebalance(false, &done);
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+  EXPECT_EQ(done.placement_epoch(), 2u);
+  for (int s = 0; s < 2; ++s) {
+    v1::InfoResponse info;
+    ASSERT_TRUE(cluster.Info(s, &info).ok());
+    EXPECT_EQ(info.placement_epoch(), 2u);
+    std::vector<int> hosted, planned;
+    for (const v1::ExpertDigest& d : info.experts()) hosted.push_back(d.expert_id());
+    for (const v1::ExpertAssignment& e : done.placement().experts()) {
+      for (const std::string& name : e.servers()) {
+        if (name == absl::StrCat("e", s)) planned.push_back(e.expert_id());
+      }
+    }
+    std::sort(hosted.begin(), hosted.end());
+    EXPECT_EQ(hosted, planned) << "server e" << s;
+  }
+  const ReferenceMoe reference = cluster.Reference();
+  for (int i = 0; i < 5; ++i) {
+    const FloatTensor x = RandomTensor({64, 32}, 300 + i);
+    v1::ForwardResponse response;
+    ASSERT_TRUE(cluster.Forward(x, &response).ok());
+    EXPECT_TRUE(TensorNear(Decoded(response.y(), 32), reference.Forward(x)->y, 1e-5));
+  }
+  metrics = local::HttpGet(cluster.router_metrics_port(), "/metrics");
+  EXPECT_THAT(metrics, HasSubstr("moe_router_placement_epoch 2"));
   EXPECT_THAT(
-      metrics,
-      HasSubstr("moe_router_requests_total{code=\"UNIMPLEMENTED\",method=\"Rebalance\"} 1"));
+      metrics, HasSubstr("moe_router_requests_total{code=\"OK\",method=\"Rebalance\"} 2"));
 }
 
 // ReleaseExpert on one of two replicas: the router fails over on the
@@ -106,8 +133,9 @@ TEST(RebalanceTest, ReleasingOneReplicaFailsNoRequest) {
   v1::ClusterState state;
   grpc::ClientContext context;
   ASSERT_TRUE(cluster.stub().GetClusterState(&context, {}, &state).ok());
-  ASSERT_EQ(state.servers(0).stale_expert_ids_size(), 1);
-  EXPECT_EQ(state.servers(0).stale_expert_ids(0), 0);
+  // Expert 0 is avoided there (a slow first answer may have another
+  // expert avoided for a while too: hedging's outlier marks).
+  EXPECT_THAT(state.servers(0).stale_expert_ids(), ::testing::Contains(0));
 }
 
 // One of two replicas SIGSTOPped under load from 4 clients: the router

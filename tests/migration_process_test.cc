@@ -1,0 +1,291 @@
+// Placement changes on a real cluster while it serves: Rebalance adds a
+// replica, moves an expert and removes a replica under load from 4 clients,
+// every output checked against the reference (0 failed requests); a second
+// router keeps serving through a change made by the first, and a router
+// started after it serves the new placement; a change refused because an
+// expert leaving a server holds gradients moves nothing; 10 training steps
+// with a change between steps 5 and 6 equal the reference.
+#include <algorithm>
+#include <atomic>
+#include <iostream>
+#include <map>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/deterministic_init.h"
+#include "common/reference_moe.h"
+#include "common/tensor_codec.h"
+#include "common/testing/random_tensor.h"
+#include "common/testing/reference_training.h"
+#include "common/testing/tensor_matchers.h"
+#include "deploy/local/child_process.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/process_cluster.h"
+
+namespace moe::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr int kDModel = 32;
+
+// servers_of[expert], by server index (names e0, e1, ...).
+v1::RebalanceRequest MoveTo(const std::vector<std::vector<int>>& servers_of) {
+  v1::RebalanceRequest request;
+  for (size_t e = 0; e < servers_of.size(); ++e) {
+    v1::ExpertAssignment* expert = request.mutable_placement()->add_experts();
+    expert->set_expert_id(static_cast<int>(e));
+    for (int s : servers_of[e]) expert->add_servers(absl::StrCat("e", s));
+  }
+  return request;
+}
+
+grpc::Status Rebalance(v1::Router::Stub& stub, const v1::RebalanceRequest& request,
+                       v1::RebalanceResponse* response) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  return stub.Rebalance(&context, request, response);
+}
+
+// Expert ids server `s` hosts, and its placement epoch.
+std::pair<std::set<int>, uint64_t> Hosted(ProcessCluster& cluster, int s) {
+  v1::InfoResponse info;
+  const grpc::Status status = cluster.Info(s, &info);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  std::set<int> experts;
+  for (const v1::ExpertDigest& d : info.experts()) experts.insert(d.expert_id());
+  return {experts, info.placement_epoch()};
+}
+
+uint64_t RouterEpoch(v1::Router::Stub& stub) {
+  v1::ClusterState state;
+  grpc::ClientContext context;
+  EXPECT_TRUE(stub.GetClusterState(&context, {}, &state).ok());
+  return state.placement_epoch();
+}
+
+// Clients sending Forwards through `stubs` (round robin over threads) until
+// stopped, checking every output against the reference.
+class Load {
+ public:
+  Load(std::vector<v1::Router::Stub*> stubs, const ReferenceMoe& reference, int clients)
+      : reference_(reference) {
+    for (int c = 0; c < clients; ++c) {
+      threads_.emplace_back([this, c, stub = stubs[c % stubs.size()]] { Run(c, *stub); });
+    }
+  }
+  ~Load() { Stop(); }
+
+  void Stop() {
+    stop_.store(true);
+    for (auto& t : threads_) {
+      if (t.joinable()) t.join();
+    }
+  }
+  // Blocks until `calls` more have succeeded (or one failed).
+  void WaitFor(int calls) {
+    const int target = ok_.load() + calls;
+    while (ok_.load() < target && failed_.load() == 0) absl::SleepFor(absl::Milliseconds(5));
+  }
+  int ok() const { return ok_.load(); }
+  int failed() const { return failed_.load(); }
+  double longest_ms() const { return longest_ms_.load(); }
+  std::string first_error() {
+    absl::MutexLock lock(&mu_);
+    return first_error_;
+  }
+
+ private:
+  void Run(int c, v1::Router::Stub& stub) {
+    for (int i = 0; !stop_.load(); ++i) {
+      const FloatTensor x = RandomTensor({16, kDModel}, 1000 * c + i % 40);
+      v1::ForwardRequest request;
+      EncodeFloats(x.values(), x.shape(), DType::kFloat32, request.mutable_x());
+      v1::ForwardResponse response;
+      grpc::ClientContext context;
+      context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+      const absl::Time start = absl::Now();
+      const grpc::Status status = stub.Forward(&context, request, &response);
+      const double ms = absl::ToDoubleMilliseconds(absl::Now() - start);
+      double longest = longest_ms_.load();
+      while (ms > longest && !longest_ms_.compare_exchange_weak(longest, ms)) {
+      }
+      if (status.ok() &&
+          TensorNear(Decoded(response.y(), kDModel), reference_.Forward(x)->y, 1e-5)) {
+        ok_.fetch_add(1);
+        continue;
+      }
+      failed_.fetch_add(1);
+      absl::MutexLock lock(&mu_);
+      if (first_error_.empty()) {
+        first_error_ = status.ok() ? "output differs from the reference" : status.error_message();
+      }
+    }
+  }
+
+  const ReferenceMoe& reference_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> ok_{0}, failed_{0};
+  std::atomic<double> longest_ms_{0};
+  absl::Mutex mu_;
+  std::string first_error_;
+  std::vector<std::thread> threads_;
+};
+
+ProcessClusterOptions FourExpertsOnTwoServers() {
+  ProcessClusterOptions options;
+  options.model = absl::StrCat("d_model: ", kDModel, " d_ff: 64 num_experts: 4 top_k: 2 seed: 11");
+  options.strategy = "MODEL_PARALLEL";  // e0: {0, 1}, e1: {2, 3}
+  return options;
+}
+
+TEST(MigrationTest, AddMoveAndRemoveUnderLoadFailNoRequest) {
+  ProcessCluster cluster(FourExpertsOnTwoServers());
+  const ReferenceMoe reference = cluster.Reference();
+  Load load({&cluster.stub()}, reference, 4);
+  load.WaitFor(100);
+
+  struct Change {
+    const char* what;
+    std::vector<std::vector<int>> servers_of;
+    std::set<int> on_e0, on_e1;
+    int added, removed;
+  };
+  const std::vector<Change> changes = {
+      {"a replica of expert 0 on e1", {{0, 1}, {0}, {1}, {1}}, {0, 1}, {0, 2, 3}, 1, 0},
+      {"expert 1 moves from e0 to e1", {{0, 1}, {1}, {1}, {1}}, {0}, {0, 1, 2, 3}, 1, 1},
+      {"the replica of expert 0 on e0 goes", {{1}, {1}, {1}, {1}}, {}, {0, 1, 2, 3}, 0, 1},
+      {"back to the start", {{0}, {0}, {1}, {1}}, {0, 1}, {2, 3}, 2, 2},
+  };
+  uint64_t epoch = 1;
+  for (const Change& change : changes) {
+    SCOPED_TRACE(change.what);
+    v1::RebalanceResponse response;
+    const grpc::Status status = Rebalance(cluster.stub(), MoveTo(change.servers_of), &response);
+    ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+    ++epoch;
+    EXPECT_EQ(response.placement_epoch(), epoch);
+    EXPECT_EQ(response.experts_moved(), change.added);
+    EXPECT_EQ(response.replicas_removed(), change.removed);
+    EXPECT_EQ(response.bytes_moved(), change.added * int64_t{(2 * kDModel * 64 + kDModel + 64) * 4});
+    EXPECT_EQ(Hosted(cluster, 0), std::make_pair(change.on_e0, epoch));
+    EXPECT_EQ(Hosted(cluster, 1), std::make_pair(change.on_e1, epoch));
+    EXPECT_EQ(RouterEpoch(cluster.stub()), epoch);
+    std::cout << change.what << ": pulls " << response.pull_seconds() * 1e3 << " ms, drain "
+              << response.drain_seconds() * 1e3 << " ms, in all " << response.seconds() * 1e3
+              << " ms\n";
+    load.WaitFor(100);
+  }
+  load.Stop();
+  EXPECT_EQ(load.failed(), 0) << load.first_error() << "\n" << cluster.RouterLog();
+  std::cout << load.ok() << " Forwards through 4 placement changes, longest " << load.longest_ms()
+            << " ms\n";
+  const std::string metrics = local::HttpGet(cluster.router_metrics_port(), "/metrics");
+  for (const char* line : {"moe_router_rebalances_total{outcome=\"committed\"} 4",
+                           "moe_router_placement_epoch 5", "moe_router_migration_seconds_count 4",
+                           "moe_router_migration_bytes_total 67072"}) {
+    EXPECT_TRUE(metrics.find(line) != std::string::npos) << line;
+  }
+}
+
+TEST(MigrationTest, AnotherRouterLearnsTheNewPlacementFromTheServers) {
+  ProcessCluster cluster(FourExpertsOnTwoServers());
+  const ReferenceMoe reference = cluster.Reference();
+  ProcessCluster::OtherRouter other = cluster.StartAnotherRouter();
+  Load load({&cluster.stub(), other.stub.get()}, reference, 4);
+  load.WaitFor(100);
+  // Expert 1 moves to e1 and expert 2 to e0: the other router's epoch-1
+  // calls meet servers that no longer serve epoch 1.
+  v1::RebalanceResponse response;
+  const grpc::Status status =
+      Rebalance(cluster.stub(), MoveTo({{0}, {1}, {0}, {1}}), &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  load.WaitFor(200);
+  load.Stop();
+  EXPECT_EQ(load.failed(), 0) << load.first_error() << "\n" << other.process->output();
+  EXPECT_EQ(RouterEpoch(*other.stub), 2u);
+  // A router that starts now serves the servers' placement, not the
+  // config's.
+  ProcessCluster::OtherRouter late = cluster.StartAnotherRouter();
+  EXPECT_EQ(RouterEpoch(*late.stub), 2u);
+  for (int i = 0; i < 10; ++i) {
+    const FloatTensor x = RandomTensor({16, kDModel}, 50 + i);
+    v1::ForwardRequest request;
+    EncodeFloats(x.values(), x.shape(), DType::kFloat32, request.mutable_x());
+    v1::ForwardResponse y;
+    grpc::ClientContext context;
+    ASSERT_TRUE(late.stub->Forward(&context, request, &y).ok());
+    EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), reference.Forward(x)->y, 1e-5));
+  }
+}
+
+TEST(MigrationTest, TrainingWithAChangeBetweenStepsEqualsTheReference) {
+  ProcessClusterOptions options;
+  options.model = absl::StrCat("d_model: ", kDModel,
+                               " d_ff: 64 num_experts: 4 top_k: 2 seed: 12 optimizer { type: "
+                               "OPTIMIZER_TYPE_SGD_MOMENTUM momentum: 0.9 }");
+  options.strategy = "HYBRID";  // e0: {0, 1, 2}, e1: {0, 1, 3}
+  ProcessCluster cluster(options);
+  const ModelConfig& model = cluster.config().model;
+  ReferenceTraining reference(model, InitAllWeights(model));
+  constexpr float kLr = 0.01f;
+  for (int step = 1; step <= 10; ++step) {
+    SCOPED_TRACE(absl::StrCat("step ", step));
+    const FloatTensor x = RandomTensor({64, kDModel}, 100 + step);
+    const FloatTensor dy = RandomTensor({64, kDModel}, 200 + step);
+    const ReferenceTraining::Step expected = reference.Train(x, dy, kLr);
+    v1::ForwardResponse y;
+    ASSERT_TRUE(cluster.Forward(x, &y, /*training=*/true).ok());
+    ASSERT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.forward.y, 1e-5));
+    if (step == 6) {
+      // A forward waits for its Backward: the experts leaving e1 would
+      // lose its state, so the change is refused and moves nothing.
+      v1::RebalanceResponse response;
+      const grpc::Status refused =
+          Rebalance(cluster.stub(), MoveTo({{0}, {0}, {0}, {0}}), &response);
+      EXPECT_EQ(refused.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+      EXPECT_THAT(refused.error_message(), HasSubstr("Step first"));
+      EXPECT_EQ(Hosted(cluster, 0), std::make_pair(std::set<int>{1, 2, 3}, uint64_t{2}));
+      EXPECT_EQ(Hosted(cluster, 1), std::make_pair(std::set<int>{0, 1, 2, 3}, uint64_t{2}));
+    }
+    v1::BackwardResponse dx;
+    ASSERT_TRUE(cluster.Backward(y.request_id(), dy, &dx).ok());
+    v1::StepResponse stepped;
+    const grpc::Status status = cluster.Step(kLr, absl::Seconds(30), &stepped);
+    ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+    if (step == 5) {
+      // Between steps 5 and 6: expert 0 leaves e0, expert 2 joins e1 (with
+      // its momentum), expert 3 joins e0; the rings follow.
+      v1::RebalanceResponse response;
+      const grpc::Status changed =
+          Rebalance(cluster.stub(), MoveTo({{1}, {0, 1}, {0, 1}, {0, 1}}), &response);
+      ASSERT_TRUE(changed.ok()) << changed.error_message() << "\n" << cluster.RouterLog();
+      EXPECT_EQ(response.placement_epoch(), 2u);
+      EXPECT_EQ(Hosted(cluster, 0), std::make_pair(std::set<int>{1, 2, 3}, uint64_t{2}));
+      EXPECT_EQ(Hosted(cluster, 1), std::make_pair(std::set<int>{0, 1, 2, 3}, uint64_t{2}));
+    }
+  }
+  // Every replica equals the reference, and replicas of one expert are
+  // bit-identical.
+  std::map<int, uint64_t> digests;
+  for (int s = 0; s < 2; ++s) {
+    v1::InfoResponse info;
+    ASSERT_TRUE(cluster.Info(s, &info).ok());
+    for (const v1::ExpertDigest& d : info.experts()) {
+      EXPECT_EQ(d.step(), 10u);
+      auto [it, first] = digests.emplace(d.expert_id(), d.weights_digest());
+      EXPECT_EQ(it->second, d.weights_digest()) << "expert " << d.expert_id();
+    }
+  }
+  const FloatTensor x = RandomTensor({64, kDModel}, 999);
+  const ReferenceForward expected = *reference.Layer().Forward(x);
+  v1::ForwardResponse y;
+  ASSERT_TRUE(cluster.Forward(x, &y).ok());
+  EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.y, 1e-5));
+}
+
+}  // namespace
+}  // namespace moe::testing
