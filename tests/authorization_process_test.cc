@@ -118,6 +118,17 @@ TEST(AuthorizationTest, EachIdentityGetsWhatItsRoleAllows) {
               grpc::StatusCode::PERMISSION_DENIED);
   }
   {
+    // Nor change the placement (which would pull and drop experts).
+    grpc::ClientContext context;
+    v1::PreparePlacementRequest prepare;
+    prepare.set_from_epoch(1);
+    prepare.set_epoch(2);
+    v1::PreparePlacementResponse prepared;
+    const grpc::Status status = server->PreparePlacement(&context, prepare, &prepared);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    EXPECT_THAT(status.error_message(), HasSubstr("/moe.v1.ExpertServer/PreparePlacement"));
+  }
+  {
     auto ring = v1::Collective::NewStub(
         NewChannel((*cluster)->config().cluster.servers[1].address, inference, 1 << 20));
     grpc::ClientContext context;
@@ -146,6 +157,8 @@ TEST(AuthorizationTest, EachIdentityGetsWhatItsRoleAllows) {
                                         "ExpertServer/ReleaseExpert\"} 1"));
   EXPECT_THAT(expert_metrics, HasSubstr("moe_expert_authz_denied_total{method=\"/moe.v1."
                                         "ExpertServer/AbortStep\"} 1"));
+  EXPECT_THAT(expert_metrics, HasSubstr("moe_expert_authz_denied_total{method=\"/moe.v1."
+                                        "ExpertServer/PreparePlacement\"} 1"));
 }
 
 std::string ReadFile(const std::string& path) {

@@ -163,8 +163,17 @@ absl::StatusOr<SavedCheckpoint> MoeClient::SaveCheckpoint(DType dtype, absl::Dur
 }
 
 absl::StatusOr<v1::RebalanceResponse> MoeClient::PlanRebalance(absl::Duration timeout) {
+  return CallRebalance(/*dry_run=*/true, timeout);
+}
+
+absl::StatusOr<v1::RebalanceResponse> MoeClient::Rebalance(absl::Duration timeout) {
+  return CallRebalance(/*dry_run=*/false, timeout);
+}
+
+absl::StatusOr<v1::RebalanceResponse> MoeClient::CallRebalance(bool dry_run,
+                                                               absl::Duration timeout) {
   v1::RebalanceRequest request;
-  request.set_dry_run(true);
+  request.set_dry_run(dry_run);
   grpc::ClientContext context;
   context.set_deadline(After(timeout));
   v1::RebalanceResponse response;

@@ -28,6 +28,9 @@ ABSL_FLAG(int64_t, show, 8, "Tokens whose routing is printed.");
 ABSL_FLAG(bool, rebalance_plan, false,
           "Instead of a forward, print the placement the router would rebalance to for the load "
           "it measured (Rebalance with dry_run), and what it would move.");
+ABSL_FLAG(bool, rebalance, false,
+          "Instead of a forward, move the cluster to the placement the router plans for the "
+          "load it measured, while it serves (Rebalance; an admin call), and print what moved.");
 
 namespace moe::client {
 namespace {
@@ -52,8 +55,9 @@ absl::StatusOr<FloatTensor> Input() {
   return x;
 }
 
-int PrintRebalancePlan(MoeClient& client) {
-  absl::StatusOr<v1::RebalanceResponse> plan = client.PlanRebalance();
+int PrintRebalance(MoeClient& client, bool dry_run) {
+  absl::StatusOr<v1::RebalanceResponse> plan =
+      dry_run ? client.PlanRebalance() : client.Rebalance();
   if (!plan.ok()) {
     MOE_LOG(ERROR, plan.status().ToString());
     return 1;
@@ -78,6 +82,11 @@ int PrintRebalancePlan(MoeClient& client) {
       plan->imbalance_before(), plan->imbalance_after(), plan->experts_moved(),
       plan->bytes_moved() / 1048576.0, plan->replicas_removed(), plan->servers_per_token_before(),
       plan->servers_per_token_after());
+  if (!dry_run) {
+    std::printf("moved: placement epoch %lu in force; pulls %.3f s, drain %.3f s, %.3f s in all\n",
+                static_cast<unsigned long>(plan->placement_epoch()), plan->pull_seconds(),
+                plan->drain_seconds(), plan->seconds());
+  }
   return 0;
 }
 
@@ -96,7 +105,8 @@ int Run() {
     return 2;
   }
   auto client = MoeClient::Connect(absl::GetFlag(FLAGS_router), *credentials);
-  if (absl::GetFlag(FLAGS_rebalance_plan)) return PrintRebalancePlan(*client);
+  if (absl::GetFlag(FLAGS_rebalance_plan)) return PrintRebalance(*client, /*dry_run=*/true);
+  if (absl::GetFlag(FLAGS_rebalance)) return PrintRebalance(*client, /*dry_run=*/false);
   absl::StatusOr<ForwardOutput> out = client->Forward(*x, options);
   if (!out.ok()) {
     MOE_LOG(ERROR, out.status().ToString());

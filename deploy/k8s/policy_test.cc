@@ -41,7 +41,7 @@ TEST(ShippedPolicyTest, EveryMethodHasItsRow) {
       ++methods;
     }
   }
-  EXPECT_EQ(methods, 18);  // 7 Router, 10 ExpertServer, 1 Collective
+  EXPECT_EQ(methods, 21);  // 7 Router, 13 ExpertServer, 1 Collective
 }
 
 TEST(ShippedPolicyTest, RolesDecide) {
@@ -58,6 +58,15 @@ TEST(ShippedPolicyTest, RolesDecide) {
   EXPECT_FALSE(policy.Check("/moe.v1.ExpertServer/Dispatch", client).ok());
   EXPECT_FALSE(policy.Check("/moe.v1.ExpertServer/ReleaseExpert", expert).ok());
   EXPECT_FALSE(policy.Check("/moe.v1.ExpertServer/AbortStep", client).ok());
+  // Placement changes: the router's alone (an expert server pulls weights
+  // with GetExpertWeights, never installs a placement on its peers).
+  for (const char* method :
+       {"/moe.v1.ExpertServer/PreparePlacement", "/moe.v1.ExpertServer/CommitPlacement",
+        "/moe.v1.ExpertServer/AbortPlacement"}) {
+    EXPECT_TRUE(policy.Check(method, router).ok()) << method;
+    EXPECT_FALSE(policy.Check(method, expert).ok()) << method;
+    EXPECT_FALSE(policy.Check(method, client).ok()) << method;
+  }
   EXPECT_TRUE(policy.Check("/moe.v1.Collective/Ring", expert).ok());
   EXPECT_FALSE(policy.Check("/moe.v1.Collective/Ring", router).ok());
   EXPECT_TRUE(policy.Check("/grpc.health.v1.Health/Check", {}).ok());
