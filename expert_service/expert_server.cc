@@ -1,6 +1,7 @@
 #include "expert_service/expert_server.h"
 
 #include <algorithm>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -11,6 +12,7 @@
 #include "common/log.h"
 #include "common/metrics_exposer.h"
 #include "common/placement.h"
+#include "common/placement_proto.h"
 #include "common/status_macros.h"
 #include "expert_service/grpc_sync_peers.h"
 #include "expert_service/onednn_expert_kernel.h"
@@ -75,7 +77,15 @@ absl::Status ExpertServer::Start() {
   }
   const ServingConfig& config = options_.config;
   const ModelConfig& model = config.model;
-  MOE_ASSIGN_OR_RETURN(const Placement placement, ComputePlacement(model, config.cluster));
+  MOE_ASSIGN_OR_RETURN(Placement placement, ComputePlacement(model, config.cluster));
+  uint64_t placement_epoch = 1;
+  peers_ = std::make_unique<GrpcSyncPeers>(config.cluster, options_.name, options_.credentials,
+                                           options_.max_message_bytes);
+  // The servers are the source of truth: after a placement change the
+  // config's placement is only the first one.
+  if (options_.sync_on_start) {
+    MOE_RETURN_IF_ERROR(AdoptPeersPlacement(placement, placement_epoch));
+  }
   const int index = config.cluster.FindServer(options_.name);
   const absl::Span<const ExpertKey> experts = placement.ExpertsOn(index);
   // --checkpoint, or the latest under --checkpoint_dir when later; a
@@ -133,8 +143,6 @@ absl::Status ExpertServer::Start() {
                             options_.step_prepared_timeout},
       *store_, *collectives_);
   MOE_RETURN_IF_ERROR(steps_->AdoptCommitted(loaded.step));
-  peers_ = std::make_unique<GrpcSyncPeers>(config.cluster, options_.name, options_.credentials,
-                                           options_.max_message_bytes);
   if (options_.sync_on_start) MOE_RETURN_IF_ERROR(SyncFromPeersOnStart());
   metrics_->committed_step->Set(static_cast<double>(steps_->last_committed()));
   step_pool_ = std::make_unique<ComputePool>(1, 64);
@@ -151,7 +159,7 @@ absl::Status ExpertServer::Start() {
   keeper.set_rings = [this, index](const Placement& next) {
     return steps_->SetRings(BuildRings(next, index));
   };
-  placement_ = std::make_unique<PlacementKeeper>(std::move(keeper), placement, /*epoch=*/1,
+  placement_ = std::make_unique<PlacementKeeper>(std::move(keeper), placement, placement_epoch,
                                                  *store_, *dispatcher_, *steps_, *peers_);
   service_ = std::make_unique<ExpertServiceImpl>(*dispatcher_, *pool_, step_pool_.get(),
                                                  options_.streams, placement_.get());
@@ -170,6 +178,41 @@ absl::Status ExpertServer::Start() {
                              : std::string(", no metrics endpoint"),
           health_ != nullptr ? absl::StrCat(", plaintext health on port ", health_->port())
                              : std::string());
+  return absl::OkStatus();
+}
+
+absl::Status ExpertServer::AdoptPeersPlacement(Placement& placement, uint64_t& epoch) {
+  GrpcSyncPeers& peers = *peers_;
+  std::vector<absl::StatusOr<v1::InfoResponse>> infos(peers.num_peers(),
+                                                      absl::UnknownError("not asked"));
+  {
+    // At once: at a cold start most peers are not up.
+    const absl::Time deadline = absl::Now() + options_.sync_info_timeout;
+    std::vector<std::thread> askers;
+    for (int p = 0; p < peers.num_peers(); ++p) {
+      askers.emplace_back([&, p] { infos[p] = peers.Info(p, deadline); });
+    }
+    for (std::thread& t : askers) t.join();
+  }
+  const v1::InfoResponse* newest = nullptr;
+  for (const auto& info : infos) {
+    if (info.ok() && info->placement_epoch() > epoch &&
+        (newest == nullptr || info->placement_epoch() > newest->placement_epoch())) {
+      newest = &*info;
+    }
+  }
+  if (newest == nullptr) return absl::OkStatus();
+  absl::StatusOr<Placement> adopted = PlacementFromProto(
+      newest->placement(), options_.config.model, options_.config.cluster, "placement");
+  if (!adopted.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "server ", newest->server_name(), " reports placement epoch ", newest->placement_epoch(),
+        " that does not fit this server's config: ", adopted.status().message()));
+  }
+  placement = *std::move(adopted);
+  epoch = newest->placement_epoch();
+  MOE_LOG(INFO, "server ", options_.name, ": adopting placement epoch ", epoch, " from server ",
+          newest->server_name(), " (not the config's)");
   return absl::OkStatus();
 }
 

@@ -129,6 +129,9 @@ class ExpertServer {
   absl::Status Start();
   // Rejoin by sync (Options::sync_on_start), before the server listens.
   absl::Status SyncFromPeersOnStart();
+  // The highest placement epoch the peers report (with its placement),
+  // when above `epoch`.
+  absl::Status AdoptPeersPlacement(Placement& placement, uint64_t& epoch);
   // The weights of `experts` from the checkpoint or the seed's init.
   absl::StatusOr<std::map<ExpertKey, ExpertWeights>> LoadHostedWeights(
       absl::Span<const ExpertKey> experts, const std::string& checkpoint_path) const;

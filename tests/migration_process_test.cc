@@ -2,9 +2,10 @@
 // replica, moves an expert and removes a replica under load from 4 clients,
 // every output checked against the reference (0 failed requests); a second
 // router keeps serving through a change made by the first, and a router
-// started after it serves the new placement; a change refused because an
-// expert leaving a server holds gradients moves nothing; 10 training steps
-// with a change between steps 5 and 6 equal the reference.
+// started after it serves the new placement, as does a server restarted
+// after it; a change refused because an expert leaving a server holds
+// training state moves nothing; 10 training steps with a change between
+// steps 5 and 6 equal the reference.
 #include <algorithm>
 #include <atomic>
 #include <iostream>
@@ -220,6 +221,39 @@ TEST(MigrationTest, AnotherRouterLearnsTheNewPlacementFromTheServers) {
     ASSERT_TRUE(late.stub->Forward(&context, request, &y).ok());
     EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), reference.Forward(x)->y, 1e-5));
   }
+}
+
+TEST(MigrationTest, AServerRestartedAfterAChangeAdoptsItFromItsPeers) {
+  ProcessCluster cluster(FourExpertsOnTwoServers());
+  const ReferenceMoe reference = cluster.Reference();
+  v1::RebalanceResponse response;
+  grpc::Status status = Rebalance(cluster.stub(), MoveTo({{0, 1}, {1}, {0}, {1}}), &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  cluster.KillServer(0);
+  cluster.StartServer(0);
+  // Back with epoch 2's experts, not the config's.
+  EXPECT_EQ(Hosted(cluster, 0), std::make_pair(std::set<int>{0, 2}, uint64_t{2}));
+  EXPECT_THAT(cluster.ServerLog(0), HasSubstr("adopting placement epoch 2 from server e1"));
+  // Expert 2 has no other replica: once the router has reconnected to e0,
+  // it is served again.
+  const absl::Time patience = absl::Now() + absl::Seconds(20);
+  for (v1::ForwardResponse y;
+       !cluster.Forward(RandomTensor({16, kDModel}, 69), &y).ok() && absl::Now() < patience;) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  for (int i = 0; i < 20; ++i) {
+    const FloatTensor x = RandomTensor({16, kDModel}, 70 + i);
+    v1::ForwardResponse y;
+    status = cluster.Forward(x, &y);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), reference.Forward(x)->y, 1e-5));
+  }
+  // And the next change finds it at the cluster's epoch.
+  status = Rebalance(cluster.stub(), MoveTo({{0}, {0}, {1}, {1}}), &response);
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+  EXPECT_EQ(response.placement_epoch(), 3u);
+  EXPECT_EQ(Hosted(cluster, 0), std::make_pair(std::set<int>{0, 1}, uint64_t{3}));
+  EXPECT_EQ(Hosted(cluster, 1), std::make_pair(std::set<int>{2, 3}, uint64_t{3}));
 }
 
 TEST(MigrationTest, TrainingWithAChangeBetweenStepsEqualsTheReference) {
