@@ -46,6 +46,12 @@ class Placement {
   // Total expert replicas across servers.
   int num_replicas() const;
 
+  // The same servers holding the same experts.
+  friend bool operator==(const Placement& a, const Placement& b) {
+    return a.num_servers() == b.num_servers() && a.servers_of_expert_ == b.servers_of_expert_;
+  }
+  friend bool operator!=(const Placement& a, const Placement& b) { return !(a == b); }
+
  private:
   Placement(std::vector<std::vector<std::vector<int>>> servers_of_expert, int num_servers);
 

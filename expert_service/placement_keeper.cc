@@ -72,7 +72,8 @@ absl::Status PlacementKeeper::Prepare(const v1::PreparePlacementRequest& request
   {
     absl::MutexLock lock(&mu_);
     if (pending_) {
-      if (pending_->from_epoch == from && pending_->epoch == to && !pending_->pulling) {
+      if (pending_->from_epoch == from && pending_->epoch == to &&
+          pending_->placement == next && !pending_->pulling) {
         return absl::OkStatus();  // a retry of the Prepare that got here
       }
       return absl::AbortedError(absl::StrCat("server ", name(), " is preparing placement epoch ",

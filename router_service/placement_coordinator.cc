@@ -1,5 +1,6 @@
 #include "router_service/placement_coordinator.h"
 
+#include <algorithm>
 #include <string>
 #include <utility>
 #include <vector>
@@ -30,16 +31,6 @@ absl::Status Summarize(absl::string_view what,
   return absl::Status(code, absl::StrCat(what, ": ", absl::StrJoin(messages, "; ")));
 }
 
-bool SamePlacement(const Placement& a, const Placement& b) {
-  if (a.num_servers() != b.num_servers()) return false;
-  for (int s = 0; s < a.num_servers(); ++s) {
-    const absl::Span<const ExpertKey> x = a.ExpertsOn(s);
-    const absl::Span<const ExpertKey> y = b.ExpertsOn(s);
-    if (!std::equal(x.begin(), x.end(), y.begin(), y.end())) return false;
-  }
-  return true;
-}
-
 }  // namespace
 
 PlacementCoordinator::PlacementCoordinator(Options options, Router& router, ExpertClient& client,
@@ -60,7 +51,7 @@ absl::StatusOr<PlacementCoordinator::Result> PlacementCoordinator::Run(Placement
   Result result;
   Router::PlacementSnapshot from = router_.placement();
   result.from_epoch = result.epoch = from->version;
-  if (SamePlacement(from->value, next)) return result;
+  if (from->value == next) return result;
   const uint64_t epoch = from->version + 1;
   const int num_servers = from->value.num_servers();
   for (int s = 0; s < num_servers; ++s) {
