@@ -302,6 +302,9 @@ void ExpertServer::Wait() { server_->Wait(); }
 
 ExpertServer::~ExpertServer() {
   Shutdown();
+  // Step and placement work still queued (its calls were cancelled) runs
+  // while what it uses is here.
+  step_pool_.reset();
   // Open batches go to the pool, and the pool finishes queued work, before
   // the service and store go away.
   batcher_.reset();

@@ -111,11 +111,27 @@ absl::StatusOr<PlacementCoordinator::Result> PlacementCoordinator::Run(Placement
   // 4. Servers serve the new epoch only and release what it drops.
   v1::CommitPlacementRequest commit;
   commit.set_epoch(epoch);
-  const std::vector<absl::StatusOr<v1::CommitPlacementResponse>> committed =
+  std::vector<absl::StatusOr<v1::CommitPlacementResponse>> committed =
       OnEveryServer<v1::CommitPlacementResponse>(num_servers, [&](int s, auto done) {
         client_.CommitPlacement(s, commit, absl::Now() + options_.commit_timeout,
                                 std::move(done));
       });
+  // A commit is idempotent: a server that missed it (a lost answer, a
+  // reconnect) gets it again, a few times.
+  for (int attempt = 0; attempt < kCommitRetries; ++attempt) {
+    std::vector<int> missed;
+    for (int s = 0; s < num_servers; ++s) {
+      if (!committed[s].ok()) missed.push_back(s);
+    }
+    if (missed.empty()) break;
+    absl::SleepFor(absl::Milliseconds(200));  // back-off between attempts
+    const auto again = OnEveryServer<v1::CommitPlacementResponse>(
+        static_cast<int>(missed.size()), [&](int i, auto done) {
+          client_.CommitPlacement(missed[i], commit, absl::Now() + options_.commit_timeout,
+                                  std::move(done));
+        });
+    for (size_t i = 0; i < missed.size(); ++i) committed[missed[i]] = again[i];
+  }
   result.time = absl::Now() - start;
   if (absl::Status failed = Summarize(absl::StrCat("placement epoch ", epoch,
                                                    " is in force, but the commit failed"),

@@ -70,6 +70,9 @@ class PlacementCoordinator {
   absl::Status AdoptServersPlacement(absl::Time deadline);
 
  private:
+  // Commits retried on servers that did not answer OK.
+  static constexpr int kCommitRetries = 3;
+
   absl::StatusOr<Result> Run(Placement next, absl::Time deadline);
   void AbortEverywhere(uint64_t epoch, const std::string& reason);
 
