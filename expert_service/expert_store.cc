@@ -1,6 +1,7 @@
 #include "expert_service/expert_store.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -16,6 +17,10 @@ struct ExpertStore::Hosted {
   std::optional<ExpertWeights> velocity;
   // The step `master` was committed at; changes with it, under weights_mu.
   uint64_t step = 0;
+  // The digest of `master`, once computed (Info asks often; hashing
+  // reads every weight): cleared under weights_mu when it changes.
+  std::atomic<bool> digest_known{false};
+  std::atomic<uint64_t> digest{0};
   std::unique_ptr<ExpertKernel> kernel;
   // Readers: forward and backward; writer: a weight update and its reload.
   absl::Mutex weights_mu;
@@ -232,7 +237,12 @@ std::vector<ExpertKey> ExpertStore::HostedExperts() const {
 absl::StatusOr<uint64_t> ExpertStore::Digest(ExpertKey expert) const {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   absl::ReaderMutexLock lock(&hosted->weights_mu);
-  return hosted->master.Digest();
+  // Readers that race here compute the same value; a writer waits for them.
+  if (!hosted->digest_known.load()) {
+    hosted->digest.store(hosted->master.Digest());
+    hosted->digest_known.store(true);
+  }
+  return hosted->digest.load();
 }
 
 absl::StatusOr<ExpertSnapshot> ExpertStore::Snapshot(ExpertKey expert,
@@ -358,6 +368,7 @@ absl::Status ExpertStore::SwapInWeights(ExpertKey expert, ExpertSnapshot& update
   std::swap(hosted->master, updated.weights);
   if (updated.velocity) std::swap(hosted->velocity, updated.velocity);
   hosted->step = step;
+  hosted->digest_known.store(false);
   return hosted->kernel->ReloadWeights();
 }
 

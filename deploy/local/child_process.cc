@@ -14,7 +14,9 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "common/log.h"
 
@@ -142,16 +144,24 @@ int NumberAfter(const std::string& line, const std::string& prefix) {
 }
 
 int PickFreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  MOE_CHECK(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
-  socklen_t length = sizeof(addr);
-  MOE_CHECK(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length) == 0);
-  close(fd);
-  return ntohs(addr.sin_port);
+  // The kernel may offer a port it offered a moment ago (nothing listens on
+  // it yet): a cluster picked in a row would get one port twice.
+  static absl::Mutex mu(absl::kConstInit);
+  static auto* given = new absl::flat_hash_set<int>();
+  absl::MutexLock lock(&mu);
+  while (true) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    addr.sin_port = 0;
+    MOE_CHECK(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0);
+    socklen_t length = sizeof(addr);
+    MOE_CHECK(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length) == 0);
+    close(fd);
+    const int port = ntohs(addr.sin_port);
+    if (given->insert(port).second) return port;
+  }
 }
 
 std::string HttpGet(int port, const std::string& path) {

@@ -60,7 +60,8 @@ std::string RunfilePath(const std::string& workspace_relative);
 int NumberAfter(const std::string& line, const std::string& prefix);
 
 // A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0 and
-// released), for configs that must name their servers' ports up front.
+// released), for configs that must name their servers' ports up front;
+// never the same port twice in one process.
 int PickFreePort();
 
 // GET http://127.0.0.1:port/path; the body, or "" on failure.
