@@ -216,6 +216,10 @@ void ExpertDispatcher::Info(v1::InfoResponse* response) const {
   response->set_compute_dtype(ToProtoDType(store_.compute_dtype()));
   if (steps_ != nullptr) response->set_step(steps_->last_committed());
   response->set_placement_epoch(placement_epoch());
+  for (int e = 0; e < store_.model().num_experts; ++e) {
+    response->add_expert_tokens(
+        static_cast<int64_t>(metrics_.ForwardTokens(ExpertKey(0, e)).Value()));
+  }
   for (ExpertKey expert : store_.HostedExperts()) {
     absl::StatusOr<uint64_t> digest = store_.Digest(expert);
     absl::StatusOr<uint64_t> step = store_.Step(expert);

@@ -162,7 +162,7 @@ absl::Status ExpertServer::Start() {
   placement_ = std::make_unique<PlacementKeeper>(std::move(keeper), placement, placement_epoch,
                                                  *store_, *dispatcher_, *steps_, *peers_);
   service_ = std::make_unique<ExpertServiceImpl>(*dispatcher_, *pool_, step_pool_.get(),
-                                                 options_.streams, placement_.get());
+                                                 options_.streams, placement_.get(), &leases_);
 
   const std::initializer_list<grpc::Service*> services = {service_.get(),
                                                            collective_service_.get()};

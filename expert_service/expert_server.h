@@ -161,6 +161,7 @@ class ExpertServer {
   // server's placement.
   std::unique_ptr<GrpcSyncPeers> peers_;
   std::unique_ptr<PlacementKeeper> placement_;
+  LeaseTable leases_;
   std::unique_ptr<allreduce::CollectiveService> collective_service_;
   std::unique_ptr<ExpertDispatcher> dispatcher_;
   std::unique_ptr<ExpertServiceImpl> service_;

@@ -13,12 +13,13 @@ namespace moe::expert {
 
 ExpertServiceImpl::ExpertServiceImpl(ExpertDispatcher& dispatcher, ComputePool& pool,
                                      ComputePool* step_pool, StreamBounds bounds,
-                                     PlacementKeeper* placement)
+                                     PlacementKeeper* placement, LeaseTable* leases)
     : dispatcher_(dispatcher),
       metrics_(dispatcher.metrics()),
       pool_(pool),
       step_pool_(step_pool),
       placement_(placement),
+      leases_(leases),
       streams_(bounds, [gauge = metrics_.active_streams](int open) {
         gauge->Set(static_cast<double>(open));
       }) {
@@ -252,6 +253,26 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::AbortPlacement(
   absl::Status status = CheckPlacementKeeper();
   if (status.ok()) status = placement_->Abort(*request);
   reactor->Finish(ToGrpcStatus(status));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* ExpertServiceImpl::AcquireLease(grpc::CallbackServerContext* context,
+                                                          const v1::AcquireLeaseRequest* request,
+                                                          v1::AcquireLeaseResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (leases_ == nullptr) {
+    reactor->Finish(ToGrpcStatus(absl::FailedPreconditionError("this server keeps no leases")));
+    return reactor;
+  }
+  const absl::Time now = absl::Now();
+  const absl::StatusOr<LeaseTable::Lease> lease = leases_->Acquire(
+      request->name(), request->holder(), LeaseTable::TtlFromMillis(request->ttl_ms()), now);
+  if (lease.ok()) {
+    response->set_granted(lease->granted);
+    response->set_holder(lease->holder);
+    response->set_expires_in_ms(absl::ToInt64Milliseconds(lease->expiry - now));
+  }
+  reactor->Finish(ToGrpcStatus(lease.status()));
   return reactor;
 }
 

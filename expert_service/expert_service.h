@@ -13,6 +13,7 @@
 #include "common/compute_pool.h"
 #include "common/stream_set.h"
 #include "expert_service/expert_dispatcher.h"
+#include "expert_service/lease_table.h"
 #include "expert_service/placement_keeper.h"
 #include "proto/expert.grpc.pb.h"
 
@@ -24,10 +25,11 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService {
   // PrepareStep and CommitStep (may be null when the dispatcher runs no
   // steps). The Dispatch and BackwardDispatch streams share `bounds`.
   // `placement` (may be null: placement changes are refused) serves the
-  // placement RPCs, also on `step_pool`.
+  // placement RPCs, also on `step_pool`; `leases` (may be null: refused)
+  // AcquireLease.
   ExpertServiceImpl(ExpertDispatcher& dispatcher, ComputePool& pool,
                     ComputePool* step_pool = nullptr, StreamBounds bounds = {},
-                    PlacementKeeper* placement = nullptr);
+                    PlacementKeeper* placement = nullptr, LeaseTable* leases = nullptr);
 
   // Stops accepting streams; open streams answer what they accepted and
   // finish with UNAVAILABLE. Returns at once; WaitForStreams() waits.
@@ -73,6 +75,9 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService {
   grpc::ServerUnaryReactor* AbortPlacement(grpc::CallbackServerContext* context,
                                            const v1::AbortPlacementRequest* request,
                                            v1::AbortPlacementResponse* response) override;
+  grpc::ServerUnaryReactor* AcquireLease(grpc::CallbackServerContext* context,
+                                         const v1::AcquireLeaseRequest* request,
+                                         v1::AcquireLeaseResponse* response) override;
 
  private:
   // FAILED_PRECONDITION when this server changes no placement.
@@ -86,6 +91,7 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService {
   ComputePool& pool_;
   ComputePool* const step_pool_;
   PlacementKeeper* const placement_;
+  LeaseTable* const leases_;
   StreamSet streams_;
 };
 

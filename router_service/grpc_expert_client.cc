@@ -164,6 +164,14 @@ void GrpcExpertClient::AbortPlacement(int server, const v1::AbortPlacementReques
             "AbortPlacement", request, deadline, std::move(done));
 }
 
+void GrpcExpertClient::AcquireLease(int server, const v1::AcquireLeaseRequest& request,
+                                    absl::Time deadline,
+                                    UnaryDone<v1::AcquireLeaseResponse> done) {
+  Connection& c = *connections_.at(server);
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::AcquireLease, c.label(), "AcquireLease",
+            request, deadline, std::move(done));
+}
+
 void GrpcExpertClient::AbortStep(int server, const v1::AbortStepRequest& request,
                                  absl::Time deadline, UnaryDone<v1::AbortStepResponse> done) {
   Connection& c = *connections_.at(server);

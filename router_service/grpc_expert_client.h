@@ -53,6 +53,8 @@ class GrpcExpertClient : public ExpertClient {
                        UnaryDone<v1::CommitPlacementResponse> done) override;
   void AbortPlacement(int server, const v1::AbortPlacementRequest& request, absl::Time deadline,
                       UnaryDone<v1::AbortPlacementResponse> done) override;
+  void AcquireLease(int server, const v1::AcquireLeaseRequest& request, absl::Time deadline,
+                    UnaryDone<v1::AcquireLeaseResponse> done) override;
   void AbortStep(int server, const v1::AbortStepRequest& request, absl::Time deadline,
                  UnaryDone<v1::AbortStepResponse> done) override;
   void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) override;

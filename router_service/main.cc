@@ -49,6 +49,20 @@ ABSL_FLAG(int64_t, migration_bytes_per_second, int64_t{256} << 20,
 ABSL_FLAG(absl::Duration, rebalance_drain_timeout, absl::Seconds(10),
           "How long a placement change waits for calls planned with the old placement before "
           "the servers drop the replicas it removes (later ones run again on the new one).");
+ABSL_FLAG(bool, auto_rebalance, false,
+          "Move to a better placement by itself when the expert servers' load (their own "
+          "counters, every router's traffic) stays uneven: DYNAMIC that follows the traffic. "
+          "With several routers, the one holding the lease on the first server decides.");
+ABSL_FLAG(absl::Duration, auto_rebalance_interval, absl::Seconds(10),
+          "How often the automatic rebalance looks at the load.");
+ABSL_FLAG(absl::Duration, auto_rebalance_window, absl::Seconds(60),
+          "The load the automatic rebalance balances: the servers' tokens over this window.");
+ABSL_FLAG(double, auto_rebalance_threshold, 1.25,
+          "Servers' max/mean load over the window above which the automatic rebalance plans.");
+ABSL_FLAG(double, auto_rebalance_hysteresis, 0.1,
+          "The plan must predict at most threshold - hysteresis, or nothing moves.");
+ABSL_FLAG(absl::Duration, auto_rebalance_cooldown, absl::Minutes(10),
+          "At most one automatic change per this long.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
           "On SIGTERM, how long calls in flight may take.");
 
@@ -95,6 +109,12 @@ int main(int argc, char** argv) {
   options.step_timeout = absl::GetFlag(FLAGS_step_timeout);
   options.migration_bytes_per_second = absl::GetFlag(FLAGS_migration_bytes_per_second);
   options.rebalance_drain_timeout = absl::GetFlag(FLAGS_rebalance_drain_timeout);
+  options.auto_rebalance = absl::GetFlag(FLAGS_auto_rebalance);
+  options.auto_rebalance_interval = absl::GetFlag(FLAGS_auto_rebalance_interval);
+  options.auto_rebalance_window = absl::GetFlag(FLAGS_auto_rebalance_window);
+  options.auto_rebalance_threshold = absl::GetFlag(FLAGS_auto_rebalance_threshold);
+  options.auto_rebalance_hysteresis = absl::GetFlag(FLAGS_auto_rebalance_hysteresis);
+  options.auto_rebalance_cooldown = absl::GetFlag(FLAGS_auto_rebalance_cooldown);
   absl::StatusOr<moe::TransportCredentials> credentials = moe::TransportCredentials::FromFlags();
   if (!credentials.ok()) {
     MOE_LOG(ERROR, credentials.status().message());

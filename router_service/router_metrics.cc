@@ -184,4 +184,17 @@ void RouterMetrics::ReportStreamOpens(int64_t opened) const {
   }
 }
 
+void RouterMetrics::CountRebalance(const absl::Status& status, int64_t bytes,
+                                   double seconds) const {
+  if (status.ok()) {
+    rebalances_committed->Increment();
+    migration_bytes->Increment(static_cast<double>(bytes));
+    migration_seconds->Observe(seconds);
+  } else if (absl::IsInternal(status)) {
+    rebalances_failed->Increment();
+  } else {
+    rebalances_aborted->Increment();
+  }
+}
+
 }  // namespace moe::router

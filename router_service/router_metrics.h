@@ -100,6 +100,10 @@ struct RouterMetrics {
 
   void CountRequest(RouterMethod method, const absl::Status& status, int64_t tokens,
                     double seconds) const;
+  // A placement change's outcome: committed (with the bytes its new
+  // replicas pulled and its time), failed (INTERNAL: in force, not
+  // committed everywhere) or aborted (any other error: nothing moved).
+  void CountRebalance(const absl::Status& status, int64_t bytes, double seconds) const;
   // Brings moe_router_stream_opens_total up to `opened`, the client's own
   // running count; safe from many threads (each open is added once).
   void ReportStreamOpens(int64_t opened) const;

@@ -155,6 +155,33 @@ absl::Status RouterServer::Start() {
           config.cluster.servers.size(), " expert servers; gate from ",
           options_.checkpoint_path.empty() ? absl::StrCat("init seed ", model.seed)
                                            : options_.checkpoint_path);
+  if (options_.auto_rebalance) {
+    if (options_.auto_rebalance_interval <= absl::ZeroDuration() ||
+        options_.auto_rebalance_window <= absl::ZeroDuration() ||
+        !(options_.auto_rebalance_threshold >= 1) || !(options_.auto_rebalance_hysteresis >= 0)) {
+      return absl::InvalidArgumentError(
+          "--auto_rebalance_interval and _window must be positive, _threshold >= 1 and "
+          "_hysteresis >= 0");
+    }
+    AutoRebalancer::Options automatic;
+    automatic.model = model;
+    automatic.cluster = config.cluster;
+    automatic.interval = options_.auto_rebalance_interval;
+    automatic.window = options_.auto_rebalance_window;
+    automatic.threshold = options_.auto_rebalance_threshold;
+    automatic.hysteresis = options_.auto_rebalance_hysteresis;
+    automatic.cooldown = options_.auto_rebalance_cooldown;
+    automatic.holder = router_->identity();
+    automatic.on_change = [m = metrics_.get(), router = router_.get()](
+                              const absl::StatusOr<PlacementCoordinator::Result>& changed) {
+      m->CountRebalance(changed.status(), changed.ok() ? changed->bytes : 0,
+                        changed.ok() ? absl::ToDoubleSeconds(changed->time) : 0);
+      m->placement_epoch->Set(static_cast<double>(router->placement()->version));
+    };
+    auto_rebalancer_ = std::make_unique<AutoRebalancer>(std::move(automatic), *router_, *client_,
+                                                        *placements_, &routing_sample_);
+    auto_rebalancer_->Start();
+  }
   SetReadiness(*server_, health_.get(), true);
   MOE_LOG(INFO, "router serving gRPC on port ", port_, " (", options_.credentials.name(), ", ",
           router_->identity(), ")",
@@ -181,6 +208,8 @@ void RouterServer::Shutdown() {
 
 RouterServer::~RouterServer() {
   Shutdown();
+  // Its looks call the servers and may change the placement.
+  auto_rebalancer_.reset();
   step_pool_.reset();
   // The client first: closing its streams fails what they still hold, and
   // those callbacks run into the router and its pool, both still here.

@@ -28,6 +28,7 @@
 #include "router_service/router.h"
 #include "router_service/router_metrics.h"
 #include "router_service/router_service.h"
+#include "router_service/auto_rebalancer.h"
 #include "router_service/placement_coordinator.h"
 #include "router_service/step_coordinator.h"
 
@@ -76,6 +77,13 @@ class RouterServer {
     // the old placement may take to finish.
     int64_t migration_bytes_per_second = int64_t{256} << 20;
     absl::Duration rebalance_drain_timeout = absl::Seconds(10);
+    // Automatic Rebalance (AutoRebalancer::Options), off by default.
+    bool auto_rebalance = false;
+    absl::Duration auto_rebalance_interval = absl::Seconds(10);
+    absl::Duration auto_rebalance_window = absl::Seconds(60);
+    double auto_rebalance_threshold = 1.25;
+    double auto_rebalance_hysteresis = 0.1;
+    absl::Duration auto_rebalance_cooldown = absl::Minutes(10);
   };
 
   static absl::StatusOr<std::unique_ptr<RouterServer>> Create(Options options);
@@ -103,6 +111,7 @@ class RouterServer {
   std::unique_ptr<Router> router_;
   std::unique_ptr<StepCoordinator> steps_;
   std::unique_ptr<PlacementCoordinator> placements_;
+  std::unique_ptr<AutoRebalancer> auto_rebalancer_;
   std::unique_ptr<ComputePool> step_pool_;
   std::shared_ptr<prometheus::Registry> registry_;
   std::unique_ptr<RouterMetrics> metrics_;

@@ -257,19 +257,10 @@ absl::Status RouterServiceImpl::RunRebalance(const v1::RebalanceRequest& request
 
   const absl::StatusOr<PlacementCoordinator::Result> changed =
       placements_.Change(std::move(plan->placement), deadline);
-  if (!changed.ok()) {
-    // FAILED_PRECONDITION before any server prepared (a step runs) moves
-    // nothing either.
-    (absl::IsInternal(changed.status()) ? metrics_.rebalances_failed
-                                        : metrics_.rebalances_aborted)
-        ->Increment();
-    metrics_.placement_epoch->Set(static_cast<double>(router_.placement()->version));
-    return changed.status();
-  }
-  metrics_.rebalances_committed->Increment();
-  metrics_.migration_bytes->Increment(static_cast<double>(changed->bytes));
-  metrics_.migration_seconds->Observe(absl::ToDoubleSeconds(changed->time));
-  metrics_.placement_epoch->Set(static_cast<double>(changed->epoch));
+  metrics_.CountRebalance(changed.status(), changed.ok() ? changed->bytes : 0,
+                          changed.ok() ? absl::ToDoubleSeconds(changed->time) : 0);
+  metrics_.placement_epoch->Set(static_cast<double>(router_.placement()->version));
+  if (!changed.ok()) return changed.status();
   response->set_placement_epoch(changed->epoch);
   response->set_bytes_moved(changed->bytes);
   response->set_pull_seconds(absl::ToDoubleSeconds(changed->pull_time));

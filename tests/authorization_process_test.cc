@@ -129,6 +129,17 @@ TEST(AuthorizationTest, EachIdentityGetsWhatItsRoleAllows) {
     EXPECT_THAT(status.error_message(), HasSubstr("/moe.v1.ExpertServer/PreparePlacement"));
   }
   {
+    // Nor take the lease that decides automatic changes.
+    grpc::ClientContext context;
+    v1::AcquireLeaseRequest lease;
+    lease.set_name("auto-rebalance");
+    lease.set_holder("intruder");
+    lease.set_ttl_ms(60000);
+    v1::AcquireLeaseResponse leased;
+    EXPECT_EQ(server->AcquireLease(&context, lease, &leased).error_code(),
+              grpc::StatusCode::PERMISSION_DENIED);
+  }
+  {
     auto ring = v1::Collective::NewStub(
         NewChannel((*cluster)->config().cluster.servers[1].address, inference, 1 << 20));
     grpc::ClientContext context;

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/algorithm/container.h"
 #include "absl/strings/str_cat.h"
 #include "common/deterministic_init.h"
 #include "common/reference_moe.h"
@@ -254,6 +255,78 @@ TEST(MigrationTest, AServerRestartedAfterAChangeAdoptsItFromItsPeers) {
   EXPECT_EQ(response.placement_epoch(), 3u);
   EXPECT_EQ(Hosted(cluster, 0), std::make_pair(std::set<int>{0, 1}, uint64_t{3}));
   EXPECT_EQ(Hosted(cluster, 1), std::make_pair(std::set<int>{2, 3}, uint64_t{3}));
+}
+
+// Clients whose tokens all go to two experts of one server: the servers'
+// counters show it with all the load; with --auto_rebalance on two
+// routers, the one holding the lease moves the cluster (a hot expert
+// replicated onto the other server) while serving, once.
+TEST(MigrationTest, AutomaticRebalanceFollowsTheTrafficWithOneRouterDeciding) {
+  ProcessClusterOptions options = FourExpertsOnTwoServers();
+  options.router_flags = {"--auto_rebalance", "--auto_rebalance_interval=200ms",
+                          "--auto_rebalance_window=2s", "--auto_rebalance_threshold=1.3",
+                          "--auto_rebalance_cooldown=1h"};
+  ProcessCluster cluster(options);
+  ProcessCluster::OtherRouter other = cluster.StartAnotherRouter();
+  const ReferenceMoe reference = cluster.Reference();
+  // Tokens the gate sends to two experts of one server (0 and 1 on e0, or
+  // 2 and 3 on e1): whichever server such tokens favour takes all the load.
+  std::vector<FloatTensor> hot_on[2];
+  for (int seed = 0; seed < 4000; ++seed) {
+    const FloatTensor x = RandomTensor({1, kDModel}, 5000 + seed);
+    const std::vector<int> ids = reference.Forward(x)->routing.expert_ids;
+    if (ids[0] / 2 == ids[1] / 2) hot_on[ids[0] / 2].push_back(x);
+  }
+  const int hot_server = hot_on[0].size() >= hot_on[1].size() ? 0 : 1;
+  const std::vector<FloatTensor>& hot = hot_on[hot_server];
+  ASSERT_GE(hot.size(), 20u) << hot_on[0].size() << " " << hot_on[1].size();
+  std::atomic<bool> stop{false};
+  std::atomic<int> ok{0}, failed{0};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 4; ++c) {
+    clients.emplace_back([&, c, stub = c % 2 == 0 ? &cluster.stub() : other.stub.get()] {
+      for (int i = 0; !stop.load(); ++i) {
+        FloatTensor x({8, kDModel});
+        for (int r = 0; r < 8; ++r) {
+          absl::c_copy(hot[(8 * i + r + c) % hot.size()].row(0), x.mutable_row(r).begin());
+        }
+        v1::ForwardRequest request;
+        EncodeFloats(x.values(), x.shape(), DType::kFloat32, request.mutable_x());
+        v1::ForwardResponse y;
+        grpc::ClientContext context;
+        context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+        const bool good = stub->Forward(&context, request, &y).ok() &&
+                          TensorNear(Decoded(y.y(), kDModel), reference.Forward(x)->y, 1e-5);
+        (good ? ok : failed).fetch_add(1);
+      }
+    });
+  }
+  const absl::Time patience = absl::Now() + absl::Seconds(60);
+  while (Hosted(cluster, 0).second < 2 && absl::Now() < patience && failed.load() == 0) {
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  // Some more traffic on the new placement, then stop.
+  const int served = ok.load();
+  while (ok.load() < served + 100 && failed.load() == 0) absl::SleepFor(absl::Milliseconds(10));
+  stop.store(true);
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(failed.load(), 0);
+  // A hot expert gained a replica on the other server.
+  const auto [on_cold, epoch] = Hosted(cluster, 1 - hot_server);
+  ASSERT_EQ(epoch, 2u) << cluster.RouterLog() << "\n--- other router\n"
+                       << other.process->output();
+  EXPECT_TRUE(on_cold.count(2 * hot_server) == 1 || on_cold.count(2 * hot_server + 1) == 1);
+  // One router decided; the other watched.
+  const std::string logs[] = {cluster.RouterLog(), other.process->output()};
+  int changed = 0, watched = 0;
+  for (const std::string& log : logs) {
+    changed += log.find("automatic rebalance: changed") != std::string::npos;
+    watched += log.find("automatic rebalance: another router decides") != std::string::npos;
+  }
+  EXPECT_EQ(changed, 1);
+  EXPECT_EQ(watched, 1);
+  EXPECT_EQ(RouterEpoch(cluster.stub()), 2u);
+  EXPECT_EQ(RouterEpoch(*other.stub), 2u);
 }
 
 TEST(MigrationTest, TrainingWithAChangeBetweenStepsEqualsTheReference) {

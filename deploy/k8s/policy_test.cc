@@ -41,7 +41,7 @@ TEST(ShippedPolicyTest, EveryMethodHasItsRow) {
       ++methods;
     }
   }
-  EXPECT_EQ(methods, 21);  // 7 Router, 13 ExpertServer, 1 Collective
+  EXPECT_EQ(methods, 22);  // 7 Router, 14 ExpertServer, 1 Collective
 }
 
 TEST(ShippedPolicyTest, RolesDecide) {
@@ -62,7 +62,7 @@ TEST(ShippedPolicyTest, RolesDecide) {
   // with GetExpertWeights, never installs a placement on its peers).
   for (const char* method :
        {"/moe.v1.ExpertServer/PreparePlacement", "/moe.v1.ExpertServer/CommitPlacement",
-        "/moe.v1.ExpertServer/AbortPlacement"}) {
+        "/moe.v1.ExpertServer/AbortPlacement", "/moe.v1.ExpertServer/AcquireLease"}) {
     EXPECT_TRUE(policy.Check(method, router).ok()) << method;
     EXPECT_FALSE(policy.Check(method, expert).ok()) << method;
     EXPECT_FALSE(policy.Check(method, client).ok()) << method;

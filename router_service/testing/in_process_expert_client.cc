@@ -222,6 +222,27 @@ void InProcessExpertClient::AbortPlacement(int, const v1::AbortPlacementRequest&
   std::move(done)(NoPlacementChanges());
 }
 
+void InProcessExpertClient::AcquireLease(int server, const v1::AcquireLeaseRequest& request,
+                                         absl::Time, UnaryDone<v1::AcquireLeaseResponse> done) {
+  Server& s = *servers_.at(server);
+  if (!s.alive) {
+    std::move(done)(Down(server));
+    return;
+  }
+  const absl::Time now = absl::Now();
+  absl::StatusOr<expert::LeaseTable::Lease> lease = s.leases.Acquire(
+      request.name(), request.holder(), expert::LeaseTable::TtlFromMillis(request.ttl_ms()), now);
+  if (!lease.ok()) {
+    std::move(done)(lease.status());
+    return;
+  }
+  v1::AcquireLeaseResponse response;
+  response.set_granted(lease->granted);
+  response.set_holder(lease->holder);
+  response.set_expires_in_ms(absl::ToInt64Milliseconds(lease->expiry - now));
+  std::move(done)(std::move(response));
+}
+
 void InProcessExpertClient::AbortStep(int server, const v1::AbortStepRequest& request,
                                       absl::Time, UnaryDone<v1::AbortStepResponse> done) {
   // At once, not behind a Prepare on the step thread: it must be able to

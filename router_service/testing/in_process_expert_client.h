@@ -21,6 +21,7 @@
 #include "expert_service/expert_dispatcher.h"
 #include "expert_service/expert_metrics.h"
 #include "expert_service/expert_store.h"
+#include "expert_service/lease_table.h"
 #include "expert_service/step_executor.h"
 #include "prometheus/registry.h"
 #include "router_service/expert_client.h"
@@ -56,6 +57,8 @@ class InProcessExpertClient : public ExpertClient {
                        UnaryDone<v1::CommitPlacementResponse> done) override;
   void AbortPlacement(int server, const v1::AbortPlacementRequest& request, absl::Time deadline,
                       UnaryDone<v1::AbortPlacementResponse> done) override;
+  void AcquireLease(int server, const v1::AcquireLeaseRequest& request, absl::Time deadline,
+                    UnaryDone<v1::AcquireLeaseResponse> done) override;
   void AbortStep(int server, const v1::AbortStepRequest& request, absl::Time deadline,
                  UnaryDone<v1::AbortStepResponse> done) override;
   void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) override;
@@ -104,6 +107,7 @@ class InProcessExpertClient : public ExpertClient {
     bool stalled ABSL_GUARDED_BY(mu) = false;
     std::vector<absl::AnyInvocable<void() &&>> held ABSL_GUARDED_BY(mu);
     std::atomic<int> calls{0};
+    expert::LeaseTable leases;
   };
 
   // Runs `call` on server `server`'s step thread, or answers UNAVAILABLE

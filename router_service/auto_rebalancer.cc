@@ -1,0 +1,196 @@
+#include "router_service/auto_rebalancer.h"
+
+#include <optional>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+#include "common/placement.h"
+#include "router_service/on_every_server.h"
+#include "router_service/rebalance.h"
+
+namespace moe::router {
+namespace {
+
+constexpr char kLease[] = "auto-rebalance";
+// The server that keeps the lease: the cluster's first.
+constexpr int kLeaseKeeper = 0;
+constexpr absl::Duration kCallTimeout = absl::Seconds(2);
+
+}  // namespace
+
+const char* AutoRebalancer::DecisionName(Decision decision) {
+  switch (decision) {
+    case Decision::kNotLeader:
+      return "another router decides";
+    case Decision::kMeasuring:
+      return "measuring";
+    case Decision::kBalanced:
+      return "balanced";
+    case Decision::kCoolingDown:
+      return "cooling down";
+    case Decision::kNoBetterPlan:
+      return "no plan gains enough";
+    case Decision::kChanged:
+      return "changed";
+    case Decision::kFailed:
+      return "failed";
+  }
+  return "?";
+}
+
+AutoRebalancer::AutoRebalancer(Options options, Router& router, ExpertClient& client,
+                               PlacementCoordinator& placements, const RoutingSample* sample)
+    : options_(std::move(options)),
+      router_(router),
+      client_(client),
+      placements_(placements),
+      sample_(sample) {}
+
+AutoRebalancer::~AutoRebalancer() {
+  stop_.Notify();
+  if (thread_.joinable()) thread_.join();
+}
+
+void AutoRebalancer::Start() {
+  MOE_LOG(INFO, "automatic rebalance: every ", absl::FormatDuration(options_.interval),
+          ", load over ", absl::FormatDuration(options_.window), ", above ", options_.threshold,
+          " max/mean when a plan gets below ", options_.threshold - options_.hysteresis,
+          ", at most once per ", absl::FormatDuration(options_.cooldown));
+  thread_ = std::thread([this] {
+    Decision last = Decision::kMeasuring;
+    while (!stop_.WaitForNotificationWithTimeout(options_.interval)) {
+      const Look look = LookOnce(absl::Now());
+      if (look.decision != last || look.decision == Decision::kChanged ||
+          look.decision == Decision::kFailed) {
+        MOE_LOG(INFO, "automatic rebalance: ", DecisionName(look.decision), " (servers max/mean ",
+                look.imbalance,
+                look.decision == Decision::kNoBetterPlan || look.decision == Decision::kChanged
+                    ? absl::StrCat(", planned ", look.planned)
+                    : std::string(),
+                ")");
+      }
+      last = look.decision;
+    }
+  });
+}
+
+bool AutoRebalancer::HoldsLease(absl::Time now) {
+  v1::AcquireLeaseRequest request;
+  request.set_name(kLease);
+  request.set_holder(options_.holder);
+  // Three looks' worth: a router that stops looking loses it soon after.
+  request.set_ttl_ms(absl::ToInt64Milliseconds(3 * options_.interval));
+  const std::vector<absl::StatusOr<v1::AcquireLeaseResponse>> answer =
+      OnEveryServer<v1::AcquireLeaseResponse>(1, [&](int, auto done) {
+        client_.AcquireLease(kLeaseKeeper, request, now + kCallTimeout, std::move(done));
+      });
+  return answer[0].ok() && answer[0]->granted();
+}
+
+absl::StatusOr<AutoRebalancer::Counts> AutoRebalancer::ReadCounts(absl::Time now) {
+  const int num_servers = static_cast<int>(options_.cluster.servers.size());
+  const std::vector<absl::StatusOr<v1::InfoResponse>> infos =
+      OnEveryServer<v1::InfoResponse>(num_servers, [&](int s, auto done) {
+        client_.Info(s, now + kCallTimeout, std::move(done));
+      });
+  Counts counts{now, std::vector<int64_t>(options_.model.num_experts, 0),
+                std::vector<int64_t>(num_servers, 0)};
+  for (int s = 0; s < num_servers; ++s) {
+    if (!infos[s].ok()) return infos[s].status();
+    if (infos[s]->expert_tokens_size() != options_.model.num_experts) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("server ", s, " reports ", infos[s]->expert_tokens_size(),
+                       " experts' tokens, not ", options_.model.num_experts));
+    }
+    for (int e = 0; e < options_.model.num_experts; ++e) {
+      counts.expert[e] += infos[s]->expert_tokens(e);
+      counts.server[s] += infos[s]->expert_tokens(e);
+    }
+  }
+  return counts;
+}
+
+AutoRebalancer::Look AutoRebalancer::LookOnce(absl::Time now) {
+  Look look;
+  if (!HoldsLease(now)) {
+    look.decision = Decision::kNotLeader;
+    return look;
+  }
+  absl::StatusOr<Counts> counts = ReadCounts(now);
+  if (!counts.ok()) {
+    MOE_LOG(WARNING, "automatic rebalance: reading the servers' load: ", counts.status().message());
+    return look;  // measuring: no decision without every server's counts
+  }
+  LoadStats::Snapshot load;
+  {
+    absl::MutexLock lock(&mu_);
+    history_.push_back(*counts);
+    while (history_.size() > 1 && history_[1].at <= now - options_.window) history_.pop_front();
+    const Counts& base = history_.front();
+    if (now - base.at < options_.window / 2) return look;
+    load.window = now - base.at;
+    std::vector<double> servers;
+    for (size_t s = 0; s < counts->server.size(); ++s) {
+      servers.push_back(static_cast<double>(counts->server[s] - base.server[s]));
+    }
+    for (size_t e = 0; e < counts->expert.size(); ++e) {
+      load.expert_tokens.push_back(counts->expert[e] - base.expert[e]);
+    }
+    for (int64_t t : load.expert_tokens) {
+      if (t < 0) {
+        // A server restarted (its counters began again): measure anew.
+        history_ = {*counts};
+        return look;
+      }
+    }
+    look.imbalance = Imbalance(servers);
+    if (look.imbalance <= options_.threshold) {
+      look.decision = Decision::kBalanced;
+      return look;
+    }
+    if (now - last_change_ < options_.cooldown) {
+      look.decision = Decision::kCoolingDown;
+      return look;
+    }
+  }
+  std::optional<PlacementPlan> plan;
+  {
+    // Released before the change: its drain waits for every holder.
+    const Router::PlacementSnapshot current = router_.placement();
+    RebalanceInputs inputs;
+    inputs.model = &options_.model;
+    inputs.cluster = &options_.cluster;
+    inputs.current = &current->value;
+    inputs.load = std::move(load);
+    if (sample_ != nullptr) inputs.tokens = sample_->Tokens();
+    absl::StatusOr<PlacementPlan> planned = PlanRebalance(inputs);
+    if (!planned.ok()) {
+      MOE_LOG(WARNING, "automatic rebalance: planning: ", planned.status().message());
+      look.decision = Decision::kFailed;
+      return look;
+    }
+    plan = *std::move(planned);
+  }
+  look.planned = plan->imbalance_after;
+  if (look.planned > options_.threshold - options_.hysteresis) {
+    look.decision = Decision::kNoBetterPlan;
+    return look;
+  }
+  const absl::StatusOr<PlacementCoordinator::Result> changed =
+      placements_.Change(std::move(plan->placement), now + absl::Minutes(10));
+  if (options_.on_change) options_.on_change(changed);
+  if (!changed.ok()) {
+    MOE_LOG(WARNING, "automatic rebalance: ", changed.status().message());
+    look.decision = Decision::kFailed;
+    return look;
+  }
+  absl::MutexLock lock(&mu_);
+  last_change_ = now;
+  // Loads per server under the old placement say nothing of the new one.
+  history_.clear();
+  look.decision = Decision::kChanged;
+  return look;
+}
+
+}  // namespace moe::router
