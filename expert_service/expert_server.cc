@@ -1,7 +1,6 @@
 #include "expert_service/expert_server.h"
 
 #include <algorithm>
-#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -16,6 +15,7 @@
 #include "common/status_macros.h"
 #include "expert_service/grpc_sync_peers.h"
 #include "expert_service/onednn_expert_kernel.h"
+#include "expert_service/weight_sync.h"
 
 namespace moe::expert {
 namespace {
@@ -182,18 +182,8 @@ absl::Status ExpertServer::Start() {
 }
 
 absl::Status ExpertServer::AdoptPeersPlacement(Placement& placement, uint64_t& epoch) {
-  GrpcSyncPeers& peers = *peers_;
-  std::vector<absl::StatusOr<v1::InfoResponse>> infos(peers.num_peers(),
-                                                      absl::UnknownError("not asked"));
-  {
-    // At once: at a cold start most peers are not up.
-    const absl::Time deadline = absl::Now() + options_.sync_info_timeout;
-    std::vector<std::thread> askers;
-    for (int p = 0; p < peers.num_peers(); ++p) {
-      askers.emplace_back([&, p] { infos[p] = peers.Info(p, deadline); });
-    }
-    for (std::thread& t : askers) t.join();
-  }
+  const std::vector<absl::StatusOr<v1::InfoResponse>> infos =
+      AskEveryPeer(*peers_, absl::Now() + options_.sync_info_timeout);
   const v1::InfoResponse* newest = nullptr;
   for (const auto& info : infos) {
     if (info.ok() && info->placement_epoch() > epoch &&

@@ -42,21 +42,22 @@ absl::StatusOr<ExpertSnapshot> Fetch(SyncPeers& peers, const ModelConfig& model,
 
 }  // namespace
 
+std::vector<absl::StatusOr<v1::InfoResponse>> AskEveryPeer(SyncPeers& peers, absl::Time deadline) {
+  std::vector<absl::StatusOr<v1::InfoResponse>> infos(peers.num_peers(),
+                                                      absl::UnknownError("not asked"));
+  std::vector<std::thread> askers;
+  for (int p = 0; p < peers.num_peers(); ++p) {
+    askers.emplace_back([&, p] { infos[p] = peers.Info(p, deadline); });
+  }
+  for (std::thread& t : askers) t.join();
+  return infos;
+}
+
 absl::StatusOr<SyncResult> SyncFromPeers(ExpertStore& store, SyncPeers& peers,
                                          absl::Time info_deadline, absl::Time deadline) {
   const absl::Time start = absl::Now();
   SyncResult result;
-  // Every peer's Info at once: at a cold start most are not up, and each
-  // costs a connection attempt.
-  std::vector<absl::StatusOr<v1::InfoResponse>> infos(peers.num_peers(),
-                                                      absl::UnknownError("not asked"));
-  {
-    std::vector<std::thread> askers;
-    for (int p = 0; p < peers.num_peers(); ++p) {
-      askers.emplace_back([&, p] { infos[p] = peers.Info(p, info_deadline); });
-    }
-    for (std::thread& t : askers) t.join();
-  }
+  const std::vector<absl::StatusOr<v1::InfoResponse>> infos = AskEveryPeer(peers, info_deadline);
   for (int p = 0; p < peers.num_peers(); ++p) {
     if (!infos[p].ok()) {
       MOE_LOG(INFO, "sync: peer ", peers.name(p), " did not answer Info (",

@@ -53,6 +53,10 @@ struct SyncResult {
   absl::Duration elapsed;
 };
 
+// Every peer's Info, asked at once (at a cold start most peers are not up,
+// and each costs a connection attempt), each by `deadline`.
+std::vector<absl::StatusOr<v1::InfoResponse>> AskEveryPeer(SyncPeers& peers, absl::Time deadline);
+
 // Asks every peer's Info (in parallel, each by `info_deadline`), takes the
 // highest committed step S, and for each expert of `store` older than S
 // fetches it from a peer that holds it at S (trying the next such peer when

@@ -784,7 +784,8 @@ absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement nex
 absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement next,
                                                                    uint64_t expected,
                                                                    uint64_t epoch) {
-  const Placement& now = placement_.Get()->value;
+  const PlacementSnapshot current = placement_.Get();
+  const Placement& now = current->value;
   bool same_shape =
       next.num_servers() == now.num_servers() && next.num_layers() == now.num_layers();
   for (int l = 0; same_shape && l < now.num_layers(); ++l) {
@@ -800,6 +801,7 @@ absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement nex
   MOE_ASSIGN_OR_RETURN(PlacementSnapshot installed,
                        placement_.InstallIf(expected, std::move(next), epoch));
   MOE_LOG(INFO, "placement epoch ", installed->version, " installed");
+  if (options_.on_placement) options_.on_placement(installed->version);
   return installed;
 }
 

@@ -82,6 +82,8 @@ class Router {
     std::function<void()> on_failover;
     // Called once per answer refused for another version (for metrics).
     std::function<void()> on_stale;
+    // Called with each placement epoch installed (for metrics).
+    std::function<void(uint64_t epoch)> on_placement;
     // This router among several: training request ids carry `tag` (24
     // bits, in their top bits) so they are unique across routers (the expert
     // servers key training state by them) and a Backward sent to another

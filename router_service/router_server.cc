@@ -103,6 +103,9 @@ absl::Status RouterServer::Start() {
   };
   router_options.on_failover = [failovers = metrics_->failovers] { failovers->Increment(); };
   router_options.on_stale = [stale = metrics_->stale_answers] { stale->Increment(); };
+  router_options.on_placement = [gauge = metrics_->placement_epoch](uint64_t epoch) {
+    gauge->Set(static_cast<double>(epoch));
+  };
   router_options.on_hedge = [hedges = metrics_->hedges] { hedges->Increment(); };
   router_options.hedge_min_delay = options_.hedge_min_delay;
   router_options.hedge_max_delay = options_.hedge_max_delay;
@@ -172,12 +175,11 @@ absl::Status RouterServer::Start() {
     automatic.hysteresis = options_.auto_rebalance_hysteresis;
     automatic.cooldown = options_.auto_rebalance_cooldown;
     automatic.holder = router_->identity();
-    automatic.on_change = [m = metrics_.get(), router = router_.get()](
-                              const absl::StatusOr<PlacementCoordinator::Result>& changed) {
-      m->CountRebalance(changed.status(), changed.ok() ? changed->bytes : 0,
-                        changed.ok() ? absl::ToDoubleSeconds(changed->time) : 0);
-      m->placement_epoch->Set(static_cast<double>(router->placement()->version));
-    };
+    automatic.on_change =
+        [m = metrics_.get()](const absl::StatusOr<PlacementCoordinator::Result>& changed) {
+          m->CountRebalance(changed.status(), changed.ok() ? changed->bytes : 0,
+                            changed.ok() ? absl::ToDoubleSeconds(changed->time) : 0);
+        };
     auto_rebalancer_ = std::make_unique<AutoRebalancer>(std::move(automatic), *router_, *client_,
                                                         *placements_, &routing_sample_);
     auto_rebalancer_->Start();

@@ -223,7 +223,6 @@ absl::Status RouterServiceImpl::RunRebalance(const v1::RebalanceRequest& request
     // Released before the change: its drain waits for every holder of the
     // old placement.
     const Router::PlacementSnapshot snapshot = router_.placement();
-    metrics_.placement_epoch->Set(static_cast<double>(snapshot->version));
     RebalanceInputs inputs;
     inputs.model = &config.model;
     inputs.cluster = &config.cluster;
@@ -259,7 +258,6 @@ absl::Status RouterServiceImpl::RunRebalance(const v1::RebalanceRequest& request
       placements_.Change(std::move(plan->placement), deadline);
   metrics_.CountRebalance(changed.status(), changed.ok() ? changed->bytes : 0,
                           changed.ok() ? absl::ToDoubleSeconds(changed->time) : 0);
-  metrics_.placement_epoch->Set(static_cast<double>(router_.placement()->version));
   if (!changed.ok()) return changed.status();
   response->set_placement_epoch(changed->epoch);
   response->set_bytes_moved(changed->bytes);
