@@ -198,7 +198,7 @@ absl::StatusOr<v1::ExpertDigest> PlacementKeeper::Pull(ExpertKey expert, const P
     }
     v1::ExpertDigest digest;
     SetExpertKey(expert, &digest);
-    digest.set_weights_digest(snapshot->weights.Digest());
+    digest.set_weights_digest(assembler.digest());
     digest.set_step(step);
     MOE_RETURN_IF_ERROR(store_.AddExpert(expert, *std::move(snapshot), step));
     bytes += received;

@@ -32,8 +32,9 @@ absl::StatusOr<ExpertSnapshot> Fetch(SyncPeers& peers, const ModelConfig& model,
         assembler.expert() ? assembler.expert()->ToString() : std::string("no chunk")));
   }
   MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, assembler.Finish());
-  if (snapshot.weights.Digest() != holder.digest) {
-    return absl::DataLossError(absl::StrCat("weights digest ", snapshot.weights.Digest(),
+  // Finish() checked the bytes against the sender's digest.
+  if (assembler.digest() != holder.digest) {
+    return absl::DataLossError(absl::StrCat("weights digest ", assembler.digest(),
                                             " differs from the one its Info reported, ",
                                             holder.digest, " (committed meanwhile?)"));
   }

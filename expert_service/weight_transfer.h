@@ -42,8 +42,10 @@ class ExpertAssembler {
   absl::StatusOr<ExpertSnapshot> Finish();
   // The expert of the first chunk; nullopt before it.
   std::optional<ExpertKey> expert() const { return expert_; }
-  // The step the weights were committed at, as the last chunk says.
+  // The step the weights were committed at, and their digest, as the last
+  // chunk says (Finish() checked the digest against the bytes).
   uint64_t step() const { return step_; }
+  uint64_t digest() const { return digest_; }
 
  private:
   std::string Name() const;

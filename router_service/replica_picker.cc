@@ -11,6 +11,8 @@ ReplicaPicker::ReplicaPicker(int num_servers, const ExpertClient& health)
       health_(health),
       outstanding_(new std::atomic<int64_t>[num_servers]) {
   for (int s = 0; s < num_servers; ++s) outstanding_[s] = 0;
+  absl::MutexLock lock(&stale_mu_);
+  outliers_.resize(num_servers);
 }
 
 std::vector<int> ReplicaPicker::Candidates(const Placement& placement, ExpertKey expert,
@@ -23,7 +25,9 @@ std::vector<int> ReplicaPicker::Candidates(const Placement& placement, ExpertKey
     if (std::find(excluded.begin(), excluded.end(), s) != excluded.end()) continue;
     if (!health_.IsHealthy(s)) continue;
     auto it = stale_until_.find(std::make_pair(s, expert));
-    (it != stale_until_.end() && it->second > now ? stale : fresh).push_back(s);
+    const bool avoided =
+        (it != stale_until_.end() && it->second > now) || outliers_[s].ejected_until > now;
+    (avoided ? stale : fresh).push_back(s);
   }
   return fresh.empty() ? stale : fresh;
 }
@@ -61,6 +65,27 @@ int ReplicaPicker::PickOne(const Placement& placement, ExpertKey expert, int64_t
 }
 
 void ReplicaPicker::Release(int server, int64_t tokens) { outstanding_[server] -= tokens; }
+
+bool ReplicaPicker::RecordFailure(int server, absl::Time now) {
+  absl::MutexLock lock(&stale_mu_);
+  Outlier& o = outliers_[server];
+  if (o.ejected_until > now) return false;  // failures of calls sent before
+  if (++o.failures_in_a_row < kEjectAfter) return false;
+  o.failures_in_a_row = 0;
+  o.ejected_until = now + kBaseEjection * (1 << std::min(o.ejections, 5));
+  ++o.ejections;
+  return true;
+}
+
+void ReplicaPicker::RecordSuccess(int server) {
+  absl::MutexLock lock(&stale_mu_);
+  outliers_[server] = Outlier{};
+}
+
+bool ReplicaPicker::Ejected(int server, absl::Time now) const {
+  absl::MutexLock lock(&stale_mu_);
+  return outliers_[server].ejected_until > now;
+}
 
 void ReplicaPicker::MarkStale(int server, ExpertKey expert, absl::Time until) {
   absl::MutexLock lock(&stale_mu_);

@@ -4,8 +4,9 @@
 // The placement is the caller's (the snapshot its request started with);
 // the counts are per server, across placements. A replica that answered
 // from older weights than the call's (a restarted server that could not
-// sync) is marked stale for a while: replicas that are not stale are
-// preferred, so requests stop paying a refused round trip to it. Thread-safe.
+// sync) is marked stale for a while, and one that keeps failing is ejected
+// for a while: other replicas are preferred, so requests stop paying a
+// refused or failed round trip to it. Thread-safe.
 #ifndef MOE_ROUTER_SERVICE_REPLICA_PICKER_H_
 #define MOE_ROUTER_SERVICE_REPLICA_PICKER_H_
 
@@ -52,6 +53,18 @@ class ReplicaPicker {
       ABSL_LOCKS_EXCLUDED(stale_mu_);
   int64_t outstanding(int server) const { return outstanding_[server].load(); }
 
+  // Outlier ejection (as Envoy's): after kEjectAfter failures in a row
+  // that say the server is in trouble (unavailable, overloaded, internal),
+  // it is avoided for kBaseEjection doubled per ejection before (up to
+  // 32 times), unless nothing else can serve; then traffic tries it again.
+  // A success resets both counts. RecordFailure returns true when it
+  // ejected the server.
+  static constexpr int kEjectAfter = 5;
+  static constexpr absl::Duration kBaseEjection = absl::Seconds(1);
+  bool RecordFailure(int server, absl::Time now) ABSL_LOCKS_EXCLUDED(stale_mu_);
+  void RecordSuccess(int server) ABSL_LOCKS_EXCLUDED(stale_mu_);
+  bool Ejected(int server, absl::Time now) const ABSL_LOCKS_EXCLUDED(stale_mu_);
+
  private:
   // Healthy replicas of `expert` not in `excluded`; the stale ones only
   // when there is nothing else.
@@ -64,6 +77,12 @@ class ReplicaPicker {
   mutable absl::Mutex stale_mu_;
   absl::flat_hash_map<std::pair<int, ExpertKey>, absl::Time> stale_until_
       ABSL_GUARDED_BY(stale_mu_);
+  struct Outlier {
+    int failures_in_a_row = 0;
+    int ejections = 0;
+    absl::Time ejected_until = absl::InfinitePast();
+  };
+  std::vector<Outlier> outliers_ ABSL_GUARDED_BY(stale_mu_);
 };
 
 }  // namespace moe::router

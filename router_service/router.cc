@@ -324,6 +324,18 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
   picker_.Release(server, rows);
   absl::Status status = reply.status();
   if (status.ok() && (*reply)->has_error()) status = FromProtoStatus((*reply)->error());
+  // Errors that say the server is in trouble (not the call, the version or
+  // the client): counted towards ejecting it, and for inference forwards
+  // re-sent elsewhere like an unavailable server.
+  const bool trouble = absl::IsUnavailable(status) || absl::IsResourceExhausted(status) ||
+                       absl::IsInternal(status) || absl::IsUnknown(status);
+  if (status.ok()) {
+    picker_.RecordSuccess(server);
+  } else if (trouble && picker_.RecordFailure(server, absl::Now())) {
+    MOE_LOG(WARNING, "server ", server, " failed ", ReplicaPicker::kEjectAfter,
+            " calls in a row (last: ", status.message(), "); ejected for a while");
+    if (options_.on_eject) options_.on_eject();
+  }
   if (status.ok()) {
     // What a hedge waits for: this server's recent answer time (EWMA).
     std::atomic<double>& ewma = answer_micros_[server];
@@ -373,7 +385,7 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
   // replicas may still host it; avoided for a while, like a stale one.
   const bool not_hosted = absl::IsNotFound(status) && reply.ok() && (*reply)->has_error();
   if (not_hosted) picker_.MarkStale(server, g.expert, absl::Now() + options_.stale_ttl);
-  if (absl::IsUnavailable(status) || stale || not_hosted) {
+  if (absl::IsUnavailable(status) || stale || not_hosted || (trouble && !call->training)) {
     // The server is gone (or draining), has other weights or lacks the
     // expert: the same request to another replica.
     int next;
@@ -384,9 +396,10 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
     }
     if (next >= 0) {
       MOE_LOG(WARNING, g.expert.ToString(), ": server ", server,
-              stale        ? " is at another version ("
-              : not_hosted ? " does not host it ("
-                           : " unavailable (",
+              stale                        ? " is at another version ("
+              : not_hosted                   ? " does not host it ("
+              : absl::IsUnavailable(status) ? " unavailable ("
+                                             : " failed (",
               status.message(), "); re-sending ", rows, " tokens to server ", next);
       failovers_.fetch_add(1);
       if (options_.on_failover) options_.on_failover();
@@ -408,11 +421,12 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
                        absl::StrJoin(call->tried[group], ","), "; last: ", status.message(), ")"));
       absl::MutexLock lock(&call->mu);
       call->stale = true;
-    } else {
+    } else if (absl::IsUnavailable(status)) {
       status = absl::UnavailableError(absl::StrCat(
           g.expert.ToString(), ": no live replica (servers ",
           absl::StrJoin(call->tried[group], ","), " unavailable: ", status.message(), ")"));
     }
+    // Other trouble keeps its code: the last replica tried said why.
   }
   if (status.ok()) {
     call->responses[group] = *std::move(reply);

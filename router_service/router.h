@@ -101,6 +101,9 @@ class Router {
     absl::Duration hedge_max_delay = absl::Milliseconds(200);
     // Called once per hedge sent (for metrics).
     std::function<void()> on_hedge;
+    // Called once per replica ejected for failing calls in a row
+    // (ReplicaPicker's outlier ejection; for metrics).
+    std::function<void()> on_eject;
     // Called after each successful forward with the time spent gating and
     // planning, waiting for the experts, and combining (for metrics).
     std::function<void(absl::Duration gate, absl::Duration fan_out, absl::Duration combine)>
@@ -153,6 +156,8 @@ class Router {
   std::vector<ExpertKey> StaleExperts(int server) const {
     return picker_.StaleExperts(server, absl::Now());
   }
+  // Whether `server` is ejected now for failing calls in a row.
+  bool Ejected(int server) const { return picker_.Ejected(server, absl::Now()); }
 
   // The placement now. Each request plans with the snapshot it started
   // with, failover included; InstallPlacement swaps in a new one (the next

@@ -75,6 +75,13 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
                        "answered in time.")
                    .Register(registry)
                    .Add({});
+  m->ejections = &prometheus::BuildCounter()
+                      .Name("moe_router_ejections_total")
+                      .Help(
+                          "Expert servers ejected for a while after failing calls in a row "
+                          "(unavailable, overloaded, internal errors).")
+                      .Register(registry)
+                      .Add({});
   m->placement_epoch = &prometheus::BuildGauge()
                             .Name("moe_router_placement_epoch")
                             .Help("The placement epoch this router routes with.")

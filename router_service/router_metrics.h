@@ -77,6 +77,9 @@ struct RouterMetrics {
   // moe_router_hedges_total: groups also sent to a second replica because
   // the first had not answered in time.
   prometheus::Counter* hedges = nullptr;
+  // moe_router_ejections_total: replicas ejected for a while after failing
+  // calls in a row (outlier detection).
+  prometheus::Counter* ejections = nullptr;
   // moe_router_failovers_total: groups re-sent to another replica.
   prometheus::Counter* failovers = nullptr;
   // moe_router_stale_answers_total: expert answers refused because the

@@ -107,6 +107,7 @@ absl::Status RouterServer::Start() {
     gauge->Set(static_cast<double>(epoch));
   };
   router_options.on_hedge = [hedges = metrics_->hedges] { hedges->Increment(); };
+  router_options.on_eject = [ejections = metrics_->ejections] { ejections->Increment(); };
   router_options.hedge_min_delay = options_.hedge_min_delay;
   router_options.hedge_max_delay = options_.hedge_max_delay;
   router_ = std::make_unique<Router>(std::move(router_options), std::move(placement), *client_);

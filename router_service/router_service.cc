@@ -290,6 +290,7 @@ grpc::ServerUnaryReactor* RouterServiceImpl::GetClusterState(
     for (ExpertKey e : placement.ExpertsOn(s)) server->add_expert_ids(e.expert);
     server->set_tokens(load.server_tokens[s]);
     for (ExpertKey e : router_.StaleExperts(s)) server->add_stale_expert_ids(e.expert);
+    server->set_ejected(router_.Ejected(s));
   }
   for (int e = 0; e < placement.num_experts(kLayer); ++e) {
     v1::ExpertLoad* expert = response->add_experts();

@@ -153,6 +153,27 @@ TEST(RouterTest, FailsOverToAnotherReplica) {
   EXPECT_EQ(cluster.client.calls(1), calls);
 }
 
+// A replica that fails every call while looking healthy is ejected after
+// ReplicaPicker::kEjectAfter failures in a row: later calls do not reach it
+// at all (outlier detection), and none fails.
+TEST(RouterTest, AReplicaThatKeepsFailingIsEjected) {
+  Cluster cluster(Model(2, false), PlacementStrategy::kDataParallel);
+  const FloatTensor x = RandomTensor({64, 32}, 8);
+  const ReferenceForward expected =
+      *ReferenceMoe::Create(cluster.model, cluster.weights)->Forward(x);
+  cluster.client.BreakSilently(1);
+  for (int i = 0; i < 4 && !cluster.router.Ejected(1); ++i) {
+    absl::StatusOr<Router::ForwardResult> result = cluster.Forward(Wire(x));
+    ASSERT_TRUE(result.ok()) << result.status();
+    EXPECT_TRUE(TensorNear(Decoded(result->y, 32), expected.y, 1e-5));
+  }
+  ASSERT_TRUE(cluster.router.Ejected(1));
+  EXPECT_FALSE(cluster.router.Ejected(0));
+  const int calls = cluster.client.calls(1);
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(cluster.Forward(Wire(x)).ok());
+  EXPECT_EQ(cluster.client.calls(1), calls);
+}
+
 // A replica that released an expert answers NOT_FOUND: the router serves
 // from another replica (and avoids that one for a while); only when no
 // replica hosts it is the call NOT_FOUND, naming the expert.
