@@ -51,6 +51,7 @@ class ExpertClient {
                           UnaryDone<v1::CommitStepResponse> done) = 0;
   virtual void AbortStep(int server, const v1::AbortStepRequest& request, absl::Time deadline,
                          UnaryDone<v1::AbortStepResponse> done) = 0;
+  // Info waits for the server to be reachable, up to `deadline`.
   virtual void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) = 0;
   // One shard of a checkpoint (SaveCheckpoint).
   virtual void SaveExperts(int server, const v1::SaveExpertsRequest& request, absl::Time deadline,

@@ -94,7 +94,8 @@ using AsyncMethod = void (v1::ExpertServer::Stub::async::*)(grpc::ClientContext*
 template <typename Request, typename Response>
 void CallUnary(v1::ExpertServer::Stub& stub, AsyncMethod<Request, Response> method,
                const std::string& label, const char* method_name, const Request& request,
-               absl::Time deadline, ExpertClient::UnaryDone<Response> done) {
+               absl::Time deadline, ExpertClient::UnaryDone<Response> done,
+               bool wait_for_ready = false) {
   struct Call {
     grpc::ClientContext context;
     Request request;
@@ -103,6 +104,7 @@ void CallUnary(v1::ExpertServer::Stub& stub, AsyncMethod<Request, Response> meth
   };
   auto* call = new Call{{}, request, {}, std::move(done)};
   if (deadline != absl::InfiniteFuture()) call->context.set_deadline(absl::ToChronoTime(deadline));
+  call->context.set_wait_for_ready(wait_for_ready);
   (stub.async()->*method)(
       &call->context, &call->request, &call->response,
       [call, label, method_name](grpc::Status status) {
@@ -181,8 +183,10 @@ void GrpcExpertClient::AbortStep(int server, const v1::AbortStepRequest& request
 
 void GrpcExpertClient::Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) {
   Connection& c = *connections_.at(server);
+  // Until the deadline: a server that just came back may sit behind its
+  // channel's reconnect back-off (a failed Info is then a timeout).
   CallUnary(c.stub(), &v1::ExpertServer::Stub::async::Info, c.label(), "Info",
-            v1::InfoRequest(), deadline, std::move(done));
+            v1::InfoRequest(), deadline, std::move(done), /*wait_for_ready=*/true);
 }
 
 bool GrpcExpertClient::IsHealthy(int server) const {

@@ -61,6 +61,17 @@ absl::StatusOr<PlacementCoordinator::Result> PlacementCoordinator::Run(Placement
   MOE_LOG(INFO, "placement epoch ", epoch, " from ", from->version, ": ", result.replicas_added,
           " replica(s) to add, ", result.replicas_removed, " to remove");
 
+  // 0. Every server reachable (Info waits out a reconnect back-off), so
+  // that a server that just came back is not taken for a dead one.
+  const std::vector<absl::StatusOr<v1::InfoResponse>> reachable =
+      OnEveryServer<v1::InfoResponse>(num_servers, [&](int s, auto done) {
+        client_.Info(s, std::min(deadline, absl::Now() + options_.commit_timeout),
+                     std::move(done));
+      });
+  MOE_RETURN_IF_ERROR(Summarize(
+      absl::StrCat("placement epoch ", epoch, " not started, a server is unreachable"),
+      reachable));
+
   // 1. Every server prepares (pulls), or nothing changes.
   const absl::Duration margin = std::min(absl::Seconds(1), (deadline - start) / 10);
   v1::PreparePlacementRequest prepare;

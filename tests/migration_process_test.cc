@@ -329,6 +329,70 @@ TEST(MigrationTest, AutomaticRebalanceFollowsTheTrafficWithOneRouterDeciding) {
   EXPECT_EQ(RouterEpoch(*other.stub), 2u);
 }
 
+// The server that pulls new replicas is killed mid-pull: the change aborts
+// everywhere, no expert loses a replica, no request fails, and once the
+// server is back a change goes through.
+TEST(MigrationTest, AServerKilledMidMigrationAbortsTheChangeAndNothingIsLost) {
+  ProcessClusterOptions options;
+  options.model = "d_model: 256 d_ff: 1024 num_experts: 4 top_k: 2 seed: 13";
+  options.strategy = "EXPLICIT";
+  options.num_servers = 3;
+  // Every expert on e0 and e1; e2 holds nothing yet.
+  options.cluster_extra = "  explicit_placement {\n";
+  for (int e = 0; e < 4; ++e) {
+    absl::StrAppend(&options.cluster_extra, "    experts { expert_id: ", e,
+                    " servers: \"e0\" servers: \"e1\" }\n");
+  }
+  absl::StrAppend(&options.cluster_extra, "  }\n");
+  // About 2 s per expert pulled: the kill lands mid-pull.
+  options.router_flags = {"--migration_bytes_per_second=1000000"};
+  ProcessCluster cluster(options);
+  const ReferenceMoe reference = cluster.Reference();
+  std::atomic<bool> stop{false};
+  std::atomic<int> ok{0}, failed{0};
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 2; ++c) {
+    clients.emplace_back([&, c] {
+      for (int i = 0; !stop.load(); ++i) {
+        const FloatTensor x = RandomTensor({8, 256}, 100 * c + i % 20);
+        v1::ForwardResponse y;
+        const bool good = cluster.Forward(x, &y).ok() &&
+                          TensorNear(Decoded(y.y(), 256), reference.Forward(x)->y, 1e-5);
+        (good ? ok : failed).fetch_add(1);
+      }
+    });
+  }
+  const v1::RebalanceRequest everywhere = MoveTo({{0, 1, 2}, {0, 1, 2}, {0, 1, 2}, {0, 1, 2}});
+  grpc::Status status;
+  std::thread change([&] {
+    v1::RebalanceResponse response;
+    status = Rebalance(cluster.stub(), everywhere, &response);
+  });
+  ASSERT_TRUE(cluster.WaitForServerLine(2, "preparing placement epoch 2", absl::Seconds(30)))
+      << cluster.ServerLog(2);
+  cluster.KillServer(2);
+  change.join();
+  EXPECT_FALSE(status.ok());
+  EXPECT_THAT(status.error_message(), HasSubstr("placement epoch 2 aborted, no replica moved"));
+  EXPECT_THAT(status.error_message(), HasSubstr("e2"));
+  // Every expert is where it was, at epoch 1.
+  EXPECT_EQ(Hosted(cluster, 0), std::make_pair(std::set<int>{0, 1, 2, 3}, uint64_t{1}));
+  EXPECT_EQ(Hosted(cluster, 1), std::make_pair(std::set<int>{0, 1, 2, 3}, uint64_t{1}));
+  EXPECT_EQ(RouterEpoch(cluster.stub()), 1u);
+  const int served = ok.load();
+  while (ok.load() < served + 20 && failed.load() == 0) absl::SleepFor(absl::Milliseconds(10));
+  stop.store(true);
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(failed.load(), 0);
+
+  // Once it is back, a change goes through.
+  cluster.StartServer(2);
+  v1::RebalanceResponse response;
+  status = Rebalance(cluster.stub(), MoveTo({{0, 1, 2}, {0, 1}, {0, 1}, {0, 1}}), &response);
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+  EXPECT_EQ(Hosted(cluster, 2), std::make_pair(std::set<int>{0}, uint64_t{2}));
+}
+
 TEST(MigrationTest, TrainingWithAChangeBetweenStepsEqualsTheReference) {
   ProcessClusterOptions options;
   options.model = absl::StrCat("d_model: ", kDModel,
