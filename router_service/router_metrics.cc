@@ -107,6 +107,11 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
                              "moved; failed: in force, but a server did not commit).")
                          .Register(registry);
   m->rebalances_committed = &rebalances.Add({{"outcome", "committed"}});
+  m->auto_rebalance_enabled = &prometheus::BuildGauge()
+                                   .Name("moe_router_auto_rebalance_enabled")
+                                   .Help("1 when this router rebalances by itself.")
+                                   .Register(registry)
+                                   .Add({});
   m->rebalances_aborted = &rebalances.Add({{"outcome", "aborted"}});
   m->rebalances_failed = &rebalances.Add({{"outcome", "failed"}});
   m->migration_bytes = &prometheus::BuildCounter()

@@ -68,6 +68,9 @@ struct RouterMetrics {
   // placement changes this router ran (aborted: nothing moved; failed: the
   // new epoch is in force but a server did not commit).
   prometheus::Counter* rebalances_committed = nullptr;
+  // moe_router_auto_rebalance_enabled: 1 when this router rebalances by
+  // itself (--auto_rebalance).
+  prometheus::Gauge* auto_rebalance_enabled = nullptr;
   prometheus::Counter* rebalances_aborted = nullptr;
   prometheus::Counter* rebalances_failed = nullptr;
   // moe_router_migration_bytes_total and moe_router_migration_seconds:

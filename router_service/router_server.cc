@@ -184,6 +184,7 @@ absl::Status RouterServer::Start() {
     auto_rebalancer_ = std::make_unique<AutoRebalancer>(std::move(automatic), *router_, *client_,
                                                         *placements_, &routing_sample_);
     auto_rebalancer_->Start();
+    metrics_->auto_rebalance_enabled->Set(1);
   }
   SetReadiness(*server_, health_.get(), true);
   MOE_LOG(INFO, "router serving gRPC on port ", port_, " (", options_.credentials.name(), ", ",
