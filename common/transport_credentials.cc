@@ -155,10 +155,11 @@ std::vector<std::string> TransportCredentials::AsFlags() const {
 
 std::shared_ptr<grpc::Channel> NewChannel(const std::string& address,
                                           const TransportCredentials& credentials,
-                                          int max_message_bytes) {
+                                          int max_message_bytes, bool round_robin) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(max_message_bytes);
   args.SetMaxSendMessageSize(max_message_bytes);
+  if (round_robin) args.SetLoadBalancingPolicyName("round_robin");
   return grpc::CreateCustomChannel(address, credentials.ForChannel(), args);
 }
 

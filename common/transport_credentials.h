@@ -89,10 +89,12 @@ class TransportCredentials {
 };
 
 // A channel to `address` with `credentials` and both message limits set to
-// `max_message_bytes`.
+// `max_message_bytes`. With `round_robin`, calls go to every address the
+// target resolves to in turn (a headless Service's pods, or
+// "ipv4:host:port,host:port") rather than all to the first.
 std::shared_ptr<grpc::Channel> NewChannel(const std::string& address,
                                           const TransportCredentials& credentials,
-                                          int max_message_bytes);
+                                          int max_message_bytes, bool round_robin = false);
 
 }  // namespace moe
 

@@ -2,7 +2,8 @@
 // replica, moves an expert and removes a replica under load from 4 clients,
 // every output checked against the reference (0 failed requests); a second
 // router keeps serving through a change made by the first, and a router
-// started after it serves the new placement, as does a server restarted
+// started after it serves the new placement (and a client spreads its
+// calls over both routers), as does a server restarted
 // after it; a change refused because an expert leaving a server holds
 // training state moves nothing; 10 training steps with a change between
 // steps 5 and 6 equal the reference.
@@ -17,11 +18,13 @@
 #include "absl/algorithm/container.h"
 #include "absl/strings/str_cat.h"
 #include "common/deterministic_init.h"
+#include "clients/cpp/moe_client.h"
 #include "common/reference_moe.h"
 #include "common/tensor_codec.h"
 #include "common/testing/random_tensor.h"
 #include "common/testing/reference_training.h"
 #include "common/testing/tensor_matchers.h"
+#include "common/transport_credentials.h"
 #include "deploy/local/child_process.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -222,6 +225,32 @@ TEST(MigrationTest, AnotherRouterLearnsTheNewPlacementFromTheServers) {
     ASSERT_TRUE(late.stub->Forward(&context, request, &y).ok());
     EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), reference.Forward(x)->y, 1e-5));
   }
+}
+
+// HTTP/2 keeps a connection to one router; MoeClient spreads its calls
+// over every router its target resolves to (round robin), as over a
+// headless Service's pods.
+TEST(MigrationTest, AClientSpreadsItsCallsOverEveryRouter) {
+  ProcessCluster cluster(FourExpertsOnTwoServers());
+  ProcessCluster::OtherRouter other = cluster.StartAnotherRouter();
+  auto client = client::MoeClient::Connect(
+      absl::StrCat("ipv4:", cluster.router_address(), ",", other.address),
+      TransportCredentials::Plaintext());
+  ASSERT_TRUE(client->WaitUntilHealthy(absl::Seconds(30)).ok());
+  for (int i = 0; i < 20; ++i) {
+    ASSERT_TRUE(client->Forward(RandomTensor({4, kDModel}, i)).ok());
+  }
+  auto forwards = [](int metrics_port) {
+    const std::string metrics = local::HttpGet(metrics_port, "/metrics");
+    const std::string key = "moe_router_requests_total{code=\"OK\",method=\"Forward\"} ";
+    const size_t at = metrics.find(key);
+    return at == std::string::npos ? 0.0 : std::stod(metrics.substr(at + key.size()));
+  };
+  const double first = forwards(cluster.router_metrics_port());
+  const double second = forwards(other.metrics_port);
+  EXPECT_EQ(first + second, 20);
+  EXPECT_GE(first, 5);
+  EXPECT_GE(second, 5);
 }
 
 TEST(MigrationTest, AServerRestartedAfterAChangeAdoptsItFromItsPeers) {

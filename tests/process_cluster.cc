@@ -51,7 +51,7 @@ namespace {
 std::unique_ptr<ChildProcess> LaunchRouter(const std::string& config_path,
                                            const std::vector<std::string>& flags,
                                            std::shared_ptr<grpc::Channel>* channel,
-                                           int* metrics_port) {
+                                           std::string* address, int* metrics_port) {
   std::vector<std::string> args = {"--config=" + config_path, "--port=0", "--metrics_port=0",
                                    "--host=127.0.0.1"};
   args.insert(args.end(), flags.begin(), flags.end());
@@ -61,25 +61,25 @@ std::unique_ptr<ChildProcess> LaunchRouter(const std::string& config_path,
   grpc::ChannelArguments channel_args;
   channel_args.SetMaxReceiveMessageSize(256 << 20);
   *metrics_port = NumberAfter(*line, "/metrics on port ");
-  *channel =
-      grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", NumberAfter(*line, "on port ")),
-                                TransportCredentials::Plaintext().ForChannel(), channel_args);
+  *address = absl::StrCat("127.0.0.1:", NumberAfter(*line, "on port "));
+  *channel = grpc::CreateCustomChannel(*address, TransportCredentials::Plaintext().ForChannel(),
+                                       channel_args);
   return router;
 }
 
 }  // namespace
 
 void ProcessCluster::StartRouter() {
-  router_ =
-      LaunchRouter(config_path_, options_.router_flags, &router_channel_, &router_metrics_port_);
+  router_ = LaunchRouter(config_path_, options_.router_flags, &router_channel_, &router_address_,
+                         &router_metrics_port_);
   stub_ = v1::Router::NewStub(router_channel_);
 }
 
 ProcessCluster::OtherRouter ProcessCluster::StartAnotherRouter() {
   std::shared_ptr<grpc::Channel> channel;
-  int metrics_port;
   OtherRouter other;
-  other.process = LaunchRouter(config_path_, options_.router_flags, &channel, &metrics_port);
+  other.process = LaunchRouter(config_path_, options_.router_flags, &channel, &other.address,
+                               &other.metrics_port);
   other.stub = v1::Router::NewStub(channel);
   return other;
 }

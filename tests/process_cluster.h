@@ -49,6 +49,8 @@ class ProcessCluster {
   struct OtherRouter {
     std::unique_ptr<local::ChildProcess> process;
     std::unique_ptr<v1::Router::Stub> stub;
+    std::string address;
+    int metrics_port = -1;
   };
   OtherRouter StartAnotherRouter();
   // SIGSTOP / SIGCONT.
@@ -56,6 +58,7 @@ class ProcessCluster {
   void ContinueServer(int s);
   pid_t router_pid() const { return router_->pid(); }
   int router_metrics_port() const { return router_metrics_port_; }
+  const std::string& router_address() const { return router_address_; }
   // The router's log so far (for failure messages).
   std::string RouterLog();
   std::string ServerLog(int s);
@@ -88,6 +91,7 @@ class ProcessCluster {
   std::unique_ptr<local::ChildProcess> router_;
   std::shared_ptr<grpc::Channel> router_channel_;
   int router_metrics_port_ = -1;
+  std::string router_address_;
   std::unique_ptr<v1::Router::Stub> stub_;
 };
 

@@ -28,8 +28,10 @@ absl::StatusOr<FloatTensor> DecodeBatch(const v1::Tensor& t, absl::string_view n
 std::unique_ptr<MoeClient> MoeClient::Connect(const std::string& address,
                                               const TransportCredentials& credentials,
                                               int max_message_bytes) {
+  // HTTP/2 keeps a connection to one router: round robin spreads calls
+  // over every router the address resolves to (docs/deploy.md).
   return std::unique_ptr<MoeClient>(
-      new MoeClient(NewChannel(address, credentials, max_message_bytes)));
+      new MoeClient(NewChannel(address, credentials, max_message_bytes, /*round_robin=*/true)));
 }
 
 MoeClient::MoeClient(std::shared_ptr<grpc::Channel> channel)

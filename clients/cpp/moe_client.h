@@ -79,7 +79,9 @@ class ForwardStreamClient {
 
 class MoeClient {
  public:
-  // `address` is host:port of the router.
+  // `address` is a gRPC target naming the router(s): host:port, a headless
+  // Service's dns:///name:port, or ipv4:host:port,host:port; calls go to
+  // every router it resolves to in turn (round robin).
   static std::unique_ptr<MoeClient> Connect(
       const std::string& address,
       const TransportCredentials& credentials = TransportCredentials::Plaintext(),

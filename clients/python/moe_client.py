@@ -70,8 +70,11 @@ class MoeClient:
     """
 
     def __init__(self, address, timeout=60.0, credentials=None):
+        # HTTP/2 keeps a connection to one router: round robin spreads calls
+        # over every router the address resolves to (docs/deploy.md).
         options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES)]
+                   ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+                   ("grpc.lb_policy_name", "round_robin")]
         if credentials is None:
             self._channel = grpc.insecure_channel(address, options=options)
         else:
