@@ -28,15 +28,25 @@ int64_t ReplicaBytes(const ModelConfig& model) {
 
 absl::StatusOr<PlacementPlan> PlanRebalance(const RebalanceInputs& inputs) {
   const LoadStats::Snapshot& load = inputs.load;
-  if (std::accumulate(load.expert_tokens.begin(), load.expert_tokens.end(), int64_t{0}) == 0) {
-    return absl::FailedPreconditionError(absl::StrCat("no tokens were served in the last ",
-                                                      absl::FormatDuration(load.window),
-                                                      ": there is no load to balance"));
-  }
   PlacementProblem problem;
   problem.num_servers = inputs.current->num_servers();
   problem.load = {std::vector<double>(load.expert_tokens.begin(), load.expert_tokens.end())};
+  if (std::accumulate(load.expert_tokens.begin(), load.expert_tokens.end(), int64_t{0}) == 0) {
+    if (inputs.drain.empty()) {
+      return absl::FailedPreconditionError(absl::StrCat("no tokens were served in the last ",
+                                                        absl::FormatDuration(load.window),
+                                                        ": there is no load to balance"));
+    }
+    // Only emptying servers: every expert alike.
+    problem.load[0].assign(problem.load[0].size(), 1.0);
+  }
   problem.server_slots = ServerSlots(*inputs.model, *inputs.cluster, *inputs.current);
+  for (int s : inputs.drain) {
+    if (s < 0 || s >= problem.num_servers) {
+      return absl::InvalidArgumentError(absl::StrCat("drain: no server ", s));
+    }
+    problem.server_slots[s] = 0;
+  }
   problem.replica_bytes = ReplicaBytes(*inputs.model);
   problem.current = *inputs.current;
   problem.token_experts = inputs.tokens;

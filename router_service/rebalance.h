@@ -21,6 +21,8 @@ struct RebalanceInputs {
   const Placement* current = nullptr;
   LoadStats::Snapshot load;
   std::vector<std::vector<ExpertKey>> tokens;
+  // Servers the plan must leave empty (by index).
+  std::vector<int> drain;
 };
 
 // Replicas per server: the config's slots_per_server, else ceil(E/N) + 1,
@@ -33,7 +35,8 @@ std::vector<int> ServerSlots(const ModelConfig& model, const ClusterConfig& clus
 int64_t ReplicaBytes(const ModelConfig& model);
 
 // FAILED_PRECONDITION when nothing was served in the window (no load to
-// balance).
+// balance), unless servers are drained (every expert then counts alike);
+// INVALID_ARGUMENT when the servers left cannot hold every expert.
 absl::StatusOr<PlacementPlan> PlanRebalance(const RebalanceInputs& inputs);
 
 // The plan of moving to `target`, a placement an operator chose (of the

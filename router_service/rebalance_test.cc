@@ -56,6 +56,28 @@ TEST(RebalanceTest, APlanBalancesTheMeasuredLoad) {
               HasSubstr("no tokens were served in the last 1m"));
 }
 
+TEST(RebalanceTest, ADrainedServerIsLeftEmpty) {
+  const ModelConfig model = Model();
+  ClusterConfig cluster;
+  const Placement current = ModelParallelPlacement(8, 4);  // 2 experts each
+  RebalanceInputs inputs;
+  inputs.model = &model;
+  inputs.cluster = &cluster;
+  inputs.current = &current;
+  inputs.load.window = absl::Seconds(60);
+  inputs.load.expert_tokens.assign(8, 0);  // idle: draining still plans
+  inputs.drain = {3};
+  absl::StatusOr<PlacementPlan> plan = PlanRebalance(inputs);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_TRUE(plan->placement.ExpertsOn(3).empty());
+  for (int e = 0; e < 8; ++e) {
+    EXPECT_FALSE(plan->placement.ServersOf(ExpertKey(0, e)).empty()) << "expert " << e;
+  }
+  // Three servers of ceil(8/4) + 1 = 3 slots hold 8 experts; two do not.
+  inputs.drain = {2, 3};
+  EXPECT_EQ(PlanRebalance(inputs).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 Routing TwoChoices(int64_t tokens, int first, int second) {
   Routing routing;
   routing.num_tokens = tokens;

@@ -229,7 +229,15 @@ absl::Status RouterServiceImpl::RunRebalance(const v1::RebalanceRequest& request
     inputs.current = &snapshot->value;
     inputs.load = cluster_.load_stats->Get(absl::Now());
     if (cluster_.routing_sample != nullptr) inputs.tokens = cluster_.routing_sample->Tokens();
+    for (const std::string& name : request.drain()) {
+      const int server = config.cluster.FindServer(name);
+      if (server < 0) return absl::InvalidArgumentError(absl::StrCat("drain: no server ", name));
+      inputs.drain.push_back(server);
+    }
     if (request.has_placement()) {
+      if (!inputs.drain.empty()) {
+        return absl::InvalidArgumentError("drain: not with an explicit placement");
+      }
       MOE_ASSIGN_OR_RETURN(Placement target, PlacementFromProto(request.placement(), config.model,
                                                                 config.cluster, "placement"));
       plan = PlanMoveTo(inputs, std::move(target));

@@ -422,6 +422,28 @@ TEST(MigrationTest, AServerKilledMidMigrationAbortsTheChangeAndNothingIsLost) {
   EXPECT_EQ(Hosted(cluster, 2), std::make_pair(std::set<int>{0}, uint64_t{2}));
 }
 
+// A server to be removed is drained first: Rebalance with `drain` leaves
+// it empty while serving, then it stops and nothing notices.
+TEST(MigrationTest, ADrainedServerStopsWithoutAFailedRequest) {
+  ProcessClusterOptions options = FourExpertsOnTwoServers();
+  options.num_servers = 3;  // e0 {0, 1}, e1 {2}, e2 {3}
+  ProcessCluster cluster(options);
+  const ReferenceMoe reference = cluster.Reference();
+  Load load({&cluster.stub()}, reference, 2);
+  load.WaitFor(50);
+  v1::RebalanceRequest drain;
+  drain.add_drain("e2");
+  v1::RebalanceResponse response;
+  const grpc::Status status = Rebalance(cluster.stub(), drain, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+  EXPECT_EQ(Hosted(cluster, 2), std::make_pair(std::set<int>{}, uint64_t{2}));
+  load.WaitFor(50);
+  cluster.KillServer(2);
+  load.WaitFor(100);
+  load.Stop();
+  EXPECT_EQ(load.failed(), 0) << load.first_error();
+}
+
 TEST(MigrationTest, TrainingWithAChangeBetweenStepsEqualsTheReference) {
   ProcessClusterOptions options;
   options.model = absl::StrCat("d_model: ", kDModel,

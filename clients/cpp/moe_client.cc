@@ -165,17 +165,19 @@ absl::StatusOr<SavedCheckpoint> MoeClient::SaveCheckpoint(DType dtype, absl::Dur
 }
 
 absl::StatusOr<v1::RebalanceResponse> MoeClient::PlanRebalance(absl::Duration timeout) {
-  return CallRebalance(/*dry_run=*/true, timeout);
+  return CallRebalance(/*dry_run=*/true, {}, timeout);
 }
 
-absl::StatusOr<v1::RebalanceResponse> MoeClient::Rebalance(absl::Duration timeout) {
-  return CallRebalance(/*dry_run=*/false, timeout);
+absl::StatusOr<v1::RebalanceResponse> MoeClient::Rebalance(const std::vector<std::string>& drain,
+                                                           absl::Duration timeout) {
+  return CallRebalance(/*dry_run=*/false, drain, timeout);
 }
 
-absl::StatusOr<v1::RebalanceResponse> MoeClient::CallRebalance(bool dry_run,
-                                                               absl::Duration timeout) {
+absl::StatusOr<v1::RebalanceResponse> MoeClient::CallRebalance(
+    bool dry_run, const std::vector<std::string>& drain, absl::Duration timeout) {
   v1::RebalanceRequest request;
   request.set_dry_run(dry_run);
+  for (const std::string& name : drain) request.add_drain(name);
   grpc::ClientContext context;
   context.set_deadline(After(timeout));
   v1::RebalanceResponse response;

@@ -107,14 +107,19 @@ class MoeClient {
   // Moves the cluster to that placement while it serves (Router.Rebalance;
   // an admin call): the answer has the plan, the new epoch and the time
   // the weight pulls, the drain and the whole change took.
-  absl::StatusOr<v1::RebalanceResponse> Rebalance(absl::Duration timeout = absl::Minutes(10));
+  // `drain`: servers (by name) the new placement leaves empty, so that
+  // they can be stopped.
+  absl::StatusOr<v1::RebalanceResponse> Rebalance(const std::vector<std::string>& drain = {},
+                                                  absl::Duration timeout = absl::Minutes(10));
   // A checkpoint of the last committed step (Router.SaveCheckpoint).
   absl::StatusOr<SavedCheckpoint> SaveCheckpoint(DType dtype = DType::kFloat32,
                                                  absl::Duration timeout = absl::Minutes(10));
 
  private:
   explicit MoeClient(std::shared_ptr<grpc::Channel> channel);
-  absl::StatusOr<v1::RebalanceResponse> CallRebalance(bool dry_run, absl::Duration timeout);
+  absl::StatusOr<v1::RebalanceResponse> CallRebalance(bool dry_run,
+                                                      const std::vector<std::string>& drain,
+                                                      absl::Duration timeout);
 
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Router::Stub> stub_;

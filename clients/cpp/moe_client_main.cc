@@ -28,6 +28,8 @@ ABSL_FLAG(int64_t, show, 8, "Tokens whose routing is printed.");
 ABSL_FLAG(bool, rebalance_plan, false,
           "Instead of a forward, print the placement the router would rebalance to for the load "
           "it measured (Rebalance with dry_run), and what it would move.");
+ABSL_FLAG(std::vector<std::string>, drain, {},
+          "With --rebalance: expert servers (by name) to empty, so that they can be stopped.");
 ABSL_FLAG(bool, rebalance, false,
           "Instead of a forward, move the cluster to the placement the router plans for the "
           "load it measured, while it serves (Rebalance; an admin call), and print what moved.");
@@ -57,7 +59,7 @@ absl::StatusOr<FloatTensor> Input() {
 
 int PrintRebalance(MoeClient& client, bool dry_run) {
   absl::StatusOr<v1::RebalanceResponse> plan =
-      dry_run ? client.PlanRebalance() : client.Rebalance();
+      dry_run ? client.PlanRebalance() : client.Rebalance(absl::GetFlag(FLAGS_drain));
   if (!plan.ok()) {
     MOE_LOG(ERROR, plan.status().ToString());
     return 1;
