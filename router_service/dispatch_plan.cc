@@ -26,7 +26,17 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
     const std::vector<int64_t>& pairs = by_expert[e];
     if (pairs.empty()) continue;
     const ExpertKey expert(options.layer, e);
-    const auto shares = picker.Assign(placement, expert, pairs.size(), {});
+    // A training forward sends an expert's pairs to one replica: its state
+    // is kept there under (request id, expert), once, and a failover then
+    // goes to a replica that holds none of it.
+    std::vector<std::pair<int, int64_t>> shares;
+    if (options.training) {
+      const int64_t count = static_cast<int64_t>(pairs.size());
+      const int server = picker.PickOne(placement, expert, count, {});
+      if (server >= 0) shares.emplace_back(server, count);
+    } else {
+      shares = picker.Assign(placement, expert, pairs.size(), {});
+    }
     if (shares.empty()) {
       unavailable.push_back(expert);
       continue;

@@ -30,6 +30,8 @@ struct ExpertGroup {
 struct DispatchPlanOptions {
   // The MoE layer whose gate made the routing.
   int layer = 0;
+  // Training: each expert's pairs go to one replica (inference splits them
+  // over the least loaded).
   bool training = false;
   uint64_t request_id = 0;
   int64_t deadline_unix_micros = 0;

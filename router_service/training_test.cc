@@ -220,6 +220,36 @@ TEST(InProcessTrainingFaultTest, NonFiniteUpdatesNeverReachAWeight) {
 // dL/dy is checked before the forward's state is used: a NaN or a wrong
 // shape is INVALID_ARGUMENT, and the same Backward with a good dL/dy then
 // works (router and servers kept their state).
+// A training forward sends each expert's pairs to one replica, so that a
+// failover finds none of that forward's state on the next replica: with one
+// replica failing every call, the forward, its backward and the step equal
+// the reference.
+TEST(InProcessTrainingFaultTest, ATrainingForwardFailsOverWholeExperts) {
+  const ModelConfig model = Model({});
+  InProcessCluster cluster(model, PlacementStrategy::kDataParallel);
+  ReferenceTraining reference(model, InitAllWeights(model));
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 41);
+  const FloatTensor dy = RandomTensor({kTokens, kDModel}, 42);
+  const ReferenceTraining::Step expected = reference.Train(x, dy, 0.01f);
+  cluster.client.BreakSilently(1);
+  absl::StatusOr<Router::ForwardResult> y = cluster.Forward(Wire(x), /*training=*/true);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_GT(cluster.router.failovers(), 0);
+  EXPECT_TRUE(TensorNear(Decoded(y->y, kDModel), expected.forward.y, 1e-5));
+  absl::StatusOr<v1::Tensor> dx = cluster.Backward(y->request_id, Wire(dy));
+  ASSERT_TRUE(dx.ok()) << dx.status();
+  EXPECT_TRUE(TensorNear(Decoded(*dx, kDModel), expected.grads.dx, 1e-5));
+  cluster.client.Revive(1);
+  ASSERT_TRUE(cluster.Step(0.01f).ok());
+  for (int e = 0; e < model.num_experts; ++e) {
+    for (int s = 0; s < 2; ++s) {
+      const expert::ExpertSnapshot served = *cluster.client.store(s).Snapshot(ExpertKey(0, e));
+      EXPECT_TRUE(TensorNear(served.weights.w1, reference.weights().experts.at(e).w1, 1e-5))
+          << "expert " << e << " on server " << s;
+    }
+  }
+}
+
 TEST(InProcessTrainingFaultTest, ABadGradientCanBeRetried) {
   InProcessCluster cluster(Model({}), PlacementStrategy::kHybrid);
   absl::StatusOr<Router::ForwardResult> y =
