@@ -27,6 +27,8 @@
 #include "common/checkpoint.h"
 #include "common/deterministic_init.h"
 #include "common/log.h"
+#include "common/placement.h"
+#include "common/placement_solver.h"
 #include "common/tensor_codec.h"
 #include "common/transport_credentials.h"
 #include "deploy/local/child_process.h"
@@ -186,6 +188,31 @@ int Run() {
   absl::SleepFor(absl::Seconds(2));  // warm-up, not measured
   const Phase before = run_phase();
 
+  // What a fresh solve (EPLB re-solves from scratch) would copy for the
+  // same load, against the placement serving now.
+  int64_t fresh_replicas = 0;
+  {
+    v1::ClusterState state;
+    grpc::ClientContext state_context;
+    MOE_CHECK(stub->GetClusterState(&state_context, {}, &state).ok());
+    PlacementProblem problem;
+    problem.num_servers = num_servers;
+    problem.load.emplace_back();
+    for (const v1::ExpertLoad& e : state.experts()) {
+      problem.load[0].push_back(static_cast<double>(e.tokens()));
+    }
+    const Placement current = ModelParallelPlacement(model.num_experts, num_servers);
+    problem.server_slots.assign(num_servers, std::min<int>(
+                                                 model.num_experts,
+                                                 (model.num_experts + num_servers - 1) /
+                                                         num_servers + 1));
+    absl::StatusOr<PlacementPlan> fresh = SolvePlacement(problem);
+    MOE_CHECK(fresh.ok(), fresh.status().ToString());
+    for (int s = 0; s < num_servers; ++s) {
+      for (ExpertKey e : fresh->placement.ExpertsOn(s)) fresh_replicas += !current.Holds(s, e);
+    }
+  }
+
   v1::RebalanceRequest request;
   v1::RebalanceResponse plan;
   grpc::ClientContext context;
@@ -251,6 +278,8 @@ int Run() {
               plan.replicas_removed(), plan.bytes_moved() / 1048576.0, plan.pull_seconds(),
               plan.drain_seconds(), plan.seconds(),
               static_cast<unsigned long>(plan.placement_epoch()));
+  std::printf("replicas copied: %d (a fresh solve of the same load, as EPLB re-solves: %ld)\n",
+              plan.experts_moved(), static_cast<long>(fresh_replicas));
   std::printf("p99 during the change / before: %.2f (goal <= 1.2); failed requests: %d before, %d "
               "during, %d after\n",
               p99[0] > 0 ? p99[1] / p99[0] : 0.0, failed[0], failed[1], failed[2]);

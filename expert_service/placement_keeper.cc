@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <iterator>
 #include <optional>
 #include <thread>
 #include <utility>
@@ -59,9 +60,10 @@ absl::Status PlacementKeeper::Prepare(const v1::PreparePlacementRequest& request
   const absl::Time start = absl::Now();
   const uint64_t from = request.from_epoch();
   const uint64_t to = request.epoch();
-  if (to <= from) {
+  // One epoch at a time: a far epoch would leave no room for the next.
+  if (from == ~uint64_t{0} || to != from + 1) {
     return absl::InvalidArgumentError(
-        absl::StrCat("epoch ", to, " must be higher than from_epoch ", from));
+        absl::StrCat("epoch ", to, " must follow from_epoch ", from, " (from_epoch + 1)"));
   }
   if (request.max_bytes_per_second() < 0) {
     return absl::InvalidArgumentError("max_bytes_per_second must be >= 0");

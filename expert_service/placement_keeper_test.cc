@@ -218,6 +218,9 @@ TEST_F(PlacementKeeperTest, OneChangeAtATimeFromTheEpochServed) {
   absl::Status status = e1_.keeper->Prepare(Prepare(3, 4, next), &prepared);
   EXPECT_EQ(status.code(), absl::StatusCode::kAborted);
   EXPECT_THAT(status.message(), HasSubstr("serves placement epoch 1, not 3"));
+  // A far epoch (that would leave no room for the next) is refused.
+  status = e1_.keeper->Prepare(Prepare(1, ~uint64_t{0}, next), &prepared);
+  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
   ASSERT_TRUE(e1_.keeper->Prepare(Prepare(1, 2, next), &prepared).ok());
   // A retry of the same Prepare is fine; another change to the same epoch
   // (another router's) is not.
