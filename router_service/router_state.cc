@@ -1,0 +1,134 @@
+// The router's versioned state: its placement (installed by a placement
+// change, or learnt from the servers) and its gate (changed by a training
+// step's commit). The request paths are in router.cc.
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/log.h"
+#include "common/optimizer.h"
+#include "common/placement_proto.h"
+#include "common/status_macros.h"
+#include "router_service/router.h"  // IWYU pragma: associated
+
+namespace moe::router {
+namespace {
+
+// The layer this router's gate is of (model_config.h).
+constexpr int kServedLayer = 0;
+
+}  // namespace
+
+void Router::RefreshPlacement(int server, absl::AnyInvocable<void() &&> then) {
+  {
+    absl::MutexLock lock(&refresh_mu_);
+    after_refresh_.push_back(std::move(then));
+    if (refreshing_) return;
+    refreshing_ = true;
+  }
+  client_.Info(server, absl::Now() + absl::Seconds(2),
+               [this, server](absl::StatusOr<v1::InfoResponse> info) {
+                 const absl::Status adopted = info.ok() ? AdoptReported(*info) : info.status();
+                 if (!adopted.ok()) {
+                   MOE_LOG(WARNING, "learning the placement from server ", server, ": ",
+                           adopted.message());
+                 }
+                 std::vector<absl::AnyInvocable<void() &&>> waiting;
+                 {
+                   absl::MutexLock lock(&refresh_mu_);
+                   waiting.swap(after_refresh_);
+                 }
+                 for (auto& w : waiting) Run(std::move(w));
+                 // Last: the destructor waits for this.
+                 absl::MutexLock lock(&refresh_mu_);
+                 refreshing_ = false;
+               });
+}
+
+absl::Status Router::AdoptReported(const v1::InfoResponse& info) {
+  const PlacementSnapshot now = placement();
+  if (info.placement_epoch() <= now->version) return absl::OkStatus();
+  if (options_.cluster.servers.empty()) {
+    return absl::FailedPreconditionError("this router knows no server names");
+  }
+  MOE_ASSIGN_OR_RETURN(Placement next, PlacementFromProto(info.placement(), options_.model,
+                                                          options_.cluster, "placement"));
+  MOE_ASSIGN_OR_RETURN(PlacementSnapshot installed,
+                       InstallPlacement(std::move(next), now->version, info.placement_epoch()));
+  MOE_LOG(INFO, "learnt placement epoch ", installed->version, " from server ",
+          info.server_name());
+  return absl::OkStatus();
+}
+
+FloatTensor Router::GateGradient() const {
+  absl::MutexLock lock(&gate_mu_);
+  return gate_gradient_;
+}
+
+absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement next) {
+  const PlacementSnapshot now = placement_.Get();
+  return InstallPlacement(std::move(next), now->version, now->version + 1);
+}
+
+absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement next,
+                                                                   uint64_t expected,
+                                                                   uint64_t epoch) {
+  const PlacementSnapshot current = placement_.Get();
+  const Placement& now = current->value;
+  bool same_shape =
+      next.num_servers() == now.num_servers() && next.num_layers() == now.num_layers();
+  for (int l = 0; same_shape && l < now.num_layers(); ++l) {
+    same_shape = next.num_experts(l) == now.num_experts(l);
+  }
+  if (!same_shape) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("placement of ", next.num_layers(), " layer(s), ",
+                     next.num_experts(kServedLayer), " experts in layer ", kServedLayer, ", on ",
+                     next.num_servers(), " servers; this cluster has ", now.num_layers(), ", ",
+                     now.num_experts(kServedLayer), ", on ", now.num_servers()));
+  }
+  MOE_ASSIGN_OR_RETURN(PlacementSnapshot installed,
+                       placement_.InstallIf(expected, std::move(next), epoch));
+  MOE_LOG(INFO, "placement epoch ", installed->version, " installed");
+  if (options_.on_placement) options_.on_placement(installed->version);
+  return installed;
+}
+
+absl::StatusOr<Router::GateStep> Router::PrepareGateStep(uint64_t step_number,
+                                                         float learning_rate) {
+  GateStep step;
+  step.step = step_number;
+  const GateSnapshot current = gate_.Get();
+  step.base_version = current->version;
+  step.gate = current->value;
+  absl::MutexLock lock(&gate_mu_);
+  step.gradient = FloatTensor(gate_gradient_.shape());
+  std::swap(step.gradient, gate_gradient_);
+  step.velocity = gate_velocity_;
+  if (!ApplySgd(options_.model.optimizer, learning_rate, step.gradient, step.gate,
+                &step.velocity)) {
+    std::swap(step.gradient, gate_gradient_);  // nothing happened
+    return absl::OutOfRangeError(absl::StrCat(
+        "step ", step_number, ": the gate's update has a non-finite value (its gradient or ",
+        "the learning rate ", learning_rate, " overflowed); nothing changed"));
+  }
+  return step;
+}
+
+void Router::CommitGateStep(GateStep step) {
+  absl::MutexLock lock(&gate_mu_);
+  // Steps run one at a time (StepCoordinator): nothing else changed the gate.
+  absl::StatusOr<GateSnapshot> installed =
+      gate_.InstallIf(step.base_version, std::move(step.gate), step.step);
+  MOE_CHECK(installed.ok(), installed.status().ToString());
+  gate_velocity_ = std::move(step.velocity);
+}
+
+void Router::AbortGateStep(const GateStep& step) {
+  absl::MutexLock lock(&gate_mu_);
+  absl::Span<float> dst = gate_gradient_.mutable_values();
+  absl::Span<const float> src = step.gradient.values();
+  for (size_t i = 0; i < dst.size(); ++i) dst[i] += src[i];
+}
+
+}  // namespace moe::router
