@@ -173,7 +173,10 @@ AutoRebalancer::Look AutoRebalancer::LookOnce(absl::Time now) {
     plan = *std::move(planned);
   }
   look.planned = plan->imbalance_after;
-  if (look.planned > options_.threshold - options_.hysteresis) {
+  // The placement is already the plan's (the imbalance comes from how
+  // replicas share the load), or the gain is too small to move weights.
+  if ((plan->replicas_added == 0 && plan->replicas_removed == 0) ||
+      look.planned > options_.threshold - options_.hysteresis) {
     look.decision = Decision::kNoBetterPlan;
     return look;
   }

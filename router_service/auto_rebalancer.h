@@ -58,7 +58,8 @@ class AutoRebalancer {
     kMeasuring,     // less than half a window of counts yet
     kBalanced,      // at or below the threshold
     kCoolingDown,   // changed less than `cooldown` ago
-    kNoBetterPlan,  // the plan would not get below threshold - hysteresis
+    kNoBetterPlan,  // the plan moves nothing, or would not get below
+                    // threshold - hysteresis
     kChanged,       // moved to a new placement
     kFailed,        // the change was refused or failed (logged)
   };
