@@ -264,8 +264,11 @@ absl::Status RouterServiceImpl::RunRebalance(const v1::RebalanceRequest& request
 
   const absl::StatusOr<PlacementCoordinator::Result> changed =
       placements_.Change(std::move(plan->placement), deadline);
-  metrics_.CountRebalance(changed.status(), changed.ok() ? changed->bytes : 0,
-                          changed.ok() ? absl::ToDoubleSeconds(changed->time) : 0);
+  // The placement it has already is no change.
+  if (!changed.ok() || changed->epoch != changed->from_epoch) {
+    metrics_.CountRebalance(changed.status(), changed.ok() ? changed->bytes : 0,
+                            changed.ok() ? absl::ToDoubleSeconds(changed->time) : 0);
+  }
   if (!changed.ok()) return changed.status();
   response->set_placement_epoch(changed->epoch);
   response->set_bytes_moved(changed->bytes);
