@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <csignal>
 #include <fstream>
 #include <thread>
 
@@ -14,6 +15,7 @@
 #include "common/testing/random_tensor.h"
 #include "common/testing/reference_training.h"
 #include "common/testing/tensor_matchers.h"
+#include "deploy/local/child_process.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -134,6 +136,17 @@ TEST(CheckpointTest, AFreshClusterFromACheckpointServesAndTrainsOnWhereTheOldOne
   const grpc::Status no_dir = Save(resumed, &refused);
   EXPECT_EQ(no_dir.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
   EXPECT_THAT(no_dir.error_message(), HasSubstr("--checkpoint_dir"));
+
+  // The command line asks for one too (the first cluster is still at step
+  // 2: the same checkpoint again).
+  local::ChildProcess save(local::RunfilePath("clients/cpp/moe_client"),
+                           {"--router=" + cluster.router_address(), "--save_checkpoint"});
+  EXPECT_TRUE(save.WaitForLine("checkpoint of step 2 (lineage " + saved.lineage() + ") in " +
+                                   saved.directory() + ": 3 file(s)",
+                               absl::Seconds(60)))
+      << save.output();
+  save.WaitForLine("no such line", absl::Seconds(30));  // returns at its exit
+  EXPECT_EQ(save.Stop(SIGTERM, absl::Seconds(10)), 0) << save.output();
 }
 
 }  // namespace

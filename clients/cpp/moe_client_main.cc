@@ -28,6 +28,9 @@ ABSL_FLAG(int64_t, show, 8, "Tokens whose routing is printed.");
 ABSL_FLAG(bool, rebalance_plan, false,
           "Instead of a forward, print the placement the router would rebalance to for the load "
           "it measured (Rebalance with dry_run), and what it would move.");
+ABSL_FLAG(bool, save_checkpoint, false,
+          "Instead of a forward, ask the router for a checkpoint of the last committed training "
+          "step (SaveCheckpoint; the router needs --checkpoint_dir) and print where it went.");
 ABSL_FLAG(std::vector<std::string>, drain, {},
           "With --rebalance: expert servers (by name) to empty, so that they can be stopped.");
 ABSL_FLAG(bool, rebalance, false,
@@ -92,6 +95,22 @@ int PrintRebalance(MoeClient& client, bool dry_run) {
   return 0;
 }
 
+int SaveCheckpoint(MoeClient& client) {
+  absl::StatusOr<SavedCheckpoint> saved =
+      client.SaveCheckpoint(absl::GetFlag(FLAGS_dtype) == "bf16" ? DType::kBFloat16
+                                                                 : DType::kFloat32);
+  if (!saved.ok()) {
+    MOE_LOG(ERROR, saved.status().ToString());
+    return 1;
+  }
+  std::printf("checkpoint of step %lu (lineage %s) in %s: %zu file(s), %.1f MiB in %.3f s\n",
+              static_cast<unsigned long>(saved->step), saved->lineage.c_str(),
+              saved->directory.c_str(), saved->files.size(), saved->bytes / 1048576.0,
+              absl::ToDoubleSeconds(saved->time));
+  for (const std::string& file : saved->files) std::printf("  %s\n", file.c_str());
+  return 0;
+}
+
 int Run() {
   absl::StatusOr<FloatTensor> x = Input();
   if (!x.ok()) {
@@ -107,6 +126,7 @@ int Run() {
     return 2;
   }
   auto client = MoeClient::Connect(absl::GetFlag(FLAGS_router), *credentials);
+  if (absl::GetFlag(FLAGS_save_checkpoint)) return SaveCheckpoint(*client);
   if (absl::GetFlag(FLAGS_rebalance_plan)) return PrintRebalance(*client, /*dry_run=*/true);
   if (absl::GetFlag(FLAGS_rebalance)) return PrintRebalance(*client, /*dry_run=*/false);
   absl::StatusOr<ForwardOutput> out = client->Forward(*x, options);
