@@ -320,7 +320,33 @@ absl::Status ExpertDispatcher::PrepareStep(const v1::PrepareStepRequest& request
 absl::Status ExpertDispatcher::CommitStep(const v1::CommitStepRequest& request,
                                           v1::CommitStepResponse* response) {
   if (steps_ == nullptr) return NoSteps();
+  // The gate is checked before the commit: a bad one fails the call and
+  // the step stays prepared (the router aborts it).
+  const ModelConfig& model = store_.model();
+  auto check_gate = [&](const v1::Tensor& tensor, absl::string_view name) -> absl::Status {
+    const TensorSpec spec{name, {model.d_model, model.num_experts}, {"d_model", "num_experts"}};
+    MOE_ASSIGN_OR_RETURN(const ConstTensorView view, DecodeTensor(tensor, spec));
+    if (view.dtype != DType::kFloat32) {
+      return absl::InvalidArgumentError(absl::StrCat(name, ": must be fp32"));
+    }
+    return absl::OkStatus();
+  };
+  const bool has_gate = request.has_gate();
+  if (has_gate) {
+    MOE_RETURN_IF_ERROR(check_gate(request.gate(), "gate"));
+    if (request.has_gate_velocity()) {
+      MOE_RETURN_IF_ERROR(check_gate(request.gate_velocity(), "gate_velocity"));
+    }
+  }
   MOE_ASSIGN_OR_RETURN(const auto digests, steps_->Commit(request.step()));
+  if (has_gate) {
+    v1::GetGateResponse gate;
+    gate.set_step(request.step());
+    *gate.mutable_gate() = request.gate();
+    if (request.has_gate_velocity()) *gate.mutable_gate_velocity() = request.gate_velocity();
+    absl::MutexLock lock(&gate_mu_);
+    gate_ = std::move(gate);
+  }
   response->set_step(request.step());
   for (const auto& [expert, digest] : digests) {
     v1::ExpertDigest* entry = response->add_experts();
@@ -330,6 +356,17 @@ absl::Status ExpertDispatcher::CommitStep(const v1::CommitStepRequest& request,
   }
   metrics_.steps_committed->Increment();
   metrics_.committed_step->Set(static_cast<double>(request.step()));
+  return absl::OkStatus();
+}
+
+absl::Status ExpertDispatcher::GetGate(v1::GetGateResponse* response) const {
+  absl::MutexLock lock(&gate_mu_);
+  if (!gate_) {
+    return absl::NotFoundError(absl::StrCat("server ", options_.server_name,
+                                            " holds no gate: no step was committed with one "
+                                            "since it started"));
+  }
+  *response = *gate_;
   return absl::OkStatus();
 }
 

@@ -12,6 +12,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -76,6 +77,8 @@ class ExpertDispatcher {
                            v1::PrepareStepResponse* response);
   absl::Status CommitStep(const v1::CommitStepRequest& request, v1::CommitStepResponse* response);
   absl::Status AbortStep(const v1::AbortStepRequest& request);
+  // The gate the last CommitStep carried (NOT_FOUND without one).
+  absl::Status GetGate(v1::GetGateResponse* response) const ABSL_LOCKS_EXCLUDED(gate_mu_);
   bool runs_steps() const { return steps_ != nullptr; }
 
   // The placement epochs this server serves calls of: [oldest, newest]
@@ -113,6 +116,9 @@ class ExpertDispatcher {
   uint64_t oldest_epoch_ ABSL_GUARDED_BY(epoch_mu_) = 1;
   uint64_t newest_epoch_ ABSL_GUARDED_BY(epoch_mu_) = 1;
   std::vector<ExpertKey> leaving_ ABSL_GUARDED_BY(epoch_mu_);
+  // The gate of the last committed step, as its CommitStep carried it.
+  mutable absl::Mutex gate_mu_;
+  std::optional<v1::GetGateResponse> gate_ ABSL_GUARDED_BY(gate_mu_);
 };
 
 }  // namespace moe::expert

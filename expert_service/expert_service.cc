@@ -256,6 +256,14 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::AbortPlacement(
   return reactor;
 }
 
+grpc::ServerUnaryReactor* ExpertServiceImpl::GetGate(grpc::CallbackServerContext* context,
+                                                     const v1::GetGateRequest* request,
+                                                     v1::GetGateResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(dispatcher_.GetGate(response)));
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* ExpertServiceImpl::AcquireLease(grpc::CallbackServerContext* context,
                                                           const v1::AcquireLeaseRequest* request,
                                                           v1::AcquireLeaseResponse* response) {

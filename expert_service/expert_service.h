@@ -75,6 +75,9 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService {
   grpc::ServerUnaryReactor* AbortPlacement(grpc::CallbackServerContext* context,
                                            const v1::AbortPlacementRequest* request,
                                            v1::AbortPlacementResponse* response) override;
+  grpc::ServerUnaryReactor* GetGate(grpc::CallbackServerContext* context,
+                                    const v1::GetGateRequest* request,
+                                    v1::GetGateResponse* response) override;
   grpc::ServerUnaryReactor* AcquireLease(grpc::CallbackServerContext* context,
                                          const v1::AcquireLeaseRequest* request,
                                          v1::AcquireLeaseResponse* response) override;

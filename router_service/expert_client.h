@@ -53,6 +53,8 @@ class ExpertClient {
                          UnaryDone<v1::AbortStepResponse> done) = 0;
   // Info waits for the server to be reachable, up to `deadline`.
   virtual void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) = 0;
+  // The gate of the last step `server` committed.
+  virtual void GetGate(int server, absl::Time deadline, UnaryDone<v1::GetGateResponse> done) = 0;
   // One shard of a checkpoint (SaveCheckpoint).
   virtual void SaveExperts(int server, const v1::SaveExpertsRequest& request, absl::Time deadline,
                            UnaryDone<v1::SaveExpertsResponse> done) = 0;

@@ -189,6 +189,13 @@ void GrpcExpertClient::Info(int server, absl::Time deadline, UnaryDone<v1::InfoR
             v1::InfoRequest(), deadline, std::move(done), /*wait_for_ready=*/true);
 }
 
+void GrpcExpertClient::GetGate(int server, absl::Time deadline,
+                               UnaryDone<v1::GetGateResponse> done) {
+  Connection& c = *connections_.at(server);
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::GetGate, c.label(), "GetGate",
+            v1::GetGateRequest(), deadline, std::move(done));
+}
+
 bool GrpcExpertClient::IsHealthy(int server) const {
   return connections_.at(server)->dispatch().healthy();
 }

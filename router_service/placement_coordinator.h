@@ -12,7 +12,7 @@
 //     servers serve N+1 only and release the replicas it drops.
 // One state change at a time: it takes the StepCoordinator's slot, so a
 // rebalance never overlaps a Step or a checkpoint save. Other routers learn
-// the new epoch from the servers (Router::RefreshPlacement). Thread-safe;
+// the new epoch from the servers (Router::Refresh). Thread-safe;
 // Change blocks.
 #ifndef MOE_ROUTER_SERVICE_PLACEMENT_COORDINATOR_H_
 #define MOE_ROUTER_SERVICE_PLACEMENT_COORDINATOR_H_

@@ -93,6 +93,8 @@ struct Router::ForwardCall {
   // A server that refused a group for a newer placement epoch than the
   // call's (-1: none): where to learn it.
   std::atomic<int> newer_server{-1};
+  // The same for a newer committed step (the gate to learn).
+  std::atomic<int> newer_step_server{-1};
   // What a restart needs (x stays valid until `done` runs).
   const v1::Tensor* x = nullptr;
   absl::Time deadline;
@@ -376,6 +378,7 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
       picker_.MarkStale(server, g.expert, absl::Now() + options_.stale_ttl);
     }
     if (theirs.placement_epoch() > call->placement->version) call->newer_server.store(server);
+    if (theirs.weights_step() > call->gate->version) call->newer_step_server.store(server);
     if (options_.on_stale) options_.on_stale();
   }
   // The server answered that it does not host the expert (released, or a
@@ -452,10 +455,15 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
     }
   }
   if (call->stale) {
-    // Servers at a newer placement epoch than this router: learn it first.
-    const int newer = call->newer_server.load();
-    if (newer >= 0 && call->placement->version == placement()->version) {
-      RefreshPlacement(newer, [this, call]() mutable { RetryStale(std::move(call)); });
+    // Servers at a newer placement epoch or step than this router: learn
+    // them first (unless another call already did).
+    int placement_from = call->newer_server.load();
+    int gate_from = call->newer_step_server.load();
+    if (call->placement->version != placement()->version) placement_from = -1;
+    if (call->gate->version != gate()->version) gate_from = -1;
+    if (placement_from >= 0 || gate_from >= 0) {
+      Refresh(placement_from, gate_from,
+              [this, call]() mutable { RetryStale(std::move(call)); });
     } else {
       RetryStale(std::move(call));
     }

@@ -169,14 +169,24 @@ class Router {
   // both otherwise): a placement change agreed with the servers.
   absl::StatusOr<PlacementSnapshot> InstallPlacement(Placement next, uint64_t expected,
                                                      uint64_t epoch);
-  // Asks `server` (Info) for its committed placement and installs it when
-  // newer than this router's; then runs `then` (also when nothing changed
-  // or the server did not answer). Concurrent refreshes share one Info.
-  void RefreshPlacement(int server, absl::AnyInvocable<void() &&> then)
+  // Learns the servers' newer state: asks `placement_from` (Info; -1: no)
+  // for its committed placement and `gate_from` (GetGate; -1: no) for the
+  // gate of its last step, installs what is newer than this router's, then
+  // runs `then` (also when nothing changed or a server did not answer).
+  // One refresh at a time: calls meanwhile wait for it.
+  void Refresh(int placement_from, int gate_from, absl::AnyInvocable<void() &&> then)
       ABSL_LOCKS_EXCLUDED(refresh_mu_);
   // Installs the placement a server's Info reports when it is newer than
   // this router's; INVALID_ARGUMENT when it does not fit this cluster.
   absl::Status AdoptReported(const v1::InfoResponse& info);
+  // Installs a server's committed gate (and momentum) when it is of a later
+  // step than this router's. The gate gradient accumulated here since is
+  // of backwards against the older gate: dropped, and the log says so.
+  absl::Status AdoptGate(const v1::GetGateResponse& gate) ABSL_LOCKS_EXCLUDED(gate_mu_);
+  // At start: the newest gate the servers hold, when newer than this
+  // router's (a router restarted, or another one stepped). Servers that do
+  // not answer by `deadline` are skipped.
+  absl::Status AdoptServersGate(absl::Time deadline);
 
   // The gate's half of a training step. PrepareGateStep takes the
   // accumulated gradient and computes the updated gate (and momentum)
@@ -258,7 +268,7 @@ class Router {
   // none yet), for hedging.
   std::unique_ptr<std::atomic<double>[]> answer_micros_;
 
-  // One RefreshPlacement at a time; the continuations waiting for it.
+  // One Refresh at a time; the continuations waiting for it.
   absl::Mutex refresh_mu_;
   bool refreshing_ ABSL_GUARDED_BY(refresh_mu_) = false;
   std::vector<absl::AnyInvocable<void() &&>> after_refresh_ ABSL_GUARDED_BY(refresh_mu_);

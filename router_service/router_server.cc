@@ -139,6 +139,11 @@ absl::Status RouterServer::Start() {
       !adopted.ok()) {
     MOE_LOG(WARNING, "router: the servers' placement: ", adopted.message());
   }
+  // Likewise the gate: the servers hold the one of the last committed step.
+  if (absl::Status adopted = router_->AdoptServersGate(absl::Now() + absl::Seconds(2));
+      !adopted.ok()) {
+    MOE_LOG(WARNING, "router: the servers' gate: ", adopted.message());
+  }
   metrics_->placement_epoch->Set(static_cast<double>(router_->placement()->version));
   step_pool_ = std::make_unique<ComputePool>(1, 16);
   service_ = std::make_unique<RouterServiceImpl>(

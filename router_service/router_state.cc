@@ -9,6 +9,8 @@
 #include "common/optimizer.h"
 #include "common/placement_proto.h"
 #include "common/status_macros.h"
+#include "common/tensor_codec.h"
+#include "router_service/on_every_server.h"
 #include "router_service/router.h"  // IWYU pragma: associated
 
 namespace moe::router {
@@ -19,30 +21,101 @@ constexpr int kServedLayer = 0;
 
 }  // namespace
 
-void Router::RefreshPlacement(int server, absl::AnyInvocable<void() &&> then) {
+void Router::Refresh(int placement_from, int gate_from, absl::AnyInvocable<void() &&> then) {
   {
     absl::MutexLock lock(&refresh_mu_);
     after_refresh_.push_back(std::move(then));
     if (refreshing_) return;
     refreshing_ = true;
   }
-  client_.Info(server, absl::Now() + absl::Seconds(2),
-               [this, server](absl::StatusOr<v1::InfoResponse> info) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(2);
+  // Then: the waiting calls go on, and the refresh is over.
+  auto finish = [this] {
+    std::vector<absl::AnyInvocable<void() &&>> waiting;
+    {
+      absl::MutexLock lock(&refresh_mu_);
+      waiting.swap(after_refresh_);
+    }
+    for (auto& w : waiting) Run(std::move(w));
+    // Last: the destructor waits for this.
+    absl::MutexLock lock(&refresh_mu_);
+    refreshing_ = false;
+  };
+  auto learn_gate = [this, gate_from, deadline, finish]() mutable {
+    if (gate_from < 0) {
+      finish();
+      return;
+    }
+    client_.GetGate(gate_from, deadline,
+                    [this, gate_from, finish](absl::StatusOr<v1::GetGateResponse> gate) mutable {
+                      const absl::Status adopted = gate.ok() ? AdoptGate(*gate) : gate.status();
+                      if (!adopted.ok()) {
+                        MOE_LOG(WARNING, "learning the gate from server ", gate_from, ": ",
+                                adopted.message());
+                      }
+                      finish();
+                    });
+  };
+  if (placement_from < 0) {
+    learn_gate();
+    return;
+  }
+  client_.Info(placement_from, deadline,
+               [this, placement_from, learn_gate](absl::StatusOr<v1::InfoResponse> info) mutable {
                  const absl::Status adopted = info.ok() ? AdoptReported(*info) : info.status();
                  if (!adopted.ok()) {
-                   MOE_LOG(WARNING, "learning the placement from server ", server, ": ",
+                   MOE_LOG(WARNING, "learning the placement from server ", placement_from, ": ",
                            adopted.message());
                  }
-                 std::vector<absl::AnyInvocable<void() &&>> waiting;
-                 {
-                   absl::MutexLock lock(&refresh_mu_);
-                   waiting.swap(after_refresh_);
-                 }
-                 for (auto& w : waiting) Run(std::move(w));
-                 // Last: the destructor waits for this.
-                 absl::MutexLock lock(&refresh_mu_);
-                 refreshing_ = false;
+                 learn_gate();
                });
+}
+
+absl::Status Router::AdoptGate(const v1::GetGateResponse& response) {
+  const GateSnapshot now = gate();
+  if (response.step() <= now->version) return absl::OkStatus();
+  const ModelConfig& model = options_.model;
+  auto decode = [&](const v1::Tensor& tensor, absl::string_view name) -> absl::StatusOr<FloatTensor> {
+    const TensorSpec spec{name, {model.d_model, model.num_experts}, {"d_model", "num_experts"}};
+    MOE_ASSIGN_OR_RETURN(const ConstTensorView view, DecodeTensor(tensor, spec));
+    if (view.dtype != DType::kFloat32) {
+      return absl::InvalidArgumentError(absl::StrCat(name, ": must be fp32"));
+    }
+    return ToFloatTensor(view);
+  };
+  MOE_ASSIGN_OR_RETURN(FloatTensor next, decode(response.gate(), "gate"));
+  FloatTensor velocity(next.shape());
+  if (response.has_gate_velocity()) {
+    MOE_ASSIGN_OR_RETURN(velocity, decode(response.gate_velocity(), "gate_velocity"));
+  }
+  absl::MutexLock lock(&gate_mu_);
+  MOE_ASSIGN_OR_RETURN(const GateSnapshot installed,
+                       gate_.InstallIf(now->version, std::move(next), response.step()));
+  gate_velocity_ = std::move(velocity);
+  bool had_gradient = false;
+  for (float g : gate_gradient_.values()) had_gradient = had_gradient || g != 0.0f;
+  if (had_gradient) {
+    MOE_LOG(WARNING, "the gate gradient of backwards run here against step ", now->version,
+            " is dropped: the cluster committed step ", installed->version,
+            " through another router");
+    gate_gradient_ = FloatTensor(gate_gradient_.shape());
+  }
+  MOE_LOG(INFO, "learnt the gate of step ", installed->version, " from the servers");
+  return absl::OkStatus();
+}
+
+absl::Status Router::AdoptServersGate(absl::Time deadline) {
+  const int num_servers = placement()->value.num_servers();
+  const std::vector<absl::StatusOr<v1::GetGateResponse>> gates =
+      OnEveryServer<v1::GetGateResponse>(num_servers, [&](int s, auto done) {
+        client_.GetGate(s, deadline, std::move(done));
+      });
+  const v1::GetGateResponse* newest = nullptr;
+  for (const auto& g : gates) {
+    if (g.ok() && (newest == nullptr || g->step() > newest->step())) newest = &*g;
+  }
+  if (newest == nullptr || newest->step() <= gate()->version) return absl::OkStatus();
+  return AdoptGate(*newest);
 }
 
 absl::Status Router::AdoptReported(const v1::InfoResponse& info) {
@@ -117,10 +190,14 @@ absl::StatusOr<Router::GateStep> Router::PrepareGateStep(uint64_t step_number,
 
 void Router::CommitGateStep(GateStep step) {
   absl::MutexLock lock(&gate_mu_);
-  // Steps run one at a time (StepCoordinator): nothing else changed the gate.
   absl::StatusOr<GateSnapshot> installed =
       gate_.InstallIf(step.base_version, std::move(step.gate), step.step);
-  MOE_CHECK(installed.ok(), installed.status().ToString());
+  if (!installed.ok()) {
+    // A forward met a server that had committed this step first, and the
+    // router learnt this very gate from it (AdoptGate) meanwhile.
+    MOE_LOG(INFO, "step ", step.step, "'s gate: ", installed.status().message());
+    return;
+  }
   gate_velocity_ = std::move(step.velocity);
 }
 

@@ -156,6 +156,13 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::RunStep(float learning_
   const absl::Time commit_start = absl::Now();
   v1::CommitStepRequest commit;
   commit.set_step(step);
+  // Every server keeps the committed gate, so that every router (others,
+  // and this one after a restart) serves it (GetGate).
+  EncodeFloats(gate.gate.values(), gate.gate.shape(), DType::kFloat32, commit.mutable_gate());
+  if (router_.model().optimizer.type == OptimizerType::kSgdMomentum) {
+    EncodeFloats(gate.velocity.values(), gate.velocity.shape(), DType::kFloat32,
+                 commit.mutable_gate_velocity());
+  }
   std::vector<absl::StatusOr<v1::CommitStepResponse>> committed =
       OnEveryServer<v1::CommitStepResponse>(NumServers(), [&](int s, auto done) {
         client_.CommitStep(s, commit, absl::Now() + options_.abort_timeout, std::move(done));

@@ -17,6 +17,7 @@
 #include "common/testing/random_tensor.h"
 #include "common/testing/reference_training.h"
 #include "common/testing/tensor_matchers.h"
+#include "common/tensor_codec.h"
 #include "common/transport_credentials.h"
 #include "expert_service/weight_transfer.h"
 #include "gmock/gmock.h"
@@ -131,6 +132,56 @@ TEST_P(TrainingTest, TwentyStepsEqualTheReferenceAndReplicasStayIdentical) {
   for (int i = 0; i < y.routing().expert_ids_size(); ++i) {
     EXPECT_EQ(y.routing().expert_ids(i), expected.routing.expert_ids[i]) << "pair " << i;
   }
+}
+
+// One gate for every router: a router that did not run the step, or that
+// started (or restarted) after it, serves the gate of the latest committed
+// step, which the servers keep.
+TEST(TrainingRoutersTest, EveryRouterServesTheGateOfTheLatestStep) {
+  ProcessClusterOptions options;
+  options.model = absl::StrCat("d_model: ", kDModel, " d_ff: 64 num_experts: 6 top_k: 2 seed: 9");
+  options.strategy = "HYBRID";
+  ProcessCluster cluster(options);
+  ProcessCluster::OtherRouter other = cluster.StartAnotherRouter();
+  const ModelConfig& model = cluster.config().model;
+  ReferenceTraining reference(model, InitAllWeights(model));
+  for (int step = 1; step <= 2; ++step) {
+    const FloatTensor x = RandomTensor({kTokens, kDModel}, 300 + step);
+    const FloatTensor dy = RandomTensor({kTokens, kDModel}, 400 + step);
+    reference.Train(x, dy, 0.05f);
+    v1::ForwardResponse y;
+    ASSERT_TRUE(cluster.Forward(x, &y, /*training=*/true).ok());
+    v1::BackwardResponse dx;
+    ASSERT_TRUE(cluster.Backward(y.request_id(), dy, &dx).ok());
+    v1::StepResponse stepped;
+    ASSERT_TRUE(cluster.Step(0.05f, absl::Seconds(30), &stepped).ok());
+  }
+  auto forward = [&](v1::Router::Stub& stub, const FloatTensor& x, v1::ForwardResponse* y) {
+    v1::ForwardRequest request;
+    EncodeFloats(x.values(), x.shape(), DType::kFloat32, request.mutable_x());
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    return stub.Forward(&context, request, y);
+  };
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 999);
+  const ReferenceForward expected = *reference.Layer().Forward(x);
+  // The other router, which ran no step.
+  v1::ForwardResponse y;
+  grpc::Status status = forward(*other.stub, x, &y);
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << other.process->output();
+  EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.y, 1e-5));
+  v1::ClusterState state;
+  grpc::ClientContext context;
+  ASSERT_TRUE(other.stub->GetClusterState(&context, {}, &state).ok());
+  EXPECT_EQ(state.step(), 2u);
+  // The stepping router restarted: it takes the servers' gate, not the
+  // initial one its config would load.
+  cluster.KillRouter();
+  cluster.StartRouter();
+  EXPECT_THAT(cluster.RouterLog(), HasSubstr("learnt the gate of step 2 from the servers"));
+  status = forward(cluster.stub(), x, &y);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.y, 1e-5));
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -41,7 +41,7 @@ TEST(ShippedPolicyTest, EveryMethodHasItsRow) {
       ++methods;
     }
   }
-  EXPECT_EQ(methods, 22);  // 7 Router, 14 ExpertServer, 1 Collective
+  EXPECT_EQ(methods, 23);  // 7 Router, 15 ExpertServer, 1 Collective
 }
 
 TEST(ShippedPolicyTest, RolesDecide) {
@@ -58,11 +58,13 @@ TEST(ShippedPolicyTest, RolesDecide) {
   EXPECT_FALSE(policy.Check("/moe.v1.ExpertServer/Dispatch", client).ok());
   EXPECT_FALSE(policy.Check("/moe.v1.ExpertServer/ReleaseExpert", expert).ok());
   EXPECT_FALSE(policy.Check("/moe.v1.ExpertServer/AbortStep", client).ok());
-  // Placement changes: the router's alone (an expert server pulls weights
-  // with GetExpertWeights, never installs a placement on its peers).
+  // Placement changes, the lease and the gate: the router's alone (an
+  // expert server pulls weights with GetExpertWeights, never installs a
+  // placement on its peers).
   for (const char* method :
        {"/moe.v1.ExpertServer/PreparePlacement", "/moe.v1.ExpertServer/CommitPlacement",
-        "/moe.v1.ExpertServer/AbortPlacement", "/moe.v1.ExpertServer/AcquireLease"}) {
+        "/moe.v1.ExpertServer/AbortPlacement", "/moe.v1.ExpertServer/AcquireLease",
+        "/moe.v1.ExpertServer/GetGate"}) {
     EXPECT_TRUE(policy.Check(method, router).ok()) << method;
     EXPECT_FALSE(policy.Check(method, expert).ok()) << method;
     EXPECT_FALSE(policy.Check(method, client).ok()) << method;

@@ -271,6 +271,22 @@ void InProcessExpertClient::Info(int server, absl::Time, UnaryDone<v1::InfoRespo
   std::move(done)(std::move(info));
 }
 
+void InProcessExpertClient::GetGate(int server, absl::Time,
+                                    UnaryDone<v1::GetGateResponse> done) {
+  Server& s = *servers_.at(server);
+  if (!s.alive) {
+    std::move(done)(Down(server));
+    return;
+  }
+  v1::GetGateResponse gate;
+  const absl::Status status = s.dispatcher->GetGate(&gate);
+  if (status.ok()) {
+    std::move(done)(std::move(gate));
+  } else {
+    std::move(done)(status);
+  }
+}
+
 bool InProcessExpertClient::IsHealthy(int server) const {
   return servers_.at(server)->looks_healthy;
 }
