@@ -1,5 +1,6 @@
 #include "router_service/auto_rebalancer.h"
 
+#include <algorithm>
 #include <optional>
 #include <utility>
 
@@ -79,8 +80,11 @@ bool AutoRebalancer::HoldsLease(absl::Time now) {
   v1::AcquireLeaseRequest request;
   request.set_name(kLease);
   request.set_holder(options_.holder);
-  // Three looks' worth: a router that stops looking loses it soon after.
-  request.set_ttl_ms(absl::ToInt64Milliseconds(3 * options_.interval));
+  // Three looks' worth, and at least 30 s (a look that changes the
+  // placement takes seconds): a router that stops looking loses it soon
+  // after.
+  request.set_ttl_ms(
+      absl::ToInt64Milliseconds(std::max(3 * options_.interval, absl::Seconds(30))));
   const std::vector<absl::StatusOr<v1::AcquireLeaseResponse>> answer =
       OnEveryServer<v1::AcquireLeaseResponse>(1, [&](int, auto done) {
         client_.AcquireLease(kLeaseKeeper, request, now + kCallTimeout, std::move(done));

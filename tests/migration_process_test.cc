@@ -353,7 +353,7 @@ TEST(MigrationTest, AutomaticRebalanceFollowsTheTrafficWithOneRouterDeciding) {
     watched += log.find("automatic rebalance: another router decides") != std::string::npos;
   }
   EXPECT_EQ(changed, 1);
-  EXPECT_EQ(watched, 1);
+  EXPECT_GE(watched, 1);
   EXPECT_EQ(RouterEpoch(cluster.stub()), 2u);
   EXPECT_EQ(RouterEpoch(*other.stub), 2u);
 }
