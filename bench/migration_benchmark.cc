@@ -142,8 +142,8 @@ int Run() {
   const int tokens = absl::GetFlag(FLAGS_tokens);
   for (int c = 0; c < absl::GetFlag(FLAGS_clients); ++c) {
     clients.emplace_back([&, c] {
-      auto client = v1::Router::NewStub(NewChannel((*cluster)->router_address(),
-                                                   TransportCredentials::Plaintext(), 256 << 20));
+      auto client = v1::Router::NewStub(
+          NewChannel((*cluster)->router_address(), TransportCredentials::Plaintext(), 256 << 20));
       std::mt19937 rng(c);
       std::uniform_real_distribution<float> uniform(-1, 1);
       FloatTensor x({tokens, model.d_model});
@@ -202,10 +202,9 @@ int Run() {
       problem.load[0].push_back(static_cast<double>(e.tokens()));
     }
     const Placement current = ModelParallelPlacement(model.num_experts, num_servers);
-    problem.server_slots.assign(num_servers, std::min<int>(
-                                                 model.num_experts,
-                                                 (model.num_experts + num_servers - 1) /
-                                                         num_servers + 1));
+    problem.server_slots.assign(
+        num_servers,
+        std::min<int>(model.num_experts, (model.num_experts + num_servers - 1) / num_servers + 1));
     absl::StatusOr<PlacementPlan> fresh = SolvePlacement(problem);
     MOE_CHECK(fresh.ok(), fresh.status().ToString());
     for (int s = 0; s < num_servers; ++s) {
@@ -253,36 +252,38 @@ int Run() {
   stats(change_start, change_end, &p50[1], &p99[1], &tps[1], &gap[1], &failed[1]);
   stats(after.start, after.end, &p50[2], &p99[2], &tps[2], &gap[2], &failed[2]);
 
-  std::printf("%d experts (d_model %d, d_ff %d) on %d servers, top-2, Zipf s = %.2f, %d clients x "
-              "%d tokens\n",
-              model.num_experts, static_cast<int>(model.d_model), static_cast<int>(model.d_ff),
-              num_servers,
-              absl::GetFlag(FLAGS_zipf), absl::GetFlag(FLAGS_clients), tokens);
+  std::printf(
+      "%d experts (d_model %d, d_ff %d) on %d servers, top-2, Zipf s = %.2f, %d clients x "
+      "%d tokens\n",
+      model.num_experts, static_cast<int>(model.d_model), static_cast<int>(model.d_ff), num_servers,
+      absl::GetFlag(FLAGS_zipf), absl::GetFlag(FLAGS_clients), tokens);
   auto loads = [](const std::vector<double>& l) {
     std::string out;
     for (double v : l) absl::StrAppend(&out, static_cast<int64_t>(v), " ");
     return out;
   };
-  std::printf("%-8s %10s %9s %9s %9s %10s  %s\n", "phase", "tokens/s", "p50 ms", "p99 ms",
-              "gap ms", "max/mean", "server tokens (measured)");
+  std::printf("%-8s %10s %9s %9s %9s %10s  %s\n", "phase", "tokens/s", "p50 ms", "p99 ms", "gap ms",
+              "max/mean", "server tokens (measured)");
   std::printf("%-8s %10.0f %9.1f %9.1f %9.1f %10.3f  %s\n", "before", tps[0], p50[0], p99[0],
               gap[0], Imbalance(before.load), loads(before.load).c_str());
-  std::printf("%-8s %10.0f %9.1f %9.1f %9.1f %10s  (gap: longest time with no answer; goal "
-              "<= 50 ms)\n",
-              "change", tps[1], p50[1], p99[1], gap[1], "");
-  std::printf("%-8s %10.0f %9.1f %9.1f %9.1f %10.3f  %s\n", "after", tps[2], p50[2], p99[2],
-              gap[2], Imbalance(after.load), loads(after.load).c_str());
-  std::printf("plan: imbalance %.3f -> %.3f predicted; %d replicas added, %d removed, %.1f MiB "
-              "pulled in %.3f s, drain %.3f s, %.3f s in all (epoch %lu)\n",
-              plan.imbalance_before(), plan.imbalance_after(), plan.experts_moved(),
-              plan.replicas_removed(), plan.bytes_moved() / 1048576.0, plan.pull_seconds(),
-              plan.drain_seconds(), plan.seconds(),
-              static_cast<unsigned long>(plan.placement_epoch()));
+  std::printf(
+      "%-8s %10.0f %9.1f %9.1f %9.1f %10s  (gap: longest time with no answer; goal "
+      "<= 50 ms)\n",
+      "change", tps[1], p50[1], p99[1], gap[1], "");
+  std::printf("%-8s %10.0f %9.1f %9.1f %9.1f %10.3f  %s\n", "after", tps[2], p50[2], p99[2], gap[2],
+              Imbalance(after.load), loads(after.load).c_str());
+  std::printf(
+      "plan: imbalance %.3f -> %.3f predicted; %d replicas added, %d removed, %.1f MiB "
+      "pulled in %.3f s, drain %.3f s, %.3f s in all (epoch %lu)\n",
+      plan.imbalance_before(), plan.imbalance_after(), plan.experts_moved(),
+      plan.replicas_removed(), plan.bytes_moved() / 1048576.0, plan.pull_seconds(),
+      plan.drain_seconds(), plan.seconds(), static_cast<unsigned long>(plan.placement_epoch()));
   std::printf("replicas copied: %d (a fresh solve of the same load, as EPLB re-solves: %ld)\n",
               plan.experts_moved(), static_cast<long>(fresh_replicas));
-  std::printf("p99 during the change / before: %.2f (goal <= 1.2); failed requests: %d before, %d "
-              "during, %d after\n",
-              p99[0] > 0 ? p99[1] / p99[0] : 0.0, failed[0], failed[1], failed[2]);
+  std::printf(
+      "p99 during the change / before: %.2f (goal <= 1.2); failed requests: %d before, %d "
+      "during, %d after\n",
+      p99[0] > 0 ? p99[1] / p99[0] : 0.0, failed[0], failed[1], failed[2]);
   // The routing the gate gave, from the router's counters.
   const std::string metrics = local::HttpGet((*cluster)->router_metrics_port(), "/metrics");
   std::vector<double> share(model.num_experts, 0);
@@ -290,9 +291,8 @@ int Run() {
     const std::string key = absl::StrCat("moe_router_expert_tokens_total{expert=\"", e, "\"} ");
     const size_t at = metrics.find(key);
     if (at != std::string::npos) {
-      (void)absl::SimpleAtod(metrics.substr(at + key.size(), metrics.find('\n', at) - at -
-                                                                 key.size()),
-                             &share[e]);
+      (void)absl::SimpleAtod(
+          metrics.substr(at + key.size(), metrics.find('\n', at) - at - key.size()), &share[e]);
     }
   }
   double all = 0;

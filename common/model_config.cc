@@ -101,24 +101,21 @@ absl::Status CheckServers(const v1::ClusterConfig& proto) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<double>> LoadProfileFromProto(
-    const v1::LoadProfile& proto, int num_experts) {
+absl::StatusOr<std::vector<double>> LoadProfileFromProto(const v1::LoadProfile& proto,
+                                                         int num_experts) {
   if (proto.expert_load_size() != num_experts) {
     return FieldError("cluster.load_profile.expert_load",
-                      absl::StrCat("expected ", num_experts,
-                                   " values (one per expert), got ",
+                      absl::StrCat("expected ", num_experts, " values (one per expert), got ",
                                    proto.expert_load_size()));
   }
   for (int e = 0; e < num_experts; ++e) {
     const double load = proto.expert_load(e);
     if (!std::isfinite(load) || load < 0) {
-      return FieldError(
-          absl::StrCat("cluster.load_profile.expert_load[", e, "]"),
-          absl::StrCat("must be finite and >= 0, got ", load));
+      return FieldError(absl::StrCat("cluster.load_profile.expert_load[", e, "]"),
+                        absl::StrCat("must be finite and >= 0, got ", load));
     }
   }
-  return std::vector<double>(proto.expert_load().begin(),
-                             proto.expert_load().end());
+  return std::vector<double>(proto.expert_load().begin(), proto.expert_load().end());
 }
 
 class FirstErrorCollector : public google::protobuf::io::ErrorCollector {
@@ -126,8 +123,7 @@ class FirstErrorCollector : public google::protobuf::io::ErrorCollector {
   void AddError(int line, google::protobuf::io::ColumnNumber column,
                 const std::string& message) override {
     if (error_.empty()) {
-      error_ = absl::StrCat("line ", line + 1, " column ", column + 1, ": ",
-                            message);
+      error_ = absl::StrCat("line ", line + 1, " column ", column + 1, ": ", message);
     }
   }
   const std::string& error() const { return error_; }
@@ -145,8 +141,7 @@ absl::StatusOr<std::vector<std::vector<int>>> ExplicitPlacementFromProto(
   std::vector<bool> seen(num_experts, false);
   for (int i = 0; i < proto.experts_size(); ++i) {
     const v1::ExpertAssignment& assignment = proto.experts(i);
-    const std::string field =
-        absl::StrCat(field_name, ".experts[", i, "]");
+    const std::string field = absl::StrCat(field_name, ".experts[", i, "]");
     const int expert = assignment.expert_id();
     if (expert < 0 || expert >= num_experts) {
       return FieldError(absl::StrCat(field, ".expert_id"),
@@ -181,8 +176,7 @@ absl::StatusOr<std::vector<std::vector<int>>> ExplicitPlacementFromProto(
   }
   for (int e = 0; e < num_experts; ++e) {
     if (!seen[e]) {
-      return FieldError(std::string(field_name),
-                        absl::StrCat("expert ", e, " is not placed"));
+      return FieldError(std::string(field_name), absl::StrCat("expert ", e, " is not placed"));
     }
   }
   return placement;

@@ -26,14 +26,11 @@ v1::ExplicitPlacement PlacementToProto(const Placement& placement, const Cluster
 }
 
 absl::StatusOr<Placement> PlacementFromProto(const v1::ExplicitPlacement& proto,
-                                             const ModelConfig& model,
-                                             const ClusterConfig& cluster,
+                                             const ModelConfig& model, const ClusterConfig& cluster,
                                              absl::string_view field_name) {
-  MOE_ASSIGN_OR_RETURN(
-      std::vector<std::vector<int>> servers_of_expert,
-      ExplicitPlacementFromProto(proto, cluster, model.num_experts, field_name));
-  return Placement::Create(static_cast<int>(cluster.servers.size()),
-                           std::move(servers_of_expert));
+  MOE_ASSIGN_OR_RETURN(std::vector<std::vector<int>> servers_of_expert,
+                       ExplicitPlacementFromProto(proto, cluster, model.num_experts, field_name));
+  return Placement::Create(static_cast<int>(cluster.servers.size()), std::move(servers_of_expert));
 }
 
 }  // namespace moe

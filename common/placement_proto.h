@@ -17,8 +17,7 @@ v1::ExplicitPlacement PlacementToProto(const Placement& placement, const Cluster
 // INVALID_ARGUMENT naming `field_name` when an expert is missing or listed
 // twice, a server is unknown or listed twice for one expert.
 absl::StatusOr<Placement> PlacementFromProto(const v1::ExplicitPlacement& proto,
-                                             const ModelConfig& model,
-                                             const ClusterConfig& cluster,
+                                             const ModelConfig& model, const ClusterConfig& cluster,
                                              absl::string_view field_name);
 
 }  // namespace moe

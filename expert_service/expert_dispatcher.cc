@@ -251,7 +251,7 @@ absl::StatusOr<std::vector<v1::ExpertWeightsChunk>> ExpertDispatcher::ExpertChun
 absl::Status ExpertDispatcher::InstallExpert(ExpertAssembler& assembler,
                                              v1::LoadExpertWeightsResponse* response) {
   MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, assembler.Finish());
-  const uint64_t digest = assembler.digest();  // checked by Finish
+  const uint64_t digest = assembler.digest();    // checked by Finish
   const ExpertKey expert = *assembler.expert();  // Finish() saw the last chunk
   MOE_RETURN_IF_ERROR(store_.AddExpert(expert, std::move(snapshot), assembler.step()));
   SetExpertKey(expert, response->mutable_expert());

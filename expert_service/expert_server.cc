@@ -192,8 +192,8 @@ absl::Status ExpertServer::AdoptPeersPlacement(Placement& placement, uint64_t& e
     }
   }
   if (newest == nullptr) return absl::OkStatus();
-  absl::StatusOr<Placement> adopted = PlacementFromProto(
-      newest->placement(), options_.config.model, options_.config.cluster, "placement");
+  absl::StatusOr<Placement> adopted = PlacementFromProto(newest->placement(), options_.config.model,
+                                                         options_.config.cluster, "placement");
   if (!adopted.ok()) {
     return absl::FailedPreconditionError(absl::StrCat(
         "server ", newest->server_name(), " reports placement epoch ", newest->placement_epoch(),

@@ -38,8 +38,7 @@ absl::Status GrpcSyncPeers::FetchExpert(
   // the channel's reconnect back-off: connect first (briefly), rather than
   // fail at once.
   const Peer& p = peers_.at(peer);
-  const auto connect_by =
-      absl::ToChronoTime(std::min(deadline, absl::Now() + absl::Seconds(5)));
+  const auto connect_by = absl::ToChronoTime(std::min(deadline, absl::Now() + absl::Seconds(5)));
   for (grpc_connectivity_state state = p.channel->GetState(/*try_to_connect=*/true);
        state != GRPC_CHANNEL_READY && p.channel->WaitForStateChange(state, connect_by);
        state = p.channel->GetState(true)) {

@@ -17,21 +17,20 @@ bool PlainName(const std::string& name) {
 }  // namespace
 
 absl::StatusOr<LeaseTable::Lease> LeaseTable::Acquire(const std::string& name,
-                                                      const std::string& holder,
-                                                      absl::Duration ttl, absl::Time now) {
+                                                      const std::string& holder, absl::Duration ttl,
+                                                      absl::Time now) {
   if (name.empty() || name.size() > kMaxNameBytes || !PlainName(name)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "lease name: 1 to ", kMaxNameBytes, " bytes of [A-Za-z0-9._-], got ", name.size(),
-        " bytes"));
+    return absl::InvalidArgumentError(absl::StrCat("lease name: 1 to ", kMaxNameBytes,
+                                                   " bytes of [A-Za-z0-9._-], got ", name.size(),
+                                                   " bytes"));
   }
   if (holder.empty() || holder.size() > kMaxHolderBytes) {
     return absl::InvalidArgumentError(
         absl::StrCat("lease holder: 1 to ", kMaxHolderBytes, " bytes, got ", holder.size()));
   }
   if (ttl <= absl::ZeroDuration() || ttl > kMaxTtl) {
-    return absl::InvalidArgumentError(absl::StrCat("lease ttl: in (0, ",
-                                                   absl::FormatDuration(kMaxTtl), "], got ",
-                                                   absl::FormatDuration(ttl)));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "lease ttl: in (0, ", absl::FormatDuration(kMaxTtl), "], got ", absl::FormatDuration(ttl)));
   }
   absl::MutexLock lock(&mu_);
   auto it = leases_.find(name);

@@ -86,15 +86,15 @@ absl::Status PlacementKeeper::Prepare(const v1::PreparePlacementRequest& request
     }
   }
   if (expired) {
-    Undo(*expired, absl::StrCat("prepared more than ",
-                                absl::FormatDuration(options_.prepared_timeout),
-                                " ago with no commit or abort"));
+    Undo(*expired,
+         absl::StrCat("prepared more than ", absl::FormatDuration(options_.prepared_timeout),
+                      " ago with no commit or abort"));
   }
   {
     absl::MutexLock lock(&mu_);
     if (pending_) {
-      if (pending_->from_epoch == from && pending_->epoch == to &&
-          pending_->placement == next && !pending_->pulling) {
+      if (pending_->from_epoch == from && pending_->epoch == to && pending_->placement == next &&
+          !pending_->pulling) {
         return absl::OkStatus();  // a retry of the Prepare that got here
       }
       return absl::AbortedError(absl::StrCat("server ", name(), " is preparing placement epoch ",
@@ -176,8 +176,8 @@ absl::Status PlacementKeeper::Prepare(const v1::PreparePlacementRequest& request
   response->set_bytes(bytes);
   response->set_seconds(absl::ToDoubleSeconds(absl::Now() - start));
   MOE_LOG(INFO, "server ", name(), ": prepared placement epoch ", to, " (", bytes >> 20,
-          " MiB pulled in ", absl::FormatDuration(absl::Now() - start),
-          "); serving epochs ", from, "-", to);
+          " MiB pulled in ", absl::FormatDuration(absl::Now() - start), "); serving epochs ", from,
+          "-", to);
   return absl::OkStatus();
 }
 
@@ -230,11 +230,10 @@ absl::StatusOr<v1::ExpertDigest> PlacementKeeper::Pull(ExpertKey expert, const P
             from, ", ", received >> 20, " MiB in ", absl::FormatDuration(absl::Now() - started));
     return digest;
   }
-  return absl::UnavailableError(
-      absl::StrCat(expert.ToString(), ": no server could give it to server ", name(), " (",
-                   failures.empty() ? std::string("no other server holds it")
-                                    : absl::StrJoin(failures, "; "),
-                   ")"));
+  return absl::UnavailableError(absl::StrCat(
+      expert.ToString(), ": no server could give it to server ", name(), " (",
+      failures.empty() ? std::string("no other server holds it") : absl::StrJoin(failures, "; "),
+      ")"));
 }
 
 absl::Status PlacementKeeper::Commit(const v1::CommitPlacementRequest& request,
@@ -277,8 +276,8 @@ absl::Status PlacementKeeper::Commit(const v1::CommitPlacementRequest& request,
           JoinExpertKeys(placement_.ExpertsOn(options_.server)), "]");
   if (!rings.ok()) {
     return absl::InternalError(absl::StrCat("server ", name(), " committed placement epoch ",
-                                            epoch_, " but its rings did not follow: ",
-                                            rings.message()));
+                                            epoch_,
+                                            " but its rings did not follow: ", rings.message()));
   }
   return absl::OkStatus();
 }

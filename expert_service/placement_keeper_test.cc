@@ -62,9 +62,9 @@ struct Server {
     steps = std::make_unique<StepExecutor>(
         StepExecutor::Options{Model().optimizer, absl::StrCat("e", index), {}}, *store,
         collectives);
-    dispatcher = std::make_unique<ExpertDispatcher>(
-        ExpertDispatcher::Options{absl::StrCat("e", index)}, *store, *metrics, nullptr,
-        steps.get());
+    dispatcher =
+        std::make_unique<ExpertDispatcher>(ExpertDispatcher::Options{absl::StrCat("e", index)},
+                                           *store, *metrics, nullptr, steps.get());
     PlacementKeeper::Options options;
     options.model = Model();
     options.cluster = Cluster();
@@ -74,8 +74,8 @@ struct Server {
       ++ring_changes;
       return absl::OkStatus();
     };
-    keeper = std::make_unique<PlacementKeeper>(options, placement, 1, *store, *dispatcher,
-                                               *steps, peer);
+    keeper =
+        std::make_unique<PlacementKeeper>(options, placement, 1, *store, *dispatcher, *steps, peer);
   }
   std::vector<int> Hosted() const {
     std::vector<int> ids;
@@ -251,10 +251,10 @@ TEST_F(PlacementKeeperTest, AbortReleasesWhatPrepareAddedAndNothingElseMoves) {
 
 TEST_F(PlacementKeeperTest, TrainingStateOnALeavingExpertRefusesTheChange) {
   FloatTensor x({2, Model().d_model}), y({2, Model().d_model});
-  ASSERT_TRUE(e0_.store
-                  ->Forward(ExpertKey(0, 1), x.view(), y.mutable_view(), /*training=*/true, 9,
-                            absl::Now())
-                  .ok());
+  ASSERT_TRUE(
+      e0_.store
+          ->Forward(ExpertKey(0, 1), x.view(), y.mutable_view(), /*training=*/true, 9, absl::Now())
+          .ok());
   v1::PreparePlacementResponse prepared;
   const absl::Status status =
       e0_.keeper->Prepare(Prepare(1, 2, PlacementOf({{0}, {1}, {1}, {1}})), &prepared);

@@ -131,9 +131,9 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
           "step ", step, ": server ", options_.server_name, " is preparing step ", *preparing_));
     }
     if (held_) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "step ", step, ": server ", options_.server_name, " is in ", *held_,
-          "; steps wait for it to commit or abort"));
+      return absl::FailedPreconditionError(absl::StrCat("step ", step, ": server ",
+                                                        options_.server_name, " is in ", *held_,
+                                                        "; steps wait for it to commit or abort"));
     }
     // A step updates weights of the last committed step only: an expert
     // left behind (no replica to sync from) would get a later step's label

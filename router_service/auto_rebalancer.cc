@@ -83,8 +83,7 @@ bool AutoRebalancer::HoldsLease(absl::Time now) {
   // Three looks' worth, and at least 30 s (a look that changes the
   // placement takes seconds): a router that stops looking loses it soon
   // after.
-  request.set_ttl_ms(
-      absl::ToInt64Milliseconds(std::max(3 * options_.interval, absl::Seconds(30))));
+  request.set_ttl_ms(absl::ToInt64Milliseconds(std::max(3 * options_.interval, absl::Seconds(30))));
   const std::vector<absl::StatusOr<v1::AcquireLeaseResponse>> answer =
       OnEveryServer<v1::AcquireLeaseResponse>(1, [&](int, auto done) {
         client_.AcquireLease(kLeaseKeeper, request, now + kCallTimeout, std::move(done));
@@ -94,10 +93,8 @@ bool AutoRebalancer::HoldsLease(absl::Time now) {
 
 absl::StatusOr<AutoRebalancer::Counts> AutoRebalancer::ReadCounts(absl::Time now) {
   const int num_servers = static_cast<int>(options_.cluster.servers.size());
-  const std::vector<absl::StatusOr<v1::InfoResponse>> infos =
-      OnEveryServer<v1::InfoResponse>(num_servers, [&](int s, auto done) {
-        client_.Info(s, now + kCallTimeout, std::move(done));
-      });
+  const std::vector<absl::StatusOr<v1::InfoResponse>> infos = OnEveryServer<v1::InfoResponse>(
+      num_servers, [&](int s, auto done) { client_.Info(s, now + kCallTimeout, std::move(done)); });
   Counts counts{now, std::vector<int64_t>(options_.model.num_experts, 0),
                 std::vector<int64_t>(num_servers, 0)};
   for (int s = 0; s < num_servers; ++s) {

@@ -68,8 +68,8 @@ class ExpertClient {
   virtual void AbortPlacement(int server, const v1::AbortPlacementRequest& request,
                               absl::Time deadline, UnaryDone<v1::AbortPlacementResponse> done) = 0;
   // A lease `server` keeps (one router decides an automatic Rebalance).
-  virtual void AcquireLease(int server, const v1::AcquireLeaseRequest& request,
-                            absl::Time deadline, UnaryDone<v1::AcquireLeaseResponse> done) = 0;
+  virtual void AcquireLease(int server, const v1::AcquireLeaseRequest& request, absl::Time deadline,
+                            UnaryDone<v1::AcquireLeaseResponse> done) = 0;
 
   // Whether the transport to `server` is believed up (a hint for replica
   // choice; a call may still fail).

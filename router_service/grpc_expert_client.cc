@@ -154,21 +154,20 @@ void GrpcExpertClient::CommitPlacement(int server, const v1::CommitPlacementRequ
                                        absl::Time deadline,
                                        UnaryDone<v1::CommitPlacementResponse> done) {
   Connection& c = *connections_.at(server);
-  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::CommitPlacement, c.label(),
-            "CommitPlacement", request, deadline, std::move(done));
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::CommitPlacement, c.label(), "CommitPlacement",
+            request, deadline, std::move(done));
 }
 
 void GrpcExpertClient::AbortPlacement(int server, const v1::AbortPlacementRequest& request,
                                       absl::Time deadline,
                                       UnaryDone<v1::AbortPlacementResponse> done) {
   Connection& c = *connections_.at(server);
-  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::AbortPlacement, c.label(),
-            "AbortPlacement", request, deadline, std::move(done));
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::AbortPlacement, c.label(), "AbortPlacement",
+            request, deadline, std::move(done));
 }
 
 void GrpcExpertClient::AcquireLease(int server, const v1::AcquireLeaseRequest& request,
-                                    absl::Time deadline,
-                                    UnaryDone<v1::AcquireLeaseResponse> done) {
+                                    absl::Time deadline, UnaryDone<v1::AcquireLeaseResponse> done) {
   Connection& c = *connections_.at(server);
   CallUnary(c.stub(), &v1::ExpertServer::Stub::async::AcquireLease, c.label(), "AcquireLease",
             request, deadline, std::move(done));
@@ -185,8 +184,8 @@ void GrpcExpertClient::Info(int server, absl::Time deadline, UnaryDone<v1::InfoR
   Connection& c = *connections_.at(server);
   // Until the deadline: a server that just came back may sit behind its
   // channel's reconnect back-off (a failed Info is then a timeout).
-  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::Info, c.label(), "Info",
-            v1::InfoRequest(), deadline, std::move(done), /*wait_for_ready=*/true);
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::Info, c.label(), "Info", v1::InfoRequest(),
+            deadline, std::move(done), /*wait_for_ready=*/true);
 }
 
 void GrpcExpertClient::GetGate(int server, absl::Time deadline,

@@ -46,8 +46,7 @@ class GrpcExpertClient : public ExpertClient {
                   UnaryDone<v1::CommitStepResponse> done) override;
   void SaveExperts(int server, const v1::SaveExpertsRequest& request, absl::Time deadline,
                    UnaryDone<v1::SaveExpertsResponse> done) override;
-  void PreparePlacement(int server, const v1::PreparePlacementRequest& request,
-                        absl::Time deadline,
+  void PreparePlacement(int server, const v1::PreparePlacementRequest& request, absl::Time deadline,
                         UnaryDone<v1::PreparePlacementResponse> done) override;
   void CommitPlacement(int server, const v1::CommitPlacementRequest& request, absl::Time deadline,
                        UnaryDone<v1::CommitPlacementResponse> done) override;

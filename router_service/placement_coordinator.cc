@@ -65,12 +65,10 @@ absl::StatusOr<PlacementCoordinator::Result> PlacementCoordinator::Run(Placement
   // that a server that just came back is not taken for a dead one.
   const std::vector<absl::StatusOr<v1::InfoResponse>> reachable =
       OnEveryServer<v1::InfoResponse>(num_servers, [&](int s, auto done) {
-        client_.Info(s, std::min(deadline, absl::Now() + options_.commit_timeout),
-                     std::move(done));
+        client_.Info(s, std::min(deadline, absl::Now() + options_.commit_timeout), std::move(done));
       });
   MOE_RETURN_IF_ERROR(Summarize(
-      absl::StrCat("placement epoch ", epoch, " not started, a server is unreachable"),
-      reachable));
+      absl::StrCat("placement epoch ", epoch, " not started, a server is unreachable"), reachable));
 
   // 1. Every server prepares (pulls), or nothing changes.
   const absl::Duration margin = std::min(absl::Seconds(1), (deadline - start) / 10);
@@ -113,9 +111,9 @@ absl::StatusOr<PlacementCoordinator::Result> PlacementCoordinator::Run(Placement
   while (from.use_count() > 1 && absl::Now() < drained_by) absl::SleepFor(absl::Milliseconds(1));
   result.drain_time = absl::Now() - drain_start;
   if (from.use_count() > 1) {
-    MOE_LOG(WARNING, "placement epoch ", epoch, ": ", from.use_count() - 1,
-            " call(s) of epoch ", from->version, " still running after ",
-            absl::FormatDuration(options_.drain_timeout), "; they run again on the new epoch");
+    MOE_LOG(WARNING, "placement epoch ", epoch, ": ", from.use_count() - 1, " call(s) of epoch ",
+            from->version, " still running after ", absl::FormatDuration(options_.drain_timeout),
+            "; they run again on the new epoch");
   }
   from.reset();
 
@@ -124,8 +122,7 @@ absl::StatusOr<PlacementCoordinator::Result> PlacementCoordinator::Run(Placement
   commit.set_epoch(epoch);
   std::vector<absl::StatusOr<v1::CommitPlacementResponse>> committed =
       OnEveryServer<v1::CommitPlacementResponse>(num_servers, [&](int s, auto done) {
-        client_.CommitPlacement(s, commit, absl::Now() + options_.commit_timeout,
-                                std::move(done));
+        client_.CommitPlacement(s, commit, absl::Now() + options_.commit_timeout, std::move(done));
       });
   // A commit is idempotent: a server that missed it (a lost answer, a
   // reconnect) gets it again, a few times.
@@ -144,9 +141,9 @@ absl::StatusOr<PlacementCoordinator::Result> PlacementCoordinator::Run(Placement
     for (size_t i = 0; i < missed.size(); ++i) committed[missed[i]] = again[i];
   }
   result.time = absl::Now() - start;
-  if (absl::Status failed = Summarize(absl::StrCat("placement epoch ", epoch,
-                                                   " is in force, but the commit failed"),
-                                      committed);
+  if (absl::Status failed =
+          Summarize(absl::StrCat("placement epoch ", epoch, " is in force, but the commit failed"),
+                    committed);
       !failed.ok()) {
     return absl::InternalError(absl::StrCat(
         failed.message(), " (those servers serve both epochs' experts until they commit)"));
@@ -178,10 +175,8 @@ void PlacementCoordinator::AbortEverywhere(uint64_t epoch, const std::string& re
 
 absl::Status PlacementCoordinator::AdoptServersPlacement(absl::Time deadline) {
   const int num_servers = router_.placement()->value.num_servers();
-  const std::vector<absl::StatusOr<v1::InfoResponse>> infos =
-      OnEveryServer<v1::InfoResponse>(num_servers, [&](int s, auto done) {
-        client_.Info(s, deadline, std::move(done));
-      });
+  const std::vector<absl::StatusOr<v1::InfoResponse>> infos = OnEveryServer<v1::InfoResponse>(
+      num_servers, [&](int s, auto done) { client_.Info(s, deadline, std::move(done)); });
   const v1::InfoResponse* newest = nullptr;
   for (const auto& info : infos) {
     if (info.ok() && (newest == nullptr || info->placement_epoch() > newest->placement_epoch())) {

@@ -64,7 +64,8 @@ PlacementPlan PlanMoveTo(const RebalanceInputs& inputs, Placement target) {
   plan.imbalance_before = Imbalance(plan.server_load_before);
   plan.imbalance_after = Imbalance(plan.server_load_after);
   for (int e = 0; e < plan.placement.num_experts(kLayer); ++e) {
-    plan.replicas.push_back(static_cast<int>(plan.placement.ServersOf(ExpertKey(kLayer, e)).size()));
+    plan.replicas.push_back(
+        static_cast<int>(plan.placement.ServersOf(ExpertKey(kLayer, e)).size()));
   }
   for (int s = 0; s < current.num_servers(); ++s) {
     for (ExpertKey e : plan.placement.ExpertsOn(s)) plan.replicas_added += !current.Holds(s, e);

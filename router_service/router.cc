@@ -397,10 +397,10 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
     }
     if (next >= 0) {
       MOE_LOG(WARNING, g.expert.ToString(), ": server ", server,
-              stale                        ? " is at another version ("
-              : not_hosted                   ? " does not host it ("
+              stale                         ? " is at another version ("
+              : not_hosted                  ? " does not host it ("
               : absl::IsUnavailable(status) ? " unavailable ("
-                                             : " failed (",
+                                            : " failed (",
               status.message(), "); re-sending ", rows, " tokens to server ", next);
       failovers_.fetch_add(1);
       if (options_.on_failover) options_.on_failover();
@@ -462,8 +462,7 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
     if (call->placement->version != placement()->version) placement_from = -1;
     if (call->gate->version != gate()->version) gate_from = -1;
     if (placement_from >= 0 || gate_from >= 0) {
-      Refresh(placement_from, gate_from,
-              [this, call]() mutable { RetryStale(std::move(call)); });
+      Refresh(placement_from, gate_from, [this, call]() mutable { RetryStale(std::move(call)); });
     } else {
       RetryStale(std::move(call));
     }

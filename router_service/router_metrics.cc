@@ -119,13 +119,13 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
                             .Help("Expert weight bytes new replicas pulled in placement changes.")
                             .Register(registry)
                             .Add({});
-  m->migration_seconds = &prometheus::BuildHistogram()
-                              .Name("moe_router_migration_seconds")
-                              .Help("A placement change's time: pulls, drain and commit.")
-                              .Register(registry)
-                              .Add({}, prometheus::Histogram::BucketBoundaries{
-                                           0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
-                                           120, 300});
+  m->migration_seconds =
+      &prometheus::BuildHistogram()
+           .Name("moe_router_migration_seconds")
+           .Help("A placement change's time: pulls, drain and commit.")
+           .Register(registry)
+           .Add({}, prometheus::Histogram::BucketBoundaries{0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                                                            10, 30, 60, 120, 300});
   auto& expert_tokens = prometheus::BuildCounter()
                             .Name("moe_router_expert_tokens_total")
                             .Help("(token, expert) pairs routed to each expert and served.")

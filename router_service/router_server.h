@@ -23,13 +23,13 @@
 #include "common/transport_credentials.h"
 #include "prometheus/exposer.h"
 #include "prometheus/registry.h"
+#include "router_service/auto_rebalancer.h"
 #include "router_service/grpc_expert_client.h"
 #include "router_service/load_stats.h"
+#include "router_service/placement_coordinator.h"
 #include "router_service/router.h"
 #include "router_service/router_metrics.h"
 #include "router_service/router_service.h"
-#include "router_service/auto_rebalancer.h"
-#include "router_service/placement_coordinator.h"
 #include "router_service/step_coordinator.h"
 
 namespace moe::router {

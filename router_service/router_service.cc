@@ -5,8 +5,8 @@
 #include <optional>
 
 #include "common/expert_key.h"
-#include "common/placement_proto.h"
 #include "common/grpc_status.h"
+#include "common/placement_proto.h"
 #include "common/proto_status.h"
 #include "common/status_macros.h"
 #include "common/stream_reactor.h"
@@ -215,8 +215,7 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Rebalance(grpc::CallbackServerConte
 }
 
 absl::Status RouterServiceImpl::RunRebalance(const v1::RebalanceRequest& request,
-                                             absl::Time deadline,
-                                             v1::RebalanceResponse* response) {
+                                             absl::Time deadline, v1::RebalanceResponse* response) {
   const ServingConfig& config = *cluster_.config;
   std::optional<PlacementPlan> plan;
   {

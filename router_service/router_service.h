@@ -19,10 +19,10 @@
 #include "proto/router.grpc.pb.h"
 #include "router_service/expert_client.h"
 #include "router_service/load_stats.h"
+#include "router_service/placement_coordinator.h"
 #include "router_service/router.h"
 #include "router_service/router_metrics.h"
 #include "router_service/routing_sample.h"
-#include "router_service/placement_coordinator.h"
 #include "router_service/step_coordinator.h"
 
 namespace moe::router {

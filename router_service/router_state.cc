@@ -75,7 +75,8 @@ absl::Status Router::AdoptGate(const v1::GetGateResponse& response) {
   const GateSnapshot now = gate();
   if (response.step() <= now->version) return absl::OkStatus();
   const ModelConfig& model = options_.model;
-  auto decode = [&](const v1::Tensor& tensor, absl::string_view name) -> absl::StatusOr<FloatTensor> {
+  auto decode = [&](const v1::Tensor& tensor,
+                    absl::string_view name) -> absl::StatusOr<FloatTensor> {
     const TensorSpec spec{name, {model.d_model, model.num_experts}, {"d_model", "num_experts"}};
     MOE_ASSIGN_OR_RETURN(const ConstTensorView view, DecodeTensor(tensor, spec));
     if (view.dtype != DType::kFloat32) {
@@ -106,10 +107,8 @@ absl::Status Router::AdoptGate(const v1::GetGateResponse& response) {
 
 absl::Status Router::AdoptServersGate(absl::Time deadline) {
   const int num_servers = placement()->value.num_servers();
-  const std::vector<absl::StatusOr<v1::GetGateResponse>> gates =
-      OnEveryServer<v1::GetGateResponse>(num_servers, [&](int s, auto done) {
-        client_.GetGate(s, deadline, std::move(done));
-      });
+  const std::vector<absl::StatusOr<v1::GetGateResponse>> gates = OnEveryServer<v1::GetGateResponse>(
+      num_servers, [&](int s, auto done) { client_.GetGate(s, deadline, std::move(done)); });
   const v1::GetGateResponse* newest = nullptr;
   for (const auto& g : gates) {
     if (g.ok() && (newest == nullptr || g->step() > newest->step())) newest = &*g;
@@ -128,8 +127,7 @@ absl::Status Router::AdoptReported(const v1::InfoResponse& info) {
                                                           options_.cluster, "placement"));
   MOE_ASSIGN_OR_RETURN(PlacementSnapshot installed,
                        InstallPlacement(std::move(next), now->version, info.placement_epoch()));
-  MOE_LOG(INFO, "learnt placement epoch ", installed->version, " from server ",
-          info.server_name());
+  MOE_LOG(INFO, "learnt placement epoch ", installed->version, " from server ", info.server_name());
   return absl::OkStatus();
 }
 

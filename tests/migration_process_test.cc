@@ -17,8 +17,8 @@
 
 #include "absl/algorithm/container.h"
 #include "absl/strings/str_cat.h"
-#include "common/deterministic_init.h"
 #include "clients/cpp/moe_client.h"
+#include "common/deterministic_init.h"
 #include "common/reference_moe.h"
 #include "common/tensor_codec.h"
 #include "common/testing/random_tensor.h"
@@ -175,7 +175,8 @@ TEST(MigrationTest, AddMoveAndRemoveUnderLoadFailNoRequest) {
     EXPECT_EQ(response.placement_epoch(), epoch);
     EXPECT_EQ(response.experts_moved(), change.added);
     EXPECT_EQ(response.replicas_removed(), change.removed);
-    EXPECT_EQ(response.bytes_moved(), change.added * int64_t{(2 * kDModel * 64 + kDModel + 64) * 4});
+    EXPECT_EQ(response.bytes_moved(),
+              change.added * int64_t{(2 * kDModel * 64 + kDModel + 64) * 4});
     EXPECT_EQ(Hosted(cluster, 0), std::make_pair(change.on_e0, epoch));
     EXPECT_EQ(Hosted(cluster, 1), std::make_pair(change.on_e1, epoch));
     EXPECT_EQ(RouterEpoch(cluster.stub()), epoch);
@@ -189,9 +190,9 @@ TEST(MigrationTest, AddMoveAndRemoveUnderLoadFailNoRequest) {
   std::cout << load.ok() << " Forwards through 4 placement changes, longest " << load.longest_ms()
             << " ms\n";
   const std::string metrics = local::HttpGet(cluster.router_metrics_port(), "/metrics");
-  for (const char* line : {"moe_router_rebalances_total{outcome=\"committed\"} 4",
-                           "moe_router_placement_epoch 5", "moe_router_migration_seconds_count 4",
-                           "moe_router_migration_bytes_total 67072"}) {
+  for (const char* line :
+       {"moe_router_rebalances_total{outcome=\"committed\"} 4", "moe_router_placement_epoch 5",
+        "moe_router_migration_seconds_count 4", "moe_router_migration_bytes_total 67072"}) {
     EXPECT_TRUE(metrics.find(line) != std::string::npos) << line;
   }
 }
@@ -205,8 +206,7 @@ TEST(MigrationTest, AnotherRouterLearnsTheNewPlacementFromTheServers) {
   // Expert 1 moves to e1 and expert 2 to e0: the other router's epoch-1
   // calls meet servers that no longer serve epoch 1.
   v1::RebalanceResponse response;
-  const grpc::Status status =
-      Rebalance(cluster.stub(), MoveTo({{0}, {1}, {0}, {1}}), &response);
+  const grpc::Status status = Rebalance(cluster.stub(), MoveTo({{0}, {1}, {0}, {1}}), &response);
   ASSERT_TRUE(status.ok()) << status.error_message();
   load.WaitFor(200);
   load.Stop();
@@ -342,8 +342,7 @@ TEST(MigrationTest, AutomaticRebalanceFollowsTheTrafficWithOneRouterDeciding) {
   EXPECT_EQ(failed.load(), 0);
   // A hot expert gained a replica on the other server.
   const auto [on_cold, epoch] = Hosted(cluster, 1 - hot_server);
-  ASSERT_EQ(epoch, 2u) << cluster.RouterLog() << "\n--- other router\n"
-                       << other.process->output();
+  ASSERT_EQ(epoch, 2u) << cluster.RouterLog() << "\n--- other router\n" << other.process->output();
   EXPECT_TRUE(on_cold.count(2 * hot_server) == 1 || on_cold.count(2 * hot_server + 1) == 1);
   // One router decided; the other watched.
   const std::string logs[] = {cluster.RouterLog(), other.process->output()};

@@ -103,8 +103,7 @@ TEST(RebalanceTest, ADryRunPlansFromTheMeasuredLoadAndMovesNothing) {
   }
   metrics = local::HttpGet(cluster.router_metrics_port(), "/metrics");
   EXPECT_THAT(metrics, HasSubstr("moe_router_placement_epoch 2"));
-  EXPECT_THAT(
-      metrics, HasSubstr("moe_router_requests_total{code=\"OK\",method=\"Rebalance\"} 2"));
+  EXPECT_THAT(metrics, HasSubstr("moe_router_requests_total{code=\"OK\",method=\"Rebalance\"} 2"));
 }
 
 // ReleaseExpert on one of two replicas: the router fails over on the

@@ -96,9 +96,8 @@ int PrintRebalance(MoeClient& client, bool dry_run) {
 }
 
 int SaveCheckpoint(MoeClient& client) {
-  absl::StatusOr<SavedCheckpoint> saved =
-      client.SaveCheckpoint(absl::GetFlag(FLAGS_dtype) == "bf16" ? DType::kBFloat16
-                                                                 : DType::kFloat32);
+  absl::StatusOr<SavedCheckpoint> saved = client.SaveCheckpoint(
+      absl::GetFlag(FLAGS_dtype) == "bf16" ? DType::kBFloat16 : DType::kFloat32);
   if (!saved.ok()) {
     MOE_LOG(ERROR, saved.status().ToString());
     return 1;

@@ -271,8 +271,7 @@ void InProcessExpertClient::Info(int server, absl::Time, UnaryDone<v1::InfoRespo
   std::move(done)(std::move(info));
 }
 
-void InProcessExpertClient::GetGate(int server, absl::Time,
-                                    UnaryDone<v1::GetGateResponse> done) {
+void InProcessExpertClient::GetGate(int server, absl::Time, UnaryDone<v1::GetGateResponse> done) {
   Server& s = *servers_.at(server);
   if (!s.alive) {
     std::move(done)(Down(server));

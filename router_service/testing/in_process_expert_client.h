@@ -50,8 +50,7 @@ class InProcessExpertClient : public ExpertClient {
   void SaveExperts(int server, const v1::SaveExpertsRequest& request, absl::Time deadline,
                    UnaryDone<v1::SaveExpertsResponse> done) override;
   // The in-process cluster keeps its placement: refused.
-  void PreparePlacement(int server, const v1::PreparePlacementRequest& request,
-                        absl::Time deadline,
+  void PreparePlacement(int server, const v1::PreparePlacementRequest& request, absl::Time deadline,
                         UnaryDone<v1::PreparePlacementResponse> done) override;
   void CommitPlacement(int server, const v1::CommitPlacementRequest& request, absl::Time deadline,
                        UnaryDone<v1::CommitPlacementResponse> done) override;
