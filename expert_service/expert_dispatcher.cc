@@ -214,7 +214,12 @@ void ExpertDispatcher::Info(v1::InfoResponse* response) const {
   response->set_server_name(options_.server_name);
   *response->mutable_model() = ModelConfigToProto(store_.model());
   response->set_compute_dtype(ToProtoDType(store_.compute_dtype()));
-  if (steps_ != nullptr) response->set_step(steps_->last_committed());
+  if (steps_ != nullptr) {
+    const PeerSteps steps = steps_->steps();
+    response->set_step(steps.committed);
+    response->set_prepared_step(steps.prepared);
+    response->set_aborted_step(steps.aborted);
+  }
   response->set_placement_epoch(placement_epoch());
   for (int e = 0; e < store_.model().num_experts; ++e) {
     response->add_expert_tokens(
@@ -303,7 +308,8 @@ absl::Status ExpertDispatcher::PrepareStep(const v1::PrepareStepRequest& request
     deadline = absl::FromUnixMicros(request.deadline_unix_micros());
   }
   absl::StatusOr<StepExecutor::PrepareResult> result =
-      steps_->Prepare(request.step(), request.learning_rate(), deadline);
+      steps_->Prepare({request.step(), request.learning_rate(), deadline,
+                       request.committed_step(), request.coordinator()});
   if (!result.ok()) {
     metrics_.steps_failed->Increment();
     return result.status();
@@ -366,14 +372,23 @@ absl::Status ExpertDispatcher::GetGate(v1::GetGateResponse* response) const {
                                             " holds no gate: no step was committed with one "
                                             "since it started"));
   }
+  // A step committed here without its CommitStep (on a peer's word, or
+  // by a sync) brought no gate: the one kept is older than the weights.
+  if (steps_ != nullptr && gate_->step() != steps_->last_committed()) {
+    return absl::NotFoundError(absl::StrCat(
+        "server ", options_.server_name, " holds the gate of step ", gate_->step(),
+        ", not of its committed step ", steps_->last_committed(),
+        " (that step's commit did not reach it)"));
+  }
   *response = *gate_;
   return absl::OkStatus();
 }
 
 absl::Status ExpertDispatcher::AbortStep(const v1::AbortStepRequest& request) {
   if (steps_ == nullptr) return NoSteps();
-  steps_->Abort(request.step(), request.reason().empty() ? std::string("aborted by the router")
-                                                         : request.reason());
+  steps_->Abort(request.step(),
+                request.reason().empty() ? std::string("aborted by the router") : request.reason(),
+                request.coordinator());
   metrics_.steps_aborted->Increment();
   return absl::OkStatus();
 }

@@ -138,10 +138,19 @@ absl::Status ExpertServer::Start() {
   }
   collectives_ = std::make_unique<allreduce::CollectiveRegistry>();
   std::vector<StepRing> rings = BuildRings(placement, index);
-  steps_ = std::make_unique<StepExecutor>(
-      StepExecutor::Options{model.optimizer, options_.name, std::move(rings), options_.ring,
-                            options_.step_prepared_timeout},
-      *store_, *collectives_);
+  StepExecutor::Options step_options{model.optimizer, options_.name, std::move(rings),
+                                     options_.ring, options_.step_prepared_timeout};
+  if (peers_->num_peers() > 0) step_options.ask_peers = [this] { return AskPeersSteps(); };
+  step_options.on_behind = [this](uint64_t committed) { StartRollForward(committed); };
+  step_options.on_resolved = [this](uint64_t step, bool committed) {
+    if (committed) {
+      metrics_->steps_committed->Increment();
+      metrics_->committed_step->Set(static_cast<double>(step));
+    } else {
+      metrics_->steps_aborted->Increment();
+    }
+  };
+  steps_ = std::make_unique<StepExecutor>(std::move(step_options), *store_, *collectives_);
   MOE_RETURN_IF_ERROR(steps_->AdoptCommitted(loaded.step));
   if (options_.sync_on_start) MOE_RETURN_IF_ERROR(SyncFromPeersOnStart());
   metrics_->committed_step->Set(static_cast<double>(steps_->last_committed()));
@@ -227,6 +236,74 @@ absl::Status ExpertServer::SyncFromPeersOnStart() {
   return absl::OkStatus();
 }
 
+std::vector<PeerAnswer> ExpertServer::AskPeersSteps() {
+  const std::vector<absl::StatusOr<v1::InfoResponse>> infos =
+      AskEveryPeer(*peers_, absl::Now() + options_.sync_info_timeout);
+  std::vector<PeerAnswer> answers;
+  for (size_t p = 0; p < infos.size(); ++p) {
+    PeerAnswer& answer = answers.emplace_back();
+    answer.name = absl::StrCat("server ", peers_->name(static_cast<int>(p)));
+    if (infos[p].ok()) {
+      answer.steps = PeerSteps{infos[p]->step(), infos[p]->prepared_step(),
+                               infos[p]->aborted_step()};
+    } else {
+      answer.steps = infos[p].status();
+    }
+  }
+  return answers;
+}
+
+void ExpertServer::StartRollForward(uint64_t committed) {
+  absl::MutexLock lock(&roll_forward_mu_);
+  if (rolling_forward_) return;
+  rolling_forward_ = true;
+  if (roll_forward_.joinable()) roll_forward_.join();  // the last one, done
+  roll_forward_ = std::thread([this, committed] {
+    const absl::Status status = RollForward(committed);
+    if (!status.ok()) {
+      MOE_LOG(ERROR, "server ", options_.name, ": roll forward to step ", committed,
+              " failed (the next step tries again): ", status.message());
+    }
+    absl::MutexLock lock(&roll_forward_mu_);
+    rolling_forward_ = false;
+  });
+}
+
+absl::Status ExpertServer::RollForward(uint64_t committed) {
+  MOE_RETURN_IF_ERROR(steps_->Hold(absl::StrCat("a sync to committed step ", committed)));
+  MOE_LOG(WARNING, "server ", options_.name, ": the cluster has committed step ", committed,
+          " and this server step ", steps_->last_committed(), "; syncing from its peers");
+  // What accumulated here is of weights the cluster has moved past, and
+  // may hold this server's share of the missed step, which its replicas
+  // applied: dropped, never summed into a later step.
+  std::vector<ExpertKey> dropped;
+  for (ExpertKey expert : store_->HostedExperts()) {
+    absl::StatusOr<bool> has = store_->HasGradients(expert);
+    if (has.ok() && *has && store_->TakeGradients(expert).ok()) dropped.push_back(expert);
+  }
+  if (!dropped.empty()) {
+    MOE_LOG(WARNING, "server ", options_.name, ": gradients of experts [",
+            JoinExpertKeys(dropped), "] accumulated against older weights are dropped");
+  }
+  const absl::Time now = absl::Now();
+  absl::StatusOr<SyncResult> sync =
+      SyncFromPeers(*store_, *peers_, now + options_.sync_info_timeout, now + options_.sync_timeout);
+  absl::Status status = sync.status();
+  if (sync.ok() && sync->cluster_step > steps_->last_committed()) {
+    status = steps_->AdoptCommitted(sync->cluster_step);
+  }
+  steps_->Unhold();
+  MOE_RETURN_IF_ERROR(status);
+  metrics_->committed_step->Set(static_cast<double>(steps_->last_committed()));
+  metrics_->behind_experts->Set(static_cast<double>(sync->behind.size()));
+  MOE_LOG(INFO, "server ", options_.name, ": rolled forward to step ", sync->cluster_step,
+          ": synced ", sync->synced.size(), " expert(s) [", JoinExpertKeys(sync->synced), "], ",
+          sync->bytes >> 20, " MiB in ", absl::FormatDuration(sync->elapsed),
+          sync->behind.empty() ? std::string()
+                               : absl::StrCat("; behind: [", JoinExpertKeys(sync->behind), "]"));
+  return absl::OkStatus();
+}
+
 std::vector<StepRing> ExpertServer::BuildRings(const Placement& placement, int index) {
   const ClusterConfig& cluster = options_.config.cluster;
   auto label = [&](int server) {
@@ -292,6 +369,12 @@ void ExpertServer::Wait() { server_->Wait(); }
 
 ExpertServer::~ExpertServer() {
   Shutdown();
+  std::thread roll_forward;
+  {
+    absl::MutexLock lock(&roll_forward_mu_);
+    roll_forward.swap(roll_forward_);
+  }
+  if (roll_forward.joinable()) roll_forward.join();
   // Step and placement work still queued (its calls were cancelled) runs
   // while what it uses is here.
   step_pool_.reset();

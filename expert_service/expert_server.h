@@ -12,6 +12,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -129,6 +130,12 @@ class ExpertServer {
   absl::Status Start();
   // Rejoin by sync (Options::sync_on_start), before the server listens.
   absl::Status SyncFromPeersOnStart();
+  // Roll forward by sync: the cluster committed step `committed` and this
+  // server did not. On roll_forward_ (one at a time); steps wait for it.
+  void StartRollForward(uint64_t committed) ABSL_LOCKS_EXCLUDED(roll_forward_mu_);
+  absl::Status RollForward(uint64_t committed);
+  // The peers' answers on their steps (StepExecutor::Options::ask_peers).
+  std::vector<PeerAnswer> AskPeersSteps();
   // The highest placement epoch the peers report (with its placement),
   // when above `epoch`.
   absl::Status AdoptPeersPlacement(Placement& placement, uint64_t& epoch);
@@ -148,6 +155,9 @@ class ExpertServer {
   std::unique_ptr<HealthEndpoint> health_;
   std::unique_ptr<ComputePool> pool_;
   std::unique_ptr<MicroBatcher> batcher_;
+  // The other servers (rejoin by sync, placement changes, what became of a
+  // step): before the executor, which asks them until it is destroyed.
+  std::unique_ptr<GrpcSyncPeers> peers_;
   // The training step: ring links to this server's successors (by server
   // index; null where none), the registry of collectives, the executor and
   // its thread.
@@ -157,9 +167,7 @@ class ExpertServer {
   // The registry groups of the rings in force.
   std::vector<uint64_t> ring_groups_;
   std::unique_ptr<ComputePool> step_pool_;
-  // The other servers (rejoin by sync, placement changes) and this
-  // server's placement.
-  std::unique_ptr<GrpcSyncPeers> peers_;
+  // This server's placement.
   std::unique_ptr<PlacementKeeper> placement_;
   LeaseTable leases_;
   std::unique_ptr<allreduce::CollectiveService> collective_service_;
@@ -168,6 +176,9 @@ class ExpertServer {
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
   int metrics_port_ = -1;
+  absl::Mutex roll_forward_mu_;
+  bool rolling_forward_ ABSL_GUARDED_BY(roll_forward_mu_) = false;
+  std::thread roll_forward_ ABSL_GUARDED_BY(roll_forward_mu_);
   absl::Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;
 };

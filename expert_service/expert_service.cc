@@ -272,15 +272,10 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::AcquireLease(grpc::CallbackServerCo
     reactor->Finish(ToGrpcStatus(absl::FailedPreconditionError("this server keeps no leases")));
     return reactor;
   }
-  const absl::Time now = absl::Now();
-  const absl::StatusOr<LeaseTable::Lease> lease = leases_->Acquire(
-      request->name(), request->holder(), LeaseTable::TtlFromMillis(request->ttl_ms()), now);
-  if (lease.ok()) {
-    response->set_granted(lease->granted);
-    response->set_holder(lease->holder);
-    response->set_expires_in_ms(absl::ToInt64Milliseconds(lease->expiry - now));
-  }
-  reactor->Finish(ToGrpcStatus(lease.status()));
+  absl::StatusOr<v1::AcquireLeaseResponse> answer =
+      AnswerLeaseRequest(*leases_, *request, absl::Now());
+  if (answer.ok()) *response = *std::move(answer);
+  reactor->Finish(ToGrpcStatus(answer.status()));
   return reactor;
 }
 

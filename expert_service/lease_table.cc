@@ -1,5 +1,7 @@
 #include "expert_service/lease_table.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace moe::expert {
@@ -14,20 +16,37 @@ bool PlainName(const std::string& name) {
   return true;
 }
 
+absl::Status CheckNames(const std::string& name, const std::string& holder) {
+  if (name.empty() || name.size() > LeaseTable::kMaxNameBytes || !PlainName(name)) {
+    return absl::InvalidArgumentError(absl::StrCat("lease name: 1 to ", LeaseTable::kMaxNameBytes,
+                                                   " bytes of [A-Za-z0-9._-], got ", name.size(),
+                                                   " bytes"));
+  }
+  if (holder.empty() || holder.size() > LeaseTable::kMaxHolderBytes) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "lease holder: 1 to ", LeaseTable::kMaxHolderBytes, " bytes, got ", holder.size()));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+absl::StatusOr<LeaseTable::Lease> LeaseTable::Release(const std::string& name,
+                                                      const std::string& holder, absl::Time now) {
+  if (absl::Status bad = CheckNames(name, holder); !bad.ok()) return bad;
+  absl::MutexLock lock(&mu_);
+  auto it = leases_.find(name);
+  if (it == leases_.end()) return Lease{};
+  if (it->second.holder == holder) it->second.expiry = std::min(it->second.expiry, now);
+  Lease answer = it->second;
+  answer.granted = false;
+  return answer;
+}
 
 absl::StatusOr<LeaseTable::Lease> LeaseTable::Acquire(const std::string& name,
                                                       const std::string& holder, absl::Duration ttl,
                                                       absl::Time now) {
-  if (name.empty() || name.size() > kMaxNameBytes || !PlainName(name)) {
-    return absl::InvalidArgumentError(absl::StrCat("lease name: 1 to ", kMaxNameBytes,
-                                                   " bytes of [A-Za-z0-9._-], got ", name.size(),
-                                                   " bytes"));
-  }
-  if (holder.empty() || holder.size() > kMaxHolderBytes) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("lease holder: 1 to ", kMaxHolderBytes, " bytes, got ", holder.size()));
-  }
+  if (absl::Status bad = CheckNames(name, holder); !bad.ok()) return bad;
   if (ttl <= absl::ZeroDuration() || ttl > kMaxTtl) {
     return absl::InvalidArgumentError(absl::StrCat(
         "lease ttl: in (0, ", absl::FormatDuration(kMaxTtl), "], got ", absl::FormatDuration(ttl)));
@@ -59,6 +78,21 @@ absl::StatusOr<LeaseTable::Lease> LeaseTable::Acquire(const std::string& name,
   Lease answer = lease;
   answer.granted = lease.holder == holder;
   return answer;
+}
+
+absl::StatusOr<v1::AcquireLeaseResponse> AnswerLeaseRequest(LeaseTable& table,
+                                                            const v1::AcquireLeaseRequest& request,
+                                                            absl::Time now) {
+  const absl::StatusOr<LeaseTable::Lease> lease =
+      request.release() ? table.Release(request.name(), request.holder(), now)
+                        : table.Acquire(request.name(), request.holder(),
+                                        LeaseTable::TtlFromMillis(request.ttl_ms()), now);
+  if (!lease.ok()) return lease.status();
+  v1::AcquireLeaseResponse response;
+  response.set_granted(lease->granted);
+  response.set_holder(lease->holder);
+  response.set_expires_in_ms(std::max<int64_t>(0, absl::ToInt64Milliseconds(lease->expiry - now)));
+  return response;
 }
 
 }  // namespace moe::expert

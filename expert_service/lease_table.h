@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "proto/expert.pb.h"
 
 namespace moe::expert {
 
@@ -36,6 +37,11 @@ class LeaseTable {
   // (expired leases make room).
   absl::StatusOr<Lease> Acquire(const std::string& name, const std::string& holder,
                                 absl::Duration ttl, absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
+  // Frees the lease when `holder` holds it (a holder that is done need not
+  // wait for its expiry); the same errors as Acquire for a bad name or
+  // holder. The answer is never granted.
+  absl::StatusOr<Lease> Release(const std::string& name, const std::string& holder,
+                                absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
   // A wire ttl in milliseconds as a duration; out of (0, kMaxTtl] (any
   // int64, no overflow): zero, which Acquire refuses.
   static absl::Duration TtlFromMillis(int64_t ms) {
@@ -47,6 +53,12 @@ class LeaseTable {
   absl::Mutex mu_;
   absl::flat_hash_map<std::string, Lease> leases_ ABSL_GUARDED_BY(mu_);
 };
+
+// An AcquireLease call (a release when it asks for one), answered from
+// `table`.
+absl::StatusOr<v1::AcquireLeaseResponse> AnswerLeaseRequest(LeaseTable& table,
+                                                            const v1::AcquireLeaseRequest& request,
+                                                            absl::Time now);
 
 }  // namespace moe::expert
 

@@ -36,6 +36,34 @@ TEST(LeaseTableTest, OneHolderAtATimeUntilItExpires) {
   EXPECT_TRUE(table.Acquire("other", "router-a", absl::Seconds(1), kT0)->granted);
 }
 
+TEST(LeaseTableTest, AHolderReleasesItsLeaseOnlyItsOwn) {
+  LeaseTable table;
+  ASSERT_TRUE(table.Acquire("step", "router-a", absl::Seconds(60), kT0)->granted);
+  // Another holder's release changes nothing.
+  absl::StatusOr<LeaseTable::Lease> b = table.Release("step", "router-b", kT0 + absl::Seconds(1));
+  ASSERT_TRUE(b.ok());
+  EXPECT_FALSE(b->granted);
+  EXPECT_FALSE(table.Acquire("step", "router-b", absl::Seconds(60), kT0 + absl::Seconds(2))->granted);
+  // The holder's frees it at once.
+  ASSERT_TRUE(table.Release("step", "router-a", kT0 + absl::Seconds(3)).ok());
+  EXPECT_TRUE(table.Acquire("step", "router-b", absl::Seconds(60), kT0 + absl::Seconds(3))->granted);
+  EXPECT_FALSE(table.Release("", "router-a", kT0).ok());
+  // Over the wire: release=true.
+  v1::AcquireLeaseRequest request;
+  request.set_name("step");
+  request.set_holder("router-b");
+  request.set_release(true);
+  absl::StatusOr<v1::AcquireLeaseResponse> answer =
+      AnswerLeaseRequest(table, request, kT0 + absl::Seconds(4));
+  ASSERT_TRUE(answer.ok());
+  EXPECT_FALSE(answer->granted());
+  EXPECT_EQ(answer->expires_in_ms(), 0);
+  request.set_release(false);
+  request.set_holder("router-a");
+  request.set_ttl_ms(1000);
+  EXPECT_TRUE(AnswerLeaseRequest(table, request, kT0 + absl::Seconds(4))->granted());
+}
+
 TEST(LeaseTableTest, HostileRequestsAreRefusedAndBounded) {
   LeaseTable table;
   EXPECT_THAT(table.Acquire("", "h", absl::Seconds(1), kT0).status().message(),

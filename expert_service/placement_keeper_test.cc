@@ -187,7 +187,7 @@ TEST_F(PlacementKeeperTest, PreparePullsServesBothEpochsAndCommitReleases) {
   EXPECT_EQ(training.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(training.message(), HasSubstr("leaves server e0"));
   // Steps wait for the change.
-  const absl::Status step = e0_.steps->Prepare(1, 0.1f, absl::Now() + absl::Seconds(1)).status();
+  const absl::Status step = e0_.steps->Prepare({1, 0.1f, absl::Now() + absl::Seconds(1)}).status();
   EXPECT_EQ(step.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(step.message(), HasSubstr("the placement change to epoch 2"));
   // Info reports the committed epoch until the commit.
@@ -209,7 +209,7 @@ TEST_F(PlacementKeeperTest, PreparePullsServesBothEpochsAndCommitReleases) {
       << "Info reports the committed placement";
   // A retried commit is fine; steps run again.
   EXPECT_TRUE(e0_.keeper->Commit(Commit(2), &committed).ok());
-  EXPECT_TRUE(e0_.steps->Prepare(1, 0.1f, absl::Now() + absl::Seconds(1)).ok());
+  EXPECT_TRUE(e0_.steps->Prepare({1, 0.1f, absl::Now() + absl::Seconds(1)}).ok());
 }
 
 TEST_F(PlacementKeeperTest, OneChangeAtATimeFromTheEpochServed) {
@@ -246,7 +246,7 @@ TEST_F(PlacementKeeperTest, AbortReleasesWhatPrepareAddedAndNothingElseMoves) {
   EXPECT_EQ(e1_.DispatchAt(2, 2).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_TRUE(e1_.DispatchAt(2, 1).ok());
   EXPECT_EQ(e1_.ring_changes, 0);
-  EXPECT_TRUE(e1_.steps->Prepare(1, 0.1f, absl::Now() + absl::Seconds(1)).ok());
+  EXPECT_TRUE(e1_.steps->Prepare({1, 0.1f, absl::Now() + absl::Seconds(1)}).ok());
 }
 
 TEST_F(PlacementKeeperTest, TrainingStateOnALeavingExpertRefusesTheChange) {

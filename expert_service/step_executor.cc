@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -29,11 +30,99 @@ std::vector<StepRing> StepRingsOf(const Placement& placement, int server,
   return rings;
 }
 
+StepVerdict DecideFromPeers(uint64_t step, absl::Span<const PeerAnswer> peers) {
+  std::vector<std::string> silent;
+  for (const PeerAnswer& peer : peers) {
+    if (!peer.steps.ok()) {
+      silent.push_back(absl::StrCat(peer.name, " (", peer.steps.status().message(), ")"));
+      continue;
+    }
+    if (peer.steps->committed >= step) {
+      return {StepVerdict::kCommitted,
+              absl::StrCat(peer.name, " has committed step ", peer.steps->committed)};
+    }
+  }
+  for (const PeerAnswer& peer : peers) {
+    if (peer.steps.ok() && peer.steps->aborted >= step) {
+      return {StepVerdict::kAborted, absl::StrCat(peer.name, " has aborted it")};
+    }
+  }
+  if (silent.empty()) {
+    return {StepVerdict::kAborted,
+            peers.empty() ? std::string("no peer could have committed it")
+                          : absl::StrCat("none of the ", peers.size(), " peers committed it")};
+  }
+  return {StepVerdict::kInDoubt, absl::StrCat("no peer that answered committed or aborted it; ",
+                                              "not answering: ", absl::StrJoin(silent, ", "))};
+}
+
 StepExecutor::StepExecutor(Options options, ExpertStore& store,
                            allreduce::CollectiveRegistry& registry)
     : options_(std::move(options)), store_(store), registry_(registry) {
   absl::MutexLock lock(&mu_);
   rings_ = options_.rings;
+  if (options_.ask_peers) inquirer_ = std::thread([this] { InquiryLoop(); });
+}
+
+uint64_t StepExecutor::ScheduleInquiry(uint64_t step, absl::Time when) {
+  return timer_.Schedule(when, [this, step] {
+    absl::MutexLock lock(&mu_);
+    if (prepared_ && prepared_->step == step) inquire_ = step;
+  });
+}
+
+void StepExecutor::InquiryLoop() {
+  while (true) {
+    uint64_t step = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      mu_.Await(absl::Condition(
+          +[](StepExecutor* e) ABSL_NO_THREAD_SAFETY_ANALYSIS {
+            return e->stopping_ || e->inquire_.has_value();
+          },
+          this));
+      if (stopping_) return;
+      step = *inquire_;
+      inquire_.reset();
+    }
+    Inquire(step);
+  }
+}
+
+void StepExecutor::Inquire(uint64_t step) {
+  MOE_LOG(WARNING, "server ", options_.server_name, ": step ", step,
+          " is prepared and its router has not said whether to commit it; asking the peers");
+  const StepVerdict verdict = DecideFromPeers(step, options_.ask_peers());
+  switch (verdict.outcome) {
+    case StepVerdict::kCommitted: {
+      absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> committed = Commit(step);
+      if (committed.ok()) {
+        MOE_LOG(WARNING, "server ", options_.server_name, ": step ", step,
+                " committed here without its router's word: ", verdict.why);
+        if (options_.on_resolved) options_.on_resolved(step, true);
+      }
+      return;
+    }
+    case StepVerdict::kAborted:
+      Abort(step, absl::StrCat("no word from its router, and ", verdict.why));
+      if (options_.on_resolved) options_.on_resolved(step, false);
+      return;
+    case StepVerdict::kInDoubt: {
+      MOE_LOG(WARNING, "server ", options_.server_name, ": step ", step,
+              " stays prepared (in doubt; asking again in ",
+              absl::FormatDuration(options_.prepared_timeout), "): ", verdict.why);
+      absl::MutexLock lock(&mu_);
+      if (prepared_ && prepared_->step == step) {
+        prepared_->timer_id = ScheduleInquiry(step, absl::Now() + options_.prepared_timeout);
+      }
+      return;
+    }
+  }
+}
+
+PeerSteps StepExecutor::steps() const {
+  absl::MutexLock lock(&mu_);
+  return {last_committed_, prepared_ ? prepared_->step : 0, last_aborted_};
 }
 
 absl::Status StepExecutor::SetRings(std::vector<StepRing> rings) {
@@ -71,6 +160,13 @@ void StepExecutor::Unhold() {
 }
 
 StepExecutor::~StepExecutor() {
+  {
+    absl::MutexLock lock(&mu_);
+    stopping_ = true;
+  }
+  if (inquirer_.joinable()) inquirer_.join();
+  // A prepared step stays undecided here: the process ends, and its peers
+  // decide without it. In process (tests), its gradients go back.
   std::optional<uint64_t> step;
   {
     absl::MutexLock lock(&mu_);
@@ -100,12 +196,30 @@ absl::Status StepExecutor::AdoptCommitted(uint64_t step) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
-                                                                  float learning_rate,
-                                                                  absl::Time deadline) {
+absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(const StepOrder& order) {
+  const uint64_t step = order.step;
+  const float learning_rate = order.learning_rate;
+  const absl::Time deadline = order.deadline;
   if (!(learning_rate >= 0.0f) || !std::isfinite(learning_rate)) {
     return absl::InvalidArgumentError(
         absl::StrCat("learning_rate: must be finite and >= 0, got ", learning_rate));
+  }
+  // A step prepared here that the cluster committed (its commit never
+  // arrived) is committed first: its updates are the ones every replica
+  // applied.
+  std::optional<uint64_t> roll_forward;
+  {
+    absl::MutexLock lock(&mu_);
+    if (prepared_ && prepared_->step <= order.committed_step && prepared_->step < step) {
+      roll_forward = prepared_->step;
+    }
+  }
+  if (roll_forward) {
+    absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> committed = Commit(*roll_forward);
+    if (!committed.ok()) return committed.status();
+    MOE_LOG(WARNING, "server ", options_.server_name, ": step ", *roll_forward,
+            " committed here on step ", step, "'s word (its own commit did not arrive)");
+    if (options_.on_resolved) options_.on_resolved(*roll_forward, true);
   }
   std::optional<Prepared> superseded;
   std::vector<StepRing> rings;
@@ -133,7 +247,18 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
     if (held_) {
       return absl::FailedPreconditionError(absl::StrCat("step ", step, ": server ",
                                                         options_.server_name, " is in ", *held_,
-                                                        "; steps wait for it to commit or abort"));
+                                                        "; steps wait for it to end"));
+    }
+    // The cluster committed a step this server did not (it aborted it
+    // before the commit's word reached it): its weights are older than its
+    // replicas'. It syncs first; no step runs on stale weights.
+    if (order.committed_step > last_committed_ &&
+        !(prepared_ && prepared_->step == order.committed_step)) {
+      if (options_.on_behind) options_.on_behind(order.committed_step);
+      return absl::FailedPreconditionError(absl::StrCat(
+          "step ", step, ": server ", options_.server_name, " has committed step ",
+          last_committed_, " but the cluster has committed step ", order.committed_step,
+          options_.on_behind ? "; it syncs from its peers first" : ""));
     }
     // A step updates weights of the last committed step only: an expert
     // left behind (no replica to sync from) would get a later step's label
@@ -155,16 +280,19 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
       last_aborted_ = std::max(last_aborted_, superseded->step);
     }
     preparing_ = step;
+    preparing_coordinator_ = order.coordinator;
     rings = rings_;
   }
   if (superseded) {
     MOE_LOG(WARNING, "server ", options_.server_name, ": step ", superseded->step,
             " was prepared and never committed; dropped for step ", step);
     PutBack(superseded->local_grads);
+    if (options_.on_resolved) options_.on_resolved(superseded->step, false);
   }
 
   Prepared prepared;
   prepared.step = step;
+  prepared.coordinator = order.coordinator;
   PrepareResult result;
   absl::Status status;
   for (ExpertKey expert : store_.HostedExperts()) {
@@ -212,11 +340,19 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(uint64_t step,
       status = absl::AbortedError(absl::StrCat("step ", step, ": aborted while preparing"));
     }
     if (status.ok()) {
-      prepared.timer_id =
-          timer_.Schedule(absl::Now() + options_.prepared_timeout, [this, step] {
-            Abort(step, absl::StrCat("no commit or abort within ",
-                                     absl::FormatDuration(options_.prepared_timeout)));
-          });
+      // The router sends no commit after the step's deadline (it holds
+      // the step lease no longer): a timeout counted from there does not
+      // race a slow commit.
+      const absl::Time when = std::max(absl::Now(), deadline) + options_.prepared_timeout;
+      if (options_.ask_peers) {
+        prepared.timer_id = ScheduleInquiry(step, when);
+      } else {
+        prepared.timer_id = timer_.Schedule(when, [this, step] {
+          Abort(step, absl::StrCat("no commit or abort within ",
+                                   absl::FormatDuration(options_.prepared_timeout),
+                                   " after its deadline, and no peer to ask"));
+        });
+      }
       prepared_ = std::move(prepared);
       return result;
     }
@@ -335,11 +471,22 @@ absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> StepExecutor::Commit
   return digests;
 }
 
-void StepExecutor::Abort(uint64_t step, const std::string& reason) {
+void StepExecutor::Abort(uint64_t step, const std::string& reason,
+                         const std::string& coordinator) {
   std::optional<Prepared> dropped;
   {
     absl::MutexLock lock(&mu_);
     if (step <= last_committed_) return;  // too late: it is committed
+    // Only the step's own router ends it (another's abort of the same
+    // number is of its own, refused, attempt).
+    const std::string* owner = nullptr;
+    if (preparing_ && *preparing_ == step) owner = &preparing_coordinator_;
+    if (prepared_ && prepared_->step == step) owner = &prepared_->coordinator;
+    if (owner != nullptr && !coordinator.empty() && !owner->empty() && *owner != coordinator) {
+      MOE_LOG(WARNING, "server ", options_.server_name, ": abort of step ", step, " from ",
+              coordinator, " ignored: the step is ", *owner, "'s");
+      return;
+    }
     if ((preparing_ && *preparing_ == step) || (prepared_ && prepared_->step == step)) {
       last_aborted_ = std::max(last_aborted_, step);
     } else {

@@ -6,9 +6,11 @@
 // buckets) and sums it over the group's ring; then the shared optimizer
 // reads the sums where they are (in the fused buffer) and writes the updated
 // weights (and momentum) aside, in one pass. Commit(step) swaps them in (no
-// copy). Abort(step), a failure, or no word from the router within
-// `prepared_timeout` puts each replica's own gradients back and leaves every
-// weight as it was. Replicas start equal and apply the same sums with the
+// copy). Abort(step) or a failure puts each replica's own gradients back and
+// leaves every weight as it was. A prepared step that hears nothing from its
+// router asks the peers what became of it and commits or aborts as they did
+// (DecideFromPeers); the next PrepareStep also says (its committed_step).
+// Replicas start equal and apply the same sums with the
 // same optimizer, so they stay bit-identical. Per step, a gradient is copied
 // once (into the fused buffer) and a weight written once (by the
 // optimizer). Thread-safe.
@@ -16,9 +18,11 @@
 #define MOE_EXPERT_SERVICE_STEP_EXECUTOR_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -28,6 +32,7 @@
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 #include "common/deadline_timer.h"
 #include "common/expert_key.h"
 #include "common/model_config.h"
@@ -51,6 +56,48 @@ struct StepRing {
   allreduce::RingLink* link = nullptr;
 };
 
+// What a peer reports of its steps (its Info).
+struct PeerSteps {
+  uint64_t committed = 0;
+  // The step prepared there, awaiting its outcome (0: none).
+  uint64_t prepared = 0;
+  // The highest step aborted there while preparing or prepared.
+  uint64_t aborted = 0;
+};
+
+struct PeerAnswer {
+  std::string name;
+  absl::StatusOr<PeerSteps> steps;
+};
+
+// What became of prepared step `step` that heard nothing from its router,
+// by its peers' answers: committed when one has committed it (the router
+// decided commit, and its commit to this server was lost); aborted when
+// one has aborted it, or when every peer answered and none committed it
+// (the router never committed anywhere, and no longer can: the inquiry
+// runs after the step's deadline, and the router holds the step lease for
+// no longer); in doubt otherwise (a peer that may have committed does not
+// answer).
+struct StepVerdict {
+  enum Outcome { kCommitted, kAborted, kInDoubt };
+  Outcome outcome = kInDoubt;
+  std::string why;
+};
+StepVerdict DecideFromPeers(uint64_t step, absl::Span<const PeerAnswer> peers);
+
+// What PrepareStep orders.
+struct StepOrder {
+  uint64_t step = 0;
+  float learning_rate = 0.0f;
+  // For the all-reduces.
+  absl::Time deadline = absl::InfiniteFuture();
+  // The last step committed anywhere, as the step's router learnt it (see
+  // Prepare).
+  uint64_t committed_step = 0;
+  // Who runs the step; only its Abort ends it (empty: anyone's).
+  std::string coordinator;
+};
+
 // Server `server`'s rings: one per replica group of `placement` it is in
 // (ascending group order). `label(s)` names server s in messages;
 // `link_to(s)` is the link to server s (called once per ring, for its
@@ -67,8 +114,20 @@ class StepExecutor {
     // The rings it starts with (SetRings changes them).
     std::vector<StepRing> rings;
     allreduce::RingOptions ring;
-    // A prepared step with no commit or abort within this is aborted here.
+    // A prepared step with no commit or abort within this (after its
+    // deadline) asks the peers what became of it (DecideFromPeers), and
+    // again every this long while in doubt.
     absl::Duration prepared_timeout = absl::Seconds(60);
+    // The other servers' answers; null: there are none to ask, and a
+    // prepared step that hears nothing is aborted.
+    std::function<std::vector<PeerAnswer>()> ask_peers;
+    // Told (it must not block) when a PrepareStep shows that the cluster
+    // committed step `committed` and this server did not: it must sync to
+    // it (SyncFromPeers, then AdoptCommitted) before it trains again.
+    std::function<void(uint64_t committed)> on_behind;
+    // Told when a step is committed or aborted here without its router's
+    // word (by the peers' answers or the next step's), for metrics.
+    std::function<void(uint64_t step, bool committed)> on_resolved;
   };
 
   struct PrepareResult {
@@ -84,18 +143,25 @@ class StepExecutor {
   // Aborts a prepared step.
   ~StepExecutor();
 
-  // Blocks for the all-reduces (up to `deadline`). FAILED_PRECONDITION for
-  // a step not after the last committed or aborted one; the all-reduce's
-  // status (naming the group and peer) when one fails.
-  absl::StatusOr<PrepareResult> Prepare(uint64_t step, float learning_rate, absl::Time deadline)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  // Blocks for the all-reduces (up to `order.deadline`). A step still
+  // prepared here is first committed when `order.committed_step` covers
+  // it (its commit was lost), else dropped (it was aborted).
+  // FAILED_PRECONDITION for a step not after the last committed or aborted
+  // one, and when this server is behind `order.committed_step` (on_behind
+  // is told); the all-reduce's status (naming the group and peer) when one
+  // fails.
+  absl::StatusOr<PrepareResult> Prepare(const StepOrder& order) ABSL_LOCKS_EXCLUDED(mu_);
   // (expert, digest of its new weights), ascending.
   absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> Commit(uint64_t step)
       ABSL_LOCKS_EXCLUDED(mu_);
-  // Idempotent; also stops a Prepare of `step` that is still running.
-  void Abort(uint64_t step, const std::string& reason) ABSL_LOCKS_EXCLUDED(mu_);
+  // Idempotent; also stops a Prepare of `step` that is still running. An
+  // abort from another coordinator than the step's is ignored.
+  void Abort(uint64_t step, const std::string& reason, const std::string& coordinator = "")
+      ABSL_LOCKS_EXCLUDED(mu_);
 
   uint64_t last_committed() const ABSL_LOCKS_EXCLUDED(mu_);
+  // For peers' inquiries (PeerSteps).
+  PeerSteps steps() const ABSL_LOCKS_EXCLUDED(mu_);
   // The hosted weights were synced from peers at committed step `step`
   // (weight_sync.h): the next step follows it. FAILED_PRECONDITION while a
   // step is preparing or prepared, or for a step before the last committed.
@@ -115,6 +181,7 @@ class StepExecutor {
  private:
   struct Prepared {
     uint64_t step = 0;
+    std::string coordinator;
     // The local gradients taken, to put back on abort.
     std::map<ExpertKey, ExpertWeights> local_grads;
     std::map<ExpertKey, ExpertSnapshot> updated;
@@ -128,6 +195,12 @@ class StepExecutor {
       const std::map<ExpertKey, ExpertWeights>& local, absl::Time deadline,
       std::map<ExpertKey, ExpertTensorSpans>& grads, PrepareResult& result);
   void PutBack(const std::map<ExpertKey, ExpertWeights>& local_grads);
+  // Arms the inquiry of prepared step `step` at `when`.
+  uint64_t ScheduleInquiry(uint64_t step, absl::Time when) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Asks the peers what became of prepared `step` and acts on the verdict
+  // (on inquirer_).
+  void Inquire(uint64_t step) ABSL_LOCKS_EXCLUDED(mu_);
+  void InquiryLoop() ABSL_LOCKS_EXCLUDED(mu_);
   // Buffers of the last commit, reused so that a step writes into memory
   // already mapped: the weights it swapped out (for the next updates) and
   // the gradients it took (the next accumulators). Empty nodes when none.
@@ -156,6 +229,7 @@ class StepExecutor {
   static constexpr size_t kMaxAbortedAhead = 64;
   absl::btree_set<uint64_t> aborted_ahead_ ABSL_GUARDED_BY(mu_);
   std::optional<uint64_t> preparing_ ABSL_GUARDED_BY(mu_);
+  std::string preparing_coordinator_ ABSL_GUARDED_BY(mu_);
   std::optional<Prepared> prepared_ ABSL_GUARDED_BY(mu_);
   std::vector<StepRing> rings_ ABSL_GUARDED_BY(mu_);
   // Why steps are held (Hold); nullopt: they are not.
@@ -163,6 +237,11 @@ class StepExecutor {
   std::map<ExpertKey, ExpertSnapshot> spare_ ABSL_GUARDED_BY(mu_);
   std::map<ExpertKey, ExpertWeights> spare_grads_ ABSL_GUARDED_BY(mu_);
   std::vector<std::vector<float>> spare_buffers_ ABSL_GUARDED_BY(mu_);
+  // A prepared step whose inquiry is due (the timer sets it, inquirer_
+  // runs it: it blocks on the peers), and the inquirer's stop.
+  std::optional<uint64_t> inquire_ ABSL_GUARDED_BY(mu_);
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread inquirer_;
   // Last: stopped before the state its callbacks touch.
   DeadlineTimer timer_;
 };

@@ -191,17 +191,17 @@ TEST_F(WeightSyncTest, TheStepExecutorAdoptsTheSyncedStep) {
     Server behind({0}, 0, registry_);
     StepExecutor steps({Model().optimizer, "server", {}}, *behind.store, collectives);
     ASSERT_TRUE(steps.AdoptCommitted(4).ok());
-    EXPECT_THAT(steps.Prepare(5, 0.1f, absl::Now() + absl::Seconds(5)).status().message(),
+    EXPECT_THAT(steps.Prepare({5, 0.1f, absl::Now() + absl::Seconds(5)}).status().message(),
                 HasSubstr("holds expert 0 at step 0, not the committed step 4"));
   }
   Server server({0}, 4, registry_);  // synced to step 4
   StepExecutor steps({Model().optimizer, "server", {}}, *server.store, collectives);
   ASSERT_TRUE(steps.AdoptCommitted(4).ok());
   EXPECT_EQ(steps.last_committed(), 4u);
-  EXPECT_THAT(steps.Prepare(4, 0.1f, absl::Now() + absl::Seconds(5)).status().message(),
+  EXPECT_THAT(steps.Prepare({4, 0.1f, absl::Now() + absl::Seconds(5)}).status().message(),
               HasSubstr("committed step 4"));
   EXPECT_THAT(steps.AdoptCommitted(3).message(), HasSubstr("after committing step 4"));
-  EXPECT_TRUE(steps.Prepare(5, 0.1f, absl::Now() + absl::Seconds(5)).ok());
+  EXPECT_TRUE(steps.Prepare({5, 0.1f, absl::Now() + absl::Seconds(5)}).ok());
   EXPECT_THAT(steps.AdoptCommitted(6).message(), HasSubstr("while step 5 runs"));
   steps.Abort(5, "test");
 }

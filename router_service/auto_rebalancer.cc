@@ -14,8 +14,6 @@ namespace moe::router {
 namespace {
 
 constexpr char kLease[] = "auto-rebalance";
-// The server that keeps the lease: the cluster's first.
-constexpr int kLeaseKeeper = 0;
 constexpr absl::Duration kCallTimeout = absl::Seconds(2);
 
 }  // namespace

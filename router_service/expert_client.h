@@ -16,6 +16,10 @@
 
 namespace moe::router {
 
+// The server that keeps the routers' leases (AcquireLease): the step lease
+// and the automatic Rebalance's.
+inline constexpr int kLeaseKeeper = 0;
+
 class ExpertClient {
  public:
   using ForwardDone =

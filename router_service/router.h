@@ -171,11 +171,14 @@ class Router {
                                                      uint64_t epoch);
   // Learns the servers' newer state: asks `placement_from` (Info; -1: no)
   // for its committed placement and `gate_from` (GetGate; -1: no) for the
-  // gate of its last step, installs what is newer than this router's, then
-  // runs `then` (also when nothing changed or a server did not answer).
+  // gate of its last step (the next servers in turn when it holds none),
+  // installs what is newer than this router's, then runs `then` (also when
+  // nothing changed or no server answered).
   // One refresh at a time: calls meanwhile wait for it.
   void Refresh(int placement_from, int gate_from, absl::AnyInvocable<void() &&> then)
       ABSL_LOCKS_EXCLUDED(refresh_mu_);
+  // GetGate from server `from`, else the next ones, up to `tries` servers.
+  void LearnGate(int from, int tries, absl::Time deadline, absl::AnyInvocable<void() &&> then);
   // Installs the placement a server's Info reports when it is newer than
   // this router's; INVALID_ARGUMENT when it does not fit this cluster.
   absl::Status AdoptReported(const v1::InfoResponse& info);

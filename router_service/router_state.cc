@@ -46,15 +46,7 @@ void Router::Refresh(int placement_from, int gate_from, absl::AnyInvocable<void(
       finish();
       return;
     }
-    client_.GetGate(gate_from, deadline,
-                    [this, gate_from, finish](absl::StatusOr<v1::GetGateResponse> gate) mutable {
-                      const absl::Status adopted = gate.ok() ? AdoptGate(*gate) : gate.status();
-                      if (!adopted.ok()) {
-                        MOE_LOG(WARNING, "learning the gate from server ", gate_from, ": ",
-                                adopted.message());
-                      }
-                      finish();
-                    });
+    LearnGate(gate_from, placement()->value.num_servers(), deadline, std::move(finish));
   };
   if (placement_from < 0) {
     learn_gate();
@@ -69,6 +61,27 @@ void Router::Refresh(int placement_from, int gate_from, absl::AnyInvocable<void(
                  }
                  learn_gate();
                });
+}
+
+void Router::LearnGate(int from, int tries, absl::Time deadline,
+                       absl::AnyInvocable<void() &&> then) {
+  client_.GetGate(from, deadline,
+                  [this, from, tries, deadline,
+                   then = std::move(then)](absl::StatusOr<v1::GetGateResponse> gate) mutable {
+                    const absl::Status adopted = gate.ok() ? AdoptGate(*gate) : gate.status();
+                    if (!adopted.ok()) {
+                      MOE_LOG(WARNING, "learning the gate from server ", from, ": ",
+                              adopted.message());
+                    }
+                    // A server that committed its step on a peer's word
+                    // holds no gate of it: the next one may.
+                    if (gate.ok() || tries <= 1 || absl::Now() >= deadline) {
+                      std::move(then)();
+                      return;
+                    }
+                    LearnGate((from + 1) % placement()->value.num_servers(), tries - 1, deadline,
+                              std::move(then));
+                  });
 }
 
 absl::Status Router::AdoptGate(const v1::GetGateResponse& response) {

@@ -43,6 +43,11 @@ absl::Status Summarize(uint64_t step, absl::string_view what,
                                                        absl::StrJoin(messages, "; ")));
 }
 
+constexpr char kStepLease[] = "step";
+// A step's longest time (the step lease's time-to-live is at most 10
+// minutes).
+constexpr absl::Duration kMaxStepTime = absl::Minutes(9);
+
 }  // namespace
 
 StepCoordinator::StepCoordinator(Options options, Router& router, ExpertClient& client)
@@ -54,12 +59,12 @@ int StepCoordinator::NumServers() const {
   return router_.placement()->value.num_servers();
 }
 
-absl::StatusOr<uint64_t> StepCoordinator::NextStep(absl::Time deadline) {
-  if (next_step_) return (*next_step_)++;
+absl::StatusOr<StepCoordinator::Numbers> StepCoordinator::NextStep(absl::Time deadline) {
   std::vector<absl::StatusOr<v1::InfoResponse>> infos =
       OnEveryServer<v1::InfoResponse>(NumServers(), [&](int s, auto done) {
         client_.Info(s, deadline, std::move(done));
       });
+  Numbers numbers;
   uint64_t last = 0;
   for (const auto& info : infos) {
     if (!info.ok()) {
@@ -67,10 +72,48 @@ absl::StatusOr<uint64_t> StepCoordinator::NextStep(absl::Time deadline) {
                           absl::StrCat("step: cannot learn the servers' last step: ",
                                        info.status().message()));
     }
-    last = std::max<uint64_t>(last, info->step());
+    numbers.committed = std::max<uint64_t>(numbers.committed, info->step());
+    last = std::max<uint64_t>({last, info->step(), info->prepared_step(), info->aborted_step()});
   }
-  next_step_ = last + 1;
-  return (*next_step_)++;
+  numbers.step = std::max(next_step_, last + 1);
+  next_step_ = numbers.step + 1;
+  return numbers;
+}
+
+absl::Status StepCoordinator::AcquireStepLease(absl::Duration ttl, absl::Time deadline) {
+  v1::AcquireLeaseRequest request;
+  request.set_name(kStepLease);
+  request.set_holder(router_.identity());
+  request.set_ttl_ms(absl::ToInt64Milliseconds(ttl));
+  const std::vector<absl::StatusOr<v1::AcquireLeaseResponse>> answer =
+      OnEveryServer<v1::AcquireLeaseResponse>(1, [&](int, auto done) {
+        client_.AcquireLease(kLeaseKeeper, request, deadline, std::move(done));
+      });
+  if (!answer[0].ok()) {
+    return absl::Status(answer[0].status().code(),
+                        absl::StrCat("step: the step lease (server ", kLeaseKeeper,
+                                     "): ", answer[0].status().message()));
+  }
+  if (!answer[0]->granted()) {
+    return absl::AbortedError(absl::StrCat("step: router ", answer[0]->holder(),
+                                           " is running a step (its lease ends in ",
+                                           answer[0]->expires_in_ms(), " ms); try again"));
+  }
+  return absl::OkStatus();
+}
+
+void StepCoordinator::ReleaseStepLease() {
+  v1::AcquireLeaseRequest request;
+  request.set_name(kStepLease);
+  request.set_holder(router_.identity());
+  request.set_release(true);
+  // Not waited for: unreleased, it expires.
+  client_.AcquireLease(kLeaseKeeper, request, absl::Now() + options_.abort_timeout,
+                       [](absl::StatusOr<v1::AcquireLeaseResponse> r) {
+                         if (!r.ok()) {
+                           MOE_LOG(WARNING, "releasing the step lease: ", r.status().message());
+                         }
+                       });
 }
 
 absl::Status StepCoordinator::StartRunning(const char* what) {
@@ -107,24 +150,47 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::Step(float learning_rat
 absl::StatusOr<StepCoordinator::Result> StepCoordinator::RunStep(float learning_rate,
                                                                  absl::Time deadline) {
   const absl::Time start = absl::Now();
-  deadline = std::min(deadline, start + options_.default_timeout);
+  // The lease bounds the step: a router that stops mid-step holds it up to
+  // its end, then another may resolve the step.
+  deadline = std::min({deadline, start + options_.default_timeout, start + kMaxStepTime});
   const float lr = learning_rate > 0.0f ? learning_rate : options_.default_learning_rate;
   if (!(learning_rate >= 0.0f) || !std::isfinite(learning_rate)) {
     return absl::InvalidArgumentError(
         absl::StrCat("learning_rate: must be finite and >= 0, got ", learning_rate));
   }
-  uint64_t step = 0;
+  MOE_RETURN_IF_ERROR(StartRunning("a step"));
+  // Held past the deadline by the commit phase's time: no commit of this
+  // step is sent after the lease ends.
+  const absl::Duration lease = (deadline - start) + 2 * options_.abort_timeout;
+  if (absl::Status leased = AcquireStepLease(lease, deadline); !leased.ok()) {
+    DoneRunning();
+    return leased;
+  }
+  absl::StatusOr<Result> result = LeasedStep(lr, start, deadline);
+  ReleaseStepLease();
+  DoneRunning();
+  return result;
+}
+
+absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, absl::Time start,
+                                                                    absl::Time deadline) {
+  Numbers numbers;
   {
     absl::MutexLock lock(&mu_);
-    if (running_ != nullptr) {
-      return absl::FailedPreconditionError(absl::StrCat(running_, " is already running"));
-    }
-    absl::StatusOr<uint64_t> next = NextStep(deadline);
-    if (!next.ok()) return next.status();
-    step = *next;
-    running_ = "a step";
+    MOE_ASSIGN_OR_RETURN(numbers, NextStep(deadline));
   }
-  auto done_running = [this] { DoneRunning(); };
+  const uint64_t step = numbers.step;
+  // The gate this step updates is the committed one: a step through
+  // another router since this one's last leaves this one's behind.
+  if (router_.gate()->version < numbers.committed) {
+    MOE_RETURN_IF_ERROR(router_.AdoptServersGate(deadline));
+  }
+  if (router_.gate()->version != numbers.committed) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "step ", step, ": this router's gate is of step ", router_.gate()->version,
+        " and the servers have committed step ", numbers.committed,
+        "; no server holds that step's gate (it reaches them with the next commit)"));
+  }
 
   // The router answers a little before the client's deadline, and the
   // servers' all-reduces end a little before the router stops waiting: a
@@ -132,16 +198,13 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::RunStep(float learning_
   const absl::Duration margin = std::min(absl::Milliseconds(500), (deadline - start) / 10);
   const absl::Time router_deadline = deadline - margin;
   const absl::Time server_deadline = router_deadline - 2 * margin;
-  absl::StatusOr<Router::GateStep> prepared_gate = router_.PrepareGateStep(step, lr);
-  if (!prepared_gate.ok()) {
-    done_running();
-    return prepared_gate.status();
-  }
-  Router::GateStep& gate = *prepared_gate;
+  MOE_ASSIGN_OR_RETURN(Router::GateStep gate, router_.PrepareGateStep(step, lr));
   v1::PrepareStepRequest prepare;
   prepare.set_step(step);
   prepare.set_learning_rate(lr);
   prepare.set_deadline_unix_micros(absl::ToUnixMicros(server_deadline));
+  prepare.set_committed_step(numbers.committed);
+  prepare.set_coordinator(router_.identity());
   std::vector<absl::StatusOr<v1::PrepareStepResponse>> prepared =
       OnEveryServer<v1::PrepareStepResponse>(NumServers(), [&](int s, auto done) {
         client_.PrepareStep(s, prepare, router_deadline, std::move(done));
@@ -149,10 +212,10 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::RunStep(float learning_
   if (absl::Status failed = Summarize(step, "aborted", prepared); !failed.ok()) {
     AbortEverywhere(step, std::string(failed.message()));
     router_.AbortGateStep(gate);
-    done_running();
     return failed;
   }
 
+  // Every server has prepared: the step is decided, and committed.
   const absl::Time commit_start = absl::Now();
   v1::CommitStepRequest commit;
   commit.set_step(step);
@@ -163,21 +226,35 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::RunStep(float learning_
     EncodeFloats(gate.velocity.values(), gate.velocity.shape(), DType::kFloat32,
                  commit.mutable_gate_velocity());
   }
-  std::vector<absl::StatusOr<v1::CommitStepResponse>> committed =
-      OnEveryServer<v1::CommitStepResponse>(NumServers(), [&](int s, auto done) {
-        client_.CommitStep(s, commit, absl::Now() + options_.abort_timeout, std::move(done));
-      });
+  std::vector<absl::StatusOr<v1::CommitStepResponse>> committed = CommitEverywhere(commit);
+  Result result;
+  result.step = step;
+  for (size_t s = 0; s < committed.size(); ++s) {
+    if (!committed[s].ok()) result.servers_behind.emplace_back(committed[s].status().message());
+  }
+  if (result.servers_behind.size() == committed.size()) {
+    // No server confirmed: it is committed where a commit arrived unseen,
+    // else nowhere; the next step (or the servers' own inquiry) settles
+    // it, and a commit that arrived brings its gate to this router then.
+    router_.AbortGateStep(gate);
+    return absl::UnavailableError(absl::StrCat(
+        "step ", step, ": every server prepared it, and none confirmed its commit (",
+        absl::StrJoin(result.servers_behind, "; "),
+        "); it is committed where the commit arrived, and the next step settles the rest"));
+  }
   // Servers that committed have moved on: the gate moves with them.
   router_.CommitGateStep(std::move(gate));
-  const absl::Duration commit_time = absl::Now() - commit_start;
-  done_running();
-  if (absl::Status failed = Summarize(step, "commit failed", committed); !failed.ok()) {
-    return absl::InternalError(absl::StrCat(
-        failed.message(), " (the servers named keep their old weights until they abort)"));
+  result.commit_time = absl::Now() - commit_start;
+  if (!result.servers_behind.empty()) {
+    MOE_LOG(WARNING, "step ", step, " committed; ", result.servers_behind.size(),
+            " server(s) did not confirm and commit it when they hear from a peer or the next "
+            "step: ",
+            absl::StrJoin(result.servers_behind, "; "));
   }
   // Replicas of an expert must hold the same bits.
   std::map<ExpertKey, uint64_t> digest_of;
   for (const auto& r : committed) {
+    if (!r.ok()) continue;
     for (const v1::ExpertDigest& d : r->experts()) {
       auto [it, first] = digest_of.emplace(ExpertKeyOf(d), d.weights_digest());
       if (it->second != d.weights_digest()) {
@@ -187,10 +264,7 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::RunStep(float learning_
       }
     }
   }
-  Result result;
-  result.step = step;
   result.step_time = absl::Now() - start;
-  result.commit_time = commit_time;
   for (const auto& r : prepared) {
     result.allreduce_time =
         std::max(result.allreduce_time, absl::Seconds(r->allreduce_seconds()));
@@ -198,6 +272,46 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::RunStep(float learning_
         std::max(result.optimizer_time, absl::Seconds(r->optimizer_seconds()));
   }
   return result;
+}
+
+std::vector<absl::StatusOr<v1::CommitStepResponse>> StepCoordinator::CommitEverywhere(
+    const v1::CommitStepRequest& commit) {
+  const absl::Time deadline = absl::Now() + options_.abort_timeout;
+  std::vector<absl::StatusOr<v1::CommitStepResponse>> committed(
+      NumServers(), absl::UnknownError("not sent"));
+  std::vector<int> pending(NumServers());
+  for (int s = 0; s < NumServers(); ++s) pending[s] = s;
+  constexpr int kAttempts = 3;
+  for (int attempt = 0; attempt < kAttempts && !pending.empty(); ++attempt) {
+    const absl::Time now = absl::Now();
+    if (now >= deadline) break;
+    // Each attempt gets its share of what is left.
+    const absl::Time attempt_deadline = now + (deadline - now) / (kAttempts - attempt);
+    std::vector<absl::StatusOr<v1::CommitStepResponse>> answers =
+        OnEveryServer<v1::CommitStepResponse>(
+            static_cast<int>(pending.size()), [&](int i, auto done) {
+              client_.CommitStep(pending[i], commit, attempt_deadline, std::move(done));
+            });
+    std::vector<int> again;
+    for (size_t i = 0; i < pending.size(); ++i) {
+      const int s = pending[i];
+      if (answers[i].ok()) {
+        committed[s] = std::move(answers[i]);
+        continue;
+      }
+      committed[s] = absl::Status(answers[i].status().code(),
+                                  absl::StrCat("server ", s, " CommitStep: ",
+                                               answers[i].status().message()));
+      // A refusal (it has no such step prepared) is final; a lost call is
+      // tried again.
+      if (absl::IsUnavailable(answers[i].status()) ||
+          absl::IsDeadlineExceeded(answers[i].status())) {
+        again.push_back(s);
+      }
+    }
+    pending = std::move(again);
+  }
+  return committed;
 }
 
 absl::StatusOr<StepCoordinator::Saved> StepCoordinator::SaveCheckpoint(DType dtype,
@@ -303,6 +417,7 @@ void StepCoordinator::AbortEverywhere(uint64_t step, const std::string& reason) 
   v1::AbortStepRequest abort;
   abort.set_step(step);
   abort.set_reason(reason);
+  abort.set_coordinator(router_.identity());
   // Not waited for: a stopped server must not hold the answer. A server
   // that never hears it aborts by itself after its timeout.
   for (int s = 0; s < NumServers(); ++s) {

@@ -59,6 +59,9 @@ class StepCoordinator {
     absl::Duration optimizer_time;
     // The commit phase, as seen here.
     absl::Duration commit_time;
+    // Servers that did not confirm the commit, each with its error: they
+    // commit it when they hear from a peer or the next step.
+    std::vector<std::string> servers_behind;
   };
 
   struct Saved {
@@ -75,7 +78,13 @@ class StepCoordinator {
 
   // Runs one step, answering a little before `deadline` (the abort of a
   // failed step is sent, not waited for). FAILED_PRECONDITION while another
-  // step runs.
+  // step runs here; ABORTED while another router runs one (the step lease,
+  // kept by server 0, decides).
+  //
+  // The step is decided when every server has prepared it: from then on it
+  // is committed, also on a server whose CommitStep fails (it commits when
+  // it hears from its peers or the next step: Result::servers_behind).
+  // Before that, it is aborted everywhere and nothing changes.
   absl::StatusOr<Result> Step(float learning_rate, absl::Time deadline)
       ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -93,12 +102,30 @@ class StepCoordinator {
   void DoneRunning() ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
-  // The next step number: one past the highest any server has committed
-  // (asked once, so a restarted router goes on where the servers are).
-  absl::StatusOr<uint64_t> NextStep(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  struct Numbers {
+    // This step's number: past every step any server has committed,
+    // prepared or aborted, and past this router's last.
+    uint64_t step = 0;
+    // The last step committed anywhere.
+    uint64_t committed = 0;
+  };
+  // Asks every server (a router that restarted, or another router's steps,
+  // leave this one's view behind).
+  absl::StatusOr<Numbers> NextStep(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // The cluster-wide step lease (on server 0), held for `ttl`; ABORTED
+  // naming the holder when another router holds it.
+  absl::Status AcquireStepLease(absl::Duration ttl, absl::Time deadline);
+  void ReleaseStepLease();
   absl::StatusOr<Result> RunStep(float learning_rate, absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
+  // The step, once this router holds the lease.
+  absl::StatusOr<Result> LeasedStep(float lr, absl::Time start, absl::Time deadline)
+      ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<Saved> Save(DType dtype, absl::Time deadline);
   void AbortEverywhere(uint64_t step, const std::string& reason);
+  // CommitStep on every server, again (a few times, within abort_timeout)
+  // on those that fail for a reason other than a refusal.
+  std::vector<absl::StatusOr<v1::CommitStepResponse>> CommitEverywhere(
+      const v1::CommitStepRequest& commit);
   int NumServers() const;
 
   const Options options_;
@@ -108,7 +135,7 @@ class StepCoordinator {
   mutable absl::Mutex mu_;
   // "a step", "a checkpoint save" or "a placement change" while one runs.
   const char* running_ ABSL_GUARDED_BY(mu_) = nullptr;
-  std::optional<uint64_t> next_step_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_step_ ABSL_GUARDED_BY(mu_) = 1;
 };
 
 }  // namespace moe::router

@@ -177,13 +177,13 @@ TEST(InProcessTrainingFaultTest, RingsChangeOnlyBetweenSteps) {
   ASSERT_TRUE(cluster.Backward(y->request_id, Wire(RandomTensor({kTokens, kDModel}, 2))).ok());
   // No replicas, no rings: server 2 prepares step 1 alone.
   expert::StepExecutor& steps = cluster.client.steps(2);
-  ASSERT_TRUE(steps.Prepare(1, 0.1f, absl::Now() + absl::Seconds(5)).ok());
+  ASSERT_TRUE(steps.Prepare({1, 0.1f, absl::Now() + absl::Seconds(5)}).ok());
   const absl::Status while_prepared = steps.SetRings({});
   EXPECT_EQ(while_prepared.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(while_prepared.message(), HasSubstr("only between steps"));
-  ASSERT_TRUE(steps.Commit(1).ok());
+  steps.Abort(1, "a test");
   EXPECT_TRUE(steps.SetRings({}).ok());
-  // The cluster goes on past the step server 2 committed.
+  // The cluster goes on past the step server 2 aborted.
   absl::StatusOr<StepCoordinator::Result> stepped = cluster.Step(0.1f);
   ASSERT_TRUE(stepped.ok()) << stepped.status();
   EXPECT_EQ(stepped->step, 2u);
@@ -397,7 +397,7 @@ TEST(InProcessTrainingFaultTest, AnAbortOfAFarStepRefusesOnlyThatStep) {
   ReplicaDigests(cluster);
   // The aborted step itself stays refused.
   const absl::StatusOr<expert::StepExecutor::PrepareResult> late =
-      cluster.client.steps(0).Prepare(abort.step(), 0.01f, absl::Now() + absl::Seconds(1));
+      cluster.client.steps(0).Prepare({abort.step(), 0.01f, absl::Now() + absl::Seconds(1)});
   EXPECT_EQ(late.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(late.status().message(), HasSubstr("more than 65536 ahead is refused"));
   // Nor does a far PrepareStep that was refused stop the next real step.

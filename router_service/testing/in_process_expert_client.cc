@@ -229,18 +229,7 @@ void InProcessExpertClient::AcquireLease(int server, const v1::AcquireLeaseReque
     std::move(done)(Down(server));
     return;
   }
-  const absl::Time now = absl::Now();
-  absl::StatusOr<expert::LeaseTable::Lease> lease = s.leases.Acquire(
-      request.name(), request.holder(), expert::LeaseTable::TtlFromMillis(request.ttl_ms()), now);
-  if (!lease.ok()) {
-    std::move(done)(lease.status());
-    return;
-  }
-  v1::AcquireLeaseResponse response;
-  response.set_granted(lease->granted);
-  response.set_holder(lease->holder);
-  response.set_expires_in_ms(absl::ToInt64Milliseconds(lease->expiry - now));
-  std::move(done)(std::move(response));
+  std::move(done)(expert::AnswerLeaseRequest(s.leases, request, absl::Now()));
 }
 
 void InProcessExpertClient::AbortStep(int server, const v1::AbortStepRequest& request,
