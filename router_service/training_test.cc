@@ -189,6 +189,93 @@ TEST(InProcessTrainingFaultTest, RingsChangeOnlyBetweenSteps) {
   EXPECT_EQ(stepped->step, 2u);
 }
 
+// The step is decided once every server has prepared it. A server whose
+// commit is lost is named in the answer (the step is committed) and commits
+// on the next step's word; when no server confirms, nothing is installed
+// here and the next step settles it.
+TEST(InProcessTrainingFaultTest, ALostCommitIsCommittedOnTheNextStepsWord) {
+  const ModelConfig model = Model({});
+  InProcessCluster cluster(model, PlacementStrategy::kDataParallel);
+  ReferenceTraining reference(model, InitAllWeights(model));
+  for (int step = 1; step <= 3; ++step) {
+    const FloatTensor x = RandomTensor({kTokens, kDModel}, 500 + step);
+    const FloatTensor dy = RandomTensor({kTokens, kDModel}, 600 + step);
+    const ReferenceTraining::Step expected = reference.Train(x, dy, 0.05f);
+    absl::StatusOr<Router::ForwardResult> y = cluster.Forward(Wire(x), true);
+    ASSERT_TRUE(y.ok()) << y.status();
+    ASSERT_TRUE(TensorNear(Decoded(y->y, kDModel), expected.forward.y, 1e-5)) << "step " << step;
+    ASSERT_TRUE(cluster.Backward(y->request_id, Wire(dy)).ok());
+    // Step 1's commit to server 1 is lost, every attempt.
+    if (step == 1) cluster.client.LoseCommits(1, 3);
+    absl::StatusOr<StepCoordinator::Result> stepped = cluster.Step(0.05f);
+    ASSERT_TRUE(stepped.ok()) << stepped.status();
+    EXPECT_EQ(stepped->step, static_cast<uint64_t>(step));
+    if (step == 1) {
+      ASSERT_EQ(stepped->servers_behind.size(), 1u);
+      EXPECT_THAT(stepped->servers_behind[0], HasSubstr("server 1 CommitStep: "));
+      EXPECT_EQ(cluster.client.steps(1).steps().prepared, 1u);
+    } else {
+      EXPECT_TRUE(stepped->servers_behind.empty());
+      // Committed where the commit was lost, on this step's word, before
+      // it prepared this one: every replica is equal and the reference's.
+      ReplicaDigests(cluster);
+    }
+  }
+  for (int s = 0; s < cluster.placement.num_servers(); ++s) {
+    const expert::ExpertSnapshot served = *cluster.client.store(s).Snapshot(ExpertKey(0, 2));
+    EXPECT_TRUE(TensorNear(served.weights.w1, reference.weights().experts.at(2).w1, 1e-5));
+  }
+  EXPECT_TRUE(TensorNear(cluster.router.gate()->value, *reference.weights().gate, 1e-5));
+
+  // No server confirms step 4: an error, no new gate here, and the next
+  // step aborts it everywhere (it was committed nowhere).
+  const std::map<ExpertKey, uint64_t> before = ReplicaDigests(cluster);
+  absl::StatusOr<Router::ForwardResult> y =
+      cluster.Forward(Wire(RandomTensor({kTokens, kDModel}, 700)), true);
+  ASSERT_TRUE(y.ok());
+  ASSERT_TRUE(cluster.Backward(y->request_id, Wire(RandomTensor({kTokens, kDModel}, 701))).ok());
+  for (int s = 0; s < cluster.placement.num_servers(); ++s) cluster.client.LoseCommits(s, 3);
+  absl::StatusOr<StepCoordinator::Result> lost = cluster.Step(0.05f);
+  EXPECT_EQ(lost.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(lost.status().message(), HasSubstr("none confirmed its commit"));
+  EXPECT_EQ(cluster.router.gate()->version, 3u);
+  EXPECT_EQ(ReplicaDigests(cluster), before);
+  absl::StatusOr<StepCoordinator::Result> next = cluster.Step(0.05f);
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_EQ(next->step, 5u);
+  EXPECT_EQ(cluster.client.steps(0).steps().aborted, 4u);
+  ReplicaDigests(cluster);
+}
+
+// One router steps at a time: the step lease (kept by server 0) refuses a
+// second router while the first holds it, naming the holder.
+TEST(InProcessTrainingFaultTest, OneRouterStepsAtATime) {
+  InProcessCluster cluster(Model({}), PlacementStrategy::kHybrid);
+  v1::AcquireLeaseRequest request;
+  request.set_name("step");
+  request.set_holder("router-b/000001");
+  request.set_ttl_ms(60000);
+  absl::Notification held;
+  cluster.client.AcquireLease(0, request, absl::Now() + absl::Seconds(1),
+                              [&](absl::StatusOr<v1::AcquireLeaseResponse> r) {
+                                EXPECT_TRUE(r.ok() && r->granted());
+                                held.Notify();
+                              });
+  held.WaitForNotification();
+  absl::StatusOr<StepCoordinator::Result> refused = cluster.Step(0.05f);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kAborted);
+  EXPECT_THAT(refused.status().message(), HasSubstr("router router-b/000001 is running a step"));
+  // Released: this router steps.
+  request.set_release(true);
+  absl::Notification released;
+  cluster.client.AcquireLease(0, request, absl::Now() + absl::Seconds(1),
+                              [&](absl::StatusOr<v1::AcquireLeaseResponse>) { released.Notify(); });
+  released.WaitForNotification();
+  absl::StatusOr<StepCoordinator::Result> stepped = cluster.Step(0.05f);
+  ASSERT_TRUE(stepped.ok()) << stepped.status();
+  EXPECT_EQ(stepped->step, 1u);
+}
+
 // Non-finite values never reach a weight: an infinite learning rate is
 // refused at once, and an update that overflows fails the step with every
 // replica, the gate and the gradients as they were; a sane step then works.

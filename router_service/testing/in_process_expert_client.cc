@@ -180,6 +180,14 @@ void InProcessExpertClient::PrepareStep(int server, const v1::PrepareStepRequest
 
 void InProcessExpertClient::CommitStep(int server, const v1::CommitStepRequest& request,
                                        absl::Time, UnaryDone<v1::CommitStepResponse> done) {
+  std::atomic<int>& lost = servers_.at(server)->lost_commits;
+  int n = lost.load();
+  while (n > 0 && !lost.compare_exchange_weak(n, n - 1)) {
+  }
+  if (n > 0) {
+    std::move(done)(absl::UnavailableError(absl::StrCat("server ", server, ": commit lost")));
+    return;
+  }
   RunStepCall<v1::CommitStepResponse>(
       server,
       [request](expert::ExpertDispatcher& d, v1::CommitStepResponse& response) {

@@ -74,6 +74,9 @@ class InProcessExpertClient : public ExpertClient {
   // until Unstall, which then serves them.
   void Stall(int server);
   void Unstall(int server);
+  // The next `n` CommitSteps to `server` are lost on the way (UNAVAILABLE;
+  // the server never hears them), as when the router dies mid-commit.
+  void LoseCommits(int server, int n) { servers_.at(server)->lost_commits = n; }
   expert::ExpertStore& store(int server) { return *servers_.at(server)->store; }
   expert::StepExecutor& steps(int server) { return *servers_.at(server)->steps; }
   expert::ExpertDispatcher& dispatcher(int server) { return *servers_.at(server)->dispatcher; }
@@ -107,6 +110,7 @@ class InProcessExpertClient : public ExpertClient {
     bool stalled ABSL_GUARDED_BY(mu) = false;
     std::vector<absl::AnyInvocable<void() &&>> held ABSL_GUARDED_BY(mu);
     std::atomic<int> calls{0};
+    std::atomic<int> lost_commits{0};
     expert::LeaseTable leases;
   };
 
