@@ -117,6 +117,12 @@ class ClientStreamSession {
   // Opens the stream now (at start), instead of on the first call.
   void Connect() { (void)LiveStream(); }
 
+  // Ends a back-off: the next Send tries to open a stream.
+  void RetryNow() {
+    absl::MutexLock lock(&mu_);
+    retry_at_ = absl::InfinitePast();
+  }
+
  private:
   class Stream : public grpc::ClientBidiReactor<Request, Response> {
    public:

@@ -404,6 +404,9 @@ absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
     MOE_LOG(INFO, "server ", options_.server_name, ": step ", step, ": all-reducing ", floats,
             " gradient floats over ", collectives.size(), " ring(s)");
   }
+  for (const StepRing& ring : rings) {
+    if (ring.link != nullptr) ring.link->RetryNow();
+  }
   // Every group is registered before any starts: a segment for one group
   // never waits behind another's on a shared stream.
   for (auto& c : collectives) registry_.Register(c);

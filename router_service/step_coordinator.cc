@@ -299,9 +299,7 @@ std::vector<absl::StatusOr<v1::CommitStepResponse>> StepCoordinator::CommitEvery
         committed[s] = std::move(answers[i]);
         continue;
       }
-      committed[s] = absl::Status(answers[i].status().code(),
-                                  absl::StrCat("server ", s, " CommitStep: ",
-                                               answers[i].status().message()));
+      committed[s] = answers[i].status();
       // A refusal (it has no such step prepared) is final; a lost call is
       // tried again.
       if (absl::IsUnavailable(answers[i].status()) ||

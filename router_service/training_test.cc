@@ -212,7 +212,7 @@ TEST(InProcessTrainingFaultTest, ALostCommitIsCommittedOnTheNextStepsWord) {
     EXPECT_EQ(stepped->step, static_cast<uint64_t>(step));
     if (step == 1) {
       ASSERT_EQ(stepped->servers_behind.size(), 1u);
-      EXPECT_THAT(stepped->servers_behind[0], HasSubstr("server 1 CommitStep: "));
+      EXPECT_THAT(stepped->servers_behind[0], HasSubstr("server-1 CommitStep: lost"));
       EXPECT_EQ(cluster.client.steps(1).steps().prepared, 1u);
     } else {
       EXPECT_TRUE(stepped->servers_behind.empty());

@@ -33,6 +33,7 @@ class GrpcRingLink : public RingLink {
                absl::Duration max_backoff = absl::Seconds(1));
 
   void Send(const RingHeader& header, absl::Span<const float> data, AckDone done) override;
+  void RetryNow() override { session_->RetryNow(); }
 
  private:
   using Stub = grpc::TemplatedGenericStub<RingSegment, v1::RingAck>;

@@ -76,6 +76,10 @@ class RingLink {
   // `done` runs once, with the receiver's verdict or the transport's
   // failure.
   virtual void Send(const RingHeader& header, absl::Span<const float> data, AckDone done) = 0;
+  // A collective is about to use the link: one waiting out a back-off
+  // after a failure tries again now (its peer answered the router a moment
+  // ago, so it is likely back).
+  virtual void RetryNow() {}
 };
 
 }  // namespace moe::allreduce

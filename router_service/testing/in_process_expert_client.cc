@@ -185,7 +185,7 @@ void InProcessExpertClient::CommitStep(int server, const v1::CommitStepRequest& 
   while (n > 0 && !lost.compare_exchange_weak(n, n - 1)) {
   }
   if (n > 0) {
-    std::move(done)(absl::UnavailableError(absl::StrCat("server ", server, ": commit lost")));
+    std::move(done)(absl::UnavailableError(absl::StrCat(ServerName(server), " CommitStep: lost")));
     return;
   }
   RunStepCall<v1::CommitStepResponse>(

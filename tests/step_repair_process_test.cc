@@ -1,0 +1,173 @@
+// Atomic steps with repair, across real processes. A step is decided once
+// every server has prepared it; a server that then misses its commit (the
+// router died between two CommitSteps, or the server died before its
+// commit) ends at the committed step: the one still prepared commits on its
+// peers' word, the one that died syncs from a committed replica when it
+// comes back. Either way no gradient is applied twice: after the repair the
+// cluster equals the reference, and the next 5 steps do too. The test plays
+// the router for the step it breaks (PrepareStep everywhere, CommitStep to
+// one server).
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "common/deterministic_init.h"
+#include "common/tensor_codec.h"
+#include "common/testing/random_tensor.h"
+#include "common/testing/reference_training.h"
+#include "common/testing/tensor_matchers.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/process_cluster.h"
+
+namespace moe::testing {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr int kDModel = 32;
+constexpr int kTokens = 64;
+constexpr float kLr = 0.05f;
+
+ProcessClusterOptions TwoReplicas() {
+  ProcessClusterOptions options;
+  options.model = absl::StrCat("d_model: ", kDModel, " d_ff: 64 num_experts: 4 top_k: 2 seed: 9");
+  options.strategy = "DATA_PARALLEL";
+  options.num_servers = 2;
+  // A prepared step that hears nothing asks its peers 1 s after its
+  // deadline.
+  options.server_flags = {"--step_prepared_timeout=1s"};
+  return options;
+}
+
+// Step 1's Forward and Backward through the router, and the same step in
+// the reference.
+void TrainStepOne(ProcessCluster& cluster, ReferenceTraining& reference) {
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 11);
+  const FloatTensor dy = RandomTensor({kTokens, kDModel}, 12);
+  reference.Train(x, dy, kLr);
+  v1::ForwardResponse y;
+  ASSERT_TRUE(cluster.Forward(x, &y, /*training=*/true).ok());
+  v1::BackwardResponse dx;
+  ASSERT_TRUE(cluster.Backward(y.request_id(), dy, &dx).ok());
+}
+
+// PrepareStep(1) on every server at once (each blocks for the all-reduce).
+void PrepareStepOne(ProcessCluster& cluster) {
+  const int n = static_cast<int>(cluster.config().cluster.servers.size());
+  std::vector<grpc::Status> statuses(n);
+  std::vector<std::thread> threads;
+  for (int s = 0; s < n; ++s) {
+    threads.emplace_back([&, s] {
+      v1::PrepareStepRequest request;
+      request.set_step(1);
+      request.set_learning_rate(kLr);
+      request.set_deadline_unix_micros(absl::ToUnixMicros(absl::Now() + absl::Seconds(3)));
+      request.set_committed_step(0);
+      request.set_coordinator("test-router");
+      grpc::ClientContext context;
+      context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+      v1::PrepareStepResponse response;
+      statuses[s] = cluster.server_stub(s).PrepareStep(&context, request, &response);
+    });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int s = 0; s < n; ++s) {
+    ASSERT_TRUE(statuses[s].ok()) << "e" << s << ": " << statuses[s].error_message();
+  }
+}
+
+// CommitStep(1) on server `s` only, with the reference's gate of step 1.
+void CommitStepOneOn(ProcessCluster& cluster, int s, const ReferenceTraining& reference) {
+  v1::CommitStepRequest request;
+  request.set_step(1);
+  const FloatTensor& gate = *reference.weights().gate;
+  EncodeFloats(gate.values(), gate.shape(), DType::kFloat32, request.mutable_gate());
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+  v1::CommitStepResponse response;
+  const grpc::Status status = cluster.server_stub(s).CommitStep(&context, request, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+}
+
+// Every server at `step`, replicas bit-identical.
+void ExpectConverged(ProcessCluster& cluster, uint64_t step) {
+  std::map<int, uint64_t> digests;
+  for (int s = 0; s < 2; ++s) {
+    v1::InfoResponse info;
+    ASSERT_TRUE(cluster.Info(s, &info).ok());
+    EXPECT_EQ(info.step(), step) << "e" << s << "\n" << cluster.ServerLog(s);
+    EXPECT_EQ(info.prepared_step(), 0u) << "e" << s;
+    for (const v1::ExpertDigest& d : info.experts()) {
+      EXPECT_EQ(d.step(), step);
+      auto [it, first] = digests.emplace(d.expert_id(), d.weights_digest());
+      EXPECT_EQ(it->second, d.weights_digest()) << "replicas of expert " << d.expert_id();
+    }
+  }
+}
+
+// The cluster serves the reference's layer, then 5 more steps through the
+// router equal the reference's.
+void ExpectReferenceFromHereOn(ProcessCluster& cluster, ReferenceTraining& reference) {
+  for (int step = 2; step <= 6; ++step) {
+    const FloatTensor x = RandomTensor({kTokens, kDModel}, 100 + step);
+    const FloatTensor dy = RandomTensor({kTokens, kDModel}, 200 + step);
+    const ReferenceTraining::Step expected = reference.Train(x, dy, kLr);
+    v1::ForwardResponse y;
+    grpc::Status status = cluster.Forward(x, &y, /*training=*/true);
+    ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+    ASSERT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.forward.y, 1e-5)) << "step " << step;
+    v1::BackwardResponse dx;
+    ASSERT_TRUE(cluster.Backward(y.request_id(), dy, &dx).ok());
+    v1::StepResponse stepped;
+    status = cluster.Step(kLr, absl::Seconds(30), &stepped);
+    ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+    EXPECT_EQ(stepped.step(), static_cast<uint64_t>(step));
+    EXPECT_EQ(stepped.servers_behind_size(), 0);
+    ExpectConverged(cluster, step);
+  }
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 999);
+  const ReferenceForward expected = *reference.Layer().Forward(x);
+  v1::ForwardResponse y;
+  ASSERT_TRUE(cluster.Forward(x, &y).ok());
+  EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.y, 1e-5));
+}
+
+TEST(StepRepairTest, ARouterThatDiesBetweenTwoCommitsLeavesTheOtherServerToCommitOnItsPeersWord) {
+  ProcessCluster cluster(TwoReplicas());
+  const ModelConfig& model = cluster.config().model;
+  ReferenceTraining reference(model, InitAllWeights(model));
+  TrainStepOne(cluster, reference);
+  cluster.KillRouter();
+  PrepareStepOne(cluster);
+  CommitStepOneOn(cluster, 0, reference);
+  // e1 hears nothing more; after its timeout it asks e0, which committed.
+  ASSERT_TRUE(cluster.WaitForServerLine(1, "committed here without its router's word",
+                                        absl::Seconds(30)))
+      << cluster.ServerLog(1);
+  EXPECT_THAT(cluster.ServerLog(1), HasSubstr("has committed step 1"));
+  ExpectConverged(cluster, 1);
+  // A router started now serves step 1's gate (e0 holds it; e1 committed
+  // without it) and trains on.
+  cluster.StartRouter();
+  ExpectReferenceFromHereOn(cluster, reference);
+}
+
+TEST(StepRepairTest, AServerKilledBetweenItsPrepareAndCommitSyncsWhenItComesBack) {
+  ProcessCluster cluster(TwoReplicas());
+  const ModelConfig& model = cluster.config().model;
+  ReferenceTraining reference(model, InitAllWeights(model));
+  TrainStepOne(cluster, reference);
+  PrepareStepOne(cluster);
+  cluster.KillServer(1);
+  CommitStepOneOn(cluster, 0, reference);
+  cluster.StartServer(1);
+  EXPECT_THAT(cluster.ServerLog(1), HasSubstr("cluster at step 1; synced 4 expert(s)"));
+  ExpectConverged(cluster, 1);
+  // The router learns step 1's gate from e0 (its own gate gradient, of the
+  // gate before, is dropped: the step applied it) and trains on.
+  ExpectReferenceFromHereOn(cluster, reference);
+  EXPECT_THAT(cluster.RouterLog(), HasSubstr("is dropped"));
+}
+
+}  // namespace
+}  // namespace moe::testing
