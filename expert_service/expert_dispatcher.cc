@@ -318,6 +318,11 @@ absl::Status ExpertDispatcher::PrepareStep(const v1::PrepareStepRequest& request
   response->set_allreduce_bytes_sent(result->allreduce_bytes_sent);
   response->set_allreduce_seconds(absl::ToDoubleSeconds(result->allreduce_time));
   response->set_optimizer_seconds(absl::ToDoubleSeconds(result->optimizer_time));
+  if (!result->gate_gradient.empty()) {
+    const ModelConfig& model = store_.model();
+    EncodeFloats(result->gate_gradient, {model.d_model, model.num_experts}, DType::kFloat32,
+                 response->mutable_gate_gradient());
+  }
   metrics_.allreduce_seconds->Observe(absl::ToDoubleSeconds(result->allreduce_time));
   metrics_.allreduce_sent_bytes->Increment(static_cast<double>(result->allreduce_bytes_sent));
   return absl::OkStatus();
@@ -363,6 +368,17 @@ absl::Status ExpertDispatcher::CommitStep(const v1::CommitStepRequest& request,
   metrics_.steps_committed->Increment();
   metrics_.committed_step->Set(static_cast<double>(request.step()));
   return absl::OkStatus();
+}
+
+absl::Status ExpertDispatcher::AddGateGradient(const v1::AddGateGradientRequest& request) {
+  if (steps_ == nullptr) return NoSteps();
+  const ModelConfig& model = store_.model();
+  const TensorSpec spec{"gradient", {model.d_model, model.num_experts}, {"d_model", "num_experts"}};
+  MOE_ASSIGN_OR_RETURN(const ConstTensorView view, DecodeTensor(request.gradient(), spec));
+  if (view.dtype != DType::kFloat32) {
+    return absl::InvalidArgumentError("gradient: must be fp32");
+  }
+  return steps_->AddGateGradient(request.gate_step(), ToFloatTensor(view).values());
 }
 
 absl::Status ExpertDispatcher::GetGate(v1::GetGateResponse* response) const {

@@ -79,6 +79,8 @@ class ExpertDispatcher {
   absl::Status AbortStep(const v1::AbortStepRequest& request);
   // The gate the last CommitStep carried (NOT_FOUND without one).
   absl::Status GetGate(v1::GetGateResponse* response) const ABSL_LOCKS_EXCLUDED(gate_mu_);
+  // A Backward's gate gradient, summed here for the next step.
+  absl::Status AddGateGradient(const v1::AddGateGradientRequest& request);
   bool runs_steps() const { return steps_ != nullptr; }
 
   // The placement epochs this server serves calls of: [oldest, newest]

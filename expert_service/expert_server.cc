@@ -273,14 +273,10 @@ absl::Status ExpertServer::RollForward(uint64_t committed) {
   MOE_RETURN_IF_ERROR(steps_->Hold(absl::StrCat("a sync to committed step ", committed)));
   MOE_LOG(WARNING, "server ", options_.name, ": the cluster has committed step ", committed,
           " and this server step ", steps_->last_committed(), "; syncing from its peers");
-  // What accumulated here is of weights the cluster has moved past, and
-  // may hold this server's share of the missed step, which its replicas
-  // applied: dropped, never summed into a later step.
-  std::vector<ExpertKey> dropped;
-  for (ExpertKey expert : store_->HostedExperts()) {
-    absl::StatusOr<bool> has = store_->HasGradients(expert);
-    if (has.ok() && *has && store_->TakeGradients(expert).ok()) dropped.push_back(expert);
-  }
+  // What accumulated here (the gate's too) is of weights the cluster has
+  // moved past, and may hold this server's share of the missed step, which
+  // its replicas applied: dropped, never summed into a later step.
+  const std::vector<ExpertKey> dropped = steps_->DropGradients();
   if (!dropped.empty()) {
     MOE_LOG(WARNING, "server ", options_.name, ": gradients of experts [",
             JoinExpertKeys(dropped), "] accumulated against older weights are dropped");

@@ -264,6 +264,14 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::GetGate(grpc::CallbackServerContext
   return reactor;
 }
 
+grpc::ServerUnaryReactor* ExpertServiceImpl::AddGateGradient(
+    grpc::CallbackServerContext* context, const v1::AddGateGradientRequest* request,
+    v1::AddGateGradientResponse*) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(ToGrpcStatus(dispatcher_.AddGateGradient(*request)));
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* ExpertServiceImpl::AcquireLease(grpc::CallbackServerContext* context,
                                                           const v1::AcquireLeaseRequest* request,
                                                           v1::AcquireLeaseResponse* response) {

@@ -78,6 +78,9 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService {
   grpc::ServerUnaryReactor* GetGate(grpc::CallbackServerContext* context,
                                     const v1::GetGateRequest* request,
                                     v1::GetGateResponse* response) override;
+  grpc::ServerUnaryReactor* AddGateGradient(grpc::CallbackServerContext* context,
+                                            const v1::AddGateGradientRequest* request,
+                                            v1::AddGateGradientResponse* response) override;
   grpc::ServerUnaryReactor* AcquireLease(grpc::CallbackServerContext* context,
                                          const v1::AcquireLeaseRequest* request,
                                          v1::AcquireLeaseResponse* response) override;

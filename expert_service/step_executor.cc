@@ -223,6 +223,7 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(const StepOrde
   }
   std::optional<Prepared> superseded;
   std::vector<StepRing> rings;
+  std::vector<float> gate_gradient;
   {
     absl::MutexLock lock(&mu_);
     // A legitimate step is one past the cluster's last commit, which this
@@ -286,14 +287,22 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(const StepOrde
   if (superseded) {
     MOE_LOG(WARNING, "server ", options_.server_name, ": step ", superseded->step,
             " was prepared and never committed; dropped for step ", step);
-    PutBack(superseded->local_grads);
+    PutBack(*superseded);
     if (options_.on_resolved) options_.on_resolved(superseded->step, false);
+  }
+  {
+    // After the superseded step's is back: it counts for this step.
+    absl::MutexLock lock(&mu_);
+    std::swap(gate_gradient, gate_gradient_);
   }
 
   Prepared prepared;
   prepared.step = step;
   prepared.coordinator = order.coordinator;
+  prepared.gate_grad = std::move(gate_gradient);
   PrepareResult result;
+  // The router updates the gate with it; kept here too, to put back.
+  result.gate_gradient = prepared.gate_grad;
   absl::Status status;
   for (ExpertKey expert : store_.HostedExperts()) {
     ExpertWeights fresh;
@@ -358,7 +367,7 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(const StepOrde
     }
     last_aborted_ = std::max(last_aborted_, step);
   }
-  PutBack(prepared.local_grads);
+  PutBack(prepared);
   return status;
 }
 
@@ -509,7 +518,7 @@ void StepExecutor::Abort(uint64_t step, const std::string& reason,
   // Ends its collectives here (a Prepare still running then puts its
   // gradients back itself) and refuses their late segments.
   registry_.AbortStep(step, absl::AbortedError(reason));
-  if (dropped) PutBack(dropped->local_grads);
+  if (dropped) PutBack(*dropped);
 }
 
 std::map<ExpertKey, ExpertSnapshot>::node_type StepExecutor::TakeSpare(ExpertKey expert) {
@@ -540,14 +549,61 @@ void StepExecutor::KeepSpare(std::map<ExpertKey, ExpertSnapshot> updated,
   spare_grads_ = std::move(grads);
 }
 
-void StepExecutor::PutBack(const std::map<ExpertKey, ExpertWeights>& local_grads) {
-  for (const auto& [expert, grads] : local_grads) {
+void StepExecutor::PutBack(const Prepared& prepared) {
+  for (const auto& [expert, grads] : prepared.local_grads) {
     absl::Status status = store_.RestoreGradients(expert, grads);
     if (!status.ok()) {
       MOE_LOG(WARNING, "server ", options_.server_name, ": gradients of ", expert.ToString(),
               " not restored: ", status.message());
     }
   }
+  if (prepared.gate_grad.empty()) return;
+  absl::MutexLock lock(&mu_);
+  if (gate_gradient_.empty()) {
+    gate_gradient_ = prepared.gate_grad;
+    return;
+  }
+  for (size_t i = 0; i < gate_gradient_.size(); ++i) gate_gradient_[i] += prepared.gate_grad[i];
+}
+
+absl::Status StepExecutor::AddGateGradient(uint64_t gate_step, absl::Span<const float> gradient) {
+  const ModelConfig& model = store_.model();
+  const size_t size = static_cast<size_t>(model.d_model) * model.num_experts;
+  if (gradient.size() != size) {
+    return absl::InvalidArgumentError(absl::StrCat("gate gradient: ", gradient.size(),
+                                                   " values, expected d_model x num_experts = ",
+                                                   size));
+  }
+  for (float g : gradient) {
+    if (!std::isfinite(g)) {
+      return absl::InvalidArgumentError("gate gradient: a value is not finite");
+    }
+  }
+  absl::MutexLock lock(&mu_);
+  if (gate_step != last_committed_) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "gate gradient of the gate of step ", gate_step, ": server ", options_.server_name,
+        " has committed step ", last_committed_, " (the gradient is of another gate)"));
+  }
+  if (gate_gradient_.empty()) gate_gradient_.assign(size, 0.0f);
+  for (size_t i = 0; i < size; ++i) gate_gradient_[i] += gradient[i];
+  return absl::OkStatus();
+}
+
+std::vector<float> StepExecutor::gate_gradient() const {
+  absl::MutexLock lock(&mu_);
+  return gate_gradient_;
+}
+
+std::vector<ExpertKey> StepExecutor::DropGradients() {
+  std::vector<ExpertKey> dropped;
+  for (ExpertKey expert : store_.HostedExperts()) {
+    absl::StatusOr<bool> has = store_.HasGradients(expert);
+    if (has.ok() && *has && store_.TakeGradients(expert).ok()) dropped.push_back(expert);
+  }
+  absl::MutexLock lock(&mu_);
+  gate_gradient_.clear();
+  return dropped;
 }
 
 }  // namespace moe::expert

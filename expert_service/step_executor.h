@@ -37,6 +37,7 @@
 #include "common/expert_key.h"
 #include "common/model_config.h"
 #include "common/placement.h"
+#include "common/tensor.h"
 #include "expert_service/allreduce/collective_registry.h"
 #include "expert_service/allreduce/ring_allreduce.h"
 #include "expert_service/expert_store.h"
@@ -131,6 +132,9 @@ class StepExecutor {
   };
 
   struct PrepareResult {
+    // The gate gradient taken for this step (AddGateGradient), [d_model,
+    // num_experts] row-major; empty when none was added.
+    std::vector<float> gate_gradient;
     int64_t allreduce_bytes_sent = 0;
     absl::Duration allreduce_time;
     // Computing the updated weights (and momentum) aside.
@@ -159,6 +163,19 @@ class StepExecutor {
   void Abort(uint64_t step, const std::string& reason, const std::string& coordinator = "")
       ABSL_LOCKS_EXCLUDED(mu_);
 
+  // Adds a Backward's gradient of the gate [d_model, num_experts] to the
+  // sum the next Prepare takes (put back if that step aborts, dropped when
+  // it commits). FAILED_PRECONDITION when `gate_step` is not the last
+  // committed step (the gradient is of an older gate); INVALID_ARGUMENT
+  // for a wrong shape or a non-finite value.
+  absl::Status AddGateGradient(uint64_t gate_step, absl::Span<const float> gradient)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  // The gate gradient summed here since the last step (empty: none).
+  std::vector<float> gate_gradient() const ABSL_LOCKS_EXCLUDED(mu_);
+  // Drops the gradients accumulated here (a sync replaced the weights they
+  // are of); names the experts that had some.
+  std::vector<ExpertKey> DropGradients() ABSL_LOCKS_EXCLUDED(mu_);
+
   uint64_t last_committed() const ABSL_LOCKS_EXCLUDED(mu_);
   // For peers' inquiries (PeerSteps).
   PeerSteps steps() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -184,6 +201,7 @@ class StepExecutor {
     std::string coordinator;
     // The local gradients taken, to put back on abort.
     std::map<ExpertKey, ExpertWeights> local_grads;
+    std::vector<float> gate_grad;
     std::map<ExpertKey, ExpertSnapshot> updated;
     uint64_t timer_id = 0;
   };
@@ -194,7 +212,7 @@ class StepExecutor {
       uint64_t step, const std::vector<StepRing>& rings,
       const std::map<ExpertKey, ExpertWeights>& local, absl::Time deadline,
       std::map<ExpertKey, ExpertTensorSpans>& grads, PrepareResult& result);
-  void PutBack(const std::map<ExpertKey, ExpertWeights>& local_grads);
+  void PutBack(const Prepared& prepared) ABSL_LOCKS_EXCLUDED(mu_);
   // Arms the inquiry of prepared step `step` at `when`.
   uint64_t ScheduleInquiry(uint64_t step, absl::Time when) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Asks the peers what became of prepared `step` and acts on the verdict
@@ -228,6 +246,8 @@ class StepExecutor {
   // Steps aborted before they started here; the largest go first.
   static constexpr size_t kMaxAbortedAhead = 64;
   absl::btree_set<uint64_t> aborted_ahead_ ABSL_GUARDED_BY(mu_);
+  // The gate gradient added since the last Prepare took it (empty: none).
+  std::vector<float> gate_gradient_ ABSL_GUARDED_BY(mu_);
   std::optional<uint64_t> preparing_ ABSL_GUARDED_BY(mu_);
   std::string preparing_coordinator_ ABSL_GUARDED_BY(mu_);
   std::optional<Prepared> prepared_ ABSL_GUARDED_BY(mu_);

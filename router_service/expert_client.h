@@ -59,6 +59,10 @@ class ExpertClient {
   virtual void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) = 0;
   // The gate of the last step `server` committed.
   virtual void GetGate(int server, absl::Time deadline, UnaryDone<v1::GetGateResponse> done) = 0;
+  // A Backward's gate gradient, for the next step (sent to kLeaseKeeper).
+  virtual void AddGateGradient(int server, const v1::AddGateGradientRequest& request,
+                               absl::Time deadline,
+                               UnaryDone<v1::AddGateGradientResponse> done) = 0;
   // One shard of a checkpoint (SaveCheckpoint).
   virtual void SaveExperts(int server, const v1::SaveExpertsRequest& request, absl::Time deadline,
                            UnaryDone<v1::SaveExpertsResponse> done) = 0;

@@ -188,6 +188,14 @@ void GrpcExpertClient::Info(int server, absl::Time deadline, UnaryDone<v1::InfoR
             deadline, std::move(done), /*wait_for_ready=*/true);
 }
 
+void GrpcExpertClient::AddGateGradient(int server, const v1::AddGateGradientRequest& request,
+                                       absl::Time deadline,
+                                       UnaryDone<v1::AddGateGradientResponse> done) {
+  Connection& c = *connections_.at(server);
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::AddGateGradient, c.label(),
+            "AddGateGradient", request, deadline, std::move(done));
+}
+
 void GrpcExpertClient::GetGate(int server, absl::Time deadline,
                                UnaryDone<v1::GetGateResponse> done) {
   Connection& c = *connections_.at(server);

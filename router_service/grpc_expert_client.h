@@ -58,6 +58,8 @@ class GrpcExpertClient : public ExpertClient {
                  UnaryDone<v1::AbortStepResponse> done) override;
   void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) override;
   void GetGate(int server, absl::Time deadline, UnaryDone<v1::GetGateResponse> done) override;
+  void AddGateGradient(int server, const v1::AddGateGradientRequest& request, absl::Time deadline,
+                       UnaryDone<v1::AddGateGradientResponse> done) override;
   bool IsHealthy(int server) const override;
 
   // Streams (re)opened so far, over all servers.

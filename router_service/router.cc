@@ -130,6 +130,7 @@ struct Router::ForwardCall {
 
 struct Router::BackwardCall {
   BackwardDone done;
+  absl::Time deadline;
   std::atomic<bool> finished{false};
   uint64_t timer_id = 0;
   DType dtype = DType::kFloat32;
@@ -157,7 +158,6 @@ Router::Router(Options options, Placement placement, ExpertClient& client)
   for (int s = 0; s < servers; ++s) answer_micros_[s].store(0);
   absl::MutexLock lock(&gate_mu_);
   gate_velocity_ = FloatTensor(options_.gate.shape());
-  gate_gradient_ = FloatTensor(options_.gate.shape());
 }
 
 Router::~Router() {
@@ -619,6 +619,7 @@ void Router::Backward(uint64_t request_id, const v1::Tensor& grad_output,
   }
   auto call = std::make_shared<BackwardCall>();
   call->done = std::move(done);
+  call->deadline = deadline;
   call->dtype = dy->dtype;
   call->record = *std::move(record);
   call->dy32 = AsFloats(*dy, call->dy32_storage);
@@ -718,14 +719,31 @@ void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
       for (int64_t m = 0; m < d_model; ++m) dx_row[m] += rows[r * d_model + m];
     }
   }
-  {
-    absl::MutexLock lock(&gate_mu_);
-    GateBackward(rec.routing, rec.x.values(), rec.gate->value, call->d_weight,
-                 dx.mutable_values(), gate_gradient_);
-  }
-  v1::Tensor out;
-  EncodeFloats(dx.values(), dx.shape(), call->dtype, &out);
-  std::move(call->done)(std::move(out));
+  FloatTensor gate_gradient(rec.gate->value.shape());
+  GateBackward(rec.routing, rec.x.values(), rec.gate->value, call->d_weight, dx.mutable_values(),
+               gate_gradient);
+  // The gate gradient is kept by the lease keeper, where a Step through
+  // any router takes it; the Backward is done once it is there.
+  auto out = std::make_shared<v1::Tensor>();
+  EncodeFloats(dx.values(), dx.shape(), call->dtype, out.get());
+  auto request = std::make_shared<v1::AddGateGradientRequest>();
+  request->set_gate_step(rec.gate->version);
+  EncodeFloats(gate_gradient.values(), gate_gradient.shape(), DType::kFloat32,
+               request->mutable_gradient());
+  client_.AddGateGradient(
+      kLeaseKeeper, *request, call->deadline,
+      [call, request, out](absl::StatusOr<v1::AddGateGradientResponse> added) mutable {
+        if (!added.ok()) {
+          // The experts' gradients are in; the gate's is not: say so.
+          std::move(call->done)(absl::Status(
+              added.status().code(),
+              absl::StrCat("backward: the gate gradient (of the gate of step ",
+                           request->gate_step(), ") was not kept, the experts' were: ",
+                           added.status().message())));
+          return;
+        }
+        std::move(call->done)(std::move(*out));
+      });
 }
 
 void Router::RetryStale(std::shared_ptr<ForwardCall> call) {

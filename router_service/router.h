@@ -142,8 +142,6 @@ class Router {
   void Backward(uint64_t request_id, const v1::Tensor& grad_output, absl::Time deadline,
                 BackwardDone done);
 
-  // The gate gradient accumulated since the last step.
-  FloatTensor GateGradient() const ABSL_LOCKS_EXCLUDED(gate_mu_);
   // The gate now, with the step it was committed at (0: as loaded). A step
   // replaces it whole; a forward keeps the one it used (and its backward
   // uses that one too).
@@ -183,31 +181,31 @@ class Router {
   // this router's; INVALID_ARGUMENT when it does not fit this cluster.
   absl::Status AdoptReported(const v1::InfoResponse& info);
   // Installs a server's committed gate (and momentum) when it is of a later
-  // step than this router's. The gate gradient accumulated here since is
-  // of backwards against the older gate: dropped, and the log says so.
+  // step than this router's.
   absl::Status AdoptGate(const v1::GetGateResponse& gate) ABSL_LOCKS_EXCLUDED(gate_mu_);
   // At start: the newest gate the servers hold, when newer than this
   // router's (a router restarted, or another one stepped). Servers that do
   // not answer by `deadline` are skipped.
   absl::Status AdoptServersGate(absl::Time deadline);
 
-  // The gate's half of a training step. PrepareGateStep takes the
-  // accumulated gradient and computes the updated gate (and momentum)
-  // aside; CommitGateStep installs them; AbortGateStep puts the gradient
-  // back (gradients of backwards run meanwhile are kept either way).
+  // The gate's half of a training step. The gradient of every Backward,
+  // through any router, is summed by the lease keeper (server 0:
+  // AddGateGradient), whose PrepareStep answer hands it over.
+  // PrepareGateStep computes the updated gate (and momentum) from it
+  // aside; CommitGateStep installs them.
   struct GateStep {
     uint64_t step = 0;
     // The gate version it updates.
     uint64_t base_version = 0;
-    FloatTensor gradient;
     FloatTensor gate;
     FloatTensor velocity;
   };
-  // OUT_OF_RANGE, with the gradient kept, when the update is not finite.
-  absl::StatusOr<GateStep> PrepareGateStep(uint64_t step, float learning_rate)
+  // `gradient`: the sum of every Backward's since the last step (zeros
+  // when none). OUT_OF_RANGE when the update is not finite.
+  absl::StatusOr<GateStep> PrepareGateStep(uint64_t step, float learning_rate,
+                                           const FloatTensor& gradient)
       ABSL_LOCKS_EXCLUDED(gate_mu_);
   void CommitGateStep(GateStep step) ABSL_LOCKS_EXCLUDED(gate_mu_);
-  void AbortGateStep(const GateStep& step) ABSL_LOCKS_EXCLUDED(gate_mu_);
   // Pairs re-sent to another replica after a server was unavailable.
   int64_t failovers() const { return failovers_.load(); }
   // Groups also sent to a second replica because the first was slow.
@@ -280,7 +278,6 @@ class Router {
   // The gate's optimizer state, changed with the gate (under gate_mu_).
   mutable absl::Mutex gate_mu_;
   FloatTensor gate_velocity_ ABSL_GUARDED_BY(gate_mu_);
-  FloatTensor gate_gradient_ ABSL_GUARDED_BY(gate_mu_);
 
   mutable absl::Mutex training_mu_;
   absl::flat_hash_map<uint64_t, std::unique_ptr<TrainingRecord>> training_

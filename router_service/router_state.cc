@@ -106,14 +106,6 @@ absl::Status Router::AdoptGate(const v1::GetGateResponse& response) {
   MOE_ASSIGN_OR_RETURN(const GateSnapshot installed,
                        gate_.InstallIf(now->version, std::move(next), response.step()));
   gate_velocity_ = std::move(velocity);
-  bool had_gradient = false;
-  for (float g : gate_gradient_.values()) had_gradient = had_gradient || g != 0.0f;
-  if (had_gradient) {
-    MOE_LOG(WARNING, "the gate gradient of backwards run here against step ", now->version,
-            " is dropped: the cluster committed step ", installed->version,
-            " through another router");
-    gate_gradient_ = FloatTensor(gate_gradient_.shape());
-  }
   MOE_LOG(INFO, "learnt the gate of step ", installed->version, " from the servers");
   return absl::OkStatus();
 }
@@ -142,11 +134,6 @@ absl::Status Router::AdoptReported(const v1::InfoResponse& info) {
                        InstallPlacement(std::move(next), now->version, info.placement_epoch()));
   MOE_LOG(INFO, "learnt placement epoch ", installed->version, " from server ", info.server_name());
   return absl::OkStatus();
-}
-
-FloatTensor Router::GateGradient() const {
-  absl::MutexLock lock(&gate_mu_);
-  return gate_gradient_;
 }
 
 absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement next) {
@@ -179,19 +166,16 @@ absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement nex
 }
 
 absl::StatusOr<Router::GateStep> Router::PrepareGateStep(uint64_t step_number,
-                                                         float learning_rate) {
+                                                         float learning_rate,
+                                                         const FloatTensor& gradient) {
   GateStep step;
   step.step = step_number;
   const GateSnapshot current = gate_.Get();
   step.base_version = current->version;
   step.gate = current->value;
   absl::MutexLock lock(&gate_mu_);
-  step.gradient = FloatTensor(gate_gradient_.shape());
-  std::swap(step.gradient, gate_gradient_);
   step.velocity = gate_velocity_;
-  if (!ApplySgd(options_.model.optimizer, learning_rate, step.gradient, step.gate,
-                &step.velocity)) {
-    std::swap(step.gradient, gate_gradient_);  // nothing happened
+  if (!ApplySgd(options_.model.optimizer, learning_rate, gradient, step.gate, &step.velocity)) {
     return absl::OutOfRangeError(absl::StrCat(
         "step ", step_number, ": the gate's update has a non-finite value (its gradient or ",
         "the learning rate ", learning_rate, " overflowed); nothing changed"));
@@ -210,13 +194,6 @@ void Router::CommitGateStep(GateStep step) {
     return;
   }
   gate_velocity_ = std::move(step.velocity);
-}
-
-void Router::AbortGateStep(const GateStep& step) {
-  absl::MutexLock lock(&gate_mu_);
-  absl::Span<float> dst = gate_gradient_.mutable_values();
-  absl::Span<const float> src = step.gradient.values();
-  for (size_t i = 0; i < dst.size(); ++i) dst[i] += src[i];
 }
 
 }  // namespace moe::router

@@ -198,7 +198,6 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
   const absl::Duration margin = std::min(absl::Milliseconds(500), (deadline - start) / 10);
   const absl::Time router_deadline = deadline - margin;
   const absl::Time server_deadline = router_deadline - 2 * margin;
-  MOE_ASSIGN_OR_RETURN(Router::GateStep gate, router_.PrepareGateStep(step, lr));
   v1::PrepareStepRequest prepare;
   prepare.set_step(step);
   prepare.set_learning_rate(lr);
@@ -211,9 +210,16 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
       });
   if (absl::Status failed = Summarize(step, "aborted", prepared); !failed.ok()) {
     AbortEverywhere(step, std::string(failed.message()));
-    router_.AbortGateStep(gate);
     return failed;
   }
+  // The gate's update, from the gradient of every Backward since the last
+  // step (the lease keeper's answer carries it).
+  absl::StatusOr<Router::GateStep> prepared_gate = GateUpdate(step, lr, prepared);
+  if (!prepared_gate.ok()) {
+    AbortEverywhere(step, std::string(prepared_gate.status().message()));
+    return prepared_gate.status();
+  }
+  Router::GateStep& gate = *prepared_gate;
 
   // Every server has prepared: the step is decided, and committed.
   const absl::Time commit_start = absl::Now();
@@ -236,7 +242,6 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
     // No server confirmed: it is committed where a commit arrived unseen,
     // else nowhere; the next step (or the servers' own inquiry) settles
     // it, and a commit that arrived brings its gate to this router then.
-    router_.AbortGateStep(gate);
     return absl::UnavailableError(absl::StrCat(
         "step ", step, ": every server prepared it, and none confirmed its commit (",
         absl::StrJoin(result.servers_behind, "; "),
@@ -272,6 +277,30 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
         std::max(result.optimizer_time, absl::Seconds(r->optimizer_seconds()));
   }
   return result;
+}
+
+absl::StatusOr<Router::GateStep> StepCoordinator::GateUpdate(
+    uint64_t step, float lr,
+    const std::vector<absl::StatusOr<v1::PrepareStepResponse>>& prepared) {
+  const ModelConfig& model = router_.model();
+  // Zero when no Backward ran since the last step (momentum still moves
+  // the gate, as in the reference).
+  FloatTensor gradient({model.d_model, model.num_experts});
+  for (size_t s = 0; s < prepared.size(); ++s) {
+    if (!prepared[s]->has_gate_gradient()) continue;
+    const TensorSpec spec{"gate_gradient", {model.d_model, model.num_experts},
+                          {"d_model", "num_experts"}};
+    absl::StatusOr<ConstTensorView> view = DecodeTensor(prepared[s]->gate_gradient(), spec);
+    if (!view.ok() || view->dtype != DType::kFloat32) {
+      return absl::InternalError(absl::StrCat(
+          "step ", step, ": server ", s, " answered a bad gate gradient: ",
+          view.ok() ? std::string("not fp32") : std::string(view.status().message())));
+    }
+    const FloatTensor part = ToFloatTensor(*view);
+    absl::Span<float> sum = gradient.mutable_values();
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += part.values()[i];
+  }
+  return router_.PrepareGateStep(step, lr, gradient);
 }
 
 std::vector<absl::StatusOr<v1::CommitStepResponse>> StepCoordinator::CommitEverywhere(

@@ -140,6 +140,15 @@ TEST(AuthorizationTest, EachIdentityGetsWhatItsRoleAllows) {
               grpc::StatusCode::PERMISSION_DENIED);
   }
   {
+    // Nor add to the gate's gradient, which every Step applies.
+    grpc::ClientContext context;
+    v1::AddGateGradientRequest gradient;
+    v1::AddGateGradientResponse added;
+    const grpc::Status status = server->AddGateGradient(&context, gradient, &added);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    EXPECT_THAT(status.error_message(), HasSubstr("/moe.v1.ExpertServer/AddGateGradient"));
+  }
+  {
     auto ring = v1::Collective::NewStub(
         NewChannel((*cluster)->config().cluster.servers[1].address, inference, 1 << 20));
     grpc::ClientContext context;

@@ -7,6 +7,7 @@
 // cluster equals the reference, and the next 5 steps do too. The test plays
 // the router for the step it breaks (PrepareStep everywhere, CommitStep to
 // one server).
+#include <algorithm>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -163,10 +164,103 @@ TEST(StepRepairTest, AServerKilledBetweenItsPrepareAndCommitSyncsWhenItComesBack
   cluster.StartServer(1);
   EXPECT_THAT(cluster.ServerLog(1), HasSubstr("cluster at step 1; synced 4 expert(s)"));
   ExpectConverged(cluster, 1);
-  // The router learns step 1's gate from e0 (its own gate gradient, of the
-  // gate before, is dropped: the step applied it) and trains on.
+  // The router learns step 1's gate from e0 and trains on.
   ExpectReferenceFromHereOn(cluster, reference);
-  EXPECT_THAT(cluster.RouterLog(), HasSubstr("is dropped"));
+  EXPECT_THAT(cluster.RouterLog(), HasSubstr("learnt the gate of step 1 from the servers"));
+}
+
+// Two routers: Backwards through both, then a Step through each at once.
+// One wins (the step lease); the other is refused naming it, or, when it
+// comes second, steps with nothing left to apply. Either way the step
+// applied both routers' gradients once: both routers serve the reference
+// trained on both batches as one, and a step through the other router
+// goes on from there.
+TEST(StepRepairTest, TwoRoutersStepAtOnceAndEveryGradientIsAppliedOnce) {
+  ProcessCluster cluster(TwoReplicas());
+  ProcessCluster::OtherRouter other = cluster.StartAnotherRouter();
+  const ModelConfig& model = cluster.config().model;
+  ReferenceTraining reference(model, InitAllWeights(model));
+  auto call = [](v1::Router::Stub& stub, auto method, const auto& request, auto* response) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(30)));
+    return (stub.*method)(&context, request, response);
+  };
+  auto train = [&](v1::Router::Stub& stub, const FloatTensor& x, const FloatTensor& dy) {
+    v1::ForwardRequest forward;
+    forward.set_training(true);
+    EncodeFloats(x.values(), x.shape(), DType::kFloat32, forward.mutable_x());
+    v1::ForwardResponse y;
+    ASSERT_TRUE(call(stub, &v1::Router::Stub::Forward, forward, &y).ok());
+    v1::BackwardRequest backward;
+    backward.set_request_id(y.request_id());
+    EncodeFloats(dy.values(), dy.shape(), DType::kFloat32, backward.mutable_grad_output());
+    v1::BackwardResponse dx;
+    const grpc::Status status = call(stub, &v1::Router::Stub::Backward, backward, &dx);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+  };
+  const FloatTensor x0 = RandomTensor({kTokens, kDModel}, 31), dy0 = RandomTensor({kTokens, kDModel}, 32);
+  const FloatTensor x1 = RandomTensor({kTokens, kDModel}, 33), dy1 = RandomTensor({kTokens, kDModel}, 34);
+  train(cluster.stub(), x0, dy0);
+  train(*other.stub, x1, dy1);
+  FloatTensor x({2 * kTokens, kDModel}), dy({2 * kTokens, kDModel});
+  std::copy(x0.values().begin(), x0.values().end(), x.mutable_values().begin());
+  std::copy(x1.values().begin(), x1.values().end(), x.mutable_values().begin() + kTokens * kDModel);
+  std::copy(dy0.values().begin(), dy0.values().end(), dy.mutable_values().begin());
+  std::copy(dy1.values().begin(), dy1.values().end(),
+            dy.mutable_values().begin() + kTokens * kDModel);
+  reference.Train(x, dy, kLr);
+
+  v1::StepRequest step;
+  step.set_learning_rate(kLr);
+  grpc::Status statuses[2];
+  v1::StepResponse stepped[2];
+  {
+    std::thread first([&] {
+      statuses[0] = call(cluster.stub(), &v1::Router::Stub::Step, step, &stepped[0]);
+    });
+    std::thread second([&] {
+      statuses[1] = call(*other.stub, &v1::Router::Stub::Step, step, &stepped[1]);
+    });
+    first.join();
+    second.join();
+  }
+  int won = 0;
+  for (int r = 0; r < 2; ++r) {
+    if (statuses[r].ok()) {
+      ++won;
+      continue;
+    }
+    EXPECT_EQ(statuses[r].error_code(), grpc::StatusCode::ABORTED) << statuses[r].error_message();
+    EXPECT_THAT(statuses[r].error_message(), HasSubstr("is running a step"));
+  }
+  ASSERT_GE(won, 1) << statuses[0].error_message() << "; " << statuses[1].error_message();
+  // Plain SGD: a second step with nothing to apply changes nothing.
+  const uint64_t last = std::max(stepped[0].step(), stepped[1].step());
+  ExpectConverged(cluster, last);
+
+  const FloatTensor fresh = RandomTensor({kTokens, kDModel}, 35);
+  const ReferenceForward expected = *reference.Layer().Forward(fresh);
+  for (v1::Router::Stub* stub : {&cluster.stub(), other.stub.get()}) {
+    v1::ForwardRequest forward;
+    EncodeFloats(fresh.values(), fresh.shape(), DType::kFloat32, forward.mutable_x());
+    v1::ForwardResponse y;
+    const grpc::Status status = call(*stub, &v1::Router::Stub::Forward, forward, &y);
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.y, 1e-5));
+  }
+  // The other router steps on from the committed gate.
+  const FloatTensor x2 = RandomTensor({kTokens, kDModel}, 36), dy2 = RandomTensor({kTokens, kDModel}, 37);
+  reference.Train(x2, dy2, kLr);
+  train(*other.stub, x2, dy2);
+  v1::StepResponse next;
+  const grpc::Status status = call(*other.stub, &v1::Router::Stub::Step, step, &next);
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << other.process->output();
+  EXPECT_EQ(next.step(), last + 1);
+  ExpectConverged(cluster, last + 1);
+  const ReferenceForward after = *reference.Layer().Forward(fresh);
+  v1::ForwardResponse y;
+  ASSERT_TRUE(cluster.Forward(fresh, &y).ok());
+  EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), after.y, 1e-5));
 }
 
 }  // namespace

@@ -268,6 +268,22 @@ void InProcessExpertClient::Info(int server, absl::Time, UnaryDone<v1::InfoRespo
   std::move(done)(std::move(info));
 }
 
+void InProcessExpertClient::AddGateGradient(int server, const v1::AddGateGradientRequest& request,
+                                            absl::Time,
+                                            UnaryDone<v1::AddGateGradientResponse> done) {
+  Server& s = *servers_.at(server);
+  if (!s.alive) {
+    std::move(done)(Down(server));
+    return;
+  }
+  const absl::Status status = s.dispatcher->AddGateGradient(request);
+  if (status.ok()) {
+    std::move(done)(v1::AddGateGradientResponse());
+  } else {
+    std::move(done)(status);
+  }
+}
+
 void InProcessExpertClient::GetGate(int server, absl::Time, UnaryDone<v1::GetGateResponse> done) {
   Server& s = *servers_.at(server);
   if (!s.alive) {

@@ -62,6 +62,8 @@ class InProcessExpertClient : public ExpertClient {
                  UnaryDone<v1::AbortStepResponse> done) override;
   void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) override;
   void GetGate(int server, absl::Time deadline, UnaryDone<v1::GetGateResponse> done) override;
+  void AddGateGradient(int server, const v1::AddGateGradientRequest& request, absl::Time deadline,
+                       UnaryDone<v1::AddGateGradientResponse> done) override;
   bool IsHealthy(int server) const override;
 
   // A killed server answers UNAVAILABLE until revived (its state is kept)
