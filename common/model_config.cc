@@ -53,6 +53,9 @@ absl::StatusOr<OptimizerOptions> OptimizerFromProto(
     case v1::OPTIMIZER_TYPE_SGD_MOMENTUM:
       options.type = OptimizerType::kSgdMomentum;
       break;
+    case v1::OPTIMIZER_TYPE_ADAMW:
+      options.type = OptimizerType::kAdamW;
+      break;
     default:
       return FieldError("model.optimizer.type",
                         absl::StrCat("unknown value ", proto.type()));
@@ -68,6 +71,31 @@ absl::StatusOr<OptimizerOptions> OptimizerFromProto(
   }
   options.learning_rate = proto.learning_rate();
   options.momentum = proto.momentum();
+  if (proto.has_beta1()) options.beta1 = proto.beta1();
+  if (proto.has_beta2()) options.beta2 = proto.beta2();
+  if (proto.has_eps()) options.eps = proto.eps();
+  if (proto.has_weight_decay()) options.weight_decay = proto.weight_decay();
+  for (const auto& [name, value] :
+       {std::pair<const char*, double>{"beta1", options.beta1}, {"beta2", options.beta2}}) {
+    if (!(value >= 0 && value < 1)) {
+      return FieldError(absl::StrCat("model.optimizer.", name),
+                        absl::StrCat("must be in [0, 1), got ", value));
+    }
+  }
+  if (!(options.eps > 0) || !std::isfinite(options.eps)) {
+    return FieldError("model.optimizer.eps", absl::StrCat("must be finite and > 0, got ",
+                                                          options.eps));
+  }
+  if (!(options.weight_decay >= 0) || !std::isfinite(options.weight_decay)) {
+    return FieldError("model.optimizer.weight_decay",
+                      absl::StrCat("must be finite and >= 0, got ", options.weight_decay));
+  }
+  if (!(proto.max_grad_norm() >= 0) || !std::isfinite(proto.max_grad_norm())) {
+    return FieldError("model.optimizer.max_grad_norm",
+                      absl::StrCat("must be finite and >= 0 (0: off), got ",
+                                   proto.max_grad_norm()));
+  }
+  options.max_grad_norm = proto.max_grad_norm();
   return options;
 }
 
@@ -290,12 +318,25 @@ v1::ModelConfig ModelConfigToProto(const ModelConfig& config) {
                                 ? v1::OVERFLOW_POLICY_DROP
                                 : v1::OVERFLOW_POLICY_DROPLESS);
   proto.set_seed(config.seed);
-  proto.mutable_optimizer()->set_type(
-      config.optimizer.type == OptimizerType::kSgdMomentum
-          ? v1::OPTIMIZER_TYPE_SGD_MOMENTUM
-          : v1::OPTIMIZER_TYPE_SGD);
-  proto.mutable_optimizer()->set_learning_rate(config.optimizer.learning_rate);
-  proto.mutable_optimizer()->set_momentum(config.optimizer.momentum);
+  v1::OptimizerConfig& optimizer = *proto.mutable_optimizer();
+  switch (config.optimizer.type) {
+    case OptimizerType::kSgd:
+      optimizer.set_type(v1::OPTIMIZER_TYPE_SGD);
+      break;
+    case OptimizerType::kSgdMomentum:
+      optimizer.set_type(v1::OPTIMIZER_TYPE_SGD_MOMENTUM);
+      break;
+    case OptimizerType::kAdamW:
+      optimizer.set_type(v1::OPTIMIZER_TYPE_ADAMW);
+      break;
+  }
+  optimizer.set_learning_rate(config.optimizer.learning_rate);
+  optimizer.set_momentum(config.optimizer.momentum);
+  optimizer.set_beta1(config.optimizer.beta1);
+  optimizer.set_beta2(config.optimizer.beta2);
+  optimizer.set_eps(config.optimizer.eps);
+  optimizer.set_weight_decay(config.optimizer.weight_decay);
+  optimizer.set_max_grad_norm(config.optimizer.max_grad_norm);
   proto.set_max_batch_tokens(config.max_batch_tokens);
   return proto;
 }

@@ -17,7 +17,7 @@
 namespace moe {
 
 enum class OverflowPolicy { kDropless, kDrop };
-enum class OptimizerType { kSgd, kSgdMomentum };
+enum class OptimizerType { kSgd, kSgdMomentum, kAdamW };
 
 struct OptimizerOptions {
   OptimizerType type = OptimizerType::kSgd;
@@ -25,6 +25,13 @@ struct OptimizerOptions {
   float learning_rate = 0.0f;
   // For kSgdMomentum, in [0, 1).
   float momentum = 0.0f;
+  // For kAdamW (PyTorch's defaults; double, as PyTorch's).
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;
+  // Global gradient-norm clipping; 0: off.
+  float max_grad_norm = 0.0f;
 };
 
 // The MoE layer's hyper-parameters (see proto/config.proto).

@@ -77,6 +77,32 @@ TEST(ModelConfigTest, ModelProtoRoundTrips) {
   EXPECT_EQ(again->optimizer.type, OptimizerType::kSgdMomentum);
 }
 
+TEST(ModelConfigTest, AdamWTakesPyTorchsDefaultsUnlessGiven) {
+  const std::string adamw =
+      With("type: OPTIMIZER_TYPE_SGD_MOMENTUM learning_rate: 0.01 momentum: 0.9",
+           "type: OPTIMIZER_TYPE_ADAMW learning_rate: 0.001 beta2: 0.95 max_grad_norm: 1.0");
+  absl::StatusOr<ServingConfig> config = ParseServingConfig(adamw);
+  ASSERT_TRUE(config.ok()) << config.status();
+  const OptimizerOptions& optimizer = config->model.optimizer;
+  EXPECT_EQ(optimizer.type, OptimizerType::kAdamW);
+  EXPECT_EQ(optimizer.beta1, 0.9);
+  EXPECT_EQ(optimizer.beta2, 0.95);
+  EXPECT_EQ(optimizer.eps, 1e-8);
+  EXPECT_EQ(optimizer.weight_decay, 0.01);
+  EXPECT_EQ(optimizer.max_grad_norm, 1.0f);
+  // Round trip: the servers' Info reports the same optimizer.
+  absl::StatusOr<ModelConfig> again = ModelConfigFromProto(ModelConfigToProto(config->model));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->optimizer.beta2, 0.95);
+  EXPECT_EQ(again->optimizer.max_grad_norm, 1.0f);
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(adamw, {{"beta2: 0.95", "beta2: 1"}})),
+              HasSubstr("model.optimizer.beta2: must be in [0, 1)"));
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(adamw, {{"beta2: 0.95", "eps: 0"}})),
+              HasSubstr("model.optimizer.eps"));
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(adamw, {{"max_grad_norm: 1.0", "max_grad_norm: -1"}})),
+              HasSubstr("model.optimizer.max_grad_norm"));
+}
+
 TEST(ModelConfigTest, ErrorsNameTheField) {
   EXPECT_EQ(ErrorOf(With("top_k: 2", "top_k: 9")),
             "model.top_k: must be in [1, num_experts = 8], got 9");

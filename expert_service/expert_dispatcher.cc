@@ -309,7 +309,7 @@ absl::Status ExpertDispatcher::PrepareStep(const v1::PrepareStepRequest& request
   }
   absl::StatusOr<StepExecutor::PrepareResult> result =
       steps_->Prepare({request.step(), request.learning_rate(), deadline,
-                       request.committed_step(), request.coordinator()});
+                       request.committed_step(), request.coordinator(), request.defer_update()});
   if (!result.ok()) {
     metrics_.steps_failed->Increment();
     return result.status();
@@ -318,6 +318,7 @@ absl::Status ExpertDispatcher::PrepareStep(const v1::PrepareStepRequest& request
   response->set_allreduce_bytes_sent(result->allreduce_bytes_sent);
   response->set_allreduce_seconds(absl::ToDoubleSeconds(result->allreduce_time));
   response->set_optimizer_seconds(absl::ToDoubleSeconds(result->optimizer_time));
+  if (result->update_deferred) response->set_grad_squared_norm(result->grad_squared_norm);
   if (!result->gate_gradient.empty()) {
     const ModelConfig& model = store_.model();
     EncodeFloats(result->gate_gradient, {model.d_model, model.num_experts}, DType::kFloat32,
@@ -325,6 +326,19 @@ absl::Status ExpertDispatcher::PrepareStep(const v1::PrepareStepRequest& request
   }
   metrics_.allreduce_seconds->Observe(absl::ToDoubleSeconds(result->allreduce_time));
   metrics_.allreduce_sent_bytes->Increment(static_cast<double>(result->allreduce_bytes_sent));
+  return absl::OkStatus();
+}
+
+absl::Status ExpertDispatcher::UpdateStep(const v1::UpdateStepRequest& request,
+                                          v1::UpdateStepResponse* response) {
+  if (steps_ == nullptr) return NoSteps();
+  absl::StatusOr<absl::Duration> took =
+      steps_->Update(request.step(), request.learning_rate(), request.grad_scale());
+  if (!took.ok()) {
+    metrics_.steps_failed->Increment();
+    return took.status();
+  }
+  response->set_optimizer_seconds(absl::ToDoubleSeconds(*took));
   return absl::OkStatus();
 }
 
@@ -348,6 +362,9 @@ absl::Status ExpertDispatcher::CommitStep(const v1::CommitStepRequest& request,
     if (request.has_gate_velocity()) {
       MOE_RETURN_IF_ERROR(check_gate(request.gate_velocity(), "gate_velocity"));
     }
+    if (request.has_gate_second_moment()) {
+      MOE_RETURN_IF_ERROR(check_gate(request.gate_second_moment(), "gate_second_moment"));
+    }
   }
   MOE_ASSIGN_OR_RETURN(const auto digests, steps_->Commit(request.step()));
   if (has_gate) {
@@ -355,6 +372,9 @@ absl::Status ExpertDispatcher::CommitStep(const v1::CommitStepRequest& request,
     gate.set_step(request.step());
     *gate.mutable_gate() = request.gate();
     if (request.has_gate_velocity()) *gate.mutable_gate_velocity() = request.gate_velocity();
+    if (request.has_gate_second_moment()) {
+      *gate.mutable_gate_second_moment() = request.gate_second_moment();
+    }
     absl::MutexLock lock(&gate_mu_);
     gate_ = std::move(gate);
   }

@@ -75,6 +75,7 @@ class ExpertDispatcher {
   // transport's threads. AbortStep returns at once.
   absl::Status PrepareStep(const v1::PrepareStepRequest& request, absl::Time deadline,
                            v1::PrepareStepResponse* response);
+  absl::Status UpdateStep(const v1::UpdateStepRequest& request, v1::UpdateStepResponse* response);
   absl::Status CommitStep(const v1::CommitStepRequest& request, v1::CommitStepResponse* response);
   absl::Status AbortStep(const v1::AbortStepRequest& request);
   // The gate the last CommitStep carried (NOT_FOUND without one).

@@ -191,6 +191,16 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::PrepareStep(grpc::CallbackServerCon
   return reactor;
 }
 
+grpc::ServerUnaryReactor* ExpertServiceImpl::UpdateStep(grpc::CallbackServerContext* context,
+                                                        const v1::UpdateStepRequest* request,
+                                                        v1::UpdateStepResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  RunStep(reactor, [this, reactor, request, response] {
+    reactor->Finish(ToGrpcStatus(dispatcher_.UpdateStep(*request, response)));
+  });
+  return reactor;
+}
+
 grpc::ServerUnaryReactor* ExpertServiceImpl::CommitStep(grpc::CallbackServerContext* context,
                                                         const v1::CommitStepRequest* request,
                                                         v1::CommitStepResponse* response) {

@@ -60,6 +60,9 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService {
   grpc::ServerUnaryReactor* PrepareStep(grpc::CallbackServerContext* context,
                                         const v1::PrepareStepRequest* request,
                                         v1::PrepareStepResponse* response) override;
+  grpc::ServerUnaryReactor* UpdateStep(grpc::CallbackServerContext* context,
+                                       const v1::UpdateStepRequest* request,
+                                       v1::UpdateStepResponse* response) override;
   grpc::ServerUnaryReactor* CommitStep(grpc::CallbackServerContext* context,
                                        const v1::CommitStepRequest* request,
                                        v1::CommitStepResponse* response) override;

@@ -14,7 +14,9 @@ namespace moe::expert {
 
 struct ExpertStore::Hosted {
   ExpertWeights master;
+  // The optimizer's state (ExpertSnapshot).
   std::optional<ExpertWeights> velocity;
+  std::optional<ExpertWeights> second_moment;
   // The step `master` was committed at; changes with it, under weights_mu.
   uint64_t step = 0;
   // The digest of `master`, once computed (Info asks often; hashing
@@ -78,7 +80,9 @@ absl::StatusOr<std::shared_ptr<ExpertStore::Hosted>> ExpertStore::MakeHosted(
   for (ExpertTensor which : kAllExpertTensors) {
     if (snapshot.weights.tensor(which).shape() != zeros.tensor(which).shape() ||
         (snapshot.velocity &&
-         snapshot.velocity->tensor(which).shape() != zeros.tensor(which).shape())) {
+         snapshot.velocity->tensor(which).shape() != zeros.tensor(which).shape()) ||
+        (snapshot.second_moment &&
+         snapshot.second_moment->tensor(which).shape() != zeros.tensor(which).shape())) {
       return absl::InvalidArgumentError(absl::StrCat(
           "expert weights: tensor ", static_cast<int>(which), " has shape ",
           ShapeString(snapshot.weights.tensor(which).shape()), ", the model needs ",
@@ -87,10 +91,13 @@ absl::StatusOr<std::shared_ptr<ExpertStore::Hosted>> ExpertStore::MakeHosted(
   }
   auto hosted = std::make_shared<Hosted>();
   hosted->master = std::move(snapshot.weights);
+  // State the optimizer keeps starts at zero when none came with the
+  // weights (PyTorch's too).
+  const int state = OptimizerStateTensors(options_.model.optimizer.type);
   hosted->velocity = std::move(snapshot.velocity);
-  if (!hosted->velocity && options_.model.optimizer.type == OptimizerType::kSgdMomentum) {
-    hosted->velocity = zeros;
-  }
+  if (!hosted->velocity && state >= 1) hosted->velocity = zeros;
+  hosted->second_moment = std::move(snapshot.second_moment);
+  if (!hosted->second_moment && state >= 2) hosted->second_moment = zeros;
   {
     absl::MutexLock lock(&hosted->grads_mu);
     hosted->grads = zeros;
@@ -250,7 +257,7 @@ absl::StatusOr<ExpertSnapshot> ExpertStore::Snapshot(ExpertKey expert,
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
   absl::ReaderMutexLock lock(&hosted->weights_mu);
   MOE_RETURN_IF_ERROR(CheckStep(expert, hosted->step, expected_step));
-  return ExpertSnapshot{hosted->master, hosted->velocity};
+  return ExpertSnapshot{hosted->master, hosted->velocity, hosted->second_moment};
 }
 
 absl::StatusOr<ExpertWeights> ExpertStore::Gradients(ExpertKey expert) const {
@@ -303,21 +310,23 @@ absl::Status ExpertStore::RestoreGradients(ExpertKey expert, const ExpertWeights
 }
 
 absl::Status ExpertStore::ComputeUpdate(ExpertKey expert, const OptimizerOptions& optimizer,
-                                        float learning_rate, const ExpertTensorSpans& grads,
+                                        const UpdateStep& update, const ExpertTensorSpans& grads,
                                         ExpertSnapshot& updated) const {
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<Hosted> hosted, Find(expert));
-  const bool momentum = optimizer.type == OptimizerType::kSgdMomentum;
+  const int state = OptimizerStateTensors(optimizer.type);
   absl::ReaderMutexLock lock(&hosted->weights_mu);
-  if (momentum && !hosted->velocity) {
+  if ((state >= 1 && !hosted->velocity) || (state >= 2 && !hosted->second_moment)) {
     return absl::FailedPreconditionError(
-        absl::StrCat(expert.ToString(), ": momentum optimizer without momentum buffers"));
+        absl::StrCat(expert.ToString(), ": the optimizer's state is missing"));
   }
   bool finite = true;
   auto shaped = [](FloatTensor& out, const FloatTensor& like) {
     if (out.shape() != like.shape()) out = FloatTensor(like.shape());
   };
-  if (momentum && !updated.velocity) updated.velocity.emplace();
-  if (!momentum) updated.velocity.reset();
+  if (state >= 1 && !updated.velocity) updated.velocity.emplace();
+  if (state < 1) updated.velocity.reset();
+  if (state >= 2 && !updated.second_moment) updated.second_moment.emplace();
+  if (state < 2) updated.second_moment.reset();
   for (size_t i = 0; i < std::size(kAllExpertTensors); ++i) {
     const ExpertTensor which = kAllExpertTensors[i];
     const FloatTensor& w = hosted->master.tensor(which);
@@ -328,22 +337,28 @@ absl::Status ExpertStore::ComputeUpdate(ExpertKey expert, const OptimizerOptions
     }
     FloatTensor& new_w = updated.weights.tensor(which);
     shaped(new_w, w);
-    absl::Span<const float> v;
-    absl::Span<float> new_v;
-    if (momentum) {
-      v = hosted->velocity->tensor(which).values();
+    absl::Span<const float> m, v;
+    absl::Span<float> new_m, new_v;
+    if (state >= 1) {
+      m = hosted->velocity->tensor(which).values();
       FloatTensor& out = updated.velocity->tensor(which);
+      shaped(out, w);
+      new_m = out.mutable_values();
+    }
+    if (state >= 2) {
+      v = hosted->second_moment->tensor(which).values();
+      FloatTensor& out = updated.second_moment->tensor(which);
       shaped(out, w);
       new_v = out.mutable_values();
     }
-    finite &= SgdUpdate(optimizer, learning_rate, grads[i], w.values(), v, new_w.mutable_values(),
-                        new_v);
+    finite &= OptimizerUpdate(optimizer, update, grads[i], w.values(), m, v,
+                              new_w.mutable_values(), new_m, new_v);
   }
   if (!finite) {
     // Never installed: a NaN or Inf weight would poison every answer.
     return absl::OutOfRangeError(absl::StrCat(
         expert.ToString(), ": the update has a non-finite value (the summed gradient or the ",
-        "learning rate ", learning_rate, " overflowed)"));
+        "learning rate ", update.learning_rate, " overflowed)"));
   }
   return absl::OkStatus();
 }
@@ -367,6 +382,7 @@ absl::Status ExpertStore::SwapInWeights(ExpertKey expert, ExpertSnapshot& update
   // object, new buffers) and re-reads them in ReloadWeights.
   std::swap(hosted->master, updated.weights);
   if (updated.velocity) std::swap(hosted->velocity, updated.velocity);
+  if (updated.second_moment) std::swap(hosted->second_moment, updated.second_moment);
   hosted->step = step;
   hosted->digest_known.store(false);
   return hosted->kernel->ReloadWeights();

@@ -24,6 +24,7 @@
 #include "absl/types/span.h"
 #include "common/expert_key.h"
 #include "common/model_config.h"
+#include "common/optimizer.h"
 #include "common/moe_weights.h"
 #include "common/tensor.h"
 #include "expert_service/expert_kernel.h"
@@ -38,7 +39,10 @@ using KernelFactory = std::function<absl::StatusOr<std::unique_ptr<ExpertKernel>
 // A copy of one expert's state, for weight transfer.
 struct ExpertSnapshot {
   ExpertWeights weights;
-  std::optional<ExpertWeights> velocity;  // SGD-with-momentum buffers
+  // The optimizer's state (OptimizerStateTensors): the momentum buffers of
+  // SGD with momentum, or AdamW's exp_avg; and AdamW's exp_avg_sq.
+  std::optional<ExpertWeights> velocity;
+  std::optional<ExpertWeights> second_moment;
 };
 
 // Read-only spans over an expert's four tensors, in kAllExpertTensors order
@@ -115,12 +119,12 @@ class ExpertStore {
   // something was).
   absl::StatusOr<ExpertWeights> TakeGradients(ExpertKey expert, ExpertWeights fresh = {});
   absl::Status RestoreGradients(ExpertKey expert, const ExpertWeights& grads);
-  // Writes the optimizer's update of the hosted weights (and momentum) with
-  // `grads` into `updated`, whose buffers are reused when they have the
-  // model's shapes; the hosted expert is unchanged. One pass: nothing is
-  // copied first. OUT_OF_RANGE when a result is not finite.
+  // Writes the optimizer's update of the hosted weights (and its state)
+  // with `grads` into `updated`, whose buffers are reused when they have
+  // the model's shapes; the hosted expert is unchanged. One pass: nothing
+  // is copied first. OUT_OF_RANGE when a result is not finite.
   absl::Status ComputeUpdate(ExpertKey expert, const OptimizerOptions& optimizer,
-                             float learning_rate, const ExpertTensorSpans& grads,
+                             const UpdateStep& update, const ExpertTensorSpans& grads,
                              ExpertSnapshot& updated) const;
   // Installs `updated` as the weights committed at `step` by swapping
   // buffers with the hosted expert (between kernel calls; no copy) and

@@ -198,10 +198,10 @@ TEST_F(ExpertStoreTest, AnUpdateIsComputedAsideAndSwappedInWithItsStep) {
   for (size_t i = 0; i < spans.size(); ++i) spans[i] = grads.tensor(kAllExpertTensors[i]).values();
   OptimizerOptions sgd;
   ExpertSnapshot updated;
-  ASSERT_TRUE(store_->ComputeUpdate(ExpertKey(0, 1), sgd, 0.5f, spans, updated).ok());
+  ASSERT_TRUE(store_->ComputeUpdate(ExpertKey(0, 1), sgd, {0.5f}, spans, updated).ok());
   EXPECT_EQ(*store_->Digest(ExpertKey(0, 1)), before.Digest());  // not yet
   ExpertWeights expected = before;
-  ApplySgd(sgd, 0.5f, grads, expected, nullptr);
+  ApplyOptimizer(sgd, {0.5f}, grads, expected, nullptr, nullptr);
   EXPECT_EQ(updated.weights.Digest(), expected.Digest());  // the same bits as in place
 
   const FloatTensor x = RandomTensor({4, 16}, 9);
@@ -225,14 +225,14 @@ TEST_F(ExpertStoreTest, AnUpdateIsComputedAsideAndSwappedInWithItsStep) {
   ExpertTensorSpans huge_spans = spans;
   huge_spans[0] = huge;
   const absl::Status too_big =
-      store_->ComputeUpdate(ExpertKey(0, 1), sgd, 1e10f, huge_spans, overflowed);
+      store_->ComputeUpdate(ExpertKey(0, 1), sgd, {1e10f}, huge_spans, overflowed);
   EXPECT_EQ(too_big.code(), absl::StatusCode::kOutOfRange);
   EXPECT_THAT(too_big.message(), HasSubstr("expert 1: the update has a non-finite value"));
   EXPECT_EQ(*store_->Digest(ExpertKey(0, 1)), expected.Digest());
 
   // Gradients of another shape are refused, naming the sizes.
   spans[0] = spans[0].subspan(1);
-  EXPECT_EQ(store_->ComputeUpdate(ExpertKey(0, 1), sgd, 0.5f, spans, updated).code(),
+  EXPECT_EQ(store_->ComputeUpdate(ExpertKey(0, 1), sgd, {0.5f}, spans, updated).code(),
             absl::StatusCode::kInvalidArgument);
 }
 

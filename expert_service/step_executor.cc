@@ -94,15 +94,10 @@ void StepExecutor::Inquire(uint64_t step) {
           " is prepared and its router has not said whether to commit it; asking the peers");
   const StepVerdict verdict = DecideFromPeers(step, options_.ask_peers());
   switch (verdict.outcome) {
-    case StepVerdict::kCommitted: {
-      absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> committed = Commit(step);
-      if (committed.ok()) {
-        MOE_LOG(WARNING, "server ", options_.server_name, ": step ", step,
-                " committed here without its router's word: ", verdict.why);
-        if (options_.on_resolved) options_.on_resolved(step, true);
-      }
+    case StepVerdict::kCommitted:
+      // A failure is logged, and the server syncs.
+      (void)CommitOrSync(step, absl::StrCat("without its router's word: ", verdict.why));
       return;
-    }
     case StepVerdict::kAborted:
       Abort(step, absl::StrCat("no word from its router, and ", verdict.why));
       if (options_.on_resolved) options_.on_resolved(step, false);
@@ -118,6 +113,26 @@ void StepExecutor::Inquire(uint64_t step) {
       return;
     }
   }
+}
+
+absl::Status StepExecutor::CommitOrSync(uint64_t step, const std::string& why) {
+  absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> committed = Commit(step);
+  if (committed.ok()) {
+    MOE_LOG(WARNING, "server ", options_.server_name, ": step ", step, " committed here ", why);
+    if (options_.on_resolved) options_.on_resolved(step, true);
+    return absl::OkStatus();
+  }
+  // Its update was never computed here (the router stopped between the
+  // all-reduce and UpdateStep): the step's weights come from a replica
+  // that committed it.
+  MOE_LOG(WARNING, "server ", options_.server_name, ": step ", step, " was committed ", why,
+          ", and cannot be here: ", committed.status().message(), "; syncing instead");
+  Abort(step, absl::StrCat("committed elsewhere, and not computable here: ",
+                           committed.status().message()));
+  if (options_.on_behind) options_.on_behind(step);
+  return absl::FailedPreconditionError(absl::StrCat(
+      "server ", options_.server_name, ": step ", step, " was committed ", why,
+      ", and cannot be here (", committed.status().message(), "); it syncs from its peers first"));
 }
 
 PeerSteps StepExecutor::steps() const {
@@ -215,11 +230,9 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(const StepOrde
     }
   }
   if (roll_forward) {
-    absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> committed = Commit(*roll_forward);
-    if (!committed.ok()) return committed.status();
-    MOE_LOG(WARNING, "server ", options_.server_name, ": step ", *roll_forward,
-            " committed here on step ", step, "'s word (its own commit did not arrive)");
-    if (options_.on_resolved) options_.on_resolved(*roll_forward, true);
+    MOE_RETURN_IF_ERROR(CommitOrSync(
+        *roll_forward,
+        absl::StrCat("on step ", step, "'s word (its own commit did not arrive)")));
   }
   std::optional<Prepared> superseded;
   std::vector<StepRing> rings;
@@ -312,36 +325,79 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(const StepOrde
   }
   // Each expert's gradients: its sums in a fused buffer when replicated,
   // else its own.
-  std::map<ExpertKey, ExpertTensorSpans> grads;
   absl::StatusOr<std::vector<std::vector<float>>> sums =
-      AllReduce(step, rings, prepared.local_grads, deadline, grads, result);
+      AllReduce(step, rings, prepared.local_grads, deadline, prepared.sum_spans, result);
   status = sums.status();
-  const absl::Time optimizer_start = absl::Now();
   if (status.ok()) {
-    for (const auto& [expert, local] : prepared.local_grads) {
-      auto it = grads.find(expert);
-      ExpertTensorSpans own;
-      if (it == grads.end()) {
-        for (size_t i = 0; i < own.size(); ++i) {
-          own[i] = local.tensor(kAllExpertTensors[i]).values();
-        }
-      }
-      // Into last step's buffers where there are some (a map node moves
-      // whole), else new ones.
-      if (auto spare = TakeSpare(expert); !spare.empty()) prepared.updated.insert(std::move(spare));
-      status = store_.ComputeUpdate(expert, options_.optimizer, learning_rate,
-                                    it != grads.end() ? it->second : own,
-                                    prepared.updated[expert]);
-      if (!status.ok()) break;
+    prepared.sums = *std::move(sums);
+    if (order.defer_update) {
+      // Clipping: the router scales by the global norm first (Update).
+      result.grad_squared_norm = OwnedSquaredNorm(rings, prepared);
+      result.update_deferred = true;
+      prepared.awaiting_update = true;
+      MOE_LOG(INFO, "server ", options_.server_name, ": step ", step,
+              " all-reduced in ", absl::FormatDuration(result.allreduce_time),
+              "; its update waits for the global gradient norm");
+    } else {
+      const absl::Time optimizer_start = absl::Now();
+      status = ComputeUpdates({learning_rate, step, 1.0f}, prepared);
+      result.optimizer_time = absl::Now() - optimizer_start;
+      MOE_LOG(INFO, "server ", options_.server_name, ": step ", step, " prepared: all-reduce ",
+              absl::FormatDuration(result.allreduce_time), ", optimizer ",
+              absl::FormatDuration(result.optimizer_time), " for ", prepared.updated.size(),
+              " experts");
     }
-    result.optimizer_time = absl::Now() - optimizer_start;
-    KeepSpareBuffers(*std::move(sums));
-    MOE_LOG(INFO, "server ", options_.server_name, ": step ", step, " prepared: all-reduce ",
-            absl::FormatDuration(result.allreduce_time), ", optimizer ",
-            absl::FormatDuration(result.optimizer_time), " for ", prepared.updated.size(),
-            " experts");
   }
+  return KeepPrepared(std::move(prepared), std::move(status), deadline, result);
+}
 
+double StepExecutor::OwnedSquaredNorm(const std::vector<StepRing>& rings,
+                                      const Prepared& prepared) const {
+  // Each expert counts once in the cluster: a replicated one on its ring's
+  // rank 0 (every rank holds the same sums), any other on its one server.
+  double sum = 0.0;
+  for (const StepRing& ring : rings) {
+    if (ring.rank != 0) continue;
+    for (ExpertKey expert : ring.experts) {
+      for (absl::Span<const float> values : prepared.sum_spans.at(expert)) {
+        sum += SquaredNorm(values);
+      }
+    }
+  }
+  for (const auto& [expert, local] : prepared.local_grads) {
+    if (prepared.sum_spans.count(expert) != 0) continue;
+    for (ExpertTensor which : kAllExpertTensors) sum += SquaredNorm(local.tensor(which).values());
+  }
+  return sum;
+}
+
+absl::Status StepExecutor::ComputeUpdates(const UpdateStep& update, Prepared& prepared) {
+  absl::Status status;
+  for (const auto& [expert, local] : prepared.local_grads) {
+    auto it = prepared.sum_spans.find(expert);
+    ExpertTensorSpans own;
+    if (it == prepared.sum_spans.end()) {
+      for (size_t i = 0; i < own.size(); ++i) own[i] = local.tensor(kAllExpertTensors[i]).values();
+    }
+    // Into last step's buffers where there are some (a map node moves
+    // whole), else new ones.
+    if (auto spare = TakeSpare(expert); !spare.empty()) prepared.updated.insert(std::move(spare));
+    status = store_.ComputeUpdate(expert, options_.optimizer, update,
+                                  it != prepared.sum_spans.end() ? it->second : own,
+                                  prepared.updated[expert]);
+    if (!status.ok()) break;
+  }
+  // The sums are read: their buffers serve the next step.
+  prepared.sum_spans.clear();
+  KeepSpareBuffers(std::move(prepared.sums));
+  prepared.sums.clear();
+  prepared.awaiting_update = false;
+  return status;
+}
+
+absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::KeepPrepared(
+    Prepared prepared, absl::Status status, absl::Time deadline, PrepareResult result) {
+  const uint64_t step = prepared.step;
   {
     absl::MutexLock lock(&mu_);
     preparing_.reset();
@@ -362,6 +418,7 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(const StepOrde
                                    " after its deadline, and no peer to ask"));
         });
       }
+      prepared.deadline = deadline;
       prepared_ = std::move(prepared);
       return result;
     }
@@ -369,6 +426,43 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(const StepOrde
   }
   PutBack(prepared);
   return status;
+}
+
+absl::StatusOr<absl::Duration> StepExecutor::Update(uint64_t step, float learning_rate,
+                                                    float grad_scale) {
+  if (!(learning_rate >= 0.0f) || !std::isfinite(learning_rate) || !(grad_scale >= 0.0f) ||
+      !(grad_scale <= 1.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("update of step ", step, ": learning_rate must be finite and >= 0 and ",
+                     "grad_scale in [0, 1], got ", learning_rate, " and ", grad_scale));
+  }
+  Prepared prepared;
+  {
+    absl::MutexLock lock(&mu_);
+    if (!prepared_ || prepared_->step != step || !prepared_->awaiting_update) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "update of step ", step, ": server ", options_.server_name, " has no such step ",
+          "all-reduced and awaiting its update"));
+    }
+    // Out of prepared_ while it computes: an abort meanwhile finds the step
+    // "preparing" and is seen when it is kept again.
+    prepared = std::move(*prepared_);
+    prepared_.reset();
+    timer_.Cancel(prepared.timer_id);
+    preparing_ = step;
+    preparing_coordinator_ = prepared.coordinator;
+  }
+  const absl::Time start = absl::Now();
+  absl::Status status = ComputeUpdates({learning_rate, step, grad_scale}, prepared);
+  const absl::Duration took = absl::Now() - start;
+  MOE_LOG(INFO, "server ", options_.server_name, ": step ", step, " prepared: optimizer ",
+          absl::FormatDuration(took), " for ", prepared.updated.size(),
+          " experts, gradients scaled by ", grad_scale);
+  const absl::Time deadline = prepared.deadline;
+  absl::StatusOr<PrepareResult> kept =
+      KeepPrepared(std::move(prepared), std::move(status), deadline, {});
+  if (!kept.ok()) return kept.status();
+  return took;
 }
 
 absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
@@ -462,6 +556,11 @@ absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> StepExecutor::Commit
           prepared_ ? absl::StrCat("step ", prepared_->step, " prepared")
                     : std::string("no step prepared"),
           " (last committed ", last_committed_, ", last aborted ", last_aborted_, ")"));
+    }
+    if (prepared_->awaiting_update) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "commit of step ", step, ": server ", options_.server_name,
+          " has not computed its update yet (UpdateStep first)"));
     }
     prepared = std::move(*prepared_);
     prepared_.reset();

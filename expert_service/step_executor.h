@@ -97,6 +97,10 @@ struct StepOrder {
   uint64_t committed_step = 0;
   // Who runs the step; only its Abort ends it (empty: anyone's).
   std::string coordinator;
+  // Global norm clipping: all-reduce only, report the squared norm of the
+  // gradients this server counts, and compute the update when Update
+  // brings the scale.
+  bool defer_update = false;
 };
 
 // Server `server`'s rings: one per replica group of `placement` it is in
@@ -136,6 +140,10 @@ class StepExecutor {
     // num_experts] row-major; empty when none was added.
     std::vector<float> gate_gradient;
     int64_t allreduce_bytes_sent = 0;
+    // With defer_update: the sum of the squares of the gradients this
+    // server counts (each expert counts once in the cluster).
+    bool update_deferred = false;
+    double grad_squared_norm = 0.0;
     absl::Duration allreduce_time;
     // Computing the updated weights (and momentum) aside.
     absl::Duration optimizer_time;
@@ -155,6 +163,12 @@ class StepExecutor {
   // is told); the all-reduce's status (naming the group and peer) when one
   // fails.
   absl::StatusOr<PrepareResult> Prepare(const StepOrder& order) ABSL_LOCKS_EXCLUDED(mu_);
+  // A step prepared with defer_update: computes the updated weights aside
+  // from the sums scaled by `grad_scale` (in [0, 1]); the optimizer's time.
+  // FAILED_PRECONDITION when no such step awaits its update; OUT_OF_RANGE
+  // (the step is dropped here) when a result is not finite.
+  absl::StatusOr<absl::Duration> Update(uint64_t step, float learning_rate, float grad_scale)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // (expert, digest of its new weights), ascending.
   absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> Commit(uint64_t step)
       ABSL_LOCKS_EXCLUDED(mu_);
@@ -203,8 +217,25 @@ class StepExecutor {
     std::map<ExpertKey, ExpertWeights> local_grads;
     std::vector<float> gate_grad;
     std::map<ExpertKey, ExpertSnapshot> updated;
+    // The all-reduced sums (fused buffers, one per ring) and each
+    // replicated expert's spans in them, until the update has read them.
+    std::vector<std::vector<float>> sums;
+    std::map<ExpertKey, ExpertTensorSpans> sum_spans;
+    bool awaiting_update = false;
+    absl::Time deadline;
     uint64_t timer_id = 0;
   };
+  // The updates of every hosted expert into `prepared.updated`, from the
+  // sums (or own gradients) scaled by `update.grad_scale`.
+  absl::Status ComputeUpdates(const UpdateStep& update, Prepared& prepared)
+      ABSL_LOCKS_EXCLUDED(mu_);
+  double OwnedSquaredNorm(const std::vector<StepRing>& rings, const Prepared& prepared) const;
+  // The end of a prepare (or update): `prepared` kept awaiting its commit
+  // when `status` is OK and no abort came meanwhile, else its gradients
+  // put back.
+  absl::StatusOr<PrepareResult> KeepPrepared(Prepared prepared, absl::Status status,
+                                             absl::Time deadline, PrepareResult result)
+      ABSL_LOCKS_EXCLUDED(mu_);
 
   // Sums the groups' fused gradients: one buffer per ring, in ring order;
   // `grads` gets spans over each replicated expert's sums in them.
@@ -219,6 +250,9 @@ class StepExecutor {
   // (on inquirer_).
   void Inquire(uint64_t step) ABSL_LOCKS_EXCLUDED(mu_);
   void InquiryLoop() ABSL_LOCKS_EXCLUDED(mu_);
+  // Commits prepared `step`, which the cluster committed (`why`); when it
+  // cannot (its update was never computed), drops it and tells on_behind.
+  absl::Status CommitOrSync(uint64_t step, const std::string& why) ABSL_LOCKS_EXCLUDED(mu_);
   // Buffers of the last commit, reused so that a step writes into memory
   // already mapped: the weights it swapped out (for the next updates) and
   // the gradients it took (the next accumulators). Empty nodes when none.

@@ -15,12 +15,20 @@ constexpr v1::ExpertTensorKind kWeightKinds[] = {
 constexpr v1::ExpertTensorKind kMomentumKinds[] = {
     v1::EXPERT_TENSOR_KIND_W1_WEIGHT_MOMENTUM, v1::EXPERT_TENSOR_KIND_W1_BIAS_MOMENTUM,
     v1::EXPERT_TENSOR_KIND_W2_WEIGHT_MOMENTUM, v1::EXPERT_TENSOR_KIND_W2_BIAS_MOMENTUM};
+constexpr v1::ExpertTensorKind kSecondMomentKinds[] = {
+    v1::EXPERT_TENSOR_KIND_W1_WEIGHT_SECOND_MOMENT, v1::EXPERT_TENSOR_KIND_W1_BIAS_SECOND_MOMENT,
+    v1::EXPERT_TENSOR_KIND_W2_WEIGHT_SECOND_MOMENT, v1::EXPERT_TENSOR_KIND_W2_BIAS_SECOND_MOMENT};
 
-// kind -> (momentum?, which tensor); false for an unknown kind.
-bool Decode(v1::ExpertTensorKind kind, bool* momentum, ExpertTensor* which) {
+// What a chunk carries: the weights, or one of the optimizer's states.
+enum class Part { kWeights, kFirst, kSecond };
+
+// kind -> (part, which tensor); false for an unknown kind.
+bool Decode(v1::ExpertTensorKind kind, Part* part, ExpertTensor* which) {
   for (int i = 0; i < 4; ++i) {
-    if (kind == kWeightKinds[i] || kind == kMomentumKinds[i]) {
-      *momentum = kind == kMomentumKinds[i];
+    if (kind == kWeightKinds[i] || kind == kMomentumKinds[i] || kind == kSecondMomentKinds[i]) {
+      *part = kind == kWeightKinds[i]     ? Part::kWeights
+              : kind == kMomentumKinds[i] ? Part::kFirst
+                                          : Part::kSecond;
       *which = kAllExpertTensors[i];
       return true;
     }
@@ -62,6 +70,12 @@ std::vector<v1::ExpertWeightsChunk> ChunkExpert(ExpertKey expert, const ExpertSn
                    max_chunk_bytes, chunks);
     }
   }
+  if (snapshot.second_moment) {
+    for (int i = 0; i < 4; ++i) {
+      AppendChunks(expert, kSecondMomentKinds[i],
+                   snapshot.second_moment->tensor(kAllExpertTensors[i]), max_chunk_bytes, chunks);
+    }
+  }
   chunks.back().set_weights_digest(snapshot.weights.Digest());
   chunks.back().set_last(true);
   return chunks;
@@ -80,15 +94,17 @@ absl::Status ExpertAssembler::Add(const v1::ExpertWeightsChunk& chunk) {
     return absl::InvalidArgumentError(absl::StrCat("weights chunk for ", expert.ToString(),
                                                    " in a transfer of ", expert_->ToString()));
   }
-  bool momentum = false;
+  Part part = Part::kWeights;
   ExpertTensor which;
-  if (!Decode(chunk.kind(), &momentum, &which)) {
+  if (!Decode(chunk.kind(), &part, &which)) {
     return absl::InvalidArgumentError(
         absl::StrCat("weights chunk: unknown tensor kind ", chunk.kind()));
   }
-  if (momentum && !snapshot_.velocity) snapshot_.velocity = ExpertWeights::Zeros(model_);
+  std::optional<ExpertWeights>& state =
+      part == Part::kFirst ? snapshot_.velocity : snapshot_.second_moment;
+  if (part != Part::kWeights && !state) state = ExpertWeights::Zeros(model_);
   FloatTensor& tensor =
-      momentum ? snapshot_.velocity->tensor(which) : snapshot_.weights.tensor(which);
+      part == Part::kWeights ? snapshot_.weights.tensor(which) : state->tensor(which);
   const Shape shape(chunk.shape().begin(), chunk.shape().end());
   if (shape != tensor.shape()) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -131,11 +147,15 @@ absl::StatusOr<ExpertSnapshot> ExpertAssembler::Finish() {
   }
   for (int i = 0; i < 4; ++i) {
     const int64_t size = snapshot_.weights.tensor(kAllExpertTensors[i]).num_elements() * 4;
-    if (received_[kWeightKinds[i]] != size ||
-        (snapshot_.velocity && received_[kMomentumKinds[i]] != size)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("transfer of ", Name(), ": ", v1::ExpertTensorKind_Name(kWeightKinds[i]),
-                       " incomplete (", received_[kWeightKinds[i]], " of ", size, " bytes)"));
+    for (v1::ExpertTensorKind kind : {kWeightKinds[i], kMomentumKinds[i], kSecondMomentKinds[i]}) {
+      const bool sent = kind == kWeightKinds[i]     ? true
+                        : kind == kMomentumKinds[i] ? snapshot_.velocity.has_value()
+                                                    : snapshot_.second_moment.has_value();
+      if (sent && received_[kind] != size) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("transfer of ", Name(), ": ", v1::ExpertTensorKind_Name(kind),
+                         " incomplete (", received_[kind], " of ", size, " bytes)"));
+      }
     }
   }
   const uint64_t digest = snapshot_.weights.Digest();

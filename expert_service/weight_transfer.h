@@ -56,8 +56,8 @@ class ExpertAssembler {
   uint64_t digest_ = 0;
   uint64_t step_ = 0;
   ExpertSnapshot snapshot_;
-  // Bytes received per tensor kind (1..8).
-  int64_t received_[9] = {};
+  // Bytes received, by ExpertTensorKind (1..12).
+  int64_t received_[13] = {};
 };
 
 }  // namespace moe::expert

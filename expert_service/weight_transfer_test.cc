@@ -40,6 +40,33 @@ TEST(WeightTransferTest, ChunksGoBackTogether) {
   EXPECT_EQ(assembler.expert(), ExpertKey(0, 1));
 }
 
+// The optimizer's state travels with the weights: AdamW's exp_avg (as the
+// momentum kinds) and exp_avg_sq; a transfer missing part of it is
+// incomplete.
+TEST(WeightTransferTest, AdamWStateGoesBackTogether) {
+  const ExpertSnapshot sent{InitExpert(Model(), ExpertKey(0, 1)),
+                            InitExpert(Model(), ExpertKey(0, 2)),
+                            InitExpert(Model(), ExpertKey(0, 3))};
+  const std::vector<v1::ExpertWeightsChunk> chunks = ChunkExpert(ExpertKey(0, 1), sent, 4096);
+  ExpertAssembler assembler(Model());
+  for (const auto& chunk : chunks) ASSERT_TRUE(assembler.Add(chunk).ok());
+  absl::StatusOr<ExpertSnapshot> got = assembler.Finish();
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_TRUE(got->velocity && got->second_moment);
+  EXPECT_EQ(got->velocity->Digest(), sent.velocity->Digest());
+  EXPECT_EQ(got->second_moment->Digest(), sent.second_moment->Digest());
+
+  ExpertAssembler partial(Model());
+  for (const auto& chunk : chunks) {
+    // One chunk of W2's exp_avg_sq lost on the way.
+    if (chunk.kind() == v1::EXPERT_TENSOR_KIND_W2_WEIGHT_SECOND_MOMENT && chunk.offset_bytes() == 0) {
+      continue;
+    }
+    if (!partial.Add(chunk).ok()) break;
+  }
+  EXPECT_FALSE(partial.Finish().ok());
+}
+
 // Every chunk names one expert, layer included; a layer the model does not
 // have is refused by name.
 TEST(WeightTransferTest, ChunksOfAnotherExpertOrLayerAreRefused) {

@@ -59,6 +59,9 @@ class ExpertClient {
   virtual void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) = 0;
   // The gate of the last step `server` committed.
   virtual void GetGate(int server, absl::Time deadline, UnaryDone<v1::GetGateResponse> done) = 0;
+  // With gradient clipping, between PrepareStep and CommitStep.
+  virtual void UpdateStep(int server, const v1::UpdateStepRequest& request, absl::Time deadline,
+                          UnaryDone<v1::UpdateStepResponse> done) = 0;
   // A Backward's gate gradient, for the next step (sent to kLeaseKeeper).
   virtual void AddGateGradient(int server, const v1::AddGateGradientRequest& request,
                                absl::Time deadline,

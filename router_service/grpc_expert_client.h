@@ -60,6 +60,8 @@ class GrpcExpertClient : public ExpertClient {
   void GetGate(int server, absl::Time deadline, UnaryDone<v1::GetGateResponse> done) override;
   void AddGateGradient(int server, const v1::AddGateGradientRequest& request, absl::Time deadline,
                        UnaryDone<v1::AddGateGradientResponse> done) override;
+  void UpdateStep(int server, const v1::UpdateStepRequest& request, absl::Time deadline,
+                  UnaryDone<v1::UpdateStepResponse> done) override;
   bool IsHealthy(int server) const override;
 
   // Streams (re)opened so far, over all servers.

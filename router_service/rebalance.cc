@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
+#include "common/optimizer.h"
 
 namespace moe::router {
 
@@ -23,7 +24,8 @@ std::vector<int> ServerSlots(const ModelConfig& model, const ClusterConfig& clus
 int64_t ReplicaBytes(const ModelConfig& model) {
   const int64_t weights =
       (2 * model.d_model * model.d_ff + model.d_model + model.d_ff) * static_cast<int64_t>(4);
-  return model.optimizer.type == OptimizerType::kSgdMomentum ? 2 * weights : weights;
+  // The optimizer's state moves with the weights.
+  return (1 + OptimizerStateTensors(model.optimizer.type)) * weights;
 }
 
 absl::StatusOr<PlacementPlan> PlanRebalance(const RebalanceInputs& inputs) {

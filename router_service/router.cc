@@ -158,6 +158,7 @@ Router::Router(Options options, Placement placement, ExpertClient& client)
   for (int s = 0; s < servers; ++s) answer_micros_[s].store(0);
   absl::MutexLock lock(&gate_mu_);
   gate_velocity_ = FloatTensor(options_.gate.shape());
+  gate_second_moment_ = FloatTensor(options_.gate.shape());
 }
 
 Router::~Router() {

@@ -24,6 +24,7 @@
 #include "common/deadline_timer.h"
 #include "common/gating.h"
 #include "common/model_config.h"
+#include "common/optimizer.h"
 #include "common/placement.h"
 #include "common/tensor.h"
 #include "common/versioned.h"
@@ -198,12 +199,13 @@ class Router {
     // The gate version it updates.
     uint64_t base_version = 0;
     FloatTensor gate;
+    // The optimizer's state (common/optimizer.h), zeros where it keeps none.
     FloatTensor velocity;
+    FloatTensor second_moment;
   };
   // `gradient`: the sum of every Backward's since the last step (zeros
   // when none). OUT_OF_RANGE when the update is not finite.
-  absl::StatusOr<GateStep> PrepareGateStep(uint64_t step, float learning_rate,
-                                           const FloatTensor& gradient)
+  absl::StatusOr<GateStep> PrepareGateStep(const UpdateStep& update, const FloatTensor& gradient)
       ABSL_LOCKS_EXCLUDED(gate_mu_);
   void CommitGateStep(GateStep step) ABSL_LOCKS_EXCLUDED(gate_mu_);
   // Pairs re-sent to another replica after a server was unavailable.
@@ -278,6 +280,7 @@ class Router {
   // The gate's optimizer state, changed with the gate (under gate_mu_).
   mutable absl::Mutex gate_mu_;
   FloatTensor gate_velocity_ ABSL_GUARDED_BY(gate_mu_);
+  FloatTensor gate_second_moment_ ABSL_GUARDED_BY(gate_mu_);
 
   mutable absl::Mutex training_mu_;
   absl::flat_hash_map<uint64_t, std::unique_ptr<TrainingRecord>> training_

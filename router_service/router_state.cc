@@ -98,14 +98,18 @@ absl::Status Router::AdoptGate(const v1::GetGateResponse& response) {
     return ToFloatTensor(view);
   };
   MOE_ASSIGN_OR_RETURN(FloatTensor next, decode(response.gate(), "gate"));
-  FloatTensor velocity(next.shape());
+  FloatTensor velocity(next.shape()), second(next.shape());
   if (response.has_gate_velocity()) {
     MOE_ASSIGN_OR_RETURN(velocity, decode(response.gate_velocity(), "gate_velocity"));
+  }
+  if (response.has_gate_second_moment()) {
+    MOE_ASSIGN_OR_RETURN(second, decode(response.gate_second_moment(), "gate_second_moment"));
   }
   absl::MutexLock lock(&gate_mu_);
   MOE_ASSIGN_OR_RETURN(const GateSnapshot installed,
                        gate_.InstallIf(now->version, std::move(next), response.step()));
   gate_velocity_ = std::move(velocity);
+  gate_second_moment_ = std::move(second);
   MOE_LOG(INFO, "learnt the gate of step ", installed->version, " from the servers");
   return absl::OkStatus();
 }
@@ -165,9 +169,10 @@ absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement nex
   return installed;
 }
 
-absl::StatusOr<Router::GateStep> Router::PrepareGateStep(uint64_t step_number,
-                                                         float learning_rate,
+absl::StatusOr<Router::GateStep> Router::PrepareGateStep(const UpdateStep& update,
                                                          const FloatTensor& gradient) {
+  const uint64_t step_number = update.step;
+  const float learning_rate = update.learning_rate;
   GateStep step;
   step.step = step_number;
   const GateSnapshot current = gate_.Get();
@@ -175,7 +180,9 @@ absl::StatusOr<Router::GateStep> Router::PrepareGateStep(uint64_t step_number,
   step.gate = current->value;
   absl::MutexLock lock(&gate_mu_);
   step.velocity = gate_velocity_;
-  if (!ApplySgd(options_.model.optimizer, learning_rate, gradient, step.gate, &step.velocity)) {
+  step.second_moment = gate_second_moment_;
+  if (!ApplyOptimizer(options_.model.optimizer, update, gradient, step.gate, &step.velocity,
+                      &step.second_moment)) {
     return absl::OutOfRangeError(absl::StrCat(
         "step ", step_number, ": the gate's update has a non-finite value (its gradient or ",
         "the learning rate ", learning_rate, " overflowed); nothing changed"));
@@ -194,6 +201,7 @@ void Router::CommitGateStep(GateStep step) {
     return;
   }
   gate_velocity_ = std::move(step.velocity);
+  gate_second_moment_ = std::move(step.second_moment);
 }
 
 }  // namespace moe::router

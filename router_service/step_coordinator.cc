@@ -204,6 +204,11 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
   prepare.set_deadline_unix_micros(absl::ToUnixMicros(server_deadline));
   prepare.set_committed_step(numbers.committed);
   prepare.set_coordinator(router_.identity());
+  // Clipping needs the norm of every gradient before any is applied: the
+  // servers all-reduce and report, then update with the scale.
+  const OptimizerOptions& optimizer = router_.model().optimizer;
+  const bool clip = optimizer.max_grad_norm > 0.0f;
+  prepare.set_defer_update(clip);
   std::vector<absl::StatusOr<v1::PrepareStepResponse>> prepared =
       OnEveryServer<v1::PrepareStepResponse>(NumServers(), [&](int s, auto done) {
         client_.PrepareStep(s, prepare, router_deadline, std::move(done));
@@ -212,9 +217,38 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
     AbortEverywhere(step, std::string(failed.message()));
     return failed;
   }
-  // The gate's update, from the gradient of every Backward since the last
-  // step (the lease keeper's answer carries it).
-  absl::StatusOr<Router::GateStep> prepared_gate = GateUpdate(step, lr, prepared);
+  // The gate's gradient: of every Backward since the last step (the lease
+  // keeper's answer carries it).
+  absl::StatusOr<FloatTensor> gate_gradient = GateGradient(step, prepared);
+  if (!gate_gradient.ok()) {
+    AbortEverywhere(step, std::string(gate_gradient.status().message()));
+    return gate_gradient.status();
+  }
+  float grad_scale = 1.0f;
+  if (clip) {
+    double squared = SquaredNorm(gate_gradient->values());
+    for (const auto& r : prepared) squared += r->grad_squared_norm();
+    grad_scale = ClipScale(optimizer, squared);
+    MOE_LOG(INFO, "step ", step, ": gradient norm ", std::sqrt(squared), ", scaled by ",
+            grad_scale);
+    v1::UpdateStepRequest update;
+    update.set_step(step);
+    update.set_learning_rate(lr);
+    update.set_grad_scale(grad_scale);
+    std::vector<absl::StatusOr<v1::UpdateStepResponse>> updated =
+        OnEveryServer<v1::UpdateStepResponse>(NumServers(), [&](int s, auto done) {
+          client_.UpdateStep(s, update, router_deadline, std::move(done));
+        });
+    if (absl::Status failed = Summarize(step, "aborted", updated); !failed.ok()) {
+      AbortEverywhere(step, std::string(failed.message()));
+      return failed;
+    }
+    for (size_t s = 0; s < updated.size(); ++s) {
+      prepared[s]->set_optimizer_seconds(updated[s]->optimizer_seconds());
+    }
+  }
+  absl::StatusOr<Router::GateStep> prepared_gate =
+      router_.PrepareGateStep({lr, step, grad_scale}, *gate_gradient);
   if (!prepared_gate.ok()) {
     AbortEverywhere(step, std::string(prepared_gate.status().message()));
     return prepared_gate.status();
@@ -228,9 +262,14 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
   // Every server keeps the committed gate, so that every router (others,
   // and this one after a restart) serves it (GetGate).
   EncodeFloats(gate.gate.values(), gate.gate.shape(), DType::kFloat32, commit.mutable_gate());
-  if (router_.model().optimizer.type == OptimizerType::kSgdMomentum) {
+  const int state = OptimizerStateTensors(router_.model().optimizer.type);
+  if (state >= 1) {
     EncodeFloats(gate.velocity.values(), gate.velocity.shape(), DType::kFloat32,
                  commit.mutable_gate_velocity());
+  }
+  if (state >= 2) {
+    EncodeFloats(gate.second_moment.values(), gate.second_moment.shape(), DType::kFloat32,
+                 commit.mutable_gate_second_moment());
   }
   std::vector<absl::StatusOr<v1::CommitStepResponse>> committed = CommitEverywhere(commit);
   Result result;
@@ -279,9 +318,8 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
   return result;
 }
 
-absl::StatusOr<Router::GateStep> StepCoordinator::GateUpdate(
-    uint64_t step, float lr,
-    const std::vector<absl::StatusOr<v1::PrepareStepResponse>>& prepared) {
+absl::StatusOr<FloatTensor> StepCoordinator::GateGradient(
+    uint64_t step, const std::vector<absl::StatusOr<v1::PrepareStepResponse>>& prepared) {
   const ModelConfig& model = router_.model();
   // Zero when no Backward ran since the last step (momentum still moves
   // the gate, as in the reference).
@@ -300,7 +338,7 @@ absl::StatusOr<Router::GateStep> StepCoordinator::GateUpdate(
     absl::Span<float> sum = gradient.mutable_values();
     for (size_t i = 0; i < sum.size(); ++i) sum[i] += part.values()[i];
   }
-  return router_.PrepareGateStep(step, lr, gradient);
+  return gradient;
 }
 
 std::vector<absl::StatusOr<v1::CommitStepResponse>> StepCoordinator::CommitEverywhere(

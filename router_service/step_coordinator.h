@@ -122,9 +122,10 @@ class StepCoordinator {
       ABSL_LOCKS_EXCLUDED(mu_);
   absl::StatusOr<Saved> Save(DType dtype, absl::Time deadline);
   void AbortEverywhere(uint64_t step, const std::string& reason);
-  // The gate's update from the gate gradients the servers' answers carry.
-  absl::StatusOr<Router::GateStep> GateUpdate(
-      uint64_t step, float lr, const std::vector<absl::StatusOr<v1::PrepareStepResponse>>& prepared);
+  // The sum of the gate gradients the servers' answers carry (zeros when
+  // none).
+  absl::StatusOr<FloatTensor> GateGradient(
+      uint64_t step, const std::vector<absl::StatusOr<v1::PrepareStepResponse>>& prepared);
   // CommitStep on every server, again (a few times, within abort_timeout)
   // on those that fail for a reason other than a refusal.
   std::vector<absl::StatusOr<v1::CommitStepResponse>> CommitEverywhere(

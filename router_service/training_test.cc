@@ -66,7 +66,17 @@ struct TrainingCase {
   OptimizerType optimizer;
   // As in tests/training_process_test: small enough that 20 steps stay tame.
   float learning_rate;
+  // Global gradient-norm clipping (0: off); 1 clips every step here.
+  float max_grad_norm = 0.0f;
 };
+
+std::string CaseName(const TrainingCase& c) {
+  const char* optimizer = c.optimizer == OptimizerType::kSgd           ? "sgd"
+                          : c.optimizer == OptimizerType::kSgdMomentum ? "momentum"
+                                                                       : "adamw";
+  return absl::StrCat(PlacementStrategyName(c.strategy), "_", optimizer,
+                      c.max_grad_norm > 0 ? "_clipped" : "");
+}
 
 class InProcessTrainingTest : public ::testing::TestWithParam<TrainingCase> {};
 
@@ -74,6 +84,7 @@ TEST_P(InProcessTrainingTest, TwentyStepsEqualTheReferenceAndReplicasStayIdentic
   OptimizerOptions optimizer;
   optimizer.type = GetParam().optimizer;
   if (optimizer.type == OptimizerType::kSgdMomentum) optimizer.momentum = 0.9f;
+  optimizer.max_grad_norm = GetParam().max_grad_norm;
   const ModelConfig model = Model(optimizer);
   InProcessCluster cluster(model, GetParam().strategy);
   const float lr = GetParam().learning_rate;
@@ -125,11 +136,12 @@ INSTANTIATE_TEST_SUITE_P(
         TrainingCase{PlacementStrategy::kHybrid, OptimizerType::kSgd, 0.05f},
         TrainingCase{PlacementStrategy::kDataParallel, OptimizerType::kSgdMomentum, 0.01f},
         TrainingCase{PlacementStrategy::kDataParallel, OptimizerType::kSgd, 0.05f},
-        TrainingCase{PlacementStrategy::kModelParallel, OptimizerType::kSgd, 0.05f}),
-    [](const auto& info) {
-      return absl::StrCat(PlacementStrategyName(info.param.strategy), "_",
-                          info.param.optimizer == OptimizerType::kSgd ? "sgd" : "momentum");
-    });
+        TrainingCase{PlacementStrategy::kModelParallel, OptimizerType::kSgd, 0.05f},
+        TrainingCase{PlacementStrategy::kHybrid, OptimizerType::kAdamW, 0.01f},
+        TrainingCase{PlacementStrategy::kDataParallel, OptimizerType::kAdamW, 0.01f, 1.0f},
+        TrainingCase{PlacementStrategy::kModelParallel, OptimizerType::kAdamW, 0.01f, 1.0f},
+        TrainingCase{PlacementStrategy::kHybrid, OptimizerType::kSgdMomentum, 0.01f, 1.0f}),
+    [](const auto& info) { return CaseName(info.param); });
 
 TEST(InProcessTrainingFaultTest, ABrokenRingFailsTheStepAndLeavesEveryReplicaAsItWas) {
   InProcessCluster cluster(Model({}), PlacementStrategy::kDataParallel);

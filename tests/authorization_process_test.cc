@@ -140,6 +140,15 @@ TEST(AuthorizationTest, EachIdentityGetsWhatItsRoleAllows) {
               grpc::StatusCode::PERMISSION_DENIED);
   }
   {
+    // Nor scale a step's update.
+    grpc::ClientContext context;
+    v1::UpdateStepRequest update;
+    v1::UpdateStepResponse updated;
+    const grpc::Status status = server->UpdateStep(&context, update, &updated);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::PERMISSION_DENIED);
+    EXPECT_THAT(status.error_message(), HasSubstr("/moe.v1.ExpertServer/UpdateStep"));
+  }
+  {
     // Nor add to the gate's gradient, which every Step applies.
     grpc::ClientContext context;
     v1::AddGateGradientRequest gradient;

@@ -190,10 +190,14 @@ INSTANTIATE_TEST_SUITE_P(
         TrainingCase{"HYBRID", "type: OPTIMIZER_TYPE_SGD_MOMENTUM momentum: 0.9", 0.01f},
         TrainingCase{"HYBRID", "type: OPTIMIZER_TYPE_SGD", 0.05f},
         TrainingCase{"DATA_PARALLEL", "type: OPTIMIZER_TYPE_SGD_MOMENTUM momentum: 0.9", 0.01f},
-        TrainingCase{"DATA_PARALLEL", "type: OPTIMIZER_TYPE_SGD", 0.05f}),
+        TrainingCase{"DATA_PARALLEL", "type: OPTIMIZER_TYPE_SGD", 0.05f},
+        TrainingCase{"HYBRID", "type: OPTIMIZER_TYPE_ADAMW max_grad_norm: 1.0", 0.01f}),
     [](const auto& info) {
+      const std::string& optimizer = info.param.optimizer;
       return absl::StrCat(info.param.strategy, "_",
-                          absl::StrContains(info.param.optimizer, "MOMENTUM") ? "momentum" : "sgd");
+                          absl::StrContains(optimizer, "MOMENTUM") ? "momentum"
+                          : absl::StrContains(optimizer, "ADAMW")  ? "adamw_clipped"
+                                                                   : "sgd");
     });
 
 // A cluster whose step all-reduces take a while (small ring segments, one in

@@ -1,7 +1,8 @@
 // Training in process, the oracle of the cluster's training tests: the
-// reference layer's forward and backward, then the shared optimizer on the
-// gate and every expert (with momentum buffers when the model asks for
-// them), as the cluster's Step applies them.
+// reference layer's forward and backward, then (with clipping, every
+// gradient scaled by the global norm's ClipScale) the shared optimizer on
+// the gate and every expert, with the state it keeps, as the cluster's Step
+// applies them.
 #ifndef MOE_COMMON_TESTING_REFERENCE_TRAINING_H_
 #define MOE_COMMON_TESTING_REFERENCE_TRAINING_H_
 
@@ -22,9 +23,11 @@ class ReferenceTraining {
   ReferenceTraining(ModelConfig model, MoeWeights weights)
       : model_(std::move(model)),
         weights_(std::move(weights)),
-        gate_velocity_({model_.d_model, model_.num_experts}) {
+        gate_velocity_({model_.d_model, model_.num_experts}),
+        gate_second_({model_.d_model, model_.num_experts}) {
     for (const auto& [e, w] : weights_.experts) {
       velocity_.emplace(e, ExpertWeights::Zeros(model_));
+      second_.emplace(e, ExpertWeights::Zeros(model_));
     }
   }
 
@@ -40,10 +43,17 @@ class ReferenceTraining {
     MOE_CHECK(forward.ok(), forward.status().ToString());
     absl::StatusOr<ReferenceGradients> grads = reference.Backward(x, *forward, dy);
     MOE_CHECK(grads.ok(), grads.status().ToString());
-    ApplySgd(model_.optimizer, learning_rate, *grads->params.gate, *weights_.gate,
-             &gate_velocity_);
+    ++steps_;
+    double squared = SquaredNorm(grads->params.gate->values());
+    for (const auto& [e, g] : grads->params.experts) {
+      for (ExpertTensor which : kAllExpertTensors) squared += SquaredNorm(g.tensor(which).values());
+    }
+    const UpdateStep update{learning_rate, steps_, ClipScale(model_.optimizer, squared)};
+    ApplyOptimizer(model_.optimizer, update, *grads->params.gate, *weights_.gate, &gate_velocity_,
+                   &gate_second_);
     for (auto& [e, w] : weights_.experts) {
-      ApplySgd(model_.optimizer, learning_rate, grads->params.experts.at(e), w, &velocity_.at(e));
+      ApplyOptimizer(model_.optimizer, update, grads->params.experts.at(e), w, &velocity_.at(e),
+                     &second_.at(e));
     }
     return {*std::move(forward), *std::move(grads)};
   }
@@ -59,8 +69,11 @@ class ReferenceTraining {
  private:
   const ModelConfig model_;
   MoeWeights weights_;
+  uint64_t steps_ = 0;
   FloatTensor gate_velocity_;
+  FloatTensor gate_second_;
   std::map<int, ExpertWeights> velocity_;
+  std::map<int, ExpertWeights> second_;
 };
 
 }  // namespace moe::testing

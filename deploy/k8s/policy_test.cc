@@ -41,7 +41,7 @@ TEST(ShippedPolicyTest, EveryMethodHasItsRow) {
       ++methods;
     }
   }
-  EXPECT_EQ(methods, 24);  // 7 Router, 16 ExpertServer, 1 Collective
+  EXPECT_EQ(methods, 25);  // 7 Router, 17 ExpertServer, 1 Collective
 }
 
 TEST(ShippedPolicyTest, RolesDecide) {
@@ -64,7 +64,8 @@ TEST(ShippedPolicyTest, RolesDecide) {
   for (const char* method :
        {"/moe.v1.ExpertServer/PreparePlacement", "/moe.v1.ExpertServer/CommitPlacement",
         "/moe.v1.ExpertServer/AbortPlacement", "/moe.v1.ExpertServer/AcquireLease",
-        "/moe.v1.ExpertServer/GetGate", "/moe.v1.ExpertServer/AddGateGradient"}) {
+        "/moe.v1.ExpertServer/GetGate", "/moe.v1.ExpertServer/AddGateGradient",
+        "/moe.v1.ExpertServer/UpdateStep"}) {
     EXPECT_TRUE(policy.Check(method, router).ok()) << method;
     EXPECT_FALSE(policy.Check(method, expert).ok()) << method;
     EXPECT_FALSE(policy.Check(method, client).ok()) << method;

@@ -196,6 +196,16 @@ void InProcessExpertClient::CommitStep(int server, const v1::CommitStepRequest& 
       std::move(done));
 }
 
+void InProcessExpertClient::UpdateStep(int server, const v1::UpdateStepRequest& request,
+                                       absl::Time, UnaryDone<v1::UpdateStepResponse> done) {
+  RunStepCall<v1::UpdateStepResponse>(
+      server,
+      [request](expert::ExpertDispatcher& d, v1::UpdateStepResponse& response) {
+        return d.UpdateStep(request, &response);
+      },
+      std::move(done));
+}
+
 void InProcessExpertClient::SaveExperts(int server, const v1::SaveExpertsRequest& request,
                                         absl::Time, UnaryDone<v1::SaveExpertsResponse> done) {
   RunStepCall<v1::SaveExpertsResponse>(
