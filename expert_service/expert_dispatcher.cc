@@ -8,6 +8,7 @@
 #include "common/checkpoint.h"
 #include "common/expert_key.h"
 #include "common/log.h"
+#include "common/lower_priority.h"
 #include "common/proto_status.h"
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
@@ -291,8 +292,11 @@ absl::Status ExpertDispatcher::SaveExperts(const v1::SaveExpertsRequest& request
   }
   MOE_RETURN_IF_ERROR(MakeDirectories(path.substr(0, path.rfind('/'))));
   std::vector<std::string> names;
-  MOE_ASSIGN_OR_RETURN(const int64_t bytes,
-                       SaveCheckpointShard(path, store_.model(), part, dtype, &names));
+  // Forwards go on meanwhile: the conversion and the write yield to them.
+  absl::StatusOr<int64_t> written;
+  AtLowerPriority(
+      [&] { written = SaveCheckpointShard(path, store_.model(), part, dtype, &names); });
+  MOE_ASSIGN_OR_RETURN(const int64_t bytes, std::move(written));
   for (std::string& name : names) response->add_tensor_names(std::move(name));
   response->set_bytes(bytes);
   MOE_LOG(INFO, "server ", options_.server_name, ": saved ", part.experts.size(),

@@ -1,9 +1,5 @@
 #include "expert_service/placement_keeper.h"
 
-#include <sys/resource.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <iterator>
 #include <optional>
@@ -14,24 +10,13 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/log.h"
+#include "common/lower_priority.h"
 #include "common/placement_proto.h"
 #include "common/status_macros.h"
 #include "expert_service/weight_transfer.h"
 
 namespace moe::expert {
 namespace {
-
-// Runs `work` on a thread of its own at a lower CPU priority (nice 10),
-// so that weight pulls yield to serving on a busy machine, and waits for
-// it. A thread of its own: an unprivileged thread cannot raise its
-// priority back.
-void AtLowerPriority(absl::FunctionRef<void()> work) {
-  std::thread thread([&work] {
-    (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);  // best effort
-    work();
-  });
-  thread.join();
-}
 
 // Experts in `a` and not in `b` (both ascending).
 std::vector<ExpertKey> Minus(absl::Span<const ExpertKey> a, absl::Span<const ExpertKey> b) {

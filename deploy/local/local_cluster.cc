@@ -47,6 +47,7 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
     args.push_back(absl::StrCat("--onednn_threads=", options.onednn_threads));
     cluster->servers_.push_back(
         std::make_unique<ChildProcess>(RunfilePath("expert_service/expert_server"), args));
+    cluster->server_args_.push_back(std::move(args));
   }
   for (size_t s = 0; s < cluster->servers_.size(); ++s) {
     const auto line = cluster->servers_[s]->WaitForLine("serving gRPC on port", kStartTimeout);
@@ -74,6 +75,22 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
 
 std::string LocalCluster::router_address() const {
   return absl::StrCat("127.0.0.1:", router_port_);
+}
+
+absl::StatusOr<std::string> LocalCluster::RestartServer(int s) {
+  if (s < 0 || s >= static_cast<int>(servers_.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("no server ", s));
+  }
+  if (servers_[s] != nullptr) (void)servers_[s]->Stop(SIGKILL, absl::Seconds(10));
+  servers_[s] =
+      std::make_unique<ChildProcess>(RunfilePath("expert_service/expert_server"), server_args_[s]);
+  const auto line = servers_[s]->WaitForLine("serving gRPC on port", kStartTimeout);
+  if (!line.has_value()) {
+    return absl::UnavailableError(absl::StrCat("expert server ", config_.cluster.servers[s].name,
+                                               " did not start again:\n", servers_[s]->output()));
+  }
+  server_metrics_ports_[s] = NumberAfter(*line, "/metrics on port ");
+  return servers_[s]->output();
 }
 
 std::vector<std::string> LocalCluster::Stop() {

@@ -52,6 +52,10 @@ class LocalCluster {
   // deploy/prometheus/prometheus.yml.
   absl::Status WritePrometheusTargets(const std::string& path) const;
 
+  // SIGKILL to server `s`, then the same server started again, waited for
+  // until it serves (after its rejoin by sync); its log so far.
+  absl::StatusOr<std::string> RestartServer(int s);
+
   // SIGTERM to the router, then the servers; a line per process with how it
   // ended ("exit 0").
   std::vector<std::string> Stop();
@@ -62,6 +66,7 @@ class LocalCluster {
   ServingConfig config_;
   std::string config_path_;
   std::vector<std::unique_ptr<ChildProcess>> servers_;
+  std::vector<std::vector<std::string>> server_args_;
   std::vector<int> server_metrics_ports_;
   std::unique_ptr<ChildProcess> router_;
   int router_port_ = 0;
