@@ -36,11 +36,13 @@ std::string LayerPrefix(int layer) {
   return layer == 0 ? std::string() : absl::StrCat("layers.", layer, ".");
 }
 
-// The tensors of the one MoE layer a checkpoint file holds (layer 0).
-std::vector<TensorSlot> ModelSlots(const ModelConfig& model) {
+// The tensors of the one MoE layer a checkpoint file holds (layer 0); with
+// a `state` (optimizer state), each name gets "." + state.
+std::vector<TensorSlot> ModelSlots(const ModelConfig& model, const std::string& state = "") {
   constexpr int kLayer = 0;
+  const std::string suffix = state.empty() ? std::string() : "." + state;
   std::vector<TensorSlot> slots;
-  slots.push_back({GateTensorName(kLayer), {model.num_experts, model.d_model}});
+  slots.push_back({GateTensorName(kLayer) + suffix, {model.num_experts, model.d_model}});
   for (int e = 0; e < model.num_experts; ++e) {
     const ExpertKey key(kLayer, e);
     for (ExpertTensor which : kAllExpertTensors) {
@@ -59,7 +61,7 @@ std::vector<TensorSlot> ModelSlots(const ModelConfig& model) {
           shape = {model.d_model};
           break;
       }
-      slots.push_back({ExpertTensorName(key, which), shape, e, which});
+      slots.push_back({ExpertTensorName(key, which) + suffix, shape, e, which});
     }
   }
   return slots;
@@ -262,17 +264,24 @@ absl::StatusOr<std::optional<ShardIndex>> ReadIndex(const std::string& path) {
   return result;
 }
 
-absl::StatusOr<MoeWeights> LoadSharded(const ShardIndex& index, const ModelConfig& model,
-                                       const CheckpointSelection& selection) {
+// The tensors of `states` (one MoeWeights each; {""}: the weights), after
+// checking the index names every one of them once and nothing else.
+absl::StatusOr<std::vector<MoeWeights>> LoadSharded(const ShardIndex& index,
+                                                    const ModelConfig& model,
+                                                    const CheckpointSelection& selection,
+                                                    const std::vector<std::string>& states) {
   const std::string& path = index.directory;
-  const std::vector<TensorSlot> slots = ModelSlots(model);
+  std::vector<std::vector<TensorSlot>> slots;
   absl::flat_hash_set<std::string> known;
-  for (const TensorSlot& slot : slots) {
-    known.insert(slot.name);
-    if (index.weight_map.count(slot.name) == 0) {
-      return absl::InvalidArgumentError(absl::StrCat("checkpoint ", path,
-                                                     ": the index has no tensor \"", slot.name,
-                                                     "\" ", ShapeString(slot.shape)));
+  for (const std::string& state : states) {
+    slots.push_back(ModelSlots(model, state));
+    for (const TensorSlot& slot : slots.back()) {
+      known.insert(slot.name);
+      if (index.weight_map.count(slot.name) == 0) {
+        return absl::InvalidArgumentError(absl::StrCat("checkpoint ", path,
+                                                       ": the index has no tensor \"", slot.name,
+                                                       "\" ", ShapeString(slot.shape)));
+      }
     }
   }
   for (const auto& [name, shard] : index.weight_map) {
@@ -280,23 +289,59 @@ absl::StatusOr<MoeWeights> LoadSharded(const ShardIndex& index, const ModelConfi
   }
   MOE_ASSIGN_OR_RETURN(const std::vector<bool> wanted, WantedExperts(path, model, selection));
   // Only the shards holding wanted tensors are opened.
-  std::map<std::string, std::vector<const TensorSlot*>> by_shard;
-  for (const TensorSlot& slot : slots) {
-    if (Wanted(slot, selection, wanted)) {
-      by_shard[index.weight_map.at(slot.name)].push_back(&slot);
+  std::map<std::string, std::vector<std::pair<size_t, const TensorSlot*>>> by_shard;
+  for (size_t k = 0; k < slots.size(); ++k) {
+    for (const TensorSlot& slot : slots[k]) {
+      if (Wanted(slot, selection, wanted)) {
+        by_shard[index.weight_map.at(slot.name)].emplace_back(k, &slot);
+      }
     }
   }
-  MoeWeights weights;
+  std::vector<MoeWeights> out(states.size());
   std::vector<float> buffer;
   for (const auto& [shard, shard_slots] : by_shard) {
     const std::string shard_path = absl::StrCat(index.directory, "/", shard);
     MOE_ASSIGN_OR_RETURN(SafetensorsReader reader, SafetensorsReader::Open(shard_path));
-    for (const TensorSlot* slot : shard_slots) {
+    for (const auto& [k, slot] : shard_slots) {
       MOE_RETURN_IF_ERROR(CheckEntry(shard_path, *slot, reader.Find(slot->name)));
-      MOE_RETURN_IF_ERROR(ReadSlot(reader, *slot, buffer, weights));
+      MOE_RETURN_IF_ERROR(ReadSlot(reader, *slot, buffer, out[k]));
     }
   }
-  return weights;
+  return out;
+}
+
+// Writes `directory`/`name`: the index of `states`' tensors ({""}: the
+// weights), each exactly once, durably and atomically.
+absl::Status WriteIndex(const std::string& directory, const char* name, const ModelConfig& model,
+                        const std::vector<std::string>& states,
+                        const std::map<std::string, std::string>& weight_map, int64_t total_size,
+                        const CheckpointMetadata& metadata) {
+  // Every tensor exactly once, nothing else: an index that loads is whole.
+  size_t found = 0;
+  for (const std::string& state : states) {
+    for (const TensorSlot& slot : ModelSlots(model, state)) {
+      if (weight_map.count(slot.name) == 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("checkpoint index: no shard holds \"", slot.name, "\""));
+      }
+      ++found;
+    }
+  }
+  if (found != weight_map.size()) {
+    return absl::InvalidArgumentError("checkpoint index: tensors the model does not have");
+  }
+  json index = {{"metadata",
+                 {{"total_size", total_size},
+                  {"step", absl::StrCat(metadata.step)},
+                  {"lineage", metadata.lineage},
+                  {"producer", "moe-serve"}}},
+                {"weight_map", json::object()}};
+  for (const auto& [tensor, shard] : weight_map) index["weight_map"][tensor] = shard;
+  const std::string text = index.dump(2) + "\n";
+  MOE_ASSIGN_OR_RETURN(AtomicFileWriter file,
+                       AtomicFileWriter::Create(absl::StrCat(directory, "/", name)));
+  MOE_RETURN_IF_ERROR(file.Append(text.data(), text.size()));
+  return file.Commit();
 }
 
 }  // namespace
@@ -305,7 +350,41 @@ absl::StatusOr<MoeWeights> LoadCheckpoint(const std::string& path, const ModelCo
                                           const CheckpointSelection& selection) {
   MOE_ASSIGN_OR_RETURN(std::optional<ShardIndex> index, ReadIndex(path));
   if (!index) return LoadSingleFile(path, model, selection);
-  return LoadSharded(*index, model, selection);
+  MOE_ASSIGN_OR_RETURN(std::vector<MoeWeights> weights,
+                       LoadSharded(*index, model, selection, {""}));
+  return std::move(weights[0]);
+}
+
+std::vector<std::string> OptimizerStateNames(OptimizerType type) {
+  switch (type) {
+    case OptimizerType::kSgd:
+      return {};
+    case OptimizerType::kSgdMomentum:
+      return {"momentum_buffer"};
+    case OptimizerType::kAdamW:
+      return {"exp_avg", "exp_avg_sq"};
+  }
+  return {};
+}
+
+absl::StatusOr<std::optional<std::vector<MoeWeights>>> LoadOptimizerState(
+    const std::string& path, const ModelConfig& model, const CheckpointSelection& selection) {
+  const std::vector<std::string> states = OptimizerStateNames(model.optimizer.type);
+  MOE_ASSIGN_OR_RETURN(std::optional<ShardIndex> weights_index, ReadIndex(path));
+  if (!weights_index || states.empty()) return std::nullopt;
+  const std::string index_path =
+      absl::StrCat(weights_index->directory, "/", kOptimizerIndexName);
+  struct stat info;
+  if (stat(index_path.c_str(), &info) != 0) return std::nullopt;
+  MOE_ASSIGN_OR_RETURN(std::optional<ShardIndex> index, ReadIndex(index_path));
+  if (index->metadata.step != weights_index->metadata.step) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "checkpoint ", index_path, ": optimizer state of step ", index->metadata.step,
+        ", the weights are of step ", weights_index->metadata.step));
+  }
+  MOE_ASSIGN_OR_RETURN(std::vector<MoeWeights> loaded,
+                       LoadSharded(*index, model, selection, states));
+  return loaded;
 }
 
 absl::StatusOr<CheckpointMetadata> ReadCheckpointMetadata(const std::string& path) {
@@ -378,35 +457,50 @@ std::string ShardFileName(int shard, int num_shards) {
 absl::StatusOr<int64_t> SaveCheckpointShard(const std::string& path, const ModelConfig& model,
                                             const MoeWeights& part, DType dtype,
                                             std::vector<std::string>* tensor_names) {
-  std::vector<FloatTensor> transposed;  // must outlive the writer's Write()
-  transposed.reserve(1 + 2 * part.experts.size());
+  return SaveCheckpointShard(path, model, {{"", &part}}, dtype, tensor_names);
+}
+
+absl::StatusOr<int64_t> SaveCheckpointShard(const std::string& path, const ModelConfig& model,
+                                            const std::vector<ShardPart>& parts, DType dtype,
+                                            std::vector<std::string>* tensor_names) {
+  // Must outlive the writer's Write(), and never move: the writer holds
+  // spans of them.
+  std::vector<FloatTensor> transposed;
+  size_t matrices = 0;
+  for (const ShardPart& shard_part : parts) {
+    matrices += (shard_part.tensors->gate ? 1 : 0) + 2 * shard_part.tensors->experts.size();
+  }
+  transposed.reserve(matrices);
   SafetensorsWriter writer;
   int64_t bytes = 0;
-  for (const TensorSlot& slot : ModelSlots(model)) {
-    const FloatTensor* source = nullptr;
-    if (slot.expert < 0) {
-      if (!part.gate) continue;
-      source = &*part.gate;
-    } else {
-      auto it = part.experts.find(slot.expert);
-      if (it == part.experts.end()) continue;
-      source = &it->second.tensor(slot.which);
+  for (const ShardPart& shard_part : parts) {
+    const MoeWeights& part = *shard_part.tensors;
+    for (const TensorSlot& slot : ModelSlots(model, shard_part.state)) {
+      const FloatTensor* source = nullptr;
+      if (slot.expert < 0) {
+        if (!part.gate) continue;
+        source = &*part.gate;
+      } else {
+        auto it = part.experts.find(slot.expert);
+        if (it == part.experts.end()) continue;
+        source = &it->second.tensor(slot.which);
+      }
+      const Shape memory_shape =
+          slot.shape.size() == 2 ? Shape{slot.shape[1], slot.shape[0]} : slot.shape;
+      if (source->shape() != memory_shape) {
+        return absl::InvalidArgumentError(absl::StrCat("save checkpoint: ", slot.name,
+                                                       " has shape ", ShapeString(source->shape()),
+                                                       ", expected ", ShapeString(memory_shape)));
+      }
+      if (slot.shape.size() == 2) {
+        transposed.push_back(Transposed(source->values(), memory_shape[0], memory_shape[1]));
+        writer.Add(slot.name, slot.shape, transposed.back().values());
+      } else {
+        writer.Add(slot.name, slot.shape, source->values());
+      }
+      bytes += NumElements(slot.shape) * DTypeSize(dtype);
+      if (tensor_names != nullptr) tensor_names->push_back(slot.name);
     }
-    const Shape memory_shape =
-        slot.shape.size() == 2 ? Shape{slot.shape[1], slot.shape[0]} : slot.shape;
-    if (source->shape() != memory_shape) {
-      return absl::InvalidArgumentError(absl::StrCat("save checkpoint: ", slot.name, " has shape ",
-                                                     ShapeString(source->shape()), ", expected ",
-                                                     ShapeString(memory_shape)));
-    }
-    if (slot.shape.size() == 2) {
-      transposed.push_back(Transposed(source->values(), memory_shape[0], memory_shape[1]));
-      writer.Add(slot.name, slot.shape, transposed.back().values());
-    } else {
-      writer.Add(slot.name, slot.shape, source->values());
-    }
-    bytes += NumElements(slot.shape) * DTypeSize(dtype);
-    if (tensor_names != nullptr) tensor_names->push_back(slot.name);
   }
   MOE_RETURN_IF_ERROR(writer.Write(path, dtype));
   return bytes;
@@ -415,31 +509,19 @@ absl::StatusOr<int64_t> SaveCheckpointShard(const std::string& path, const Model
 absl::Status WriteCheckpointIndex(const std::string& directory, const ModelConfig& model,
                                   const std::map<std::string, std::string>& weight_map,
                                   int64_t total_size, const CheckpointMetadata& metadata) {
-  // Every tensor of the model exactly once, nothing else: an index that
-  // loads is a whole checkpoint.
-  size_t found = 0;
-  for (const TensorSlot& slot : ModelSlots(model)) {
-    if (weight_map.count(slot.name) == 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("checkpoint index: no shard holds \"", slot.name, "\""));
-    }
-    ++found;
-  }
-  if (found != weight_map.size()) {
-    return absl::InvalidArgumentError("checkpoint index: tensors the model does not have");
-  }
-  json index = {{"metadata",
-                 {{"total_size", total_size},
-                  {"step", absl::StrCat(metadata.step)},
-                  {"lineage", metadata.lineage},
-                  {"producer", "moe-serve"}}},
-                {"weight_map", json::object()}};
-  for (const auto& [name, shard] : weight_map) index["weight_map"][name] = shard;
-  const std::string text = index.dump(2) + "\n";
-  MOE_ASSIGN_OR_RETURN(AtomicFileWriter file, AtomicFileWriter::Create(absl::StrCat(
-                                                  directory, "/", kCheckpointIndexName)));
-  MOE_RETURN_IF_ERROR(file.Append(text.data(), text.size()));
-  return file.Commit();
+  return WriteIndex(directory, kCheckpointIndexName, model, {""}, weight_map, total_size,
+                    metadata);
+}
+
+absl::Status WriteOptimizerIndex(const std::string& directory, const ModelConfig& model,
+                                 const std::map<std::string, std::string>& weight_map,
+                                 int64_t total_size, const CheckpointMetadata& metadata) {
+  return WriteIndex(directory, kOptimizerIndexName, model,
+                    OptimizerStateNames(model.optimizer.type), weight_map, total_size, metadata);
+}
+
+std::string OptimizerShardFileName(int shard, int num_shards) {
+  return absl::StrFormat("optimizer-%05d-of-%05d.safetensors", shard, num_shards);
 }
 
 absl::Status SaveCheckpoint(const std::string& path, const ModelConfig& model,

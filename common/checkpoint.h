@@ -50,6 +50,11 @@ absl::StatusOr<MoeWeights> LoadCheckpoint(const std::string& path,
 // shard, with metadata naming the training step the weights were committed
 // at and the training run (lineage).
 inline constexpr char kCheckpointIndexName[] = "model.safetensors.index.json";
+// The optimizer's state beside it (fp32): tensors named as the weights they
+// belong to plus "." and PyTorch's state name (OptimizerStateNames), in
+// OptimizerShardFileName shards, indexed by this file, written before the
+// weights' index.
+inline constexpr char kOptimizerIndexName[] = "optimizer.safetensors.index.json";
 
 struct CheckpointMetadata {
   // The committed step (0 for a single file: as initialised or trained
@@ -99,6 +104,39 @@ std::string ShardFileName(int shard, int num_shards);
 absl::StatusOr<int64_t> SaveCheckpointShard(const std::string& path, const ModelConfig& model,
                                             const MoeWeights& part, DType dtype,
                                             std::vector<std::string>* tensor_names);
+
+// The state names of an optimizer, as PyTorch's state_dict calls them:
+// none for SGD, "momentum_buffer" for SGD with momentum, "exp_avg" and
+// "exp_avg_sq" for AdamW.
+std::vector<std::string> OptimizerStateNames(OptimizerType type);
+
+// Tensors shaped as the weights: the weights themselves (`state` empty) or
+// one optimizer state.
+struct ShardPart {
+  std::string state;
+  const MoeWeights* tensors = nullptr;
+};
+// Writes one shard holding several parts.
+absl::StatusOr<int64_t> SaveCheckpointShard(const std::string& path, const ModelConfig& model,
+                                            const std::vector<ShardPart>& parts, DType dtype,
+                                            std::vector<std::string>* tensor_names);
+
+// "optimizer-00002-of-00003.safetensors" (1-based).
+std::string OptimizerShardFileName(int shard, int num_shards);
+
+// Writes `directory`/optimizer.safetensors.index.json: every state of the
+// model's optimizer for every tensor exactly once.
+absl::Status WriteOptimizerIndex(const std::string& directory, const ModelConfig& model,
+                                 const std::map<std::string, std::string>& weight_map,
+                                 int64_t total_size, const CheckpointMetadata& metadata);
+
+// The optimizer's state saved with the sharded checkpoint `path`, one
+// MoeWeights per OptimizerStateNames (the selected tensors), after checking
+// its index names all of them and is of the weights' step. nullopt when
+// there is none (a single file, an optimizer without state, or a checkpoint
+// written without it).
+absl::StatusOr<std::optional<std::vector<MoeWeights>>> LoadOptimizerState(
+    const std::string& path, const ModelConfig& model, const CheckpointSelection& selection);
 
 // Writes `directory`/model.safetensors.index.json, durably and atomically.
 // INVALID_ARGUMENT unless `weight_map` names every tensor of the model and

@@ -152,6 +152,47 @@ TEST(ShardedCheckpointTest, RoundTripsInTheHuggingFaceLayout) {
   EXPECT_EQ(ReadCheckpointMetadata(single)->step, 0u);
 }
 
+// The optimizer's state beside the weights: one shard holding both AdamW
+// states of experts {0, 1, 2} and the gate, its own index; loaded back for
+// the tensors selected; a missing state tensor or another step is a named
+// error; a checkpoint without it loads as none.
+TEST(ShardedCheckpointTest, OptimizerStateRoundTrips) {
+  ModelConfig model = SmallModel();
+  model.optimizer.type = OptimizerType::kAdamW;
+  const std::string dir = TempPath("optimizer/step-4");
+  WriteSharded(dir, model, 4);
+  EXPECT_EQ(*LoadOptimizerState(dir, model, {}), std::nullopt);
+  const MoeWeights m = InitAllWeights(model);
+  ModelConfig other_seed = model;
+  other_seed.seed += 1;
+  const MoeWeights v = InitAllWeights(other_seed);
+  std::vector<std::string> names;
+  const std::string file = OptimizerShardFileName(1, 1);
+  ASSERT_TRUE(SaveCheckpointShard(dir + "/" + file, model, {{"exp_avg", &m}, {"exp_avg_sq", &v}},
+                                  DType::kFloat32, &names)
+                  .ok());
+  std::map<std::string, std::string> weight_map;
+  for (const std::string& name : names) weight_map[name] = file;
+  EXPECT_EQ(weight_map.count("experts.1.w2.weight.exp_avg_sq"), 1u);
+  std::map<std::string, std::string> partial = weight_map;
+  partial.erase("gate.weight.exp_avg");
+  EXPECT_THAT(WriteOptimizerIndex(dir, model, partial, 0, {4, "run-a"}).message(),
+              HasSubstr("gate.weight.exp_avg"));
+  ASSERT_TRUE(WriteOptimizerIndex(dir, model, weight_map, 0, {4, "run-a"}).ok());
+  absl::StatusOr<std::optional<std::vector<MoeWeights>>> loaded =
+      LoadOptimizerState(dir, model, {/*gate=*/false, std::vector<int>{2}});
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ASSERT_TRUE(loaded->has_value());
+  ASSERT_EQ((*loaded)->size(), 2u);
+  EXPECT_EQ((**loaded)[0].experts.at(2).Digest(), m.experts.at(2).Digest());
+  EXPECT_EQ((**loaded)[1].experts.at(2).Digest(), v.experts.at(2).Digest());
+  EXPECT_EQ((**loaded)[1].experts.count(0), 0u);  // not selected: not read
+  // Of another step than the weights: refused by name.
+  ASSERT_TRUE(WriteOptimizerIndex(dir, model, weight_map, 0, {3, "run-a"}).ok());
+  EXPECT_THAT(LoadOptimizerState(dir, model, {}).status().message(),
+              HasSubstr("optimizer state of step 3, the weights are of step 4"));
+}
+
 TEST(ShardedCheckpointTest, RequestedPathsStayInTheCheckpointDirectory) {
   EXPECT_EQ(*ResolveCheckpointPath("/ckpt", "step-3/model-00001-of-00002.safetensors"),
             "/ckpt/step-3/model-00001-of-00002.safetensors");

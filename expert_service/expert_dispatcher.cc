@@ -282,23 +282,52 @@ absl::Status ExpertDispatcher::SaveExperts(const v1::SaveExpertsRequest& request
       const DType dtype,
       FromProtoDType(request.dtype() == v1::DTYPE_UNSPECIFIED ? v1::DTYPE_FP32 : request.dtype(),
                      "dtype"));
-  // A checkpoint file holds one MoE layer (checkpoint.h): layer 0.
+  const ModelConfig& model = store_.model();
+  const std::vector<std::string> states = OptimizerStateNames(model.optimizer.type);
+  std::optional<std::string> optimizer_path;
+  if (!request.optimizer_path().empty() && !states.empty()) {
+    MOE_ASSIGN_OR_RETURN(optimizer_path,
+                         ResolveCheckpointPath(options_.checkpoint_dir, request.optimizer_path()));
+  }
+  // A checkpoint file holds one MoE layer (checkpoint.h): layer 0. The
+  // optimizer's state as one MoeWeights per state.
   MoeWeights part;
+  std::vector<MoeWeights> state_parts(states.size());
   for (const v1::ExpertRef& ref : request.experts()) {
     const ExpertKey expert = ExpertKeyOf(ref);
     // Snapshot checks that `expert` is hosted and at the step.
     MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, store_.Snapshot(expert, request.step()));
     part.experts.emplace(expert.expert, std::move(snapshot.weights));
+    if (optimizer_path) {
+      std::optional<ExpertWeights>* held[] = {&snapshot.velocity, &snapshot.second_moment};
+      for (size_t k = 0; k < states.size(); ++k) {
+        if (!*held[k]) {
+          return absl::InternalError(absl::StrCat(expert.ToString(), ": no optimizer state ",
+                                                  states[k], " to save"));
+        }
+        state_parts[k].experts.emplace(expert.expert, std::move(**held[k]));
+      }
+    }
   }
   MOE_RETURN_IF_ERROR(MakeDirectories(path.substr(0, path.rfind('/'))));
-  std::vector<std::string> names;
+  std::vector<std::string> names, state_names;
   // Forwards go on meanwhile: the conversion and the write yield to them.
-  absl::StatusOr<int64_t> written;
-  AtLowerPriority(
-      [&] { written = SaveCheckpointShard(path, store_.model(), part, dtype, &names); });
+  absl::StatusOr<int64_t> written, state_written = int64_t{0};
+  AtLowerPriority([&] {
+    written = SaveCheckpointShard(path, model, part, dtype, &names);
+    if (written.ok() && optimizer_path) {
+      std::vector<ShardPart> parts;
+      for (size_t k = 0; k < states.size(); ++k) parts.push_back({states[k], &state_parts[k]});
+      state_written =
+          SaveCheckpointShard(*optimizer_path, model, parts, DType::kFloat32, &state_names);
+    }
+  });
   MOE_ASSIGN_OR_RETURN(const int64_t bytes, std::move(written));
+  MOE_ASSIGN_OR_RETURN(const int64_t state_bytes, std::move(state_written));
   for (std::string& name : names) response->add_tensor_names(std::move(name));
   response->set_bytes(bytes);
+  for (std::string& name : state_names) response->add_optimizer_tensor_names(std::move(name));
+  response->set_optimizer_bytes(state_bytes);
   MOE_LOG(INFO, "server ", options_.server_name, ": saved ", part.experts.size(),
           " expert(s) of step ", request.step(), " to ", path, " (", bytes >> 20, " MiB)");
   return absl::OkStatus();

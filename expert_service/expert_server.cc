@@ -10,6 +10,7 @@
 #include "common/health_endpoint.h"
 #include "common/log.h"
 #include "common/metrics_exposer.h"
+#include "common/optimizer.h"
 #include "common/placement.h"
 #include "common/placement_proto.h"
 #include "common/status_macros.h"
@@ -46,8 +47,9 @@ absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(Options optio
   return server;
 }
 
-absl::StatusOr<std::map<ExpertKey, ExpertWeights>> ExpertServer::LoadHostedWeights(
-    absl::Span<const ExpertKey> experts, const std::string& checkpoint_path) const {
+absl::StatusOr<std::map<ExpertKey, ExpertSnapshot>> ExpertServer::LoadHosted(
+    absl::Span<const ExpertKey> experts, const std::string& checkpoint_path,
+    uint64_t checkpoint_step) const {
   const ModelConfig& model = options_.config.model;
   // A checkpoint file and the seed's init hold one MoE layer: layer 0.
   std::vector<int> indices;
@@ -56,15 +58,29 @@ absl::StatusOr<std::map<ExpertKey, ExpertWeights>> ExpertServer::LoadHostedWeigh
     indices.push_back(expert.expert);
   }
   MoeWeights weights;
+  std::optional<std::vector<MoeWeights>> states;
   if (checkpoint_path.empty()) {
     weights = InitWeights(model, indices, /*with_gate=*/false);
   } else {
-    MOE_ASSIGN_OR_RETURN(
-        weights, LoadCheckpoint(checkpoint_path, model, {/*gate=*/false, std::move(indices)}));
+    MOE_ASSIGN_OR_RETURN(weights,
+                         LoadCheckpoint(checkpoint_path, model, {/*gate=*/false, indices}));
+    MOE_ASSIGN_OR_RETURN(states,
+                         LoadOptimizerState(checkpoint_path, model, {/*gate=*/false, indices}));
   }
-  std::map<ExpertKey, ExpertWeights> hosted;
+  if (!states && checkpoint_step > 0 && OptimizerStateTensors(model.optimizer.type) > 0) {
+    // Said, not silent: the run goes on differently from an
+    // uninterrupted one.
+    MOE_LOG(WARNING, "server ", options_.name, ": ", checkpoint_path,
+            " holds no optimizer state; it starts at zero at step ", checkpoint_step);
+  }
+  std::map<ExpertKey, ExpertSnapshot> hosted;
   for (auto& [index, tensors] : weights.experts) {
-    hosted.emplace(ExpertKey(0, index), std::move(tensors));
+    ExpertSnapshot& snapshot = hosted[ExpertKey(0, index)];
+    snapshot.weights = std::move(tensors);
+    if (states) {
+      snapshot.velocity = std::move((*states)[0].experts.at(index));
+      if (states->size() > 1) snapshot.second_moment = std::move((*states)[1].experts.at(index));
+    }
   }
   return hosted;
 }
@@ -93,7 +109,7 @@ absl::Status ExpertServer::Start() {
   MOE_ASSIGN_OR_RETURN(const StartingCheckpoint start,
                        ChooseStartingCheckpoint(options_.checkpoint_path, options_.checkpoint_dir));
   const CheckpointMetadata& loaded = start.metadata;
-  MOE_ASSIGN_OR_RETURN(auto hosted, LoadHostedWeights(experts, start.path));
+  MOE_ASSIGN_OR_RETURN(auto hosted, LoadHosted(experts, start.path, loaded.step));
   MOE_LOG(INFO, "server ", options_.name, ": ", PlacementStrategyName(config.cluster.strategy),
           " placement gives experts [", JoinExpertKeys(experts), "] (",
           start.path.empty() ? absl::StrCat("init seed ", model.seed)

@@ -139,9 +139,11 @@ class ExpertServer {
   // The highest placement epoch the peers report (with its placement),
   // when above `epoch`.
   absl::Status AdoptPeersPlacement(Placement& placement, uint64_t& epoch);
-  // The weights of `experts` from the checkpoint or the seed's init.
-  absl::StatusOr<std::map<ExpertKey, ExpertWeights>> LoadHostedWeights(
-      absl::Span<const ExpertKey> experts, const std::string& checkpoint_path) const;
+  // The weights of `experts` from the checkpoint (of `checkpoint_step`) or
+  // the seed's init, with the optimizer's state when the checkpoint has it.
+  absl::StatusOr<std::map<ExpertKey, ExpertSnapshot>> LoadHosted(
+      absl::Span<const ExpertKey> experts, const std::string& checkpoint_path,
+      uint64_t checkpoint_step) const;
   // This server's rings, from the placement's replica groups (their groups
   // registered, those of the rings before dropped).
   std::vector<StepRing> BuildRings(const Placement& placement, int index);

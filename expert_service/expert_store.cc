@@ -65,11 +65,17 @@ void CopyConverted(const std::byte* src, DType src_dtype, const TensorView& dst)
 
 absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(
     Options options, std::map<ExpertKey, ExpertWeights> experts, KernelFactory kernel_factory) {
+  std::map<ExpertKey, ExpertSnapshot> snapshots;
+  for (auto& [id, weights] : experts) snapshots[id].weights = std::move(weights);
+  return Create(std::move(options), std::move(snapshots), std::move(kernel_factory));
+}
+
+absl::StatusOr<std::unique_ptr<ExpertStore>> ExpertStore::Create(
+    Options options, std::map<ExpertKey, ExpertSnapshot> experts, KernelFactory kernel_factory) {
   auto store =
       std::unique_ptr<ExpertStore>(new ExpertStore(std::move(options), std::move(kernel_factory)));
-  for (auto& [id, weights] : experts) {
-    MOE_RETURN_IF_ERROR(
-        store->AddExpertAt(id, {std::move(weights), std::nullopt}, store->options_.loaded_step));
+  for (auto& [id, snapshot] : experts) {
+    MOE_RETURN_IF_ERROR(store->AddExpertAt(id, std::move(snapshot), store->options_.loaded_step));
   }
   return store;
 }

@@ -66,6 +66,10 @@ class ExpertStore {
 
   static absl::StatusOr<std::unique_ptr<ExpertStore>> Create(
       Options options, std::map<ExpertKey, ExpertWeights> experts, KernelFactory kernel_factory);
+  // The same with the optimizer's state where a checkpoint had it (zeros
+  // elsewhere).
+  static absl::StatusOr<std::unique_ptr<ExpertStore>> Create(
+      Options options, std::map<ExpertKey, ExpertSnapshot> experts, KernelFactory kernel_factory);
 
   const ModelConfig& model() const { return options_.model; }
   // The dtype the kernels compute in (from the factory's kernels; fp32 when

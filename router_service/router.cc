@@ -157,8 +157,10 @@ Router::Router(Options options, Placement placement, ExpertClient& client)
   answer_micros_.reset(new std::atomic<double>[servers]);
   for (int s = 0; s < servers; ++s) answer_micros_[s].store(0);
   absl::MutexLock lock(&gate_mu_);
-  gate_velocity_ = FloatTensor(options_.gate.shape());
-  gate_second_moment_ = FloatTensor(options_.gate.shape());
+  gate_velocity_ = options_.gate_velocity.value_or(FloatTensor(options_.gate.shape()));
+  gate_second_moment_ = options_.gate_second_moment.value_or(FloatTensor(options_.gate.shape()));
+  MOE_CHECK(gate_velocity_.shape() == options_.gate.shape() &&
+            gate_second_moment_.shape() == options_.gate.shape());
 }
 
 Router::~Router() {

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -62,6 +63,9 @@ class Router {
     // step it is of (a sharded checkpoint's; 0: initial).
     FloatTensor gate;
     uint64_t gate_step = 0;
+    // Its optimizer state, from the same checkpoint (zeros when absent).
+    std::optional<FloatTensor> gate_velocity;
+    std::optional<FloatTensor> gate_second_moment;
     // The servers by name, to read the placements they report (a router
     // that meets servers at a newer placement epoch learns it from them);
     // no servers: never learnt.
@@ -147,6 +151,14 @@ class Router {
   // replaces it whole; a forward keeps the one it used (and its backward
   // uses that one too).
   GateSnapshot gate() const { return gate_.Get(); }
+  // The gate with its optimizer state (zeros where the optimizer keeps
+  // none), consistently: for a checkpoint.
+  struct GateState {
+    GateSnapshot gate;
+    FloatTensor velocity;
+    FloatTensor second_moment;
+  };
+  GateState gate_state() const ABSL_LOCKS_EXCLUDED(gate_mu_);
   const ModelConfig& model() const { return options_.model; }
   // "<name>/<tag in hex>": how answers and errors name this router.
   const std::string& identity() const { return identity_; }

@@ -86,6 +86,18 @@ absl::Status RouterServer::Start() {
   router_options.cluster = config.cluster;
   router_options.gate = std::move(gate);
   router_options.gate_step = loaded.step;
+  if (!start.path.empty()) {
+    MOE_ASSIGN_OR_RETURN(
+        std::optional<std::vector<MoeWeights>> states,
+        LoadOptimizerState(start.path, model, {/*gate=*/true, std::vector<int>{}}));
+    if (states) {
+      router_options.gate_velocity = std::move((*states)[0].gate);
+      if (states->size() > 1) router_options.gate_second_moment = std::move((*states)[1].gate);
+    } else if (loaded.step > 0 && OptimizerStateTensors(model.optimizer.type) > 0) {
+      MOE_LOG(WARNING, start.path, " holds no optimizer state; the gate's starts at zero at step ",
+              loaded.step);
+    }
+  }
   // Random, so routers started alike still differ; never 0 (in-process
   // routers and tests use 0, and an id with tag 0 is simply unknown here).
   router_options.tag = absl::Uniform<uint32_t>(absl::BitGen(), 1, 1u << 24);

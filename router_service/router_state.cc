@@ -190,6 +190,12 @@ absl::StatusOr<Router::GateStep> Router::PrepareGateStep(const UpdateStep& updat
   return step;
 }
 
+Router::GateState Router::gate_state() const {
+  // The gate and its state change together under gate_mu_.
+  absl::MutexLock lock(&gate_mu_);
+  return {gate_.Get(), gate_velocity_, gate_second_moment_};
+}
+
 void Router::CommitGateStep(GateStep step) {
   absl::MutexLock lock(&gate_mu_);
   absl::StatusOr<GateSnapshot> installed =

@@ -400,7 +400,8 @@ absl::StatusOr<StepCoordinator::Saved> StepCoordinator::Save(DType dtype, absl::
   }
   // No step runs here meanwhile: the gate and every expert are at `step`
   // (each server checks its experts are).
-  const Router::GateSnapshot gate = router_.gate();
+  const Router::GateState gate_state = router_.gate_state();
+  const Router::GateSnapshot& gate = gate_state.gate;
   const Router::PlacementSnapshot placement = router_.placement();
   const ModelConfig& model = router_.model();
   const uint64_t step = gate->version;
@@ -429,12 +430,18 @@ absl::StatusOr<StepCoordinator::Saved> StepCoordinator::Save(DType dtype, absl::
     ++assigned[writer];
   }
   const int num_shards = static_cast<int>(experts_of_writer.size()) + 1;
+  // The optimizer's state too, in shards of its own.
+  const std::vector<std::string> states = OptimizerStateNames(model.optimizer.type);
   std::vector<int> writers;
   std::vector<v1::SaveExpertsRequest> requests;
   for (const auto& [server, experts] : experts_of_writer) {
     v1::SaveExpertsRequest& request = requests.emplace_back();
     writers.push_back(server);
     request.set_path(absl::StrCat(relative, "/", ShardFileName(writers.size(), num_shards)));
+    if (!states.empty()) {
+      request.set_optimizer_path(
+          absl::StrCat(relative, "/", OptimizerShardFileName(writers.size(), num_shards)));
+    }
     request.set_step(step);
     request.set_dtype(ToProtoDType(dtype));
     for (ExpertKey expert : experts) SetExpertKey(expert, request.add_experts());
@@ -445,7 +452,8 @@ absl::StatusOr<StepCoordinator::Saved> StepCoordinator::Save(DType dtype, absl::
           static_cast<int>(writers.size()), [&](int w, auto done) {
             client_.SaveExperts(writers[w], requests[w], deadline, std::move(done));
           });
-  std::map<std::string, std::string> weight_map;
+  std::map<std::string, std::string> weight_map, state_map;
+  int64_t state_bytes = 0;
   for (size_t w = 0; w < writers.size(); ++w) {
     if (!written[w].ok()) {
       return absl::Status(written[w].status().code(),
@@ -456,6 +464,11 @@ absl::StatusOr<StepCoordinator::Saved> StepCoordinator::Save(DType dtype, absl::
     for (const std::string& name : written[w]->tensor_names()) weight_map[name] = file;
     saved.bytes += written[w]->bytes();
     saved.files.push_back(file);
+    const std::string state_file = OptimizerShardFileName(w + 1, num_shards);
+    for (const std::string& name : written[w]->optimizer_tensor_names()) {
+      state_map[name] = state_file;
+    }
+    state_bytes += written[w]->optimizer_bytes();
   }
   MoeWeights gate_only;
   gate_only.gate = gate->value;
@@ -467,6 +480,26 @@ absl::StatusOr<StepCoordinator::Saved> StepCoordinator::Save(DType dtype, absl::
   for (const std::string& name : gate_names) weight_map[name] = gate_file;
   saved.bytes += gate_bytes;
   saved.files.push_back(gate_file);
+  if (!states.empty()) {
+    // The gate's state, then the optimizer's index: before the weights'
+    // index, which makes the checkpoint.
+    std::vector<MoeWeights> gate_states(states.size());
+    const FloatTensor* held[] = {&gate_state.velocity, &gate_state.second_moment};
+    std::vector<ShardPart> parts;
+    for (size_t k = 0; k < states.size(); ++k) {
+      gate_states[k].gate = *held[k];
+      parts.push_back({states[k], &gate_states[k]});
+    }
+    const std::string state_file = OptimizerShardFileName(num_shards, num_shards);
+    std::vector<std::string> names;
+    MOE_ASSIGN_OR_RETURN(const int64_t bytes,
+                         SaveCheckpointShard(absl::StrCat(saved.directory, "/", state_file), model,
+                                             parts, DType::kFloat32, &names));
+    for (const std::string& name : names) state_map[name] = state_file;
+    state_bytes += bytes;
+    MOE_RETURN_IF_ERROR(WriteOptimizerIndex(saved.directory, model, state_map, state_bytes,
+                                            {step, options_.lineage}));
+  }
   if (router_.gate()->version != step) {
     return absl::AbortedError(absl::StrCat("checkpoint of step ", step,
                                            ": a step was committed meanwhile (another router?)"));

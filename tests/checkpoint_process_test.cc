@@ -31,12 +31,12 @@ constexpr int kDModel = 32;
 constexpr int kTokens = 64;
 constexpr float kLearningRate = 0.05f;
 
-ProcessClusterOptions Cluster(const std::string& checkpoint_dir, const std::string& load) {
+ProcessClusterOptions Cluster(const std::string& checkpoint_dir, const std::string& load,
+                              const std::string& optimizer = "type: OPTIMIZER_TYPE_SGD") {
   ProcessClusterOptions options;
-  // Plain SGD: momentum buffers are not in checkpoints (docs/checkpoints.md).
   options.model = absl::StrCat("d_model: ", kDModel,
-                               " d_ff: 64 num_experts: 4 top_k: 2 seed: 17 optimizer { "
-                               "type: OPTIMIZER_TYPE_SGD }");
+                               " d_ff: 64 num_experts: 4 top_k: 2 seed: 17 optimizer { ",
+                               optimizer, " }");
   options.strategy = "HYBRID";
   options.num_servers = 2;
   for (auto* flags : {&options.server_flags, &options.router_flags}) {
@@ -64,6 +64,39 @@ grpc::Status Save(ProcessCluster& cluster, v1::SaveCheckpointResponse* response)
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(60)));
   return cluster.stub().SaveCheckpoint(&context, v1::SaveCheckpointRequest(), response);
+}
+
+// The optimizer's state is part of the checkpoint: AdamW's moments (of the
+// gate and every expert) are saved beside the weights, and a fresh cluster
+// from the checkpoint trains on exactly as the uninterrupted run would.
+TEST(CheckpointTest, AdamWStateIsSavedAndTrainingResumesExactly) {
+  const std::string dir = absl::StrCat(::testing::TempDir(), "/adamw_checkpoints");
+  const std::string adamw = "type: OPTIMIZER_TYPE_ADAMW max_grad_norm: 1.0";
+  ProcessCluster cluster(Cluster(dir, "", adamw));
+  const ModelConfig& model = cluster.config().model;
+  ReferenceTraining reference(model, InitAllWeights(model));
+  for (int step = 1; step <= 2; ++step) {
+    ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 40 + 10 * step));
+  }
+  v1::SaveCheckpointResponse saved;
+  const grpc::Status status = Save(cluster, &saved);
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+  std::ifstream index_file(saved.directory() + "/" + kOptimizerIndexName);
+  const nlohmann::json index = nlohmann::json::parse(index_file);
+  EXPECT_EQ(index["metadata"]["step"], "2");
+  EXPECT_EQ(index["weight_map"].size(), 2u * (1 + 4 * 4));
+  EXPECT_EQ(index["weight_map"]["gate.weight.exp_avg_sq"], "optimizer-00003-of-00003.safetensors");
+  EXPECT_EQ(index["weight_map"].count("experts.3.w2.bias.exp_avg"), 1u);
+
+  ProcessCluster resumed(Cluster("", saved.directory(), adamw));
+  EXPECT_THAT(resumed.ServerLog(0), ::testing::Not(HasSubstr("holds no optimizer state")));
+  for (int step = 3; step <= 4; ++step) {
+    ASSERT_NO_FATAL_FAILURE(TrainStep(resumed, reference, 40 + 10 * step));
+  }
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 999);
+  v1::ForwardResponse y;
+  ASSERT_TRUE(resumed.Forward(x, &y).ok());
+  EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), reference.Layer().Forward(x)->y, 1e-5));
 }
 
 TEST(CheckpointTest, AFreshClusterFromACheckpointServesAndTrainsOnWhereTheOldOneWas) {
