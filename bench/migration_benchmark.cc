@@ -24,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "bench/latency.h"
 #include "common/checkpoint.h"
 #include "common/deterministic_init.h"
 #include "common/log.h"
@@ -54,17 +55,8 @@ namespace {
 // into a Zipf prior over the experts.
 constexpr float kBias = 8.0f;
 
-struct Sample {
-  absl::Time done;
-  double ms;
-  bool ok;
-};
-
-double Percentile(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(q * v.size()))];
-}
+using bench::Percentile;
+using bench::Sample;
 
 // Sum of moe_expert_tokens_total on a server's /metrics.
 double ServerTokens(int metrics_port) {

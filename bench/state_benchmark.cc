@@ -25,6 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
+#include "bench/latency.h"
 #include "common/log.h"
 #include "common/tensor_codec.h"
 #include "common/transport_credentials.h"
@@ -43,17 +44,8 @@ ABSL_FLAG(std::string, work_dir, "/tmp/moe_state_benchmark", "Config and checkpo
 namespace moe {
 namespace {
 
-struct Sample {
-  absl::Time done;
-  double ms;
-  bool ok;
-};
-
-double Percentile(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(q * v.size()))];
-}
+using bench::Percentile;
+using bench::Sample;
 
 // "..., 256 MiB in 392.637753ms" in the restarted server's log: the sync's
 // time.

@@ -23,6 +23,7 @@
 namespace moe::router {
 namespace {
 
+using ::moe::testing::ConcatRows;
 using ::moe::testing::RandomTensor;
 using ::moe::testing::ReferenceTraining;
 using ::moe::testing::TensorNear;
@@ -463,13 +464,7 @@ TEST(InProcessTrainingFaultTest, BackwardsThroughTwoRoutersMakeOneStep) {
   // The reference, on both batches as one (no capacity limit: a token's
   // routing does not depend on the others).
   ReferenceTraining reference(cluster.model, InitAllWeights(cluster.model));
-  FloatTensor x({2 * kTokens, kDModel}), dy({2 * kTokens, kDModel});
-  std::copy(x0.values().begin(), x0.values().end(), x.mutable_values().begin());
-  std::copy(x1.values().begin(), x1.values().end(), x.mutable_values().begin() + kTokens * kDModel);
-  std::copy(dy0.values().begin(), dy0.values().end(), dy.mutable_values().begin());
-  std::copy(dy1.values().begin(), dy1.values().end(),
-            dy.mutable_values().begin() + kTokens * kDModel);
-  reference.Train(x, dy, 0.05f);
+  reference.Train(ConcatRows(x0, x1), ConcatRows(dy0, dy1), 0.05f);
   EXPECT_TRUE(TensorNear(cluster.router.gate()->value, *reference.weights().gate, 1e-5));
   EXPECT_TRUE(cluster.client.steps(0).gate_gradient().empty());
 

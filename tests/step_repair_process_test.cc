@@ -202,13 +202,7 @@ TEST(StepRepairTest, TwoRoutersStepAtOnceAndEveryGradientIsAppliedOnce) {
   const FloatTensor x1 = RandomTensor({kTokens, kDModel}, 33), dy1 = RandomTensor({kTokens, kDModel}, 34);
   train(cluster.stub(), x0, dy0);
   train(*other.stub, x1, dy1);
-  FloatTensor x({2 * kTokens, kDModel}), dy({2 * kTokens, kDModel});
-  std::copy(x0.values().begin(), x0.values().end(), x.mutable_values().begin());
-  std::copy(x1.values().begin(), x1.values().end(), x.mutable_values().begin() + kTokens * kDModel);
-  std::copy(dy0.values().begin(), dy0.values().end(), dy.mutable_values().begin());
-  std::copy(dy1.values().begin(), dy1.values().end(),
-            dy.mutable_values().begin() + kTokens * kDModel);
-  reference.Train(x, dy, kLr);
+  reference.Train(ConcatRows(x0, x1), ConcatRows(dy0, dy1), kLr);
 
   v1::StepRequest step;
   step.set_learning_rate(kLr);

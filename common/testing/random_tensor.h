@@ -3,6 +3,7 @@
 #ifndef MOE_COMMON_TESTING_RANDOM_TENSOR_H_
 #define MOE_COMMON_TESTING_RANDOM_TENSOR_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
 
@@ -17,6 +18,16 @@ inline FloatTensor RandomTensor(Shape shape, uint64_t seed, float scale = 1.0f) 
   std::uniform_real_distribution<float> dist(-scale, scale);
   for (float& v : t.mutable_values()) v = dist(rng);
   return t;
+}
+
+// The rows of `a` then those of `b` (two batches as one).
+// REQUIRES: the same row width.
+inline FloatTensor ConcatRows(const FloatTensor& a, const FloatTensor& b) {
+  FloatTensor out({a.shape()[0] + b.shape()[0], a.shape()[1]});
+  absl::Span<float> values = out.mutable_values();
+  std::copy(a.values().begin(), a.values().end(), values.begin());
+  std::copy(b.values().begin(), b.values().end(), values.begin() + a.values().size());
+  return out;
 }
 
 }  // namespace moe::testing
