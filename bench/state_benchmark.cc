@@ -119,7 +119,8 @@ int Run() {
 
   // The one-way bandwidth of GetExpertWeights from server 0, best of 3.
   const std::string e0 = (*cluster)->config().cluster.servers[0].address;
-  auto server = v1::ExpertServer::NewStub(NewChannel(e0, TransportCredentials::Plaintext(), 256 << 20));
+  auto server =
+      v1::ExpertServer::NewStub(NewChannel(e0, TransportCredentials::Plaintext(), 256 << 20));
   int64_t bytes = 0;
   absl::Duration best = absl::InfiniteDuration();
   for (int pass = 0; pass < 3; ++pass) {
@@ -183,8 +184,7 @@ int Run() {
   MOE_CHECK(save_status.ok(), save_status.error_message());
   stop.store(true);
   for (auto& t : clients) t.join();
-  auto stats = [&](absl::Time from, absl::Time to, double* p50, double* p99, int* n,
-                   int* failed) {
+  auto stats = [&](absl::Time from, absl::Time to, double* p50, double* p99, int* n, int* failed) {
     std::vector<double> ms;
     *failed = 0;
     for (const Sample& s : samples) {

@@ -372,15 +372,14 @@ absl::StatusOr<std::optional<std::vector<MoeWeights>>> LoadOptimizerState(
   const std::vector<std::string> states = OptimizerStateNames(model.optimizer.type);
   MOE_ASSIGN_OR_RETURN(std::optional<ShardIndex> weights_index, ReadIndex(path));
   if (!weights_index || states.empty()) return std::nullopt;
-  const std::string index_path =
-      absl::StrCat(weights_index->directory, "/", kOptimizerIndexName);
+  const std::string index_path = absl::StrCat(weights_index->directory, "/", kOptimizerIndexName);
   struct stat info;
   if (stat(index_path.c_str(), &info) != 0) return std::nullopt;
   MOE_ASSIGN_OR_RETURN(std::optional<ShardIndex> index, ReadIndex(index_path));
   if (index->metadata.step != weights_index->metadata.step) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "checkpoint ", index_path, ": optimizer state of step ", index->metadata.step,
-        ", the weights are of step ", weights_index->metadata.step));
+    return absl::InvalidArgumentError(
+        absl::StrCat("checkpoint ", index_path, ": optimizer state of step ", index->metadata.step,
+                     ", the weights are of step ", weights_index->metadata.step));
   }
   MOE_ASSIGN_OR_RETURN(std::vector<MoeWeights> loaded,
                        LoadSharded(*index, model, selection, states));
@@ -509,8 +508,7 @@ absl::StatusOr<int64_t> SaveCheckpointShard(const std::string& path, const Model
 absl::Status WriteCheckpointIndex(const std::string& directory, const ModelConfig& model,
                                   const std::map<std::string, std::string>& weight_map,
                                   int64_t total_size, const CheckpointMetadata& metadata) {
-  return WriteIndex(directory, kCheckpointIndexName, model, {""}, weight_map, total_size,
-                    metadata);
+  return WriteIndex(directory, kCheckpointIndexName, model, {""}, weight_map, total_size, metadata);
 }
 
 absl::Status WriteOptimizerIndex(const std::string& directory, const ModelConfig& model,

@@ -83,17 +83,17 @@ absl::StatusOr<OptimizerOptions> OptimizerFromProto(
     }
   }
   if (!(options.eps > 0) || !std::isfinite(options.eps)) {
-    return FieldError("model.optimizer.eps", absl::StrCat("must be finite and > 0, got ",
-                                                          options.eps));
+    return FieldError("model.optimizer.eps",
+                      absl::StrCat("must be finite and > 0, got ", options.eps));
   }
   if (!(options.weight_decay >= 0) || !std::isfinite(options.weight_decay)) {
     return FieldError("model.optimizer.weight_decay",
                       absl::StrCat("must be finite and >= 0, got ", options.weight_decay));
   }
   if (!(proto.max_grad_norm() >= 0) || !std::isfinite(proto.max_grad_norm())) {
-    return FieldError("model.optimizer.max_grad_norm",
-                      absl::StrCat("must be finite and >= 0 (0: off), got ",
-                                   proto.max_grad_norm()));
+    return FieldError(
+        "model.optimizer.max_grad_norm",
+        absl::StrCat("must be finite and >= 0 (0: off), got ", proto.max_grad_norm()));
   }
   options.max_grad_norm = proto.max_grad_norm();
   return options;

@@ -64,8 +64,8 @@ TEST(OptimizerTest, ClipScaleFollowsPyTorch) {
   // norm 5, both scaled by 1 / (5 + 1e-6).
   OptimizerOptions options;
   options.max_grad_norm = 1.0f;
-  const double squared = SquaredNorm(std::vector<float>{3.0f, 0.0f}) +
-                         SquaredNorm(std::vector<float>{4.0f});
+  const double squared =
+      SquaredNorm(std::vector<float>{3.0f, 0.0f}) + SquaredNorm(std::vector<float>{4.0f});
   EXPECT_EQ(squared, 25.0);
   const float scale = ClipScale(options, squared);
   EXPECT_THAT(3.0f * scale, FloatEq(0.5999999046325684f));
@@ -77,8 +77,8 @@ TEST(OptimizerTest, ClipScaleFollowsPyTorch) {
   // finite check.
   EXPECT_EQ(ClipScale(options, std::nan("")), 0.0f);
   std::vector<float> w = {1.0f}, out(1);
-  EXPECT_FALSE(OptimizerUpdate(options, {0.1f, 1, 0.0f}, std::vector<float>{std::nanf("")}, w,
-                               {}, {}, absl::MakeSpan(out), {}, {}));
+  EXPECT_FALSE(OptimizerUpdate(options, {0.1f, 1, 0.0f}, std::vector<float>{std::nanf("")}, w, {},
+                               {}, absl::MakeSpan(out), {}, {}));
 }
 
 TEST(OptimizerTest, ReportsNonFiniteResults) {

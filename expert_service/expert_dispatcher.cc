@@ -302,8 +302,8 @@ absl::Status ExpertDispatcher::SaveExperts(const v1::SaveExpertsRequest& request
       std::optional<ExpertWeights>* held[] = {&snapshot.velocity, &snapshot.second_moment};
       for (size_t k = 0; k < states.size(); ++k) {
         if (!*held[k]) {
-          return absl::InternalError(absl::StrCat(expert.ToString(), ": no optimizer state ",
-                                                  states[k], " to save"));
+          return absl::InternalError(
+              absl::StrCat(expert.ToString(), ": no optimizer state ", states[k], " to save"));
         }
         state_parts[k].experts.emplace(expert.expert, std::move(**held[k]));
       }
@@ -341,8 +341,8 @@ absl::Status ExpertDispatcher::PrepareStep(const v1::PrepareStepRequest& request
     deadline = absl::FromUnixMicros(request.deadline_unix_micros());
   }
   absl::StatusOr<StepExecutor::PrepareResult> result =
-      steps_->Prepare({request.step(), request.learning_rate(), deadline,
-                       request.committed_step(), request.coordinator(), request.defer_update()});
+      steps_->Prepare({request.step(), request.learning_rate(), deadline, request.committed_step(),
+                       request.coordinator(), request.defer_update()});
   if (!result.ok()) {
     metrics_.steps_failed->Increment();
     return result.status();
@@ -444,10 +444,10 @@ absl::Status ExpertDispatcher::GetGate(v1::GetGateResponse* response) const {
   // A step committed here without its CommitStep (on a peer's word, or
   // by a sync) brought no gate: the one kept is older than the weights.
   if (steps_ != nullptr && gate_->step() != steps_->last_committed()) {
-    return absl::NotFoundError(absl::StrCat(
-        "server ", options_.server_name, " holds the gate of step ", gate_->step(),
-        ", not of its committed step ", steps_->last_committed(),
-        " (that step's commit did not reach it)"));
+    return absl::NotFoundError(
+        absl::StrCat("server ", options_.server_name, " holds the gate of step ", gate_->step(),
+                     ", not of its committed step ", steps_->last_committed(),
+                     " (that step's commit did not reach it)"));
   }
   *response = *gate_;
   return absl::OkStatus();

@@ -260,8 +260,8 @@ std::vector<PeerAnswer> ExpertServer::AskPeersSteps() {
     PeerAnswer& answer = answers.emplace_back();
     answer.name = absl::StrCat("server ", peers_->name(static_cast<int>(p)));
     if (infos[p].ok()) {
-      answer.steps = PeerSteps{infos[p]->step(), infos[p]->prepared_step(),
-                               infos[p]->aborted_step()};
+      answer.steps =
+          PeerSteps{infos[p]->step(), infos[p]->prepared_step(), infos[p]->aborted_step()};
     } else {
       answer.steps = infos[p].status();
     }
@@ -294,12 +294,12 @@ absl::Status ExpertServer::RollForward(uint64_t committed) {
   // its replicas applied: dropped, never summed into a later step.
   const std::vector<ExpertKey> dropped = steps_->DropGradients();
   if (!dropped.empty()) {
-    MOE_LOG(WARNING, "server ", options_.name, ": gradients of experts [",
-            JoinExpertKeys(dropped), "] accumulated against older weights are dropped");
+    MOE_LOG(WARNING, "server ", options_.name, ": gradients of experts [", JoinExpertKeys(dropped),
+            "] accumulated against older weights are dropped");
   }
   const absl::Time now = absl::Now();
-  absl::StatusOr<SyncResult> sync =
-      SyncFromPeers(*store_, *peers_, now + options_.sync_info_timeout, now + options_.sync_timeout);
+  absl::StatusOr<SyncResult> sync = SyncFromPeers(
+      *store_, *peers_, now + options_.sync_info_timeout, now + options_.sync_timeout);
   absl::Status status = sync.status();
   if (sync.ok() && sync->cluster_step > steps_->last_committed()) {
     status = steps_->AdoptCommitted(sync->cluster_step);

@@ -357,8 +357,8 @@ absl::Status ExpertStore::ComputeUpdate(ExpertKey expert, const OptimizerOptions
       shaped(out, w);
       new_v = out.mutable_values();
     }
-    finite &= OptimizerUpdate(optimizer, update, grads[i], w.values(), m, v,
-                              new_w.mutable_values(), new_m, new_v);
+    finite &= OptimizerUpdate(optimizer, update, grads[i], w.values(), m, v, new_w.mutable_values(),
+                              new_m, new_v);
   }
   if (!finite) {
     // Never installed: a NaN or Inf weight would poison every answer.

@@ -40,8 +40,8 @@ class LeaseTable {
   // Frees the lease when `holder` holds it (a holder that is done need not
   // wait for its expiry); the same errors as Acquire for a bad name or
   // holder. The answer is never granted.
-  absl::StatusOr<Lease> Release(const std::string& name, const std::string& holder,
-                                absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
+  absl::StatusOr<Lease> Release(const std::string& name, const std::string& holder, absl::Time now)
+      ABSL_LOCKS_EXCLUDED(mu_);
   // A wire ttl in milliseconds as a duration; out of (0, kMaxTtl] (any
   // int64, no overflow): zero, which Acquire refuses.
   static absl::Duration TtlFromMillis(int64_t ms) {

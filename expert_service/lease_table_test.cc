@@ -43,10 +43,12 @@ TEST(LeaseTableTest, AHolderReleasesItsLeaseOnlyItsOwn) {
   absl::StatusOr<LeaseTable::Lease> b = table.Release("step", "router-b", kT0 + absl::Seconds(1));
   ASSERT_TRUE(b.ok());
   EXPECT_FALSE(b->granted);
-  EXPECT_FALSE(table.Acquire("step", "router-b", absl::Seconds(60), kT0 + absl::Seconds(2))->granted);
+  EXPECT_FALSE(
+      table.Acquire("step", "router-b", absl::Seconds(60), kT0 + absl::Seconds(2))->granted);
   // The holder's frees it at once.
   ASSERT_TRUE(table.Release("step", "router-a", kT0 + absl::Seconds(3)).ok());
-  EXPECT_TRUE(table.Acquire("step", "router-b", absl::Seconds(60), kT0 + absl::Seconds(3))->granted);
+  EXPECT_TRUE(
+      table.Acquire("step", "router-b", absl::Seconds(60), kT0 + absl::Seconds(3))->granted);
   EXPECT_FALSE(table.Release("", "router-a", kT0).ok());
   // Over the wire: release=true.
   v1::AcquireLeaseRequest request;

@@ -77,9 +77,8 @@ void StepExecutor::InquiryLoop() {
     {
       absl::MutexLock lock(&mu_);
       mu_.Await(absl::Condition(
-          +[](StepExecutor* e) ABSL_NO_THREAD_SAFETY_ANALYSIS {
-            return e->stopping_ || e->inquire_.has_value();
-          },
+          +[](StepExecutor* e)
+               ABSL_NO_THREAD_SAFETY_ANALYSIS { return e->stopping_ || e->inquire_.has_value(); },
           this));
       if (stopping_) return;
       step = *inquire_;
@@ -231,8 +230,7 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(const StepOrde
   }
   if (roll_forward) {
     MOE_RETURN_IF_ERROR(CommitOrSync(
-        *roll_forward,
-        absl::StrCat("on step ", step, "'s word (its own commit did not arrive)")));
+        *roll_forward, absl::StrCat("on step ", step, "'s word (its own commit did not arrive)")));
   }
   std::optional<Prepared> superseded;
   std::vector<StepRing> rings;
@@ -270,8 +268,8 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(const StepOrde
         !(prepared_ && prepared_->step == order.committed_step)) {
       if (options_.on_behind) options_.on_behind(order.committed_step);
       return absl::FailedPreconditionError(absl::StrCat(
-          "step ", step, ": server ", options_.server_name, " has committed step ",
-          last_committed_, " but the cluster has committed step ", order.committed_step,
+          "step ", step, ": server ", options_.server_name, " has committed step ", last_committed_,
+          " but the cluster has committed step ", order.committed_step,
           options_.on_behind ? "; it syncs from its peers first" : ""));
     }
     // A step updates weights of the last committed step only: an expert
@@ -335,8 +333,8 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(const StepOrde
       result.grad_squared_norm = OwnedSquaredNorm(rings, prepared);
       result.update_deferred = true;
       prepared.awaiting_update = true;
-      MOE_LOG(INFO, "server ", options_.server_name, ": step ", step,
-              " all-reduced in ", absl::FormatDuration(result.allreduce_time),
+      MOE_LOG(INFO, "server ", options_.server_name, ": step ", step, " all-reduced in ",
+              absl::FormatDuration(result.allreduce_time),
               "; its update waits for the global gradient norm");
     } else {
       const absl::Time optimizer_start = absl::Now();
@@ -395,8 +393,10 @@ absl::Status StepExecutor::ComputeUpdates(const UpdateStep& update, Prepared& pr
   return status;
 }
 
-absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::KeepPrepared(
-    Prepared prepared, absl::Status status, absl::Time deadline, PrepareResult result) {
+absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::KeepPrepared(Prepared prepared,
+                                                                       absl::Status status,
+                                                                       absl::Time deadline,
+                                                                       PrepareResult result) {
   const uint64_t step = prepared.step;
   {
     absl::MutexLock lock(&mu_);
@@ -440,9 +440,9 @@ absl::StatusOr<absl::Duration> StepExecutor::Update(uint64_t step, float learnin
   {
     absl::MutexLock lock(&mu_);
     if (!prepared_ || prepared_->step != step || !prepared_->awaiting_update) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "update of step ", step, ": server ", options_.server_name, " has no such step ",
-          "all-reduced and awaiting its update"));
+      return absl::FailedPreconditionError(absl::StrCat("update of step ", step, ": server ",
+                                                        options_.server_name, " has no such step ",
+                                                        "all-reduced and awaiting its update"));
     }
     // Out of prepared_ while it computes: an abort meanwhile finds the step
     // "preparing" and is seen when it is kept again.
@@ -558,9 +558,9 @@ absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> StepExecutor::Commit
           " (last committed ", last_committed_, ", last aborted ", last_aborted_, ")"));
     }
     if (prepared_->awaiting_update) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "commit of step ", step, ": server ", options_.server_name,
-          " has not computed its update yet (UpdateStep first)"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("commit of step ", step, ": server ", options_.server_name,
+                       " has not computed its update yet (UpdateStep first)"));
     }
     prepared = std::move(*prepared_);
     prepared_.reset();
@@ -582,8 +582,7 @@ absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> StepExecutor::Commit
   return digests;
 }
 
-void StepExecutor::Abort(uint64_t step, const std::string& reason,
-                         const std::string& coordinator) {
+void StepExecutor::Abort(uint64_t step, const std::string& reason, const std::string& coordinator) {
   std::optional<Prepared> dropped;
   {
     absl::MutexLock lock(&mu_);
@@ -669,9 +668,8 @@ absl::Status StepExecutor::AddGateGradient(uint64_t gate_step, absl::Span<const 
   const ModelConfig& model = store_.model();
   const size_t size = static_cast<size_t>(model.d_model) * model.num_experts;
   if (gradient.size() != size) {
-    return absl::InvalidArgumentError(absl::StrCat("gate gradient: ", gradient.size(),
-                                                   " values, expected d_model x num_experts = ",
-                                                   size));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "gate gradient: ", gradient.size(), " values, expected d_model x num_experts = ", size));
   }
   for (float g : gradient) {
     if (!std::isfinite(g)) {

@@ -59,7 +59,8 @@ TEST(WeightTransferTest, AdamWStateGoesBackTogether) {
   ExpertAssembler partial(Model());
   for (const auto& chunk : chunks) {
     // One chunk of W2's exp_avg_sq lost on the way.
-    if (chunk.kind() == v1::EXPERT_TENSOR_KIND_W2_WEIGHT_SECOND_MOMENT && chunk.offset_bytes() == 0) {
+    if (chunk.kind() == v1::EXPERT_TENSOR_KIND_W2_WEIGHT_SECOND_MOMENT &&
+        chunk.offset_bytes() == 0) {
       continue;
     }
     if (!partial.Add(chunk).ok()) break;

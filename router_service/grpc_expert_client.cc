@@ -191,16 +191,16 @@ void GrpcExpertClient::Info(int server, absl::Time deadline, UnaryDone<v1::InfoR
 void GrpcExpertClient::UpdateStep(int server, const v1::UpdateStepRequest& request,
                                   absl::Time deadline, UnaryDone<v1::UpdateStepResponse> done) {
   Connection& c = *connections_.at(server);
-  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::UpdateStep, c.label(), "UpdateStep",
-            request, deadline, std::move(done));
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::UpdateStep, c.label(), "UpdateStep", request,
+            deadline, std::move(done));
 }
 
 void GrpcExpertClient::AddGateGradient(int server, const v1::AddGateGradientRequest& request,
                                        absl::Time deadline,
                                        UnaryDone<v1::AddGateGradientResponse> done) {
   Connection& c = *connections_.at(server);
-  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::AddGateGradient, c.label(),
-            "AddGateGradient", request, deadline, std::move(done));
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::AddGateGradient, c.label(), "AddGateGradient",
+            request, deadline, std::move(done));
 }
 
 void GrpcExpertClient::GetGate(int server, absl::Time deadline,

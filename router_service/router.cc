@@ -741,8 +741,8 @@ void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
           std::move(call->done)(absl::Status(
               added.status().code(),
               absl::StrCat("backward: the gate gradient (of the gate of step ",
-                           request->gate_step(), ") was not kept, the experts' were: ",
-                           added.status().message())));
+                           request->gate_step(),
+                           ") was not kept, the experts' were: ", added.status().message())));
           return;
         }
         std::move(call->done)(std::move(*out));

@@ -186,10 +186,10 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
     MOE_RETURN_IF_ERROR(router_.AdoptServersGate(deadline));
   }
   if (router_.gate()->version != numbers.committed) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "step ", step, ": this router's gate is of step ", router_.gate()->version,
-        " and the servers have committed step ", numbers.committed,
-        "; no server holds that step's gate (it reaches them with the next commit)"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("step ", step, ": this router's gate is of step ", router_.gate()->version,
+                     " and the servers have committed step ", numbers.committed,
+                     "; no server holds that step's gate (it reaches them with the next commit)"));
   }
 
   // The router answers a little before the client's deadline, and the
@@ -326,13 +326,13 @@ absl::StatusOr<FloatTensor> StepCoordinator::GateGradient(
   FloatTensor gradient({model.d_model, model.num_experts});
   for (size_t s = 0; s < prepared.size(); ++s) {
     if (!prepared[s]->has_gate_gradient()) continue;
-    const TensorSpec spec{"gate_gradient", {model.d_model, model.num_experts},
-                          {"d_model", "num_experts"}};
+    const TensorSpec spec{
+        "gate_gradient", {model.d_model, model.num_experts}, {"d_model", "num_experts"}};
     absl::StatusOr<ConstTensorView> view = DecodeTensor(prepared[s]->gate_gradient(), spec);
     if (!view.ok() || view->dtype != DType::kFloat32) {
-      return absl::InternalError(absl::StrCat(
-          "step ", step, ": server ", s, " answered a bad gate gradient: ",
-          view.ok() ? std::string("not fp32") : std::string(view.status().message())));
+      return absl::InternalError(
+          absl::StrCat("step ", step, ": server ", s, " answered a bad gate gradient: ",
+                       view.ok() ? std::string("not fp32") : std::string(view.status().message())));
     }
     const FloatTensor part = ToFloatTensor(*view);
     absl::Span<float> sum = gradient.mutable_values();
@@ -344,8 +344,8 @@ absl::StatusOr<FloatTensor> StepCoordinator::GateGradient(
 std::vector<absl::StatusOr<v1::CommitStepResponse>> StepCoordinator::CommitEverywhere(
     const v1::CommitStepRequest& commit) {
   const absl::Time deadline = absl::Now() + options_.abort_timeout;
-  std::vector<absl::StatusOr<v1::CommitStepResponse>> committed(
-      NumServers(), absl::UnknownError("not sent"));
+  std::vector<absl::StatusOr<v1::CommitStepResponse>> committed(NumServers(),
+                                                                absl::UnknownError("not sent"));
   std::vector<int> pending(NumServers());
   for (int s = 0; s < NumServers(); ++s) pending[s] = s;
   constexpr int kAttempts = 3;

@@ -34,9 +34,9 @@ constexpr float kLearningRate = 0.05f;
 ProcessClusterOptions Cluster(const std::string& checkpoint_dir, const std::string& load,
                               const std::string& optimizer = "type: OPTIMIZER_TYPE_SGD") {
   ProcessClusterOptions options;
-  options.model = absl::StrCat("d_model: ", kDModel,
-                               " d_ff: 64 num_experts: 4 top_k: 2 seed: 17 optimizer { ",
-                               optimizer, " }");
+  options.model =
+      absl::StrCat("d_model: ", kDModel, " d_ff: 64 num_experts: 4 top_k: 2 seed: 17 optimizer { ",
+                   optimizer, " }");
   options.strategy = "HYBRID";
   options.num_servers = 2;
   for (auto* flags : {&options.server_flags, &options.router_flags}) {

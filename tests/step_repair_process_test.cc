@@ -142,8 +142,8 @@ TEST(StepRepairTest, ARouterThatDiesBetweenTwoCommitsLeavesTheOtherServerToCommi
   PrepareStepOne(cluster);
   CommitStepOneOn(cluster, 0, reference);
   // e1 hears nothing more; after its timeout it asks e0, which committed.
-  ASSERT_TRUE(cluster.WaitForServerLine(1, "committed here without its router's word",
-                                        absl::Seconds(30)))
+  ASSERT_TRUE(
+      cluster.WaitForServerLine(1, "committed here without its router's word", absl::Seconds(30)))
       << cluster.ServerLog(1);
   EXPECT_THAT(cluster.ServerLog(1), HasSubstr("has committed step 1"));
   ExpectConverged(cluster, 1);
@@ -198,8 +198,10 @@ TEST(StepRepairTest, TwoRoutersStepAtOnceAndEveryGradientIsAppliedOnce) {
     const grpc::Status status = call(stub, &v1::Router::Stub::Backward, backward, &dx);
     ASSERT_TRUE(status.ok()) << status.error_message();
   };
-  const FloatTensor x0 = RandomTensor({kTokens, kDModel}, 31), dy0 = RandomTensor({kTokens, kDModel}, 32);
-  const FloatTensor x1 = RandomTensor({kTokens, kDModel}, 33), dy1 = RandomTensor({kTokens, kDModel}, 34);
+  const FloatTensor x0 = RandomTensor({kTokens, kDModel}, 31),
+                    dy0 = RandomTensor({kTokens, kDModel}, 32);
+  const FloatTensor x1 = RandomTensor({kTokens, kDModel}, 33),
+                    dy1 = RandomTensor({kTokens, kDModel}, 34);
   train(cluster.stub(), x0, dy0);
   train(*other.stub, x1, dy1);
   reference.Train(ConcatRows(x0, x1), ConcatRows(dy0, dy1), kLr);
@@ -209,12 +211,10 @@ TEST(StepRepairTest, TwoRoutersStepAtOnceAndEveryGradientIsAppliedOnce) {
   grpc::Status statuses[2];
   v1::StepResponse stepped[2];
   {
-    std::thread first([&] {
-      statuses[0] = call(cluster.stub(), &v1::Router::Stub::Step, step, &stepped[0]);
-    });
-    std::thread second([&] {
-      statuses[1] = call(*other.stub, &v1::Router::Stub::Step, step, &stepped[1]);
-    });
+    std::thread first(
+        [&] { statuses[0] = call(cluster.stub(), &v1::Router::Stub::Step, step, &stepped[0]); });
+    std::thread second(
+        [&] { statuses[1] = call(*other.stub, &v1::Router::Stub::Step, step, &stepped[1]); });
     first.join();
     second.join();
   }
@@ -243,7 +243,8 @@ TEST(StepRepairTest, TwoRoutersStepAtOnceAndEveryGradientIsAppliedOnce) {
     EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.y, 1e-5));
   }
   // The other router steps on from the committed gate.
-  const FloatTensor x2 = RandomTensor({kTokens, kDModel}, 36), dy2 = RandomTensor({kTokens, kDModel}, 37);
+  const FloatTensor x2 = RandomTensor({kTokens, kDModel}, 36),
+                    dy2 = RandomTensor({kTokens, kDModel}, 37);
   reference.Train(x2, dy2, kLr);
   train(*other.stub, x2, dy2);
   v1::StepResponse next;

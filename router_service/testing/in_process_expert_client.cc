@@ -196,8 +196,8 @@ void InProcessExpertClient::CommitStep(int server, const v1::CommitStepRequest& 
       std::move(done));
 }
 
-void InProcessExpertClient::UpdateStep(int server, const v1::UpdateStepRequest& request,
-                                       absl::Time, UnaryDone<v1::UpdateStepResponse> done) {
+void InProcessExpertClient::UpdateStep(int server, const v1::UpdateStepRequest& request, absl::Time,
+                                       UnaryDone<v1::UpdateStepResponse> done) {
   RunStepCall<v1::UpdateStepResponse>(
       server,
       [request](expert::ExpertDispatcher& d, v1::UpdateStepResponse& response) {
