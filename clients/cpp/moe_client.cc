@@ -143,10 +143,12 @@ absl::StatusOr<StepOutput> MoeClient::Step(float learning_rate, absl::Duration t
   context.set_deadline(After(timeout));
   v1::StepResponse response;
   MOE_RETURN_IF_ERROR(FromGrpcStatus(stub_->Step(&context, request, &response)));
-  return StepOutput{response.step(), absl::Seconds(response.step_seconds()),
+  return StepOutput{response.step(),
+                    absl::Seconds(response.step_seconds()),
                     absl::Seconds(response.allreduce_seconds()),
                     absl::Seconds(response.optimizer_seconds()),
-                    absl::Seconds(response.commit_seconds())};
+                    absl::Seconds(response.commit_seconds()),
+                    {response.servers_behind().begin(), response.servers_behind().end()}};
 }
 
 absl::StatusOr<SavedCheckpoint> MoeClient::SaveCheckpoint(DType dtype, absl::Duration timeout) {

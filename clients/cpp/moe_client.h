@@ -48,6 +48,9 @@ struct StepOutput {
   absl::Duration allreduce_time;
   absl::Duration optimizer_time;
   absl::Duration commit_time;
+  // Servers that did not confirm the commit (the step is committed; they
+  // commit it when they hear from a peer or the next step).
+  std::vector<std::string> servers_behind;
 };
 
 struct SavedCheckpoint {
