@@ -185,6 +185,9 @@ bool Train(client::MoeClient& client, const ServingConfig& running,
         absl::ToDoubleMilliseconds(step->allreduce_time),
         absl::ToDoubleMilliseconds(step->optimizer_time),
         absl::ToDoubleMilliseconds(step->commit_time));
+    for (const std::string& behind : step->servers_behind) {
+      std::printf("    not confirmed (commits on its peers' word): %s\n", behind.c_str());
+    }
   }
   std::map<int, uint64_t> digests;
   const bool identical = ReplicasIdentical(running, credentials, digests);
