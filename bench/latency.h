@@ -1,13 +1,19 @@
-// Latency samples of requests sent while something else happens (a
-// placement change, a checkpoint save), for the benchmarks that measure
-// what it costs serving.
+// Forwards sent to a router while something else happens (a placement
+// change, a checkpoint save), timed one by one: what that costs serving.
 #ifndef MOE_BENCH_LATENCY_H_
 #define MOE_BENCH_LATENCY_H_
 
-#include <algorithm>
+#include <atomic>
+#include <functional>
+#include <random>
+#include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "common/tensor.h"
 
 namespace moe::bench {
 
@@ -19,11 +25,26 @@ struct Sample {
 };
 
 // The q-quantile (0..1) of `v`; 0 when empty.
-inline double Percentile(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(q * v.size()))];
-}
+double Percentile(std::vector<double> v, double q);
+
+// `clients` clients, each on its own channel, sending Forwards of
+// `make_input(rng)` (rng seeded per client) one after another until Stop.
+class ForwardLoad {
+ public:
+  using MakeInput = std::function<FloatTensor(std::mt19937& rng)>;
+  ForwardLoad(const std::string& router_address, int clients, MakeInput make_input);
+  ~ForwardLoad() { Stop(); }
+
+  // Stops the clients (each finishes its request); every sample, by the
+  // time it ended.
+  std::vector<Sample> Stop() ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  std::atomic<bool> stop_{false};
+  absl::Mutex mu_;
+  std::vector<Sample> samples_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::thread> clients_;
+};
 
 }  // namespace moe::bench
 

@@ -127,37 +127,18 @@ int Run() {
       NewChannel((*cluster)->router_address(), TransportCredentials::Plaintext(), 256 << 20));
 
   // Clients, all along.
-  std::atomic<bool> stop{false};
-  absl::Mutex mu;
-  std::vector<Sample> samples;
-  std::vector<std::thread> clients;
   const int tokens = absl::GetFlag(FLAGS_tokens);
-  for (int c = 0; c < absl::GetFlag(FLAGS_clients); ++c) {
-    clients.emplace_back([&, c] {
-      auto client = v1::Router::NewStub(
-          NewChannel((*cluster)->router_address(), TransportCredentials::Plaintext(), 256 << 20));
-      std::mt19937 rng(c);
-      std::uniform_real_distribution<float> uniform(-1, 1);
-      FloatTensor x({tokens, model.d_model});
-      while (!stop.load()) {
-        for (int64_t t = 0; t < tokens; ++t) {
-          absl::Span<float> row = x.mutable_row(t);
-          for (float& v : row) v = uniform(rng);
-          row[0] = kBias;
-        }
-        v1::ForwardRequest request;
-        EncodeFloats(x.values(), x.shape(), DType::kFloat32, request.mutable_x());
-        v1::ForwardResponse response;
-        grpc::ClientContext context;
-        context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-        const absl::Time start = absl::Now();
-        const bool ok = client->Forward(&context, request, &response).ok();
-        const absl::Time done = absl::Now();
-        absl::MutexLock lock(&mu);
-        samples.push_back({done, absl::ToDoubleMilliseconds(done - start), ok});
-      }
-    });
-  }
+  bench::ForwardLoad load((*cluster)->router_address(), absl::GetFlag(FLAGS_clients),
+                          [&](std::mt19937& rng) {
+                            std::uniform_real_distribution<float> uniform(-1, 1);
+                            FloatTensor x({tokens, model.d_model});
+                            for (int64_t t = 0; t < tokens; ++t) {
+                              absl::Span<float> row = x.mutable_row(t);
+                              for (float& v : row) v = uniform(rng);
+                              row[0] = kBias;
+                            }
+                            return x;
+                          });
   auto server_tokens = [&] {
     std::vector<double> t;
     for (int port : (*cluster)->server_metrics_ports()) t.push_back(ServerTokens(port));
@@ -213,8 +194,7 @@ int Run() {
   const absl::Time change_end = absl::Now();
   MOE_CHECK(status.ok(), status.error_message());
   const Phase after = run_phase();
-  stop.store(true);
-  for (auto& t : clients) t.join();
+  const std::vector<Sample> samples = load.Stop();
 
   // Requests that ended in a window, and the longest time with none ending.
   auto stats = [&](absl::Time from, absl::Time to, double* p50, double* p99, double* tps,
@@ -236,8 +216,6 @@ int Run() {
     *tps = ms.size() * tokens / absl::ToDoubleSeconds(to - from);
     *gap = longest;
   };
-  std::sort(samples.begin(), samples.end(),
-            [](const Sample& a, const Sample& b) { return a.done < b.done; });
   double p50[3], p99[3], tps[3], gap[3];
   int failed[3];
   stats(before.start, before.end, &p50[0], &p99[0], &tps[0], &gap[0], &failed[0]);

@@ -148,30 +148,7 @@ int Run() {
   const absl::Duration sync = SyncTime(*log);
 
   // SaveCheckpoint under load.
-  std::atomic<bool> stop{false};
-  absl::Mutex mu;
-  std::vector<Sample> samples;
-  std::vector<std::thread> clients;
-  for (int c = 0; c < absl::GetFlag(FLAGS_clients); ++c) {
-    clients.emplace_back([&, c] {
-      auto client = v1::Router::NewStub(
-          NewChannel((*cluster)->router_address(), TransportCredentials::Plaintext(), 256 << 20));
-      std::mt19937 rng(100 + c);
-      while (!stop.load()) {
-        v1::ForwardRequest request;
-        const FloatTensor x = input(rng);
-        EncodeFloats(x.values(), x.shape(), DType::kFloat32, request.mutable_x());
-        v1::ForwardResponse response;
-        grpc::ClientContext context;
-        context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-        const absl::Time start = absl::Now();
-        const bool ok = client->Forward(&context, request, &response).ok();
-        const absl::Time done = absl::Now();
-        absl::MutexLock lock(&mu);
-        samples.push_back({done, absl::ToDoubleMilliseconds(done - start), ok});
-      }
-    });
-  }
+  bench::ForwardLoad load((*cluster)->router_address(), absl::GetFlag(FLAGS_clients), input);
   absl::SleepFor(absl::Seconds(1));  // warm-up, not measured
   const absl::Time before_start = absl::Now();
   absl::SleepFor(absl::GetFlag(FLAGS_phase));  // the clients run meanwhile
@@ -182,8 +159,7 @@ int Run() {
   const grpc::Status save_status = router->SaveCheckpoint(&save_context, save, &saved);
   const absl::Time save_end = absl::Now();
   MOE_CHECK(save_status.ok(), save_status.error_message());
-  stop.store(true);
-  for (auto& t : clients) t.join();
+  const std::vector<Sample> samples = load.Stop();
   auto stats = [&](absl::Time from, absl::Time to, double* p50, double* p99, int* n, int* failed) {
     std::vector<double> ms;
     *failed = 0;
