@@ -86,7 +86,8 @@ class ExpertServer {
     absl::Duration drain_timeout = absl::Seconds(10);
     // The gradient all-reduce's pipeline segment and window.
     allreduce::RingOptions ring;
-    // A prepared step with no commit or abort within this aborts itself.
+    // A prepared step with no commit or abort within this after its
+    // deadline asks the peers what became of it (StepExecutor).
     absl::Duration step_prepared_timeout = absl::Seconds(60);
     // Largest gRPC message either way.
     int max_message_bytes = 512 << 20;

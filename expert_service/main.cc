@@ -44,7 +44,8 @@ ABSL_FLAG(int64_t, ring_segment_elements, int64_t{1} << 18,
           "Gradient all-reduce pipeline segment, in floats (1 MiB by default).");
 ABSL_FLAG(int, ring_window_segments, 4, "All-reduce segments in flight to the successor.");
 ABSL_FLAG(absl::Duration, step_prepared_timeout, absl::Seconds(60),
-          "A prepared training step with no commit or abort within this aborts itself.");
+          "A prepared training step with no commit or abort within this after its deadline "
+          "asks the peers whether it was committed (and again every this long while in doubt).");
 ABSL_FLAG(bool, sync_on_start, true,
           "Before serving, pull the hosted experts that are behind the committed step its "
           "peers report (rejoin by sync); false: serve what was loaded.");
