@@ -5,7 +5,12 @@
 //   <out>/io.safetensors     x, grad_output, y, grad_input, expert_ids,
 //                            weights, dropped (routing as fp32 numbers)
 //   <out>/grads.safetensors  the parameter gradients, checkpoint names
+//   <out>/adamw.safetensors  with --adamw_steps=N: the weights after N steps
+//                            of the shared optimizer (AdamW, lr 0.01,
+//                            gradients clipped to global norm 1) with those
+//                            gradients each step
 #include <cstdint>
+#include <map>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -14,6 +19,7 @@
 #include "common/checkpoint.h"
 #include "common/deterministic_init.h"
 #include "common/log.h"
+#include "common/optimizer.h"
 #include "common/reference_moe.h"
 #include "common/safetensors.h"
 #include "common/status_macros.h"
@@ -28,6 +34,7 @@ ABSL_FLAG(int, tokens, 37, "Tokens in the batch.");
 ABSL_FLAG(double, capacity_factor, 0, "With > 0, OVERFLOW_POLICY_DROP at this factor.");
 ABSL_FLAG(uint64_t, seed, 1, "Seed for weights and inputs.");
 ABSL_FLAG(bool, bf16_checkpoint, false, "Store the checkpoint in BF16.");
+ABSL_FLAG(int, adamw_steps, 0, "Steps of AdamW with clipping to write (adamw.safetensors).");
 
 namespace moe {
 namespace {
@@ -72,6 +79,31 @@ absl::Status Run() {
   MOE_RETURN_IF_ERROR(io.Write(absl::StrCat(dir, "/io.safetensors"), DType::kFloat32));
   MOE_RETURN_IF_ERROR(SaveCheckpoint(absl::StrCat(dir, "/grads.safetensors"), model,
                                      grads.params, DType::kFloat32));
+  if (const int steps = absl::GetFlag(FLAGS_adamw_steps); steps > 0) {
+    // The optimizer as the cluster runs it: the norm over the gate's and
+    // every expert's gradients, each step the same gradients.
+    OptimizerOptions adamw;
+    adamw.type = OptimizerType::kAdamW;
+    adamw.max_grad_norm = 1.0f;
+    MOE_ASSIGN_OR_RETURN(MoeWeights stepped, LoadCheckpoint(checkpoint, model));
+    double squared = SquaredNorm(grads.params.gate->values());
+    for (const auto& [e, g] : grads.params.experts) {
+      for (ExpertTensor which : kAllExpertTensors) squared += SquaredNorm(g.tensor(which).values());
+    }
+    FloatTensor gate_m(stepped.gate->shape()), gate_v(stepped.gate->shape());
+    std::map<int, ExpertWeights> m, v;
+    for (uint64_t t = 1; t <= static_cast<uint64_t>(steps); ++t) {
+      const UpdateStep update{0.01f, t, ClipScale(adamw, squared)};
+      ApplyOptimizer(adamw, update, *grads.params.gate, *stepped.gate, &gate_m, &gate_v);
+      for (auto& [e, w] : stepped.experts) {
+        m.try_emplace(e, ExpertWeights::Zeros(model));
+        v.try_emplace(e, ExpertWeights::Zeros(model));
+        ApplyOptimizer(adamw, update, grads.params.experts.at(e), w, &m.at(e), &v.at(e));
+      }
+    }
+    MOE_RETURN_IF_ERROR(
+        SaveCheckpoint(absl::StrCat(dir, "/adamw.safetensors"), model, stepped, DType::kFloat32));
+  }
   MOE_LOG(INFO, "wrote ", dir, ": ", tokens, " tokens, ", routing.dropped_pairs,
           " dropped pairs");
   return absl::OkStatus();

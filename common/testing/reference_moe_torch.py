@@ -6,11 +6,16 @@ torch.autograd from the checkpoint alone, the PyTorch way (nn.Linear layout:
 F.linear(x, W, b) = x W^T + b), and compares: routing exactly, every tensor
 to a relative error ||a - b|| / ||b|| <= 1e-5.
 
-Usage: reference_moe_torch.py DIR TOP_K CAPACITY_FACTOR
+With adamw.safetensors in DIR (reference_golden --adamw_steps=N), also
+N steps of torch.optim.AdamW with clip_grad_norm_ against the shared
+optimizer's.
+
+Usage: reference_moe_torch.py DIR TOP_K CAPACITY_FACTOR [ADAMW_STEPS]
 """
 
 import json
 import math
+import os
 import struct
 import sys
 
@@ -105,6 +110,25 @@ def main():
               ("routing weights", weights.detach(), io["weights"])]
     checks += [(f"grad {name}", p.grad if p.grad is not None else torch.zeros_like(p),
                 ours_grads[name]) for name, p in params.items()]
+    # The optimizer: torch.optim.AdamW (lr 0.01) with clip_grad_norm_ (1.0),
+    # N steps in float32 (as a float32 model trains) with our gradients each
+    # step (checked against torch's above; AdamW's normalisation would turn
+    # a tiny gradient's rounding into a sign), against ours; compared by the
+    # change of each tensor (the weights themselves would hide it).
+    if os.path.exists(f"{directory}/adamw.safetensors"):
+        ours_stepped = read_safetensors(f"{directory}/adamw.safetensors")
+        steps = int(sys.argv[4])
+        start = {name: p.detach().float() for name, p in params.items()}
+        moved = {name: p.detach().float().requires_grad_(True) for name, p in params.items()}
+        grad_of = {name: ours_grads[name].float() for name in params}
+        optimizer = torch.optim.AdamW(list(moved.values()), lr=0.01)
+        for _ in range(steps):
+            for name, p in moved.items():
+                p.grad = grad_of[name].clone()
+            torch.nn.utils.clip_grad_norm_(list(moved.values()), 1.0)
+            optimizer.step()
+        checks += [(f"adamw x{steps} change {name}", (moved[name].detach() - start[name]).double(),
+                    (ours_stepped[name].float() - start[name]).double()) for name in params]
     for name, torch_value, ours in checks:
         error = relative_error(ours, torch_value)
         status = "ok" if error <= TOLERANCE else "FAIL"
