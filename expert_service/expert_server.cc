@@ -231,24 +231,38 @@ absl::Status ExpertServer::AdoptPeersPlacement(Placement& placement, uint64_t& e
   return absl::OkStatus();
 }
 
-absl::Status ExpertServer::SyncFromPeersOnStart() {
-  GrpcSyncPeers& peers = *peers_;
-  if (peers.num_peers() == 0) return absl::OkStatus();
+absl::StatusOr<SyncResult> ExpertServer::SyncToCluster() {
   const absl::Time now = absl::Now();
-  MOE_ASSIGN_OR_RETURN(
-      const SyncResult sync,
-      SyncFromPeers(*store_, peers, now + options_.sync_info_timeout, now + options_.sync_timeout));
+  MOE_ASSIGN_OR_RETURN(SyncResult sync,
+                       SyncFromPeers(*store_, *peers_, now + options_.sync_info_timeout,
+                                     now + options_.sync_timeout));
   // Peers behind this server (it loaded a later checkpoint) change nothing.
   if (sync.cluster_step > steps_->last_committed()) {
     MOE_RETURN_IF_ERROR(steps_->AdoptCommitted(sync.cluster_step));
   }
+  metrics_->committed_step->Set(static_cast<double>(steps_->last_committed()));
   metrics_->behind_experts->Set(static_cast<double>(sync.behind.size()));
-  MOE_LOG(INFO, "server ", options_.name, ": ", sync.peers_answered, " of ", peers.num_peers(),
-          " peer(s) answered; cluster at step ", sync.cluster_step, "; synced ", sync.synced.size(),
-          " expert(s) [", JoinExpertKeys(sync.synced), "], ", sync.bytes >> 20, " MiB in ",
-          absl::FormatDuration(sync.elapsed),
-          sync.behind.empty() ? std::string()
-                              : absl::StrCat("; behind: [", JoinExpertKeys(sync.behind), "]"));
+  return sync;
+}
+
+namespace {
+
+// What a sync did, for the log.
+std::string SyncedSummary(const SyncResult& sync) {
+  return absl::StrCat("synced ", sync.synced.size(), " expert(s) [", JoinExpertKeys(sync.synced),
+                      "], ", sync.bytes >> 20, " MiB in ", absl::FormatDuration(sync.elapsed),
+                      sync.behind.empty()
+                          ? std::string()
+                          : absl::StrCat("; behind: [", JoinExpertKeys(sync.behind), "]"));
+}
+
+}  // namespace
+
+absl::Status ExpertServer::SyncFromPeersOnStart() {
+  if (peers_->num_peers() == 0) return absl::OkStatus();
+  MOE_ASSIGN_OR_RETURN(const SyncResult sync, SyncToCluster());
+  MOE_LOG(INFO, "server ", options_.name, ": ", sync.peers_answered, " of ", peers_->num_peers(),
+          " peer(s) answered; cluster at step ", sync.cluster_step, "; ", SyncedSummary(sync));
   return absl::OkStatus();
 }
 
@@ -297,22 +311,11 @@ absl::Status ExpertServer::RollForward(uint64_t committed) {
     MOE_LOG(WARNING, "server ", options_.name, ": gradients of experts [", JoinExpertKeys(dropped),
             "] accumulated against older weights are dropped");
   }
-  const absl::Time now = absl::Now();
-  absl::StatusOr<SyncResult> sync = SyncFromPeers(
-      *store_, *peers_, now + options_.sync_info_timeout, now + options_.sync_timeout);
-  absl::Status status = sync.status();
-  if (sync.ok() && sync->cluster_step > steps_->last_committed()) {
-    status = steps_->AdoptCommitted(sync->cluster_step);
-  }
+  absl::StatusOr<SyncResult> sync = SyncToCluster();
   steps_->Unhold();
-  MOE_RETURN_IF_ERROR(status);
-  metrics_->committed_step->Set(static_cast<double>(steps_->last_committed()));
-  metrics_->behind_experts->Set(static_cast<double>(sync->behind.size()));
-  MOE_LOG(INFO, "server ", options_.name, ": rolled forward to step ", sync->cluster_step,
-          ": synced ", sync->synced.size(), " expert(s) [", JoinExpertKeys(sync->synced), "], ",
-          sync->bytes >> 20, " MiB in ", absl::FormatDuration(sync->elapsed),
-          sync->behind.empty() ? std::string()
-                               : absl::StrCat("; behind: [", JoinExpertKeys(sync->behind), "]"));
+  MOE_RETURN_IF_ERROR(sync.status());
+  MOE_LOG(INFO, "server ", options_.name, ": rolled forward to step ", sync->cluster_step, "; ",
+          SyncedSummary(*sync));
   return absl::OkStatus();
 }
 

@@ -131,6 +131,10 @@ class ExpertServer {
   absl::Status Start();
   // Rejoin by sync (Options::sync_on_start), before the server listens.
   absl::Status SyncFromPeersOnStart();
+  // Pulls the hosted experts that are behind the peers' committed step and
+  // adopts that step (both metrics set): the start's sync and the roll
+  // forward's.
+  absl::StatusOr<SyncResult> SyncToCluster();
   // Roll forward by sync: the cluster committed step `committed` and this
   // server did not. On roll_forward_ (one at a time); steps wait for it.
   void StartRollForward(uint64_t committed) ABSL_LOCKS_EXCLUDED(roll_forward_mu_);
