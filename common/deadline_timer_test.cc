@@ -15,6 +15,10 @@ TEST(DeadlineTimerTest, FiresPastDeadlinesInOrder) {
   std::vector<int> order;
   absl::Notification done;
   const absl::Time past = absl::Now() - absl::Seconds(1);
+  // Holds the timer's thread until both are scheduled: otherwise the first,
+  // already due, may fire before the second is in.
+  absl::Notification scheduled;
+  timer.Schedule(past, [&] { scheduled.WaitForNotification(); });
   timer.Schedule(past + absl::Milliseconds(2), [&] {
     absl::MutexLock lock(&mu);
     order.push_back(2);
@@ -24,6 +28,7 @@ TEST(DeadlineTimerTest, FiresPastDeadlinesInOrder) {
     absl::MutexLock lock(&mu);
     order.push_back(1);
   });
+  scheduled.Notify();
   done.WaitForNotification();
   absl::MutexLock lock(&mu);
   EXPECT_EQ(order, (std::vector<int>{1, 2}));
