@@ -112,8 +112,10 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
   const ExpertKey expert = ExpertKeyOf(*request);
   absl::StatusOr<ConstTensorView> x = [&]() -> absl::StatusOr<ConstTensorView> {
     MOE_RETURN_IF_ERROR(CheckDeadline(request->deadline_unix_micros()));
-    MOE_RETURN_IF_ERROR(store_.CheckHosted(expert));
+    // The epoch first: a call planned on a placement this server no longer
+    // serves is stale (the router re-plans it), not a missing expert.
     MOE_RETURN_IF_ERROR(CheckEpoch(request->has_version(), request->version()));
+    MOE_RETURN_IF_ERROR(store_.CheckHosted(expert));
     if (request->training()) MOE_RETURN_IF_ERROR(CheckNotLeaving(expert));
     return DecodeTensor(request->tokens(),
                         TokenBatchSpec("tokens", model.d_model, model.max_batch_tokens));

@@ -450,8 +450,12 @@ TEST(ExpertServerTest, AVersionedRequestRunsOnlyAtItsVersionAndIsToldTheServers)
   };
   // The server starts at placement epoch 1 with the weights as loaded
   // (step 0); an unversioned request is not checked.
+  // A call from another epoch for an expert not hosted here is stale
+  // (planned on a placement this server no longer serves), not NOT_FOUND.
+  v1::DispatchRequest elsewhere = versioned(5, 2, 0);
+  elsewhere.set_expert_id(3);
   auto answers = RoundTrip(*stub, {versioned(1, 1, 0), versioned(2, 2, 0), versioned(3, 1, 4),
-                                   Request(4, 1, x)});
+                                   Request(4, 1, x), elsewhere});
   ASSERT_FALSE(answers.at(1).has_error()) << answers.at(1).error().message();
   EXPECT_TRUE(TensorNear(Output(answers.at(1)), ReferenceOutput(1, x), 1e-5));
   EXPECT_FALSE(answers.at(1).has_server_version());
@@ -466,6 +470,8 @@ TEST(ExpertServerTest, AVersionedRequestRunsOnlyAtItsVersionAndIsToldTheServers)
               HasSubstr("expert 1 here has the weights of step 0, the call is for step 4"));
   EXPECT_TRUE(answers.at(3).has_server_version());
   EXPECT_FALSE(answers.at(4).has_error());
+  EXPECT_EQ(answers.at(5).error().code(), kFailedPrecondition);
+  EXPECT_EQ(answers.at(5).server_version().placement_epoch(), 1u);
 }
 
 TEST(ExpertServerTest, Bf16RequestsGetBf16Answers) {

@@ -389,6 +389,12 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
   // replicas may still host it; avoided for a while, like a stale one.
   const bool not_hosted = absl::IsNotFound(status) && reply.ok() && (*reply)->has_error();
   if (not_hosted) picker_.MarkStale(server, g.expert, absl::Now() + options_.stale_ttl);
+  // Released by a placement change committed while the call was on its
+  // way: if no replica of this call's placement is left, the call is
+  // stale (learn the new placement, plan again), not a missing expert.
+  const bool moved_on = not_hosted && (*reply)->has_server_version() &&
+                        (*reply)->server_version().placement_epoch() > call->placement->version;
+  if (moved_on) call->newer_server.store(server);
   if (absl::IsUnavailable(status) || stale || not_hosted || (trouble && !call->training)) {
     // The server is gone (or draining), has other weights or lacks the
     // expert: the same request to another replica.
@@ -414,11 +420,11 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
       Send(std::move(call), group, next);
       return;
     }
-    if (not_hosted) {
+    if (not_hosted && !moved_on) {
       status = absl::NotFoundError(
           absl::StrCat(g.expert.ToString(), ": no replica hosts it (servers ",
                        absl::StrJoin(call->tried[group], ","), "; last: ", status.message(), ")"));
-    } else if (stale) {
+    } else if (stale || moved_on) {
       status = absl::FailedPreconditionError(
           absl::StrCat(g.expert.ToString(), ": no replica at placement epoch ",
                        call->placement->version, ", step ", call->gate->version, " (servers ",
