@@ -98,6 +98,28 @@ void ExpertDispatcher::ServerVersion(ExpertKey expert, v1::StateVersion* out) co
 
 namespace {
 
+// A gate and its optimizer state, as a commit or a peer brings them: fp32
+// [d_model, num_experts] each.
+template <typename GateMessage>
+absl::Status CheckGate(const ModelConfig& model, const GateMessage& message) {
+  auto check = [&](const v1::Tensor& tensor, absl::string_view name) -> absl::Status {
+    const TensorSpec spec{name, {model.d_model, model.num_experts}, {"d_model", "num_experts"}};
+    MOE_ASSIGN_OR_RETURN(const ConstTensorView view, DecodeTensor(tensor, spec));
+    if (view.dtype != DType::kFloat32) {
+      return absl::InvalidArgumentError(absl::StrCat(name, ": must be fp32"));
+    }
+    return absl::OkStatus();
+  };
+  MOE_RETURN_IF_ERROR(check(message.gate(), "gate"));
+  if (message.has_gate_velocity()) {
+    MOE_RETURN_IF_ERROR(check(message.gate_velocity(), "gate_velocity"));
+  }
+  if (message.has_gate_second_moment()) {
+    MOE_RETURN_IF_ERROR(check(message.gate_second_moment(), "gate_second_moment"));
+  }
+  return absl::OkStatus();
+}
+
 uint64_t ExpectedStep(bool has_version, const v1::StateVersion& version) {
   return has_version ? version.weights_step() : ExpertStore::kAnyStep;
 }
@@ -342,9 +364,10 @@ absl::Status ExpertDispatcher::PrepareStep(const v1::PrepareStepRequest& request
   if (request.deadline_unix_micros() != 0) {
     deadline = absl::FromUnixMicros(request.deadline_unix_micros());
   }
-  absl::StatusOr<StepExecutor::PrepareResult> result =
-      steps_->Prepare({request.step(), request.learning_rate(), deadline, request.committed_step(),
-                       request.coordinator(), request.defer_update()});
+  StepOrder order{request.step(),        request.learning_rate(), deadline,
+                  request.committed_step(), request.coordinator(),   request.defer_update()};
+  order.left_out.insert(request.left_out().begin(), request.left_out().end());
+  absl::StatusOr<StepExecutor::PrepareResult> result = steps_->Prepare(order);
   if (!result.ok()) {
     metrics_.steps_failed->Increment();
     return result.status();
@@ -382,25 +405,8 @@ absl::Status ExpertDispatcher::CommitStep(const v1::CommitStepRequest& request,
   if (steps_ == nullptr) return NoSteps();
   // The gate is checked before the commit: a bad one fails the call and
   // the step stays prepared (the router aborts it).
-  const ModelConfig& model = store_.model();
-  auto check_gate = [&](const v1::Tensor& tensor, absl::string_view name) -> absl::Status {
-    const TensorSpec spec{name, {model.d_model, model.num_experts}, {"d_model", "num_experts"}};
-    MOE_ASSIGN_OR_RETURN(const ConstTensorView view, DecodeTensor(tensor, spec));
-    if (view.dtype != DType::kFloat32) {
-      return absl::InvalidArgumentError(absl::StrCat(name, ": must be fp32"));
-    }
-    return absl::OkStatus();
-  };
   const bool has_gate = request.has_gate();
-  if (has_gate) {
-    MOE_RETURN_IF_ERROR(check_gate(request.gate(), "gate"));
-    if (request.has_gate_velocity()) {
-      MOE_RETURN_IF_ERROR(check_gate(request.gate_velocity(), "gate_velocity"));
-    }
-    if (request.has_gate_second_moment()) {
-      MOE_RETURN_IF_ERROR(check_gate(request.gate_second_moment(), "gate_second_moment"));
-    }
-  }
+  if (has_gate) MOE_RETURN_IF_ERROR(CheckGate(store_.model(), request));
   MOE_ASSIGN_OR_RETURN(const auto digests, steps_->Commit(request.step()));
   if (has_gate) {
     v1::GetGateResponse gate;
@@ -452,6 +458,20 @@ absl::Status ExpertDispatcher::GetGate(v1::GetGateResponse* response) const {
                      " (that step's commit did not reach it)"));
   }
   *response = *gate_;
+  return absl::OkStatus();
+}
+
+absl::Status ExpertDispatcher::AdoptGate(const v1::GetGateResponse& gate) {
+  if (steps_ == nullptr) return NoSteps();
+  MOE_RETURN_IF_ERROR(CheckGate(store_.model(), gate));
+  const uint64_t committed = steps_->last_committed();
+  if (gate.step() != committed) {
+    return absl::FailedPreconditionError(absl::StrCat("a gate of step ", gate.step(), ", server ",
+                                                      options_.server_name,
+                                                      " has committed step ", committed));
+  }
+  absl::MutexLock lock(&gate_mu_);
+  if (!gate_ || gate_->step() < gate.step()) gate_ = gate;
   return absl::OkStatus();
 }
 

@@ -80,6 +80,11 @@ class ExpertDispatcher {
   absl::Status AbortStep(const v1::AbortStepRequest& request);
   // The gate the last CommitStep carried (NOT_FOUND without one).
   absl::Status GetGate(v1::GetGateResponse* response) const ABSL_LOCKS_EXCLUDED(gate_mu_);
+  // The gate of this server's committed step from a peer (the step was
+  // committed here without its CommitStep: on a peer's word, or by a
+  // sync), kept unless a gate as new is. FAILED_PRECONDITION for a gate of
+  // another step; INVALID_ARGUMENT for a malformed one.
+  absl::Status AdoptGate(const v1::GetGateResponse& gate) ABSL_LOCKS_EXCLUDED(gate_mu_);
   // A Backward's gate gradient, summed here for the next step.
   absl::Status AddGateGradient(const v1::AddGateGradientRequest& request);
   bool runs_steps() const { return steps_ != nullptr; }

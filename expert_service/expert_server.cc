@@ -162,6 +162,7 @@ absl::Status ExpertServer::Start() {
     if (committed) {
       metrics_->steps_committed->Increment();
       metrics_->committed_step->Set(static_cast<double>(step));
+      AdoptPeersGate(step);
     } else {
       metrics_->steps_aborted->Increment();
     }
@@ -175,6 +176,8 @@ absl::Status ExpertServer::Start() {
   dispatcher_ = std::make_unique<ExpertDispatcher>(
       ExpertDispatcher::Options{options_.name, options_.clock, options_.checkpoint_dir}, *store_,
       *metrics_, batcher_.get(), steps_.get());
+  // Synced to a step above: its gate from a peer that committed it.
+  if (steps_->last_committed() > loaded.step) AdoptPeersGate(steps_->last_committed());
   PlacementKeeper::Options keeper;
   keeper.model = model;
   keeper.cluster = config.cluster;
@@ -239,6 +242,7 @@ absl::StatusOr<SyncResult> ExpertServer::SyncToCluster() {
   // Peers behind this server (it loaded a later checkpoint) change nothing.
   if (sync.cluster_step > steps_->last_committed()) {
     MOE_RETURN_IF_ERROR(steps_->AdoptCommitted(sync.cluster_step));
+    AdoptPeersGate(sync.cluster_step);
   }
   metrics_->committed_step->Set(static_cast<double>(steps_->last_committed()));
   metrics_->behind_experts->Set(static_cast<double>(sync.behind.size()));
@@ -266,6 +270,25 @@ absl::Status ExpertServer::SyncFromPeersOnStart() {
   return absl::OkStatus();
 }
 
+void ExpertServer::AdoptPeersGate(uint64_t step) {
+  if (dispatcher_ == nullptr) return;  // at the start: after the dispatcher is made
+  std::vector<std::string> errors;
+  for (int p = 0; p < peers_->num_peers(); ++p) {
+    absl::StatusOr<v1::GetGateResponse> gate =
+        peers_->Gate(p, absl::Now() + options_.sync_info_timeout);
+    absl::Status adopted = gate.ok() ? dispatcher_->AdoptGate(*gate) : gate.status();
+    if (adopted.ok()) {
+      MOE_LOG(INFO, "server ", options_.name, ": the gate of step ", step, " from server ",
+              peers_->name(p));
+      return;
+    }
+    errors.push_back(absl::StrCat(peers_->name(p), ": ", adopted.message()));
+  }
+  // Routers learn the gate from another server; the next commit brings one.
+  MOE_LOG(WARNING, "server ", options_.name, ": no peer had the gate of step ", step, " (",
+          absl::StrJoin(errors, "; "), ")");
+}
+
 std::vector<PeerAnswer> ExpertServer::AskPeersSteps() {
   const std::vector<absl::StatusOr<v1::InfoResponse>> infos =
       AskEveryPeer(*peers_, absl::Now() + options_.sync_info_timeout);
@@ -285,17 +308,31 @@ std::vector<PeerAnswer> ExpertServer::AskPeersSteps() {
 
 void ExpertServer::StartRollForward(uint64_t committed) {
   absl::MutexLock lock(&roll_forward_mu_);
+  roll_target_ = std::max(roll_target_, committed);
   if (rolling_forward_) return;
   rolling_forward_ = true;
   if (roll_forward_.joinable()) roll_forward_.join();  // the last one, done
-  roll_forward_ = std::thread([this, committed] {
-    const absl::Status status = RollForward(committed);
-    if (!status.ok()) {
-      MOE_LOG(ERROR, "server ", options_.name, ": roll forward to step ", committed,
-              " failed (the next step tries again): ", status.message());
+  roll_forward_ = std::thread([this] {
+    // Steps go on without this server while it syncs (it is left out of
+    // them): a sync can end behind the cluster again, and goes again.
+    constexpr int kAttempts = 3;
+    for (int attempt = 0;; ++attempt) {
+      const uint64_t at = steps_->last_committed();  // not under roll_forward_mu_
+      uint64_t target;
+      {
+        absl::MutexLock lock(&roll_forward_mu_);
+        target = roll_target_;
+        if (at >= target || attempt == kAttempts) {
+          rolling_forward_ = false;
+          return;
+        }
+      }
+      const absl::Status status = RollForward(target);
+      if (!status.ok()) {
+        MOE_LOG(ERROR, "server ", options_.name, ": roll forward to step ", target,
+                " failed (the next step tries again): ", status.message());
+      }
     }
-    absl::MutexLock lock(&roll_forward_mu_);
-    rolling_forward_ = false;
   });
 }
 
@@ -327,14 +364,18 @@ std::vector<StepRing> ExpertServer::BuildRings(const Placement& placement, int i
   };
   ring_links_.resize(cluster.servers.size());
   std::vector<StepRing> rings =
-      StepRingsOf(placement, index, label, [&](int successor) -> allreduce::RingLink* {
-        if (ring_links_[successor] == nullptr) {
-          ring_links_[successor] = std::make_unique<allreduce::GrpcRingLink>(
-              label(successor), cluster.servers[successor].address, options_.credentials,
-              options_.max_message_bytes);
-        }
-        return ring_links_[successor].get();
-      });
+      StepRingsOf(
+          placement, index, [&](int server) { return cluster.servers[server].name; }, label,
+          [&](int to) -> allreduce::RingLink* {
+            // Opens its stream at the first send: a link to a server this
+            // one never sends to costs nothing.
+            if (ring_links_[to] == nullptr) {
+              ring_links_[to] = std::make_unique<allreduce::GrpcRingLink>(
+                  label(to), cluster.servers[to].address, options_.credentials,
+                  options_.max_message_bytes);
+            }
+            return ring_links_[to].get();
+          });
   for (uint64_t group : ring_groups_) collectives_->RemoveGroup(group);
   ring_groups_.clear();
   for (const StepRing& ring : rings) {

@@ -136,11 +136,16 @@ class ExpertServer {
   // forward's.
   absl::StatusOr<SyncResult> SyncToCluster();
   // Roll forward by sync: the cluster committed step `committed` and this
-  // server did not. On roll_forward_ (one at a time); steps wait for it.
+  // server did not. On roll_forward_ (one at a time; told of a later step
+  // meanwhile, it syncs again); steps wait for it.
   void StartRollForward(uint64_t committed) ABSL_LOCKS_EXCLUDED(roll_forward_mu_);
   absl::Status RollForward(uint64_t committed);
   // The peers' answers on their steps (StepExecutor::Options::ask_peers).
   std::vector<PeerAnswer> AskPeersSteps();
+  // The gate of committed step `step` from the first peer that keeps it
+  // (this server committed the step without its CommitStep, or synced to
+  // it), so that routers learn it here too.
+  void AdoptPeersGate(uint64_t step);
   // The highest placement epoch the peers report (with its placement),
   // when above `epoch`.
   absl::Status AdoptPeersPlacement(Placement& placement, uint64_t& epoch);
@@ -185,6 +190,8 @@ class ExpertServer {
   int metrics_port_ = -1;
   absl::Mutex roll_forward_mu_;
   bool rolling_forward_ ABSL_GUARDED_BY(roll_forward_mu_) = false;
+  // The highest committed step this server was told it is behind.
+  uint64_t roll_target_ ABSL_GUARDED_BY(roll_forward_mu_) = 0;
   std::thread roll_forward_ ABSL_GUARDED_BY(roll_forward_mu_);
   absl::Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;

@@ -31,6 +31,16 @@ absl::StatusOr<v1::InfoResponse> GrpcSyncPeers::Info(int peer, absl::Time deadli
   return response;
 }
 
+absl::StatusOr<v1::GetGateResponse> GrpcSyncPeers::Gate(int peer, absl::Time deadline) {
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(deadline));
+  v1::GetGateResponse response;
+  const grpc::Status status =
+      peers_.at(peer).stub->GetGate(&context, v1::GetGateRequest(), &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
 absl::Status GrpcSyncPeers::FetchExpert(
     int peer, ExpertKey expert, absl::Time deadline,
     absl::FunctionRef<absl::Status(const v1::ExpertWeightsChunk&)> sink) {

@@ -27,6 +27,7 @@ class GrpcSyncPeers : public SyncPeers {
   absl::Status FetchExpert(
       int peer, ExpertKey expert, absl::Time deadline,
       absl::FunctionRef<absl::Status(const v1::ExpertWeightsChunk&)> sink) override;
+  absl::StatusOr<v1::GetGateResponse> Gate(int peer, absl::Time deadline) override;
 
  private:
   struct Peer {

@@ -132,6 +132,11 @@ class OnePeer : public SyncPeers {
     }
     return absl::OkStatus();
   }
+  absl::StatusOr<v1::GetGateResponse> Gate(int, absl::Time) override {
+    v1::GetGateResponse gate;
+    MOE_RETURN_IF_ERROR(server->dispatcher->GetGate(&gate));
+    return gate;
+  }
   Server* server = nullptr;
   bool down = false;
   bool corrupt = false;

@@ -14,6 +14,7 @@
 namespace moe::expert {
 
 std::vector<StepRing> StepRingsOf(const Placement& placement, int server,
+                                  absl::FunctionRef<std::string(int)> name,
                                   absl::FunctionRef<std::string(int)> label,
                                   absl::FunctionRef<allreduce::RingLink*(int)> link_to) {
   std::vector<StepRing> rings;
@@ -24,10 +25,51 @@ std::vector<StepRing> StepRingsOf(const Placement& placement, int server,
     const int rank = static_cast<int>(it - group.servers.begin());
     const int successor = group.servers[(rank + 1) % size];
     const int predecessor = group.servers[(rank + size - 1) % size];
-    rings.push_back({group.id, group.experts, rank, size, label(predecessor), label(successor),
-                     link_to(successor)});
+    StepRing& ring = rings.emplace_back();
+    ring = {group.id,           group.experts,     rank, size, label(predecessor),
+            label(successor),   link_to(successor)};
+    for (int member : group.servers) {
+      ring.members.push_back(
+          {name(member), label(member), member == server ? nullptr : link_to(member)});
+    }
   }
   return rings;
+}
+
+absl::StatusOr<StepRing> LeaveOut(const StepRing& ring,
+                                  const absl::flat_hash_set<std::string>& left_out) {
+  if (left_out.empty()) return ring;
+  if (ring.members.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("the ring of group ", absl::Hex(ring.group_id),
+                                                   " has no member list to leave servers out of"));
+  }
+  StepRing out = ring;
+  out.members.clear();
+  int rank = -1;
+  for (const RingMember& member : ring.members) {
+    if (left_out.contains(member.name)) {
+      if (member.link == nullptr) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("server ", member.name, " is left out of the step it was asked to run"));
+      }
+      continue;
+    }
+    if (member.link == nullptr) rank = static_cast<int>(out.members.size());
+    out.members.push_back(member);
+  }
+  if (rank < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the ring of group ", absl::Hex(ring.group_id), " does not list this server"));
+  }
+  const int size = static_cast<int>(out.members.size());
+  out.rank = rank;
+  out.size = size;
+  out.predecessor = out.members[(rank + size - 1) % size].label;
+  const RingMember& successor = out.members[(rank + 1) % size];
+  out.successor = successor.label;
+  // A ring of one sends nothing: its link is never used.
+  out.link = size == 1 ? ring.link : successor.link;
+  return out;
 }
 
 StepExecutor::StepExecutor(Options options, ExpertStore& store,
@@ -265,9 +307,18 @@ absl::StatusOr<StepExecutor::PrepareResult> StepExecutor::Prepare(const StepOrde
       timer_.Cancel(superseded->timer_id);
       last_aborted_ = std::max(last_aborted_, superseded->step);
     }
+    // Replicas behind the committed step hold no gradient of it (their
+    // calls were refused): the rings close over the others.
+    for (const StepRing& ring : rings_) {
+      absl::StatusOr<StepRing> kept = LeaveOut(ring, order.left_out);
+      if (!kept.ok()) {
+        return absl::Status(kept.status().code(),
+                            absl::StrCat("step ", step, ": ", kept.status().message()));
+      }
+      rings.push_back(*std::move(kept));
+    }
     preparing_ = step;
     preparing_coordinator_ = order.coordinator;
-    rings = rings_;
   }
   if (superseded) {
     MOE_LOG(WARNING, "server ", options_.server_name, ": step ", superseded->step,
@@ -523,13 +574,20 @@ absl::StatusOr<std::vector<std::vector<float>>> StepExecutor::AllReduce(
 absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> StepExecutor::Commit(uint64_t step) {
   Prepared prepared;
   {
-    absl::MutexLock lock(&mu_);
+    absl::ReleasableMutexLock lock(&mu_);
     if (!prepared_ || prepared_->step != step) {
-      return absl::FailedPreconditionError(absl::StrCat(
+      // The cluster committed a step this server did not prepare (it was
+      // left out, behind): it syncs to it.
+      const bool behind = step > last_committed_ && !preparing_ && options_.on_behind;
+      absl::Status refused = absl::FailedPreconditionError(absl::StrCat(
           "commit of step ", step, ": server ", options_.server_name, " has ",
           prepared_ ? absl::StrCat("step ", prepared_->step, " prepared")
                     : std::string("no step prepared"),
-          " (last committed ", last_committed_, ", last aborted ", last_aborted_, ")"));
+          " (last committed ", last_committed_, ", last aborted ", last_aborted_, ")",
+          behind ? "; it syncs from its peers" : ""));
+      lock.Release();
+      if (behind) options_.on_behind(step);
+      return refused;
     }
     if (prepared_->awaiting_update) {
       return absl::FailedPreconditionError(

@@ -28,6 +28,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/btree_set.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/functional/function_ref.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
@@ -45,6 +46,15 @@
 
 namespace moe::expert {
 
+// A server of a replica group's ring.
+struct RingMember {
+  // Its name in the ClusterConfig, and how messages name it.
+  std::string name;
+  std::string label;
+  // To it (null for this server); outlives the executor.
+  allreduce::RingLink* link = nullptr;
+};
+
 // This server's place in one replica group's ring.
 struct StepRing {
   uint64_t group_id = 0;
@@ -56,7 +66,17 @@ struct StepRing {
   std::string successor;
   // To the successor; outlives the executor.
   allreduce::RingLink* link = nullptr;
+  // Every server of the group in ring order, this one included: how a
+  // step that leaves some out closes the ring over the others.
+  std::vector<RingMember> members;
 };
+
+// `ring` without the servers named in `left_out`, closed over the others
+// (a ring of one when none is left). INVALID_ARGUMENT when this server is
+// named, or when a server is to be left out of a ring without its member
+// list.
+absl::StatusOr<StepRing> LeaveOut(const StepRing& ring,
+                                  const absl::flat_hash_set<std::string>& left_out);
 
 // What PrepareStep orders.
 struct StepOrder {
@@ -73,13 +93,18 @@ struct StepOrder {
   // gradients this server counts, and compute the update when Update
   // brings the scale.
   bool defer_update = false;
+  // Servers (by name) behind the committed step: this step's rings close
+  // over the other replicas, and they sync to it afterwards.
+  absl::flat_hash_set<std::string> left_out;
 };
 
 // Server `server`'s rings: one per replica group of `placement` it is in
-// (ascending group order). `label(s)` names server s in messages;
-// `link_to(s)` is the link to server s (called once per ring, for its
-// successor).
+// (ascending group order). `name(s)` is server s's name in the config,
+// `label(s)` names it in messages; `link_to(s)` is the link to server s
+// (called for every other member of each ring: a step that leaves servers
+// out sends to another successor).
 std::vector<StepRing> StepRingsOf(const Placement& placement, int server,
+                                  absl::FunctionRef<std::string(int)> name,
                                   absl::FunctionRef<std::string(int)> label,
                                   absl::FunctionRef<allreduce::RingLink*(int)> link_to);
 

@@ -35,6 +35,8 @@ class SyncPeers {
   [[nodiscard]] virtual absl::Status FetchExpert(
       int peer, ExpertKey expert, absl::Time deadline,
       absl::FunctionRef<absl::Status(const v1::ExpertWeightsChunk&)> sink) = 0;
+  // The gate the peer keeps for its committed step (GetGate).
+  [[nodiscard]] virtual absl::StatusOr<v1::GetGateResponse> Gate(int peer, absl::Time deadline) = 0;
 };
 
 struct SyncResult {

@@ -103,6 +103,11 @@ class InProcessPeers : public SyncPeers {
     }
     return absl::OkStatus();
   }
+  absl::StatusOr<v1::GetGateResponse> Gate(int peer, absl::Time) override {
+    v1::GetGateResponse gate;
+    MOE_RETURN_IF_ERROR(peers_[peer].server->dispatcher->GetGate(&gate));
+    return gate;
+  }
   int fetches = 0;
 
  private:

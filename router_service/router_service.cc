@@ -149,6 +149,9 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Step(grpc::CallbackServerContext* c
       response->set_optimizer_seconds(absl::ToDoubleSeconds(result->optimizer_time));
       response->set_commit_seconds(absl::ToDoubleSeconds(result->commit_time));
       for (const std::string& behind : result->servers_behind) response->add_servers_behind(behind);
+      for (const std::string& name : result->servers_left_out) {
+        response->add_servers_left_out(name);
+      }
       metrics_.step_allreduce_seconds->Observe(absl::ToDoubleSeconds(result->allreduce_time));
     }
     metrics_.CountRequest(RouterMethod::kStep, result.status(), 0,

@@ -77,7 +77,40 @@ absl::StatusOr<StepCoordinator::Numbers> StepCoordinator::NextStep(absl::Time de
   }
   numbers.step = std::max(next_step_, last + 1);
   next_step_ = numbers.step + 1;
+  LeaveOutServersBehind(infos, numbers);
   return numbers;
+}
+
+void StepCoordinator::LeaveOutServersBehind(
+    const std::vector<absl::StatusOr<v1::InfoResponse>>& infos, Numbers& numbers) const {
+  const int n = static_cast<int>(infos.size());
+  numbers.left_out.assign(n, false);
+  // A server that prepared the last committed step commits it on this
+  // step's word: it is not behind.
+  auto behind = [&](const v1::InfoResponse& info) {
+    return info.step() < numbers.committed && info.prepared_step() != numbers.committed;
+  };
+  const Router::PlacementSnapshot placement = router_.placement();
+  if (placement->value.num_servers() != n) return;
+  for (int s = 0; s < n; ++s) {
+    if (s == kLeaseKeeper || !behind(*infos[s])) continue;
+    bool covered = true;
+    for (ExpertKey expert : placement->value.ExpertsOn(s)) {
+      bool current = false;
+      for (int other : placement->value.ServersOf(expert)) {
+        current |= other != s && !numbers.left_out[other] && !behind(*infos[other]);
+      }
+      covered &= current;
+    }
+    if (!covered) continue;
+    numbers.left_out[s] = true;
+    numbers.left_out_names.push_back(infos[s]->server_name());
+  }
+  if (!numbers.left_out_names.empty()) {
+    MOE_LOG(WARNING, "step ", numbers.step, ": server(s) ",
+            absl::StrJoin(numbers.left_out_names, ", "), " behind the committed step ",
+            numbers.committed, " sit it out; their replicas run it");
+  }
 }
 
 absl::Status StepCoordinator::AcquireStepLease(absl::Duration ttl, absl::Time deadline) {
@@ -204,6 +237,9 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
   prepare.set_deadline_unix_micros(absl::ToUnixMicros(server_deadline));
   prepare.set_committed_step(numbers.committed);
   prepare.set_coordinator(router_.identity());
+  for (const std::string& name : numbers.left_out_names) prepare.add_left_out(name);
+  // Servers left out are not asked (an empty answer stands for theirs).
+  const std::vector<bool>& left_out = numbers.left_out;
   // Clipping needs the norm of every gradient before any is applied: the
   // servers all-reduce and report, then update with the scale.
   const OptimizerOptions& optimizer = router_.model().optimizer;
@@ -211,6 +247,7 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
   prepare.set_defer_update(clip);
   std::vector<absl::StatusOr<v1::PrepareStepResponse>> prepared =
       OnEveryServer<v1::PrepareStepResponse>(NumServers(), [&](int s, auto done) {
+        if (left_out[s]) return std::move(done)(v1::PrepareStepResponse());
         client_.PrepareStep(s, prepare, router_deadline, std::move(done));
       });
   if (absl::Status failed = Summarize(step, "aborted", prepared); !failed.ok()) {
@@ -237,6 +274,7 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
     update.set_grad_scale(grad_scale);
     std::vector<absl::StatusOr<v1::UpdateStepResponse>> updated =
         OnEveryServer<v1::UpdateStepResponse>(NumServers(), [&](int s, auto done) {
+          if (left_out[s]) return std::move(done)(v1::UpdateStepResponse());
           client_.UpdateStep(s, update, router_deadline, std::move(done));
         });
     if (absl::Status failed = Summarize(step, "aborted", updated); !failed.ok()) {
@@ -271,13 +309,16 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
     EncodeFloats(gate.second_moment.values(), gate.second_moment.shape(), DType::kFloat32,
                  commit.mutable_gate_second_moment());
   }
-  std::vector<absl::StatusOr<v1::CommitStepResponse>> committed = CommitEverywhere(commit);
+  std::vector<absl::StatusOr<v1::CommitStepResponse>> committed =
+      CommitEverywhere(commit, left_out);
   Result result;
   result.step = step;
+  result.servers_left_out = numbers.left_out_names;
   for (size_t s = 0; s < committed.size(); ++s) {
     if (!committed[s].ok()) result.servers_behind.emplace_back(committed[s].status().message());
   }
-  if (result.servers_behind.size() == committed.size()) {
+  const size_t ran = std::count(left_out.begin(), left_out.end(), false);
+  if (result.servers_behind.size() == ran) {
     // No server confirmed: it is committed where a commit arrived unseen,
     // else nowhere; the next step (or the servers' own inquiry) settles
     // it, and a commit that arrived brings its gate to this router then.
@@ -288,6 +329,13 @@ absl::StatusOr<StepCoordinator::Result> StepCoordinator::LeasedStep(float lr, ab
   }
   // Servers that committed have moved on: the gate moves with them.
   router_.CommitGateStep(std::move(gate));
+  // The commit tells a server left out that the cluster moved on: it
+  // syncs (refusing the commit it did not prepare). Not waited for.
+  for (int s = 0; s < NumServers(); ++s) {
+    if (!left_out[s]) continue;
+    client_.CommitStep(s, commit, absl::Now() + options_.abort_timeout,
+                       [](absl::StatusOr<v1::CommitStepResponse>) {});
+  }
   result.commit_time = absl::Now() - commit_start;
   if (!result.servers_behind.empty()) {
     MOE_LOG(WARNING, "step ", step, " committed; ", result.servers_behind.size(),
@@ -342,12 +390,18 @@ absl::StatusOr<FloatTensor> StepCoordinator::GateGradient(
 }
 
 std::vector<absl::StatusOr<v1::CommitStepResponse>> StepCoordinator::CommitEverywhere(
-    const v1::CommitStepRequest& commit) {
+    const v1::CommitStepRequest& commit, const std::vector<bool>& left_out) {
   const absl::Time deadline = absl::Now() + options_.abort_timeout;
   std::vector<absl::StatusOr<v1::CommitStepResponse>> committed(NumServers(),
                                                                 absl::UnknownError("not sent"));
-  std::vector<int> pending(NumServers());
-  for (int s = 0; s < NumServers(); ++s) pending[s] = s;
+  std::vector<int> pending;
+  for (int s = 0; s < NumServers(); ++s) {
+    if (left_out[s]) {
+      committed[s] = v1::CommitStepResponse();
+    } else {
+      pending.push_back(s);
+    }
+  }
   constexpr int kAttempts = 3;
   for (int attempt = 0; attempt < kAttempts && !pending.empty(); ++attempt) {
     const absl::Time now = absl::Now();

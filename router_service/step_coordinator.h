@@ -62,6 +62,9 @@ class StepCoordinator {
     // Servers that did not confirm the commit, each with its error: they
     // commit it when they hear from a peer or the next step.
     std::vector<std::string> servers_behind;
+    // Servers behind the committed step when it began, left out of it
+    // (Numbers::left_out): they sync to it afterwards.
+    std::vector<std::string> servers_left_out;
   };
 
   struct Saved {
@@ -108,7 +111,19 @@ class StepCoordinator {
     uint64_t step = 0;
     // The last step committed anywhere.
     uint64_t committed = 0;
+    // Servers behind it, left out of this step (LeftOut), by index and by
+    // name.
+    std::vector<bool> left_out;
+    std::vector<std::string> left_out_names;
   };
+  // Which servers of `infos` (every server's) sit this step out: those
+  // behind the committed step (they missed a commit and hold no gradient
+  // of it) whose every expert has a replica that is not behind, never the
+  // lease keeper (it keeps the gate's gradients). A behind server that
+  // holds an expert's only current replica runs the step, which it
+  // refuses until it has synced.
+  void LeaveOutServersBehind(const std::vector<absl::StatusOr<v1::InfoResponse>>& infos,
+                             Numbers& numbers) const;
   // Asks every server (a router that restarted, or another router's steps,
   // leave this one's view behind).
   absl::StatusOr<Numbers> NextStep(absl::Time deadline) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -126,10 +141,11 @@ class StepCoordinator {
   // none).
   absl::StatusOr<FloatTensor> GateGradient(
       uint64_t step, const std::vector<absl::StatusOr<v1::PrepareStepResponse>>& prepared);
-  // CommitStep on every server, again (a few times, within abort_timeout)
-  // on those that fail for a reason other than a refusal.
+  // CommitStep on every server not `left_out`, again (a few times, within
+  // abort_timeout) on those that fail for a reason other than a refusal;
+  // an empty answer stands for a server left out.
   std::vector<absl::StatusOr<v1::CommitStepResponse>> CommitEverywhere(
-      const v1::CommitStepRequest& commit);
+      const v1::CommitStepRequest& commit, const std::vector<bool>& left_out);
   int NumServers() const;
 
   const Options options_;

@@ -40,11 +40,10 @@ InProcessExpertClient::InProcessExpertClient(const ModelConfig& model,
     Server& server = *servers_[s];
     server.ring_links.resize(num_servers);
     std::vector<expert::StepRing> rings =
-        expert::StepRingsOf(placement, s, ServerName, [&](int successor) {
-          auto& link = server.ring_links[successor];
+        expert::StepRingsOf(placement, s, ServerName, ServerName, [&](int to) {
+          auto& link = server.ring_links[to];
           if (link == nullptr) {
-            link = std::make_unique<allreduce::LoopbackRingLink>(
-                servers_[successor]->collectives.get());
+            link = std::make_unique<allreduce::LoopbackRingLink>(servers_[to]->collectives.get());
           }
           return static_cast<allreduce::RingLink*>(link.get());
         });
