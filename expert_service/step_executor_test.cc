@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "common/deterministic_init.h"
 #include "expert_service/allreduce/collective_registry.h"
@@ -166,6 +167,66 @@ TEST_F(StepExecutorTest, TheNextStepSaysWhetherThePreparedOneWasCommitted) {
               HasSubstr("has committed step 1 but the cluster has committed step 5"));
   EXPECT_EQ(behind_at, 5u);
   EXPECT_EQ(steps->last_committed(), 1u);
+  // A commit of a step it did not prepare (it sat the step out): the
+  // cluster moved on, and this server syncs.
+  const absl::Status unprepared = steps->Commit(7).status();
+  EXPECT_EQ(unprepared.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(unprepared.message(), HasSubstr("no step prepared"));
+  EXPECT_THAT(unprepared.message(), HasSubstr("it syncs from its peers"));
+  EXPECT_EQ(behind_at, 7u);
+  // A commit of a step it has already (a retry) is no news.
+  behind_at = 0;
+  EXPECT_FALSE(steps->Commit(1).ok());
+  EXPECT_EQ(behind_at, 0u);
+}
+
+// LeaveOut only chooses links; nothing is sent here.
+class UnusedLink : public allreduce::RingLink {
+ public:
+  void Send(const allreduce::RingHeader&, absl::Span<const float>, AckDone done) override {
+    std::move(done)(absl::InternalError("not for sending"));
+  }
+};
+
+// A ring of servers a, b, c, d seen from b.
+StepRing RingSeenFromB() {
+  static UnusedLink link;
+  allreduce::RingLink* const kLink = &link;
+  StepRing ring{7, {ExpertKey(0, 0)}, 1, 4, "server a", "server c", kLink};
+  for (const char* name : {"a", "b", "c", "d"}) {
+    ring.members.push_back(
+        {name, absl::StrCat("server ", name), std::string(name) == "b" ? nullptr : kLink});
+  }
+  return ring;
+}
+
+TEST(LeaveOutTest, TheRingClosesOverTheOthers) {
+  const StepRing full = RingSeenFromB();
+  absl::StatusOr<StepRing> ring = LeaveOut(full, {});
+  ASSERT_TRUE(ring.ok());
+  EXPECT_EQ(ring->size, 4);
+  ring = LeaveOut(full, {"c"});
+  ASSERT_TRUE(ring.ok()) << ring.status();
+  EXPECT_EQ(ring->rank, 1);
+  EXPECT_EQ(ring->size, 3);
+  EXPECT_EQ(ring->predecessor, "server a");
+  EXPECT_EQ(ring->successor, "server d");
+  EXPECT_EQ(ring->group_id, 7u);
+  ring = LeaveOut(full, {"a", "c"});
+  ASSERT_TRUE(ring.ok());
+  EXPECT_EQ(ring->rank, 0);
+  EXPECT_EQ(ring->size, 2);
+  EXPECT_EQ(ring->predecessor, "server d");
+  EXPECT_EQ(ring->successor, "server d");
+  ring = LeaveOut(full, {"a", "c", "d", "nobody"});
+  ASSERT_TRUE(ring.ok());
+  EXPECT_EQ(ring->size, 1);
+  // Never itself, and never a ring that does not list its members.
+  EXPECT_THAT(LeaveOut(full, {"b"}).status().message(),
+              HasSubstr("server b is left out of the step it was asked to run"));
+  StepRing bare = full;
+  bare.members.clear();
+  EXPECT_EQ(LeaveOut(bare, {"c"}).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -90,10 +90,29 @@ void CommitStepOneOn(ProcessCluster& cluster, int s, const ReferenceTraining& re
   ASSERT_TRUE(status.ok()) << status.error_message();
 }
 
+// AbortStep(1) on server `s` only, as a router that gave up on it would.
+void AbortStepOneOn(ProcessCluster& cluster, int s) {
+  v1::AbortStepRequest request;
+  request.set_step(1);
+  request.set_coordinator("test-router");
+  grpc::ClientContext context;
+  v1::AbortStepResponse response;
+  const grpc::Status status = cluster.server_stub(s).AbortStep(&context, request, &response);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+}
+
+// The step of the gate server `s` keeps (GetGate), 0 when it has none.
+uint64_t GateStepOn(ProcessCluster& cluster, int s) {
+  grpc::ClientContext context;
+  v1::GetGateResponse gate;
+  return cluster.server_stub(s).GetGate(&context, v1::GetGateRequest(), &gate).ok() ? gate.step()
+                                                                                     : 0;
+}
+
 // Every server at `step`, replicas bit-identical.
 void ExpectConverged(ProcessCluster& cluster, uint64_t step) {
   std::map<int, uint64_t> digests;
-  for (int s = 0; s < 2; ++s) {
+  for (int s = 0; s < static_cast<int>(cluster.config().cluster.servers.size()); ++s) {
     v1::InfoResponse info;
     ASSERT_TRUE(cluster.Info(s, &info).ok());
     EXPECT_EQ(info.step(), step) << "e" << s << "\n" << cluster.ServerLog(s);
@@ -107,9 +126,10 @@ void ExpectConverged(ProcessCluster& cluster, uint64_t step) {
 }
 
 // The cluster serves the reference's layer, then 5 more steps through the
-// router equal the reference's.
-void ExpectReferenceFromHereOn(ProcessCluster& cluster, ReferenceTraining& reference) {
-  for (int step = 2; step <= 6; ++step) {
+// router (from `first`) equal the reference's.
+void ExpectReferenceFromHereOn(ProcessCluster& cluster, ReferenceTraining& reference,
+                               int first = 2) {
+  for (int step = first; step < first + 5; ++step) {
     const FloatTensor x = RandomTensor({kTokens, kDModel}, 100 + step);
     const FloatTensor dy = RandomTensor({kTokens, kDModel}, 200 + step);
     const ReferenceTraining::Step expected = reference.Train(x, dy, kLr);
@@ -147,8 +167,9 @@ TEST(StepRepairTest, ARouterThatDiesBetweenTwoCommitsLeavesTheOtherServerToCommi
       << cluster.ServerLog(1);
   EXPECT_THAT(cluster.ServerLog(1), HasSubstr("has committed step 1"));
   ExpectConverged(cluster, 1);
-  // A router started now serves step 1's gate (e0 holds it; e1 committed
-  // without it) and trains on.
+  // e1 committed without its CommitStep, and took the step's gate from e0.
+  EXPECT_EQ(GateStepOn(cluster, 1), 1u) << cluster.ServerLog(1);
+  // A router started now serves step 1's gate and trains on.
   cluster.StartRouter();
   ExpectReferenceFromHereOn(cluster, reference);
 }
@@ -167,6 +188,46 @@ TEST(StepRepairTest, AServerKilledBetweenItsPrepareAndCommitSyncsWhenItComesBack
   // The router learns step 1's gate from e0 and trains on.
   ExpectReferenceFromHereOn(cluster, reference);
   EXPECT_THAT(cluster.RouterLog(), HasSubstr("learnt the gate of step 1 from the servers"));
+}
+
+// A replica behind the committed step sits the next step out: that step
+// runs over the other replicas' ring, then its commit tells the replica,
+// which syncs to it (weights and gate) and trains on with the others. The
+// test leaves e2 behind (step 1 committed on e0 and e1, aborted on e2) and
+// starts the router anew, as the router that ran step 1 holds its gate.
+TEST(StepRepairTest, AReplicaBehindSitsTheNextStepOutAndSyncsToIt) {
+  ProcessClusterOptions options = TwoReplicas();
+  options.num_servers = 3;
+  ProcessCluster cluster(options);
+  const ModelConfig& model = cluster.config().model;
+  ReferenceTraining reference(model, InitAllWeights(model));
+  TrainStepOne(cluster, reference);
+  PrepareStepOne(cluster);
+  CommitStepOneOn(cluster, 0, reference);
+  CommitStepOneOn(cluster, 1, reference);
+  AbortStepOneOn(cluster, 2);
+  cluster.KillRouter();
+  cluster.StartRouter();
+
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 102);
+  const FloatTensor dy = RandomTensor({kTokens, kDModel}, 202);
+  const ReferenceTraining::Step expected = reference.Train(x, dy, kLr);
+  v1::ForwardResponse y;
+  ASSERT_TRUE(cluster.Forward(x, &y, /*training=*/true).ok());
+  ASSERT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.forward.y, 1e-5));
+  v1::BackwardResponse dx;
+  ASSERT_TRUE(cluster.Backward(y.request_id(), dy, &dx).ok());
+  v1::StepResponse stepped;
+  const grpc::Status status = cluster.Step(kLr, absl::Seconds(30), &stepped);
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+  EXPECT_EQ(stepped.step(), 2u);
+  EXPECT_THAT(stepped.servers_left_out(), ::testing::ElementsAre("e2"));
+  EXPECT_EQ(stepped.servers_behind_size(), 0);
+  ASSERT_TRUE(cluster.WaitForServerLine(2, "rolled forward to step 2", absl::Seconds(30)))
+      << cluster.ServerLog(2);
+  ExpectConverged(cluster, 2);
+  EXPECT_EQ(GateStepOn(cluster, 2), 2u) << cluster.ServerLog(2);
+  ExpectReferenceFromHereOn(cluster, reference, 3);
 }
 
 // Two routers: Backwards through both, then a Step through each at once.

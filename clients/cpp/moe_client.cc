@@ -148,7 +148,8 @@ absl::StatusOr<StepOutput> MoeClient::Step(float learning_rate, absl::Duration t
                     absl::Seconds(response.allreduce_seconds()),
                     absl::Seconds(response.optimizer_seconds()),
                     absl::Seconds(response.commit_seconds()),
-                    {response.servers_behind().begin(), response.servers_behind().end()}};
+                    {response.servers_behind().begin(), response.servers_behind().end()},
+                    {response.servers_left_out().begin(), response.servers_left_out().end()}};
 }
 
 absl::StatusOr<SavedCheckpoint> MoeClient::SaveCheckpoint(DType dtype, absl::Duration timeout) {

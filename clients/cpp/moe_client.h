@@ -51,6 +51,9 @@ struct StepOutput {
   // Servers that did not confirm the commit (the step is committed; they
   // commit it when they hear from a peer or the next step).
   std::vector<std::string> servers_behind;
+  // Servers behind the committed step, left out of this one (they sync
+  // to it).
+  std::vector<std::string> servers_left_out;
 };
 
 struct SavedCheckpoint {

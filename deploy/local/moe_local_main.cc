@@ -188,6 +188,9 @@ bool Train(client::MoeClient& client, const ServingConfig& running,
     for (const std::string& behind : step->servers_behind) {
       std::printf("    not confirmed (commits on its peers' word): %s\n", behind.c_str());
     }
+    for (const std::string& name : step->servers_left_out) {
+      std::printf("    left out (behind the committed step; syncs to it): %s\n", name.c_str());
+    }
   }
   std::map<int, uint64_t> digests;
   const bool identical = ReplicasIdentical(running, credentials, digests);
