@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 
 #include "common/log.h"
 
@@ -35,18 +34,61 @@ void Softmax(absl::Span<const float> logits, absl::Span<float> probs) {
   }
 }
 
-// The k largest logits, descending; ties to the lower id.
-void TopK(absl::Span<const float> logits, int top_k, absl::Span<int32_t> out,
-          std::vector<int32_t>& scratch) {
-  scratch.resize(logits.size());
-  std::iota(scratch.begin(), scratch.end(), 0);
-  std::partial_sort(scratch.begin(), scratch.begin() + top_k, scratch.end(),
+// The k largest of `values` among `candidates`, descending; ties to the
+// lower index. `candidates` is reordered.
+void TopK(absl::Span<const float> values, int top_k, std::vector<int32_t>& candidates,
+          absl::Span<int32_t> out) {
+  std::partial_sort(candidates.begin(), candidates.begin() + top_k, candidates.end(),
                     [&](int32_t a, int32_t b) {
-                      return logits[a] > logits[b] ||
-                             (logits[a] == logits[b] && a < b);
+                      return values[a] > values[b] || (values[a] == values[b] && a < b);
                     });
-  std::copy(scratch.begin(), scratch.begin() + top_k, out.begin());
+  std::copy(candidates.begin(), candidates.begin() + top_k, out.begin());
 }
+
+// A token's experts: the top_k logits, among the experts of its top groups
+// when the gate has groups.
+class ExpertChooser {
+ public:
+  ExpertChooser(const GateOptions& gate, int num_experts, int top_k)
+      : gate_(gate), num_experts_(num_experts), top_k_(top_k) {
+    if (gate_.num_groups > 0) {
+      per_group_ = num_experts_ / gate_.num_groups;
+      group_best_.resize(gate_.num_groups);
+      chosen_groups_.resize(gate_.top_groups);
+    }
+  }
+
+  void Choose(absl::Span<const float> logits, absl::Span<int32_t> out) {
+    candidates_.clear();
+    if (gate_.num_groups == 0) {
+      for (int32_t e = 0; e < num_experts_; ++e) candidates_.push_back(e);
+      TopK(logits, top_k_, candidates_, out);
+      return;
+    }
+    for (int g = 0; g < gate_.num_groups; ++g) {
+      const auto group = logits.subspan(g * per_group_, per_group_);
+      group_best_[g] = *std::max_element(group.begin(), group.end());
+    }
+    for (int32_t g = 0; g < gate_.num_groups; ++g) candidates_.push_back(g);
+    TopK(group_best_, gate_.top_groups, candidates_, absl::MakeSpan(chosen_groups_));
+    // Ascending group order: the candidates' order does not matter to the
+    // choice (ties go to the lower id either way).
+    candidates_.clear();
+    for (int32_t g : chosen_groups_) {
+      for (int32_t e = g * per_group_; e < (g + 1) * per_group_; ++e) candidates_.push_back(e);
+    }
+    TopK(logits, top_k_, candidates_, out);
+  }
+
+ private:
+  const GateOptions& gate_;
+  const int num_experts_;
+  const int top_k_;
+  int per_group_ = 0;
+  std::vector<float> group_best_;
+  std::vector<int32_t> chosen_groups_;
+  std::vector<int32_t> candidates_;
+};
 
 void ApplyCapacity(Routing& routing) {
   const int k = routing.top_k;
@@ -92,9 +134,11 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
   routing.dropped.assign(pairs.Count(num_tokens), 0);
   routing.expert_tokens.assign(num_experts, 0);
   routing.capacity = ExpertCapacity(model, num_tokens);
+  routing.renormalized = model.gate.renormalize;
+  routing.scaling_factor = model.gate.scaling_factor;
 
   std::vector<float> logits(num_experts);
-  std::vector<int32_t> scratch;
+  ExpertChooser chooser(model.gate, num_experts, k);
   for (int64_t t = 0; t < num_tokens; ++t) {
     GateLogits(x.subspan(t * model.d_model, model.d_model), gate,
                absl::MakeSpan(logits));
@@ -103,11 +147,13 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
     Softmax(logits, probs);
     absl::Span<int32_t> chosen =
         absl::MakeSpan(routing.expert_ids).subspan(pairs.Pair(t, 0), k);
-    TopK(logits, k, chosen, scratch);
+    chooser.Choose(logits, chosen);
     double chosen_sum = 0;
     for (int j = 0; j < k; ++j) chosen_sum += probs[chosen[j]];
+    if (!routing.renormalized) chosen_sum = 1.0;
     for (int j = 0; j < k; ++j) {
-      routing.weights[pairs.Pair(t, j)] = static_cast<float>(probs[chosen[j]] / chosen_sum);
+      routing.weights[pairs.Pair(t, j)] =
+          static_cast<float>(probs[chosen[j]] / chosen_sum * routing.scaling_factor);
     }
   }
   ApplyCapacity(routing);
@@ -137,9 +183,12 @@ void GateBackward(const Routing& routing, absl::Span<const float> x,
       weighted += d_weight[p] * routing.weights[p];
     }
     std::fill(d_prob.begin(), d_prob.end(), 0.0);
+    const double scale = routing.scaling_factor;
     for (int j = 0; j < k; ++j) {
       const int64_t p = pairs.Pair(t, j);
-      d_prob[routing.expert_ids[p]] = (d_weight[p] - weighted) / chosen_sum;
+      d_prob[routing.expert_ids[p]] = routing.renormalized
+                                          ? (scale * d_weight[p] - weighted) / chosen_sum
+                                          : scale * d_weight[p];
     }
     double dot = 0;
     for (int m = 0; m < num_experts; ++m) dot += d_prob[m] * probs[m];

@@ -4,8 +4,14 @@
 //
 //   logits = x W_g                 (fp32, each logit summed over d_model in order)
 //   probs  = softmax(logits)       (computed in double, stored as fp32)
-//   top-k  by logit, descending; equal logits go to the lower expert id
-//   weight = prob / sum of the k chosen probs
+//   top-k  by logit, descending; equal logits go to the lower expert id;
+//          with groups (DeepSeek-V2's group_limited_greedy), only among the
+//          experts of the top_groups groups ranked by their best logit
+//          (equal ones to the lower group)
+//   weight = scale * prob / sum of the k chosen probs  (renormalised)
+//          = scale * prob                              (or not)
+//   (GateOptions: Mixtral renormalises, Switch's top-1, Qwen2-MoE/OLMoE
+//   with norm_topk_prob = false and DeepSeek-V2 do not.)
 //   capacity (DROP): ceil(capacity_factor * T * k / E) pairs per expert;
 //     pairs are admitted rank by rank (every token's first choice before
 //     any second choice), tokens in order within a rank; the rest dropped.
@@ -41,6 +47,9 @@ struct Routing {
   int64_t dropped_pairs = 0;
   // Pairs per expert allowed; 0 means unlimited (DROPLESS).
   int64_t capacity = 0;
+  // How the weights were made (for the backward).
+  bool renormalized = true;
+  double scaling_factor = 1.0;
 
   PairIndex pairs() const { return PairIndex(top_k); }
 };
@@ -56,10 +65,11 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
 // Backward through the gate. Given dL/dweight for every pair (d_weight
 // [num_tokens * top_k], 0 for dropped pairs), adds the gate path to `dx`
 // ([num_tokens, d_model]) and to `d_gate` ([d_model, num_experts]):
-// through the renormalisation dL/dp_i = (dL/dw_i - sum_j dL/dw_j w_j) / S for
-// the chosen i (0 otherwise; top-k is piecewise constant), through the
-// softmax dL/dlogit_m = p_m (dL/dp_m - sum_i dL/dp_i p_i), then
-// dx += dlogit W_g^T and dW_g += x^T dlogit.
+// through the weights dL/dp_i = (s dL/dw_i - sum_j dL/dw_j w_j) / S when
+// renormalised, s dL/dw_i when not, for the chosen i (0 otherwise; the
+// choice, groups included, is piecewise constant), through the softmax
+// dL/dlogit_m = p_m (dL/dp_m - sum_i dL/dp_i p_i), then dx += dlogit W_g^T
+// and dW_g += x^T dlogit.
 void GateBackward(const Routing& routing, absl::Span<const float> x,
                   const FloatTensor& gate, absl::Span<const double> d_weight,
                   absl::Span<float> dx, FloatTensor& d_gate);

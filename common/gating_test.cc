@@ -97,6 +97,73 @@ TEST(GatingTest, SecondChoicesDropBeforeLaterFirstChoices) {
   EXPECT_THAT(r.dropped, ElementsAre(0, 0, 1, 1));
 }
 
+TEST(GatingTest, WithoutRenormalisationTheWeightsAreTheScaledProbabilities) {
+  ModelConfig model = Model(4, 2);
+  model.gate.renormalize = false;
+  model.gate.scaling_factor = 2.5;
+  const Routing r = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4(), model);
+  EXPECT_THAT(r.expert_ids, ElementsAre(2, 1));
+  EXPECT_FLOAT_EQ(r.weights[0], 2.5f * r.probs[2]);
+  EXPECT_FLOAT_EQ(r.weights[1], 2.5f * r.probs[1]);
+  // Switch's top-1: the one weight is its probability.
+  model = Model(4, 1);
+  model.gate.renormalize = false;
+  const Routing top1 = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4(), model);
+  EXPECT_EQ(top1.weights[0], top1.probs[2]);
+}
+
+TEST(GatingTest, GroupsLimitTheChoiceToTheGroupsWithTheBestExperts) {
+  // logits [1, 2, 3, 0]; groups {0, 1} (best 2) and {2, 3} (best 3).
+  ModelConfig model = Model(4, 2);
+  model.gate.num_groups = 2;
+  model.gate.top_groups = 1;
+  const Routing r = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4(), model);
+  // Expert 1 (logit 2) is outside the chosen group; expert 3 (logit 0) in.
+  EXPECT_THAT(r.expert_ids, ElementsAre(2, 3));
+  model.gate.top_groups = 2;
+  EXPECT_THAT(RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4(), model).expert_ids,
+              ElementsAre(2, 1));
+  // Equal best logits: the lower group. x = [1, 0]: logits [1, 0, 1, 0].
+  model.gate.top_groups = 1;
+  EXPECT_THAT(RouteTokens(std::vector<float>{1.0f, 0.0f}, 1, Gate4(), model).expert_ids,
+              ElementsAre(0, 1));
+}
+
+// dL/dW_g from GateBackward against central differences of
+// L = sum_p c_p weight_p, for each gate variant.
+TEST(GatingTest, TheBackwardOfEveryVariantMatchesFiniteDifferences) {
+  const std::vector<float> x = {0.7f, -0.4f, 0.2f, 0.9f, -1.1f, 0.6f};  // 3 tokens
+  const FloatTensor gate({2, 4}, {0.9f, -0.3f, 0.4f, 0.1f, -0.2f, 0.8f, 0.5f, -0.6f});
+  for (bool renormalize : {true, false}) {
+    for (int groups : {0, 2}) {
+      SCOPED_TRACE(::testing::Message() << "renormalize " << renormalize << ", groups " << groups);
+      ModelConfig model = Model(4, 2);
+      model.gate = {renormalize, groups, groups == 0 ? 0 : 1, 1.5};
+      const Routing routing = RouteTokens(x, 3, gate, model);
+      std::vector<double> c(routing.weights.size());
+      for (size_t p = 0; p < c.size(); ++p) c[p] = 0.3 + 0.2 * static_cast<double>(p);
+      auto loss = [&](const FloatTensor& g) {
+        const Routing r = RouteTokens(x, 3, g, model);
+        EXPECT_EQ(r.expert_ids, routing.expert_ids);  // the choice holds
+        double sum = 0;
+        for (size_t p = 0; p < c.size(); ++p) sum += c[p] * r.weights[p];
+        return sum;
+      };
+      std::vector<float> dx(x.size(), 0.0f);
+      FloatTensor d_gate({2, 4});
+      GateBackward(routing, x, gate, c, absl::MakeSpan(dx), d_gate);
+      constexpr float kH = 1e-2f;
+      for (size_t i = 0; i < gate.values().size(); ++i) {
+        FloatTensor plus = gate, minus = gate;
+        plus.mutable_values()[i] += kH;
+        minus.mutable_values()[i] -= kH;
+        const double numeric = (loss(plus) - loss(minus)) / (2 * kH);
+        EXPECT_NEAR(d_gate.values()[i], numeric, 2e-3) << "W_g entry " << i;
+      }
+    }
+  }
+}
+
 TEST(GatingTest, EmptyBatch) {
   const Routing r = RouteTokens({}, 0, Gate4(), Model(4, 2));
   EXPECT_EQ(r.num_tokens, 0);

@@ -257,6 +257,51 @@ int ClusterConfig::FindServer(absl::string_view name) const {
   return -1;
 }
 
+namespace {
+
+absl::StatusOr<GateOptions> GateFromProto(const v1::GateConfig& proto,
+                                          const ModelConfig& model) {
+  GateOptions gate;
+  switch (proto.weights()) {
+    case v1::GateConfig::WEIGHTS_UNSPECIFIED:
+    case v1::GateConfig::WEIGHTS_RENORMALIZED:
+      gate.renormalize = true;
+      break;
+    case v1::GateConfig::WEIGHTS_PROBABILITIES:
+      gate.renormalize = false;
+      break;
+    default:
+      return FieldError("model.gate.weights", absl::StrCat("unknown value ", proto.weights()));
+  }
+  if (proto.num_groups() != 0 || proto.top_groups() != 0) {
+    if (proto.num_groups() < 1 || model.num_experts % proto.num_groups() != 0) {
+      return FieldError("model.gate.num_groups",
+                        absl::StrCat("must divide num_experts = ", model.num_experts, ", got ",
+                                     proto.num_groups()));
+    }
+    const int per_group = model.num_experts / proto.num_groups();
+    if (proto.top_groups() < 1 || proto.top_groups() > proto.num_groups() ||
+        static_cast<int64_t>(proto.top_groups()) * per_group < model.top_k) {
+      return FieldError(
+          "model.gate.top_groups",
+          absl::StrCat("must be in [1, num_groups = ", proto.num_groups(),
+                       "] with top_k = ", model.top_k, " <= top_groups x ", per_group,
+                       " experts per group, got ", proto.top_groups()));
+    }
+  }
+  gate.num_groups = proto.num_groups();
+  gate.top_groups = proto.top_groups();
+  if (!std::isfinite(proto.scaling_factor()) || proto.scaling_factor() < 0) {
+    return FieldError("model.gate.scaling_factor",
+                      absl::StrCat("must be finite and > 0 (0 means 1), got ",
+                                   proto.scaling_factor()));
+  }
+  gate.scaling_factor = proto.scaling_factor() == 0 ? 1.0 : proto.scaling_factor();
+  return gate;
+}
+
+}  // namespace
+
 absl::StatusOr<ModelConfig> ModelConfigFromProto(const v1::ModelConfig& proto) {
   ModelConfig config;
   MOE_RETURN_IF_ERROR(CheckDim("model.d_model", proto.d_model()));
@@ -304,6 +349,7 @@ absl::StatusOr<ModelConfig> ModelConfigFromProto(const v1::ModelConfig& proto) {
   config.max_batch_tokens = proto.max_batch_tokens() == 0
                                 ? kDefaultMaxBatchTokens
                                 : proto.max_batch_tokens();
+  MOE_ASSIGN_OR_RETURN(config.gate, GateFromProto(proto.gate(), config));
   return config;
 }
 
@@ -338,6 +384,12 @@ v1::ModelConfig ModelConfigToProto(const ModelConfig& config) {
   optimizer.set_weight_decay(config.optimizer.weight_decay);
   optimizer.set_max_grad_norm(config.optimizer.max_grad_norm);
   proto.set_max_batch_tokens(config.max_batch_tokens);
+  v1::GateConfig& gate = *proto.mutable_gate();
+  gate.set_weights(config.gate.renormalize ? v1::GateConfig::WEIGHTS_RENORMALIZED
+                                           : v1::GateConfig::WEIGHTS_PROBABILITIES);
+  gate.set_num_groups(config.gate.num_groups);
+  gate.set_top_groups(config.gate.top_groups);
+  gate.set_scaling_factor(config.gate.scaling_factor);
   return proto;
 }
 

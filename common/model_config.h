@@ -34,6 +34,20 @@ struct OptimizerOptions {
   float max_grad_norm = 0.0f;
 };
 
+// The gate's variant (proto GateConfig; common/gating.h has the arithmetic).
+struct GateOptions {
+  // Weights are the chosen probabilities divided by their sum; else the
+  // probabilities themselves.
+  bool renormalize = true;
+  // Group-limited choice (DeepSeek-V2): 0, or num_groups dividing
+  // num_experts with 1 <= top_groups <= num_groups and top_k <= the experts
+  // of top_groups groups.
+  int num_groups = 0;
+  int top_groups = 0;
+  // > 0, finite.
+  double scaling_factor = 1.0;
+};
+
 // The MoE layer's hyper-parameters (see proto/config.proto).
 struct ModelConfig {
   int64_t d_model = 0;
@@ -47,6 +61,7 @@ struct ModelConfig {
   OptimizerOptions optimizer;
   // Largest batch a request may carry.
   int64_t max_batch_tokens = 65536;
+  GateOptions gate;
 };
 
 // A ModelConfig describes one MoE layer, served as layer 0.

@@ -103,6 +103,40 @@ TEST(ModelConfigTest, AdamWTakesPyTorchsDefaultsUnlessGiven) {
               HasSubstr("model.optimizer.max_grad_norm"));
 }
 
+TEST(ModelConfigTest, GatesAreMixtralsUnlessGiven) {
+  absl::StatusOr<ServingConfig> config = ParseServingConfig(kValid);
+  ASSERT_TRUE(config.ok());
+  EXPECT_TRUE(config->model.gate.renormalize);
+  EXPECT_EQ(config->model.gate.num_groups, 0);
+  EXPECT_EQ(config->model.gate.scaling_factor, 1.0);
+  // DeepSeek-V2's: 8 experts in 4 groups, the best 2 groups, scaled.
+  const std::string grouped =
+      With("seed: 42", "seed: 42 gate { weights: WEIGHTS_PROBABILITIES num_groups: 4 "
+                       "top_groups: 2 scaling_factor: 16 }");
+  config = ParseServingConfig(grouped);
+  ASSERT_TRUE(config.ok()) << config.status();
+  const GateOptions& gate = config->model.gate;
+  EXPECT_FALSE(gate.renormalize);
+  EXPECT_EQ(gate.num_groups, 4);
+  EXPECT_EQ(gate.top_groups, 2);
+  EXPECT_EQ(gate.scaling_factor, 16.0);
+  absl::StatusOr<ModelConfig> again = ModelConfigFromProto(ModelConfigToProto(config->model));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_FALSE(again->gate.renormalize);
+  EXPECT_EQ(again->gate.top_groups, 2);
+  EXPECT_EQ(again->gate.scaling_factor, 16.0);
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(grouped, {{"num_groups: 4", "num_groups: 3"}})),
+              HasSubstr("model.gate.num_groups: must divide num_experts = 8, got 3"));
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(grouped, {{"top_groups: 2", "top_groups: 5"}})),
+              HasSubstr("model.gate.top_groups: must be in [1, num_groups = 4]"));
+  // top_k 2 needs 2 experts: one group of 2 is enough, of 1 not.
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(grouped, {{"num_groups: 4 top_groups: 2",
+                                                     "num_groups: 8 top_groups: 1"}})),
+              HasSubstr("top_k = 2 <= top_groups x 1 experts per group, got 1"));
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(grouped, {{"scaling_factor: 16", "scaling_factor: -1"}})),
+              HasSubstr("model.gate.scaling_factor"));
+}
+
 TEST(ModelConfigTest, ErrorsNameTheField) {
   EXPECT_EQ(ErrorOf(With("top_k: 2", "top_k: 9")),
             "model.top_k: must be in [1, num_experts = 8], got 9");

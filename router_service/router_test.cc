@@ -128,6 +128,40 @@ INSTANTIATE_TEST_SUITE_P(Strategies, RouterTrainingTest,
                                            PlacementStrategy::kModelParallel,
                                            PlacementStrategy::kHybrid));
 
+// The gate variants real models use (common/gating.h; each checked against
+// PyTorch in common/testing:reference_moe_torch_test) reach the router from
+// the config: forward and backward equal the reference.
+TEST(RouterTest, EveryGateVariantEqualsTheReference) {
+  const std::vector<GateOptions> gates = {
+      {false, 0, 0, 1.0},  // Qwen2-MoE / OLMoE, norm_topk_prob = false
+      {false, 4, 2, 16.0},  // DeepSeek-V2, group_limited_greedy
+      {true, 2, 1, 1.0},
+  };
+  for (const GateOptions& gate : gates) {
+    SCOPED_TRACE(::testing::Message() << "renormalize " << gate.renormalize << ", groups "
+                                      << gate.num_groups << "/" << gate.top_groups);
+    ModelConfig model = Model(2, false);
+    model.gate = gate;
+    Cluster cluster(model, PlacementStrategy::kHybrid);
+    const FloatTensor x = RandomTensor({41, 32}, 8), dy = RandomTensor({41, 32}, 9);
+    absl::StatusOr<Router::ForwardResult> forward = cluster.Forward(Wire(x), true);
+    ASSERT_TRUE(forward.ok()) << forward.status();
+    absl::StatusOr<v1::Tensor> dx = cluster.Backward(forward->request_id, Wire(dy));
+    ASSERT_TRUE(dx.ok()) << dx.status();
+    const ReferenceMoe reference = *ReferenceMoe::Create(cluster.model, cluster.weights);
+    const ReferenceForward expected = *reference.Forward(x);
+    const ReferenceGradients grads = *reference.Backward(x, expected, dy);
+    EXPECT_EQ(forward->routing.expert_ids, expected.routing.expert_ids);
+    EXPECT_EQ(forward->routing.weights, expected.routing.weights);
+    EXPECT_TRUE(TensorNear(Decoded(forward->y, 32), expected.y, 1e-5));
+    EXPECT_TRUE(TensorNear(Decoded(*dx, 32), grads.dx, 1e-5));
+    const std::vector<float> gate_gradient = cluster.client.steps(0).gate_gradient();
+    FloatTensor kept(grads.params.gate->shape());
+    std::copy(gate_gradient.begin(), gate_gradient.end(), kept.mutable_values().begin());
+    EXPECT_TRUE(TensorNear(kept, *grads.params.gate, 1e-5));
+  }
+}
+
 TEST(RouterTest, Bf16InBf16Out) {
   Cluster cluster(Model(2, false), PlacementStrategy::kHybrid);
   const FloatTensor x = RandomTensor({9, 32}, 7);

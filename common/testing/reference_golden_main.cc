@@ -9,7 +9,10 @@
 //                            of the shared optimizer (AdamW, lr 0.01,
 //                            gradients clipped to global norm 1) with those
 //                            gradients each step
+//   <out>/gate.json          the gate variant (--renormalize, --num_groups,
+//                            --top_groups, --scaling_factor)
 #include <cstdint>
+#include <fstream>
 #include <map>
 #include <string>
 
@@ -35,6 +38,10 @@ ABSL_FLAG(double, capacity_factor, 0, "With > 0, OVERFLOW_POLICY_DROP at this fa
 ABSL_FLAG(uint64_t, seed, 1, "Seed for weights and inputs.");
 ABSL_FLAG(bool, bf16_checkpoint, false, "Store the checkpoint in BF16.");
 ABSL_FLAG(int, adamw_steps, 0, "Steps of AdamW with clipping to write (adamw.safetensors).");
+ABSL_FLAG(bool, renormalize, true, "Gate: renormalise the chosen probabilities.");
+ABSL_FLAG(int, num_groups, 0, "Gate: expert groups (group-limited choice); 0: off.");
+ABSL_FLAG(int, top_groups, 0, "Gate: groups a token chooses among.");
+ABSL_FLAG(double, scaling_factor, 1.0, "Gate: every weight times this.");
 
 namespace moe {
 namespace {
@@ -50,6 +57,17 @@ absl::Status Run() {
   if (absl::GetFlag(FLAGS_capacity_factor) > 0) {
     model.overflow = OverflowPolicy::kDrop;
     model.capacity_factor = absl::GetFlag(FLAGS_capacity_factor);
+  }
+  model.gate = {absl::GetFlag(FLAGS_renormalize), absl::GetFlag(FLAGS_num_groups),
+                absl::GetFlag(FLAGS_top_groups), absl::GetFlag(FLAGS_scaling_factor)};
+  // The gate variant, for the PyTorch side.
+  {
+    std::ofstream gate(absl::StrCat(dir, "/gate.json"));
+    gate << "{\"renormalize\": " << (model.gate.renormalize ? "true" : "false")
+         << ", \"num_groups\": " << model.gate.num_groups
+         << ", \"top_groups\": " << model.gate.top_groups
+         << ", \"scaling_factor\": " << model.gate.scaling_factor << "}\n";
+    if (!gate) return absl::InternalError(absl::StrCat("cannot write ", dir, "/gate.json"));
   }
   const std::string checkpoint = absl::StrCat(dir, "/model.safetensors");
   MOE_RETURN_IF_ERROR(SaveCheckpoint(

@@ -10,6 +10,13 @@ With adamw.safetensors in DIR (reference_golden --adamw_steps=N), also
 N steps of torch.optim.AdamW with clip_grad_norm_ against the shared
 optimizer's.
 
+The gate variant comes from DIR/gate.json and is computed as the Hugging
+Face models do: Mixtral renormalises the top-k probabilities, Switch
+Transformers' top-1 and Qwen2-MoE/OLMoE with norm_topk_prob = False take
+them as they are, DeepSeek-V2's group_limited_greedy masks every group but
+the topk_group ones with the best maximum score and scales the weights by
+routed_scaling_factor.
+
 Usage: reference_moe_torch.py DIR TOP_K CAPACITY_FACTOR [ADAMW_STEPS]
 """
 
@@ -67,13 +74,33 @@ def main():
     x = io["x"].clone().requires_grad_(True)
     tokens = x.shape[0]
 
+    gate = {"renormalize": True, "num_groups": 0, "top_groups": 0, "scaling_factor": 1.0}
+    if os.path.exists(f"{directory}/gate.json"):
+        with open(f"{directory}/gate.json") as f:
+            gate.update(json.load(f))
+
     logits = F.linear(x, params["gate.weight"])
     probs = torch.softmax(logits, dim=-1)
-    # Top-k by logit; the stable sort keeps the lower expert id first on ties.
-    order = torch.sort(logits.detach(), dim=-1, descending=True, stable=True).indices
+    scores = probs.detach()
+    if gate["num_groups"] > 0:
+        # modeling_deepseek.py, topk_method == "group_limited_greedy".
+        group_scores = scores.view(tokens, gate["num_groups"], -1).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=gate["top_groups"], dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(
+            tokens, gate["num_groups"], num_experts // gate["num_groups"]).reshape(tokens, -1)
+        scores = scores.masked_fill(~score_mask.bool(), 0.0)
+    # Top-k, largest first (the stable sort keeps the lower expert id first
+    # on ties, as ours does).
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     chosen = order[:, :top_k]
     chosen_probs = torch.gather(probs, 1, chosen)
-    weights = chosen_probs / chosen_probs.sum(dim=-1, keepdim=True)
+    if gate["renormalize"]:
+        weights = chosen_probs / chosen_probs.sum(dim=-1, keepdim=True)
+    else:
+        weights = chosen_probs
+    weights = weights * gate["scaling_factor"]
 
     # Capacity: rank by rank, tokens in order within a rank.
     dropped = torch.zeros(tokens, top_k, dtype=torch.bool)
@@ -136,7 +163,7 @@ def main():
         if error > TOLERANCE:
             failures.append(f"{name}: relative error {error:.3e} > {TOLERANCE}")
     print(f"tokens {tokens}, experts {num_experts}, top_k {top_k}, "
-          f"dropped {int(dropped.sum())}")
+          f"dropped {int(dropped.sum())}, gate {gate}")
     if failures:
         print("\n".join(failures))
         sys.exit(1)

@@ -28,5 +28,14 @@ run_case top2 2 0 --num_experts=8 --tokens=64 --seed=3
 run_case top2_drop 2 0.75 --num_experts=4 --tokens=40 --seed=5
 run_case top3_wide 3 0 --num_experts=6 --tokens=17 --d_model=64 --d_ff=96 --seed=7
 run_case one_token 2 0 --num_experts=4 --tokens=1 --seed=9
+# Gates as the models define them: Switch's top-1 and Qwen2-MoE / OLMoE
+# (norm_topk_prob = false) take the probabilities as they are; DeepSeek-V2
+# chooses among its best groups and scales.
+run_case switch_top1 1 0 --num_experts=4 --tokens=33 --seed=11 --renormalize=false
+run_case qwen2_moe_top4 4 0 --num_experts=8 --tokens=40 --seed=13 --renormalize=false
+run_case deepseek_groups 2 0 --num_experts=8 --tokens=48 --seed=15 --renormalize=false \
+  --num_groups=4 --top_groups=2 --scaling_factor=16
+run_case groups_renormalised 3 0.75 --num_experts=8 --tokens=40 --seed=17 --num_groups=2 \
+  --top_groups=1
 run_case bf16_checkpoint 2 1.0 --num_experts=4 --tokens=50 --bf16_checkpoint --seed=13
 echo "all cases agree with PyTorch"
