@@ -23,7 +23,8 @@ void GateLogits(absl::Span<const float> x_row, const FloatTensor& gate,
   }
 }
 
-void Softmax(absl::Span<const float> logits, absl::Span<float> probs) {
+// Returns the logsumexp of the logits (the z-loss's).
+double Softmax(absl::Span<const float> logits, absl::Span<float> probs) {
   const float max = *std::max_element(logits.begin(), logits.end());
   double sum = 0;
   for (size_t e = 0; e < logits.size(); ++e) {
@@ -32,6 +33,29 @@ void Softmax(absl::Span<const float> logits, absl::Span<float> probs) {
   for (size_t e = 0; e < logits.size(); ++e) {
     probs[e] = static_cast<float>(std::exp(static_cast<double>(logits[e]) - max) / sum);
   }
+  return max + std::log(sum);
+}
+
+// The batch's load-balancing and z losses (gating.h).
+void Losses(Routing& routing) {
+  const int64_t tokens = routing.num_tokens;
+  if (tokens == 0) return;
+  const int num_experts = routing.num_experts;
+  routing.chosen_count.assign(num_experts, 0);
+  for (int32_t e : routing.expert_ids) ++routing.chosen_count[e];
+  std::vector<double> mean_prob(num_experts, 0.0);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* probs = routing.probs.data() + t * num_experts;
+    for (int e = 0; e < num_experts; ++e) mean_prob[e] += probs[e];
+  }
+  double aux = 0;
+  for (int e = 0; e < num_experts; ++e) {
+    aux += static_cast<double>(routing.chosen_count[e]) / tokens * (mean_prob[e] / tokens);
+  }
+  routing.aux_loss = num_experts * aux;
+  double z = 0;
+  for (double log_z : routing.log_z) z += log_z * log_z;
+  routing.z_loss = z / tokens;
 }
 
 // The k largest of `values` among `candidates`, descending; ties to the
@@ -136,6 +160,9 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
   routing.capacity = ExpertCapacity(model, num_tokens);
   routing.renormalized = model.gate.renormalize;
   routing.scaling_factor = model.gate.scaling_factor;
+  routing.aux_loss_coef = model.gate.aux_loss_coef;
+  routing.z_loss_coef = model.gate.z_loss_coef;
+  routing.log_z.resize(num_tokens);
 
   std::vector<float> logits(num_experts);
   ExpertChooser chooser(model.gate, num_experts, k);
@@ -144,7 +171,7 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
                absl::MakeSpan(logits));
     absl::Span<float> probs =
         absl::MakeSpan(routing.probs).subspan(t * num_experts, num_experts);
-    Softmax(logits, probs);
+    routing.log_z[t] = Softmax(logits, probs);
     absl::Span<int32_t> chosen =
         absl::MakeSpan(routing.expert_ids).subspan(pairs.Pair(t, 0), k);
     chooser.Choose(logits, chosen);
@@ -157,6 +184,7 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
     }
   }
   ApplyCapacity(routing);
+  Losses(routing);
   return routing;
 }
 
@@ -174,6 +202,16 @@ void GateBackward(const Routing& routing, absl::Span<const float> x,
   float* dw_g = d_gate.mutable_values().data();
   std::vector<double> d_prob(num_experts);
   std::vector<float> d_logit(num_experts);
+  // The load-balancing loss's gradient through each token's probabilities
+  // (the counts are piecewise constant): the same for every token.
+  std::vector<double> d_prob_aux(num_experts, 0.0);
+  const double tokens = static_cast<double>(routing.num_tokens);
+  if (routing.aux_loss_coef > 0) {
+    for (int m = 0; m < num_experts; ++m) {
+      d_prob_aux[m] =
+          routing.aux_loss_coef * num_experts * routing.chosen_count[m] / (tokens * tokens);
+    }
+  }
   for (int64_t t = 0; t < routing.num_tokens; ++t) {
     const float* probs = routing.probs.data() + t * num_experts;
     double chosen_sum = 0, weighted = 0;
@@ -182,18 +220,20 @@ void GateBackward(const Routing& routing, absl::Span<const float> x,
       chosen_sum += probs[routing.expert_ids[p]];
       weighted += d_weight[p] * routing.weights[p];
     }
-    std::fill(d_prob.begin(), d_prob.end(), 0.0);
+    std::copy(d_prob_aux.begin(), d_prob_aux.end(), d_prob.begin());
     const double scale = routing.scaling_factor;
     for (int j = 0; j < k; ++j) {
       const int64_t p = pairs.Pair(t, j);
-      d_prob[routing.expert_ids[p]] = routing.renormalized
-                                          ? (scale * d_weight[p] - weighted) / chosen_sum
-                                          : scale * d_weight[p];
+      d_prob[routing.expert_ids[p]] += routing.renormalized
+                                           ? (scale * d_weight[p] - weighted) / chosen_sum
+                                           : scale * d_weight[p];
     }
     double dot = 0;
     for (int m = 0; m < num_experts; ++m) dot += d_prob[m] * probs[m];
+    // d(z_coef mean_t lse_t^2)/dlogit = z_coef 2 lse_t softmax / T.
+    const double z = routing.z_loss_coef * 2 * routing.log_z[t] / tokens;
     for (int m = 0; m < num_experts; ++m) {
-      d_logit[m] = static_cast<float>(probs[m] * (d_prob[m] - dot));
+      d_logit[m] = static_cast<float>(probs[m] * (d_prob[m] - dot + z));
     }
     const float* x_row = x.data() + t * d_model;
     float* dx_row = dx.data() + t * d_model;

@@ -12,6 +12,10 @@
 //          = scale * prob                              (or not)
 //   (GateOptions: Mixtral renormalises, Switch's top-1, Qwen2-MoE/OLMoE
 //   with norm_topk_prob = false and DeepSeek-V2 do not.)
+//   aux_loss = E * sum_e (c_e / T) * mean_t probs[t, e]   (Switch, Mixtral's
+//              load_balancing_loss_func: c_e pairs choosing e, dropped ones
+//              included, over the batch's T tokens)
+//   z_loss   = mean_t logsumexp(logits[t])^2               (Switch's)
 //   capacity (DROP): ceil(capacity_factor * T * k / E) pairs per expert;
 //     pairs are admitted rank by rank (every token's first choice before
 //     any second choice), tokens in order within a rank; the rest dropped.
@@ -47,9 +51,18 @@ struct Routing {
   int64_t dropped_pairs = 0;
   // Pairs per expert allowed; 0 means unlimited (DROPLESS).
   int64_t capacity = 0;
-  // How the weights were made (for the backward).
+  // How the weights were made, and the losses' weights (for the backward).
   bool renormalized = true;
   double scaling_factor = 1.0;
+  double aux_loss_coef = 0.0;
+  double z_loss_coef = 0.0;
+  // The batch's load-balancing and z losses (unweighted), their parts the
+  // backward needs: pairs choosing each expert (dropped ones included) and
+  // each token's logsumexp of the logits.
+  double aux_loss = 0.0;
+  double z_loss = 0.0;
+  std::vector<int64_t> chosen_count;
+  std::vector<double> log_z;
 
   PairIndex pairs() const { return PairIndex(top_k); }
 };
@@ -69,7 +82,9 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
 // renormalised, s dL/dw_i when not, for the chosen i (0 otherwise; the
 // choice, groups included, is piecewise constant), through the softmax
 // dL/dlogit_m = p_m (dL/dp_m - sum_i dL/dp_i p_i), then dx += dlogit W_g^T
-// and dW_g += x^T dlogit.
+// and dW_g += x^T dlogit. With aux_loss_coef or z_loss_coef, their losses'
+// gradients join: dL/dp_m += coef E c_m / T^2 for every token, and
+// dL/dlogit_m += z_coef 2 logsumexp p_m / T.
 void GateBackward(const Routing& routing, absl::Span<const float> x,
                   const FloatTensor& gate, absl::Span<const double> d_weight,
                   absl::Span<float> dx, FloatTensor& d_gate);

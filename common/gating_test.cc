@@ -130,38 +130,53 @@ TEST(GatingTest, GroupsLimitTheChoiceToTheGroupsWithTheBestExperts) {
 }
 
 // dL/dW_g from GateBackward against central differences of
-// L = sum_p c_p weight_p, for each gate variant.
+// L = sum_p c_p weight_p (+ the weighted load-balancing and z losses), for
+// each gate variant.
 TEST(GatingTest, TheBackwardOfEveryVariantMatchesFiniteDifferences) {
   const std::vector<float> x = {0.7f, -0.4f, 0.2f, 0.9f, -1.1f, 0.6f};  // 3 tokens
   const FloatTensor gate({2, 4}, {0.9f, -0.3f, 0.4f, 0.1f, -0.2f, 0.8f, 0.5f, -0.6f});
   for (bool renormalize : {true, false}) {
     for (int groups : {0, 2}) {
-      SCOPED_TRACE(::testing::Message() << "renormalize " << renormalize << ", groups " << groups);
-      ModelConfig model = Model(4, 2);
-      model.gate = {renormalize, groups, groups == 0 ? 0 : 1, 1.5};
-      const Routing routing = RouteTokens(x, 3, gate, model);
-      std::vector<double> c(routing.weights.size());
-      for (size_t p = 0; p < c.size(); ++p) c[p] = 0.3 + 0.2 * static_cast<double>(p);
-      auto loss = [&](const FloatTensor& g) {
-        const Routing r = RouteTokens(x, 3, g, model);
-        EXPECT_EQ(r.expert_ids, routing.expert_ids);  // the choice holds
-        double sum = 0;
-        for (size_t p = 0; p < c.size(); ++p) sum += c[p] * r.weights[p];
-        return sum;
-      };
-      std::vector<float> dx(x.size(), 0.0f);
-      FloatTensor d_gate({2, 4});
-      GateBackward(routing, x, gate, c, absl::MakeSpan(dx), d_gate);
-      constexpr float kH = 1e-2f;
-      for (size_t i = 0; i < gate.values().size(); ++i) {
-        FloatTensor plus = gate, minus = gate;
-        plus.mutable_values()[i] += kH;
-        minus.mutable_values()[i] -= kH;
-        const double numeric = (loss(plus) - loss(minus)) / (2 * kH);
-        EXPECT_NEAR(d_gate.values()[i], numeric, 2e-3) << "W_g entry " << i;
+      for (bool losses : {false, true}) {
+        SCOPED_TRACE(::testing::Message() << "renormalize " << renormalize << ", groups " << groups
+                                          << ", losses " << losses);
+        ModelConfig model = Model(4, 2);
+        model.gate = {renormalize,       groups, groups == 0 ? 0 : 1, 1.5, losses ? 0.5 : 0.0,
+                      losses ? 0.1 : 0.0};
+        const Routing routing = RouteTokens(x, 3, gate, model);
+        std::vector<double> c(routing.weights.size());
+        for (size_t p = 0; p < c.size(); ++p) c[p] = 0.3 + 0.2 * static_cast<double>(p);
+        auto loss = [&](const FloatTensor& g) {
+          const Routing r = RouteTokens(x, 3, g, model);
+          EXPECT_EQ(r.expert_ids, routing.expert_ids);  // the choice holds
+          double sum = model.gate.aux_loss_coef * r.aux_loss + model.gate.z_loss_coef * r.z_loss;
+          for (size_t p = 0; p < c.size(); ++p) sum += c[p] * r.weights[p];
+          return sum;
+        };
+        std::vector<float> dx(x.size(), 0.0f);
+        FloatTensor d_gate({2, 4});
+        GateBackward(routing, x, gate, c, absl::MakeSpan(dx), d_gate);
+        constexpr float kH = 1e-2f;
+        for (size_t i = 0; i < gate.values().size(); ++i) {
+          FloatTensor plus = gate, minus = gate;
+          plus.mutable_values()[i] += kH;
+          minus.mutable_values()[i] -= kH;
+          const double numeric = (loss(plus) - loss(minus)) / (2 * kH);
+          EXPECT_NEAR(d_gate.values()[i], numeric, 2e-3) << "W_g entry " << i;
+        }
       }
     }
   }
+}
+
+TEST(GatingTest, TheLossesAreSwitchsAndMixtrals) {
+  // x = [1, 2]: logits [1, 2, 3, 0]; top-2 chooses experts 2 and 1.
+  const Routing r = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4(), Model(4, 2));
+  const double lse = std::log(std::exp(1.0) + std::exp(2.0) + std::exp(3.0) + 1.0);
+  EXPECT_NEAR(r.z_loss, lse * lse, 1e-5);
+  // E * sum_e (c_e / T) p_e = 4 (p_2 + p_1).
+  EXPECT_NEAR(r.aux_loss, 4.0 * (r.probs[2] + r.probs[1]), 1e-6);
+  EXPECT_THAT(r.chosen_count, ElementsAre(0, 1, 1, 0));
 }
 
 TEST(GatingTest, EmptyBatch) {

@@ -297,6 +297,15 @@ absl::StatusOr<GateOptions> GateFromProto(const v1::GateConfig& proto,
                                    proto.scaling_factor()));
   }
   gate.scaling_factor = proto.scaling_factor() == 0 ? 1.0 : proto.scaling_factor();
+  for (const auto& [name, value] : {std::pair{"aux_loss_coef", proto.aux_loss_coef()},
+                                    std::pair{"z_loss_coef", proto.z_loss_coef()}}) {
+    if (!std::isfinite(value) || value < 0) {
+      return FieldError(absl::StrCat("model.gate.", name),
+                        absl::StrCat("must be finite and >= 0, got ", value));
+    }
+  }
+  gate.aux_loss_coef = proto.aux_loss_coef();
+  gate.z_loss_coef = proto.z_loss_coef();
   return gate;
 }
 
@@ -390,6 +399,8 @@ v1::ModelConfig ModelConfigToProto(const ModelConfig& config) {
   gate.set_num_groups(config.gate.num_groups);
   gate.set_top_groups(config.gate.top_groups);
   gate.set_scaling_factor(config.gate.scaling_factor);
+  gate.set_aux_loss_coef(config.gate.aux_loss_coef);
+  gate.set_z_loss_coef(config.gate.z_loss_coef);
   return proto;
 }
 

@@ -46,6 +46,9 @@ struct GateOptions {
   int top_groups = 0;
   // > 0, finite.
   double scaling_factor = 1.0;
+  // The weights of the load-balancing and z losses in training; >= 0.
+  double aux_loss_coef = 0.0;
+  double z_loss_coef = 0.0;
 };
 
 // The MoE layer's hyper-parameters (see proto/config.proto).

@@ -39,6 +39,8 @@ void RouterServiceImpl::FillForward(const v1::ForwardRequest& request,
     if (result->request_id != 0) response->set_router(router_.identity());
     const Routing& routing = result->routing;
     response->set_dropped_pairs(routing.dropped_pairs);
+    response->set_aux_loss(routing.aux_loss);
+    response->set_z_loss(routing.z_loss);
     if (request.return_routing()) {
       v1::Routing* out = response->mutable_routing();
       out->set_top_k(routing.top_k);

@@ -133,9 +133,10 @@ INSTANTIATE_TEST_SUITE_P(Strategies, RouterTrainingTest,
 // the config: forward and backward equal the reference.
 TEST(RouterTest, EveryGateVariantEqualsTheReference) {
   const std::vector<GateOptions> gates = {
-      {false, 0, 0, 1.0},  // Qwen2-MoE / OLMoE, norm_topk_prob = false
+      {false, 0, 0, 1.0},   // Qwen2-MoE / OLMoE, norm_topk_prob = false
       {false, 4, 2, 16.0},  // DeepSeek-V2, group_limited_greedy
       {true, 2, 1, 1.0},
+      {true, 0, 0, 1.0, 0.5, 0.1},  // trained with the load-balancing and z losses
   };
   for (const GateOptions& gate : gates) {
     SCOPED_TRACE(::testing::Message() << "renormalize " << gate.renormalize << ", groups "

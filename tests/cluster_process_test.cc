@@ -78,6 +78,8 @@ TEST_P(ClusterMatrixTest, OutputsEqualTheReference) {
                            response.routing().expert_ids().end(),
                            expected.routing.expert_ids.begin()));
     EXPECT_EQ(response.dropped_pairs(), expected.routing.dropped_pairs);
+    EXPECT_EQ(response.aux_loss(), expected.routing.aux_loss);
+    EXPECT_EQ(response.z_loss(), expected.routing.z_loss);
   }
 }
 

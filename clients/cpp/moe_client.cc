@@ -73,6 +73,8 @@ absl::StatusOr<ForwardOutput> ForwardOutputOf(const v1::ForwardResponse& respons
   MOE_ASSIGN_OR_RETURN(out.y, DecodeBatch(response.y(), "y"));
   out.request_id = response.request_id();
   out.dropped_pairs = response.dropped_pairs();
+  out.aux_loss = response.aux_loss();
+  out.z_loss = response.z_loss();
   out.top_k = response.routing().top_k();
   out.expert_ids.assign(response.routing().expert_ids().begin(),
                         response.routing().expert_ids().end());

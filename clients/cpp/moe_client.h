@@ -33,6 +33,9 @@ struct ForwardOutput {
   FloatTensor y;
   uint64_t request_id = 0;
   int64_t dropped_pairs = 0;
+  // The batch's load-balancing loss and router z-loss (unweighted).
+  double aux_loss = 0.0;
+  double z_loss = 0.0;
   // With return_routing: [tokens * top_k] expert ids, weights, and whether
   // the pair was dropped for capacity.
   int top_k = 0;

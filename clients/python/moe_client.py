@@ -52,6 +52,9 @@ class ForwardResult:
         self.y = decode(response.y)
         self.request_id = response.request_id
         self.dropped_pairs = response.dropped_pairs
+        # The batch's load-balancing loss and router z-loss (unweighted).
+        self.aux_loss = response.aux_loss
+        self.z_loss = response.z_loss
         routing = response.routing
         self.top_k = routing.top_k
         tokens = self.y.shape[0]

@@ -10,7 +10,9 @@
 //                            gradients clipped to global norm 1) with those
 //                            gradients each step
 //   <out>/gate.json          the gate variant (--renormalize, --num_groups,
-//                            --top_groups, --scaling_factor)
+//                            --top_groups, --scaling_factor) and the
+//                            losses' weights (--aux_loss_coef, --z_loss_coef);
+//                            io.safetensors then has "losses" (aux, z)
 #include <cstdint>
 #include <fstream>
 #include <map>
@@ -42,6 +44,8 @@ ABSL_FLAG(bool, renormalize, true, "Gate: renormalise the chosen probabilities."
 ABSL_FLAG(int, num_groups, 0, "Gate: expert groups (group-limited choice); 0: off.");
 ABSL_FLAG(int, top_groups, 0, "Gate: groups a token chooses among.");
 ABSL_FLAG(double, scaling_factor, 1.0, "Gate: every weight times this.");
+ABSL_FLAG(double, aux_loss_coef, 0.0, "Gate: weight of the load-balancing loss.");
+ABSL_FLAG(double, z_loss_coef, 0.0, "Gate: weight of the router z-loss.");
 
 namespace moe {
 namespace {
@@ -58,15 +62,18 @@ absl::Status Run() {
     model.overflow = OverflowPolicy::kDrop;
     model.capacity_factor = absl::GetFlag(FLAGS_capacity_factor);
   }
-  model.gate = {absl::GetFlag(FLAGS_renormalize), absl::GetFlag(FLAGS_num_groups),
-                absl::GetFlag(FLAGS_top_groups), absl::GetFlag(FLAGS_scaling_factor)};
+  model.gate = {absl::GetFlag(FLAGS_renormalize),   absl::GetFlag(FLAGS_num_groups),
+                absl::GetFlag(FLAGS_top_groups),    absl::GetFlag(FLAGS_scaling_factor),
+                absl::GetFlag(FLAGS_aux_loss_coef), absl::GetFlag(FLAGS_z_loss_coef)};
   // The gate variant, for the PyTorch side.
   {
     std::ofstream gate(absl::StrCat(dir, "/gate.json"));
     gate << "{\"renormalize\": " << (model.gate.renormalize ? "true" : "false")
          << ", \"num_groups\": " << model.gate.num_groups
          << ", \"top_groups\": " << model.gate.top_groups
-         << ", \"scaling_factor\": " << model.gate.scaling_factor << "}\n";
+         << ", \"scaling_factor\": " << model.gate.scaling_factor
+         << ", \"aux_loss_coef\": " << model.gate.aux_loss_coef
+         << ", \"z_loss_coef\": " << model.gate.z_loss_coef << "}\n";
     if (!gate) return absl::InternalError(absl::StrCat("cannot write ", dir, "/gate.json"));
   }
   const std::string checkpoint = absl::StrCat(dir, "/model.safetensors");
@@ -94,6 +101,9 @@ absl::Status Run() {
   io.Add("expert_ids", {tokens, model.top_k}, expert_ids);
   io.Add("weights", {tokens, model.top_k}, routing.weights);
   io.Add("dropped", {tokens, model.top_k}, dropped);
+  const std::vector<float> losses = {static_cast<float>(routing.aux_loss),
+                                     static_cast<float>(routing.z_loss)};
+  io.Add("losses", {2}, losses);  // kept by reference until Write
   MOE_RETURN_IF_ERROR(io.Write(absl::StrCat(dir, "/io.safetensors"), DType::kFloat32));
   MOE_RETURN_IF_ERROR(SaveCheckpoint(absl::StrCat(dir, "/grads.safetensors"), model,
                                      grads.params, DType::kFloat32));

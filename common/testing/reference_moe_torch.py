@@ -74,7 +74,8 @@ def main():
     x = io["x"].clone().requires_grad_(True)
     tokens = x.shape[0]
 
-    gate = {"renormalize": True, "num_groups": 0, "top_groups": 0, "scaling_factor": 1.0}
+    gate = {"renormalize": True, "num_groups": 0, "top_groups": 0, "scaling_factor": 1.0,
+            "aux_loss_coef": 0.0, "z_loss_coef": 0.0}
     if os.path.exists(f"{directory}/gate.json"):
         with open(f"{directory}/gate.json") as f:
             gate.update(json.load(f))
@@ -131,10 +132,23 @@ def main():
                                      params[f"experts.{e}.w1.bias"]))
             out = F.linear(hidden, params[f"experts.{e}.w2.weight"], params[f"experts.{e}.w2.bias"])
             y[t] = y[t] + weights[t, j] * out
-    y.backward(io["grad_output"])
+    # The losses real models train their gates with: Mixtral's
+    # load_balancing_loss_func (its top_k over the probabilities; Switch's
+    # for top_k 1) and Switch's router_z_loss_func, weighted in the loss.
+    expert_mask = F.one_hot(chosen, num_experts).double()
+    tokens_per_expert = torch.mean(expert_mask, dim=0)
+    router_prob_per_expert = torch.mean(probs, dim=0)
+    aux_loss = torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0)) * num_experts
+    z_loss = torch.sum(torch.logsumexp(logits, dim=-1) ** 2) / tokens
+    loss = (torch.sum(y * io["grad_output"]) + gate["aux_loss_coef"] * aux_loss +
+            gate["z_loss_coef"] * z_loss)
+    loss.backward()
 
     checks = [("y", y.detach(), io["y"]), ("grad_input", x.grad, io["grad_input"]),
               ("routing weights", weights.detach(), io["weights"])]
+    if "losses" in io:
+        checks.append(("aux_loss, z_loss",
+                       torch.stack([aux_loss.detach(), z_loss.detach()]), io["losses"]))
     checks += [(f"grad {name}", p.grad if p.grad is not None else torch.zeros_like(p),
                 ours_grads[name]) for name, p in params.items()]
     # The optimizer: torch.optim.AdamW (lr 0.01) with clip_grad_norm_ (1.0),

@@ -37,5 +37,11 @@ run_case deepseek_groups 2 0 --num_experts=8 --tokens=48 --seed=15 --renormalize
   --num_groups=4 --top_groups=2 --scaling_factor=16
 run_case groups_renormalised 3 0.75 --num_experts=8 --tokens=40 --seed=17 --num_groups=2 \
   --top_groups=1
+# Trained with the load-balancing and z losses (Mixtral's 0.02 and Switch's
+# 0.001 are small: larger weights make their gradients show).
+run_case mixtral_aux_z 2 0 --num_experts=8 --tokens=64 --seed=19 --aux_loss_coef=0.5 \
+  --z_loss_coef=0.1
+run_case switch_aux_z 1 0 --num_experts=4 --tokens=33 --seed=21 --renormalize=false \
+  --aux_loss_coef=0.5 --z_loss_coef=0.1
 run_case bf16_checkpoint 2 1.0 --num_experts=4 --tokens=50 --bf16_checkpoint --seed=13
 echo "all cases agree with PyTorch"
