@@ -295,6 +295,7 @@ grpc::ServerUnaryReactor* RouterServiceImpl::GetClusterState(
   response->set_placement_epoch(snapshot->version);
   response->set_step(router_.gate()->version);
   response->set_router(router_.identity());
+  *response->mutable_model() = ModelConfigToProto(config.model);
   // One MoE layer (model_config.h): every key is of layer 0, and the
   // response names experts by their index in it.
   constexpr int kLayer = 0;

@@ -216,6 +216,31 @@ TEST(ClusterTest, ConcurrentClientsGetTheirOwnAnswers) {
   EXPECT_EQ(state.step(), 0u);             // no training step yet
 }
 
+// The gate a config names is the one served, and GetClusterState says
+// which: DeepSeek-V2's group-limited choice, scaled, here.
+TEST(ClusterTest, TheConfiguredGateIsServedAndReported) {
+  ProcessClusterOptions options;
+  options.model =
+      "d_model: 48 d_ff: 96 num_experts: 8 top_k: 2 seed: 5 gate { weights: "
+      "WEIGHTS_PROBABILITIES num_groups: 4 top_groups: 2 scaling_factor: 16 }";
+  options.strategy = "HYBRID";
+  ProcessCluster cluster(options);
+  const ReferenceMoe reference = cluster.Reference();
+  const FloatTensor x = RandomTensor({300, 48}, 77);
+  v1::ForwardResponse response;
+  ASSERT_TRUE(cluster.Forward(x, &response).ok());
+  const ReferenceForward expected = *reference.Forward(x);
+  EXPECT_TRUE(TensorNear(Decoded(response.y()), expected.y, 1e-5));
+  EXPECT_EQ(response.z_loss(), expected.routing.z_loss);
+  grpc::ClientContext context;
+  v1::ClusterState state;
+  ASSERT_TRUE(cluster.stub().GetClusterState(&context, {}, &state).ok());
+  EXPECT_EQ(state.model().gate().weights(), v1::GateConfig::WEIGHTS_PROBABILITIES);
+  EXPECT_EQ(state.model().gate().num_groups(), 4);
+  EXPECT_EQ(state.model().gate().top_groups(), 2);
+  EXPECT_EQ(state.model().gate().scaling_factor(), 16.0);
+}
+
 TEST(ClusterTest, ForwardStreamAnswersEveryRequestByClientId) {
   LocalCluster cluster("DATA_PARALLEL", 2, false);
   const ReferenceMoe reference = cluster.Reference();
