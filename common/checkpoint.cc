@@ -131,6 +131,11 @@ absl::Status CheckEntry(const std::string& path, const TensorSlot& slot,
     return absl::InvalidArgumentError(absl::StrCat("checkpoint ", path, ": missing tensor \"",
                                                    slot.name, "\" ", ShapeString(slot.shape)));
   }
+  if (entry->type == StoredType::kOther) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("checkpoint ", path, ": tensor \"", slot.name, "\" is ", entry->dtype,
+                     ", the wrong dtype for weights (want F32, BF16 or F16)"));
+  }
   if (entry->shape != slot.shape) {
     return absl::InvalidArgumentError(absl::StrCat("checkpoint ", path, ": tensor \"", slot.name,
                                                    "\" has shape ", ShapeString(entry->shape),

@@ -401,10 +401,10 @@ TEST_F(MalformedCheckpointTest, BadJsonAndBadHeaders) {
   EXPECT_THAT(ErrorOf(huge_length), HasSubstr("exceeds the file"));
   EXPECT_THAT(ErrorOf(Safetensors({{"gate.weight", 3}}, "")), HasSubstr("not an object"));
   EXPECT_THAT(ErrorOf(Safetensors(
-                  {{"gate.weight", {{"dtype", "F64"}, {"shape", {3, 6}},
+                  {{"gate.weight", {{"dtype", "F128"}, {"shape", {3, 6}},
                                     {"data_offsets", {0, 144}}}}},
                   std::string(144, '\0'))),
-              HasSubstr("dtype F64 is not supported"));
+              HasSubstr("unknown dtype \"F128\""));
   EXPECT_THAT(ErrorOf(Safetensors(
                   {{"gate.weight", {{"dtype", "F32"}, {"shape", {3, -6}},
                                     {"data_offsets", {0, 72}}}}},
@@ -422,6 +422,48 @@ TEST_F(MalformedCheckpointTest, BadJsonAndBadHeaders) {
               HasSubstr("out of range"));
   EXPECT_THAT(ErrorOf(Safetensors({{"gate.weight", {{"dtype", "F32"}}}}, "")),
               HasSubstr("no shape"));
+}
+
+// Real checkpoints are mostly BF16 or F16 and hold integer buffers too:
+// F16 reads exactly as floats, another dtype is named when read.
+TEST(SafetensorsTest, ReadsF16AndNamesTheWrongDtype) {
+  // 1, -2, the smallest subnormal 2^-24, the largest finite 65504, -0.
+  const uint16_t halves[] = {0x3C00, 0xC000, 0x0001, 0x7BFF, 0x8000};
+  std::string data(reinterpret_cast<const char*>(halves), sizeof(halves));
+  data += std::string(16, '\1');
+  const std::string path = TempPath("f16.safetensors");
+  WriteFile(path, Safetensors({{"a", {{"dtype", "F16"}, {"shape", {5}}, {"data_offsets", {0, 10}}}},
+                               {"b", {{"dtype", "I64"}, {"shape", {2}}, {"data_offsets", {10, 26}}}}},
+                              data));
+  absl::StatusOr<SafetensorsReader> reader = SafetensorsReader::Open(path);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  std::vector<float> a(5);
+  ASSERT_TRUE(reader->ReadFloats(*reader->Find("a"), absl::MakeSpan(a)).ok());
+  EXPECT_EQ(a, (std::vector<float>{1.0f, -2.0f, std::ldexp(1.0f, -24), 65504.0f, -0.0f}));
+  EXPECT_TRUE(std::signbit(a[4]));
+  std::vector<float> b(2);
+  EXPECT_THAT(reader->ReadFloats(*reader->Find("b"), absl::MakeSpan(b)).message(),
+              HasSubstr("tensor \"b\" is I64, the wrong dtype for weights"));
+}
+
+TEST_F(MalformedCheckpointTest, AWeightOfAnotherDtypeIsNamed) {
+  // The good checkpoint with expert 1's w2.bias stored as I32 (same bytes).
+  absl::StatusOr<SafetensorsReader> reader = SafetensorsReader::Open(path_);
+  ASSERT_TRUE(reader.ok());
+  nlohmann::json header = nlohmann::json::object();
+  std::string data;
+  for (const SafetensorsEntry& entry : reader->entries()) {
+    std::vector<float> values(NumElements(entry.shape));
+    ASSERT_TRUE(reader->ReadFloats(entry, absl::MakeSpan(values)).ok());
+    header[entry.name] = {{"dtype", entry.name == "experts.1.w2.bias" ? "I32" : "F32"},
+                          {"shape", entry.shape},
+                          {"data_offsets", {data.size(), data.size() + values.size() * 4}}};
+    data.append(reinterpret_cast<const char*>(values.data()), values.size() * 4);
+  }
+  const std::string path = TempPath("int_bias.safetensors");
+  WriteFile(path, Safetensors(header, data));
+  EXPECT_THAT(LoadCheckpoint(path, model_).status().message(),
+              HasSubstr("tensor \"experts.1.w2.bias\" is I32, the wrong dtype"));
 }
 
 TEST_F(MalformedCheckpointTest, WrongModelShapesAndNames) {

@@ -1,6 +1,7 @@
 #include "common/safetensors.h"
 
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 
 #include "absl/status/status.h"
@@ -23,13 +24,51 @@ absl::Status Corrupt(absl::string_view path, absl::string_view problem) {
       absl::StrCat("safetensors ", path, ": ", problem));
 }
 
-absl::StatusOr<DType> ParseDType(const json& value) {
+struct DTypeInfo {
+  StoredType type;
+  uint64_t size;
+};
+
+// The safetensors dtypes (safetensors' Dtype enum) and their element sizes.
+absl::StatusOr<DTypeInfo> ParseDType(const json& value) {
   if (!value.is_string()) return absl::InvalidArgumentError("dtype is not a string");
   const std::string& name = value.get_ref<const std::string&>();
-  if (name == "F32") return DType::kFloat32;
-  if (name == "BF16") return DType::kBFloat16;
-  return absl::InvalidArgumentError(
-      absl::StrCat("dtype ", name, " is not supported (want F32 or BF16)"));
+  if (name == "F32") return DTypeInfo{StoredType::kF32, 4};
+  if (name == "BF16") return DTypeInfo{StoredType::kBF16, 2};
+  if (name == "F16") return DTypeInfo{StoredType::kF16, 2};
+  for (const auto& [other, size] :
+       {std::pair<const char*, uint64_t>{"F64", 8}, {"I64", 8}, {"U64", 8}, {"I32", 4},
+        {"U32", 4}, {"I16", 2}, {"U16", 2}, {"I8", 1}, {"U8", 1}, {"BOOL", 1},
+        {"F8_E4M3", 1}, {"F8_E5M2", 1}}) {
+    if (name == other) return DTypeInfo{StoredType::kOther, size};
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown dtype \"", name, "\""));
+}
+
+// IEEE binary16 -> binary32 (exact).
+float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1f;
+  uint32_t mantissa = h & 0x3ff;
+  uint32_t bits;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000 | (mantissa << 13);  // Inf, NaN
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa == 0) {
+    bits = sign;  // +-0
+  } else {
+    // Subnormal: normalise.
+    int shift = 0;
+    while ((mantissa & 0x400) == 0) {
+      mantissa <<= 1;
+      ++shift;
+    }
+    bits = sign | static_cast<uint32_t>(113 - shift) << 23 | ((mantissa & 0x3ff) << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
 }
 
 absl::StatusOr<uint64_t> ParseUnsigned(const json& value) {
@@ -50,7 +89,9 @@ absl::StatusOr<SafetensorsEntry> ParseEntry(const std::string& name,
   SafetensorsEntry entry;
   entry.name = name;
   if (!value.contains("dtype")) return absl::InvalidArgumentError("no dtype");
-  MOE_ASSIGN_OR_RETURN(entry.dtype, ParseDType(value["dtype"]));
+  MOE_ASSIGN_OR_RETURN(const DTypeInfo dtype, ParseDType(value["dtype"]));
+  entry.type = dtype.type;
+  entry.dtype = value["dtype"].get<std::string>();
   if (!value.contains("shape") || !value["shape"].is_array()) {
     return absl::InvalidArgumentError("no shape array");
   }
@@ -75,11 +116,11 @@ absl::StatusOr<SafetensorsEntry> ParseEntry(const std::string& name,
         "data_offsets [", begin, ", ", end, "] out of range of the ",
         data_size, "-byte data section"));
   }
-  const uint64_t expected = num_elements * DTypeSize(entry.dtype);
+  const uint64_t expected = num_elements * dtype.size;
   if (end - begin != expected) {
     return absl::InvalidArgumentError(absl::StrCat(
         "data_offsets span ", end - begin, " bytes, shape ",
-        ShapeString(entry.shape), " of ", DTypeName(entry.dtype), " needs ",
+        ShapeString(entry.shape), " of ", entry.dtype, " needs ",
         expected));
   }
   entry.file_offset = data_start + begin;
@@ -143,14 +184,23 @@ const SafetensorsEntry* SafetensorsReader::Find(absl::string_view name) const {
 absl::Status SafetensorsReader::ReadFloats(const SafetensorsEntry& entry,
                                            absl::Span<float> out) const {
   MOE_CHECK(static_cast<int64_t>(out.size()) == NumElements(entry.shape));
+  if (entry.type == StoredType::kOther) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("safetensors ", path_, ": tensor \"", entry.name, "\" is ", entry.dtype,
+                     ", the wrong dtype for weights (want F32, BF16 or F16)"));
+  }
   std::ifstream file(path_, std::ios::binary);
   file.seekg(entry.file_offset);
-  if (entry.dtype == DType::kFloat32) {
+  if (entry.type == StoredType::kF32) {
     file.read(reinterpret_cast<char*>(out.data()), entry.size_bytes);
   } else {
     std::vector<uint16_t> bits(out.size());
     file.read(reinterpret_cast<char*>(bits.data()), entry.size_bytes);
-    Bf16ToFloats(bits, out);
+    if (entry.type == StoredType::kBF16) {
+      Bf16ToFloats(bits, out);
+    } else {
+      for (size_t i = 0; i < bits.size(); ++i) out[i] = HalfToFloat(bits[i]);
+    }
   }
   if (!file) {
     return Corrupt(path_, absl::StrCat("cannot read tensor \"", entry.name, "\""));

@@ -2,7 +2,10 @@
 // 8-byte little-endian header length N, N bytes of JSON mapping each tensor
 // name to {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative
 // to the data section that follows), an optional "__metadata__" object, then
-// the raw little-endian data. We read and write F32 and BF16.
+// the raw little-endian data. We write F32 and BF16 and read F32, BF16 and
+// F16 as floats; a header may list tensors of any safetensors dtype (a
+// whole model's checkpoint holds integer buffers too), which only fail when
+// read as floats.
 // Reading validates the whole header up front, so a truncated or malformed
 // file is an error naming the problem, never a crash. Thread-compatible.
 #ifndef MOE_COMMON_SAFETENSORS_H_
@@ -19,9 +22,15 @@
 
 namespace moe {
 
+// How a tensor is stored: the floats ReadFloats widens, or another
+// safetensors dtype (integers, bool, F64, F8), named.
+enum class StoredType : uint8_t { kF32, kBF16, kF16, kOther };
+
 struct SafetensorsEntry {
   std::string name;
-  DType dtype = DType::kFloat32;
+  StoredType type = StoredType::kF32;
+  // As the header names it ("F32", "I64", ...).
+  std::string dtype;
   Shape shape;
   // Absolute position of the tensor's bytes in the file.
   uint64_t file_offset = 0;
@@ -36,7 +45,8 @@ class SafetensorsReader {
   const std::vector<SafetensorsEntry>& entries() const { return entries_; }
   // nullptr when absent.
   const SafetensorsEntry* Find(absl::string_view name) const;
-  // Reads one tensor as fp32 (widening BF16).
+  // Reads one tensor as fp32 (widening BF16 and F16); INVALID_ARGUMENT
+  // naming the tensor and its dtype for another type.
   // REQUIRES: out.size() == NumElements(entry.shape).
   absl::Status ReadFloats(const SafetensorsEntry& entry,
                           absl::Span<float> out) const;

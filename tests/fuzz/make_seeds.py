@@ -104,6 +104,9 @@ write("safetensors", "overlap", safetensors(
     {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
      "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 24))
 write("safetensors", "huge_length", struct.pack("<Q", 1 << 40) + b"{}")
+write("safetensors", "f16_and_i64", safetensors(
+    {"a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]},
+     "b": {"dtype": "I64", "shape": [1], "data_offsets": [4, 12]}}, b"\0\x3c\0\xc0" + b"\0" * 8))
 
 # Checkpoint indexes (the directory holds model-00001-of-00001.safetensors
 # of d_model 4, d_ff 8, 2 experts).

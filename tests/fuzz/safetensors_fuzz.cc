@@ -1,6 +1,7 @@
 // Safetensors files are attacker-writable input (a checkpoint volume):
 // Open validates the header (offsets, sizes, dtypes, JSON) or names the
-// problem; every entry it accepts can be read in full.
+// problem; every float entry it accepts can be read in full, and reading
+// another dtype as floats is a named error.
 #include <unistd.h>
 
 #include <cstdint>
@@ -21,7 +22,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     // The entry lies inside the file, so its size is bounded by the input.
     if (entry.file_offset + entry.size_bytes > size) __builtin_trap();
     std::vector<float> values(moe::NumElements(entry.shape));
-    if (!reader->ReadFloats(entry, absl::MakeSpan(values)).ok()) __builtin_trap();
+    const bool floats = entry.type != moe::StoredType::kOther;
+    if (reader->ReadFloats(entry, absl::MakeSpan(values)).ok() != floats) __builtin_trap();
   }
   return 0;
 }
