@@ -24,6 +24,9 @@ namespace {
 
 using json = nlohmann::json;
 
+// The index metadata's producer of the checkpoints written here.
+constexpr char kProducer[] = "moe-serve";
+
 // One tensor of the model: its checkpoint name and nn.Linear shape.
 struct TensorSlot {
   std::string name;
@@ -36,16 +39,45 @@ std::string LayerPrefix(int layer) {
   return layer == 0 ? std::string() : absl::StrCat("layers.", layer, ".");
 }
 
-// The tensors of the one MoE layer a checkpoint file holds (layer 0); with
-// a `state` (optimizer state), each name gets "." + state.
-std::vector<TensorSlot> ModelSlots(const ModelConfig& model, const std::string& state = "") {
+// A Hugging Face model's name for the tensor of `layout`'s MoE block
+// (expert < 0: the router); empty for a tensor it does not have (Switch
+// Transformers' biases).
+std::string HuggingFaceName(const CheckpointLayout& layout, int expert, ExpertTensor which) {
+  const std::string& p = layout.prefix;
+  if (expert < 0) return absl::StrCat(p, ".router.classifier.weight");
+  const std::string module = absl::StrCat(p, ".experts.expert_", expert, ".");
+  const bool nllb = layout.family == CheckpointFamily::kNllbMoe;
+  switch (which) {
+    case ExpertTensor::kW1:
+      return module + (nllb ? "fc1.weight" : "wi.weight");
+    case ExpertTensor::kB1:
+      return nllb ? module + "fc1.bias" : std::string();
+    case ExpertTensor::kW2:
+      return module + (nllb ? "fc2.weight" : "wo.weight");
+    case ExpertTensor::kB2:
+      return nllb ? module + "fc2.bias" : std::string();
+  }
+  return std::string();
+}
+
+// The tensors of the one MoE layer a checkpoint holds (layer 0), named as
+// `layout` names them (moe-serve's own names by default); with a `state`
+// (optimizer state), each name gets "." + state. A tensor the layout does
+// not have is left out (its weights stay zero).
+std::vector<TensorSlot> ModelSlots(const ModelConfig& model, const std::string& state = "",
+                                   const CheckpointLayout& layout = {}) {
   constexpr int kLayer = 0;
+  const bool own = layout.family == CheckpointFamily::kMoeServe;
   const std::string suffix = state.empty() ? std::string() : "." + state;
   std::vector<TensorSlot> slots;
-  slots.push_back({GateTensorName(kLayer) + suffix, {model.num_experts, model.d_model}});
+  slots.push_back({(own ? GateTensorName(kLayer) : HuggingFaceName(layout, -1, {})) + suffix,
+                   {model.num_experts, model.d_model}});
   for (int e = 0; e < model.num_experts; ++e) {
     const ExpertKey key(kLayer, e);
     for (ExpertTensor which : kAllExpertTensors) {
+      const std::string name =
+          own ? ExpertTensorName(key, which) : HuggingFaceName(layout, e, which);
+      if (name.empty()) continue;
       Shape shape;
       switch (which) {
         case ExpertTensor::kW1:
@@ -61,7 +93,7 @@ std::vector<TensorSlot> ModelSlots(const ModelConfig& model, const std::string& 
           shape = {model.d_model};
           break;
       }
-      slots.push_back({ExpertTensorName(key, which) + suffix, shape, e, which});
+      slots.push_back({name + suffix, shape, e, which});
     }
   }
   return slots;
@@ -164,17 +196,22 @@ bool Wanted(const TensorSlot& slot, const CheckpointSelection& selection,
   return slot.expert < 0 ? selection.gate : wanted[slot.expert];
 }
 
+// A moe-serve file holds one layer and nothing else; a Hugging Face
+// model's holds the whole model, of which only the layer's tensors are read.
 absl::StatusOr<MoeWeights> LoadSingleFile(const std::string& path, const ModelConfig& model,
-                                          const CheckpointSelection& selection) {
+                                          const CheckpointSelection& selection,
+                                          const CheckpointLayout& layout) {
   MOE_ASSIGN_OR_RETURN(SafetensorsReader reader, SafetensorsReader::Open(path));
-  const std::vector<TensorSlot> slots = ModelSlots(model);
+  const std::vector<TensorSlot> slots = ModelSlots(model, "", layout);
   absl::flat_hash_set<std::string> known;
   for (const TensorSlot& slot : slots) {
     known.insert(slot.name);
     MOE_RETURN_IF_ERROR(CheckEntry(path, slot, reader.Find(slot.name)));
   }
   for (const SafetensorsEntry& entry : reader.entries()) {
-    if (!known.contains(entry.name)) return UnexpectedTensor(path, model, entry.name);
+    if (layout.family == CheckpointFamily::kMoeServe && !known.contains(entry.name)) {
+      return UnexpectedTensor(path, model, entry.name);
+    }
   }
   MOE_ASSIGN_OR_RETURN(const std::vector<bool> wanted, WantedExperts(path, model, selection));
   MoeWeights weights;
@@ -191,6 +228,8 @@ absl::StatusOr<MoeWeights> LoadSingleFile(const std::string& path, const ModelCo
 struct ShardIndex {
   std::string directory;
   CheckpointMetadata metadata;
+  // metadata.producer: "moe-serve" for the checkpoints it writes.
+  std::string producer;
   // tensor name -> shard file name (a plain name in `directory`).
   std::map<std::string, std::string> weight_map;
 };
@@ -265,6 +304,10 @@ absl::StatusOr<std::optional<ShardIndex>> ReadIndex(const std::string& path) {
     if (lineage != metadata->end() && lineage->is_string()) {
       result.metadata.lineage = lineage->get<std::string>();
     }
+    const auto producer = metadata->find("producer");
+    if (producer != metadata->end() && producer->is_string()) {
+      result.producer = producer->get<std::string>();
+    }
   }
   return result;
 }
@@ -274,12 +317,13 @@ absl::StatusOr<std::optional<ShardIndex>> ReadIndex(const std::string& path) {
 absl::StatusOr<std::vector<MoeWeights>> LoadSharded(const ShardIndex& index,
                                                     const ModelConfig& model,
                                                     const CheckpointSelection& selection,
-                                                    const std::vector<std::string>& states) {
+                                                    const std::vector<std::string>& states,
+                                                    const CheckpointLayout& layout = {}) {
   const std::string& path = index.directory;
   std::vector<std::vector<TensorSlot>> slots;
   absl::flat_hash_set<std::string> known;
   for (const std::string& state : states) {
-    slots.push_back(ModelSlots(model, state));
+    slots.push_back(ModelSlots(model, state, layout));
     for (const TensorSlot& slot : slots.back()) {
       known.insert(slot.name);
       if (index.weight_map.count(slot.name) == 0) {
@@ -290,7 +334,9 @@ absl::StatusOr<std::vector<MoeWeights>> LoadSharded(const ShardIndex& index,
     }
   }
   for (const auto& [name, shard] : index.weight_map) {
-    if (!known.contains(name)) return UnexpectedTensor(path, model, name);
+    if (layout.family == CheckpointFamily::kMoeServe && !known.contains(name)) {
+      return UnexpectedTensor(path, model, name);
+    }
   }
   MOE_ASSIGN_OR_RETURN(const std::vector<bool> wanted, WantedExperts(path, model, selection));
   // Only the shards holding wanted tensors are opened.
@@ -339,7 +385,7 @@ absl::Status WriteIndex(const std::string& directory, const char* name, const Mo
                  {{"total_size", total_size},
                   {"step", absl::StrCat(metadata.step)},
                   {"lineage", metadata.lineage},
-                  {"producer", "moe-serve"}}},
+                  {"producer", kProducer}}},
                 {"weight_map", json::object()}};
   for (const auto& [tensor, shard] : weight_map) index["weight_map"][tensor] = shard;
   const std::string text = index.dump(2) + "\n";
@@ -354,10 +400,28 @@ absl::Status WriteIndex(const std::string& directory, const char* name, const Mo
 absl::StatusOr<MoeWeights> LoadCheckpoint(const std::string& path, const ModelConfig& model,
                                           const CheckpointSelection& selection) {
   MOE_ASSIGN_OR_RETURN(std::optional<ShardIndex> index, ReadIndex(path));
-  if (!index) return LoadSingleFile(path, model, selection);
-  MOE_ASSIGN_OR_RETURN(std::vector<MoeWeights> weights,
-                       LoadSharded(*index, model, selection, {""}));
-  return std::move(weights[0]);
+  // What moe-serve wrote is in its own names, whichever model it started
+  // from.
+  const CheckpointLayout layout =
+      index && index->producer == kProducer ? CheckpointLayout{} : model.checkpoint_layout;
+  MoeWeights weights;
+  if (index) {
+    MOE_ASSIGN_OR_RETURN(std::vector<MoeWeights> loaded,
+                         LoadSharded(*index, model, selection, {""}, layout));
+    weights = std::move(loaded[0]);
+  } else {
+    MOE_ASSIGN_OR_RETURN(weights, LoadSingleFile(path, model, selection, layout));
+  }
+  // Tensors the layout does not have (Switch Transformers' biases): zero.
+  for (auto& [e, expert] : weights.experts) {
+    for (ExpertTensor which : kAllExpertTensors) {
+      FloatTensor& tensor = expert.tensor(which);
+      if (tensor.values().empty()) {
+        tensor = FloatTensor(which == ExpertTensor::kB1 ? Shape{model.d_ff} : Shape{model.d_model});
+      }
+    }
+  }
+  return weights;
 }
 
 std::vector<std::string> OptimizerStateNames(OptimizerType type) {

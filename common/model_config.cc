@@ -6,6 +6,7 @@
 
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "google/protobuf/io/tokenizer.h"
@@ -359,6 +360,35 @@ absl::StatusOr<ModelConfig> ModelConfigFromProto(const v1::ModelConfig& proto) {
                                 ? kDefaultMaxBatchTokens
                                 : proto.max_batch_tokens();
   MOE_ASSIGN_OR_RETURN(config.gate, GateFromProto(proto.gate(), config));
+  const v1::CheckpointLayout& layout = proto.checkpoint_layout();
+  switch (layout.family()) {
+    case v1::CheckpointLayout::FAMILY_UNSPECIFIED:
+    case v1::CheckpointLayout::FAMILY_MOE_SERVE:
+      config.checkpoint_layout.family = CheckpointFamily::kMoeServe;
+      break;
+    case v1::CheckpointLayout::FAMILY_NLLB_MOE:
+      config.checkpoint_layout.family = CheckpointFamily::kNllbMoe;
+      break;
+    case v1::CheckpointLayout::FAMILY_SWITCH_TRANSFORMERS:
+      config.checkpoint_layout.family = CheckpointFamily::kSwitchTransformers;
+      break;
+    default:
+      return FieldError("model.checkpoint_layout.family",
+                        absl::StrCat("unknown value ", layout.family()));
+  }
+  if (config.checkpoint_layout.family != CheckpointFamily::kMoeServe) {
+    // Dotted names of PyTorch modules.
+    bool ok = !layout.prefix().empty() && layout.prefix().size() <= 256 &&
+              layout.prefix().front() != '.' && layout.prefix().back() != '.';
+    for (char c : layout.prefix()) ok &= absl::ascii_isalnum(c) || c == '_' || c == '.';
+    if (!ok) {
+      return FieldError("model.checkpoint_layout.prefix",
+                        absl::StrCat("must be a module name such as "
+                                     "\"model.encoder.layers.3.ffn\", got \"",
+                                     layout.prefix(), "\""));
+    }
+  }
+  config.checkpoint_layout.prefix = layout.prefix();
   return config;
 }
 
@@ -401,6 +431,19 @@ v1::ModelConfig ModelConfigToProto(const ModelConfig& config) {
   gate.set_scaling_factor(config.gate.scaling_factor);
   gate.set_aux_loss_coef(config.gate.aux_loss_coef);
   gate.set_z_loss_coef(config.gate.z_loss_coef);
+  v1::CheckpointLayout& layout = *proto.mutable_checkpoint_layout();
+  switch (config.checkpoint_layout.family) {
+    case CheckpointFamily::kMoeServe:
+      layout.set_family(v1::CheckpointLayout::FAMILY_MOE_SERVE);
+      break;
+    case CheckpointFamily::kNllbMoe:
+      layout.set_family(v1::CheckpointLayout::FAMILY_NLLB_MOE);
+      break;
+    case CheckpointFamily::kSwitchTransformers:
+      layout.set_family(v1::CheckpointLayout::FAMILY_SWITCH_TRANSFORMERS);
+      break;
+  }
+  layout.set_prefix(config.checkpoint_layout.prefix);
   return proto;
 }
 

@@ -51,6 +51,14 @@ struct GateOptions {
   double z_loss_coef = 0.0;
 };
 
+// Where a layer's tensors are in a checkpoint (proto CheckpointLayout).
+enum class CheckpointFamily { kMoeServe, kNllbMoe, kSwitchTransformers };
+struct CheckpointLayout {
+  CheckpointFamily family = CheckpointFamily::kMoeServe;
+  // The MoE block's name prefix (Hugging Face families).
+  std::string prefix;
+};
+
 // The MoE layer's hyper-parameters (see proto/config.proto).
 struct ModelConfig {
   int64_t d_model = 0;
@@ -65,6 +73,12 @@ struct ModelConfig {
   // Largest batch a request may carry.
   int64_t max_batch_tokens = 65536;
   GateOptions gate;
+  CheckpointLayout checkpoint_layout;
+  // Experts without biases (Switch Transformers'): the biases are zero and
+  // stay zero in training (their gradients are not kept).
+  bool bias_free() const {
+    return checkpoint_layout.family == CheckpointFamily::kSwitchTransformers;
+  }
 };
 
 // A ModelConfig describes one MoE layer, served as layer 0.

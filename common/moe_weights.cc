@@ -1,5 +1,7 @@
 #include "common/moe_weights.h"
 
+#include <algorithm>
+
 #include "common/digest.h"
 
 namespace moe {
@@ -25,6 +27,13 @@ FloatTensor& ExpertWeights::tensor(ExpertTensor which) {
 
 const FloatTensor& ExpertWeights::tensor(ExpertTensor which) const {
   return const_cast<ExpertWeights*>(this)->tensor(which);
+}
+
+void ZeroBiases(ExpertWeights& weights) {
+  for (FloatTensor* bias : {&weights.b1, &weights.b2}) {
+    absl::Span<float> values = bias->mutable_values();
+    std::fill(values.begin(), values.end(), 0.0f);
+  }
 }
 
 uint64_t ExpertWeights::Digest() const {

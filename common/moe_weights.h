@@ -35,6 +35,9 @@ struct ExpertWeights {
   uint64_t Digest() const;
 };
 
+// Sets b1 and b2 to zero (bias-free experts' gradients).
+void ZeroBiases(ExpertWeights& weights);
+
 struct MoeWeights {
   // W_g [d_model, num_experts]; absent when a process holds only experts.
   std::optional<FloatTensor> gate;

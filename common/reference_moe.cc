@@ -147,6 +147,7 @@ absl::StatusOr<ReferenceGradients> ReferenceMoe::Backward(
     ReferenceExpertBackward(weights_.experts.at(e), input.values(),
                             act.hidden_pre.values(), d_out.values(), rows,
                             dx_rows.mutable_values(), expert_grads);
+    if (model_.bias_free()) ZeroBiases(expert_grads);  // they stay zero
     for (int64_t r = 0; r < rows; ++r) {
       absl::Span<float> dx_row = grads.dx.mutable_row(index.TokenOf(act.pairs[r]));
       absl::Span<const float> src = dx_rows.row(r);

@@ -234,6 +234,7 @@ absl::Status ExpertStore::Backward(ExpertKey expert, uint64_t request_id, const 
         saved.x_view(d_model), saved.activations_view(options_.model.d_ff),
         {DType::kFloat32, {saved.rows, d_model}, dy32},
         {DType::kFloat32, {saved.rows, d_model}, dx32}, hosted->grads));
+    if (options_.model.bias_free()) ZeroBiases(hosted->grads);  // they stay zero
   }
   if (dx.dtype != DType::kFloat32) CopyConverted(dx32, DType::kFloat32, dx);
   return absl::OkStatus();

@@ -56,10 +56,13 @@ FloatTensor Decoded(const v1::Tensor& t, int64_t d_model) {
   return ToFloatTensor(*view);
 }
 
-InProcessCluster::InProcessCluster(const ModelConfig& m, PlacementStrategy strategy,
+InProcessCluster::InProcessCluster(const ModelConfig& m, PlacementStrategy strategy, int servers)
+    : InProcessCluster(m, InitAllWeights(m), strategy, servers) {}
+
+InProcessCluster::InProcessCluster(const ModelConfig& m, MoeWeights w, PlacementStrategy strategy,
                                    int servers)
     : model(m),
-      weights(InitAllWeights(m)),
+      weights(std::move(w)),
       placement(MakePlacement(strategy, m.num_experts, servers)),
       client(m, placement, weights, OnednnKernels()),
       router({m, *weights.gate}, placement, client),

@@ -32,6 +32,8 @@ FloatTensor Decoded(const v1::Tensor& t, int64_t d_model);
 struct InProcessCluster {
   // Weights from the model's deterministic init.
   InProcessCluster(const ModelConfig& m, PlacementStrategy strategy, int servers = 3);
+  // These weights (a checkpoint's: every expert and the gate).
+  InProcessCluster(const ModelConfig& m, MoeWeights w, PlacementStrategy strategy, int servers = 3);
 
   absl::StatusOr<Router::ForwardResult> Forward(const v1::Tensor& x, bool training = false);
   absl::StatusOr<v1::Tensor> Backward(uint64_t id, const v1::Tensor& dy);

@@ -1,0 +1,235 @@
+// Hugging Face checkpoints served as they are: tiny NLLB-MoE and Switch
+// Transformers checkpoints that tests/hf_checkpoints.py wrote in the models'
+// exact tensor names (sharded, F32/F16/BF16, among other tensors of the
+// model), loaded with the model's checkpoint_layout into a cluster (router
+// core, in-process expert servers on oneDNN kernels): its output, dL/dx,
+// every gradient and one SGD step equal what PyTorch computed from the
+// models' own definitions. The directory comes from HF_CHECKPOINTS_DIR
+// (tests/hf_checkpoint_test.sh runs the script first).
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "common/checkpoint.h"
+#include "common/log.h"
+#include "common/safetensors.h"
+#include "common/testing/tensor_matchers.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "router_service/testing/in_process_cluster.h"
+
+namespace moe {
+namespace {
+
+using ::moe::router::testing::Decoded;
+using ::moe::router::testing::InProcessCluster;
+using ::moe::router::testing::Wire;
+using ::moe::testing::TensorNear;
+using ::testing::HasSubstr;
+
+constexpr int64_t kDModel = 16;
+
+std::string Dir(const std::string& model) {
+  const char* dir = std::getenv("HF_CHECKPOINTS_DIR");
+  return absl::StrCat(dir == nullptr ? "" : dir, "/", model);
+}
+
+// The tensors PyTorch computed (expected.safetensors), by name.
+class Expected {
+ public:
+  explicit Expected(const std::string& dir) {
+    absl::StatusOr<SafetensorsReader> reader =
+        SafetensorsReader::Open(absl::StrCat(dir, "/expected.safetensors"));
+    MOE_CHECK(reader.ok(), reader.status().ToString());
+    reader_.emplace(*std::move(reader));
+  }
+  FloatTensor Get(const std::string& name) const {
+    const SafetensorsEntry* entry = reader_->Find(name);
+    MOE_CHECK(entry != nullptr, name);
+    FloatTensor t(entry->shape);
+    MOE_CHECK(reader_->ReadFloats(*entry, t.mutable_values()).ok(), name);
+    return t;
+  }
+  // An nn.Linear weight [out, in] in the x W layout [in, out].
+  FloatTensor Transposed(const std::string& name) const {
+    const FloatTensor t = Get(name);
+    FloatTensor out({t.dim(1), t.dim(0)});
+    for (int64_t r = 0; r < t.dim(0); ++r) {
+      for (int64_t c = 0; c < t.dim(1); ++c) out.mutable_values()[c * t.dim(0) + r] = t.row(r)[c];
+    }
+    return out;
+  }
+
+ private:
+  std::optional<SafetensorsReader> reader_;
+};
+
+struct Family {
+  const char* name;
+  CheckpointFamily family;
+  const char* prefix;
+  int top_k;
+  bool renormalize;
+  // The HF names of W1, b1, W2, b2 after "experts.expert_{e}." (empty:
+  // none).
+  const char* tensors[4];
+};
+
+const Family kFamilies[] = {
+    {"nllb_moe",
+     CheckpointFamily::kNllbMoe,
+     "model.encoder.layers.3.ffn",
+     2,
+     true,
+     {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}},
+    {"switch_transformers",
+     CheckpointFamily::kSwitchTransformers,
+     "encoder.block.1.layer.1.mlp",
+     1,
+     false,
+     {"wi.weight", "", "wo.weight", ""}},
+};
+
+ModelConfig ModelOf(const Family& f) {
+  ModelConfig model;
+  model.d_model = kDModel;
+  model.d_ff = 24;
+  model.num_experts = 4;
+  model.top_k = f.top_k;
+  model.gate.renormalize = f.renormalize;
+  model.checkpoint_layout = {f.family, f.prefix};
+  return model;
+}
+
+class HfCheckpointTest : public ::testing::TestWithParam<Family> {};
+
+TEST_P(HfCheckpointTest, TheClusterComputesWhatPyTorchDoes) {
+  const Family& f = GetParam();
+  const ModelConfig model = ModelOf(f);
+  absl::StatusOr<MoeWeights> weights = LoadCheckpoint(Dir(f.name), model);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  const Expected expected(Dir(f.name));
+  // HYBRID over 3 servers: experts 0-1 everywhere, 2 and 3 on one each; the
+  // checkpoint's first shard holds experts 0-1, the second 2-3.
+  InProcessCluster cluster(model, *std::move(weights), PlacementStrategy::kHybrid);
+
+  absl::StatusOr<router::Router::ForwardResult> y =
+      cluster.Forward(Wire(expected.Get("x")), /*training=*/true);
+  ASSERT_TRUE(y.ok()) << y.status();
+  EXPECT_TRUE(TensorNear(Decoded(y->y, kDModel), expected.Get("y"), 1e-5));
+  absl::StatusOr<v1::Tensor> dx =
+      cluster.Backward(y->request_id, Wire(expected.Get("grad_output")));
+  ASSERT_TRUE(dx.ok()) << dx.status();
+  EXPECT_TRUE(TensorNear(Decoded(*dx, kDModel), expected.Get("grad_input"), 1e-5));
+
+  const std::string router = absl::StrCat(f.prefix, ".router.classifier.weight");
+  const std::vector<float> gate_gradient = cluster.client.steps(0).gate_gradient();
+  FloatTensor gate_grad({kDModel, 4});
+  ASSERT_EQ(gate_gradient.size(), gate_grad.values().size());
+  std::copy(gate_gradient.begin(), gate_gradient.end(), gate_grad.mutable_values().begin());
+  EXPECT_TRUE(TensorNear(gate_grad, expected.Transposed("grad " + router), 1e-5));
+  // Each expert's gradient, summed over its replicas.
+  for (int e = 0; e < 4; ++e) {
+    ExpertWeights sum = ExpertWeights::Zeros(model);
+    for (int s : cluster.placement.ServersOf(ExpertKey(0, e))) {
+      const ExpertWeights part = *cluster.client.store(s).Gradients(ExpertKey(0, e));
+      for (ExpertTensor which : kAllExpertTensors) {
+        auto dst = sum.tensor(which).mutable_values();
+        auto src = part.tensor(which).values();
+        for (size_t i = 0; i < dst.size(); ++i) dst[i] += src[i];
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      const ExpertTensor which = kAllExpertTensors[i];
+      const std::string name =
+          absl::StrCat("grad ", f.prefix, ".experts.expert_", e, ".", f.tensors[i]);
+      if (f.tensors[i][0] == '\0') {
+        // Bias-free: no gradient is kept.
+        EXPECT_EQ(sum.tensor(which), FloatTensor(sum.tensor(which).shape())) << e;
+      } else if (i % 2 == 0) {
+        EXPECT_TRUE(TensorNear(sum.tensor(which), expected.Transposed(name), 1e-5)) << name;
+      } else {
+        EXPECT_TRUE(TensorNear(sum.tensor(which), expected.Get(name), 1e-5)) << name;
+      }
+    }
+  }
+
+  // One SGD step: every replica holds torch.optim.SGD's weights (biases
+  // of a bias-free model stay zero), the router the stepped gate.
+  absl::StatusOr<router::StepCoordinator::Result> stepped = cluster.Step(0.1f);
+  ASSERT_TRUE(stepped.ok()) << stepped.status();
+  EXPECT_TRUE(
+      TensorNear(cluster.router.gate()->value, expected.Transposed("stepped " + router), 1e-5));
+  for (int s = 0; s < cluster.placement.num_servers(); ++s) {
+    for (ExpertKey key : cluster.placement.ExpertsOn(s)) {
+      const expert::ExpertSnapshot now = *cluster.client.store(s).Snapshot(key);
+      for (int i = 0; i < 4; ++i) {
+        const ExpertTensor which = kAllExpertTensors[i];
+        const FloatTensor& served = now.weights.tensor(which);
+        const std::string name =
+            absl::StrCat("stepped ", f.prefix, ".experts.expert_", key.expert, ".", f.tensors[i]);
+        if (f.tensors[i][0] == '\0') {
+          EXPECT_EQ(served, FloatTensor(served.shape()));
+        } else {
+          EXPECT_TRUE(
+              TensorNear(served, i % 2 == 0 ? expected.Transposed(name) : expected.Get(name), 1e-5))
+              << name << " on server " << s;
+        }
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Models, HfCheckpointTest, ::testing::ValuesIn(kFamilies),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(file), {});
+}
+
+// A malformed Hugging Face checkpoint is an error naming the tensor or file.
+TEST(HfCheckpointErrorsTest, EveryMalformedIndexIsANamedError) {
+  const Family& nllb = kFamilies[0];
+  const ModelConfig model = ModelOf(nllb);
+  const std::string index = ReadFile(Dir(nllb.name) + "/model.safetensors.index.json");
+  // A copy of the checkpoint whose index is `text`.
+  int copies = 0;
+  auto load_with_index = [&](const std::string& text, const ModelConfig& m) {
+    const std::string dir = absl::StrCat(::testing::TempDir(), "/nllb_", ++copies);
+    std::filesystem::copy(Dir(nllb.name), dir, std::filesystem::copy_options::recursive);
+    std::ofstream(dir + "/model.safetensors.index.json", std::ios::trunc) << text;
+    return LoadCheckpoint(dir, m).status();
+  };
+  const std::string bias = "model.encoder.layers.3.ffn.experts.expert_3.fc2.bias";
+  // A tensor the index does not name.
+  EXPECT_THAT(load_with_index(absl::StrReplaceAll(index, {{bias, "renamed"}}), model).message(),
+              HasSubstr(absl::StrCat("the index has no tensor \"", bias, "\" [16]")));
+  // A shard that is not there.
+  const absl::Status missing = load_with_index(
+      absl::StrReplaceAll(index, {{"model-00002-of-00002", "model-00003-of-00003"}}), model);
+  EXPECT_EQ(missing.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing.message(), HasSubstr("model-00003-of-00003.safetensors: cannot open"));
+  // The wrong shape, and the wrong module.
+  ModelConfig wider = model;
+  wider.d_ff = 25;
+  EXPECT_THAT(LoadCheckpoint(Dir(nllb.name), wider).status().message(),
+              HasSubstr("\"model.encoder.layers.3.ffn.experts.expert_0.fc1.weight\" has shape "
+                        "[24, 16], the model needs [25, 16]"));
+  ModelConfig elsewhere = model;
+  elsewhere.checkpoint_layout.prefix = "model.decoder.layers.3.ffn";
+  EXPECT_THAT(LoadCheckpoint(Dir(nllb.name), elsewhere).status().message(),
+              HasSubstr("the index has no tensor \"model.decoder.layers.3.ffn.router.classifier"));
+  // Its own names are not the model's.
+  EXPECT_THAT(
+      LoadCheckpoint(Dir(nllb.name), ModelOf({"", CheckpointFamily::kMoeServe, "", 2, true, {}}))
+          .status()
+          .message(),
+      HasSubstr("the index has no tensor \"gate.weight\""));
+}
+
+}  // namespace
+}  // namespace moe
