@@ -137,6 +137,29 @@ TEST(ModelConfigTest, GatesAreMixtralsUnlessGiven) {
               HasSubstr("model.gate.scaling_factor"));
 }
 
+TEST(ModelConfigTest, AHuggingFaceLayoutNamesItsBlock) {
+  const std::string nllb = With("seed: 42",
+                                "seed: 42 checkpoint_layout { family: FAMILY_NLLB_MOE prefix: "
+                                "\"model.encoder.layers.3.ffn\" }");
+  absl::StatusOr<ServingConfig> config = ParseServingConfig(nllb);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->model.checkpoint_layout.family, CheckpointFamily::kNllbMoe);
+  EXPECT_EQ(config->model.checkpoint_layout.prefix, "model.encoder.layers.3.ffn");
+  EXPECT_FALSE(config->model.bias_free());
+  absl::StatusOr<ModelConfig> again = ModelConfigFromProto(ModelConfigToProto(config->model));
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->checkpoint_layout.prefix, "model.encoder.layers.3.ffn");
+  const std::string switch_layout =
+      absl::StrReplaceAll(nllb, {{"FAMILY_NLLB_MOE", "FAMILY_SWITCH_TRANSFORMERS"}});
+  config = ParseServingConfig(switch_layout);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(config->model.bias_free());
+  for (const char* bad : {"\"\"", "\".ffn\"", "\"a/../b\""}) {
+    EXPECT_THAT(ErrorOf(absl::StrReplaceAll(nllb, {{"\"model.encoder.layers.3.ffn\"", bad}})),
+                HasSubstr("model.checkpoint_layout.prefix: must be a module name"));
+  }
+}
+
 TEST(ModelConfigTest, ErrorsNameTheField) {
   EXPECT_EQ(ErrorOf(With("top_k: 2", "top_k: 9")),
             "model.top_k: must be in [1, num_experts = 8], got 9");
