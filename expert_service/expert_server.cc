@@ -157,12 +157,12 @@ absl::Status ExpertServer::Start() {
   StepExecutor::Options step_options{model.optimizer, options_.name, std::move(rings),
                                      options_.ring, options_.step_prepared_timeout};
   if (peers_->num_peers() > 0) step_options.ask_peers = [this] { return AskPeersSteps(); };
-  step_options.on_behind = [this](uint64_t committed) { StartRollForward(committed); };
+  step_options.on_behind = [this](uint64_t committed) { StartCatchUp(committed, 0); };
   step_options.on_resolved = [this](uint64_t step, bool committed) {
     if (committed) {
       metrics_->steps_committed->Increment();
       metrics_->committed_step->Set(static_cast<double>(step));
-      AdoptPeersGate(step);
+      StartCatchUp(0, step);  // its gate, off the step's thread
     } else {
       metrics_->steps_aborted->Increment();
     }
@@ -306,9 +306,10 @@ std::vector<PeerAnswer> ExpertServer::AskPeersSteps() {
   return answers;
 }
 
-void ExpertServer::StartRollForward(uint64_t committed) {
+void ExpertServer::StartCatchUp(uint64_t weights_step, uint64_t gate_step) {
   absl::MutexLock lock(&roll_forward_mu_);
-  roll_target_ = std::max(roll_target_, committed);
+  roll_target_ = std::max(roll_target_, weights_step);
+  gate_target_ = std::max(gate_target_, gate_step);
   if (rolling_forward_) return;
   rolling_forward_ = true;
   if (roll_forward_.joinable()) roll_forward_.join();  // the last one, done
@@ -316,22 +317,31 @@ void ExpertServer::StartRollForward(uint64_t committed) {
     // Steps go on without this server while it syncs (it is left out of
     // them): a sync can end behind the cluster again, and goes again.
     constexpr int kAttempts = 3;
-    for (int attempt = 0;; ++attempt) {
+    int attempts = 0;
+    while (true) {
       const uint64_t at = steps_->last_committed();  // not under roll_forward_mu_
-      uint64_t target;
+      uint64_t weights, gate;
       {
         absl::MutexLock lock(&roll_forward_mu_);
-        target = roll_target_;
-        if (at >= target || attempt == kAttempts) {
+        weights = at < roll_target_ && attempts < kAttempts ? roll_target_ : 0;
+        gate = gate_target_ > gate_done_ ? gate_target_ : 0;
+        if (weights == 0 && gate == 0) {
           rolling_forward_ = false;
           return;
         }
       }
-      const absl::Status status = RollForward(target);
-      if (!status.ok()) {
-        MOE_LOG(ERROR, "server ", options_.name, ": roll forward to step ", target,
-                " failed (the next step tries again): ", status.message());
+      if (weights != 0) {
+        ++attempts;
+        const absl::Status status = RollForward(weights);
+        if (!status.ok()) {
+          MOE_LOG(ERROR, "server ", options_.name, ": roll forward to step ", weights,
+                  " failed (the next step tries again): ", status.message());
+        }
+        continue;
       }
+      AdoptPeersGate(gate);
+      absl::MutexLock lock(&roll_forward_mu_);
+      gate_done_ = std::max(gate_done_, gate);
     }
   });
 }

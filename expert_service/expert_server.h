@@ -135,10 +135,14 @@ class ExpertServer {
   // adopts that step (both metrics set): the start's sync and the roll
   // forward's.
   absl::StatusOr<SyncResult> SyncToCluster();
-  // Roll forward by sync: the cluster committed step `committed` and this
-  // server did not. On roll_forward_ (one at a time; told of a later step
-  // meanwhile, it syncs again); steps wait for it.
-  void StartRollForward(uint64_t committed) ABSL_LOCKS_EXCLUDED(roll_forward_mu_);
+  // Catching up with the cluster, on roll_forward_ (one at a time; told of
+  // a later step meanwhile, it goes again). `weights_step` (0: none): the
+  // cluster committed that step and this server did not; it rolls forward
+  // by sync (RollForward), and steps wait for it. `gate_step` (0: none):
+  // this server committed that step without its CommitStep; it takes the
+  // step's gate from a peer (AdoptPeersGate).
+  void StartCatchUp(uint64_t weights_step, uint64_t gate_step)
+      ABSL_LOCKS_EXCLUDED(roll_forward_mu_);
   absl::Status RollForward(uint64_t committed);
   // The peers' answers on their steps (StepExecutor::Options::ask_peers).
   std::vector<PeerAnswer> AskPeersSteps();
@@ -190,8 +194,11 @@ class ExpertServer {
   int metrics_port_ = -1;
   absl::Mutex roll_forward_mu_;
   bool rolling_forward_ ABSL_GUARDED_BY(roll_forward_mu_) = false;
-  // The highest committed step this server was told it is behind.
+  // The highest committed step this server was told it is behind, and the
+  // steps whose gate it is to take (and has taken) from a peer.
   uint64_t roll_target_ ABSL_GUARDED_BY(roll_forward_mu_) = 0;
+  uint64_t gate_target_ ABSL_GUARDED_BY(roll_forward_mu_) = 0;
+  uint64_t gate_done_ ABSL_GUARDED_BY(roll_forward_mu_) = 0;
   std::thread roll_forward_ ABSL_GUARDED_BY(roll_forward_mu_);
   absl::Mutex shutdown_mu_;
   bool shut_down_ ABSL_GUARDED_BY(shutdown_mu_) = false;

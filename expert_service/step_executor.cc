@@ -578,7 +578,7 @@ absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> StepExecutor::Commit
     if (!prepared_ || prepared_->step != step) {
       // The cluster committed a step this server did not prepare (it was
       // left out, behind): it syncs to it.
-      const bool behind = step > last_committed_ && !preparing_ && options_.on_behind;
+      const bool behind = step > last_committed_ && !preparing_ && !prepared_ && options_.on_behind;
       absl::Status refused = absl::FailedPreconditionError(absl::StrCat(
           "commit of step ", step, ": server ", options_.server_name, " has ",
           prepared_ ? absl::StrCat("step ", prepared_->step, " prepared")
