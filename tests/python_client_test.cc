@@ -3,6 +3,7 @@
 // checks outputs and gradients against a numpy layer built from the same
 // checkpoint.
 #include <cstdlib>
+#include <iostream>
 
 #include "absl/strings/str_cat.h"
 #include "common/checkpoint.h"
@@ -50,6 +51,12 @@ TEST(PythonClientTest, AgreesWithANumpyLayerOnTheSameCheckpoint) {
   EXPECT_THAT(python.output(), ::testing::HasSubstr("python client: all checks passed"));
   EXPECT_THAT(python.output(),
               ::testing::HasSubstr("checkpoint of step 1: " + dir + "/saved/step-1"));
+  // A stream of four batches, the third refused on its own.
+  EXPECT_THAT(python.output(), ::testing::HasSubstr("stream batch 3 (1 tokens)"));
+  EXPECT_THAT(python.output(),
+              ::testing::HasSubstr("stream batch 2: (<StatusCode.INVALID_ARGUMENT"));
+  EXPECT_THAT(python.output(), ::testing::HasSubstr("placement epoch 1, step 0"));
+  std::cout << python.output();
 }
 
 }  // namespace

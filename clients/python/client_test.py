@@ -84,6 +84,31 @@ def main():
     if error > 2e-2:
         failures.append(f"bf16 forward: relative error {error:.2e}")
 
+    # Several batches on one stream, one of them bad: each answered in its
+    # place, the bad one with its error.
+    batches = [rng.uniform(-2, 2, (n, d_model)).astype(np.float32) for n in (3, 40, 1)]
+    batches.insert(2, np.zeros((2, d_model + 1), dtype=np.float32))
+    streamed = client.forward_stream(batches, return_routing=True)
+    for i, (x, result) in enumerate(zip(batches, streamed)):
+        if i == 2:
+            print(f"stream batch {i}: {result.error}")
+            if result.error is None or result.error[0] != grpc.StatusCode.INVALID_ARGUMENT:
+                failures.append(f"stream: the bad batch answered {result.error}")
+            continue
+        expected, chosen = reference_forward(params, x, top_k)
+        error = relative_error(result.y, expected)
+        print(f"stream batch {i} ({x.shape[0]} tokens): relative error {error:.2e}")
+        if result.error is not None or error > 1e-5 or not np.array_equal(result.expert_ids,
+                                                                          chosen):
+            failures.append(f"stream batch {i}: {result.error}, relative error {error:.2e}")
+
+    # The cluster as the router sees it.
+    state = client.cluster_state()
+    print(f"cluster: {len(state.servers)} servers, placement epoch {state.placement_epoch}, "
+          f"step {state.step}, d_model {state.model.d_model}, top_k {state.model.top_k}")
+    if state.model.d_model != d_model or state.model.top_k != top_k or not state.servers:
+        failures.append(f"cluster_state: {state}")
+
     # Bad input is named, and the router keeps serving.
     try:
         client.forward(np.zeros((2, d_model + 1), dtype=np.float32))

@@ -12,6 +12,8 @@ import numpy as np
 from proto import health_pb2, health_pb2_grpc, router_pb2, router_pb2_grpc, tensor_pb2
 
 _MAX_MESSAGE_BYTES = 512 << 20
+# grpc.StatusCode by number (the wire's Status.code).
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def encode(array, dtype="fp32"):
@@ -45,10 +47,34 @@ def decode(tensor):
     raise ValueError(f"unexpected dtype {tensor.dtype}")
 
 
+def tls_credentials(ca, cert=None, key=None):
+    """Channel credentials for a router serving TLS: `ca` the CA certificate
+    file (PEM) the router's certificate is checked against; `cert` and `key`
+    this client's certificate and key for a router that requires client
+    certificates (its identity decides which methods it may call,
+    docs/security.md)."""
+    def read(path):
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key),
+                                        certificate_chain=read(cert))
+
+
 class ForwardResult:
-    """y, and for training the request id to pass to backward()."""
+    """y, and for training the request id to pass to backward(). From
+    forward_stream(), a request that failed has y None and `error` set to
+    (grpc.StatusCode, message); otherwise `error` is None."""
 
     def __init__(self, response):
+        self.error = None
+        if response.HasField("error") and response.error.code != 0:
+            self.error = (_STATUS_CODES.get(response.error.code, grpc.StatusCode.UNKNOWN),
+                          response.error.message)
+            self.y = None
+            self.request_id = 0
+            return
         self.y = decode(response.y)
         self.request_id = response.request_id
         self.dropped_pairs = response.dropped_pairs
@@ -96,6 +122,31 @@ class MoeClient:
         request = router_pb2.ForwardRequest(x=encode(x, dtype), training=training,
                                             return_routing=return_routing)
         return ForwardResult(self._router.Forward(request, timeout=self._timeout))
+
+    def forward_stream(self, batches, training=False, return_routing=False, dtype="fp32"):
+        """Sends every batch of `batches` on one ForwardStream, all in flight at
+        once (the router answers each as soon as it is done, in any order), and
+        returns their ForwardResults in the order of `batches`. A batch the
+        router refuses has its `error` set; the others are answered as usual."""
+        requests = [router_pb2.ForwardRequest(client_id=i, x=encode(x, dtype), training=training,
+                                              return_routing=return_routing)
+                    for i, x in enumerate(batches)]
+        results = [None] * len(requests)
+        for response in self._router.ForwardStream(iter(requests), timeout=self._timeout):
+            if response.client_id >= len(results) or results[response.client_id] is not None:
+                raise RuntimeError(f"unexpected answer for client_id {response.client_id}")
+            results[response.client_id] = ForwardResult(response)
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise RuntimeError(f"the stream ended without answers for batches {missing}")
+        return results
+
+    def cluster_state(self):
+        """The router's view of the cluster (moe.v1.ClusterState): its servers and
+        what each hosts, the load window, the placement epoch, the committed
+        step, and the model it serves (shapes, top_k, the gate)."""
+        return self._router.GetClusterState(router_pb2.GetClusterStateRequest(),
+                                            timeout=self._timeout)
 
     def backward(self, request_id, grad_output):
         request = router_pb2.BackwardRequest(request_id=request_id,
