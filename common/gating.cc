@@ -2,26 +2,98 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "common/log.h"
 
 namespace moe {
 namespace {
 
-// logits[e] = sum_i x[i] W_g[i, e]. The loop order (i outer, e inner) keeps
-// one accumulator per expert summed in a fixed order, so the result does not
-// depend on vectorisation: the same bits in every process.
-void GateLogits(absl::Span<const float> x_row, const FloatTensor& gate,
-                absl::Span<float> logits) {
-  const int64_t num_experts = gate.dim(1);
-  std::fill(logits.begin(), logits.end(), 0.0f);
-  const float* w = gate.values().data();
-  for (size_t i = 0; i < x_row.size(); ++i) {
-    const float xi = x_row[i];
-    const float* w_row = w + i * num_experts;
-    for (int64_t e = 0; e < num_experts; ++e) logits[e] += xi * w_row[e];
-  }
+// The gate's matmul, logits[t, e] = sum_i x[t, i] W_g[i, e], in blocks of
+// kTokenBlock tokens x kExpertBlock experts whose sums stay in registers
+// while i runs (each W_g row is read once per token block, not per token).
+// Every logit has one accumulator summed over i in order, by the same code
+// whatever its token's place in the batch (the last token block and the
+// experts past a multiple of kExpertBlock are padded with zeros, not run
+// by other code): the same bits in every process, for any batch.
+constexpr int kTokenBlock = 4;
+constexpr int kExpertBlock = 16;
+// 8 floats (one AVX register): GCC and clang vector extensions. The
+// block's 4 x 16 sums are 8 named variables, so that they stay in
+// registers (arrays of them were spilled to the stack every step).
+using Floats8 = float __attribute__((vector_size(32)));
+
+Floats8 Broadcast(float x) { return Floats8{x, x, x, x, x, x, x, x}; }
+Floats8 Load8(const float* p) {
+  Floats8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
+
+class GateMatmul {
+ public:
+  // `gate` [d_model, num_experts], copied with its experts padded.
+  explicit GateMatmul(const FloatTensor& gate)
+      : d_model_(gate.dim(0)),
+        num_experts_(gate.dim(1)),
+        padded_experts_((num_experts_ + kExpertBlock - 1) / kExpertBlock * kExpertBlock),
+        w_(d_model_ * padded_experts_, 0.0f),
+        x_block_(kTokenBlock * d_model_, 0.0f) {
+    for (int64_t i = 0; i < d_model_; ++i) {
+      std::copy_n(gate.values().data() + i * num_experts_, num_experts_,
+                  w_.data() + i * padded_experts_);
+    }
+  }
+
+  // The logits of `tokens` (<= kTokenBlock) rows of x into `logits`
+  // ([tokens, num_experts]).
+  void Block(const float* x, int tokens, float* logits) {
+    const float* rows = x;
+    if (tokens < kTokenBlock) {
+      std::fill(x_block_.begin(), x_block_.end(), 0.0f);
+      std::copy_n(x, tokens * d_model_, x_block_.data());
+      rows = x_block_.data();
+    }
+    static_assert(kTokenBlock == 4 && kExpertBlock == 16, "the block below is written out");
+    const float* x0 = rows;
+    const float* x1 = rows + d_model_;
+    const float* x2 = rows + 2 * d_model_;
+    const float* x3 = rows + 3 * d_model_;
+    for (int64_t e0 = 0; e0 < padded_experts_; e0 += kExpertBlock) {
+      Floats8 s00{}, s01{}, s10{}, s11{}, s20{}, s21{}, s30{}, s31{};
+      const float* w = w_.data() + e0;
+      for (int64_t i = 0; i < d_model_; ++i, w += padded_experts_) {
+        const Floats8 lo = Load8(w), hi = Load8(w + 8);
+        Floats8 b = Broadcast(x0[i]);
+        s00 += b * lo;
+        s01 += b * hi;
+        b = Broadcast(x1[i]);
+        s10 += b * lo;
+        s11 += b * hi;
+        b = Broadcast(x2[i]);
+        s20 += b * lo;
+        s21 += b * hi;
+        b = Broadcast(x3[i]);
+        s30 += b * lo;
+        s31 += b * hi;
+      }
+      const Floats8 sums[kTokenBlock][2] = {{s00, s01}, {s10, s11}, {s20, s21}, {s30, s31}};
+      const int64_t width = std::min<int64_t>(kExpertBlock, num_experts_ - e0);
+      for (int t = 0; t < tokens; ++t) {
+        float out[kExpertBlock];
+        std::memcpy(out, sums[t], sizeof(out));
+        std::copy_n(out, width, logits + t * num_experts_ + e0);
+      }
+    }
+  }
+
+ private:
+  const int64_t d_model_;
+  const int64_t num_experts_;
+  const int64_t padded_experts_;
+  std::vector<float> w_;
+  std::vector<float> x_block_;
+};
 
 // Returns the logsumexp of the logits (the z-loss's).
 double Softmax(absl::Span<const float> logits, absl::Span<float> probs) {
@@ -164,11 +236,17 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
   routing.z_loss_coef = model.gate.z_loss_coef;
   routing.log_z.resize(num_tokens);
 
-  std::vector<float> logits(num_experts);
+  GateMatmul matmul(gate);
+  std::vector<float> block_logits(kTokenBlock * num_experts);
   ExpertChooser chooser(model.gate, num_experts, k);
   for (int64_t t = 0; t < num_tokens; ++t) {
-    GateLogits(x.subspan(t * model.d_model, model.d_model), gate,
-               absl::MakeSpan(logits));
+    const int in_block = static_cast<int>(t % kTokenBlock);
+    if (in_block == 0) {
+      const int tokens = static_cast<int>(std::min<int64_t>(kTokenBlock, num_tokens - t));
+      matmul.Block(x.data() + t * model.d_model, tokens, block_logits.data());
+    }
+    const absl::Span<const float> logits =
+        absl::MakeConstSpan(block_logits).subspan(in_block * num_experts, num_experts);
     absl::Span<float> probs =
         absl::MakeSpan(routing.probs).subspan(t * num_experts, num_experts);
     routing.log_z[t] = Softmax(logits, probs);

@@ -179,6 +179,33 @@ TEST(GatingTest, TheLossesAreSwitchsAndMixtrals) {
   EXPECT_THAT(r.chosen_count, ElementsAre(0, 1, 1, 0));
 }
 
+// The gate's matmul runs in blocks of tokens and experts: a token's
+// logits, probabilities and weights are the same bits wherever it sits in
+// a batch, alone or among others (the router and the reference may batch
+// differently).
+TEST(GatingTest, ATokensRoutingDoesNotDependOnItsBatch) {
+  ModelConfig model = Model(21, 3);  // experts past a multiple of the block
+  model.d_model = 37;
+  std::vector<float> gate_values(37 * 21);
+  for (size_t i = 0; i < gate_values.size(); ++i) {
+    gate_values[i] = std::sin(0.37f * static_cast<float>(i));
+  }
+  const FloatTensor gate({37, 21}, gate_values);
+  std::vector<float> x(11 * 37);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::cos(0.11f * static_cast<float>(i));
+  const Routing all = RouteTokens(x, 11, gate, model);
+  for (int64_t t = 0; t < 11; ++t) {
+    const std::vector<float> row(x.begin() + t * 37, x.begin() + (t + 1) * 37);
+    const Routing alone = RouteTokens(row, 1, gate, model);
+    EXPECT_EQ(alone.expert_ids, std::vector<int32_t>(all.expert_ids.begin() + 3 * t,
+                                                     all.expert_ids.begin() + 3 * t + 3));
+    EXPECT_EQ(alone.weights,
+              std::vector<float>(all.weights.begin() + 3 * t, all.weights.begin() + 3 * t + 3));
+    EXPECT_EQ(alone.probs,
+              std::vector<float>(all.probs.begin() + 21 * t, all.probs.begin() + 21 * (t + 1)));
+  }
+}
+
 TEST(GatingTest, EmptyBatch) {
   const Routing r = RouteTokens({}, 0, Gate4(), Model(4, 2));
   EXPECT_EQ(r.num_tokens, 0);
