@@ -19,9 +19,10 @@ using ::moe::local::RunfilePath;
 using ::testing::HasSubstr;
 
 TEST(MoeLocalTest, RunsALoadAndStopsCleanly) {
-  ChildProcess run(RunfilePath("deploy/local/moe_local"),
-                   {"--servers=3", "--strategy=DATA_PARALLEL", "--d_model=64", "--d_ff=128",
-                    "--duration=1s", "--concurrency=2", "--batch=32"});
+  ChildProcess run(
+      RunfilePath("deploy/local/moe_local"),
+      {"--servers=3", "--strategy=DATA_PARALLEL", "--d_model=64", "--d_ff=128", "--duration=1s",
+       "--concurrency=2", "--batch=32", "--server_flags=--batch_window=1ms,--max_batch_rows=4096"});
   EXPECT_EQ(run.Stop(0, absl::Seconds(120)), 0) << run.output();
   const std::string& out = run.output();
   EXPECT_THAT(out, HasSubstr("3 expert servers, DATA_PARALLEL placement"));
@@ -102,6 +103,20 @@ TEST(MoeLocalTest, BadStrategyIsNamed) {
   ChildProcess run(RunfilePath("deploy/local/moe_local"), {"--strategy=RANDOM"});
   EXPECT_EQ(run.Stop(0, absl::Seconds(30)), 2);
   EXPECT_THAT(run.output(), HasSubstr("--strategy: \"RANDOM\""));
+}
+
+// --server_flags reach every expert server (a bad value stops the first
+// one, whose own error moe_local shows); flags it sets itself are refused.
+TEST(MoeLocalTest, ServerFlagsReachTheServers) {
+  ChildProcess bad_value(
+      RunfilePath("deploy/local/moe_local"),
+      {"--servers=1", "--d_model=64", "--d_ff=128", "--server_flags=--batch_window=banana"});
+  EXPECT_NE(bad_value.Stop(0, absl::Seconds(60)), 0);
+  EXPECT_THAT(bad_value.output(), HasSubstr("batch_window"));
+  EXPECT_THAT(bad_value.output(), HasSubstr("did not start"));
+  ChildProcess ours(RunfilePath("deploy/local/moe_local"), {"--server_flags=--port=1"});
+  EXPECT_EQ(ours.Stop(0, absl::Seconds(30)), 2);
+  EXPECT_THAT(ours.output(), HasSubstr("--server_flags: extra flag \"--port=1\""));
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
+#include "common/status_macros.h"
 
 namespace moe::local {
 namespace {
@@ -22,7 +23,35 @@ std::string Ended(const std::string& name, std::optional<int> code) {
 
 }  // namespace
 
+absl::Status CheckExtraFlags(const std::vector<std::string>& flags) {
+  static constexpr const char* kSetHere[] = {"config",         "host",
+                                             "port",           "name",
+                                             "metrics_port",   "dtype",
+                                             "onednn_threads", "checkpoint",
+                                             "checkpoint_dir", "transport_security",
+                                             "tls_cert",       "tls_key",
+                                             "tls_ca",         "require_client_cert"};
+  for (const std::string& flag : flags) {
+    const bool dashes = flag.rfind("--", 0) == 0;
+    const size_t equals = flag.find('=');
+    const std::string name =
+        dashes ? flag.substr(2, equals == std::string::npos ? equals : equals - 2) : "";
+    bool ours = false;
+    for (const char* set : kSetHere) ours |= name == set;
+    if (name.empty() || ours) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("extra flag \"", flag,
+                       "\": must be --name or --name=value, and not a flag the local "
+                       "cluster sets itself (--",
+                       name, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOptions options) {
+  MOE_RETURN_IF_ERROR(CheckExtraFlags(options.server_flags));
+  MOE_RETURN_IF_ERROR(CheckExtraFlags(options.router_flags));
   auto cluster = std::unique_ptr<LocalCluster>(new LocalCluster());
   cluster->config_ = std::move(options.config);
   for (ServerSpec& server : cluster->config_.cluster.servers) {
@@ -45,6 +74,7 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
     args.push_back("--port=" + server.address.substr(server.address.rfind(':') + 1));
     args.push_back("--dtype=" + options.dtype);
     args.push_back(absl::StrCat("--onednn_threads=", options.onednn_threads));
+    args.insert(args.end(), options.server_flags.begin(), options.server_flags.end());
     cluster->servers_.push_back(
         std::make_unique<ChildProcess>(RunfilePath("expert_service/expert_server"), args));
     cluster->server_args_.push_back(std::move(args));

@@ -31,9 +31,18 @@ struct LocalClusterOptions {
   std::string checkpoint_dir;
   // Given to every process (--transport_security).
   TransportCredentials credentials = TransportCredentials::Plaintext();
-  // More flags for the router.
+  // More flags for the router, and for every expert server (after the ones
+  // set here, which they must not repeat: CheckExtraFlags).
   std::vector<std::string> router_flags;
+  std::vector<std::string> server_flags;
 };
+
+// INVALID_ARGUMENT naming the flag unless each of `flags` is "--name" or
+// "--name=value" with a name the local cluster does not set itself
+// (--config, --host, --port, --name, --metrics_port, --dtype,
+// --onednn_threads, --checkpoint, --checkpoint_dir, --transport_security
+// and the TLS files).
+absl::Status CheckExtraFlags(const std::vector<std::string>& flags);
 
 class LocalCluster {
  public:

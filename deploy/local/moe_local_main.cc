@@ -12,6 +12,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
@@ -64,6 +65,12 @@ ABSL_FLAG(int, train_steps, 3,
           "After the load, training steps to run (Forward, Backward, Step); 0: none.");
 ABSL_FLAG(float, learning_rate, 0.01f, "Learning rate of those steps.");
 ABSL_FLAG(bool, serve, false, "After the load, keep the cluster up until Ctrl-C.");
+ABSL_FLAG(std::vector<std::string>, server_flags, {},
+          "More flags for every expert server, comma-separated, e.g. "
+          "--server_flags=--batch_window=2ms,--max_batch_rows=8192 (expert_server --help); "
+          "not the ones moe_local sets (--config, --port, --dtype, ...).");
+ABSL_FLAG(std::vector<std::string>, router_flags, {},
+          "More flags for the router, comma-separated (router --help).");
 ABSL_FLAG(std::string, prometheus_targets, "",
           "Also write the processes' /metrics addresses to this Prometheus file_sd "
           "file (deploy/prometheus/prometheus.yml reads /tmp/moe-serve/targets.json).");
@@ -220,6 +227,16 @@ int Run() {
   options.checkpoint_dir = absl::GetFlag(FLAGS_checkpoint_dir);
   options.dtype = absl::GetFlag(FLAGS_dtype);
   options.onednn_threads = absl::GetFlag(FLAGS_onednn_threads);
+  options.server_flags = absl::GetFlag(FLAGS_server_flags);
+  options.router_flags = absl::GetFlag(FLAGS_router_flags);
+  if (absl::Status extra = CheckExtraFlags(options.server_flags); !extra.ok()) {
+    MOE_LOG(ERROR, "--server_flags: ", extra.message());
+    return 2;
+  }
+  if (absl::Status extra = CheckExtraFlags(options.router_flags); !extra.ok()) {
+    MOE_LOG(ERROR, "--router_flags: ", extra.message());
+    return 2;
+  }
   options.work_dir = work_dir;
   absl::StatusOr<TransportCredentials> credentials =
       absl::GetFlag(FLAGS_tls) ? TestCaCredentials(work_dir) : TransportCredentials::FromFlags();
