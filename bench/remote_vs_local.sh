@@ -5,7 +5,9 @@
 # it. Usage: bench/remote_vs_local.sh [fp32|bf16] [extra moe_loadgen flags]
 # Environment: CONFIG (default deploy/config/bench_1024.pbtxt; the
 # deploy/config/bench_overhead.pbtxt one has tiny experts, so batch-1 numbers
-# are RPC and router work), ONEDNN_THREADS per server (default 0: all cores).
+# are RPC and router work), ONEDNN_THREADS per server (default 0: all cores),
+# ROUTER_FLAGS and SERVER_FLAGS (comma-separated, e.g.
+# ROUTER_FLAGS=--micro_batch_bytes=262144).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dtype="${1:-fp32}"
@@ -15,6 +17,7 @@ config="${CONFIG:-$PWD/deploy/config/bench_1024.pbtxt}"
 bazel build //deploy/local:moe_local //clients/cpp:moe_loadgen
 log="$(mktemp)"
 bazel-bin/deploy/local/moe_local --config="$config" --dtype="$dtype" --onednn_threads="${ONEDNN_THREADS:-0}" \
+    --router_flags="${ROUTER_FLAGS:-}" --server_flags="${SERVER_FLAGS:-}" \
     --duration=1s --concurrency=1 --batch=64 --serve >"$log" 2>&1 &
 cluster=$!
 trap 'kill -INT $cluster 2>/dev/null; wait $cluster 2>/dev/null; rm -f "$log"' EXIT

@@ -1,5 +1,6 @@
 #include "router_service/dispatch_plan.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/status/status.h"
@@ -40,6 +41,15 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
     if (shares.empty()) {
       unavailable.push_back(expert);
       continue;
+    }
+    if (!options.training && options.max_call_rows > 0) {
+      std::vector<std::pair<int, int64_t>> calls;
+      for (const auto& [server, count] : shares) {
+        for (int64_t done = 0; done < count; done += options.max_call_rows) {
+          calls.emplace_back(server, std::min(options.max_call_rows, count - done));
+        }
+      }
+      shares = std::move(calls);
     }
     size_t next = 0;
     for (const auto& [server, count] : shares) {

@@ -1,7 +1,10 @@
 // Turns one request's routing into the calls the router makes: the kept
-// pairs of each expert, split over its replicas by the ReplicaPicker, each
-// (server, expert) group with its token rows copied once, contiguously,
-// straight into the DispatchRequest it is sent in. Thread-compatible.
+// pairs of each expert, split over its replicas by the ReplicaPicker (and
+// into micro-batches, DispatchPlanOptions::max_call_rows), each group with
+// its token rows copied once, contiguously, straight into the
+// DispatchRequest it is sent in. An expert's groups hold disjoint tokens, so
+// Combine's sums are the same bits however the rows were split.
+// Thread-compatible.
 #ifndef MOE_ROUTER_SERVICE_DISPATCH_PLAN_H_
 #define MOE_ROUTER_SERVICE_DISPATCH_PLAN_H_
 
@@ -39,6 +42,11 @@ struct DispatchPlanOptions {
   // a server at another version refuses it.
   uint64_t placement_epoch = 0;
   uint64_t weights_step = 0;
+  // Inference: an expert's rows on one replica go out in calls of at most
+  // this many rows (micro-batches: the first computes while the next are on
+  // the wire); 0: one call. Training keeps one call per expert (its state
+  // is kept per (request, expert)).
+  int64_t max_call_rows = 0;
 };
 
 // UNAVAILABLE naming the experts with no healthy replica. On success the

@@ -41,6 +41,10 @@ ABSL_FLAG(absl::Duration, hedge_max_delay, absl::Milliseconds(200),
           "to another replica; 0 disables hedging.");
 ABSL_FLAG(absl::Duration, hedge_min_delay, absl::Milliseconds(10),
           "The shortest wait before an expert call is hedged.");
+ABSL_FLAG(int64_t, micro_batch_bytes, 0,
+          "Inference: split each expert's rows on one server into calls of at most this many "
+          "bytes of tokens, so that the server computes one while the next is on the wire "
+          "(results are the same bits); 0: one call per expert and server.");
 ABSL_FLAG(absl::Duration, step_timeout, absl::Seconds(60),
           "Deadline of a training Step whose client sets none.");
 ABSL_FLAG(int64_t, migration_bytes_per_second, int64_t{256} << 20,
@@ -99,6 +103,7 @@ int main(int argc, char** argv) {
   options.stream_request_timeout = absl::GetFlag(FLAGS_stream_request_timeout);
   options.hedge_min_delay = absl::GetFlag(FLAGS_hedge_min_delay);
   options.hedge_max_delay = absl::GetFlag(FLAGS_hedge_max_delay);
+  options.micro_batch_bytes = absl::GetFlag(FLAGS_micro_batch_bytes);
   absl::StatusOr<moe::StreamBounds> streams = moe::StreamBoundsFromFlags();
   if (!streams.ok()) {
     MOE_LOG(ERROR, streams.status().message());

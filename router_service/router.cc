@@ -214,7 +214,7 @@ void Router::Start(const v1::Tensor& x, bool training, absl::Time deadline, Forw
   absl::StatusOr<std::vector<ExpertGroup>> groups =
       PlanDispatch(call->routing, *view, call->placement->value, picker_,
                    {kServedLayer, training, call->request_id, ToDeadlineMicros(deadline),
-                    call->placement->version, call->gate->version});
+                    call->placement->version, call->gate->version, MaxCallRows(*view)});
   if (!groups.ok()) {
     std::move(call->done)(groups.status());
     return;
@@ -276,6 +276,12 @@ void Router::Send(std::shared_ptr<ForwardCall> call, size_t group, int server) {
                    sent](absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply) mutable {
                     OnForwardReply(std::move(call), group, server, sent, std::move(reply));
                   });
+}
+
+int64_t Router::MaxCallRows(const ConstTensorView& x) const {
+  if (options_.micro_batch_bytes <= 0 || x.shape.size() != 2) return 0;
+  const int64_t row_bytes = x.shape[1] * static_cast<int64_t>(DTypeSize(x.dtype));
+  return std::max<int64_t>(1, options_.micro_batch_bytes / std::max<int64_t>(1, row_bytes));
 }
 
 absl::Duration Router::HedgeDelay(int server) const {

@@ -104,6 +104,10 @@ class Router {
     // another replica; the first answer is taken. A zero max disables it.
     absl::Duration hedge_min_delay = absl::Milliseconds(10);
     absl::Duration hedge_max_delay = absl::Milliseconds(200);
+    // Inference calls carry at most about this many bytes of token rows
+    // each (micro-batches, DispatchPlanOptions::max_call_rows); 0: one call
+    // per expert and replica.
+    int64_t micro_batch_bytes = 0;
     // Called once per hedge sent (for metrics).
     std::function<void()> on_hedge;
     // Called once per replica ejected for failing calls in a row
@@ -244,6 +248,9 @@ class Router {
   // `server` has not answered it.
   void ScheduleHedge(const std::shared_ptr<ForwardCall>& call, size_t group, int server);
   absl::Duration HedgeDelay(int server) const;
+  // DispatchPlanOptions::max_call_rows for rows of `x` (options'
+  // micro_batch_bytes; 0: no split).
+  int64_t MaxCallRows(const ConstTensorView& x) const;
   // `server`'s answer to `group`, sent at `sent`.
   void OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int server, absl::Time sent,
                       absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply);

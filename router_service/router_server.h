@@ -65,6 +65,8 @@ class RouterServer {
     // Hedging of inference forwards (Router::Options); a zero max disables.
     absl::Duration hedge_min_delay = absl::Milliseconds(10);
     absl::Duration hedge_max_delay = absl::Milliseconds(200);
+    // Router::Options::micro_batch_bytes.
+    int64_t micro_batch_bytes = 0;
     // Forward state kept for Backward, at most (Router::Options).
     int64_t training_state_bytes = int64_t{1} << 30;
     // Of the router's port and of its channels to the expert servers.

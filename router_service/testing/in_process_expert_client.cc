@@ -73,6 +73,7 @@ InProcessExpertClient::~InProcessExpertClient() {
 
 void InProcessExpertClient::Forward(int server, const v1::DispatchRequest& request,
                                     ForwardDone done) {
+  ++forwards_;
   Server& s = *servers_.at(server);
   if (!s.alive) {
     std::move(done)(Down(server));

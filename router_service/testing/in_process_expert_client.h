@@ -42,6 +42,8 @@ class InProcessExpertClient : public ExpertClient {
   // Counted (cancels()), not acted on: in-process calls run to the end.
   void CancelForward(int server, uint64_t sequence_id) override;
   int cancels() const { return cancels_.load(); }
+  // Forward calls made.
+  int forwards() const { return forwards_.load(); }
   // The step calls run on the server's own step thread, as over gRPC.
   void PrepareStep(int server, const v1::PrepareStepRequest& request, absl::Time deadline,
                    UnaryDone<v1::PrepareStepResponse> done) override;
@@ -124,6 +126,7 @@ class InProcessExpertClient : public ExpertClient {
   void RunStepCall(int server, Call call, UnaryDone<Response> done);
 
   std::atomic<int> cancels_{0};
+  std::atomic<int> forwards_{0};
   mutable absl::Mutex dispatched_mu_;
   std::vector<Dispatched> dispatched_ ABSL_GUARDED_BY(dispatched_mu_);
   prometheus::Registry registry_;
