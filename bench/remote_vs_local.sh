@@ -2,7 +2,8 @@
 # The cluster against the same layer in one process, side by side in one run:
 # starts a local cluster of deploy/config/bench_1024.pbtxt (router + 2 expert
 # servers) with moe_local --serve, then runs moe_loadgen --compare_local on
-# it. Usage: bench/remote_vs_local.sh [fp32|bf16] [extra moe_loadgen flags]
+# it (5 rounds per point, local then remote, the median ratio and its
+# spread). Usage: bench/remote_vs_local.sh [fp32|bf16] [extra moe_loadgen flags]
 # Environment: CONFIG (default deploy/config/bench_1024.pbtxt; the
 # deploy/config/bench_overhead.pbtxt one has tiny experts, so batch-1 numbers
 # are RPC and router work), ONEDNN_THREADS per server (default 0: all cores),
@@ -28,4 +29,4 @@ done
 router="$(grep -o 'serving at [0-9.:]*' "$log" | awk '{print $3}')"
 echo "cluster at $router ($dtype)"
 bazel-bin/clients/cpp/moe_loadgen --router="$router" --config="$config" --dtype="$dtype" \
-    --compare_local --concurrency=1,2 --batch=1,64,512,4096 --duration=5s "$@"
+    --compare_local --rounds=5 --concurrency=1,2 --batch=1,64,512,4096 --duration=2s "$@"

@@ -70,17 +70,19 @@ TEST(MoeLoadgenTest, MeasuresARunningClusterAgainstTheLocalLayer) {
       local::LocalCluster::Start(options);
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   const std::string json = dir + "/loadgen.json";
-  ChildProcess loadgen(RunfilePath("clients/cpp/moe_loadgen"),
-                       {"--router=" + (*cluster)->router_address(),
-                        "--config=" + (*cluster)->config_path(), "--concurrency=1,2",
-                        "--batch=1,16", "--requests=20", "--duration=1s", "--compare_local",
-                        "--json=" + json});
+  ChildProcess loadgen(
+      RunfilePath("clients/cpp/moe_loadgen"),
+      {"--router=" + (*cluster)->router_address(), "--config=" + (*cluster)->config_path(),
+       "--concurrency=1,2", "--batch=1,16", "--requests=20", "--duration=1s", "--compare_local",
+       "--rounds=2", "--json=" + json});
   EXPECT_EQ(loadgen.Stop(0, absl::Seconds(120)), 0) << loadgen.output();
   EXPECT_THAT(loadgen.output(), HasSubstr("tokens/s"));
   EXPECT_THAT(loadgen.output(), HasSubstr("ratio"));
   std::ifstream file(json);
   const std::string written((std::istreambuf_iterator<char>(file)), {});
   EXPECT_THAT(written, HasSubstr("\"remote_over_local\""));
+  EXPECT_THAT(written, HasSubstr("\"remote_over_local_rounds\""));
+  EXPECT_THAT(written, HasSubstr("\"rounds\": 2"));
   EXPECT_THAT(written, HasSubstr("\"failures\": 0"));
 
   // The same over ForwardStreams.

@@ -4,7 +4,8 @@
 // for a duration and the tool prints throughput and
 // latency percentiles; --compare_local runs the same layer in this process
 // (same gate, same oneDNN kernels, no network) on the same shapes in the
-// same run and prints remote/local.
+// same run, alternating with the cluster in --rounds rounds, and prints the
+// median remote/local and its spread.
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
@@ -37,6 +38,9 @@ ABSL_FLAG(bool, streaming, false,
           "Each client sends over one long-lived ForwardStream instead of unary Forward calls.");
 ABSL_FLAG(bool, compare_local, false, "Also run the in-process layer and print remote/local.");
 ABSL_FLAG(int, local_threads, 0, "oneDNN threads of the local layer; 0: all cores.");
+ABSL_FLAG(int, rounds, 5,
+          "With --compare_local: rounds per point, each the local layer then the cluster for "
+          "--duration; the point is the rounds' median (and the ratio's spread).");
 ABSL_FLAG(std::string, json, "", "Also write the results to this JSON file.");
 
 namespace moe::client {
@@ -53,6 +57,14 @@ absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& text, const ch
   }
   if (values.empty()) return absl::InvalidArgumentError(absl::StrCat("--", flag, " is empty"));
   return values;
+}
+
+// The median of `values` (the mean of the middle two for an even count).
+double Median(std::vector<double> values) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 == 1 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
 }
 
 struct LocalFigures {
@@ -137,12 +149,17 @@ int Run() {
   nlohmann::json results = nlohmann::json::array();
   std::printf("%5s %6s %12s %10s %9s %9s %9s", "conc", "batch", "tokens/s", "req/s", "p50 ms",
               "p90 ms", "p99 ms");
-  if (local) std::printf(" %12s %8s %12s %12s", "local tok/s", "ratio", "+p50 us", "+p99 us");
+  if (local) {
+    std::printf(" %12s %8s %13s %12s %12s", "local tok/s", "ratio", "ratio spread", "+p50 us",
+                "+p99 us");
+  }
   std::printf("\n");
   bool failed = false;
+  // With --compare_local, each point is measured in rounds, local then
+  // remote, and reported by the median of the rounds (the machine's noise
+  // moves single points by 10-30%).
+  const int rounds = local ? std::max(1, absl::GetFlag(FLAGS_rounds)) : 1;
   for (int64_t batch : *batches) {
-    LocalFigures local_figures;
-    if (local) local_figures = MeasureLocal(*local, batch, model.d_model, absl::GetFlag(FLAGS_duration));
     for (int64_t clients : *concurrency) {
       LoadOptions load;
       load.concurrency = static_cast<int>(clients);
@@ -153,39 +170,66 @@ int Run() {
       load.wire_dtype = dtype;
       load.streaming = absl::GetFlag(FLAGS_streaming);
       load.credentials = *credentials;
-      absl::StatusOr<LoadReport> report = RunLoad(absl::GetFlag(FLAGS_router), load, model.num_experts);
-      if (!report.ok()) {
-        MOE_LOG(ERROR, report.status().message());
-        return 1;
+      std::vector<double> remote_rate, request_rate, p50, p90, p99, local_rate, local_p50,
+          local_p99, ratios;
+      int64_t requests = 0, failures = 0;
+      for (int round = 0; round < rounds; ++round) {
+        LocalFigures local_figures;
+        if (local) {
+          local_figures = MeasureLocal(*local, batch, model.d_model, absl::GetFlag(FLAGS_duration));
+        }
+        absl::StatusOr<LoadReport> report =
+            RunLoad(absl::GetFlag(FLAGS_router), load, model.num_experts);
+        if (!report.ok()) {
+          MOE_LOG(ERROR, report.status().message());
+          return 1;
+        }
+        if (report->failures > 0) {
+          failed = true;
+          MOE_LOG(WARNING, report->failures, " failed requests: ", report->first_error);
+        }
+        requests += report->requests;
+        failures += report->failures;
+        remote_rate.push_back(report->tokens_per_second());
+        request_rate.push_back(report->requests_per_second());
+        p50.push_back(report->Percentile(50));
+        p90.push_back(report->Percentile(90));
+        p99.push_back(report->Percentile(99));
+        if (local) {
+          local_rate.push_back(local_figures.tokens_per_second);
+          local_p50.push_back(local_figures.p50);
+          local_p99.push_back(local_figures.p99);
+          ratios.push_back(report->tokens_per_second() / local_figures.tokens_per_second);
+        }
       }
-      if (report->failures > 0) {
-        failed = true;
-        MOE_LOG(WARNING, report->failures, " failed requests: ", report->first_error);
-      }
+      const double rate = Median(remote_rate);
       std::printf("%5ld %6ld %12.0f %10.1f %9.3f %9.3f %9.3f", static_cast<long>(clients),
-                  static_cast<long>(batch), report->tokens_per_second(),
-                  report->requests_per_second(), 1e3 * report->Percentile(50),
-                  1e3 * report->Percentile(90), 1e3 * report->Percentile(99));
+                  static_cast<long>(batch), rate, Median(request_rate), 1e3 * Median(p50),
+                  1e3 * Median(p90), 1e3 * Median(p99));
       nlohmann::json row = {{"concurrency", clients},
                             {"batch", batch},
                             {"dtype", dtype_name},
                             {"streaming", load.streaming},
-                            {"requests", report->requests},
-                            {"failures", report->failures},
-                            {"tokens_per_second", report->tokens_per_second()},
-                            {"requests_per_second", report->requests_per_second()},
-                            {"latency_p50_s", report->Percentile(50)},
-                            {"latency_p90_s", report->Percentile(90)},
-                            {"latency_p99_s", report->Percentile(99)}};
+                            {"rounds", rounds},
+                            {"requests", requests},
+                            {"failures", failures},
+                            {"tokens_per_second", rate},
+                            {"requests_per_second", Median(request_rate)},
+                            {"latency_p50_s", Median(p50)},
+                            {"latency_p90_s", Median(p90)},
+                            {"latency_p99_s", Median(p99)}};
       if (local) {
-        const double ratio = report->tokens_per_second() / local_figures.tokens_per_second;
-        std::printf(" %12.0f %8.3f %12.0f %12.0f", local_figures.tokens_per_second, ratio,
-                    1e6 * (report->Percentile(50) - local_figures.p50),
-                    1e6 * (report->Percentile(99) - local_figures.p99));
-        row["local_tokens_per_second"] = local_figures.tokens_per_second;
-        row["remote_over_local"] = ratio;
-        row["local_latency_p50_s"] = local_figures.p50;
-        row["local_latency_p99_s"] = local_figures.p99;
+        const auto [low, high] = std::minmax_element(ratios.begin(), ratios.end());
+        std::printf(" %12.0f %8.3f %6.3f-%-6.3f %12.0f %12.0f", Median(local_rate), Median(ratios),
+                    *low, *high, 1e6 * (Median(p50) - Median(local_p50)),
+                    1e6 * (Median(p99) - Median(local_p99)));
+        row["local_tokens_per_second"] = Median(local_rate);
+        row["remote_over_local"] = Median(ratios);
+        row["remote_over_local_min"] = *low;
+        row["remote_over_local_max"] = *high;
+        row["remote_over_local_rounds"] = ratios;
+        row["local_latency_p50_s"] = Median(local_p50);
+        row["local_latency_p99_s"] = Median(local_p99);
       }
       std::printf("\n");
       std::fflush(stdout);
