@@ -167,7 +167,11 @@ TEST(StepRepairTest, ARouterThatDiesBetweenTwoCommitsLeavesTheOtherServerToCommi
       << cluster.ServerLog(1);
   EXPECT_THAT(cluster.ServerLog(1), HasSubstr("has committed step 1"));
   ExpectConverged(cluster, 1);
-  // e1 committed without its CommitStep, and took the step's gate from e0.
+  // e1 committed without its CommitStep, and takes the step's gate from e0
+  // (on its catch-up thread, after the commit).
+  ASSERT_TRUE(
+      cluster.WaitForServerLine(1, "the gate of step 1 from server e0", absl::Seconds(30)))
+      << cluster.ServerLog(1);
   EXPECT_EQ(GateStepOn(cluster, 1), 1u) << cluster.ServerLog(1);
   // A router started now serves step 1's gate and trains on.
   cluster.StartRouter();
@@ -226,6 +230,8 @@ TEST(StepRepairTest, AReplicaBehindSitsTheNextStepOutAndSyncsToIt) {
   ASSERT_TRUE(cluster.WaitForServerLine(2, "rolled forward to step 2", absl::Seconds(30)))
       << cluster.ServerLog(2);
   ExpectConverged(cluster, 2);
+  ASSERT_TRUE(cluster.WaitForServerLine(2, "the gate of step 2 from server", absl::Seconds(30)))
+      << cluster.ServerLog(2);
   EXPECT_EQ(GateStepOn(cluster, 2), 2u) << cluster.ServerLog(2);
   ExpectReferenceFromHereOn(cluster, reference, 3);
 }
