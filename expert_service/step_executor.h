@@ -166,7 +166,10 @@ class StepExecutor {
   // (the step is dropped here) when a result is not finite.
   absl::StatusOr<absl::Duration> Update(uint64_t step, float learning_rate, float grad_scale)
       ABSL_LOCKS_EXCLUDED(mu_);
-  // (expert, digest of its new weights), ascending.
+  // (expert, digest of its new weights), ascending. FAILED_PRECONDITION
+  // when `step` is not prepared here; a step past the last committed one
+  // while nothing is prepared or preparing means this server sat it out
+  // (behind): on_behind is told.
   absl::StatusOr<std::vector<std::pair<ExpertKey, uint64_t>>> Commit(uint64_t step)
       ABSL_LOCKS_EXCLUDED(mu_);
   // Idempotent; also stops a Prepare of `step` that is still running. An
