@@ -96,22 +96,12 @@ TEST_P(RouterTrainingTest, BackwardEqualsTheReference) {
   const ReferenceGradients expected = *reference.Backward(x, ref_forward, dy);
   EXPECT_TRUE(TensorNear(Decoded(*dx, 32), expected.dx, 1e-5));
   // The gate's, kept by the lease keeper (server 0) for the next step.
-  const std::vector<float> gate_gradient = cluster.client.steps(0).gate_gradient();
-  ASSERT_EQ(gate_gradient.size(), expected.params.gate->values().size());
-  FloatTensor kept(expected.params.gate->shape());
-  std::copy(gate_gradient.begin(), gate_gradient.end(), kept.mutable_values().begin());
+  const FloatTensor kept = cluster.KeptGateGradient();
+  ASSERT_EQ(kept.values().size(), expected.params.gate->values().size());
   EXPECT_TRUE(TensorNear(kept, *expected.params.gate, 1e-5));
   // Each expert's gradient, summed over its replicas, is the reference's.
   for (int e = 0; e < cluster.model.num_experts; ++e) {
-    ExpertWeights sum = ExpertWeights::Zeros(cluster.model);
-    for (int s : cluster.placement.ServersOf(ExpertKey(0, e))) {
-      const ExpertWeights part = *cluster.client.store(s).Gradients(ExpertKey(0, e));
-      for (ExpertTensor which : kAllExpertTensors) {
-        auto dst = sum.tensor(which).mutable_values();
-        auto src = part.tensor(which).values();
-        for (size_t i = 0; i < dst.size(); ++i) dst[i] += src[i];
-      }
-    }
+    const ExpertWeights sum = cluster.SummedGradients(ExpertKey(0, e));
     for (ExpertTensor which : kAllExpertTensors) {
       EXPECT_TRUE(TensorNear(sum.tensor(which),
                              expected.params.experts.at(e).tensor(which), 1e-5))
@@ -156,10 +146,7 @@ TEST(RouterTest, EveryGateVariantEqualsTheReference) {
     EXPECT_EQ(forward->routing.weights, expected.routing.weights);
     EXPECT_TRUE(TensorNear(Decoded(forward->y, 32), expected.y, 1e-5));
     EXPECT_TRUE(TensorNear(Decoded(*dx, 32), grads.dx, 1e-5));
-    const std::vector<float> gate_gradient = cluster.client.steps(0).gate_gradient();
-    FloatTensor kept(grads.params.gate->shape());
-    std::copy(gate_gradient.begin(), gate_gradient.end(), kept.mutable_values().begin());
-    EXPECT_TRUE(TensorNear(kept, *grads.params.gate, 1e-5));
+    EXPECT_TRUE(TensorNear(cluster.KeptGateGradient(), *grads.params.gate, 1e-5));
   }
 }
 

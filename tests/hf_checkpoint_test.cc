@@ -126,22 +126,12 @@ TEST_P(HfCheckpointTest, TheClusterComputesWhatPyTorchDoes) {
   EXPECT_TRUE(TensorNear(Decoded(*dx, kDModel), expected.Get("grad_input"), 1e-5));
 
   const std::string router = absl::StrCat(f.prefix, ".router.classifier.weight");
-  const std::vector<float> gate_gradient = cluster.client.steps(0).gate_gradient();
-  FloatTensor gate_grad({kDModel, 4});
-  ASSERT_EQ(gate_gradient.size(), gate_grad.values().size());
-  std::copy(gate_gradient.begin(), gate_gradient.end(), gate_grad.mutable_values().begin());
+  const FloatTensor gate_grad = cluster.KeptGateGradient();
+  ASSERT_EQ(gate_grad.values().size(), size_t{kDModel * 4});
   EXPECT_TRUE(TensorNear(gate_grad, expected.Transposed("grad " + router), 1e-5));
   // Each expert's gradient, summed over its replicas.
   for (int e = 0; e < 4; ++e) {
-    ExpertWeights sum = ExpertWeights::Zeros(model);
-    for (int s : cluster.placement.ServersOf(ExpertKey(0, e))) {
-      const ExpertWeights part = *cluster.client.store(s).Gradients(ExpertKey(0, e));
-      for (ExpertTensor which : kAllExpertTensors) {
-        auto dst = sum.tensor(which).mutable_values();
-        auto src = part.tensor(which).values();
-        for (size_t i = 0; i < dst.size(); ++i) dst[i] += src[i];
-      }
-    }
+    const ExpertWeights sum = cluster.SummedGradients(ExpertKey(0, e));
     for (int i = 0; i < 4; ++i) {
       const ExpertTensor which = kAllExpertTensors[i];
       const std::string name =

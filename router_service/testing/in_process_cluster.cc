@@ -68,6 +68,25 @@ InProcessCluster::InProcessCluster(const ModelConfig& m, MoeWeights w, Placement
       router({m, *weights.gate}, placement, client),
       steps({}, router, client) {}
 
+FloatTensor InProcessCluster::KeptGateGradient() {
+  const std::vector<float> kept = client.steps(0).gate_gradient();
+  if (kept.empty()) return FloatTensor();
+  return FloatTensor({model.d_model, model.num_experts}, kept);
+}
+
+ExpertWeights InProcessCluster::SummedGradients(ExpertKey expert) {
+  ExpertWeights sum = ExpertWeights::Zeros(model);
+  for (int s : placement.ServersOf(expert)) {
+    const ExpertWeights part = *client.store(s).Gradients(expert);
+    for (ExpertTensor which : kAllExpertTensors) {
+      absl::Span<float> dst = sum.tensor(which).mutable_values();
+      absl::Span<const float> src = part.tensor(which).values();
+      for (size_t i = 0; i < dst.size(); ++i) dst[i] += src[i];
+    }
+  }
+  return sum;
+}
+
 absl::StatusOr<Router::ForwardResult> InProcessCluster::Forward(const v1::Tensor& x,
                                                                 bool training) {
   absl::Notification done;

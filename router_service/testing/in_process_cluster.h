@@ -39,6 +39,11 @@ struct InProcessCluster {
   absl::StatusOr<v1::Tensor> Backward(uint64_t id, const v1::Tensor& dy);
   absl::StatusOr<StepCoordinator::Result> Step(float learning_rate,
                                                absl::Duration timeout = absl::Seconds(30));
+  // The gate gradient server 0 keeps for the next step, [d_model,
+  // num_experts]; an empty tensor when none was added.
+  FloatTensor KeptGateGradient();
+  // `expert`'s accumulated gradients, summed over its replicas.
+  ExpertWeights SummedGradients(ExpertKey expert);
 
   ModelConfig model;
   MoeWeights weights;
