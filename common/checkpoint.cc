@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <fstream>
 #include <map>
 
@@ -40,22 +41,50 @@ std::string LayerPrefix(int layer) {
 }
 
 // A Hugging Face model's name for the tensor of `layout`'s MoE block
-// (expert < 0: the router); empty for a tensor it does not have (Switch
-// Transformers' biases).
+// (expert < 0: the router); empty for a tensor it does not have (the biases
+// of Switch Transformers' and the gated SiLU families' experts).
 std::string HuggingFaceName(const CheckpointLayout& layout, int expert, ExpertTensor which) {
   const std::string& p = layout.prefix;
-  if (expert < 0) return absl::StrCat(p, ".router.classifier.weight");
-  const std::string module = absl::StrCat(p, ".experts.expert_", expert, ".");
-  const bool nllb = layout.family == CheckpointFamily::kNllbMoe;
-  switch (which) {
-    case ExpertTensor::kW1:
-      return module + (nllb ? "fc1.weight" : "wi.weight");
-    case ExpertTensor::kB1:
-      return nllb ? module + "fc1.bias" : std::string();
-    case ExpertTensor::kW2:
-      return module + (nllb ? "fc2.weight" : "wo.weight");
-    case ExpertTensor::kB2:
-      return nllb ? module + "fc2.bias" : std::string();
+  switch (layout.family) {
+    case CheckpointFamily::kMoeServe:
+      break;
+    case CheckpointFamily::kNllbMoe:
+    case CheckpointFamily::kSwitchTransformers: {
+      if (expert < 0) return absl::StrCat(p, ".router.classifier.weight");
+      const std::string module = absl::StrCat(p, ".experts.expert_", expert, ".");
+      const bool nllb = layout.family == CheckpointFamily::kNllbMoe;
+      switch (which) {
+        case ExpertTensor::kW1:
+          return module + (nllb ? "fc1.weight" : "wi.weight");
+        case ExpertTensor::kB1:
+          return nllb ? module + "fc1.bias" : std::string();
+        case ExpertTensor::kW2:
+          return module + (nllb ? "fc2.weight" : "wo.weight");
+        case ExpertTensor::kB2:
+          return nllb ? module + "fc2.bias" : std::string();
+        case ExpertTensor::kW3:
+          return std::string();
+      }
+      break;
+    }
+    case CheckpointFamily::kMixtral:
+    case CheckpointFamily::kQwen2Moe: {
+      if (expert < 0) return absl::StrCat(p, ".gate.weight");
+      const std::string module = absl::StrCat(p, ".experts.", expert, ".");
+      const bool mixtral = layout.family == CheckpointFamily::kMixtral;
+      switch (which) {
+        case ExpertTensor::kW1:
+          return module + (mixtral ? "w1.weight" : "gate_proj.weight");
+        case ExpertTensor::kW2:
+          return module + (mixtral ? "w2.weight" : "down_proj.weight");
+        case ExpertTensor::kW3:
+          return module + (mixtral ? "w3.weight" : "up_proj.weight");
+        case ExpertTensor::kB1:
+        case ExpertTensor::kB2:
+          return std::string();
+      }
+      break;
+    }
   }
   return std::string();
 }
@@ -75,24 +104,13 @@ std::vector<TensorSlot> ModelSlots(const ModelConfig& model, const std::string& 
   for (int e = 0; e < model.num_experts; ++e) {
     const ExpertKey key(kLayer, e);
     for (ExpertTensor which : kAllExpertTensors) {
+      if (!HasExpertTensor(model, which)) continue;
+      // Bias-free experts in moe-serve's names keep their (zero) biases.
       const std::string name =
           own ? ExpertTensorName(key, which) : HuggingFaceName(layout, e, which);
       if (name.empty()) continue;
-      Shape shape;
-      switch (which) {
-        case ExpertTensor::kW1:
-          shape = {model.d_ff, model.d_model};
-          break;
-        case ExpertTensor::kB1:
-          shape = {model.d_ff};
-          break;
-        case ExpertTensor::kW2:
-          shape = {model.d_model, model.d_ff};
-          break;
-        case ExpertTensor::kB2:
-          shape = {model.d_model};
-          break;
-      }
+      Shape shape = ExpertTensorShape(model, which);
+      std::reverse(shape.begin(), shape.end());  // nn.Linear's [out, in]
       slots.push_back({name + suffix, shape, e, which});
     }
   }
@@ -128,6 +146,9 @@ std::string ExpertTensorName(ExpertKey expert, ExpertTensor which) {
     case ExpertTensor::kB2:
       suffix = "w2.bias";
       break;
+    case ExpertTensor::kW3:
+      suffix = "w3.weight";
+      break;
   }
   return absl::StrCat(LayerPrefix(expert.layer), "experts.", expert.expert, ".", suffix);
 }
@@ -154,7 +175,8 @@ absl::Status UnexpectedTensor(const std::string& path, const ModelConfig& model,
                               const std::string& name) {
   return absl::InvalidArgumentError(absl::StrCat(
       "checkpoint ", path, ": unexpected tensor \"", name, "\" (the model has ", model.num_experts,
-      " experts; names are gate.weight and experts.{e}.{w1,w2}.{weight,bias})"));
+      " experts; names are gate.weight, experts.{e}.{w1,w2}.{weight,bias}",
+      model.gated() ? " and experts.{e}.w3.weight" : "", ")"));
 }
 
 absl::Status CheckEntry(const std::string& path, const TensorSlot& slot,
@@ -412,12 +434,12 @@ absl::StatusOr<MoeWeights> LoadCheckpoint(const std::string& path, const ModelCo
   } else {
     MOE_ASSIGN_OR_RETURN(weights, LoadSingleFile(path, model, selection, layout));
   }
-  // Tensors the layout does not have (Switch Transformers' biases): zero.
+  // Tensors the layout does not have (bias-free experts' biases): zero.
   for (auto& [e, expert] : weights.experts) {
     for (ExpertTensor which : kAllExpertTensors) {
       FloatTensor& tensor = expert.tensor(which);
-      if (tensor.values().empty()) {
-        tensor = FloatTensor(which == ExpertTensor::kB1 ? Shape{model.d_ff} : Shape{model.d_model});
+      if (HasExpertTensor(model, which) && tensor.values().empty()) {
+        tensor = FloatTensor(ExpertTensorShape(model, which));
       }
     }
   }
@@ -536,7 +558,8 @@ absl::StatusOr<int64_t> SaveCheckpointShard(const std::string& path, const Model
   std::vector<FloatTensor> transposed;
   size_t matrices = 0;
   for (const ShardPart& shard_part : parts) {
-    matrices += (shard_part.tensors->gate ? 1 : 0) + 2 * shard_part.tensors->experts.size();
+    matrices += (shard_part.tensors->gate ? 1 : 0) +
+                (model.gated() ? 3 : 2) * shard_part.tensors->experts.size();
   }
   transposed.reserve(matrices);
   SafetensorsWriter writer;

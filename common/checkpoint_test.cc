@@ -94,6 +94,14 @@ TEST(DeterministicInitTest, FollowsTheDocumentedScheme) {
   EXPECT_EQ(InitExpert(model, ExpertKey(2, 1)).b1.values()[3],
             InitValue(42, layer2 + 17 + 4, 3, bound1));
   EXPECT_EQ(InitGate(model, 2).values()[5 * 3 + 2], InitValue(42, layer2, 2 * 6 + 5, bound1));
+  // Gated SiLU experts: W3 at id 2^31 + e, zero biases; W1 unchanged.
+  ModelConfig gated = model;
+  gated.activation = ExpertActivation::kSiluGated;
+  const ExpertWeights g1 = InitExpert(gated, ExpertKey(0, 1));
+  EXPECT_EQ(g1.w3.values()[2 * 10 + 7], InitValue(42, (uint64_t{1} << 31) + 1, 7 * 6 + 2, bound1));
+  EXPECT_EQ(g1.w1, e1.w1);
+  EXPECT_EQ(g1.b1, FloatTensor({10}));
+  EXPECT_TRUE(e1.w3.values().empty());
   // The values look uniform: mean near 0, both signs.
   double sum = 0;
   for (int i = 0; i < 100000; ++i) sum += InitValue(7, 3, i, 1.0);
@@ -311,6 +319,31 @@ TEST(CheckpointTest, Fp32RoundTripIsBitExact) {
   absl::StatusOr<MoeWeights> loaded = LoadCheckpoint(path, model);
   ASSERT_TRUE(loaded.ok()) << loaded.status();
   ExpectSameWeights(*loaded, weights);
+}
+
+// Gated SiLU experts keep W3 as experts.{e}.w3.weight; a ReLU model's file
+// has none, and a gated model does not load it (W3 missing, by name).
+TEST(CheckpointTest, GatedExpertsRoundTripWithTheirW3) {
+  ModelConfig gated = SmallModel();
+  gated.activation = ExpertActivation::kSiluGated;
+  const MoeWeights weights = InitAllWeights(gated);
+  ASSERT_TRUE(weights.experts.at(0).gated());
+  const std::string path = TempPath("gated.safetensors");
+  ASSERT_TRUE(SaveCheckpoint(path, gated, weights, DType::kFloat32).ok());
+  absl::StatusOr<MoeWeights> loaded = LoadCheckpoint(path, gated);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  ExpectSameWeights(*loaded, weights);
+  EXPECT_EQ(ExpertTensorName(ExpertKey(0, 2), ExpertTensor::kW3), "experts.2.w3.weight");
+  // Bias-free: zero biases, stored as such.
+  EXPECT_EQ(loaded->experts.at(1).b1, FloatTensor({10}));
+
+  const std::string relu_path = TempPath("relu_for_gated.safetensors");
+  ASSERT_TRUE(
+      SaveCheckpoint(relu_path, SmallModel(), InitAllWeights(SmallModel()), DType::kFloat32).ok());
+  EXPECT_THAT(LoadCheckpoint(relu_path, gated).status().message(),
+              HasSubstr("missing tensor \"experts.0.w3.weight\" [10, 6]"));
+  EXPECT_THAT(LoadCheckpoint(path, SmallModel()).status().message(),
+              HasSubstr("unexpected tensor \"experts.0.w3.weight\""));
 }
 
 TEST(CheckpointTest, StoresPyTorchLayout) {

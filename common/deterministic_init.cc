@@ -22,6 +22,11 @@ uint64_t ExpertTensorId(ExpertKey expert, int which) {
   return LayerBase(expert.layer) + 16 + 4 * static_cast<uint64_t>(expert.expert) + which;
 }
 
+// W3 came later than the four above: its ids sit above every theirs.
+uint64_t W3TensorId(ExpertKey expert) {
+  return LayerBase(expert.layer) + (uint64_t{1} << 31) + static_cast<uint64_t>(expert.expert);
+}
+
 // Fills an [in, out] matrix whose checkpoint layout is [out, in].
 FloatTensor InitTransposed(uint64_t seed, uint64_t tensor_id, int64_t in,
                            int64_t out, double bound) {
@@ -61,14 +66,17 @@ FloatTensor InitGate(const ModelConfig& model, int layer) {
 ExpertWeights InitExpert(const ModelConfig& model, ExpertKey expert) {
   const double bound1 = 1.0 / std::sqrt(static_cast<double>(model.d_model));
   const double bound2 = 1.0 / std::sqrt(static_cast<double>(model.d_ff));
-  return {
-      InitTransposed(model.seed, ExpertTensorId(expert, 0), model.d_model,
-                     model.d_ff, bound1),
+  ExpertWeights weights{
+      InitTransposed(model.seed, ExpertTensorId(expert, 0), model.d_model, model.d_ff, bound1),
       InitVector(model.seed, ExpertTensorId(expert, 1), model.d_ff, bound1),
-      InitTransposed(model.seed, ExpertTensorId(expert, 2), model.d_ff,
-                     model.d_model, bound2),
+      InitTransposed(model.seed, ExpertTensorId(expert, 2), model.d_ff, model.d_model, bound2),
       InitVector(model.seed, ExpertTensorId(expert, 3), model.d_model, bound2),
   };
+  if (model.gated()) {
+    weights.w3 = InitTransposed(model.seed, W3TensorId(expert), model.d_model, model.d_ff, bound1);
+  }
+  if (model.bias_free()) ZeroBiases(weights);
+  return weights;
 }
 
 MoeWeights InitWeights(const ModelConfig& model, absl::Span<const int> experts,

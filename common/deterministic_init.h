@@ -4,13 +4,15 @@
 //
 // Scheme (docs/checkpoints.md): tensor t of MoE layer l gets id
 //   2^32 l + (gate.weight = 0, experts.{e}.w1.weight = 16 + 4e,
-//   .w1.bias = 17 + 4e, .w2.weight = 18 + 4e, .w2.bias = 19 + 4e);
+//   .w1.bias = 17 + 4e, .w2.weight = 18 + 4e, .w2.bias = 19 + 4e,
+//   .w3.weight = 2^31 + e);
 // element i, counted in the checkpoint's (nn.Linear) layout, is
 //   h = mix(mix(seed ^ mix(t)) + i),   mix = the SplitMix64 finaliser,
 //   u = (h >> 40) / 2^24 in [0, 1),
 //   value = float((2u - 1) / sqrt(fan_in)),
 // PyTorch's nn.Linear default range, with fan_in = d_model for gate and w1,
-// d_ff for w2. Counter-based: any element is computable on its own.
+// d_ff for w2, d_model for w3. Bias-free experts' biases are zero.
+// Counter-based: any element is computable on its own.
 // Thread-safe (pure functions).
 #ifndef MOE_COMMON_DETERMINISTIC_INIT_H_
 #define MOE_COMMON_DETERMINISTIC_INIT_H_

@@ -372,9 +372,40 @@ absl::StatusOr<ModelConfig> ModelConfigFromProto(const v1::ModelConfig& proto) {
     case v1::CheckpointLayout::FAMILY_SWITCH_TRANSFORMERS:
       config.checkpoint_layout.family = CheckpointFamily::kSwitchTransformers;
       break;
+    case v1::CheckpointLayout::FAMILY_MIXTRAL:
+      config.checkpoint_layout.family = CheckpointFamily::kMixtral;
+      break;
+    case v1::CheckpointLayout::FAMILY_QWEN2_MOE:
+      config.checkpoint_layout.family = CheckpointFamily::kQwen2Moe;
+      break;
     default:
       return FieldError("model.checkpoint_layout.family",
                         absl::StrCat("unknown value ", layout.family()));
+  }
+  switch (proto.activation()) {
+    case v1::EXPERT_ACTIVATION_UNSPECIFIED:
+    case v1::EXPERT_ACTIVATION_RELU:
+      config.activation = ExpertActivation::kRelu;
+      break;
+    case v1::EXPERT_ACTIVATION_SILU_GATED:
+      config.activation = ExpertActivation::kSiluGated;
+      break;
+    default:
+      return FieldError("model.activation", absl::StrCat("unknown value ", proto.activation()));
+  }
+  // The layout's experts have the activation's tensors: said, not guessed.
+  const CheckpointFamily family = config.checkpoint_layout.family;
+  const bool gated_family =
+      family == CheckpointFamily::kMixtral || family == CheckpointFamily::kQwen2Moe;
+  const bool relu_family =
+      family == CheckpointFamily::kNllbMoe || family == CheckpointFamily::kSwitchTransformers;
+  if ((gated_family && !config.gated()) || (relu_family && config.gated())) {
+    return FieldError("model.activation",
+                      absl::StrCat("checkpoint_layout.family ",
+                                   v1::CheckpointLayout::Family_Name(layout.family()), " has ",
+                                   gated_family ? "gated SiLU" : "ReLU",
+                                   " experts: set activation: EXPERT_ACTIVATION_",
+                                   gated_family ? "SILU_GATED" : "RELU"));
   }
   if (config.checkpoint_layout.family != CheckpointFamily::kMoeServe) {
     // Dotted names of PyTorch modules.
@@ -442,8 +473,16 @@ v1::ModelConfig ModelConfigToProto(const ModelConfig& config) {
     case CheckpointFamily::kSwitchTransformers:
       layout.set_family(v1::CheckpointLayout::FAMILY_SWITCH_TRANSFORMERS);
       break;
+    case CheckpointFamily::kMixtral:
+      layout.set_family(v1::CheckpointLayout::FAMILY_MIXTRAL);
+      break;
+    case CheckpointFamily::kQwen2Moe:
+      layout.set_family(v1::CheckpointLayout::FAMILY_QWEN2_MOE);
+      break;
   }
   layout.set_prefix(config.checkpoint_layout.prefix);
+  proto.set_activation(config.gated() ? v1::EXPERT_ACTIVATION_SILU_GATED
+                                      : v1::EXPERT_ACTIVATION_RELU);
   return proto;
 }
 

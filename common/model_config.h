@@ -52,7 +52,15 @@ struct GateOptions {
 };
 
 // Where a layer's tensors are in a checkpoint (proto CheckpointLayout).
-enum class CheckpointFamily { kMoeServe, kNllbMoe, kSwitchTransformers };
+enum class CheckpointFamily { kMoeServe, kNllbMoe, kSwitchTransformers, kMixtral, kQwen2Moe };
+
+// What an expert computes (proto ExpertActivation).
+enum class ExpertActivation {
+  // ReLU(x W1 + b1) W2 + b2.
+  kRelu,
+  // (SiLU(x W1) * (x W3)) W2, bias-free.
+  kSiluGated,
+};
 struct CheckpointLayout {
   CheckpointFamily family = CheckpointFamily::kMoeServe;
   // The MoE block's name prefix (Hugging Face families).
@@ -74,11 +82,18 @@ struct ModelConfig {
   int64_t max_batch_tokens = 65536;
   GateOptions gate;
   CheckpointLayout checkpoint_layout;
-  // Experts without biases (Switch Transformers'): the biases are zero and
-  // stay zero in training (their gradients are not kept).
+  ExpertActivation activation = ExpertActivation::kRelu;
+  // Experts without biases (Switch Transformers', gated SiLU ones): the
+  // biases are zero and stay zero in training (their gradients are not
+  // kept).
   bool bias_free() const {
-    return checkpoint_layout.family == CheckpointFamily::kSwitchTransformers;
+    return checkpoint_layout.family == CheckpointFamily::kSwitchTransformers || gated();
   }
+  // Whether experts have a W3 (gated SiLU).
+  bool gated() const { return activation == ExpertActivation::kSiluGated; }
+  // Width of the forward state an expert keeps per row for its backward:
+  // x W1 + b1 (ReLU), or x W1 and x W3 side by side (gated SiLU).
+  int64_t activation_width() const { return gated() ? 2 * d_ff : d_ff; }
 };
 
 // A ModelConfig describes one MoE layer, served as layer 0.

@@ -160,6 +160,37 @@ TEST(ModelConfigTest, AHuggingFaceLayoutNamesItsBlock) {
   }
 }
 
+// The activation is said, and a Hugging Face family's experts have the one
+// its models have.
+TEST(ModelConfigTest, GatedSiluExpertsAreSaidNotGuessed) {
+  const std::string mixtral =
+      With("seed: 42",
+           "seed: 42 activation: EXPERT_ACTIVATION_SILU_GATED checkpoint_layout { family: "
+           "FAMILY_MIXTRAL prefix: \"model.layers.0.block_sparse_moe\" }");
+  absl::StatusOr<ServingConfig> config = ParseServingConfig(mixtral);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_TRUE(config->model.gated());
+  EXPECT_TRUE(config->model.bias_free());
+  EXPECT_EQ(config->model.activation_width(), 2 * config->model.d_ff);
+  absl::StatusOr<ModelConfig> again = ModelConfigFromProto(ModelConfigToProto(config->model));
+  ASSERT_TRUE(again.ok());
+  EXPECT_TRUE(again->gated());
+  EXPECT_EQ(again->checkpoint_layout.family, CheckpointFamily::kMixtral);
+  EXPECT_THAT(
+      ErrorOf(absl::StrReplaceAll(mixtral, {{"activation: EXPERT_ACTIVATION_SILU_GATED", ""}})),
+      HasSubstr("model.activation: checkpoint_layout.family FAMILY_MIXTRAL has gated SiLU "
+                "experts: set activation: EXPERT_ACTIVATION_SILU_GATED"));
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(mixtral, {{"FAMILY_MIXTRAL", "FAMILY_NLLB_MOE"}})),
+              HasSubstr("FAMILY_NLLB_MOE has ReLU experts"));
+  EXPECT_TRUE(
+      ParseServingConfig(absl::StrReplaceAll(mixtral, {{"FAMILY_MIXTRAL", "FAMILY_QWEN2_MOE"}}))
+          .ok());
+  // moe-serve's own layout takes either.
+  EXPECT_TRUE(
+      ParseServingConfig(With("seed: 42", "seed: 42 activation: EXPERT_ACTIVATION_SILU_GATED"))
+          .ok());
+}
+
 TEST(ModelConfigTest, ErrorsNameTheField) {
   EXPECT_EQ(ErrorOf(With("top_k: 2", "top_k: 9")),
             "model.top_k: must be in [1, num_experts = 8], got 9");

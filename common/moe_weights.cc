@@ -6,9 +6,32 @@
 
 namespace moe {
 
+bool HasExpertTensor(const ModelConfig& model, ExpertTensor which) {
+  return which != ExpertTensor::kW3 || model.gated();
+}
+
+Shape ExpertTensorShape(const ModelConfig& model, ExpertTensor which) {
+  switch (which) {
+    case ExpertTensor::kW1:
+    case ExpertTensor::kW3:
+      return {model.d_model, model.d_ff};
+    case ExpertTensor::kB1:
+      return {model.d_ff};
+    case ExpertTensor::kW2:
+      return {model.d_ff, model.d_model};
+    case ExpertTensor::kB2:
+      return {model.d_model};
+  }
+  return {};  // unreachable: the switch covers every value
+}
+
 ExpertWeights ExpertWeights::Zeros(const ModelConfig& model) {
-  return {FloatTensor({model.d_model, model.d_ff}), FloatTensor({model.d_ff}),
-          FloatTensor({model.d_ff, model.d_model}), FloatTensor({model.d_model})};
+  ExpertWeights zeros;
+  for (ExpertTensor which : kAllExpertTensors) {
+    if (HasExpertTensor(model, which))
+      zeros.tensor(which) = FloatTensor(ExpertTensorShape(model, which));
+  }
+  return zeros;
 }
 
 FloatTensor& ExpertWeights::tensor(ExpertTensor which) {
@@ -21,6 +44,8 @@ FloatTensor& ExpertWeights::tensor(ExpertTensor which) {
       return w2;
     case ExpertTensor::kB2:
       return b2;
+    case ExpertTensor::kW3:
+      return w3;
   }
   return w1;  // unreachable: the switch covers every value
 }

@@ -14,24 +14,37 @@
 
 namespace moe {
 
-// The four tensors of an expert, in checkpoint and digest order.
-enum class ExpertTensor { kW1, kB1, kW2, kB2 };
+// The tensors of an expert, in checkpoint and digest order. W3 exists only
+// in gated SiLU experts; elsewhere it is an empty tensor, which every loop
+// over these passes through unchanged (no bytes, no digest input).
+enum class ExpertTensor { kW1, kB1, kW2, kB2, kW3 };
 inline constexpr ExpertTensor kAllExpertTensors[] = {
-    ExpertTensor::kW1, ExpertTensor::kB1, ExpertTensor::kW2, ExpertTensor::kB2};
+    ExpertTensor::kW1, ExpertTensor::kB1, ExpertTensor::kW2, ExpertTensor::kB2, ExpertTensor::kW3};
 
-// Expert(x) = ReLU(x W1 + b1) W2 + b2.
+// Whether experts of `model` have tensor `which`.
+bool HasExpertTensor(const ModelConfig& model, ExpertTensor which);
+// Its shape in the math layout (x W: W1 and W3 [d_model, d_ff]).
+// REQUIRES: HasExpertTensor(model, which).
+Shape ExpertTensorShape(const ModelConfig& model, ExpertTensor which);
+
+// ReLU experts: Expert(x) = ReLU(x W1 + b1) W2 + b2.
+// Gated SiLU experts: Expert(x) = (SiLU(x W1 + b1) * (x W3)) W2 + b2, with
+// b1 and b2 zero (bias-free).
 struct ExpertWeights {
   FloatTensor w1;  // [d_model, d_ff]
   FloatTensor b1;  // [d_ff]
   FloatTensor w2;  // [d_ff, d_model]
   FloatTensor b2;  // [d_model]
+  FloatTensor w3;  // [d_model, d_ff] in gated SiLU experts, else empty
+
+  bool gated() const { return w3.num_elements() > 0; }
 
   FloatTensor& tensor(ExpertTensor which);
   const FloatTensor& tensor(ExpertTensor which) const;
 
   // Zero-filled tensors of the model's shapes (for gradient accumulators).
   static ExpertWeights Zeros(const ModelConfig& model);
-  // FNV-1a 64 over the fp32 bytes of w1, b1, w2, b2, in that order.
+  // FNV-1a 64 over the fp32 bytes of w1, b1, w2, b2, w3, in that order.
   uint64_t Digest() const;
 };
 

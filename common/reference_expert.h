@@ -13,8 +13,11 @@
 
 namespace moe {
 
-// hidden_pre = x W1 + b1;  y = ReLU(hidden_pre) W2 + b2.
-// x, y: [rows, d_model]; hidden_pre: [rows, d_ff] (kept for backward).
+// ReLU experts: hidden_pre = x W1 + b1;  y = ReLU(hidden_pre) W2 + b2.
+// Gated SiLU experts (weights.gated()): hidden_pre rows are
+// [x W1 + b1 | x W3];  y = (SiLU(x W1 + b1) * (x W3)) W2 + b2.
+// x, y: [rows, d_model]; hidden_pre: [rows, d_ff], or [rows, 2 d_ff] when
+// gated (kept for backward).
 void ReferenceExpertForward(const ExpertWeights& weights,
                             absl::Span<const float> x, int64_t rows,
                             absl::Span<float> hidden_pre, absl::Span<float> y);

@@ -85,7 +85,7 @@ absl::StatusOr<ReferenceForward> ReferenceMoe::Forward(const FloatTensor& x) con
     act.pairs = std::move(pairs[e]);
     const int64_t rows = act.pairs.size();
     const FloatTensor input = GatherRows(x, act.pairs, index);
-    act.hidden_pre = FloatTensor({rows, model_.d_ff});
+    act.hidden_pre = FloatTensor({rows, model_.activation_width()});
     act.output = FloatTensor({rows, model_.d_model});
     ReferenceExpertForward(weights_.experts.at(e), input.values(), rows,
                            act.hidden_pre.mutable_values(),

@@ -19,17 +19,20 @@ class ExpertKernel {
   // The dtype Forward reads and writes (activations included).
   virtual DType dtype() const = 0;
 
-  // y[rows, d_model] = ReLU(x W1 + b1) W2 + b2, with x and y in dtype().
-  // When `activations` is not null it receives ReLU(x W1 + b1)
-  // [rows, d_ff] in dtype(), for Backward. Views are caller-owned; x is read
-  // in place. rows may be 0.
+  // y[rows, d_model] = ReLU(x W1 + b1) W2 + b2 (gated SiLU experts:
+  // (SiLU(x W1 + b1) * (x W3)) W2 + b2), with x and y in dtype().
+  // When `activations` is not null it receives, in dtype(), what Backward
+  // needs: ReLU(x W1 + b1) [rows, d_ff], or for gated experts rows of
+  // [x W1 + b1 | x W3] [rows, 2 d_ff]. Views are caller-owned; x is read in
+  // place. rows may be 0.
   [[nodiscard]] virtual absl::Status Forward(const ConstTensorView& x,
                                              const TensorView& y,
                                              const TensorView* activations) = 0;
 
   // From dy = dL/dy [rows, d_model] (fp32) and the forward's x and
   // activations (dtype()), writes dx = dL/dx [rows, d_model] (fp32) and adds
-  // dW1, db1, dW2, db2 into `grads` (the caller serialises access to it).
+  // dW1, db1, dW2, db2 (and dW3) into `grads` (the caller serialises access
+  // to it).
   // Gradients are taken with the fp32 master weights.
   [[nodiscard]] virtual absl::Status Backward(const ConstTensorView& x,
                                               const ConstTensorView& activations,

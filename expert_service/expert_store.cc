@@ -165,7 +165,7 @@ absl::Status ExpertStore::Forward(ExpertKey expert, const ConstTensorView& x, co
   const DType dtype = kernel.dtype();
   const int64_t rows = x.rows();
   const int64_t d_model = options_.model.d_model;
-  const int64_t d_ff = options_.model.d_ff;
+  const int64_t width = options_.model.activation_width();
 
   SavedForward saved;
   std::vector<std::byte> x_storage, y_storage;
@@ -175,7 +175,7 @@ absl::Status ExpertStore::Forward(ExpertKey expert, const ConstTensorView& x, co
     saved.rows = rows;
     const std::byte* converted = InDtype(x, dtype, x_storage);
     saved.x.assign(converted, converted + rows * d_model * DTypeSize(dtype));
-    saved.activations.resize(rows * d_ff * DTypeSize(dtype));
+    saved.activations.resize(rows * width * DTypeSize(dtype));
     x_bytes = saved.x.data();
   } else {
     x_bytes = InDtype(x, dtype, x_storage);
@@ -190,7 +190,7 @@ absl::Status ExpertStore::Forward(ExpertKey expert, const ConstTensorView& x, co
     MOE_RETURN_IF_ERROR(CheckStep(expert, hosted->step, expected_step));
     // Rows are independent: a block is the same arithmetic on fewer rows.
     const size_t row_bytes = d_model * DTypeSize(dtype);
-    const size_t activation_bytes = d_ff * DTypeSize(dtype);
+    const size_t activation_bytes = width * DTypeSize(dtype);
     int64_t first = 0;
     do {  // once for 0 rows
       if (first > 0 && keep_going) MOE_RETURN_IF_ERROR(keep_going());
@@ -199,7 +199,7 @@ absl::Status ExpertStore::Forward(ExpertKey expert, const ConstTensorView& x, co
       const TensorView kernel_y{dtype, {n, d_model}, y_bytes + first * row_bytes};
       const TensorView activations{
           dtype,
-          {n, d_ff},
+          {n, width},
           training ? saved.activations.data() + first * activation_bytes : nullptr};
       MOE_RETURN_IF_ERROR(kernel.Forward(kernel_x, kernel_y, training ? &activations : nullptr));
       first += n;
@@ -231,7 +231,7 @@ absl::Status ExpertStore::Backward(ExpertKey expert, uint64_t request_id, const 
     MOE_RETURN_IF_ERROR(CheckStep(expert, hosted->step, expected_step));
     absl::MutexLock grads_lock(&hosted->grads_mu);
     MOE_RETURN_IF_ERROR(hosted->kernel->Backward(
-        saved.x_view(d_model), saved.activations_view(options_.model.d_ff),
+        saved.x_view(d_model), saved.activations_view(options_.model.activation_width()),
         {DType::kFloat32, {saved.rows, d_model}, dy32},
         {DType::kFloat32, {saved.rows, d_model}, dx32}, hosted->grads));
     if (options_.model.bias_free()) ZeroBiases(hosted->grads);  // they stay zero

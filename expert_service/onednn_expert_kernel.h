@@ -1,5 +1,8 @@
 // ExpertKernel on oneDNN: layer 1 is one matmul with bias and a fused ReLU
-// post-op, layer 2 a matmul with bias. Weights are reordered once (at
+// post-op, layer 2 a matmul with bias. Gated SiLU experts run x W3 first,
+// then x W1 + b1 with fused SiLU and multiply-by-(x W3) post-ops (inference),
+// or both plain and the gating in a loop when training keeps them for the
+// backward. Weights are reordered once (at
 // creation and after each optimizer step) into the layout oneDNN picks, and
 // converted to bf16 when the kernel computes in bf16 (fp32 accumulation).
 // Inputs are read in place from the caller's bytes, in row blocks whose
@@ -37,16 +40,28 @@ class OnednnExpertKernel : public ExpertKernel {
   absl::Status Init();
   absl::Status CheckForwardShapes(const ConstTensorView& x, const TensorView& y,
                                   const TensorView* activations) const;
+  // Forward and Backward of gated SiLU experts, shapes checked.
+  absl::Status GatedForward(const ConstTensorView& x, const TensorView& y,
+                            const TensorView* activations);
+  absl::Status GatedBackward(absl::Span<const float> x32, absl::Span<const float> a32,
+                             const ConstTensorView& dy, const TensorView& dx, ExpertWeights& grads);
+  int64_t activation_width() const { return gated_ ? 2 * d_ff_ : d_ff_; }
 
   const ExpertWeights& master_;
   const DType dtype_;
   OnednnRuntime& runtime_;
   const int64_t d_model_;
   const int64_t d_ff_;
+  const bool gated_;
+  // ReLU: ReLU(x W1 + b1). Gated: SiLU(x W1 + b1) * (x W3).
   ForwardLayer layer1_;
   ForwardLayer layer2_;
-  // Reordered weights and fp32 biases, owned by oneDNN.
-  dnnl::memory w1_, b1_, w2_, b2_;
+  // x W + b without an epilogue (gated only: x W3, and x W1 + b1 when
+  // training).
+  ForwardLayer plain1_;
+  // Reordered weights and fp32 biases, owned by oneDNN; w3_ (and the zero
+  // bias b3_) only when gated.
+  dnnl::memory w1_, b1_, w2_, b2_, w3_, b3_;
 };
 
 }  // namespace moe::expert

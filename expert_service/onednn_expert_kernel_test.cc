@@ -35,6 +35,12 @@ ModelConfig Model(int64_t d_model, int64_t d_ff) {
   return model;
 }
 
+ModelConfig GatedModel(int64_t d_model, int64_t d_ff) {
+  ModelConfig model = Model(d_model, d_ff);
+  model.activation = ExpertActivation::kSiluGated;
+  return model;
+}
+
 std::unique_ptr<OnednnRuntime> Runtime() {
   absl::StatusOr<std::unique_ptr<OnednnRuntime>> runtime = OnednnRuntime::Create(0);
   MOE_CHECK(runtime.ok(), runtime.status().ToString());
@@ -116,6 +122,57 @@ TEST_P(KernelForwardTest, Bf16IsWithinTheDocumentedBound) {
   }
 }
 
+// Gated SiLU: training keeps [x W1 + b1 | x W3] per row and gates in a loop;
+// inference fuses SiLU and the multiply into the W1 matmul. Both match the
+// reference (not bit for bit: oneDNN's SiLU is its own approximation).
+TEST_P(KernelForwardTest, GatedFp32MatchesTheReference) {
+  const int64_t rows = GetParam();
+  const ModelConfig model = GatedModel(64, 160);
+  const ExpertWeights weights = InitExpert(model, ExpertKey(0, 1));
+  ASSERT_TRUE(weights.gated());
+  auto runtime = Runtime();
+  auto kernel = OnednnExpertKernel::Create(weights, DType::kFloat32, *runtime);
+  ASSERT_TRUE(kernel.ok()) << kernel.status();
+  ReferenceExpertKernel reference(weights);
+  const FloatTensor x = RandomTensor({rows, 64}, 3 + rows);
+  FloatTensor y({rows, 64}), y_ref({rows, 64}), served({rows, 64});
+  FloatTensor act({rows, 320}), act_ref({rows, 320});
+  TensorView act_view = act.mutable_view(), act_ref_view = act_ref.mutable_view();
+  ASSERT_TRUE((*kernel)->Forward(x.view(), y.mutable_view(), &act_view).ok());
+  ASSERT_TRUE(reference.Forward(x.view(), y_ref.mutable_view(), &act_ref_view).ok());
+  ASSERT_TRUE((*kernel)->Forward(x.view(), served.mutable_view(), nullptr).ok());
+  EXPECT_TRUE(TensorNear(y, y_ref, 1e-5));
+  EXPECT_TRUE(TensorNear(act, act_ref, 1e-5));
+  EXPECT_TRUE(TensorNear(served, y_ref, 1e-5));
+}
+
+TEST_P(KernelForwardTest, GatedBf16IsWithinTheDocumentedBound) {
+  if (!OnednnRuntime::HasNativeBf16()) GTEST_SKIP() << "no native bf16 on this CPU";
+  const int64_t rows = GetParam();
+  const ModelConfig model = GatedModel(64, 160);
+  const ExpertWeights weights = InitExpert(model, ExpertKey(0, 1));
+  auto runtime = Runtime();
+  auto kernel = OnednnExpertKernel::Create(weights, DType::kBFloat16, *runtime);
+  ASSERT_TRUE(kernel.ok()) << kernel.status();
+  const FloatTensor x = RandomTensor({rows, 64}, 4 + rows);
+  FloatTensor y_ref({rows, 64});
+  ASSERT_TRUE(ReferenceExpertKernel(weights).Forward(x.view(), y_ref.mutable_view(), nullptr).ok());
+  std::vector<uint16_t> x_bits = Bf16Bits(x), act_bits(rows * 320);
+  const ConstTensorView x_view{
+      DType::kBFloat16, {rows, 64}, reinterpret_cast<const std::byte*>(x_bits.data())};
+  const TensorView act_view{
+      DType::kBFloat16, {rows, 320}, reinterpret_cast<std::byte*>(act_bits.data())};
+  for (const TensorView* activations : {static_cast<const TensorView*>(nullptr), &act_view}) {
+    std::vector<uint16_t> y_bits(rows * 64);
+    const TensorView y_view{
+        DType::kBFloat16, {rows, 64}, reinterpret_cast<std::byte*>(y_bits.data())};
+    ASSERT_TRUE((*kernel)->Forward(x_view, y_view, activations).ok());
+    FloatTensor y({rows, 64});
+    Bf16ToFloats(y_bits, y.mutable_values());
+    EXPECT_TRUE(TensorNear(y, y_ref, kBf16Tolerance)) << (activations != nullptr);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Rows, KernelForwardTest,
                          ::testing::Values(0, 1, 7, 64, 300, 4096));
 
@@ -175,6 +232,76 @@ TEST(OnednnExpertKernelTest, BackwardMatchesTheReference) {
     for (ExpertTensor which : kAllExpertTensors) {
       EXPECT_TRUE(TensorNear(grads.tensor(which), grads_ref.tensor(which), 1e-5))
           << rows << " tensor " << static_cast<int>(which);
+    }
+  }
+}
+
+TEST(OnednnExpertKernelTest, GatedBackwardMatchesTheReference) {
+  for (int64_t rows : {1, 7, 300}) {
+    const ModelConfig model = GatedModel(48, 96);
+    const ExpertWeights weights = InitExpert(model, ExpertKey(0, 2));
+    auto runtime = Runtime();
+    auto kernel = OnednnExpertKernel::Create(weights, DType::kFloat32, *runtime);
+    ASSERT_TRUE(kernel.ok());
+    ReferenceExpertKernel reference(weights);
+    const FloatTensor x = RandomTensor({rows, 48}, 30 + rows);
+    const FloatTensor dy = RandomTensor({rows, 48}, 40 + rows);
+    FloatTensor y({rows, 48}), act({rows, 192});
+    TensorView act_view = act.mutable_view();
+    ASSERT_TRUE((*kernel)->Forward(x.view(), y.mutable_view(), &act_view).ok());
+
+    ExpertWeights grads = InitExpert(model, ExpertKey(0, 7)),
+                  grads_ref = InitExpert(model, ExpertKey(0, 7));
+    FloatTensor dx({rows, 48}), dx_ref({rows, 48});
+    ASSERT_TRUE(
+        (*kernel)->Backward(x.view(), act.view(), dy.view(), dx.mutable_view(), grads).ok());
+    ASSERT_TRUE(
+        reference.Backward(x.view(), act.view(), dy.view(), dx_ref.mutable_view(), grads_ref).ok());
+    EXPECT_TRUE(TensorNear(dx, dx_ref, 1e-5)) << rows;
+    for (ExpertTensor which : kAllExpertTensors) {
+      EXPECT_TRUE(TensorNear(grads.tensor(which), grads_ref.tensor(which), 1e-5))
+          << rows << " tensor " << static_cast<int>(which);
+    }
+  }
+}
+
+// The reference's gated backward against central differences of its
+// forward: dL/dx and dL/dW3 of L = sum(dy * y), in double-checked fp32.
+TEST(ReferenceExpertTest, GatedGradientsAreTheForwardsDerivatives) {
+  const ModelConfig model = GatedModel(6, 10);
+  ExpertWeights weights = InitExpert(model, ExpertKey(0, 0));
+  const int64_t rows = 3;
+  const FloatTensor x = RandomTensor({rows, 6}, 50);
+  const FloatTensor dy = RandomTensor({rows, 6}, 51);
+  auto loss = [&](const ExpertWeights& w, const FloatTensor& input) {
+    FloatTensor y({rows, 6});
+    EXPECT_TRUE(ReferenceExpertKernel(w).Forward(input.view(), y.mutable_view(), nullptr).ok());
+    double sum = 0;
+    for (int64_t i = 0; i < y.num_elements(); ++i) sum += double{y.values()[i]} * dy.values()[i];
+    return sum;
+  };
+  FloatTensor y({rows, 6}), act({rows, 20}), dx({rows, 6});
+  TensorView act_view = act.mutable_view();
+  ReferenceExpertKernel reference(weights);
+  ASSERT_TRUE(reference.Forward(x.view(), y.mutable_view(), &act_view).ok());
+  ExpertWeights grads = ExpertWeights::Zeros(model);
+  ASSERT_TRUE(reference.Backward(x.view(), act.view(), dy.view(), dx.mutable_view(), grads).ok());
+  constexpr float kH = 1e-2f;
+  for (int64_t i = 0; i < x.num_elements(); ++i) {
+    FloatTensor plus = x, minus = x;
+    plus.mutable_values()[i] += kH;
+    minus.mutable_values()[i] -= kH;
+    EXPECT_NEAR((loss(weights, plus) - loss(weights, minus)) / (2 * kH), dx.values()[i], 2e-3)
+        << "x " << i;
+  }
+  for (ExpertTensor which : {ExpertTensor::kW1, ExpertTensor::kW2, ExpertTensor::kW3}) {
+    for (int64_t i = 0; i < weights.tensor(which).num_elements(); i += 7) {
+      ExpertWeights plus = weights, minus = weights;
+      plus.tensor(which).mutable_values()[i] += kH;
+      minus.tensor(which).mutable_values()[i] -= kH;
+      EXPECT_NEAR((loss(plus, x) - loss(minus, x)) / (2 * kH), grads.tensor(which).values()[i],
+                  2e-3)
+          << "tensor " << static_cast<int>(which) << " " << i;
     }
   }
 }

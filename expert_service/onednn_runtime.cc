@@ -105,11 +105,20 @@ absl::StatusOr<dnnl::matmul::primitive_desc> OnednnRuntime::ForwardDesc(
     const memory::desc dst({rows, layer.n}, dt, Tag::ab);
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    if (layer.relu) {
-      dnnl::post_ops ops;
-      ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
-      attr.set_post_ops(ops);
+    dnnl::post_ops ops;
+    switch (layer.epilogue) {
+      case Epilogue::kNone:
+        break;
+      case Epilogue::kRelu:
+        ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
+        break;
+      case Epilogue::kSwishTimes:
+        // swish with alpha 1 is SiLU: x sigmoid(x).
+        ops.append_eltwise(1.0f, dnnl::algorithm::eltwise_swish, 1.0f, 0.0f);
+        ops.append_binary(dnnl::algorithm::binary_mul, dst);
+        break;
     }
+    attr.set_post_ops(ops);
     return dnnl::matmul::primitive_desc(dnnl::matmul::desc(src, weights, bias, dst), attr,
                                         engine_);
   } catch (const dnnl::error& e) {

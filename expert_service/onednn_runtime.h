@@ -31,21 +31,34 @@ inline constexpr int64_t kMaxBucketRows = 4096;
 inline constexpr int64_t kExactRowsBelow = 64;
 std::vector<int64_t> SplitRows(int64_t rows);
 
-// One linear layer of the forward pass: dst[m, n] = (relu) (src[m, k] W + b).
+// What a forward layer applies to src W + b, fused as oneDNN post-ops.
+enum class Epilogue {
+  kNone,
+  kRelu,
+  // SiLU, then times a second [m, n] input of the layer's dtype (the gated
+  // SiLU expert's x W3): passed as DNNL_ARG_ATTR_MULTIPLE_POST_OP(1) |
+  // DNNL_ARG_SRC_1.
+  kSwishTimes,
+};
+
+// One linear layer of the forward pass: dst[m, n] = epilogue(src[m, k] W + b).
 struct ForwardLayer {
   DType dtype = DType::kFloat32;
   int64_t k = 0;
   int64_t n = 0;
-  bool relu = false;
+  Epilogue epilogue = Epilogue::kNone;
 
   template <typename H>
   friend H AbslHashValue(H h, const ForwardLayer& l) {
-    return H::combine(std::move(h), l.dtype, l.k, l.n, l.relu);
+    return H::combine(std::move(h), l.dtype, l.k, l.n, l.epilogue);
   }
   friend bool operator==(const ForwardLayer& a, const ForwardLayer& b) {
-    return a.dtype == b.dtype && a.k == b.k && a.n == b.n && a.relu == b.relu;
+    return a.dtype == b.dtype && a.k == b.k && a.n == b.n && a.epilogue == b.epilogue;
   }
 };
+
+// The argument id of kSwishTimes' second input.
+inline constexpr int kSwishTimesOperand = DNNL_ARG_ATTR_MULTIPLE_POST_OP(1) | DNNL_ARG_SRC_1;
 
 // The fp32 backward matmuls, with the row count known only at execution.
 enum class BackwardOp {

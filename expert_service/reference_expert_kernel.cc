@@ -25,11 +25,14 @@ absl::Status ReferenceExpertKernel::Forward(const ConstTensorView& x,
                                             const TensorView* activations) {
   if (absl::Status s = RequireFp32(x, "x"); !s.ok()) return s;
   const int64_t rows = x.rows();
-  std::vector<float> hidden(rows * weights_.w1.dim(1));
+  std::vector<float> hidden(rows * weights_.w1.dim(1) * (weights_.gated() ? 2 : 1));
   ReferenceExpertForward(weights_, x.floats(), rows, absl::MakeSpan(hidden), y.floats());
   if (activations != nullptr) {
     absl::Span<float> out = activations->floats();
-    for (size_t i = 0; i < hidden.size(); ++i) out[i] = std::max(hidden[i], 0.0f);
+    // ExpertKernel's activations: ReLU(x W1 + b1), or the gated pre-activations as they are.
+    for (size_t i = 0; i < hidden.size(); ++i) {
+      out[i] = weights_.gated() ? hidden[i] : std::max(hidden[i], 0.0f);
+    }
   }
   return absl::OkStatus();
 }
@@ -41,7 +44,7 @@ absl::Status ReferenceExpertKernel::Backward(const ConstTensorView& x,
                                              ExpertWeights& grads) {
   if (absl::Status s = RequireFp32(x, "x"); !s.ok()) return s;
   if (absl::Status s = RequireFp32(activations, "activations"); !s.ok()) return s;
-  // The reference backward needs only the sign of the pre-activation, which
+  // The ReLU backward needs only the sign of the pre-activation, which
   // ReLU(h) > 0 gives exactly.
   ReferenceExpertBackward(weights_, x.floats(), activations.floats(), dy.floats(),
                           x.rows(), dx.floats(), grads);

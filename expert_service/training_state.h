@@ -24,14 +24,14 @@ struct SavedForward {
   DType dtype = DType::kFloat32;
   int64_t rows = 0;
   std::vector<std::byte> x;            // [rows, d_model]
-  std::vector<std::byte> activations;  // [rows, d_ff]
+  std::vector<std::byte> activations;  // [rows, ModelConfig::activation_width()]
 
   size_t bytes() const { return x.size() + activations.size(); }
   ConstTensorView x_view(int64_t d_model) const {
     return {dtype, {rows, d_model}, x.data()};
   }
-  ConstTensorView activations_view(int64_t d_ff) const {
-    return {dtype, {rows, d_ff}, activations.data()};
+  ConstTensorView activations_view(int64_t width) const {
+    return {dtype, {rows, width}, activations.data()};
   }
 };
 

@@ -9,22 +9,27 @@
 namespace moe::expert {
 namespace {
 
-constexpr v1::ExpertTensorKind kWeightKinds[] = {
+// By kAllExpertTensors index.
+constexpr size_t kNumTensors = std::size(kAllExpertTensors);
+constexpr v1::ExpertTensorKind kWeightKinds[kNumTensors] = {
     v1::EXPERT_TENSOR_KIND_W1_WEIGHT, v1::EXPERT_TENSOR_KIND_W1_BIAS,
-    v1::EXPERT_TENSOR_KIND_W2_WEIGHT, v1::EXPERT_TENSOR_KIND_W2_BIAS};
-constexpr v1::ExpertTensorKind kMomentumKinds[] = {
+    v1::EXPERT_TENSOR_KIND_W2_WEIGHT, v1::EXPERT_TENSOR_KIND_W2_BIAS,
+    v1::EXPERT_TENSOR_KIND_W3_WEIGHT};
+constexpr v1::ExpertTensorKind kMomentumKinds[kNumTensors] = {
     v1::EXPERT_TENSOR_KIND_W1_WEIGHT_MOMENTUM, v1::EXPERT_TENSOR_KIND_W1_BIAS_MOMENTUM,
-    v1::EXPERT_TENSOR_KIND_W2_WEIGHT_MOMENTUM, v1::EXPERT_TENSOR_KIND_W2_BIAS_MOMENTUM};
-constexpr v1::ExpertTensorKind kSecondMomentKinds[] = {
+    v1::EXPERT_TENSOR_KIND_W2_WEIGHT_MOMENTUM, v1::EXPERT_TENSOR_KIND_W2_BIAS_MOMENTUM,
+    v1::EXPERT_TENSOR_KIND_W3_WEIGHT_MOMENTUM};
+constexpr v1::ExpertTensorKind kSecondMomentKinds[kNumTensors] = {
     v1::EXPERT_TENSOR_KIND_W1_WEIGHT_SECOND_MOMENT, v1::EXPERT_TENSOR_KIND_W1_BIAS_SECOND_MOMENT,
-    v1::EXPERT_TENSOR_KIND_W2_WEIGHT_SECOND_MOMENT, v1::EXPERT_TENSOR_KIND_W2_BIAS_SECOND_MOMENT};
+    v1::EXPERT_TENSOR_KIND_W2_WEIGHT_SECOND_MOMENT, v1::EXPERT_TENSOR_KIND_W2_BIAS_SECOND_MOMENT,
+    v1::EXPERT_TENSOR_KIND_W3_WEIGHT_SECOND_MOMENT};
 
 // What a chunk carries: the weights, or one of the optimizer's states.
 enum class Part { kWeights, kFirst, kSecond };
 
 // kind -> (part, which tensor); false for an unknown kind.
 bool Decode(v1::ExpertTensorKind kind, Part* part, ExpertTensor* which) {
-  for (int i = 0; i < 4; ++i) {
+  for (size_t i = 0; i < kNumTensors; ++i) {
     if (kind == kWeightKinds[i] || kind == kMomentumKinds[i] || kind == kSecondMomentKinds[i]) {
       *part = kind == kWeightKinds[i]     ? Part::kWeights
               : kind == kMomentumKinds[i] ? Part::kFirst
@@ -38,6 +43,7 @@ bool Decode(v1::ExpertTensorKind kind, Part* part, ExpertTensor* which) {
 
 void AppendChunks(ExpertKey expert, v1::ExpertTensorKind kind, const FloatTensor& tensor,
                   size_t max_chunk_bytes, std::vector<v1::ExpertWeightsChunk>& out) {
+  if (tensor.num_elements() == 0) return;  // a ReLU expert's W3
   const auto* bytes = reinterpret_cast<const char*>(tensor.values().data());
   const size_t size = tensor.num_elements() * sizeof(float);
   size_t offset = 0;
@@ -60,18 +66,18 @@ std::vector<v1::ExpertWeightsChunk> ChunkExpert(ExpertKey expert, const ExpertSn
                                                 size_t max_chunk_bytes) {
   max_chunk_bytes = std::max(max_chunk_bytes, kMinChunkBytes);
   std::vector<v1::ExpertWeightsChunk> chunks;
-  for (int i = 0; i < 4; ++i) {
+  for (size_t i = 0; i < kNumTensors; ++i) {
     AppendChunks(expert, kWeightKinds[i], snapshot.weights.tensor(kAllExpertTensors[i]),
                  max_chunk_bytes, chunks);
   }
   if (snapshot.velocity) {
-    for (int i = 0; i < 4; ++i) {
+    for (size_t i = 0; i < kNumTensors; ++i) {
       AppendChunks(expert, kMomentumKinds[i], snapshot.velocity->tensor(kAllExpertTensors[i]),
                    max_chunk_bytes, chunks);
     }
   }
   if (snapshot.second_moment) {
-    for (int i = 0; i < 4; ++i) {
+    for (size_t i = 0; i < kNumTensors; ++i) {
       AppendChunks(expert, kSecondMomentKinds[i],
                    snapshot.second_moment->tensor(kAllExpertTensors[i]), max_chunk_bytes, chunks);
     }
@@ -145,7 +151,7 @@ absl::StatusOr<ExpertSnapshot> ExpertAssembler::Finish() {
     return absl::InvalidArgumentError(
         absl::StrCat("transfer of ", Name(), " ended before its last chunk"));
   }
-  for (int i = 0; i < 4; ++i) {
+  for (size_t i = 0; i < kNumTensors; ++i) {
     const int64_t size = snapshot_.weights.tensor(kAllExpertTensors[i]).num_elements() * 4;
     for (v1::ExpertTensorKind kind : {kWeightKinds[i], kMomentumKinds[i], kSecondMomentKinds[i]}) {
       const bool sent = kind == kWeightKinds[i]     ? true

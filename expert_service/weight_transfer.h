@@ -56,8 +56,8 @@ class ExpertAssembler {
   uint64_t digest_ = 0;
   uint64_t step_ = 0;
   ExpertSnapshot snapshot_;
-  // Bytes received, by ExpertTensorKind (1..12).
-  int64_t received_[13] = {};
+  // Bytes received, by ExpertTensorKind (1..15).
+  int64_t received_[16] = {};
 };
 
 }  // namespace moe::expert

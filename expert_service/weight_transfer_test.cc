@@ -1,5 +1,6 @@
 #include "expert_service/weight_transfer.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -66,6 +67,37 @@ TEST(WeightTransferTest, AdamWStateGoesBackTogether) {
     if (!partial.Add(chunk).ok()) break;
   }
   EXPECT_FALSE(partial.Finish().ok());
+}
+
+// Gated SiLU experts send W3 and its optimizer state too; ReLU experts never
+// send a W3 kind, and a W3 chunk for a ReLU model is refused.
+TEST(WeightTransferTest, GatedExpertsSendTheirW3) {
+  ModelConfig gated = Model();
+  gated.activation = ExpertActivation::kSiluGated;
+  const ExpertSnapshot sent{InitExpert(gated, ExpertKey(0, 1)), InitExpert(gated, ExpertKey(0, 2)),
+                            std::nullopt};
+  const std::vector<v1::ExpertWeightsChunk> chunks = ChunkExpert(ExpertKey(0, 1), sent, 4096);
+  int w3_chunks = 0;
+  for (const auto& chunk : chunks) {
+    w3_chunks += chunk.kind() == v1::EXPERT_TENSOR_KIND_W3_WEIGHT ||
+                 chunk.kind() == v1::EXPERT_TENSOR_KIND_W3_WEIGHT_MOMENTUM;
+  }
+  EXPECT_EQ(w3_chunks, 4);  // 8 KiB each
+  ExpertAssembler assembler(gated);
+  for (const auto& chunk : chunks) ASSERT_TRUE(assembler.Add(chunk).ok());
+  absl::StatusOr<ExpertSnapshot> got = assembler.Finish();
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->weights.w3, sent.weights.w3);
+  EXPECT_EQ(got->velocity->w3, sent.velocity->w3);
+
+  for (const auto& chunk : Chunks(1024)) {
+    EXPECT_NE(chunk.kind(), v1::EXPERT_TENSOR_KIND_W3_WEIGHT);
+  }
+  ExpertAssembler relu(Model());
+  const v1::ExpertWeightsChunk& w3 = *std::find_if(chunks.begin(), chunks.end(), [](const auto& c) {
+    return c.kind() == v1::EXPERT_TENSOR_KIND_W3_WEIGHT;
+  });
+  EXPECT_THAT(relu.Add(w3).message(), HasSubstr("EXPERT_TENSOR_KIND_W3_WEIGHT: shape [32, 64]"));
 }
 
 // Every chunk names one expert, layer included; a layer the model does not

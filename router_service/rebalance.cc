@@ -23,7 +23,8 @@ std::vector<int> ServerSlots(const ModelConfig& model, const ClusterConfig& clus
 
 int64_t ReplicaBytes(const ModelConfig& model) {
   const int64_t weights =
-      (2 * model.d_model * model.d_ff + model.d_model + model.d_ff) * static_cast<int64_t>(4);
+      ((model.gated() ? 3 : 2) * model.d_model * model.d_ff + model.d_model + model.d_ff) *
+      static_cast<int64_t>(4);
   // The optimizer's state moves with the weights.
   return (1 + OptimizerStateTensors(model.optimizer.type)) * weights;
 }

@@ -1,11 +1,12 @@
-// Hugging Face checkpoints served as they are: tiny NLLB-MoE and Switch
-// Transformers checkpoints that tests/hf_checkpoints.py wrote in the models'
-// exact tensor names (sharded, F32/F16/BF16, among other tensors of the
+// Hugging Face checkpoints served as they are: tiny NLLB-MoE, Switch
+// Transformers, Mixtral and Qwen2-MoE checkpoints that tests/hf_checkpoints.py
+// wrote in the models' exact tensor names (sharded, F32/F16/BF16, among other tensors of the
 // model), loaded with the model's checkpoint_layout into a cluster (router
 // core, in-process expert servers on oneDNN kernels): its output, dL/dx,
 // every gradient and one SGD step equal what PyTorch computed from the
 // models' own definitions. The directory comes from HF_CHECKPOINTS_DIR
 // (tests/hf_checkpoint_test.sh runs the script first).
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -73,9 +74,13 @@ struct Family {
   const char* prefix;
   int top_k;
   bool renormalize;
-  // The HF names of W1, b1, W2, b2 after "experts.expert_{e}." (empty:
+  ExpertActivation activation;
+  // The router's weight and an expert's module, after the prefix.
+  const char* router;
+  const char* expert_module;
+  // The HF names of W1, b1, W2, b2, W3 after the expert's module (empty:
   // none).
-  const char* tensors[4];
+  const char* tensors[5];
 };
 
 const Family kFamilies[] = {
@@ -84,14 +89,47 @@ const Family kFamilies[] = {
      "model.encoder.layers.3.ffn",
      2,
      true,
-     {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"}},
+     ExpertActivation::kRelu,
+     "router.classifier.weight",
+     "experts.expert_",
+     {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", ""}},
     {"switch_transformers",
      CheckpointFamily::kSwitchTransformers,
      "encoder.block.1.layer.1.mlp",
      1,
      false,
-     {"wi.weight", "", "wo.weight", ""}},
+     ExpertActivation::kRelu,
+     "router.classifier.weight",
+     "experts.expert_",
+     {"wi.weight", "", "wo.weight", "", ""}},
+    {"mixtral",
+     CheckpointFamily::kMixtral,
+     "model.layers.1.block_sparse_moe",
+     2,
+     true,
+     ExpertActivation::kSiluGated,
+     "gate.weight",
+     "experts.",
+     {"w1.weight", "", "w2.weight", "", "w3.weight"}},
+    {"qwen2_moe",
+     CheckpointFamily::kQwen2Moe,
+     "model.layers.0.mlp",
+     2,
+     false,
+     ExpertActivation::kSiluGated,
+     "gate.weight",
+     "experts.",
+     {"gate_proj.weight", "", "down_proj.weight", "", "up_proj.weight"}},
 };
+
+bool AllZero(const FloatTensor& t) {
+  return std::all_of(t.values().begin(), t.values().end(), [](float v) { return v == 0.0f; });
+}
+
+// Which of kAllExpertTensors are matrices (stored transposed).
+bool IsMatrix(ExpertTensor which) {
+  return which != ExpertTensor::kB1 && which != ExpertTensor::kB2;
+}
 
 ModelConfig ModelOf(const Family& f) {
   ModelConfig model;
@@ -101,6 +139,7 @@ ModelConfig ModelOf(const Family& f) {
   model.top_k = f.top_k;
   model.gate.renormalize = f.renormalize;
   model.checkpoint_layout = {f.family, f.prefix};
+  model.activation = f.activation;
   return model;
 }
 
@@ -116,6 +155,11 @@ TEST_P(HfCheckpointTest, TheClusterComputesWhatPyTorchDoes) {
   // checkpoint's first shard holds experts 0-1, the second 2-3.
   InProcessCluster cluster(model, *std::move(weights), PlacementStrategy::kHybrid);
 
+  // Inference (gated SiLU: the fused post-ops), then training.
+  absl::StatusOr<router::Router::ForwardResult> served =
+      cluster.Forward(Wire(expected.Get("x")), /*training=*/false);
+  ASSERT_TRUE(served.ok()) << served.status();
+  EXPECT_TRUE(TensorNear(Decoded(served->y, kDModel), expected.Get("y"), 1e-5));
   absl::StatusOr<router::Router::ForwardResult> y =
       cluster.Forward(Wire(expected.Get("x")), /*training=*/true);
   ASSERT_TRUE(y.ok()) << y.status();
@@ -125,21 +169,21 @@ TEST_P(HfCheckpointTest, TheClusterComputesWhatPyTorchDoes) {
   ASSERT_TRUE(dx.ok()) << dx.status();
   EXPECT_TRUE(TensorNear(Decoded(*dx, kDModel), expected.Get("grad_input"), 1e-5));
 
-  const std::string router = absl::StrCat(f.prefix, ".router.classifier.weight");
+  const std::string router = absl::StrCat(f.prefix, ".", f.router);
   const FloatTensor gate_grad = cluster.KeptGateGradient();
   ASSERT_EQ(gate_grad.values().size(), size_t{kDModel * 4});
   EXPECT_TRUE(TensorNear(gate_grad, expected.Transposed("grad " + router), 1e-5));
   // Each expert's gradient, summed over its replicas.
   for (int e = 0; e < 4; ++e) {
     const ExpertWeights sum = cluster.SummedGradients(ExpertKey(0, e));
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < 5; ++i) {
       const ExpertTensor which = kAllExpertTensors[i];
       const std::string name =
-          absl::StrCat("grad ", f.prefix, ".experts.expert_", e, ".", f.tensors[i]);
+          absl::StrCat("grad ", f.prefix, ".", f.expert_module, e, ".", f.tensors[i]);
       if (f.tensors[i][0] == '\0') {
-        // Bias-free: no gradient is kept.
-        EXPECT_EQ(sum.tensor(which), FloatTensor(sum.tensor(which).shape())) << e;
-      } else if (i % 2 == 0) {
+        // Bias-free: no gradient is kept (a ReLU expert has no W3).
+        EXPECT_TRUE(AllZero(sum.tensor(which))) << e;
+      } else if (IsMatrix(which)) {
         EXPECT_TRUE(TensorNear(sum.tensor(which), expected.Transposed(name), 1e-5)) << name;
       } else {
         EXPECT_TRUE(TensorNear(sum.tensor(which), expected.Get(name), 1e-5)) << name;
@@ -156,16 +200,16 @@ TEST_P(HfCheckpointTest, TheClusterComputesWhatPyTorchDoes) {
   for (int s = 0; s < cluster.placement.num_servers(); ++s) {
     for (ExpertKey key : cluster.placement.ExpertsOn(s)) {
       const expert::ExpertSnapshot now = *cluster.client.store(s).Snapshot(key);
-      for (int i = 0; i < 4; ++i) {
+      for (int i = 0; i < 5; ++i) {
         const ExpertTensor which = kAllExpertTensors[i];
         const FloatTensor& served = now.weights.tensor(which);
         const std::string name =
-            absl::StrCat("stepped ", f.prefix, ".experts.expert_", key.expert, ".", f.tensors[i]);
+            absl::StrCat("stepped ", f.prefix, ".", f.expert_module, key.expert, ".", f.tensors[i]);
         if (f.tensors[i][0] == '\0') {
-          EXPECT_EQ(served, FloatTensor(served.shape()));
+          EXPECT_TRUE(AllZero(served)) << name;
         } else {
-          EXPECT_TRUE(
-              TensorNear(served, i % 2 == 0 ? expected.Transposed(name) : expected.Get(name), 1e-5))
+          EXPECT_TRUE(TensorNear(
+              served, IsMatrix(which) ? expected.Transposed(name) : expected.Get(name), 1e-5))
               << name << " on server " << s;
         }
       }
@@ -215,7 +259,10 @@ TEST(HfCheckpointErrorsTest, EveryMalformedIndexIsANamedError) {
               HasSubstr("the index has no tensor \"model.decoder.layers.3.ffn.router.classifier"));
   // Its own names are not the model's.
   EXPECT_THAT(
-      LoadCheckpoint(Dir(nllb.name), ModelOf({"", CheckpointFamily::kMoeServe, "", 2, true, {}}))
+      LoadCheckpoint(
+          Dir(nllb.name),
+          ModelOf(
+              {"", CheckpointFamily::kMoeServe, "", 2, true, ExpertActivation::kRelu, "", "", {}}))
           .status()
           .message(),
       HasSubstr("the index has no tensor \"gate.weight\""));

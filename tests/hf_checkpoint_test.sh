@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Hugging Face checkpoints against PyTorch (Debian's python3-torch): the
-# script writes tiny NLLB-MoE and Switch Transformers checkpoints and what
+# script writes tiny NLLB-MoE, Switch Transformers, Mixtral and Qwen2-MoE
+# checkpoints and what
 # their MoE blocks compute; the check loads them into a cluster and compares.
 set -euo pipefail
 script="$1"

@@ -11,7 +11,12 @@ tensor after one SGD step (lr 0.1), all in float64 from the checkpoint's
 values. The blocks are written here from the models' published
 definitions (transformers' modeling_nllb_moe.py NllbMoeSparseMLP with
 NllbMoeTop2Router, modeling_switch_transformers.py SwitchTransformersSparseMLP
-with SwitchTransformersTop1Router), in eval mode, with no token dropped.
+with SwitchTransformersTop1Router, modeling_mixtral.py MixtralSparseMoeBlock
+with MixtralBlockSparseTop2MLP, modeling_qwen2_moe.py Qwen2MoeSparseMoeBlock
+with norm_topk_prob = False, whose routed experts OLMoE's OlmoeSparseMoeBlock
+shares), in eval mode, with no token dropped. Qwen2-MoE's shared expert is
+in the checkpoint but not in the block computed here: the cluster serves the
+routed experts.
 
 Usage: hf_checkpoints.py DIR
 """
@@ -126,12 +131,45 @@ def switch_block(p, params, x):
     return router_probs * next_states
 
 
-def make(directory, name, prefix, block, expert_tensors, dtypes, seed):
+def gated_block(p, params, x, top_k, renormalize, names):
+    """MixtralSparseMoeBlock (renormalize) and Qwen2MoeSparseMoeBlock's
+    routed experts (norm_topk_prob = False): softmax over every expert,
+    top-k, experts act(w1 x) * (w3 x) then w2, with act SiLU. `names`: the
+    model's w1, w3, w2."""
+    router_logits = F.linear(x, params[f"{p}.gate.weight"])
+    routing_weights = torch.softmax(router_logits, dim=1)
+    routing_weights, selected_experts = torch.topk(routing_weights, top_k, dim=-1)
+    if renormalize:
+        routing_weights = routing_weights / routing_weights.sum(dim=-1, keepdim=True)
+
+    def expert(e, h):
+        m = f"{p}.experts.{e}"
+        w1, w3, w2 = (params[f"{m}.{n}.weight"] for n in names)
+        return F.linear(F.silu(F.linear(h, w1)) * F.linear(h, w3), w2)
+
+    y = torch.zeros_like(x)
+    for e in range(EXPERTS):
+        token, k = torch.where(selected_experts == e)
+        if len(token):
+            y = y.index_add(0, token, expert(e, x[token]) * routing_weights[token, k, None])
+    return y
+
+
+def mixtral_block(p, params, x):
+    return gated_block(p, params, x, 2, True, ("w1", "w3", "w2"))
+
+
+def qwen2_moe_block(p, params, x):
+    return gated_block(p, params, x, 2, False, ("gate_proj", "up_proj", "down_proj"))
+
+
+def make(directory, name, prefix, block, expert_tensors, dtypes, seed, router="router.classifier",
+         expert_module="experts.expert_", extra=()):
     rng = np.random.default_rng(seed)
-    block_tensors = {f"{prefix}.router.classifier.weight": rng.normal(0, 0.5, (EXPERTS, D_MODEL))}
+    block_tensors = {f"{prefix}.{router}.weight": rng.normal(0, 0.5, (EXPERTS, D_MODEL))}
     for e in range(EXPERTS):
         for suffix, shape in expert_tensors.items():
-            block_tensors[f"{prefix}.experts.expert_{e}.{suffix}"] = rng.normal(0, 0.3, shape)
+            block_tensors[f"{prefix}.{expert_module}{e}.{suffix}"] = rng.normal(0, 0.3, shape)
     names = list(block_tensors)
     # Two shards: the router and the first experts, the rest with the
     # model's other tensors; each tensor in the dtype its model stores.
@@ -143,6 +181,8 @@ def make(directory, name, prefix, block, expert_tensors, dtypes, seed):
     shards[0]["shared.weight"] = ("BF16", rng.normal(0, 1, (11, D_MODEL)))
     shards[1][f"{prefix}.self_attn.k_proj.weight"] = ("F32", rng.normal(0, 1, (D_MODEL, D_MODEL)))
     shards[1]["encoder.position_ids"] = ("I64", np.arange(8)[None, :])
+    for extra_name, shape in extra:
+        shards[1][f"{prefix}.{extra_name}"] = ("BF16", rng.normal(0, 1, shape))
     out = os.path.join(directory, name)
     write_sharded(out, shards)
 
@@ -168,7 +208,16 @@ def main():
           "fc2.bias": (D_MODEL,)}, ("F32", "F16"), 1)
     make(directory, "switch_transformers", "encoder.block.1.layer.1.mlp", switch_block,
          {"wi.weight": (D_FF, D_MODEL), "wo.weight": (D_MODEL, D_FF)}, ("BF16", "F32"), 2)
-    print(f"wrote {directory}/nllb_moe and {directory}/switch_transformers")
+    make(directory, "mixtral", "model.layers.1.block_sparse_moe", mixtral_block,
+         {"w1.weight": (D_FF, D_MODEL), "w2.weight": (D_MODEL, D_FF), "w3.weight": (D_FF, D_MODEL)},
+         ("BF16", "BF16"), 3, router="gate", expert_module="experts.")
+    make(directory, "qwen2_moe", "model.layers.0.mlp", qwen2_moe_block,
+         {"gate_proj.weight": (D_FF, D_MODEL), "up_proj.weight": (D_FF, D_MODEL),
+          "down_proj.weight": (D_MODEL, D_FF)},
+         ("F32", "BF16"), 4, router="gate", expert_module="experts.",
+         extra=[("shared_expert.gate_proj.weight", (D_FF, D_MODEL)),
+                ("shared_expert_gate.weight", (1, D_MODEL))])
+    print(f"wrote nllb_moe, switch_transformers, mixtral and qwen2_moe in {directory}")
 
 
 if __name__ == "__main__":

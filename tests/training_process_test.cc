@@ -75,15 +75,17 @@ struct TrainingCase {
   // order (momentum 0.9 at 0.05 runs away after ~12 steps, in the reference
   // as much as in the cluster).
   float learning_rate;
+  // More ModelConfig fields (text format).
+  std::string model_extra = "";
 };
 
 class TrainingTest : public ::testing::TestWithParam<TrainingCase> {};
 
 TEST_P(TrainingTest, TwentyStepsEqualTheReferenceAndReplicasStayIdentical) {
   ProcessClusterOptions options;
-  options.model = absl::StrCat("d_model: ", kDModel,
-                               " d_ff: 64 num_experts: 6 top_k: 2 seed: 9 optimizer { ",
-                               GetParam().optimizer, " }");
+  options.model =
+      absl::StrCat("d_model: ", kDModel, " d_ff: 64 num_experts: 6 top_k: 2 seed: 9 optimizer { ",
+                   GetParam().optimizer, " } ", GetParam().model_extra);
   options.strategy = GetParam().strategy;
   options.num_servers = 3;
   ProcessCluster cluster(options);
@@ -191,13 +193,19 @@ INSTANTIATE_TEST_SUITE_P(
         TrainingCase{"HYBRID", "type: OPTIMIZER_TYPE_SGD", 0.05f},
         TrainingCase{"DATA_PARALLEL", "type: OPTIMIZER_TYPE_SGD_MOMENTUM momentum: 0.9", 0.01f},
         TrainingCase{"DATA_PARALLEL", "type: OPTIMIZER_TYPE_SGD", 0.05f},
-        TrainingCase{"HYBRID", "type: OPTIMIZER_TYPE_ADAMW max_grad_norm: 1.0", 0.01f}),
+        TrainingCase{"HYBRID", "type: OPTIMIZER_TYPE_ADAMW max_grad_norm: 1.0", 0.01f},
+        // Gated SiLU experts: W3, its gradient and AdamW's state for it
+        // travel the same paths.
+        TrainingCase{"HYBRID", "type: OPTIMIZER_TYPE_ADAMW", 0.01f,
+                     "activation: EXPERT_ACTIVATION_SILU_GATED"}),
     [](const auto& info) {
       const std::string& optimizer = info.param.optimizer;
       return absl::StrCat(info.param.strategy, "_",
-                          absl::StrContains(optimizer, "MOMENTUM") ? "momentum"
-                          : absl::StrContains(optimizer, "ADAMW")  ? "adamw_clipped"
-                                                                   : "sgd");
+                          absl::StrContains(optimizer, "MOMENTUM")        ? "momentum"
+                          : absl::StrContains(optimizer, "max_grad_norm") ? "adamw_clipped"
+                          : absl::StrContains(optimizer, "ADAMW")         ? "adamw"
+                                                                          : "sgd",
+                          info.param.model_extra.empty() ? "" : "_silu_gated");
     });
 
 // A cluster whose step all-reduces take a while (small ring segments, one in
