@@ -2,7 +2,11 @@
 // primitives of the same shapes (created once, exact row count, weights in
 // the layout oneDNN picks), in one run: rows M in {1, 16, 128, 1024, 4096},
 // d_model 1024, d_ff 4096, fp32 and bf16. Prints the ratio ours/raw (speed:
-// raw time / our time) and GFLOP/s, and the bf16 error against fp32.
+// raw time / our time) and GFLOP/s, and the bf16 error against fp32. Then
+// gated SiLU experts (Mixtral's: three matrices) in the same run: inference
+// (SiLU and the multiply fused as post-ops) and the training forward (x W1
+// and x W3 kept), as time per call and GFLOP/s against the ReLU kernel
+// (a gated expert does 1.5x the FLOPs).
 #include <cstdio>
 #include <memory>
 
@@ -50,6 +54,15 @@ const ExpertWeights& Weights() {
   return *weights;
 }
 
+const ExpertWeights& GatedWeights() {
+  static const ExpertWeights* weights = [] {
+    ModelConfig model = Model();
+    model.activation = ExpertActivation::kSiluGated;
+    return new ExpertWeights(InitExpert(model, ExpertKey(0, 0)));
+  }();
+  return *weights;
+}
+
 // Bytes of a [rows, cols] batch in `dtype`, filled from seeded randoms.
 std::vector<std::byte> Batch(int64_t rows, int64_t cols, DType dtype) {
   const FloatTensor x = testing::RandomTensor({rows, cols}, 7);
@@ -63,27 +76,35 @@ std::vector<std::byte> Batch(int64_t rows, int64_t cols, DType dtype) {
   return bytes;
 }
 
-void SetFlops(benchmark::State& state, int64_t rows) {
-  state.counters["GFLOPS"] = benchmark::Counter(
-      4.0 * rows * kDModel * kDff / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+// `flops_per_weight`: 2 per multiply-add of each [d_model, d_ff] matrix.
+void SetFlops(benchmark::State& state, int64_t rows, double flops_per_weight = 4.0) {
+  state.counters["GFLOPS"] = benchmark::Counter(flops_per_weight * rows * kDModel * kDff / 1e9,
+                                                benchmark::Counter::kIsIterationInvariantRate);
   state.SetItemsProcessed(state.iterations() * rows);
 }
 
-void BM_ExpertKernelForward(benchmark::State& state, DType dtype) {
+// What a forward call runs: a ReLU expert, or a gated one serving or
+// training (its activations kept).
+enum class Variant { kRelu, kGated, kGatedTraining };
+
+void BM_ExpertKernelForward(benchmark::State& state, DType dtype, Variant variant) {
   const int64_t rows = state.range(0);
-  auto kernel = OnednnExpertKernel::Create(Weights(), dtype, Runtime());
+  auto kernel = OnednnExpertKernel::Create(variant == Variant::kRelu ? Weights() : GatedWeights(),
+                                           dtype, Runtime());
   if (!kernel.ok()) return state.SkipWithError(std::string(kernel.status().message()).c_str());
   const std::vector<std::byte> x = Batch(rows, kDModel, dtype);
-  std::vector<std::byte> y(x.size());
+  std::vector<std::byte> y(x.size()), kept(rows * 2 * kDff * DTypeSize(dtype));
   const ConstTensorView x_view{dtype, {rows, kDModel}, x.data()};
   const TensorView y_view{dtype, {rows, kDModel}, y.data()};
-  if (!(*kernel)->Forward(x_view, y_view, nullptr).ok()) return state.SkipWithError("forward");
+  const TensorView kept_view{dtype, {rows, 2 * kDff}, kept.data()};
+  const TensorView* activations = variant == Variant::kGatedTraining ? &kept_view : nullptr;
+  if (!(*kernel)->Forward(x_view, y_view, activations).ok()) return state.SkipWithError("forward");
   for (auto _ : state) {
-    const absl::Status status = (*kernel)->Forward(x_view, y_view, nullptr);
+    const absl::Status status = (*kernel)->Forward(x_view, y_view, activations);
     benchmark::DoNotOptimize(status);
     benchmark::ClobberMemory();
   }
-  SetFlops(state, rows);
+  SetFlops(state, rows, variant == Variant::kRelu ? 4.0 : 6.0);
 }
 
 // The same two layers as plain oneDNN: primitives made for this exact M.
@@ -140,11 +161,16 @@ void Register() {
           ->Arg(rows)
           ->Unit(benchmark::kMicrosecond)
           ->UseRealTime();
-      benchmark::RegisterBenchmark(("BM_ExpertKernelForward/" + suffix).c_str(),
-                                   BM_ExpertKernelForward, dtype)
-          ->Arg(rows)
-          ->Unit(benchmark::kMicrosecond)
-          ->UseRealTime();
+      for (auto [name, variant] :
+           {std::pair{"BM_ExpertKernelForward/", Variant::kRelu},
+            std::pair{"BM_GatedForward/", Variant::kGated},
+            std::pair{"BM_GatedTrainingForward/", Variant::kGatedTraining}}) {
+        benchmark::RegisterBenchmark((name + suffix).c_str(), BM_ExpertKernelForward, dtype,
+                                     variant)
+            ->Arg(rows)
+            ->Unit(benchmark::kMicrosecond)
+            ->UseRealTime();
+      }
     }
   }
 }
@@ -192,6 +218,23 @@ int main(int argc, char** argv) {
                   raw->seconds_per_iteration * 1e6,
                   raw->seconds_per_iteration / ours->seconds_per_iteration,
                   ours->counters.at("GFLOPS"), raw->counters.at("GFLOPS"));
+    }
+  }
+  std::printf(
+      "\ngated SiLU experts (3 matrices) against ReLU ones (2): time ratio, 1.5 at "
+      "equal GFLOP/s\n%-5s %6s %12s %12s %12s %10s %10s\n",
+      "dtype", "M", "gated us", "training us", "gated/relu", "gated GF/s", "train GF/s");
+  for (const char* dtype : {"fp32", "bf16"}) {
+    for (int64_t rows : moe::bench::kRows) {
+      const std::string arg = absl::StrCat("/", dtype, "/", rows, "/real_time");
+      const auto* relu = reporter.Find("BM_ExpertKernelForward" + arg);
+      const auto* gated = reporter.Find("BM_GatedForward" + arg);
+      const auto* training = reporter.Find("BM_GatedTrainingForward" + arg);
+      if (relu == nullptr || gated == nullptr || training == nullptr) continue;
+      std::printf("%-5s %6ld %12.1f %12.1f %12.3f %10.1f %10.1f\n", dtype, static_cast<long>(rows),
+                  gated->seconds_per_iteration * 1e6, training->seconds_per_iteration * 1e6,
+                  gated->seconds_per_iteration / relu->seconds_per_iteration,
+                  gated->counters.at("GFLOPS"), training->counters.at("GFLOPS"));
     }
   }
   const auto* fp32 = reporter.Find("BM_ExpertKernelForward/fp32/4096/real_time");

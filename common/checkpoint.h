@@ -4,6 +4,7 @@
 //   gate.weight            [num_experts, d_model]
 //   experts.{e}.w1.weight  [d_ff, d_model]      experts.{e}.w1.bias [d_ff]
 //   experts.{e}.w2.weight  [d_model, d_ff]      experts.{e}.w2.bias [d_model]
+//   experts.{e}.w3.weight  [d_ff, d_model]      (gated SiLU experts only)
 // F32 or BF16. In memory, weights are transposed to the x W layout
 // (moe_weights.h). A file holds one MoE layer; the names of other layers'
 // tensors are prefixed "layers.{l}." (GateTensorName, ExpertTensorName), so

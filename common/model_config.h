@@ -94,6 +94,8 @@ struct ModelConfig {
   // Width of the forward state an expert keeps per row for its backward:
   // x W1 + b1 (ReLU), or x W1 and x W3 side by side (gated SiLU).
   int64_t activation_width() const { return gated() ? 2 * d_ff : d_ff; }
+  // Parameters of one expert: W1, b1, W2, b2 (and W3).
+  int64_t expert_parameters() const { return (gated() ? 3 : 2) * d_model * d_ff + d_model + d_ff; }
 };
 
 // A ModelConfig describes one MoE layer, served as layer 0.

@@ -24,7 +24,7 @@ namespace moe {
 struct ExpertActivations {
   // Kept pairs routed to this expert (see KeptPairsByExpert): batch rows.
   std::vector<int64_t> pairs;
-  FloatTensor hidden_pre;  // [rows, d_ff] x W1 + b1
+  FloatTensor hidden_pre;  // [rows, activation_width()]: x W1 + b1 (| x W3)
   FloatTensor output;      // [rows, d_model] Expert(x), before gate weights
 };
 

@@ -22,9 +22,7 @@ std::vector<int> ServerSlots(const ModelConfig& model, const ClusterConfig& clus
 }
 
 int64_t ReplicaBytes(const ModelConfig& model) {
-  const int64_t weights =
-      ((model.gated() ? 3 : 2) * model.d_model * model.d_ff + model.d_model + model.d_ff) *
-      static_cast<int64_t>(4);
+  const int64_t weights = model.expert_parameters() * static_cast<int64_t>(sizeof(float));
   // The optimizer's state moves with the weights.
   return (1 + OptimizerStateTensors(model.optimizer.type)) * weights;
 }

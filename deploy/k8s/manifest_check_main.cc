@@ -255,7 +255,7 @@ void CheckRender(Checker& check, const Json& objects) {
     for (int s = 0; s < placement->num_servers(); ++s) {
       most = std::max(most, placement->ExpertsOn(s).size());
     }
-    const int64_t expert_bytes = (2 * model.d_model * model.d_ff + model.d_model + model.d_ff) * 4;
+    const int64_t expert_bytes = model.expert_parameters() * 4;
     CheckMemory(check, *experts, static_cast<int64_t>(most) * expert_bytes * 2);
   }
   CheckMemory(check, *router, int64_t{model.d_model} * model.num_experts * 4);

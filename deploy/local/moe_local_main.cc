@@ -45,6 +45,9 @@ ABSL_FLAG(int, experts, 8, "Experts (without --config).");
 ABSL_FLAG(int, d_model, 256, "Model width (without --config).");
 ABSL_FLAG(int, d_ff, 1024, "Expert hidden width (without --config).");
 ABSL_FLAG(int, top_k, 2, "Experts per token (without --config).");
+ABSL_FLAG(std::string, activation, "relu",
+          "Experts: relu (ReLU(x W1 + b1) W2 + b2) or silu_gated ((SiLU(x W1) * x W3) W2, "
+          "Mixtral's) (without --config).");
 ABSL_FLAG(double, capacity_factor, 1.25,
           "Capacity factor with OVERFLOW_POLICY_DROP; 0 means DROPLESS (without --config).");
 ABSL_FLAG(std::string, checkpoint, "",
@@ -88,6 +91,13 @@ absl::StatusOr<ServingConfig> ConfigFromFlags() {
   model->set_num_experts(absl::GetFlag(FLAGS_experts));
   model->set_top_k(absl::GetFlag(FLAGS_top_k));
   model->set_seed(42);
+  const std::string activation = absl::GetFlag(FLAGS_activation);
+  if (activation == "silu_gated") {
+    model->set_activation(v1::EXPERT_ACTIVATION_SILU_GATED);
+  } else if (activation != "relu") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--activation: relu or silu_gated, got \"", activation, "\""));
+  }
   if (absl::GetFlag(FLAGS_capacity_factor) > 0) {
     model->set_overflow_policy(v1::OVERFLOW_POLICY_DROP);
     model->set_capacity_factor(absl::GetFlag(FLAGS_capacity_factor));
@@ -247,10 +257,10 @@ int Run() {
   options.credentials = *credentials;
   const ModelConfig& model = config->model;
   std::printf(
-      "moe-serve local cluster: %d experts (d_model %ld, d_ff %ld, top_k %d), %zu expert "
+      "moe-serve local cluster: %d %s experts (d_model %ld, d_ff %ld, top_k %d), %zu expert "
       "servers, %s placement, %s kernels, %s\nstarting...\n",
-      model.num_experts, static_cast<long>(model.d_model), static_cast<long>(model.d_ff),
-      model.top_k, config->cluster.servers.size(),
+      model.num_experts, model.gated() ? "gated SiLU" : "ReLU", static_cast<long>(model.d_model),
+      static_cast<long>(model.d_ff), model.top_k, config->cluster.servers.size(),
       std::string(PlacementStrategyName(config->cluster.strategy)).c_str(), options.dtype.c_str(),
       credentials->name().c_str());
   std::fflush(stdout);

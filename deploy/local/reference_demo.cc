@@ -75,9 +75,8 @@ absl::StatusOr<ReferenceDemoReport> RunReferenceDemo(
     MOE_RETURN_IF_ERROR(SaveCheckpoint(options.save_checkpoint_path, model,
                                        weights, options.save_dtype));
   }
-  report.parameters = model.d_model * model.num_experts +
-                      model.num_experts * (2 * model.d_model * model.d_ff +
-                                           model.d_ff + model.d_model);
+  report.parameters =
+      model.d_model * model.num_experts + model.num_experts * model.expert_parameters();
   MOE_ASSIGN_OR_RETURN(ReferenceMoe moe, ReferenceMoe::Create(model, std::move(weights)));
 
   std::mt19937_64 rng(options.input_seed);
@@ -118,12 +117,12 @@ std::string FormatReferenceDemoReport(const ReferenceDemoReport& r) {
   const ModelConfig& model = r.config.model;
   const ClusterConfig& cluster = r.config.cluster;
   std::string out = "moe-serve: the reference MoE layer, in process\n\n";
-  absl::StrAppendFormat(
-      &out, "model       d_model %d, d_ff %d, %d experts, top_k %d, %s\n",
-      model.d_model, model.d_ff, model.num_experts, model.top_k,
-      model.overflow == OverflowPolicy::kDrop
-          ? absl::StrFormat("DROP at capacity factor %.2f", model.capacity_factor)
-          : std::string("DROPLESS"));
+  absl::StrAppendFormat(&out, "model       d_model %d, d_ff %d, %d %s experts, top_k %d, %s\n",
+                        model.d_model, model.d_ff, model.num_experts,
+                        model.gated() ? "gated SiLU" : "ReLU", model.top_k,
+                        model.overflow == OverflowPolicy::kDrop
+                            ? absl::StrFormat("DROP at capacity factor %.2f", model.capacity_factor)
+                            : std::string("DROPLESS"));
   absl::StrAppendFormat(&out, "weights     %s (%.2f M parameters)\n",
                         r.weights_source, r.parameters / 1e6);
 
