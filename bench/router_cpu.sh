@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The router's CPU per token at each batch size, against what moving its
+# bytes costs at gRPC's measured CPU per byte (STYLE.md 2.6: 1.76 CPU s/GB
+# for both ends of a 4 MiB stream, completion-queue API; the router is one
+# end of every transfer, taken as half: 0.88 s/GB): starts a local cluster
+# of deploy/config/bench_1024.pbtxt (router + 2 expert servers) with
+# moe_local --serve, then for each batch runs moe_loadgen (one client, a
+# fixed number of requests) and reads the router process's utime + stime
+# from /proc before and after. Usage: bench/router_cpu.sh [fp32|bf16]
+# Environment: CONFIG, ROUTER_FLAGS as bench/remote_vs_local.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dtype="${1:-fp32}"
+config="${CONFIG:-$PWD/deploy/config/bench_1024.pbtxt}"
+
+bazel build //deploy/local:moe_local //clients/cpp:moe_loadgen
+log="$(mktemp)"
+bazel-bin/deploy/local/moe_local --config="$config" --dtype="$dtype" \
+    --router_flags="${ROUTER_FLAGS:-}" --duration=1s --concurrency=1 --batch=64 --serve \
+    >"$log" 2>&1 &
+cluster=$!
+trap 'kill -INT $cluster 2>/dev/null; wait $cluster 2>/dev/null; rm -f "$log"' EXIT
+while ! grep -q "serving at" "$log"; do
+  if ! kill -0 $cluster 2>/dev/null; then cat "$log"; exit 1; fi
+  sleep 0.2  # waiting for the cluster to start; not part of any measurement
+done
+address="$(grep -o 'serving at [0-9.:]*' "$log" | awk '{print $3}')"
+router_pid=""
+for pid in $(pgrep -P $cluster); do
+  if tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "router_service/router\b\|/router "; then
+    router_pid=$pid
+  fi
+done
+[[ -n "$router_pid" ]] || { echo "no router process under moe_local $cluster"; exit 1; }
+d_model="$(grep -o 'd_model: *[0-9]*' "$config" | grep -o '[0-9]*$')"
+top_k="$(grep -o 'top_k: *[0-9]*' "$config" | grep -o '[0-9]*$')"
+element=4; [[ "$dtype" == bf16 ]] && element=2
+ticks="$(getconf CLK_TCK)"
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$router_pid/stat"; }
+
+echo "router $address (pid $router_pid), $dtype, d_model $d_model, top_k $top_k, one client"
+printf "%6s %9s %14s %12s %16s %12s\n" batch requests "router us/tok" "wire KB/tok" "its end us/tok" "wire share"
+for pair in 1:3000 64:400 512:80 4096:12; do
+  batch="${pair%%:*}"
+  requests="${pair##*:}"
+  before="$(cpu_ticks)"
+  bazel-bin/clients/cpp/moe_loadgen --router="$address" --config="$config" --dtype="$dtype" \
+      --concurrency=1 --batch="$batch" --requests="$requests" --rounds=1 >/dev/null
+  after="$(cpu_ticks)"
+  # Bytes through the router per token: the token in and out (client), and
+  # top_k rows out and back (servers).
+  awk -v t=$((after - before)) -v hz="$ticks" -v n=$((batch * requests)) -v d="$d_model" \
+      -v k="$top_k" -v e="$element" -v b="$batch" -v r="$requests" 'BEGIN {
+    us = t / hz / n * 1e6; bytes = (2 + 2 * k) * d * e; wire = bytes * 0.88e-9 * 1e6;
+    printf "%6d %9d %14.1f %12.1f %16.1f %11.0f%%\n", b, r, us, bytes / 1024, wire, 100 * wire / us }'
+done
