@@ -3,7 +3,8 @@
 # starts a local cluster of deploy/config/bench_1024.pbtxt (router + 2 expert
 # servers) with moe_local --serve, then runs moe_loadgen --compare_local on
 # it (5 rounds per point, local then remote, the median ratio and its
-# spread). Usage: bench/remote_vs_local.sh [fp32|bf16] [extra moe_loadgen flags]
+# spread), then prints the router's overlap (moe_router_dispatch_wait_seconds_total).
+# Usage: bench/remote_vs_local.sh [fp32|bf16] [extra moe_loadgen flags]
 # Environment: CONFIG (default deploy/config/bench_1024.pbtxt; the
 # deploy/config/bench_overhead.pbtxt one has tiny experts, so batch-1 numbers
 # are RPC and router work), ONEDNN_THREADS per server (default 0: all cores),
@@ -16,17 +17,14 @@ shift || true
 config="${CONFIG:-$PWD/deploy/config/bench_1024.pbtxt}"
 
 bazel build //deploy/local:moe_local //clients/cpp:moe_loadgen
-log="$(mktemp)"
-bazel-bin/deploy/local/moe_local --config="$config" --dtype="$dtype" --onednn_threads="${ONEDNN_THREADS:-0}" \
-    --router_flags="${ROUTER_FLAGS:-}" --server_flags="${SERVER_FLAGS:-}" \
-    --duration=1s --concurrency=1 --batch=64 --serve >"$log" 2>&1 &
-cluster=$!
-trap 'kill -INT $cluster 2>/dev/null; wait $cluster 2>/dev/null; rm -f "$log"' EXIT
-while ! grep -q "serving at" "$log"; do
-  if ! kill -0 $cluster 2>/dev/null; then cat "$log"; exit 1; fi
-  sleep 0.2  # waiting for the cluster to start; not part of any measurement
-done
-router="$(grep -o 'serving at [0-9.:]*' "$log" | awk '{print $3}')"
+source bench/start_cluster.sh
+start_cluster "$config" "$dtype" --onednn_threads="${ONEDNN_THREADS:-0}" \
+    --router_flags="${ROUTER_FLAGS:-}" --server_flags="${SERVER_FLAGS:-}"
+router="$address"
 echo "cluster at $router ($dtype)"
 bazel-bin/clients/cpp/moe_loadgen --router="$router" --config="$config" --dtype="$dtype" \
     --compare_local --rounds=5 --concurrency=1,2 --batch=1,64,512,4096 --duration=2s "$@"
+# The router's overlap over the whole run (docs/metrics.md).
+curl -s "$router_metrics" | awk '/^moe_router_dispatch_wait_seconds_total/ {
+    if ($0 ~ /hidden/) hidden = $NF; else all = $NF }
+  END { if (all > 0) printf "overlap: %.1f%% of the expert calls\x27 %.1f s outside the kernels ran under another call\x27s compute\n", 100 * hidden / all, all }'

@@ -14,17 +14,8 @@ dtype="${1:-fp32}"
 config="${CONFIG:-$PWD/deploy/config/bench_1024.pbtxt}"
 
 bazel build //deploy/local:moe_local //clients/cpp:moe_loadgen
-log="$(mktemp)"
-bazel-bin/deploy/local/moe_local --config="$config" --dtype="$dtype" \
-    --router_flags="${ROUTER_FLAGS:-}" --duration=1s --concurrency=1 --batch=64 --serve \
-    >"$log" 2>&1 &
-cluster=$!
-trap 'kill -INT $cluster 2>/dev/null; wait $cluster 2>/dev/null; rm -f "$log"' EXIT
-while ! grep -q "serving at" "$log"; do
-  if ! kill -0 $cluster 2>/dev/null; then cat "$log"; exit 1; fi
-  sleep 0.2  # waiting for the cluster to start; not part of any measurement
-done
-address="$(grep -o 'serving at [0-9.:]*' "$log" | awk '{print $3}')"
+source bench/start_cluster.sh
+start_cluster "$config" "$dtype" --router_flags="${ROUTER_FLAGS:-}"
 router_pid=""
 for pid in $(pgrep -P $cluster); do
   if tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "router_service/router\b\|/router "; then

@@ -45,6 +45,11 @@ absl::Span<const float> AsFloats(const ConstTensorView& view, std::vector<float>
   return storage;
 }
 
+// A transposed view of an fp32 [r, c] row-major matrix, as [c, r].
+memory Transposed(const dnnl::engine& engine, const void* data, int64_t r, int64_t c) {
+  return memory({{c, r}, Dt::f32, memory::dims{1, c}}, engine, const_cast<void*>(data));
+}
+
 void AddColumnSums(const float* m, int64_t rows, int64_t cols, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = m + r * cols;
@@ -237,50 +242,39 @@ absl::Status OnednnExpertKernel::Backward(const ConstTensorView& x,
   const absl::Span<const float> a32 = AsFloats(activations, a_storage);
   if (gated_) return GatedBackward(x32, a32, dy, dx, grads);
   std::vector<float> d_hidden(rows * d_ff_);
-  MOE_ASSIGN_OR_RETURN(const CachedMatmul* times_w2t,
-                       runtime_.Backward(BackwardOp::kTimesWeightsTransposed, d_model_, d_ff_));
-  MOE_ASSIGN_OR_RETURN(const CachedMatmul* times_w1t,
-                       runtime_.Backward(BackwardOp::kTimesWeightsTransposed, d_ff_, d_model_));
-  MOE_ASSIGN_OR_RETURN(const CachedMatmul* grad_w2,
-                       runtime_.Backward(BackwardOp::kAccumulateWeightGrad, d_ff_, d_model_));
-  MOE_ASSIGN_OR_RETURN(const CachedMatmul* grad_w1,
-                       runtime_.Backward(BackwardOp::kAccumulateWeightGrad, d_model_, d_ff_));
+  MOE_ASSIGN_OR_RETURN(const BackwardMatmuls m, FindBackwardMatmuls());
   try {
     const dnnl::engine& engine = runtime_.engine();
     dnnl::stream stream(engine);
     const auto plain = [&](const void* data, int64_t r, int64_t c) {
       return Wrap(engine, data, r, c, DType::kFloat32);
     };
-    // Transposed view of a [r, c] row-major matrix as [c, r].
-    const auto transposed = [&](const void* data, int64_t r, int64_t c) {
-      return memory({{c, r}, Dt::f32, memory::dims{1, c}}, engine, const_cast<void*>(data));
-    };
     memory dy_mem = plain(dy.data, rows, d_model_);
     memory dh_mem = plain(d_hidden.data(), rows, d_ff_);
     // dL/da = dy W2^T  (W2 is [d_ff, d_model]).
-    times_w2t->Execute(stream, {{DNNL_ARG_SRC, dy_mem},
-                                {DNNL_ARG_WEIGHTS, transposed(master_.w2.values().data(),
-                                                              d_ff_, d_model_)},
-                                {DNNL_ARG_DST, dh_mem}});
+    m.times_w2t->Execute(stream, {{DNNL_ARG_SRC, dy_mem},
+                                  {DNNL_ARG_WEIGHTS,
+                                   Transposed(engine, master_.w2.values().data(), d_ff_, d_model_)},
+                                  {DNNL_ARG_DST, dh_mem}});
     stream.wait();
     // dL/dh = dL/da where the unit was active.
     for (int64_t i = 0; i < rows * d_ff_; ++i) {
       if (!(a32[i] > 0.0f)) d_hidden[i] = 0.0f;
     }
     // dx = dh W1^T  (W1 is [d_model, d_ff]).
-    times_w1t->Execute(stream, {{DNNL_ARG_SRC, dh_mem},
-                                {DNNL_ARG_WEIGHTS, transposed(master_.w1.values().data(),
-                                                              d_model_, d_ff_)},
-                                {DNNL_ARG_DST, plain(dx.data, rows, d_model_)}});
+    m.times_w1t->Execute(stream, {{DNNL_ARG_SRC, dh_mem},
+                                  {DNNL_ARG_WEIGHTS,
+                                   Transposed(engine, master_.w1.values().data(), d_model_, d_ff_)},
+                                  {DNNL_ARG_DST, plain(dx.data, rows, d_model_)}});
     // dW2 += a^T dy;  dW1 += x^T dh.
-    grad_w2->Execute(stream, {{DNNL_ARG_SRC, transposed(a32.data(), rows, d_ff_)},
-                              {DNNL_ARG_WEIGHTS, dy_mem},
-                              {DNNL_ARG_DST, plain(grads.w2.mutable_values().data(),
-                                                   d_ff_, d_model_)}});
-    grad_w1->Execute(stream, {{DNNL_ARG_SRC, transposed(x32.data(), rows, d_model_)},
-                              {DNNL_ARG_WEIGHTS, dh_mem},
-                              {DNNL_ARG_DST, plain(grads.w1.mutable_values().data(),
-                                                   d_model_, d_ff_)}});
+    m.grad_w2->Execute(stream,
+                       {{DNNL_ARG_SRC, Transposed(engine, a32.data(), rows, d_ff_)},
+                        {DNNL_ARG_WEIGHTS, dy_mem},
+                        {DNNL_ARG_DST, plain(grads.w2.mutable_values().data(), d_ff_, d_model_)}});
+    m.grad_w1->Execute(stream,
+                       {{DNNL_ARG_SRC, Transposed(engine, x32.data(), rows, d_model_)},
+                        {DNNL_ARG_WEIGHTS, dh_mem},
+                        {DNNL_ARG_DST, plain(grads.w1.mutable_values().data(), d_model_, d_ff_)}});
     stream.wait();
   } catch (const dnnl::error& e) {
     return DnnlError(e, "backward");
@@ -288,6 +282,19 @@ absl::Status OnednnExpertKernel::Backward(const ConstTensorView& x,
   AddColumnSums(dy.floats().data(), rows, d_model_, grads.b2.mutable_values().data());
   AddColumnSums(d_hidden.data(), rows, d_ff_, grads.b1.mutable_values().data());
   return absl::OkStatus();
+}
+
+absl::StatusOr<OnednnExpertKernel::BackwardMatmuls> OnednnExpertKernel::FindBackwardMatmuls() {
+  BackwardMatmuls m;
+  MOE_ASSIGN_OR_RETURN(m.times_w2t,
+                       runtime_.Backward(BackwardOp::kTimesWeightsTransposed, d_model_, d_ff_));
+  MOE_ASSIGN_OR_RETURN(m.times_w1t,
+                       runtime_.Backward(BackwardOp::kTimesWeightsTransposed, d_ff_, d_model_));
+  MOE_ASSIGN_OR_RETURN(m.grad_w2,
+                       runtime_.Backward(BackwardOp::kAccumulateWeightGrad, d_ff_, d_model_));
+  MOE_ASSIGN_OR_RETURN(m.grad_w1,
+                       runtime_.Backward(BackwardOp::kAccumulateWeightGrad, d_model_, d_ff_));
+  return m;
 }
 
 absl::Status OnednnExpertKernel::GatedForward(const ConstTensorView& x, const TensorView& y,
@@ -361,29 +368,18 @@ absl::Status OnednnExpertKernel::GatedBackward(absl::Span<const float> x32,
   // dh = dL/dh, h = SiLU(a) * up; da and d_up its gradients through the
   // gating (SiLU'(a) = s (1 + a (1 - s)), s = sigmoid(a)).
   std::vector<float> h(n), dh(n), da(n), d_up(n), dx_up(rows * d_model_);
-  MOE_ASSIGN_OR_RETURN(const CachedMatmul* times_w2t,
-                       runtime_.Backward(BackwardOp::kTimesWeightsTransposed, d_model_, d_ff_));
-  MOE_ASSIGN_OR_RETURN(const CachedMatmul* times_w1t,
-                       runtime_.Backward(BackwardOp::kTimesWeightsTransposed, d_ff_, d_model_));
-  MOE_ASSIGN_OR_RETURN(const CachedMatmul* grad_w2,
-                       runtime_.Backward(BackwardOp::kAccumulateWeightGrad, d_ff_, d_model_));
-  MOE_ASSIGN_OR_RETURN(const CachedMatmul* grad_w1,
-                       runtime_.Backward(BackwardOp::kAccumulateWeightGrad, d_model_, d_ff_));
+  MOE_ASSIGN_OR_RETURN(const BackwardMatmuls m, FindBackwardMatmuls());
   try {
     const dnnl::engine& engine = runtime_.engine();
     dnnl::stream stream(engine);
     const auto plain = [&](const void* data, int64_t r, int64_t c) {
       return Wrap(engine, data, r, c, DType::kFloat32);
     };
-    // Transposed view of a [r, c] row-major matrix as [c, r].
-    const auto transposed = [&](const void* data, int64_t r, int64_t c) {
-      return memory({{c, r}, Dt::f32, memory::dims{1, c}}, engine, const_cast<void*>(data));
-    };
     memory dy_mem = plain(dy.data, rows, d_model_);
-    times_w2t->Execute(stream,
-                       {{DNNL_ARG_SRC, dy_mem},
-                        {DNNL_ARG_WEIGHTS, transposed(master_.w2.values().data(), d_ff_, d_model_)},
-                        {DNNL_ARG_DST, plain(dh.data(), rows, d_ff_)}});
+    m.times_w2t->Execute(stream, {{DNNL_ARG_SRC, dy_mem},
+                                  {DNNL_ARG_WEIGHTS,
+                                   Transposed(engine, master_.w2.values().data(), d_ff_, d_model_)},
+                                  {DNNL_ARG_DST, plain(dh.data(), rows, d_ff_)}});
     stream.wait();
     for (int64_t r = 0; r < rows; ++r) {
       const float* a = a32.data() + r * 2 * d_ff_;
@@ -400,28 +396,28 @@ absl::Status OnednnExpertKernel::GatedBackward(absl::Span<const float> x32,
     memory da_mem = plain(da.data(), rows, d_ff_);
     memory d_up_mem = plain(d_up.data(), rows, d_ff_);
     // dx = da W1^T + d_up W3^T.
-    times_w1t->Execute(stream,
-                       {{DNNL_ARG_SRC, da_mem},
-                        {DNNL_ARG_WEIGHTS, transposed(master_.w1.values().data(), d_model_, d_ff_)},
-                        {DNNL_ARG_DST, plain(dx.data, rows, d_model_)}});
-    times_w1t->Execute(stream,
-                       {{DNNL_ARG_SRC, d_up_mem},
-                        {DNNL_ARG_WEIGHTS, transposed(master_.w3.values().data(), d_model_, d_ff_)},
-                        {DNNL_ARG_DST, plain(dx_up.data(), rows, d_model_)}});
+    m.times_w1t->Execute(stream, {{DNNL_ARG_SRC, da_mem},
+                                  {DNNL_ARG_WEIGHTS,
+                                   Transposed(engine, master_.w1.values().data(), d_model_, d_ff_)},
+                                  {DNNL_ARG_DST, plain(dx.data, rows, d_model_)}});
+    m.times_w1t->Execute(stream, {{DNNL_ARG_SRC, d_up_mem},
+                                  {DNNL_ARG_WEIGHTS,
+                                   Transposed(engine, master_.w3.values().data(), d_model_, d_ff_)},
+                                  {DNNL_ARG_DST, plain(dx_up.data(), rows, d_model_)}});
     // dW2 += h^T dy;  dW1 += x^T da;  dW3 += x^T d_up.
-    grad_w2->Execute(stream,
-                     {{DNNL_ARG_SRC, transposed(h.data(), rows, d_ff_)},
-                      {DNNL_ARG_WEIGHTS, dy_mem},
-                      {DNNL_ARG_DST, plain(grads.w2.mutable_values().data(), d_ff_, d_model_)}});
-    memory x_t = transposed(x32.data(), rows, d_model_);
-    grad_w1->Execute(stream,
-                     {{DNNL_ARG_SRC, x_t},
-                      {DNNL_ARG_WEIGHTS, da_mem},
-                      {DNNL_ARG_DST, plain(grads.w1.mutable_values().data(), d_model_, d_ff_)}});
-    grad_w1->Execute(stream,
-                     {{DNNL_ARG_SRC, x_t},
-                      {DNNL_ARG_WEIGHTS, d_up_mem},
-                      {DNNL_ARG_DST, plain(grads.w3.mutable_values().data(), d_model_, d_ff_)}});
+    m.grad_w2->Execute(stream,
+                       {{DNNL_ARG_SRC, Transposed(engine, h.data(), rows, d_ff_)},
+                        {DNNL_ARG_WEIGHTS, dy_mem},
+                        {DNNL_ARG_DST, plain(grads.w2.mutable_values().data(), d_ff_, d_model_)}});
+    memory x_t = Transposed(engine, x32.data(), rows, d_model_);
+    m.grad_w1->Execute(stream,
+                       {{DNNL_ARG_SRC, x_t},
+                        {DNNL_ARG_WEIGHTS, da_mem},
+                        {DNNL_ARG_DST, plain(grads.w1.mutable_values().data(), d_model_, d_ff_)}});
+    m.grad_w1->Execute(stream,
+                       {{DNNL_ARG_SRC, x_t},
+                        {DNNL_ARG_WEIGHTS, d_up_mem},
+                        {DNNL_ARG_DST, plain(grads.w3.mutable_values().data(), d_model_, d_ff_)}});
     stream.wait();
   } catch (const dnnl::error& e) {
     return DnnlError(e, "gated backward");

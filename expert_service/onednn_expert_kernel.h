@@ -40,6 +40,15 @@ class OnednnExpertKernel : public ExpertKernel {
   absl::Status Init();
   absl::Status CheckForwardShapes(const ConstTensorView& x, const TensorView& y,
                                   const TensorView* activations) const;
+  // The fp32 backward matmuls of this shape: dy W2^T, dh W1^T (W3^T),
+  // dW2 += h^T dy, dW1 (dW3) += x^T dh.
+  struct BackwardMatmuls {
+    const CachedMatmul* times_w2t = nullptr;
+    const CachedMatmul* times_w1t = nullptr;
+    const CachedMatmul* grad_w2 = nullptr;
+    const CachedMatmul* grad_w1 = nullptr;
+  };
+  absl::StatusOr<BackwardMatmuls> FindBackwardMatmuls();
   // Forward and Backward of gated SiLU experts, shapes checked.
   absl::Status GatedForward(const ConstTensorView& x, const TensorView& y,
                             const TensorView* activations);

@@ -4,6 +4,7 @@
 #include <numeric>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "common/bfloat16.h"
 #include "common/deterministic_init.h"
 #include "common/log.h"
@@ -209,58 +210,34 @@ TEST(OnednnExpertKernelTest, PrimitivesAreCreatedOncePerBucket) {
 }
 
 TEST(OnednnExpertKernelTest, BackwardMatchesTheReference) {
-  for (int64_t rows : {1, 7, 300}) {
-    const ModelConfig model = Model(48, 96);
-    const ExpertWeights weights = InitExpert(model, ExpertKey(0, 2));
-    auto runtime = Runtime();
-    auto kernel = OnednnExpertKernel::Create(weights, DType::kFloat32, *runtime);
-    ASSERT_TRUE(kernel.ok());
-    ReferenceExpertKernel reference(weights);
-    const FloatTensor x = RandomTensor({rows, 48}, 10 + rows);
-    const FloatTensor dy = RandomTensor({rows, 48}, 20 + rows);
-    FloatTensor y({rows, 48}), act({rows, 96});
-    TensorView act_view = act.mutable_view();
-    ASSERT_TRUE((*kernel)->Forward(x.view(), y.mutable_view(), &act_view).ok());
+  for (const ModelConfig& model : {Model(48, 96), GatedModel(48, 96)}) {
+    for (int64_t rows : {1, 7, 300}) {
+      const ExpertWeights weights = InitExpert(model, ExpertKey(0, 2));
+      auto runtime = Runtime();
+      auto kernel = OnednnExpertKernel::Create(weights, DType::kFloat32, *runtime);
+      ASSERT_TRUE(kernel.ok());
+      ReferenceExpertKernel reference(weights);
+      const FloatTensor x = RandomTensor({rows, 48}, 10 + rows);
+      const FloatTensor dy = RandomTensor({rows, 48}, 20 + rows);
+      FloatTensor y({rows, 48}), act({rows, model.activation_width()});
+      TensorView act_view = act.mutable_view();
+      ASSERT_TRUE((*kernel)->Forward(x.view(), y.mutable_view(), &act_view).ok());
 
-    // Accumulators start non-zero: backward must add, not overwrite.
-    ExpertWeights grads = InitExpert(model, ExpertKey(0, 7)),
-                  grads_ref = InitExpert(model, ExpertKey(0, 7));
-    FloatTensor dx({rows, 48}), dx_ref({rows, 48});
-    ASSERT_TRUE((*kernel)->Backward(x.view(), act.view(), dy.view(), dx.mutable_view(), grads).ok());
-    ASSERT_TRUE(reference.Backward(x.view(), act.view(), dy.view(), dx_ref.mutable_view(), grads_ref).ok());
-    EXPECT_TRUE(TensorNear(dx, dx_ref, 1e-5)) << rows;
-    for (ExpertTensor which : kAllExpertTensors) {
-      EXPECT_TRUE(TensorNear(grads.tensor(which), grads_ref.tensor(which), 1e-5))
-          << rows << " tensor " << static_cast<int>(which);
-    }
-  }
-}
-
-TEST(OnednnExpertKernelTest, GatedBackwardMatchesTheReference) {
-  for (int64_t rows : {1, 7, 300}) {
-    const ModelConfig model = GatedModel(48, 96);
-    const ExpertWeights weights = InitExpert(model, ExpertKey(0, 2));
-    auto runtime = Runtime();
-    auto kernel = OnednnExpertKernel::Create(weights, DType::kFloat32, *runtime);
-    ASSERT_TRUE(kernel.ok());
-    ReferenceExpertKernel reference(weights);
-    const FloatTensor x = RandomTensor({rows, 48}, 30 + rows);
-    const FloatTensor dy = RandomTensor({rows, 48}, 40 + rows);
-    FloatTensor y({rows, 48}), act({rows, 192});
-    TensorView act_view = act.mutable_view();
-    ASSERT_TRUE((*kernel)->Forward(x.view(), y.mutable_view(), &act_view).ok());
-
-    ExpertWeights grads = InitExpert(model, ExpertKey(0, 7)),
-                  grads_ref = InitExpert(model, ExpertKey(0, 7));
-    FloatTensor dx({rows, 48}), dx_ref({rows, 48});
-    ASSERT_TRUE(
-        (*kernel)->Backward(x.view(), act.view(), dy.view(), dx.mutable_view(), grads).ok());
-    ASSERT_TRUE(
-        reference.Backward(x.view(), act.view(), dy.view(), dx_ref.mutable_view(), grads_ref).ok());
-    EXPECT_TRUE(TensorNear(dx, dx_ref, 1e-5)) << rows;
-    for (ExpertTensor which : kAllExpertTensors) {
-      EXPECT_TRUE(TensorNear(grads.tensor(which), grads_ref.tensor(which), 1e-5))
-          << rows << " tensor " << static_cast<int>(which);
+      // Accumulators start non-zero: backward must add, not overwrite.
+      ExpertWeights grads = InitExpert(model, ExpertKey(0, 7)),
+                    grads_ref = InitExpert(model, ExpertKey(0, 7));
+      FloatTensor dx({rows, 48}), dx_ref({rows, 48});
+      ASSERT_TRUE(
+          (*kernel)->Backward(x.view(), act.view(), dy.view(), dx.mutable_view(), grads).ok());
+      ASSERT_TRUE(
+          reference.Backward(x.view(), act.view(), dy.view(), dx_ref.mutable_view(), grads_ref)
+              .ok());
+      const std::string what = absl::StrCat(model.gated() ? "gated, " : "ReLU, ", rows, " rows");
+      EXPECT_TRUE(TensorNear(dx, dx_ref, 1e-5)) << what;
+      for (ExpertTensor which : kAllExpertTensors) {
+        EXPECT_TRUE(TensorNear(grads.tensor(which), grads_ref.tensor(which), 1e-5))
+            << what << ", tensor " << static_cast<int>(which);
+      }
     }
   }
 }

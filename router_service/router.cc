@@ -126,6 +126,8 @@ struct Router::ForwardCall {
   // answered, and whether the group has its answer (later ones are dropped).
   std::vector<std::vector<int>> in_flight ABSL_GUARDED_BY(mu);
   std::vector<bool> answered ABSL_GUARDED_BY(mu);
+  // The answered calls' times (for on_overlap).
+  std::vector<CallTiming> timings ABSL_GUARDED_BY(mu);
 };
 
 struct Router::BackwardCall {
@@ -362,6 +364,10 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
       call->answered[group] = true;
       g.server = server;  // the replica that served it (load statistics)
       slower = flying;
+      if (options_.on_overlap) {
+        call->timings.push_back(
+            {server, sent, absl::Now(), absl::Microseconds((*reply)->compute_micros())});
+      }
     } else if (!flying.empty()) {
       // Another replica is still working on it: its answer decides.
       call->tried[group].push_back(server);
@@ -540,6 +546,10 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
   if (options_.on_phases) {
     options_.on_phases(call->planned - call->start, answered - call->planned,
                        absl::Now() - answered);
+  }
+  if (options_.on_overlap) {
+    absl::MutexLock lock(&call->mu);
+    options_.on_overlap(MeasureOverlap(call->timings));
   }
   std::move(call->done)(std::move(result));
 }

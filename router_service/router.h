@@ -30,6 +30,7 @@
 #include "common/tensor.h"
 #include "common/versioned.h"
 #include "proto/tensor.pb.h"
+#include "router_service/dispatch_overlap.h"
 #include "router_service/expert_client.h"
 #include "router_service/load_stats.h"
 #include "router_service/replica_picker.h"
@@ -117,6 +118,10 @@ class Router {
     // planning, waiting for the experts, and combining (for metrics).
     std::function<void(absl::Duration gate, absl::Duration fan_out, absl::Duration combine)>
         on_phases;
+    // Called after each successful forward with its calls' time outside the
+    // kernels and the part of it hidden under compute (dispatch_overlap.h;
+    // for metrics).
+    std::function<void(const DispatchOverlap&)> on_overlap;
     // Ends calls at their deadline (DEADLINE_EXCEEDED) even while expert
     // answers are outstanding; null: calls wait for every answer.
     DeadlineTimer* timer = nullptr;

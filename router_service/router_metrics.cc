@@ -55,6 +55,15 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
   m->gate_seconds = &phases.Add({{"phase", "gate"}}, phase_buckets);
   m->fan_out_seconds = &phases.Add({{"phase", "fan_out"}}, phase_buckets);
   m->combine_seconds = &phases.Add({{"phase", "combine"}}, phase_buckets);
+  auto& wait = prometheus::BuildCounter()
+                   .Name("moe_router_dispatch_wait_seconds_total")
+                   .Help(
+                       "Successful Forwards' expert calls' time outside the kernels (wire, "
+                       "codecs, queues): all of it, and the part hidden under another call's "
+                       "compute on the same server.")
+                   .Register(registry);
+  m->dispatch_wait_seconds = &wait.Add({{"part", "all"}});
+  m->dispatch_wait_hidden_seconds = &wait.Add({{"part", "hidden"}});
   m->step_allreduce_seconds =
       &prometheus::BuildHistogram()
            .Name("moe_router_step_allreduce_seconds")

@@ -43,6 +43,12 @@ struct RouterMetrics {
   prometheus::Histogram* gate_seconds = nullptr;
   prometheus::Histogram* fan_out_seconds = nullptr;
   prometheus::Histogram* combine_seconds = nullptr;
+  // moe_router_dispatch_wait_seconds_total{part="all"|"hidden"}: a
+  // successful Forward's expert calls' time outside the kernels, and the
+  // part of it that ran under another call's compute on the same server
+  // (dispatch_overlap.h): hidden / all is the overlap.
+  prometheus::Counter* dispatch_wait_seconds = nullptr;
+  prometheus::Counter* dispatch_wait_hidden_seconds = nullptr;
   // moe_router_step_allreduce_seconds: a committed step's slowest server's
   // gradient all-reduces.
   prometheus::Histogram* step_allreduce_seconds = nullptr;

@@ -113,6 +113,10 @@ absl::Status RouterServer::Start() {
     m->fan_out_seconds->Observe(absl::ToDoubleSeconds(fan_out));
     m->combine_seconds->Observe(absl::ToDoubleSeconds(combine));
   };
+  router_options.on_overlap = [m = metrics_.get()](const DispatchOverlap& overlap) {
+    m->dispatch_wait_seconds->Increment(absl::ToDoubleSeconds(overlap.wait));
+    m->dispatch_wait_hidden_seconds->Increment(absl::ToDoubleSeconds(overlap.hidden));
+  };
   router_options.on_failover = [failovers = metrics_->failovers] { failovers->Increment(); };
   router_options.on_stale = [stale = metrics_->stale_answers] { stale->Increment(); };
   router_options.on_placement = [gauge = metrics_->placement_epoch](uint64_t epoch) {

@@ -192,6 +192,37 @@ TEST(RouterTest, MicroBatchesGiveTheSameBits) {
   }
 }
 
+// Every successful forward reports its calls' time outside the kernels and
+// the hidden part of it; split calls on one server hide some.
+TEST(RouterTest, ForwardsReportTheirOverlap) {
+  Cluster cluster(Model(2, false), PlacementStrategy::kModelParallel);
+  Router::Options options{cluster.model, *cluster.weights.gate};
+  options.micro_batch_bytes = 3 * 32 * 4;
+  std::vector<DispatchOverlap> reports;
+  absl::Mutex mu;
+  options.on_overlap = [&](const DispatchOverlap& overlap) {
+    absl::MutexLock lock(&mu);
+    reports.push_back(overlap);
+  };
+  Router router(options, cluster.placement, cluster.client);
+  for (int i = 0; i < 3; ++i) {
+    absl::Notification done;
+    router.Forward(Wire(RandomTensor({500, 32}, 40 + i)), false, absl::InfiniteFuture(),
+                   [&](auto r) {
+                     EXPECT_TRUE(r.ok()) << r.status();
+                     done.Notify();
+                   });
+    done.WaitForNotification();
+  }
+  absl::MutexLock lock(&mu);
+  ASSERT_EQ(reports.size(), 3u);
+  for (const DispatchOverlap& overlap : reports) {
+    EXPECT_GT(overlap.wait, absl::ZeroDuration());
+    EXPECT_GE(overlap.hidden, absl::ZeroDuration());
+    EXPECT_LE(overlap.hidden, overlap.wait);
+  }
+}
+
 TEST(RouterTest, Bf16InBf16Out) {
   Cluster cluster(Model(2, false), PlacementStrategy::kHybrid);
   const FloatTensor x = RandomTensor({9, 32}, 7);
