@@ -24,7 +24,13 @@ router="$address"
 echo "cluster at $router ($dtype)"
 bazel-bin/clients/cpp/moe_loadgen --router="$router" --config="$config" --dtype="$dtype" \
     --compare_local --rounds=5 --concurrency=1,2 --batch=1,64,512,4096 --duration=2s "$@"
-# The router's overlap over the whole run (docs/metrics.md).
-curl -s "$router_metrics" | awk '/^moe_router_dispatch_wait_seconds_total/ {
-    if ($0 ~ /hidden/) hidden = $NF; else all = $NF }
-  END { if (all > 0) printf "overlap: %.1f%% of the expert calls\x27 %.1f s outside the kernels ran under another call\x27s compute\n", 100 * hidden / all, all }'
+# The router's overlap over the whole run (docs/metrics.md): of the expert
+# calls' time outside the kernels, the part hidden under compute, and what
+# stayed exposed against the time the router waited for the servers.
+curl -s "$router_metrics" | awk '
+  /^moe_router_dispatch_wait_seconds_total/ { if ($0 ~ /hidden/) hidden = $NF; else all = $NF }
+  /^moe_router_phase_seconds_sum/ && /fan_out/ { fan_out = $NF }
+  END { if (all > 0 && fan_out > 0)
+    printf "overlap: %.1f%% of the calls\x27 %.1f s outside the kernels hidden under compute; " \
+           "%.1f s exposed, %.1f%% of the %.1f s waiting for the servers\n",
+           100 * hidden / all, all, all - hidden, 100 * (all - hidden) / fan_out, fan_out }'
