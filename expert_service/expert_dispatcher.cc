@@ -20,12 +20,16 @@ constexpr size_t kDefaultChunkBytes = 1 << 20;
 
 // An empty output tensor of `view`'s shape and dtype in `out`, and a view of
 // its bytes to compute into (the answer's bytes, so nothing is copied later).
-TensorView AllocateLike(const ConstTensorView& view, v1::Tensor* out) {
-  out->mutable_shape()->Assign(view.shape.begin(), view.shape.end());
-  out->set_dtype(ToProtoDType(view.dtype));
+TensorView Allocate(DType dtype, const Shape& shape, v1::Tensor* out) {
+  out->mutable_shape()->Assign(shape.begin(), shape.end());
+  out->set_dtype(ToProtoDType(dtype));
   std::string* data = out->mutable_data();
-  data->resize(view.size_bytes());
-  return {view.dtype, view.shape, reinterpret_cast<std::byte*>(data->data())};
+  data->resize(NumElements(shape) * DTypeSize(dtype));
+  return {dtype, shape, reinterpret_cast<std::byte*>(data->data())};
+}
+
+TensorView AllocateLike(const ConstTensorView& view, v1::Tensor* out) {
+  return Allocate(view.dtype, view.shape, out);
 }
 
 absl::Status NoSteps() {
@@ -149,7 +153,11 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
     return;
   }
   const uint64_t expected_step = ExpectedStep(versioned, request->version());
-  const TensorView y = AllocateLike(*x, response->mutable_output());
+  // bf16 kernels' outputs are bf16 values whatever the request's dtype:
+  // answered in bf16 they are the same numbers in half the bytes.
+  const DType answer_dtype =
+      store_.compute_dtype() == DType::kBFloat16 ? DType::kBFloat16 : x->dtype;
+  const TensorView y = Allocate(answer_dtype, x->shape, response->mutable_output());
   const absl::Time start = absl::Now();
   if (batcher_ != nullptr && !request->training()) {
     // The request and answer ride along until the batch has run.

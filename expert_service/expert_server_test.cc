@@ -3,21 +3,22 @@
 #include "expert_service/expert_server.h"
 
 #include <atomic>
+#include <cmath>
 #include <map>
 #include <set>
-#include <cmath>
 #include <thread>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "common/deterministic_init.h"
-#include "common/transport_credentials.h"
-#include "expert_service/reference_expert_kernel.h"
 #include "common/reference_expert.h"
 #include "common/tensor_codec.h"
 #include "common/testing/random_tensor.h"
 #include "common/testing/tensor_matchers.h"
+#include "common/transport_credentials.h"
+#include "expert_service/onednn_runtime.h"
+#include "expert_service/reference_expert_kernel.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "proto/expert.grpc.pb.h"
@@ -122,6 +123,7 @@ struct ServerSetup {
   absl::Duration batch_window = absl::ZeroDuration();
   int64_t max_batch_rows = 4096;
   int max_stream_outstanding = StreamBounds().max_outstanding;
+  DType compute_dtype = DType::kFloat32;
 };
 
 std::unique_ptr<ExpertServer> StartServer(const ServerSetup& setup) {
@@ -136,6 +138,7 @@ std::unique_ptr<ExpertServer> StartServer(const ServerSetup& setup) {
   options.batch_window = setup.batch_window;
   options.max_batch_rows = setup.max_batch_rows;
   options.streams.max_outstanding = setup.max_stream_outstanding;
+  options.compute_dtype = setup.compute_dtype;
   if (setup.clock != nullptr) {
     options.clock = [clock = setup.clock] { return clock->Now(); };
   }
@@ -484,6 +487,30 @@ TEST(ExpertServerTest, Bf16RequestsGetBf16Answers) {
   ASSERT_FALSE(answers.at(1).has_error()) << answers.at(1).error().message();
   EXPECT_EQ(answers.at(1).output().dtype(), v1::DTYPE_BF16);
   EXPECT_TRUE(TensorNear(Output(answers.at(1)), ReferenceOutput(0, x), 2e-2));
+}
+
+// A server whose kernels compute in bf16 answers fp32 requests in bf16: the
+// same values as its fp32 answer would carry, in half the bytes; merged
+// batches too.
+TEST(ExpertServerTest, Bf16KernelsAnswerInBf16) {
+  if (!OnednnRuntime::HasNativeBf16()) GTEST_SKIP() << "no native bf16 on this CPU";
+  for (absl::Duration window : {absl::ZeroDuration(), absl::Milliseconds(20)}) {
+    ServerSetup setup;
+    setup.compute_dtype = DType::kBFloat16;
+    setup.batch_window = window;
+    auto server = StartServer(setup);
+    auto stub = v1::ExpertServer::NewStub(server->InProcessChannel());
+    const FloatTensor x = RandomTensor({5, 32}, 15);
+    v1::DispatchRequest fp32 = Request(1, 0, x);
+    v1::DispatchRequest bf16 = Request(2, 0, x);
+    EncodeFloats(x.values(), x.shape(), DType::kBFloat16, bf16.mutable_tokens());
+    auto answers = RoundTrip(*stub, {fp32, bf16});
+    ASSERT_FALSE(answers.at(1).has_error()) << answers.at(1).error().message();
+    EXPECT_EQ(answers.at(1).output().dtype(), v1::DTYPE_BF16);
+    // The kernel rounds the fp32 rows to bf16 itself: the same answer.
+    EXPECT_EQ(answers.at(1).output().data(), answers.at(2).output().data());
+    EXPECT_TRUE(TensorNear(Output(answers.at(1)), ReferenceOutput(0, x), 2e-2));
+  }
 }
 
 TEST(ExpertServerTest, PastDeadlinesAreDeadlineExceeded) {

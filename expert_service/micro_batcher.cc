@@ -86,19 +86,21 @@ void MicroBatcher::Run(const Key& key, Batch& batch) {
     return;
   }
   // Copy the rows into one batch, run it once, copy the answers back.
+  // One key, one input dtype; the answers' dtype follows from it (the
+  // dispatcher's choice), so it is one per batch too.
   const DType dtype = batch.items[0].x.dtype;
+  const DType y_dtype = batch.items[0].y.dtype;
   const int64_t d_model = batch.items[0].x.cols();
   const size_t row_bytes = d_model * DTypeSize(dtype);
-  std::vector<std::byte> x(batch.rows * row_bytes), y(x.size());
+  std::vector<std::byte> x(batch.rows * row_bytes), y(batch.rows * d_model * DTypeSize(y_dtype));
   size_t offset = 0;
   for (const Item& item : batch.items) {
     if (item.x.size_bytes() > 0) std::memcpy(x.data() + offset, item.x.data, item.x.size_bytes());
     offset += item.x.size_bytes();
   }
-  const absl::Status status =
-      store_.Forward(expert, {dtype, {batch.rows, d_model}, x.data()},
-                     {dtype, {batch.rows, d_model}, y.data()}, false, 0, clock_(),
-                     key.expected_step);
+  const absl::Status status = store_.Forward(expert, {dtype, {batch.rows, d_model}, x.data()},
+                                             {y_dtype, {batch.rows, d_model}, y.data()}, false, 0,
+                                             clock_(), key.expected_step);
   offset = 0;
   for (Item& item : batch.items) {
     if (status.ok() && item.y.size_bytes() > 0) {
