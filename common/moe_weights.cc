@@ -28,8 +28,9 @@ Shape ExpertTensorShape(const ModelConfig& model, ExpertTensor which) {
 ExpertWeights ExpertWeights::Zeros(const ModelConfig& model) {
   ExpertWeights zeros;
   for (ExpertTensor which : kAllExpertTensors) {
-    if (HasExpertTensor(model, which))
+    if (HasExpertTensor(model, which)) {
       zeros.tensor(which) = FloatTensor(ExpertTensorShape(model, which));
+    }
   }
   return zeros;
 }

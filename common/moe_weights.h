@@ -44,7 +44,8 @@ struct ExpertWeights {
 
   // Zero-filled tensors of the model's shapes (for gradient accumulators).
   static ExpertWeights Zeros(const ModelConfig& model);
-  // FNV-1a 64 over the fp32 bytes of w1, b1, w2, b2, w3, in that order.
+  // ArrayDigest64 (common/digest.h) over the fp32 bytes of w1, b1, w2, b2,
+  // w3, in that order.
   uint64_t Digest() const;
 };
 
