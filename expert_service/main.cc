@@ -28,7 +28,9 @@ ABSL_FLAG(std::string, checkpoint_dir, "",
           "Directory the router's SaveCheckpoint writes this server's shards under (the same "
           "shared volume as the router's --checkpoint_dir); empty: saving refused.");
 ABSL_FLAG(std::string, dtype, "fp32", "Kernel dtype: fp32 or bf16.");
-ABSL_FLAG(int, onednn_threads, 0, "oneDNN threads per compute thread; 0: all cores allowed.");
+ABSL_FLAG(int, onednn_threads, 0,
+          "oneDNN threads per compute thread; 0: the cores this process may use (its CPU "
+          "affinity, capped by its cgroup CPU limit).");
 ABSL_FLAG(int, compute_threads, 1, "Threads running expert kernels.");
 ABSL_FLAG(int64_t, max_queued_requests, 4096,
           "Requests waiting for compute beyond which new ones get RESOURCE_EXHAUSTED.");

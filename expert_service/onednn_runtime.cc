@@ -1,9 +1,9 @@
 #include "expert_service/onednn_runtime.h"
 
 #include <omp.h>
-#include <sched.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/cpu_budget.h"
 #include "common/log.h"
 
 namespace moe::expert {
@@ -12,12 +12,6 @@ namespace {
 using dnnl::memory;
 using Tag = memory::format_tag;
 using Dt = memory::data_type;
-
-int CoresAllowed() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
-  return 1;
-}
 
 absl::Status DnnlError(const dnnl::error& e, absl::string_view what) {
   return absl::InternalError(absl::StrCat("oneDNN ", what, ": ", e.what()));
@@ -66,7 +60,7 @@ absl::StatusOr<std::unique_ptr<OnednnRuntime>> OnednnRuntime::Create(int num_thr
     return absl::InvalidArgumentError(
         absl::StrCat("oneDNN threads must be >= 0, got ", num_threads));
   }
-  const int threads = num_threads == 0 ? CoresAllowed() : num_threads;
+  const int threads = num_threads == 0 ? CpuBudget() : num_threads;
   ConfigureCallingThread(threads);
   try {
     return std::unique_ptr<OnednnRuntime>(

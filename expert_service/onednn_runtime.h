@@ -84,7 +84,8 @@ struct CachedMatmul {
 class OnednnRuntime {
  public:
   // Sizes oneDNN's (OpenMP) thread pool to `num_threads` (0: the cores this
-  // process may use) and creates the CPU engine.
+  // process may use, its cgroup's CPU limit included: common/cpu_budget.h)
+  // and creates the CPU engine.
   static absl::StatusOr<std::unique_ptr<OnednnRuntime>> Create(int num_threads);
 
   const dnnl::engine& engine() const { return engine_; }
