@@ -28,7 +28,9 @@ ABSL_FLAG(std::string, checkpoint_dir, "",
 ABSL_FLAG(int, checkpoint_every_steps, 0,
           "Save a checkpoint after every committed step that is a multiple of this; 0: only "
           "when SaveCheckpoint is called.");
-ABSL_FLAG(int, compute_threads, 2, "Threads gating and combining.");
+ABSL_FLAG(int, compute_threads, 0,
+          "Threads gating and combining; 0: the cores this process may use (its CPU affinity, "
+          "capped by its cgroup CPU limit).");
 ABSL_FLAG(int64_t, training_state_bytes, int64_t{1} << 30,
           "Bytes of forward state kept for Backward (gate probabilities, expert outputs); a "
           "training Forward beyond it is refused (RESOURCE_EXHAUSTED).");

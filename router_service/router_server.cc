@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/checkpoint.h"
+#include "common/cpu_budget.h"
 #include "common/deterministic_init.h"
 #include "common/grpc_server.h"
 #include "common/health_endpoint.h"
@@ -46,10 +47,11 @@ std::string NewLineage() {
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<RouterServer>> RouterServer::Create(Options options) {
-  if (options.compute_threads < 1) {
+  if (options.compute_threads < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("--compute_threads must be >= 1, got ", options.compute_threads));
+        absl::StrCat("--compute_threads must be >= 0, got ", options.compute_threads));
   }
+  if (options.compute_threads == 0) options.compute_threads = CpuBudget();
   auto server = std::unique_ptr<RouterServer>(new RouterServer(std::move(options)));
   MOE_RETURN_IF_ERROR(server->Start());
   return server;
@@ -177,10 +179,11 @@ absl::Status RouterServer::Start() {
                        StartGrpcServer(options_.listen_address, port_credentials,
                                        options_.max_message_bytes, {service_.get()}, &port_));
   MOE_LOG(INFO, "router: ", model.num_experts, " experts, top_k ", model.top_k, ", ",
-          PlacementStrategyName(config.cluster.strategy), " over ",
-          config.cluster.servers.size(), " expert servers; gate from ",
+          PlacementStrategyName(config.cluster.strategy), " over ", config.cluster.servers.size(),
+          " expert servers; gate from ",
           options_.checkpoint_path.empty() ? absl::StrCat("init seed ", model.seed)
-                                           : options_.checkpoint_path);
+                                           : options_.checkpoint_path,
+          "; ", options_.compute_threads, " compute thread(s)");
   if (options_.auto_rebalance) {
     if (options_.auto_rebalance_interval <= absl::ZeroDuration() ||
         options_.auto_rebalance_window <= absl::ZeroDuration() ||

@@ -54,7 +54,7 @@ class RouterServer {
     // checkpoint_path when it is of a later step.
     std::string checkpoint_dir;
     int checkpoint_every_steps = 0;
-    // Threads gating and combining.
+    // Threads gating and combining; 0: CpuBudget() (common/cpu_budget.h).
     int compute_threads = 2;
     size_t max_queued_requests = 4096;
     int max_message_bytes = 512 << 20;
