@@ -35,7 +35,7 @@ void BM_Gate(benchmark::State& state) {
   const FloatTensor x = testing::RandomTensor({kTokens, kDModel}, 1);
   const FloatTensor gate = testing::RandomTensor({kDModel, model.num_experts}, 2, 0.05f);
   for (auto _ : state) {
-    Routing routing = RouteTokens(x.values(), kTokens, gate, model);
+    Routing routing = RouteTokens(x.values(), kTokens, gate.values(), model);
     benchmark::DoNotOptimize(routing.weights.data());
   }
   state.counters["us_per_token"] = benchmark::Counter(
@@ -49,7 +49,7 @@ void BM_Combine(benchmark::State& state) {
   const ModelConfig model = Model(static_cast<int>(state.range(0)));
   const FloatTensor x = testing::RandomTensor({kTokens, kDModel}, 1);
   const FloatTensor gate = testing::RandomTensor({kDModel, model.num_experts}, 2, 0.05f);
-  const Routing routing = RouteTokens(x.values(), kTokens, gate, model);
+  const Routing routing = RouteTokens(x.values(), kTokens, gate.values(), model);
   std::vector<router::ExpertGroup> groups;
   std::vector<FloatTensor> answers;
   const std::vector<std::vector<int64_t>> pairs = KeptPairsByExpert(routing);

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <iterator>
 #include <map>
 
 #include "absl/container/flat_hash_set.h"
@@ -34,6 +35,7 @@ struct TensorSlot {
   Shape shape;       // as stored: [out, in] for matrices
   int expert = -1;   // -1 for the gate
   ExpertTensor which = ExpertTensor::kW1;
+  int layer = 0;
 };
 
 std::string LayerPrefix(int layer) {
@@ -43,8 +45,9 @@ std::string LayerPrefix(int layer) {
 // A Hugging Face model's name for the tensor of `layout`'s MoE block
 // (expert < 0: the router); empty for a tensor it does not have (the biases
 // of Switch Transformers' and the gated SiLU families' experts).
-std::string HuggingFaceName(const CheckpointLayout& layout, int expert, ExpertTensor which) {
-  const std::string& p = layout.prefix;
+std::string HuggingFaceName(const CheckpointLayout& layout, int layer, int expert,
+                            ExpertTensor which) {
+  const std::string p = layout.LayerPrefix(layer);
   switch (layout.family) {
     case CheckpointFamily::kMoeServe:
       break;
@@ -89,30 +92,44 @@ std::string HuggingFaceName(const CheckpointLayout& layout, int expert, ExpertTe
   return std::string();
 }
 
-// The tensors of the one MoE layer a checkpoint holds (layer 0), named as
-// `layout` names them (moe-serve's own names by default); with a `state`
-// (optimizer state), each name gets "." + state. A tensor the layout does
-// not have is left out (its weights stay zero).
-std::vector<TensorSlot> ModelSlots(const ModelConfig& model, const std::string& state = "",
+// The tensors of MoE layer `layer`, named as `layout` names them
+// (moe-serve's own names by default); with a `state` (optimizer state),
+// each name gets "." + state. A tensor the layout does not have is left
+// out (its weights stay zero).
+std::vector<TensorSlot> LayerSlots(const ModelConfig& model, int layer,
+                                   const std::string& state = "",
                                    const CheckpointLayout& layout = {}) {
-  constexpr int kLayer = 0;
   const bool own = layout.family == CheckpointFamily::kMoeServe;
   const std::string suffix = state.empty() ? std::string() : "." + state;
   std::vector<TensorSlot> slots;
-  slots.push_back({(own ? GateTensorName(kLayer) : HuggingFaceName(layout, -1, {})) + suffix,
-                   {model.num_experts, model.d_model}});
+  slots.push_back({(own ? GateTensorName(layer) : HuggingFaceName(layout, layer, -1, {})) + suffix,
+                   {model.num_experts, model.d_model},
+                   -1,
+                   ExpertTensor::kW1,
+                   layer});
   for (int e = 0; e < model.num_experts; ++e) {
-    const ExpertKey key(kLayer, e);
+    const ExpertKey key(layer, e);
     for (ExpertTensor which : kAllExpertTensors) {
       if (!HasExpertTensor(model, which)) continue;
       // Bias-free experts in moe-serve's names keep their (zero) biases.
       const std::string name =
-          own ? ExpertTensorName(key, which) : HuggingFaceName(layout, e, which);
+          own ? ExpertTensorName(key, which) : HuggingFaceName(layout, layer, e, which);
       if (name.empty()) continue;
       Shape shape = ExpertTensorShape(model, which);
       std::reverse(shape.begin(), shape.end());  // nn.Linear's [out, in]
-      slots.push_back({name + suffix, shape, e, which});
+      slots.push_back({name + suffix, shape, e, which, layer});
     }
+  }
+  return slots;
+}
+
+// The tensors of every layer of the model.
+std::vector<TensorSlot> ModelSlots(const ModelConfig& model, const std::string& state = "",
+                                   const CheckpointLayout& layout = {}) {
+  std::vector<TensorSlot> slots;
+  for (int l = 0; l < model.num_layers; ++l) {
+    std::vector<TensorSlot> layer = LayerSlots(model, l, state, layout);
+    std::move(layer.begin(), layer.end(), std::back_inserter(slots));
   }
   return slots;
 }
@@ -158,6 +175,7 @@ namespace {
 // Which experts `selection` asks for, validated.
 absl::StatusOr<std::vector<bool>> WantedExperts(const std::string& path, const ModelConfig& model,
                                                 const CheckpointSelection& selection) {
+  MOE_RETURN_IF_ERROR(CheckLayer(model, selection.layer));
   std::vector<bool> wanted(model.num_experts, !selection.experts.has_value());
   if (selection.experts.has_value()) {
     for (int e : *selection.experts) {
@@ -173,10 +191,12 @@ absl::StatusOr<std::vector<bool>> WantedExperts(const std::string& path, const M
 
 absl::Status UnexpectedTensor(const std::string& path, const ModelConfig& model,
                               const std::string& name) {
-  return absl::InvalidArgumentError(absl::StrCat(
-      "checkpoint ", path, ": unexpected tensor \"", name, "\" (the model has ", model.num_experts,
-      " experts; names are gate.weight, experts.{e}.{w1,w2}.{weight,bias}",
-      model.gated() ? " and experts.{e}.w3.weight" : "", ")"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("checkpoint ", path, ": unexpected tensor \"", name, "\" (the model has ",
+                   model.num_layers, " layer(s) of ", model.num_experts,
+                   " experts; names are gate.weight, experts.{e}.{w1,w2}.{weight,bias}",
+                   model.gated() ? " and experts.{e}.w3.weight" : "",
+                   model.num_layers > 1 ? ", prefixed \"layers.{l}.\" in layers past 0" : "", ")"));
 }
 
 absl::Status CheckEntry(const std::string& path, const TensorSlot& slot,
@@ -215,6 +235,7 @@ absl::Status ReadSlot(const SafetensorsReader& reader, const TensorSlot& slot,
 
 bool Wanted(const TensorSlot& slot, const CheckpointSelection& selection,
             const std::vector<bool>& wanted) {
+  if (slot.layer != selection.layer) return false;
   return slot.expert < 0 ? selection.gate : wanted[slot.expert];
 }
 
@@ -237,6 +258,7 @@ absl::StatusOr<MoeWeights> LoadSingleFile(const std::string& path, const ModelCo
   }
   MOE_ASSIGN_OR_RETURN(const std::vector<bool> wanted, WantedExperts(path, model, selection));
   MoeWeights weights;
+  weights.layer = selection.layer;
   std::vector<float> buffer;
   for (const TensorSlot& slot : slots) {
     if (Wanted(slot, selection, wanted)) {
@@ -371,6 +393,7 @@ absl::StatusOr<std::vector<MoeWeights>> LoadSharded(const ShardIndex& index,
     }
   }
   std::vector<MoeWeights> out(states.size());
+  for (MoeWeights& weights : out) weights.layer = selection.layer;
   std::vector<float> buffer;
   for (const auto& [shard, shard_slots] : by_shard) {
     const std::string shard_path = absl::StrCat(index.directory, "/", shard);
@@ -444,6 +467,33 @@ absl::StatusOr<MoeWeights> LoadCheckpoint(const std::string& path, const ModelCo
     }
   }
   return weights;
+}
+
+absl::StatusOr<FloatTensor> LoadGates(const std::string& path, const ModelConfig& model) {
+  std::vector<FloatTensor> gates;
+  for (int l = 0; l < model.num_layers; ++l) {
+    CheckpointSelection selection{/*gate=*/true, std::vector<int>{}, l};
+    MOE_ASSIGN_OR_RETURN(MoeWeights weights, LoadCheckpoint(path, model, selection));
+    gates.push_back(*std::move(weights.gate));
+  }
+  return StackGates(model, gates);
+}
+
+absl::StatusOr<std::optional<std::vector<FloatTensor>>> LoadGateOptimizerState(
+    const std::string& path, const ModelConfig& model) {
+  // states[k][l]: state k of layer l's gate.
+  std::vector<std::vector<FloatTensor>> states;
+  for (int l = 0; l < model.num_layers; ++l) {
+    CheckpointSelection selection{/*gate=*/true, std::vector<int>{}, l};
+    MOE_ASSIGN_OR_RETURN(std::optional<std::vector<MoeWeights>> loaded,
+                         LoadOptimizerState(path, model, selection));
+    if (!loaded) return std::nullopt;
+    states.resize(loaded->size());
+    for (size_t k = 0; k < loaded->size(); ++k) states[k].push_back(*std::move((*loaded)[k].gate));
+  }
+  std::vector<FloatTensor> stacked;
+  for (const std::vector<FloatTensor>& state : states) stacked.push_back(StackGates(model, state));
+  return stacked;
 }
 
 std::vector<std::string> OptimizerStateNames(OptimizerType type) {
@@ -566,7 +616,8 @@ absl::StatusOr<int64_t> SaveCheckpointShard(const std::string& path, const Model
   int64_t bytes = 0;
   for (const ShardPart& shard_part : parts) {
     const MoeWeights& part = *shard_part.tensors;
-    for (const TensorSlot& slot : ModelSlots(model, shard_part.state)) {
+    MOE_RETURN_IF_ERROR(CheckLayer(model, part.layer));
+    for (const TensorSlot& slot : LayerSlots(model, part.layer, shard_part.state)) {
       const FloatTensor* source = nullptr;
       if (slot.expert < 0) {
         if (!part.gate) continue;
@@ -616,15 +667,34 @@ std::string OptimizerShardFileName(int shard, int num_shards) {
 
 absl::Status SaveCheckpoint(const std::string& path, const ModelConfig& model,
                             const MoeWeights& weights, DType dtype) {
-  if (!weights.gate.has_value()) {
-    return absl::InvalidArgumentError("save checkpoint: no gate weights");
+  return SaveCheckpoint(path, model, std::vector<const MoeWeights*>{&weights}, dtype);
+}
+
+absl::Status SaveCheckpoint(const std::string& path, const ModelConfig& model,
+                            const std::vector<const MoeWeights*>& layers, DType dtype) {
+  std::vector<bool> seen(model.num_layers, false);
+  std::vector<ShardPart> parts;
+  for (const MoeWeights* weights : layers) {
+    MOE_RETURN_IF_ERROR(CheckLayer(model, weights->layer));
+    seen[weights->layer] = true;
+    if (!weights->gate.has_value()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("save checkpoint: layer ", weights->layer, ": no gate weights"));
+    }
+    for (int e = 0; e < model.num_experts; ++e) {
+      if (weights->experts.count(e) == 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "save checkpoint: ", ExpertKey(weights->layer, e).ToString(), " is missing"));
+      }
+    }
+    parts.push_back({"", weights});
   }
-  for (int e = 0; e < model.num_experts; ++e) {
-    if (weights.experts.count(e) == 0) {
-      return absl::InvalidArgumentError(absl::StrCat("save checkpoint: expert ", e, " is missing"));
+  for (int l = 0; l < model.num_layers; ++l) {
+    if (!seen[l]) {
+      return absl::InvalidArgumentError(absl::StrCat("save checkpoint: layer ", l, " is missing"));
     }
   }
-  return SaveCheckpointShard(path, model, weights, dtype, nullptr).status();
+  return SaveCheckpointShard(path, model, parts, dtype, nullptr).status();
 }
 
 }  // namespace moe

@@ -6,9 +6,10 @@
 //   experts.{e}.w2.weight  [d_model, d_ff]      experts.{e}.w2.bias [d_model]
 //   experts.{e}.w3.weight  [d_ff, d_model]      (gated SiLU experts only)
 // F32 or BF16. In memory, weights are transposed to the x W layout
-// (moe_weights.h). A file holds one MoE layer; the names of other layers'
-// tensors are prefixed "layers.{l}." (GateTensorName, ExpertTensorName), so
-// layer 0's names are today's. Thread-safe (no shared state).
+// (moe_weights.h). A checkpoint holds every MoE layer of the model; layer
+// 0's tensors have the names above, other layers' are prefixed
+// "layers.{l}." (GateTensorName, ExpertTensorName), so one-layer
+// checkpoints are unchanged. Thread-safe (no shared state).
 #ifndef MOE_COMMON_CHECKPOINT_H_
 #define MOE_COMMON_CHECKPOINT_H_
 
@@ -37,6 +38,8 @@ struct CheckpointSelection {
   bool gate = true;
   // nullopt: every expert.
   std::optional<std::vector<int>> experts;
+  // The layer they are of (one load reads one layer).
+  int layer = 0;
 };
 
 // `path` is a single safetensors file, or a sharded checkpoint: a directory
@@ -45,6 +48,10 @@ struct CheckpointSelection {
 absl::StatusOr<MoeWeights> LoadCheckpoint(const std::string& path,
                                           const ModelConfig& model,
                                           const CheckpointSelection& selection = {});
+
+// Every layer's gate, stacked (ModelConfig::gate_shape()): what a router
+// serves.
+absl::StatusOr<FloatTensor> LoadGates(const std::string& path, const ModelConfig& model);
 
 // Sharded checkpoints, the Hugging Face layout: a directory of shards
 // (ShardFileName) and the index, written last, mapping each tensor to its
@@ -138,6 +145,10 @@ absl::Status WriteOptimizerIndex(const std::string& directory, const ModelConfig
 // written without it).
 absl::StatusOr<std::optional<std::vector<MoeWeights>>> LoadOptimizerState(
     const std::string& path, const ModelConfig& model, const CheckpointSelection& selection);
+// The optimizer's state of every layer's gate, stacked, one per
+// OptimizerStateNames (nullopt as above).
+absl::StatusOr<std::optional<std::vector<FloatTensor>>> LoadGateOptimizerState(
+    const std::string& path, const ModelConfig& model);
 
 // Writes `directory`/model.safetensors.index.json, durably and atomically.
 // INVALID_ARGUMENT unless `weight_map` names every tensor of the model and
@@ -147,9 +158,12 @@ absl::Status WriteCheckpointIndex(const std::string& directory, const ModelConfi
                                   int64_t total_size, const CheckpointMetadata& metadata);
 
 // Writes the gate and every expert of `weights` (all must be present) in
-// `dtype`.
+// `dtype`: a one-layer model's checkpoint.
 absl::Status SaveCheckpoint(const std::string& path, const ModelConfig& model,
                             const MoeWeights& weights, DType dtype);
+// The same for every layer of the model, each exactly once.
+absl::Status SaveCheckpoint(const std::string& path, const ModelConfig& model,
+                            const std::vector<const MoeWeights*>& layers, DType dtype);
 
 }  // namespace moe
 

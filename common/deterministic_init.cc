@@ -1,5 +1,6 @@
 #include "common/deterministic_init.h"
 
+#include <algorithm>
 #include <cmath>
 #include <numeric>
 #include <vector>
@@ -79,18 +80,29 @@ ExpertWeights InitExpert(const ModelConfig& model, ExpertKey expert) {
   return weights;
 }
 
-MoeWeights InitWeights(const ModelConfig& model, absl::Span<const int> experts,
-                       bool with_gate) {
+FloatTensor InitGates(const ModelConfig& model) {
+  FloatTensor gates(model.gate_shape());
+  for (int l = 0; l < model.num_layers; ++l) {
+    const FloatTensor gate = InitGate(model, l);
+    const absl::Span<float> rows = GateOfLayer(model, gates.mutable_values(), l);
+    std::copy(gate.values().begin(), gate.values().end(), rows.begin());
+  }
+  return gates;
+}
+
+MoeWeights InitWeights(const ModelConfig& model, absl::Span<const int> experts, bool with_gate,
+                       int layer) {
   MoeWeights weights;
-  if (with_gate) weights.gate = InitGate(model);
-  for (int e : experts) weights.experts.emplace(e, InitExpert(model, ExpertKey(0, e)));
+  weights.layer = layer;
+  if (with_gate) weights.gate = InitGate(model, layer);
+  for (int e : experts) weights.experts.emplace(e, InitExpert(model, ExpertKey(layer, e)));
   return weights;
 }
 
-MoeWeights InitAllWeights(const ModelConfig& model) {
+MoeWeights InitAllWeights(const ModelConfig& model, int layer) {
   std::vector<int> all(model.num_experts);
   std::iota(all.begin(), all.end(), 0);
-  return InitWeights(model, all, /*with_gate=*/true);
+  return InitWeights(model, all, /*with_gate=*/true, layer);
 }
 
 }  // namespace moe

@@ -30,13 +30,15 @@ namespace moe {
 float InitValue(uint64_t seed, uint64_t tensor_id, uint64_t index, double bound);
 
 FloatTensor InitGate(const ModelConfig& model, int layer = 0);
+// Every layer's gate, stacked (ModelConfig::gate_shape()).
+FloatTensor InitGates(const ModelConfig& model);
 ExpertWeights InitExpert(const ModelConfig& model, ExpertKey expert);
 
-// Layer 0's gate (when `with_gate`) and the listed experts of layer 0.
-MoeWeights InitWeights(const ModelConfig& model, absl::Span<const int> experts,
-                       bool with_gate);
-// Layer 0's gate and every expert.
-MoeWeights InitAllWeights(const ModelConfig& model);
+// `layer`'s gate (when `with_gate`) and its listed experts.
+MoeWeights InitWeights(const ModelConfig& model, absl::Span<const int> experts, bool with_gate,
+                       int layer = 0);
+// `layer`'s gate and every expert.
+MoeWeights InitAllWeights(const ModelConfig& model, int layer = 0);
 
 }  // namespace moe
 

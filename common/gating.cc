@@ -33,15 +33,14 @@ Floats8 Load8(const float* p) {
 class GateMatmul {
  public:
   // `gate` [d_model, num_experts], copied with its experts padded.
-  explicit GateMatmul(const FloatTensor& gate)
-      : d_model_(gate.dim(0)),
-        num_experts_(gate.dim(1)),
+  GateMatmul(absl::Span<const float> gate, int64_t d_model, int64_t num_experts)
+      : d_model_(d_model),
+        num_experts_(num_experts),
         padded_experts_((num_experts_ + kExpertBlock - 1) / kExpertBlock * kExpertBlock),
         w_(d_model_ * padded_experts_, 0.0f),
         x_block_(kTokenBlock * d_model_, 0.0f) {
     for (int64_t i = 0; i < d_model_; ++i) {
-      std::copy_n(gate.values().data() + i * num_experts_, num_experts_,
-                  w_.data() + i * padded_experts_);
+      std::copy_n(gate.data() + i * num_experts_, num_experts_, w_.data() + i * padded_experts_);
     }
   }
 
@@ -213,10 +212,10 @@ int64_t ExpertCapacity(const ModelConfig& model, int64_t num_tokens) {
   return static_cast<int64_t>(std::ceil(pairs));
 }
 
-Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
-                    const FloatTensor& gate, const ModelConfig& model) {
+Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens, absl::Span<const float> gate,
+                    const ModelConfig& model) {
   MOE_CHECK(static_cast<int64_t>(x.size()) == num_tokens * model.d_model);
-  MOE_CHECK(gate.dim(0) == model.d_model && gate.dim(1) == model.num_experts);
+  MOE_CHECK(static_cast<int64_t>(gate.size()) == model.d_model * model.num_experts);
   const int num_experts = model.num_experts;
   const int k = model.top_k;
   const PairIndex pairs(k);
@@ -236,7 +235,7 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
   routing.z_loss_coef = model.gate.z_loss_coef;
   routing.log_z.resize(num_tokens);
 
-  GateMatmul matmul(gate);
+  GateMatmul matmul(gate, model.d_model, num_experts);
   std::vector<float> block_logits(kTokenBlock * num_experts);
   ExpertChooser chooser(model.gate, num_experts, k);
   for (int64_t t = 0; t < num_tokens; ++t) {
@@ -266,18 +265,20 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
   return routing;
 }
 
-void GateBackward(const Routing& routing, absl::Span<const float> x,
-                  const FloatTensor& gate, absl::Span<const double> d_weight,
-                  absl::Span<float> dx, FloatTensor& d_gate) {
+void GateBackward(const Routing& routing, absl::Span<const float> x, absl::Span<const float> gate,
+                  absl::Span<const double> d_weight, absl::Span<float> dx,
+                  absl::Span<float> d_gate) {
   const int k = routing.top_k;
   const PairIndex pairs(k);
   const int num_experts = routing.num_experts;
-  const int64_t d_model = gate.dim(0);
+  const int64_t d_model = static_cast<int64_t>(gate.size()) / num_experts;
+  MOE_CHECK(static_cast<int64_t>(gate.size()) == d_model * num_experts);
+  MOE_CHECK(d_gate.size() == gate.size());
   MOE_CHECK(static_cast<int64_t>(d_weight.size()) == pairs.Count(routing.num_tokens));
   MOE_CHECK(static_cast<int64_t>(x.size()) == routing.num_tokens * d_model);
   MOE_CHECK(dx.size() == x.size());
-  const float* w_g = gate.values().data();
-  float* dw_g = d_gate.mutable_values().data();
+  const float* w_g = gate.data();
+  float* dw_g = d_gate.data();
   std::vector<double> d_prob(num_experts);
   std::vector<float> d_logit(num_experts);
   // The load-balancing loss's gradient through each token's probabilities

@@ -71,9 +71,10 @@ struct Routing {
 int64_t ExpertCapacity(const ModelConfig& model, int64_t num_tokens);
 
 // Routes `num_tokens` rows of x ([num_tokens, d_model], fp32).
-// REQUIRES: x.size() == num_tokens * d_model; gate is [d_model, num_experts].
-Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
-                    const FloatTensor& gate, const ModelConfig& model);
+// REQUIRES: x.size() == num_tokens * d_model; gate is one layer's W_g
+// [d_model, num_experts], row-major (GateOfLayer).
+Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens, absl::Span<const float> gate,
+                    const ModelConfig& model);
 
 // Backward through the gate. Given dL/dweight for every pair (d_weight
 // [num_tokens * top_k], 0 for dropped pairs), adds the gate path to `dx`
@@ -85,9 +86,9 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens,
 // and dW_g += x^T dlogit. With aux_loss_coef or z_loss_coef, their losses'
 // gradients join: dL/dp_m += coef E c_m / T^2 for every token, and
 // dL/dlogit_m += z_coef 2 logsumexp p_m / T.
-void GateBackward(const Routing& routing, absl::Span<const float> x,
-                  const FloatTensor& gate, absl::Span<const double> d_weight,
-                  absl::Span<float> dx, FloatTensor& d_gate);
+void GateBackward(const Routing& routing, absl::Span<const float> x, absl::Span<const float> gate,
+                  absl::Span<const double> d_weight, absl::Span<float> dx,
+                  absl::Span<float> d_gate);
 
 // For each expert, the kept pairs routed to it (p = t * top_k + j), in
 // increasing token order: the rows of that expert's batch.

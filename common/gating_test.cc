@@ -24,7 +24,7 @@ FloatTensor Gate4() { return FloatTensor({2, 4}, {1, 0, 1, 0, 0, 1, 1, 0}); }
 
 TEST(GatingTest, PicksTheLargestLogitsWithRenormalisedWeights) {
   const ModelConfig model = Model(4, 2);
-  const Routing r = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4(), model);
+  const Routing r = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4().values(), model);
   // logits [1, 2, 3, 0]: experts 2 then 1.
   EXPECT_THAT(r.expert_ids, ElementsAre(2, 1));
   const double e0 = std::exp(1.0), e1 = std::exp(2.0), e2 = std::exp(3.0), e3 = 1.0;
@@ -39,16 +39,16 @@ TEST(GatingTest, PicksTheLargestLogitsWithRenormalisedWeights) {
 
 TEST(GatingTest, TiesGoToTheLowerExpertId) {
   // x = [0, 0]: every logit is 0.
-  const Routing r = RouteTokens(std::vector<float>{0.0f, 0.0f}, 1, Gate4(), Model(4, 3));
+  const Routing r = RouteTokens(std::vector<float>{0.0f, 0.0f}, 1, Gate4().values(), Model(4, 3));
   EXPECT_THAT(r.expert_ids, ElementsAre(0, 1, 2));
   EXPECT_NEAR(r.weights[0], 1.0 / 3, 1e-7);
   // x = [1, 1]: logits [1, 1, 2, 0].
-  const Routing r2 = RouteTokens(std::vector<float>{1.0f, 1.0f}, 1, Gate4(), Model(4, 2));
+  const Routing r2 = RouteTokens(std::vector<float>{1.0f, 1.0f}, 1, Gate4().values(), Model(4, 2));
   EXPECT_THAT(r2.expert_ids, ElementsAre(2, 0));
 }
 
 TEST(GatingTest, TopOneHasWeightOne) {
-  const Routing r = RouteTokens(std::vector<float>{5.0f, -1.0f}, 1, Gate4(), Model(4, 1));
+  const Routing r = RouteTokens(std::vector<float>{5.0f, -1.0f}, 1, Gate4().values(), Model(4, 1));
   EXPECT_THAT(r.expert_ids, ElementsAre(0));
   EXPECT_EQ(r.weights[0], 1.0f);
 }
@@ -69,7 +69,7 @@ TEST(GatingTest, DropAdmitsFirstChoicesBeforeSecondChoicesInTokenOrder) {
   model.overflow = OverflowPolicy::kDrop;
   model.capacity_factor = 1.0f;  // 3 tokens: capacity ceil(1.5) = 2
   // Tokens: [1, 2] -> (2, 1); [2, 1] -> (2, 0); [3, 1] -> (2, 0).
-  const Routing r = RouteTokens(std::vector<float>{1, 2, 2, 1, 3, 1}, 3, Gate4(), model);
+  const Routing r = RouteTokens(std::vector<float>{1, 2, 2, 1, 3, 1}, 3, Gate4().values(), model);
   EXPECT_THAT(r.expert_ids, ElementsAre(2, 1, 2, 0, 2, 0));
   EXPECT_EQ(r.capacity, 2);
   // Expert 2 is every token's first choice: tokens 0 and 1 fit, token 2 drops.
@@ -91,7 +91,7 @@ TEST(GatingTest, SecondChoicesDropBeforeLaterFirstChoices) {
   model.overflow = OverflowPolicy::kDrop;
   model.capacity_factor = 0.5f;  // 2 tokens: capacity ceil(0.5) = 1
   // Token 0: [1, 2] -> (2, 1). Token 1: [1, 3] -> logits [1, 3, 4, 0] -> (2, 1).
-  const Routing r = RouteTokens(std::vector<float>{1, 2, 1, 3}, 2, Gate4(), model);
+  const Routing r = RouteTokens(std::vector<float>{1, 2, 1, 3}, 2, Gate4().values(), model);
   EXPECT_THAT(r.expert_ids, ElementsAre(2, 1, 2, 1));
   // Expert 2: token 0's first choice wins; expert 1: token 0's second.
   EXPECT_THAT(r.dropped, ElementsAre(0, 0, 1, 1));
@@ -101,14 +101,14 @@ TEST(GatingTest, WithoutRenormalisationTheWeightsAreTheScaledProbabilities) {
   ModelConfig model = Model(4, 2);
   model.gate.renormalize = false;
   model.gate.scaling_factor = 2.5;
-  const Routing r = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4(), model);
+  const Routing r = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4().values(), model);
   EXPECT_THAT(r.expert_ids, ElementsAre(2, 1));
   EXPECT_FLOAT_EQ(r.weights[0], 2.5f * r.probs[2]);
   EXPECT_FLOAT_EQ(r.weights[1], 2.5f * r.probs[1]);
   // Switch's top-1: the one weight is its probability.
   model = Model(4, 1);
   model.gate.renormalize = false;
-  const Routing top1 = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4(), model);
+  const Routing top1 = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4().values(), model);
   EXPECT_EQ(top1.weights[0], top1.probs[2]);
 }
 
@@ -117,15 +117,15 @@ TEST(GatingTest, GroupsLimitTheChoiceToTheGroupsWithTheBestExperts) {
   ModelConfig model = Model(4, 2);
   model.gate.num_groups = 2;
   model.gate.top_groups = 1;
-  const Routing r = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4(), model);
+  const Routing r = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4().values(), model);
   // Expert 1 (logit 2) is outside the chosen group; expert 3 (logit 0) in.
   EXPECT_THAT(r.expert_ids, ElementsAre(2, 3));
   model.gate.top_groups = 2;
-  EXPECT_THAT(RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4(), model).expert_ids,
+  EXPECT_THAT(RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4().values(), model).expert_ids,
               ElementsAre(2, 1));
   // Equal best logits: the lower group. x = [1, 0]: logits [1, 0, 1, 0].
   model.gate.top_groups = 1;
-  EXPECT_THAT(RouteTokens(std::vector<float>{1.0f, 0.0f}, 1, Gate4(), model).expert_ids,
+  EXPECT_THAT(RouteTokens(std::vector<float>{1.0f, 0.0f}, 1, Gate4().values(), model).expert_ids,
               ElementsAre(0, 1));
 }
 
@@ -143,11 +143,11 @@ TEST(GatingTest, TheBackwardOfEveryVariantMatchesFiniteDifferences) {
         ModelConfig model = Model(4, 2);
         model.gate = {renormalize,       groups, groups == 0 ? 0 : 1, 1.5, losses ? 0.5 : 0.0,
                       losses ? 0.1 : 0.0};
-        const Routing routing = RouteTokens(x, 3, gate, model);
+        const Routing routing = RouteTokens(x, 3, gate.values(), model);
         std::vector<double> c(routing.weights.size());
         for (size_t p = 0; p < c.size(); ++p) c[p] = 0.3 + 0.2 * static_cast<double>(p);
         auto loss = [&](const FloatTensor& g) {
-          const Routing r = RouteTokens(x, 3, g, model);
+          const Routing r = RouteTokens(x, 3, g.values(), model);
           EXPECT_EQ(r.expert_ids, routing.expert_ids);  // the choice holds
           double sum = model.gate.aux_loss_coef * r.aux_loss + model.gate.z_loss_coef * r.z_loss;
           for (size_t p = 0; p < c.size(); ++p) sum += c[p] * r.weights[p];
@@ -155,7 +155,7 @@ TEST(GatingTest, TheBackwardOfEveryVariantMatchesFiniteDifferences) {
         };
         std::vector<float> dx(x.size(), 0.0f);
         FloatTensor d_gate({2, 4});
-        GateBackward(routing, x, gate, c, absl::MakeSpan(dx), d_gate);
+        GateBackward(routing, x, gate.values(), c, absl::MakeSpan(dx), d_gate.mutable_values());
         constexpr float kH = 1e-2f;
         for (size_t i = 0; i < gate.values().size(); ++i) {
           FloatTensor plus = gate, minus = gate;
@@ -171,7 +171,7 @@ TEST(GatingTest, TheBackwardOfEveryVariantMatchesFiniteDifferences) {
 
 TEST(GatingTest, TheLossesAreSwitchsAndMixtrals) {
   // x = [1, 2]: logits [1, 2, 3, 0]; top-2 chooses experts 2 and 1.
-  const Routing r = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4(), Model(4, 2));
+  const Routing r = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4().values(), Model(4, 2));
   const double lse = std::log(std::exp(1.0) + std::exp(2.0) + std::exp(3.0) + 1.0);
   EXPECT_NEAR(r.z_loss, lse * lse, 1e-5);
   // E * sum_e (c_e / T) p_e = 4 (p_2 + p_1).
@@ -193,10 +193,10 @@ TEST(GatingTest, ATokensRoutingDoesNotDependOnItsBatch) {
   const FloatTensor gate({37, 21}, gate_values);
   std::vector<float> x(11 * 37);
   for (size_t i = 0; i < x.size(); ++i) x[i] = std::cos(0.11f * static_cast<float>(i));
-  const Routing all = RouteTokens(x, 11, gate, model);
+  const Routing all = RouteTokens(x, 11, gate.values(), model);
   for (int64_t t = 0; t < 11; ++t) {
     const std::vector<float> row(x.begin() + t * 37, x.begin() + (t + 1) * 37);
-    const Routing alone = RouteTokens(row, 1, gate, model);
+    const Routing alone = RouteTokens(row, 1, gate.values(), model);
     EXPECT_EQ(alone.expert_ids, std::vector<int32_t>(all.expert_ids.begin() + 3 * t,
                                                      all.expert_ids.begin() + 3 * t + 3));
     EXPECT_EQ(alone.weights,
@@ -207,7 +207,7 @@ TEST(GatingTest, ATokensRoutingDoesNotDependOnItsBatch) {
 }
 
 TEST(GatingTest, EmptyBatch) {
-  const Routing r = RouteTokens({}, 0, Gate4(), Model(4, 2));
+  const Routing r = RouteTokens({}, 0, Gate4().values(), Model(4, 2));
   EXPECT_EQ(r.num_tokens, 0);
   EXPECT_TRUE(r.expert_ids.empty());
   EXPECT_THAT(r.expert_tokens, ElementsAre(0, 0, 0, 0));

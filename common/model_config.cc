@@ -1,5 +1,6 @@
 #include "common/model_config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <sstream>
@@ -7,7 +8,9 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "common/status_macros.h"
 #include "google/protobuf/io/tokenizer.h"
 #include "google/protobuf/text_format.h"
@@ -20,6 +23,10 @@ namespace {
 constexpr int64_t kMaxDim = 1 << 16;
 constexpr int kMaxExperts = 4096;
 constexpr int64_t kDefaultMaxBatchTokens = 65536;
+// Layers of one cluster; their gates are one tensor, their metrics series
+// grow with them (docs/metrics.md).
+constexpr int kMaxLayers = 1024;
+constexpr int kMaxLayerNumber = 1 << 20;
 
 absl::Status FieldError(absl::string_view field, absl::string_view problem) {
   return absl::InvalidArgumentError(absl::StrCat(field, ": ", problem));
@@ -163,28 +170,33 @@ class FirstErrorCollector : public google::protobuf::io::ErrorCollector {
 
 }  // namespace
 
-absl::StatusOr<std::vector<std::vector<int>>> ExplicitPlacementFromProto(
-    const v1::ExplicitPlacement& proto, const ClusterConfig& cluster, int num_experts,
+absl::StatusOr<std::vector<std::vector<std::vector<int>>>> ExplicitPlacementFromProto(
+    const v1::ExplicitPlacement& proto, const ClusterConfig& cluster, const ModelConfig& model,
     absl::string_view field_name) {
-  std::vector<std::vector<int>> placement(num_experts);
-  std::vector<bool> seen(num_experts, false);
+  std::vector<std::vector<std::vector<int>>> placement(
+      model.num_layers, std::vector<std::vector<int>>(model.num_experts));
   for (int i = 0; i < proto.experts_size(); ++i) {
     const v1::ExpertAssignment& assignment = proto.experts(i);
     const std::string field = absl::StrCat(field_name, ".experts[", i, "]");
-    const int expert = assignment.expert_id();
-    if (expert < 0 || expert >= num_experts) {
-      return FieldError(absl::StrCat(field, ".expert_id"),
-                        absl::StrCat("expert ", expert, " is out of range [0, ",
-                                     num_experts, ")"));
+    const ExpertKey expert = ExpertKeyOf(assignment);
+    if (expert.layer < 0 || expert.layer >= model.num_layers) {
+      return FieldError(
+          absl::StrCat(field, ".layer"),
+          absl::StrCat("layer ", expert.layer, " is out of range [0, ", model.num_layers, ")"));
     }
-    if (seen[expert]) {
-      return FieldError(absl::StrCat(field, ".expert_id"),
-                        absl::StrCat("expert ", expert, " is listed twice"));
+    if (expert.expert < 0 || expert.expert >= model.num_experts) {
+      return FieldError(
+          absl::StrCat(field, ".expert_id"),
+          absl::StrCat(expert.ToString(), " is out of range [0, ", model.num_experts, ")"));
     }
-    seen[expert] = true;
+    std::vector<int>& servers = placement[expert.layer][expert.expert];
+    if (!servers.empty()) {
+      return FieldError(absl::StrCat(field, ".expert_id"),
+                        absl::StrCat(expert.ToString(), " is listed twice"));
+    }
     if (assignment.servers().empty()) {
       return FieldError(absl::StrCat(field, ".servers"),
-                        absl::StrCat("expert ", expert, " has no server"));
+                        absl::StrCat(expert.ToString(), " has no server"));
     }
     for (const std::string& name : assignment.servers()) {
       const int server = cluster.FindServer(name);
@@ -192,29 +204,42 @@ absl::StatusOr<std::vector<std::vector<int>>> ExplicitPlacementFromProto(
         return FieldError(absl::StrCat(field, ".servers"),
                           absl::StrCat("unknown server \"", name, "\""));
       }
-      for (int held : placement[expert]) {
-        if (held == server) {
-          return FieldError(absl::StrCat(field, ".servers"),
-                            absl::StrCat("server \"", name,
-                                         "\" is listed twice for expert ",
-                                         expert));
-        }
+      if (std::find(servers.begin(), servers.end(), server) != servers.end()) {
+        return FieldError(
+            absl::StrCat(field, ".servers"),
+            absl::StrCat("server \"", name, "\" is listed twice for ", expert.ToString()));
       }
-      placement[expert].push_back(server);
+      servers.push_back(server);
     }
   }
-  for (int e = 0; e < num_experts; ++e) {
-    if (!seen[e]) {
-      return FieldError(std::string(field_name), absl::StrCat("expert ", e, " is not placed"));
+  for (int l = 0; l < model.num_layers; ++l) {
+    for (int e = 0; e < model.num_experts; ++e) {
+      if (placement[l][e].empty()) {
+        return FieldError(std::string(field_name),
+                          absl::StrCat(ExpertKey(l, e).ToString(), " is not placed"));
+      }
     }
   }
   return placement;
 }
 
+absl::Status CheckLayer(const ModelConfig& model, int layer) {
+  if (layer < 0 || layer >= model.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " is out of range [0, ", model.num_layers, ")"));
+  }
+  return absl::OkStatus();
+}
+
+std::string CheckpointLayout::LayerPrefix(int layer) const {
+  const int number = layer_numbers.empty() ? layer : layer_numbers.at(layer);
+  return absl::StrReplaceAll(prefix, {{"{layer}", absl::StrCat(number)}});
+}
+
 absl::Status CheckExpertKey(const ModelConfig& model, ExpertKey expert) {
-  if (expert.layer < 0 || expert.layer >= kNumMoeLayers) {
+  if (expert.layer < 0 || expert.layer >= model.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat(expert.ToString(), ": layer ", expert.layer,
-                                                   " is out of range [0, ", kNumMoeLayers, ")"));
+                                                   " is out of range [0, ", model.num_layers, ")"));
   }
   if (expert.expert < 0 || expert.expert >= model.num_experts) {
     return absl::InvalidArgumentError(
@@ -407,19 +432,50 @@ absl::StatusOr<ModelConfig> ModelConfigFromProto(const v1::ModelConfig& proto) {
                                    " experts: set activation: EXPERT_ACTIVATION_",
                                    gated_family ? "SILU_GATED" : "RELU"));
   }
+  if (proto.num_layers() < 0 || proto.num_layers() > kMaxLayers) {
+    return FieldError("model.num_layers", absl::StrCat("must be in [0, ", kMaxLayers,
+                                                       "] (0 means 1), got ", proto.num_layers()));
+  }
+  config.num_layers = std::max(1, proto.num_layers());
+  const bool has_placeholder = absl::StrContains(layout.prefix(), "{layer}");
   if (config.checkpoint_layout.family != CheckpointFamily::kMoeServe) {
-    // Dotted names of PyTorch modules.
-    bool ok = !layout.prefix().empty() && layout.prefix().size() <= 256 &&
-              layout.prefix().front() != '.' && layout.prefix().back() != '.';
-    for (char c : layout.prefix()) ok &= absl::ascii_isalnum(c) || c == '_' || c == '.';
+    // Dotted names of PyTorch modules, "{layer}" standing for a number.
+    const std::string name = absl::StrReplaceAll(layout.prefix(), {{"{layer}", "0"}});
+    bool ok = !name.empty() && name.size() <= 256 && name.front() != '.' && name.back() != '.';
+    for (char c : name) ok &= absl::ascii_isalnum(c) || c == '_' || c == '.';
     if (!ok) {
       return FieldError("model.checkpoint_layout.prefix",
                         absl::StrCat("must be a module name such as "
-                                     "\"model.encoder.layers.3.ffn\", got \"",
+                                     "\"model.encoder.layers.3.ffn\" (\"{layer}\" standing for "
+                                     "the layer's number), got \"",
+                                     layout.prefix(), "\""));
+    }
+    if (config.num_layers > 1 && !has_placeholder) {
+      return FieldError("model.checkpoint_layout.prefix",
+                        absl::StrCat("with num_layers ", config.num_layers,
+                                     " it must name the layer as \"{layer}\" (e.g. "
+                                     "\"model.layers.{layer}.mlp\"), got \"",
                                      layout.prefix(), "\""));
     }
   }
+  if (!layout.layer_numbers().empty()) {
+    if (layout.layer_numbers_size() != config.num_layers) {
+      return FieldError("model.checkpoint_layout.layer_numbers",
+                        absl::StrCat("lists ", layout.layer_numbers_size(),
+                                     " layers, num_layers is ", config.num_layers));
+    }
+    absl::flat_hash_set<int> seen;
+    for (int number : layout.layer_numbers()) {
+      if (number < 0 || number >= kMaxLayerNumber || !seen.insert(number).second) {
+        return FieldError(
+            "model.checkpoint_layout.layer_numbers",
+            absl::StrCat("must be distinct numbers in [0, ", kMaxLayerNumber, "), got ", number));
+      }
+    }
+  }
   config.checkpoint_layout.prefix = layout.prefix();
+  config.checkpoint_layout.layer_numbers.assign(layout.layer_numbers().begin(),
+                                                layout.layer_numbers().end());
   return config;
 }
 
@@ -481,6 +537,9 @@ v1::ModelConfig ModelConfigToProto(const ModelConfig& config) {
       break;
   }
   layout.set_prefix(config.checkpoint_layout.prefix);
+  layout.mutable_layer_numbers()->Assign(config.checkpoint_layout.layer_numbers.begin(),
+                                         config.checkpoint_layout.layer_numbers.end());
+  proto.set_num_layers(config.num_layers);
   proto.set_activation(config.gated() ? v1::EXPERT_ACTIVATION_SILU_GATED
                                       : v1::EXPERT_ACTIVATION_RELU);
   return proto;
@@ -522,10 +581,8 @@ absl::StatusOr<ClusterConfig> ClusterConfigFromProto(
     }
     case v1::PLACEMENT_STRATEGY_EXPLICIT: {
       cluster.strategy = PlacementStrategy::kExplicit;
-      MOE_ASSIGN_OR_RETURN(
-          cluster.explicit_placement,
-          ExplicitPlacementFromProto(proto.explicit_placement(), cluster,
-                                     model.num_experts));
+      MOE_ASSIGN_OR_RETURN(cluster.explicit_placement,
+                           ExplicitPlacementFromProto(proto.explicit_placement(), cluster, model));
       break;
     }
     default:
@@ -562,11 +619,13 @@ v1::ClusterConfig ClusterConfigToProto(const ClusterConfig& config) {
       break;
     case PlacementStrategy::kExplicit:
       proto.set_strategy(v1::PLACEMENT_STRATEGY_EXPLICIT);
-      for (size_t e = 0; e < config.explicit_placement.size(); ++e) {
-        v1::ExpertAssignment* assignment = proto.mutable_explicit_placement()->add_experts();
-        assignment->set_expert_id(static_cast<int>(e));
-        for (int s : config.explicit_placement[e]) {
-          assignment->add_servers(config.servers[s].name);
+      for (size_t l = 0; l < config.explicit_placement.size(); ++l) {
+        for (size_t e = 0; e < config.explicit_placement[l].size(); ++e) {
+          v1::ExpertAssignment* assignment = proto.mutable_explicit_placement()->add_experts();
+          SetExpertKey(ExpertKey(static_cast<int>(l), static_cast<int>(e)), assignment);
+          for (int s : config.explicit_placement[l][e]) {
+            assignment->add_servers(config.servers[s].name);
+          }
         }
       }
       break;

@@ -12,6 +12,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "common/expert_key.h"
+#include "common/tensor.h"
 #include "proto/config.pb.h"
 
 namespace moe {
@@ -63,8 +64,14 @@ enum class ExpertActivation {
 };
 struct CheckpointLayout {
   CheckpointFamily family = CheckpointFamily::kMoeServe;
-  // The MoE block's name prefix (Hugging Face families).
+  // The MoE block's name prefix (Hugging Face families); with several
+  // layers it holds "{layer}".
   std::string prefix;
+  // The model's layer number of each served layer; empty: 0, 1, ...
+  std::vector<int> layer_numbers;
+
+  // `prefix` for served layer `layer`, "{layer}" replaced by its number.
+  std::string LayerPrefix(int layer) const;
 };
 
 // The MoE layer's hyper-parameters (see proto/config.proto).
@@ -83,6 +90,8 @@ struct ModelConfig {
   GateOptions gate;
   CheckpointLayout checkpoint_layout;
   ExpertActivation activation = ExpertActivation::kRelu;
+  // MoE layers served, each with these shapes and its own gate and experts.
+  int num_layers = 1;
   // Experts without biases (Switch Transformers', gated SiLU ones): the
   // biases are zero and stay zero in training (their gradients are not
   // kept).
@@ -96,14 +105,20 @@ struct ModelConfig {
   int64_t activation_width() const { return gated() ? 2 * d_ff : d_ff; }
   // Parameters of one expert: W1, b1, W2, b2 (and W3).
   int64_t expert_parameters() const { return (gated() ? 3 : 2) * d_model * d_ff + d_model + d_ff; }
+  // The gates of every layer stacked as one tensor [num_layers * d_model,
+  // num_experts]: layer l's W_g is rows [l d_model, (l + 1) d_model), so it
+  // is a contiguous slice (GateOfLayer), and versioning, the gradient's sum
+  // and the optimizer treat all gates as one tensor.
+  Shape gate_shape() const { return {num_layers * d_model, num_experts}; }
+  // Experts of every layer.
+  int64_t total_experts() const { return int64_t{num_layers} * num_experts; }
 };
 
-// A ModelConfig describes one MoE layer, served as layer 0.
-inline constexpr int kNumMoeLayers = 1;
-
 // INVALID_ARGUMENT naming `expert` unless it is an expert of `model`: layer
-// in [0, kNumMoeLayers), expert in [0, num_experts).
+// in [0, num_layers), expert in [0, num_experts).
 absl::Status CheckExpertKey(const ModelConfig& model, ExpertKey expert);
+// INVALID_ARGUMENT naming `layer` unless it is in [0, num_layers).
+absl::Status CheckLayer(const ModelConfig& model, int layer);
 
 enum class PlacementStrategy {
   kDataParallel,
@@ -125,8 +140,8 @@ struct ClusterConfig {
   // In ring order; the index into this vector is a server's id everywhere.
   std::vector<ServerSpec> servers;
   PlacementStrategy strategy = PlacementStrategy::kModelParallel;
-  // kExplicit: for each expert, the ids of the servers holding it.
-  std::vector<std::vector<int>> explicit_placement;
+  // kExplicit: for each layer and expert, the ids of the servers holding it.
+  std::vector<std::vector<std::vector<int>>> explicit_placement;
   // kDynamic: relative load of each expert.
   std::vector<double> load_profile;
   // kDynamic: replicas each server holds (0 = ceil(E / N) + 1).
@@ -149,10 +164,10 @@ absl::StatusOr<ClusterConfig> ClusterConfigFromProto(
     const v1::ClusterConfig& proto, const ModelConfig& model);
 
 v1::ClusterConfig ClusterConfigToProto(const ClusterConfig& config);
-// servers_of_expert[expert] of `proto`, by server index in `cluster`; errors
-// name the field as `field_name`.experts[i].
-absl::StatusOr<std::vector<std::vector<int>>> ExplicitPlacementFromProto(
-    const v1::ExplicitPlacement& proto, const ClusterConfig& cluster, int num_experts,
+// servers_of_expert[layer][expert] of `proto`, by server index in
+// `cluster`; errors name the field as `field_name`.experts[i].
+absl::StatusOr<std::vector<std::vector<std::vector<int>>>> ExplicitPlacementFromProto(
+    const v1::ExplicitPlacement& proto, const ClusterConfig& cluster, const ModelConfig& model,
     absl::string_view field_name = "cluster.explicit_placement");
 // The text format a ServingConfig file holds (parses back to `config`).
 std::string ServingConfigToText(const ServingConfig& config);

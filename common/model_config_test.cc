@@ -242,8 +242,8 @@ TEST(ModelConfigTest, ExplicitPlacementIsResolvedAndChecked) {
   }
   absl::StatusOr<ServingConfig> config = ParseServingConfig(with_placements(all));
   ASSERT_TRUE(config.ok()) << config.status();
-  EXPECT_EQ(config->cluster.explicit_placement[0], (std::vector<int>{0, 1}));
-  EXPECT_EQ(config->cluster.explicit_placement[3], (std::vector<int>{1}));
+  EXPECT_EQ(config->cluster.explicit_placement[0][0], (std::vector<int>{0, 1}));
+  EXPECT_EQ(config->cluster.explicit_placement[0][3], (std::vector<int>{1}));
 
   EXPECT_THAT(ErrorOf(with_placements(absl::StrReplaceAll(
                   all, {{"expert_id: 7 servers: \"expert-1\"",

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <vector>
 
 #include "common/model_config.h"
 #include "common/tensor.h"
@@ -52,12 +53,28 @@ struct ExpertWeights {
 // Sets b1 and b2 to zero (bias-free experts' gradients).
 void ZeroBiases(ExpertWeights& weights);
 
+// One MoE layer's parameters (a model of several layers has one per layer).
 struct MoeWeights {
+  // The layer they are of (checkpoint names and initial values differ).
+  int layer = 0;
   // W_g [d_model, num_experts]; absent when a process holds only experts.
   std::optional<FloatTensor> gate;
   // The experts this process holds, by id.
   std::map<int, ExpertWeights> experts;
 };
+
+// Layer `layer`'s W_g [d_model, num_experts] within the stacked gates of
+// every layer (ModelConfig::gate_shape()): a view, no copy.
+// REQUIRES: gates has gate_shape(), 0 <= layer < num_layers.
+absl::Span<const float> GateOfLayer(const ModelConfig& model, absl::Span<const float> gates,
+                                    int layer);
+absl::Span<float> GateOfLayer(const ModelConfig& model, absl::Span<float> gates, int layer);
+// The stacked gates as one MoeWeights per layer holding only its gate
+// (copies: for writing checkpoints).
+std::vector<MoeWeights> SplitGates(const ModelConfig& model, const FloatTensor& gates);
+// One gate per layer, in layer order, stacked. REQUIRES: num_layers gates
+// of [d_model, num_experts].
+FloatTensor StackGates(const ModelConfig& model, const std::vector<FloatTensor>& gates);
 
 }  // namespace moe
 

@@ -210,6 +210,24 @@ absl::StatusOr<Placement> DynamicPlacement(int num_experts, int num_servers,
   return Placement::Create(num_servers, std::move(placement));
 }
 
+namespace {
+
+// `layer0`'s placement for every layer of `model`: expert e of each layer
+// on the servers of expert e of layer 0, so every layer's experts are
+// spread over the servers as one layer's would be.
+absl::StatusOr<Placement> EveryLayer(const ModelConfig& model, absl::StatusOr<Placement> layer0) {
+  if (!layer0.ok() || model.num_layers == 1) return layer0;
+  std::vector<std::vector<int>> servers_of_expert;
+  for (int e = 0; e < layer0->num_experts(0); ++e) {
+    const auto servers = layer0->ServersOf(ExpertKey(0, e));
+    servers_of_expert.emplace_back(servers.begin(), servers.end());
+  }
+  return Placement::CreateLayers(layer0->num_servers(), std::vector<std::vector<std::vector<int>>>(
+                                                            model.num_layers, servers_of_expert));
+}
+
+}  // namespace
+
 absl::StatusOr<Placement> ComputePlacement(const ModelConfig& model,
                                            const ClusterConfig& cluster) {
   const int num_servers = static_cast<int>(cluster.servers.size());
@@ -218,23 +236,21 @@ absl::StatusOr<Placement> ComputePlacement(const ModelConfig& model,
   }
   switch (cluster.strategy) {
     case PlacementStrategy::kDataParallel:
-      return DataParallelPlacement(model.num_experts, num_servers);
+      return EveryLayer(model, DataParallelPlacement(model.num_experts, num_servers));
     case PlacementStrategy::kModelParallel:
-      return ModelParallelPlacement(model.num_experts, num_servers);
+      return EveryLayer(model, ModelParallelPlacement(model.num_experts, num_servers));
     case PlacementStrategy::kHybrid:
-      return HybridPlacement(model.num_experts, num_servers);
+      return EveryLayer(model, HybridPlacement(model.num_experts, num_servers));
     case PlacementStrategy::kDynamic:
-      return DynamicPlacement(model.num_experts, num_servers,
-                              cluster.load_profile, cluster.slots_per_server);
+      return EveryLayer(model, DynamicPlacement(model.num_experts, num_servers,
+                                                cluster.load_profile, cluster.slots_per_server));
     case PlacementStrategy::kExplicit:
-      if (static_cast<int>(cluster.explicit_placement.size()) !=
-          model.num_experts) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "placement: explicit placement lists ",
-            cluster.explicit_placement.size(), " experts, the model has ",
-            model.num_experts));
+      if (static_cast<int>(cluster.explicit_placement.size()) != model.num_layers) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("placement: explicit placement lists ", cluster.explicit_placement.size(),
+                         " layers, the model has ", model.num_layers));
       }
-      return Placement::Create(num_servers, cluster.explicit_placement);
+      return Placement::CreateLayers(num_servers, cluster.explicit_placement);
   }
   return absl::InvalidArgumentError("placement: unknown strategy");
 }

@@ -2,8 +2,9 @@
 // gradients together. The strategies are pure functions of the model, the
 // number of servers and (for DYNAMIC) a load profile; see docs/placement.md.
 // Servers are numbered by their index in ClusterConfig.servers; experts are
-// ExpertKeys, so one placement can cover several MoE layers (the strategies
-// place layer 0, the only one served today).
+// ExpertKeys, so one placement covers every MoE layer of the model (the
+// strategies place each layer as they would place one: expert e of every
+// layer on the same servers).
 // Placement is immutable and thread-safe.
 #ifndef MOE_COMMON_PLACEMENT_H_
 #define MOE_COMMON_PLACEMENT_H_
@@ -75,7 +76,7 @@ absl::StatusOr<Placement> DynamicPlacement(int num_experts, int num_servers,
                                            absl::Span<const double> load,
                                            int slots_per_server);
 
-// The placement a configuration asks for.
+// The placement a configuration asks for, every layer of the model.
 absl::StatusOr<Placement> ComputePlacement(const ModelConfig& model,
                                            const ClusterConfig& cluster);
 

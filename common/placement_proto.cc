@@ -6,20 +6,15 @@
 #include "common/status_macros.h"
 
 namespace moe {
-namespace {
-
-// One MoE layer on the wire (model_config.h).
-constexpr int kLayer = 0;
-
-}  // namespace
-
 v1::ExplicitPlacement PlacementToProto(const Placement& placement, const ClusterConfig& cluster) {
   v1::ExplicitPlacement proto;
-  for (int e = 0; e < placement.num_experts(kLayer); ++e) {
-    v1::ExpertAssignment* expert = proto.add_experts();
-    expert->set_expert_id(e);
-    for (int s : placement.ServersOf(ExpertKey(kLayer, e))) {
-      expert->add_servers(cluster.servers[s].name);
+  for (int l = 0; l < placement.num_layers(); ++l) {
+    for (int e = 0; e < placement.num_experts(l); ++e) {
+      v1::ExpertAssignment* expert = proto.add_experts();
+      SetExpertKey(ExpertKey(l, e), expert);
+      for (int s : placement.ServersOf(ExpertKey(l, e))) {
+        expert->add_servers(cluster.servers[s].name);
+      }
     }
   }
   return proto;
@@ -28,9 +23,10 @@ v1::ExplicitPlacement PlacementToProto(const Placement& placement, const Cluster
 absl::StatusOr<Placement> PlacementFromProto(const v1::ExplicitPlacement& proto,
                                              const ModelConfig& model, const ClusterConfig& cluster,
                                              absl::string_view field_name) {
-  MOE_ASSIGN_OR_RETURN(std::vector<std::vector<int>> servers_of_expert,
-                       ExplicitPlacementFromProto(proto, cluster, model.num_experts, field_name));
-  return Placement::Create(static_cast<int>(cluster.servers.size()), std::move(servers_of_expert));
+  MOE_ASSIGN_OR_RETURN(std::vector<std::vector<std::vector<int>>> servers_of_expert,
+                       ExplicitPlacementFromProto(proto, cluster, model, field_name));
+  return Placement::CreateLayers(static_cast<int>(cluster.servers.size()),
+                                 std::move(servers_of_expert));
 }
 
 }  // namespace moe

@@ -1,6 +1,6 @@
 // A placement on the wire (ExplicitPlacement: each expert's servers, by
 // name), for placement changes: Rebalance, the servers' PreparePlacement
-// and Info. One MoE layer (layer 0), as the rest of the wire today.
+// and Info. Every layer's experts.
 #ifndef MOE_COMMON_PLACEMENT_PROTO_H_
 #define MOE_COMMON_PLACEMENT_PROTO_H_
 

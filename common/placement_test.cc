@@ -208,7 +208,7 @@ TEST(PlacementTest, ComputePlacementFollowsTheConfig) {
   ClusterConfig cluster;
   cluster.servers = {{"a", "a:1"}, {"b", "b:1"}};
   cluster.strategy = PlacementStrategy::kExplicit;
-  cluster.explicit_placement = {{1}, {0, 1}, {0}, {1}};
+  cluster.explicit_placement = {{{1}, {0, 1}, {0}, {1}}};
   absl::StatusOr<Placement> p = ComputePlacement(model, cluster);
   ASSERT_TRUE(p.ok());
   EXPECT_THAT(Experts(*p, 1), ElementsAre(0, 1, 3));

@@ -76,7 +76,7 @@ absl::StatusOr<ReferenceForward> ReferenceMoe::Forward(const FloatTensor& x) con
   const int64_t num_tokens = x.dim(0);
   const PairIndex index(model_.top_k);
   ReferenceForward result;
-  result.routing = RouteTokens(x.values(), num_tokens, *weights_.gate, model_);
+  result.routing = RouteTokens(x.values(), num_tokens, weights_.gate->values(), model_);
   result.y = FloatTensor({num_tokens, model_.d_model});
   std::vector<std::vector<int64_t>> pairs = KeptPairsByExpert(result.routing);
   result.experts.resize(model_.num_experts);
@@ -156,8 +156,8 @@ absl::StatusOr<ReferenceGradients> ReferenceMoe::Backward(
   }
 
   // Gate path (the same code the router runs).
-  GateBackward(routing, x.values(), *weights_.gate, d_weight, grads.dx.mutable_values(),
-               *grads.params.gate);
+  GateBackward(routing, x.values(), weights_.gate->values(), d_weight, grads.dx.mutable_values(),
+               grads.params.gate->mutable_values());
   return grads;
 }
 

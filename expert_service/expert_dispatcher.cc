@@ -1,6 +1,7 @@
 #include "expert_service/expert_dispatcher.h"
 
 #include <algorithm>
+#include <map>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -102,12 +103,12 @@ void ExpertDispatcher::ServerVersion(ExpertKey expert, v1::StateVersion* out) co
 
 namespace {
 
-// A gate and its optimizer state, as a commit or a peer brings them: fp32
-// [d_model, num_experts] each.
+// A gate and its optimizer state, as a commit or a peer brings them: fp32,
+// every layer's stacked ([num_layers * d_model, num_experts]) each.
 template <typename GateMessage>
 absl::Status CheckGate(const ModelConfig& model, const GateMessage& message) {
   auto check = [&](const v1::Tensor& tensor, absl::string_view name) -> absl::Status {
-    const TensorSpec spec{name, {model.d_model, model.num_experts}, {"d_model", "num_experts"}};
+    const TensorSpec spec{name, model.gate_shape(), {"num_layers x d_model", "num_experts"}};
     MOE_ASSIGN_OR_RETURN(const ConstTensorView view, DecodeTensor(tensor, spec));
     if (view.dtype != DType::kFloat32) {
       return absl::InvalidArgumentError(absl::StrCat(name, ": must be fp32"));
@@ -254,9 +255,14 @@ void ExpertDispatcher::Info(v1::InfoResponse* response) const {
     response->set_aborted_step(steps.aborted);
   }
   response->set_placement_epoch(placement_epoch());
-  for (int e = 0; e < store_.model().num_experts; ++e) {
-    response->add_expert_tokens(
-        static_cast<int64_t>(metrics_.ForwardTokens(ExpertKey(0, e)).Value()));
+  // Per expert, layer-major; none when the metrics count per layer only
+  // (more experts than metric series).
+  const ModelConfig& model = store_.model();
+  for (int l = 0; metrics_.per_expert && l < model.num_layers; ++l) {
+    for (int e = 0; e < model.num_experts; ++e) {
+      response->add_expert_tokens(
+          static_cast<int64_t>(metrics_.ForwardTokens(ExpertKey(l, e)).Value()));
+    }
   }
   for (ExpertKey expert : store_.HostedExperts()) {
     absl::StatusOr<uint64_t> digest = store_.Digest(expert);
@@ -321,23 +327,29 @@ absl::Status ExpertDispatcher::SaveExperts(const v1::SaveExpertsRequest& request
     MOE_ASSIGN_OR_RETURN(optimizer_path,
                          ResolveCheckpointPath(options_.checkpoint_dir, request.optimizer_path()));
   }
-  // A checkpoint file holds one MoE layer (checkpoint.h): layer 0. The
-  // optimizer's state as one MoeWeights per state.
-  MoeWeights part;
-  std::vector<MoeWeights> state_parts(states.size());
+  // One MoeWeights per layer, and per layer and optimizer state.
+  std::map<int, MoeWeights> parts;
+  std::map<int, std::vector<MoeWeights>> state_parts;
+  size_t saved = 0;
   for (const v1::ExpertRef& ref : request.experts()) {
     const ExpertKey expert = ExpertKeyOf(ref);
     // Snapshot checks that `expert` is hosted and at the step.
     MOE_ASSIGN_OR_RETURN(ExpertSnapshot snapshot, store_.Snapshot(expert, request.step()));
+    MoeWeights& part = parts[expert.layer];
+    part.layer = expert.layer;
     part.experts.emplace(expert.expert, std::move(snapshot.weights));
+    ++saved;
     if (optimizer_path) {
+      std::vector<MoeWeights>& layer_states = state_parts[expert.layer];
+      layer_states.resize(states.size());
       std::optional<ExpertWeights>* held[] = {&snapshot.velocity, &snapshot.second_moment};
       for (size_t k = 0; k < states.size(); ++k) {
         if (!*held[k]) {
           return absl::InternalError(
               absl::StrCat(expert.ToString(), ": no optimizer state ", states[k], " to save"));
         }
-        state_parts[k].experts.emplace(expert.expert, std::move(**held[k]));
+        layer_states[k].layer = expert.layer;
+        layer_states[k].experts.emplace(expert.expert, std::move(**held[k]));
       }
     }
   }
@@ -346,10 +358,14 @@ absl::Status ExpertDispatcher::SaveExperts(const v1::SaveExpertsRequest& request
   // Forwards go on meanwhile: the conversion and the write yield to them.
   absl::StatusOr<int64_t> written, state_written = int64_t{0};
   AtLowerPriority([&] {
-    written = SaveCheckpointShard(path, model, part, dtype, &names);
+    std::vector<ShardPart> weight_parts;
+    for (const auto& [layer, part] : parts) weight_parts.push_back({"", &part});
+    written = SaveCheckpointShard(path, model, weight_parts, dtype, &names);
     if (written.ok() && optimizer_path) {
       std::vector<ShardPart> parts;
-      for (size_t k = 0; k < states.size(); ++k) parts.push_back({states[k], &state_parts[k]});
+      for (const auto& [layer, layer_states] : state_parts) {
+        for (size_t k = 0; k < states.size(); ++k) parts.push_back({states[k], &layer_states[k]});
+      }
       state_written =
           SaveCheckpointShard(*optimizer_path, model, parts, DType::kFloat32, &state_names);
     }
@@ -360,8 +376,8 @@ absl::Status ExpertDispatcher::SaveExperts(const v1::SaveExpertsRequest& request
   response->set_bytes(bytes);
   for (std::string& name : state_names) response->add_optimizer_tensor_names(std::move(name));
   response->set_optimizer_bytes(state_bytes);
-  MOE_LOG(INFO, "server ", options_.server_name, ": saved ", part.experts.size(),
-          " expert(s) of step ", request.step(), " to ", path, " (", bytes >> 20, " MiB)");
+  MOE_LOG(INFO, "server ", options_.server_name, ": saved ", saved, " expert(s) of step ",
+          request.step(), " to ", path, " (", bytes >> 20, " MiB)");
   return absl::OkStatus();
 }
 
@@ -387,7 +403,7 @@ absl::Status ExpertDispatcher::PrepareStep(const v1::PrepareStepRequest& request
   if (result->update_deferred) response->set_grad_squared_norm(result->grad_squared_norm);
   if (!result->gate_gradient.empty()) {
     const ModelConfig& model = store_.model();
-    EncodeFloats(result->gate_gradient, {model.d_model, model.num_experts}, DType::kFloat32,
+    EncodeFloats(result->gate_gradient, model.gate_shape(), DType::kFloat32,
                  response->mutable_gate_gradient());
   }
   metrics_.allreduce_seconds->Observe(absl::ToDoubleSeconds(result->allreduce_time));
@@ -447,7 +463,7 @@ absl::Status ExpertDispatcher::AddGateGradient(const v1::AddGateGradientRequest&
   if (view.dtype != DType::kFloat32) {
     return absl::InvalidArgumentError("gradient: must be fp32");
   }
-  return steps_->AddGateGradient(request.gate_step(), ToFloatTensor(view).values());
+  return steps_->AddGateGradient(request.gate_step(), request.layer(), view.floats());
 }
 
 absl::Status ExpertDispatcher::GetGate(v1::GetGateResponse* response) const {

@@ -40,7 +40,7 @@ class ExpertDispatcherTest : public ::testing::Test {
         });
     ASSERT_TRUE(store.ok()) << store.status();
     store_ = *std::move(store);
-    metrics_ = ExpertMetrics::Create(registry_, Model().num_experts);
+    metrics_ = ExpertMetrics::Create(registry_, Model());
     dispatcher_ = std::make_unique<ExpertDispatcher>(ExpertDispatcher::Options{"expert-0"}, *store_,
                                                      *metrics_, nullptr, nullptr);
   }

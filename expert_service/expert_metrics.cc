@@ -1,5 +1,6 @@
 #include "expert_service/expert_metrics.h"
 
+#include <map>
 #include <string>
 
 #include "absl/status/status.h"
@@ -8,9 +9,11 @@
 
 namespace moe::expert {
 std::unique_ptr<ExpertMetrics> ExpertMetrics::Create(prometheus::Registry& registry,
-                                                     int num_experts) {
-  MOE_CHECK(num_experts >= 1);
+                                                     const ModelConfig& model) {
+  MOE_CHECK(model.num_experts >= 1 && model.num_layers >= 1);
   auto m = std::make_unique<ExpertMetrics>();
+  m->num_experts = model.num_experts;
+  m->per_expert = model.total_experts() <= kMaxExpertSeries;
   auto& forward_tokens = prometheus::BuildCounter()
                              .Name("moe_expert_tokens_total")
                              .Help("Token rows run forward through each expert.")
@@ -23,9 +26,14 @@ std::unique_ptr<ExpertMetrics> ExpertMetrics::Create(prometheus::Registry& regis
                          .Name("moe_expert_authz_denied_total")
                          .Help("Calls refused by the authorization policy, by method.")
                          .Register(registry);
-  for (int e = 0; e < num_experts; ++e) {
-    m->forward_tokens.push_back(&forward_tokens.Add({{"expert", absl::StrCat(e)}}));
-    m->backward_tokens.push_back(&backward_tokens.Add({{"expert", absl::StrCat(e)}}));
+  for (int l = 0; l < model.num_layers; ++l) {
+    for (int e = 0; e < (m->per_expert ? model.num_experts : 1); ++e) {
+      std::map<std::string, std::string> labels;
+      if (m->per_expert) labels["expert"] = absl::StrCat(e);
+      if (model.num_layers > 1) labels["layer"] = absl::StrCat(l);
+      m->forward_tokens.push_back(&forward_tokens.Add(labels));
+      m->backward_tokens.push_back(&backward_tokens.Add(labels));
+    }
   }
   auto& kernel = prometheus::BuildHistogram()
                      .Name("moe_expert_kernel_seconds")

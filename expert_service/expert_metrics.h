@@ -13,6 +13,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "common/expert_key.h"
+#include "common/model_config.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
@@ -21,20 +22,27 @@
 namespace moe::expert {
 
 struct ExpertMetrics {
-  // REQUIRES: num_experts >= 1.
   static std::unique_ptr<ExpertMetrics> Create(prometheus::Registry& registry,
-                                               int num_experts);
+                                               const ModelConfig& model);
 
-  // moe_expert_tokens_total{expert}: token rows run through each expert.
-  // REQUIRES of the accessors: CheckExpertKey(model, expert) is OK (so layer
-  // 0, the one layer served today; a layer label comes with more layers).
+  // moe_expert_tokens_total{expert} (one layer), {layer, expert} (several,
+  // up to kMaxExpertSeries experts in all) or {layer} (more): token rows
+  // run through each expert.
+  // REQUIRES of the accessors: CheckExpertKey(model, expert) is OK.
+  static constexpr int kMaxExpertSeries = 4096;
   prometheus::Counter& ForwardTokens(ExpertKey expert) const {
-    return *forward_tokens.at(expert.expert);
+    return *forward_tokens.at(SeriesOf(expert));
   }
-  // moe_expert_backward_tokens_total{expert}.
+  // moe_expert_backward_tokens_total, labelled the same.
   prometheus::Counter& BackwardTokens(ExpertKey expert) const {
-    return *backward_tokens.at(expert.expert);
+    return *backward_tokens.at(SeriesOf(expert));
   }
+  size_t SeriesOf(ExpertKey expert) const {
+    return per_expert ? static_cast<size_t>(expert.layer) * num_experts + expert.expert
+                      : static_cast<size_t>(expert.layer);
+  }
+  int num_experts = 0;
+  bool per_expert = true;
   std::vector<prometheus::Counter*> forward_tokens;
   std::vector<prometheus::Counter*> backward_tokens;
   // moe_expert_kernel_seconds{op="forward"|"backward"}.

@@ -51,35 +51,39 @@ absl::StatusOr<std::map<ExpertKey, ExpertSnapshot>> ExpertServer::LoadHosted(
     absl::Span<const ExpertKey> experts, const std::string& checkpoint_path,
     uint64_t checkpoint_step) const {
   const ModelConfig& model = options_.config.model;
-  // A checkpoint file and the seed's init hold one MoE layer: layer 0.
-  std::vector<int> indices;
+  // Per layer, the experts hosted: one load reads one layer.
+  std::map<int, std::vector<int>> by_layer;
   for (ExpertKey expert : experts) {
     MOE_RETURN_IF_ERROR(CheckExpertKey(model, expert));
-    indices.push_back(expert.expert);
-  }
-  MoeWeights weights;
-  std::optional<std::vector<MoeWeights>> states;
-  if (checkpoint_path.empty()) {
-    weights = InitWeights(model, indices, /*with_gate=*/false);
-  } else {
-    MOE_ASSIGN_OR_RETURN(weights,
-                         LoadCheckpoint(checkpoint_path, model, {/*gate=*/false, indices}));
-    MOE_ASSIGN_OR_RETURN(states,
-                         LoadOptimizerState(checkpoint_path, model, {/*gate=*/false, indices}));
-  }
-  if (!states && checkpoint_step > 0 && OptimizerStateTensors(model.optimizer.type) > 0) {
-    // Said, not silent: the run goes on differently from an
-    // uninterrupted one.
-    MOE_LOG(WARNING, "server ", options_.name, ": ", checkpoint_path,
-            " holds no optimizer state; it starts at zero at step ", checkpoint_step);
+    by_layer[expert.layer].push_back(expert.expert);
   }
   std::map<ExpertKey, ExpertSnapshot> hosted;
-  for (auto& [index, tensors] : weights.experts) {
-    ExpertSnapshot& snapshot = hosted[ExpertKey(0, index)];
-    snapshot.weights = std::move(tensors);
-    if (states) {
-      snapshot.velocity = std::move((*states)[0].experts.at(index));
-      if (states->size() > 1) snapshot.second_moment = std::move((*states)[1].experts.at(index));
+  bool warned = false;
+  for (const auto& [layer, indices] : by_layer) {
+    MoeWeights weights;
+    std::optional<std::vector<MoeWeights>> states;
+    if (checkpoint_path.empty()) {
+      weights = InitWeights(model, indices, /*with_gate=*/false, layer);
+    } else {
+      const CheckpointSelection selection{/*gate=*/false, indices, layer};
+      MOE_ASSIGN_OR_RETURN(weights, LoadCheckpoint(checkpoint_path, model, selection));
+      MOE_ASSIGN_OR_RETURN(states, LoadOptimizerState(checkpoint_path, model, selection));
+    }
+    if (!states && !warned && checkpoint_step > 0 &&
+        OptimizerStateTensors(model.optimizer.type) > 0) {
+      // Said, not silent: the run goes on differently from an
+      // uninterrupted one.
+      MOE_LOG(WARNING, "server ", options_.name, ": ", checkpoint_path,
+              " holds no optimizer state; it starts at zero at step ", checkpoint_step);
+      warned = true;
+    }
+    for (auto& [index, tensors] : weights.experts) {
+      ExpertSnapshot& snapshot = hosted[ExpertKey(layer, index)];
+      snapshot.weights = std::move(tensors);
+      if (states) {
+        snapshot.velocity = std::move((*states)[0].experts.at(index));
+        if (states->size() > 1) snapshot.second_moment = std::move((*states)[1].experts.at(index));
+      }
     }
   }
   return hosted;
@@ -133,7 +137,7 @@ absl::Status ExpertServer::Start() {
                                            std::move(hosted), std::move(kernel_factory)));
 
   registry_ = std::make_shared<prometheus::Registry>();
-  metrics_ = ExpertMetrics::Create(*registry_, model.num_experts);
+  metrics_ = ExpertMetrics::Create(*registry_, model);
   if (options_.metrics_port >= 0) {
     MOE_ASSIGN_OR_RETURN(metrics_endpoint_,
                          MetricsEndpoint::Start(options_.metrics_host, options_.metrics_port,

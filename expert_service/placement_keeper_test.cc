@@ -51,7 +51,7 @@ Placement PlacementOf(std::vector<std::vector<int>> servers_of) {
 // reaches the other.
 struct Server {
   Server(int index, const Placement& placement, SyncPeers& peer, prometheus::Registry& registry)
-      : metrics(ExpertMetrics::Create(registry, Model().num_experts)) {
+      : metrics(ExpertMetrics::Create(registry, Model())) {
     std::map<ExpertKey, ExpertWeights> weights;
     for (ExpertKey e : placement.ExpertsOn(index)) weights.emplace(e, InitExpert(Model(), e));
     store = *ExpertStore::Create(

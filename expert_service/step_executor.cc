@@ -696,8 +696,10 @@ void StepExecutor::PutBack(const Prepared& prepared) {
   for (size_t i = 0; i < gate_gradient_.size(); ++i) gate_gradient_[i] += prepared.gate_grad[i];
 }
 
-absl::Status StepExecutor::AddGateGradient(uint64_t gate_step, absl::Span<const float> gradient) {
+absl::Status StepExecutor::AddGateGradient(uint64_t gate_step, int layer,
+                                           absl::Span<const float> gradient) {
   const ModelConfig& model = store_.model();
+  MOE_RETURN_IF_ERROR(CheckLayer(model, layer));
   const size_t size = static_cast<size_t>(model.d_model) * model.num_experts;
   if (gradient.size() != size) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -714,8 +716,9 @@ absl::Status StepExecutor::AddGateGradient(uint64_t gate_step, absl::Span<const 
         "gate gradient of the gate of step ", gate_step, ": server ", options_.server_name,
         " has committed step ", last_committed_, " (the gradient is of another gate)"));
   }
-  if (gate_gradient_.empty()) gate_gradient_.assign(size, 0.0f);
-  for (size_t i = 0; i < size; ++i) gate_gradient_[i] += gradient[i];
+  if (gate_gradient_.empty()) gate_gradient_.assign(size * model.num_layers, 0.0f);
+  const absl::Span<float> rows = GateOfLayer(model, absl::MakeSpan(gate_gradient_), layer);
+  for (size_t i = 0; i < size; ++i) rows[i] += gradient[i];
   return absl::OkStatus();
 }
 

@@ -133,8 +133,9 @@ class StepExecutor {
   };
 
   struct PrepareResult {
-    // The gate gradient taken for this step (AddGateGradient), [d_model,
-    // num_experts] row-major; empty when none was added.
+    // The gate gradient taken for this step (AddGateGradient), every
+    // layer's stacked (ModelConfig::gate_shape()), row-major; empty when
+    // none was added.
     std::vector<float> gate_gradient;
     int64_t allreduce_bytes_sent = 0;
     // With defer_update: the sum of the squares of the gradients this
@@ -177,12 +178,12 @@ class StepExecutor {
   void Abort(uint64_t step, const std::string& reason, const std::string& coordinator = "")
       ABSL_LOCKS_EXCLUDED(mu_);
 
-  // Adds a Backward's gradient of the gate [d_model, num_experts] to the
-  // sum the next Prepare takes (put back if that step aborts, dropped when
+  // Adds a Backward's gradient of layer `layer`'s gate [d_model,
+  // num_experts] to the sum the next Prepare takes (put back if that step aborts, dropped when
   // it commits). FAILED_PRECONDITION when `gate_step` is not the last
   // committed step (the gradient is of an older gate); INVALID_ARGUMENT
   // for a wrong shape or a non-finite value.
-  absl::Status AddGateGradient(uint64_t gate_step, absl::Span<const float> gradient)
+  absl::Status AddGateGradient(uint64_t gate_step, int layer, absl::Span<const float> gradient)
       ABSL_LOCKS_EXCLUDED(mu_);
   // The gate gradient summed here since the last step (empty: none).
   std::vector<float> gate_gradient() const ABSL_LOCKS_EXCLUDED(mu_);

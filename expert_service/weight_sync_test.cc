@@ -59,7 +59,7 @@ struct Server {
       ExpertSnapshot trained = Trained(ExpertKey(0, e), step);
       MOE_CHECK(store->SwapInWeights(ExpertKey(0, e), trained, step).ok());
     }
-    metrics = ExpertMetrics::Create(registry, Model().num_experts);
+    metrics = ExpertMetrics::Create(registry, Model());
     dispatcher = std::make_unique<ExpertDispatcher>(ExpertDispatcher::Options{"server"}, *store,
                                                     *metrics, nullptr, nullptr);
   }

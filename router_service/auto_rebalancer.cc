@@ -93,16 +93,17 @@ absl::StatusOr<AutoRebalancer::Counts> AutoRebalancer::ReadCounts(absl::Time now
   const int num_servers = static_cast<int>(options_.cluster.servers.size());
   const std::vector<absl::StatusOr<v1::InfoResponse>> infos = OnEveryServer<v1::InfoResponse>(
       num_servers, [&](int s, auto done) { client_.Info(s, now + kCallTimeout, std::move(done)); });
-  Counts counts{now, std::vector<int64_t>(options_.model.num_experts, 0),
-                std::vector<int64_t>(num_servers, 0)};
+  const int experts = static_cast<int>(options_.model.total_experts());
+  Counts counts{now, std::vector<int64_t>(experts, 0), std::vector<int64_t>(num_servers, 0)};
   for (int s = 0; s < num_servers; ++s) {
     if (!infos[s].ok()) return infos[s].status();
-    if (infos[s]->expert_tokens_size() != options_.model.num_experts) {
+    if (infos[s]->expert_tokens_size() != experts) {
       return absl::FailedPreconditionError(
           absl::StrCat("server ", s, " reports ", infos[s]->expert_tokens_size(),
-                       " experts' tokens, not ", options_.model.num_experts));
+                       " experts' tokens, not ", experts, " (", options_.model.num_layers,
+                       " layer(s) of ", options_.model.num_experts, ")"));
     }
-    for (int e = 0; e < options_.model.num_experts; ++e) {
+    for (int e = 0; e < experts; ++e) {
       counts.expert[e] += infos[s]->expert_tokens(e);
       counts.server[s] += infos[s]->expert_tokens(e);
     }

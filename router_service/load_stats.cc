@@ -12,7 +12,7 @@ LoadStats::LoadStats(int num_experts, int num_servers, absl::Duration window)
       seconds_(std::max<int64_t>(1, absl::ToInt64Seconds(window))),
       buckets_(seconds_) {}
 
-void LoadStats::Record(absl::Span<const int64_t> expert_tokens,
+void LoadStats::Record(int64_t expert_offset, absl::Span<const int64_t> expert_tokens,
                        absl::Span<const int64_t> server_tokens, int64_t dropped_pairs,
                        absl::Time now) {
   const int64_t second = absl::ToUnixSeconds(now);
@@ -24,8 +24,9 @@ void LoadStats::Record(absl::Span<const int64_t> expert_tokens,
     bucket.server_tokens.assign(num_servers_, 0);
     bucket.dropped_pairs = 0;
   }
-  for (size_t e = 0; e < expert_tokens.size() && e < bucket.expert_tokens.size(); ++e) {
-    bucket.expert_tokens[e] += expert_tokens[e];
+  for (size_t e = 0; e < expert_tokens.size(); ++e) {
+    const int64_t at = expert_offset + static_cast<int64_t>(e);
+    if (at >= 0 && at < num_experts_) bucket.expert_tokens[at] += expert_tokens[e];
   }
   for (size_t s = 0; s < server_tokens.size() && s < bucket.server_tokens.size(); ++s) {
     bucket.server_tokens[s] += server_tokens[s];

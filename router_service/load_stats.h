@@ -19,6 +19,7 @@ class LoadStats {
  public:
   struct Snapshot {
     absl::Duration window;
+    // Layer-major: every layer's experts, layer 0's first.
     std::vector<int64_t> expert_tokens;
     std::vector<int64_t> server_tokens;
     int64_t dropped_pairs = 0;
@@ -30,8 +31,11 @@ class LoadStats {
   // `window` is rounded to whole seconds, at least one.
   LoadStats(int num_experts, int num_servers, absl::Duration window = absl::Seconds(60));
 
-  void Record(absl::Span<const int64_t> expert_tokens, absl::Span<const int64_t> server_tokens,
-              int64_t dropped_pairs, absl::Time now) ABSL_LOCKS_EXCLUDED(mu_);
+  // `expert_tokens` are of experts expert_offset, expert_offset + 1, ...
+  // (one layer's experts, layer-major: expert e of layer l is l E + e).
+  void Record(int64_t expert_offset, absl::Span<const int64_t> expert_tokens,
+              absl::Span<const int64_t> server_tokens, int64_t dropped_pairs, absl::Time now)
+      ABSL_LOCKS_EXCLUDED(mu_);
   Snapshot Get(absl::Time now) const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:

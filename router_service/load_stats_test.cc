@@ -12,9 +12,9 @@ const absl::Time kT0 = absl::FromUnixSeconds(1'000'000);
 
 TEST(LoadStatsTest, SumsOverTheWindowOnly) {
   LoadStats stats(3, 2, absl::Seconds(10));
-  stats.Record({1, 2, 3}, {4, 2}, 1, kT0);
-  stats.Record({1, 0, 0}, {1, 0}, 0, kT0 + absl::Milliseconds(500));
-  stats.Record({0, 0, 6}, {0, 6}, 2, kT0 + absl::Seconds(5));
+  stats.Record(0, {1, 2, 3}, {4, 2}, 1, kT0);
+  stats.Record(0, {1, 0, 0}, {1, 0}, 0, kT0 + absl::Milliseconds(500));
+  stats.Record(0, {0, 0, 6}, {0, 6}, 2, kT0 + absl::Seconds(5));
   LoadStats::Snapshot s = stats.Get(kT0 + absl::Seconds(9));
   EXPECT_THAT(s.expert_tokens, ElementsAre(2, 2, 9));
   EXPECT_THAT(s.server_tokens, ElementsAre(5, 8));
@@ -25,7 +25,7 @@ TEST(LoadStatsTest, SumsOverTheWindowOnly) {
   s = stats.Get(kT0 + absl::Seconds(10));
   EXPECT_THAT(s.expert_tokens, ElementsAre(0, 0, 6));
   // And its bucket is reused cleanly.
-  stats.Record({5, 0, 0}, {5, 0}, 0, kT0 + absl::Seconds(10));
+  stats.Record(0, {5, 0, 0}, {5, 0}, 0, kT0 + absl::Seconds(10));
   s = stats.Get(kT0 + absl::Seconds(10));
   EXPECT_THAT(s.expert_tokens, ElementsAre(5, 0, 6));
   EXPECT_EQ(stats.Get(kT0 + absl::Seconds(100)).expert_imbalance, 1.0);

@@ -9,12 +9,22 @@
 
 namespace moe::router {
 
+std::vector<std::vector<double>> LoadByLayer(const ModelConfig& model,
+                                             absl::Span<const int64_t> expert_tokens) {
+  std::vector<std::vector<double>> load(model.num_layers);
+  for (int l = 0; l < model.num_layers; ++l) {
+    const auto layer = expert_tokens.subspan(int64_t{l} * model.num_experts, model.num_experts);
+    load[l].assign(layer.begin(), layer.end());
+  }
+  return load;
+}
+
 std::vector<int> ServerSlots(const ModelConfig& model, const ClusterConfig& cluster,
                              const Placement& current) {
   const int n = current.num_servers();
-  int slots = cluster.slots_per_server > 0
-                  ? cluster.slots_per_server
-                  : std::min(model.num_experts, (model.num_experts + n - 1) / n + 1);
+  const int experts = static_cast<int>(model.total_experts());
+  int slots = cluster.slots_per_server > 0 ? cluster.slots_per_server * model.num_layers
+                                           : std::min(experts, (experts + n - 1) / n + 1);
   for (int s = 0; s < n; ++s) {
     slots = std::max(slots, static_cast<int>(current.ExpertsOn(s).size()));
   }
@@ -31,7 +41,7 @@ absl::StatusOr<PlacementPlan> PlanRebalance(const RebalanceInputs& inputs) {
   const LoadStats::Snapshot& load = inputs.load;
   PlacementProblem problem;
   problem.num_servers = inputs.current->num_servers();
-  problem.load = {std::vector<double>(load.expert_tokens.begin(), load.expert_tokens.end())};
+  problem.load = LoadByLayer(*inputs.model, load.expert_tokens);
   if (std::accumulate(load.expert_tokens.begin(), load.expert_tokens.end(), int64_t{0}) == 0) {
     if (inputs.drain.empty()) {
       return absl::FailedPreconditionError(absl::StrCat("no tokens were served in the last ",
@@ -39,7 +49,7 @@ absl::StatusOr<PlacementPlan> PlanRebalance(const RebalanceInputs& inputs) {
                                                         ": there is no load to balance"));
     }
     // Only emptying servers: every expert alike.
-    problem.load[0].assign(problem.load[0].size(), 1.0);
+    for (std::vector<double>& layer : problem.load) layer.assign(layer.size(), 1.0);
   }
   problem.server_slots = ServerSlots(*inputs.model, *inputs.cluster, *inputs.current);
   for (int s : inputs.drain) {
@@ -55,19 +65,25 @@ absl::StatusOr<PlacementPlan> PlanRebalance(const RebalanceInputs& inputs) {
 }
 
 PlacementPlan PlanMoveTo(const RebalanceInputs& inputs, Placement target) {
-  constexpr int kLayer = 0;  // one MoE layer (model_config.h)
   const Placement& current = *inputs.current;
-  const std::vector<double> load(inputs.load.expert_tokens.begin(),
-                                 inputs.load.expert_tokens.end());
+  const std::vector<std::vector<double>> load =
+      LoadByLayer(*inputs.model, inputs.load.expert_tokens);
   PlacementPlan plan{std::move(target)};
-  plan.server_load_before = ServerLoads(current, kLayer, load);
-  plan.server_load_after = ServerLoads(plan.placement, kLayer, load);
+  plan.server_load_before.assign(current.num_servers(), 0.0);
+  plan.server_load_after.assign(current.num_servers(), 0.0);
+  for (int l = 0; l < plan.placement.num_layers(); ++l) {
+    const std::vector<double> before = ServerLoads(current, l, load[l]);
+    const std::vector<double> after = ServerLoads(plan.placement, l, load[l]);
+    for (int s = 0; s < current.num_servers(); ++s) {
+      plan.server_load_before[s] += before[s];
+      plan.server_load_after[s] += after[s];
+    }
+    for (int e = 0; e < plan.placement.num_experts(l); ++e) {
+      plan.replicas.push_back(static_cast<int>(plan.placement.ServersOf(ExpertKey(l, e)).size()));
+    }
+  }
   plan.imbalance_before = Imbalance(plan.server_load_before);
   plan.imbalance_after = Imbalance(plan.server_load_after);
-  for (int e = 0; e < plan.placement.num_experts(kLayer); ++e) {
-    plan.replicas.push_back(
-        static_cast<int>(plan.placement.ServersOf(ExpertKey(kLayer, e)).size()));
-  }
   for (int s = 0; s < current.num_servers(); ++s) {
     for (ExpertKey e : plan.placement.ExpertsOn(s)) plan.replicas_added += !current.Holds(s, e);
     for (ExpertKey e : current.ExpertsOn(s)) plan.replicas_removed += !plan.placement.Holds(s, e);

@@ -25,8 +25,13 @@ struct RebalanceInputs {
   std::vector<int> drain;
 };
 
-// Replicas per server: the config's slots_per_server, else ceil(E/N) + 1,
-// and never fewer than a server holds now (it has the memory for them).
+// Per layer, each expert's tokens (LoadStats' layer-major counts).
+std::vector<std::vector<double>> LoadByLayer(const ModelConfig& model,
+                                             absl::Span<const int64_t> expert_tokens);
+
+// Replicas per server: the config's slots_per_server per layer, else
+// ceil(L E / N) + 1, and never fewer than a server holds now (it has the
+// memory for them).
 std::vector<int> ServerSlots(const ModelConfig& model, const ClusterConfig& cluster,
                              const Placement& current);
 

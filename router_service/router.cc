@@ -16,9 +16,6 @@
 namespace moe::router {
 namespace {
 
-// The layer this router's gate is of: the one MoE layer a ModelConfig
-// describes (model_config.h).
-constexpr int kServedLayer = 0;
 // A training request id: the router's tag, then a counter of this many bits.
 constexpr int kRequestCounterBits = 40;
 
@@ -79,7 +76,8 @@ struct Router::TrainingRecord {
   std::vector<ExpertGroup> groups;       // requests cleared: only ids and pairs
   std::vector<FloatTensor> outputs;      // Expert(x) per group, fp32
   FloatTensor x;                         // fp32 [T, d_model], for the gate path
-  GateSnapshot gate;                     // the W_g forward used
+  GateSnapshot gate;                     // the gates forward used
+  int layer = 0;                         // whose gate and experts
   absl::Time expiry;
   int64_t bytes() const {
     int64_t total = x.num_elements() * 4 + routing.probs.size() * 4;
@@ -110,6 +108,7 @@ struct Router::ForwardCall {
   DType dtype = DType::kFloat32;
   int64_t num_tokens = 0;
   bool training = false;
+  int layer = 0;
   uint64_t request_id = 0;
   GateSnapshot gate;
   PlacementSnapshot placement;
@@ -154,7 +153,7 @@ Router::Router(Options options, Placement placement, ExpertClient& client)
       picker_(placement_.Get()->value.num_servers(), client),
       identity_(absl::StrCat(options_.name, "/", absl::Hex(options_.tag, absl::kZeroPad6))),
       gate_(options_.gate, options_.gate_step) {
-  MOE_CHECK(options_.gate.shape() == Shape({options_.model.d_model, options_.model.num_experts}));
+  MOE_CHECK(options_.gate.shape() == options_.model.gate_shape());
   const int servers = placement_.Get()->value.num_servers();
   answer_micros_.reset(new std::atomic<double>[servers]);
   for (int s = 0; s < servers; ++s) answer_micros_[s].store(0);
@@ -182,14 +181,18 @@ void Router::Run(absl::AnyInvocable<void() &&> work) {
   if (!options_.pool->Submit([shared] { std::move(*shared)(); })) std::move(*shared)();
 }
 
-void Router::Forward(const v1::Tensor& x, bool training, absl::Time deadline,
+void Router::Forward(const v1::Tensor& x, int layer, bool training, absl::Time deadline,
                      ForwardDone done, std::shared_ptr<Cancellation> cancellation) {
-  Start(x, training, deadline, std::move(done), std::move(cancellation), /*restarts=*/0);
+  Start(x, layer, training, deadline, std::move(done), std::move(cancellation), /*restarts=*/0);
 }
 
-void Router::Start(const v1::Tensor& x, bool training, absl::Time deadline, ForwardDone done,
-                   std::shared_ptr<Cancellation> cancellation, int restarts) {
+void Router::Start(const v1::Tensor& x, int layer, bool training, absl::Time deadline,
+                   ForwardDone done, std::shared_ptr<Cancellation> cancellation, int restarts) {
   const ModelConfig& model = options_.model;
+  if (absl::Status valid = CheckLayer(model, layer); !valid.ok()) {
+    std::move(done)(valid);
+    return;
+  }
   absl::StatusOr<ConstTensorView> view =
       DecodeTensor(x, TokenBatchSpec("x", model.d_model, model.max_batch_tokens));
   if (!view.ok()) {
@@ -206,16 +209,18 @@ void Router::Start(const v1::Tensor& x, bool training, absl::Time deadline, Forw
   call->dtype = view->dtype;
   call->num_tokens = view->rows();
   call->training = training;
+  call->layer = layer;
   call->request_id =
       training ? (uint64_t{options_.tag} << kRequestCounterBits) | next_request_id_.fetch_add(1)
                : 0;
   call->x32 = AsFloats(*view, call->x32_storage);
   call->gate = gate();
   call->placement = placement();
-  call->routing = RouteTokens(call->x32, call->num_tokens, call->gate->value, model);
+  call->routing = RouteTokens(call->x32, call->num_tokens,
+                              GateOfLayer(model, call->gate->value.values(), layer), model);
   absl::StatusOr<std::vector<ExpertGroup>> groups =
       PlanDispatch(call->routing, *view, call->placement->value, picker_,
-                   {kServedLayer, training, call->request_id, ToDeadlineMicros(deadline),
+                   {layer, training, call->request_id, ToDeadlineMicros(deadline),
                     call->placement->version, call->gate->version, MaxCallRows(*view)});
   if (!groups.ok()) {
     std::move(call->done)(groups.status());
@@ -516,10 +521,13 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
   if (options_.load_stats != nullptr) {
     std::vector<int64_t> server_tokens(call->placement->value.num_servers(), 0);
     for (const ExpertGroup& g : call->groups) server_tokens[g.server] += g.pairs.size();
-    options_.load_stats->Record(call->routing.expert_tokens, server_tokens,
+    options_.load_stats->Record(int64_t{call->layer} * options_.model.num_experts,
+                                call->routing.expert_tokens, server_tokens,
                                 call->routing.dropped_pairs, absl::Now());
   }
-  if (options_.routing_sample != nullptr) options_.routing_sample->Record(call->routing);
+  if (options_.routing_sample != nullptr) {
+    options_.routing_sample->Record(call->routing, call->layer);
+  }
 
   ForwardResult result;
   EncodeFloats(y.values(), y.shape(), call->dtype, &result.y);
@@ -537,6 +545,7 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
     record->x = FloatTensor({call->num_tokens, d_model},
                             std::vector<float>(call->x32.begin(), call->x32.end()));
     record->gate = call->gate;
+    record->layer = call->layer;
     if (absl::Status kept = KeepTraining(call->request_id, std::move(record)); !kept.ok()) {
       std::move(call->done)(kept);
       return;
@@ -744,15 +753,19 @@ void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
       for (int64_t m = 0; m < d_model; ++m) dx_row[m] += rows[r * d_model + m];
     }
   }
-  FloatTensor gate_gradient(rec.gate->value.shape());
-  GateBackward(rec.routing, rec.x.values(), rec.gate->value, call->d_weight, dx.mutable_values(),
-               gate_gradient);
+  // The layer's rows of the gates' gradient: only they go to the lease
+  // keeper.
+  FloatTensor gate_gradient({d_model, options_.model.num_experts});
+  GateBackward(rec.routing, rec.x.values(),
+               GateOfLayer(options_.model, rec.gate->value.values(), rec.layer), call->d_weight,
+               dx.mutable_values(), gate_gradient.mutable_values());
   // The gate gradient is kept by the lease keeper, where a Step through
   // any router takes it; the Backward is done once it is there.
   auto out = std::make_shared<v1::Tensor>();
   EncodeFloats(dx.values(), dx.shape(), call->dtype, out.get());
   auto request = std::make_shared<v1::AddGateGradientRequest>();
   request->set_gate_step(rec.gate->version);
+  request->set_layer(rec.layer);
   EncodeFloats(gate_gradient.values(), gate_gradient.shape(), DType::kFloat32,
                request->mutable_gradient());
   client_.AddGateGradient(
@@ -780,8 +793,8 @@ void Router::RetryStale(std::shared_ptr<ForwardCall> call) {
     MOE_LOG(INFO, "forward at epoch ", call->placement->version, ", step ", call->gate->version,
             " met newer servers; again at epoch ", placement()->version, ", step ",
             gate()->version);
-    Start(*call->x, call->training, call->deadline, std::move(call->done), call->cancellation,
-          call->restarts + 1);
+    Start(*call->x, call->layer, call->training, call->deadline, std::move(call->done),
+          call->cancellation, call->restarts + 1);
     return;
   }
   absl::Status status;

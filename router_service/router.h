@@ -60,7 +60,8 @@ class Router {
  public:
   struct Options {
     ModelConfig model;
-    // W_g [d_model, num_experts], as the router starts, and the committed
+    // Every layer's W_g, stacked ([num_layers * d_model, num_experts],
+    // ModelConfig::gate_shape()), as the router starts, and the committed
     // step it is of (a sharded checkpoint's; 0: initial).
     FloatTensor gate;
     uint64_t gate_step = 0;
@@ -148,9 +149,9 @@ class Router {
   Router(Options options, Placement placement, ExpertClient& client);
   ~Router();
 
-  // y = MoE(x). `x` must stay valid until `done` runs; `done` runs once.
-  // `cancellation`, if given, can end the call early.
-  void Forward(const v1::Tensor& x, bool training, absl::Time deadline, ForwardDone done,
+  // y = MoE layer `layer`(x). `x` must stay valid until `done` runs;
+  // `done` runs once. `cancellation`, if given, can end the call early.
+  void Forward(const v1::Tensor& x, int layer, bool training, absl::Time deadline, ForwardDone done,
                std::shared_ptr<Cancellation> cancellation = nullptr);
   // dL/dx for the training forward `request_id`, from dL/dy.
   void Backward(uint64_t request_id, const v1::Tensor& grad_output, absl::Time deadline,
@@ -243,7 +244,7 @@ class Router {
 
   // Forward, the `restarts`-th time (a restart re-runs a call that met
   // servers newer than this router was when it started).
-  void Start(const v1::Tensor& x, bool training, absl::Time deadline, ForwardDone done,
+  void Start(const v1::Tensor& x, int layer, bool training, absl::Time deadline, ForwardDone done,
              std::shared_ptr<Cancellation> cancellation, int restarts);
   static constexpr int kMaxRestarts = 2;
   // Sends group `group` of `call` to `server` (a first try, a failover or

@@ -1,5 +1,8 @@
 #include "router_service/router_metrics.h"
 
+#include <map>
+#include <numeric>
+
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 
@@ -12,7 +15,7 @@ constexpr const char* kMethods[kNumRouterMethods] = {"Forward", "Backward", "Ste
 }  // namespace
 
 std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& registry,
-                                                     int num_experts) {
+                                                     const ModelConfig& model) {
   auto m = std::make_unique<RouterMetrics>();
   m->authz_denied = &prometheus::BuildCounter()
                          .Name("moe_router_authz_denied_total")
@@ -139,8 +142,18 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
                             .Name("moe_router_expert_tokens_total")
                             .Help("(token, expert) pairs routed to each expert and served.")
                             .Register(registry);
-  for (int e = 0; e < num_experts; ++e) {
-    m->expert_tokens.push_back(&expert_tokens.Add({{"expert", absl::StrCat(e)}}));
+  m->num_experts = model.num_experts;
+  m->per_expert = model.total_experts() <= kMaxExpertSeries;
+  for (int l = 0; l < model.num_layers; ++l) {
+    if (!m->per_expert) {
+      m->expert_tokens.push_back(&expert_tokens.Add({{"layer", absl::StrCat(l)}}));
+      continue;
+    }
+    for (int e = 0; e < model.num_experts; ++e) {
+      std::map<std::string, std::string> labels = {{"expert", absl::StrCat(e)}};
+      if (model.num_layers > 1) labels["layer"] = absl::StrCat(l);
+      m->expert_tokens.push_back(&expert_tokens.Add(labels));
+    }
   }
   m->dropped_pairs = &prometheus::BuildCounter()
                           .Name("moe_router_dropped_pairs_total")
@@ -215,6 +228,17 @@ void RouterMetrics::CountRebalance(const absl::Status& status, int64_t bytes,
     rebalances_failed->Increment();
   } else {
     rebalances_aborted->Increment();
+  }
+}
+
+void RouterMetrics::CountExpertTokens(int layer, absl::Span<const int64_t> tokens) const {
+  if (!per_expert) {
+    expert_tokens.at(layer)->Increment(
+        static_cast<double>(std::accumulate(tokens.begin(), tokens.end(), int64_t{0})));
+    return;
+  }
+  for (size_t e = 0; e < tokens.size(); ++e) {
+    expert_tokens.at(layer * num_experts + e)->Increment(static_cast<double>(tokens[e]));
   }
 }
 

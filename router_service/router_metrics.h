@@ -1,5 +1,6 @@
 // The router's Prometheus metrics, built once against a registry. Labels are
-// bounded: method names, gRPC code names, expert ids. prometheus-cpp
+// bounded: method names, gRPC code names, layers and expert ids (at most
+// kMaxExpertSeries experts). prometheus-cpp
 // metrics are thread-safe.
 #ifndef MOE_ROUTER_SERVICE_ROUTER_METRICS_H_
 #define MOE_ROUTER_SERVICE_ROUTER_METRICS_H_
@@ -12,6 +13,8 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+#include "common/model_config.h"
 #include "prometheus/counter.h"
 #include "prometheus/gauge.h"
 #include "prometheus/histogram.h"
@@ -29,7 +32,8 @@ enum class RouterMethod {
 inline constexpr int kNumRouterMethods = 5;
 
 struct RouterMetrics {
-  static std::unique_ptr<RouterMetrics> Create(prometheus::Registry& registry, int num_experts);
+  static std::unique_ptr<RouterMetrics> Create(prometheus::Registry& registry,
+                                               const ModelConfig& model);
 
   // moe_router_requests_total{method, code}.
   std::array<std::array<prometheus::Counter*, 17>, kNumRouterMethods> requests{};
@@ -54,8 +58,15 @@ struct RouterMetrics {
   prometheus::Histogram* step_allreduce_seconds = nullptr;
   // moe_router_batch_tokens: tokens per Forward.
   prometheus::Histogram* batch_tokens = nullptr;
-  // moe_router_expert_tokens_total{expert}: pairs routed to each expert.
+  // moe_router_expert_tokens_total{expert} (one layer), {layer, expert}
+  // (several, up to kMaxExpertSeries experts in all) or {layer} (more):
+  // pairs routed to each expert and served.
+  static constexpr int kMaxExpertSeries = 4096;
   std::vector<prometheus::Counter*> expert_tokens;
+  int num_experts = 0;  // per layer
+  bool per_expert = true;
+  // Counts layer `layer`'s pairs per expert.
+  void CountExpertTokens(int layer, absl::Span<const int64_t> tokens) const;
   // moe_router_dropped_pairs_total: pairs dropped for capacity.
   prometheus::Counter* dropped_pairs = nullptr;
   // moe_router_load_imbalance{over="experts"|"servers"}: max/mean

@@ -17,17 +17,12 @@
 namespace moe::router {
 namespace {
 
-// W_g as the router starts: from the checkpoint, or the deterministic init.
+// Every layer's W_g as the router starts: from the checkpoint, or the
+// deterministic init.
 absl::StatusOr<FloatTensor> StartingGate(const ModelConfig& model,
                                          const std::string& checkpoint_path) {
-  if (checkpoint_path.empty()) return InitGate(model);
-  absl::StatusOr<MoeWeights> weights =
-      LoadCheckpoint(checkpoint_path, model, {/*gate=*/true, std::vector<int>{}});
-  if (!weights.ok()) return weights.status();
-  if (!weights->gate.has_value()) {
-    return absl::NotFoundError(absl::StrCat(checkpoint_path, ": no gate tensor"));
-  }
-  return std::move(*weights->gate);
+  if (checkpoint_path.empty()) return InitGates(model);
+  return LoadGates(checkpoint_path, model);
 }
 
 // This machine's name (a pod's name on Kubernetes).
@@ -80,21 +75,20 @@ absl::Status RouterServer::Start() {
   client_ = GrpcExpertClient::Create(
       {config.cluster.servers, options_.credentials, options_.max_message_bytes});
   pool_ = std::make_unique<ComputePool>(options_.compute_threads, options_.max_queued_requests);
-  load_stats_ = std::make_unique<LoadStats>(model.num_experts, placement.num_servers());
+  load_stats_ = std::make_unique<LoadStats>(model.total_experts(), placement.num_servers());
   registry_ = std::make_shared<prometheus::Registry>();
-  metrics_ = RouterMetrics::Create(*registry_, model.num_experts);
+  metrics_ = RouterMetrics::Create(*registry_, model);
   Router::Options router_options;
   router_options.model = model;
   router_options.cluster = config.cluster;
   router_options.gate = std::move(gate);
   router_options.gate_step = loaded.step;
   if (!start.path.empty()) {
-    MOE_ASSIGN_OR_RETURN(
-        std::optional<std::vector<MoeWeights>> states,
-        LoadOptimizerState(start.path, model, {/*gate=*/true, std::vector<int>{}}));
+    MOE_ASSIGN_OR_RETURN(std::optional<std::vector<FloatTensor>> states,
+                         LoadGateOptimizerState(start.path, model));
     if (states) {
-      router_options.gate_velocity = std::move((*states)[0].gate);
-      if (states->size() > 1) router_options.gate_second_moment = std::move((*states)[1].gate);
+      router_options.gate_velocity = std::move((*states)[0]);
+      if (states->size() > 1) router_options.gate_second_moment = std::move((*states)[1]);
     } else if (loaded.step > 0 && OptimizerStateTensors(model.optimizer.type) > 0) {
       MOE_LOG(WARNING, start.path, " holds no optimizer state; the gate's starts at zero at step ",
               loaded.step);

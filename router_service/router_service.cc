@@ -48,9 +48,7 @@ void RouterServiceImpl::FillForward(const v1::ForwardRequest& request,
       out->mutable_weights()->Assign(routing.weights.begin(), routing.weights.end());
       for (uint8_t d : routing.dropped) out->add_dropped(d != 0);
     }
-    for (size_t e = 0; e < routing.expert_tokens.size(); ++e) {
-      metrics_.expert_tokens[e]->Increment(static_cast<double>(routing.expert_tokens[e]));
-    }
+    metrics_.CountExpertTokens(request.layer(), routing.expert_tokens);
     metrics_.dropped_pairs->Increment(static_cast<double>(routing.dropped_pairs));
     metrics_.batch_tokens->Observe(static_cast<double>(routing.num_tokens));
   }
@@ -92,10 +90,9 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Forward(grpc::CallbackServerContext
     reactor->Finish(ToGrpcStatus(result.status()));
   };
   auto shared = std::make_shared<decltype(finish)>(std::move(finish));
-  if (!pool_.Submit([this, request, deadline, shared,
-                     cancellation = reactor->cancellation()] {
+  if (!pool_.Submit([this, request, deadline, shared, cancellation = reactor->cancellation()] {
         router_.Forward(
-            request->x(), request->training(), deadline,
+            request->x(), request->layer(), request->training(), deadline,
             [shared](absl::StatusOr<Router::ForwardResult> r) { (*shared)(std::move(r)); },
             cancellation);
       })) {
@@ -117,7 +114,7 @@ RouterServiceImpl::ForwardStream(grpc::CallbackServerContext* context) {
         const v1::ForwardRequest& r = *request;
         const absl::Duration timeout =
             r.timeout_ms() > 0 ? absl::Milliseconds(r.timeout_ms()) : stream_request_timeout_;
-        router_.Forward(r.x(), r.training(), std::min(stream_deadline, start + timeout),
+        router_.Forward(r.x(), r.layer(), r.training(), std::min(stream_deadline, start + timeout),
                         [this, request = std::move(request), response = std::move(response),
                          reply = std::move(reply),
                          start](absl::StatusOr<Router::ForwardResult> result) mutable {
@@ -296,25 +293,31 @@ grpc::ServerUnaryReactor* RouterServiceImpl::GetClusterState(
   response->set_step(router_.gate()->version);
   response->set_router(router_.identity());
   *response->mutable_model() = ModelConfigToProto(config.model);
-  // One MoE layer (model_config.h): every key is of layer 0, and the
-  // response names experts by their index in it.
-  constexpr int kLayer = 0;
+  const bool layered = config.model.num_layers > 1;
   for (int s = 0; s < placement.num_servers(); ++s) {
     v1::ServerState* server = response->add_servers();
     server->set_name(config.cluster.servers[s].name);
     server->set_address(config.cluster.servers[s].address);
     server->set_healthy(cluster_.client->IsHealthy(s));
-    for (ExpertKey e : placement.ExpertsOn(s)) server->add_expert_ids(e.expert);
+    for (ExpertKey e : placement.ExpertsOn(s)) {
+      server->add_expert_ids(e.expert);
+      if (layered) server->add_expert_layers(e.layer);
+    }
     server->set_tokens(load.server_tokens[s]);
-    for (ExpertKey e : router_.StaleExperts(s)) server->add_stale_expert_ids(e.expert);
+    for (ExpertKey e : router_.StaleExperts(s)) {
+      server->add_stale_expert_ids(e.expert);
+      if (layered) server->add_stale_expert_layers(e.layer);
+    }
     server->set_ejected(router_.Ejected(s));
   }
-  for (int e = 0; e < placement.num_experts(kLayer); ++e) {
-    v1::ExpertLoad* expert = response->add_experts();
-    expert->set_expert_id(e);
-    expert->set_tokens(load.expert_tokens[e]);
-    for (int s : placement.ServersOf(ExpertKey(kLayer, e))) {
-      expert->add_servers(config.cluster.servers[s].name);
+  for (int l = 0; l < placement.num_layers(); ++l) {
+    for (int e = 0; e < placement.num_experts(l); ++e) {
+      v1::ExpertLoad* expert = response->add_experts();
+      SetExpertKey(ExpertKey(l, e), expert);
+      expert->set_tokens(load.expert_tokens[l * placement.num_experts(l) + e]);
+      for (int s : placement.ServersOf(ExpertKey(l, e))) {
+        expert->add_servers(config.cluster.servers[s].name);
+      }
     }
   }
   response->set_window_seconds(absl::ToDoubleSeconds(load.window));

@@ -14,13 +14,6 @@
 #include "router_service/router.h"  // IWYU pragma: associated
 
 namespace moe::router {
-namespace {
-
-// The layer this router's gate is of (model_config.h).
-constexpr int kServedLayer = 0;
-
-}  // namespace
-
 void Router::Refresh(int placement_from, int gate_from, absl::AnyInvocable<void() &&> then) {
   {
     absl::MutexLock lock(&refresh_mu_);
@@ -90,7 +83,7 @@ absl::Status Router::AdoptGate(const v1::GetGateResponse& response) {
   const ModelConfig& model = options_.model;
   auto decode = [&](const v1::Tensor& tensor,
                     absl::string_view name) -> absl::StatusOr<FloatTensor> {
-    const TensorSpec spec{name, {model.d_model, model.num_experts}, {"d_model", "num_experts"}};
+    const TensorSpec spec{name, model.gate_shape(), {"num_layers x d_model", "num_experts"}};
     MOE_ASSIGN_OR_RETURN(const ConstTensorView view, DecodeTensor(tensor, spec));
     if (view.dtype != DType::kFloat32) {
       return absl::InvalidArgumentError(absl::StrCat(name, ": must be fp32"));
@@ -157,10 +150,9 @@ absl::StatusOr<Router::PlacementSnapshot> Router::InstallPlacement(Placement nex
   }
   if (!same_shape) {
     return absl::InvalidArgumentError(
-        absl::StrCat("placement of ", next.num_layers(), " layer(s), ",
-                     next.num_experts(kServedLayer), " experts in layer ", kServedLayer, ", on ",
-                     next.num_servers(), " servers; this cluster has ", now.num_layers(), ", ",
-                     now.num_experts(kServedLayer), ", on ", now.num_servers()));
+        absl::StrCat("placement of ", next.num_layers(), " layer(s) of ", next.num_experts(0),
+                     " experts on ", next.num_servers(), " servers; this cluster has ",
+                     now.num_layers(), " of ", now.num_experts(0), " on ", now.num_servers()));
   }
   MOE_ASSIGN_OR_RETURN(PlacementSnapshot installed,
                        placement_.InstallIf(expected, std::move(next), epoch));

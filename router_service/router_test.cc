@@ -173,7 +173,7 @@ TEST(RouterTest, MicroBatchesGiveTheSameBits) {
         const int whole_calls = cluster.client.forwards() - before;
         absl::Notification done;
         absl::StatusOr<Router::ForwardResult> pieces;
-        split.Forward(x, false, absl::InfiniteFuture(), [&](auto r) {
+        split.Forward(x, 0, false, absl::InfiniteFuture(), [&](auto r) {
           pieces = std::move(r);
           done.Notify();
         });
@@ -207,7 +207,7 @@ TEST(RouterTest, ForwardsReportTheirOverlap) {
   Router router(options, cluster.placement, cluster.client);
   for (int i = 0; i < 3; ++i) {
     absl::Notification done;
-    router.Forward(Wire(RandomTensor({500, 32}, 40 + i)), false, absl::InfiniteFuture(),
+    router.Forward(Wire(RandomTensor({500, 32}, 40 + i)), 0, false, absl::InfiniteFuture(),
                    [&](auto r) {
                      EXPECT_TRUE(r.ok()) << r.status();
                      done.Notify();
@@ -338,7 +338,7 @@ struct StalledCluster {
     client->Unstall(0);
     client->Unstall(1);
     absl::Notification served;
-    router->Forward(Wire(RandomTensor({4, 32}, 4)), false, absl::InfiniteFuture(),
+    router->Forward(Wire(RandomTensor({4, 32}, 4)), 0, false, absl::InfiniteFuture(),
                     [&](absl::StatusOr<Router::ForwardResult> r) {
                       EXPECT_TRUE(r.ok()) << r.status();
                       served.Notify();
@@ -372,7 +372,7 @@ TEST(RouterTest, ASilentReplicaIsHedgedAndAvoided) {
     absl::Notification done;
     absl::StatusOr<Router::ForwardResult> result;
     const v1::Tensor wire = Wire(x);  // valid until the call is done
-    router->Forward(wire, false, absl::InfiniteFuture(),
+    router->Forward(wire, 0, false, absl::InfiniteFuture(),
                     [&](absl::StatusOr<Router::ForwardResult> r) {
                       result = std::move(r);
                       done.Notify();
@@ -401,7 +401,7 @@ TEST(RouterTest, DeadlineEndsACallThatWaitsOnAStalledServer) {
   absl::Notification done;
   absl::Status status;
   int calls = 0;
-  cluster.router->Forward(Wire(RandomTensor({16, 32}, 3)), false,
+  cluster.router->Forward(Wire(RandomTensor({16, 32}, 3)), 0, false,
                           absl::Now() + absl::Milliseconds(20),
                           [&](absl::StatusOr<Router::ForwardResult> r) {
                             status = r.status();
@@ -423,13 +423,14 @@ TEST(RouterTest, ACancelledCallEndsAtOnceAndKeepsNothing) {
   absl::Status status;
   int calls = 0;
   const v1::Tensor x = Wire(RandomTensor({16, 32}, 3));
-  cluster.router->Forward(x, /*training=*/true, absl::InfiniteFuture(),
-                          [&](absl::StatusOr<Router::ForwardResult> r) {
-                            status = r.status();
-                            ++calls;
-                            done.Notify();
-                          },
-                          cancellation);
+  cluster.router->Forward(
+      x, 0, /*training=*/true, absl::InfiniteFuture(),
+      [&](absl::StatusOr<Router::ForwardResult> r) {
+        status = r.status();
+        ++calls;
+        done.Notify();
+      },
+      cancellation);
   cancellation->Cancel();
   done.WaitForNotification();
   EXPECT_EQ(status.code(), absl::StatusCode::kCancelled);
@@ -462,7 +463,7 @@ TEST(RouterTest, ReportsItsPhases) {
   Router router(std::move(options), placement, client);
   absl::Notification done;
   const absl::Time start = absl::Now();
-  router.Forward(Wire(RandomTensor({20, 32}, 5)), false, absl::InfiniteFuture(),
+  router.Forward(Wire(RandomTensor({20, 32}, 5)), 0, false, absl::InfiniteFuture(),
                  [&](absl::StatusOr<Router::ForwardResult> r) {
                    EXPECT_TRUE(r.ok());
                    done.Notify();

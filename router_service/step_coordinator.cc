@@ -371,11 +371,11 @@ absl::StatusOr<FloatTensor> StepCoordinator::GateGradient(
   const ModelConfig& model = router_.model();
   // Zero when no Backward ran since the last step (momentum still moves
   // the gate, as in the reference).
-  FloatTensor gradient({model.d_model, model.num_experts});
+  FloatTensor gradient(model.gate_shape());
   for (size_t s = 0; s < prepared.size(); ++s) {
     if (!prepared[s]->has_gate_gradient()) continue;
     const TensorSpec spec{
-        "gate_gradient", {model.d_model, model.num_experts}, {"d_model", "num_experts"}};
+        "gate_gradient", model.gate_shape(), {"num_layers x d_model", "num_experts"}};
     absl::StatusOr<ConstTensorView> view = DecodeTensor(prepared[s]->gate_gradient(), spec);
     if (!view.ok() || view->dtype != DType::kFloat32) {
       return absl::InternalError(
@@ -467,11 +467,11 @@ absl::StatusOr<StepCoordinator::Saved> StepCoordinator::Save(DType dtype, absl::
   // Each expert once, from the healthy replica with the fewest experts to
   // write so far (the servers write in parallel); a shard per server that
   // writes any, then the gate's.
-  constexpr int kLayer = 0;  // the one MoE layer a ModelConfig describes
   std::map<int, std::vector<ExpertKey>> experts_of_writer;
   std::vector<int> assigned(placement->value.num_servers(), 0);
-  for (int e = 0; e < model.num_experts; ++e) {
-    const ExpertKey expert(kLayer, e);
+  for (int64_t i = 0; i < model.total_experts(); ++i) {
+    const ExpertKey expert(static_cast<int>(i / model.num_experts),
+                           static_cast<int>(i % model.num_experts));
     int writer = -1;
     for (int s : placement->value.ServersOf(expert)) {
       if (client_.IsHealthy(s) && (writer < 0 || assigned[s] < assigned[writer])) writer = s;
@@ -524,25 +524,29 @@ absl::StatusOr<StepCoordinator::Saved> StepCoordinator::Save(DType dtype, absl::
     }
     state_bytes += written[w]->optimizer_bytes();
   }
-  MoeWeights gate_only;
-  gate_only.gate = gate->value;
+  // The gates, one tensor per layer as the checkpoint names them.
+  const std::vector<MoeWeights> gates = SplitGates(model, gate->value);
+  std::vector<ShardPart> gate_parts;
+  for (const MoeWeights& layer : gates) gate_parts.push_back({"", &layer});
   const std::string gate_file = ShardFileName(num_shards, num_shards);
   std::vector<std::string> gate_names;
   MOE_ASSIGN_OR_RETURN(const int64_t gate_bytes,
                        SaveCheckpointShard(absl::StrCat(saved.directory, "/", gate_file), model,
-                                           gate_only, dtype, &gate_names));
+                                           gate_parts, dtype, &gate_names));
   for (const std::string& name : gate_names) weight_map[name] = gate_file;
   saved.bytes += gate_bytes;
   saved.files.push_back(gate_file);
   if (!states.empty()) {
     // The gate's state, then the optimizer's index: before the weights'
     // index, which makes the checkpoint.
-    std::vector<MoeWeights> gate_states(states.size());
+    std::vector<std::vector<MoeWeights>> gate_states;
     const FloatTensor* held[] = {&gate_state.velocity, &gate_state.second_moment};
     std::vector<ShardPart> parts;
     for (size_t k = 0; k < states.size(); ++k) {
-      gate_states[k].gate = *held[k];
-      parts.push_back({states[k], &gate_states[k]});
+      gate_states.push_back(SplitGates(model, *held[k]));
+    }
+    for (size_t k = 0; k < states.size(); ++k) {
+      for (const MoeWeights& layer : gate_states[k]) parts.push_back({states[k], &layer});
     }
     const std::string state_file = OptimizerShardFileName(num_shards, num_shards);
     std::vector<std::string> names;

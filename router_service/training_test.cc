@@ -382,7 +382,7 @@ TEST(InProcessTrainingFaultTest, ABackwardGoesToTheRouterOfItsForward) {
   absl::Notification done;
   absl::StatusOr<Router::ForwardResult> b;
   const v1::Tensor wire = Wire(x);  // valid until the call is done
-  other.Forward(wire, true, absl::InfiniteFuture(), [&](auto r) {
+  other.Forward(wire, 0, true, absl::InfiniteFuture(), [&](auto r) {
     b = std::move(r);
     done.Notify();
   });
@@ -431,7 +431,7 @@ TEST(InProcessTrainingFaultTest, BackwardsThroughTwoRoutersMakeOneStep) {
   auto forward = [](Router& router, const v1::Tensor& x, bool training) {
     absl::Notification done;
     absl::StatusOr<Router::ForwardResult> y;
-    router.Forward(x, training, absl::InfiniteFuture(), [&](auto r) {
+    router.Forward(x, 0, training, absl::InfiniteFuture(), [&](auto r) {
       y = std::move(r);
       done.Notify();
     });
@@ -529,7 +529,7 @@ TEST(InProcessVersionTest, ARouterBehindTheServersLearnsTheirGate) {
   const v1::Tensor wire = Wire(x);
   absl::Notification done;
   absl::StatusOr<Router::ForwardResult> stale;
-  behind.Forward(wire, false, absl::InfiniteFuture(), [&](auto r) {
+  behind.Forward(wire, 0, false, absl::InfiniteFuture(), [&](auto r) {
     stale = std::move(r);
     done.Notify();
   });
@@ -592,7 +592,7 @@ TEST(InProcessVersionTest, AForwardOverlappingACommitIsRunAgainAtTheNewStep) {
   const v1::Tensor wire = Wire(x);  // valid until the call ends, restarts too
   absl::Notification done;
   absl::StatusOr<Router::ForwardResult> result;
-  cluster.router.Forward(wire, false, absl::InfiniteFuture(), [&](auto r) {
+  cluster.router.Forward(wire, 0, false, absl::InfiniteFuture(), [&](auto r) {
     result = std::move(r);
     done.Notify();
   });

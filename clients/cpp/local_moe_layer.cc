@@ -29,7 +29,7 @@ absl::StatusOr<std::unique_ptr<LocalMoeLayer>> LocalMoeLayer::Create(const Model
 absl::StatusOr<FloatTensor> LocalMoeLayer::Forward(const FloatTensor& x) const {
   const int64_t tokens = x.dim(0);
   const int64_t d_model = model_.d_model;
-  const Routing routing = RouteTokens(x.values(), tokens, *weights_.gate, model_);
+  const Routing routing = RouteTokens(x.values(), tokens, weights_.gate->values(), model_);
   const PairIndex index = routing.pairs();
   const std::vector<std::vector<int64_t>> pairs = KeptPairsByExpert(routing);
   FloatTensor y({tokens, d_model});

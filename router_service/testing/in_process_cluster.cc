@@ -91,7 +91,7 @@ absl::StatusOr<Router::ForwardResult> InProcessCluster::Forward(const v1::Tensor
                                                                 bool training) {
   absl::Notification done;
   absl::StatusOr<Router::ForwardResult> result;
-  router.Forward(x, training, absl::InfiniteFuture(),
+  router.Forward(x, /*layer=*/0, training, absl::InfiniteFuture(),
                  [&](absl::StatusOr<Router::ForwardResult> r) {
                    result = std::move(r);
                    done.Notify();

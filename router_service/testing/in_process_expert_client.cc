@@ -20,7 +20,7 @@ InProcessExpertClient::InProcessExpertClient(const ModelConfig& model,
                                              const Placement& placement,
                                              const MoeWeights& weights,
                                              expert::KernelFactory kernel_factory) {
-  metrics_ = expert::ExpertMetrics::Create(registry_, model.num_experts);
+  metrics_ = expert::ExpertMetrics::Create(registry_, model);
   pool_ = std::make_unique<ComputePool>(2, 1 << 16);
   const int num_servers = placement.num_servers();
   for (int s = 0; s < num_servers; ++s) {

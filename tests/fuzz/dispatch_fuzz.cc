@@ -29,7 +29,7 @@ struct Server {
             -> absl::StatusOr<std::unique_ptr<moe::expert::ExpertKernel>> {
           return std::make_unique<moe::expert::ReferenceExpertKernel>(w);
         });
-    metrics = moe::expert::ExpertMetrics::Create(registry, model.num_experts);
+    metrics = moe::expert::ExpertMetrics::Create(registry, model);
     dispatcher = std::make_unique<moe::expert::ExpertDispatcher>(
         moe::expert::ExpertDispatcher::Options{"fuzz"}, *store, *metrics, nullptr, nullptr);
   }
