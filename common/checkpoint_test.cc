@@ -311,6 +311,90 @@ TEST(CheckpointTest, NamesCarryTheLayerBeyondLayerZero) {
   EXPECT_EQ(ExpertTensorName(ExpertKey(5, 0), ExpertTensor::kB1), "layers.5.experts.0.w1.bias");
 }
 
+// A model of several layers: one file holds every layer's tensors (layer
+// 0's under today's names), each load reads one layer, LoadGates stacks
+// the gates; a file missing a layer's tensor, or a one-layer file for a
+// two-layer model, is a named error.
+TEST(CheckpointTest, EveryLayerRoundTripsAndLoadsOneLayerAtATime) {
+  ModelConfig model = SmallModel();
+  model.num_layers = 3;
+  std::vector<MoeWeights> layers;
+  for (int l = 0; l < 3; ++l) layers.push_back(InitAllWeights(model, l));
+  const std::string path = TempPath("layers.safetensors");
+  ASSERT_TRUE(
+      SaveCheckpoint(path, model, {&layers[2], &layers[0], &layers[1]}, DType::kFloat32).ok());
+  for (int l = 0; l < 3; ++l) {
+    absl::StatusOr<MoeWeights> loaded = LoadCheckpoint(path, model, {true, std::nullopt, l});
+    ASSERT_TRUE(loaded.ok()) << loaded.status();
+    EXPECT_EQ(loaded->layer, l);
+    ExpectSameWeights(*loaded, layers[l]);
+  }
+  absl::StatusOr<MoeWeights> some = LoadCheckpoint(path, model, {false, std::vector<int>{1}, 2});
+  ASSERT_TRUE(some.ok()) << some.status();
+  EXPECT_FALSE(some->gate.has_value());
+  ASSERT_EQ(some->experts.size(), 1u);
+  EXPECT_EQ(some->experts.at(1).w2, layers[2].experts.at(1).w2);
+  absl::StatusOr<FloatTensor> gates = LoadGates(path, model);
+  ASSERT_TRUE(gates.ok()) << gates.status();
+  EXPECT_EQ(*gates, InitGates(model));
+  EXPECT_THAT(LoadCheckpoint(path, model, {true, std::nullopt, 3}).status().message(),
+              HasSubstr("layer 3 is out of range [0, 3)"));
+  // Saving needs every layer once.
+  EXPECT_THAT(
+      SaveCheckpoint(path + ".part", model, {&layers[0], &layers[1]}, DType::kFloat32).message(),
+      HasSubstr("layer 2 is missing"));
+  // A one-layer file does not serve a three-layer model.
+  const std::string one = TempPath("one_layer.safetensors");
+  ASSERT_TRUE(SaveCheckpoint(one, SmallModel(), layers[0], DType::kFloat32).ok());
+  EXPECT_THAT(LoadCheckpoint(one, model).status().message(),
+              HasSubstr("missing tensor \"layers.1.gate.weight\""));
+}
+
+// A Hugging Face model's MoE layers by their number in the model: the
+// prefix's "{layer}" becomes layer_numbers[l].
+TEST(CheckpointTest, HuggingFaceLayersAreFoundByTheirNumber) {
+  ModelConfig model = SmallModel();
+  model.num_layers = 2;
+  model.checkpoint_layout = {
+      CheckpointFamily::kNllbMoe, "model.encoder.layers.{layer}.ffn", {3, 7}};
+  EXPECT_EQ(model.checkpoint_layout.LayerPrefix(1), "model.encoder.layers.7.ffn");
+  // Written with the names NLLB-MoE uses (nn.Linear layout), plus a dense
+  // layer's tensor that is not read.
+  SafetensorsWriter writer;
+  std::vector<std::vector<float>> data;
+  auto add = [&](const std::string& name, Shape shape, float base) {
+    std::vector<float> values(NumElements(shape));
+    for (size_t i = 0; i < values.size(); ++i) values[i] = base + 0.001f * static_cast<float>(i);
+    data.push_back(std::move(values));
+    writer.Add(name, shape, data.back());
+  };
+  data.reserve(64);
+  for (int number : {3, 7}) {
+    const std::string p = absl::StrCat("model.encoder.layers.", number, ".ffn.");
+    add(p + "router.classifier.weight", {3, 6}, number);
+    for (int e = 0; e < 3; ++e) {
+      const std::string m = absl::StrCat(p, "experts.expert_", e, ".");
+      add(m + "fc1.weight", {10, 6}, number + e);
+      add(m + "fc1.bias", {10}, number + e + 0.5f);
+      add(m + "fc2.weight", {6, 10}, -number - e);
+      add(m + "fc2.bias", {6}, -number - e - 0.5f);
+    }
+  }
+  add("model.encoder.layers.4.fc1.weight", {2, 2}, 0);
+  const std::string path = TempPath("nllb_layers.safetensors");
+  ASSERT_TRUE(writer.Write(path, DType::kFloat32).ok());
+  absl::StatusOr<MoeWeights> layer1 = LoadCheckpoint(path, model, {true, std::nullopt, 1});
+  ASSERT_TRUE(layer1.ok()) << layer1.status();
+  // W_g [d_model, E] from the router's [E, d_model]: element (i, e) is
+  // 7 + 0.001 (e d_model + i).
+  EXPECT_FLOAT_EQ(layer1->gate->values()[1 * 3 + 2], 7 + 0.001f * (2 * 6 + 1));
+  EXPECT_FLOAT_EQ(layer1->experts.at(2).b1.values()[0], 9.5f);
+  // Without layer 7's tensors: the missing one is named.
+  model.checkpoint_layout.layer_numbers = {3, 8};
+  EXPECT_THAT(LoadCheckpoint(path, model, {true, std::nullopt, 0}).status().message(),
+              HasSubstr("missing tensor \"model.encoder.layers.8.ffn.router.classifier.weight\""));
+}
+
 TEST(CheckpointTest, Fp32RoundTripIsBitExact) {
   const ModelConfig model = SmallModel();
   const MoeWeights weights = InitAllWeights(model);

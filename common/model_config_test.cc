@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
+#include "common/placement.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -158,6 +159,71 @@ TEST(ModelConfigTest, AHuggingFaceLayoutNamesItsBlock) {
     EXPECT_THAT(ErrorOf(absl::StrReplaceAll(nllb, {{"\"model.encoder.layers.3.ffn\"", bad}})),
                 HasSubstr("model.checkpoint_layout.prefix: must be a module name"));
   }
+}
+
+// Several MoE layers: every strategy places each layer's experts as it
+// would one layer's; a Hugging Face prefix names the layer as "{layer}",
+// mapped to the model's layer numbers; EXPLICIT lists (layer, expert).
+TEST(ModelConfigTest, SeveralLayersAreCheckedAndPlaced) {
+  const std::string nllb =
+      With("seed: 42",
+           "seed: 42 num_layers: 3 checkpoint_layout { family: FAMILY_NLLB_MOE prefix: "
+           "\"model.encoder.layers.{layer}.ffn\" layer_numbers: [3, 7, 11] }");
+  absl::StatusOr<ServingConfig> config = ParseServingConfig(nllb);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->model.num_layers, 3);
+  EXPECT_EQ(config->model.total_experts(), 24);
+  EXPECT_EQ(config->model.gate_shape(), Shape({3 * 64, 8}));
+  EXPECT_EQ(config->model.checkpoint_layout.LayerPrefix(2), "model.encoder.layers.11.ffn");
+  absl::StatusOr<ModelConfig> again = ModelConfigFromProto(ModelConfigToProto(config->model));
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->num_layers, 3);
+  EXPECT_EQ(again->checkpoint_layout.layer_numbers, (std::vector<int>{3, 7, 11}));
+  absl::StatusOr<Placement> placement = ComputePlacement(config->model, config->cluster);
+  ASSERT_TRUE(placement.ok()) << placement.status();
+  ASSERT_EQ(placement->num_layers(), 3);
+  for (int l = 0; l < 3; ++l) {
+    for (int e = 0; e < 8; ++e) {
+      EXPECT_EQ(placement->ServersOf(ExpertKey(l, e)), placement->ServersOf(ExpertKey(0, e)));
+    }
+  }
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(nllb, {{"{layer}", "3"}})),
+              HasSubstr("with num_layers 3 it must name the layer as \"{layer}\""));
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(nllb, {{"[3, 7, 11]", "[3, 7]"}})),
+              HasSubstr("layer_numbers: lists 2 layers, num_layers is 3"));
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(nllb, {{"[3, 7, 11]", "[3, 3, 11]"}})),
+              HasSubstr("must be distinct"));
+  EXPECT_THAT(ErrorOf(With("seed: 42", "seed: 42 num_layers: 1025")),
+              HasSubstr("model.num_layers: must be in [0, 1024]"));
+
+  // EXPLICIT: layer 1 kept together on expert-1, layer 0 spread.
+  std::string explicit_text = With("strategy: PLACEMENT_STRATEGY_HYBRID",
+                                   "strategy: PLACEMENT_STRATEGY_EXPLICIT\n"
+                                   "explicit_placement { PLACEMENTS }");
+  explicit_text = absl::StrReplaceAll(explicit_text, {{"seed: 42", "seed: 42 num_layers: 2"}});
+  std::string all;
+  for (int e = 0; e < 8; ++e) {
+    absl::StrAppend(&all, "experts { expert_id: ", e, " servers: \"expert-", e % 2, "\" } ");
+    absl::StrAppend(&all, "experts { layer: 1 expert_id: ", e, " servers: \"expert-1\" } ");
+  }
+  config = ParseServingConfig(absl::StrReplaceAll(explicit_text, {{"PLACEMENTS", all}}));
+  ASSERT_TRUE(config.ok()) << config.status();
+  placement = ComputePlacement(config->model, config->cluster);
+  ASSERT_TRUE(placement.ok()) << placement.status();
+  EXPECT_EQ(placement->ExpertsOn(0).size(), 4u);
+  EXPECT_EQ(placement->ExpertsOn(1).size(), 12u);
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(
+                  explicit_text, {{"PLACEMENTS", absl::StrReplaceAll(all, {{"layer: 1 expert_id: 5",
+                                                                            "layer: 2 "
+                                                                            "expert_id: "
+                                                                            "5"}})}})),
+              HasSubstr("layer 2 is out of range [0, 2)"));
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(
+                  explicit_text, {{"PLACEMENTS", absl::StrReplaceAll(all, {{"experts { layer: 1 "
+                                                                            "expert_id: 5 servers: "
+                                                                            "\"expert-1\" } ",
+                                                                            ""}})}})),
+              HasSubstr("layer 1 expert 5 is not placed"));
 }
 
 // The activation is said, and a Hugging Face family's experts have the one

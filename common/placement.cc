@@ -210,20 +210,24 @@ absl::StatusOr<Placement> DynamicPlacement(int num_experts, int num_servers,
   return Placement::Create(num_servers, std::move(placement));
 }
 
-namespace {
-
-// `layer0`'s placement for every layer of `model`: expert e of each layer
-// on the servers of expert e of layer 0, so every layer's experts are
-// spread over the servers as one layer's would be.
-absl::StatusOr<Placement> EveryLayer(const ModelConfig& model, absl::StatusOr<Placement> layer0) {
-  if (!layer0.ok() || model.num_layers == 1) return layer0;
+Placement EveryLayer(const ModelConfig& model, const Placement& layer0) {
   std::vector<std::vector<int>> servers_of_expert;
-  for (int e = 0; e < layer0->num_experts(0); ++e) {
-    const auto servers = layer0->ServersOf(ExpertKey(0, e));
+  for (int e = 0; e < layer0.num_experts(0); ++e) {
+    const auto servers = layer0.ServersOf(ExpertKey(0, e));
     servers_of_expert.emplace_back(servers.begin(), servers.end());
   }
-  return Placement::CreateLayers(layer0->num_servers(), std::vector<std::vector<std::vector<int>>>(
-                                                            model.num_layers, servers_of_expert));
+  absl::StatusOr<Placement> layers = Placement::CreateLayers(
+      layer0.num_servers(),
+      std::vector<std::vector<std::vector<int>>>(model.num_layers, servers_of_expert));
+  MOE_CHECK(layers.ok(), layers.status().ToString());
+  return *std::move(layers);
+}
+
+namespace {
+
+absl::StatusOr<Placement> EveryLayer(const ModelConfig& model, absl::StatusOr<Placement> layer0) {
+  if (!layer0.ok() || model.num_layers == 1) return layer0;
+  return EveryLayer(model, *layer0);
 }
 
 }  // namespace

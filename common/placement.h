@@ -76,7 +76,13 @@ absl::StatusOr<Placement> DynamicPlacement(int num_experts, int num_servers,
                                            absl::Span<const double> load,
                                            int slots_per_server);
 
-// The placement a configuration asks for, every layer of the model.
+// `layer0`'s placement (one layer) for every layer of `model`: expert e of
+// each layer on the servers of expert e of layer 0, so every layer's
+// experts are spread over the servers as one layer's would be.
+Placement EveryLayer(const ModelConfig& model, const Placement& layer0);
+
+// The placement a configuration asks for, every layer of the model (as
+// EveryLayer, or EXPLICIT's own).
 absl::StatusOr<Placement> ComputePlacement(const ModelConfig& model,
                                            const ClusterConfig& cluster);
 

@@ -144,6 +144,69 @@ INSTANTIATE_TEST_SUITE_P(
         TrainingCase{PlacementStrategy::kHybrid, OptimizerType::kSgdMomentum, 0.01f, 1.0f}),
     [](const auto& info) { return CaseName(info.param); });
 
+// Two MoE layers in one cluster: each layer's forwards, backwards and the
+// steps that update both equal that layer's reference (its own gate and
+// experts, nothing crossing between layers); a layer the model does not
+// have is refused by name.
+TEST(InProcessTrainingTest, TwoLayersTrainAsTwoReferenceLayers) {
+  OptimizerOptions optimizer;
+  optimizer.type = OptimizerType::kAdamW;
+  ModelConfig model = Model(optimizer);
+  model.num_layers = 2;
+  for (PlacementStrategy strategy :
+       {PlacementStrategy::kHybrid, PlacementStrategy::kModelParallel}) {
+    SCOPED_TRACE(PlacementStrategyName(strategy));
+    InProcessCluster cluster(model, strategy);
+    std::vector<ReferenceTraining> reference;
+    for (int l = 0; l < 2; ++l) reference.emplace_back(model, InitAllWeights(model, l));
+    // The layers' initial weights differ (their own init ids).
+    ASSERT_FALSE(TensorNear(*cluster.layers[0].gate, *cluster.layers[1].gate, 1e-2));
+
+    for (int step = 1; step <= 4; ++step) {
+      for (int l = 0; l < 2; ++l) {
+        const FloatTensor x = RandomTensor({kTokens, kDModel}, 100 * l + step);
+        const FloatTensor dy = RandomTensor({kTokens, kDModel}, 200 * l + step + 50);
+        const ReferenceTraining::Step expected = reference[l].Train(x, dy, 0.01f);
+        absl::StatusOr<Router::ForwardResult> y = cluster.Forward(Wire(x), true, l);
+        ASSERT_TRUE(y.ok()) << y.status();
+        EXPECT_EQ(y->routing.expert_ids, expected.forward.routing.expert_ids);
+        ASSERT_TRUE(TensorNear(Decoded(y->y, kDModel), expected.forward.y, 1e-5))
+            << "layer " << l << " step " << step;
+        absl::StatusOr<v1::Tensor> dx = cluster.Backward(y->request_id, Wire(dy));
+        ASSERT_TRUE(dx.ok()) << dx.status();
+        ASSERT_TRUE(TensorNear(Decoded(*dx, kDModel), expected.grads.dx, 1e-5))
+            << "layer " << l << " step " << step;
+      }
+      absl::StatusOr<StepCoordinator::Result> stepped = cluster.Step(0.01f);
+      ASSERT_TRUE(stepped.ok()) << stepped.status();
+      ReplicaDigests(cluster);
+    }
+    for (int l = 0; l < 2; ++l) {
+      for (int e = 0; e < model.num_experts; ++e) {
+        const ExpertKey key(l, e);
+        for (int s : cluster.placement.ServersOf(key)) {
+          const expert::ExpertSnapshot served = *cluster.client.store(s).Snapshot(key);
+          for (ExpertTensor which : kAllExpertTensors) {
+            EXPECT_TRUE(TensorNear(served.weights.tensor(which),
+                                   reference[l].weights().experts.at(e).tensor(which), 1e-5))
+                << key << " on server " << s << ", tensor " << static_cast<int>(which);
+          }
+        }
+      }
+      const absl::Span<const float> gate =
+          GateOfLayer(model, cluster.router.gate()->value.values(), l);
+      EXPECT_TRUE(TensorNear(
+          FloatTensor({kDModel, model.num_experts}, std::vector<float>(gate.begin(), gate.end())),
+          *reference[l].weights().gate, 1e-5))
+          << "gate of layer " << l;
+    }
+    absl::StatusOr<Router::ForwardResult> missing =
+        cluster.Forward(Wire(RandomTensor({4, kDModel}, 1)), false, 2);
+    EXPECT_EQ(missing.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(missing.status().message(), HasSubstr("layer 2 is out of range [0, 2)"));
+  }
+}
+
 TEST(InProcessTrainingFaultTest, ABrokenRingFailsTheStepAndLeavesEveryReplicaAsItWas) {
   InProcessCluster cluster(Model({}), PlacementStrategy::kDataParallel);
   absl::StatusOr<Router::ForwardResult> y =

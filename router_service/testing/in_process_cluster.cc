@@ -36,6 +36,10 @@ Placement MakePlacement(PlacementStrategy strategy, int experts, int servers) {
   }
 }
 
+Placement MakePlacement(const ModelConfig& model, PlacementStrategy strategy, int servers) {
+  return EveryLayer(model, MakePlacement(strategy, model.num_experts, servers));
+}
+
 expert::KernelFactory OnednnKernels() {
   return [](const ExpertWeights& w) -> absl::StatusOr<std::unique_ptr<expert::ExpertKernel>> {
     auto kernel = expert::OnednnExpertKernel::Create(w, DType::kFloat32, Runtime());
@@ -57,21 +61,50 @@ FloatTensor Decoded(const v1::Tensor& t, int64_t d_model) {
 }
 
 InProcessCluster::InProcessCluster(const ModelConfig& m, PlacementStrategy strategy, int servers)
-    : InProcessCluster(m, InitAllWeights(m), strategy, servers) {}
+    : InProcessCluster(
+          m,
+          [&] {
+            std::vector<MoeWeights> layers;
+            for (int l = 0; l < m.num_layers; ++l) layers.push_back(InitAllWeights(m, l));
+            return layers;
+          }(),
+          strategy, servers) {}
 
 InProcessCluster::InProcessCluster(const ModelConfig& m, MoeWeights w, PlacementStrategy strategy,
                                    int servers)
+    : InProcessCluster(
+          m,
+          [&] {
+            std::vector<MoeWeights> one;
+            one.push_back(std::move(w));
+            return one;
+          }(),
+          strategy, servers) {}
+
+namespace {
+
+FloatTensor Gates(const ModelConfig& model, const std::vector<MoeWeights>& layers) {
+  std::vector<FloatTensor> gates;
+  for (const MoeWeights& layer : layers) gates.push_back(*layer.gate);
+  return StackGates(model, gates);
+}
+
+}  // namespace
+
+InProcessCluster::InProcessCluster(const ModelConfig& m, std::vector<MoeWeights> w,
+                                   PlacementStrategy strategy, int servers)
     : model(m),
-      weights(std::move(w)),
-      placement(MakePlacement(strategy, m.num_experts, servers)),
-      client(m, placement, weights, OnednnKernels()),
-      router({m, *weights.gate}, placement, client),
+      layers(std::move(w)),
+      weights(layers.at(0)),
+      placement(MakePlacement(m, strategy, servers)),
+      client(m, placement, layers, OnednnKernels()),
+      router({m, Gates(m, layers)}, placement, client),
       steps({}, router, client) {}
 
 FloatTensor InProcessCluster::KeptGateGradient() {
   const std::vector<float> kept = client.steps(0).gate_gradient();
   if (kept.empty()) return FloatTensor();
-  return FloatTensor({model.d_model, model.num_experts}, kept);
+  return FloatTensor(model.gate_shape(), kept);
 }
 
 ExpertWeights InProcessCluster::SummedGradients(ExpertKey expert) {
@@ -87,11 +120,11 @@ ExpertWeights InProcessCluster::SummedGradients(ExpertKey expert) {
   return sum;
 }
 
-absl::StatusOr<Router::ForwardResult> InProcessCluster::Forward(const v1::Tensor& x,
-                                                                bool training) {
+absl::StatusOr<Router::ForwardResult> InProcessCluster::Forward(const v1::Tensor& x, bool training,
+                                                                int layer) {
   absl::Notification done;
   absl::StatusOr<Router::ForwardResult> result;
-  router.Forward(x, /*layer=*/0, training, absl::InfiniteFuture(),
+  router.Forward(x, layer, training, absl::InfiniteFuture(),
                  [&](absl::StatusOr<Router::ForwardResult> r) {
                    result = std::move(r);
                    done.Notify();

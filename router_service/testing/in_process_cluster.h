@@ -22,6 +22,8 @@ namespace moe::router::testing {
 
 // A strategy's placement; DYNAMIC from a load rising with the expert id.
 Placement MakePlacement(PlacementStrategy strategy, int experts, int servers);
+// The same for every layer of `model` (ComputePlacement's way).
+Placement MakePlacement(const ModelConfig& model, PlacementStrategy strategy, int servers);
 // fp32 oneDNN kernels on one shared runtime.
 expert::KernelFactory OnednnKernels();
 
@@ -34,19 +36,25 @@ struct InProcessCluster {
   InProcessCluster(const ModelConfig& m, PlacementStrategy strategy, int servers = 3);
   // These weights (a checkpoint's: every expert and the gate).
   InProcessCluster(const ModelConfig& m, MoeWeights w, PlacementStrategy strategy, int servers = 3);
+  // Each layer's weights, in layer order (m.num_layers of them).
+  InProcessCluster(const ModelConfig& m, std::vector<MoeWeights> w, PlacementStrategy strategy,
+                   int servers = 3);
 
-  absl::StatusOr<Router::ForwardResult> Forward(const v1::Tensor& x, bool training = false);
+  absl::StatusOr<Router::ForwardResult> Forward(const v1::Tensor& x, bool training = false,
+                                                int layer = 0);
   absl::StatusOr<v1::Tensor> Backward(uint64_t id, const v1::Tensor& dy);
   absl::StatusOr<StepCoordinator::Result> Step(float learning_rate,
                                                absl::Duration timeout = absl::Seconds(30));
-  // The gate gradient server 0 keeps for the next step, [d_model,
-  // num_experts]; an empty tensor when none was added.
+  // The gate gradient server 0 keeps for the next step, every layer's
+  // stacked; an empty tensor when none was added.
   FloatTensor KeptGateGradient();
   // `expert`'s accumulated gradients, summed over its replicas.
   ExpertWeights SummedGradients(ExpertKey expert);
 
   ModelConfig model;
-  MoeWeights weights;
+  std::vector<MoeWeights> layers;
+  // Layer 0's.
+  MoeWeights& weights;
   Placement placement;
   InProcessExpertClient client;
   Router router;

@@ -16,18 +16,18 @@ absl::Status Down(int server) {
 
 }  // namespace
 
-InProcessExpertClient::InProcessExpertClient(const ModelConfig& model,
-                                             const Placement& placement,
-                                             const MoeWeights& weights,
+InProcessExpertClient::InProcessExpertClient(const ModelConfig& model, const Placement& placement,
+                                             absl::Span<const MoeWeights> layers,
                                              expert::KernelFactory kernel_factory) {
   metrics_ = expert::ExpertMetrics::Create(registry_, model);
   pool_ = std::make_unique<ComputePool>(2, 1 << 16);
   const int num_servers = placement.num_servers();
   for (int s = 0; s < num_servers; ++s) {
     auto server = std::make_unique<Server>();
-    // `weights` is one layer's: the placement's keys are of layer 0.
     std::map<ExpertKey, ExpertWeights> experts;
-    for (ExpertKey e : placement.ExpertsOn(s)) experts.emplace(e, weights.experts.at(e.expert));
+    for (ExpertKey e : placement.ExpertsOn(s)) {
+      experts.emplace(e, layers.at(e.layer).experts.at(e.expert));
+    }
     auto store = expert::ExpertStore::Create({model, ServerName(s), {}}, std::move(experts),
                                              kernel_factory);
     MOE_CHECK(store.ok(), store.status().ToString());

@@ -32,8 +32,15 @@ class InProcessExpertClient : public ExpertClient {
  public:
   // Each server hosts the experts `placement` gives it, with weights from
   // `weights` (all experts) and kernels from `kernel_factory`.
+  // `layers`: each layer's weights, in layer order (every expert the
+  // placement places).
   InProcessExpertClient(const ModelConfig& model, const Placement& placement,
-                        const MoeWeights& weights, expert::KernelFactory kernel_factory);
+                        absl::Span<const MoeWeights> layers, expert::KernelFactory kernel_factory);
+  // A one-layer model's.
+  InProcessExpertClient(const ModelConfig& model, const Placement& placement,
+                        const MoeWeights& weights, expert::KernelFactory kernel_factory)
+      : InProcessExpertClient(model, placement, absl::MakeConstSpan(&weights, 1),
+                              std::move(kernel_factory)) {}
   ~InProcessExpertClient() override;
 
   void Forward(int server, const v1::DispatchRequest& request, ForwardDone done) override;
