@@ -44,6 +44,7 @@ absl::StatusOr<LoadReport> RunLoad(const std::string& router_address, const Load
       std::vector<double> latencies;
       std::vector<int64_t> expert_tokens(num_experts, 0);
       int64_t ok = 0, failed = 0, dropped = 0;
+      size_t next_layer = static_cast<size_t>(c);
       std::string error;
       while (true) {
         if (options.requests > 0 ? started.fetch_add(1) >= options.requests
@@ -51,6 +52,7 @@ absl::StatusOr<LoadReport> RunLoad(const std::string& router_address, const Load
           break;
         }
         for (float& v : x.mutable_values()) v = dist(rng);
+        forward.layer = options.layers[next_layer++ % options.layers.size()];
         const absl::Time sent = absl::Now();
         absl::StatusOr<ForwardOutput> out =
             stream != nullptr ? stream->Forward(x, forward) : client->Forward(x, forward);

@@ -27,6 +27,9 @@ struct LoadOptions {
   // Each client sends over one long-lived ForwardStream instead of unary
   // Forward calls.
   bool streaming = false;
+  // The MoE layers requests go to: each client's requests cycle through
+  // them, starting at a different one per client, so layers interleave.
+  std::vector<int> layers = {0};
   uint64_t seed = 1;
   TransportCredentials credentials = TransportCredentials::Plaintext();
 };
@@ -39,7 +42,8 @@ struct LoadReport {
   double seconds = 0;
   // Sorted latencies of successful requests, in seconds.
   std::vector<double> latencies;
-  // Pairs served per expert, from the routing the router returned.
+  // Pairs served per expert, from the routing the router returned
+  // (summed over the layers).
   std::vector<int64_t> expert_tokens;
   int64_t dropped_pairs = 0;
 

@@ -63,6 +63,7 @@ namespace {
 v1::ForwardRequest ForwardRequestOf(const FloatTensor& x, const ForwardOptions& options) {
   v1::ForwardRequest request;
   EncodeFloats(x.values(), x.shape(), options.wire_dtype, request.mutable_x());
+  request.set_layer(options.layer);
   request.set_training(options.training);
   request.set_return_routing(options.return_routing);
   return request;

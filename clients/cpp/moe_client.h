@@ -27,6 +27,8 @@ struct ForwardOptions {
   // Send x as bf16 instead of fp32 (y comes back in the same dtype).
   DType wire_dtype = DType::kFloat32;
   absl::Duration timeout = absl::Seconds(60);
+  // The MoE layer (0 to the model's num_layers - 1).
+  int layer = 0;
 };
 
 struct ForwardOutput {

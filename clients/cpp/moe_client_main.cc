@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "clients/cpp/moe_client.h"
+#include "common/expert_key.h"
 #include "common/flags_usage.h"
 #include "common/log.h"
 #include "common/pair_index.h"
@@ -24,6 +25,7 @@ ABSL_FLAG(int64_t, tokens, 4, "Random tokens to send (without --input).");
 ABSL_FLAG(int64_t, d_model, 256, "Width of the random tokens (without --input).");
 ABSL_FLAG(uint64_t, seed, 1, "Seed of the random tokens.");
 ABSL_FLAG(std::string, dtype, "fp32", "Wire dtype: fp32 or bf16.");
+ABSL_FLAG(int, layer, 0, "The MoE layer to run (0 to the model's num_layers - 1).");
 ABSL_FLAG(int64_t, show, 8, "Tokens whose routing is printed.");
 ABSL_FLAG(bool, rebalance_plan, false,
           "Instead of a forward, print the placement the router would rebalance to for the load "
@@ -70,7 +72,7 @@ int PrintRebalance(MoeClient& client, bool dry_run) {
   std::printf("rebalance plan from placement epoch %lu, load over the last %.0f s\n",
               static_cast<unsigned long>(plan->placement_epoch()), plan->window_seconds());
   for (const v1::ExpertAssignment& expert : plan->placement().experts()) {
-    std::printf("  expert %3d on %s\n", expert.expert_id(),
+    std::printf("  %-20s on %s\n", ExpertKeyOf(expert).ToString().c_str(),
                 absl::StrJoin(expert.servers(), ", ").c_str());
   }
   std::printf("server load (tokens) before: %s\n",
@@ -118,6 +120,7 @@ int Run() {
   }
   ForwardOptions options;
   options.return_routing = true;
+  options.layer = absl::GetFlag(FLAGS_layer);
   options.wire_dtype = absl::GetFlag(FLAGS_dtype) == "bf16" ? DType::kBFloat16 : DType::kFloat32;
   absl::StatusOr<TransportCredentials> credentials = TransportCredentials::FromFlags();
   if (!credentials.ok()) {

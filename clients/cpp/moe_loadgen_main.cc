@@ -36,6 +36,8 @@ ABSL_FLAG(int64_t, requests, 0, "With > 0: requests per measurement instead of -
 ABSL_FLAG(std::string, dtype, "fp32", "Wire dtype, and the local layer's kernels: fp32 or bf16.");
 ABSL_FLAG(bool, streaming, false,
           "Each client sends over one long-lived ForwardStream instead of unary Forward calls.");
+ABSL_FLAG(std::string, layer, "0",
+          "Comma-separated MoE layers; each client's requests cycle through them.");
 ABSL_FLAG(bool, compare_local, false, "Also run the in-process layer and print remote/local.");
 ABSL_FLAG(int, local_threads, 0, "oneDNN threads of the local layer; 0: all cores.");
 ABSL_FLAG(int, rounds, 5,
@@ -102,9 +104,19 @@ int Run() {
   absl::StatusOr<std::vector<int64_t>> concurrency =
       ParseList(absl::GetFlag(FLAGS_concurrency), "concurrency");
   absl::StatusOr<std::vector<int64_t>> batches = ParseList(absl::GetFlag(FLAGS_batch), "batch");
-  if (!concurrency.ok() || !batches.ok()) {
-    MOE_LOG(ERROR, (concurrency.ok() ? batches.status() : concurrency.status()).message());
-    return 2;
+  absl::StatusOr<std::vector<int64_t>> layers = ParseList(absl::GetFlag(FLAGS_layer), "layer");
+  for (const auto* list : {&concurrency, &batches, &layers}) {
+    if (!list->ok()) {
+      MOE_LOG(ERROR, list->status().message());
+      return 2;
+    }
+  }
+  for (int64_t layer : *layers) {
+    if (layer >= config->model.num_layers) {
+      MOE_LOG(ERROR, "--layer: the model has ", config->model.num_layers, " layer(s), not ",
+              layer + 1);
+      return 2;
+    }
   }
   const std::string dtype_name = absl::GetFlag(FLAGS_dtype);
   if (dtype_name != "fp32" && dtype_name != "bf16") {
@@ -169,6 +181,7 @@ int Run() {
       load.requests = absl::GetFlag(FLAGS_requests);
       load.wire_dtype = dtype;
       load.streaming = absl::GetFlag(FLAGS_streaming);
+      load.layers.assign(layers->begin(), layers->end());
       load.credentials = *credentials;
       std::vector<double> remote_rate, request_rate, p50, p90, p99, local_rate, local_p50,
           local_p99, ratios;

@@ -41,7 +41,10 @@ ABSL_FLAG(std::string, config, "",
 ABSL_FLAG(std::string, strategy, "HYBRID",
           "DATA_PARALLEL, MODEL_PARALLEL, HYBRID or DYNAMIC (without --config).");
 ABSL_FLAG(int, servers, 2, "Expert servers (without --config).");
-ABSL_FLAG(int, experts, 8, "Experts (without --config).");
+ABSL_FLAG(int, experts, 8, "Experts per layer (without --config).");
+ABSL_FLAG(int, layers, 1,
+          "MoE layers served by the one cluster (without --config); the load and the training "
+          "steps run every layer.");
 ABSL_FLAG(int, d_model, 256, "Model width (without --config).");
 ABSL_FLAG(int, d_ff, 1024, "Expert hidden width (without --config).");
 ABSL_FLAG(int, top_k, 2, "Experts per token (without --config).");
@@ -89,6 +92,7 @@ absl::StatusOr<ServingConfig> ConfigFromFlags() {
   model->set_d_model(absl::GetFlag(FLAGS_d_model));
   model->set_d_ff(absl::GetFlag(FLAGS_d_ff));
   model->set_num_experts(absl::GetFlag(FLAGS_experts));
+  model->set_num_layers(absl::GetFlag(FLAGS_layers));
   model->set_top_k(absl::GetFlag(FLAGS_top_k));
   model->set_seed(42);
   const std::string activation = absl::GetFlag(FLAGS_activation);
@@ -153,7 +157,7 @@ absl::StatusOr<TransportCredentials> TestCaCredentials(const std::string& work_d
 }
 
 bool ReplicasIdentical(const ServingConfig& running, const TransportCredentials& credentials,
-                       std::map<int, uint64_t>& digests) {
+                       std::map<ExpertKey, uint64_t>& digests) {
   bool identical = true;
   for (const ServerSpec& server : running.cluster.servers) {
     auto stub = v1::ExpertServer::NewStub(NewChannel(server.address, credentials, 4 << 20));
@@ -162,15 +166,16 @@ bool ReplicasIdentical(const ServingConfig& running, const TransportCredentials&
     v1::InfoResponse info;
     if (!stub->Info(&context, v1::InfoRequest(), &info).ok()) return false;
     for (const v1::ExpertDigest& d : info.experts()) {
-      auto [it, first] = digests.emplace(d.expert_id(), d.weights_digest());
+      auto [it, first] = digests.emplace(ExpertKeyOf(d), d.weights_digest());
       identical = identical && it->second == d.weights_digest();
     }
   }
   return identical;
 }
 
-// Training steps on random tokens: Forward(training), Backward, Step; then
-// whether every expert's replicas hold the same bits. False on a failure.
+// Training steps on random tokens: Forward(training) and Backward on every
+// layer, then Step; then whether every expert's replicas hold the same
+// bits. False on a failure.
 bool Train(client::MoeClient& client, const ServingConfig& running,
            const TransportCredentials& credentials, int steps, int64_t batch_tokens,
            float learning_rate) {
@@ -180,16 +185,21 @@ bool Train(client::MoeClient& client, const ServingConfig& running,
   std::normal_distribution<float> normal;
   const int64_t d_model = running.model.d_model;
   for (int i = 0; i < steps; ++i) {
-    FloatTensor x({batch_tokens, d_model}), dy({batch_tokens, d_model});
-    for (float& v : x.mutable_values()) v = normal(rng);
-    for (float& v : dy.mutable_values()) v = normal(rng);
     const absl::Time start = absl::Now();
-    absl::StatusOr<client::ForwardOutput> y = client.Forward(x, {/*training=*/true});
-    absl::StatusOr<FloatTensor> dx =
-        y.ok() ? client.Backward(y->request_id, dy) : absl::StatusOr<FloatTensor>(y.status());
+    absl::Status passes;
+    for (int layer = 0; passes.ok() && layer < running.model.num_layers; ++layer) {
+      FloatTensor x({batch_tokens, d_model}), dy({batch_tokens, d_model});
+      for (float& v : x.mutable_values()) v = normal(rng);
+      for (float& v : dy.mutable_values()) v = normal(rng);
+      client::ForwardOptions forward;
+      forward.training = true;
+      forward.layer = layer;
+      absl::StatusOr<client::ForwardOutput> y = client.Forward(x, forward);
+      passes = y.ok() ? client.Backward(y->request_id, dy).status() : y.status();
+    }
     const absl::Time backward_done = absl::Now();
     absl::StatusOr<client::StepOutput> step =
-        dx.ok() ? client.Step(learning_rate) : absl::StatusOr<client::StepOutput>(dx.status());
+        passes.ok() ? client.Step(learning_rate) : absl::StatusOr<client::StepOutput>(passes);
     if (!step.ok()) {
       std::printf("  step failed: %s\n", std::string(step.status().message()).c_str());
       return false;
@@ -209,7 +219,7 @@ bool Train(client::MoeClient& client, const ServingConfig& running,
       std::printf("    left out (behind the committed step; syncs to it): %s\n", name.c_str());
     }
   }
-  std::map<int, uint64_t> digests;
+  std::map<ExpertKey, uint64_t> digests;
   const bool identical = ReplicasIdentical(running, credentials, digests);
   std::printf("  replicas    %s (weight digests of %zu experts from every server's Info)\n",
               identical ? "bit-identical" : "DIFFER", digests.size());
@@ -257,10 +267,11 @@ int Run() {
   options.credentials = *credentials;
   const ModelConfig& model = config->model;
   std::printf(
-      "moe-serve local cluster: %d %s experts (d_model %ld, d_ff %ld, top_k %d), %zu expert "
-      "servers, %s placement, %s kernels, %s\nstarting...\n",
-      model.num_experts, model.gated() ? "gated SiLU" : "ReLU", static_cast<long>(model.d_model),
-      static_cast<long>(model.d_ff), model.top_k, config->cluster.servers.size(),
+      "moe-serve local cluster: %d layer(s) of %d %s experts (d_model %ld, d_ff %ld, top_k %d), "
+      "%zu expert servers, %s placement, %s kernels, %s\nstarting...\n",
+      model.num_layers, model.num_experts, model.gated() ? "gated SiLU" : "ReLU",
+      static_cast<long>(model.d_model), static_cast<long>(model.d_ff), model.top_k,
+      config->cluster.servers.size(),
       std::string(PlacementStrategyName(config->cluster.strategy)).c_str(), options.dtype.c_str(),
       credentials->name().c_str());
   std::fflush(stdout);
@@ -299,8 +310,11 @@ int Run() {
   load.batch_tokens = absl::GetFlag(FLAGS_batch);
   load.d_model = running.model.d_model;
   load.duration = absl::GetFlag(FLAGS_duration);
-  std::printf("\nload        %d clients x %ld-token requests for %s ...\n", load.concurrency,
-              static_cast<long>(load.batch_tokens), absl::FormatDuration(load.duration).c_str());
+  load.layers.clear();
+  for (int l = 0; l < running.model.num_layers; ++l) load.layers.push_back(l);
+  std::printf("\nload        %d clients x %ld-token requests for %s%s ...\n", load.concurrency,
+              static_cast<long>(load.batch_tokens), absl::FormatDuration(load.duration).c_str(),
+              running.model.num_layers > 1 ? ", cycling through the layers" : "");
   std::fflush(stdout);
   std::vector<double> before(running.cluster.servers.size());
   for (size_t s = 0; s < before.size(); ++s) before[s] = ServerTokens((*cluster)->server_metrics_ports()[s]);
@@ -323,7 +337,8 @@ int Run() {
               static_cast<long>(report->dropped_pairs), static_cast<long>(pairs),
               pairs > 0 ? 100.0 * report->dropped_pairs / pairs : 0.0);
 
-  std::printf("\nper expert (pairs served)\n");
+  std::printf(running.model.num_layers > 1 ? "\nper expert (pairs served, summed over the layers)\n"
+                                           : "\nper expert (pairs served)\n");
   std::vector<double> expert_load(report->expert_tokens.begin(), report->expert_tokens.end());
   const double served = std::accumulate(expert_load.begin(), expert_load.end(), 0.0);
   const double max_expert = *std::max_element(expert_load.begin(), expert_load.end());
