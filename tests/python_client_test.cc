@@ -2,6 +2,8 @@
 // checkpoint: runs clients/python/client_test.py with Debian's python3, which
 // checks outputs and gradients against a numpy layer built from the same
 // checkpoint.
+#include <sys/stat.h>
+
 #include <cstdlib>
 #include <iostream>
 
@@ -56,6 +58,46 @@ TEST(PythonClientTest, AgreesWithANumpyLayerOnTheSameCheckpoint) {
   EXPECT_THAT(python.output(),
               ::testing::HasSubstr("stream batch 2: (<StatusCode.INVALID_ARGUMENT"));
   EXPECT_THAT(python.output(), ::testing::HasSubstr("placement epoch 1, step 0"));
+  std::cout << python.output();
+}
+
+// A cluster of three MoE layers on three servers: the client's layer
+// argument, example.py's layer-by-layer pass and a stream mixing layers
+// (clients/python/layers_test.py) against numpy on the same checkpoint.
+TEST(PythonClientTest, RunsAModelOfSeveralLayersLayerByLayer) {
+  const std::string dir = ::testing::TempDir() + "/layers";
+  ASSERT_EQ(mkdir(dir.c_str(), 0755), 0);
+  const ServingConfig config = *ParseServingConfig(R"pb(
+    model { d_model: 24 d_ff: 40 num_experts: 4 top_k: 2 seed: 5 num_layers: 3 }
+    cluster {
+      servers { name: "a" address: "127.0.0.1:1" }
+      servers { name: "b" address: "127.0.0.1:2" }
+      servers { name: "c" address: "127.0.0.1:3" }
+      strategy: PLACEMENT_STRATEGY_MODEL_PARALLEL
+    }
+  )pb");
+  std::vector<MoeWeights> layers;
+  for (int l = 0; l < 3; ++l) layers.push_back(InitAllWeights(config.model, l));
+  const std::string checkpoint = dir + "/model.safetensors";
+  ASSERT_TRUE(SaveCheckpoint(checkpoint, config.model, {&layers[0], &layers[1], &layers[2]},
+                             DType::kFloat32)
+                  .ok());
+  local::LocalClusterOptions options;
+  options.config = config;
+  options.checkpoint_path = checkpoint;
+  options.work_dir = dir;
+  options.onednn_threads = 1;
+  absl::StatusOr<std::unique_ptr<local::LocalCluster>> cluster =
+      local::LocalCluster::Start(options);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+
+  const std::string root = RunfilePath("");
+  setenv("PYTHONPATH", absl::StrCat(root, ":", root, "clients/python").c_str(), 1);
+  ChildProcess python("/usr/bin/python3", {RunfilePath("clients/python/layers_test.py"),
+                                           (*cluster)->router_address(), checkpoint, "2"});
+  EXPECT_EQ(python.Stop(0, absl::Seconds(120)), 0) << python.output();
+  EXPECT_THAT(python.output(), ::testing::HasSubstr("python client, layers: all checks passed"));
+  EXPECT_THAT(python.output(), ::testing::HasSubstr("stream batch 5 (layer 2)"));
   std::cout << python.output();
 }
 

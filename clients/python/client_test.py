@@ -34,10 +34,11 @@ def read_safetensors(path):
     return out
 
 
-def reference_forward(params, x, top_k):
-    """y, and what backward needs (DROPLESS, ties to the lower id)."""
+def reference_forward(params, x, top_k, prefix=""):
+    """y, and what backward needs (DROPLESS, ties to the lower id), of the
+    layer whose tensors are named `prefix` + "gate.weight" and so on."""
     x = x.astype(np.float64)
-    logits = x @ params["gate.weight"].T
+    logits = x @ params[prefix + "gate.weight"].T
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     chosen = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
@@ -46,8 +47,9 @@ def reference_forward(params, x, top_k):
         p = probs[t, chosen[t]]
         w = p / p.sum()
         for j, e in enumerate(chosen[t]):
-            h = np.maximum(params[f"experts.{e}.w1.weight"] @ x[t] + params[f"experts.{e}.w1.bias"], 0)
-            y[t] += w[j] * (params[f"experts.{e}.w2.weight"] @ h + params[f"experts.{e}.w2.bias"])
+            expert = f"{prefix}experts.{e}"
+            h = np.maximum(params[f"{expert}.w1.weight"] @ x[t] + params[f"{expert}.w1.bias"], 0)
+            y[t] += w[j] * (params[f"{expert}.w2.weight"] @ h + params[f"{expert}.w2.bias"])
     return y, chosen
 
 

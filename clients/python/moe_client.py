@@ -118,19 +118,27 @@ class MoeClient:
         if response.status != health_pb2.HealthCheckResponse.SERVING:
             raise RuntimeError("router is not serving")
 
-    def forward(self, x, training=False, return_routing=False, dtype="fp32"):
+    def forward(self, x, training=False, return_routing=False, dtype="fp32", layer=0):
+        """y = MoE layer `layer`(x) (0 to the model's num_layers - 1)."""
         request = router_pb2.ForwardRequest(x=encode(x, dtype), training=training,
-                                            return_routing=return_routing)
+                                            return_routing=return_routing, layer=layer)
         return ForwardResult(self._router.Forward(request, timeout=self._timeout))
 
-    def forward_stream(self, batches, training=False, return_routing=False, dtype="fp32"):
+    def forward_stream(self, batches, training=False, return_routing=False, dtype="fp32",
+                       layers=0):
         """Sends every batch of `batches` on one ForwardStream, all in flight at
         once (the router answers each as soon as it is done, in any order), and
         returns their ForwardResults in the order of `batches`. A batch the
-        router refuses has its `error` set; the others are answered as usual."""
+        router refuses has its `error` set; the others are answered as usual.
+        `layers`: the MoE layer of every batch, or a list with one per batch
+        (one stream may mix layers)."""
+        if isinstance(layers, int):
+            layers = [layers] * len(batches)
+        if len(layers) != len(batches):
+            raise ValueError(f"{len(layers)} layers for {len(batches)} batches")
         requests = [router_pb2.ForwardRequest(client_id=i, x=encode(x, dtype), training=training,
-                                              return_routing=return_routing)
-                    for i, x in enumerate(batches)]
+                                              return_routing=return_routing, layer=layer)
+                    for i, (x, layer) in enumerate(zip(batches, layers))]
         results = [None] * len(requests)
         for response in self._router.ForwardStream(iter(requests), timeout=self._timeout):
             if response.client_id >= len(results) or results[response.client_id] is not None:
