@@ -124,8 +124,9 @@ bool ProcessCluster::WaitForServerLine(int s, const std::string& needle,
 }
 
 grpc::Status ProcessCluster::Forward(const FloatTensor& x, v1::ForwardResponse* response,
-                                     bool training) {
+                                     bool training, int layer) {
   v1::ForwardRequest request;
+  request.set_layer(layer);
   EncodeFloats(x.values(), x.shape(), DType::kFloat32, request.mutable_x());
   request.set_training(training);
   request.set_return_routing(true);
@@ -159,8 +160,8 @@ grpc::Status ProcessCluster::Info(int s, v1::InfoResponse* response) {
   return server_stubs_.at(s)->Info(&context, v1::InfoRequest(), response);
 }
 
-ReferenceMoe ProcessCluster::Reference() const {
-  return *ReferenceMoe::Create(config_.model, InitAllWeights(config_.model));
+ReferenceMoe ProcessCluster::Reference(int layer) const {
+  return *ReferenceMoe::Create(config_.model, InitAllWeights(config_.model, layer));
 }
 
 FloatTensor Decoded(const v1::Tensor& t, int64_t width) {

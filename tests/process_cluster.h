@@ -65,8 +65,8 @@ class ProcessCluster {
   // Waits for a line of server `s`'s log containing `needle`.
   bool WaitForServerLine(int s, const std::string& needle, absl::Duration timeout);
 
-  grpc::Status Forward(const FloatTensor& x, v1::ForwardResponse* response,
-                       bool training = false);
+  grpc::Status Forward(const FloatTensor& x, v1::ForwardResponse* response, bool training = false,
+                       int layer = 0);
   grpc::Status Backward(uint64_t id, const FloatTensor& dy, v1::BackwardResponse* response);
   grpc::Status Step(float learning_rate, absl::Duration timeout, v1::StepResponse* response);
   // Info of expert server `s`, straight from it.
@@ -77,8 +77,9 @@ class ProcessCluster {
   std::shared_ptr<grpc::Channel> router_channel() const { return router_channel_; }
   std::shared_ptr<grpc::Channel> server_channel(int s) const { return server_channels_.at(s); }
   const ServingConfig& config() const { return config_; }
-  // The in-process reference layer on the cluster's (deterministic) weights.
-  ReferenceMoe Reference() const;
+  // The in-process reference of MoE layer `layer` on the cluster's
+  // (deterministic) weights.
+  ReferenceMoe Reference(int layer = 0) const;
 
  private:
   const ProcessClusterOptions options_;
