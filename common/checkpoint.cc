@@ -36,6 +36,14 @@ struct TensorSlot {
   int expert = -1;   // -1 for the gate
   ExpertTensor which = ExpertTensor::kW1;
   int layer = 0;
+  // A part of the stored matrix: `count` rows (slice_dim 0) or columns
+  // (slice_dim 1) from `begin` (Qwen2-MoE's shared expert, served in
+  // slices); count 0: all of it.
+  int slice_dim = 0;
+  int64_t begin = 0;
+  int64_t count = 0;
+  // The gate's: the first column of W_g [d_model, gate_width] it fills.
+  int gate_column = 0;
 };
 
 std::string LayerPrefix(int layer) {
@@ -102,12 +110,14 @@ std::vector<TensorSlot> LayerSlots(const ModelConfig& model, int layer,
   const bool own = layout.family == CheckpointFamily::kMoeServe;
   const std::string suffix = state.empty() ? std::string() : "." + state;
   std::vector<TensorSlot> slots;
+  // moe-serve's names hold the whole gate (the shared expert's gate as its
+  // last row) and the shared expert's slices as experts.
   slots.push_back({(own ? GateTensorName(layer) : HuggingFaceName(layout, layer, -1, {})) + suffix,
-                   {model.num_experts, model.d_model},
+                   {own ? model.gate_width() : model.num_experts, model.d_model},
                    -1,
                    ExpertTensor::kW1,
                    layer});
-  for (int e = 0; e < model.num_experts; ++e) {
+  for (int e = 0; e < (own ? model.experts_per_layer() : model.num_experts); ++e) {
     const ExpertKey key(layer, e);
     for (ExpertTensor which : kAllExpertTensors) {
       if (!HasExpertTensor(model, which)) continue;
@@ -118,6 +128,32 @@ std::vector<TensorSlot> LayerSlots(const ModelConfig& model, int layer,
       Shape shape = ExpertTensorShape(model, which);
       std::reverse(shape.begin(), shape.end());  // nn.Linear's [out, in]
       slots.push_back({name + suffix, shape, e, which, layer});
+    }
+  }
+  if (!own && model.has_shared_expert()) {
+    // Qwen2-MoE: {p}.shared_expert_gate.weight [1, d_model] is W_g's last
+    // column; slice i of {p}.shared_expert is rows [i d_ff, (i + 1) d_ff)
+    // of gate_proj and up_proj [D_s, d_model] and those columns of
+    // down_proj [d_model, D_s].
+    const std::string p = layout.LayerPrefix(layer);
+    TensorSlot gate{p + ".shared_expert_gate.weight" + suffix, {1, model.d_model}, -1};
+    gate.layer = layer;
+    gate.gate_column = model.num_experts;
+    slots.push_back(gate);
+    const int64_t width = int64_t{model.shared_slices} * model.d_ff;
+    for (int i = 0; i < model.shared_slices; ++i) {
+      for (const auto& [which, name] :
+           {std::pair{ExpertTensor::kW1, "gate_proj"}, std::pair{ExpertTensor::kW3, "up_proj"},
+            std::pair{ExpertTensor::kW2, "down_proj"}}) {
+        const bool down = which == ExpertTensor::kW2;
+        TensorSlot slice{absl::StrCat(p, ".shared_expert.", name, ".weight", suffix),
+                         down ? Shape{model.d_model, width} : Shape{width, model.d_model},
+                         model.num_experts + i, which, layer};
+        slice.slice_dim = down ? 1 : 0;
+        slice.begin = i * model.d_ff;
+        slice.count = model.d_ff;
+        slots.push_back(slice);
+      }
     }
   }
   return slots;
@@ -176,12 +212,13 @@ namespace {
 absl::StatusOr<std::vector<bool>> WantedExperts(const std::string& path, const ModelConfig& model,
                                                 const CheckpointSelection& selection) {
   MOE_RETURN_IF_ERROR(CheckLayer(model, selection.layer));
-  std::vector<bool> wanted(model.num_experts, !selection.experts.has_value());
+  std::vector<bool> wanted(model.experts_per_layer(), !selection.experts.has_value());
   if (selection.experts.has_value()) {
     for (int e : *selection.experts) {
-      if (e < 0 || e >= model.num_experts) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "checkpoint ", path, ": expert ", e, " is out of range [0, ", model.num_experts, ")"));
+      if (e < 0 || e >= model.experts_per_layer()) {
+        return absl::InvalidArgumentError(absl::StrCat("checkpoint ", path, ": expert ", e,
+                                                       " is out of range [0, ",
+                                                       model.experts_per_layer(), ")"));
       }
       wanted[e] = true;
     }
@@ -219,16 +256,40 @@ absl::Status CheckEntry(const std::string& path, const TensorSlot& slot,
 }
 
 // Reads `slot` into `weights` (transposed to the x W layout).
-absl::Status ReadSlot(const SafetensorsReader& reader, const TensorSlot& slot,
-                      std::vector<float>& buffer, MoeWeights& weights) {
+absl::Status ReadSlot(const SafetensorsReader& reader, const ModelConfig& model,
+                      const TensorSlot& slot, std::vector<float>& buffer, MoeWeights& weights) {
   buffer.resize(NumElements(slot.shape));
   MOE_RETURN_IF_ERROR(reader.ReadFloats(*reader.Find(slot.name), absl::MakeSpan(buffer)));
-  FloatTensor tensor = slot.shape.size() == 2 ? Transposed(buffer, slot.shape[0], slot.shape[1])
-                                              : FloatTensor(slot.shape, buffer);
-  if (slot.expert < 0) {
-    weights.gate = std::move(tensor);
-  } else {
+  if (slot.count > 0) {
+    // Keep the slice's rows or columns only.
+    const int64_t rows = slot.shape[0], cols = slot.shape[1];
+    std::vector<float> part;
+    part.reserve(slot.count * (slot.slice_dim == 0 ? cols : rows));
+    for (int64_t r = 0; r < rows; ++r) {
+      if (slot.slice_dim == 0 && (r < slot.begin || r >= slot.begin + slot.count)) continue;
+      const float* row = buffer.data() + r * cols;
+      if (slot.slice_dim == 0) {
+        part.insert(part.end(), row, row + cols);
+      } else {
+        part.insert(part.end(), row + slot.begin, row + slot.begin + slot.count);
+      }
+    }
+    buffer = std::move(part);
+  }
+  const int64_t rows = slot.count > 0 && slot.slice_dim == 0 ? slot.count : slot.shape[0];
+  FloatTensor tensor = slot.shape.size() == 2
+                           ? Transposed(buffer, rows, static_cast<int64_t>(buffer.size()) / rows)
+                           : FloatTensor(slot.shape, buffer);
+  if (slot.expert >= 0) {
     weights.experts[slot.expert].tensor(slot.which) = std::move(tensor);
+    return absl::OkStatus();
+  }
+  // The gate's columns [gate_column, gate_column + rows) of W_g.
+  const int64_t d_model = tensor.dim(0), width = model.gate_width();
+  if (!weights.gate) weights.gate = FloatTensor({d_model, width});
+  for (int64_t i = 0; i < d_model; ++i) {
+    std::copy_n(tensor.row(i).data(), tensor.dim(1),
+                weights.gate->mutable_values().data() + i * width + slot.gate_column);
   }
   return absl::OkStatus();
 }
@@ -262,7 +323,7 @@ absl::StatusOr<MoeWeights> LoadSingleFile(const std::string& path, const ModelCo
   std::vector<float> buffer;
   for (const TensorSlot& slot : slots) {
     if (Wanted(slot, selection, wanted)) {
-      MOE_RETURN_IF_ERROR(ReadSlot(reader, slot, buffer, weights));
+      MOE_RETURN_IF_ERROR(ReadSlot(reader, model, slot, buffer, weights));
     }
   }
   return weights;
@@ -400,7 +461,7 @@ absl::StatusOr<std::vector<MoeWeights>> LoadSharded(const ShardIndex& index,
     MOE_ASSIGN_OR_RETURN(SafetensorsReader reader, SafetensorsReader::Open(shard_path));
     for (const auto& [k, slot] : shard_slots) {
       MOE_RETURN_IF_ERROR(CheckEntry(shard_path, *slot, reader.Find(slot->name)));
-      MOE_RETURN_IF_ERROR(ReadSlot(reader, *slot, buffer, out[k]));
+      MOE_RETURN_IF_ERROR(ReadSlot(reader, model, *slot, buffer, out[k]));
     }
   }
   return out;
@@ -681,7 +742,7 @@ absl::Status SaveCheckpoint(const std::string& path, const ModelConfig& model,
       return absl::InvalidArgumentError(
           absl::StrCat("save checkpoint: layer ", weights->layer, ": no gate weights"));
     }
-    for (int e = 0; e < model.num_experts; ++e) {
+    for (int e = 0; e < model.experts_per_layer(); ++e) {
       if (weights->experts.count(e) == 0) {
         return absl::InvalidArgumentError(absl::StrCat(
             "save checkpoint: ", ExpertKey(weights->layer, e).ToString(), " is missing"));

@@ -60,7 +60,7 @@ float InitValue(uint64_t seed, uint64_t tensor_id, uint64_t index, double bound)
 }
 
 FloatTensor InitGate(const ModelConfig& model, int layer) {
-  return InitTransposed(model.seed, LayerBase(layer), model.d_model, model.num_experts,
+  return InitTransposed(model.seed, LayerBase(layer), model.d_model, model.gate_width(),
                         1.0 / std::sqrt(static_cast<double>(model.d_model)));
 }
 
@@ -100,7 +100,7 @@ MoeWeights InitWeights(const ModelConfig& model, absl::Span<const int> experts, 
 }
 
 MoeWeights InitAllWeights(const ModelConfig& model, int layer) {
-  std::vector<int> all(model.num_experts);
+  std::vector<int> all(model.experts_per_layer());
   std::iota(all.begin(), all.end(), 0);
   return InitWeights(model, all, /*with_gate=*/true, layer);
 }

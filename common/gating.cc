@@ -113,7 +113,11 @@ void Losses(Routing& routing) {
   if (tokens == 0) return;
   const int num_experts = routing.num_experts;
   routing.chosen_count.assign(num_experts, 0);
-  for (int32_t e : routing.expert_ids) ++routing.chosen_count[e];
+  const PairIndex pairs = routing.pairs();
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int j = 0; j < routing.top_k; ++j)
+      ++routing.chosen_count[routing.expert_ids[pairs.Pair(t, j)]];
+  }
   std::vector<double> mean_prob(num_experts, 0.0);
   for (int64_t t = 0; t < tokens; ++t) {
     const float* probs = routing.probs.data() + t * num_experts;
@@ -187,7 +191,11 @@ class ExpertChooser {
 
 void ApplyCapacity(Routing& routing) {
   const int k = routing.top_k;
-  const PairIndex pairs(k);
+  const PairIndex pairs = routing.pairs();
+  // The shared expert's slices serve every token: no capacity.
+  for (int i = 0; i < routing.shared; ++i) {
+    routing.expert_tokens[routing.num_experts + i] = routing.num_tokens;
+  }
   for (int j = 0; j < k; ++j) {
     for (int64_t t = 0; t < routing.num_tokens; ++t) {
       const int64_t p = pairs.Pair(t, j);
@@ -215,19 +223,22 @@ int64_t ExpertCapacity(const ModelConfig& model, int64_t num_tokens) {
 Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens, absl::Span<const float> gate,
                     const ModelConfig& model) {
   MOE_CHECK(static_cast<int64_t>(x.size()) == num_tokens * model.d_model);
-  MOE_CHECK(static_cast<int64_t>(gate.size()) == model.d_model * model.num_experts);
+  const int width = model.gate_width();
+  MOE_CHECK(static_cast<int64_t>(gate.size()) == model.d_model * width);
   const int num_experts = model.num_experts;
   const int k = model.top_k;
-  const PairIndex pairs(k);
+  const int shared = model.shared_slices;
+  const PairIndex pairs(k + shared);
   Routing routing;
   routing.num_tokens = num_tokens;
   routing.num_experts = num_experts;
   routing.top_k = k;
+  routing.shared = shared;
   routing.probs.resize(num_tokens * num_experts);
   routing.expert_ids.resize(pairs.Count(num_tokens));
   routing.weights.resize(pairs.Count(num_tokens));
   routing.dropped.assign(pairs.Count(num_tokens), 0);
-  routing.expert_tokens.assign(num_experts, 0);
+  routing.expert_tokens.assign(model.experts_per_layer(), 0);
   routing.capacity = ExpertCapacity(model, num_tokens);
   routing.renormalized = model.gate.renormalize;
   routing.scaling_factor = model.gate.scaling_factor;
@@ -235,8 +246,8 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens, absl::Span<co
   routing.z_loss_coef = model.gate.z_loss_coef;
   routing.log_z.resize(num_tokens);
 
-  GateMatmul matmul(gate, model.d_model, num_experts);
-  std::vector<float> block_logits(kTokenBlock * num_experts);
+  GateMatmul matmul(gate, model.d_model, width);
+  std::vector<float> block_logits(kTokenBlock * width);
   ExpertChooser chooser(model.gate, num_experts, k);
   for (int64_t t = 0; t < num_tokens; ++t) {
     const int in_block = static_cast<int>(t % kTokenBlock);
@@ -245,7 +256,7 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens, absl::Span<co
       matmul.Block(x.data() + t * model.d_model, tokens, block_logits.data());
     }
     const absl::Span<const float> logits =
-        absl::MakeConstSpan(block_logits).subspan(in_block * num_experts, num_experts);
+        absl::MakeConstSpan(block_logits).subspan(in_block * width, num_experts);
     absl::Span<float> probs =
         absl::MakeSpan(routing.probs).subspan(t * num_experts, num_experts);
     routing.log_z[t] = Softmax(logits, probs);
@@ -259,6 +270,17 @@ Routing RouteTokens(absl::Span<const float> x, int64_t num_tokens, absl::Span<co
       routing.weights[pairs.Pair(t, j)] =
           static_cast<float>(probs[chosen[j]] / chosen_sum * routing.scaling_factor);
     }
+    if (shared > 0) {
+      // Qwen2-MoE: sigmoid(x w_s), the same for every slice of the shared
+      // expert (its output is their sum).
+      const double logit = block_logits[in_block * width + num_experts];
+      const float s = static_cast<float>(1.0 / (1.0 + std::exp(-logit)));
+      for (int i = 0; i < shared; ++i) {
+        const int64_t p = pairs.Pair(t, k + i);
+        routing.expert_ids[p] = num_experts + i;
+        routing.weights[p] = s;
+      }
+    }
   }
   ApplyCapacity(routing);
   Losses(routing);
@@ -269,10 +291,12 @@ void GateBackward(const Routing& routing, absl::Span<const float> x, absl::Span<
                   absl::Span<const double> d_weight, absl::Span<float> dx,
                   absl::Span<float> d_gate) {
   const int k = routing.top_k;
-  const PairIndex pairs(k);
+  const PairIndex pairs = routing.pairs();
   const int num_experts = routing.num_experts;
-  const int64_t d_model = static_cast<int64_t>(gate.size()) / num_experts;
-  MOE_CHECK(static_cast<int64_t>(gate.size()) == d_model * num_experts);
+  // W_g's columns: the routed experts' logits, then the shared expert's gate.
+  const int width = num_experts + (routing.shared > 0 ? 1 : 0);
+  const int64_t d_model = static_cast<int64_t>(gate.size()) / width;
+  MOE_CHECK(static_cast<int64_t>(gate.size()) == d_model * width);
   MOE_CHECK(d_gate.size() == gate.size());
   MOE_CHECK(static_cast<int64_t>(d_weight.size()) == pairs.Count(routing.num_tokens));
   MOE_CHECK(static_cast<int64_t>(x.size()) == routing.num_tokens * d_model);
@@ -280,7 +304,7 @@ void GateBackward(const Routing& routing, absl::Span<const float> x, absl::Span<
   const float* w_g = gate.data();
   float* dw_g = d_gate.data();
   std::vector<double> d_prob(num_experts);
-  std::vector<float> d_logit(num_experts);
+  std::vector<float> d_logit(width);
   // The load-balancing loss's gradient through each token's probabilities
   // (the counts are piecewise constant): the same for every token.
   std::vector<double> d_prob_aux(num_experts, 0.0);
@@ -314,13 +338,20 @@ void GateBackward(const Routing& routing, absl::Span<const float> x, absl::Span<
     for (int m = 0; m < num_experts; ++m) {
       d_logit[m] = static_cast<float>(probs[m] * (d_prob[m] - dot + z));
     }
+    if (routing.shared > 0) {
+      // Through s = sigmoid(x w_s), every slice's weight: ds/dlogit = s (1 - s).
+      double d_s = 0;
+      for (int i = 0; i < routing.shared; ++i) d_s += d_weight[pairs.Pair(t, k + i)];
+      const double s = routing.weights[pairs.Pair(t, k)];
+      d_logit[num_experts] = static_cast<float>(d_s * s * (1 - s));
+    }
     const float* x_row = x.data() + t * d_model;
     float* dx_row = dx.data() + t * d_model;
     for (int64_t i = 0; i < d_model; ++i) {
-      const float* g_row = w_g + i * num_experts;
-      float* dg_row = dw_g + i * num_experts;
+      const float* g_row = w_g + i * width;
+      float* dg_row = dw_g + i * width;
       double sum = 0;
-      for (int m = 0; m < num_experts; ++m) {
+      for (int m = 0; m < width; ++m) {
         sum += static_cast<double>(g_row[m]) * d_logit[m];
         dg_row[m] += x_row[i] * d_logit[m];
       }
@@ -330,11 +361,9 @@ void GateBackward(const Routing& routing, absl::Span<const float> x, absl::Span<
 }
 
 std::vector<std::vector<int64_t>> KeptPairsByExpert(const Routing& routing) {
-  std::vector<std::vector<int64_t>> pairs(routing.num_experts);
-  for (int e = 0; e < routing.num_experts; ++e) {
-    pairs[e].reserve(routing.expert_tokens[e]);
-  }
-  for (int64_t p = 0; p < PairIndex(routing.top_k).Count(routing.num_tokens); ++p) {
+  std::vector<std::vector<int64_t>> pairs(routing.expert_tokens.size());
+  for (size_t e = 0; e < pairs.size(); ++e) pairs[e].reserve(routing.expert_tokens[e]);
+  for (int64_t p = 0; p < routing.pairs().Count(routing.num_tokens); ++p) {
     if (!routing.dropped[p]) pairs[routing.expert_ids[p]].push_back(p);
   }
   return pairs;

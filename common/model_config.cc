@@ -174,7 +174,7 @@ absl::StatusOr<std::vector<std::vector<std::vector<int>>>> ExplicitPlacementFrom
     const v1::ExplicitPlacement& proto, const ClusterConfig& cluster, const ModelConfig& model,
     absl::string_view field_name) {
   std::vector<std::vector<std::vector<int>>> placement(
-      model.num_layers, std::vector<std::vector<int>>(model.num_experts));
+      model.num_layers, std::vector<std::vector<int>>(model.experts_per_layer()));
   for (int i = 0; i < proto.experts_size(); ++i) {
     const v1::ExpertAssignment& assignment = proto.experts(i);
     const std::string field = absl::StrCat(field_name, ".experts[", i, "]");
@@ -184,10 +184,10 @@ absl::StatusOr<std::vector<std::vector<std::vector<int>>>> ExplicitPlacementFrom
           absl::StrCat(field, ".layer"),
           absl::StrCat("layer ", expert.layer, " is out of range [0, ", model.num_layers, ")"));
     }
-    if (expert.expert < 0 || expert.expert >= model.num_experts) {
+    if (expert.expert < 0 || expert.expert >= model.experts_per_layer()) {
       return FieldError(
           absl::StrCat(field, ".expert_id"),
-          absl::StrCat(expert.ToString(), " is out of range [0, ", model.num_experts, ")"));
+          absl::StrCat(expert.ToString(), " is out of range [0, ", model.experts_per_layer(), ")"));
     }
     std::vector<int>& servers = placement[expert.layer][expert.expert];
     if (!servers.empty()) {
@@ -213,7 +213,7 @@ absl::StatusOr<std::vector<std::vector<std::vector<int>>>> ExplicitPlacementFrom
     }
   }
   for (int l = 0; l < model.num_layers; ++l) {
-    for (int e = 0; e < model.num_experts; ++e) {
+    for (int e = 0; e < model.experts_per_layer(); ++e) {
       if (placement[l][e].empty()) {
         return FieldError(std::string(field_name),
                           absl::StrCat(ExpertKey(l, e).ToString(), " is not placed"));
@@ -241,9 +241,9 @@ absl::Status CheckExpertKey(const ModelConfig& model, ExpertKey expert) {
     return absl::InvalidArgumentError(absl::StrCat(expert.ToString(), ": layer ", expert.layer,
                                                    " is out of range [0, ", model.num_layers, ")"));
   }
-  if (expert.expert < 0 || expert.expert >= model.num_experts) {
+  if (expert.expert < 0 || expert.expert >= model.experts_per_layer()) {
     return absl::InvalidArgumentError(
-        absl::StrCat(expert.ToString(), ": out of range [0, ", model.num_experts, ")"));
+        absl::StrCat(expert.ToString(), ": out of range [0, ", model.experts_per_layer(), ")"));
   }
   return absl::OkStatus();
 }
@@ -437,6 +437,32 @@ absl::StatusOr<ModelConfig> ModelConfigFromProto(const v1::ModelConfig& proto) {
                                                        "] (0 means 1), got ", proto.num_layers()));
   }
   config.num_layers = std::max(1, proto.num_layers());
+  if (proto.shared_expert_d_ff() != 0) {
+    if (proto.shared_expert_d_ff() < 0 || proto.shared_expert_d_ff() % config.d_ff != 0) {
+      return FieldError("model.shared_expert_d_ff",
+                        absl::StrCat("must be a multiple of d_ff = ", config.d_ff,
+                                     " (it is served as slices of that width), got ",
+                                     proto.shared_expert_d_ff()));
+    }
+    if (!config.gated()) {
+      return FieldError("model.shared_expert_d_ff",
+                        "a shared expert is gated SiLU (Qwen2-MoE's): set activation: "
+                        "EXPERT_ACTIVATION_SILU_GATED");
+    }
+    if (config.checkpoint_layout.family != CheckpointFamily::kMoeServe &&
+        config.checkpoint_layout.family != CheckpointFamily::kQwen2Moe) {
+      return FieldError("model.shared_expert_d_ff",
+                        absl::StrCat("checkpoint_layout.family ",
+                                     v1::CheckpointLayout::Family_Name(layout.family()),
+                                     " has no shared expert (Qwen2-MoE's has)"));
+    }
+    config.shared_slices = proto.shared_expert_d_ff() / static_cast<int>(config.d_ff);
+    if (config.experts_per_layer() > kMaxExperts) {
+      return FieldError("model.shared_expert_d_ff",
+                        absl::StrCat(config.shared_slices, " slices and ", config.num_experts,
+                                     " experts are more than ", kMaxExperts, " per layer"));
+    }
+  }
   const bool has_placeholder = absl::StrContains(layout.prefix(), "{layer}");
   if (config.checkpoint_layout.family != CheckpointFamily::kMoeServe) {
     // Dotted names of PyTorch modules, "{layer}" standing for a number.
@@ -540,6 +566,7 @@ v1::ModelConfig ModelConfigToProto(const ModelConfig& config) {
   layout.mutable_layer_numbers()->Assign(config.checkpoint_layout.layer_numbers.begin(),
                                          config.checkpoint_layout.layer_numbers.end());
   proto.set_num_layers(config.num_layers);
+  proto.set_shared_expert_d_ff(static_cast<int32_t>(config.shared_slices * config.d_ff));
   proto.set_activation(config.gated() ? v1::EXPERT_ACTIVATION_SILU_GATED
                                       : v1::EXPERT_ACTIVATION_RELU);
   return proto;
@@ -565,16 +592,13 @@ absl::StatusOr<ClusterConfig> ClusterConfigFromProto(
     case v1::PLACEMENT_STRATEGY_DYNAMIC: {
       cluster.strategy = PlacementStrategy::kDynamic;
       MOE_ASSIGN_OR_RETURN(cluster.load_profile,
-                           LoadProfileFromProto(proto.load_profile(),
-                                                model.num_experts));
+                           LoadProfileFromProto(proto.load_profile(), model.experts_per_layer()));
       const int slots = proto.dynamic_options().slots_per_server();
       const int64_t num_servers = proto.servers_size();
-      if (slots < 0 || (slots > 0 && slots * num_servers < model.num_experts)) {
-        return FieldError(
-            "cluster.dynamic_options.slots_per_server",
-            absl::StrCat(slots, " slots x ", num_servers,
-                         " servers cannot hold ", model.num_experts,
-                         " experts"));
+      if (slots < 0 || (slots > 0 && slots * num_servers < model.experts_per_layer())) {
+        return FieldError("cluster.dynamic_options.slots_per_server",
+                          absl::StrCat(slots, " slots x ", num_servers, " servers cannot hold ",
+                                       model.experts_per_layer(), " experts"));
       }
       cluster.slots_per_server = slots;
       break;

@@ -92,6 +92,16 @@ struct ModelConfig {
   ExpertActivation activation = ExpertActivation::kRelu;
   // MoE layers served, each with these shapes and its own gate and experts.
   int num_layers = 1;
+  // Qwen2-MoE's shared expert, served as this many slices shaped like a
+  // routed expert (proto shared_expert_d_ff / d_ff); 0: none.
+  int shared_slices = 0;
+  bool has_shared_expert() const { return shared_slices > 0; }
+  // A layer's experts as placed, run and trained: the routed ones
+  // (0 .. num_experts - 1), then the shared expert's slices.
+  int experts_per_layer() const { return num_experts + shared_slices; }
+  // Columns of a layer's gate W_g: a logit per routed expert, then the
+  // shared expert's gate (w_s) when there is one.
+  int gate_width() const { return num_experts + (has_shared_expert() ? 1 : 0); }
   // Experts without biases (Switch Transformers', gated SiLU ones): the
   // biases are zero and stay zero in training (their gradients are not
   // kept).
@@ -106,16 +116,16 @@ struct ModelConfig {
   // Parameters of one expert: W1, b1, W2, b2 (and W3).
   int64_t expert_parameters() const { return (gated() ? 3 : 2) * d_model * d_ff + d_model + d_ff; }
   // The gates of every layer stacked as one tensor [num_layers * d_model,
-  // num_experts]: layer l's W_g is rows [l d_model, (l + 1) d_model), so it
-  // is a contiguous slice (GateOfLayer), and versioning, the gradient's sum
-  // and the optimizer treat all gates as one tensor.
-  Shape gate_shape() const { return {num_layers * d_model, num_experts}; }
-  // Experts of every layer.
-  int64_t total_experts() const { return int64_t{num_layers} * num_experts; }
+  // gate_width()]: layer l's W_g is rows [l d_model, (l + 1) d_model), so
+  // it is a contiguous slice (GateOfLayer), and versioning, the gradient's
+  // sum and the optimizer treat all gates as one tensor.
+  Shape gate_shape() const { return {num_layers * d_model, gate_width()}; }
+  // Experts of every layer, shared slices included.
+  int64_t total_experts() const { return int64_t{num_layers} * experts_per_layer(); }
 };
 
 // INVALID_ARGUMENT naming `expert` unless it is an expert of `model`: layer
-// in [0, num_layers), expert in [0, num_experts).
+// in [0, num_layers), expert in [0, experts_per_layer()).
 absl::Status CheckExpertKey(const ModelConfig& model, ExpertKey expert);
 // INVALID_ARGUMENT naming `layer` unless it is in [0, num_layers).
 absl::Status CheckLayer(const ModelConfig& model, int layer);

@@ -28,13 +28,13 @@ Shape ExpertTensorShape(const ModelConfig& model, ExpertTensor which) {
 
 absl::Span<const float> GateOfLayer(const ModelConfig& model, absl::Span<const float> gates,
                                     int layer) {
-  const size_t size = static_cast<size_t>(model.d_model) * model.num_experts;
+  const size_t size = static_cast<size_t>(model.d_model) * model.gate_width();
   MOE_CHECK(gates.size() == size * model.num_layers && layer >= 0 && layer < model.num_layers);
   return gates.subspan(layer * size, size);
 }
 
 absl::Span<float> GateOfLayer(const ModelConfig& model, absl::Span<float> gates, int layer) {
-  const size_t size = static_cast<size_t>(model.d_model) * model.num_experts;
+  const size_t size = static_cast<size_t>(model.d_model) * model.gate_width();
   MOE_CHECK(gates.size() == size * model.num_layers && layer >= 0 && layer < model.num_layers);
   return gates.subspan(layer * size, size);
 }
@@ -44,7 +44,7 @@ std::vector<MoeWeights> SplitGates(const ModelConfig& model, const FloatTensor& 
   for (int l = 0; l < model.num_layers; ++l) {
     const absl::Span<const float> gate = GateOfLayer(model, gates.values(), l);
     layers[l].layer = l;
-    layers[l].gate = FloatTensor({model.d_model, model.num_experts},
+    layers[l].gate = FloatTensor({model.d_model, model.gate_width()},
                                  std::vector<float>(gate.begin(), gate.end()));
   }
   return layers;
@@ -54,7 +54,7 @@ FloatTensor StackGates(const ModelConfig& model, const std::vector<FloatTensor>&
   MOE_CHECK(static_cast<int>(gates.size()) == model.num_layers);
   FloatTensor stacked(model.gate_shape());
   for (int l = 0; l < model.num_layers; ++l) {
-    MOE_CHECK(gates[l].shape() == Shape({model.d_model, model.num_experts}));
+    MOE_CHECK(gates[l].shape() == Shape({model.d_model, model.gate_width()}));
     std::copy(gates[l].values().begin(), gates[l].values().end(),
               GateOfLayer(model, stacked.mutable_values(), l).begin());
   }

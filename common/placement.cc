@@ -240,13 +240,13 @@ absl::StatusOr<Placement> ComputePlacement(const ModelConfig& model,
   }
   switch (cluster.strategy) {
     case PlacementStrategy::kDataParallel:
-      return EveryLayer(model, DataParallelPlacement(model.num_experts, num_servers));
+      return EveryLayer(model, DataParallelPlacement(model.experts_per_layer(), num_servers));
     case PlacementStrategy::kModelParallel:
-      return EveryLayer(model, ModelParallelPlacement(model.num_experts, num_servers));
+      return EveryLayer(model, ModelParallelPlacement(model.experts_per_layer(), num_servers));
     case PlacementStrategy::kHybrid:
-      return EveryLayer(model, HybridPlacement(model.num_experts, num_servers));
+      return EveryLayer(model, HybridPlacement(model.experts_per_layer(), num_servers));
     case PlacementStrategy::kDynamic:
-      return EveryLayer(model, DynamicPlacement(model.num_experts, num_servers,
+      return EveryLayer(model, DynamicPlacement(model.experts_per_layer(), num_servers,
                                                 cluster.load_profile, cluster.slots_per_server));
     case PlacementStrategy::kExplicit:
       if (static_cast<int>(cluster.explicit_placement.size()) != model.num_layers) {

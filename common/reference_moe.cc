@@ -37,10 +37,9 @@ absl::StatusOr<ReferenceMoe> ReferenceMoe::Create(ModelConfig model,
   if (!weights.gate.has_value()) {
     return absl::InvalidArgumentError("reference MoE: no gate weights");
   }
-  MOE_RETURN_IF_ERROR(
-      CheckShape(*weights.gate, {model.d_model, model.num_experts}, "gate"));
+  MOE_RETURN_IF_ERROR(CheckShape(*weights.gate, {model.d_model, model.gate_width()}, "gate"));
   const ExpertWeights zeros = ExpertWeights::Zeros(model);
-  for (int e = 0; e < model.num_experts; ++e) {
+  for (int e = 0; e < model.experts_per_layer(); ++e) {
     auto it = weights.experts.find(e);
     if (it == weights.experts.end()) {
       return absl::InvalidArgumentError(
@@ -52,10 +51,10 @@ absl::StatusOr<ReferenceMoe> ReferenceMoe::Create(ModelConfig model,
                                      absl::StrCat("expert ", e)));
     }
   }
-  if (static_cast<int>(weights.experts.size()) != model.num_experts) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("reference MoE: expected ", model.num_experts,
-                     " experts, got ", weights.experts.size()));
+  if (static_cast<int>(weights.experts.size()) != model.experts_per_layer()) {
+    return absl::InvalidArgumentError(absl::StrCat("reference MoE: expected ",
+                                                   model.experts_per_layer(), " experts, got ",
+                                                   weights.experts.size()));
   }
   return ReferenceMoe(std::move(model), std::move(weights));
 }
@@ -74,13 +73,13 @@ absl::Status ReferenceMoe::CheckBatch(const FloatTensor& t, absl::string_view na
 absl::StatusOr<ReferenceForward> ReferenceMoe::Forward(const FloatTensor& x) const {
   MOE_RETURN_IF_ERROR(CheckBatch(x, "x", -1));
   const int64_t num_tokens = x.dim(0);
-  const PairIndex index(model_.top_k);
   ReferenceForward result;
   result.routing = RouteTokens(x.values(), num_tokens, weights_.gate->values(), model_);
+  const PairIndex index = result.routing.pairs();
   result.y = FloatTensor({num_tokens, model_.d_model});
   std::vector<std::vector<int64_t>> pairs = KeptPairsByExpert(result.routing);
-  result.experts.resize(model_.num_experts);
-  for (int e = 0; e < model_.num_experts; ++e) {
+  result.experts.resize(model_.experts_per_layer());
+  for (int e = 0; e < model_.experts_per_layer(); ++e) {
     ExpertActivations& act = result.experts[e];
     act.pairs = std::move(pairs[e]);
     const int64_t rows = act.pairs.size();
@@ -112,14 +111,15 @@ absl::StatusOr<ReferenceGradients> ReferenceMoe::Backward(
         "backward: the forward had ", forward.routing.num_tokens,
         " tokens, x has ", num_tokens));
   }
-  const PairIndex index(model_.top_k);
-  const int num_experts = model_.num_experts;
-  const int64_t d_model = model_.d_model;
   const Routing& routing = forward.routing;
+  const PairIndex index = routing.pairs();
+  // Routed experts and the shared expert's slices alike.
+  const int num_experts = model_.experts_per_layer();
+  const int64_t d_model = model_.d_model;
 
   ReferenceGradients grads;
   grads.dx = FloatTensor({num_tokens, d_model});
-  grads.params.gate = FloatTensor({d_model, num_experts});
+  grads.params.gate = FloatTensor({d_model, model_.gate_width()});
   // dL/dweight for every pair: dy[t] . Expert_e(x[t]); 0 for dropped pairs.
   std::vector<double> d_weight(index.Count(num_tokens), 0.0);
 

@@ -259,7 +259,7 @@ void ExpertDispatcher::Info(v1::InfoResponse* response) const {
   // (more experts than metric series).
   const ModelConfig& model = store_.model();
   for (int l = 0; metrics_.per_expert && l < model.num_layers; ++l) {
-    for (int e = 0; e < model.num_experts; ++e) {
+    for (int e = 0; e < model.experts_per_layer(); ++e) {
       response->add_expert_tokens(
           static_cast<int64_t>(metrics_.ForwardTokens(ExpertKey(l, e)).Value()));
     }
@@ -458,7 +458,7 @@ absl::Status ExpertDispatcher::CommitStep(const v1::CommitStepRequest& request,
 absl::Status ExpertDispatcher::AddGateGradient(const v1::AddGateGradientRequest& request) {
   if (steps_ == nullptr) return NoSteps();
   const ModelConfig& model = store_.model();
-  const TensorSpec spec{"gradient", {model.d_model, model.num_experts}, {"d_model", "num_experts"}};
+  const TensorSpec spec{"gradient", {model.d_model, model.gate_width()}, {"d_model", "gate width"}};
   MOE_ASSIGN_OR_RETURN(const ConstTensorView view, DecodeTensor(request.gradient(), spec));
   if (view.dtype != DType::kFloat32) {
     return absl::InvalidArgumentError("gradient: must be fp32");

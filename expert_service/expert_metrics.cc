@@ -12,7 +12,7 @@ std::unique_ptr<ExpertMetrics> ExpertMetrics::Create(prometheus::Registry& regis
                                                      const ModelConfig& model) {
   MOE_CHECK(model.num_experts >= 1 && model.num_layers >= 1);
   auto m = std::make_unique<ExpertMetrics>();
-  m->num_experts = model.num_experts;
+  m->num_experts = model.experts_per_layer();
   m->per_expert = model.total_experts() <= kMaxExpertSeries;
   auto& forward_tokens = prometheus::BuildCounter()
                              .Name("moe_expert_tokens_total")
@@ -27,7 +27,7 @@ std::unique_ptr<ExpertMetrics> ExpertMetrics::Create(prometheus::Registry& regis
                          .Help("Calls refused by the authorization policy, by method.")
                          .Register(registry);
   for (int l = 0; l < model.num_layers; ++l) {
-    for (int e = 0; e < (m->per_expert ? model.num_experts : 1); ++e) {
+    for (int e = 0; e < (m->per_expert ? model.experts_per_layer() : 1); ++e) {
       std::map<std::string, std::string> labels;
       if (m->per_expert) labels["expert"] = absl::StrCat(e);
       if (model.num_layers > 1) labels["layer"] = absl::StrCat(l);

@@ -700,7 +700,7 @@ absl::Status StepExecutor::AddGateGradient(uint64_t gate_step, int layer,
                                            absl::Span<const float> gradient) {
   const ModelConfig& model = store_.model();
   MOE_RETURN_IF_ERROR(CheckLayer(model, layer));
-  const size_t size = static_cast<size_t>(model.d_model) * model.num_experts;
+  const size_t size = static_cast<size_t>(model.d_model) * model.gate_width();
   if (gradient.size() != size) {
     return absl::InvalidArgumentError(absl::StrCat(
         "gate gradient: ", gradient.size(), " values, expected d_model x num_experts = ", size));

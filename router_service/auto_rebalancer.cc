@@ -101,7 +101,7 @@ absl::StatusOr<AutoRebalancer::Counts> AutoRebalancer::ReadCounts(absl::Time now
       return absl::FailedPreconditionError(
           absl::StrCat("server ", s, " reports ", infos[s]->expert_tokens_size(),
                        " experts' tokens, not ", experts, " (", options_.model.num_layers,
-                       " layer(s) of ", options_.model.num_experts, ")"));
+                       " layer(s) of ", options_.model.experts_per_layer(), ")"));
     }
     for (int e = 0; e < experts; ++e) {
       counts.expert[e] += infos[s]->expert_tokens(e);

@@ -23,7 +23,7 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
   std::vector<ExpertGroup> groups;
   std::vector<ExpertKey> unavailable;
   std::vector<std::pair<int, int64_t>> assigned;  // to undo on failure
-  for (int e = 0; e < routing.num_experts; ++e) {
+  for (int e = 0; e < static_cast<int>(by_expert.size()); ++e) {
     const std::vector<int64_t>& pairs = by_expert[e];
     if (pairs.empty()) continue;
     const ExpertKey expert(options.layer, e);

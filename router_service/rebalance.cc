@@ -13,7 +13,8 @@ std::vector<std::vector<double>> LoadByLayer(const ModelConfig& model,
                                              absl::Span<const int64_t> expert_tokens) {
   std::vector<std::vector<double>> load(model.num_layers);
   for (int l = 0; l < model.num_layers; ++l) {
-    const auto layer = expert_tokens.subspan(int64_t{l} * model.num_experts, model.num_experts);
+    const auto layer =
+        expert_tokens.subspan(int64_t{l} * model.experts_per_layer(), model.experts_per_layer());
     load[l].assign(layer.begin(), layer.end());
   }
   return load;

@@ -521,7 +521,7 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
   if (options_.load_stats != nullptr) {
     std::vector<int64_t> server_tokens(call->placement->value.num_servers(), 0);
     for (const ExpertGroup& g : call->groups) server_tokens[g.server] += g.pairs.size();
-    options_.load_stats->Record(int64_t{call->layer} * options_.model.num_experts,
+    options_.load_stats->Record(int64_t{call->layer} * options_.model.experts_per_layer(),
                                 call->routing.expert_tokens, server_tokens,
                                 call->routing.dropped_pairs, absl::Now());
   }
@@ -755,7 +755,7 @@ void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
   }
   // The layer's rows of the gates' gradient: only they go to the lease
   // keeper.
-  FloatTensor gate_gradient({d_model, options_.model.num_experts});
+  FloatTensor gate_gradient({d_model, options_.model.gate_width()});
   GateBackward(rec.routing, rec.x.values(),
                GateOfLayer(options_.model, rec.gate->value.values(), rec.layer), call->d_weight,
                dx.mutable_values(), gate_gradient.mutable_values());

@@ -142,14 +142,14 @@ std::unique_ptr<RouterMetrics> RouterMetrics::Create(prometheus::Registry& regis
                             .Name("moe_router_expert_tokens_total")
                             .Help("(token, expert) pairs routed to each expert and served.")
                             .Register(registry);
-  m->num_experts = model.num_experts;
+  m->num_experts = model.experts_per_layer();
   m->per_expert = model.total_experts() <= kMaxExpertSeries;
   for (int l = 0; l < model.num_layers; ++l) {
     if (!m->per_expert) {
       m->expert_tokens.push_back(&expert_tokens.Add({{"layer", absl::StrCat(l)}}));
       continue;
     }
-    for (int e = 0; e < model.num_experts; ++e) {
+    for (int e = 0; e < model.experts_per_layer(); ++e) {
       std::map<std::string, std::string> labels = {{"expert", absl::StrCat(e)}};
       if (model.num_layers > 1) labels["layer"] = absl::StrCat(l);
       m->expert_tokens.push_back(&expert_tokens.Add(labels));

@@ -43,7 +43,7 @@ void RouterServiceImpl::FillForward(const v1::ForwardRequest& request,
     response->set_z_loss(routing.z_loss);
     if (request.return_routing()) {
       v1::Routing* out = response->mutable_routing();
-      out->set_top_k(routing.top_k);
+      out->set_top_k(routing.per_token());
       out->mutable_expert_ids()->Assign(routing.expert_ids.begin(), routing.expert_ids.end());
       out->mutable_weights()->Assign(routing.weights.begin(), routing.weights.end());
       for (uint8_t d : routing.dropped) out->add_dropped(d != 0);

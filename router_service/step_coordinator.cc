@@ -470,8 +470,8 @@ absl::StatusOr<StepCoordinator::Saved> StepCoordinator::Save(DType dtype, absl::
   std::map<int, std::vector<ExpertKey>> experts_of_writer;
   std::vector<int> assigned(placement->value.num_servers(), 0);
   for (int64_t i = 0; i < model.total_experts(); ++i) {
-    const ExpertKey expert(static_cast<int>(i / model.num_experts),
-                           static_cast<int>(i % model.num_experts));
+    const ExpertKey expert(static_cast<int>(i / model.experts_per_layer()),
+                           static_cast<int>(i % model.experts_per_layer()));
     int writer = -1;
     for (int s : placement->value.ServersOf(expert)) {
       if (client_.IsHealthy(s) && (writer < 0 || assigned[s] < assigned[writer])) writer = s;

@@ -35,7 +35,7 @@ absl::StatusOr<FloatTensor> LocalMoeLayer::Forward(const FloatTensor& x) const {
   FloatTensor y({tokens, d_model});
   const size_t element = DTypeSize(dtype_);
   std::vector<std::byte> in, out;
-  for (int e = 0; e < model_.num_experts; ++e) {
+  for (int e = 0; e < model_.experts_per_layer(); ++e) {
     const int64_t rows = pairs[e].size();
     if (rows == 0) continue;
     // The expert's rows, gathered once in the kernel's dtype.

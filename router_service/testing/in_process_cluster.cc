@@ -37,7 +37,7 @@ Placement MakePlacement(PlacementStrategy strategy, int experts, int servers) {
 }
 
 Placement MakePlacement(const ModelConfig& model, PlacementStrategy strategy, int servers) {
-  return EveryLayer(model, MakePlacement(strategy, model.num_experts, servers));
+  return EveryLayer(model, MakePlacement(strategy, model.experts_per_layer(), servers));
 }
 
 expert::KernelFactory OnednnKernels() {
