@@ -169,6 +169,68 @@ TEST(GatingTest, TheBackwardOfEveryVariantMatchesFiniteDifferences) {
   }
 }
 
+// Qwen2-MoE's shared expert in 2 slices: every token visits experts 4 and 5
+// after its top-2, weight sigmoid(x w_s) (W_g's last column), never dropped,
+// outside the losses; the backward through that sigmoid matches finite
+// differences, dx and dW_g alike.
+TEST(GatingTest, TheSharedExpertsSlicesFollowEveryTokensChoice) {
+  ModelConfig model = Model(4, 2);
+  model.shared_slices = 2;
+  model.overflow = OverflowPolicy::kDrop;
+  model.capacity_factor = 0.5f;  // 1 pair per routed expert for 3 tokens
+  ASSERT_EQ(model.gate_width(), 5);
+  const std::vector<float> x = {0.7f, -0.4f, 0.2f, 0.9f, -1.1f, 0.6f};  // 3 tokens
+  const FloatTensor gate({2, 5}, {0.9f, -0.3f, 0.4f, 0.1f, 0.7f, -0.2f, 0.8f, 0.5f, -0.6f, -0.9f});
+  const Routing r = RouteTokens(x, 3, gate.values(), model);
+  ASSERT_EQ(r.per_token(), 4);
+  for (int64_t t = 0; t < 3; ++t) {
+    const double logit = 0.7 * x[2 * t] - 0.9 * x[2 * t + 1];
+    for (int i = 0; i < 2; ++i) {
+      const int64_t p = r.pairs().Pair(t, 2 + i);
+      EXPECT_EQ(r.expert_ids[p], 4 + i);
+      EXPECT_NEAR(r.weights[p], 1 / (1 + std::exp(-logit)), 1e-6);
+      EXPECT_EQ(r.dropped[p], 0);
+    }
+  }
+  // Capacity ceil(0.5 * 3 * 2 / 4) = 1 pair per routed expert: of the 6
+  // routed pairs, one per expert is kept.
+  EXPECT_EQ(r.dropped_pairs, 2);
+  EXPECT_EQ(r.expert_tokens[4], 3);
+  EXPECT_EQ(r.expert_tokens[5], 3);
+  int64_t chosen = 0;
+  for (int64_t c : r.chosen_count) chosen += c;
+  EXPECT_EQ(chosen, 6);  // routed pairs only
+
+  model.overflow = OverflowPolicy::kDropless;
+  const Routing routing = RouteTokens(x, 3, gate.values(), model);
+  std::vector<double> c(routing.weights.size());
+  for (size_t p = 0; p < c.size(); ++p) c[p] = 0.3 + 0.2 * static_cast<double>(p);
+  auto loss = [&](absl::Span<const float> xs, const FloatTensor& g) {
+    const Routing again = RouteTokens(xs, 3, g.values(), model);
+    EXPECT_EQ(again.expert_ids, routing.expert_ids);
+    double sum = 0;
+    for (size_t p = 0; p < c.size(); ++p) sum += c[p] * again.weights[p];
+    return sum;
+  };
+  std::vector<float> dx(x.size(), 0.0f);
+  FloatTensor d_gate({2, 5});
+  GateBackward(routing, x, gate.values(), c, absl::MakeSpan(dx), d_gate.mutable_values());
+  constexpr float kH = 1e-2f;
+  for (size_t i = 0; i < gate.values().size(); ++i) {
+    FloatTensor plus = gate, minus = gate;
+    plus.mutable_values()[i] += kH;
+    minus.mutable_values()[i] -= kH;
+    EXPECT_NEAR(d_gate.values()[i], (loss(x, plus) - loss(x, minus)) / (2 * kH), 2e-3)
+        << "W_g entry " << i;
+  }
+  for (size_t i = 0; i < x.size(); ++i) {
+    std::vector<float> plus = x, minus = x;
+    plus[i] += kH;
+    minus[i] -= kH;
+    EXPECT_NEAR(dx[i], (loss(plus, gate) - loss(minus, gate)) / (2 * kH), 2e-3) << "x " << i;
+  }
+}
+
 TEST(GatingTest, TheLossesAreSwitchsAndMixtrals) {
   // x = [1, 2]: logits [1, 2, 3, 0]; top-2 chooses experts 2 and 1.
   const Routing r = RouteTokens(std::vector<float>{1.0f, 2.0f}, 1, Gate4().values(), Model(4, 2));

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -81,6 +82,8 @@ struct Family {
   // The HF names of W1, b1, W2, b2, W3 after the expert's module (empty:
   // none).
   const char* tensors[5];
+  // Qwen2-MoE's shared expert: its slices of d_ff (0: none).
+  int shared_slices = 0;
 };
 
 const Family kFamilies[] = {
@@ -119,7 +122,8 @@ const Family kFamilies[] = {
      ExpertActivation::kSiluGated,
      "gate.weight",
      "experts.",
-     {"gate_proj.weight", "", "down_proj.weight", "", "up_proj.weight"}},
+     {"gate_proj.weight", "", "down_proj.weight", "", "up_proj.weight"},
+     2},
 };
 
 bool AllZero(const FloatTensor& t) {
@@ -140,7 +144,71 @@ ModelConfig ModelOf(const Family& f) {
   model.gate.renormalize = f.renormalize;
   model.checkpoint_layout = {f.family, f.prefix};
   model.activation = f.activation;
+  model.shared_slices = f.shared_slices;
   return model;
+}
+
+// The [rows, cols] block of `t` at (row, col).
+FloatTensor Block(const FloatTensor& t, int64_t row, int64_t col, int64_t rows, int64_t cols) {
+  FloatTensor out({rows, cols});
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy_n(t.row(row + r).data() + col, cols, out.mutable_row(r).data());
+  }
+  return out;
+}
+
+// [rows, cols] -> [cols, rows].
+FloatTensor Transpose(const FloatTensor& t) {
+  FloatTensor out({t.dim(1), t.dim(0)});
+  for (int64_t r = 0; r < t.dim(0); ++r) {
+    for (int64_t c = 0; c < t.dim(1); ++c) out.mutable_values()[c * t.dim(0) + r] = t.row(r)[c];
+  }
+  return out;
+}
+
+// PyTorch's `kind` ("grad " or "stepped ") of the gate W_g in the x W
+// layout [d_model, gate_width]: the router's, then the shared expert's gate.
+FloatTensor ExpectedGate(const Expected& expected, const Family& f, const std::string& kind) {
+  const FloatTensor router = expected.Transposed(absl::StrCat(kind, f.prefix, ".", f.router));
+  if (f.shared_slices == 0) return router;
+  const FloatTensor shared =
+      expected.Transposed(absl::StrCat(kind, f.prefix, ".shared_expert_gate.weight"));
+  FloatTensor gate({kDModel, router.dim(1) + 1});
+  for (int64_t i = 0; i < kDModel; ++i) {
+    std::copy_n(router.row(i).data(), router.dim(1), gate.mutable_row(i).data());
+    gate.mutable_row(i)[router.dim(1)] = shared.row(i)[0];
+  }
+  return gate;
+}
+
+// PyTorch's `kind` of tensor `i` (kAllExpertTensors' order) of expert `e`
+// in the x W layout: a routed expert's, or (e >= num_experts) that slice
+// of the shared expert's; nullopt for a tensor the model does not have.
+std::optional<FloatTensor> ExpectedExpertTensor(const Expected& expected, const Family& f,
+                                                const ModelConfig& model, const std::string& kind,
+                                                int e, int i) {
+  const ExpertTensor which = kAllExpertTensors[i];
+  if (e < model.num_experts) {
+    if (f.tensors[i][0] == '\0') return std::nullopt;
+    const std::string name =
+        absl::StrCat(kind, f.prefix, ".", f.expert_module, e, ".", f.tensors[i]);
+    return IsMatrix(which) ? expected.Transposed(name) : expected.Get(name);
+  }
+  const int64_t begin = (e - model.num_experts) * model.d_ff;
+  const std::string shared = absl::StrCat(kind, f.prefix, ".shared_expert.");
+  switch (which) {
+    case ExpertTensor::kW1:
+      return Transpose(
+          Block(expected.Get(shared + "gate_proj.weight"), begin, 0, model.d_ff, model.d_model));
+    case ExpertTensor::kW3:
+      return Transpose(
+          Block(expected.Get(shared + "up_proj.weight"), begin, 0, model.d_ff, model.d_model));
+    case ExpertTensor::kW2:
+      return Transpose(
+          Block(expected.Get(shared + "down_proj.weight"), 0, begin, model.d_model, model.d_ff));
+    default:
+      return std::nullopt;
+  }
 }
 
 class HfCheckpointTest : public ::testing::TestWithParam<Family> {};
@@ -152,7 +220,9 @@ TEST_P(HfCheckpointTest, TheClusterComputesWhatPyTorchDoes) {
   ASSERT_TRUE(weights.ok()) << weights.status();
   const Expected expected(Dir(f.name));
   // HYBRID over 3 servers: experts 0-1 everywhere, 2 and 3 on one each; the
-  // checkpoint's first shard holds experts 0-1, the second 2-3.
+  // checkpoint's first shard holds experts 0-1, the second 2-3 (Qwen2-MoE:
+  // 6 experts with the shared expert's 2 slices, 0-2 everywhere, the
+  // slices from the second shard).
   InProcessCluster cluster(model, *std::move(weights), PlacementStrategy::kHybrid);
 
   // Inference (gated SiLU: the fused post-ops), then training.
@@ -169,24 +239,23 @@ TEST_P(HfCheckpointTest, TheClusterComputesWhatPyTorchDoes) {
   ASSERT_TRUE(dx.ok()) << dx.status();
   EXPECT_TRUE(TensorNear(Decoded(*dx, kDModel), expected.Get("grad_input"), 1e-5));
 
-  const std::string router = absl::StrCat(f.prefix, ".", f.router);
   const FloatTensor gate_grad = cluster.KeptGateGradient();
-  ASSERT_EQ(gate_grad.values().size(), size_t{kDModel * 4});
-  EXPECT_TRUE(TensorNear(gate_grad, expected.Transposed("grad " + router), 1e-5));
-  // Each expert's gradient, summed over its replicas.
-  for (int e = 0; e < 4; ++e) {
+  ASSERT_EQ(gate_grad.values().size(), size_t{kDModel} * model.gate_width());
+  EXPECT_TRUE(TensorNear(gate_grad, ExpectedGate(expected, f, "grad "), 1e-5));
+  // Each expert's gradient (the shared expert's slices too), summed over
+  // its replicas.
+  for (int e = 0; e < model.experts_per_layer(); ++e) {
     const ExpertWeights sum = cluster.SummedGradients(ExpertKey(0, e));
     for (int i = 0; i < 5; ++i) {
       const ExpertTensor which = kAllExpertTensors[i];
-      const std::string name =
-          absl::StrCat("grad ", f.prefix, ".", f.expert_module, e, ".", f.tensors[i]);
-      if (f.tensors[i][0] == '\0') {
+      const std::optional<FloatTensor> want =
+          ExpectedExpertTensor(expected, f, model, "grad ", e, i);
+      if (!want) {
         // Bias-free: no gradient is kept (a ReLU expert has no W3).
         EXPECT_TRUE(AllZero(sum.tensor(which))) << e;
-      } else if (IsMatrix(which)) {
-        EXPECT_TRUE(TensorNear(sum.tensor(which), expected.Transposed(name), 1e-5)) << name;
       } else {
-        EXPECT_TRUE(TensorNear(sum.tensor(which), expected.Get(name), 1e-5)) << name;
+        EXPECT_TRUE(TensorNear(sum.tensor(which), *want, 1e-5))
+            << "expert " << e << " tensor " << i;
       }
     }
   }
@@ -196,21 +265,20 @@ TEST_P(HfCheckpointTest, TheClusterComputesWhatPyTorchDoes) {
   absl::StatusOr<router::StepCoordinator::Result> stepped = cluster.Step(0.1f);
   ASSERT_TRUE(stepped.ok()) << stepped.status();
   EXPECT_TRUE(
-      TensorNear(cluster.router.gate()->value, expected.Transposed("stepped " + router), 1e-5));
+      TensorNear(cluster.router.gate()->value, ExpectedGate(expected, f, "stepped "), 1e-5));
   for (int s = 0; s < cluster.placement.num_servers(); ++s) {
     for (ExpertKey key : cluster.placement.ExpertsOn(s)) {
       const expert::ExpertSnapshot now = *cluster.client.store(s).Snapshot(key);
       for (int i = 0; i < 5; ++i) {
         const ExpertTensor which = kAllExpertTensors[i];
         const FloatTensor& served = now.weights.tensor(which);
-        const std::string name =
-            absl::StrCat("stepped ", f.prefix, ".", f.expert_module, key.expert, ".", f.tensors[i]);
-        if (f.tensors[i][0] == '\0') {
-          EXPECT_TRUE(AllZero(served)) << name;
+        const std::optional<FloatTensor> want =
+            ExpectedExpertTensor(expected, f, model, "stepped ", key.expert, i);
+        if (!want) {
+          EXPECT_TRUE(AllZero(served)) << key << " tensor " << i;
         } else {
-          EXPECT_TRUE(TensorNear(
-              served, IsMatrix(which) ? expected.Transposed(name) : expected.Get(name), 1e-5))
-              << name << " on server " << s;
+          EXPECT_TRUE(TensorNear(served, *want, 1e-5))
+              << key << " tensor " << i << " on server " << s;
         }
       }
     }

@@ -13,10 +13,8 @@ definitions (transformers' modeling_nllb_moe.py NllbMoeSparseMLP with
 NllbMoeTop2Router, modeling_switch_transformers.py SwitchTransformersSparseMLP
 with SwitchTransformersTop1Router, modeling_mixtral.py MixtralSparseMoeBlock
 with MixtralBlockSparseTop2MLP, modeling_qwen2_moe.py Qwen2MoeSparseMoeBlock
-with norm_topk_prob = False, whose routed experts OLMoE's OlmoeSparseMoeBlock
-shares), in eval mode, with no token dropped. Qwen2-MoE's shared expert is
-in the checkpoint but not in the block computed here: the cluster serves the
-routed experts.
+with norm_topk_prob = False and its shared expert, whose routed experts
+OLMoE's OlmoeSparseMoeBlock shares), in eval mode, with no token dropped.
 
 Usage: hf_checkpoints.py DIR
 """
@@ -31,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 D_MODEL, D_FF, EXPERTS, TOKENS = 16, 24, 4, 37
+# Qwen2-MoE's shared_expert_intermediate_size: two slices of D_FF.
+D_SHARED = 2 * D_FF
 LR = 0.1
 
 DTYPES = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": (None, 2), "I64": ("<i8", 8)}
@@ -160,16 +160,24 @@ def mixtral_block(p, params, x):
 
 
 def qwen2_moe_block(p, params, x):
-    return gated_block(p, params, x, 2, False, ("gate_proj", "up_proj", "down_proj"))
+    """Qwen2MoeSparseMoeBlock: the routed experts, plus the shared expert (a
+    Qwen2MoeMLP) times sigmoid(shared_expert_gate(x))."""
+    routed = gated_block(p, params, x, 2, False, ("gate_proj", "up_proj", "down_proj"))
+    s = f"{p}.shared_expert"
+    shared = F.linear(F.silu(F.linear(x, params[f"{s}.gate_proj.weight"])) *
+                      F.linear(x, params[f"{s}.up_proj.weight"]), params[f"{s}.down_proj.weight"])
+    return routed + torch.sigmoid(F.linear(x, params[f"{p}.shared_expert_gate.weight"])) * shared
 
 
 def make(directory, name, prefix, block, expert_tensors, dtypes, seed, router="router.classifier",
-         expert_module="experts.expert_", extra=()):
+         expert_module="experts.expert_", shared_tensors=()):
     rng = np.random.default_rng(seed)
     block_tensors = {f"{prefix}.{router}.weight": rng.normal(0, 0.5, (EXPERTS, D_MODEL))}
     for e in range(EXPERTS):
         for suffix, shape in expert_tensors.items():
             block_tensors[f"{prefix}.{expert_module}{e}.{suffix}"] = rng.normal(0, 0.3, shape)
+    for suffix, shape in shared_tensors:  # in the second shard
+        block_tensors[f"{prefix}.{suffix}"] = rng.normal(0, 0.3, shape)
     names = list(block_tensors)
     # Two shards: the router and the first experts, the rest with the
     # model's other tensors; each tensor in the dtype its model stores.
@@ -181,8 +189,6 @@ def make(directory, name, prefix, block, expert_tensors, dtypes, seed, router="r
     shards[0]["shared.weight"] = ("BF16", rng.normal(0, 1, (11, D_MODEL)))
     shards[1][f"{prefix}.self_attn.k_proj.weight"] = ("F32", rng.normal(0, 1, (D_MODEL, D_MODEL)))
     shards[1]["encoder.position_ids"] = ("I64", np.arange(8)[None, :])
-    for extra_name, shape in extra:
-        shards[1][f"{prefix}.{extra_name}"] = ("BF16", rng.normal(0, 1, shape))
     out = os.path.join(directory, name)
     write_sharded(out, shards)
 
@@ -215,8 +221,10 @@ def main():
          {"gate_proj.weight": (D_FF, D_MODEL), "up_proj.weight": (D_FF, D_MODEL),
           "down_proj.weight": (D_MODEL, D_FF)},
          ("F32", "BF16"), 4, router="gate", expert_module="experts.",
-         extra=[("shared_expert.gate_proj.weight", (D_FF, D_MODEL)),
-                ("shared_expert_gate.weight", (1, D_MODEL))])
+         shared_tensors=[("shared_expert.gate_proj.weight", (D_SHARED, D_MODEL)),
+                         ("shared_expert.up_proj.weight", (D_SHARED, D_MODEL)),
+                         ("shared_expert.down_proj.weight", (D_MODEL, D_SHARED)),
+                         ("shared_expert_gate.weight", (1, D_MODEL))])
     print(f"wrote nllb_moe, switch_transformers, mixtral and qwen2_moe in {directory}")
 
 
