@@ -226,6 +226,33 @@ TEST(ModelConfigTest, SeveralLayersAreCheckedAndPlaced) {
               HasSubstr("layer 1 expert 5 is not placed"));
 }
 
+// Qwen2-MoE's shared expert: slices of d_ff, placed as experts after the
+// routed ones, its gate a column of W_g; only for gated SiLU experts and
+// the layouts that have one.
+TEST(ModelConfigTest, ASharedExpertIsSlicesOfDff) {
+  const std::string qwen = With("seed: 42",
+                                "seed: 42 activation: EXPERT_ACTIVATION_SILU_GATED "
+                                "shared_expert_d_ff: 768");
+  absl::StatusOr<ServingConfig> config = ParseServingConfig(qwen);
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->model.shared_slices, 3);
+  EXPECT_EQ(config->model.experts_per_layer(), 11);
+  EXPECT_EQ(config->model.gate_width(), 9);
+  EXPECT_EQ(config->model.gate_shape(), Shape({64, 9}));
+  EXPECT_EQ(ModelConfigToProto(config->model).shared_expert_d_ff(), 768);
+  absl::StatusOr<Placement> placement = ComputePlacement(config->model, config->cluster);
+  ASSERT_TRUE(placement.ok()) << placement.status();
+  EXPECT_EQ(placement->num_experts(0), 11);
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(qwen, {{"768", "700"}})),
+              HasSubstr("model.shared_expert_d_ff: must be a multiple of d_ff = 256"));
+  EXPECT_THAT(ErrorOf(With("seed: 42", "seed: 42 shared_expert_d_ff: 512")),
+              HasSubstr("set activation: EXPERT_ACTIVATION_SILU_GATED"));
+  EXPECT_THAT(ErrorOf(absl::StrReplaceAll(qwen, {{"shared_expert_d_ff",
+                                                  "checkpoint_layout { family: FAMILY_MIXTRAL "
+                                                  "prefix: \"m\" } shared_expert_d_ff"}})),
+              HasSubstr("FAMILY_MIXTRAL has no shared expert"));
+}
+
 // The activation is said, and a Hugging Face family's experts have the one
 // its models have.
 TEST(ModelConfigTest, GatedSiluExpertsAreSaidNotGuessed) {

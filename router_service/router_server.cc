@@ -172,9 +172,12 @@ absl::Status RouterServer::Start() {
   MOE_ASSIGN_OR_RETURN(server_,
                        StartGrpcServer(options_.listen_address, port_credentials,
                                        options_.max_message_bytes, {service_.get()}, &port_));
-  MOE_LOG(INFO, "router: ", model.num_experts, " experts, top_k ", model.top_k, ", ",
-          PlacementStrategyName(config.cluster.strategy), " over ", config.cluster.servers.size(),
-          " expert servers; gate from ",
+  MOE_LOG(INFO, "router: ", model.num_layers, " layer(s) of ", model.num_experts, " experts",
+          model.has_shared_expert()
+              ? absl::StrCat(" and a shared expert in ", model.shared_slices, " slices")
+              : std::string(),
+          ", top_k ", model.top_k, ", ", PlacementStrategyName(config.cluster.strategy), " over ",
+          config.cluster.servers.size(), " expert servers; gate from ",
           options_.checkpoint_path.empty() ? absl::StrCat("init seed ", model.seed)
                                            : options_.checkpoint_path,
           "; ", options_.compute_threads, " compute thread(s)");

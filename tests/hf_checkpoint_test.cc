@@ -4,8 +4,8 @@
 // model), loaded with the model's checkpoint_layout into a cluster (router
 // core, in-process expert servers on oneDNN kernels): its output, dL/dx,
 // every gradient and one SGD step equal what PyTorch computed from the
-// models' own definitions. The directory comes from HF_CHECKPOINTS_DIR
-// (tests/hf_checkpoint_test.sh runs the script first).
+// models' own definitions (Qwen2-MoE's with its shared expert). The directory comes from
+// HF_CHECKPOINTS_DIR (tests/hf_checkpoint_test.sh runs the script first).
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>

@@ -4,7 +4,8 @@
 // answer equal to its own layer's reference (no cross-talk); training
 // through two layers equals two reference layers, replicas stay identical
 // per (layer, expert), and a checkpoint of the trained cluster holds every
-// layer's tensors as trained.
+// layer's tensors as trained; Qwen2-MoE's shared expert is served and
+// trained in every layer.
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
@@ -224,6 +225,55 @@ TEST(LayersProcessTest, TwoLayersTrainAsTheReferenceAndCheckpointEveryLayer) {
           TensorNear(loaded->experts.at(e).w1, reference[l].weights().experts.at(e).w1, 1e-5))
           << ExpertKey(l, e);
     }
+  }
+}
+
+// Qwen2-MoE's shared expert across processes, in two layers: its slices
+// are experts 4 and 5 of each layer, placed on the servers like the routed
+// ones; forwards and a training step equal each layer's reference.
+TEST(LayersProcessTest, TheSharedExpertIsServedAndTrainedInEveryLayer) {
+  ProcessClusterOptions options;
+  options.model = absl::StrCat("d_model: ", kDModel,
+                               " d_ff: 24 num_experts: 4 top_k: 2 seed: 23 num_layers: 2 "
+                               "activation: EXPERT_ACTIVATION_SILU_GATED shared_expert_d_ff: 48 "
+                               "gate { weights: WEIGHTS_PROBABILITIES }");
+  options.strategy = "MODEL_PARALLEL";
+  options.num_servers = 2;
+  ProcessCluster cluster(options);
+  const ModelConfig& model = cluster.config().model;
+  ASSERT_EQ(model.experts_per_layer(), 6);
+  v1::InfoResponse info;
+  ASSERT_TRUE(cluster.Info(1, &info).ok());
+  std::vector<ExpertKey> hosted;
+  for (const v1::ExpertDigest& d : info.experts()) hosted.push_back(ExpertKeyOf(d));
+  EXPECT_THAT(hosted, ::testing::Contains(ExpertKey(1, 5)));  // a slice of layer 1
+  std::vector<ReferenceTraining> reference;
+  for (int l = 0; l < 2; ++l) reference.emplace_back(model, InitAllWeights(model, l));
+  for (int l = 0; l < 2; ++l) {
+    const FloatTensor x = RandomTensor({20, kDModel}, 40 + l);
+    const FloatTensor dy = RandomTensor({20, kDModel}, 50 + l);
+    const ReferenceTraining::Step expected = reference[l].Train(x, dy, 0.05f);
+    v1::ForwardResponse y;
+    ASSERT_TRUE(cluster.Forward(x, &y, /*training=*/true, l).ok());
+    EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), expected.forward.y, 1e-5)) << "layer " << l;
+    // Each token's top-2, then the shared expert's two slices.
+    ASSERT_EQ(y.routing().top_k(), 4);
+    EXPECT_EQ(y.routing().expert_ids(2), 4);
+    EXPECT_EQ(y.routing().expert_ids(3), 5);
+    v1::BackwardResponse dx;
+    ASSERT_TRUE(cluster.Backward(y.request_id(), dy, &dx).ok());
+    EXPECT_TRUE(TensorNear(Decoded(dx.grad_input(), kDModel), expected.grads.dx, 1e-5))
+        << "layer " << l;
+  }
+  v1::StepResponse stepped;
+  const grpc::Status status = cluster.Step(0.05f, absl::Seconds(30), &stepped);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  for (int l = 0; l < 2; ++l) {
+    const FloatTensor x = RandomTensor({16, kDModel}, 60 + l);
+    v1::ForwardResponse y;
+    ASSERT_TRUE(cluster.Forward(x, &y, false, l).ok());
+    EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), reference[l].Layer().Forward(x)->y, 1e-5))
+        << "layer " << l << " after the step";
   }
 }
 

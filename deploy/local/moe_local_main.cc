@@ -42,6 +42,9 @@ ABSL_FLAG(std::string, strategy, "HYBRID",
           "DATA_PARALLEL, MODEL_PARALLEL, HYBRID or DYNAMIC (without --config).");
 ABSL_FLAG(int, servers, 2, "Expert servers (without --config).");
 ABSL_FLAG(int, experts, 8, "Experts per layer (without --config).");
+ABSL_FLAG(int, shared_expert_d_ff, 0,
+          "With --activation=silu_gated: a Qwen2-MoE shared expert of this hidden width (a "
+          "multiple of --d_ff) in every layer; 0: none.");
 ABSL_FLAG(int, layers, 1,
           "MoE layers served by the one cluster (without --config); the load and the training "
           "steps run every layer.");
@@ -93,6 +96,7 @@ absl::StatusOr<ServingConfig> ConfigFromFlags() {
   model->set_d_ff(absl::GetFlag(FLAGS_d_ff));
   model->set_num_experts(absl::GetFlag(FLAGS_experts));
   model->set_num_layers(absl::GetFlag(FLAGS_layers));
+  model->set_shared_expert_d_ff(absl::GetFlag(FLAGS_shared_expert_d_ff));
   model->set_top_k(absl::GetFlag(FLAGS_top_k));
   model->set_seed(42);
   const std::string activation = absl::GetFlag(FLAGS_activation);
@@ -267,10 +271,15 @@ int Run() {
   options.credentials = *credentials;
   const ModelConfig& model = config->model;
   std::printf(
-      "moe-serve local cluster: %d layer(s) of %d %s experts (d_model %ld, d_ff %ld, top_k %d), "
+      "moe-serve local cluster: %d layer(s) of %d %s experts (d_model %ld, d_ff %ld, top_k %d)%s, "
       "%zu expert servers, %s placement, %s kernels, %s\nstarting...\n",
       model.num_layers, model.num_experts, model.gated() ? "gated SiLU" : "ReLU",
       static_cast<long>(model.d_model), static_cast<long>(model.d_ff), model.top_k,
+      model.has_shared_expert()
+          ? absl::StrCat(" and a shared expert (experts ", model.num_experts, "-",
+                         model.experts_per_layer() - 1, " of each layer)")
+                .c_str()
+          : "",
       config->cluster.servers.size(),
       std::string(PlacementStrategyName(config->cluster.strategy)).c_str(), options.dtype.c_str(),
       credentials->name().c_str());
