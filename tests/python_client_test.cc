@@ -22,6 +22,33 @@ namespace {
 using ::moe::local::ChildProcess;
 using ::moe::local::RunfilePath;
 
+// Starts a local cluster of `config` on `checkpoint`, runs the Python
+// `script` against its router (then the checkpoint and `args`) with
+// Debian's python3, expects it to exit 0, and returns (and prints) what it
+// wrote.
+std::string RunAgainstCluster(const ServingConfig& config, const std::string& checkpoint,
+                              const std::string& dir, const std::string& checkpoint_dir,
+                              const std::string& script, const std::vector<std::string>& args) {
+  local::LocalClusterOptions options;
+  options.config = config;
+  options.checkpoint_path = checkpoint;
+  options.work_dir = dir;
+  options.checkpoint_dir = checkpoint_dir;
+  options.onednn_threads = 1;
+  absl::StatusOr<std::unique_ptr<local::LocalCluster>> cluster =
+      local::LocalCluster::Start(options);
+  EXPECT_TRUE(cluster.ok()) << cluster.status();
+  if (!cluster.ok()) return "";
+  const std::string root = RunfilePath("");
+  setenv("PYTHONPATH", absl::StrCat(root, ":", root, "clients/python").c_str(), 1);
+  std::vector<std::string> argv = {RunfilePath(script), (*cluster)->router_address(), checkpoint};
+  argv.insert(argv.end(), args.begin(), args.end());
+  ChildProcess python("/usr/bin/python3", argv);
+  EXPECT_EQ(python.Stop(0, absl::Seconds(120)), 0) << python.output();
+  std::cout << python.output();
+  return python.output();
+}
+
 TEST(PythonClientTest, AgreesWithANumpyLayerOnTheSameCheckpoint) {
   const std::string dir = ::testing::TempDir();
   const ServingConfig config = *ParseServingConfig(R"pb(
@@ -35,30 +62,14 @@ TEST(PythonClientTest, AgreesWithANumpyLayerOnTheSameCheckpoint) {
   const std::string checkpoint = dir + "/model.safetensors";
   ASSERT_TRUE(
       SaveCheckpoint(checkpoint, config.model, InitAllWeights(config.model), DType::kFloat32).ok());
-  local::LocalClusterOptions options;
-  options.config = config;
-  options.checkpoint_path = checkpoint;
-  options.work_dir = dir;
-  options.checkpoint_dir = dir + "/saved";
-  options.onednn_threads = 1;
-  absl::StatusOr<std::unique_ptr<local::LocalCluster>> cluster =
-      local::LocalCluster::Start(options);
-  ASSERT_TRUE(cluster.ok()) << cluster.status();
-
-  const std::string root = RunfilePath("");
-  setenv("PYTHONPATH", absl::StrCat(root, ":", root, "clients/python").c_str(), 1);
-  ChildProcess python("/usr/bin/python3", {RunfilePath("clients/python/client_test.py"),
-                                           (*cluster)->router_address(), checkpoint, "2", "save"});
-  EXPECT_EQ(python.Stop(0, absl::Seconds(120)), 0) << python.output();
-  EXPECT_THAT(python.output(), ::testing::HasSubstr("python client: all checks passed"));
-  EXPECT_THAT(python.output(),
-              ::testing::HasSubstr("checkpoint of step 1: " + dir + "/saved/step-1"));
+  const std::string output = RunAgainstCluster(config, checkpoint, dir, dir + "/saved",
+                                               "clients/python/client_test.py", {"2", "save"});
+  EXPECT_THAT(output, ::testing::HasSubstr("python client: all checks passed"));
+  EXPECT_THAT(output, ::testing::HasSubstr("checkpoint of step 1: " + dir + "/saved/step-1"));
   // A stream of four batches, the third refused on its own.
-  EXPECT_THAT(python.output(), ::testing::HasSubstr("stream batch 3 (1 tokens)"));
-  EXPECT_THAT(python.output(),
-              ::testing::HasSubstr("stream batch 2: (<StatusCode.INVALID_ARGUMENT"));
-  EXPECT_THAT(python.output(), ::testing::HasSubstr("placement epoch 1, step 0"));
-  std::cout << python.output();
+  EXPECT_THAT(output, ::testing::HasSubstr("stream batch 3 (1 tokens)"));
+  EXPECT_THAT(output, ::testing::HasSubstr("stream batch 2: (<StatusCode.INVALID_ARGUMENT"));
+  EXPECT_THAT(output, ::testing::HasSubstr("placement epoch 1, step 0"));
 }
 
 // A cluster of three MoE layers on three servers: the client's layer
@@ -82,23 +93,10 @@ TEST(PythonClientTest, RunsAModelOfSeveralLayersLayerByLayer) {
   ASSERT_TRUE(SaveCheckpoint(checkpoint, config.model, {&layers[0], &layers[1], &layers[2]},
                              DType::kFloat32)
                   .ok());
-  local::LocalClusterOptions options;
-  options.config = config;
-  options.checkpoint_path = checkpoint;
-  options.work_dir = dir;
-  options.onednn_threads = 1;
-  absl::StatusOr<std::unique_ptr<local::LocalCluster>> cluster =
-      local::LocalCluster::Start(options);
-  ASSERT_TRUE(cluster.ok()) << cluster.status();
-
-  const std::string root = RunfilePath("");
-  setenv("PYTHONPATH", absl::StrCat(root, ":", root, "clients/python").c_str(), 1);
-  ChildProcess python("/usr/bin/python3", {RunfilePath("clients/python/layers_test.py"),
-                                           (*cluster)->router_address(), checkpoint, "2"});
-  EXPECT_EQ(python.Stop(0, absl::Seconds(120)), 0) << python.output();
-  EXPECT_THAT(python.output(), ::testing::HasSubstr("python client, layers: all checks passed"));
-  EXPECT_THAT(python.output(), ::testing::HasSubstr("stream batch 5 (layer 2)"));
-  std::cout << python.output();
+  const std::string output =
+      RunAgainstCluster(config, checkpoint, dir, "", "clients/python/layers_test.py", {"2"});
+  EXPECT_THAT(output, ::testing::HasSubstr("python client, layers: all checks passed"));
+  EXPECT_THAT(output, ::testing::HasSubstr("stream batch 5 (layer 2)"));
 }
 
 }  // namespace
