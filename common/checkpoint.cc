@@ -737,6 +737,10 @@ absl::Status SaveCheckpoint(const std::string& path, const ModelConfig& model,
   std::vector<ShardPart> parts;
   for (const MoeWeights* weights : layers) {
     MOE_RETURN_IF_ERROR(CheckLayer(model, weights->layer));
+    if (seen[weights->layer]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("save checkpoint: layer ", weights->layer, " is given twice"));
+    }
     seen[weights->layer] = true;
     if (!weights->gate.has_value()) {
       return absl::InvalidArgumentError(

@@ -32,7 +32,8 @@ Floats8 Load8(const float* p) {
 
 class GateMatmul {
  public:
-  // `gate` [d_model, num_experts], copied with its experts padded.
+  // `gate` [d_model, num_experts] (here: every column of W_g), copied with
+  // its experts padded.
   GateMatmul(absl::Span<const float> gate, int64_t d_model, int64_t num_experts)
       : d_model_(d_model),
         num_experts_(num_experts),
@@ -115,8 +116,9 @@ void Losses(Routing& routing) {
   routing.chosen_count.assign(num_experts, 0);
   const PairIndex pairs = routing.pairs();
   for (int64_t t = 0; t < tokens; ++t) {
-    for (int j = 0; j < routing.top_k; ++j)
+    for (int j = 0; j < routing.top_k; ++j) {
       ++routing.chosen_count[routing.expert_ids[pairs.Pair(t, j)]];
+    }
   }
   std::vector<double> mean_prob(num_experts, 0.0);
   for (int64_t t = 0; t < tokens; ++t) {

@@ -104,11 +104,11 @@ void ExpertDispatcher::ServerVersion(ExpertKey expert, v1::StateVersion* out) co
 namespace {
 
 // A gate and its optimizer state, as a commit or a peer brings them: fp32,
-// every layer's stacked ([num_layers * d_model, num_experts]) each.
+// every layer's stacked (ModelConfig::gate_shape()) each.
 template <typename GateMessage>
 absl::Status CheckGate(const ModelConfig& model, const GateMessage& message) {
   auto check = [&](const v1::Tensor& tensor, absl::string_view name) -> absl::Status {
-    const TensorSpec spec{name, model.gate_shape(), {"num_layers x d_model", "num_experts"}};
+    const TensorSpec spec{name, model.gate_shape(), {"num_layers x d_model", "gate width"}};
     MOE_ASSIGN_OR_RETURN(const ConstTensorView view, DecodeTensor(tensor, spec));
     if (view.dtype != DType::kFloat32) {
       return absl::InvalidArgumentError(absl::StrCat(name, ": must be fp32"));

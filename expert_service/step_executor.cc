@@ -703,7 +703,7 @@ absl::Status StepExecutor::AddGateGradient(uint64_t gate_step, int layer,
   const size_t size = static_cast<size_t>(model.d_model) * model.gate_width();
   if (gradient.size() != size) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "gate gradient: ", gradient.size(), " values, expected d_model x num_experts = ", size));
+        "gate gradient: ", gradient.size(), " values, expected d_model x gate width = ", size));
   }
   for (float g : gradient) {
     if (!std::isfinite(g)) {

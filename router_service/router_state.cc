@@ -83,7 +83,7 @@ absl::Status Router::AdoptGate(const v1::GetGateResponse& response) {
   const ModelConfig& model = options_.model;
   auto decode = [&](const v1::Tensor& tensor,
                     absl::string_view name) -> absl::StatusOr<FloatTensor> {
-    const TensorSpec spec{name, model.gate_shape(), {"num_layers x d_model", "num_experts"}};
+    const TensorSpec spec{name, model.gate_shape(), {"num_layers x d_model", "gate width"}};
     MOE_ASSIGN_OR_RETURN(const ConstTensorView view, DecodeTensor(tensor, spec));
     if (view.dtype != DType::kFloat32) {
       return absl::InvalidArgumentError(absl::StrCat(name, ": must be fp32"));

@@ -375,7 +375,7 @@ absl::StatusOr<FloatTensor> StepCoordinator::GateGradient(
   for (size_t s = 0; s < prepared.size(); ++s) {
     if (!prepared[s]->has_gate_gradient()) continue;
     const TensorSpec spec{
-        "gate_gradient", model.gate_shape(), {"num_layers x d_model", "num_experts"}};
+        "gate_gradient", model.gate_shape(), {"num_layers x d_model", "gate width"}};
     absl::StatusOr<ConstTensorView> view = DecodeTensor(prepared[s]->gate_gradient(), spec);
     if (!view.ok() || view->dtype != DType::kFloat32) {
       return absl::InternalError(

@@ -98,9 +98,9 @@ absl::Status Run() {
   io.Add("grad_output", dy.shape(), dy.values());
   io.Add("y", forward.y.shape(), forward.y.values());
   io.Add("grad_input", grads.dx.shape(), grads.dx.values());
-  io.Add("expert_ids", {tokens, model.top_k}, expert_ids);
-  io.Add("weights", {tokens, model.top_k}, routing.weights);
-  io.Add("dropped", {tokens, model.top_k}, dropped);
+  io.Add("expert_ids", {tokens, routing.per_token()}, expert_ids);
+  io.Add("weights", {tokens, routing.per_token()}, routing.weights);
+  io.Add("dropped", {tokens, routing.per_token()}, dropped);
   const std::vector<float> losses = {static_cast<float>(routing.aux_loss),
                                      static_cast<float>(routing.z_loss)};
   io.Add("losses", {2}, losses);  // kept by reference until Write
