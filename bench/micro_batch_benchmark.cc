@@ -1,8 +1,10 @@
 // When micro-batching pays: 8 clients, each with its own Dispatch stream and
 // one request in flight, send M-row requests for the same expert (fp32,
 // d_model 1024, d_ff 4096, one compute thread) to servers that differ only
-// in --batch_window. Prints requests/s and mean latency per window, side by
-// side.
+// in merging: off (--nomerge_requests, -1 below), merging what queues up
+// (the default, window 0) and windows of 100 and 500 us. Prints requests/s
+// and mean latency per setting, side by side.
+#include <algorithm>
 #include <cstdio>
 #include <map>
 
@@ -26,7 +28,7 @@ constexpr char kConfig[] = R"pb(
   }
 )pb";
 constexpr int kClients = 8;
-constexpr int64_t kWindowsUs[] = {0, 100, 500};
+constexpr int64_t kWindowsUs[] = {-1, 0, 100, 500};  // -1: no merging
 constexpr int64_t kRows[] = {1, 16, 256};
 
 std::map<int64_t, expert::ExpertServer*>& Servers() {
@@ -41,7 +43,8 @@ void StartServers() {
     options.name = "bench";
     options.listen_address = "127.0.0.1:0";
     options.metrics_port = -1;
-    options.batch_window = absl::Microseconds(window_us);
+    options.merge_requests = window_us >= 0;
+    options.batch_window = absl::Microseconds(std::max<int64_t>(window_us, 0));
     Servers()[window_us] = expert::ExpertServer::Create(options)->release();
   }
 }
@@ -69,7 +72,7 @@ void BM_ConcurrentDispatch(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_ConcurrentDispatch)
-    ->ArgsProduct({{kWindowsUs[0], kWindowsUs[1], kWindowsUs[2]},
+    ->ArgsProduct({{kWindowsUs[0], kWindowsUs[1], kWindowsUs[2], kWindowsUs[3]},
                    {kRows[0], kRows[1], kRows[2]}})
     ->Threads(kClients)
     ->Unit(benchmark::kMicrosecond)

@@ -160,22 +160,10 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
       store_.compute_dtype() == DType::kBFloat16 ? DType::kBFloat16 : x->dtype;
   const TensorView y = Allocate(answer_dtype, x->shape, response->mutable_output());
   const absl::Time start = absl::Now();
-  if (batcher_ != nullptr && !request->training()) {
-    // The request and answer ride along until the batch has run.
-    const int64_t rows = x->rows();
-    batcher_->Forward(expert, *x, y, expected_step,
-                      [this, request = std::move(request), response = std::move(response),
-                       reply = std::move(reply), expert, rows, start,
-                       versioned](absl::Status status) mutable {
-                        CompleteDispatch(status, expert, rows, absl::Now() - start, versioned,
-                                         *response);
-                        std::move(reply)(std::move(response));
-                      });
-    return;
-  }
-  // Between blocks of a large batch: is anyone still waiting for it?
+  // Before a merged batch runs, and between blocks of a large request: is
+  // anyone still waiting for it?
   const int64_t deadline_micros = request->deadline_unix_micros();
-  auto keep_going = [this, deadline_micros, &cancelled]() -> absl::Status {
+  auto keep_going = [this, deadline_micros, cancelled]() -> absl::Status {
     if (cancelled && cancelled()) {
       return absl::CancelledError("cancelled by the client while the expert ran");
     }
@@ -184,6 +172,19 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
     }
     return absl::OkStatus();
   };
+  if (batcher_ != nullptr && !request->training()) {
+    // The request and answer ride along until the batch has run.
+    const int64_t rows = x->rows();
+    batcher_->Forward(
+        expert, *x, y, expected_step,
+        [this, request = std::move(request), response = std::move(response),
+         reply = std::move(reply), expert, rows, start, versioned](absl::Status status) mutable {
+          CompleteDispatch(status, expert, rows, absl::Now() - start, versioned, *response);
+          std::move(reply)(std::move(response));
+        },
+        keep_going);
+    return;
+  }
   const absl::Status status =
       store_.Forward(expert, *x, y, request->training(), request->request_id(), options_.clock(),
                      expected_step, keep_going);

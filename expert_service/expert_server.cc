@@ -149,12 +149,16 @@ absl::Status ExpertServer::Start() {
   pool_ = std::make_unique<ComputePool>(
       options_.compute_threads, options_.max_queued_requests,
       [onednn_threads] { OnednnRuntime::ConfigureCallingThread(onednn_threads); });
-  if (options_.batch_window > absl::ZeroDuration()) {
+  if (options_.merge_requests) {
     batcher_ = std::make_unique<MicroBatcher>(
-        MicroBatcher::Options{options_.batch_window, options_.max_batch_rows}, *store_, *pool_,
-        options_.clock);
-    MOE_LOG(INFO, "micro-batching: window ", absl::FormatDuration(options_.batch_window),
-            ", up to ", options_.max_batch_rows, " rows");
+        MicroBatcher::Options{std::max(options_.batch_window, absl::ZeroDuration()),
+                              options_.max_batch_rows},
+        *store_, *pool_, options_.clock);
+    MOE_LOG(INFO, "micro-batching: requests for one expert that queue up are merged",
+            options_.batch_window > absl::ZeroDuration()
+                ? absl::StrCat(", each waiting up to ", absl::FormatDuration(options_.batch_window))
+                : std::string(),
+            ", up to ", options_.max_batch_rows, " rows per kernel call");
   }
   collectives_ = std::make_unique<allreduce::CollectiveRegistry>();
   std::vector<StepRing> rings = BuildRings(placement, index);

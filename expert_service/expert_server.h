@@ -77,9 +77,11 @@ class ExpertServer {
     // Bounds of the Dispatch and BackwardDispatch streams (stream_set.h).
     StreamBounds streams;
     TrainingStateStore::Options training;
-    // Micro-batching of inference requests for the same expert: how long a
-    // request waits for others (zero: off, the default) and the largest
+    // Micro-batching of inference requests for the same expert
+    // (micro_batcher.h): on, merging what queues up without waiting (the
+    // default), or also waiting up to batch_window for company; the largest
     // merged batch.
+    bool merge_requests = true;
     absl::Duration batch_window = absl::ZeroDuration();
     int64_t max_batch_rows = 4096;
     // How long SIGTERM waits for open streams to answer what they accepted.

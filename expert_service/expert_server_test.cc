@@ -120,6 +120,9 @@ struct ServerSetup {
   FakeClock* clock = nullptr;
   // When set, expert 0's kernel waits at this gate (the others never do).
   Gate* gate = nullptr;
+  // Off here (the servers' default is on): the gate tests hold one request
+  // per kernel call; merging has tests of its own.
+  bool merge_requests = false;
   absl::Duration batch_window = absl::ZeroDuration();
   int64_t max_batch_rows = 4096;
   int max_stream_outstanding = StreamBounds().max_outstanding;
@@ -135,6 +138,7 @@ std::unique_ptr<ExpertServer> StartServer(const ServerSetup& setup) {
   options.compute_threads = setup.compute_threads;
   options.onednn_threads = 1;
   options.training = {setup.training_bytes, absl::Seconds(30)};
+  options.merge_requests = setup.merge_requests;
   options.batch_window = setup.batch_window;
   options.max_batch_rows = setup.max_batch_rows;
   options.streams.max_outstanding = setup.max_stream_outstanding;
@@ -359,6 +363,7 @@ TEST(ExpertServerTest, MicroBatchingMergesConcurrentRequestsForAnExpert) {
   gate.Open();
   ServerSetup setup;
   setup.gate = &gate;
+  setup.merge_requests = true;
   setup.batch_window = absl::Hours(1);
   setup.max_batch_rows = 10;
   auto server = StartServer(setup);
@@ -497,6 +502,7 @@ TEST(ExpertServerTest, Bf16KernelsAnswerInBf16) {
   for (absl::Duration window : {absl::ZeroDuration(), absl::Milliseconds(20)}) {
     ServerSetup setup;
     setup.compute_dtype = DType::kBFloat16;
+    setup.merge_requests = true;
     setup.batch_window = window;
     auto server = StartServer(setup);
     auto stub = v1::ExpertServer::NewStub(server->InProcessChannel());

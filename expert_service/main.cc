@@ -38,9 +38,12 @@ ABSL_FLAG(int64_t, training_state_bytes, int64_t{2} << 30,
           "Budget for forward state kept for backward; beyond it, RESOURCE_EXHAUSTED.");
 ABSL_FLAG(absl::Duration, training_state_ttl, absl::Seconds(60),
           "How long forward state waits for its backward.");
+ABSL_FLAG(bool, merge_requests, true,
+          "Merge inference requests for the same expert that queue up while the compute "
+          "threads are busy into one kernel call (an idle server runs a request at once).");
 ABSL_FLAG(absl::Duration, batch_window, absl::ZeroDuration(),
-          "Merge inference requests for the same expert arriving within this window "
-          "into one kernel call; 0 turns it off.");
+          "With --merge_requests: also hold a request this long for others for the same "
+          "expert; 0: never wait.");
 ABSL_FLAG(int64_t, max_batch_rows, 4096, "Largest merged batch, in rows.");
 ABSL_FLAG(int64_t, ring_segment_elements, int64_t{1} << 18,
           "Gradient all-reduce pipeline segment, in floats (1 MiB by default).");
@@ -93,6 +96,7 @@ absl::StatusOr<moe::expert::ExpertServer::Options> OptionsFromFlags() {
   options.max_queued_requests = absl::GetFlag(FLAGS_max_queued_requests);
   options.training.max_bytes = absl::GetFlag(FLAGS_training_state_bytes);
   options.training.ttl = absl::GetFlag(FLAGS_training_state_ttl);
+  options.merge_requests = absl::GetFlag(FLAGS_merge_requests);
   options.batch_window = absl::GetFlag(FLAGS_batch_window);
   options.max_batch_rows = absl::GetFlag(FLAGS_max_batch_rows);
   absl::StatusOr<moe::StreamBounds> streams = moe::StreamBoundsFromFlags();

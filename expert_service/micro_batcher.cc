@@ -8,7 +8,7 @@ namespace moe::expert {
 MicroBatcher::MicroBatcher(Options options, ExpertStore& store, ComputePool& pool,
                            std::function<absl::Time()> clock)
     : options_(options), store_(store), pool_(pool), clock_(std::move(clock)) {
-  timer_ = std::thread([this] { TimerLoop(); });
+  if (!queued()) timer_ = std::thread([this] { TimerLoop(); });
 }
 
 MicroBatcher::~MicroBatcher() {
@@ -16,18 +16,34 @@ MicroBatcher::~MicroBatcher() {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
   }
-  timer_.join();
+  if (timer_.joinable()) timer_.join();
 }
 
 void MicroBatcher::Forward(ExpertKey expert, const ConstTensorView& x, const TensorView& y,
-                           uint64_t expected_step, Done done) {
-  Batch full;
+                           uint64_t expected_step, Done done, KeepGoing keep_going) {
   const Key key{expert, x.dtype, expected_step};
+  if (queued()) {
+    std::shared_ptr<Batch> opened;
+    {
+      absl::MutexLock lock(&mu_);
+      std::shared_ptr<Batch>& batch = queued_[key];
+      if (batch == nullptr || batch->rows + x.rows() > options_.max_batch_rows) {
+        // None waiting (or it is full): a new one, in the pool's queue now.
+        batch = std::make_shared<Batch>();
+        opened = batch;
+      }
+      batch->items.push_back({x, y, std::move(done), std::move(keep_going)});
+      batch->rows += x.rows();
+    }
+    if (opened != nullptr) DispatchOpen(key, std::move(opened));
+    return;
+  }
+  Batch full;
   {
     absl::MutexLock lock(&mu_);
     Batch& batch = open_[key];
     if (batch.items.empty()) batch.due = absl::Now() + options_.window;
-    batch.items.push_back({x, y, std::move(done)});
+    batch.items.push_back({x, y, std::move(done), std::move(keep_going)});
     batch.rows += x.rows();
     if (batch.rows < options_.max_batch_rows) return;
     full = std::move(batch);
@@ -77,12 +93,52 @@ void MicroBatcher::Dispatch(const Key& key, Batch batch) {
   }
 }
 
+void MicroBatcher::DispatchOpen(const Key& key, std::shared_ptr<Batch> batch) {
+  const bool submitted = pool_.Submit([this, key, batch] {
+    {
+      // Started: nothing joins it any more.
+      absl::MutexLock lock(&mu_);
+      auto it = queued_.find(key);
+      if (it != queued_.end() && it->second == batch) queued_.erase(it);
+    }
+    Run(key, *batch);
+  });
+  if (submitted) return;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = queued_.find(key);
+    if (it != queued_.end() && it->second == batch) queued_.erase(it);
+  }
+  for (Item& item : batch->items) {
+    std::move(item.done)(absl::ResourceExhaustedError(
+        "expert server compute queue is full; retry or use another replica"));
+  }
+}
+
 void MicroBatcher::Run(const Key& key, Batch& batch) {
   const ExpertKey expert = key.expert;
+  // Requests whose caller gave up (deadline, cancellation) are answered
+  // with that and left out.
+  std::vector<Item> items;
+  int64_t rows = 0;
+  for (Item& item : batch.items) {
+    absl::Status wanted = item.keep_going ? item.keep_going() : absl::OkStatus();
+    if (!wanted.ok()) {
+      std::move(item.done)(std::move(wanted));
+      continue;
+    }
+    rows += item.x.rows();
+    items.push_back(std::move(item));
+  }
+  batch.items = std::move(items);
+  batch.rows = rows;
+  if (batch.items.empty()) return;
   if (batch.items.size() == 1) {
+    // Alone: its own rows, no copies, and it stops between blocks when its
+    // caller gives up.
     Item& item = batch.items[0];
-    std::move(item.done)(
-        store_.Forward(expert, item.x, item.y, false, 0, clock_(), key.expected_step));
+    std::move(item.done)(store_.Forward(expert, item.x, item.y, false, 0, clock_(),
+                                        key.expected_step, item.keep_going));
     return;
   }
   // Copy the rows into one batch, run it once, copy the answers back.
