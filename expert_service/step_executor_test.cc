@@ -117,7 +117,13 @@ TEST_F(StepExecutorTest, APreparedStepWithoutWordStaysInDoubtThenCommitsAsAPeerD
   EXPECT_EQ(steps->last_committed(), 0u);
   // The silent peer turns out to have committed it.
   Answer({Answered(0, 1), Answered(1)});
-  ASSERT_TRUE(Eventually([&] { return steps->last_committed() == 1; }));
+  // The commit is whole once the weights are swapped in and it is reported
+  // (last_committed moves first).
+  ASSERT_TRUE(Eventually([&] {
+    absl::MutexLock lock(&resolved_mu);
+    return !resolved.empty();
+  }));
+  EXPECT_EQ(steps->last_committed(), 1u);
   EXPECT_EQ(steps->steps().prepared, 0u);
   EXPECT_EQ(*store_->Step(ExpertKey(0, 0)), 1u);
   absl::MutexLock lock(&resolved_mu);
