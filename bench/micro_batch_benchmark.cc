@@ -86,7 +86,7 @@ int main(int argc, char** argv) {
   moe::bench::StartServers();
   moe::bench::RatioReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
-  std::printf("\n%6s %10s %12s %14s %10s\n", "M", "window us", "requests/s", "mean latency us",
+  std::printf("\n%6s %-14s %12s %14s %10s\n", "M", "merging", "requests/s", "mean latency us",
               "vs off");
   for (int64_t rows : moe::bench::kRows) {
     double off = 0;
@@ -97,11 +97,14 @@ int main(int argc, char** argv) {
       const double rate = r->counters.count("items_per_second")
                               ? r->counters.at("items_per_second")
                               : 0.0;
-      if (window == 0) off = rate;
+      if (window < 0) off = rate;
       // Closed loop: each client has one request in flight.
       const double latency_us = rate > 0 ? 1e6 * moe::bench::kClients / rate : 0;
-      std::printf("%6ld %10ld %12.0f %14.0f %9.2fx\n", static_cast<long>(rows),
-                  static_cast<long>(window), rate, latency_us, off > 0 ? rate / off : 0.0);
+      const std::string merging = window < 0    ? "off"
+                                  : window == 0 ? "queued"
+                                                : absl::StrCat(window, " us window");
+      std::printf("%6ld %-14s %12.0f %14.0f %9.2fx\n", static_cast<long>(rows), merging.c_str(),
+                  rate, latency_us, off > 0 ? rate / off : 0.0);
     }
   }
   for (auto& [window, server] : moe::bench::Servers()) server->Shutdown();
