@@ -125,9 +125,13 @@ absl::StatusOr<ServingConfig> ConfigFromFlags() {
   }
   cluster->set_strategy(value);
   if (value == v1::PLACEMENT_STRATEGY_DYNAMIC) {
-    // A skewed profile: expert 0 is hot.
-    for (int e = 0; e < model->num_experts(); ++e) {
-      cluster->mutable_load_profile()->add_expert_load(e == 0 ? 4.0 : 1.0);
+    // A skewed profile: expert 0 is hot (and a shared expert's slices, which
+    // every token visits, hotter).
+    const int shared_slices = model->d_ff() > 0 ? model->shared_expert_d_ff() / model->d_ff() : 0;
+    for (int e = 0; e < model->num_experts() + shared_slices; ++e) {
+      cluster->mutable_load_profile()->add_expert_load(e >= model->num_experts() ? 8.0
+                                                       : e == 0                  ? 4.0
+                                                                                 : 1.0);
     }
   }
   // Distinct names need distinct (placeholder) addresses to validate.
