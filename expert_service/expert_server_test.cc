@@ -18,7 +18,7 @@
 #include "common/testing/tensor_matchers.h"
 #include "common/transport_credentials.h"
 #include "expert_service/onednn_runtime.h"
-#include "expert_service/reference_expert_kernel.h"
+#include "expert_service/testing/observed_kernel.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "proto/expert.grpc.pb.h"
@@ -88,31 +88,6 @@ class Gate {
   std::vector<int64_t> rows_ ABSL_GUARDED_BY(mu_);
 };
 
-class GatedKernel : public ExpertKernel {
- public:
-  // A null gate never waits.
-  GatedKernel(const ExpertWeights& weights, Gate* gate) : reference_(weights), gate_(gate) {}
-  DType dtype() const override { return DType::kFloat32; }
-  absl::Status Forward(const ConstTensorView& x, const TensorView& y,
-                       const TensorView* activations) override {
-    if (gate_ != nullptr) {
-      gate_->Enter();
-      gate_->Record(x.rows());
-    }
-    return reference_.Forward(x, y, activations);
-  }
-  absl::Status Backward(const ConstTensorView& x, const ConstTensorView& a,
-                        const ConstTensorView& dy, const TensorView& dx,
-                        ExpertWeights& grads) override {
-    return reference_.Backward(x, a, dy, dx, grads);
-  }
-  absl::Status ReloadWeights() override { return absl::OkStatus(); }
-
- private:
-  ReferenceExpertKernel reference_;
-  Gate* gate_;
-};
-
 struct ServerSetup {
   std::string name = "a";
   int compute_threads = 2;
@@ -148,11 +123,17 @@ std::unique_ptr<ExpertServer> StartServer(const ServerSetup& setup) {
   }
   if (setup.gate != nullptr) {
     // Experts are created in id order, so the first kernel is expert 0's.
-    options.kernel_factory = [gate = setup.gate, made = std::make_shared<int>(0)](
-                                 const ExpertWeights& weights)
-        -> absl::StatusOr<std::unique_ptr<ExpertKernel>> {
-      return std::unique_ptr<ExpertKernel>(
-          new GatedKernel(weights, (*made)++ == 0 ? gate : nullptr));
+    options.kernel_factory =
+        [gate = setup.gate, made = std::make_shared<int>(0)](
+            const ExpertWeights& weights) -> absl::StatusOr<std::unique_ptr<ExpertKernel>> {
+      std::function<void(int64_t)> hold;
+      if ((*made)++ == 0) {
+        hold = [gate](int64_t rows) {
+          gate->Enter();
+          gate->Record(rows);
+        };
+      }
+      return std::unique_ptr<ExpertKernel>(new testing::ObservedKernel(weights, std::move(hold)));
     };
   }
   absl::StatusOr<std::unique_ptr<ExpertServer>> server = ExpertServer::Create(options);

@@ -13,7 +13,7 @@
 #include "common/reference_expert.h"
 #include "common/testing/random_tensor.h"
 #include "common/testing/tensor_matchers.h"
-#include "expert_service/reference_expert_kernel.h"
+#include "expert_service/testing/observed_kernel.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -34,29 +34,6 @@ ModelConfig Model() {
   return model;
 }
 
-// The reference kernel, recording the rows of every call.
-class CountingKernel : public ExpertKernel {
- public:
-  CountingKernel(const ExpertWeights& weights, std::vector<int64_t>* rows)
-      : reference_(weights), rows_(rows) {}
-  DType dtype() const override { return DType::kFloat32; }
-  absl::Status Forward(const ConstTensorView& x, const TensorView& y,
-                       const TensorView* activations) override {
-    rows_->push_back(x.rows());  // one compute thread: no race
-    return reference_.Forward(x, y, activations);
-  }
-  absl::Status Backward(const ConstTensorView& x, const ConstTensorView& a,
-                        const ConstTensorView& dy, const TensorView& dx,
-                        ExpertWeights& grads) override {
-    return reference_.Backward(x, a, dy, dx, grads);
-  }
-  absl::Status ReloadWeights() override { return absl::OkStatus(); }
-
- private:
-  ReferenceExpertKernel reference_;
-  std::vector<int64_t>* rows_;
-};
-
 FloatTensor Expected(const FloatTensor& x) {
   FloatTensor y(x.shape());
   std::vector<float> hidden(x.dim(0) * Model().d_ff);
@@ -72,7 +49,9 @@ TEST(MicroBatcherTest, QueuedRequestsMergeAndAnIdlePoolRunsOneAtOnce) {
   auto store = ExpertStore::Create(
       {Model(), "a", {1 << 20, absl::Seconds(5)}}, std::move(experts),
       [&](const ExpertWeights& w) -> absl::StatusOr<std::unique_ptr<ExpertKernel>> {
-        return std::make_unique<CountingKernel>(w, &calls);
+        // One compute thread: no race on `calls`.
+        return std::make_unique<testing::ObservedKernel>(
+            w, [&calls](int64_t rows) { calls.push_back(rows); });
       });
   ASSERT_TRUE(store.ok()) << store.status();
   ComputePool pool(1, 64);
