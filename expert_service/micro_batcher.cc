@@ -15,6 +15,9 @@ MicroBatcher::~MicroBatcher() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
+    // The pool's tasks of queued batches use this batcher.
+    mu_.Await(absl::Condition(
+        +[](int* in_pool) { return *in_pool == 0; }, &in_pool_));
   }
   if (timer_.joinable()) timer_.join();
 }
@@ -94,6 +97,10 @@ void MicroBatcher::Dispatch(const Key& key, Batch batch) {
 }
 
 void MicroBatcher::DispatchOpen(const Key& key, std::shared_ptr<Batch> batch) {
+  {
+    absl::MutexLock lock(&mu_);
+    ++in_pool_;
+  }
   const bool submitted = pool_.Submit([this, key, batch] {
     {
       // Started: nothing joins it any more.
@@ -102,10 +109,13 @@ void MicroBatcher::DispatchOpen(const Key& key, std::shared_ptr<Batch> batch) {
       if (it != queued_.end() && it->second == batch) queued_.erase(it);
     }
     Run(key, *batch);
+    absl::MutexLock lock(&mu_);
+    --in_pool_;
   });
   if (submitted) return;
   {
     absl::MutexLock lock(&mu_);
+    --in_pool_;
     auto it = queued_.find(key);
     if (it != queued_.end() && it->second == batch) queued_.erase(it);
   }

@@ -50,7 +50,8 @@ class MicroBatcher {
   // `store` and `pool` must outlive the batcher.
   MicroBatcher(Options options, ExpertStore& store, ComputePool& pool,
                std::function<absl::Time()> clock);
-  // Runs what is queued, then stops the timer thread (if any).
+  // Runs what is open, waits for the batches handed to the pool (which must
+  // still run them), then stops the timer thread (if any).
   ~MicroBatcher();
 
   // Queues y = Expert_e(x) (inference only). x and y must stay valid until
@@ -105,6 +106,8 @@ class MicroBatcher {
   absl::flat_hash_map<Key, Batch> open_ ABSL_GUARDED_BY(mu_);
   // Queued merging: the batch of each key handed to the pool, not started.
   absl::flat_hash_map<Key, std::shared_ptr<Batch>> queued_ ABSL_GUARDED_BY(mu_);
+  // Queued merging: batches handed to the pool and not yet run.
+  int in_pool_ ABSL_GUARDED_BY(mu_) = 0;
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
   std::thread timer_;
 };
