@@ -9,7 +9,10 @@
 # deploy/config/bench_overhead.pbtxt one has tiny experts, so batch-1 numbers
 # are RPC and router work), ONEDNN_THREADS per server (default 0: all cores),
 # ROUTER_FLAGS and SERVER_FLAGS (comma-separated, e.g.
-# ROUTER_FLAGS=--micro_batch_bytes=262144).
+# ROUTER_FLAGS=--micro_batch_bytes=262144), CLIENT_DTYPE (default: the
+# servers' dtype; CLIENT_DTYPE=fp32 with bf16 servers measures fp32 clients
+# of bf16 kernels, whose rows the router rounds to bf16 unless
+# ROUTER_FLAGS=--round_tokens_for_bf16_servers=false).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dtype="${1:-fp32}"
@@ -22,8 +25,8 @@ start_cluster "$config" "$dtype" --onednn_threads="${ONEDNN_THREADS:-0}" \
     --router_flags="${ROUTER_FLAGS:-}" --server_flags="${SERVER_FLAGS:-}"
 router="$address"
 echo "cluster at $router ($dtype)"
-bazel-bin/clients/cpp/moe_loadgen --router="$router" --config="$config" --dtype="$dtype" \
-    --compare_local --rounds=5 --concurrency=1,2 --batch=1,64,512,4096 --duration=2s "$@"
+bazel-bin/clients/cpp/moe_loadgen --router="$router" --config="$config" --dtype="${CLIENT_DTYPE:-$dtype}" \
+    --local_dtype="$dtype" --compare_local --rounds=5 --concurrency=1,2 --batch=1,64,512,4096 --duration=2s "$@"
 # The router's overlap over the whole run (docs/metrics.md): of the expert
 # calls' time outside the kernels, the part hidden under compute, and what
 # stayed exposed against the time the router waited for the servers.

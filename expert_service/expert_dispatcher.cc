@@ -137,6 +137,8 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
   response->set_sequence_id(request->sequence_id());
   const ModelConfig& model = store_.model();
   const ExpertKey expert = ExpertKeyOf(*request);
+  const DType compute_dtype = store_.compute_dtype();
+  response->set_compute_dtype(ToProtoDType(compute_dtype));
   absl::StatusOr<ConstTensorView> x = [&]() -> absl::StatusOr<ConstTensorView> {
     MOE_RETURN_IF_ERROR(CheckDeadline(request->deadline_unix_micros()));
     // The epoch first: a call planned on a placement this server no longer
@@ -144,8 +146,22 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
     MOE_RETURN_IF_ERROR(CheckEpoch(request->has_version(), request->version()));
     MOE_RETURN_IF_ERROR(store_.CheckHosted(expert));
     if (request->training()) MOE_RETURN_IF_ERROR(CheckNotLeaving(expert));
-    return DecodeTensor(request->tokens(),
-                        TokenBatchSpec("tokens", model.d_model, model.max_batch_tokens));
+    MOE_ASSIGN_OR_RETURN(const ConstTensorView tokens,
+                         DecodeTensor(request->tokens(), TokenBatchSpec("tokens", model.d_model,
+                                                                        model.max_batch_tokens)));
+    if (request->tokens_rounded_to_bf16()) {
+      if (request->training() || tokens.dtype != DType::kBFloat16) {
+        return absl::InvalidArgumentError(
+            "tokens_rounded_to_bf16: only for inference, with bf16 tokens");
+      }
+      // fp32 kernels would compute from the rounded rows: not the answer
+      // the sender's fp32 client asked for.
+      if (compute_dtype != DType::kBFloat16) {
+        return absl::FailedPreconditionError(
+            "tokens rounded to bf16, but this server's kernels compute in fp32: send fp32 rows");
+      }
+    }
+    return tokens;
   }();
   const bool versioned = request->has_version();
   if (!x.ok()) {
@@ -156,8 +172,7 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
   const uint64_t expected_step = ExpectedStep(versioned, request->version());
   // bf16 kernels' outputs are bf16 values whatever the request's dtype:
   // answered in bf16 they are the same numbers in half the bytes.
-  const DType answer_dtype =
-      store_.compute_dtype() == DType::kBFloat16 ? DType::kBFloat16 : x->dtype;
+  const DType answer_dtype = compute_dtype == DType::kBFloat16 ? DType::kBFloat16 : x->dtype;
   const TensorView y = Allocate(answer_dtype, x->shape, response->mutable_output());
   const absl::Time start = absl::Now();
   // Before a merged batch runs, and between blocks of a large request: is

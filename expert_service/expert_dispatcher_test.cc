@@ -45,14 +45,17 @@ class ExpertDispatcherTest : public ::testing::Test {
                                                      *metrics_, nullptr, nullptr);
   }
 
-  // Runs one Dispatch of 3 tokens; returns the answer.
-  v1::DispatchResponse Dispatch(int layer, int expert) {
+  // Runs one Dispatch of 3 tokens (in `dtype`, said to be rounded from
+  // fp32 with `rounded`); returns the answer.
+  v1::DispatchResponse Dispatch(int layer, int expert, DType dtype = DType::kFloat32,
+                                bool rounded = false) {
     auto request = std::make_unique<v1::DispatchRequest>();
     request->set_sequence_id(7);
     request->set_layer(layer);
     request->set_expert_id(expert);
-    const FloatTensor x({3, Model().d_model}, std::vector<float>(3 * Model().d_model, 0.5f));
-    EncodeTensor(x.view(), request->mutable_tokens());
+    request->set_tokens_rounded_to_bf16(rounded);
+    const std::vector<float> x(3 * Model().d_model, 0.5f);
+    EncodeFloats(x, {3, Model().d_model}, dtype, request->mutable_tokens());
     v1::DispatchResponse answer;
     dispatcher_->Dispatch(
         std::move(request), std::make_unique<v1::DispatchResponse>(),
@@ -111,6 +114,30 @@ TEST_F(ExpertDispatcherTest, InfoAndWeightTransferCarryTheLayer) {
   EXPECT_EQ(loaded.expert().expert_id(), 2);
   EXPECT_EQ(loaded.expert().weights_digest(), InitExpert(Model(), ExpertKey(0, 2)).Digest());
   EXPECT_TRUE(Dispatch(0, 2).has_output());
+}
+
+}  // namespace
+}  // namespace moe::expert
+
+namespace moe::expert {
+namespace {
+
+// Rows rounded to bf16 are for bf16 kernels: this server's compute in fp32,
+// so it refuses them (saying so, for the sender to send fp32 rows) rather
+// than answer from the rounded values.
+TEST_F(ExpertDispatcherTest, RoundedRowsAreRefusedByFp32Kernels) {
+  const v1::DispatchResponse exact = Dispatch(0, 1);
+  ASSERT_TRUE(exact.has_output()) << exact.error().message();
+  EXPECT_EQ(exact.compute_dtype(), v1::DTYPE_FP32);
+  const v1::DispatchResponse rounded = Dispatch(0, 1, DType::kBFloat16, /*rounded=*/true);
+  ASSERT_TRUE(rounded.has_error());
+  EXPECT_EQ(rounded.error().code(), static_cast<int>(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(rounded.error().message(), HasSubstr("compute in fp32: send fp32 rows"));
+  EXPECT_EQ(rounded.compute_dtype(), v1::DTYPE_FP32);
+  const v1::DispatchResponse mislabeled = Dispatch(0, 1, DType::kFloat32, /*rounded=*/true);
+  EXPECT_EQ(mislabeled.error().code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  // bf16 rows not said to be rounded are a bf16 client's own: served.
+  EXPECT_TRUE(Dispatch(0, 1, DType::kBFloat16).has_output());
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/bfloat16.h"
 #include "common/expert_key.h"
 #include "common/tensor_codec.h"
 
@@ -17,8 +18,8 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
                                                       ReplicaPicker& picker,
                                                       const DispatchPlanOptions& options) {
   const PairIndex index = routing.pairs();
-  const int64_t d_model = x.shape.at(1);
-  const size_t row_bytes = d_model * DTypeSize(x.dtype);
+  const bool may_round =
+      !options.training && x.dtype == DType::kFloat32 && options.round_to_bf16 != nullptr;
   std::vector<std::vector<int64_t>> by_expert = KeptPairsByExpert(routing);
   std::vector<ExpertGroup> groups;
   std::vector<ExpertKey> unavailable;
@@ -66,16 +67,7 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
       request.set_deadline_unix_micros(options.deadline_unix_micros);
       request.mutable_version()->set_placement_epoch(options.placement_epoch);
       request.mutable_version()->set_weights_step(options.weights_step);
-      v1::Tensor* tokens = request.mutable_tokens();
-      tokens->add_shape(count);
-      tokens->add_shape(d_model);
-      tokens->set_dtype(ToProtoDType(x.dtype));
-      std::string* bytes = tokens->mutable_data();
-      bytes->resize(count * row_bytes);
-      for (int64_t r = 0; r < count; ++r) {
-        std::memcpy(bytes->data() + r * row_bytes, x.data + index.TokenOf(group.pairs[r]) * row_bytes,
-                    row_bytes);
-      }
+      SetTokens(x, index, may_round && options.round_to_bf16(expert), group);
     }
   }
   if (!unavailable.empty()) {
@@ -84,6 +76,33 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
                                                JoinExpertKeys(unavailable), ": no live replica"));
   }
   return groups;
+}
+
+void SetTokens(const ConstTensorView& x, const PairIndex& index, bool round_to_bf16,
+               ExpertGroup& group) {
+  const int64_t d_model = x.shape.at(1);
+  const int64_t count = static_cast<int64_t>(group.pairs.size());
+  const DType dtype = round_to_bf16 ? DType::kBFloat16 : x.dtype;
+  const size_t row_bytes = d_model * DTypeSize(dtype);
+  group.request.set_tokens_rounded_to_bf16(round_to_bf16);
+  v1::Tensor* tokens = group.request.mutable_tokens();
+  tokens->clear_shape();
+  tokens->add_shape(count);
+  tokens->add_shape(d_model);
+  tokens->set_dtype(ToProtoDType(dtype));
+  std::string* bytes = tokens->mutable_data();
+  bytes->resize(count * row_bytes);
+  for (int64_t r = 0; r < count; ++r) {
+    char* out = bytes->data() + r * row_bytes;
+    const int64_t t = index.TokenOf(group.pairs[r]);
+    if (round_to_bf16) {
+      // Straight from x's row into the request: rounding is the gather.
+      FloatsToBf16(x.floats().subspan(t * d_model, d_model),
+                   absl::MakeSpan(reinterpret_cast<uint16_t*>(out), d_model));
+    } else {
+      std::memcpy(out, x.data + t * row_bytes, row_bytes);
+    }
+  }
 }
 
 void Combine(const Routing& routing, const std::vector<ExpertGroup>& groups,

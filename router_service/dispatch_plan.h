@@ -9,10 +9,12 @@
 #define MOE_ROUTER_SERVICE_DISPATCH_PLAN_H_
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/gating.h"
+#include "common/pair_index.h"
 #include "common/tensor.h"
 #include "proto/expert.pb.h"
 #include "router_service/replica_picker.h"
@@ -26,7 +28,8 @@ struct ExpertGroup {
   // Pairs p = t * top_k + j, in token order: row r of the group is token
   // pairs[r] / top_k.
   std::vector<int64_t> pairs;
-  // tokens = those rows of x, in x's dtype.
+  // tokens = those rows of x, in x's dtype (or rounded to bf16,
+  // tokens_rounded_to_bf16).
   v1::DispatchRequest request;
 };
 
@@ -47,6 +50,10 @@ struct DispatchPlanOptions {
   // the wire); 0: one call. Training keeps one call per expert (its state
   // is kept per (request, expert)).
   int64_t max_call_rows = 0;
+  // Inference with fp32 x: whether an expert's rows go out rounded to bf16
+  // (every replica it may be sent to computes in bf16, whose kernels round
+  // them the same way: the same answer from half the bytes). Null: never.
+  std::function<bool(ExpertKey)> round_to_bf16;
 };
 
 // UNAVAILABLE naming the experts with no healthy replica. On success the
@@ -57,6 +64,11 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
                                                       const Placement& placement,
                                                       ReplicaPicker& picker,
                                                       const DispatchPlanOptions& options);
+
+// Writes `group`'s rows of `x` into its request's tokens, rounded to bf16
+// when `round_to_bf16` (REQUIRES: x fp32); x's dtype otherwise.
+void SetTokens(const ConstTensorView& x, const PairIndex& index, bool round_to_bf16,
+               ExpertGroup& group);
 
 // y[t] = sum over groups g, rows r of g: weight(pair) * output_g[r], added
 // in group order (groups sorted by expert), so the result does not depend on

@@ -156,7 +156,11 @@ Router::Router(Options options, Placement placement, ExpertClient& client)
   MOE_CHECK(options_.gate.shape() == options_.model.gate_shape());
   const int servers = placement_.Get()->value.num_servers();
   answer_micros_.reset(new std::atomic<double>[servers]);
-  for (int s = 0; s < servers; ++s) answer_micros_[s].store(0);
+  computes_bf16_.reset(new std::atomic<bool>[servers]);
+  for (int s = 0; s < servers; ++s) {
+    answer_micros_[s].store(0);
+    computes_bf16_[s].store(false);
+  }
   absl::MutexLock lock(&gate_mu_);
   gate_velocity_ = options_.gate_velocity.value_or(FloatTensor(options_.gate.shape()));
   gate_second_moment_ = options_.gate_second_moment.value_or(FloatTensor(options_.gate.shape()));
@@ -218,10 +222,20 @@ void Router::Start(const v1::Tensor& x, int layer, bool training, absl::Time dea
   call->placement = placement();
   call->routing = RouteTokens(call->x32, call->num_tokens,
                               GateOfLayer(model, call->gate->value.values(), layer), model);
+  DispatchPlanOptions plan{layer,
+                           training,
+                           call->request_id,
+                           ToDeadlineMicros(deadline),
+                           call->placement->version,
+                           call->gate->version,
+                           MaxCallRows(*view)};
+  if (options_.round_tokens_for_bf16_servers) {
+    plan.round_to_bf16 = [this, &placement = call->placement->value](ExpertKey expert) {
+      return AllReplicasComputeBf16(placement, expert);
+    };
+  }
   absl::StatusOr<std::vector<ExpertGroup>> groups =
-      PlanDispatch(call->routing, *view, call->placement->value, picker_,
-                   {layer, training, call->request_id, ToDeadlineMicros(deadline),
-                    call->placement->version, call->gate->version, MaxCallRows(*view)});
+      PlanDispatch(call->routing, *view, call->placement->value, picker_, plan);
   if (!groups.ok()) {
     std::move(call->done)(groups.status());
     return;
@@ -291,6 +305,13 @@ int64_t Router::MaxCallRows(const ConstTensorView& x) const {
   return std::max<int64_t>(1, options_.micro_batch_bytes / std::max<int64_t>(1, row_bytes));
 }
 
+bool Router::AllReplicasComputeBf16(const Placement& placement, ExpertKey expert) const {
+  for (int server : placement.ServersOf(expert)) {
+    if (!computes_bf16_[server].load(std::memory_order_relaxed)) return false;
+  }
+  return true;
+}
+
 absl::Duration Router::HedgeDelay(int server) const {
   const double micros = answer_micros_[server].load(std::memory_order_relaxed);
   // Unknown yet: the longest wait.
@@ -345,6 +366,15 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
   // re-sent elsewhere like an unavailable server.
   const bool trouble = absl::IsUnavailable(status) || absl::IsResourceExhausted(status) ||
                        absl::IsInternal(status) || absl::IsUnknown(status);
+  // What the server computes in, as it says (answers; the refusal of
+  // rounded rows).
+  const bool rounding_refused = absl::IsFailedPrecondition(status) &&
+                                g.request.tokens_rounded_to_bf16() && reply.ok() &&
+                                (*reply)->compute_dtype() == v1::DTYPE_FP32;
+  if (reply.ok() && (status.ok() || rounding_refused)) {
+    computes_bf16_[server].store((*reply)->compute_dtype() == v1::DTYPE_BF16,
+                                 std::memory_order_relaxed);
+  }
   if (status.ok()) {
     picker_.RecordSuccess(server);
   } else if (trouble && picker_.RecordFailure(server, absl::Now())) {
@@ -383,6 +413,29 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
     // It did not answer in time while another replica did: avoided for a
     // while (outlier), tried again by traffic after that.
     picker_.MarkStale(s, g.expert, absl::Now() + options_.stale_ttl);
+  }
+  if (rounding_refused) {
+    // Its kernels are fp32 after all (restarted with others): the rows again
+    // unrounded, to the least loaded replica (this one included). Nothing
+    // else holds the request now: no send of it is in flight.
+    MOE_LOG(WARNING, g.expert.ToString(), ": server ", server,
+            " computes in fp32; re-sending its rows unrounded");
+    int next;
+    {
+      absl::MutexLock lock(&call->mu);
+      const ConstTensorView x{DType::kFloat32,
+                              {call->num_tokens, options_.model.d_model},
+                              reinterpret_cast<const std::byte*>(call->x32.data())};
+      SetTokens(x, call->routing.pairs(), /*round_to_bf16=*/false, g);
+      next = picker_.PickOne(call->placement->value, g.expert, rows, call->tried[group]);
+      if (next >= 0) g.server = next;
+    }
+    if (next >= 0) {
+      Send(std::move(call), group, next);
+      return;
+    }
+    status = absl::UnavailableError(
+        absl::StrCat("no live replica for unrounded rows (", status.message(), ")"));
   }
   // The server is at another version of the state than this call.
   const bool stale = absl::IsFailedPrecondition(status) && reply.ok() &&

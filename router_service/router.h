@@ -110,6 +110,12 @@ class Router {
     // each (micro-batches, DispatchPlanOptions::max_call_rows); 0: one call
     // per expert and replica.
     int64_t micro_batch_bytes = 0;
+    // Inference forwards with fp32 x send an expert's rows rounded to bf16
+    // when every replica of it computes in bf16 (as its answers say): its
+    // kernels round them the same way, so the answer is the same bits from
+    // half the bytes. A replica that refuses them (its kernels are fp32
+    // after all) gets fp32 rows again.
+    bool round_tokens_for_bf16_servers = true;
     // Called once per hedge sent (for metrics).
     std::function<void()> on_hedge;
     // Called once per replica ejected for failing calls in a row
@@ -257,6 +263,9 @@ class Router {
   // DispatchPlanOptions::max_call_rows for rows of `x` (options'
   // micro_batch_bytes; 0: no split).
   int64_t MaxCallRows(const ConstTensorView& x) const;
+  // Whether every replica of `expert` in `placement` computes in bf16 (as
+  // far as its answers say).
+  bool AllReplicasComputeBf16(const Placement& placement, ExpertKey expert) const;
   // `server`'s answer to `group`, sent at `sent`.
   void OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int server, absl::Time sent,
                       absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply);
@@ -295,6 +304,9 @@ class Router {
   // Per server: its recent Dispatch answer time in microseconds (EWMA; 0:
   // none yet), for hedging.
   std::unique_ptr<std::atomic<double>[]> answer_micros_;
+  // Per server: whether its answers say it computes in bf16 (false until
+  // one does), for round_tokens_for_bf16_servers.
+  std::unique_ptr<std::atomic<bool>[]> computes_bf16_;
 
   // One Refresh at a time; the continuations waiting for it.
   absl::Mutex refresh_mu_;

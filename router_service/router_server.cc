@@ -123,6 +123,7 @@ absl::Status RouterServer::Start() {
   router_options.hedge_min_delay = options_.hedge_min_delay;
   router_options.hedge_max_delay = options_.hedge_max_delay;
   router_options.micro_batch_bytes = options_.micro_batch_bytes;
+  router_options.round_tokens_for_bf16_servers = options_.round_tokens_for_bf16_servers;
   router_ = std::make_unique<Router>(std::move(router_options), std::move(placement), *client_);
 
   if (options_.metrics_port >= 0) {

@@ -67,6 +67,8 @@ class RouterServer {
     absl::Duration hedge_max_delay = absl::Milliseconds(200);
     // Router::Options::micro_batch_bytes.
     int64_t micro_batch_bytes = 0;
+    // Router::Options::round_tokens_for_bf16_servers.
+    bool round_tokens_for_bf16_servers = true;
     // Forward state kept for Backward, at most (Router::Options).
     int64_t training_state_bytes = int64_t{1} << 30;
     // Of the router's port and of its channels to the expert servers.

@@ -235,6 +235,89 @@ TEST(RouterTest, Bf16InBf16Out) {
   EXPECT_TRUE(TensorNear(Decoded(result->y, 32), expected.y, 1e-2));
 }
 
+// One forward through `router`, waited for.
+absl::StatusOr<Router::ForwardResult> ForwardThrough(Router& router, const v1::Tensor& x) {
+  absl::Notification done;
+  absl::StatusOr<Router::ForwardResult> result;
+  router.Forward(x, 0, false, absl::InfiniteFuture(), [&](auto r) {
+    result = std::move(r);
+    done.Notify();
+  });
+  done.WaitForNotification();
+  return result;
+}
+
+int RoundedCalls(const InProcessExpertClient& client) {
+  int rounded = 0;
+  for (const auto& call : client.dispatched()) rounded += call.tokens_rounded;
+  return rounded;
+}
+
+// Servers computing in bf16: once their answers say so, an fp32 request's
+// rows go to them rounded to bf16, and the answer is the same bits as from
+// fp32 rows (their kernels round the rows the same way), in fp32.
+TEST(RouterTest, Fp32RowsGoToBf16ServersRoundedWithTheSameBits) {
+  const ModelConfig model = Model(2, false);
+  const MoeWeights weights = InitAllWeights(model, 0);
+  for (PlacementStrategy strategy :
+       {PlacementStrategy::kDataParallel, PlacementStrategy::kModelParallel,
+        PlacementStrategy::kHybrid}) {
+    SCOPED_TRACE(PlacementStrategyName(strategy));
+    const Placement placement = MakePlacement(model, strategy, 3);
+    InProcessExpertClient client(model, placement, weights, OnednnKernels(DType::kBFloat16));
+    Router::Options options{model, *weights.gate};
+    Router rounding(options, placement, client);
+    options.round_tokens_for_bf16_servers = false;
+    Router exact(options, placement, client);
+    for (int i = 0; i < 3; ++i) {
+      const v1::Tensor x = Wire(RandomTensor({200, 32}, 60 + i));
+      absl::StatusOr<Router::ForwardResult> a = ForwardThrough(rounding, x);
+      absl::StatusOr<Router::ForwardResult> b = ForwardThrough(exact, x);
+      ASSERT_TRUE(a.ok()) << a.status();
+      ASSERT_TRUE(b.ok()) << b.status();
+      EXPECT_EQ(a->y.dtype(), v1::DTYPE_FP32);
+      EXPECT_EQ(a->y.data(), b->y.data());  // bit for bit
+    }
+    EXPECT_GT(RoundedCalls(client), 0);
+  }
+}
+
+// A client whose servers' answers say bf16 while their kernels compute in
+// fp32, as when a server restarts with other kernels.
+class Bf16SayingClient : public InProcessExpertClient {
+ public:
+  using InProcessExpertClient::InProcessExpertClient;
+  void Forward(int server, const v1::DispatchRequest& request, ForwardDone done) override {
+    InProcessExpertClient::Forward(server, request, [done = std::move(done)](auto reply) mutable {
+      if (reply.ok() && !(*reply)->has_error()) (*reply)->set_compute_dtype(v1::DTYPE_BF16);
+      std::move(done)(std::move(reply));
+    });
+  }
+};
+
+// Rounded rows refused by a server computing in fp32 go again unrounded:
+// the answer is the fp32 one, never one computed from rounded rows.
+TEST(RouterTest, RoundedRowsRefusedByFp32KernelsGoAgainUnrounded) {
+  const ModelConfig model = Model(2, false);
+  const MoeWeights weights = InitAllWeights(model, 0);
+  const Placement placement = MakePlacement(model, PlacementStrategy::kHybrid, 2);
+  Bf16SayingClient client(model, placement, weights, OnednnKernels());
+  Router::Options options{model, *weights.gate};
+  Router router(options, placement, client);
+  options.round_tokens_for_bf16_servers = false;
+  Router exact(options, placement, client);
+  for (int i = 0; i < 3; ++i) {
+    const v1::Tensor x = Wire(RandomTensor({100, 32}, 70 + i));
+    absl::StatusOr<Router::ForwardResult> a = ForwardThrough(router, x);
+    absl::StatusOr<Router::ForwardResult> b = ForwardThrough(exact, x);
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    EXPECT_EQ(a->y.data(), b->y.data());
+  }
+  EXPECT_GT(RoundedCalls(client), 0);  // sent rounded, refused, sent again
+  EXPECT_EQ(router.failovers(), 0);
+}
+
 TEST(RouterTest, FailsOverToAnotherReplica) {
   Cluster cluster(Model(2, false), PlacementStrategy::kDataParallel);
   const FloatTensor x = RandomTensor({64, 32}, 8);

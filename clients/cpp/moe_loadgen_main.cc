@@ -39,6 +39,9 @@ ABSL_FLAG(bool, streaming, false,
 ABSL_FLAG(std::string, layer, "0",
           "Comma-separated MoE layers; each client's requests cycle through them.");
 ABSL_FLAG(bool, compare_local, false, "Also run the in-process layer and print remote/local.");
+ABSL_FLAG(std::string, local_dtype, "",
+          "The local layer's kernels when they differ from --dtype (fp32 clients of bf16 "
+          "servers: --dtype=fp32 --local_dtype=bf16); empty: --dtype.");
 ABSL_FLAG(int, local_threads, 0, "oneDNN threads of the local layer; 0: all cores.");
 ABSL_FLAG(int, rounds, 5,
           "With --compare_local: rounds per point, each the local layer then the cluster for "
@@ -124,6 +127,13 @@ int Run() {
     return 2;
   }
   const DType dtype = dtype_name == "bf16" ? DType::kBFloat16 : DType::kFloat32;
+  const std::string local_dtype_name =
+      absl::GetFlag(FLAGS_local_dtype).empty() ? dtype_name : absl::GetFlag(FLAGS_local_dtype);
+  if (local_dtype_name != "fp32" && local_dtype_name != "bf16") {
+    MOE_LOG(ERROR, "--local_dtype must be fp32 or bf16");
+    return 2;
+  }
+  const DType local_dtype = local_dtype_name == "bf16" ? DType::kBFloat16 : DType::kFloat32;
   const ModelConfig& model = config->model;
 
   std::unique_ptr<LocalMoeLayer> local;
@@ -139,8 +149,8 @@ int Run() {
       }
       weights = *std::move(loaded);
     }
-    absl::StatusOr<std::unique_ptr<LocalMoeLayer>> layer =
-        LocalMoeLayer::Create(model, std::move(weights), dtype, absl::GetFlag(FLAGS_local_threads));
+    absl::StatusOr<std::unique_ptr<LocalMoeLayer>> layer = LocalMoeLayer::Create(
+        model, std::move(weights), local_dtype, absl::GetFlag(FLAGS_local_threads));
     if (!layer.ok()) {
       MOE_LOG(ERROR, layer.status().message());
       return 1;
@@ -219,18 +229,14 @@ int Run() {
       std::printf("%5ld %6ld %12.0f %10.1f %9.3f %9.3f %9.3f", static_cast<long>(clients),
                   static_cast<long>(batch), rate, Median(request_rate), 1e3 * Median(p50),
                   1e3 * Median(p90), 1e3 * Median(p99));
-      nlohmann::json row = {{"concurrency", clients},
-                            {"batch", batch},
-                            {"dtype", dtype_name},
-                            {"streaming", load.streaming},
-                            {"rounds", rounds},
-                            {"requests", requests},
-                            {"failures", failures},
-                            {"tokens_per_second", rate},
-                            {"requests_per_second", Median(request_rate)},
-                            {"latency_p50_s", Median(p50)},
-                            {"latency_p90_s", Median(p90)},
-                            {"latency_p99_s", Median(p99)}};
+      nlohmann::json row = {
+          {"concurrency", clients},       {"batch", batch},
+          {"dtype", dtype_name},          {"local_dtype", local_dtype_name},
+          {"streaming", load.streaming},  {"rounds", rounds},
+          {"requests", requests},         {"failures", failures},
+          {"tokens_per_second", rate},    {"requests_per_second", Median(request_rate)},
+          {"latency_p50_s", Median(p50)}, {"latency_p90_s", Median(p90)},
+          {"latency_p99_s", Median(p99)}};
       if (local) {
         const auto [low, high] = std::minmax_element(ratios.begin(), ratios.end());
         std::printf(" %12.0f %8.3f %6.3f-%-6.3f %12.0f %12.0f", Median(local_rate), Median(ratios),

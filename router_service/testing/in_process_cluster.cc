@@ -40,9 +40,9 @@ Placement MakePlacement(const ModelConfig& model, PlacementStrategy strategy, in
   return EveryLayer(model, MakePlacement(strategy, model.experts_per_layer(), servers));
 }
 
-expert::KernelFactory OnednnKernels() {
-  return [](const ExpertWeights& w) -> absl::StatusOr<std::unique_ptr<expert::ExpertKernel>> {
-    auto kernel = expert::OnednnExpertKernel::Create(w, DType::kFloat32, Runtime());
+expert::KernelFactory OnednnKernels(DType dtype) {
+  return [dtype](const ExpertWeights& w) -> absl::StatusOr<std::unique_ptr<expert::ExpertKernel>> {
+    auto kernel = expert::OnednnExpertKernel::Create(w, dtype, Runtime());
     if (!kernel.ok()) return kernel.status();
     return std::unique_ptr<expert::ExpertKernel>(std::move(*kernel));
   };

@@ -24,8 +24,8 @@ namespace moe::router::testing {
 Placement MakePlacement(PlacementStrategy strategy, int experts, int servers);
 // The same for every layer of `model` (ComputePlacement's way).
 Placement MakePlacement(const ModelConfig& model, PlacementStrategy strategy, int servers);
-// fp32 oneDNN kernels on one shared runtime.
-expert::KernelFactory OnednnKernels();
+// oneDNN kernels computing in `dtype`, on one shared runtime.
+expert::KernelFactory OnednnKernels(DType dtype = DType::kFloat32);
 
 // `t` on the wire, and back.
 v1::Tensor Wire(const FloatTensor& t, DType dtype = DType::kFloat32);

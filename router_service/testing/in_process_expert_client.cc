@@ -82,7 +82,8 @@ void InProcessExpertClient::Forward(int server, const v1::DispatchRequest& reque
   ++s.calls;
   {
     absl::MutexLock lock(&dispatched_mu_);
-    dispatched_.push_back({request.request_id(), server, ExpertKeyOf(request)});
+    dispatched_.push_back(
+        {request.request_id(), server, ExpertKeyOf(request), request.tokens_rounded_to_bf16()});
   }
   auto copy = std::make_unique<v1::DispatchRequest>(request);
   auto shared_done = std::make_shared<ForwardDone>(std::move(done));

@@ -105,6 +105,8 @@ class InProcessExpertClient : public ExpertClient {
     uint64_t request_id;
     int server;
     ExpertKey expert;
+    // Its rows were sent rounded to bf16.
+    bool tokens_rounded = false;
   };
   std::vector<Dispatched> dispatched() const ABSL_LOCKS_EXCLUDED(dispatched_mu_);
 
