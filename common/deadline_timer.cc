@@ -4,12 +4,14 @@ namespace moe {
 
 DeadlineTimer::DeadlineTimer() : thread_([this] { Loop(); }) {}
 
-DeadlineTimer::~DeadlineTimer() {
+DeadlineTimer::~DeadlineTimer() { Stop(); }
+
+void DeadlineTimer::Stop() {
   {
     absl::MutexLock lock(&mu_);
     stopping_ = true;
   }
-  thread_.join();
+  if (thread_.joinable()) thread_.join();
 }
 
 uint64_t DeadlineTimer::Schedule(absl::Time deadline, absl::AnyInvocable<void() &&> callback) {

@@ -19,8 +19,12 @@ namespace moe {
 class DeadlineTimer {
  public:
   DeadlineTimer();
-  // Drops what has not fired.
+  // Drops what has not fired (Stop).
   ~DeadlineTimer();
+
+  // Runs nothing more: drops what has not fired and waits for a callback
+  // that is running. Before what the callbacks use goes away.
+  void Stop() ABSL_LOCKS_EXCLUDED(mu_);
 
   // Runs `callback` at `deadline` (at once if it has passed) unless
   // cancelled first. Returns an id for Cancel.

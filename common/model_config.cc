@@ -579,6 +579,12 @@ absl::StatusOr<ClusterConfig> ClusterConfigFromProto(
   for (const v1::ServerSpec& server : proto.servers()) {
     cluster.servers.push_back({server.name(), server.address()});
   }
+  if (proto.spare_servers() < 0 || proto.spare_servers() >= proto.servers_size()) {
+    return FieldError("cluster.spare_servers",
+                      absl::StrCat(proto.spare_servers(), " of ", proto.servers_size(),
+                                   " servers: must be >= 0 and leave at least one server"));
+  }
+  cluster.spare_servers = proto.spare_servers();
   switch (proto.strategy()) {
     case v1::PLACEMENT_STRATEGY_DATA_PARALLEL:
       cluster.strategy = PlacementStrategy::kDataParallel;
@@ -594,7 +600,7 @@ absl::StatusOr<ClusterConfig> ClusterConfigFromProto(
       MOE_ASSIGN_OR_RETURN(cluster.load_profile,
                            LoadProfileFromProto(proto.load_profile(), model.experts_per_layer()));
       const int slots = proto.dynamic_options().slots_per_server();
-      const int64_t num_servers = proto.servers_size();
+      const int64_t num_servers = cluster.active_servers();
       if (slots < 0 || (slots > 0 && slots * num_servers < model.experts_per_layer())) {
         return FieldError("cluster.dynamic_options.slots_per_server",
                           absl::StrCat(slots, " slots x ", num_servers, " servers cannot hold ",
@@ -607,6 +613,19 @@ absl::StatusOr<ClusterConfig> ClusterConfigFromProto(
       cluster.strategy = PlacementStrategy::kExplicit;
       MOE_ASSIGN_OR_RETURN(cluster.explicit_placement,
                            ExplicitPlacementFromProto(proto.explicit_placement(), cluster, model));
+      for (size_t l = 0; l < cluster.explicit_placement.size(); ++l) {
+        for (size_t e = 0; e < cluster.explicit_placement[l].size(); ++e) {
+          for (int s : cluster.explicit_placement[l][e]) {
+            if (s >= cluster.active_servers()) {
+              return FieldError(
+                  "cluster.explicit_placement",
+                  absl::StrCat(ExpertKey(static_cast<int>(l), static_cast<int>(e)).ToString(),
+                               " on spare server ", cluster.servers[s].name, " (the last ",
+                               cluster.spare_servers, " servers host nothing at first)"));
+            }
+          }
+        }
+      }
       break;
     }
     default:
@@ -620,6 +639,7 @@ absl::StatusOr<ClusterConfig> ClusterConfigFromProto(
 
 v1::ClusterConfig ClusterConfigToProto(const ClusterConfig& config) {
   v1::ClusterConfig proto;
+  proto.set_spare_servers(config.spare_servers);
   for (const ServerSpec& server : config.servers) {
     v1::ServerSpec* out = proto.add_servers();
     out->set_name(server.name);

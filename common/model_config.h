@@ -156,6 +156,12 @@ struct ClusterConfig {
   std::vector<double> load_profile;
   // kDynamic: replicas each server holds (0 = ceil(E / N) + 1).
   int slots_per_server = 0;
+  // The last spare_servers servers host nothing in the config's placement
+  // (room to scale up; they need not run).
+  int spare_servers = 0;
+
+  // The servers the config's placement places experts on (the first ones).
+  int active_servers() const { return static_cast<int>(servers.size()) - spare_servers; }
 
   // The id of the server called `name`, or -1.
   int FindServer(absl::string_view name) const;

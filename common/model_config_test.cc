@@ -224,6 +224,20 @@ TEST(ModelConfigTest, SeveralLayersAreCheckedAndPlaced) {
                                                                             "\"expert-1\" } ",
                                                                             ""}})}})),
               HasSubstr("layer 1 expert 5 is not placed"));
+
+  // Spare servers: room to scale up, hosting nothing at first.
+  EXPECT_THAT(
+      ErrorOf(absl::StrReplaceAll(
+          explicit_text, {{"PLACEMENTS", all}, {"strategy:", "spare_servers: 1 strategy:"}})),
+      HasSubstr("cluster.explicit_placement: expert 1 on spare server expert-1"));
+  EXPECT_THAT(ErrorOf(With("strategy: PLACEMENT_STRATEGY_HYBRID",
+                           "strategy: PLACEMENT_STRATEGY_HYBRID spare_servers: 2")),
+              HasSubstr("cluster.spare_servers: 2 of 2 servers"));
+  config = ParseServingConfig(With("strategy: PLACEMENT_STRATEGY_HYBRID",
+                                   "strategy: PLACEMENT_STRATEGY_HYBRID spare_servers: 1"));
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->cluster.active_servers(), 1);
+  EXPECT_EQ(ClusterConfigToProto(config->cluster).spare_servers(), 1);
 }
 
 // Qwen2-MoE's shared expert: slices of d_ff, placed as experts after the

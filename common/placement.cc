@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/digest.h"
 #include "common/log.h"
+#include "common/status_macros.h"
 
 namespace moe {
 
@@ -232,12 +233,36 @@ absl::StatusOr<Placement> EveryLayer(const ModelConfig& model, absl::StatusOr<Pl
 
 }  // namespace
 
+namespace {
+
+// The strategies' placement for the cluster's active servers; spare ones
+// (the last) host nothing.
+absl::StatusOr<Placement> PlaceOnActive(const ModelConfig& model, const ClusterConfig& cluster);
+
+}  // namespace
+
 absl::StatusOr<Placement> ComputePlacement(const ModelConfig& model,
                                            const ClusterConfig& cluster) {
   const int num_servers = static_cast<int>(cluster.servers.size());
-  if (num_servers < 1) {
-    return absl::InvalidArgumentError("placement: the cluster has no servers");
+  if (num_servers < 1 || cluster.active_servers() < 1) {
+    return absl::InvalidArgumentError("placement: the cluster has no servers to place on");
   }
+  MOE_ASSIGN_OR_RETURN(const Placement active, PlaceOnActive(model, cluster));
+  if (active.num_servers() == num_servers) return active;
+  std::vector<std::vector<std::vector<int>>> servers_of(active.num_layers());
+  for (int l = 0; l < active.num_layers(); ++l) {
+    for (int e = 0; e < active.num_experts(l); ++e) {
+      const auto servers = active.ServersOf(ExpertKey(l, e));
+      servers_of[l].emplace_back(servers.begin(), servers.end());
+    }
+  }
+  return Placement::CreateLayers(num_servers, std::move(servers_of));
+}
+
+namespace {
+
+absl::StatusOr<Placement> PlaceOnActive(const ModelConfig& model, const ClusterConfig& cluster) {
+  const int num_servers = cluster.active_servers();
   switch (cluster.strategy) {
     case PlacementStrategy::kDataParallel:
       return EveryLayer(model, DataParallelPlacement(model.experts_per_layer(), num_servers));
@@ -254,10 +279,14 @@ absl::StatusOr<Placement> ComputePlacement(const ModelConfig& model,
             absl::StrCat("placement: explicit placement lists ", cluster.explicit_placement.size(),
                          " layers, the model has ", model.num_layers));
       }
-      return Placement::CreateLayers(num_servers, cluster.explicit_placement);
+      // Spare servers host nothing (checked when the config was read).
+      return Placement::CreateLayers(static_cast<int>(cluster.servers.size()),
+                                     cluster.explicit_placement);
   }
   return absl::InvalidArgumentError("placement: unknown strategy");
 }
+
+}  // namespace
 
 std::vector<double> ServerLoads(const Placement& placement, int layer,
                                 absl::Span<const double> expert_load) {
@@ -276,6 +305,15 @@ double Imbalance(absl::Span<const double> loads) {
   if (total <= 0) return 1.0;
   const double max = *std::max_element(loads.begin(), loads.end());
   return max / (total / loads.size());
+}
+
+double Imbalance(absl::Span<const double> loads, absl::Span<const int> slots) {
+  MOE_CHECK(slots.size() == loads.size());
+  std::vector<double> counted;
+  for (size_t s = 0; s < loads.size(); ++s) {
+    if (loads[s] > 0 || slots[s] > 0) counted.push_back(loads[s]);
+  }
+  return Imbalance(counted);
 }
 
 std::vector<ReplicaGroup> ReplicaGroups(const Placement& placement) {

@@ -93,6 +93,10 @@ std::vector<double> ServerLoads(const Placement& placement, int layer,
                                 absl::Span<const double> expert_load);
 // max / mean of `loads` (1 when all are equal or all zero).
 double Imbalance(absl::Span<const double> loads);
+// The same over the servers that count: those with load, or with room for
+// replicas (slots[s] > 0); a drained or absent server that carries nothing
+// does not lower the mean. REQUIRES: slots.size() == loads.size().
+double Imbalance(absl::Span<const double> loads, absl::Span<const int> slots);
 
 // Servers that hold the same set of replicated experts and so sum those
 // experts' gradients in one all-reduce.

@@ -583,11 +583,11 @@ absl::StatusOr<PlacementPlan> SolvePlacement(const PlacementProblem& problem) {
   for (const auto& servers : chosen) plan.replicas.push_back(static_cast<int>(servers.size()));
   plan.exhaustive = exhaustive;
   plan.server_load_after = LoadsOf(chosen, load, n);
-  plan.imbalance_after = Imbalance(plan.server_load_after);
+  plan.imbalance_after = Imbalance(plan.server_load_after, problem.server_slots);
   plan.servers_per_token_after = ServersPerToken(chosen, tokens, n);
   if (current) {
     plan.server_load_before = LoadsOf(*current, load, n);
-    plan.imbalance_before = Imbalance(plan.server_load_before);
+    plan.imbalance_before = Imbalance(plan.server_load_before, problem.server_slots);
     plan.servers_per_token_before = ServersPerToken(*current, tokens, n);
     plan.replicas_added = Added(chosen, *current);
     plan.replicas_removed = Added(*current, chosen);

@@ -216,10 +216,40 @@ TEST(PlacementTest, ComputePlacementFollowsTheConfig) {
   EXPECT_EQ(ComputePlacement(model, cluster)->num_replicas(), 6);
 }
 
+// Spare servers (the last ones) host nothing: the strategies place on the
+// others, as they would on a cluster of those only.
+TEST(PlacementTest, SpareServersHostNothing) {
+  ModelConfig model;
+  model.num_experts = 4;
+  ClusterConfig cluster;
+  cluster.servers = {{"a", "a:1"}, {"b", "b:1"}, {"c", "c:1"}};
+  cluster.spare_servers = 1;
+  for (PlacementStrategy strategy :
+       {PlacementStrategy::kDataParallel, PlacementStrategy::kModelParallel,
+        PlacementStrategy::kHybrid}) {
+    cluster.strategy = strategy;
+    absl::StatusOr<Placement> p = ComputePlacement(model, cluster);
+    ASSERT_TRUE(p.ok()) << p.status();
+    EXPECT_EQ(p->num_servers(), 3);
+    EXPECT_TRUE(p->ExpertsOn(2).empty());
+    ClusterConfig two = cluster;
+    two.servers.pop_back();
+    two.spare_servers = 0;
+    for (int e = 0; e < 4; ++e) {
+      EXPECT_EQ(p->ServersOf(ExpertKey(0, e)),
+                ComputePlacement(model, two)->ServersOf(ExpertKey(0, e)));
+    }
+  }
+}
+
 TEST(PlacementTest, ImbalanceIsMaxOverMean) {
   EXPECT_DOUBLE_EQ(Imbalance({1, 1, 1, 1}), 1.0);
   EXPECT_DOUBLE_EQ(Imbalance({4, 0, 0, 0}), 4.0);
   EXPECT_DOUBLE_EQ(Imbalance({0, 0}), 1.0);
+  // A server with neither load nor room (drained, absent) does not count.
+  EXPECT_DOUBLE_EQ(Imbalance({2, 2, 0}, {1, 1, 0}), 1.0);
+  EXPECT_DOUBLE_EQ(Imbalance({2, 2, 2}, {1, 1, 0}), 1.0);
+  EXPECT_DOUBLE_EQ(Imbalance({2, 2, 0}, {1, 1, 1}), 1.5);
 }
 
 }  // namespace

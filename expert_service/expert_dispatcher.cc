@@ -447,18 +447,22 @@ absl::Status ExpertDispatcher::CommitStep(const v1::CommitStepRequest& request,
   // the step stays prepared (the router aborts it).
   const bool has_gate = request.has_gate();
   if (has_gate) MOE_RETURN_IF_ERROR(CheckGate(store_.model(), request));
-  MOE_ASSIGN_OR_RETURN(const auto digests, steps_->Commit(request.step()));
+  std::optional<v1::GetGateResponse> gate;
   if (has_gate) {
-    v1::GetGateResponse gate;
-    gate.set_step(request.step());
-    *gate.mutable_gate() = request.gate();
-    if (request.has_gate_velocity()) *gate.mutable_gate_velocity() = request.gate_velocity();
+    gate.emplace();
+    gate->set_step(request.step());
+    *gate->mutable_gate() = request.gate();
+    if (request.has_gate_velocity()) *gate->mutable_gate_velocity() = request.gate_velocity();
     if (request.has_gate_second_moment()) {
-      *gate.mutable_gate_second_moment() = request.gate_second_moment();
+      *gate->mutable_gate_second_moment() = request.gate_second_moment();
     }
-    absl::MutexLock lock(&gate_mu_);
-    gate_ = std::move(gate);
   }
+  // The weights and the gate of the step together: a router that meets the
+  // new weights (a Dispatch refused for its older step) and asks GetGate
+  // at once finds the new gate, not "the gate of the step before".
+  absl::MutexLock lock(&gate_mu_);
+  MOE_ASSIGN_OR_RETURN(const auto digests, steps_->Commit(request.step()));
+  if (gate) gate_ = *std::move(gate);
   response->set_step(request.step());
   for (const auto& [expert, digest] : digests) {
     v1::ExpertDigest* entry = response->add_experts();

@@ -76,7 +76,8 @@ class ExpertDispatcher {
   absl::Status PrepareStep(const v1::PrepareStepRequest& request, absl::Time deadline,
                            v1::PrepareStepResponse* response);
   absl::Status UpdateStep(const v1::UpdateStepRequest& request, v1::UpdateStepResponse* response);
-  absl::Status CommitStep(const v1::CommitStepRequest& request, v1::CommitStepResponse* response);
+  absl::Status CommitStep(const v1::CommitStepRequest& request, v1::CommitStepResponse* response)
+      ABSL_LOCKS_EXCLUDED(gate_mu_);
   absl::Status AbortStep(const v1::AbortStepRequest& request);
   // The gate the last CommitStep carried (NOT_FOUND without one).
   absl::Status GetGate(v1::GetGateResponse* response) const ABSL_LOCKS_EXCLUDED(gate_mu_);

@@ -55,6 +55,12 @@ absl::Status PlacementKeeper::Prepare(const v1::PreparePlacementRequest& request
   }
   MOE_ASSIGN_OR_RETURN(Placement next, PlacementFromProto(request.placement(), options_.model,
                                                           options_.cluster, "placement"));
+  std::optional<Placement> from_placement;
+  if (request.has_from_placement()) {
+    MOE_ASSIGN_OR_RETURN(from_placement,
+                         PlacementFromProto(request.from_placement(), options_.model,
+                                            options_.cluster, "from_placement"));
+  }
   const absl::Time deadline = request.deadline_unix_micros() > 0
                                   ? absl::FromUnixMicros(request.deadline_unix_micros())
                                   : start + absl::Minutes(10);
@@ -85,6 +91,14 @@ absl::Status PlacementKeeper::Prepare(const v1::PreparePlacementRequest& request
       return absl::AbortedError(absl::StrCat("server ", name(), " is preparing placement epoch ",
                                              pending_->epoch, " from ", pending_->from_epoch,
                                              "; one change at a time"));
+    }
+    if (epoch_ < from && from_placement && placement_.ExpertsOn(self).empty()) {
+      // Changes were made while this server was not running (absent): it
+      // hosts nothing, so it catches up with nothing to lose.
+      MOE_LOG(INFO, "server ", name(), " hosts nothing at placement epoch ", epoch_,
+              "; catches up to epoch ", from, " to prepare ", to);
+      placement_ = *std::move(from_placement);
+      epoch_ = from;
     }
     if (epoch_ != from) {
       return absl::AbortedError(absl::StrCat("server ", name(), " serves placement epoch ", epoch_,

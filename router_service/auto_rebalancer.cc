@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/log.h"
 #include "common/placement.h"
+#include "router_service/absent_servers.h"
 #include "router_service/on_every_server.h"
 #include "router_service/rebalance.h"
 
@@ -90,12 +91,18 @@ bool AutoRebalancer::HoldsLease(absl::Time now) {
 }
 
 absl::StatusOr<AutoRebalancer::Counts> AutoRebalancer::ReadCounts(absl::Time now) {
-  const int num_servers = static_cast<int>(options_.cluster.servers.size());
-  const std::vector<absl::StatusOr<v1::InfoResponse>> infos = OnEveryServer<v1::InfoResponse>(
-      num_servers, [&](int s, auto done) { client_.Info(s, now + kCallTimeout, std::move(done)); });
+  const Router::PlacementSnapshot placement = router_.placement();
+  const int num_servers = placement->value.num_servers();
+  // Servers that host nothing and are not running count nothing (absent).
+  const ServerInfos asked = AskEveryServer(
+      client_, num_servers, [&](int s) { return placement->value.ExpertsOn(s).empty(); },
+      now + kCallTimeout);
+  const std::vector<absl::StatusOr<v1::InfoResponse>>& infos = asked.infos;
   const int experts = static_cast<int>(options_.model.total_experts());
   Counts counts{now, std::vector<int64_t>(experts, 0), std::vector<int64_t>(num_servers, 0)};
+  counts.absent = asked.absent_servers();
   for (int s = 0; s < num_servers; ++s) {
+    if (asked.absent[s]) continue;
     if (!infos[s].ok()) return infos[s].status();
     if (infos[s]->expert_tokens_size() != experts) {
       return absl::FailedPreconditionError(
@@ -144,7 +151,9 @@ AutoRebalancer::Look AutoRebalancer::LookOnce(absl::Time now) {
         return look;
       }
     }
-    look.imbalance = Imbalance(servers);
+    std::vector<int> room(servers.size(), 1);
+    for (int s : counts->absent) room[s] = 0;
+    look.imbalance = Imbalance(servers, room);
     if (look.imbalance <= options_.threshold) {
       look.decision = Decision::kBalanced;
       return look;
@@ -164,6 +173,7 @@ AutoRebalancer::Look AutoRebalancer::LookOnce(absl::Time now) {
     inputs.current = &current->value;
     inputs.load = std::move(load);
     if (sample_ != nullptr) inputs.tokens = sample_->Tokens();
+    inputs.absent = counts->absent;
     absl::StatusOr<PlacementPlan> planned = PlanRebalance(inputs);
     if (!planned.ok()) {
       MOE_LOG(WARNING, "automatic rebalance: planning: ", planned.status().message());

@@ -88,6 +88,8 @@ class AutoRebalancer {
     absl::Time at;
     std::vector<int64_t> expert;
     std::vector<int64_t> server;
+    // Servers that host nothing and did not answer (absent_servers.h).
+    std::vector<int> absent;
   };
   bool HoldsLease(absl::Time now);
   absl::StatusOr<Counts> ReadCounts(absl::Time now);

@@ -57,6 +57,13 @@ class ExpertClient {
                          UnaryDone<v1::AbortStepResponse> done) = 0;
   // Info waits for the server to be reachable, up to `deadline`.
   virtual void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) = 0;
+  // Info without waiting for a connection: UNAVAILABLE at once when the
+  // server cannot be reached now (its channel's reconnect back-off, at most
+  // a few seconds, may hide one that has just started). Tells a server that
+  // is not running from a slow one (absent_servers.h).
+  virtual void Probe(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) {
+    Info(server, deadline, std::move(done));
+  }
   // The gate of the last step `server` committed.
   virtual void GetGate(int server, absl::Time deadline, UnaryDone<v1::GetGateResponse> done) = 0;
   // With gradient clipping, between PrepareStep and CommitStep.

@@ -188,6 +188,12 @@ void GrpcExpertClient::Info(int server, absl::Time deadline, UnaryDone<v1::InfoR
             deadline, std::move(done), /*wait_for_ready=*/true);
 }
 
+void GrpcExpertClient::Probe(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) {
+  Connection& c = *connections_.at(server);
+  CallUnary(c.stub(), &v1::ExpertServer::Stub::async::Info, c.label(), "Info", v1::InfoRequest(),
+            deadline, std::move(done), /*wait_for_ready=*/false);
+}
+
 void GrpcExpertClient::UpdateStep(int server, const v1::UpdateStepRequest& request,
                                   absl::Time deadline, UnaryDone<v1::UpdateStepResponse> done) {
   Connection& c = *connections_.at(server);

@@ -57,6 +57,7 @@ class GrpcExpertClient : public ExpertClient {
   void AbortStep(int server, const v1::AbortStepRequest& request, absl::Time deadline,
                  UnaryDone<v1::AbortStepResponse> done) override;
   void Info(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) override;
+  void Probe(int server, absl::Time deadline, UnaryDone<v1::InfoResponse> done) override;
   void GetGate(int server, absl::Time deadline, UnaryDone<v1::GetGateResponse> done) override;
   void AddGateGradient(int server, const v1::AddGateGradientRequest& request, absl::Time deadline,
                        UnaryDone<v1::AddGateGradientResponse> done) override;

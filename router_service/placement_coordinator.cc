@@ -10,6 +10,7 @@
 #include "common/log.h"
 #include "common/placement_proto.h"
 #include "common/status_macros.h"
+#include "router_service/absent_servers.h"
 #include "router_service/on_every_server.h"
 
 namespace moe::router {
@@ -17,18 +18,25 @@ namespace {
 
 // The failures of one phase as one status: ABORTED when any server saw
 // another change win, else the first failure's code; every message.
+// Absent servers (absent_servers.h) are not counted.
 template <typename Response>
-absl::Status Summarize(absl::string_view what,
-                       const std::vector<absl::StatusOr<Response>>& results) {
+absl::Status Summarize(absl::string_view what, const std::vector<absl::StatusOr<Response>>& results,
+                       const std::vector<bool>& absent = {}) {
   std::vector<std::string> messages;
   absl::StatusCode code = absl::StatusCode::kOk;
-  for (const auto& r : results) {
-    if (r.ok()) continue;
+  for (size_t s = 0; s < results.size(); ++s) {
+    const auto& r = results[s];
+    if (r.ok() || (s < absent.size() && absent[s])) continue;
     messages.emplace_back(r.status().message());
     if (code == absl::StatusCode::kOk || absl::IsAborted(r.status())) code = r.status().code();
   }
   if (messages.empty()) return absl::OkStatus();
   return absl::Status(code, absl::StrCat(what, ": ", absl::StrJoin(messages, "; ")));
+}
+
+// Server names from the cluster config, for logs.
+std::function<std::string(int)> Name(const PlacementCoordinator::Options& options) {
+  return [&options](int s) { return options.cluster.servers.at(s).name; };
 }
 
 }  // namespace
@@ -62,13 +70,21 @@ absl::StatusOr<PlacementCoordinator::Result> PlacementCoordinator::Run(Placement
           " replica(s) to add, ", result.replicas_removed, " to remove");
 
   // 0. Every server reachable (Info waits out a reconnect back-off), so
-  // that a server that just came back is not taken for a dead one.
-  const std::vector<absl::StatusOr<v1::InfoResponse>> reachable =
-      OnEveryServer<v1::InfoResponse>(num_servers, [&](int s, auto done) {
-        client_.Info(s, std::min(deadline, absl::Now() + options_.commit_timeout), std::move(done));
-      });
-  MOE_RETURN_IF_ERROR(Summarize(
-      absl::StrCat("placement epoch ", epoch, " not started, a server is unreachable"), reachable));
+  // that a server that just came back is not taken for a dead one; but
+  // servers that host nothing before or after and are not running (absent)
+  // are left out of the change.
+  const ServerInfos reachable = AskEveryServer(
+      client_, num_servers,
+      [&](int s) { return from->value.ExpertsOn(s).empty() && next.ExpertsOn(s).empty(); },
+      std::min(deadline, absl::Now() + options_.commit_timeout));
+  const std::vector<bool>& absent = reachable.absent;
+  if (reachable.any_absent()) {
+    MOE_LOG(INFO, "placement epoch ", epoch, ": server(s) ", AbsentNames(reachable, Name(options_)),
+            " host nothing and are not running: left out");
+  }
+  MOE_RETURN_IF_ERROR(
+      Summarize(absl::StrCat("placement epoch ", epoch, " not started, a server is unreachable"),
+                reachable.infos, absent));
 
   // 1. Every server prepares (pulls), or nothing changes.
   const absl::Duration margin = std::min(absl::Seconds(1), (deadline - start) / 10);
@@ -76,16 +92,18 @@ absl::StatusOr<PlacementCoordinator::Result> PlacementCoordinator::Run(Placement
   prepare.set_from_epoch(from->version);
   prepare.set_epoch(epoch);
   *prepare.mutable_placement() = PlacementToProto(next, options_.cluster);
+  *prepare.mutable_from_placement() = PlacementToProto(from->value, options_.cluster);
   prepare.set_deadline_unix_micros(absl::ToUnixMicros(deadline - 2 * margin));
   prepare.set_max_bytes_per_second(options_.max_bytes_per_second);
   const std::vector<absl::StatusOr<v1::PreparePlacementResponse>> prepared =
       OnEveryServer<v1::PreparePlacementResponse>(num_servers, [&](int s, auto done) {
+        if (absent[s]) return std::move(done)(v1::PreparePlacementResponse());
         client_.PreparePlacement(s, prepare, deadline - margin, std::move(done));
       });
   const absl::Status prepare_failed =
       Summarize(absl::StrCat("placement epoch ", epoch, " aborted, no replica moved"), prepared);
   if (!prepare_failed.ok()) {
-    AbortEverywhere(epoch, std::string(prepare_failed.message()));
+    AbortEverywhere(epoch, std::string(prepare_failed.message()), absent);
     return prepare_failed;
   }
   for (const auto& r : prepared) {
@@ -99,7 +117,7 @@ absl::StatusOr<PlacementCoordinator::Result> PlacementCoordinator::Run(Placement
   if (!installed.ok()) {
     const std::string reason = absl::StrCat("placement epoch ", epoch, " aborted: this router ",
                                             installed.status().message());
-    AbortEverywhere(epoch, reason);
+    AbortEverywhere(epoch, reason, absent);
     return absl::AbortedError(reason);
   }
   result.epoch = epoch;
@@ -122,6 +140,7 @@ absl::StatusOr<PlacementCoordinator::Result> PlacementCoordinator::Run(Placement
   commit.set_epoch(epoch);
   std::vector<absl::StatusOr<v1::CommitPlacementResponse>> committed =
       OnEveryServer<v1::CommitPlacementResponse>(num_servers, [&](int s, auto done) {
+        if (absent[s]) return std::move(done)(v1::CommitPlacementResponse());
         client_.CommitPlacement(s, commit, absl::Now() + options_.commit_timeout, std::move(done));
       });
   // A commit is idempotent: a server that missed it (a lost answer, a
@@ -155,13 +174,15 @@ absl::StatusOr<PlacementCoordinator::Result> PlacementCoordinator::Run(Placement
   return result;
 }
 
-void PlacementCoordinator::AbortEverywhere(uint64_t epoch, const std::string& reason) {
+void PlacementCoordinator::AbortEverywhere(uint64_t epoch, const std::string& reason,
+                                           const std::vector<bool>& absent) {
   v1::AbortPlacementRequest abort;
   abort.set_epoch(epoch);
   abort.set_reason(reason);
-  const int num_servers = router_.placement()->value.num_servers();
+  const int num_servers = static_cast<int>(absent.size());
   const auto aborted =
       OnEveryServer<v1::AbortPlacementResponse>(num_servers, [&](int s, auto done) {
+        if (absent[s]) return std::move(done)(v1::AbortPlacementResponse());
         client_.AbortPlacement(s, abort, absl::Now() + options_.commit_timeout, std::move(done));
       });
   for (int s = 0; s < num_servers; ++s) {
@@ -173,12 +194,23 @@ void PlacementCoordinator::AbortEverywhere(uint64_t epoch, const std::string& re
   MOE_LOG(WARNING, reason);
 }
 
+std::vector<int> PlacementCoordinator::AbsentServers(const Placement& current,
+                                                     absl::Time deadline) {
+  return AskEveryServer(
+             client_, current.num_servers(), [&](int s) { return current.ExpertsOn(s).empty(); },
+             deadline)
+      .absent_servers();
+}
+
 absl::Status PlacementCoordinator::AdoptServersPlacement(absl::Time deadline) {
-  const int num_servers = router_.placement()->value.num_servers();
-  const std::vector<absl::StatusOr<v1::InfoResponse>> infos = OnEveryServer<v1::InfoResponse>(
-      num_servers, [&](int s, auto done) { client_.Info(s, deadline, std::move(done)); });
+  const Router::PlacementSnapshot current = router_.placement();
+  // Servers that host nothing are only probed: those not running (absent)
+  // do not hold up the start.
+  const ServerInfos asked = AskEveryServer(
+      client_, current->value.num_servers(),
+      [&](int s) { return current->value.ExpertsOn(s).empty(); }, deadline);
   const v1::InfoResponse* newest = nullptr;
-  for (const auto& info : infos) {
+  for (const auto& info : asked.infos) {
     if (info.ok() && (newest == nullptr || info->placement_epoch() > newest->placement_epoch())) {
       newest = &*info;
     }

@@ -18,6 +18,8 @@
 #define MOE_ROUTER_SERVICE_PLACEMENT_COORDINATOR_H_
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
@@ -69,12 +71,17 @@ class PlacementCoordinator {
   // not answer by `deadline` are skipped.
   absl::Status AdoptServersPlacement(absl::Time deadline);
 
+  // The servers that host nothing in `current` and are not running
+  // (absent_servers.h): plans give them no experts.
+  std::vector<int> AbsentServers(const Placement& current, absl::Time deadline);
+
  private:
   // Commits retried on servers that did not answer OK.
   static constexpr int kCommitRetries = 3;
 
   absl::StatusOr<Result> Run(Placement next, absl::Time deadline);
-  void AbortEverywhere(uint64_t epoch, const std::string& reason);
+  // AbortPlacement on every server but the absent ones.
+  void AbortEverywhere(uint64_t epoch, const std::string& reason, const std::vector<bool>& absent);
 
   const Options options_;
   Router& router_;

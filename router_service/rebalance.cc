@@ -59,6 +59,7 @@ absl::StatusOr<PlacementPlan> PlanRebalance(const RebalanceInputs& inputs) {
     }
     problem.server_slots[s] = 0;
   }
+  for (int s : inputs.absent) problem.server_slots.at(s) = 0;
   problem.replica_bytes = ReplicaBytes(*inputs.model);
   problem.current = *inputs.current;
   problem.token_experts = inputs.tokens;

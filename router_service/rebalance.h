@@ -21,8 +21,10 @@ struct RebalanceInputs {
   const Placement* current = nullptr;
   LoadStats::Snapshot load;
   std::vector<std::vector<ExpertKey>> tokens;
-  // Servers the plan must leave empty (by index).
+  // Servers the plan must leave empty (by index): drained, or absent (they
+  // host nothing and are not running, absent_servers.h).
   std::vector<int> drain;
+  std::vector<int> absent;
 };
 
 // Per layer, each expert's tokens (LoadStats' layer-major counts).

@@ -93,6 +93,9 @@ struct Router::ForwardCall {
   std::atomic<int> newer_server{-1};
   // The same for a newer committed step (the gate to learn).
   std::atomic<int> newer_step_server{-1};
+  // A server refused a group for an older step than the call's: it is
+  // committing the step this router already knows (from a peer).
+  std::atomic<bool> met_older_step{false};
   // What a restart needs (x stays valid until `done` runs).
   const v1::Tensor* x = nullptr;
   absl::Time deadline;
@@ -449,6 +452,7 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
     // it for a while rather than paying a refused round trip per request.
     if (theirs.weights_step() < call->gate->version) {
       picker_.MarkStale(server, g.expert, absl::Now() + options_.stale_ttl);
+      call->met_older_step.store(true);
     }
     if (theirs.placement_epoch() > call->placement->version) call->newer_server.store(server);
     if (theirs.weights_step() > call->gate->version) call->newer_step_server.store(server);
@@ -848,6 +852,23 @@ void Router::RetryStale(std::shared_ptr<ForwardCall> call) {
             gate()->version);
     Start(*call->x, call->layer, call->training, call->deadline, std::move(call->done),
           call->cancellation, call->restarts + 1);
+    return;
+  }
+  // The servers are behind the call: a step this router learnt from a peer
+  // that has committed it is still committing on them. The whole call
+  // again after a pause (20, 40, ... ms), within its deadline.
+  const absl::Duration pause = absl::Milliseconds(20 << call->restarts);
+  if (call->met_older_step.load() && call->restarts < kMaxBehindRestarts &&
+      options_.timer != nullptr && absl::Now() + pause < call->deadline) {
+    MOE_LOG(INFO, "forward at step ", call->gate->version, " met servers still committing it; ",
+            "again in ", absl::FormatDuration(pause));
+    // Off the timer's thread: the restart gates and plans.
+    options_.timer->Schedule(absl::Now() + pause, [this, call]() mutable {
+      Run([this, call = std::move(call)]() mutable {
+        Start(*call->x, call->layer, call->training, call->deadline, std::move(call->done),
+              call->cancellation, call->restarts + 1);
+      });
+    });
     return;
   }
   absl::Status status;

@@ -176,6 +176,8 @@ class Router {
   };
   GateState gate_state() const ABSL_LOCKS_EXCLUDED(gate_mu_);
   const ModelConfig& model() const { return options_.model; }
+  // The servers by name (Options::cluster).
+  const ClusterConfig& cluster() const { return options_.cluster; }
   // "<name>/<tag in hex>": how answers and errors name this router.
   const std::string& identity() const { return identity_; }
   // The experts `server` holds at an older step than the cluster's, as the
@@ -253,6 +255,9 @@ class Router {
   void Start(const v1::Tensor& x, int layer, bool training, absl::Time deadline, ForwardDone done,
              std::shared_ptr<Cancellation> cancellation, int restarts);
   static constexpr int kMaxRestarts = 2;
+  // Calls that met servers still committing their step wait for them this
+  // many times at most (pauses of 20 ms doubling: 620 ms in all).
+  static constexpr int kMaxBehindRestarts = 5;
   // Sends group `group` of `call` to `server` (a first try, a failover or
   // a hedge).
   void Send(std::shared_ptr<ForwardCall> call, size_t group, int server);

@@ -238,6 +238,9 @@ RouterServer::~RouterServer() {
   // Its looks call the servers and may change the placement.
   auto_rebalancer_.reset();
   step_pool_.reset();
+  // Hedges and restarts use the client, the pool and the router; calls
+  // still in flight end when the client closes its streams.
+  timer_.Stop();
   // The client first: closing its streams fails what they still hold, and
   // those callbacks run into the router and its pool, both still here.
   client_.reset();

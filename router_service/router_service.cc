@@ -231,6 +231,7 @@ absl::Status RouterServiceImpl::RunRebalance(const v1::RebalanceRequest& request
     inputs.current = &snapshot->value;
     inputs.load = cluster_.load_stats->Get(absl::Now());
     if (cluster_.routing_sample != nullptr) inputs.tokens = cluster_.routing_sample->Tokens();
+    inputs.absent = placements_.AbsentServers(snapshot->value, deadline);
     for (const std::string& name : request.drain()) {
       const int server = config.cluster.FindServer(name);
       if (server < 0) return absl::InvalidArgumentError(absl::StrCat("drain: no server ", name));

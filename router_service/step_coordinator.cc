@@ -15,6 +15,7 @@
 #include "common/log.h"
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
+#include "router_service/absent_servers.h"
 #include "router_service/on_every_server.h"
 
 namespace moe::router {
@@ -60,13 +61,23 @@ int StepCoordinator::NumServers() const {
 }
 
 absl::StatusOr<StepCoordinator::Numbers> StepCoordinator::NextStep(absl::Time deadline) {
-  std::vector<absl::StatusOr<v1::InfoResponse>> infos =
-      OnEveryServer<v1::InfoResponse>(NumServers(), [&](int s, auto done) {
-        client_.Info(s, deadline, std::move(done));
-      });
+  const Router::PlacementSnapshot placement = router_.placement();
+  // A server that hosts nothing and is not running (absent_servers.h) sits
+  // the step out; the lease keeper never does (it keeps the gate's
+  // gradient).
+  const ServerInfos asked = AskEveryServer(
+      client_, NumServers(),
+      [&](int s) {
+        return s != kLeaseKeeper && s < placement->value.num_servers() &&
+               placement->value.ExpertsOn(s).empty();
+      },
+      deadline);
+  const std::vector<absl::StatusOr<v1::InfoResponse>>& infos = asked.infos;
   Numbers numbers;
   uint64_t last = 0;
-  for (const auto& info : infos) {
+  for (size_t s = 0; s < infos.size(); ++s) {
+    const auto& info = infos[s];
+    if (asked.absent[s]) continue;
     if (!info.ok()) {
       return absl::Status(info.status().code(),
                           absl::StrCat("step: cannot learn the servers' last step: ",
@@ -77,6 +88,15 @@ absl::StatusOr<StepCoordinator::Numbers> StepCoordinator::NextStep(absl::Time de
   }
   numbers.step = std::max(next_step_, last + 1);
   next_step_ = numbers.step + 1;
+  numbers.left_out = asked.absent;
+  for (int s : asked.absent_servers()) {
+    numbers.left_out_names.push_back(router_.cluster().servers.at(s).name);
+  }
+  if (!numbers.left_out_names.empty()) {
+    MOE_LOG(INFO, "step ", numbers.step, ": server(s) ",
+            absl::StrJoin(numbers.left_out_names, ", "),
+            " host nothing and are not running: left out");
+  }
   LeaveOutServersBehind(infos, numbers);
   return numbers;
 }
@@ -84,7 +104,7 @@ absl::StatusOr<StepCoordinator::Numbers> StepCoordinator::NextStep(absl::Time de
 void StepCoordinator::LeaveOutServersBehind(
     const std::vector<absl::StatusOr<v1::InfoResponse>>& infos, Numbers& numbers) const {
   const int n = static_cast<int>(infos.size());
-  numbers.left_out.assign(n, false);
+  const size_t absent = numbers.left_out_names.size();
   // A server that prepared the last committed step commits it on this
   // step's word: it is not behind.
   auto behind = [&](const v1::InfoResponse& info) {
@@ -93,12 +113,13 @@ void StepCoordinator::LeaveOutServersBehind(
   const Router::PlacementSnapshot placement = router_.placement();
   if (placement->value.num_servers() != n) return;
   for (int s = 0; s < n; ++s) {
-    if (s == kLeaseKeeper || !behind(*infos[s])) continue;
+    if (s == kLeaseKeeper || numbers.left_out[s] || !behind(*infos[s])) continue;
     bool covered = true;
     for (ExpertKey expert : placement->value.ExpertsOn(s)) {
       bool current = false;
       for (int other : placement->value.ServersOf(expert)) {
-        current |= other != s && !numbers.left_out[other] && !behind(*infos[other]);
+        current |=
+            other != s && !numbers.left_out[other] && infos[other].ok() && !behind(*infos[other]);
       }
       covered &= current;
     }
@@ -106,10 +127,11 @@ void StepCoordinator::LeaveOutServersBehind(
     numbers.left_out[s] = true;
     numbers.left_out_names.push_back(infos[s]->server_name());
   }
-  if (!numbers.left_out_names.empty()) {
-    MOE_LOG(WARNING, "step ", numbers.step, ": server(s) ",
-            absl::StrJoin(numbers.left_out_names, ", "), " behind the committed step ",
-            numbers.committed, " sit it out; their replicas run it");
+  if (numbers.left_out_names.size() > absent) {
+    MOE_LOG(
+        WARNING, "step ", numbers.step, ": server(s) ",
+        absl::StrJoin(numbers.left_out_names.begin() + absent, numbers.left_out_names.end(), ", "),
+        " behind the committed step ", numbers.committed, " sit it out; their replicas run it");
   }
 }
 

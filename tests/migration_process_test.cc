@@ -443,6 +443,69 @@ TEST(MigrationTest, ADrainedServerStopsWithoutAFailedRequest) {
   EXPECT_EQ(load.failed(), 0) << load.first_error();
 }
 
+// The config lists e2 as a spare server: it hosts nothing and is not
+// running at first (a StatefulSet scaled below the list). Steps and placement changes go on
+// without it; started later, it adopts the cluster's placement epoch and
+// step from its peers, gets an expert through a Rebalance and serves it;
+// drained and stopped, it is left out again. No restart of anything else,
+// and every output under load equals the reference.
+TEST(MigrationTest, AServerJoinsAndLeavesWithoutARestart) {
+  ProcessClusterOptions options = FourExpertsOnTwoServers();
+  options.num_servers = 3;
+  options.cluster_extra = "spare_servers: 1";  // e0 {0, 1}, e1 {2, 3}, e2 {}
+  options.not_started = {2};
+  ProcessCluster cluster(options);
+  const ReferenceMoe reference = cluster.Reference();
+  Load load({&cluster.stub()}, reference, 2);
+  load.WaitFor(30);
+  // A step with no Backward since the last changes no weight (the load's
+  // reference holds) but moves the cluster to step 1.
+  auto step = [&](const std::vector<std::string>& left_out) {
+    v1::StepResponse response;
+    const grpc::Status status = cluster.Step(0.1f, absl::Seconds(30), &response);
+    ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+    EXPECT_EQ(std::vector<std::string>(response.servers_left_out().begin(),
+                                       response.servers_left_out().end()),
+              left_out);
+  };
+  step({"e2"});
+  auto rebalance = [&](const v1::RebalanceRequest& request, uint64_t epoch) {
+    v1::RebalanceResponse response;
+    const grpc::Status status = Rebalance(cluster.stub(), request, &response);
+    ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+    EXPECT_EQ(response.placement_epoch(), epoch);
+  };
+  // Expert 0 replicated onto e1, e2 left out.
+  rebalance(MoveTo({{0, 1}, {0}, {1}, {1}}), 2);
+  load.WaitFor(30);
+
+  cluster.StartServer(2);  // scaled up
+  EXPECT_EQ(Hosted(cluster, 2), std::make_pair(std::set<int>{}, uint64_t{2}));
+  v1::InfoResponse info;
+  ASSERT_TRUE(cluster.Info(2, &info).ok());
+  EXPECT_EQ(info.step(), 1u);
+  // Expert 3 moves to e2, which pulls it and serves it.
+  rebalance(MoveTo({{0, 1}, {0}, {1}, {2}}), 3);
+  EXPECT_EQ(Hosted(cluster, 2), std::make_pair(std::set<int>{3}, uint64_t{3}));
+  const int served_before = load.ok();
+  load.WaitFor(50);
+  EXPECT_GT(load.ok(), served_before);
+  step({});
+
+  // Scaled down: drained first, then stopped.
+  v1::RebalanceRequest drain;
+  drain.add_drain("e2");
+  rebalance(drain, 4);
+  EXPECT_EQ(Hosted(cluster, 2).first, std::set<int>{});
+  cluster.KillServer(2);
+  load.WaitFor(30);
+  step({"e2"});
+  rebalance(MoveTo({{0}, {0}, {1}, {1}}), 5);
+  load.WaitFor(30);
+  load.Stop();
+  EXPECT_EQ(load.failed(), 0) << load.first_error() << "\n" << cluster.RouterLog();
+}
+
 TEST(MigrationTest, TrainingWithAChangeBetweenStepsEqualsTheReference) {
   ProcessClusterOptions options;
   options.model = absl::StrCat("d_model: ", kDModel,

@@ -1,5 +1,6 @@
 #include "tests/process_cluster.h"
 
+#include <algorithm>
 #include <csignal>
 #include <fstream>
 
@@ -35,7 +36,10 @@ ProcessCluster::ProcessCluster(ProcessClusterOptions options) : options_(std::mo
   config_ = *std::move(config);
   servers_.resize(options_.num_servers);
   for (int s = 0; s < options_.num_servers; ++s) {
-    StartServer(s);
+    if (std::find(options_.not_started.begin(), options_.not_started.end(), s) ==
+        options_.not_started.end()) {
+      StartServer(s);
+    }
     server_channels_.push_back(grpc::CreateChannel(absl::StrCat("127.0.0.1:", ports_[s]),
                                                    TransportCredentials::Plaintext().ForChannel()));
     server_stubs_.push_back(v1::ExpertServer::NewStub(server_channels_.back()));

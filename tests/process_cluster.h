@@ -32,6 +32,9 @@ struct ProcessClusterOptions {
   // More flags for every expert server and for the router.
   std::vector<std::string> server_flags;
   std::vector<std::string> router_flags;
+  // Servers the config lists that are not started with the cluster (a
+  // StatefulSet scaled below the list); StartServer starts them.
+  std::vector<int> not_started;
 };
 
 class ProcessCluster {

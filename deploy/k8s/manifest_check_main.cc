@@ -312,8 +312,11 @@ void CheckRender(Checker& check, const Json& objects) {
 
   const int replicas = (*experts)["spec"].value("replicas", 1);
   const std::vector<ServerSpec>& servers = config->cluster.servers;
-  if (static_cast<int>(servers.size()) != replicas) {
-    check.Fail(absl::StrCat("the config lists ", servers.size(), " servers, the StatefulSet runs ",
+  // Pods past the config's active servers are spare (they may run or
+  // not); the active ones must all run.
+  if (replicas < config->cluster.active_servers() || replicas > static_cast<int>(servers.size())) {
+    check.Fail(absl::StrCat("the config lists ", servers.size(), " servers (",
+                            config->cluster.spare_servers, " spare), the StatefulSet runs ",
                             replicas));
   }
   for (size_t i = 0; i < servers.size(); ++i) {

@@ -86,7 +86,28 @@ if "${manifest_check}" "${out}/dev-3-replicas.json" 2> "${out}/mismatch.err"; th
   echo "manifest_check accepted 3 replicas for a 2-server config" >&2
   exit 1
 fi
-grep -F "the config lists 2 servers, the StatefulSet runs 3" "${out}/mismatch.err"
+grep -F "the config lists 2 servers (0 spare), the StatefulSet runs 3" "${out}/mismatch.err"
+
+echo "== manifest_check accepts fewer pods than servers when the rest are spare"
+node -e '
+  const fs = require("fs");
+  const objects = JSON.parse(fs.readFileSync(process.argv[1]));
+  objects.find((o) => o.kind === "StatefulSet").spec.replicas = 1;
+  fs.writeFileSync(process.argv[2], JSON.stringify(objects));
+  for (const o of objects) {
+    if (o.kind !== "ConfigMap") continue;
+    for (const key of Object.keys(o.data || {})) {
+      if (key.endsWith(".pbtxt")) o.data[key] = o.data[key].replace("cluster {", "cluster {\n  spare_servers: 1");
+    }
+  }
+  fs.writeFileSync(process.argv[3], JSON.stringify(objects));
+' "${out}/render/dev.json" "${out}/dev-1-replica.json" "${out}/dev-1-replica-spare.json"
+if "${manifest_check}" "${out}/dev-1-replica.json" 2> "${out}/missing-pod.err"; then
+  echo "manifest_check accepted 1 pod for 2 active servers" >&2
+  exit 1
+fi
+grep -F "the config lists 2 servers (0 spare), the StatefulSet runs 1" "${out}/missing-pod.err"
+"${manifest_check}" "${out}/dev-1-replica-spare.json"
 
 echo "== manifest_check finds budgets over the memory limit"
 node -e '
