@@ -253,6 +253,26 @@ int RoundedCalls(const InProcessExpertClient& client) {
   return rounded;
 }
 
+// Forwards through a router that rounds rows for bf16 servers and one that
+// does not give the same bits, in fp32, without failovers.
+void ExpectRoundingKeepsTheBits(const ModelConfig& model, const MoeWeights& weights,
+                                const Placement& placement, ExpertClient& client) {
+  Router::Options options{model, *weights.gate};
+  Router rounding(options, placement, client);
+  options.round_tokens_for_bf16_servers = false;
+  Router exact(options, placement, client);
+  for (int i = 0; i < 3; ++i) {
+    const v1::Tensor x = Wire(RandomTensor({200, 32}, 60 + i));
+    absl::StatusOr<Router::ForwardResult> a = ForwardThrough(rounding, x);
+    absl::StatusOr<Router::ForwardResult> b = ForwardThrough(exact, x);
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    EXPECT_EQ(a->y.dtype(), v1::DTYPE_FP32);
+    EXPECT_EQ(a->y.data(), b->y.data());  // bit for bit
+  }
+  EXPECT_EQ(rounding.failovers(), 0);
+}
+
 // Servers computing in bf16: once their answers say so, an fp32 request's
 // rows go to them rounded to bf16, and the answer is the same bits as from
 // fp32 rows (their kernels round the rows the same way), in fp32.
@@ -265,19 +285,7 @@ TEST(RouterTest, Fp32RowsGoToBf16ServersRoundedWithTheSameBits) {
     SCOPED_TRACE(PlacementStrategyName(strategy));
     const Placement placement = MakePlacement(model, strategy, 3);
     InProcessExpertClient client(model, placement, weights, OnednnKernels(DType::kBFloat16));
-    Router::Options options{model, *weights.gate};
-    Router rounding(options, placement, client);
-    options.round_tokens_for_bf16_servers = false;
-    Router exact(options, placement, client);
-    for (int i = 0; i < 3; ++i) {
-      const v1::Tensor x = Wire(RandomTensor({200, 32}, 60 + i));
-      absl::StatusOr<Router::ForwardResult> a = ForwardThrough(rounding, x);
-      absl::StatusOr<Router::ForwardResult> b = ForwardThrough(exact, x);
-      ASSERT_TRUE(a.ok()) << a.status();
-      ASSERT_TRUE(b.ok()) << b.status();
-      EXPECT_EQ(a->y.dtype(), v1::DTYPE_FP32);
-      EXPECT_EQ(a->y.data(), b->y.data());  // bit for bit
-    }
+    ExpectRoundingKeepsTheBits(model, weights, placement, client);
     EXPECT_GT(RoundedCalls(client), 0);
   }
 }
@@ -302,20 +310,8 @@ TEST(RouterTest, RoundedRowsRefusedByFp32KernelsGoAgainUnrounded) {
   const MoeWeights weights = InitAllWeights(model, 0);
   const Placement placement = MakePlacement(model, PlacementStrategy::kHybrid, 2);
   Bf16SayingClient client(model, placement, weights, OnednnKernels());
-  Router::Options options{model, *weights.gate};
-  Router router(options, placement, client);
-  options.round_tokens_for_bf16_servers = false;
-  Router exact(options, placement, client);
-  for (int i = 0; i < 3; ++i) {
-    const v1::Tensor x = Wire(RandomTensor({100, 32}, 70 + i));
-    absl::StatusOr<Router::ForwardResult> a = ForwardThrough(router, x);
-    absl::StatusOr<Router::ForwardResult> b = ForwardThrough(exact, x);
-    ASSERT_TRUE(a.ok()) << a.status();
-    ASSERT_TRUE(b.ok()) << b.status();
-    EXPECT_EQ(a->y.data(), b->y.data());
-  }
+  ExpectRoundingKeepsTheBits(model, weights, placement, client);
   EXPECT_GT(RoundedCalls(client), 0);  // sent rounded, refused, sent again
-  EXPECT_EQ(router.failovers(), 0);
 }
 
 TEST(RouterTest, FailsOverToAnotherReplica) {
