@@ -139,19 +139,42 @@ class ClientStreamSession {
       this->StartRead(&response_);
       // Held until Close(): writes start from outside reactions.
       this->AddHold();
+      {
+        // Other threads may have queued writes since the stream was
+        // published: gRPC 1.51's reactor has no backlog, and its stream
+        // pointer is unset until start_ binds it, so writes start only now.
+        absl::MutexLock lock(&mu_);
+        bound_ = true;
+        if (!queue_.empty() && !writing_) {
+          writing_ = true;
+          this->StartWrite(queue_.front().request);
+        }
+      }
       this->StartCall();
     }
 
     void Send(const Request& request, Done done) {
+      bool duplicate = false;
       {
         absl::MutexLock lock(&mu_);
         // Once the hold is released the call may finish at any moment: no
         // new operation may start on it.
         if (!dead_ && !hold_released_) {
-          pending_.emplace(request.sequence_id(), std::move(done));
-          EnqueueLocked({&request, nullptr});
-          return;
+          if (pending_.contains(request.sequence_id())) {
+            // Answers are matched by sequence id: a second request with
+            // the same one would never get its own.
+            duplicate = true;
+          } else {
+            pending_.emplace(request.sequence_id(), std::move(done));
+            EnqueueLocked({&request, nullptr});
+            return;
+          }
         }
+      }
+      if (duplicate) {
+        std::move(done)(absl::InternalError(absl::StrCat(
+            session_->name_, ": sequence id ", request.sequence_id(), " is already in flight")));
+        return;
       }
       std::move(done)(absl::UnavailableError(absl::StrCat(session_->name_, ": stream closed")));
     }
@@ -166,7 +189,7 @@ class ClientStreamSession {
     void EnqueueLocked(Outgoing outgoing) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
       const Request* request = outgoing.request;
       queue_.push_back(std::move(outgoing));
-      if (!writing_) {
+      if (!writing_ && bound_) {
         writing_ = true;
         // Under mu_, so ReleaseHold() cannot slip in between the check and
         // the start (gRPC never runs a reaction inline here).
@@ -261,6 +284,8 @@ class ClientStreamSession {
     // Writes in order; one-way messages are owned here until written.
     std::deque<Outgoing> queue_ ABSL_GUARDED_BY(mu_);
     bool writing_ ABSL_GUARDED_BY(mu_) = false;
+    // start_ has bound this reactor to its call (Begin).
+    bool bound_ ABSL_GUARDED_BY(mu_) = false;
     bool dead_ ABSL_GUARDED_BY(mu_) = false;
     bool hold_released_ ABSL_GUARDED_BY(mu_) = false;
   };

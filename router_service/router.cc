@@ -260,6 +260,10 @@ void Router::Start(const v1::Tensor& x, int layer, bool training, absl::Time dea
   }
   call->remaining = n;
   call->timer_id = EndAtDeadline(options_.timer, deadline, call, n, "expert calls unanswered");
+  {
+    absl::MutexLock lock(&call->mu);
+    for (size_t g = 0; g < n; ++g) call->in_flight[g].push_back(call->groups[g].server);
+  }
   for (size_t g = 0; g < n; ++g) {
     const int server = call->groups[g].server;
     Send(call, g, server);
@@ -290,10 +294,6 @@ void Router::CancelForward(std::shared_ptr<ForwardCall> call) {
 }
 
 void Router::Send(std::shared_ptr<ForwardCall> call, size_t group, int server) {
-  {
-    absl::MutexLock lock(&call->mu);
-    call->in_flight[group].push_back(server);
-  }
   const absl::Time sent = absl::Now();
   client_.Forward(server, call->groups[group].request,
                   [this, call, group, server,
@@ -346,6 +346,9 @@ void Router::ScheduleHedge(const std::shared_ptr<ForwardCall>& call, size_t grou
                          call->in_flight[group].end());
           next = picker_.PickOne(call->placement->value, g.expert,
                                  static_cast<int64_t>(g.pairs.size()), exclude);
+          // With the decision: a failover deciding meanwhile sees it and
+          // does not send the same request to the same server.
+          if (next >= 0) call->in_flight[group].push_back(next);
         }
         if (next < 0) return;
         MOE_LOG(WARNING, g.expert.ToString(), ": server ", server, " has not answered in ",
@@ -431,7 +434,10 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
                               reinterpret_cast<const std::byte*>(call->x32.data())};
       SetTokens(x, call->routing.pairs(), /*round_to_bf16=*/false, g);
       next = picker_.PickOne(call->placement->value, g.expert, rows, call->tried[group]);
-      if (next >= 0) g.server = next;
+      if (next >= 0) {
+        g.server = next;
+        call->in_flight[group].push_back(next);
+      }
     }
     if (next >= 0) {
       Send(std::move(call), group, next);
@@ -477,6 +483,10 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
       absl::MutexLock lock(&call->mu);
       call->tried[group].push_back(server);
       next = picker_.PickOne(call->placement->value, g.expert, rows, call->tried[group]);
+      if (next >= 0) {
+        g.server = next;
+        call->in_flight[group].push_back(next);
+      }
     }
     if (next >= 0) {
       MOE_LOG(WARNING, g.expert.ToString(), ": server ", server,
@@ -487,10 +497,6 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
               status.message(), "); re-sending ", rows, " tokens to server ", next);
       failovers_.fetch_add(1);
       if (options_.on_failover) options_.on_failover();
-      {
-        absl::MutexLock lock(&call->mu);
-        g.server = next;
-      }
       Send(std::move(call), group, next);
       return;
     }

@@ -259,7 +259,9 @@ class Router {
   // many times at most (pauses of 20 ms doubling: 620 ms in all).
   static constexpr int kMaxBehindRestarts = 5;
   // Sends group `group` of `call` to `server` (a first try, a failover or
-  // a hedge).
+  // a hedge). REQUIRES: the caller added `server` to the group's in_flight,
+  // under call->mu with its decision to send (so that a hedge and a
+  // failover never send one request to one server twice).
   void Send(std::shared_ptr<ForwardCall> call, size_t group, int server);
   // After HedgeDelay(server), sends the group to another replica too if
   // `server` has not answered it.
