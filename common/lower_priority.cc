@@ -8,9 +8,13 @@
 
 namespace moe {
 
+void LowerThisThreadsPriority() {
+  (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);  // best effort
+}
+
 void AtLowerPriority(absl::FunctionRef<void()> work) {
   std::thread thread([&work] {
-    (void)setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);  // best effort
+    LowerThisThreadsPriority();
     work();
   });
   thread.join();

@@ -12,6 +12,10 @@ namespace moe {
 // thread of its own: an unprivileged thread cannot raise its priority back.
 void AtLowerPriority(absl::FunctionRef<void()> work);
 
+// Lowers the calling thread's CPU priority (nice 10) for good, best effort:
+// for a thread of its own that does background work.
+void LowerThisThreadsPriority();
+
 }  // namespace moe
 
 #endif  // MOE_COMMON_LOWER_PRIORITY_H_

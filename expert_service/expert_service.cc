@@ -1,10 +1,14 @@
 #include "expert_service/expert_service.h"
 
+#include <atomic>
 #include <memory>
 #include <optional>
+#include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "common/grpc_status.h"
 #include "common/log.h"
+#include "common/lower_priority.h"
 #include "common/proto_status.h"
 #include "common/stream_reactor.h"
 #include "expert_service/weight_transfer.h"
@@ -97,16 +101,34 @@ grpc::ServerUnaryReactor* ExpertServiceImpl::Info(grpc::CallbackServerContext* c
 
 grpc::ServerWriteReactor<v1::ExpertWeightsChunk>* ExpertServiceImpl::GetExpertWeights(
     grpc::CallbackServerContext* context, const v1::GetExpertWeightsRequest* request) {
-  // Writes the precomputed chunks one at a time.
+  // Writes the expert's chunks one at a time. Copying a large expert's
+  // weights into chunks (and their digest) takes tens of milliseconds: done
+  // on a thread of its own at a lower priority, not on the gRPC thread,
+  // which also carries this server's Dispatch streams. At most
+  // kMaxWeightTransfers at once.
   class Writer : public grpc::ServerWriteReactor<v1::ExpertWeightsChunk> {
    public:
-    explicit Writer(absl::StatusOr<std::vector<v1::ExpertWeightsChunk>> chunks) {
-      if (!chunks.ok()) {
-        Finish(ToGrpcStatus(chunks.status()));
+    Writer(const ExpertDispatcher& dispatcher, const v1::GetExpertWeightsRequest& request,
+           std::atomic<int>& transfers)
+        : transfers_(transfers) {
+      if (transfers_.fetch_add(1) >= kMaxWeightTransfers) {
+        Finish(grpc::Status(
+            grpc::StatusCode::RESOURCE_EXHAUSTED,
+            absl::StrCat("weights transfer: ", kMaxWeightTransfers, " already under way here")));
         return;
       }
-      chunks_ = *std::move(chunks);
-      StartWrite(&chunks_[0]);
+      std::thread([this, &dispatcher, request] {
+        LowerThisThreadsPriority();
+        absl::StatusOr<std::vector<v1::ExpertWeightsChunk>> chunks =
+            dispatcher.ExpertChunks(request);
+        // The last use of `this` here: the reactor may end at once.
+        if (!chunks.ok()) {
+          Finish(ToGrpcStatus(chunks.status()));
+          return;
+        }
+        chunks_ = *std::move(chunks);
+        StartWrite(&chunks_[0]);
+      }).detach();
     }
     void OnWriteDone(bool ok) override {
       if (!ok) {
@@ -117,14 +139,18 @@ grpc::ServerWriteReactor<v1::ExpertWeightsChunk>* ExpertServiceImpl::GetExpertWe
         Finish(grpc::Status::OK);
       }
     }
-    void OnDone() override { delete this; }
+    void OnDone() override {
+      transfers_.fetch_sub(1);
+      delete this;
+    }
 
    private:
+    std::atomic<int>& transfers_;
     std::vector<v1::ExpertWeightsChunk> chunks_;
     size_t next_ = 0;
   };
 
-  return new Writer(dispatcher_.ExpertChunks(*request));
+  return new Writer(dispatcher_, *request, weight_transfers_);
 }
 
 grpc::ServerReadReactor<v1::ExpertWeightsChunk>* ExpertServiceImpl::LoadExpertWeights(

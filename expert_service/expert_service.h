@@ -2,12 +2,15 @@
 // ExpertDispatcher, which holds the per-request logic. Dispatch and
 // BackwardDispatch are long-lived streams whose messages run on the
 // ComputePool; Info and the weight-transfer RPCs are small callback
-// handlers. The step RPCs run on their own thread (PrepareStep waits for
+// handlers (GetExpertWeights copies its expert on a thread of its own). The
+// step RPCs run on their own thread (PrepareStep waits for
 // all-reduces; AbortStep, which must be able to stop it, runs at once).
 // Statuses become grpc::Status here and only here.
 // Thread-safe.
 #ifndef MOE_EXPERT_SERVICE_EXPERT_SERVICE_H_
 #define MOE_EXPERT_SERVICE_EXPERT_SERVICE_H_
+
+#include <atomic>
 
 #include "absl/time/time.h"
 #include "common/compute_pool.h"
@@ -94,6 +97,11 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService {
 
   // Runs `work` on the step thread, or finishes `reactor` with why not.
   void RunStep(grpc::ServerUnaryReactor* reactor, absl::AnyInvocable<void() &&> work);
+
+  // Weight transfers (GetExpertWeights) under way, at most
+  // kMaxWeightTransfers: each holds a copy of its expert.
+  static constexpr int kMaxWeightTransfers = 4;
+  std::atomic<int> weight_transfers_{0};
 
   ExpertDispatcher& dispatcher_;
   const ExpertMetrics& metrics_;
