@@ -506,6 +506,45 @@ TEST(MigrationTest, AServerJoinsAndLeavesWithoutARestart) {
   EXPECT_EQ(load.failed(), 0) << load.first_error() << "\n" << cluster.RouterLog();
 }
 
+// With the automatic mode, a spare server that starts gets experts by
+// itself: it counts as a server with room and no load (before it ran, it
+// did not count), so the cluster is out of balance until it serves.
+TEST(MigrationTest, TheAutomaticModeGivesAStartedSpareServerExperts) {
+  ProcessClusterOptions options = FourExpertsOnTwoServers();
+  options.num_servers = 3;
+  options.cluster_extra = "spare_servers: 1";  // e0 {0, 1}, e1 {2, 3}, e2 {}
+  options.not_started = {2};
+  options.router_flags = {"--auto_rebalance", "--auto_rebalance_interval=200ms",
+                          "--auto_rebalance_window=2s", "--auto_rebalance_threshold=1.3",
+                          "--auto_rebalance_cooldown=1s"};
+  ProcessCluster cluster(options);
+  const ReferenceMoe reference = cluster.Reference();
+  Load load({&cluster.stub()}, reference, 2);
+  // A whole window without e2: the automatic mode reads the load of the
+  // others and does not count e2 (its looks never fail on it).
+  absl::SleepFor(absl::Seconds(2.5));
+  const std::string before = cluster.RouterLog();
+  EXPECT_EQ(before.find("reading the servers' load"), std::string::npos) << before;
+  EXPECT_EQ(before.find("unreachable"), std::string::npos) << before;
+  cluster.StartServer(2);
+  const absl::Time patience = absl::Now() + absl::Seconds(60);
+  // Hosting something at epoch 2 or later (while it pulls, it reports the
+  // epoch it started from).
+  auto joined = [&] {
+    const auto [hosted, epoch] = Hosted(cluster, 2);
+    return !hosted.empty() && epoch >= 2;
+  };
+  while (!joined() && absl::Now() < patience && load.failed() == 0) {
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  const auto [hosted, epoch] = Hosted(cluster, 2);
+  EXPECT_FALSE(hosted.empty()) << cluster.RouterLog();
+  EXPECT_GE(epoch, 2u);
+  load.WaitFor(50);
+  load.Stop();
+  EXPECT_EQ(load.failed(), 0) << load.first_error() << "\n" << cluster.RouterLog();
+}
+
 TEST(MigrationTest, TrainingWithAChangeBetweenStepsEqualsTheReference) {
   ProcessClusterOptions options;
   options.model = absl::StrCat("d_model: ", kDModel,
