@@ -90,10 +90,10 @@ void SetTokens(const ConstTensorView& x, const PairIndex& index, bool round_to_b
   tokens->add_shape(count);
   tokens->add_shape(d_model);
   tokens->set_dtype(ToProtoDType(dtype));
-  std::string* bytes = tokens->mutable_data();
-  bytes->resize(count * row_bytes);
+  std::string& bytes = group.rows;
+  bytes.resize(count * row_bytes);
   for (int64_t r = 0; r < count; ++r) {
-    char* out = bytes->data() + r * row_bytes;
+    char* out = bytes.data() + r * row_bytes;
     const int64_t t = index.TokenOf(group.pairs[r]);
     if (round_to_bf16) {
       // Straight from x's row into the request: rounding is the gather.

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -28,9 +29,12 @@ struct ExpertGroup {
   // Pairs p = t * top_k + j, in token order: row r of the group is token
   // pairs[r] / top_k.
   std::vector<int64_t> pairs;
-  // tokens = those rows of x, in x's dtype (or rounded to bf16,
-  // tokens_rounded_to_bf16).
+  // tokens: the shape and dtype of `rows`; their bytes are `rows`, sent as
+  // they are (ExpertClient::Forward), not copied into the message.
   v1::DispatchRequest request;
+  // Those rows of x, contiguous, in x's dtype (or rounded to bf16,
+  // tokens_rounded_to_bf16).
+  std::string rows;
 };
 
 struct DispatchPlanOptions {
@@ -65,8 +69,9 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
                                                       ReplicaPicker& picker,
                                                       const DispatchPlanOptions& options);
 
-// Writes `group`'s rows of `x` into its request's tokens, rounded to bf16
-// when `round_to_bf16` (REQUIRES: x fp32); x's dtype otherwise.
+// Writes `group`'s rows of `x` into its rows (and their shape and dtype
+// into its request's tokens), rounded to bf16 when `round_to_bf16`
+// (REQUIRES: x fp32); x's dtype otherwise.
 void SetTokens(const ConstTensorView& x, const PairIndex& index, bool round_to_bf16,
                ExpertGroup& group);
 

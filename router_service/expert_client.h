@@ -11,6 +11,7 @@
 
 #include "absl/functional/any_invocable.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "proto/expert.pb.h"
 
@@ -29,13 +30,16 @@ class ExpertClient {
 
   virtual ~ExpertClient() = default;
 
-  // Sends `request` to server `server` (its index in the cluster config).
-  // `request` must stay valid until `done` runs, and its sequence_id must be
-  // unique among the caller's requests in flight (answers are matched by it). `done` runs exactly once,
-  // on an unspecified thread, and must not block. A transport failure is
-  // the status (UNAVAILABLE when the server is unreachable); a per-request
+  // Sends `request` to server `server` (its index in the cluster config),
+  // its tokens' bytes being `rows` (request.tokens holds their shape and
+  // dtype): a transport sends them without copying them into the message.
+  // `request` and `rows` must stay valid until `done` runs, and its
+  // sequence_id must be unique among the caller's requests in flight
+  // (answers are matched by it). `done` runs exactly once, on an
+  // unspecified thread, and must not block. A transport failure is the
+  // status (UNAVAILABLE when the server is unreachable); a per-request
   // error from the server is in the response's `error`.
-  virtual void Forward(int server, const v1::DispatchRequest& request,
+  virtual void Forward(int server, const v1::DispatchRequest& request, absl::string_view rows,
                        ForwardDone done) = 0;
   virtual void Backward(int server, const v1::BackwardDispatchRequest& request,
                         BackwardDone done) = 0;

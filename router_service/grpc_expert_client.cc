@@ -1,5 +1,6 @@
 #include "router_service/grpc_expert_client.h"
 
+#include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
 #include "absl/strings/str_cat.h"
@@ -7,8 +8,14 @@
 #include "common/grpc_status.h"
 #include "common/log.h"
 #include "proto/expert.grpc.pb.h"
+#include "router_service/dispatch_wire.h"
 
 namespace moe::router {
+namespace {
+
+constexpr char kDispatchMethod[] = "/moe.v1.ExpertServer/Dispatch";
+
+}  // namespace
 
 class GrpcExpertClient::Connection {
  public:
@@ -18,11 +25,16 @@ class GrpcExpertClient::Connection {
                                 options.min_backoff, options.max_backoff);
     stub_ = v1::ExpertServer::NewStub(channel_);
     v1::ExpertServer::Stub* stub = stub_.get();
+    // Dispatch through a generic stub: requests go out as DispatchWire, their
+    // rows not copied into the message; answers are read as protobuf.
+    dispatch_stub_ = std::make_unique<DispatchStub>(channel_);
+    DispatchStub* dispatch_stub = dispatch_stub_.get();
     dispatch_ = std::make_unique<DispatchSession>(
         absl::StrCat("server ", spec.name, " (", spec.address, ") Dispatch"),
-        [stub](grpc::ClientContext* context,
-               grpc::ClientBidiReactor<v1::DispatchRequest, v1::DispatchResponse>* reactor) {
-          stub->async()->Dispatch(context, reactor);
+        [dispatch_stub](grpc::ClientContext* context,
+                        grpc::ClientBidiReactor<DispatchWire, v1::DispatchResponse>* reactor) {
+          dispatch_stub->PrepareBidiStreamingCall(context, kDispatchMethod, grpc::StubOptions(),
+                                                  reactor);
         },
         options.min_backoff, options.max_backoff);
     backward_ = std::make_unique<BackwardSession>(
@@ -36,7 +48,8 @@ class GrpcExpertClient::Connection {
     dispatch_->Connect();
   }
 
-  using DispatchSession = ClientStreamSession<v1::DispatchRequest, v1::DispatchResponse>;
+  using DispatchStub = grpc::TemplatedGenericStub<DispatchWire, v1::DispatchResponse>;
+  using DispatchSession = ClientStreamSession<DispatchWire, v1::DispatchResponse>;
   using BackwardSession =
       ClientStreamSession<v1::BackwardDispatchRequest, v1::BackwardDispatchResponse>;
 
@@ -49,6 +62,8 @@ class GrpcExpertClient::Connection {
   const std::string label_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::ExpertServer::Stub> stub_;
+  std::unique_ptr<DispatchStub> dispatch_stub_;
+  // After its stub: closed (and waited for) before the stub goes.
   std::unique_ptr<DispatchSession> dispatch_;
   std::unique_ptr<BackwardSession> backward_;
 };
@@ -66,8 +81,17 @@ std::unique_ptr<GrpcExpertClient> GrpcExpertClient::Create(Options options) {
 GrpcExpertClient::~GrpcExpertClient() = default;
 
 void GrpcExpertClient::Forward(int server, const v1::DispatchRequest& request,
-                               ForwardDone done) {
-  connections_.at(server)->dispatch().Send(request, std::move(done));
+                               absl::string_view rows, ForwardDone done) {
+  // The wire message lives until the answer (it is written before).
+  auto wire = std::make_unique<DispatchWire>();
+  wire->request = &request;
+  wire->rows = rows;
+  const DispatchWire& message = *wire;
+  connections_.at(server)->dispatch().Send(
+      message, [wire = std::move(wire), done = std::move(done)](
+                   absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply) mutable {
+        std::move(done)(std::move(reply));
+      });
 }
 
 void GrpcExpertClient::Backward(int server, const v1::BackwardDispatchRequest& request,
@@ -76,9 +100,11 @@ void GrpcExpertClient::Backward(int server, const v1::BackwardDispatchRequest& r
 }
 
 void GrpcExpertClient::CancelForward(int server, uint64_t sequence_id) {
-  auto cancel = std::make_unique<v1::DispatchRequest>();
-  cancel->set_sequence_id(sequence_id);
-  cancel->set_cancel(true);
+  auto cancel = std::make_unique<DispatchWire>();
+  cancel->owned = std::make_unique<v1::DispatchRequest>();
+  cancel->owned->set_sequence_id(sequence_id);
+  cancel->owned->set_cancel(true);
+  cancel->request = cancel->owned.get();
   connections_.at(server)->dispatch().SendOneWay(std::move(cancel));
 }
 

@@ -36,7 +36,8 @@ class GrpcExpertClient : public ExpertClient {
   // Closes the streams; calls still pending fail with CANCELLED.
   ~GrpcExpertClient() override;
 
-  void Forward(int server, const v1::DispatchRequest& request, ForwardDone done) override;
+  void Forward(int server, const v1::DispatchRequest& request, absl::string_view rows,
+               ForwardDone done) override;
   void Backward(int server, const v1::BackwardDispatchRequest& request,
                 BackwardDone done) override;
   void CancelForward(int server, uint64_t sequence_id) override;

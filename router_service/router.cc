@@ -295,7 +295,7 @@ void Router::CancelForward(std::shared_ptr<ForwardCall> call) {
 
 void Router::Send(std::shared_ptr<ForwardCall> call, size_t group, int server) {
   const absl::Time sent = absl::Now();
-  client_.Forward(server, call->groups[group].request,
+  client_.Forward(server, call->groups[group].request, call->groups[group].rows,
                   [this, call, group, server,
                    sent](absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply) mutable {
                     OnForwardReply(std::move(call), group, server, sent, std::move(reply));
@@ -603,7 +603,10 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
     record->placement_epoch = call->placement->version;
     record->weights_step = call->gate->version;
     record->groups = std::move(call->groups);
-    for (ExpertGroup& g : record->groups) g.request.Clear();
+    for (ExpertGroup& g : record->groups) {
+      g.request.Clear();
+      g.rows = std::string();
+    }
     record->outputs = std::move(widened);
     record->x = FloatTensor({call->num_tokens, d_model},
                             std::vector<float>(call->x32.begin(), call->x32.end()));

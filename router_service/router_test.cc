@@ -295,11 +295,15 @@ TEST(RouterTest, Fp32RowsGoToBf16ServersRoundedWithTheSameBits) {
 class Bf16SayingClient : public InProcessExpertClient {
  public:
   using InProcessExpertClient::InProcessExpertClient;
-  void Forward(int server, const v1::DispatchRequest& request, ForwardDone done) override {
-    InProcessExpertClient::Forward(server, request, [done = std::move(done)](auto reply) mutable {
-      if (reply.ok() && !(*reply)->has_error()) (*reply)->set_compute_dtype(v1::DTYPE_BF16);
-      std::move(done)(std::move(reply));
-    });
+  void Forward(int server, const v1::DispatchRequest& request, absl::string_view rows,
+               ForwardDone done) override {
+    InProcessExpertClient::Forward(server, request, rows,
+                                   [done = std::move(done)](auto reply) mutable {
+                                     if (reply.ok() && !(*reply)->has_error()) {
+                                       (*reply)->set_compute_dtype(v1::DTYPE_BF16);
+                                     }
+                                     std::move(done)(std::move(reply));
+                                   });
   }
 };
 

@@ -4,12 +4,12 @@
 #include <cstring>
 
 #include "common/proto_status.h"
+#include "common/proto_wire.h"
 
 namespace moe::allreduce {
 namespace {
 
 constexpr int kDataField = 8;
-constexpr int kLengthDelimited = 2;
 
 // Reads a message that spans slices, byte by byte where it must, in runs
 // where it can.
@@ -83,14 +83,6 @@ class SliceReader {
   size_t slice_ = 0;
   size_t offset_ = 0;
 };
-
-void AppendVarint(uint64_t value, std::string& out) {
-  while (value >= 0x80) {
-    out.push_back(static_cast<char>((value & 0x7f) | 0x80));
-    value >>= 7;
-  }
-  out.push_back(static_cast<char>(value));
-}
 
 constexpr uint64_t kMaxFieldNumber = (uint64_t{1} << 29) - 1;
 
@@ -262,9 +254,8 @@ Status SerializationTraits<moe::allreduce::RingSegment, void>::Serialize(
     const moe::allreduce::RingSegment& segment, ByteBuffer* buffer, bool* own_buffer) {
   std::string head = segment.header.SerializeAsString();
   if (segment.length > 0) {
-    using moe::allreduce::AppendVarint;
-    AppendVarint((moe::allreduce::kDataField << 3) | moe::allreduce::kLengthDelimited, head);
-    AppendVarint(static_cast<uint64_t>(segment.length) * sizeof(float), head);
+    moe::AppendLengthDelimited(moe::allreduce::kDataField,
+                               static_cast<uint64_t>(segment.length) * sizeof(float), head);
   }
   Slice slices[2] = {Slice(head), Slice(segment.data, segment.length * sizeof(float),
                                         Slice::STATIC_SLICE)};

@@ -72,7 +72,7 @@ InProcessExpertClient::~InProcessExpertClient() {
 }
 
 void InProcessExpertClient::Forward(int server, const v1::DispatchRequest& request,
-                                    ForwardDone done) {
+                                    absl::string_view rows, ForwardDone done) {
   ++forwards_;
   Server& s = *servers_.at(server);
   if (!s.alive) {
@@ -86,6 +86,7 @@ void InProcessExpertClient::Forward(int server, const v1::DispatchRequest& reque
         {request.request_id(), server, ExpertKeyOf(request), request.tokens_rounded_to_bf16()});
   }
   auto copy = std::make_unique<v1::DispatchRequest>(request);
+  copy->mutable_tokens()->set_data(rows.data(), rows.size());
   auto shared_done = std::make_shared<ForwardDone>(std::move(done));
   absl::AnyInvocable<void() &&> work = [&s, copy = std::move(copy), shared_done]() mutable {
     s.dispatcher->Dispatch(

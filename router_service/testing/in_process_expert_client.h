@@ -43,7 +43,8 @@ class InProcessExpertClient : public ExpertClient {
                               std::move(kernel_factory)) {}
   ~InProcessExpertClient() override;
 
-  void Forward(int server, const v1::DispatchRequest& request, ForwardDone done) override;
+  void Forward(int server, const v1::DispatchRequest& request, absl::string_view rows,
+               ForwardDone done) override;
   void Backward(int server, const v1::BackwardDispatchRequest& request,
                 BackwardDone done) override;
   // Counted (cancels()), not acted on: in-process calls run to the end.
