@@ -46,6 +46,7 @@ ModelConfig Model(int top_k, bool drop) {
 
 using Cluster = testing::InProcessCluster;
 using testing::Decoded;
+using testing::ForwardAndWait;
 using testing::MakePlacement;
 using testing::OnednnKernels;
 using testing::Wire;
@@ -235,18 +236,6 @@ TEST(RouterTest, Bf16InBf16Out) {
   EXPECT_TRUE(TensorNear(Decoded(result->y, 32), expected.y, 1e-2));
 }
 
-// One forward through `router`, waited for.
-absl::StatusOr<Router::ForwardResult> ForwardThrough(Router& router, const v1::Tensor& x) {
-  absl::Notification done;
-  absl::StatusOr<Router::ForwardResult> result;
-  router.Forward(x, 0, false, absl::InfiniteFuture(), [&](auto r) {
-    result = std::move(r);
-    done.Notify();
-  });
-  done.WaitForNotification();
-  return result;
-}
-
 int RoundedCalls(const InProcessExpertClient& client) {
   int rounded = 0;
   for (const auto& call : client.dispatched()) rounded += call.tokens_rounded;
@@ -263,8 +252,8 @@ void ExpectRoundingKeepsTheBits(const ModelConfig& model, const MoeWeights& weig
   Router exact(options, placement, client);
   for (int i = 0; i < 3; ++i) {
     const v1::Tensor x = Wire(RandomTensor({200, 32}, 60 + i));
-    absl::StatusOr<Router::ForwardResult> a = ForwardThrough(rounding, x);
-    absl::StatusOr<Router::ForwardResult> b = ForwardThrough(exact, x);
+    absl::StatusOr<Router::ForwardResult> a = ForwardAndWait(rounding, x);
+    absl::StatusOr<Router::ForwardResult> b = ForwardAndWait(exact, x);
     ASSERT_TRUE(a.ok()) << a.status();
     ASSERT_TRUE(b.ok()) << b.status();
     EXPECT_EQ(a->y.dtype(), v1::DTYPE_FP32);

@@ -492,14 +492,7 @@ TEST(InProcessTrainingFaultTest, BackwardsThroughTwoRoutersMakeOneStep) {
   };
   std::unique_ptr<Router> other = other_router(0xb);
   auto forward = [](Router& router, const v1::Tensor& x, bool training) {
-    absl::Notification done;
-    absl::StatusOr<Router::ForwardResult> y;
-    router.Forward(x, 0, training, absl::InfiniteFuture(), [&](auto r) {
-      y = std::move(r);
-      done.Notify();
-    });
-    done.WaitForNotification();
-    return y;
+    return testing::ForwardAndWait(router, x, training);
   };
   const FloatTensor x0 = RandomTensor({kTokens, kDModel}, 50);
   const FloatTensor dy0 = RandomTensor({kTokens, kDModel}, 51);

@@ -120,8 +120,8 @@ ExpertWeights InProcessCluster::SummedGradients(ExpertKey expert) {
   return sum;
 }
 
-absl::StatusOr<Router::ForwardResult> InProcessCluster::Forward(const v1::Tensor& x, bool training,
-                                                                int layer) {
+absl::StatusOr<Router::ForwardResult> ForwardAndWait(Router& router, const v1::Tensor& x,
+                                                     bool training, int layer) {
   absl::Notification done;
   absl::StatusOr<Router::ForwardResult> result;
   router.Forward(x, layer, training, absl::InfiniteFuture(),
@@ -131,6 +131,11 @@ absl::StatusOr<Router::ForwardResult> InProcessCluster::Forward(const v1::Tensor
                  });
   done.WaitForNotification();
   return result;
+}
+
+absl::StatusOr<Router::ForwardResult> InProcessCluster::Forward(const v1::Tensor& x, bool training,
+                                                                int layer) {
+  return ForwardAndWait(router, x, training, layer);
 }
 
 absl::StatusOr<v1::Tensor> InProcessCluster::Backward(uint64_t id, const v1::Tensor& dy) {

@@ -31,6 +31,10 @@ expert::KernelFactory OnednnKernels(DType dtype = DType::kFloat32);
 v1::Tensor Wire(const FloatTensor& t, DType dtype = DType::kFloat32);
 FloatTensor Decoded(const v1::Tensor& t, int64_t d_model);
 
+// One Forward through `router`, waited for.
+absl::StatusOr<Router::ForwardResult> ForwardAndWait(Router& router, const v1::Tensor& x,
+                                                     bool training = false, int layer = 0);
+
 struct InProcessCluster {
   // Weights from the model's deterministic init.
   InProcessCluster(const ModelConfig& m, PlacementStrategy strategy, int servers = 3);
