@@ -37,6 +37,13 @@ ServerInfos AskEveryServer(ExpertClient& client, int num_servers,
   return result;
 }
 
+ServerInfos AskEveryServer(ExpertClient& client, const Placement& placement, absl::Time deadline,
+                           int keep) {
+  return AskEveryServer(
+      client, placement.num_servers(),
+      [&](int s) { return s != keep && placement.ExpertsOn(s).empty(); }, deadline);
+}
+
 std::string AbsentNames(const ServerInfos& infos, const std::function<std::string(int)>& name) {
   std::vector<std::string> names;
   for (int s : infos.absent_servers()) names.push_back(name(s));

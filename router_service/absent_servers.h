@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/placement.h"
 #include "proto/expert.pb.h"
 #include "router_service/expert_client.h"
 
@@ -37,6 +38,10 @@ struct ServerInfos {
 ServerInfos AskEveryServer(ExpertClient& client, int num_servers,
                            const std::function<bool(int server)>& hosts_nothing,
                            absl::Time deadline);
+// The same for the servers of `placement`, probing those that host nothing
+// in it (but `keep`, always asked with Info).
+ServerInfos AskEveryServer(ExpertClient& client, const Placement& placement, absl::Time deadline,
+                           int keep = -1);
 
 // "e2, e3" from the absent servers' names in `names` (indexed by server).
 std::string AbsentNames(const ServerInfos& infos, const std::function<std::string(int)>& name);

@@ -94,9 +94,7 @@ absl::StatusOr<AutoRebalancer::Counts> AutoRebalancer::ReadCounts(absl::Time now
   const Router::PlacementSnapshot placement = router_.placement();
   const int num_servers = placement->value.num_servers();
   // Servers that host nothing and are not running count nothing (absent).
-  const ServerInfos asked = AskEveryServer(
-      client_, num_servers, [&](int s) { return placement->value.ExpertsOn(s).empty(); },
-      now + kCallTimeout);
+  const ServerInfos asked = AskEveryServer(client_, placement->value, now + kCallTimeout);
   const std::vector<absl::StatusOr<v1::InfoResponse>>& infos = asked.infos;
   const int experts = static_cast<int>(options_.model.total_experts());
   Counts counts{now, std::vector<int64_t>(experts, 0), std::vector<int64_t>(num_servers, 0)};

@@ -196,19 +196,14 @@ void PlacementCoordinator::AbortEverywhere(uint64_t epoch, const std::string& re
 
 std::vector<int> PlacementCoordinator::AbsentServers(const Placement& current,
                                                      absl::Time deadline) {
-  return AskEveryServer(
-             client_, current.num_servers(), [&](int s) { return current.ExpertsOn(s).empty(); },
-             deadline)
-      .absent_servers();
+  return AskEveryServer(client_, current, deadline).absent_servers();
 }
 
 absl::Status PlacementCoordinator::AdoptServersPlacement(absl::Time deadline) {
   const Router::PlacementSnapshot current = router_.placement();
   // Servers that host nothing are only probed: those not running (absent)
   // do not hold up the start.
-  const ServerInfos asked = AskEveryServer(
-      client_, current->value.num_servers(),
-      [&](int s) { return current->value.ExpertsOn(s).empty(); }, deadline);
+  const ServerInfos asked = AskEveryServer(client_, current->value, deadline);
   const v1::InfoResponse* newest = nullptr;
   for (const auto& info : asked.infos) {
     if (info.ok() && (newest == nullptr || info->placement_epoch() > newest->placement_epoch())) {

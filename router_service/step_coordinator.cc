@@ -65,13 +65,7 @@ absl::StatusOr<StepCoordinator::Numbers> StepCoordinator::NextStep(absl::Time de
   // A server that hosts nothing and is not running (absent_servers.h) sits
   // the step out; the lease keeper never does (it keeps the gate's
   // gradient).
-  const ServerInfos asked = AskEveryServer(
-      client_, NumServers(),
-      [&](int s) {
-        return s != kLeaseKeeper && s < placement->value.num_servers() &&
-               placement->value.ExpertsOn(s).empty();
-      },
-      deadline);
+  const ServerInfos asked = AskEveryServer(client_, placement->value, deadline, kLeaseKeeper);
   const std::vector<absl::StatusOr<v1::InfoResponse>>& infos = asked.infos;
   Numbers numbers;
   uint64_t last = 0;
