@@ -231,36 +231,8 @@ absl::StatusOr<Placement> EveryLayer(const ModelConfig& model, absl::StatusOr<Pl
   return EveryLayer(model, *layer0);
 }
 
-}  // namespace
-
-namespace {
-
 // The strategies' placement for the cluster's active servers; spare ones
 // (the last) host nothing.
-absl::StatusOr<Placement> PlaceOnActive(const ModelConfig& model, const ClusterConfig& cluster);
-
-}  // namespace
-
-absl::StatusOr<Placement> ComputePlacement(const ModelConfig& model,
-                                           const ClusterConfig& cluster) {
-  const int num_servers = static_cast<int>(cluster.servers.size());
-  if (num_servers < 1 || cluster.active_servers() < 1) {
-    return absl::InvalidArgumentError("placement: the cluster has no servers to place on");
-  }
-  MOE_ASSIGN_OR_RETURN(const Placement active, PlaceOnActive(model, cluster));
-  if (active.num_servers() == num_servers) return active;
-  std::vector<std::vector<std::vector<int>>> servers_of(active.num_layers());
-  for (int l = 0; l < active.num_layers(); ++l) {
-    for (int e = 0; e < active.num_experts(l); ++e) {
-      const auto servers = active.ServersOf(ExpertKey(l, e));
-      servers_of[l].emplace_back(servers.begin(), servers.end());
-    }
-  }
-  return Placement::CreateLayers(num_servers, std::move(servers_of));
-}
-
-namespace {
-
 absl::StatusOr<Placement> PlaceOnActive(const ModelConfig& model, const ClusterConfig& cluster) {
   const int num_servers = cluster.active_servers();
   switch (cluster.strategy) {
@@ -287,6 +259,23 @@ absl::StatusOr<Placement> PlaceOnActive(const ModelConfig& model, const ClusterC
 }
 
 }  // namespace
+
+absl::StatusOr<Placement> ComputePlacement(const ModelConfig& model, const ClusterConfig& cluster) {
+  const int num_servers = static_cast<int>(cluster.servers.size());
+  if (num_servers < 1 || cluster.active_servers() < 1) {
+    return absl::InvalidArgumentError("placement: the cluster has no servers to place on");
+  }
+  MOE_ASSIGN_OR_RETURN(const Placement active, PlaceOnActive(model, cluster));
+  if (active.num_servers() == num_servers) return active;
+  std::vector<std::vector<std::vector<int>>> servers_of(active.num_layers());
+  for (int l = 0; l < active.num_layers(); ++l) {
+    for (int e = 0; e < active.num_experts(l); ++e) {
+      const auto servers = active.ServersOf(ExpertKey(l, e));
+      servers_of[l].emplace_back(servers.begin(), servers.end());
+    }
+  }
+  return Placement::CreateLayers(num_servers, std::move(servers_of));
+}
 
 std::vector<double> ServerLoads(const Placement& placement, int layer,
                                 absl::Span<const double> expert_load) {
