@@ -1,7 +1,9 @@
 // A bidirectional stream that answers each request once, in any order, from
 // a compute pool (the expert server's Dispatch streams, the router's
 // ForwardStream): the reactor only parses, enqueues and posts the next read
-// (nothing blocks a gRPC thread); compute threads push answers onto the
+// (nothing blocks a gRPC thread), but for requests of a few microseconds'
+// work (RunsHere), which it handles in place because the hand-off would
+// cost more; compute threads push answers onto the
 // stream's write queue, one write in flight at a time. A bad request fails
 // itself in its answer, never the stream. On Drain() the stream stops
 // reading, answers everything it has accepted, then finishes UNAVAILABLE so
@@ -60,13 +62,17 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   // turn true. A cancel message is not answered.
   using TagOf = std::function<uint64_t(const Request&)>;
   using CancelTarget = std::function<std::optional<uint64_t>(const Request&)>;
+  // Optional: whether a request is small enough to handle on the gRPC
+  // thread that read it instead of a pool thread (the hand-off would cost
+  // more than its work); the next read is posted after it.
+  using RunsHere = std::function<bool(const Request&)>;
 
   // `streams` registers the stream and bounds it (a client that sends and
   // never reads holds at most its stream's bounds here, not an unbounded
   // queue); it must outlive the stream.
   StreamReactor(StreamSet& streams, ComputePool& pool, Handler handler, OnReceive on_receive,
                 OnSend on_send, Refuse refuse, TagOf tag_of = nullptr,
-                CancelTarget cancel_target = nullptr)
+                CancelTarget cancel_target = nullptr, RunsHere runs_here = nullptr)
       : streams_(streams),
         pool_(pool),
         bounds_(streams.bounds()),
@@ -75,7 +81,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
         on_send_(std::move(on_send)),
         refuse_(std::move(refuse)),
         tag_of_(std::move(tag_of)),
-        cancel_target_(std::move(cancel_target)) {
+        cancel_target_(std::move(cancel_target)),
+        runs_here_(std::move(runs_here)) {
     if (absl::Status registered = streams_.Register(this); !registered.ok()) {
       absl::MutexLock lock(&mu_);
       draining_ = true;
@@ -158,7 +165,8 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
     refuse_(*request,
             absl::ResourceExhaustedError("compute queue is full; retry, or go elsewhere"),
             refusal.get());
-    const bool accepted = pool_.Submit([this, tag, bytes, request = std::move(request)]() mutable {
+    const bool here = runs_here_ && runs_here_(*request);
+    auto work = [this, tag, bytes, request = std::move(request)]() mutable {
       if (TakeQueued(tag)) {
         auto cancelled = std::make_unique<Response>();
         refuse_(*request, absl::CancelledError("cancelled by the client before it ran"),
@@ -177,8 +185,10 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
             absl::MutexLock lock(&mu_);
             return cancelled_.contains(tag);
           });
-    });
-    if (!accepted) {
+    };
+    if (here) {
+      std::move(work)();
+    } else if (!pool_.Submit(std::move(work))) {
       TakeQueued(tag);
       Forget(tag);
       Answer(std::move(refusal), bytes);
@@ -324,6 +334,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<Request, Response>,
   const Refuse refuse_;
   const TagOf tag_of_;
   const CancelTarget cancel_target_;
+  const RunsHere runs_here_;
   bool registered_ = true;
   Request request_;  // the read in flight
 

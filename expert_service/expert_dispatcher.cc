@@ -131,6 +131,17 @@ uint64_t ExpectedStep(bool has_version, const v1::StateVersion& version) {
 
 }  // namespace
 
+bool ExpertDispatcher::RunsWhereReceived(const v1::DispatchRequest& request) const {
+  // The default limit is a few microseconds of kernel work: about what
+  // waking a pool thread costs on a busy machine, and a batched call would
+  // pay it twice (the request, then its micro-batch).
+  if (request.training() || request.tokens().shape_size() == 0) return false;
+  const ModelConfig& model = store_.model();
+  const int64_t rows = request.tokens().shape(0);
+  return options_.inline_call_multiply_adds > 0 && rows >= 0 &&
+         rows <= options_.inline_call_multiply_adds / model.expert_parameters();
+}
+
 void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
                                 std::unique_ptr<v1::DispatchResponse> response, DispatchReply reply,
                                 std::function<bool()> cancelled) {
@@ -187,7 +198,7 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
     }
     return absl::OkStatus();
   };
-  if (batcher_ != nullptr && !request->training()) {
+  if (batcher_ != nullptr && !request->training() && !RunsWhereReceived(*request)) {
     // The request and answer ride along until the batch has run.
     const int64_t rows = x->rows();
     batcher_->Forward(

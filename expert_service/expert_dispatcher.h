@@ -38,6 +38,9 @@ class ExpertDispatcher {
     std::function<absl::Time()> clock = [] { return absl::Now(); };
     // Root of the checkpoint shards SaveExperts writes; empty: refused.
     std::string checkpoint_dir;
+    // Inference calls of at most this many multiply-adds (rows x the
+    // expert's parameters) run where received (RunsWhereReceived); 0: none.
+    int64_t inline_call_multiply_adds = int64_t{1} << 17;
   };
 
   // All references must outlive the dispatcher. `batcher` may be null (no
@@ -54,6 +57,11 @@ class ExpertDispatcher {
   void Dispatch(std::unique_ptr<v1::DispatchRequest> request,
                 std::unique_ptr<v1::DispatchResponse> response, DispatchReply reply,
                 std::function<bool()> cancelled = nullptr);
+  // Whether `request` (not yet validated) is an inference call small
+  // enough to run on the thread that received it: a thread hand-off would
+  // cost more than its work. Dispatch runs such a call at once, never
+  // merged with others.
+  bool RunsWhereReceived(const v1::DispatchRequest& request) const;
   void Backward(const v1::BackwardDispatchRequest& request,
                 v1::BackwardDispatchResponse* response);
 

@@ -5,9 +5,13 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 
+#include "absl/synchronization/notification.h"
+#include "common/compute_pool.h"
 #include "common/deterministic_init.h"
 #include "common/tensor_codec.h"
+#include "expert_service/micro_batcher.h"
 #include "expert_service/reference_expert_kernel.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -45,17 +49,25 @@ class ExpertDispatcherTest : public ::testing::Test {
                                                      *metrics_, nullptr, nullptr);
   }
 
-  // Runs one Dispatch of 3 tokens (in `dtype`, said to be rounded from
-  // fp32 with `rounded`); returns the answer.
-  v1::DispatchResponse Dispatch(int layer, int expert, DType dtype = DType::kFloat32,
-                                bool rounded = false) {
+  // A Dispatch request of `rows` tokens of 0.5 (in `dtype`, said to be
+  // rounded from fp32 with `rounded`).
+  static std::unique_ptr<v1::DispatchRequest> Request(int layer, int expert, int64_t rows = 3,
+                                                      DType dtype = DType::kFloat32,
+                                                      bool rounded = false) {
     auto request = std::make_unique<v1::DispatchRequest>();
     request->set_sequence_id(7);
     request->set_layer(layer);
     request->set_expert_id(expert);
     request->set_tokens_rounded_to_bf16(rounded);
-    const std::vector<float> x(3 * Model().d_model, 0.5f);
-    EncodeFloats(x, {3, Model().d_model}, dtype, request->mutable_tokens());
+    const std::vector<float> x(rows * Model().d_model, 0.5f);
+    EncodeFloats(x, {rows, Model().d_model}, dtype, request->mutable_tokens());
+    return request;
+  }
+
+  // Runs one Dispatch of 3 tokens (as Request); returns the answer.
+  v1::DispatchResponse Dispatch(int layer, int expert, DType dtype = DType::kFloat32,
+                                bool rounded = false) {
+    auto request = Request(layer, expert, 3, dtype, rounded);
     v1::DispatchResponse answer;
     dispatcher_->Dispatch(
         std::move(request), std::make_unique<v1::DispatchResponse>(),
@@ -80,6 +92,47 @@ TEST_F(ExpertDispatcherTest, DispatchNamesTheLayer) {
               HasSubstr("layer 1 expert 1: layer 1 is out of range"));
   const v1::DispatchResponse not_hosted = Dispatch(0, 3);
   EXPECT_EQ(not_hosted.error().code(), static_cast<int>(absl::StatusCode::kNotFound));
+}
+
+// A call of a few microseconds' work runs where it was received: a thread
+// hand-off would cost more. Training calls and larger ones do not.
+TEST_F(ExpertDispatcherTest, TinyInferenceCallsRunWhereReceived) {
+  // 280 parameters per expert: up to 468 rows are tiny.
+  EXPECT_TRUE(dispatcher_->RunsWhereReceived(*Request(0, 1, 3)));
+  EXPECT_TRUE(dispatcher_->RunsWhereReceived(*Request(0, 1, 468)));
+  EXPECT_FALSE(dispatcher_->RunsWhereReceived(*Request(0, 1, 469)));
+  auto training = Request(0, 1, 3);
+  training->set_training(true);
+  EXPECT_FALSE(dispatcher_->RunsWhereReceived(*training));
+  auto unshaped = Request(0, 1, 3);
+  unshaped->mutable_tokens()->clear_shape();
+  EXPECT_FALSE(dispatcher_->RunsWhereReceived(*unshaped));
+  auto negative = Request(0, 1, 3);
+  negative->mutable_tokens()->set_shape(0, -1);
+  EXPECT_FALSE(dispatcher_->RunsWhereReceived(*negative));
+
+  // With a batcher whose only pool thread is busy, a tiny call is still
+  // answered before Dispatch returns; a larger one waits for the pool.
+  ComputePool pool(1, 16);
+  absl::Notification release;
+  ASSERT_TRUE(pool.Submit([&] { release.WaitForNotification(); }));
+  std::optional<v1::DispatchResponse> tiny, large;
+  {
+    MicroBatcher batcher({}, *store_, pool, [] { return absl::Now(); });
+    ExpertDispatcher batched(ExpertDispatcher::Options{"expert-0"}, *store_, *metrics_, &batcher,
+                             nullptr);
+    batched.Dispatch(Request(0, 1, 3), std::make_unique<v1::DispatchResponse>(),
+                     [&](std::unique_ptr<v1::DispatchResponse> r) { tiny = std::move(*r); });
+    ASSERT_TRUE(tiny.has_value());
+    EXPECT_TRUE(tiny->has_output()) << tiny->error().message();
+    batched.Dispatch(Request(0, 1, 600), std::make_unique<v1::DispatchResponse>(),
+                     [&](std::unique_ptr<v1::DispatchResponse> r) { large = std::move(*r); });
+    EXPECT_FALSE(large.has_value());
+    release.Notify();
+    // The batcher runs what it holds before it goes.
+  }
+  ASSERT_TRUE(large.has_value());
+  EXPECT_TRUE(large->has_output()) << large->error().message();
 }
 
 TEST_F(ExpertDispatcherTest, InfoAndWeightTransferCarryTheLayer) {

@@ -182,8 +182,9 @@ absl::Status ExpertServer::Start() {
   step_pool_ = std::make_unique<ComputePool>(1, 64);
   collective_service_ = std::make_unique<allreduce::CollectiveService>(collectives_.get());
   dispatcher_ = std::make_unique<ExpertDispatcher>(
-      ExpertDispatcher::Options{options_.name, options_.clock, options_.checkpoint_dir}, *store_,
-      *metrics_, batcher_.get(), steps_.get());
+      ExpertDispatcher::Options{options_.name, options_.clock, options_.checkpoint_dir,
+                                options_.inline_call_multiply_adds},
+      *store_, *metrics_, batcher_.get(), steps_.get());
   // Synced to a step above: its gate from a peer that committed it.
   if (steps_->last_committed() > loaded.step) AdoptPeersGate(steps_->last_committed());
   PlacementKeeper::Options keeper;
@@ -197,8 +198,10 @@ absl::Status ExpertServer::Start() {
   };
   placement_ = std::make_unique<PlacementKeeper>(std::move(keeper), placement, placement_epoch,
                                                  *store_, *dispatcher_, *steps_, *peers_);
+  // A call small enough to run on a gRPC thread needs one oneDNN thread.
   service_ = std::make_unique<ExpertServiceImpl>(*dispatcher_, *pool_, step_pool_.get(),
-                                                 options_.streams, placement_.get(), &leases_);
+                                                 options_.streams, placement_.get(), &leases_,
+                                                 [] { OnednnRuntime::ConfigureCallingThread(1); });
 
   const std::initializer_list<grpc::Service*> services = {service_.get(),
                                                            collective_service_.get()};

@@ -82,6 +82,8 @@ class ExpertServer {
     // default), or also waiting up to batch_window for company; the largest
     // merged batch.
     bool merge_requests = true;
+    // ExpertDispatcher::Options::inline_call_multiply_adds.
+    int64_t inline_call_multiply_adds = int64_t{1} << 17;
     absl::Duration batch_window = absl::ZeroDuration();
     int64_t max_batch_rows = 4096;
     // How long SIGTERM waits for open streams to answer what they accepted.

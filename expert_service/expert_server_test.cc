@@ -99,6 +99,9 @@ struct ServerSetup {
   // per kernel call; merging has tests of its own.
   bool merge_requests = false;
   absl::Duration batch_window = absl::ZeroDuration();
+  // The servers' default, but off with a gate: a held request must hold a
+  // compute thread, not the gRPC thread that reads the next.
+  int64_t inline_call_multiply_adds = ExpertServer::Options().inline_call_multiply_adds;
   int64_t max_batch_rows = 4096;
   int max_stream_outstanding = StreamBounds().max_outstanding;
   DType compute_dtype = DType::kFloat32;
@@ -115,6 +118,7 @@ std::unique_ptr<ExpertServer> StartServer(const ServerSetup& setup) {
   options.training = {setup.training_bytes, absl::Seconds(30)};
   options.merge_requests = setup.merge_requests;
   options.batch_window = setup.batch_window;
+  options.inline_call_multiply_adds = setup.gate != nullptr ? 0 : setup.inline_call_multiply_adds;
   options.max_batch_rows = setup.max_batch_rows;
   options.streams.max_outstanding = setup.max_stream_outstanding;
   options.compute_dtype = setup.compute_dtype;

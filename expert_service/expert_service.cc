@@ -17,13 +17,15 @@ namespace moe::expert {
 
 ExpertServiceImpl::ExpertServiceImpl(ExpertDispatcher& dispatcher, ComputePool& pool,
                                      ComputePool* step_pool, StreamBounds bounds,
-                                     PlacementKeeper* placement, LeaseTable* leases)
+                                     PlacementKeeper* placement, LeaseTable* leases,
+                                     std::function<void()> prepare_compute_thread)
     : dispatcher_(dispatcher),
       metrics_(dispatcher.metrics()),
       pool_(pool),
       step_pool_(step_pool),
       placement_(placement),
       leases_(leases),
+      prepare_compute_thread_(std::move(prepare_compute_thread)),
       streams_(bounds, [gauge = metrics_.active_streams](int open) {
         gauge->Set(static_cast<double>(open));
       }) {
@@ -58,6 +60,11 @@ ExpertServiceImpl::Dispatch(grpc::CallbackServerContext* context) {
       [](const v1::DispatchRequest& request) -> std::optional<uint64_t> {
         if (!request.cancel()) return std::nullopt;
         return request.sequence_id();
+      },
+      [this](const v1::DispatchRequest& request) {
+        if (!dispatcher_.RunsWhereReceived(request)) return false;
+        if (prepare_compute_thread_) prepare_compute_thread_();
+        return true;
       });
 }
 

@@ -11,6 +11,7 @@
 #define MOE_EXPERT_SERVICE_EXPERT_SERVICE_H_
 
 #include <atomic>
+#include <functional>
 
 #include "absl/time/time.h"
 #include "common/compute_pool.h"
@@ -29,10 +30,14 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService {
   // steps). The Dispatch and BackwardDispatch streams share `bounds`.
   // `placement` (may be null: placement changes are refused) serves the
   // placement RPCs, also on `step_pool`; `leases` (may be null: refused)
-  // AcquireLease.
+  // AcquireLease. Dispatch calls small enough
+  // (ExpertDispatcher::RunsWhereReceived) run on the gRPC thread that read
+  // them, after `prepare_compute_thread` (may be null) readies it for the
+  // kernels as `pool`'s threads are (oneDNN's thread count).
   ExpertServiceImpl(ExpertDispatcher& dispatcher, ComputePool& pool,
                     ComputePool* step_pool = nullptr, StreamBounds bounds = {},
-                    PlacementKeeper* placement = nullptr, LeaseTable* leases = nullptr);
+                    PlacementKeeper* placement = nullptr, LeaseTable* leases = nullptr,
+                    std::function<void()> prepare_compute_thread = nullptr);
 
   // Stops accepting streams; open streams answer what they accepted and
   // finish with UNAVAILABLE. Returns at once; WaitForStreams() waits.
@@ -109,6 +114,7 @@ class ExpertServiceImpl final : public v1::ExpertServer::CallbackService {
   ComputePool* const step_pool_;
   PlacementKeeper* const placement_;
   LeaseTable* const leases_;
+  const std::function<void()> prepare_compute_thread_;
   StreamSet streams_;
 };
 

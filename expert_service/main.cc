@@ -44,6 +44,10 @@ ABSL_FLAG(bool, merge_requests, true,
 ABSL_FLAG(absl::Duration, batch_window, absl::ZeroDuration(),
           "With --merge_requests: also hold a request this long for others for the same "
           "expert; 0: never wait.");
+ABSL_FLAG(int64_t, inline_call_multiply_adds, int64_t{1} << 17,
+          "Inference calls of at most this many multiply-adds (rows x the expert's parameters) "
+          "run on the gRPC thread that read them, not queued or merged: the hand-off would cost "
+          "more than their work. 0: every call goes through the compute queue.");
 ABSL_FLAG(int64_t, max_batch_rows, 4096, "Largest merged batch, in rows.");
 ABSL_FLAG(int64_t, ring_segment_elements, int64_t{1} << 18,
           "Gradient all-reduce pipeline segment, in floats (1 MiB by default).");
@@ -98,6 +102,7 @@ absl::StatusOr<moe::expert::ExpertServer::Options> OptionsFromFlags() {
   options.training.ttl = absl::GetFlag(FLAGS_training_state_ttl);
   options.merge_requests = absl::GetFlag(FLAGS_merge_requests);
   options.batch_window = absl::GetFlag(FLAGS_batch_window);
+  options.inline_call_multiply_adds = absl::GetFlag(FLAGS_inline_call_multiply_adds);
   options.max_batch_rows = absl::GetFlag(FLAGS_max_batch_rows);
   absl::StatusOr<moe::StreamBounds> streams = moe::StreamBoundsFromFlags();
   if (!streams.ok()) return streams.status();

@@ -3,6 +3,9 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
+#include <atomic>
+
 #include "absl/strings/str_cat.h"
 #include "common/client_stream_session.h"
 #include "common/grpc_status.h"
@@ -29,14 +32,16 @@ class GrpcExpertClient::Connection {
     // rows not copied into the message; answers are read as protobuf.
     dispatch_stub_ = std::make_unique<DispatchStub>(channel_);
     DispatchStub* dispatch_stub = dispatch_stub_.get();
-    dispatch_ = std::make_unique<DispatchSession>(
-        absl::StrCat("server ", spec.name, " (", spec.address, ") Dispatch"),
-        [dispatch_stub](grpc::ClientContext* context,
-                        grpc::ClientBidiReactor<DispatchWire, v1::DispatchResponse>* reactor) {
-          dispatch_stub->PrepareBidiStreamingCall(context, kDispatchMethod, grpc::StubOptions(),
-                                                  reactor);
-        },
-        options.min_backoff, options.max_backoff);
+    for (int i = 0; i < std::max(1, options.dispatch_streams); ++i) {
+      dispatch_.push_back(std::make_unique<DispatchSession>(
+          absl::StrCat("server ", spec.name, " (", spec.address, ") Dispatch"),
+          [dispatch_stub](grpc::ClientContext* context,
+                          grpc::ClientBidiReactor<DispatchWire, v1::DispatchResponse>* reactor) {
+            dispatch_stub->PrepareBidiStreamingCall(context, kDispatchMethod, grpc::StubOptions(),
+                                                    reactor);
+          },
+          options.min_backoff, options.max_backoff));
+    }
     backward_ = std::make_unique<BackwardSession>(
         absl::StrCat("server ", spec.name, " (", spec.address, ") BackwardDispatch"),
         [stub](grpc::ClientContext* context,
@@ -45,7 +50,7 @@ class GrpcExpertClient::Connection {
           stub->async()->BackwardDispatch(context, reactor);
         },
         options.min_backoff, options.max_backoff);
-    dispatch_->Connect();
+    for (auto& session : dispatch_) session->Connect();
   }
 
   using DispatchStub = grpc::TemplatedGenericStub<DispatchWire, v1::DispatchResponse>;
@@ -53,7 +58,9 @@ class GrpcExpertClient::Connection {
   using BackwardSession =
       ClientStreamSession<v1::BackwardDispatchRequest, v1::BackwardDispatchResponse>;
 
-  DispatchSession& dispatch() { return *dispatch_; }
+  // The Dispatch streams in turn.
+  DispatchSession& NextDispatch() { return *dispatch_[next_.fetch_add(1) % dispatch_.size()]; }
+  const std::vector<std::unique_ptr<DispatchSession>>& dispatch() const { return dispatch_; }
   v1::ExpertServer::Stub& stub() { return *stub_; }
   const std::string& label() const { return label_; }
   BackwardSession& backward() { return *backward_; }
@@ -64,7 +71,8 @@ class GrpcExpertClient::Connection {
   std::unique_ptr<v1::ExpertServer::Stub> stub_;
   std::unique_ptr<DispatchStub> dispatch_stub_;
   // After its stub: closed (and waited for) before the stub goes.
-  std::unique_ptr<DispatchSession> dispatch_;
+  std::vector<std::unique_ptr<DispatchSession>> dispatch_;
+  std::atomic<uint64_t> next_{0};
   std::unique_ptr<BackwardSession> backward_;
 };
 
@@ -87,7 +95,7 @@ void GrpcExpertClient::Forward(int server, const v1::DispatchRequest& request,
   wire->request = &request;
   wire->rows = rows;
   const DispatchWire& message = *wire;
-  connections_.at(server)->dispatch().Send(
+  connections_.at(server)->NextDispatch().Send(
       message, [wire = std::move(wire), done = std::move(done)](
                    absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply) mutable {
         std::move(done)(std::move(reply));
@@ -105,7 +113,16 @@ void GrpcExpertClient::CancelForward(int server, uint64_t sequence_id) {
   cancel->owned->set_sequence_id(sequence_id);
   cancel->owned->set_cancel(true);
   cancel->request = cancel->owned.get();
-  connections_.at(server)->dispatch().SendOneWay(std::move(cancel));
+  // On every stream of the server: cancels are rare, and a stream that does
+  // not carry the call ignores it.
+  const auto& sessions = connections_.at(server)->dispatch();
+  for (size_t i = 1; i < sessions.size(); ++i) {
+    auto copy = std::make_unique<DispatchWire>();
+    copy->owned = std::make_unique<v1::DispatchRequest>(*cancel->owned);
+    copy->request = copy->owned.get();
+    sessions[i]->SendOneWay(std::move(copy));
+  }
+  sessions[0]->SendOneWay(std::move(cancel));
 }
 
 namespace {
@@ -243,12 +260,19 @@ void GrpcExpertClient::GetGate(int server, absl::Time deadline,
 }
 
 bool GrpcExpertClient::IsHealthy(int server) const {
-  return connections_.at(server)->dispatch().healthy();
+  // Any stream in its back-off: the server went away lately.
+  for (const auto& session : connections_.at(server)->dispatch()) {
+    if (!session->healthy()) return false;
+  }
+  return true;
 }
 
 int64_t GrpcExpertClient::reconnects() const {
   int64_t total = 0;
-  for (const auto& c : connections_) total += c->dispatch().opened() + c->backward().opened();
+  for (const auto& c : connections_) {
+    for (const auto& session : c->dispatch()) total += session->opened();
+    total += c->backward().opened();
+  }
   return total;
 }
 

@@ -47,6 +47,9 @@ ABSL_FLAG(int64_t, micro_batch_bytes, 0,
           "Inference: split each expert's rows on one server into calls of at most this many "
           "bytes of tokens, so that the server computes one while the next is on the wire "
           "(results are the same bits); 0: one call per expert and server.");
+ABSL_FLAG(int, dispatch_streams, 2,
+          "Dispatch streams to each expert server, which a forward's calls take in turn (a stream "
+          "writes one call at a time); >= 1.");
 ABSL_FLAG(bool, round_tokens_for_bf16_servers, true,
           "Inference with fp32 tokens: send an expert's rows as bf16 when every replica of it "
           "computes in bf16 (its kernels round them the same way: the same answer from half "
@@ -110,6 +113,11 @@ int main(int argc, char** argv) {
   options.hedge_min_delay = absl::GetFlag(FLAGS_hedge_min_delay);
   options.hedge_max_delay = absl::GetFlag(FLAGS_hedge_max_delay);
   options.micro_batch_bytes = absl::GetFlag(FLAGS_micro_batch_bytes);
+  options.dispatch_streams = absl::GetFlag(FLAGS_dispatch_streams);
+  if (options.dispatch_streams < 1) {
+    MOE_LOG(ERROR, "--dispatch_streams must be >= 1, got ", options.dispatch_streams);
+    return 2;
+  }
   options.round_tokens_for_bf16_servers = absl::GetFlag(FLAGS_round_tokens_for_bf16_servers);
   absl::StatusOr<moe::StreamBounds> streams = moe::StreamBoundsFromFlags();
   if (!streams.ok()) {

@@ -188,6 +188,14 @@ void Router::Run(absl::AnyInvocable<void() &&> work) {
   if (!options_.pool->Submit([shared] { std::move(*shared)(); })) std::move(*shared)();
 }
 
+bool Router::RunsWhereReceived(int64_t tokens) const {
+  // The gate's multiply-adds: a few microseconds' work, about what waking
+  // a pool thread costs on a busy machine (batch 1 pays it twice a call).
+  constexpr int64_t kMaxMultiplyAdds = int64_t{1} << 16;
+  const ModelConfig& model = options_.model;
+  return tokens >= 0 && tokens <= kMaxMultiplyAdds / (model.d_model * model.gate_width());
+}
+
 void Router::Forward(const v1::Tensor& x, int layer, bool training, absl::Time deadline,
                      ForwardDone done, std::shared_ptr<Cancellation> cancellation) {
   Start(x, layer, training, deadline, std::move(done), std::move(cancellation), /*restarts=*/0);
@@ -526,7 +534,11 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
     if (call->status.ok()) call->status = status;
   }
   if (call->remaining.fetch_sub(1) == 1) {
-    Run([this, call = std::move(call)]() mutable { FinishForward(std::move(call)); });
+    if (RunsWhereReceived(call->num_tokens)) {
+      FinishForward(std::move(call));
+    } else {
+      Run([this, call = std::move(call)]() mutable { FinishForward(std::move(call)); });
+    }
   }
 }
 

@@ -159,6 +159,10 @@ class Router {
   // `done` runs once. `cancellation`, if given, can end the call early.
   void Forward(const v1::Tensor& x, int layer, bool training, absl::Time deadline, ForwardDone done,
                std::shared_ptr<Cancellation> cancellation = nullptr);
+  // Whether a forward of `tokens` tokens is small enough to gate, plan and
+  // combine on the thread that received it (a gRPC thread) instead of
+  // handing it to the pool: a thread hand-off costs more than its work.
+  bool RunsWhereReceived(int64_t tokens) const;
   // dL/dx for the training forward `request_id`, from dL/dy.
   void Backward(uint64_t request_id, const v1::Tensor& grad_output, absl::Time deadline,
                 BackwardDone done);

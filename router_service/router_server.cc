@@ -72,8 +72,12 @@ absl::Status RouterServer::Start() {
   MOE_LOG(INFO, "gate from ",
           start.path.empty() ? absl::StrCat("init seed ", model.seed) : start.path, " at step ",
           loaded.step, "; lineage ", lineage);
-  client_ = GrpcExpertClient::Create(
-      {config.cluster.servers, options_.credentials, options_.max_message_bytes});
+  GrpcExpertClient::Options client_options;
+  client_options.servers = config.cluster.servers;
+  client_options.credentials = options_.credentials;
+  client_options.max_message_bytes = options_.max_message_bytes;
+  client_options.dispatch_streams = options_.dispatch_streams;
+  client_ = GrpcExpertClient::Create(std::move(client_options));
   pool_ = std::make_unique<ComputePool>(options_.compute_threads, options_.max_queued_requests);
   load_stats_ = std::make_unique<LoadStats>(model.total_experts(), placement.num_servers());
   registry_ = std::make_shared<prometheus::Registry>();

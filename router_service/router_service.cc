@@ -90,12 +90,15 @@ grpc::ServerUnaryReactor* RouterServiceImpl::Forward(grpc::CallbackServerContext
     reactor->Finish(ToGrpcStatus(result.status()));
   };
   auto shared = std::make_shared<decltype(finish)>(std::move(finish));
-  if (!pool_.Submit([this, request, deadline, shared, cancellation = reactor->cancellation()] {
-        router_.Forward(
-            request->x(), request->layer(), request->training(), deadline,
-            [shared](absl::StatusOr<Router::ForwardResult> r) { (*shared)(std::move(r)); },
-            cancellation);
-      })) {
+  auto forward = [this, request, deadline, shared, cancellation = reactor->cancellation()] {
+    router_.Forward(
+        request->x(), request->layer(), request->training(), deadline,
+        [shared](absl::StatusOr<Router::ForwardResult> r) { (*shared)(std::move(r)); },
+        cancellation);
+  };
+  if (router_.RunsWhereReceived(Rows(request->x()))) {
+    forward();
+  } else if (!pool_.Submit(std::move(forward))) {
     (*shared)(absl::ResourceExhaustedError("router is overloaded: compute queue full"));
   }
   return reactor;
@@ -129,6 +132,10 @@ RouterServiceImpl::ForwardStream(grpc::CallbackServerContext* context) {
          v1::ForwardResponse* response) {
         response->set_client_id(request.client_id());
         ToProtoStatus(status, response->mutable_error());
+      },
+      /*tag_of=*/nullptr, /*cancel_target=*/nullptr,
+      [this](const v1::ForwardRequest& request) {
+        return router_.RunsWhereReceived(Rows(request.x()));
       });
 }
 

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "absl/synchronization/notification.h"
+#include "common/compute_pool.h"
 #include "common/deterministic_init.h"
 #include "common/reference_moe.h"
 #include "common/tensor_codec.h"
@@ -234,6 +235,38 @@ TEST(RouterTest, Bf16InBf16Out) {
   const ReferenceForward expected =
       *ReferenceMoe::Create(cluster.model, cluster.weights)->Forward(x_rounded);
   EXPECT_TRUE(TensorNear(Decoded(result->y, 32), expected.y, 1e-2));
+}
+
+// Forwards of a few microseconds' work are planned and combined where they
+// were received (a pool thread's hand-off would cost more): with every pool
+// thread busy they still finish, and larger ones wait for the pool.
+TEST(RouterTest, SmallForwardsDoNotWaitForThePool) {
+  Cluster cluster(Model(2, false), PlacementStrategy::kHybrid);
+  ComputePool pool(1, 16);
+  absl::Notification release;
+  ASSERT_TRUE(pool.Submit([&] { release.WaitForNotification(); }));
+  Router::Options options{cluster.model, *cluster.weights.gate};
+  options.pool = &pool;
+  Router router(options, cluster.placement, cluster.client);
+  // d_model 32 x 8 experts: 256 tokens are the gate's 2^16 multiply-adds.
+  EXPECT_TRUE(router.RunsWhereReceived(256));
+  EXPECT_FALSE(router.RunsWhereReceived(257));
+
+  absl::StatusOr<Router::ForwardResult> small =
+      ForwardAndWait(router, Wire(RandomTensor({7, 32}, 3)));
+  ASSERT_TRUE(small.ok()) << small.status();
+  const v1::Tensor x = Wire(RandomTensor({300, 32}, 4));
+  absl::Notification large_done;
+  absl::StatusOr<Router::ForwardResult> large;
+  router.Forward(x, 0, false, absl::Now() + absl::Seconds(30),
+                 [&](absl::StatusOr<Router::ForwardResult> result) {
+                   large = std::move(result);
+                   large_done.Notify();
+                 });
+  EXPECT_FALSE(large_done.HasBeenNotified());  // its combine waits for the pool
+  release.Notify();
+  ASSERT_TRUE(large_done.WaitForNotificationWithTimeout(absl::Seconds(30)));
+  ASSERT_TRUE(large.ok()) << large.status();
 }
 
 int RoundedCalls(const InProcessExpertClient& client) {

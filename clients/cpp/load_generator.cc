@@ -86,4 +86,27 @@ absl::StatusOr<LoadReport> RunLoad(const std::string& router_address, const Load
   return report;
 }
 
+absl::StatusOr<LoadReport> RunRoundTrips(const std::string& router_address, absl::Duration duration,
+                                         const TransportCredentials& credentials) {
+  auto client = MoeClient::Connect(router_address, credentials);
+  // The connection's setup is not a round trip.
+  if (absl::Status first = client->HealthCheck(); !first.ok()) return first;
+  LoadReport report;
+  const absl::Time start = absl::Now();
+  while (absl::Now() - start < duration || report.latencies.size() < 3) {
+    const absl::Time sent = absl::Now();
+    if (absl::Status status = client->HealthCheck(); !status.ok()) {
+      ++report.failures;
+      if (report.first_error.empty()) report.first_error = status.ToString();
+      if (report.failures > 100) return status;
+      continue;
+    }
+    report.latencies.push_back(absl::ToDoubleSeconds(absl::Now() - sent));
+    ++report.requests;
+  }
+  report.seconds = absl::ToDoubleSeconds(absl::Now() - start);
+  std::sort(report.latencies.begin(), report.latencies.end());
+  return report;
+}
+
 }  // namespace moe::client

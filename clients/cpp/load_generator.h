@@ -56,6 +56,12 @@ struct LoadReport {
 absl::StatusOr<LoadReport> RunLoad(const std::string& router_address, const LoadOptions& options,
                                    int num_experts);
 
+// gRPC's own floor beside the load: one client's back-to-back health Checks
+// (no payload, no work behind them) for `duration`, on a connection of its
+// own; the report's latencies are their round trips (tokens stay 0).
+absl::StatusOr<LoadReport> RunRoundTrips(const std::string& router_address, absl::Duration duration,
+                                         const TransportCredentials& credentials);
+
 }  // namespace moe::client
 
 #endif  // MOE_CLIENTS_CPP_LOAD_GENERATOR_H_

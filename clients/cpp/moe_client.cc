@@ -5,7 +5,6 @@
 #include "common/proto_status.h"
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
-#include "proto/health.grpc.pb.h"
 
 namespace moe::client {
 namespace {
@@ -35,10 +34,11 @@ std::unique_ptr<MoeClient> MoeClient::Connect(const std::string& address,
 }
 
 MoeClient::MoeClient(std::shared_ptr<grpc::Channel> channel)
-    : channel_(std::move(channel)), stub_(v1::Router::NewStub(channel_)) {}
+    : channel_(std::move(channel)),
+      stub_(v1::Router::NewStub(channel_)),
+      health_(grpc::health::v1::Health::NewStub(channel_)) {}
 
 absl::Status MoeClient::WaitUntilHealthy(absl::Duration timeout) {
-  auto health = grpc::health::v1::Health::NewStub(channel_);
   const absl::Time deadline = absl::Now() + timeout;
   while (true) {
     grpc::ClientContext context;
@@ -46,7 +46,7 @@ absl::Status MoeClient::WaitUntilHealthy(absl::Duration timeout) {
     context.set_wait_for_ready(true);
     context.set_deadline(absl::ToChronoTime(deadline));
     grpc::health::v1::HealthCheckResponse response;
-    const grpc::Status status = health->Check(&context, {}, &response);
+    const grpc::Status status = health_->Check(&context, {}, &response);
     if (status.ok() && response.status() == grpc::health::v1::HealthCheckResponse::SERVING) {
       return absl::OkStatus();
     }
@@ -153,6 +153,12 @@ absl::StatusOr<StepOutput> MoeClient::Step(float learning_rate, absl::Duration t
                     absl::Seconds(response.commit_seconds()),
                     {response.servers_behind().begin(), response.servers_behind().end()},
                     {response.servers_left_out().begin(), response.servers_left_out().end()}};
+}
+
+absl::Status MoeClient::HealthCheck() {
+  grpc::ClientContext context;
+  grpc::health::v1::HealthCheckResponse response;
+  return FromGrpcStatus(health_->Check(&context, {}, &response));
 }
 
 absl::StatusOr<SavedCheckpoint> MoeClient::SaveCheckpoint(DType dtype, absl::Duration timeout) {

@@ -4,17 +4,18 @@
 #ifndef MOE_CLIENTS_CPP_MOE_CLIENT_H_
 #define MOE_CLIENTS_CPP_MOE_CLIENT_H_
 
+#include <grpcpp/grpcpp.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
-#include <grpcpp/grpcpp.h>
-
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/tensor.h"
 #include "common/transport_credentials.h"
+#include "proto/health.grpc.pb.h"
 #include "proto/router.grpc.pb.h"
 
 namespace moe::client {
@@ -101,6 +102,9 @@ class MoeClient {
   // Waits (without polling) until the router's health service says
   // SERVING, up to `timeout`.
   absl::Status WaitUntilHealthy(absl::Duration timeout);
+  // One health Check, failing fast: an RPC with no payload and no work
+  // behind it, gRPC's own round trip.
+  absl::Status HealthCheck();
 
   absl::StatusOr<ForwardOutput> Forward(const FloatTensor& x,
                                         const ForwardOptions& options = {});
@@ -134,6 +138,7 @@ class MoeClient {
 
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::Router::Stub> stub_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
 };
 
 }  // namespace moe::client

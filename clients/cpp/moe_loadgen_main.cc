@@ -46,6 +46,9 @@ ABSL_FLAG(int, local_threads, 0, "oneDNN threads of the local layer; 0: all core
 ABSL_FLAG(int, rounds, 5,
           "With --compare_local: rounds per point, each the local layer then the cluster for "
           "--duration; the point is the rounds' median (and the ratio's spread).");
+ABSL_FLAG(bool, rpc_floor, true,
+          "At batch 1, also measure gRPC's own unary round trip to the router (health Checks, "
+          "after each round's load) and print the p50 against 2 round trips + 50 us.");
 ABSL_FLAG(std::string, json, "", "Also write the results to this JSON file.");
 
 namespace moe::client {
@@ -194,7 +197,8 @@ int Run() {
       load.layers.assign(layers->begin(), layers->end());
       load.credentials = *credentials;
       std::vector<double> remote_rate, request_rate, p50, p90, p99, local_rate, local_p50,
-          local_p99, ratios;
+          local_p99, ratios, round_trip_p50;
+      const bool floor = batch == 1 && absl::GetFlag(FLAGS_rpc_floor);
       int64_t requests = 0, failures = 0;
       for (int round = 0; round < rounds; ++round) {
         LocalFigures local_figures;
@@ -213,6 +217,15 @@ int Run() {
         }
         requests += report->requests;
         failures += report->failures;
+        if (floor) {
+          absl::StatusOr<LoadReport> trips = RunRoundTrips(
+              absl::GetFlag(FLAGS_router), absl::GetFlag(FLAGS_duration) / 4, *credentials);
+          if (!trips.ok()) {
+            MOE_LOG(ERROR, "health Check round trips: ", trips.status().message());
+            return 1;
+          }
+          round_trip_p50.push_back(trips->Percentile(50));
+        }
         remote_rate.push_back(report->tokens_per_second());
         request_rate.push_back(report->requests_per_second());
         p50.push_back(report->Percentile(50));
@@ -251,6 +264,18 @@ int Run() {
         row["local_latency_p99_s"] = Median(local_p99);
       }
       std::printf("\n");
+      if (floor) {
+        // The hot path's floor: a batch-1 Forward crosses two gRPC hops
+        // (client to router, router to the servers).
+        const double trip = Median(round_trip_p50);
+        const double goal = 2 * trip + 50e-6;
+        std::printf(
+            "      batch 1: p50 %.0f us; gRPC's unary round trip p50 %.0f us; "
+            "2 round trips + 50 us = %.0f us (p50 %s)\n",
+            1e6 * Median(p50), 1e6 * trip, 1e6 * goal, Median(p50) <= goal ? "within" : "above");
+        row["rpc_round_trip_p50_s"] = trip;
+        row["rpc_round_trip_p50_rounds_s"] = round_trip_p50;
+      }
       std::fflush(stdout);
       results.push_back(row);
     }
