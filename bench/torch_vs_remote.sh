@@ -26,7 +26,8 @@ for round in $(seq "$rounds"); do
   for clients in 1 2; do
     bazel-bin/clients/cpp/moe_loadgen --router="$address" --config="$config" --dtype="$dtype" \
         --concurrency="$clients" --batch="$batch" --duration=2s --json="$results.load" >/dev/null
-    echo "{\"round\": $round, \"clients\": $clients, \"remote\": $(cat "$results.load")}" >>"$results"
+    remote_line="$(/usr/bin/python3 -c 'import json, sys; print(json.dumps(json.load(open(sys.argv[1]))))' "$results.load")"
+    echo "{\"round\": $round, \"clients\": $clients, \"remote\": $remote_line}" >>"$results"
   done
   rm -f "$results.load"
 done
