@@ -60,12 +60,16 @@ void BM_Combine(benchmark::State& state) {
     answers.push_back(
         testing::RandomTensor({static_cast<int64_t>(pairs[e].size()), kDModel}, 10 + e));
   }
-  std::vector<absl::Span<const float>> outputs;
-  for (const FloatTensor& a : answers) outputs.push_back(a.values());
   FloatTensor y({kTokens, kDModel});
   for (auto _ : state) {
+    std::vector<router::RowReader> outputs;
+    for (const FloatTensor& a : answers) {
+      const absl::string_view bytes(reinterpret_cast<const char*>(a.values().data()),
+                                    a.values().size() * sizeof(float));
+      outputs.emplace_back(std::vector<absl::string_view>{bytes}, DType::kFloat32, kDModel);
+    }
     std::fill(y.mutable_values().begin(), y.mutable_values().end(), 0.0f);
-    router::Combine(routing, groups, outputs, y);
+    benchmark::DoNotOptimize(router::Combine(routing, groups, outputs, y));
     benchmark::DoNotOptimize(y.mutable_values().data());
   }
   state.counters["us_per_token"] = benchmark::Counter(

@@ -220,7 +220,10 @@ class ClientStreamSession {
 
     void OnReadDone(bool ok) override {
       if (!ok) {
-        // The stream ended: let OnDone come, and fail what is pending there.
+        // The stream ended, or an answer could not be read (gRPC fails the
+        // read and leaves the call open): end it, let OnDone come, and fail
+        // what is pending there.
+        context_.TryCancel();
         ReleaseHold();
         return;
       }

@@ -117,19 +117,24 @@ TensorSpec TokenBatchSpec(absl::string_view name, int64_t d_model,
   return spec;
 }
 
-absl::StatusOr<ConstTensorView> DecodeTensor(const v1::Tensor& tensor,
-                                             const TensorSpec& spec) {
+absl::StatusOr<DType> CheckTensorHeader(const v1::Tensor& tensor, const TensorSpec& spec,
+                                        size_t data_bytes) {
   MOE_ASSIGN_OR_RETURN(const DType dtype,
                        FromProtoDType(tensor.dtype(), spec.name));
   MOE_RETURN_IF_ERROR(CheckShape(tensor, spec));
   MOE_ASSIGN_OR_RETURN(const int64_t num_elements,
                        CheckedNumElements(tensor, spec.name));
   const size_t expected_bytes = num_elements * DTypeSize(dtype);
-  if (tensor.data().size() != expected_bytes) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        spec.name, ": expected ", expected_bytes, " bytes (",
-        SizeBreakdown(tensor, spec, dtype), "), got ", tensor.data().size()));
+  if (data_bytes != expected_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat(spec.name, ": expected ", expected_bytes,
+                                                   " bytes (", SizeBreakdown(tensor, spec, dtype),
+                                                   "), got ", data_bytes));
   }
+  return dtype;
+}
+
+absl::StatusOr<ConstTensorView> DecodeTensor(const v1::Tensor& tensor, const TensorSpec& spec) {
+  MOE_ASSIGN_OR_RETURN(const DType dtype, CheckTensorHeader(tensor, spec, tensor.data().size()));
   const auto* data = reinterpret_cast<const std::byte*>(tensor.data().data());
   // std::string storage is at least 8-byte aligned; this guards the
   // reinterpret_cast in floats()/bf16s() should that ever change.

@@ -34,6 +34,11 @@ struct TensorSpec {
 TensorSpec TokenBatchSpec(absl::string_view name, int64_t d_model,
                           int64_t max_tokens);
 
+// Validates dtype, rank, dims and that `data_bytes` (the data's length,
+// wherever it is held) is what they make; the dtype.
+absl::StatusOr<DType> CheckTensorHeader(const v1::Tensor& tensor, const TensorSpec& spec,
+                                        size_t data_bytes);
+
 // Validates dtype, rank, dims, byte length, alignment and finiteness.
 absl::StatusOr<ConstTensorView> DecodeTensor(const v1::Tensor& tensor,
                                              const TensorSpec& spec);

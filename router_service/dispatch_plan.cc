@@ -105,21 +105,22 @@ void SetTokens(const ConstTensorView& x, const PairIndex& index, bool round_to_b
   }
 }
 
-void Combine(const Routing& routing, const std::vector<ExpertGroup>& groups,
-             const std::vector<absl::Span<const float>>& outputs, FloatTensor& y) {
+std::optional<NonFiniteRow> Combine(const Routing& routing, const std::vector<ExpertGroup>& groups,
+                                    std::vector<RowReader>& outputs, FloatTensor& y) {
   const PairIndex index = routing.pairs();
   const int64_t d_model = y.dim(1);
   for (size_t g = 0; g < groups.size(); ++g) {
     const ExpertGroup& group = groups[g];
-    const float* out = outputs[g].data();
+    RowReader& out = outputs[g];
     for (size_t r = 0; r < group.pairs.size(); ++r) {
       const int64_t p = group.pairs[r];
-      const float w = routing.weights[p];
       float* y_row = y.mutable_row(index.TokenOf(p)).data();
-      const float* out_row = out + r * d_model;
-      for (int64_t m = 0; m < d_model; ++m) y_row[m] += w * out_row[m];
+      if (!AddScaledRow(out.Next(), out.dtype(), routing.weights[p], y_row, d_model)) {
+        return NonFiniteRow{g, static_cast<int64_t>(r)};
+      }
     }
   }
+  return std::nullopt;
 }
 
 }  // namespace moe::router

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,7 @@
 #include "common/tensor.h"
 #include "proto/expert.pb.h"
 #include "router_service/replica_picker.h"
+#include "router_service/row_reader.h"
 
 namespace moe::router {
 
@@ -75,12 +77,19 @@ absl::StatusOr<std::vector<ExpertGroup>> PlanDispatch(const Routing& routing,
 void SetTokens(const ConstTensorView& x, const PairIndex& index, bool round_to_bf16,
                ExpertGroup& group);
 
+// Where Combine found a NaN or an Inf: row `row` of group `group`'s output.
+struct NonFiniteRow {
+  size_t group = 0;
+  int64_t row = 0;
+};
+
 // y[t] = sum over groups g, rows r of g: weight(pair) * output_g[r], added
 // in group order (groups sorted by expert), so the result does not depend on
-// the order answers arrived in. outputs[g] is group g's answer as fp32
-// [rows, d_model]. y ([num_tokens, d_model]) starts zeroed.
-void Combine(const Routing& routing, const std::vector<ExpertGroup>& groups,
-             const std::vector<absl::Span<const float>>& outputs, FloatTensor& y);
+// the order answers arrived in. outputs[g] reads group g's answer, [rows,
+// d_model] fp32 or bf16, wherever it lies. y ([num_tokens, d_model]) starts
+// zeroed. The first row holding a NaN or an Inf ends it (y is then partial).
+std::optional<NonFiniteRow> Combine(const Routing& routing, const std::vector<ExpertGroup>& groups,
+                                    std::vector<RowReader>& outputs, FloatTensor& y);
 
 }  // namespace moe::router
 

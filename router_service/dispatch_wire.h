@@ -1,9 +1,14 @@
-// A DispatchRequest on the wire with its token rows as a slice of their own,
-// not copied into the message: the request (its tokens with shape and dtype
-// only) serialized by protobuf, then field `tokens` again holding only
-// `data`, whose bytes are the rows where the router gathered them. Protobuf
-// merges the two occurrences, so the server reads a plain DispatchRequest.
-// Serialization only (the router never reads one).
+// Dispatch on the router's side of the wire, its rows never copied into or
+// out of a protobuf message.
+//
+// Out: a DispatchRequest with its token rows as a slice of their own: the
+// request (its tokens with shape and dtype only) serialized by protobuf,
+// then field `tokens` again holding only `data`, whose bytes are the rows
+// where the router gathered them. Protobuf merges the two occurrences, so
+// the server reads a plain DispatchRequest.
+//
+// In: a DispatchResponse read as an ExpertAnswer, the output's bytes left
+// in the slices they arrived in (Combine reads them there).
 #ifndef MOE_ROUTER_SERVICE_DISPATCH_WIRE_H_
 #define MOE_ROUTER_SERVICE_DISPATCH_WIRE_H_
 
@@ -15,6 +20,7 @@
 
 #include "absl/strings/string_view.h"
 #include "proto/expert.pb.h"
+#include "router_service/expert_answer.h"
 
 namespace moe::router {
 
@@ -41,6 +47,17 @@ class SerializationTraits<moe::router::DispatchWire, void> {
   static Status Deserialize(ByteBuffer*, moe::router::DispatchWire*) {
     return Status(StatusCode::UNIMPLEMENTED, "DispatchWire is only sent");
   }
+};
+
+template <>
+class SerializationTraits<moe::router::ExpertAnswer, void> {
+ public:
+  static Status Serialize(const moe::router::ExpertAnswer&, ByteBuffer*, bool*) {
+    return Status(StatusCode::UNIMPLEMENTED, "ExpertAnswer is only received");
+  }
+  // Keeps the buffer's slices (no copy). A malformed answer is an error,
+  // logged: gRPC then fails the read, and the stream is ended.
+  static Status Deserialize(ByteBuffer* buffer, moe::router::ExpertAnswer* answer);
 };
 
 }  // namespace grpc

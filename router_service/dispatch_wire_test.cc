@@ -1,5 +1,6 @@
 // What goes on the wire parses as the DispatchRequest it stands for: every
 // field of the request, and the rows as tokens.data, whatever their size.
+// An answer comes back as an ExpertAnswer read from gRPC's own slices.
 #include "router_service/dispatch_wire.h"
 
 #include <string>
@@ -47,6 +48,38 @@ TEST(DispatchWireTest, ParsesAsTheRequestWithItsRows) {
     const v1::DispatchRequest parsed = Parsed({&request, rows});
     EXPECT_EQ(parsed.SerializeAsString(), expected.SerializeAsString());
   }
+}
+
+TEST(DispatchWireTest, AnswersAreReadFromTheSlicesTheyArrivedIn) {
+  v1::DispatchResponse response;
+  response.set_sequence_id(9);
+  response.set_compute_dtype(v1::DTYPE_FP32);
+  v1::Tensor* out = response.mutable_output();
+  out->add_shape(2);
+  out->add_shape(300);
+  out->set_dtype(v1::DTYPE_FP32);
+  std::vector<float> values(600);
+  for (size_t i = 0; i < values.size(); ++i) values[i] = 0.5f * i;
+  out->set_data(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float));
+  const std::string bytes = response.SerializeAsString();
+  // Three slices, cut inside the header and inside a row.
+  std::vector<grpc::Slice> slices = {grpc::Slice(bytes.substr(0, 3)),
+                                     grpc::Slice(bytes.substr(3, 1001)),
+                                     grpc::Slice(bytes.substr(1004))};
+  grpc::ByteBuffer buffer(slices.data(), slices.size());
+  ExpertAnswer answer;
+  ASSERT_TRUE(grpc::SerializationTraits<ExpertAnswer>::Deserialize(&buffer, &answer).ok());
+  EXPECT_EQ(answer.sequence_id(), 9u);
+  absl::StatusOr<RowReader> rows = answer.OutputRows(2, 300);
+  ASSERT_TRUE(rows.ok()) << rows.status();
+  std::vector<float> read(600);
+  for (int r = 0; r < 2; ++r) CopyRow(rows->Next(), rows->dtype(), &read[r * 300], 300);
+  EXPECT_EQ(read, values);
+
+  grpc::Slice garbage(std::string("\x0a\xff\xff"));
+  grpc::ByteBuffer bad(&garbage, 1);
+  EXPECT_EQ(grpc::SerializationTraits<ExpertAnswer>::Deserialize(&bad, &answer).error_code(),
+            grpc::StatusCode::INTERNAL);
 }
 
 }  // namespace

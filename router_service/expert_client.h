@@ -14,6 +14,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "proto/expert.pb.h"
+#include "router_service/expert_answer.h"
 
 namespace moe::router {
 
@@ -23,8 +24,7 @@ inline constexpr int kLeaseKeeper = 0;
 
 class ExpertClient {
  public:
-  using ForwardDone =
-      absl::AnyInvocable<void(absl::StatusOr<std::unique_ptr<v1::DispatchResponse>>) &&>;
+  using ForwardDone = absl::AnyInvocable<void(absl::StatusOr<std::unique_ptr<ExpertAnswer>>) &&>;
   using BackwardDone = absl::AnyInvocable<void(
       absl::StatusOr<std::unique_ptr<v1::BackwardDispatchResponse>>) &&>;
 
@@ -38,7 +38,7 @@ class ExpertClient {
   // (answers are matched by it). `done` runs exactly once, on an
   // unspecified thread, and must not block. A transport failure is the
   // status (UNAVAILABLE when the server is unreachable); a per-request
-  // error from the server is in the response's `error`.
+  // error from the server is in the answer's response().error.
   virtual void Forward(int server, const v1::DispatchRequest& request, absl::string_view rows,
                        ForwardDone done) = 0;
   virtual void Backward(int server, const v1::BackwardDispatchRequest& request,

@@ -28,15 +28,15 @@ class GrpcExpertClient::Connection {
                                 options.min_backoff, options.max_backoff);
     stub_ = v1::ExpertServer::NewStub(channel_);
     v1::ExpertServer::Stub* stub = stub_.get();
-    // Dispatch through a generic stub: requests go out as DispatchWire, their
-    // rows not copied into the message; answers are read as protobuf.
+    // Dispatch through a generic stub: requests go out as DispatchWire and
+    // answers come in as ExpertAnswer, their rows copied into no message.
     dispatch_stub_ = std::make_unique<DispatchStub>(channel_);
     DispatchStub* dispatch_stub = dispatch_stub_.get();
     for (int i = 0; i < std::max(1, options.dispatch_streams); ++i) {
       dispatch_.push_back(std::make_unique<DispatchSession>(
           absl::StrCat("server ", spec.name, " (", spec.address, ") Dispatch"),
           [dispatch_stub](grpc::ClientContext* context,
-                          grpc::ClientBidiReactor<DispatchWire, v1::DispatchResponse>* reactor) {
+                          grpc::ClientBidiReactor<DispatchWire, ExpertAnswer>* reactor) {
             dispatch_stub->PrepareBidiStreamingCall(context, kDispatchMethod, grpc::StubOptions(),
                                                     reactor);
           },
@@ -53,8 +53,8 @@ class GrpcExpertClient::Connection {
     for (auto& session : dispatch_) session->Connect();
   }
 
-  using DispatchStub = grpc::TemplatedGenericStub<DispatchWire, v1::DispatchResponse>;
-  using DispatchSession = ClientStreamSession<DispatchWire, v1::DispatchResponse>;
+  using DispatchStub = grpc::TemplatedGenericStub<DispatchWire, ExpertAnswer>;
+  using DispatchSession = ClientStreamSession<DispatchWire, ExpertAnswer>;
   using BackwardSession =
       ClientStreamSession<v1::BackwardDispatchRequest, v1::BackwardDispatchResponse>;
 
@@ -97,7 +97,7 @@ void GrpcExpertClient::Forward(int server, const v1::DispatchRequest& request,
   const DispatchWire& message = *wire;
   connections_.at(server)->NextDispatch().Send(
       message, [wire = std::move(wire), done = std::move(done)](
-                   absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply) mutable {
+                   absl::StatusOr<std::unique_ptr<ExpertAnswer>> reply) mutable {
         std::move(done)(std::move(reply));
       });
 }

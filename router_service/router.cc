@@ -12,6 +12,7 @@
 #include "common/status_macros.h"
 #include "common/tensor_codec.h"
 #include "router_service/dispatch_plan.h"
+#include "router_service/row_reader.h"
 
 namespace moe::router {
 namespace {
@@ -119,7 +120,7 @@ struct Router::ForwardCall {
   std::vector<float> x32_storage;
   absl::Span<const float> x32;
   std::vector<ExpertGroup> groups;
-  std::vector<std::unique_ptr<v1::DispatchResponse>> responses;
+  std::vector<std::unique_ptr<ExpertAnswer>> responses;
   std::vector<std::vector<int>> tried;  // per group: servers that failed it
   std::atomic<size_t> remaining{0};
   absl::Mutex mu;
@@ -305,7 +306,7 @@ void Router::Send(std::shared_ptr<ForwardCall> call, size_t group, int server) {
   const absl::Time sent = absl::Now();
   client_.Forward(server, call->groups[group].request, call->groups[group].rows,
                   [this, call, group, server,
-                   sent](absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply) mutable {
+                   sent](absl::StatusOr<std::unique_ptr<ExpertAnswer>> reply) mutable {
                     OnForwardReply(std::move(call), group, server, sent, std::move(reply));
                   });
 }
@@ -368,13 +369,13 @@ void Router::ScheduleHedge(const std::shared_ptr<ForwardCall>& call, size_t grou
 }
 
 void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int server,
-                            absl::Time sent,
-                            absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply) {
+                            absl::Time sent, absl::StatusOr<std::unique_ptr<ExpertAnswer>> reply) {
   ExpertGroup& g = call->groups[group];
   const int64_t rows = g.pairs.size();
   picker_.Release(server, rows);
+  const v1::DispatchResponse* response = reply.ok() ? &(*reply)->response() : nullptr;
   absl::Status status = reply.status();
-  if (status.ok() && (*reply)->has_error()) status = FromProtoStatus((*reply)->error());
+  if (status.ok() && response->has_error()) status = FromProtoStatus(response->error());
   // Errors that say the server is in trouble (not the call, the version or
   // the client): counted towards ejecting it, and for inference forwards
   // re-sent elsewhere like an unavailable server.
@@ -384,9 +385,9 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
   // rounded rows).
   const bool rounding_refused = absl::IsFailedPrecondition(status) &&
                                 g.request.tokens_rounded_to_bf16() && reply.ok() &&
-                                (*reply)->compute_dtype() == v1::DTYPE_FP32;
+                                response->compute_dtype() == v1::DTYPE_FP32;
   if (reply.ok() && (status.ok() || rounding_refused)) {
-    computes_bf16_[server].store((*reply)->compute_dtype() == v1::DTYPE_BF16,
+    computes_bf16_[server].store(response->compute_dtype() == v1::DTYPE_BF16,
                                  std::memory_order_relaxed);
   }
   if (status.ok()) {
@@ -415,7 +416,7 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
       slower = flying;
       if (options_.on_overlap) {
         call->timings.push_back(
-            {server, sent, absl::Now(), absl::Microseconds((*reply)->compute_micros())});
+            {server, sent, absl::Now(), absl::Microseconds(response->compute_micros())});
       }
     } else if (!flying.empty()) {
       // Another replica is still working on it: its answer decides.
@@ -455,10 +456,10 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
         absl::StrCat("no live replica for unrounded rows (", status.message(), ")"));
   }
   // The server is at another version of the state than this call.
-  const bool stale = absl::IsFailedPrecondition(status) && reply.ok() &&
-                     (*reply)->has_server_version();
+  const bool stale =
+      absl::IsFailedPrecondition(status) && reply.ok() && response->has_server_version();
   if (stale) {
-    const v1::StateVersion& theirs = (*reply)->server_version();
+    const v1::StateVersion& theirs = response->server_version();
     MOE_LOG(WARNING, g.expert.ToString(), ": server ", server, " is at placement epoch ",
             theirs.placement_epoch(), ", step ", theirs.weights_step(), "; this call at epoch ",
             call->placement->version, ", step ", call->gate->version);
@@ -475,13 +476,13 @@ void Router::OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int
   // The server answered that it does not host the expert (released, or a
   // placement change under way): it ran nothing and kept nothing, and other
   // replicas may still host it; avoided for a while, like a stale one.
-  const bool not_hosted = absl::IsNotFound(status) && reply.ok() && (*reply)->has_error();
+  const bool not_hosted = absl::IsNotFound(status) && reply.ok() && response->has_error();
   if (not_hosted) picker_.MarkStale(server, g.expert, absl::Now() + options_.stale_ttl);
   // Released by a placement change committed while the call was on its
   // way: if no replica of this call's placement is left, the call is
   // stale (learn the new placement, plan again), not a missing expert.
-  const bool moved_on = not_hosted && (*reply)->has_server_version() &&
-                        (*reply)->server_version().placement_epoch() > call->placement->version;
+  const bool moved_on = not_hosted && response->has_server_version() &&
+                        response->server_version().placement_epoch() > call->placement->version;
   if (moved_on) call->newer_server.store(server);
   if (absl::IsUnavailable(status) || stale || not_hosted || (trouble && !call->training)) {
     // The server is gone (or draining), has other weights or lacks the
@@ -570,29 +571,29 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
     return;
   }
   const int64_t d_model = options_.model.d_model;
-  // Answers as fp32: views of fp32 answers, widened copies of bf16 ones.
-  std::vector<FloatTensor> widened(call->groups.size());
-  std::vector<absl::Span<const float>> outputs(call->groups.size());
+  // The answers are combined where they arrived (ExpertAnswer), each value
+  // checked on the way.
+  std::vector<RowReader> outputs;
+  outputs.reserve(call->groups.size());
+  auto answered_badly = [&](size_t g, absl::string_view why) {
+    std::move(call->done)(
+        absl::InternalError(absl::StrCat("server ", call->groups[g].server, " answered ",
+                                         call->groups[g].expert.ToString(), " badly: ", why)));
+  };
   for (size_t g = 0; g < call->groups.size(); ++g) {
-    const int64_t rows = call->groups[g].pairs.size();
-    TensorSpec spec = TokenBatchSpec("expert output", d_model, 0);
-    spec.dims[0] = rows;
-    absl::StatusOr<ConstTensorView> out = DecodeTensor(call->responses[g]->output(), spec);
-    if (!out.ok()) {
-      std::move(call->done)(absl::InternalError(
-          absl::StrCat("server ", call->groups[g].server, " answered ",
-                       call->groups[g].expert.ToString(), " badly: ", out.status().message())));
+    absl::StatusOr<RowReader> rows =
+        call->responses[g]->OutputRows(call->groups[g].pairs.size(), d_model);
+    if (!rows.ok()) {
+      answered_badly(g, rows.status().message());
       return;
     }
-    if (out->dtype == DType::kFloat32 && !call->training) {
-      outputs[g] = out->floats();
-    } else {
-      widened[g] = ToFloatTensor(*out);
-      outputs[g] = widened[g].values();
-    }
+    outputs.push_back(*std::move(rows));
   }
   FloatTensor y({call->num_tokens, d_model});
-  Combine(call->routing, call->groups, outputs, y);
+  if (std::optional<NonFiniteRow> bad = Combine(call->routing, call->groups, outputs, y)) {
+    answered_badly(bad->group, absl::StrCat("expert output: NaN or Inf in row ", bad->row));
+    return;
+  }
   if (options_.load_stats != nullptr) {
     std::vector<int64_t> server_tokens(call->placement->value.num_servers(), 0);
     for (const ExpertGroup& g : call->groups) server_tokens[g.server] += g.pairs.size();
@@ -619,7 +620,16 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
       g.request.Clear();
       g.rows = std::string();
     }
-    record->outputs = std::move(widened);
+    // Backward needs them: fp32 copies (widened from bf16).
+    record->outputs.reserve(record->groups.size());
+    for (size_t g = 0; g < record->groups.size(); ++g) {
+      const int64_t rows = record->groups[g].pairs.size();
+      RowReader reader = *call->responses[g]->OutputRows(rows, d_model);
+      FloatTensor& out = record->outputs.emplace_back(Shape{rows, d_model});
+      for (int64_t r = 0; r < rows; ++r) {
+        CopyRow(reader.Next(), reader.dtype(), out.mutable_row(r).data(), d_model);
+      }
+    }
     record->x = FloatTensor({call->num_tokens, d_model},
                             std::vector<float>(call->x32.begin(), call->x32.end()));
     record->gate = call->gate;

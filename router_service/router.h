@@ -279,7 +279,7 @@ class Router {
   bool AllReplicasComputeBf16(const Placement& placement, ExpertKey expert) const;
   // `server`'s answer to `group`, sent at `sent`.
   void OnForwardReply(std::shared_ptr<ForwardCall> call, size_t group, int server, absl::Time sent,
-                      absl::StatusOr<std::unique_ptr<v1::DispatchResponse>> reply);
+                      absl::StatusOr<std::unique_ptr<ExpertAnswer>> reply);
   void FinishForward(std::shared_ptr<ForwardCall> call);
   // A call that met servers at another version: the whole call again when
   // this router has caught up (once it knows the newer placement), else

@@ -4,6 +4,10 @@
 #include "router_service/router.h"
 
 #include <atomic>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
 #include <map>
 #include <numeric>
 #include <set>
@@ -28,6 +32,7 @@ namespace {
 
 using ::moe::testing::RandomTensor;
 using ::moe::testing::TensorNear;
+using ::testing::AllOf;
 using ::testing::HasSubstr;
 using testing::InProcessExpertClient;
 
@@ -321,8 +326,8 @@ class Bf16SayingClient : public InProcessExpertClient {
                ForwardDone done) override {
     InProcessExpertClient::Forward(server, request, rows,
                                    [done = std::move(done)](auto reply) mutable {
-                                     if (reply.ok() && !(*reply)->has_error()) {
-                                       (*reply)->set_compute_dtype(v1::DTYPE_BF16);
+                                     if (reply.ok() && !(*reply)->response().has_error()) {
+                                       (*reply)->response().set_compute_dtype(v1::DTYPE_BF16);
                                      }
                                      std::move(done)(std::move(reply));
                                    });
@@ -594,6 +599,56 @@ TEST(RouterTest, BadInputIsNamed) {
                   .status()
                   .message(),
               HasSubstr("grad_output: expected tokens = 3, got 4"));
+}
+
+// A client whose servers' answers are damaged after they computed them.
+class DamagingClient : public InProcessExpertClient {
+ public:
+  DamagingClient(const ModelConfig& model, const Placement& placement, const MoeWeights& weights,
+                 std::function<void(std::string&)> damage)
+      : InProcessExpertClient(model, placement, weights, OnednnKernels()),
+        damage_(std::move(damage)) {}
+  void Forward(int server, const v1::DispatchRequest& request, absl::string_view rows,
+               ForwardDone done) override {
+    InProcessExpertClient::Forward(
+        server, request, rows, [this, done = std::move(done)](auto reply) mutable {
+          if (reply.ok() && (*reply)->response().has_output()) {
+            damage_(*(*reply)->response().mutable_output()->mutable_data());
+          }
+          std::move(done)(std::move(reply));
+        });
+  }
+
+ private:
+  std::function<void(std::string&)> damage_;
+};
+
+// An answer with a NaN, or of the wrong size, fails the call naming the
+// server and the expert: never an output computed from it.
+TEST(RouterTest, BadAnswersAreNamed) {
+  const ModelConfig model = Model(2, false);
+  const MoeWeights weights = InitAllWeights(model, 0);
+  const Placement placement = MakePlacement(model, PlacementStrategy::kModelParallel, 2);
+  DamagingClient nan(model, placement, weights, [](std::string& data) {
+    const float value = std::nanf("");
+    if (data.size() >= 2 * sizeof(float)) std::memcpy(&data[sizeof(float)], &value, sizeof(value));
+  });
+  DamagingClient inf(model, placement, weights, [](std::string& data) {
+    const float value = std::numeric_limits<float>::infinity();
+    if (data.size() >= 40 * sizeof(float)) std::memcpy(&data[39 * sizeof(float)], &value, 4);
+  });
+  DamagingClient cut(model, placement, weights, [](std::string& data) { data.pop_back(); });
+  const v1::Tensor x = Wire(RandomTensor({50, 32}, 5));
+  for (auto [client, message] : {std::pair<ExpertClient*, const char*>{&nan, "in row 0"},
+                                 {&inf, "in row 1"},
+                                 {&cut, "bytes"}}) {
+    Router router({model, *weights.gate}, placement, *client);
+    absl::StatusOr<Router::ForwardResult> result = ForwardAndWait(router, x);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInternal);
+    EXPECT_THAT(result.status().message(),
+                AllOf(HasSubstr("answered expert"), HasSubstr("badly: expert output: "),
+                      HasSubstr(message)));
+  }
 }
 
 // The placement seam: Forwards run while the placement is swapped back and

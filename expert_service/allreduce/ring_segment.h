@@ -13,16 +13,17 @@
 #ifndef MOE_EXPERT_SERVICE_ALLREDUCE_RING_SEGMENT_H_
 #define MOE_EXPERT_SERVICE_ALLREDUCE_RING_SEGMENT_H_
 
+#include <grpcpp/impl/serialization_traits.h>
+#include <grpcpp/support/byte_buffer.h>
+#include <grpcpp/support/slice.h>
+#include <grpcpp/support/status.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
 
-#include <grpcpp/support/byte_buffer.h>
-#include <grpcpp/impl/serialization_traits.h>
-#include <grpcpp/support/slice.h>
-#include <grpcpp/support/status.h>
-
+#include "absl/strings/string_view.h"
 #include "expert_service/allreduce/ring_link.h"
 #include "proto/collective.pb.h"
 
@@ -73,12 +74,6 @@ class ReceivedSegment final : public ReceivedRingSegment {
   void CopyPayloadTo(float* dst) const override;
 
  private:
-  // Bytes [offset, offset + length) of slices_[slice].
-  struct Piece {
-    size_t slice;
-    size_t offset;
-    size_t length;
-  };
   static grpc::Status Parse(grpc::ByteBuffer& buffer, ReceivedSegment& segment);
   template <typename Apply>
   void ForEachRun(float* dst, Apply apply) const;
@@ -87,7 +82,8 @@ class ReceivedSegment final : public ReceivedRingSegment {
   v1::RingChunk wire_header_;
   RingHeader header_;
   std::vector<grpc::Slice> slices_;
-  std::vector<Piece> payload_;
+  // The data's bytes, in slices_.
+  std::vector<absl::string_view> payload_;
   size_t payload_bytes_ = 0;
 };
 

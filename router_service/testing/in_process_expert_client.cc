@@ -88,11 +88,11 @@ void InProcessExpertClient::Forward(int server, const v1::DispatchRequest& reque
   auto copy = std::make_unique<v1::DispatchRequest>(request);
   copy->mutable_tokens()->set_data(rows.data(), rows.size());
   auto shared_done = std::make_shared<ForwardDone>(std::move(done));
-  absl::AnyInvocable<void() &&> work = [&s, copy = std::move(copy), shared_done]() mutable {
+  absl::AnyInvocable<void()&&> work = [&s, copy = std::move(copy), shared_done]() mutable {
     s.dispatcher->Dispatch(
         std::move(copy), std::make_unique<v1::DispatchResponse>(),
         [shared_done](std::unique_ptr<v1::DispatchResponse> response) {
-          std::move (*shared_done)(std::move(response));
+          std::move (*shared_done)(std::make_unique<ExpertAnswer>(std::move(*response)));
         });
   };
   {

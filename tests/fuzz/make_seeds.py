@@ -8,7 +8,7 @@ import json
 import os
 import struct
 
-from proto import collective_pb2, expert_pb2, tensor_pb2
+from proto import collective_pb2, expert_pb2, status_pb2, tensor_pb2
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
 
@@ -133,3 +133,17 @@ write("dispatch", "backward", expert_pb2.BackwardDispatchRequest(
     sequence_id=4, expert_id=2, request_id=9, grad_output=tensor([2, 4])).SerializeToString())
 write("dispatch", "other_layer", expert_pb2.DispatchRequest(
     sequence_id=5, expert_id=0, layer=3, tokens=tensor([1, 4])).SerializeToString())
+
+# Dispatch answers: two cut bytes, then a DispatchResponse.
+answer = expert_pb2.DispatchResponse(sequence_id=6, output=tensor([2, 4]), compute_micros=10,
+                                     compute_dtype=tensor_pb2.DTYPE_FP32)
+write("dispatch_answer", "answer", b"\x05\x0b" + answer.SerializeToString())
+write("dispatch_answer", "bf16", b"\x01\x02" + expert_pb2.DispatchResponse(
+    sequence_id=7, output=tensor_pb2.Tensor(shape=[1, 4], dtype=tensor_pb2.DTYPE_BF16,
+                                            data=b"\x80\x3f" * 4)).SerializeToString())
+write("dispatch_answer", "error", b"\x00\x03" + expert_pb2.DispatchResponse(
+    sequence_id=8, error=status_pb2.Status(code=5, message="not hosted"),
+    server_version=expert_pb2.StateVersion(placement_epoch=2)).SerializeToString())
+write("dispatch_answer", "output_then_error", b"\x07\x13" + answer.SerializeToString() +
+      expert_pb2.DispatchResponse(error=status_pb2.Status(code=13)).SerializeToString())
+write("dispatch_answer", "truncated", b"\x04\x09" + answer.SerializeToString()[:-5])

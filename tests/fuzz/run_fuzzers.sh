@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds="${1:-30}"
 seed="${FUZZ_SEED:-1}"
-targets=(tensor_codec ring_segment weight_chunks config safetensors checkpoint_index dispatch)
+targets=(tensor_codec ring_segment weight_chunks config safetensors checkpoint_index dispatch
+  dispatch_answer)
 output_base="${FUZZ_OUTPUT_BASE:-$HOME/.cache/moe-serve-fuzz}"
 
 bazel --output_base="$output_base" build --config=fuzz \
