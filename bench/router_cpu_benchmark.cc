@@ -69,7 +69,8 @@ void BM_Combine(benchmark::State& state) {
       outputs.emplace_back(std::vector<absl::string_view>{bytes}, DType::kFloat32, kDModel);
     }
     std::fill(y.mutable_values().begin(), y.mutable_values().end(), 0.0f);
-    benchmark::DoNotOptimize(router::Combine(routing, groups, outputs, y));
+    benchmark::DoNotOptimize(
+        router::Combine(routing, groups, outputs, kDModel, y.mutable_values()));
     benchmark::DoNotOptimize(y.mutable_values().data());
   }
   state.counters["us_per_token"] = benchmark::Counter(

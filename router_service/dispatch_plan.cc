@@ -106,15 +106,15 @@ void SetTokens(const ConstTensorView& x, const PairIndex& index, bool round_to_b
 }
 
 std::optional<NonFiniteRow> Combine(const Routing& routing, const std::vector<ExpertGroup>& groups,
-                                    std::vector<RowReader>& outputs, FloatTensor& y) {
+                                    std::vector<RowReader>& outputs, int64_t d_model,
+                                    absl::Span<float> y) {
   const PairIndex index = routing.pairs();
-  const int64_t d_model = y.dim(1);
   for (size_t g = 0; g < groups.size(); ++g) {
     const ExpertGroup& group = groups[g];
     RowReader& out = outputs[g];
     for (size_t r = 0; r < group.pairs.size(); ++r) {
       const int64_t p = group.pairs[r];
-      float* y_row = y.mutable_row(index.TokenOf(p)).data();
+      float* y_row = y.data() + index.TokenOf(p) * d_model;
       if (!AddScaledRow(out.Next(), out.dtype(), routing.weights[p], y_row, d_model)) {
         return NonFiniteRow{g, static_cast<int64_t>(r)};
       }

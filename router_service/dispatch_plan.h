@@ -86,10 +86,12 @@ struct NonFiniteRow {
 // y[t] = sum over groups g, rows r of g: weight(pair) * output_g[r], added
 // in group order (groups sorted by expert), so the result does not depend on
 // the order answers arrived in. outputs[g] reads group g's answer, [rows,
-// d_model] fp32 or bf16, wherever it lies. y ([num_tokens, d_model]) starts
-// zeroed. The first row holding a NaN or an Inf ends it (y is then partial).
+// d_model] fp32 or bf16, wherever it lies. y ([num_tokens, d_model], row
+// major: a tensor's values or a message's bytes) starts zeroed. The first
+// row holding a NaN or an Inf ends it (y is then partial).
 std::optional<NonFiniteRow> Combine(const Routing& routing, const std::vector<ExpertGroup>& groups,
-                                    std::vector<RowReader>& outputs, FloatTensor& y);
+                                    std::vector<RowReader>& outputs, int64_t d_model,
+                                    absl::Span<float> y);
 
 }  // namespace moe::router
 

@@ -589,8 +589,24 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
     }
     outputs.push_back(*std::move(rows));
   }
-  FloatTensor y({call->num_tokens, d_model});
-  if (std::optional<NonFiniteRow> bad = Combine(call->routing, call->groups, outputs, y)) {
+  // An fp32 y is combined straight into the bytes of the answer; a bf16 one
+  // in fp32, rounded once at the end.
+  ForwardResult result;
+  const int64_t elements = call->num_tokens * d_model;
+  std::vector<float> y32;
+  absl::Span<float> y;
+  if (call->dtype == DType::kFloat32) {
+    result.y.add_shape(call->num_tokens);
+    result.y.add_shape(d_model);
+    result.y.set_dtype(v1::DTYPE_FP32);
+    std::string* data = result.y.mutable_data();
+    data->assign(elements * sizeof(float), '\0');
+    y = absl::MakeSpan(reinterpret_cast<float*>(data->data()), elements);
+  } else {
+    y32.assign(elements, 0.0f);
+    y = absl::MakeSpan(y32);
+  }
+  if (std::optional<NonFiniteRow> bad = Combine(call->routing, call->groups, outputs, d_model, y)) {
     answered_badly(bad->group, absl::StrCat("expert output: NaN or Inf in row ", bad->row));
     return;
   }
@@ -605,8 +621,9 @@ void Router::FinishForward(std::shared_ptr<ForwardCall> call) {
     options_.routing_sample->Record(call->routing, call->layer);
   }
 
-  ForwardResult result;
-  EncodeFloats(y.values(), y.shape(), call->dtype, &result.y);
+  if (call->dtype != DType::kFloat32) {
+    EncodeFloats(y32, {call->num_tokens, d_model}, call->dtype, &result.y);
+  }
   result.request_id = call->request_id;
   result.placement_epoch = call->placement->version;
   result.gate_version = call->gate->version;
