@@ -5,8 +5,8 @@
 # end of every transfer, taken as half: 0.88 s/GB): starts a local cluster
 # of deploy/config/bench_1024.pbtxt (router + 2 expert servers) with
 # moe_local --serve, then for each batch runs moe_loadgen (one client, a
-# fixed number of requests) and reads the router process's utime + stime
-# from /proc before and after. Usage: bench/router_cpu.sh [fp32|bf16]
+# fixed number of requests, after as many unmeasured ones) and reads the
+# router process's utime + stime from /proc before and after. Usage: bench/router_cpu.sh [fp32|bf16]
 # Environment: CONFIG, ROUTER_FLAGS, CLIENT_DTYPE as bench/remote_vs_local.sh
 # (with bf16 servers and fp32 clients the rows out go rounded to bf16 unless
 # ROUTER_FLAGS turns --round_tokens_for_bf16_servers off).
@@ -41,6 +41,11 @@ printf "%6s %9s %14s %12s %16s %12s\n" batch requests "router us/tok" "wire KB/t
 for pair in 1:3000 64:400 512:80 4096:12; do
   batch="${pair%%:*}"
   requests="${pair##*:}"
+  # Unmeasured first: the router's heap grows to its high-water mark over
+  # its first large requests (fresh pages, zero-filled by the kernel, were a
+  # quarter of its cycles in a 12-request run at batch 4096).
+  bazel-bin/clients/cpp/moe_loadgen --router="$address" --config="$config" --dtype="$client_dtype" \
+      --concurrency=1 --batch="$batch" --requests="$requests" --rounds=1 >/dev/null
   before="$(cpu_ticks)"
   bazel-bin/clients/cpp/moe_loadgen --router="$address" --config="$config" --dtype="$client_dtype" \
       --concurrency=1 --batch="$batch" --requests="$requests" --rounds=1 >/dev/null
