@@ -54,6 +54,14 @@ struct RingSegment {
 // two slices).
 class ReceivedSegment final : public ReceivedRingSegment {
  public:
+  ReceivedSegment() = default;
+  // Moved, never copied: the payload's views point into the slices (small
+  // ones hold their bytes inline), which a move keeps where they are.
+  ReceivedSegment(ReceivedSegment&&) = default;
+  ReceivedSegment& operator=(ReceivedSegment&&) = default;
+  ReceivedSegment(const ReceivedSegment&) = delete;
+  ReceivedSegment& operator=(const ReceivedSegment&) = delete;
+
   // From a parsed RingChunk (tests and in-process links): copies its data.
   static ReceivedSegment FromChunk(const v1::RingChunk& chunk);
   // From the wire: the slices of `buffer` are kept, not copied. Any valid
