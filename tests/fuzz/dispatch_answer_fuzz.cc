@@ -10,6 +10,7 @@
 
 #include "proto/expert.pb.h"
 #include "router_service/expert_answer.h"
+#include "tests/fuzz/cut_input.h"
 
 namespace {
 
@@ -29,14 +30,8 @@ absl::StatusOr<std::vector<float>> Rows(const moe::router::ExpertAnswer& answer,
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 2) return 0;
-  // The first two bytes choose where the rest is cut into pieces.
-  const size_t body = size - 2;
-  size_t cut1 = body == 0 ? 0 : data[0] % (body + 1);
-  size_t cut2 = body == 0 ? 0 : data[1] % (body + 1);
-  if (cut1 > cut2) std::swap(cut1, cut2);
-  const absl::string_view bytes(reinterpret_cast<const char*>(data + 2), body);
-  const std::vector<absl::string_view> pieces = {
-      bytes.substr(0, cut1), bytes.substr(cut1, cut2 - cut1), bytes.substr(cut2)};
+  const std::vector<absl::string_view> pieces = moe::fuzz::CutInThree(data, size);
+  const absl::string_view bytes(pieces[0].data(), size - 2);
   absl::StatusOr<moe::router::ExpertAnswer> answer =
       moe::router::ExpertAnswer::FromWire(pieces, nullptr);
   if (!answer.ok()) {
@@ -44,7 +39,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   }
   moe::v1::DispatchResponse parsed;
-  if (!parsed.ParseFromArray(bytes.data(), static_cast<int>(body))) __builtin_trap();
+  if (!parsed.ParseFromArray(bytes.data(), static_cast<int>(bytes.size()))) __builtin_trap();
   moe::v1::DispatchResponse header = parsed;
   if (header.has_output()) header.mutable_output()->clear_data();
   if (header.SerializeAsString() != answer->response().SerializeAsString()) __builtin_trap();

@@ -9,18 +9,16 @@
 
 #include "expert_service/allreduce/ring_segment.h"
 #include "proto/collective.pb.h"
+#include "tests/fuzz/cut_input.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 2) return 0;
-  // The first two bytes choose where the rest is cut into slices.
+  const std::vector<absl::string_view> pieces = moe::fuzz::CutInThree(data, size);
+  const char* bytes = pieces[0].data();
   const size_t body = size - 2;
-  size_t cut1 = body == 0 ? 0 : data[0] % (body + 1);
-  size_t cut2 = body == 0 ? 0 : data[1] % (body + 1);
-  if (cut1 > cut2) std::swap(cut1, cut2);
-  const char* bytes = reinterpret_cast<const char*>(data + 2);
   std::vector<grpc::Slice> slices;
-  for (auto [begin, end] : {std::pair{size_t{0}, cut1}, {cut1, cut2}, {cut2, body}}) {
-    if (end > begin) slices.emplace_back(bytes + begin, end - begin);
+  for (absl::string_view piece : pieces) {
+    if (!piece.empty()) slices.emplace_back(piece.data(), piece.size());
   }
   grpc::ByteBuffer buffer(slices.data(), slices.size());
   moe::allreduce::ReceivedSegment segment;
