@@ -71,10 +71,11 @@ class WireReader {
     return ForEachRun(n, [&](absl::string_view run) { out.append(run.data(), run.size()); });
   }
 
-  // The value of a field of `wire_type` whose tag was just read, appended
-  // to `out` as encoded (with its tag written first by the caller): what a
-  // protobuf parse of `out` needs. False if truncated or of an unknown type.
-  bool CopyValue(int wire_type, std::string& out) {
+  // The field whose tag was just read (ReadTag), appended to `out` whole:
+  // its tag, then its value as encoded, for a protobuf parse of `out`. False
+  // if truncated or of an unknown wire type.
+  bool CopyField(uint64_t field, int wire_type, std::string& out) {
+    AppendVarint((field << 3) | static_cast<uint64_t>(wire_type), out);
     uint64_t value;
     switch (wire_type) {
       case 0:

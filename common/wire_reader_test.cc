@@ -38,8 +38,7 @@ bool ReadTensor(absl::Span<const absl::string_view> pieces, v1::Tensor& header, 
       if (!reader.ReadLength(length) || !reader.Take(length, runs)) return false;
       continue;
     }
-    AppendVarint((field << 3) | wire_type, encoded);
-    if (!reader.CopyValue(wire_type, encoded)) return false;
+    if (!reader.CopyField(field, wire_type, encoded)) return false;
   }
   data.clear();
   for (absl::string_view run : runs) data.append(run.data(), run.size());

@@ -32,8 +32,7 @@ absl::Status ReadTensor(WireReader& reader, std::string& header,
       if (!reader.Take(length, data)) return Malformed("output: truncated data");
       continue;
     }
-    AppendVarint((field << 3) | wire_type, header);
-    if (!reader.CopyValue(wire_type, header)) return Malformed("output: truncated field");
+    if (!reader.CopyField(field, wire_type, header)) return Malformed("output: truncated field");
   }
   return absl::OkStatus();
 }
@@ -67,8 +66,7 @@ absl::StatusOr<ExpertAnswer> ExpertAnswer::FromWire(absl::Span<const absl::strin
     if (wire_type == kLengthDelimited && field == v1::DispatchResponse::kErrorFieldNumber) {
       answer.data_.clear();
     }
-    AppendVarint((field << 3) | wire_type, header);
-    if (!reader.CopyValue(wire_type, header)) return Malformed("truncated field");
+    if (!reader.CopyField(field, wire_type, header)) return Malformed("truncated field");
   }
   if (!answer.response_.ParseFromString(header)) return Malformed("bad fields");
   return answer;
@@ -77,8 +75,8 @@ absl::StatusOr<ExpertAnswer> ExpertAnswer::FromWire(absl::Span<const absl::strin
 absl::StatusOr<RowReader> ExpertAnswer::OutputRows(int64_t rows, int64_t d_model) const {
   TensorSpec spec = TokenBatchSpec("expert output", d_model, 0);
   spec.dims[0] = rows;
-  std::vector<absl::string_view> pieces = data_;
-  if (!from_wire_) pieces = {response_.output().data()};
+  std::vector<absl::string_view> pieces =
+      from_wire_ ? data_ : std::vector<absl::string_view>{response_.output().data()};
   size_t bytes = 0;
   for (absl::string_view piece : pieces) bytes += piece.size();
   MOE_ASSIGN_OR_RETURN(const DType dtype, CheckTensorHeader(response_.output(), spec, bytes));

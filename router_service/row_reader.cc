@@ -55,8 +55,7 @@ void Copy(const std::byte* src, float* __restrict out, int64_t d) {
 RowReader::RowReader(std::vector<absl::string_view> pieces, DType dtype, int64_t d_model)
     : pieces_(std::move(pieces)),
       dtype_(dtype),
-      row_bytes_(static_cast<size_t>(d_model) * DTypeSize(dtype)),
-      straddle_(row_bytes_) {}
+      row_bytes_(static_cast<size_t>(d_model) * DTypeSize(dtype)) {}
 
 const std::byte* RowReader::Next() {
   while (piece_ < pieces_.size() && offset_ == pieces_[piece_].size()) {
@@ -72,6 +71,8 @@ const std::byte* RowReader::Next() {
     offset_ += row_bytes_;
     return row;
   }
+  // Only then a buffer: most readers never need one.
+  straddle_.resize(row_bytes_);
   size_t filled = 0;
   while (filled < row_bytes_) {
     MOE_CHECK(piece_ < pieces_.size(), "RowReader: the last row is cut short");

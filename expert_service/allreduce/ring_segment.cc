@@ -97,8 +97,7 @@ grpc::Status ReceivedSegment::Parse(grpc::ByteBuffer& buffer, ReceivedSegment& s
       segment.payload_bytes_ = length;
       continue;
     }
-    AppendVarint((field << 3) | wire_type, header);
-    if (!reader.CopyValue(wire_type, header))
+    if (!reader.CopyField(field, wire_type, header))
       return Malformed("truncated field or unknown wire type");
   }
   if (!segment.wire_header_.ParseFromString(header)) return Malformed("bad header fields");
