@@ -204,8 +204,11 @@ void ExpertDispatcher::Dispatch(std::unique_ptr<v1::DispatchRequest> request,
     batcher_->Forward(
         expert, *x, y, expected_step,
         [this, request = std::move(request), response = std::move(response),
-         reply = std::move(reply), expert, rows, start, versioned](absl::Status status) mutable {
-          CompleteDispatch(status, expert, rows, absl::Now() - start, versioned, *response);
+         reply = std::move(reply), expert, rows,
+         versioned](absl::Status status, absl::Duration ran) mutable {
+          // The kernel's time, not the wait for a compute thread: the
+          // router counts the wait as time outside the kernels.
+          CompleteDispatch(status, expert, rows, ran, versioned, *response);
           std::move(reply)(std::move(response));
         },
         keep_going);

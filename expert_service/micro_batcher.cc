@@ -91,7 +91,8 @@ void MicroBatcher::Dispatch(const Key& key, Batch batch) {
   if (!pool_.Submit([this, key, shared] { Run(key, *shared); })) {
     for (Item& item : shared->items) {
       std::move(item.done)(absl::ResourceExhaustedError(
-          "expert server compute queue is full; retry or use another replica"));
+                               "expert server compute queue is full; retry or use another replica"),
+                           absl::ZeroDuration());
     }
   }
 }
@@ -121,7 +122,8 @@ void MicroBatcher::DispatchOpen(const Key& key, std::shared_ptr<Batch> batch) {
   }
   for (Item& item : batch->items) {
     std::move(item.done)(absl::ResourceExhaustedError(
-        "expert server compute queue is full; retry or use another replica"));
+                             "expert server compute queue is full; retry or use another replica"),
+                         absl::ZeroDuration());
   }
 }
 
@@ -134,7 +136,7 @@ void MicroBatcher::Run(const Key& key, Batch& batch) {
   for (Item& item : batch.items) {
     absl::Status wanted = item.keep_going ? item.keep_going() : absl::OkStatus();
     if (!wanted.ok()) {
-      std::move(item.done)(std::move(wanted));
+      std::move(item.done)(std::move(wanted), absl::ZeroDuration());
       continue;
     }
     rows += item.x.rows();
@@ -143,12 +145,14 @@ void MicroBatcher::Run(const Key& key, Batch& batch) {
   batch.items = std::move(items);
   batch.rows = rows;
   if (batch.items.empty()) return;
+  const absl::Time start = absl::Now();
   if (batch.items.size() == 1) {
     // Alone: its own rows, no copies, and it stops between blocks when its
     // caller gives up.
     Item& item = batch.items[0];
-    std::move(item.done)(store_.Forward(expert, item.x, item.y, false, 0, clock_(),
-                                        key.expected_step, item.keep_going));
+    absl::Status status = store_.Forward(expert, item.x, item.y, false, 0, clock_(),
+                                         key.expected_step, item.keep_going);
+    std::move(item.done)(std::move(status), absl::Now() - start);
     return;
   }
   // Copy the rows into one batch, run it once, copy the answers back.
@@ -173,8 +177,9 @@ void MicroBatcher::Run(const Key& key, Batch& batch) {
       std::memcpy(item.y.data, y.data() + offset, item.y.size_bytes());
     }
     offset += item.y.size_bytes();
-    std::move(item.done)(status);
   }
+  const absl::Duration ran = absl::Now() - start;
+  for (Item& item : batch.items) std::move(item.done)(status, ran);
 }
 
 }  // namespace moe::expert

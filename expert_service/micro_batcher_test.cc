@@ -66,12 +66,14 @@ TEST(MicroBatcherTest, QueuedRequestsMergeAndAnIdlePoolRunsOneAtOnce) {
   std::vector<FloatTensor> y;
   for (const FloatTensor& t : x) y.emplace_back(t.shape());
   std::vector<absl::Status> status(4);
+  std::vector<absl::Duration> ran(4);
   std::vector<absl::Notification> done(4);
   auto forward = [&](int i, MicroBatcher::KeepGoing keep_going) {
     batcher.Forward(
         ExpertKey(0, 0), x[i].view(), y[i].mutable_view(), ExpertStore::kAnyStep,
-        [&, i](absl::Status s) {
+        [&, i](absl::Status s, absl::Duration d) {
           status[i] = std::move(s);
+          ran[i] = d;
           done[i].Notify();
         },
         std::move(keep_going));
@@ -79,12 +81,19 @@ TEST(MicroBatcherTest, QueuedRequestsMergeAndAnIdlePoolRunsOneAtOnce) {
   forward(0, nullptr);
   forward(1, [] { return absl::DeadlineExceededError("deadline passed"); });
   forward(2, [] { return absl::OkStatus(); });
+  // The wait for the compute thread is not the batch's running time.
+  const absl::Duration waited = absl::Milliseconds(300);
+  absl::SleepFor(waited);
   busy.Notify();
   for (int i = 0; i < 3; ++i) done[i].WaitForNotification();
   EXPECT_THAT(calls, ElementsAre(7));  // requests 0 and 2 in one call
   EXPECT_TRUE(status[0].ok()) << status[0];
   EXPECT_EQ(status[1].code(), absl::StatusCode::kDeadlineExceeded);
   EXPECT_TRUE(status[2].ok()) << status[2];
+  EXPECT_EQ(ran[0], ran[2]);  // one batch
+  EXPECT_GT(ran[0], absl::ZeroDuration());
+  EXPECT_LT(ran[0], waited);
+  EXPECT_EQ(ran[1], absl::ZeroDuration());  // did not run
   EXPECT_TRUE(TensorNear(y[0], Expected(x[0]), 1e-5));
   EXPECT_TRUE(TensorNear(y[2], Expected(x[2]), 1e-5));
 
