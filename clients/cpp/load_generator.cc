@@ -27,8 +27,9 @@ absl::StatusOr<LoadReport> RunLoad(const std::string& router_address, const Load
   report.expert_tokens.assign(num_experts, 0);
   absl::Mutex mu;
   std::atomic<int64_t> started{0};
-  const absl::Time start = absl::Now();
-  const absl::Time end = start + options.duration;
+  // Set by the last client to finish its warm-up; the others wait for it.
+  int warmed_up = 0;
+  absl::Time start, end;
   std::vector<std::thread> clients;
   for (int c = 0; c < options.concurrency; ++c) {
     clients.emplace_back([&, c] {
@@ -46,22 +47,37 @@ absl::StatusOr<LoadReport> RunLoad(const std::string& router_address, const Load
       int64_t ok = 0, failed = 0, dropped = 0;
       size_t next_layer = static_cast<size_t>(c);
       std::string error;
-      while (true) {
-        if (options.requests > 0 ? started.fetch_add(1) >= options.requests
-                                 : absl::Now() >= end) {
-          break;
-        }
+      // One request of fresh tokens; `seconds` is its latency.
+      auto send = [&](double& seconds) -> absl::StatusOr<ForwardOutput> {
         for (float& v : x.mutable_values()) v = dist(rng);
         forward.layer = options.layers[next_layer++ % options.layers.size()];
         const absl::Time sent = absl::Now();
         absl::StatusOr<ForwardOutput> out =
             stream != nullptr ? stream->Forward(x, forward) : client->Forward(x, forward);
-        const double seconds = absl::ToDoubleSeconds(absl::Now() - sent);
+        seconds = absl::ToDoubleSeconds(absl::Now() - sent);
         if (!out.ok()) {
           ++failed;
           if (error.empty()) error = out.status().ToString();
-          continue;
         }
+        return out;
+      };
+      double seconds = 0;
+      for (int w = 0; w < options.warm_up_requests; ++w) (void)send(seconds);
+      {
+        absl::MutexLock lock(&mu);
+        if (++warmed_up == options.concurrency) {
+          start = absl::Now();
+          end = start + options.duration;
+        }
+        auto all_warm = [&]() { return warmed_up == options.concurrency; };
+        mu.Await(absl::Condition(&all_warm));
+      }
+      while (true) {
+        if (options.requests > 0 ? started.fetch_add(1) >= options.requests : absl::Now() >= end) {
+          break;
+        }
+        absl::StatusOr<ForwardOutput> out = send(seconds);
+        if (!out.ok()) continue;
         ++ok;
         latencies.push_back(seconds);
         dropped += out->dropped_pairs;

@@ -1,8 +1,11 @@
 // Closed-loop load against a router, in the spirit of Triton's
 // perf_analyzer: `concurrency` clients each keep one Forward of
 // `batch_tokens` random tokens in flight (unary, or on one ForwardStream
-// each) for `duration` (or until `requests` are done). Collects latencies, token throughput and the
-// routing the router reports. Thread-compatible.
+// each) for `duration` (or until `requests` are done). Collects latencies,
+// token throughput and the routing the router reports. The clock starts
+// once every client has connected and sent its warm-up requests, so a
+// connection's setup is not counted as a request's latency.
+// Thread-compatible.
 #ifndef MOE_CLIENTS_CPP_LOAD_GENERATOR_H_
 #define MOE_CLIENTS_CPP_LOAD_GENERATOR_H_
 
@@ -30,6 +33,9 @@ struct LoadOptions {
   // The MoE layers requests go to: each client's requests cycle through
   // them, starting at a different one per client, so layers interleave.
   std::vector<int> layers = {0};
+  // Requests each client sends before the clock starts, not counted (as a
+  // local layer's first call is not: it builds primitives, touches pages).
+  int warm_up_requests = 1;
   uint64_t seed = 1;
   TransportCredentials credentials = TransportCredentials::Plaintext();
 };

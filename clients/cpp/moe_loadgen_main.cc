@@ -49,6 +49,9 @@ ABSL_FLAG(int, rounds, 5,
 ABSL_FLAG(bool, rpc_floor, true,
           "At batch 1, also measure gRPC's own unary round trip to the router (health Checks, "
           "after each round's load) and print the p50 against 2 round trips + 50 us.");
+ABSL_FLAG(int, warm_up_requests, 1,
+          "Requests each client sends before a measurement's clock starts, not counted (the "
+          "local layer's first call is not counted either).");
 ABSL_FLAG(std::string, json, "", "Also write the results to this JSON file.");
 
 namespace moe::client {
@@ -196,6 +199,7 @@ int Run() {
       load.streaming = absl::GetFlag(FLAGS_streaming);
       load.layers.assign(layers->begin(), layers->end());
       load.credentials = *credentials;
+      load.warm_up_requests = std::max(0, absl::GetFlag(FLAGS_warm_up_requests));
       std::vector<double> remote_rate, request_rate, p50, p90, p99, local_rate, local_p50,
           local_p99, ratios, round_trip_p50;
       const bool floor = batch == 1 && absl::GetFlag(FLAGS_rpc_floor);
