@@ -9,6 +9,12 @@
 #include "absl/synchronization/mutex.h"
 
 namespace moe::client {
+namespace {
+
+// Different batches per client, so routing varies between requests.
+constexpr int kDistinctInputs = 4;
+
+}  // namespace
 
 double LoadReport::Percentile(double p) const {
   if (latencies.empty()) return 0;
@@ -36,9 +42,17 @@ absl::StatusOr<LoadReport> RunLoad(const std::string& router_address, const Load
       auto client = MoeClient::Connect(router_address, options.credentials);
       std::unique_ptr<ForwardStreamClient> stream;
       if (options.streaming) stream = client->OpenForwardStream();
+      // Made before the clock starts and sent in turn: drawing a batch of
+      // random tokens costs the client about as much as the router's
+      // work on it, and a closed loop would count that as the cluster's.
       std::mt19937_64 rng(options.seed * 1000 + c);
       std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-      FloatTensor x({options.batch_tokens, options.d_model});
+      std::vector<FloatTensor> inputs;
+      for (int i = 0; i < kDistinctInputs; ++i) {
+        FloatTensor& x = inputs.emplace_back(Shape{options.batch_tokens, options.d_model});
+        for (float& v : x.mutable_values()) v = dist(rng);
+      }
+      size_t next_input = 0;
       ForwardOptions forward;
       forward.return_routing = true;
       forward.wire_dtype = options.wire_dtype;
@@ -47,9 +61,9 @@ absl::StatusOr<LoadReport> RunLoad(const std::string& router_address, const Load
       int64_t ok = 0, failed = 0, dropped = 0;
       size_t next_layer = static_cast<size_t>(c);
       std::string error;
-      // One request of fresh tokens; `seconds` is its latency.
+      // One request; `seconds` is its latency.
       auto send = [&](double& seconds) -> absl::StatusOr<ForwardOutput> {
-        for (float& v : x.mutable_values()) v = dist(rng);
+        const FloatTensor& x = inputs[next_input++ % inputs.size()];
         forward.layer = options.layers[next_layer++ % options.layers.size()];
         const absl::Time sent = absl::Now();
         absl::StatusOr<ForwardOutput> out =

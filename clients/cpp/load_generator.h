@@ -3,8 +3,8 @@
 // `batch_tokens` random tokens in flight (unary, or on one ForwardStream
 // each) for `duration` (or until `requests` are done). Collects latencies,
 // token throughput and the routing the router reports. The clock starts
-// once every client has connected and sent its warm-up requests, so a
-// connection's setup is not counted as a request's latency.
+// once every client has drawn its batches (a few, sent in turn), connected
+// and sent its warm-up requests: none of that is the cluster's time.
 // Thread-compatible.
 #ifndef MOE_CLIENTS_CPP_LOAD_GENERATOR_H_
 #define MOE_CLIENTS_CPP_LOAD_GENERATOR_H_
