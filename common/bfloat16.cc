@@ -6,12 +6,16 @@ namespace moe {
 
 void FloatsToBf16(absl::Span<const float> in, absl::Span<uint16_t> out) {
   MOE_CHECK(in.size() == out.size());
-  for (size_t i = 0; i < in.size(); ++i) out[i] = FloatToBf16(in[i]);
+  const float* from = in.data();
+  uint16_t* to = out.data();
+  for (size_t i = 0; i < in.size(); ++i) to[i] = FloatToBf16(from[i]);
 }
 
 void Bf16ToFloats(absl::Span<const uint16_t> in, absl::Span<float> out) {
   MOE_CHECK(in.size() == out.size());
-  for (size_t i = 0; i < in.size(); ++i) out[i] = Bf16ToFloat(in[i]);
+  const uint16_t* from = in.data();
+  float* to = out.data();
+  for (size_t i = 0; i < in.size(); ++i) to[i] = Bf16ToFloat(from[i]);
 }
 
 }  // namespace moe

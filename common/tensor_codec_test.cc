@@ -60,6 +60,24 @@ TEST(Bfloat16Test, RoundTripIsExactForBf16Values) {
   }
 }
 
+TEST(Bfloat16Test, BulkConversionsMatchOneAtATime) {
+  // Spread over every sign, exponent and rounding case, NaNs included.
+  std::vector<float> floats;
+  for (uint64_t b = 0; b < (uint64_t{1} << 32); b += 65521) floats.push_back(FromBits(b));
+  floats.push_back(FromBits(0x3f808000));  // a tie
+  floats.push_back(FromBits(0x7f800001));  // NaN with a low payload
+  std::vector<uint16_t> rounded(floats.size());
+  FloatsToBf16(floats, absl::MakeSpan(rounded));
+  for (size_t i = 0; i < floats.size(); ++i) {
+    ASSERT_EQ(rounded[i], FloatToBf16(floats[i])) << "bits " << Bits(floats[i]);
+  }
+  std::vector<uint16_t> every(0x10000);
+  for (uint32_t b = 0; b < 0x10000; ++b) every[b] = static_cast<uint16_t>(b);
+  std::vector<float> widened(every.size());
+  Bf16ToFloats(every, absl::MakeSpan(widened));
+  for (uint32_t b = 0; b < 0x10000; ++b) ASSERT_EQ(Bits(widened[b]), b << 16);
+}
+
 TEST(TensorCodecTest, Fp32RoundTripIsExactAndZeroCopy) {
   const v1::Tensor wire = Fp32Batch(2, 3, {1, -2, 3.5f, 0, 1e-30f, -7});
   absl::StatusOr<ConstTensorView> view = DecodeTensor(wire, TokenBatchSpec("x", 3, 0));
@@ -148,6 +166,19 @@ TEST(TensorCodecTest, RejectsNanAndInfWithTheirPosition) {
                DType::kBFloat16, &bf16);
   EXPECT_EQ(DecodeTensor(bf16, TokenBatchSpec("g", 2, 0)).status().message(),
             "g: Inf at row 0, column 1");
+  // Past the first block the check scans (4096 values), and the largest
+  // finite values are finite.
+  std::vector<float> wide(3 * 3000, std::numeric_limits<float>::max());
+  wide[1] = -std::numeric_limits<float>::max();
+  EXPECT_TRUE(DecodeTensor(Fp32Batch(3, 3000, wide), TokenBatchSpec("x", 3000, 0)).ok());
+  wide[2 * 3000 + 2999] = std::nanf("");
+  EXPECT_EQ(DecodeTensor(Fp32Batch(3, 3000, wide), TokenBatchSpec("x", 3000, 0)).status().message(),
+            "x: NaN at row 2, column 2999");
+  std::vector<float> wide_bf16(3 * 3000, 1.0f);
+  wide_bf16[1 * 3000 + 1500] = -std::numeric_limits<float>::infinity();
+  EncodeFloats(wide_bf16, {3, 3000}, DType::kBFloat16, &bf16);
+  EXPECT_EQ(DecodeTensor(bf16, TokenBatchSpec("g", 3000, 0)).status().message(),
+            "g: Inf at row 1, column 1500");
   TensorSpec lenient = TokenBatchSpec("x", 2, 0);
   lenient.require_finite = false;
   EXPECT_TRUE(DecodeTensor(nan, lenient).ok());

@@ -25,11 +25,12 @@ int64_t ToDeadlineMicros(absl::Time deadline) {
 }
 
 // fp32 values of a view: the view itself, or a widened copy for bf16.
-absl::Span<const float> AsFloats(const ConstTensorView& view, std::vector<float>& storage) {
+absl::Span<const float> AsFloats(const ConstTensorView& view, std::unique_ptr<float[]>& storage) {
   if (view.dtype == DType::kFloat32) return view.floats();
-  storage.resize(view.num_elements());
-  Bf16ToFloats(view.bf16s(), absl::MakeSpan(storage));
-  return storage;
+  const size_t n = view.num_elements();
+  storage.reset(new float[n]);  // not zeroed: every value is written next
+  Bf16ToFloats(view.bf16s(), absl::MakeSpan(storage.get(), n));
+  return absl::MakeConstSpan(storage.get(), n);
 }
 
 // Ends `call` with DEADLINE_EXCEEDED at `deadline` unless an answer ends it
@@ -117,7 +118,7 @@ struct Router::ForwardCall {
   GateSnapshot gate;
   PlacementSnapshot placement;
   Routing routing;
-  std::vector<float> x32_storage;
+  std::unique_ptr<float[]> x32_storage;
   absl::Span<const float> x32;
   std::vector<ExpertGroup> groups;
   std::vector<std::unique_ptr<ExpertAnswer>> responses;
@@ -140,7 +141,7 @@ struct Router::BackwardCall {
   uint64_t timer_id = 0;
   DType dtype = DType::kFloat32;
   std::unique_ptr<TrainingRecord> record;
-  std::vector<float> dy32_storage;
+  std::unique_ptr<float[]> dy32_storage;
   absl::Span<const float> dy32;
   std::vector<double> d_weight;
   std::vector<v1::BackwardDispatchRequest> requests;
@@ -851,7 +852,7 @@ void Router::FinishBackward(std::shared_ptr<BackwardCall> call) {
                        " badly: ", part.status().message())));
       return;
     }
-    std::vector<float> storage;
+    std::unique_ptr<float[]> storage;
     const absl::Span<const float> rows = AsFloats(*part, storage);
     for (size_t r = 0; r < group.pairs.size(); ++r) {
       float* dx_row = dx.mutable_row(index.TokenOf(group.pairs[r])).data();
