@@ -41,9 +41,9 @@ class MicroBatcher {
     // A batch runs as soon as it holds this many rows.
     int64_t max_batch_rows = 4096;
   };
-  // The request's status, and how long the batch it ran in took (its
-  // kernel and the merge's copies, not the wait before it; zero when it
-  // did not run).
+  // The request's status, and its share (by rows) of the time the batch
+  // it ran in took (its kernel and the merge's copies, not the wait
+  // before it; zero when it did not run).
   using Done = absl::AnyInvocable<void(absl::Status, absl::Duration ran) &&>;
   // OK while the request's caller still wants it (its deadline, its
   // cancellation); checked before a batch runs, and between the blocks of
