@@ -182,7 +182,8 @@ void MicroBatcher::Run(const Key& key, Batch& batch) {
   // time, as the router adds up a server's kernel time.
   const absl::Duration ran = absl::Now() - start;
   for (Item& item : batch.items) {
-    std::move(item.done)(status, ran * item.x.rows() / batch.rows);
+    std::move(item.done)(status,
+                         batch.rows > 0 ? ran * item.x.rows() / batch.rows : absl::ZeroDuration());
   }
 }
 
