@@ -30,6 +30,12 @@ inline float Bf16ToFloat(uint16_t value) {
   return result;
 }
 
+// 1 if fp32 bits (bf16 bits shifted up by 16) have an all-ones exponent,
+// NaN or Inf, else 0: ORed over a loop without a branch, which vectorises.
+inline uint32_t NonFiniteBits(uint32_t fp32_bits) {
+  return static_cast<uint32_t>((fp32_bits & 0x7f800000u) == 0x7f800000u);
+}
+
 // REQUIRES: out.size() == in.size(). Vectorised (Debian's abseil checks
 // every Span index, which keeps indexed loops scalar: these use pointers).
 void FloatsToBf16(absl::Span<const float> in, absl::Span<uint16_t> out);

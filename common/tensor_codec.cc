@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 
 #include "absl/base/config.h"
 #include "absl/status/status.h"
@@ -77,32 +76,32 @@ std::string SizeBreakdown(const v1::Tensor& tensor, const TensorSpec& spec,
   return out;
 }
 
-// Whether any of n values has an all-ones exponent (NaN or Inf): fp32 and
-// bf16 share the exponent's position within the top 16 bits. No early exit
-// and no Span indexing (Debian's abseil checks every index), so it
-// vectorises; the caller scans blocks and looks closer only at a bad one.
-template <typename T, typename Bits>
-bool AnyNonFinite(const T* values, size_t n, Bits exponent) {
-  static_assert(sizeof(T) == sizeof(Bits));
-  Bits bad = 0;
-  for (size_t i = 0; i < n; ++i) {
-    Bits bits;
-    std::memcpy(&bits, values + i, sizeof(bits));  // a load, without aliasing T
-    bad |= (bits & exponent) == exponent;
-  }
+// A value's bits as fp32 bits (a bf16 value is the top half of one).
+inline uint32_t Fp32Bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+inline uint32_t Fp32Bits(uint16_t bf16) { return static_cast<uint32_t>(bf16) << 16; }
+
+// Whether any of n values is NaN or Inf. No early exit and no Span
+// indexing (Debian's abseil checks every index), so it vectorises; the
+// caller scans blocks and looks closer only at a bad one.
+template <typename T>
+bool AnyNonFinite(const T* values, size_t n) {
+  uint32_t bad = 0;
+  for (size_t i = 0; i < n; ++i) bad |= NonFiniteBits(Fp32Bits(values[i]));
   return bad != 0;
 }
 
 template <typename T, typename ToFloat>
-absl::Status CheckFinite(absl::Span<const T> values, int64_t row_width,
-                         absl::string_view name, ToFloat to_float) {
-  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
-  const Bits exponent = static_cast<Bits>(sizeof(T) == 4 ? 0x7f800000u : 0x7f80u);
+absl::Status CheckFinite(absl::Span<const T> values, int64_t row_width, absl::string_view name,
+                         ToFloat to_float) {
   constexpr size_t kBlock = 4096;
   size_t first = values.size();
   for (size_t start = 0; start < values.size(); start += kBlock) {
     const size_t n = std::min(kBlock, values.size() - start);
-    if (AnyNonFinite(values.data() + start, n, exponent)) {
+    if (AnyNonFinite(values.data() + start, n)) {
       first = start;
       break;
     }

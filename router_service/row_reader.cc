@@ -3,15 +3,11 @@
 #include <algorithm>
 #include <cstring>
 
+#include "common/bfloat16.h"
 #include "common/log.h"
 
 namespace moe::router {
 namespace {
-
-// A float's bits with its exponent all ones: NaN or Inf.
-inline uint32_t NotFinite(uint32_t bits) {
-  return static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
-}
 
 // The value at `src` as fp32 bits (loads by memcpy: `src` has any
 // alignment, and the compiler turns them into plain vector loads).
@@ -39,7 +35,7 @@ bool AddScaled(const std::byte* src, float w, float* __restrict y, int64_t d) {
   uint32_t bad = 0;
   for (int64_t m = 0; m < d; ++m) {
     const uint32_t bits = LoadBits<kDType>(src, m);
-    bad |= NotFinite(bits);
+    bad |= NonFiniteBits(bits);
     y[m] += w * FromBits(bits);
   }
   return bad == 0;
