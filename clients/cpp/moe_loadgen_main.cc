@@ -274,9 +274,10 @@ int Run() {
         const double trip = Median(round_trip_p50);
         const double goal = 2 * trip + 50e-6;
         std::printf(
-            "      batch 1: p50 %.0f us; gRPC's unary round trip p50 %.0f us; "
+            "      batch 1 (%s): p50 %.0f us; gRPC's unary round trip p50 %.0f us; "
             "2 round trips + 50 us = %.0f us (p50 %s)\n",
-            1e6 * Median(p50), 1e6 * trip, 1e6 * goal, Median(p50) <= goal ? "within" : "above");
+            load.streaming ? "ForwardStream" : "unary Forward", 1e6 * Median(p50), 1e6 * trip,
+            1e6 * goal, Median(p50) <= goal ? "within" : "above");
         row["rpc_round_trip_p50_s"] = trip;
         row["rpc_round_trip_p50_rounds_s"] = round_trip_p50;
       }
