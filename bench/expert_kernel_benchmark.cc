@@ -6,7 +6,10 @@
 // gated SiLU experts (Mixtral's: three matrices) in the same run: inference
 // (SiLU and the multiply fused as post-ops) and the training forward (x W1
 // and x W3 kept), as time per call and GFLOP/s against the ReLU kernel
-// (a gated expert does 1.5x the FLOPs).
+// (a gated expert does 1.5x the FLOPs). Last, 8 experts called in turn at
+// M = 1 and 16, their weights far beyond the caches: what a server's kernel
+// calls cost at batch 1 and 64 (one expert called again and again runs
+// partly from the cache).
 #include <cstdio>
 #include <memory>
 
@@ -152,6 +155,36 @@ void BM_RawOnednnMatmul(benchmark::State& state, DType dtype) {
   SetFlops(state, rows);
 }
 
+constexpr int64_t kInTurnRows[] = {1, 16};
+
+// Time per call of 8 different fp32 experts in turn (rows = range(0)).
+void BM_ExpertsInTurn(benchmark::State& state) {
+  const int64_t rows = state.range(0);
+  static const auto* kernels = [] {
+    auto* made = new std::vector<std::unique_ptr<OnednnExpertKernel>>();
+    ModelConfig model = Model();
+    model.num_experts = 8;
+    for (int e = 0; e < model.num_experts; ++e) {
+      auto kernel = OnednnExpertKernel::Create(InitExpert(model, ExpertKey(0, e)), DType::kFloat32,
+                                               Runtime());
+      if (kernel.ok()) made->push_back(*std::move(kernel));
+    }
+    return made;
+  }();
+  if (kernels->size() != 8) return state.SkipWithError("expert kernels");
+  const std::vector<std::byte> x = Batch(rows, kDModel, DType::kFloat32);
+  std::vector<std::byte> y(x.size());
+  const ConstTensorView x_view{DType::kFloat32, {rows, kDModel}, x.data()};
+  const TensorView y_view{DType::kFloat32, {rows, kDModel}, y.data()};
+  size_t next = 0;
+  for (auto _ : state) {
+    const absl::Status status =
+        (*kernels)[next++ % kernels->size()]->Forward(x_view, y_view, nullptr);
+    benchmark::DoNotOptimize(status);
+  }
+  SetFlops(state, rows);
+}
+
 void Register() {
   for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
     const std::string suffix(DTypeName(dtype));
@@ -172,6 +205,12 @@ void Register() {
             ->UseRealTime();
       }
     }
+  }
+  for (int64_t rows : kInTurnRows) {
+    benchmark::RegisterBenchmark("BM_ExpertsInTurn/fp32", BM_ExpertsInTurn)
+        ->Arg(rows)
+        ->Unit(benchmark::kMicrosecond)
+        ->UseRealTime();
   }
 }
 
@@ -244,5 +283,16 @@ int main(int argc, char** argv) {
                 bf16->counters.at("GFLOPS") / fp32->counters.at("GFLOPS"));
   }
   moe::bench::PrintBf16Error();
+  std::printf(
+      "\nfp32, M rows: one expert again and again against 8 experts in turn\n%6s %12s %12s\n", "M",
+      "one us", "8 in turn us");
+  for (int64_t rows : moe::bench::kInTurnRows) {
+    const std::string arg = absl::StrCat("/fp32/", rows, "/real_time");
+    const auto* one = reporter.Find("BM_ExpertKernelForward" + arg);
+    const auto* in_turn = reporter.Find("BM_ExpertsInTurn" + arg);
+    if (one == nullptr || in_turn == nullptr) continue;
+    std::printf("%6ld %12.1f %12.1f\n", static_cast<long>(rows), one->seconds_per_iteration * 1e6,
+                in_turn->seconds_per_iteration * 1e6);
+  }
   return 0;
 }
