@@ -39,13 +39,15 @@ using ::testing::HasSubstr;
 // The cluster of these tests: d_model 48, 8 experts.
 class LocalCluster : public ProcessCluster {
  public:
-  LocalCluster(const std::string& strategy, int top_k, bool drop, int num_servers = 2)
-      : ProcessCluster(Options(strategy, top_k, drop, num_servers)) {}
+  LocalCluster(const std::string& strategy, int top_k, bool drop, int num_servers = 2,
+               std::vector<std::string> router_flags = {})
+      : ProcessCluster(Options(strategy, top_k, drop, num_servers, std::move(router_flags))) {}
 
  private:
   static ProcessClusterOptions Options(const std::string& strategy, int top_k, bool drop,
-                                       int num_servers) {
+                                       int num_servers, std::vector<std::string> router_flags) {
     ProcessClusterOptions options;
+    options.router_flags = std::move(router_flags);
     options.model = absl::StrCat(
         "d_model: 48 d_ff: 96 num_experts: 8 top_k: ", top_k, " seed: 5",
         drop ? " overflow_policy: OVERFLOW_POLICY_DROP capacity_factor: 0.5" : "");
@@ -136,11 +138,18 @@ TEST(ClusterTest, SurvivesAKilledReplicaAndNamesUnreplicatedExperts) {
   EXPECT_TRUE(status.ok()) << status.error_message();
 }
 
-TEST(ClusterTest, ClientsUnderSustainedLoadSurviveAReplicaKilledAmongThem) {
+// The router's expert calls whole (one per expert and replica), or split
+// into micro-batches of 3 rows (d_model 48, fp32), several in flight per
+// expert.
+class KilledReplicaTest : public ::testing::TestWithParam<int> {};
+
+TEST_P(KilledReplicaTest, ClientsUnderSustainedLoadSurviveAReplicaKilledAmongThem) {
   // Six clients keep requests in flight while a DATA_PARALLEL replica is
   // SIGKILLed: every request, including those the dead server held, ends
   // with the reference output (re-sent to the live replica).
-  LocalCluster cluster("DATA_PARALLEL", 2, false);
+  std::vector<std::string> router_flags;
+  if (GetParam() > 0) router_flags.push_back(absl::StrCat("--micro_batch_bytes=", GetParam()));
+  LocalCluster cluster("DATA_PARALLEL", 2, false, 2, router_flags);
   const ReferenceMoe reference = cluster.Reference();
   constexpr int kClients = 6, kRequests = 40;
   std::atomic<int> done{0}, correct{0};
@@ -167,6 +176,12 @@ TEST(ClusterTest, ClientsUnderSustainedLoadSurviveAReplicaKilledAmongThem) {
   for (auto& t : clients) t.join();
   EXPECT_EQ(correct.load(), kClients * kRequests) << cluster.RouterLog();
 }
+
+INSTANTIATE_TEST_SUITE_P(WholeAndMicroBatched, KilledReplicaTest, ::testing::Values(0, 3 * 48 * 4),
+                         [](const ::testing::TestParamInfo<int>& info) {
+                           return info.param == 0 ? std::string("WholeCalls")
+                                                  : std::string("MicroBatches");
+                         });
 
 TEST(ClusterTest, ConcurrentClientsGetTheirOwnAnswers) {
   // Eight clients at once, each with its own inputs and batch sizes: every
