@@ -427,10 +427,12 @@ TEST(RouterTest, ModelParallelWithoutReplicaFailsNamingTheExperts) {
 
 // A router over two in-process servers that hold every call (stalled).
 struct StalledCluster {
-  StalledCluster() {
+  // `micro_batch_bytes`: Router::Options::micro_batch_bytes.
+  explicit StalledCluster(int64_t micro_batch_bytes = 0) {
     client = std::make_unique<InProcessExpertClient>(model, placement, weights, OnednnKernels());
     Router::Options options{model, *weights.gate};
     options.timer = &timer;
+    options.micro_batch_bytes = micro_batch_bytes;
     router = std::make_unique<Router>(std::move(options), placement, *client);
     client->Stall(0);
     client->Stall(1);
@@ -553,6 +555,55 @@ TEST(RouterTest, ACancelledCallEndsAtOnceAndKeepsNothing) {
   // Cancelling after the end changes nothing.
   cancellation->Cancel();
   EXPECT_EQ(calls, 1);
+}
+
+// An inference forward split into micro-batches of 3 rows (d_model 32,
+// fp32): a cancel reaches every micro-batch sent, and a deadline ends the
+// forward once, whichever micro-batches are still out.
+TEST(RouterTest, CancelsAndDeadlinesEndEveryMicroBatch) {
+  constexpr int64_t kMicroBatchBytes = 3 * 32 * 4;
+  const v1::Tensor x = Wire(RandomTensor({16, 32}, 3));
+  {
+    StalledCluster cluster(kMicroBatchBytes);
+    auto cancellation = std::make_shared<Cancellation>();
+    absl::Notification done;
+    absl::Status status;
+    int calls = 0;
+    cluster.router->Forward(
+        x, 0, /*training=*/false, absl::InfiniteFuture(),
+        [&](absl::StatusOr<Router::ForwardResult> r) {
+          status = r.status();
+          ++calls;
+          done.Notify();
+        },
+        cancellation);
+    cancellation->Cancel();
+    done.WaitForNotification();
+    EXPECT_EQ(status.code(), absl::StatusCode::kCancelled);
+    // 32 pairs over 8 experts in calls of at most 3 rows: more calls than
+    // experts, and each one cancelled at its server.
+    EXPECT_GT(cluster.client->forwards(), 8);
+    EXPECT_EQ(cluster.client->cancels(), cluster.client->forwards());
+    cluster.UnstallAndServeAgain();
+    EXPECT_EQ(calls, 1);
+  }
+  {
+    StalledCluster cluster(kMicroBatchBytes);
+    absl::Notification done;
+    absl::Status status;
+    int calls = 0;
+    cluster.router->Forward(x, 0, false, absl::Now() + absl::Milliseconds(20),
+                            [&](absl::StatusOr<Router::ForwardResult> r) {
+                              status = r.status();
+                              ++calls;
+                              done.Notify();
+                            });
+    done.WaitForNotification();
+    EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded);
+    EXPECT_GT(cluster.client->forwards(), 8);
+    cluster.UnstallAndServeAgain();
+    EXPECT_EQ(calls, 1);
+  }
 }
 
 TEST(RouterTest, ReportsItsPhases) {
