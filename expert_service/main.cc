@@ -11,6 +11,7 @@
 #include "common/log.h"
 #include "common/malloc_tuning.h"
 #include "common/model_config.h"
+#include "common/mutex_checks.h"
 #include "common/server_flags.h"
 #include "common/stop_signals.h"
 #include "common/transport_credentials.h"
@@ -124,6 +125,7 @@ absl::StatusOr<moe::expert::ExpertServer::Options> OptionsFromFlags() {
 
 int main(int argc, char** argv) {
   moe::KeepFreedMessageMemory();
+  moe::SkipMutexDeadlockDetection();
   moe::SetFlagsUsage(
       "Serves the experts of a moe-serve cluster.\n"
       "Usage: expert_server --config=serving.pbtxt --name=expert-0 [--port=50061]");

@@ -10,6 +10,7 @@
 #include "common/log.h"
 #include "common/malloc_tuning.h"
 #include "common/model_config.h"
+#include "common/mutex_checks.h"
 #include "common/server_flags.h"
 #include "common/stop_signals.h"
 #include "common/transport_credentials.h"
@@ -81,6 +82,7 @@ ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
 
 int main(int argc, char** argv) {
   moe::KeepFreedMessageMemory();
+  moe::SkipMutexDeadlockDetection();
   moe::SetFlagsUsage(
       "Routes token batches to the expert servers of a moe-serve cluster.\n"
       "Usage: router --config=serving.pbtxt [--port=50051]");

@@ -22,6 +22,7 @@
 #include "common/grpc_server.h"
 #include "common/log.h"
 #include "common/malloc_tuning.h"
+#include "common/mutex_checks.h"
 #include "common/transport_credentials.h"
 #include "expert_service/allreduce/allreduce_inputs.h"
 #include "expert_service/allreduce/collective_registry.h"
@@ -192,6 +193,7 @@ int Run() {
 
 int main(int argc, char** argv) {
   moe::KeepFreedMessageMemory();
+  moe::SkipMutexDeadlockDetection();
   moe::SetFlagsUsage(
       "One rank of a gRPC ring all-reduce on generated data, checked element by element.\n"
       "Usage: allreduce_node --rank=R --peers=host:port,host:port,... [--lengths=...]");
