@@ -15,6 +15,7 @@
 #include "common/expert_key.h"
 #include "common/flags_usage.h"
 #include "common/log.h"
+#include "common/mutex_checks.h"
 #include "common/pair_index.h"
 #include "common/safetensors.h"
 
@@ -160,6 +161,7 @@ int Run() {
 }  // namespace moe::client
 
 int main(int argc, char** argv) {
+  moe::SkipMutexDeadlockDetection();
   moe::SetFlagsUsage(
       "Sends one batch of tokens to a moe-serve router and prints the output and routing.\n"
       "Usage: moe_client --router=host:port [--tokens=4 --d_model=256 | --input=x.safetensors]");

@@ -24,6 +24,7 @@
 #include "common/flags_usage.h"
 #include "common/log.h"
 #include "common/model_config.h"
+#include "common/mutex_checks.h"
 #include "nlohmann/json.hpp"
 
 ABSL_FLAG(std::string, router, "127.0.0.1:50051", "The router's host:port.");
@@ -295,6 +296,7 @@ int Run() {
 }  // namespace moe::client
 
 int main(int argc, char** argv) {
+  moe::SkipMutexDeadlockDetection();
   moe::SetFlagsUsage(
       "Puts load on a moe-serve router and prints throughput and latency.\n"
       "Usage: moe_loadgen --router=host:port --config=serving.pbtxt [--compare_local]");

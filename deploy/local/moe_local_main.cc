@@ -28,6 +28,7 @@
 #include "common/flags_usage.h"
 #include "common/log.h"
 #include "common/model_config.h"
+#include "common/mutex_checks.h"
 #include "common/placement.h"
 #include "common/stop_signals.h"
 #include "common/test_ca.h"
@@ -410,6 +411,7 @@ int Run() {
 }  // namespace moe::local
 
 int main(int argc, char** argv) {
+  moe::SkipMutexDeadlockDetection();
   moe::SetFlagsUsage(
       "Runs a moe-serve cluster (router + expert servers) on this machine, puts a load "
       "through it and prints a summary.\nUsage: moe_local [--strategy=HYBRID] [--servers=2] "
