@@ -444,6 +444,26 @@ struct StalledCluster {
     router.reset();
   }
 
+  // What a forward answered, and how many times.
+  struct Outcome {
+    absl::Notification done;
+    absl::Status status;
+    int calls = 0;
+  };
+
+  // Starts a forward of `x` that records its answer in `outcome`.
+  void Forward(const v1::Tensor& x, bool training, absl::Time deadline, Outcome& outcome,
+               std::shared_ptr<Cancellation> cancellation = nullptr) {
+    router->Forward(
+        x, 0, training, deadline,
+        [&outcome](absl::StatusOr<Router::ForwardResult> r) {
+          outcome.status = r.status();
+          ++outcome.calls;
+          outcome.done.Notify();
+        },
+        std::move(cancellation));
+  }
+
   // Lets both servers go (their held answers come late) and checks that a
   // fresh call is served.
   void UnstallAndServeAgain() {
@@ -510,51 +530,35 @@ TEST(RouterTest, ASilentReplicaIsHedgedAndAvoided) {
 
 TEST(RouterTest, DeadlineEndsACallThatWaitsOnAStalledServer) {
   StalledCluster cluster;
-  absl::Notification done;
-  absl::Status status;
-  int calls = 0;
-  cluster.router->Forward(Wire(RandomTensor({16, 32}, 3)), 0, false,
-                          absl::Now() + absl::Milliseconds(20),
-                          [&](absl::StatusOr<Router::ForwardResult> r) {
-                            status = r.status();
-                            ++calls;
-                            done.Notify();
-                          });
-  done.WaitForNotification();
-  EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded);
-  EXPECT_THAT(status.message(), HasSubstr("expert calls unanswered"));
+  StalledCluster::Outcome outcome;
+  cluster.Forward(Wire(RandomTensor({16, 32}, 3)), false, absl::Now() + absl::Milliseconds(20),
+                  outcome);
+  outcome.done.WaitForNotification();
+  EXPECT_EQ(outcome.status.code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(outcome.status.message(), HasSubstr("expert calls unanswered"));
   // The late answers arrive and are dropped: `done` ran exactly once.
   cluster.UnstallAndServeAgain();
-  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(outcome.calls, 1);
 }
 
 TEST(RouterTest, ACancelledCallEndsAtOnceAndKeepsNothing) {
   StalledCluster cluster;
   auto cancellation = std::make_shared<Cancellation>();
-  absl::Notification done;
-  absl::Status status;
-  int calls = 0;
-  const v1::Tensor x = Wire(RandomTensor({16, 32}, 3));
-  cluster.router->Forward(
-      x, 0, /*training=*/true, absl::InfiniteFuture(),
-      [&](absl::StatusOr<Router::ForwardResult> r) {
-        status = r.status();
-        ++calls;
-        done.Notify();
-      },
-      cancellation);
+  StalledCluster::Outcome outcome;
+  cluster.Forward(Wire(RandomTensor({16, 32}, 3)), /*training=*/true, absl::InfiniteFuture(),
+                  outcome, cancellation);
   cancellation->Cancel();
-  done.WaitForNotification();
-  EXPECT_EQ(status.code(), absl::StatusCode::kCancelled);
+  outcome.done.WaitForNotification();
+  EXPECT_EQ(outcome.status.code(), absl::StatusCode::kCancelled);
   // Each expert call it had sent was cancelled at its server.
   EXPECT_GT(cluster.client->cancels(), 0);
   // The late answers are dropped: no second `done`, no training state kept.
   cluster.UnstallAndServeAgain();
-  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(outcome.calls, 1);
   EXPECT_EQ(cluster.router->pending_training(), 0u);
   // Cancelling after the end changes nothing.
   cancellation->Cancel();
-  EXPECT_EQ(calls, 1);
+  EXPECT_EQ(outcome.calls, 1);
 }
 
 // An inference forward split into micro-batches of 3 rows (d_model 32,
@@ -566,43 +570,27 @@ TEST(RouterTest, CancelsAndDeadlinesEndEveryMicroBatch) {
   {
     StalledCluster cluster(kMicroBatchBytes);
     auto cancellation = std::make_shared<Cancellation>();
-    absl::Notification done;
-    absl::Status status;
-    int calls = 0;
-    cluster.router->Forward(
-        x, 0, /*training=*/false, absl::InfiniteFuture(),
-        [&](absl::StatusOr<Router::ForwardResult> r) {
-          status = r.status();
-          ++calls;
-          done.Notify();
-        },
-        cancellation);
+    StalledCluster::Outcome outcome;
+    cluster.Forward(x, /*training=*/false, absl::InfiniteFuture(), outcome, cancellation);
     cancellation->Cancel();
-    done.WaitForNotification();
-    EXPECT_EQ(status.code(), absl::StatusCode::kCancelled);
+    outcome.done.WaitForNotification();
+    EXPECT_EQ(outcome.status.code(), absl::StatusCode::kCancelled);
     // 32 pairs over 8 experts in calls of at most 3 rows: more calls than
     // experts, and each one cancelled at its server.
     EXPECT_GT(cluster.client->forwards(), 8);
     EXPECT_EQ(cluster.client->cancels(), cluster.client->forwards());
     cluster.UnstallAndServeAgain();
-    EXPECT_EQ(calls, 1);
+    EXPECT_EQ(outcome.calls, 1);
   }
   {
     StalledCluster cluster(kMicroBatchBytes);
-    absl::Notification done;
-    absl::Status status;
-    int calls = 0;
-    cluster.router->Forward(x, 0, false, absl::Now() + absl::Milliseconds(20),
-                            [&](absl::StatusOr<Router::ForwardResult> r) {
-                              status = r.status();
-                              ++calls;
-                              done.Notify();
-                            });
-    done.WaitForNotification();
-    EXPECT_EQ(status.code(), absl::StatusCode::kDeadlineExceeded);
+    StalledCluster::Outcome outcome;
+    cluster.Forward(x, false, absl::Now() + absl::Milliseconds(20), outcome);
+    outcome.done.WaitForNotification();
+    EXPECT_EQ(outcome.status.code(), absl::StatusCode::kDeadlineExceeded);
     EXPECT_GT(cluster.client->forwards(), 8);
     cluster.UnstallAndServeAgain();
-    EXPECT_EQ(calls, 1);
+    EXPECT_EQ(outcome.calls, 1);
   }
 }
 
