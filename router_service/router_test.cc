@@ -159,45 +159,56 @@ TEST(RouterTest, EveryGateVariantEqualsTheReference) {
 
 // Micro-batches (Router::Options::micro_batch_bytes): an expert's rows go
 // out in calls of a few rows, and the answer is the same bits as one call
-// per expert, for every strategy, with and without drops; training keeps
-// one call per expert.
-TEST(RouterTest, MicroBatchesGiveTheSameBits) {
-  for (PlacementStrategy strategy :
-       {PlacementStrategy::kDataParallel, PlacementStrategy::kModelParallel,
-        PlacementStrategy::kHybrid}) {
-    for (bool drop : {false, true}) {
-      Cluster cluster(Model(2, drop), strategy);
-      Router::Options options{cluster.model, *cluster.weights.gate};
-      options.micro_batch_bytes = 3 * 32 * 4;  // 3 rows of d_model 32
-      Router split(options, cluster.placement, cluster.client);
-      for (int64_t tokens : {1, 7, 1000}) {
-        SCOPED_TRACE(::testing::Message() << PlacementStrategyName(strategy) << ", drop " << drop
-                                          << ", " << tokens << " tokens");
-        const v1::Tensor x = Wire(RandomTensor({tokens, 32}, 300 + tokens));
-        const int before = cluster.client.forwards();
-        absl::StatusOr<Router::ForwardResult> whole = cluster.Forward(x);
-        ASSERT_TRUE(whole.ok()) << whole.status();
-        const int whole_calls = cluster.client.forwards() - before;
-        absl::Notification done;
-        absl::StatusOr<Router::ForwardResult> pieces;
-        split.Forward(x, 0, false, absl::InfiniteFuture(), [&](auto r) {
-          pieces = std::move(r);
-          done.Notify();
-        });
-        done.WaitForNotification();
-        ASSERT_TRUE(pieces.ok()) << pieces.status();
-        const int split_calls = cluster.client.forwards() - before - whole_calls;
-        // 1000 tokens x top-2 over 8 experts (half of it with DROP): tens
-        // of rows per expert and replica, in calls of 3.
-        if (tokens == 1000) {
-          EXPECT_GT(split_calls, 4 * whole_calls);
-        }
-        EXPECT_EQ(pieces->y.data(), whole->y.data());  // bit for bit
-        EXPECT_EQ(pieces->routing.expert_ids, whole->routing.expert_ids);
-      }
+// per expert (and so equals the reference), for every strategy, top_k,
+// batch size and overflow policy; training keeps one call per expert.
+using MicroBatchCase = std::tuple<PlacementStrategy, int, bool>;
+
+class MicroBatchTest : public ::testing::TestWithParam<MicroBatchCase> {};
+
+TEST_P(MicroBatchTest, GivesTheSameBitsAsWholeCalls) {
+  const auto [strategy, top_k, drop] = GetParam();
+  Cluster cluster(Model(top_k, drop), strategy);
+  Router::Options options{cluster.model, *cluster.weights.gate};
+  options.micro_batch_bytes = 3 * 32 * 4;  // 3 rows of d_model 32
+  Router split(options, cluster.placement, cluster.client);
+  const ReferenceMoe reference = *ReferenceMoe::Create(cluster.model, cluster.weights);
+  for (int64_t tokens : {1, 7, 1000, 5000}) {
+    SCOPED_TRACE(::testing::Message() << tokens << " tokens");
+    const FloatTensor x32 = RandomTensor({tokens, 32}, 300 + tokens);
+    const v1::Tensor x = Wire(x32);
+    const int before = cluster.client.forwards();
+    absl::StatusOr<Router::ForwardResult> whole = cluster.Forward(x);
+    ASSERT_TRUE(whole.ok()) << whole.status();
+    const int whole_calls = cluster.client.forwards() - before;
+    absl::Notification done;
+    absl::StatusOr<Router::ForwardResult> pieces;
+    split.Forward(x, 0, false, absl::InfiniteFuture(), [&](auto r) {
+      pieces = std::move(r);
+      done.Notify();
+    });
+    done.WaitForNotification();
+    ASSERT_TRUE(pieces.ok()) << pieces.status();
+    const int split_calls = cluster.client.forwards() - before - whole_calls;
+    // From 1000 tokens (half of the pairs dropped with DROP): tens of rows
+    // per expert and replica, in calls of 3.
+    if (tokens >= 1000) {
+      EXPECT_GT(split_calls, 4 * whole_calls);
     }
+    EXPECT_EQ(pieces->y.data(), whole->y.data());  // bit for bit
+    EXPECT_EQ(pieces->routing.expert_ids, whole->routing.expert_ids);
+    const ReferenceForward expected = *reference.Forward(x32);
+    EXPECT_EQ(pieces->routing.expert_ids, expected.routing.expert_ids);
+    EXPECT_EQ(pieces->routing.dropped, expected.routing.dropped);
+    EXPECT_TRUE(TensorNear(Decoded(pieces->y, 32), expected.y, 1e-5));
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(AllStrategies, MicroBatchTest,
+                         ::testing::Combine(::testing::Values(PlacementStrategy::kDataParallel,
+                                                              PlacementStrategy::kModelParallel,
+                                                              PlacementStrategy::kHybrid,
+                                                              PlacementStrategy::kDynamic),
+                                            ::testing::Values(1, 2, 4), ::testing::Bool()));
 
 // Every successful forward reports its calls' time outside the kernels and
 // the hidden part of it; split calls on one server hide some.
