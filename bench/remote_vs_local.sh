@@ -9,8 +9,9 @@
 # deploy/config/bench_overhead.pbtxt one has tiny experts, so batch-1 numbers
 # are RPC and router work), ONEDNN_THREADS per server (default 0: all cores),
 # ROUTER_FLAGS and SERVER_FLAGS (comma-separated, e.g.
-# ROUTER_FLAGS=--micro_batch_bytes=262144), CLIENT_DTYPE (default: the
-# servers' dtype; CLIENT_DTYPE=fp32 with bf16 servers measures fp32 clients
+# ROUTER_FLAGS=--micro_batch_bytes=262144), CLUSTER_FLAGS (more moe_local
+# flags, space-separated, e.g. "--pin_cpus --router_cpus=2 --server_cpus=1"),
+# CLIENT_DTYPE (default: the servers' dtype; CLIENT_DTYPE=fp32 with bf16 servers measures fp32 clients
 # of bf16 kernels, whose rows the router rounds to bf16 unless
 # ROUTER_FLAGS=--round_tokens_for_bf16_servers=false).
 set -euo pipefail
@@ -21,8 +22,9 @@ config="${CONFIG:-$PWD/deploy/config/bench_1024.pbtxt}"
 
 bazel build //deploy/local:moe_local //clients/cpp:moe_loadgen
 source bench/start_cluster.sh
+# shellcheck disable=SC2086  # CLUSTER_FLAGS: one word per flag
 start_cluster "$config" "$dtype" --onednn_threads="${ONEDNN_THREADS:-0}" \
-    --router_flags="${ROUTER_FLAGS:-}" --server_flags="${SERVER_FLAGS:-}"
+    --router_flags="${ROUTER_FLAGS:-}" --server_flags="${SERVER_FLAGS:-}" ${CLUSTER_FLAGS:-}
 router="$address"
 echo "cluster at $router ($dtype)"
 bazel-bin/clients/cpp/moe_loadgen --router="$router" --config="$config" --dtype="${CLIENT_DTYPE:-$dtype}" \

@@ -1,9 +1,13 @@
 // The README's main job: moe_local starts a real cluster, serves a load
 // through it without a failure, prints its summary, and stops every process
 // cleanly.
+#include <sched.h>
+
 #include <fstream>
 #include <string>
+#include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/time/time.h"
 #include "common/model_config.h"
 #include "deploy/local/child_process.h"
@@ -16,13 +20,18 @@ namespace {
 
 using ::moe::local::ChildProcess;
 using ::moe::local::RunfilePath;
+using ::testing::ContainsRegex;
 using ::testing::HasSubstr;
 
+// With --pin_cpus: the router on the first CPU this test may use, each
+// server on the next (wrapping around on a small machine), as the kernel
+// reports the children's affinity.
 TEST(MoeLocalTest, RunsALoadAndStopsCleanly) {
   ChildProcess run(
       RunfilePath("deploy/local/moe_local"),
       {"--servers=3", "--strategy=DATA_PARALLEL", "--d_model=64", "--d_ff=128", "--duration=1s",
-       "--concurrency=2", "--batch=32", "--server_flags=--batch_window=1ms,--max_batch_rows=4096"});
+       "--concurrency=2", "--batch=32", "--server_flags=--batch_window=1ms,--max_batch_rows=4096",
+       "--pin_cpus", "--router_cpus=1", "--server_cpus=1"});
   EXPECT_EQ(run.Stop(0, absl::Seconds(120)), 0) << run.output();
   const std::string& out = run.output();
   EXPECT_THAT(out, HasSubstr("3 expert servers, DATA_PARALLEL placement"));
@@ -35,6 +44,21 @@ TEST(MoeLocalTest, RunsALoadAndStopsCleanly) {
   EXPECT_THAT(out, HasSubstr("replicas    bit-identical"));
   EXPECT_THAT(out, HasSubstr("router: exit 0"));
   EXPECT_THAT(out, HasSubstr("expert-2: exit 0"));
+  cpu_set_t set;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(set), &set), 0);
+  std::vector<int> cpus;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (CPU_ISSET(cpu, &set)) cpus.push_back(cpu);
+  }
+  EXPECT_THAT(
+      out, ContainsRegex(absl::StrCat("router \\(pid [0-9]+\\) pinned to CPUs ", cpus[0], "\n")));
+  for (size_t s = 0; s < 3; ++s) {
+    EXPECT_THAT(out, ContainsRegex(absl::StrCat("expert-", s, " \\(pid [0-9]+\\) pinned to CPUs ",
+                                                cpus[(1 + s) % cpus.size()], "\n")));
+  }
+  if (cpus.size() < 4) {
+    EXPECT_THAT(out, HasSubstr("some processes share CPUs"));
+  }
 }
 
 // --tls: mutual TLS everywhere (clients to the router, router to servers,

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/socket.h>
@@ -24,7 +25,8 @@ extern char** environ;
 
 namespace moe::local {
 
-ChildProcess::ChildProcess(const std::string& path, const std::vector<std::string>& args) {
+ChildProcess::ChildProcess(const std::string& path, const std::vector<std::string>& args,
+                           const std::vector<int>& cpus) {
   int fds[2];
   MOE_CHECK(pipe(fds) == 0);
   posix_spawn_file_actions_t actions;
@@ -43,7 +45,23 @@ ChildProcess::ChildProcess(const std::string& path, const std::vector<std::strin
   sigemptyset(&none);
   posix_spawnattr_setsigmask(&attr, &none);
   posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+  // A new process inherits the affinity of the thread that spawns it, and
+  // posix_spawn has no attribute for it: this thread takes the child's mask
+  // for the spawn and its own back after.
+  cpu_set_t own;
+  if (!cpus.empty()) {
+    MOE_CHECK(sched_getaffinity(0, sizeof(own), &own) == 0);
+    cpu_set_t child;
+    CPU_ZERO(&child);
+    for (int cpu : cpus) {
+      MOE_CHECK(cpu >= 0 && cpu < CPU_SETSIZE, "no CPU ", cpu);
+      CPU_SET(cpu, &child);
+    }
+    MOE_CHECK(sched_setaffinity(0, sizeof(child), &child) == 0, "cannot run ", path, " on CPUs (",
+              std::strerror(errno), ")");
+  }
   const int rc = posix_spawn(&pid_, path.c_str(), &actions, &attr, argv.data(), environ);
+  if (!cpus.empty()) MOE_CHECK(sched_setaffinity(0, sizeof(own), &own) == 0);
   MOE_CHECK(rc == 0, "cannot start ", path, ": ", std::strerror(rc));
   posix_spawn_file_actions_destroy(&actions);
   posix_spawnattr_destroy(&attr);

@@ -23,7 +23,10 @@ namespace moe::local {
 class ChildProcess {
  public:
   // Runs `path` with `args`; the child's stdout and stderr go to the pipe.
-  ChildProcess(const std::string& path, const std::vector<std::string>& args);
+  // With `cpus`, the child may run on those CPUs only (its affinity mask
+  // from its first instruction, before it sizes any thread pool).
+  ChildProcess(const std::string& path, const std::vector<std::string>& args,
+               const std::vector<int>& cpus = {});
   // SIGKILLs the child if it still runs.
   ~ChildProcess();
 

@@ -21,6 +21,13 @@ std::string Ended(const std::string& name, std::optional<int> code) {
   return absl::StrCat(name, ": exit ", *code);
 }
 
+// Where `child` may run, as the kernel has it (not as asked): a line for
+// the log.
+void LogCpus(const std::string& name, const ChildProcess& child) {
+  MOE_LOG(INFO, name, " (pid ", child.pid(), ") pinned to CPUs ",
+          CpuList(AffinityCpus(child.pid())));
+}
+
 }  // namespace
 
 absl::Status CheckExtraFlags(const std::vector<std::string>& flags) {
@@ -54,6 +61,17 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
   MOE_RETURN_IF_ERROR(CheckExtraFlags(options.router_flags));
   auto cluster = std::unique_ptr<LocalCluster>(new LocalCluster());
   cluster->config_ = std::move(options.config);
+  const size_t num_servers = cluster->config_.cluster.servers.size();
+  if (options.pinning.has_value()) {
+    if (options.pinning->servers.size() != num_servers) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("CPU pinning for ", options.pinning->servers.size(),
+                       " expert servers, the config has ", num_servers));
+    }
+    cluster->server_cpus_ = options.pinning->servers;
+  } else {
+    cluster->server_cpus_.resize(num_servers);
+  }
   for (ServerSpec& server : cluster->config_.cluster.servers) {
     server.address = absl::StrCat("127.0.0.1:", PickFreePort());
   }
@@ -68,15 +86,17 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
   for (std::string& flag : options.credentials.AsFlags()) common.push_back(std::move(flag));
 
   // Start every server, then wait for each: they load in parallel.
-  for (const ServerSpec& server : cluster->config_.cluster.servers) {
+  for (size_t s = 0; s < num_servers; ++s) {
+    const ServerSpec& server = cluster->config_.cluster.servers[s];
     std::vector<std::string> args = common;
     args.push_back("--name=" + server.name);
     args.push_back("--port=" + server.address.substr(server.address.rfind(':') + 1));
     args.push_back("--dtype=" + options.dtype);
     args.push_back(absl::StrCat("--onednn_threads=", options.onednn_threads));
     args.insert(args.end(), options.server_flags.begin(), options.server_flags.end());
-    cluster->servers_.push_back(
-        std::make_unique<ChildProcess>(RunfilePath("expert_service/expert_server"), args));
+    cluster->servers_.push_back(std::make_unique<ChildProcess>(
+        RunfilePath("expert_service/expert_server"), args, cluster->server_cpus_[s]));
+    if (!cluster->server_cpus_[s].empty()) LogCpus(server.name, *cluster->servers_[s]);
     cluster->server_args_.push_back(std::move(args));
   }
   for (size_t s = 0; s < cluster->servers_.size(); ++s) {
@@ -91,8 +111,10 @@ absl::StatusOr<std::unique_ptr<LocalCluster>> LocalCluster::Start(LocalClusterOp
   std::vector<std::string> router_args = common;
   router_args.push_back("--port=0");
   router_args.insert(router_args.end(), options.router_flags.begin(), options.router_flags.end());
-  cluster->router_ =
-      std::make_unique<ChildProcess>(RunfilePath("router_service/router"), router_args);
+  cluster->router_ = std::make_unique<ChildProcess>(
+      RunfilePath("router_service/router"), router_args,
+      options.pinning.has_value() ? options.pinning->router : std::vector<int>{});
+  if (options.pinning.has_value()) LogCpus("router", *cluster->router_);
   const auto line = cluster->router_->WaitForLine("router serving gRPC on port", kStartTimeout);
   if (!line.has_value()) {
     return absl::UnavailableError(
@@ -112,8 +134,9 @@ absl::StatusOr<std::string> LocalCluster::RestartServer(int s) {
     return absl::InvalidArgumentError(absl::StrCat("no server ", s));
   }
   if (servers_[s] != nullptr) (void)servers_[s]->Stop(SIGKILL, absl::Seconds(10));
-  servers_[s] =
-      std::make_unique<ChildProcess>(RunfilePath("expert_service/expert_server"), server_args_[s]);
+  servers_[s] = std::make_unique<ChildProcess>(RunfilePath("expert_service/expert_server"),
+                                               server_args_[s], server_cpus_[s]);
+  if (!server_cpus_[s].empty()) LogCpus(config_.cluster.servers[s].name, *servers_[s]);
   const auto line = servers_[s]->WaitForLine("serving gRPC on port", kStartTimeout);
   if (!line.has_value()) {
     return absl::UnavailableError(absl::StrCat("expert server ", config_.cluster.servers[s].name,

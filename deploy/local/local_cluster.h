@@ -6,6 +6,7 @@
 #define MOE_DEPLOY_LOCAL_LOCAL_CLUSTER_H_
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "common/model_config.h"
 #include "common/transport_credentials.h"
 #include "deploy/local/child_process.h"
+#include "deploy/local/cpu_pinning.h"
 
 namespace moe::local {
 
@@ -35,6 +37,9 @@ struct LocalClusterOptions {
   // set here, which they must not repeat: CheckExtraFlags).
   std::vector<std::string> router_flags;
   std::vector<std::string> server_flags;
+  // Each process on its CPUs (one block per server, in config order);
+  // nullopt: wherever the scheduler puts them.
+  std::optional<CpuPinning> pinning;
 };
 
 // INVALID_ARGUMENT naming the flag unless each of `flags` is "--name" or
@@ -76,6 +81,8 @@ class LocalCluster {
   std::string config_path_;
   std::vector<std::unique_ptr<ChildProcess>> servers_;
   std::vector<std::vector<std::string>> server_args_;
+  // Empty: not pinned.
+  std::vector<std::vector<int>> server_cpus_;
   std::vector<int> server_metrics_ports_;
   std::unique_ptr<ChildProcess> router_;
   int router_port_ = 0;

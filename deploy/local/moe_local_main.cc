@@ -67,7 +67,18 @@ ABSL_FLAG(std::string, checkpoint_dir, "",
           "If set, the processes save checkpoints here (Router.SaveCheckpoint), and one is "
           "saved after the training steps.");
 ABSL_FLAG(std::string, dtype, "fp32", "Expert kernel dtype: fp32 or bf16.");
-ABSL_FLAG(int, onednn_threads, 1, "oneDNN threads per expert server.");
+ABSL_FLAG(int, onednn_threads, 1,
+          "oneDNN threads per expert server (0: every CPU the server may use; with "
+          "--pin_cpus, its block).");
+ABSL_FLAG(bool, pin_cpus, false,
+          "Pin each process to CPUs of its own, from the CPUs moe_local may use in order: "
+          "the router --router_cpus, then each expert server --server_cpus (the load "
+          "generator, this process, is not pinned). Fewer CPUs than asked: the blocks wrap "
+          "around and share (a warning says so).");
+ABSL_FLAG(int, router_cpus, 1, "With --pin_cpus: the router's CPUs.");
+ABSL_FLAG(int, server_cpus, 0,
+          "With --pin_cpus: each expert server's CPUs (0: what the router leaves, split "
+          "evenly, at least one each).");
 ABSL_FLAG(int, concurrency, 4, "Clients, each with one request in flight.");
 ABSL_FLAG(int64_t, batch, 256, "Tokens per request.");
 ABSL_FLAG(absl::Duration, duration, absl::Seconds(5), "How long to run the load.");
@@ -265,6 +276,21 @@ int Run() {
   if (absl::Status extra = CheckExtraFlags(options.router_flags); !extra.ok()) {
     MOE_LOG(ERROR, "--router_flags: ", extra.message());
     return 2;
+  }
+  if (absl::GetFlag(FLAGS_pin_cpus)) {
+    const std::vector<int> available = AffinityCpus();
+    absl::StatusOr<CpuPinning> pinning =
+        PlanCpuPinning(available, static_cast<int>(config->cluster.servers.size()),
+                       absl::GetFlag(FLAGS_router_cpus), absl::GetFlag(FLAGS_server_cpus));
+    if (!pinning.ok()) {
+      MOE_LOG(ERROR, "--pin_cpus: ", pinning.status().message());
+      return 2;
+    }
+    if (pinning->shared) {
+      MOE_LOG(WARNING, "--pin_cpus: ", available.size(),
+              " CPUs are fewer than the blocks asked for; some processes share CPUs");
+    }
+    options.pinning = *std::move(pinning);
   }
   options.work_dir = work_dir;
   absl::StatusOr<TransportCredentials> credentials =
