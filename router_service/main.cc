@@ -48,6 +48,11 @@ ABSL_FLAG(int64_t, micro_batch_bytes, 0,
           "Inference: split each expert's rows on one server into calls of at most this many "
           "bytes of tokens, so that the server computes one while the next is on the wire "
           "(results are the same bits); 0: one call per expert and server.");
+ABSL_FLAG(int64_t, inline_forward_multiply_adds, int64_t{1} << 16,
+          "Forwards whose gate is at most this many multiply-adds (tokens x d_model x experts) "
+          "are gated and combined on the gRPC thread that received them, not handed to the "
+          "compute pool: the hand-off would cost more than their work. 0: every forward "
+          "goes through the pool.");
 ABSL_FLAG(int, dispatch_streams, 2,
           "Dispatch streams to each expert server, which a forward's calls take in turn (a stream "
           "writes one call at a time); >= 1.");
@@ -115,6 +120,12 @@ int main(int argc, char** argv) {
   options.hedge_min_delay = absl::GetFlag(FLAGS_hedge_min_delay);
   options.hedge_max_delay = absl::GetFlag(FLAGS_hedge_max_delay);
   options.micro_batch_bytes = absl::GetFlag(FLAGS_micro_batch_bytes);
+  options.inline_forward_multiply_adds = absl::GetFlag(FLAGS_inline_forward_multiply_adds);
+  if (options.inline_forward_multiply_adds < 0) {
+    MOE_LOG(ERROR, "--inline_forward_multiply_adds must be >= 0, got ",
+            options.inline_forward_multiply_adds);
+    return 2;
+  }
   options.dispatch_streams = absl::GetFlag(FLAGS_dispatch_streams);
   if (options.dispatch_streams < 1) {
     MOE_LOG(ERROR, "--dispatch_streams must be >= 1, got ", options.dispatch_streams);

@@ -191,11 +191,9 @@ void Router::Run(absl::AnyInvocable<void() &&> work) {
 }
 
 bool Router::RunsWhereReceived(int64_t tokens) const {
-  // The gate's multiply-adds: a few microseconds' work, about what waking
-  // a pool thread costs on a busy machine (batch 1 pays it twice a call).
-  constexpr int64_t kMaxMultiplyAdds = int64_t{1} << 16;
   const ModelConfig& model = options_.model;
-  return tokens >= 0 && tokens <= kMaxMultiplyAdds / (model.d_model * model.gate_width());
+  return tokens >= 0 &&
+         tokens <= options_.inline_forward_multiply_adds / (model.d_model * model.gate_width());
 }
 
 void Router::Forward(const v1::Tensor& x, int layer, bool training, absl::Time deadline,

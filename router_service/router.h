@@ -110,6 +110,11 @@ class Router {
     // each (micro-batches, DispatchPlanOptions::max_call_rows); 0: one call
     // per expert and replica.
     int64_t micro_batch_bytes = 0;
+    // A forward whose gate is at most this many multiply-adds (tokens x
+    // d_model x gate width) is gated, and its answers combined, on the
+    // thread that received it rather than handed to the compute pool: below
+    // this the hand-off (a wake-up on each side) costs more than the work.
+    int64_t inline_forward_multiply_adds = int64_t{1} << 16;
     // Inference forwards with fp32 x send an expert's rows rounded to bf16
     // when every replica of it computes in bf16 (as its answers say): its
     // kernels round them the same way, so the answer is the same bits from

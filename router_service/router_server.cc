@@ -127,6 +127,7 @@ absl::Status RouterServer::Start() {
   router_options.hedge_min_delay = options_.hedge_min_delay;
   router_options.hedge_max_delay = options_.hedge_max_delay;
   router_options.micro_batch_bytes = options_.micro_batch_bytes;
+  router_options.inline_forward_multiply_adds = options_.inline_forward_multiply_adds;
   router_options.round_tokens_for_bf16_servers = options_.round_tokens_for_bf16_servers;
   router_ = std::make_unique<Router>(std::move(router_options), std::move(placement), *client_);
 

@@ -67,6 +67,8 @@ class RouterServer {
     absl::Duration hedge_max_delay = absl::Milliseconds(200);
     // Router::Options::micro_batch_bytes.
     int64_t micro_batch_bytes = 0;
+    // Router::Options::inline_forward_multiply_adds.
+    int64_t inline_forward_multiply_adds = int64_t{1} << 16;
     // GrpcExpertClient::Options::dispatch_streams.
     int dispatch_streams = 2;
     // Router::Options::round_tokens_for_bf16_servers.
