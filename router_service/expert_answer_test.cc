@@ -121,7 +121,9 @@ TEST(ExpertAnswerTest, ReadsEveryEncodingAsProtobufDoes) {
       // As the parsed response's own output reads.
       const ExpertAnswer parsed(expected);
       ASSERT_EQ(answer->OutputRows(kRows, kD).status(), parsed.OutputRows(kRows, kD).status());
-      if (parsed.OutputRows(kRows, kD).ok()) EXPECT_EQ(Rows(*answer), Floats(data));
+      if (parsed.OutputRows(kRows, kD).ok()) {
+        EXPECT_EQ(Rows(*answer), Floats(data));
+      }
     }
   }
 }
