@@ -51,8 +51,8 @@ ABSL_FLAG(int64_t, micro_batch_bytes, 0,
 ABSL_FLAG(int64_t, inline_forward_multiply_adds, int64_t{1} << 16,
           "Forwards whose gate is at most this many multiply-adds (tokens x d_model x experts) "
           "are gated and combined on the gRPC thread that received them, not handed to the "
-          "compute pool: the hand-off would cost more than their work. 0: every forward "
-          "goes through the pool.");
+          "compute pool: the hand-off would cost more than their work. 0: every forward with "
+          "tokens goes through the pool.");
 ABSL_FLAG(int, dispatch_streams, 2,
           "Dispatch streams to each expert server, which a forward's calls take in turn (a stream "
           "writes one call at a time); >= 1.");
