@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/checkpoint.h"
 #include "common/deterministic_init.h"
 #include "common/testing/random_tensor.h"
@@ -180,6 +181,79 @@ TEST(CheckpointTest, AFreshClusterFromACheckpointServesAndTrainsOnWhereTheOldOne
       << save.output();
   save.WaitForLine("no such line", absl::Seconds(30));  // returns at its exit
   EXPECT_EQ(save.Stop(SIGTERM, absl::Seconds(10)), 0) << save.output();
+}
+
+// A save killed mid-write (the router SIGKILLed while one server has
+// written its shard and the other is stopped) leaves a directory without an
+// index: it never replaces the previous checkpoint. A fresh cluster resumes
+// from the last complete one, and saving that step again completes it.
+TEST(CheckpointTest, ASaveKilledMidWriteNeverReplacesThePreviousCheckpoint) {
+  const std::string dir = absl::StrCat(::testing::TempDir(), "/torn_checkpoints");
+  const FloatTensor probe = RandomTensor({kTokens, kDModel}, 800);
+  v1::ForwardResponse at_step_1;
+  {
+    ProcessCluster cluster(Cluster(dir, ""));
+    const ModelConfig& model = cluster.config().model;
+    ReferenceTraining reference(model, InitAllWeights(model));
+    ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 10));
+    v1::SaveCheckpointResponse saved;
+    const grpc::Status status = Save(cluster, &saved);
+    ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+    ASSERT_EQ(saved.directory(), dir + "/step-1");
+    ASSERT_TRUE(cluster.Forward(probe, &at_step_1).ok());
+    ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 20));
+
+    // Server 1 stopped: server 0 writes its shard of step 2, then the
+    // router dies before it can write the gate and the index.
+    cluster.PauseServer(1);
+    std::thread save([&] {
+      v1::SaveCheckpointResponse ignored;
+      EXPECT_FALSE(Save(cluster, &ignored).ok());
+    });
+    const std::string first_shard = dir + "/step-2/model-00001-of-00003.safetensors";
+    struct stat file;
+    const absl::Time give_up = absl::Now() + absl::Seconds(30);
+    while (stat(first_shard.c_str(), &file) != 0 && absl::Now() < give_up) {
+      absl::SleepFor(absl::Milliseconds(10));  // polling for the shard to appear
+    }
+    const bool shard_written = stat(first_shard.c_str(), &file) == 0;
+    cluster.KillRouter();
+    save.join();
+    cluster.ContinueServer(1);
+    ASSERT_TRUE(shard_written) << cluster.ServerLog(0);
+  }
+  struct stat index;
+  EXPECT_NE(stat((dir + "/step-2/" + kCheckpointIndexName).c_str(), &index), 0);
+  absl::StatusOr<std::optional<LatestCheckpoint>> latest = FindLatestCheckpoint(dir);
+  ASSERT_TRUE(latest.ok() && latest->has_value()) << latest.status();
+  EXPECT_EQ((*latest)->step, 1u);
+
+  // A fresh cluster on the same directory starts from step 1, answers as
+  // the old one did there, trains step 2 again and saves it whole.
+  ProcessCluster resumed(Cluster(dir, ""));
+  const ModelConfig& model = resumed.config().model;
+  const absl::Status torn = LoadCheckpoint(dir + "/step-2", model).status();
+  EXPECT_EQ(torn.code(), absl::StatusCode::kNotFound) << torn;
+  v1::InfoResponse info;
+  ASSERT_TRUE(resumed.Info(0, &info).ok());
+  EXPECT_EQ(info.step(), 1u);
+  v1::ForwardResponse again;
+  ASSERT_TRUE(resumed.Forward(probe, &again).ok());
+  EXPECT_TRUE(TensorNear(Decoded(again.y(), kDModel), Decoded(at_step_1.y(), kDModel), 1e-6));
+  ReferenceTraining reference(model, InitAllWeights(model));
+  reference.Train(RandomTensor({kTokens, kDModel}, 10), RandomTensor({kTokens, kDModel}, 11),
+                  kLearningRate);
+  ASSERT_NO_FATAL_FAILURE(TrainStep(resumed, reference, 20));
+  v1::SaveCheckpointResponse saved;
+  const grpc::Status status = Save(resumed, &saved);
+  ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << resumed.RouterLog();
+  EXPECT_EQ(saved.directory(), dir + "/step-2");
+  absl::StatusOr<MoeWeights> loaded = LoadCheckpoint(saved.directory(), model);
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  EXPECT_TRUE(TensorNear(*loaded->gate, *reference.weights().gate, 1e-5));
+  for (int e = 0; e < 4; ++e) {
+    EXPECT_TRUE(TensorNear(loaded->experts.at(e).w2, reference.weights().experts.at(e).w2, 1e-5));
+  }
 }
 
 }  // namespace
