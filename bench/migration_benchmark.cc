@@ -22,6 +22,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "bench/latency.h"
@@ -29,6 +30,7 @@
 #include "common/deterministic_init.h"
 #include "common/log.h"
 #include "common/placement.h"
+#include "common/placement_proto.h"
 #include "common/placement_solver.h"
 #include "common/tensor_codec.h"
 #include "common/transport_credentials.h"
@@ -250,6 +252,23 @@ int Run() {
       plan.drain_seconds(), plan.seconds(), static_cast<unsigned long>(plan.placement_epoch()));
   std::printf("replicas copied: %d (a fresh solve of the same load, as EPLB re-solves: %ld)\n",
               plan.experts_moved(), static_cast<long>(fresh_replicas));
+  // Both placements, as bench/scaling_model.py --placement_before/after
+  // reads them: each server's experts, servers separated by '|'.
+  auto experts_by_server = [&](const Placement& placement) {
+    std::vector<std::string> servers;
+    for (int s = 0; s < num_servers; ++s) {
+      std::vector<int> experts;
+      for (ExpertKey e : placement.ExpertsOn(s)) experts.push_back(e.expert);
+      servers.push_back(absl::StrJoin(experts, ","));
+    }
+    return absl::StrJoin(servers, "|");
+  };
+  absl::StatusOr<Placement> planned =
+      PlacementFromProto(plan.placement(), model, options.config.cluster, "placement");
+  MOE_CHECK(planned.ok(), planned.status().ToString());
+  std::printf("placement before: %s\nplacement after: %s\n",
+              experts_by_server(ModelParallelPlacement(model.num_experts, num_servers)).c_str(),
+              experts_by_server(*planned).c_str());
   std::printf(
       "p99 during the change / before: %.2f (goal <= 1.2); failed requests: %d before, %d "
       "during, %d after\n",

@@ -38,6 +38,10 @@ Usage: scaling_model.py            predictions for 1-64 servers, 1-8 routers
        scaling_model.py --validate against this machine's and the 16-core
                                    measurements; exits 1 when a prediction
                                    is off by more than 20%
+       scaling_model.py --placement_before=... --placement_after=... --shares=...
+                                   a Rebalance's two placements
+                                   (bench:migration_benchmark prints them)
+                                   with a server per 2 cores
 """
 
 import argparse
@@ -261,14 +265,88 @@ def report(router_us_per_token):
         print(f"  {replicas:>2} replicas  {1e3 * allreduce_seconds(Model(), replicas):7.1f} ms")
 
 
+def placement_demands(model, machine, shares, placement, batch):
+    """Seconds each server spends per request of `batch` tokens when expert
+    e takes shares[e] of the pairs, split evenly over its replicas (the
+    router splits by outstanding tokens); a replica streams its weights only
+    when it gets a row (Poisson). placement: each server's experts."""
+    replicas = {}
+    for experts in placement:
+        for e in experts:
+            replicas[e] = replicas.get(e, 0) + 1
+    neighbours = min(len(placement), machine.servers_per_machine)
+    bandwidth = machine.membw(neighbours * machine.cores_per_server) / neighbours * 1e9
+    rate = machine.kernel_gflops[model.dtype_bytes] * 1e9
+    demands = []
+    for experts in placement:
+        demand = 0.0
+        for e in experts:
+            rows = batch * model.top_k * shares[e] / replicas[e]
+            demand += (model.flops(rows) / rate +
+                       (1 - math.exp(-rows)) * model.expert_weight_bytes() / bandwidth)
+        demands.append(demand)
+    return demands
+
+
+def predict_placement(model, machine, shares, placement, batch, clients):
+    """(tokens/s, latency s, max/mean server time) of a placement: a request
+    visits every server that holds its experts at once and waits for the
+    slowest, so the most loaded server is the station (request merging on
+    the servers not modelled)."""
+    demands = placement_demands(model, machine, shares, placement, batch)
+    d_router = machine.router_cpu_s_per_token * batch
+    m = machine.router_cores
+    stations = [(max(demands), True), (d_router / m, True), (d_router * (m - 1) / m, False)]
+    x, r = mva(stations, clients)
+    return x * batch, r, max(demands) / (sum(demands) / len(demands))
+
+
+def report_placements(args):
+    """bench:migration_benchmark's placements before and after Rebalance,
+    on a machine of the 16-core kind with a server per 2 cores."""
+    shares = [float(v) for v in args.shares.split(",")]
+    total = sum(shares)
+    shares = [v / total for v in shares]
+    model = Model(experts=len(shares), dtype_bytes=2 if args.dtype == "bf16" else 4)
+    machine = sixteen_core(fit_kernel_rate())
+    if args.router_us_per_token > 0:
+        machine.router_cpu_s_per_token = args.router_us_per_token * 1e-6
+    print(f"{len(shares)} experts, d_model 1024, d_ff 4096, top-2, {args.dtype}, {args.clients} "
+          f"clients x {args.batch} tokens, a server per 2 cores of a 16-core machine, the router "
+          f"at {machine.router_cpu_s_per_token * 1e6:.0f} us of CPU per token on 2 cores")
+    print(f"{'placement':>9} {'tokens/s':>9} {'p50 ms':>7} {'server ms per request':>24}  "
+          f"time max/mean")
+    results = []
+    for name, text in (("before", args.placement_before), ("after", args.placement_after)):
+        placement = [[int(e) for e in server.split(",") if e] for server in text.split("|")]
+        tokens, latency, imbalance = predict_placement(model, machine, shares, placement,
+                                                       args.batch, args.clients)
+        demands = placement_demands(model, machine, shares, placement, args.batch)
+        print(f"{name:>9} {tokens:>9.0f} {1e3 * latency:>7.1f} "
+              f"{' '.join(f'{1e3 * d:.1f}' for d in demands):>24}  {imbalance:.2f}")
+        results.append(tokens)
+    print(f"after / before: {results[1] / results[0]:.2f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--validate", action="store_true")
     parser.add_argument("--router_us_per_token", type=float, default=0,
                         help="the router's CPU per token; 0: the 16-core measurement's 64 us")
+    parser.add_argument("--placement_before", default="",
+                        help="with --placement_after and --shares: predict the two placements "
+                        "bench:migration_benchmark prints (servers' experts, '|' between servers)")
+    parser.add_argument("--placement_after", default="")
+    parser.add_argument("--shares", default="", help="each expert's share of the routed pairs")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
     if args.validate:
         sys.exit(0 if validate() else 1)
+    if args.placement_before:
+        report_placements(args)
+        return
     report(args.router_us_per_token)
 
 
