@@ -289,16 +289,16 @@ def placement_demands(model, machine, shares, placement, batch):
 
 
 def predict_placement(model, machine, shares, placement, batch, clients):
-    """(tokens/s, latency s, max/mean server time) of a placement: a request
-    visits every server that holds its experts at once and waits for the
-    slowest, so the most loaded server is the station (request merging on
-    the servers not modelled)."""
+    """(tokens/s, latency s, each server's seconds per request) of a
+    placement: a request visits every server that holds its experts at once
+    and waits for the slowest, so the most loaded server is the station
+    (request merging on the servers not modelled)."""
     demands = placement_demands(model, machine, shares, placement, batch)
     d_router = machine.router_cpu_s_per_token * batch
     m = machine.router_cores
     stations = [(max(demands), True), (d_router / m, True), (d_router * (m - 1) / m, False)]
     x, r = mva(stations, clients)
-    return x * batch, r, max(demands) / (sum(demands) / len(demands))
+    return x * batch, r, demands
 
 
 def report_placements(args):
@@ -319,9 +319,9 @@ def report_placements(args):
     results = []
     for name, text in (("before", args.placement_before), ("after", args.placement_after)):
         placement = [[int(e) for e in server.split(",") if e] for server in text.split("|")]
-        tokens, latency, imbalance = predict_placement(model, machine, shares, placement,
-                                                       args.batch, args.clients)
-        demands = placement_demands(model, machine, shares, placement, args.batch)
+        tokens, latency, demands = predict_placement(model, machine, shares, placement,
+                                                     args.batch, args.clients)
+        imbalance = max(demands) / (sum(demands) / len(demands))
         print(f"{name:>9} {tokens:>9.0f} {1e3 * latency:>7.1f} "
               f"{' '.join(f'{1e3 * d:.1f}' for d in demands):>24}  {imbalance:.2f}")
         results.append(tokens)
