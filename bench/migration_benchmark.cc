@@ -3,7 +3,8 @@
 // experts, the hottest on the first server), clients sending Forwards all
 // along, then Rebalance to the plan the router makes from what it measured.
 // Prints, side by side: server max/mean load (measured from the servers'
-// own token counters), tokens/s and Forward p50/p99 before and after; the
+// own token counters, and their seconds in the forward kernels), tokens/s
+// and Forward p50/p99 before and after; both placements; the
 // change's bytes, pull, drain and whole time; Forward p99 during the change
 // against before; and the longest gap between served requests during it.
 //
@@ -22,6 +23,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
@@ -61,11 +63,14 @@ using bench::Percentile;
 using bench::Sample;
 
 // Sum of moe_expert_tokens_total on a server's /metrics.
-double ServerTokens(int metrics_port) {
+// The sum of every sample of `metric` (its name, and the start of its
+// labels) on the /metrics page at `metrics_port`.
+double MetricSum(int metrics_port, const std::string& metric) {
   const std::string text = local::HttpGet(metrics_port, "/metrics");
+  const std::string needle = "\n" + metric;
   double total = 0;
   size_t at = 0;
-  while ((at = text.find("\nmoe_expert_tokens_total{", at)) != std::string::npos) {
+  while ((at = text.find(needle, at)) != std::string::npos) {
     const size_t space = text.find(' ', text.find('}', at));
     const size_t end = text.find('\n', space + 1);
     double value = 0;
@@ -141,23 +146,31 @@ int Run() {
                             }
                             return x;
                           });
-  auto server_tokens = [&] {
+  // Each server's tokens and seconds in its forward kernels so far.
+  auto server_counts = [&](const std::string& metric) {
     std::vector<double> t;
-    for (int port : (*cluster)->server_metrics_ports()) t.push_back(ServerTokens(port));
+    for (int port : (*cluster)->server_metrics_ports()) t.push_back(MetricSum(port, metric));
     return t;
   };
+  const std::string kTokens = "moe_expert_tokens_total{";
+  const std::string kKernelSeconds = "moe_expert_kernel_seconds_sum{op=\"forward\"";
   struct Phase {
     absl::Time start, end;
-    std::vector<double> load;
+    std::vector<double> load, kernel_seconds;
   };
   auto run_phase = [&] {
     Phase p;
-    const std::vector<double> before = server_tokens();
+    const std::vector<double> tokens = server_counts(kTokens);
+    const std::vector<double> seconds = server_counts(kKernelSeconds);
     p.start = absl::Now();
     absl::SleepFor(absl::GetFlag(FLAGS_phase));  // the clients run meanwhile
     p.end = absl::Now();
-    const std::vector<double> after = server_tokens();
-    for (size_t s = 0; s < after.size(); ++s) p.load.push_back(after[s] - before[s]);
+    const std::vector<double> tokens_after = server_counts(kTokens);
+    const std::vector<double> seconds_after = server_counts(kKernelSeconds);
+    for (size_t s = 0; s < tokens.size(); ++s) {
+      p.load.push_back(tokens_after[s] - tokens[s]);
+      p.kernel_seconds.push_back(seconds_after[s] - seconds[s]);
+    }
     return p;
   };
   absl::SleepFor(absl::Seconds(2));  // warm-up, not measured
@@ -244,6 +257,17 @@ int Run() {
       "change", tps[1], p50[1], p99[1], gap[1], "");
   std::printf("%-8s %10.0f %9.1f %9.1f %9.1f %10.3f  %s\n", "after", tps[2], p50[2], p99[2], gap[2],
               Imbalance(after.load), loads(after.load).c_str());
+  // The router gives a pair to the replica with the fewest tokens
+  // outstanding, which balances the servers' time rather than their tokens:
+  // a server whose experts get more rows per call spends less per token.
+  auto seconds = [](const std::vector<double>& l) {
+    std::string out;
+    for (double v : l) absl::StrAppend(&out, absl::StrFormat("%.2f ", v));
+    return out;
+  };
+  std::printf("server kernel seconds: before %s(max/mean %.3f), after %s(max/mean %.3f)\n",
+              seconds(before.kernel_seconds).c_str(), Imbalance(before.kernel_seconds),
+              seconds(after.kernel_seconds).c_str(), Imbalance(after.kernel_seconds));
   std::printf(
       "plan: imbalance %.3f -> %.3f predicted; %d replicas added, %d removed, %.1f MiB "
       "pulled in %.3f s, drain %.3f s, %.3f s in all (epoch %lu)\n",
