@@ -5,7 +5,8 @@
 // equal to the reference. An expert with no replica to sync from is never
 // served stale: calls for it fail naming it and both steps, and Step
 // refuses to stamp a new step on its old weights; with a checkpoint of the
-// latest step, a restarted server (and router) resume from it.
+// latest step, a restarted server (and router) resume from it, and with an
+// older one the experts left behind are named.
 #include <map>
 
 #include "absl/strings/str_cat.h"
@@ -109,9 +110,9 @@ TEST(RejoinTest, ARestartedDataParallelReplicaSyncsAndTrainingGoesOn) {
     ASSERT_TRUE(status.ok()) << status.error_message();
     EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), reference.Layer().Forward(x)->y, 1e-5));
   }
-  // Training goes on, equal to the reference (momentum included: it was
-  // synced with the weights), replicas identical.
-  for (int step = 3; step <= 5; ++step) {
+  // The next 5 steps go on equal to the reference (momentum included: it
+  // was synced with the weights), replicas identical.
+  for (int step = 3; step <= 7; ++step) {
     ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 10 * step));
   }
   EXPECT_EQ(Experts(cluster, 1), Experts(cluster, 0));
@@ -161,7 +162,7 @@ TEST(RejoinTest, AnExpertWithNoReplicaToSyncFromIsNamedNeverServedStale) {
 TEST(RejoinTest, ModelParallelServerAndRouterResumeFromTheLatestCheckpoint) {
   const std::string dir = absl::StrCat(::testing::TempDir(), "/rejoin_checkpoints");
   ProcessClusterOptions options = Cluster("MODEL_PARALLEL");
-  // Plain SGD: checkpoints hold no momentum (docs/checkpoints.md).
+  // Plain SGD (the HYBRID case below resumes momentum from a checkpoint).
   options.model = absl::StrCat("d_model: ", kDModel,
                                " d_ff: 64 num_experts: 4 top_k: 2 seed: 13 optimizer { "
                                "type: OPTIMIZER_TYPE_SGD }");
@@ -189,6 +190,80 @@ TEST(RejoinTest, ModelParallelServerAndRouterResumeFromTheLatestCheckpoint) {
   ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
   EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), reference.Layer().Forward(x)->y, 1e-5));
   ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 30));
+}
+
+// Servers and a router that save a checkpoint after every N-th step.
+ProcessClusterOptions CheckpointingCluster(const std::string& strategy, const std::string& dir,
+                                           int every_steps) {
+  ProcessClusterOptions options = Cluster(strategy);
+  options.server_flags = {"--checkpoint_dir=" + dir};
+  options.router_flags = {"--checkpoint_dir=" + dir,
+                          absl::StrCat("--checkpoint_every_steps=", every_steps)};
+  return options;
+}
+
+// HYBRID with a checkpoint of the latest step: the restarted server's
+// unreplicated expert comes back from it (its replicated ones too), the
+// cluster equals the reference, and the next 5 steps do.
+TEST(RejoinTest, ARestartedHybridServerResumesFromTheLatestCheckpointAndTrainsOn) {
+  const std::string dir = absl::StrCat(::testing::TempDir(), "/hybrid_checkpoints");
+  ProcessCluster cluster(CheckpointingCluster("HYBRID", dir, 1));
+  ReferenceTraining reference(cluster.config().model, InitAllWeights(cluster.config().model));
+  for (int step = 1; step <= 2; ++step) {
+    ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 10 * step));
+  }
+  EXPECT_TRUE(cluster.WaitForServerLine(1, "of step 2 to", absl::Seconds(10)));
+
+  cluster.KillServer(1);
+  cluster.StartServer(1);
+  EXPECT_THAT(cluster.ServerLog(1), HasSubstr(dir + "/step-2, step 2"));
+  for (const auto& [expert, version] : Experts(cluster, 1)) {
+    EXPECT_EQ(version.first, 2u) << "expert " << expert;
+  }
+  for (int i = 0; i < 4; ++i) {
+    const FloatTensor x = RandomTensor({kTokens, kDModel}, 600 + i);
+    v1::ForwardResponse y;
+    const grpc::Status status = ForwardOnceReconnected(cluster, x, &y);
+    ASSERT_TRUE(status.ok()) << status.error_message() << "\n" << cluster.RouterLog();
+    EXPECT_TRUE(TensorNear(Decoded(y.y(), kDModel), reference.Layer().Forward(x)->y, 1e-5));
+  }
+  for (int step = 3; step <= 7; ++step) {
+    ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 10 * step));
+  }
+  // The replicated experts stay bit-identical across the two servers.
+  std::map<int, std::pair<uint64_t, uint64_t>> e0 = Experts(cluster, 0), e1 = Experts(cluster, 1);
+  EXPECT_EQ(e0[0], e1[0]);
+  EXPECT_EQ(e0[1], e1[1]);
+}
+
+// MODEL_PARALLEL without a checkpoint of the latest step (one every 2
+// steps, the cluster at step 3): the restarted server loads step 2, has no
+// replica to bring its experts to step 3, and names them; nothing is served
+// or trained on step 2's weights.
+TEST(RejoinTest, WithoutACheckpointOfTheLatestStepTheExpertsLeftBehindAreNamed) {
+  const std::string dir = absl::StrCat(::testing::TempDir(), "/older_checkpoints");
+  ProcessCluster cluster(CheckpointingCluster("MODEL_PARALLEL", dir, 2));
+  ReferenceTraining reference(cluster.config().model, InitAllWeights(cluster.config().model));
+  for (int step = 1; step <= 3; ++step) {
+    ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 10 * step));
+  }
+
+  cluster.KillServer(1);
+  cluster.StartServer(1);
+  EXPECT_THAT(cluster.ServerLog(1), HasSubstr(dir + "/step-2, step 2"));
+  EXPECT_THAT(cluster.ServerLog(1), HasSubstr("behind: [2,3]"));
+  for (const auto& [expert, version] : Experts(cluster, 1)) {
+    EXPECT_EQ(version.first, 2u) << "expert " << expert;
+  }
+  const FloatTensor x = RandomTensor({kTokens, kDModel}, 88);
+  v1::ForwardResponse y;
+  const grpc::Status status = ForwardOnceReconnected(cluster, x, &y);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << status.error_message();
+  EXPECT_THAT(status.error_message(), HasSubstr("here has the weights of step 2"));
+  v1::StepResponse stepped;
+  const grpc::Status step = cluster.Step(kLearningRate, absl::Seconds(10), &stepped);
+  EXPECT_FALSE(step.ok());
+  EXPECT_THAT(step.error_message(), HasSubstr("at step 2, not the committed step 3"));
 }
 
 }  // namespace
