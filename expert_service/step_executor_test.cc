@@ -4,6 +4,7 @@
 // says was committed, and syncs before training when it is behind.
 #include "expert_service/step_executor.h"
 
+#include <limits>
 #include <map>
 #include <memory>
 
@@ -128,6 +129,21 @@ TEST_F(StepExecutorTest, APreparedStepWithoutWordStaysInDoubtThenCommitsAsAPeerD
   EXPECT_EQ(*store_->Step(ExpertKey(0, 0)), 1u);
   absl::MutexLock lock(&resolved_mu);
   EXPECT_EQ(resolved, std::vector<uint64_t>({1}));
+}
+
+// The server checks the learning rate itself too (a PrepareStep may come
+// from any router, or a tool): nothing is prepared on a bad one.
+TEST_F(StepExecutorTest, ABadLearningRateIsRefusedAndNothingIsPrepared) {
+  std::unique_ptr<StepExecutor> steps = Executor({});
+  for (float bad :
+       {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(), -1.0f}) {
+    const absl::Status refused = steps->Prepare({1, bad, absl::Now()}).status();
+    EXPECT_EQ(refused.code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(refused.message(), HasSubstr("must be finite and >= 0")) << bad;
+    EXPECT_EQ(steps->steps().prepared, 0u);
+  }
+  EXPECT_TRUE(steps->Prepare({1, 0.1f, absl::Now() + absl::Seconds(5)}).ok());
+  EXPECT_EQ(steps->steps().prepared, 1u);
 }
 
 TEST_F(StepExecutorTest, APreparedStepNoPeerCommittedIsAborted) {

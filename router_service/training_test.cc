@@ -352,9 +352,10 @@ TEST(InProcessTrainingFaultTest, OneRouterStepsAtATime) {
   EXPECT_EQ(stepped->step, 1u);
 }
 
-// Non-finite values never reach a weight: an infinite learning rate is
-// refused at once, and an update that overflows fails the step with every
-// replica, the gate and the gradients as they were; a sane step then works.
+// Non-finite values never reach a weight: an infinite, NaN or negative
+// learning rate is refused at once, and an update that overflows fails the
+// step with every replica, the gate and the gradients as they were; a sane
+// step then works.
 TEST(InProcessTrainingFaultTest, NonFiniteUpdatesNeverReachAWeight) {
   InProcessCluster cluster(Model({}), PlacementStrategy::kHybrid);
   absl::StatusOr<Router::ForwardResult> y =
@@ -363,10 +364,12 @@ TEST(InProcessTrainingFaultTest, NonFiniteUpdatesNeverReachAWeight) {
   ASSERT_TRUE(cluster.Backward(y->request_id, Wire(RandomTensor({kTokens, kDModel}, 12))).ok());
   const std::map<ExpertKey, uint64_t> before = ReplicaDigests(cluster);
 
-  absl::StatusOr<StepCoordinator::Result> infinite =
-      cluster.Step(std::numeric_limits<float>::infinity());
-  EXPECT_EQ(infinite.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(infinite.status().message(), HasSubstr("must be finite"));
+  for (float bad :
+       {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(), -1.0f}) {
+    absl::StatusOr<StepCoordinator::Result> refused = cluster.Step(bad);
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_THAT(refused.status().message(), HasSubstr("must be finite and >= 0")) << bad;
+  }
 
   absl::StatusOr<StepCoordinator::Result> overflow = cluster.Step(3e38f);
   EXPECT_EQ(overflow.status().code(), absl::StatusCode::kOutOfRange);

@@ -192,6 +192,34 @@ TEST_F(HostileInputTest, EveryHostileCallIsRefusedByNameAndTheClusterServes) {
   v1::BackwardResponse backward;
   ASSERT_TRUE(cluster_.Backward(forward.request_id(), RandomTensor({4, kDModel}, 78), &backward)
                   .ok());
+  // Learning rates that would write NaN or run backwards, through the
+  // router and straight to a server: refused by name, no weight moves, and
+  // the gradients wait for a good Step.
+  v1::InfoResponse info_before, info_after;
+  ASSERT_TRUE(cluster_.Info(0, &info_before).ok());
+  for (float bad :
+       {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN(), -1.0f}) {
+    v1::StepResponse refused;
+    const grpc::Status status = cluster_.Step(bad, absl::Seconds(30), &refused);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_THAT(status.error_message(), HasSubstr("must be finite and >= 0")) << bad;
+    grpc::ClientContext context;
+    deadline(context);
+    v1::PrepareStepRequest prepare;
+    prepare.set_step(info_before.step() + 1);
+    prepare.set_learning_rate(bad);
+    v1::PrepareStepResponse prepared;
+    const grpc::Status direct = server.PrepareStep(&context, prepare, &prepared);
+    EXPECT_EQ(direct.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+  }
+  ASSERT_TRUE(cluster_.Info(0, &info_after).ok());
+  EXPECT_EQ(info_after.step(), info_before.step());
+  ASSERT_EQ(info_after.experts_size(), info_before.experts_size());
+  for (int i = 0; i < info_after.experts_size(); ++i) {
+    EXPECT_EQ(info_after.experts(i).weights_digest(), info_before.experts(i).weights_digest());
+  }
+  ExpectServing("learning rates inf, NaN and -1");
+
   v1::StepResponse step;
   const grpc::Status stepped = cluster_.Step(0.1f, absl::Seconds(30), &step);
   EXPECT_TRUE(stepped.ok()) << stepped.error_message();
