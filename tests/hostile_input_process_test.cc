@@ -190,6 +190,13 @@ TEST_F(HostileInputTest, EveryHostileCallIsRefusedByNameAndTheClusterServes) {
   v1::ForwardResponse forward;
   ASSERT_TRUE(cluster_.Forward(x, &forward, /*training=*/true).ok());
   v1::BackwardResponse backward;
+  // A NaN in dL/dy is refused before the forward's state is taken, so the
+  // same Backward with good values then goes through.
+  FloatTensor nan_dy = RandomTensor({4, kDModel}, 78);
+  nan_dy.mutable_values()[3] = std::numeric_limits<float>::quiet_NaN();
+  const grpc::Status nan = cluster_.Backward(forward.request_id(), nan_dy, &backward);
+  EXPECT_EQ(nan.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << nan.error_message();
+  EXPECT_THAT(nan.error_message(), HasSubstr("NaN"));
   ASSERT_TRUE(cluster_.Backward(forward.request_id(), RandomTensor({4, kDModel}, 78), &backward)
                   .ok());
   // Learning rates that would write NaN or run backwards, through the
