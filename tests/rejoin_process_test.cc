@@ -156,18 +156,38 @@ TEST(RejoinTest, AnExpertWithNoReplicaToSyncFromIsNamedNeverServedStale) {
   EXPECT_EQ(Experts(cluster, 1)[3].first, 0u);
 }
 
+// Servers and a router that save a checkpoint after every N-th step.
+ProcessClusterOptions CheckpointingCluster(const std::string& strategy, const std::string& dir,
+                                           int every_steps) {
+  ProcessClusterOptions options = Cluster(strategy);
+  options.server_flags = {"--checkpoint_dir=" + dir};
+  options.router_flags = {"--checkpoint_dir=" + dir,
+                          absl::StrCat("--checkpoint_every_steps=", every_steps)};
+  return options;
+}
+
+// SIGKILLs server 1 and starts it again with the same flags: it loads
+// `dir`/step-`step` (the latest complete checkpoint there) and holds every
+// expert at that step.
+void RestartServerFromCheckpoint(ProcessCluster& cluster, const std::string& dir, uint64_t step) {
+  cluster.KillServer(1);
+  cluster.StartServer(1);
+  EXPECT_THAT(cluster.ServerLog(1), HasSubstr(absl::StrCat(dir, "/step-", step, ", step ", step)));
+  for (const auto& [expert, version] : Experts(cluster, 1)) {
+    EXPECT_EQ(version.first, step) << "expert " << expert;
+  }
+}
+
 // MODEL_PARALLEL: no replica to sync from, but a checkpoint after every
 // step (--checkpoint_every_steps=1): a restarted server, and a restarted
 // router, resume from the latest one, and the cluster equals the reference.
 TEST(RejoinTest, ModelParallelServerAndRouterResumeFromTheLatestCheckpoint) {
   const std::string dir = absl::StrCat(::testing::TempDir(), "/rejoin_checkpoints");
-  ProcessClusterOptions options = Cluster("MODEL_PARALLEL");
+  ProcessClusterOptions options = CheckpointingCluster("MODEL_PARALLEL", dir, 1);
   // Plain SGD (the HYBRID case below resumes momentum from a checkpoint).
   options.model = absl::StrCat("d_model: ", kDModel,
                                " d_ff: 64 num_experts: 4 top_k: 2 seed: 13 optimizer { "
                                "type: OPTIMIZER_TYPE_SGD }");
-  options.server_flags = {"--checkpoint_dir=" + dir};
-  options.router_flags = {"--checkpoint_dir=" + dir, "--checkpoint_every_steps=1"};
   ProcessCluster cluster(options);
   ReferenceTraining reference(cluster.config().model, InitAllWeights(cluster.config().model));
   for (int step = 1; step <= 2; ++step) {
@@ -192,16 +212,6 @@ TEST(RejoinTest, ModelParallelServerAndRouterResumeFromTheLatestCheckpoint) {
   ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 30));
 }
 
-// Servers and a router that save a checkpoint after every N-th step.
-ProcessClusterOptions CheckpointingCluster(const std::string& strategy, const std::string& dir,
-                                           int every_steps) {
-  ProcessClusterOptions options = Cluster(strategy);
-  options.server_flags = {"--checkpoint_dir=" + dir};
-  options.router_flags = {"--checkpoint_dir=" + dir,
-                          absl::StrCat("--checkpoint_every_steps=", every_steps)};
-  return options;
-}
-
 // HYBRID with a checkpoint of the latest step: the restarted server's
 // unreplicated expert comes back from it (its replicated ones too), the
 // cluster equals the reference, and the next 5 steps do.
@@ -214,12 +224,7 @@ TEST(RejoinTest, ARestartedHybridServerResumesFromTheLatestCheckpointAndTrainsOn
   }
   EXPECT_TRUE(cluster.WaitForServerLine(1, "of step 2 to", absl::Seconds(10)));
 
-  cluster.KillServer(1);
-  cluster.StartServer(1);
-  EXPECT_THAT(cluster.ServerLog(1), HasSubstr(dir + "/step-2, step 2"));
-  for (const auto& [expert, version] : Experts(cluster, 1)) {
-    EXPECT_EQ(version.first, 2u) << "expert " << expert;
-  }
+  RestartServerFromCheckpoint(cluster, dir, 2);
   for (int i = 0; i < 4; ++i) {
     const FloatTensor x = RandomTensor({kTokens, kDModel}, 600 + i);
     v1::ForwardResponse y;
@@ -248,13 +253,8 @@ TEST(RejoinTest, WithoutACheckpointOfTheLatestStepTheExpertsLeftBehindAreNamed) 
     ASSERT_NO_FATAL_FAILURE(TrainStep(cluster, reference, 10 * step));
   }
 
-  cluster.KillServer(1);
-  cluster.StartServer(1);
-  EXPECT_THAT(cluster.ServerLog(1), HasSubstr(dir + "/step-2, step 2"));
+  RestartServerFromCheckpoint(cluster, dir, 2);
   EXPECT_THAT(cluster.ServerLog(1), HasSubstr("behind: [2,3]"));
-  for (const auto& [expert, version] : Experts(cluster, 1)) {
-    EXPECT_EQ(version.first, 2u) << "expert " << expert;
-  }
   const FloatTensor x = RandomTensor({kTokens, kDModel}, 88);
   v1::ForwardResponse y;
   const grpc::Status status = ForwardOnceReconnected(cluster, x, &y);
